@@ -1,0 +1,83 @@
+"""halldyll-ray: a multi-user, multi-model memory system for AI agents.
+
+The core (this package minus ``halldyll_ray.serve``) never imports Ray::
+
+    from halldyll_ray import MemoryEngine, Settings
+
+    async with MemoryEngine(Settings.from_env()) as engine:
+        user = await engine.create_user("ada", "ada@example.com", "user")
+        await engine.store_memory(user.id, Fact(statement="Ada prefers tea"))
+        hits = await engine.search(user.id, "what does Ada drink?")
+"""
+
+from halldyll_ray.config import Settings
+from halldyll_ray.engine import MemoryEngine
+from halldyll_ray.errors import (
+    ConfigurationError,
+    Conflict,
+    HalldyllError,
+    InvalidInput,
+    MigrationError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from halldyll_ray.models import (
+    AIModel,
+    Context,
+    Conversation,
+    Fact,
+    FactKind,
+    Image,
+    Memory,
+    MemoryType,
+    MemoryUpdate,
+    Message,
+    MessageRole,
+    ModelKind,
+    Page,
+    Role,
+    SearchMode,
+    SearchResult,
+    Segment,
+    StoredMemory,
+    Summary,
+    Transcription,
+    User,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AIModel",
+    "ConfigurationError",
+    "Conflict",
+    "Context",
+    "Conversation",
+    "Fact",
+    "FactKind",
+    "HalldyllError",
+    "Image",
+    "InvalidInput",
+    "Memory",
+    "MemoryEngine",
+    "MemoryType",
+    "MemoryUpdate",
+    "Message",
+    "MessageRole",
+    "MigrationError",
+    "ModelKind",
+    "NotFound",
+    "Page",
+    "PermissionDenied",
+    "Role",
+    "SearchMode",
+    "SearchResult",
+    "Segment",
+    "Settings",
+    "StoredMemory",
+    "Summary",
+    "Transcription",
+    "Unavailable",
+    "User",
+]

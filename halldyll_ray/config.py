@@ -1,0 +1,178 @@
+"""Process settings, read once from the environment (SPEC §5) and passed down.
+
+Nothing here runs at import time: build :class:`Settings` at start (``Settings()`` reads the
+environment; ``Settings.from_env()`` does the same but turns pydantic's validation error into a
+:class:`~halldyll_ray.errors.ConfigurationError` whose message names each variable and the fix).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from halldyll_ray.errors import ConfigurationError
+
+#: Cosine similarity below which a semantic hit is dropped, calibrated for all-MiniLM-L6-v2.
+#: ``benchmarks/calibrate_threshold.py``: on 83 hand-labelled paraphrase pairs the matching
+#: pair scores a median 0.45 (5th percentile 0.24) and non-matching pairs a median 0.05 (95th
+#: percentile 0.22); 0.20 is the highest 0.05 step keeping >= 95 % of matches (97.6 %).
+DEFAULT_SIMILARITY_THRESHOLD = 0.20
+
+
+def _default_data_dir() -> Path:
+    return platformdirs.user_data_path("halldyll-ray")
+
+
+class Settings(BaseSettings):
+    """Every environment variable the product reads. Field names are the variable names."""
+
+    model_config = SettingsConfigDict(
+        env_file=None,
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+    )
+
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="PostgreSQL URL (postgresql://user:pass@host:port/db; several hosts for "
+        "failover). Unset: a private embedded PostgreSQL in DATA_DIR.",
+    )
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="Redis URL (redis://host:port/db). Unset: in-process cache only.",
+    )
+    redis_key_prefix: str = Field(
+        default="halldyll",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Prefix of every Redis key, so several deployments can share one Redis.",
+    )
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Where the embedded PostgreSQL keeps its data (when DATABASE_URL is unset).",
+    )
+    embedded_database: str = Field(
+        default="halldyll",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="Database name created inside the embedded PostgreSQL.",
+    )
+    embedding_model_path: Path | None = Field(
+        default=None,
+        description="ONNX text encoder: a folder with model.onnx and tokenizer.json, or an .onnx "
+        "file with tokenizer.json beside it. Unset: packaged all-MiniLM-L6-v2 (int8).",
+    )
+    embedding_dimension: int = Field(default=384, ge=8, le=4000)
+    embedding_provider: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="ONNX Runtime execution provider: auto (CUDA when available), cpu or cuda.",
+    )
+    embedding_batch_size: int = Field(default=32, ge=1, le=1024)
+    search_top_k: int = Field(default=10, ge=1, le=1000)
+    similarity_threshold: float = Field(default=DEFAULT_SIMILARITY_THRESHOLD, ge=-1.0, le=1.0)
+    hnsw_ef_search: int = Field(
+        default=100,
+        ge=1,
+        le=1000,
+        description="pgvector hnsw.ef_search: candidates kept per HNSW scan (recall vs speed).",
+    )
+    cache_size: int = Field(default=1000, ge=0, le=10_000_000)
+    search_cache_ttl_seconds: int = Field(default=60, ge=0, le=86_400)
+    ephemeral_fact_ttl_days: float = Field(default=30, gt=0, le=36_500)
+    fact_merge_similarity: float = Field(
+        default=0.92,
+        gt=0.5,
+        le=1.0,
+        description="Cosine similarity at which a new fact merges into an existing one.",
+    )
+    fact_promotion_confidence: float = Field(
+        default=0.8,
+        gt=0.0,
+        le=1.0,
+        description="Confidence at which a reinforced ephemeral fact becomes permanent.",
+    )
+    max_context_tokens: int = Field(default=4000, ge=32, le=1_000_000)
+    context_recency_half_life_days: float = Field(default=14, gt=0, le=36_500)
+    context_weight_similarity: float = Field(default=0.7, ge=0, le=1)
+    context_weight_recency: float = Field(default=0.15, ge=0, le=1)
+    context_weight_salience: float = Field(default=0.15, ge=0, le=1)
+    session_summary_every_n_turns: int = Field(default=5, ge=1, le=1000)
+    db_pool_size: int = Field(default=5, ge=1, le=200)
+    db_command_timeout_seconds: float = Field(default=30, gt=0, le=3600)
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+
+    @field_validator("log_level", "embedding_provider", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        url = value.get_secret_value()
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                "must start with postgresql:// (for example "
+                "postgresql://app:secret@db.example:5432/halldyll); unset it to use the "
+                "embedded PostgreSQL"
+            )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                "must start with redis://, rediss:// or unix:// (for example "
+                "redis://localhost:6379/0); unset it to cache in-process only"
+            )
+        return value
+
+    @field_validator("embedding_model_path")
+    @classmethod
+    def _check_model_path(cls, value: Path | None) -> Path | None:
+        if value is None or str(value) == "":
+            return None
+        if not value.exists():
+            raise ValueError(
+                f"{value} does not exist; point it at a folder holding model.onnx and "
+                "tokenizer.json, or unset it to use the packaged all-MiniLM-L6-v2"
+            )
+        return value
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Read the environment, raising ConfigurationError with one line per bad variable."""
+        try:
+            return cls(**overrides)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            lines = []
+            for error in exc.errors():
+                name = ".".join(str(part) for part in error["loc"]).upper() or "SETTINGS"
+                value = error.get("input")
+                shown = "" if name in {"DATABASE_URL", "REDIS_URL"} else f" (got {value!r})"
+                lines.append(f"{name}: {error['msg']}{shown}")
+            raise ConfigurationError(
+                "invalid configuration:\n  " + "\n  ".join(lines), variables=len(lines)
+            ) from None
+
+    @property
+    def context_weights(self) -> tuple[float, float, float]:
+        """(similarity, recency, salience) weights of the context ranking."""
+        return (
+            self.context_weight_similarity,
+            self.context_weight_recency,
+            self.context_weight_salience,
+        )
+
+
+__all__ = ["DEFAULT_SIMILARITY_THRESHOLD", "Settings"]

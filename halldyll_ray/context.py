@@ -1,0 +1,280 @@
+"""Context assembly under a token budget: ranking, deduplication, budgeting, rendering.
+
+Pure logic over :class:`Candidate` objects; the engine gathers candidates from storage and
+hands them here with a token counter. The output is deterministic for the same inputs: ties
+are broken by memory id, sections render in a fixed order, and the text is counted with the
+same tokenizer that enforces the budget, so ``token_count <= max_tokens`` always holds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from uuid import UUID
+
+from halldyll_ray.models import Context, ContextItem, ContextSection
+from halldyll_ray.textproc import normalize_statement
+
+SUMMARY = "Session summary"
+FACTS = "Relevant facts"
+MEMORIES = "Relevant memories"
+RECENT = "Recent turns"
+CURRENT = "Current message"
+SECTION_ORDER = (SUMMARY, FACTS, MEMORIES, RECENT, CURRENT)
+_REFERENCED = frozenset({SUMMARY, FACTS, MEMORIES})
+
+#: Largest share of the budget each bounded section may take; relevant facts and memories
+#: share what is left after the sections before them in priority order.
+SUMMARY_SHARE = 0.25
+RECENT_SHARE = 0.35
+CURRENT_SHARE = 0.40
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A piece of text that may enter the context."""
+
+    section: str
+    text: str
+    memory_id: UUID | None = None
+    type: str = "text"
+    similarity: float = 0.0
+    created_at: datetime | None = None
+    salience: float = 0.5
+    score: float = 0.0
+    dedupe_key: str = field(default="")
+
+
+def recency(created_at: datetime | None, now: datetime, half_life_days: float) -> float:
+    """1.0 for now, 0.5 after one half-life, and so on; 0.5 when the time is unknown."""
+    if created_at is None:
+        return 0.5
+    age_days = max(0.0, (now - created_at).total_seconds() / 86_400)
+    return math.pow(0.5, age_days / half_life_days)
+
+
+def blend(
+    similarity: float,
+    recency_value: float,
+    salience: float,
+    weights: tuple[float, float, float],
+) -> float:
+    """Weighted mean of similarity, recency and salience (weights need not sum to 1)."""
+    total = sum(weights) or 1.0
+    w_sim, w_rec, w_sal = weights
+    return (w_sim * similarity + w_rec * recency_value + w_sal * salience) / total
+
+
+def rank(
+    candidates: Sequence[Candidate],
+    *,
+    now: datetime,
+    weights: tuple[float, float, float],
+    half_life_days: float,
+) -> list[Candidate]:
+    """Score each candidate, drop duplicates (same memory or same text), best first."""
+    scored = []
+    for candidate in candidates:
+        score = blend(
+            candidate.similarity,
+            recency(candidate.created_at, now, half_life_days),
+            candidate.salience,
+            weights,
+        )
+        scored.append(
+            Candidate(
+                section=candidate.section,
+                text=candidate.text,
+                memory_id=candidate.memory_id,
+                type=candidate.type,
+                similarity=candidate.similarity,
+                created_at=candidate.created_at,
+                salience=candidate.salience,
+                score=score,
+                dedupe_key=candidate.dedupe_key or normalize_statement(candidate.text),
+            )
+        )
+    scored.sort(key=lambda c: (-c.score, str(c.memory_id), c.text))
+    return dedupe(scored)
+
+
+def dedupe(candidates: Sequence[Candidate], seen: set[str] | None = None) -> list[Candidate]:
+    """Keep the first candidate per memory id and per normalised text."""
+    seen = set() if seen is None else seen
+    kept = []
+    for candidate in candidates:
+        keys = {candidate.dedupe_key or normalize_statement(candidate.text)}
+        if candidate.memory_id is not None and candidate.section in (FACTS, MEMORIES, SUMMARY):
+            keys.add(f"id:{candidate.memory_id}")
+        if keys & seen:
+            continue
+        seen |= keys
+        kept.append(candidate)
+    return kept
+
+
+class Budget:
+    """Tokens left, with per-section ceilings."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.left = total
+
+    def cap(self, share: float) -> int:
+        return min(self.left, int(self.total * share))
+
+
+def assemble(
+    *,
+    summary: Candidate | None,
+    relevant: Sequence[Candidate],
+    recent: Sequence[Candidate],
+    current: Candidate | None,
+    max_tokens: int,
+    count_tokens: Callable[[str], int],
+    truncate: Callable[[str, int], str],
+) -> Context:
+    """Fill the budget in priority order and render the labelled sections.
+
+    Priority: the current message (up to 40 % of the budget, truncated if longer), the session
+    summary (25 %, truncated), the recent turns newest first (35 %, whole turns only), then the
+    ranked facts and memories (whole items only) in what is left. Rendering order is fixed:
+    summary, facts, memories, recent turns, current message.
+    """
+    budget = Budget(max_tokens)
+    chosen: dict[str, list[tuple[Candidate, str, int]]] = {name: [] for name in SECTION_ORDER}
+    header_cost = {name: count_tokens(f"## {name}") for name in SECTION_ORDER}
+    references: list[UUID] = []
+
+    def render_line(candidate: Candidate) -> str:
+        if candidate.section in _REFERENCED and candidate.memory_id is not None:
+            if candidate.memory_id in references:
+                number = references.index(candidate.memory_id) + 1
+            else:
+                number = len(references) + 1
+            return f"[{number}] {candidate.text}"
+        return candidate.text
+
+    def take(candidate: Candidate, limit: int, *, truncatable: bool) -> bool:
+        section = candidate.section
+        header = 0 if chosen[section] else header_cost[section]
+        line = render_line(candidate)
+        cost = count_tokens(line)
+        if header + cost > limit:
+            if not truncatable or limit - header < 4:
+                return False
+            line = truncate(line, limit - header)
+            cost = count_tokens(line)
+            if not line.strip() or header + cost > limit:
+                return False
+        if (
+            section in _REFERENCED
+            and candidate.memory_id is not None
+            and candidate.memory_id not in references
+        ):
+            references.append(candidate.memory_id)
+        chosen[section].append((candidate, line, cost))
+        budget.left -= header + cost
+        return True
+
+    if current is not None:
+        # The message being answered matters most: it may always take 64 tokens (or the
+        # whole of a smaller budget), and 40 % of a large one.
+        take(current, max(budget.cap(CURRENT_SHARE), min(budget.left, 64)), truncatable=True)
+    if summary is not None:
+        take(summary, budget.cap(SUMMARY_SHARE), truncatable=True)
+    recent_limit = budget.cap(RECENT_SHARE)
+    recent_used = 0
+    for candidate in reversed(recent):  # newest first
+        left_before = budget.left
+        if not take(candidate, recent_limit - recent_used, truncatable=False):
+            break
+        recent_used += left_before - budget.left
+    chosen[RECENT].reverse()  # back to chronological order
+    for candidate in relevant:
+        if budget.left <= 0:
+            break
+        take(candidate, budget.left, truncatable=False)
+
+    _renumber(chosen, references, count_tokens)
+    text, sections = _render(chosen)
+    token_count = count_tokens(text) if text else 0
+    # Word-piece counts add up across whitespace, so this loop does not run for the default
+    # model; it keeps the promise for a tokenizer whose counts are not additive.
+    while token_count > max_tokens:
+        for name in (MEMORIES, FACTS, RECENT, SUMMARY, CURRENT):
+            if chosen[name]:
+                chosen[name].pop(-1 if name != RECENT else 0)
+                break
+        text, sections = _render(chosen)
+        token_count = count_tokens(text) if text else 0
+    return Context(
+        text=text,
+        token_count=token_count,
+        max_tokens=max_tokens,
+        sources=list(references),
+        sections=sections,
+    )
+
+
+def _render(
+    chosen: dict[str, list[tuple[Candidate, str, int]]],
+) -> tuple[str, list[ContextSection]]:
+    sections = []
+    lines: list[str] = []
+    for name in SECTION_ORDER:
+        entries = chosen[name]
+        if not entries:
+            continue
+        if lines:
+            lines.append("")
+        lines.append(f"## {name}")
+        lines.extend(line for _, line, _ in entries)
+        sections.append(
+            ContextSection(
+                name=name,
+                items=[
+                    ContextItem(
+                        memory_id=c.memory_id,
+                        type=c.type,
+                        text=line,
+                        score=round(c.score, 6),
+                        tokens=cost,
+                    )
+                    for c, line, cost in entries
+                ],
+            )
+        )
+    return "\n".join(lines), sections
+
+
+_REF = re.compile(r"^\[(\d+)\] ")
+
+
+def _renumber(
+    chosen: dict[str, list[tuple[Candidate, str, int]]],
+    references: list[UUID],
+    count_tokens: Callable[[str], int],
+) -> None:
+    """Number the cited memories in reading order ([1] first) and reorder ``references``."""
+    order: list[UUID] = []
+    for name in SECTION_ORDER:
+        for candidate, _, _ in chosen[name]:
+            if (
+                name in _REFERENCED
+                and candidate.memory_id is not None
+                and candidate.memory_id not in order
+            ):
+                order.append(candidate.memory_id)
+    for name in SECTION_ORDER:
+        entries = chosen[name]
+        for i, (candidate, line, _cost) in enumerate(entries):
+            if name not in _REFERENCED or candidate.memory_id is None:
+                continue
+            new_line = _REF.sub(f"[{order.index(candidate.memory_id) + 1}] ", line, count=1)
+            if new_line != line:
+                entries[i] = (candidate, new_line, count_tokens(new_line))
+    references[:] = order

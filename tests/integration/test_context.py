@@ -1,0 +1,114 @@
+"""Context building and the agent loop (SPEC §4.5) against real storage."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from conftest import make_settings
+
+from halldyll_ray import Fact, FactKind, Image, InvalidInput, MemoryEngine, Message
+
+
+@pytest.fixture
+async def ada(engine: MemoryEngine):
+    user = await engine.create_user("ada", None, "user")
+    for statement, confidence in [
+        ("Ada is vegetarian", 0.95),
+        ("Ada is allergic to peanuts", 0.9),
+        ("Ada's favourite cuisine is Japanese", 0.6),
+        ("Ada plays chess on Tuesdays", 0.7),
+    ]:
+        await engine.store_memory(user.id, Fact(statement=statement, confidence=confidence))
+    await engine.store_memory(user.id, Image(prompt="a bowl of vegetable ramen, studio light"))
+    return user
+
+
+async def test_context_sections_sources_and_budget(engine: MemoryEngine, ada) -> None:
+    context = await engine.build_context(
+        ada.id,
+        "suggest a dinner recipe for Ada",
+        messages=[Message(role="user", content="I'm hungry, what should I cook tonight?")],
+        max_tokens=400,
+    )
+    names = [section.name for section in context.sections]
+    assert names[0] == "Relevant facts" and "Recent turns" in names
+    assert context.token_count <= 400
+    assert context.token_count == engine.encoder.count_tokens(context.text)
+    assert "## Relevant facts" in context.text and "vegetarian" in context.text
+    # Every cited source is numbered in reading order and is one of Ada's memories.
+    for number, source in enumerate(context.sources, start=1):
+        assert f"[{number}] " in context.text
+        assert (await engine.get_memory(ada.id, source)).user_id == ada.id
+    facts = context.sections[0].items
+    assert all(a.score >= b.score for a, b in itertools.pairwise(facts))
+    assert len({item.memory_id for item in facts}) == len(facts)  # deduplicated
+
+
+@pytest.mark.parametrize("budget", [16, 40, 80, 160, 4000])
+async def test_context_never_exceeds_budget(engine: MemoryEngine, ada, budget: int) -> None:
+    long_turns = [Message(role="user", content="tell me everything " * 40)] * 3
+    context = await engine.build_context(
+        ada.id, "food preferences", messages=long_turns, max_tokens=budget
+    )
+    assert context.token_count <= budget
+    assert engine.encoder.count_tokens(context.text) == context.token_count
+
+
+async def test_context_is_deterministic(engine: MemoryEngine, ada) -> None:
+    first = await engine.build_context(ada.id, "what does Ada eat?", max_tokens=300)
+    second = await engine.build_context(ada.id, "what does Ada eat?", max_tokens=300)
+    assert first == second
+
+
+async def test_salience_breaks_similar_similarity(engine: MemoryEngine) -> None:
+    user = await engine.create_user("eve", None, "user")
+    low = await engine.store_memory(user.id, Fact(statement="Eve likes red wine", confidence=0.05))
+    high = await engine.store_memory(
+        user.id, Fact(statement="Eve likes white wine", confidence=1.0)
+    )
+    context = await engine.build_context(user.id, "which wine does Eve like?", max_tokens=200)
+    order = [item.memory_id for item in context.sections[0].items]
+    assert order.index(high.id) < order.index(low.id)
+
+
+async def test_agent_loop(database_url: str, redis_url: str, encoder) -> None:
+    settings = make_settings(database_url, redis_url, session_summary_every_n_turns=2)
+    async with MemoryEngine(settings, encoder=encoder) as engine:
+        user = await engine.create_user("ada", None, "user")
+        first = await engine.record_turn(
+            user.id, "chat-1", "Hi! My name is Ada and I live in Lyon.", "Nice to meet you, Ada."
+        )
+        assert first.message_seqs == [0, 1] and first.summary_id is None
+        facts = [await engine.get_memory(user.id, fid) for fid in first.fact_ids]
+        statements = {f.memory.statement for f in facts}
+        assert statements == {"The user's name is Ada", "The user lives in Lyon"}
+        assert all(
+            f.memory.kind is FactKind.EPHEMERAL and f.memory.confidence == 0.3 for f in facts
+        )
+        second = await engine.record_turn(
+            user.id, "chat-1", "I live in Lyon, near the river.", "Lovely city."
+        )
+        assert second.conversation_id == first.conversation_id
+        assert second.message_seqs == [2, 3]
+        assert second.summary_id is not None  # every 2 turns
+        reinforced = await engine.get_memory(user.id, second.fact_ids[0])
+        assert reinforced.reinforcement_count >= 1 and reinforced.memory.confidence > 0.3
+
+        context = await engine.prepare_context(user.id, "chat-1", "Where do I live again?")
+        names = [s.name for s in context.sections]
+        assert names[-1] == "Current message"
+        assert "Session summary" in names and "Recent turns" in names
+        assert context.text.endswith("user: Where do I live again?")
+        assert "Lyon" in context.text
+        recent = next(s for s in context.sections if s.name == "Recent turns")
+        assert [i.text.split(":")[0] for i in recent.items] == ["user", "assistant"] * 2
+        # The session log itself is not repeated as a "relevant memory".
+        assert first.conversation_id not in context.sources
+
+        log = await engine.get_memory(user.id, first.conversation_id)
+        assert log.message_count == 4 and log.session_id == "chat-1"
+        with pytest.raises(InvalidInput):
+            await engine.record_turn(user.id, "bad session!", "x", "y")
+        with pytest.raises(InvalidInput):
+            await engine.prepare_context(user.id, "chat-1", "   ")

@@ -1,0 +1,61 @@
+"""The embedded default: no DATABASE_URL starts a private PostgreSQL whose data survive."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from halldyll_ray import Fact, MemoryEngine, Settings
+
+
+async def test_engine_on_embedded_postgres_keeps_data(tmp_path: Path, encoder) -> None:
+    settings = Settings.from_env(database_url=None, redis_url=None, data_dir=tmp_path / "data")
+    async with MemoryEngine(settings, encoder=encoder) as engine:
+        user = await engine.create_user("ada", None, "user")
+        fact = await engine.store_memory(user.id, Fact(statement="Ada keeps a diary"))
+        pgdata = engine._embedded.pgdata  # type: ignore[union-attr]
+    assert (pgdata / "PG_VERSION").exists()
+    # Closing the last engine stopped the server; a new engine starts it again.
+    assert not (pgdata / "postmaster.pid").exists()
+    async with MemoryEngine(settings, encoder=encoder) as engine:
+        again = await engine.get_memory(user.id, fact.id)
+        assert again.memory.statement == "Ada keeps a diary"
+        hits = await engine.search(user.id, "journal writing habit")
+        assert hits[0].memory.id == fact.id
+
+
+def test_cli_on_embedded_default(tmp_path: Path) -> None:
+    """`halldyll migrate` and `halldyll doctor` with no DATABASE_URL, in real processes."""
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
+    env["DATA_DIR"] = str(tmp_path / "cli-data")
+    migrate = subprocess.run(
+        [sys.executable, "-m", "halldyll_ray.cli", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert migrate.returncode == 0, migrate.stderr
+    assert "applied migrations: 0001" in migrate.stdout
+    doctor = subprocess.run(
+        [sys.executable, "-m", "halldyll_ray.cli", "doctor"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    for check in ("settings", "database", "pgvector", "schema", "redis", "model"):
+        assert f"[ok] {check}" in doctor.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "halldyll_ray.cli", "doctor"],
+        env={**env, "SEARCH_TOP_K": "0", "REDIS_URL": "http://nope"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0
+    said = bad.stdout + bad.stderr
+    assert "SEARCH_TOP_K" in said and "REDIS_URL" in said and "http://nope" not in said

@@ -1,0 +1,136 @@
+"""Facts: reinforcement instead of duplicates (also under concurrency), merging, expiry."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import make_settings
+
+from halldyll_ray import Fact, FactKind, MemoryEngine
+
+
+async def _fact_rows(engine: MemoryEngine, user_id) -> int:
+    return await engine.db.fetchval(
+        "SELECT count(*) FROM memories WHERE user_id = $1 AND type = 'fact'", user_id
+    )
+
+
+async def test_same_fact_reinforces(engine: MemoryEngine) -> None:
+    user = await engine.create_user("ada", None, "user")
+    first = await engine.store_memory(user.id, Fact(statement="Ada likes jazz", confidence=0.5))
+    second = await engine.store_memory(
+        user.id, Fact(statement="  ada LIKES jazz!  ", confidence=0.5, tags=["music"])
+    )
+    assert second.id == first.id
+    assert second.reinforcement_count == 1
+    assert second.memory.confidence > first.memory.confidence
+    assert second.memory.confidence == pytest.approx(1 - 0.5 * (1 - 0.25), abs=1e-6)
+    assert "music" in second.tags
+    assert await _fact_rows(engine, user.id) == 1
+    # Chunks follow the merged tags: a tag filter finds the fact.
+    hits = await engine.search(user.id, "music taste", tags=["music"])
+    assert [h.memory.id for h in hits] == [first.id]
+
+
+async def test_fact_scope_is_part_of_identity(engine: MemoryEngine) -> None:
+    user = await engine.create_user("ada", None, "user")
+    await engine.register_model("Qwen2.5-14B-Instruct", "llm")
+    shared = await engine.store_memory(user.id, Fact(statement="Ada likes jazz"))
+    scoped = await engine.store_memory(
+        user.id, Fact(statement="Ada likes jazz", model="Qwen2.5-14B-Instruct")
+    )
+    assert scoped.id != shared.id
+    other = await engine.create_user("bob", None, "user")
+    bobs = await engine.store_memory(other.id, Fact(statement="Ada likes jazz"))
+    assert bobs.id not in {shared.id, scoped.id}
+    assert bobs.reinforcement_count == 0
+
+
+async def test_near_duplicate_merges(engine: MemoryEngine) -> None:
+    user = await engine.create_user("ada", None, "user")
+    first = await engine.store_memory(
+        user.id, Fact(statement="Ada's favourite colour is teal", confidence=0.6)
+    )
+    near = await engine.store_memory(
+        user.id, Fact(statement="Ada's favorite color is teal", confidence=0.6)
+    )
+    assert near.id == first.id and near.reinforcement_count == 1
+    different = await engine.store_memory(
+        user.id, Fact(statement="Ada's favourite food is ramen", confidence=0.6)
+    )
+    assert different.id != first.id
+    assert await _fact_rows(engine, user.id) == 2
+
+
+async def test_parallel_reinforcement_from_two_replicas_leaves_one_row(
+    engine: MemoryEngine, database_url: str, redis_url: str, encoder
+) -> None:
+    user = await engine.create_user("ada", None, "user")
+    replica = MemoryEngine(make_settings(database_url, redis_url), encoder=encoder)
+    await replica.initialize()
+    try:
+        statements = ["Ada keeps bees on her roof", "ada keeps bees on her roof."] * 6
+        stores = [
+            (engine if i % 2 == 0 else replica).store_memory(
+                user.id, Fact(statement=s, confidence=0.2)
+            )
+            for i, s in enumerate(statements)
+        ]
+        results = await asyncio.gather(*stores)
+    finally:
+        await replica.close()
+    assert len({r.id for r in results}) == 1
+    assert await _fact_rows(engine, user.id) == 1
+    final = await engine.get_memory(user.id, results[0].id)
+    assert final.reinforcement_count == len(statements) - 1
+    chunks = await engine.db.fetchval(
+        "SELECT count(*) FROM memory_chunks WHERE memory_id = $1", final.id
+    )
+    assert chunks == 1
+
+
+async def test_ephemeral_facts_expire_and_purge(database_url: str, redis_url: str, encoder) -> None:
+    settings = make_settings(database_url, redis_url, ephemeral_fact_ttl_days=1.5 / 86_400)
+    async with MemoryEngine(settings, encoder=encoder) as engine:
+        user = await engine.create_user("ada", None, "user")
+        fleeting = await engine.store_memory(
+            user.id,
+            Fact(
+                statement="Ada is in a meeting right now", kind=FactKind.EPHEMERAL, confidence=0.3
+            ),
+        )
+        lasting = await engine.store_memory(user.id, Fact(statement="Ada was born in Oslo"))
+        assert fleeting.expires_at is not None and lasting.expires_at is None
+        hits = await engine.search(user.id, "is Ada busy in a meeting?", threshold=0.0)
+        assert fleeting.id in {h.memory.id for h in hits}
+        await asyncio.sleep(1.7)
+        hits = await engine.search(user.id, "is Ada busy in a meeting?", threshold=0.0)
+        assert fleeting.id not in {h.memory.id for h in hits}
+        page = await engine.list_memories(user.id)
+        assert [m.id for m in page.items] == [lasting.id]
+        assert await engine.purge_expired() == 1
+        assert await engine.purge_expired() == 0
+        assert await _fact_rows(engine, user.id) == 1
+
+
+async def test_reinforcement_extends_and_promotes(
+    database_url: str, redis_url: str, encoder
+) -> None:
+    settings = make_settings(database_url, redis_url, fact_promotion_confidence=0.6)
+    async with MemoryEngine(settings, encoder=encoder) as engine:
+        user = await engine.create_user("ada", None, "user")
+        fact = Fact(statement="Ada is vegetarian", kind=FactKind.EPHEMERAL, confidence=0.3)
+        first = await engine.store_memory(user.id, fact)
+        second = await engine.store_memory(user.id, fact)
+        assert second.memory.kind is FactKind.EPHEMERAL
+        assert second.expires_at > first.expires_at
+        confidences = [second.memory.confidence]
+        current = second
+        while current.memory.kind is FactKind.EPHEMERAL:
+            current = await engine.store_memory(user.id, fact)
+            confidences.append(current.memory.confidence)
+            assert len(confidences) < 20
+        assert confidences == sorted(confidences)
+        assert current.memory.confidence >= 0.6
+        assert current.expires_at is None

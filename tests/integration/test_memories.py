@@ -1,0 +1,256 @@
+"""Every memory type round-trips through PostgreSQL; get, list, update, delete, append."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from halldyll_ray import (
+    Conversation,
+    Fact,
+    Image,
+    InvalidInput,
+    MemoryEngine,
+    MemoryType,
+    Message,
+    NotFound,
+    Segment,
+    Summary,
+    Transcription,
+)
+from halldyll_ray.models import ImageSize
+
+
+@pytest.fixture
+async def user(engine: MemoryEngine):
+    return await engine.create_user("ada", "ada@example.com", "user")
+
+
+async def test_conversation_round_trip(engine: MemoryEngine, user) -> None:
+    stored = await engine.store_memory(
+        user.id,
+        Conversation(
+            title="Kyoto trip",
+            session_id="s-1",
+            tags=["travel", "japan"],
+            metadata={"channel": "web"},
+            messages=[
+                Message(role="user", content="I want to visit Kyoto in April."),
+                Message(role="assistant", content="Cherry blossoms peak in early April."),
+                Message(role="tool", name="weather", content="Kyoto, April: 15°C, dry."),
+            ],
+        ),
+    )
+    assert stored.type is MemoryType.CONVERSATION
+    assert stored.message_count == 3
+    got = await engine.get_memory(user.id, stored.id)
+    assert got.memory.title == "Kyoto trip"
+    assert [m.seq for m in got.messages] == [0, 1, 2]
+    assert [m.role.value for m in got.messages] == ["user", "assistant", "tool"]
+    assert got.messages[2].name == "weather"
+    assert got.tags == ["travel", "japan"]
+    assert got.metadata == {"channel": "web"}
+    assert got.session_id == "s-1"
+
+    appended = await engine.append_messages(
+        user.id, stored.id, [Message(role="user", content="Book a ryokan near Gion, please.")]
+    )
+    assert [m.seq for m in appended] == [3]
+    got = await engine.get_memory(user.id, stored.id)
+    assert got.message_count == 4
+    assert got.messages[-1].content == "Book a ryokan near Gion, please."
+    # The appended message is searchable and the hit names it.
+    hits = await engine.search(user.id, "traditional inn reservation in Gion", limit=3)
+    assert hits and hits[0].memory.id == stored.id
+    assert hits[0].matched.part == "message" and hits[0].matched.index == 3
+
+
+async def test_fact_round_trip(engine: MemoryEngine, user) -> None:
+    stored = await engine.store_memory(
+        user.id,
+        Fact(statement="Ada is allergic to peanuts", confidence=0.95, source="doctor visit"),
+    )
+    got = await engine.get_memory(user.id, stored.id)
+    assert got.memory.statement == "Ada is allergic to peanuts"
+    assert got.memory.confidence == pytest.approx(0.95)
+    assert got.memory.kind.value == "permanent"
+    assert got.memory.source == "doctor visit"
+    assert got.expires_at is None
+
+
+async def test_image_round_trip(engine: MemoryEngine, user) -> None:
+    image = Image(
+        prompt="portrait of an astronaut in a sunflower field, golden hour",
+        negative_prompt="blurry, lowres",
+        generator="RealVisXL_V5.0",
+        seed=987654321,
+        steps=35,
+        guidance_scale=5.5,
+        size=ImageSize(width=832, height=1216),
+        scheduler="DPM++ 2M Karras",
+        controlnet={"type": "openpose", "strength": 0.8},
+        instantid={"face_image": "s3://faces/ada.png", "ip_adapter_scale": 0.6},
+        uri="s3://images/astronaut.png",
+        sha256="a" * 64,
+    )
+    stored = await engine.store_memory(user.id, image)
+    got = await engine.get_memory(user.id, stored.id)
+    assert got.memory == image.model_copy(update={"model": None})
+    hits = await engine.search(user.id, "the astronaut picture among flowers")
+    assert hits[0].memory.id == stored.id and hits[0].matched.part == "prompt"
+
+
+async def test_transcription_detects_language(engine: MemoryEngine, user) -> None:
+    stored = await engine.store_memory(
+        user.id,
+        Transcription(
+            segments=[
+                Segment(start=0.0, end=2.5, text="Guten Morgen, hier spricht Ada."),
+                Segment(
+                    start=2.5, end=6.0, text="Ich möchte meinen Termin am Freitag verschieben."
+                ),
+            ],
+            duration_seconds=6.0,
+            audio_uri="s3://audio/call.wav",
+        ),
+    )
+    assert stored.memory.language == "de"
+    got = await engine.get_memory(user.id, stored.id)
+    assert got.memory.text.startswith("Guten Morgen")
+    assert [s.end for s in got.memory.segments] == [2.5, 6.0]
+    given = await engine.store_memory(
+        user.id, Transcription(text="Hello there, this is a test call.", language="EN-gb")
+    )
+    assert given.memory.language == "en-GB"
+    # all-MiniLM-L6-v2 is an English model: German text is found by its own words.
+    hits = await engine.search(user.id, "Termin Freitag", limit=1, mode="hybrid")
+    assert hits[0].memory.id == stored.id
+    assert hits[0].matched.part == "segment" and hits[0].matched.index == 1
+
+
+async def test_summary_covers_only_own_memories(engine: MemoryEngine, user) -> None:
+    fact = await engine.store_memory(user.id, Fact(statement="Ada plays the cello"))
+    summary = await engine.store_memory(
+        user.id, Summary(text="Ada is a musician who plays cello.", covers=[fact.id])
+    )
+    got = await engine.get_memory(user.id, summary.id)
+    assert got.memory.covers == [fact.id]
+    other = await engine.create_user("bob", None, "user")
+    bobs = await engine.store_memory(other.id, Fact(statement="Bob plays drums"))
+    with pytest.raises(InvalidInput) as err:
+        await engine.store_memory(user.id, Summary(text="sneaky", covers=[bobs.id]))
+    assert err.value.field == "covers"
+
+
+async def test_long_text_is_chunked(engine: MemoryEngine, user) -> None:
+    filler = " ".join(f"word{i}" for i in range(400))
+    text = f"{filler} The secret launch code phrase is violet harbor lighthouse. {filler}"
+    stored = await engine.store_memory(user.id, Summary(text=text))
+    chunks = await engine.db.fetchval(
+        "SELECT count(*) FROM memory_chunks WHERE memory_id = $1", stored.id
+    )
+    assert chunks >= 5
+    hits = await engine.search(user.id, "violet harbor lighthouse", mode="fulltext")
+    assert hits[0].memory.id == stored.id
+    assert "violet harbor lighthouse" in hits[0].matched.text
+
+
+async def test_list_filters_and_pagination(engine: MemoryEngine, user) -> None:
+    model = await engine.register_model("Qwen2.5-14B-Instruct", "llm")
+    ids = []
+    for i in range(7):
+        memory = await engine.store_memory(
+            user.id,
+            Fact(
+                statement=f"Numbered fact {i} about topic {i}",
+                tags=["even"] if i % 2 == 0 else ["odd"],
+                model=model.name if i < 2 else None,
+                session_id="s-a" if i < 3 else None,
+            ),
+        )
+        ids.append(memory.id)
+    await engine.store_memory(user.id, Image(prompt="a lighthouse at night"))
+
+    seen = []
+    cursor = None
+    while True:
+        page = await engine.list_memories(user.id, types=["fact"], limit=3, cursor=cursor)
+        seen.extend(m.id for m in page.items)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(ids) and len(seen) == len(set(seen)) == 7
+    assert seen == list(reversed(ids))  # newest first
+
+    even = await engine.list_memories(user.id, tags=["even"])
+    assert {m.id for m in even.items} == {ids[0], ids[2], ids[4], ids[6]}
+    session = await engine.list_memories(user.id, session_id="s-a")
+    assert {m.id for m in session.items} == set(ids[:3])
+    only_model = await engine.list_memories(user.id, model=model.name, include_shared=False)
+    assert {m.id for m in only_model.items} == set(ids[:2])
+    with_shared = await engine.list_memories(user.id, model=model.id, types=["fact"])
+    assert {m.id for m in with_shared.items} == set(ids)
+    images = await engine.list_memories(user.id, types=["image"])
+    assert [m.type for m in images.items] == [MemoryType.IMAGE]
+    future = await engine.list_memories(user.id, since=datetime.now(UTC) + timedelta(hours=1))
+    assert future.items == []
+    with pytest.raises(InvalidInput):
+        await engine.list_memories(user.id, cursor="not-a-cursor")
+
+
+async def test_update_and_delete(engine: MemoryEngine, user) -> None:
+    fact = await engine.store_memory(user.id, Fact(statement="Ada lives in Paris"))
+    updated = await engine.update_memory(
+        user.id,
+        fact.id,
+        {"statement": "Ada lives in Lyon", "tags": ["home"], "confidence": 0.9},
+    )
+    assert updated.memory.statement == "Ada lives in Lyon"
+    assert updated.tags == ["home"]
+    hits = await engine.search(user.id, "which city is Ada's home?", tags=["home"])
+    assert hits and hits[0].memory.id == fact.id
+    assert hits[0].matched.text == "Ada lives in Lyon"
+    with pytest.raises(InvalidInput) as err:
+        await engine.update_memory(user.id, fact.id, {"title": "nope"})
+    assert err.value.field == "title"
+
+    await engine.delete_memory(user.id, fact.id)
+    with pytest.raises(NotFound):
+        await engine.get_memory(user.id, fact.id)
+    with pytest.raises(NotFound):
+        await engine.delete_memory(user.id, fact.id)
+    assert (
+        await engine.db.fetchval("SELECT count(*) FROM memory_chunks WHERE memory_id = $1", fact.id)
+        == 0
+    )
+
+
+async def test_model_registry(engine: MemoryEngine) -> None:
+    from halldyll_ray import Conflict
+
+    for name, kind in [
+        ("Qwen2.5-14B-Instruct", "llm"),
+        ("Qwen2.5-VL-7B-Instruct", "vision-language"),
+        ("RealVisXL_V5.0", "image-generation"),
+        ("InstantID", "control"),
+        ("InsightFace", "face-recognition"),
+    ]:
+        await engine.register_model(name, kind, version="1")
+    names = [m.name for m in await engine.list_models()]
+    assert names == sorted(names, key=str.casefold) and len(names) == 5
+    assert [m.name for m in await engine.list_models(kind="control")] == ["InstantID"]
+    with pytest.raises(Conflict):
+        await engine.register_model("qwen2.5-14b-instruct", "llm")
+    with pytest.raises(InvalidInput) as err:
+        await engine.register_model("X", "toaster")
+    assert err.value.field == "kind"
+    user = await engine.create_user("carol", None, "user")
+    await engine.store_memory(user.id, Fact(statement="uses face id", model="InsightFace"))
+    with pytest.raises(Conflict):
+        await engine.delete_model("InsightFace")
+    await engine.delete_model("InstantID")
+    with pytest.raises(NotFound):
+        await engine.get_model("InstantID")
+    with pytest.raises(NotFound):
+        await engine.store_memory(user.id, Fact(statement="x", model="NoSuchModel"))

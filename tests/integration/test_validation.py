@@ -1,0 +1,100 @@
+"""Bad input gets a typed error naming the field, and nothing already stored changes."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from halldyll_ray import Conflict, Fact, InvalidInput, MemoryEngine, NotFound
+
+
+async def _counts(engine: MemoryEngine) -> tuple[int, int, int, int]:
+    row = await engine.db.fetchrow(
+        "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM memories), "
+        "(SELECT count(*) FROM memory_chunks), (SELECT count(*) FROM conversation_messages)"
+    )
+    return tuple(row)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    ("memory", "field"),
+    [
+        ({"type": "fact", "statement": "x", "confidence": 7}, "fact.confidence"),
+        ({"type": "fact"}, "fact.statement"),
+        ({"type": "diary", "text": "x"}, "type"),
+        ({"type": "conversation", "messages": [{"role": "bot", "content": "x"}]},
+         "conversation.messages.0.role"),
+        ({"type": "image", "prompt": "x", "steps": 0}, "image.steps"),
+        ({"type": "transcription", "text": "x", "language": "klingon"}, "transcription.language"),
+        ({"type": "summary", "text": "x", "covers": ["nope"]}, "summary.covers.0"),
+        ({"type": "fact", "statement": "x", "tags": ["a b c !"]}, "fact.tags"),
+        ({"type": "fact", "statement": "x", "importance": -1}, "fact.importance"),
+    ],
+)
+async def test_bad_memories(engine: MemoryEngine, memory: dict, field: str) -> None:
+    user = await engine.create_user("ada", None, "user")
+    await engine.store_memory(user.id, Fact(statement="something to keep"))
+    before = await _counts(engine)
+    with pytest.raises(InvalidInput) as err:
+        await engine.store_memory(user.id, memory)
+    assert err.value.field == field
+    assert await _counts(engine) == before
+
+
+async def test_bad_users_and_ids(engine: MemoryEngine) -> None:
+    user = await engine.create_user("ada", "ada@example.com", "user")
+    before = await _counts(engine)
+    for kwargs, field in [
+        ({"username": ""}, "username"),
+        ({"username": "has space"}, "username"),
+        ({"username": "x" * 65}, "username"),
+        ({"username": "ok", "email": "not-an-email"}, "email"),
+        ({"username": "ok", "role": "superuser"}, "role"),
+        ({"username": "ok", "metadata": {"x": "y" * 20_000}}, "metadata"),
+    ]:
+        with pytest.raises(InvalidInput) as err:
+            await engine.create_user(**kwargs)
+        assert err.value.field == field
+    with pytest.raises(Conflict):
+        await engine.create_user("ADA", None, "user")
+    with pytest.raises(Conflict):
+        await engine.create_user("other", "Ada@Example.com", "user")
+    with pytest.raises(InvalidInput) as err:
+        await engine.get_memory(user.id, "12345")
+    assert err.value.field == "memory_id"
+    with pytest.raises(NotFound):
+        await engine.store_memory(uuid.uuid4(), Fact(statement="orphan"))
+    with pytest.raises(NotFound):
+        await engine.append_messages(user.id, uuid.uuid4(), [{"role": "user", "content": "x"}])
+    with pytest.raises(InvalidInput) as err:
+        await engine.append_messages(user.id, uuid.uuid4(), [])
+    assert err.value.field == "messages"
+    with pytest.raises(InvalidInput):
+        await engine.update_user(user.id, role="god")
+    with pytest.raises(InvalidInput):
+        await engine.build_context(user.id, "x", max_tokens=3)
+    with pytest.raises(InvalidInput):
+        await engine.list_memories(user.id, limit=0)
+    assert await _counts(engine) == before
+
+
+async def test_user_lifecycle(engine: MemoryEngine) -> None:
+    user = await engine.create_user("ada", None, "viewer")
+    assert (await engine.get_user_by_username("ADA")).id == user.id
+    updated = await engine.update_user(user.id, role="user", disabled=True, email="a@b.io")
+    assert (updated.role.value, updated.disabled, updated.email) == ("user", True, "a@b.io")
+    cleared = await engine.update_user(user.id, clear_email=True, disabled=False)
+    assert cleared.email is None and cleared.disabled is False
+    for i in range(4):
+        await engine.create_user(f"user{i}", None, "user")
+    page = await engine.list_users(limit=3)
+    rest = await engine.list_users(limit=3, cursor=page.next_cursor)
+    assert len(page.items) == 3 and len(rest.items) == 2 and rest.next_cursor is None
+    assert {u.id for u in page.items}.isdisjoint({u.id for u in rest.items})
+    await engine.delete_user(user.id)
+    with pytest.raises(NotFound):
+        await engine.get_user(user.id)
+    audit = await engine.list_audit(user_id=user.id)
+    assert [row["operation"] for row in audit] == ["user.delete", "user.update", "user.update",
+                                                    "user.create"]

@@ -1,0 +1,234 @@
+"""The ONNX encoder against sentence-transformers' reference vectors, and its contracts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from halldyll_ray.embedding import OnnxEncoder, TextEncoder, default_model_files
+from halldyll_ray.errors import ConfigurationError
+
+REFERENCE = Path(__file__).resolve().parent.parent / "data" / "minilm_reference.json"
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Iterator[OnnxEncoder]:
+    yield OnnxEncoder.load(provider="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, object]:
+    data: dict[str, object] = json.loads(REFERENCE.read_text(encoding="utf-8"))
+    return data
+
+
+@pytest.fixture(scope="module")
+def model_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the default model (symlinked) and tokenizer.json (copied)."""
+    folder = tmp_path_factory.mktemp("model")
+    model, tokenizer = default_model_files()
+    (folder / "model.onnx").symlink_to(model)
+    shutil.copy(tokenizer, folder / "tokenizer.json")
+    return folder
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.asarray((a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+
+
+def test_matches_sentence_transformers_on_every_text(
+    encoder: OnnxEncoder, reference: dict[str, object]
+) -> None:
+    texts = reference["texts"]
+    assert isinstance(texts, list)
+    expected = np.asarray(reference["vectors"], dtype=np.float32)
+
+    cosines = _cosines(encoder.encode(texts), expected)
+
+    worst = int(np.argmin(cosines))
+    print(f"min cosine vs sentence-transformers: {cosines[worst]:.5f} on {texts[worst]!r:.60}")
+    assert cosines.min() >= 0.99, texts[worst]
+
+
+def test_reference_exercises_truncation(encoder: OnnxEncoder, reference: dict[str, object]) -> None:
+    # Without texts over max_seq_length the fidelity test would not catch a wrong truncation.
+    texts = reference["texts"]
+    assert isinstance(texts, list)
+    counts = encoder.count_tokens_batch(texts)
+    assert sum(c + 2 > encoder.max_seq_length for c in counts) >= 2
+
+
+def test_shape_dtype_and_unit_norm(encoder: OnnxEncoder) -> None:
+    vectors = encoder.encode(["one", "two words", ""])
+
+    assert vectors.shape == (3, 384)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_empty_input_gives_empty_matrix(encoder: OnnxEncoder) -> None:
+    vectors = encoder.encode([])
+
+    assert vectors.shape == (0, 384)
+    assert vectors.dtype == np.float32
+
+
+def test_single_string_is_rejected(encoder: OnnxEncoder) -> None:
+    with pytest.raises(TypeError):
+        encoder.encode("not a list")
+
+
+def test_attributes(encoder: OnnxEncoder) -> None:
+    assert isinstance(encoder, TextEncoder)
+    assert encoder.dimension == 384
+    assert encoder.provider == "cpu"
+    assert encoder.max_seq_length == 256
+    assert encoder.model_id == "onnx:8199be6f699a395f:256"
+
+
+def test_mixed_length_batch_keeps_input_order_and_matches_one_by_one(
+    encoder: OnnxEncoder, reference: dict[str, object]
+) -> None:
+    texts = reference["texts"]
+    assert isinstance(texts, list)
+    expected = np.asarray(reference["vectors"], dtype=np.float32)
+    # A fixed shuffle mixes long and short texts, so sorting by length reorders them heavily.
+    order = np.random.default_rng(7).permutation(len(texts))
+    mixed = [texts[i] for i in order]
+
+    batched = encoder.encode(mixed)
+    one_by_one = np.vstack([encoder.encode([t]) for t in mixed])
+
+    assert _cosines(batched, expected[order]).min() >= 0.99
+    assert _cosines(batched, one_by_one).min() > 0.9999
+
+
+def test_duplicates_and_small_batch_size(model_copy: Path, encoder: OnnxEncoder) -> None:
+    small = OnnxEncoder.load(model_copy, batch_size=3, provider="cpu")
+    texts = ["short", "a much longer sentence about the weather in Bergen", "short", "x"] * 3
+
+    assert _cosines(small.encode(texts), encoder.encode(texts)).min() > 0.9999
+
+
+def test_concurrent_calls_agree(encoder: OnnxEncoder) -> None:
+    texts = [f"memory number {i} about topic {i % 7}" for i in range(40)]
+    expected = encoder.encode(texts)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda _: encoder.encode(texts), range(8)))
+
+    for result in results:
+        assert _cosines(result, expected).min() > 0.9999
+
+
+def test_count_tokens_excludes_special_tokens_and_truncation(encoder: OnnxEncoder) -> None:
+    assert encoder.count_tokens("") == 0
+    assert encoder.count_tokens("hello") == 1
+    assert encoder.count_tokens("hello world") == 2
+    long_text = "word " * 1000
+    assert encoder.count_tokens(long_text) == 1000
+    assert encoder.count_tokens_batch(["hello", "", long_text]) == [1, 0, 1000]
+    assert encoder.count_tokens_batch([]) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The quick brown fox jumps over the lazy dog.",
+        "unbelievably antidisestablishmentarianism supercalifragilisticexpialidocious",
+        "Je voudrais réserver une table 🙂 pour deux personnes, s'il vous plaît!",
+        "我明天要去北京参加一个关于人工智能的会议。",
+        "SELECT id FROM memories WHERE user_id = $1;",
+    ],
+)
+@pytest.mark.parametrize("limit", [0, 1, 3, 7, 1000])
+def test_truncate_to_tokens(encoder: OnnxEncoder, text: str, limit: int) -> None:
+    cut = encoder.truncate_to_tokens(text, limit)
+
+    assert text.startswith(cut)
+    assert encoder.count_tokens(cut) <= limit
+    if encoder.count_tokens(text) <= limit:
+        assert cut == text
+    else:
+        # Longest prefix: one more token would not fit.
+        assert encoder.count_tokens(cut) == limit
+
+
+def test_truncate_rejects_negative_limit(encoder: OnnxEncoder) -> None:
+    with pytest.raises(ValueError):
+        encoder.truncate_to_tokens("text", -1)
+
+
+def test_dimension_mismatch_names_the_setting() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        OnnxEncoder.load(dimension=768, provider="cpu")
+
+    assert "EMBEDDING_DIMENSION" in info.value.message
+    assert "384" in info.value.message
+
+
+def test_loads_from_folder_and_from_file(model_copy: Path, encoder: OnnxEncoder) -> None:
+    text = ["a folder path and a file path load the same model"]
+    from_folder = OnnxEncoder.load(model_copy, provider="cpu")
+    from_file = OnnxEncoder.load(str(model_copy / "model.onnx"), provider="cpu")
+
+    assert from_folder.model_id == from_file.model_id == encoder.model_id
+    assert _cosines(from_folder.encode(text), encoder.encode(text))[0] > 0.9999
+    assert _cosines(from_file.encode(text), encoder.encode(text))[0] > 0.9999
+
+
+def test_missing_tokenizer_is_a_configuration_error(tmp_path: Path) -> None:
+    model, _ = default_model_files()
+    (tmp_path / "model.onnx").symlink_to(model)
+
+    with pytest.raises(ConfigurationError) as info:
+        OnnxEncoder.load(tmp_path, provider="cpu")
+
+    assert "tokenizer.json" in info.value.message
+    assert "EMBEDDING_MODEL_PATH" in info.value.message
+
+
+def test_missing_model_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        OnnxEncoder.load(tmp_path / "nope.onnx", provider="cpu")
+
+    assert "EMBEDDING_MODEL_PATH" in info.value.message
+
+
+def test_unreadable_model_is_a_configuration_error(tmp_path: Path) -> None:
+    _, tokenizer = default_model_files()
+    (tmp_path / "model.onnx").write_bytes(b"not an onnx model")
+    shutil.copy(tokenizer, tmp_path / "tokenizer.json")
+
+    with pytest.raises(ConfigurationError) as info:
+        OnnxEncoder.load(tmp_path, provider="cpu")
+
+    assert "EMBEDDING_MODEL_PATH" in info.value.message
+
+
+def test_cuda_without_cuda_is_a_configuration_error() -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(ConfigurationError) as info:
+        OnnxEncoder.load(provider="cuda")
+
+    assert "cuda" in info.value.message
+
+
+def test_configuration_error_pickles() -> None:
+    import pickle
+
+    with pytest.raises(ConfigurationError) as info:
+        OnnxEncoder.load(dimension=12, provider="cpu")
+
+    clone = pickle.loads(pickle.dumps(info.value))
+    assert clone.message == info.value.message
+    assert clone.fields["setting"] == "EMBEDDING_DIMENSION"

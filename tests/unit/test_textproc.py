@@ -1,0 +1,92 @@
+"""Pure text logic: fact keys, chunking, candidate facts, extractive summaries."""
+
+from __future__ import annotations
+
+import pytest
+
+from halldyll_ray.textproc import (
+    Line,
+    chunk_text,
+    extract_candidate_facts,
+    extractive_summary,
+    fact_key,
+    normalize_statement,
+)
+
+
+def test_fact_key_ignores_form_only() -> None:
+    assert fact_key("Ada likes jazz") == fact_key("  ADA   likes jazz!! ")
+    assert fact_key("Ada likes jazz") == fact_key("Ａｄａ likes jazz.")  # full-width folded
+    assert fact_key("Ada likes jazz") != fact_key("Ada likes blues")
+    assert normalize_statement("Hello,  World?!") == "hello, world"
+
+
+def test_chunk_text_windows_overlap_and_cover_everything() -> None:
+    words = [f"w{i}" for i in range(500)]
+    chunks = chunk_text(" ".join(words), words=100, overlap=20)
+    assert all(len(c.split()) <= 100 for c in chunks)
+    assert chunks[0].split()[:3] == ["w0", "w1", "w2"]
+    assert chunks[-1].split()[-1] == "w499"
+    assert chunks[1].split()[0] == "w80"  # 20 words of overlap
+    covered = {w for c in chunks for w in c.split()}
+    assert covered == set(words)
+    assert chunk_text("  short text ") == ["short text"]
+    assert chunk_text("   ") == []
+    with pytest.raises(ValueError):
+        chunk_text("x", words=10, overlap=10)
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (
+            "Hi! My name is Ada and I live in Lyon.",
+            ["The user's name is Ada", "The user lives in Lyon"],
+        ),
+        (
+            "I like rice and beans, and I work at Acme.",
+            ["The user likes rice and beans", "The user works at Acme"],
+        ),
+        (
+            "I am a nurse. My dog is called Rex!",
+            ["The user is a nurse", "The user's dog is called Rex"],
+        ),
+        ("I love hiking in the Alps", ["The user loves hiking in the Alps"]),
+        ("I work as an architect", ["The user works as architect"]),
+        ("Call me Addy", ["The user wants to be called Addy"]),
+        ("Maybe I like jazz.", []),
+        ("Do I like tea?", []),
+        ("I'm not sure about that", []),
+        ("What's the weather?", []),
+    ],
+)
+def test_candidate_facts(message: str, expected: list[str]) -> None:
+    assert extract_candidate_facts(message) == expected
+
+
+def test_candidate_facts_are_deduplicated_and_bounded() -> None:
+    message = " ".join(f"I like topic{i}." for i in range(10)) + " I like topic0."
+    facts = extract_candidate_facts(message, limit=5)
+    assert len(facts) == 5 and len(set(facts)) == 5
+
+
+def test_extractive_summary_keeps_order_and_drops_repeats() -> None:
+    lines = [
+        Line("user", "I am planning a trip to Kyoto in April with my sister."),
+        Line("assistant", "Kyoto in April is cherry blossom season, so book the trip early."),
+        Line("user", "I am planning a trip to Kyoto in April with my sister."),
+        Line("user", "ok"),
+        Line("assistant", "The Kyoto temples open early; plan the trip around them."),
+    ]
+    summary = extractive_summary(lines, max_sentences=2)
+    parts = summary.split("\n")
+    assert len(parts) == 2
+    assert len(set(parts)) == 2
+    assert all(p.startswith(("user: ", "assistant: ")) for p in parts)
+    positions = [
+        next(i for i, line in enumerate(lines) if p.split(": ", 1)[1] in line.content)
+        for p in parts
+    ]
+    assert positions == sorted(positions)
+    assert extractive_summary([Line("user", "ok")]) == ""
+    assert len(extractive_summary(lines * 50, max_chars=200)) <= 200
