@@ -104,6 +104,18 @@ class Settings(BaseSettings):
     session_summary_every_n_turns: int = Field(default=5, ge=1, le=1000)
     db_pool_size: int = Field(default=5, ge=1, le=200)
     db_command_timeout_seconds: float = Field(default=30, gt=0, le=3600)
+    db_role: str | None = Field(
+        default="halldyll_app",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="Role each connection switches to (SET ROLE); it owns nothing and cannot "
+        "bypass row-level security. Empty: keep the login role (which must then be such a role).",
+    )
+
+    @field_validator("db_role", mode="before")
+    @classmethod
+    def _empty_role(cls, value: object) -> object:
+        return None if value == "" else value
+
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
     @field_validator("log_level", "embedding_provider", mode="before")

@@ -201,6 +201,7 @@ class MemoryEngine:
             pool_size=settings.db_pool_size,
             command_timeout=settings.db_command_timeout_seconds,
             ef_search=settings.hnsw_ef_search,
+            role=settings.db_role,
         )
         try:
             # Schema first, on a plain connection: the pool registers pgvector's codecs on
@@ -351,7 +352,7 @@ class MemoryEngine:
         role = self._role(role)
         metadata = self._metadata(metadata)
         try:
-            async with self.db.transaction() as conn:
+            async with self.db.scoped() as conn:
                 row = await conn.fetchrow(
                     q("insert_user"), uuid.uuid4(), username, email, role.value, metadata
                 )
@@ -400,7 +401,7 @@ class MemoryEngine:
             raise InvalidInput("email is not a valid address", field="email")
         if disabled is not None and not isinstance(disabled, bool):
             raise InvalidInput("disabled must be true or false", field="disabled")
-        async with self.db.transaction() as conn:
+        async with self.db.scoped() as conn:
             row = await conn.fetchrow(
                 q("update_user"),
                 user_id,
@@ -418,7 +419,7 @@ class MemoryEngine:
     async def delete_user(self, user_id: UUID | str) -> None:
         """Delete a user and every memory they own."""
         user_id = _uuid(user_id, "user_id")
-        async with self.db.transaction() as conn:
+        async with self.db.scoped() as conn:
             if await conn.fetchval(q("delete_user"), user_id) is None:
                 raise NotFound(f"user {user_id} not found")
             await self._audit(conn, "user.delete", "user", [user_id], user_id)
@@ -443,7 +444,7 @@ class MemoryEngine:
         if version is not None and (not isinstance(version, str) or len(version) > 100):
             raise InvalidInput("version must be at most 100 characters", field="version")
         try:
-            async with self.db.transaction() as conn:
+            async with self.db.scoped() as conn:
                 row = await conn.fetchrow(
                     q("insert_model"),
                     uuid.uuid4(),
@@ -480,7 +481,7 @@ class MemoryEngine:
     async def delete_model(self, ref: UUID | str) -> None:
         """Remove a model from the registry; Conflict while memories are scoped to it."""
         model = await self.get_model(ref)
-        async with self.db.transaction() as conn:
+        async with self.db.scoped() as conn:
             await conn.fetchval(q("delete_model"), model.id)
             await self._audit(conn, "model.delete", "ai_model", [model.id], None)
         self._model_ids.pop(model.name.casefold(), None)
@@ -526,7 +527,7 @@ class MemoryEngine:
         vectors = await self.embed([chunk.text for chunk in chunks])
         memory_id = uuid.uuid4()
         content, payload = self._split(memory)
-        async with self.db.transaction() as conn:
+        async with self.db.scoped(user_id) as conn:
             await self._touch_user(conn, user_id)
             if isinstance(memory, Summary) and memory.covers:
                 await self._check_owned(conn, user_id, memory.covers, "covers")
@@ -574,7 +575,7 @@ class MemoryEngine:
         ephemeral = fact.kind is FactKind.EPHEMERAL
         content, payload = self._split(fact)
         payload["sources"] = [fact.source] if fact.source else []
-        async with self.db.transaction() as conn:
+        async with self.db.scoped(user_id) as conn:
             # Locks the user's row: writes of one user are serialised, so the near-duplicate
             # check below cannot race another replica storing a paraphrase at the same time.
             await self._touch_user(conn, user_id)
@@ -641,7 +642,7 @@ class MemoryEngine:
                 f"send 1 to {MAX_MESSAGES_PER_CALL} messages per call", field="messages"
             )
         vectors_for = await self._message_vectors(checked)
-        async with self.db.transaction() as conn:
+        async with self.db.scoped(user_id) as conn:
             reserved = await conn.fetchrow(
                 q("reserve_messages"), conversation_id, user_id, len(checked)
             )
@@ -696,14 +697,14 @@ class MemoryEngine:
         """One memory of the user (a conversation with its messages). NotFound otherwise."""
         user_id = _uuid(user_id, "user_id")
         memory_id = _uuid(memory_id, "memory_id")
-        row = await self.db.fetchrow(q("get_memory"), memory_id, user_id)
+        row = await self.db.fetchrow(q("get_memory"), memory_id, user_id, user_id=user_id)
         if row is None or _expired(row):
             raise NotFound(f"memory {memory_id} not found")
         messages: list[StoredMessage] = []
         if include_messages and row["type"] == "conversation":
             messages = [
                 StoredMessage(**dict(m))
-                for m in await self.db.fetch(q("get_messages"), memory_id, user_id)
+                for m in await self.db.fetch(q("get_messages"), memory_id, user_id, user_id=user_id)
             ]
         return self._record(row, messages=messages)
 
@@ -739,6 +740,7 @@ class MemoryEngine:
             after_at,
             after_id,
             limit + 1,
+            user_id=user_id,
         )
         items = [self._record(row) for row in rows[:limit]]
         next_cursor = (
@@ -760,7 +762,7 @@ class MemoryEngine:
         memory_id = _uuid(memory_id, "memory_id")
         if not isinstance(update, MemoryUpdate):
             update = _validate(TypeAdapter(MemoryUpdate), update, "update")
-        current = await self.db.fetchrow(q("get_memory"), memory_id, user_id)
+        current = await self.db.fetchrow(q("get_memory"), memory_id, user_id, user_id=user_id)
         if current is None or _expired(current):
             raise NotFound(f"memory {memory_id} not found")
         kind = MemoryType(current["type"])
@@ -800,7 +802,7 @@ class MemoryEngine:
         expires_at = None
         if update.kind is FactKind.EPHEMERAL:
             expires_at = datetime.now(UTC) + timedelta(days=self.settings.ephemeral_fact_ttl_days)
-        async with self.db.transaction() as conn:
+        async with self.db.scoped(user_id) as conn:
             await self._touch_user(conn, user_id)
             try:
                 row = await conn.fetchrow(
@@ -847,7 +849,7 @@ class MemoryEngine:
         """Delete one memory of the user (its messages and chunks go with it)."""
         user_id = _uuid(user_id, "user_id")
         memory_id = _uuid(memory_id, "memory_id")
-        async with self.db.transaction() as conn:
+        async with self.db.scoped(user_id) as conn:
             await self._touch_user(conn, user_id)
             row = await conn.fetchrow(q("delete_memory"), memory_id, user_id)
             if row is None:
@@ -858,7 +860,7 @@ class MemoryEngine:
 
     async def purge_expired(self) -> int:
         """Delete ephemeral facts past their expiry; return how many went."""
-        async with self.db.transaction() as conn:
+        async with self.db.scoped(admin=True) as conn:
             rows = await conn.fetch(q("purge_expired"))
             for owner in sorted({row["user_id"] for row in rows}):
                 await conn.execute(q("bump_version"), owner)
@@ -965,7 +967,9 @@ class MemoryEngine:
         vector = None if mode is SearchMode.FULLTEXT else (await self.embed([query]))[0]
         semantic: list[_Hit] = []
         if vector is not None:
-            rows = await self.db.fetch(q("search_semantic"), user_id, vector, *filters, fetch)
+            rows = await self.db.fetch(
+                q("search_semantic"), user_id, vector, *filters, fetch, user_id=user_id
+            )
             semantic = [
                 _Hit(
                     r["memory_id"],
@@ -984,7 +988,7 @@ class MemoryEngine:
             fused = [(hit, hit.rank_score) for hit in _best_per_memory(semantic)]
         else:
             rows = await self.db.fetch(
-                q("search_fulltext"), user_id, query, *filters, fetch, vector
+                q("search_fulltext"), user_id, query, *filters, fetch, vector, user_id=user_id
             )
             text_hits = [
                 _Hit(
@@ -1006,7 +1010,7 @@ class MemoryEngine:
         if not fused:
             return []
         wanted = [hit.memory_id for hit, _ in fused[: limit * 2]]
-        rows = await self.db.fetch(q("get_memories"), user_id, wanted)
+        rows = await self.db.fetch(q("get_memories"), user_id, wanted, user_id=user_id)
         by_id = {row["id"]: row for row in rows if not _expired(row)}
         results = []
         for hit, score in fused:
@@ -1090,10 +1094,12 @@ class MemoryEngine:
         if not 0 <= recent_turns <= 100:
             raise InvalidInput("recent_turns must be between 0 and 100", field="recent_turns")
         recent: list[ctx.Candidate] = []
-        log_row = await self.db.fetchrow(q("session_memory"), user_id, session_id, "log")
+        log_row = await self.db.fetchrow(
+            q("session_memory"), user_id, session_id, "log", user_id=user_id
+        )
         if log_row is not None and recent_turns:
             rows = await self.db.fetch(
-                q("recent_messages"), log_row["id"], user_id, recent_turns * 2
+                q("recent_messages"), log_row["id"], user_id, recent_turns * 2, user_id=user_id
             )
             recent = [
                 ctx.Candidate(ctx.RECENT, f"{r['role']}: {r['content']}", type="message")
@@ -1133,7 +1139,7 @@ class MemoryEngine:
         summary_row = None
         if session_id is not None:
             summary_row = await self.db.fetchrow(
-                q("session_memory"), user_id, session_id, "summary"
+                q("session_memory"), user_id, session_id, "summary", user_id=user_id
             )
         hits = await self.search(
             user_id,
@@ -1275,7 +1281,7 @@ class MemoryEngine:
         if cached is not None:
             return UUID(cached.decode())
         model_id = await self._model_id(model)
-        async with self.db.transaction() as conn:
+        async with self.db.scoped(user_id) as conn:
             await self._touch_user(conn, user_id)
             row = await conn.fetchrow(
                 q("create_session_log"),
@@ -1296,7 +1302,7 @@ class MemoryEngine:
     async def _refresh_summary(
         self, user_id: UUID, session_id: str, conversation_id: UUID, model: UUID | str | None
     ) -> UUID:
-        rows = await self.db.fetch(q("get_messages"), conversation_id, user_id)
+        rows = await self.db.fetch(q("get_messages"), conversation_id, user_id, user_id=user_id)
         text = extractive_summary([Line(r["role"], r["content"]) for r in rows])
         if not text:
             text = "(no content yet)"
@@ -1304,7 +1310,7 @@ class MemoryEngine:
         chunks = [_Chunk("text", 0, i, t) for i, t in enumerate(chunk_text(text))]
         vectors = await self.embed([c.text for c in chunks])
         payload = {"covers": [str(conversation_id)]}
-        async with self.db.transaction() as conn:
+        async with self.db.scoped(user_id) as conn:
             await self._touch_user(conn, user_id)
             row = await conn.fetchrow(q("session_memory"), user_id, session_id, "summary")
             if row is None:

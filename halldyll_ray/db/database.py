@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 from pgvector.asyncpg import register_vector
@@ -14,6 +16,12 @@ from pgvector.asyncpg import register_vector
 from halldyll_ray.errors import Conflict, HalldyllError, InvalidInput, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
+
+_SCOPE = (
+    "SELECT set_config('halldyll.user_id', $1, true), set_config('halldyll.admin', $2, true), "
+    "set_config('hnsw.ef_search', $3, true), "
+    "set_config('hnsw.iterative_scan', 'relaxed_order', true)"
+)
 
 _UNAVAILABLE = (
     OSError,
@@ -62,7 +70,9 @@ class Database:
         dsn: PostgreSQL URL (several hosts allowed; asyncpg tries them in order).
         pool_size: Maximum connections of this process (``DB_POOL_SIZE``).
         command_timeout: Seconds before a statement is abandoned.
-        ef_search: ``hnsw.ef_search`` for every connection.
+        ef_search: ``hnsw.ef_search`` for every transaction.
+        role: The role every connection switches to (``SET ROLE``); ``None`` keeps the login
+            role (for a login role that is itself subject to row-level security).
     """
 
     def __init__(
@@ -72,7 +82,11 @@ class Database:
         pool_size: int = 5,
         command_timeout: float = 30.0,
         ef_search: int = 100,
+        role: str | None = "halldyll_app",
     ) -> None:
+        if role is not None and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", role):
+            raise ValueError(f"invalid role name {role!r}")
+        self._role = role
         self._dsn = dsn
         self._pool_size = pool_size
         self._command_timeout = command_timeout
@@ -85,11 +99,10 @@ class Database:
             await conn.set_type_codec(
                 name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
             )
-        # Iterative index scans (pgvector 0.8) so that a per-user filter on the shared HNSW
-        # index keeps scanning until it has enough of that user's rows.
-        await conn.execute(
-            f"SET hnsw.iterative_scan = relaxed_order; SET hnsw.ef_search = {self._ef_search}"
-        )
+        if self._role:
+            # Work as a role that owns nothing and cannot bypass row-level security. The role
+            # setting survives the RESET ALL that the pool runs when a connection is released.
+            await conn.execute(f'SET ROLE "{self._role}"')
 
     async def open(self) -> Database:
         if self._pool is not None:
@@ -129,36 +142,46 @@ class Database:
         return self._pool
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+    async def scoped(
+        self, user_id: UUID | None = None, *, admin: bool = False, readonly: bool = False
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction acting for one user (row-level security shows only their rows).
+
+        Args:
+            user_id: The user whose memories this transaction may see and change; None: no
+                memory rows at all (users, models, audit work).
+            admin: See every user's rows: the explicit, audited path for cross-user work.
+            readonly: A read-only transaction.
+        """
         with translate_errors():
-            async with self.pool.acquire() as conn:
+            async with self.pool.acquire() as conn, conn.transaction(readonly=readonly):
+                # Transaction-local settings: they end with the transaction, so a pooled
+                # connection never carries one user's identity into another's request.
+                await conn.execute(
+                    _SCOPE,
+                    "" if user_id is None else str(user_id),
+                    "on" if admin else "",
+                    str(self._ef_search),
+                )
                 yield conn
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
-        with translate_errors():
-            async with self.pool.acquire() as conn, conn.transaction():
-                yield conn
+    async def fetch(
+        self, query: str, *args: Any, user_id: UUID | None = None, admin: bool = False
+    ) -> list[asyncpg.Record]:
+        async with self.scoped(user_id, admin=admin, readonly=True) as conn:
+            return list(await conn.fetch(query, *args))
 
-    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        with translate_errors():
-            async with self.pool.acquire() as conn:
-                return list(await conn.fetch(query, *args))
+    async def fetchrow(
+        self, query: str, *args: Any, user_id: UUID | None = None, admin: bool = False
+    ) -> asyncpg.Record | None:
+        async with self.scoped(user_id, admin=admin, readonly=True) as conn:
+            return await conn.fetchrow(query, *args)
 
-    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        with translate_errors():
-            async with self.pool.acquire() as conn:
-                return await conn.fetchrow(query, *args)
-
-    async def fetchval(self, query: str, *args: Any) -> Any:
-        with translate_errors():
-            async with self.pool.acquire() as conn:
-                return await conn.fetchval(query, *args)
-
-    async def execute(self, query: str, *args: Any) -> str:
-        with translate_errors():
-            async with self.pool.acquire() as conn:
-                return str(await conn.execute(query, *args))
+    async def fetchval(
+        self, query: str, *args: Any, user_id: UUID | None = None, admin: bool = False
+    ) -> Any:
+        async with self.scoped(user_id, admin=admin, readonly=True) as conn:
+            return await conn.fetchval(query, *args)
 
     async def ping(self) -> str:
         """Return the server version, or raise Unavailable."""

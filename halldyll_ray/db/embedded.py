@@ -55,9 +55,7 @@ class EmbeddedPostgres:
             ) from exc
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            server = get_server(
-                self.pgdata, cleanup_mode="stop" if self.stop_on_close else None
-            )
+            server = get_server(self.pgdata, cleanup_mode="stop" if self.stop_on_close else None)
         except Exception as exc:
             raise Unavailable(
                 f"could not start the embedded PostgreSQL in {self.pgdata}: {exc}; check that "

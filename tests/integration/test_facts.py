@@ -12,7 +12,7 @@ from halldyll_ray import Fact, FactKind, MemoryEngine
 
 async def _fact_rows(engine: MemoryEngine, user_id) -> int:
     return await engine.db.fetchval(
-        "SELECT count(*) FROM memories WHERE user_id = $1 AND type = 'fact'", user_id
+        "SELECT count(*) FROM memories WHERE user_id = $1 AND type = 'fact'", user_id, admin=True
     )
 
 
@@ -85,7 +85,7 @@ async def test_parallel_reinforcement_from_two_replicas_leaves_one_row(
     final = await engine.get_memory(user.id, results[0].id)
     assert final.reinforcement_count == len(statements) - 1
     chunks = await engine.db.fetchval(
-        "SELECT count(*) FROM memory_chunks WHERE memory_id = $1", final.id
+        "SELECT count(*) FROM memory_chunks WHERE memory_id = $1", final.id, admin=True
     )
     assert chunks == 1
 

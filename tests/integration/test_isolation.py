@@ -81,10 +81,12 @@ async def test_purge_and_delete_user_touch_only_their_rows(engine: MemoryEngine,
     ada, bob, adas, _, _ = two_users
     await engine.delete_user(bob.id)
     assert (await engine.get_memory(ada.id, adas[0].id)).id == adas[0].id
-    count = await engine.db.fetchval("SELECT count(*) FROM memories WHERE user_id = $1", bob.id)
+    count = await engine.db.fetchval(
+        "SELECT count(*) FROM memories WHERE user_id = $1", bob.id, admin=True
+    )
     assert count == 0
     chunks = await engine.db.fetchval(
-        "SELECT count(*) FROM memory_chunks WHERE user_id = $1", bob.id
+        "SELECT count(*) FROM memory_chunks WHERE user_id = $1", bob.id, admin=True
     )
     assert chunks == 0
 

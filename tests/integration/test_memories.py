@@ -148,7 +148,7 @@ async def test_long_text_is_chunked(engine: MemoryEngine, user) -> None:
     text = f"{filler} The secret launch code phrase is violet harbor lighthouse. {filler}"
     stored = await engine.store_memory(user.id, Summary(text=text))
     chunks = await engine.db.fetchval(
-        "SELECT count(*) FROM memory_chunks WHERE memory_id = $1", stored.id
+        "SELECT count(*) FROM memory_chunks WHERE memory_id = $1", stored.id, admin=True
     )
     assert chunks >= 5
     hits = await engine.search(user.id, "violet harbor lighthouse", mode="fulltext")
@@ -221,7 +221,9 @@ async def test_update_and_delete(engine: MemoryEngine, user) -> None:
     with pytest.raises(NotFound):
         await engine.delete_memory(user.id, fact.id)
     assert (
-        await engine.db.fetchval("SELECT count(*) FROM memory_chunks WHERE memory_id = $1", fact.id)
+        await engine.db.fetchval(
+            "SELECT count(*) FROM memory_chunks WHERE memory_id = $1", fact.id, admin=True
+        )
         == 0
     )
 

@@ -6,8 +6,10 @@ import itertools
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import numpy as np
 import pytest
+from pgvector.asyncpg import register_vector
 
 from halldyll_ray import (
     Conversation,
@@ -124,7 +126,7 @@ async def test_fulltext_mode_takes_query_text_literally(engine: MemoryEngine, co
         await engine.search(user.id, query, mode="fulltext")
     hits = await engine.search(user.id, "shellfish:*", mode="fulltext")
     assert hits and "shellfish" in hits[0].memory.text
-    assert await engine.db.fetchval("SELECT count(*) FROM memories") == len(CORPUS)
+    assert await engine.db.fetchval("SELECT count(*) FROM memories", admin=True) == len(CORPUS)
 
 
 async def test_filters(engine: MemoryEngine):
@@ -203,7 +205,9 @@ async def test_bad_search_input(engine: MemoryEngine):
 
 
 @pytest.mark.slow
-async def test_small_user_among_many_rows_loses_nothing(engine: MemoryEngine, encoder):
+async def test_small_user_among_many_rows_loses_nothing(
+    engine: MemoryEngine, encoder, database_url: str
+):
     """One user owns 5 rows among 20,000 of other users, all near the query.
 
     The query runs on the HNSW index only (the per-user btree index is dropped and other
@@ -223,7 +227,10 @@ async def test_small_user_among_many_rows_loses_nothing(engine: MemoryEngine, en
     query_vector = encoder.encode(["budget"])[0]
     rng = np.random.default_rng(7)
     others = [uuid.uuid4() for _ in range(200)]
-    async with engine.db.transaction() as conn:
+    # Bulk setup as the database owner (the application role may not drop indexes).
+    conn = await asyncpg.connect(database_url)
+    await register_vector(conn)
+    async with conn.transaction():
         await conn.executemany(
             "INSERT INTO users (id, username, role) VALUES ($1, $2, 'user')",
             [(u, f"u{i}") for i, u in enumerate(others)],
@@ -258,11 +265,12 @@ async def test_small_user_among_many_rows_loses_nothing(engine: MemoryEngine, en
         )
         await conn.execute("DROP INDEX memory_chunks_user")
         await conn.execute("ANALYZE memory_chunks")
+    await conn.close()
 
     from halldyll_ray.sql import q
 
     async def ids_found(iterative: str) -> set[uuid.UUID]:
-        async with engine.db.transaction() as conn:
+        async with engine.db.scoped(admin=True) as conn:
             await conn.execute("SET LOCAL enable_seqscan = off")
             await conn.execute("SET LOCAL enable_bitmapscan = off")
             await conn.execute(f"SET LOCAL hnsw.iterative_scan = {iterative}")

@@ -12,7 +12,8 @@ from halldyll_ray import Conflict, Fact, InvalidInput, MemoryEngine, NotFound
 async def _counts(engine: MemoryEngine) -> tuple[int, int, int, int]:
     row = await engine.db.fetchrow(
         "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM memories), "
-        "(SELECT count(*) FROM memory_chunks), (SELECT count(*) FROM conversation_messages)"
+        "(SELECT count(*) FROM memory_chunks), (SELECT count(*) FROM conversation_messages)",
+        admin=True,
     )
     return tuple(row)  # type: ignore[return-value]
 
@@ -23,8 +24,10 @@ async def _counts(engine: MemoryEngine) -> tuple[int, int, int, int]:
         ({"type": "fact", "statement": "x", "confidence": 7}, "fact.confidence"),
         ({"type": "fact"}, "fact.statement"),
         ({"type": "diary", "text": "x"}, "type"),
-        ({"type": "conversation", "messages": [{"role": "bot", "content": "x"}]},
-         "conversation.messages.0.role"),
+        (
+            {"type": "conversation", "messages": [{"role": "bot", "content": "x"}]},
+            "conversation.messages.0.role",
+        ),
         ({"type": "image", "prompt": "x", "steps": 0}, "image.steps"),
         ({"type": "transcription", "text": "x", "language": "klingon"}, "transcription.language"),
         ({"type": "summary", "text": "x", "covers": ["nope"]}, "summary.covers.0"),
@@ -96,5 +99,9 @@ async def test_user_lifecycle(engine: MemoryEngine) -> None:
     with pytest.raises(NotFound):
         await engine.get_user(user.id)
     audit = await engine.list_audit(user_id=user.id)
-    assert [row["operation"] for row in audit] == ["user.delete", "user.update", "user.update",
-                                                    "user.create"]
+    assert [row["operation"] for row in audit] == [
+        "user.delete",
+        "user.update",
+        "user.update",
+        "user.create",
+    ]
