@@ -13,6 +13,7 @@ The core (this package minus ``halldyll_ray.serve``) never imports Ray::
 from halldyll_ray.config import Settings
 from halldyll_ray.engine import MemoryEngine
 from halldyll_ray.errors import (
+    AuthenticationFailed,
     ConfigurationError,
     Conflict,
     HalldyllError,
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AIModel",
+    "AuthenticationFailed",
     "ConfigurationError",
     "Conflict",
     "Context",

@@ -150,11 +150,39 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 async def cmd_create_user(args: argparse.Namespace) -> int:
+    """Create a user (the first Admin, typically) and print its first API key, once."""
     from halldyll_ray.engine import MemoryEngine
 
     async with MemoryEngine(_settings()) as engine:
         user = await engine.create_user(args.username, args.email, args.role)
-    print(json.dumps(user.model_dump(mode="json"), indent=2))
+        new = await engine.create_api_key(user.id, name=args.key_name)
+    print(json.dumps({"user": user.model_dump(mode="json"), "api_key": new.key}, indent=2))
+    print("store this API key now: it is not shown again", file=sys.stderr)
+    return 0
+
+
+async def cmd_create_key(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from halldyll_ray.engine import MemoryEngine
+
+    expires = None
+    if args.expires_days is not None:
+        expires = datetime.now(UTC) + timedelta(days=args.expires_days)
+    async with MemoryEngine(_settings()) as engine:
+        user = await engine.get_user_by_username(args.username)
+        new = await engine.create_api_key(user.id, name=args.name, expires_at=expires)
+    print(json.dumps({"api_key": new.key, **new.api_key.model_dump(mode="json")}, indent=2))
+    print("store this API key now: it is not shown again", file=sys.stderr)
+    return 0
+
+
+async def cmd_purge_audit(args: argparse.Namespace) -> int:
+    from halldyll_ray.engine import MemoryEngine
+
+    async with MemoryEngine(_settings()) as engine:
+        count = await engine.purge_audit(older_than_days=args.older_than_days)
+    print(f"purged {count} audit rows")
     return 0
 
 
@@ -180,6 +208,8 @@ COMMANDS = {
     "demo": cmd_demo,
     "create-user": cmd_create_user,
     "purge-expired": cmd_purge_expired,
+    "create-key": cmd_create_key,
+    "purge-audit": cmd_purge_audit,
 }
 
 
@@ -191,11 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply pending database migrations (safe to run in parallel)")
     sub.add_parser("doctor", help="check settings, database, pgvector, Redis and the model")
     sub.add_parser("demo", help="store every memory type, search and build a context")
-    create = sub.add_parser("create-user", help="create a user and print it")
+    create = sub.add_parser("create-user", help="create a user; print it and its API key once")
     create.add_argument("username")
     create.add_argument("--email")
     create.add_argument("--role", default="user", choices=["admin", "user", "service", "viewer"])
+    create.add_argument("--key-name", default="initial", help="name of the first API key")
+    key = sub.add_parser("create-key", help="create another API key for a user; print it once")
+    key.add_argument("username")
+    key.add_argument("--name", default="")
+    key.add_argument("--expires-days", type=int)
     sub.add_parser("purge-expired", help="delete ephemeral facts past their expiry")
+    audit = sub.add_parser("purge-audit", help="delete audit rows past AUDIT_RETENTION_DAYS")
+    audit.add_argument("--older-than-days", type=int)
     return parser
 
 

@@ -25,13 +25,22 @@ import numpy as np
 from pydantic import TypeAdapter, ValidationError
 
 from halldyll_ray import context as ctx
+from halldyll_ray import requestctx
 from halldyll_ray.cache import LocalLRU, RedisTier, TieredCache
 from halldyll_ray.config import Settings
-from halldyll_ray.db.database import Database, translate_errors
+from halldyll_ray.db.database import Database, register_codecs, translate_errors
 from halldyll_ray.db.embedded import EmbeddedPostgres
 from halldyll_ray.db.migrate import apply_migrations, check_schema
 from halldyll_ray.embedding import OnnxEncoder, TextEncoder
-from halldyll_ray.errors import Conflict, HalldyllError, InvalidInput, NotFound, Unavailable
+from halldyll_ray.errors import (
+    AuthenticationFailed,
+    Conflict,
+    HalldyllError,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
+from halldyll_ray.keys import generate_key, hash_key, key_prefix, verify_key
 from halldyll_ray.language import detect_language
 from halldyll_ray.models import (
     MAX_MESSAGES_PER_CALL,
@@ -40,6 +49,7 @@ from halldyll_ray.models import (
     MAX_SEARCH_LIMIT,
     SESSION_ID_PATTERN,
     AIModel,
+    ApiKey,
     Context,
     Conversation,
     Fact,
@@ -52,7 +62,9 @@ from halldyll_ray.models import (
     Message,
     MessageRole,
     ModelKind,
+    NewApiKey,
     Page,
+    Principal,
     Role,
     SearchMode,
     SearchResult,
@@ -174,6 +186,8 @@ class MemoryEngine:
         self._embedded: EmbeddedPostgres | None = None
         self._cache: TieredCache | None = None
         self._model_ids: dict[str, UUID] = {}
+        self._api_key_secret: bytes | None = None
+        self._dsn = ""
 
     # ------------------------------------------------------------------ lifecycle
     async def initialize(self, *, migrate: bool | None = None) -> MemoryEngine:
@@ -196,6 +210,7 @@ class MemoryEngine:
             )
             dsn = await self._embedded.start_async()
             migrate = True if migrate is None else migrate
+        self._dsn = dsn
         db = Database(
             dsn,
             pool_size=settings.db_pool_size,
@@ -255,6 +270,15 @@ class MemoryEngine:
         embedded, self._embedded = self._embedded, None
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
+
+    def authorized(self, principal: Principal, *, request_id: str | None = None) -> Any:
+        """This engine's operations for ``principal``, checked against the permission matrix.
+
+        Returns an :class:`halldyll_ray.access.AuthorizedEngine`.
+        """
+        from halldyll_ray.access import AuthorizedEngine
+
+        return AuthorizedEngine(self, principal, request_id=request_id)
 
     async def __aenter__(self) -> MemoryEngine:
         return await self.initialize()
@@ -1354,6 +1378,226 @@ class MemoryEngine:
         summary_id: UUID = row["id"]
         return summary_id
 
+    # ------------------------------------------------------------------ API keys
+    async def _key_secret(self) -> bytes:
+        if self._api_key_secret is None:
+            configured = self.settings.api_key_secret
+            if configured is not None:
+                self._api_key_secret = configured.get_secret_value().encode()
+            else:
+                stored = await self.db.fetchval(q("meta_value"), "api_key_secret")
+                if stored is None:
+                    raise Unavailable("the API key secret is missing: run `halldyll migrate`")
+                self._api_key_secret = bytes.fromhex(stored)
+        return self._api_key_secret
+
+    async def create_api_key(
+        self,
+        user_id: UUID | str,
+        *,
+        name: str = "",
+        expires_at: datetime | None = None,
+        replaces: UUID | None = None,
+    ) -> NewApiKey:
+        """Create a key for a user. The returned ``key`` is shown this once and never stored."""
+        user_id = _uuid(user_id, "user_id")
+        if not isinstance(name, str) or len(name) > 100:
+            raise InvalidInput("key name must be at most 100 characters", field="name")
+        expires_at = self._time(expires_at, "expires_at")
+        if expires_at is not None and expires_at <= datetime.now(UTC):
+            raise InvalidInput("expires_at must be in the future", field="expires_at")
+        prefix, key = generate_key()
+        digest = hash_key(await self._key_secret(), key)
+        async with self.db.scoped() as conn:
+            if await conn.fetchrow(q("get_user"), user_id) is None:
+                raise NotFound(f"user {user_id} not found")
+            row = await conn.fetchrow(
+                q("insert_api_key"),
+                uuid.uuid4(),
+                user_id,
+                prefix,
+                digest,
+                name,
+                expires_at,
+                replaces,
+            )
+            await self._audit(
+                conn,
+                "key.create",
+                "api_key",
+                [row["id"]],
+                user_id,
+                details={"prefix": prefix},
+            )
+        return NewApiKey(key=key, api_key=ApiKey(**dict(row)))
+
+    async def get_api_key(self, key_id: UUID | str) -> ApiKey:
+        row = await self.db.fetchrow(q("get_api_key"), _uuid(key_id, "key_id"))
+        if row is None:
+            raise NotFound(f"API key {key_id} not found")
+        return ApiKey(**dict(row))
+
+    async def list_api_keys(self, user_id: UUID | str) -> list[ApiKey]:
+        rows = await self.db.fetch(q("list_api_keys"), _uuid(user_id, "user_id"))
+        return [ApiKey(**dict(row)) for row in rows]
+
+    async def revoke_api_key(self, key_id: UUID | str) -> ApiKey:
+        """Revoke a key at once; revoking twice keeps the first revocation time."""
+        key_id = _uuid(key_id, "key_id")
+        async with self.db.scoped() as conn:
+            row = await conn.fetchrow(q("revoke_api_key"), key_id)
+            if row is None:
+                raise NotFound(f"API key {key_id} not found")
+            await self._audit(conn, "key.revoke", "api_key", [key_id], row["user_id"])
+        return ApiKey(**dict(row))
+
+    async def rotate_api_key(self, key_id: UUID | str) -> NewApiKey:
+        """A new key for the same user and name, replacing (and revoking) the old one."""
+        old = await self.get_api_key(key_id)
+        if old.revoked_at is not None:
+            raise Conflict("a revoked key cannot be rotated; create a new one")
+        new = await self.create_api_key(
+            old.user_id, name=old.name, expires_at=None, replaces=old.id
+        )
+        await self.revoke_api_key(old.id)
+        return new
+
+    async def authenticate(self, key: str) -> Principal:
+        """The principal behind an API key, or AuthenticationFailed (recorded in the audit)."""
+        prefix = key_prefix(key)
+        reason = "malformed key"
+        row = None
+        if prefix is not None:
+            row = await self.db.fetchrow(q("api_key_for_auth"), prefix)
+            reason = "unknown key"
+        if row is not None:
+            if not verify_key(await self._key_secret(), key, row["hash"]):
+                reason = "wrong key"
+            elif row["revoked_at"] is not None:
+                reason = "revoked key"
+            elif row["expires_at"] is not None and row["expires_at"] <= datetime.now(UTC):
+                reason = "expired key"
+            elif row["disabled"]:
+                reason = "disabled user"
+            else:
+                async with self.db.scoped() as conn:
+                    await conn.execute(q("touch_api_key"), row["id"])
+                return Principal(
+                    user_id=row["user_id"],
+                    username=row["username"],
+                    role=Role(row["role"]),
+                    key_id=row["id"],
+                )
+        await self.record_denied(
+            None if row is None else row["user_id"],
+            None,
+            "auth",
+            "api_key",
+            [] if row is None else [row["id"]],
+            reason=reason,
+            details={"prefix": prefix},
+        )
+        raise AuthenticationFailed("invalid, expired or revoked API key")
+
+    # ------------------------------------------------------------------ viewer grants
+    async def grant_viewer(self, viewer_id: UUID | str, owner_id: UUID | str) -> None:
+        """Let a Viewer read another user's memories."""
+        viewer_id = _uuid(viewer_id, "viewer_id")
+        owner_id = _uuid(owner_id, "owner_id")
+        if viewer_id == owner_id:
+            raise InvalidInput("a user always reads their own memories", field="owner_id")
+        viewer = await self.get_user(viewer_id)
+        if viewer.role is not Role.VIEWER:
+            raise InvalidInput("read grants are for users with the viewer role", field="viewer_id")
+        await self.get_user(owner_id)
+        async with self.db.scoped() as conn:
+            await conn.execute(
+                q("grant_viewer"), viewer_id, owner_id, requestctx.current().actor_id
+            )
+            await self._audit(conn, "grant.create", "user", [owner_id], viewer_id)
+
+    async def revoke_viewer_grant(self, viewer_id: UUID | str, owner_id: UUID | str) -> None:
+        viewer_id = _uuid(viewer_id, "viewer_id")
+        owner_id = _uuid(owner_id, "owner_id")
+        async with self.db.scoped() as conn:
+            if await conn.fetchval(q("revoke_viewer_grant"), viewer_id, owner_id) is None:
+                raise NotFound("no such grant")
+            await self._audit(conn, "grant.revoke", "user", [owner_id], viewer_id)
+
+    async def viewer_grants(self, viewer_id: UUID | str) -> list[UUID]:
+        """The owners whose memories a Viewer may read."""
+        rows = await self.db.fetch(q("viewer_grants"), _uuid(viewer_id, "viewer_id"))
+        return [row["owner_id"] for row in rows]
+
+    async def users_state(self, user_ids: Sequence[UUID]) -> dict[UUID, tuple[Role, bool]]:
+        """(role, disabled) of each existing user among ``user_ids``."""
+        rows = await self.db.fetch(q("users_state"), list(dict.fromkeys(user_ids)))
+        return {row["id"]: (Role(row["role"]), row["disabled"]) for row in rows}
+
+    async def record_denied(
+        self,
+        actor_id: UUID | None,
+        acting_for: UUID | None,
+        operation: str,
+        target_type: str | None,
+        target_ids: Sequence[UUID],
+        *,
+        reason: str,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """Write one audit row for a refused call (in its own transaction)."""
+        async with self.db.scoped() as conn:
+            await self._audit(
+                conn,
+                operation,
+                target_type,
+                target_ids,
+                acting_for,
+                actor_id=actor_id,
+                outcome="denied",
+                details={"reason": reason, **(details or {})},
+            )
+
+    async def record_read(
+        self, actor_id: UUID, acting_for: UUID, operation: str, target_ids: Sequence[UUID]
+    ) -> None:
+        """Audit a read of another user's data (by an Admin or a Service)."""
+        async with self.db.scoped() as conn:
+            await self._audit(conn, operation, "memory", target_ids, acting_for, actor_id=actor_id)
+
+    async def purge_audit(self, *, older_than_days: int | None = None) -> int:
+        """Delete audit rows past the retention (AUDIT_RETENTION_DAYS), as the table owner.
+
+        The application role has no DELETE privilege on the audit log, so this opens its own
+        connection with the login role (the database owner for the embedded default).
+        """
+        days = self.settings.audit_retention_days if older_than_days is None else older_than_days
+        if not isinstance(days, int) or days < 1:
+            raise InvalidInput(
+                "older_than_days must be a positive integer", field="older_than_days"
+            )
+        cutoff = datetime.now(UTC) - timedelta(days=days)
+        conn = await _connect(self._dsn)
+        try:
+            await register_codecs(conn)
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT set_config('halldyll.audit_purge_before', $1, true)",
+                    cutoff.isoformat(),
+                )
+                status = await conn.execute(q("purge_audit"), cutoff)
+                await self._audit(
+                    conn, "audit.purge", None, [], None, details={"before": cutoff.isoformat()}
+                )
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise Unavailable(
+                "purging the audit log needs the table owner's connection (run "
+                "`halldyll purge-audit` with the migration user's DATABASE_URL)"
+            ) from exc
+        finally:
+            await conn.close()
+        return int(status.split()[-1])
+
     # ------------------------------------------------------------------ audit
     async def list_audit(
         self,
@@ -1388,15 +1632,16 @@ class MemoryEngine:
         request_id: str | None = None,
         details: dict[str, Any] | None = None,
     ) -> None:
+        context = requestctx.current()
         await conn.execute(
             q("insert_audit"),
-            actor_id,
+            actor_id if actor_id is not None else context.actor_id,
             acting_for,
             operation,
             target_type,
             [str(t) for t in target_ids],
             outcome,
-            request_id,
+            request_id if request_id is not None else context.request_id,
             details or {},
         )
 

@@ -68,6 +68,13 @@ class Conflict(HalldyllError):
     code = "conflict"
 
 
+class AuthenticationFailed(HalldyllError):
+    """No valid credential: a missing, malformed, unknown, expired or revoked API key, or a
+    disabled user."""
+
+    code = "unauthenticated"
+
+
 class PermissionDenied(HalldyllError):
     """The acting principal may not perform this operation."""
 

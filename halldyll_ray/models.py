@@ -299,6 +299,35 @@ class AIModel(_Record):
     created_at: datetime
 
 
+class ApiKey(_Record):
+    """An API key's public record; the key itself is shown once, at creation."""
+
+    id: UUID
+    user_id: UUID
+    prefix: str
+    name: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+class NewApiKey(_Record):
+    """A freshly created key: ``key`` is the only time the secret is ever visible."""
+
+    key: str
+    api_key: ApiKey
+
+
+class Principal(_Record):
+    """The authenticated identity a call runs for."""
+
+    user_id: UUID
+    username: str
+    role: Role
+    key_id: UUID | None = None
+
+
 class StoredMemory(_Record):
     """A memory as stored, with its ids and times; ``memory`` is the typed payload."""
 

@@ -98,3 +98,12 @@ BEGIN
 END;
 $$;
 CREATE INDEX audit_log_operation ON audit_log (operation, at DESC);
+
+-- The HMAC key for API key hashes when API_KEY_SECRET is not set: 256 strong random bits
+-- (gen_random_uuid draws from the server's strong random source). Setting API_KEY_SECRET
+-- keeps the key outside the database; either way keys themselves are never stored.
+INSERT INTO halldyll_meta (key, value)
+VALUES ('api_key_secret',
+        encode(sha256(convert_to(gen_random_uuid()::text || gen_random_uuid()::text, 'UTF8')),
+               'hex'))
+ON CONFLICT (key) DO NOTHING;

@@ -63,6 +63,13 @@ def translate_errors() -> Iterator[None]:
         raise Unavailable(f"PostgreSQL is unavailable: {type(exc).__name__}") from exc
 
 
+async def register_codecs(conn: asyncpg.Connection) -> None:
+    """pgvector's types as numpy arrays, json/jsonb as Python objects."""
+    await register_vector(conn)
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
 class Database:
     """An asyncpg pool with pgvector codecs; open/close are idempotent.
 
@@ -94,11 +101,7 @@ class Database:
         self._pool: asyncpg.Pool | None = None
 
     async def _init_connection(self, conn: asyncpg.Connection) -> None:
-        await register_vector(conn)
-        for name in ("json", "jsonb"):
-            await conn.set_type_codec(
-                name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-            )
+        await register_codecs(conn)
         if self._role:
             # Work as a role that owns nothing and cannot bypass row-level security. The role
             # setting survives the RESET ALL that the pool runs when a connection is released.

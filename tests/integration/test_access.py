@@ -1,0 +1,280 @@
+"""The permission matrix on every operation, API keys, and audit completeness."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from halldyll_ray import (
+    AuthenticationFailed,
+    Fact,
+    InvalidInput,
+    MemoryEngine,
+    NotFound,
+    PermissionDenied,
+)
+from halldyll_ray.access import PERMISSIONS, AuthorizedEngine, Operation, permission_table
+from halldyll_ray.models import Principal, Role
+
+
+@dataclass
+class World:
+    engine: MemoryEngine
+    users: dict[str, Any]
+    keys: dict[str, str]
+    memory_of: dict[str, Any]
+
+    async def api(self, name: str) -> AuthorizedEngine:
+        principal = await self.engine.authenticate(self.keys[name])
+        return self.engine.authorized(principal, request_id=f"req-{name}")
+
+
+@pytest.fixture
+async def world(engine: MemoryEngine) -> World:
+    users, keys, memory_of = {}, {}, {}
+    for name, role in [
+        ("admin", "admin"),
+        ("ada", "user"),
+        ("bob", "user"),
+        ("svc", "service"),
+        ("eve", "viewer"),
+        ("root2", "admin"),
+    ]:
+        users[name] = await engine.create_user(name, None, role)
+        keys[name] = (await engine.create_api_key(users[name].id, name="test")).key
+        memory_of[name] = await engine.store_memory(
+            users[name].id, Fact(statement=f"{name} keeps a secret number {len(name)}")
+        )
+    await engine.grant_viewer(users["eve"].id, users["bob"].id)
+    return World(engine, users, keys, memory_of)
+
+
+# Each action: (operation it needs, coroutine factory taking (api, target user, world)).
+def _actions() -> dict[str, tuple[Operation, Any]]:
+    return {
+        "store": (
+            Operation.MEMORY_WRITE,
+            lambda api, t, w: api.store_memory(t.id, Fact(statement="new fact")),
+        ),
+        "search": (Operation.MEMORY_READ, lambda api, t, w: api.search(t.id, "secret number")),
+        "get": (
+            Operation.MEMORY_READ,
+            lambda api, t, w: api.get_memory(t.id, w.memory_of[t.username].id),
+        ),
+        "list": (Operation.MEMORY_READ, lambda api, t, w: api.list_memories(t.id)),
+        "update": (
+            Operation.MEMORY_WRITE,
+            lambda api, t, w: api.update_memory(t.id, w.memory_of[t.username].id, {"tags": ["x"]}),
+        ),
+        "context": (
+            Operation.MEMORY_READ,
+            lambda api, t, w: api.build_context(t.id, "secret", max_tokens=100),
+        ),
+        "turn": (
+            Operation.MEMORY_WRITE,
+            lambda api, t, w: api.record_turn(t.id, "s1", "hello", "hi"),
+        ),
+        "user.get": (Operation.USER_READ, lambda api, t, w: api.get_user(t.id)),
+        "user.update": (
+            Operation.USER_MANAGE,
+            lambda api, t, w: api.update_user(t.id, metadata={"k": 1}),
+        ),
+        "key.create": (Operation.KEY_MANAGE, lambda api, t, w: api.create_api_key(t.id)),
+        "key.list": (Operation.KEY_MANAGE, lambda api, t, w: api.list_api_keys(t.id)),
+    }
+
+
+# Explicit expectations, written independently of PERMISSIONS: role -> target -> allowed set.
+MEMORY = {"store", "search", "get", "list", "update", "context", "turn"}
+READS = {"search", "get", "list", "context"}
+EXPECTED: dict[str, dict[str, set[str]]] = {
+    "admin": {"self": set(_actions()), "ada": set(_actions()), "root2": set(_actions())},
+    "ada": {"self": MEMORY | {"user.get", "key.create", "key.list"}, "bob": set(), "admin": set()},
+    "svc": {
+        "self": MEMORY | {"user.get", "key.create", "key.list"},
+        "ada": MEMORY | {"user.get"},
+        "eve": MEMORY | {"user.get"},
+        "admin": set(),
+        "root2": set(),
+    },
+    "eve": {"self": READS | {"user.get", "key.create", "key.list"}, "bob": READS, "ada": set()},
+}
+
+
+async def _denied_rows(engine: MemoryEngine) -> int:
+    return len(await engine.list_audit(outcome="denied", limit=1000))
+
+
+@pytest.mark.parametrize("actor", list(EXPECTED))
+async def test_permission_matrix(world: World, actor: str) -> None:
+    engine = world.engine
+    for target_name, allowed in EXPECTED[actor].items():
+        target = world.users[actor if target_name == "self" else target_name]
+        for action, (operation, call) in _actions().items():
+            api = await world.api(actor)
+            before = await _denied_rows(engine)
+            if action in allowed:
+                await call(api, target, world)
+                assert await _denied_rows(engine) == before, (actor, target_name, action)
+            else:
+                with pytest.raises(PermissionDenied):
+                    await call(api, target, world)
+                rows = await engine.list_audit(outcome="denied", limit=1)
+                assert await _denied_rows(engine) == before + 1, (actor, target_name, action)
+                assert rows[0]["actor_id"] == world.users[actor].id
+                assert rows[0]["acting_for"] == target.id
+                assert rows[0]["request_id"] == f"req-{actor}"
+            # The code's matrix agrees with the expectation for this role.
+            role = world.users[actor].role
+            if target_name == "self" and action in allowed:
+                assert operation in PERMISSIONS[role]
+
+
+@pytest.mark.parametrize("actor", ["ada", "svc", "eve"])
+async def test_admin_only_operations(world: World, actor: str) -> None:
+    api = await world.api(actor)
+    calls = [
+        lambda: api.create_user("mallory", None, "admin"),
+        lambda: api.list_users(),
+        lambda: api.delete_user(world.users["bob"].id),
+        lambda: api.register_model("X", "llm"),
+        lambda: api.delete_model("X"),
+        lambda: api.list_audit(),
+        lambda: api.grant_viewer(world.users["eve"].id, world.users["ada"].id),
+        lambda: api.purge_expired(),
+    ]
+    before = await _denied_rows(world.engine)
+    for call in calls:
+        with pytest.raises(PermissionDenied):
+            await call()
+    assert await _denied_rows(world.engine) == before + len(calls)
+    assert [m.name for m in await api.list_models()] == []  # reading the registry is fine
+
+
+async def test_admin_paths_and_cross_user_reads_are_audited(world: World) -> None:
+    admin = await world.api("admin")
+    created = await admin.create_user("carol", "carol@example.com", "user")
+    model = await admin.register_model("Qwen2.5-14B-Instruct", "llm")
+    assert model.name == "Qwen2.5-14B-Instruct"
+    await admin.search(world.users["ada"].id, "secret")
+    svc = await world.api("svc")
+    await svc.store_memory(world.users["ada"].id, Fact(statement="ada's order shipped"))
+    rows = await world.engine.list_audit(limit=20)
+    by_op = {(r["operation"], r["acting_for"]): r for r in rows}
+    read = by_op[("memory.search", world.users["ada"].id)]
+    assert read["actor_id"] == world.users["admin"].id and read["outcome"] == "ok"
+    stored = next(
+        r
+        for r in rows
+        if r["operation"] == "memory.store" and r["acting_for"] == world.users["ada"].id
+    )
+    assert stored["actor_id"] == world.users["svc"].id and stored["request_id"] == "req-svc"
+    assert by_op[("user.create", created.id)]["actor_id"] == world.users["admin"].id
+
+
+async def test_disabled_users_and_changed_roles_take_effect_at_once(world: World) -> None:
+    engine = world.engine
+    ada_api = await world.api("ada")
+    await engine.update_user(world.users["ada"].id, disabled=True)
+    with pytest.raises(PermissionDenied):
+        await ada_api.search(None, "secret")  # an already-authenticated principal
+    with pytest.raises(AuthenticationFailed):
+        await engine.authenticate(world.keys["ada"])
+    svc = await world.api("svc")
+    with pytest.raises(PermissionDenied):  # a service may not act for a disabled user
+        await svc.search(world.users["ada"].id, "secret")
+    await engine.update_user(world.users["bob"].id, role="viewer")
+    bob_api = await world.api("bob")
+    with pytest.raises(PermissionDenied):
+        await bob_api.store_memory(None, Fact(statement="viewers cannot write"))
+    assert await bob_api.search(None, "secret") is not None
+
+
+async def test_api_key_lifecycle(world: World) -> None:
+    engine = world.engine
+    ada = world.users["ada"]
+    new = await engine.create_api_key(
+        ada.id, name="laptop", expires_at=datetime.now(UTC) + timedelta(days=1)
+    )
+    assert new.key.startswith(new.api_key.prefix + "_") and len(new.key) == 63
+    principal = await engine.authenticate(new.key)
+    assert principal == Principal(
+        user_id=ada.id, username="ada", role=Role.USER, key_id=new.api_key.id
+    )
+    stored = await engine.db.fetchrow("SELECT hash FROM api_keys WHERE id = $1", new.api_key.id)
+    assert new.key.encode() not in bytes(stored["hash"]) and len(stored["hash"]) == 32
+    keys = await engine.list_api_keys(ada.id)
+    assert next(k for k in keys if k.id == new.api_key.id).last_used_at is not None
+
+    rotated = await engine.rotate_api_key(new.api_key.id)
+    assert rotated.key != new.key
+    with pytest.raises(AuthenticationFailed):
+        await engine.authenticate(new.key)
+    assert (await engine.authenticate(rotated.key)).user_id == ada.id
+
+    await engine.revoke_api_key(rotated.api_key.id)
+    for bad in (
+        rotated.key,
+        rotated.key[:-1] + ("A" if rotated.key[-1] != "A" else "B"),
+        "hr_0000000000000000_" + "x" * 43,
+        "Bearer nonsense",
+        "",
+    ):
+        with pytest.raises(AuthenticationFailed):
+            await engine.authenticate(bad)
+    expired = await engine.create_api_key(
+        ada.id, expires_at=datetime.now(UTC) + timedelta(seconds=1)
+    )
+    await engine.db.fetchval("SELECT pg_sleep(1.1)")
+    with pytest.raises(AuthenticationFailed):
+        await engine.authenticate(expired.key)
+    denied = await engine.list_audit(operation="auth", outcome="denied", limit=50)
+    reasons = [r["details"]["reason"] for r in denied]
+    assert reasons.count("revoked key") == 2 and "wrong key" in reasons
+    assert "expired key" in reasons and "malformed key" in reasons
+    assert all(rotated.key not in str(r) for r in denied)  # the key is never logged
+    with pytest.raises(InvalidInput):
+        await engine.create_api_key(ada.id, expires_at=datetime.now(UTC) - timedelta(days=1))
+
+
+async def test_users_manage_only_their_own_keys(world: World) -> None:
+    ada_api = await world.api("ada")
+    mine = await ada_api.create_api_key(name="phone")
+    rotated = await ada_api.rotate_api_key(mine.api_key.id)
+    bobs = (await world.engine.list_api_keys(world.users["bob"].id))[0]
+    with pytest.raises(PermissionDenied):
+        await ada_api.revoke_api_key(bobs.id)
+    with pytest.raises(NotFound):
+        await ada_api.revoke_api_key("00000000-0000-0000-0000-000000000000")
+    await ada_api.revoke_api_key(rotated.api_key.id)
+    assert (await world.engine.authenticate(world.keys["bob"])).username == "bob"
+
+
+async def test_audit_retention(world: World) -> None:
+    engine = world.engine
+    assert await engine.purge_audit(older_than_days=1) == 0
+    async with engine.db.scoped() as conn:
+        await conn.execute(
+            "INSERT INTO audit_log (at, operation, outcome) "
+            "VALUES (now() - interval '400 days', 'ancient', 'ok')"
+        )
+        total = await conn.fetchval("SELECT count(*) FROM audit_log")
+    assert await engine.purge_audit() == 1  # AUDIT_RETENTION_DAYS = 365
+    async with engine.db.scoped() as conn:
+        # Everything recent stays, plus the purge's own audit row.
+        assert await conn.fetchval("SELECT count(*) FROM audit_log") == total
+        assert (
+            await conn.fetchval("SELECT count(*) FROM audit_log WHERE operation = 'ancient'") == 0
+        )
+    with pytest.raises(InvalidInput):
+        await engine.purge_audit(older_than_days=0)
+
+
+def test_readme_shows_the_matrix_in_code() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert permission_table() in readme
