@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -178,10 +178,17 @@ class MemoryEngine:
     """
 
     def __init__(
-        self, settings: Settings | None = None, *, encoder: TextEncoder | None = None
+        self,
+        settings: Settings | None = None,
+        *,
+        encoder: TextEncoder | None = None,
+        embedder: Callable[[list[str]], Awaitable[np.ndarray]] | None = None,
     ) -> None:
         self.settings = settings if settings is not None else Settings.from_env()
         self._encoder = encoder
+        # A remote embedder (the Ray Serve Embedding deployment) replaces the local model
+        # for vectors; the local encoder is then only used for its tokenizer.
+        self._embedder = embedder
         self._db: Database | None = None
         self._embedded: EmbeddedPostgres | None = None
         self._cache: TieredCache | None = None
@@ -346,7 +353,12 @@ class MemoryEngine:
                 missing.setdefault(texts[i], []).append(i)
         if missing:
             fresh_texts = list(missing)
-            vectors = await asyncio.to_thread(encoder.encode, fresh_texts)
+            if self._embedder is not None:
+                vectors = await self._embedder(fresh_texts)
+            else:
+                vectors = await asyncio.to_thread(encoder.encode, fresh_texts)
+            if vectors.shape != (len(fresh_texts), dim):
+                raise Unavailable(f"the embedder returned vectors of shape {vectors.shape}")
             to_store = []
             for text, vector in zip(fresh_texts, vectors, strict=True):
                 for i in missing[text]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from conftest import make_settings
+from support import make_settings
 
 from halldyll_ray import Fact, FactKind, Image, InvalidInput, MemoryEngine, Message
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +51,18 @@ def test_cli_on_embedded_default(tmp_path: Path) -> None:
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     for check in ("settings", "database", "pgvector", "schema", "redis", "model"):
         assert f"[ok] {check}" in doctor.stdout
+    created = subprocess.run(
+        [sys.executable, "-m", "halldyll_ray.cli", "create-user", "root", "--role", "admin"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert created.returncode == 0, created.stderr
+    printed = json.loads(created.stdout)
+    assert printed["user"]["role"] == "admin"
+    assert re.fullmatch(r"hr_[0-9a-f]{16}_[A-Za-z0-9_-]{43}", printed["api_key"])
+    assert "not shown again" in created.stderr
     bad = subprocess.run(
         [sys.executable, "-m", "halldyll_ray.cli", "doctor"],
         env={**env, "SEARCH_TOP_K": "0", "REDIS_URL": "http://nope"},

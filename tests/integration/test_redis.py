@@ -4,7 +4,7 @@ but speed (SPEC §4.6)."""
 from __future__ import annotations
 
 import numpy as np
-from conftest import RedisServer, make_settings
+from support import RedisServer, make_settings
 
 from halldyll_ray import Fact, MemoryEngine
 

@@ -1,0 +1,81 @@
+"""One typed builder wires the deployment graph: ``build_app(AppArgs) -> Application``.
+
+``serve_config.yaml`` (and KubeRay's serveConfigV2) point ``import_path`` at
+``halldyll_ray.serve.app:build_app`` and pass ``args``; replica counts, autoscaling and
+resources live in the YAML's per-deployment overrides, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+
+from halldyll_ray.config import Settings
+from halldyll_ray.serve.deployments import (
+    ContextBuilder,
+    EmbeddedDatabase,
+    Embedder,
+    Ingestor,
+    Searcher,
+)
+from halldyll_ray.serve.ingress import DEFAULT_MAX_BODY_BYTES, HTTPIngress
+
+
+class AppArgs(BaseModel):
+    """Shape of the application (the ``args:`` of serve_config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embedding_max_batch_size: int = Field(
+        default=32, ge=1, le=1024, description="Most requests one embedding batch merges."
+    )
+    embedding_batch_wait_timeout_s: float = Field(
+        default=0.004, ge=0, le=1, description="How long a batch waits to fill."
+    )
+    max_body_bytes: int = Field(
+        default=DEFAULT_MAX_BODY_BYTES,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest HTTP request body; larger gets 413.",
+    )
+    settings: dict[str, str] = Field(
+        default_factory=dict,
+        description="Settings overrides by variable name (DATABASE_URL, REDIS_URL, ...); the "
+        "replicas' environment supplies the rest.",
+    )
+
+
+def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
+    """The whole application: Ingress over Search, Ingestion and Context over Embedding."""
+    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    env = {k.lower(): v for k, v in args.settings.items()}
+    settings = Settings.from_env(**env)  # fail fast on a bad configuration
+
+    batched = serve.batch(
+        max_batch_size=args.embedding_max_batch_size,
+        batch_wait_timeout_s=args.embedding_batch_wait_timeout_s,
+    )(Embedder.embed_batch)
+
+    async def embed(self: Any, texts: list[str]) -> Any:
+        # One request in; serve.batch merges concurrent requests into one embed_batch call.
+        return await self.embed_batch(texts)
+
+    # serve.batch recognises a method call by finding the batched function as an attribute
+    # of ``self`` under its own name, so it must sit on the class as ``embed_batch``.
+    embedder_cls = type("Embedding", (Embedder,), {"embed_batch": batched, "embed": embed})
+    embedding = serve.deployment(
+        embedder_cls,
+        name="Embedding",
+        max_ongoing_requests=max(64, args.embedding_max_batch_size * 2),
+    ).bind(env)
+    database = None
+    if settings.database_url is None:
+        database = serve.deployment(EmbeddedDatabase, name="EmbeddedDatabase").bind(env)
+    searcher = serve.deployment(Searcher, name="Search").bind(embedding, database, env)
+    ingestor = serve.deployment(Ingestor, name="Ingestion").bind(embedding, database, env)
+    context = serve.deployment(ContextBuilder, name="Context").bind(embedding, database, env)
+    ingress = serve.deployment(HTTPIngress, name="Ingress")
+    return ingress.bind(searcher, ingestor, context, embedding, database, env, args.max_body_bytes)

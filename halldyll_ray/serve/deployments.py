@@ -1,0 +1,169 @@
+"""The Ray Serve deployments: thin adapters over the core (undecorated here).
+
+Classes are plain Python so they can be built and unit-tested without Ray; ``build_app``
+decorates them with ``serve.deployment`` late and wires the graph. Every memory operation
+runs through :meth:`MemoryEngine.authorized` for the caller's principal, in whichever
+deployment serves it, so the handle path and the HTTP path share one permission model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+
+from halldyll_ray.config import Settings
+from halldyll_ray.db.embedded import EmbeddedPostgres
+from halldyll_ray.db.migrate import apply_migrations
+from halldyll_ray.embedding import OnnxEncoder
+from halldyll_ray.engine import MemoryEngine
+from halldyll_ray.errors import InvalidInput
+from halldyll_ray.models import Principal
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedDatabase:
+    """Owns the embedded PostgreSQL for the app's lifetime (local development only).
+
+    With a config file, Serve calls the app builder in a short-lived worker, so nothing the
+    builder starts survives; a deployment does. It starts (or joins) the server, applies the
+    migrations and hands its URL to the other deployments.
+    """
+
+    def __init__(self, settings_env: dict[str, str] | None = None) -> None:
+        self.settings = Settings.from_env(**(settings_env or {}))
+        self.server = EmbeddedPostgres(
+            self.settings.data_dir, database=self.settings.embedded_database
+        )
+        self._url: str | None = None
+        self._lock = asyncio.Lock()
+
+    async def url(self) -> str:
+        async with self._lock:
+            if self._url is None:
+                url = await self.server.start_async()
+                await apply_migrations(url, embedding_dimension=self.settings.embedding_dimension)
+                self._url = url
+        return self._url
+
+    async def check_health(self) -> None:
+        if self._url is not None:
+            await apply_migrations(self._url, embedding_dimension=self.settings.embedding_dimension)
+
+    def __del__(self) -> None:
+        self.server.stop()
+
+
+class Embedder:
+    """ONNX Runtime text encoder; ``embed_batch`` is wrapped by ``serve.batch`` in the builder.
+
+    Each request carries a list of texts; a batch of requests is flattened into one encoder
+    call (the encoder sorts by length to cut padding) and split back.
+    """
+
+    def __init__(self, settings_env: dict[str, str] | None = None) -> None:
+        settings = Settings.from_env(**(settings_env or {}))
+        self.encoder = OnnxEncoder.load(
+            settings.embedding_model_path,
+            dimension=settings.embedding_dimension,
+            provider=settings.embedding_provider,
+            batch_size=settings.embedding_batch_size,
+        )
+        self.batch_sizes: list[int] = []
+
+    async def embed_batch(self, requests: list[list[str]]) -> list[np.ndarray]:
+        flat = [text for texts in requests for text in texts]
+        self.batch_sizes.append(len(requests))
+        vectors = await asyncio.to_thread(self.encoder.encode, flat)
+        out, start = [], 0
+        for texts in requests:
+            out.append(vectors[start : start + len(texts)])
+            start += len(texts)
+        return out
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        """One request; replaced by the batched version in a Serve replica."""
+        return (await self.embed_batch([texts]))[0]
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "batch_sizes": list(self.batch_sizes),
+            "model_id": self.encoder.model_id,
+            "provider": self.encoder.provider,
+        }
+
+    async def check_health(self) -> None:
+        self.encoder.encode(["health"])
+
+
+class EngineDeployment:
+    """A MemoryEngine whose vectors come from the Embedding deployment.
+
+    Args:
+        embedder: Handle of the Embedding deployment.
+        database: Handle of the EmbeddedDatabase deployment, or None with DATABASE_URL.
+        settings_env: Settings overrides (same names as the environment variables).
+        methods: The engine operations this deployment serves.
+    """
+
+    methods: frozenset[str] = frozenset()
+
+    def __init__(
+        self, embedder: Any, database: Any = None, settings_env: dict[str, str] | None = None
+    ) -> None:
+        self._embedder = embedder
+        self._database = database
+        self._settings_env = dict(settings_env or {})
+        self._engine: MemoryEngine | None = None
+        self._lock = asyncio.Lock()
+
+    async def engine(self) -> MemoryEngine:
+        async with self._lock:
+            if self._engine is None:
+                overrides: dict[str, Any] = dict(self._settings_env)
+                if self._database is not None:
+                    overrides["database_url"] = await self._database.url.remote()
+                settings = Settings.from_env(**overrides)
+
+                async def embed(texts: list[str]) -> np.ndarray:
+                    result: np.ndarray = await self._embedder.embed.remote(texts)
+                    return result
+
+                engine = MemoryEngine(settings, embedder=embed)
+                await engine.initialize(migrate=False)
+                self._engine = engine
+        return self._engine
+
+    async def call(
+        self, principal: Principal, request_id: str | None, method: str, *args: Any, **kw: Any
+    ) -> Any:
+        """Run ``method`` of the authorised engine for ``principal``."""
+        if method not in self.methods:
+            raise InvalidInput(f"{type(self).__name__} does not serve {method!r}", field="method")
+        engine = await self.engine()
+        api = engine.authorized(principal, request_id=request_id)
+        return await getattr(api, method)(*args, **kw)
+
+    async def check_health(self) -> None:
+        if self._engine is not None:
+            await self._engine.db.ping()
+
+    async def health(self) -> dict[str, Any]:
+        return await (await self.engine()).health()
+
+
+class Searcher(EngineDeployment):
+    methods = frozenset({"search", "get_memory", "list_memories"})
+
+
+class Ingestor(EngineDeployment):
+    methods = frozenset(
+        {"store_memory", "update_memory", "delete_memory", "append_messages", "record_turn"}
+    )
+
+
+class ContextBuilder(EngineDeployment):
+    methods = frozenset({"build_context", "prepare_context"})

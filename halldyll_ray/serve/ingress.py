@@ -1,0 +1,586 @@
+"""The ingress: the HTTP API (FastAPI through ``serve.ingress``) and the handle API.
+
+Authentication (Bearer API key), the permission matrix (through the deployments' authorised
+engines), one error shape, request ids, body limits. Memory operations are forwarded to the
+Search, Ingestion and Context deployments; users, keys, models and audit are served here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from halldyll_ray.config import Settings
+from halldyll_ray.engine import MemoryEngine
+from halldyll_ray.errors import (
+    AuthenticationFailed,
+    ConfigurationError,
+    Conflict,
+    HalldyllError,
+    InvalidInput,
+    MigrationError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from halldyll_ray.models import (
+    MAX_QUERY_CHARS,
+    Memory,
+    MemoryUpdate,
+    Message,
+    ModelKind,
+    Principal,
+    Role,
+    SearchMode,
+)
+
+log = logging.getLogger("halldyll_ray.http")
+
+STATUS: dict[type[HalldyllError], int] = {
+    InvalidInput: 422,
+    NotFound: 404,
+    Conflict: 409,
+    PermissionDenied: 403,
+    AuthenticationFailed: 401,
+    Unavailable: 503,
+    MigrationError: 503,
+    ConfigurationError: 500,
+}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+DEFAULT_MAX_BODY_BYTES = 1_048_576
+
+api = FastAPI(
+    title="halldyll-ray",
+    version="1",
+    description="Multi-user, multi-model memory for AI agents. Authenticate with "
+    "`Authorization: Bearer <API key>`.",
+)
+api.state.max_body_bytes = DEFAULT_MAX_BODY_BYTES
+
+
+def _error(status: int, code: str, message: str, request_id: str, **headers: str) -> Response:
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "request_id": request_id}},
+        status_code=status,
+        headers=headers,
+    )
+
+
+def _status_of(exc: HalldyllError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+@api.middleware("http")
+async def _request_context(request: Request, call_next: Any) -> Response:
+    given = request.headers.get("x-request-id", "")
+    request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    request.state.request_id = request_id
+    length = request.headers.get("content-length")
+    limit = api.state.max_body_bytes
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        return _error(413, "payload_too_large", f"request body is over {limit} bytes", request_id)
+    started = time.perf_counter()
+    response: Response = await call_next(request)
+    # Serve's proxy puts the same id (the client's X-Request-ID, or its own) on the response.
+    log.info(
+        "request",
+        extra={
+            "request_id": request_id,
+            "method": request.method,
+            "path": request.url.path,
+            "status": response.status_code,
+            "ms": round((time.perf_counter() - started) * 1000, 2),
+        },
+    )
+    return response
+
+
+@api.exception_handler(HalldyllError)
+async def _halldyll_error(request: Request, exc: HalldyllError) -> Response:
+    status = _status_of(exc)
+    headers = {"Retry-After": "5"} if status == 503 else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    message = exc.message if status < 500 or status == 503 else "internal configuration error"
+    return _error(status, exc.code, message, request.state.request_id, **headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    field = ".".join(str(p) for p in first["loc"] if p != "body")
+    return _error(422, "invalid_input", f"{field}: {first['msg']}", request.state.request_id)
+
+
+# --------------------------------------------------------------------------- request bodies
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UserIn(_Body):
+    username: str
+    email: str | None = None
+    role: Role = Role.USER
+
+
+class UserPatch(_Body):
+    role: Role | None = None
+    disabled: bool | None = None
+    email: str | None = None
+
+
+class KeyIn(_Body):
+    name: str = ""
+    expires_at: datetime | None = None
+
+
+class ModelIn(_Body):
+    name: str
+    kind: ModelKind
+    version: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class MessagesIn(_Body):
+    messages: list[Message]
+
+
+class SearchIn(_Body):
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    limit: int | None = Field(default=None, ge=1, le=100)
+    mode: SearchMode = SearchMode.SEMANTIC
+    types: list[str] | None = None
+    model: str | None = None
+    include_shared: bool = True
+    session_id: str | None = None
+    tags: list[str] | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    threshold: float | None = Field(default=None, ge=-1, le=1)
+
+
+class ContextIn(_Body):
+    query: str | None = Field(default=None, max_length=MAX_QUERY_CHARS)
+    messages: list[Message] | None = None
+    model: str | None = None
+    include_shared: bool = True
+    session_id: str | None = None
+    max_tokens: int | None = Field(default=None, ge=16, le=1_000_000)
+
+
+class PrepareIn(_Body):
+    user_message: str = Field(min_length=1, max_length=32_000)
+    recent_turns: int = Field(default=6, ge=0, le=100)
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=16, le=1_000_000)
+
+
+class TurnIn(_Body):
+    user_message: str = Field(min_length=1, max_length=32_000)
+    assistant_message: str = Field(min_length=1, max_length=32_000)
+    model: str | None = None
+
+
+class Ingress:
+    """The HTTP API and the handle API; ``serve.ingress(api)`` is applied in the builder."""
+
+    def __init__(
+        self,
+        searcher: Any,
+        ingestor: Any,
+        context: Any,
+        embedder: Any,
+        database: Any = None,
+        settings_env: dict[str, str] | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
+        self._searcher = searcher
+        self._ingestor = ingestor
+        self._context = context
+        self._embedder = embedder
+        self._database = database
+        self._settings_env = dict(settings_env or {})
+        self._engine: MemoryEngine | None = None
+        self._lock = asyncio.Lock()
+        api.state.max_body_bytes = max_body_bytes
+
+    async def engine(self) -> MemoryEngine:
+        async with self._lock:
+            if self._engine is None:
+                overrides: dict[str, Any] = dict(self._settings_env)
+                if self._database is not None:
+                    overrides["database_url"] = await self._database.url.remote()
+
+                async def embed(texts: list[str]) -> Any:
+                    return await self._embedder.embed.remote(texts)
+
+                engine = MemoryEngine(Settings.from_env(**overrides), embedder=embed)
+                await engine.initialize(migrate=False)
+                self._engine = engine
+        return self._engine
+
+    async def check_health(self) -> None:
+        if self._engine is not None:
+            await self._engine.db.ping()
+
+    # ----------------------------------------------------------------------- helpers
+    async def _principal(self, request: Request) -> Principal:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise AuthenticationFailed("send Authorization: Bearer <API key>")
+        return await (await self.engine()).authenticate(key.strip())
+
+    async def _api(self, request: Request) -> Any:
+        principal = await self._principal(request)
+        return (await self.engine()).authorized(principal, request_id=request.state.request_id)
+
+    @staticmethod
+    def _user(principal_api: Any, user_id: str) -> UUID | None:
+        return None if user_id == "me" else _parse_uuid(user_id, "user_id")
+
+    async def _forward(
+        self, deployment: Any, request: Request, method: str, *args: Any, **kw: Any
+    ) -> Any:
+        principal = await self._principal(request)
+        return await deployment.call.remote(
+            principal, request.state.request_id, method, *args, **kw
+        )
+
+    # ----------------------------------------------------------------------- health
+    @api.get("/healthz", tags=["health"])
+    async def healthz(self) -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @api.get("/readyz", tags=["health"])
+    async def readyz(self) -> Response:
+        """Readiness per dependency: PostgreSQL, Redis, the model."""
+        try:
+            report = await (await self.engine()).health()
+        except HalldyllError as exc:
+            report = {"ok": False, "database": {"ok": False, "error": exc.message}}
+        return JSONResponse(
+            report,
+            status_code=200 if report["ok"] else 503,
+            headers={} if report["ok"] else {"Retry-After": "5"},
+        )
+
+    # ----------------------------------------------------------------------- users and keys
+    @api.get("/v1/me", tags=["users"])
+    async def me(self, request: Request) -> Any:
+        return (await (await self._api(request)).get_user(None)).model_dump(mode="json")
+
+    @api.post("/v1/users", status_code=201, tags=["users"])
+    async def create_user(self, request: Request, body: UserIn) -> Any:
+        user = await (await self._api(request)).create_user(body.username, body.email, body.role)
+        return user.model_dump(mode="json")
+
+    @api.get("/v1/users", tags=["users"])
+    async def list_users(
+        self, request: Request, limit: int = 100, cursor: str | None = None
+    ) -> Any:
+        page = await (await self._api(request)).list_users(limit=limit, cursor=cursor)
+        return page.model_dump(mode="json")
+
+    @api.get("/v1/users/{user_id}", tags=["users"])
+    async def get_user(self, request: Request, user_id: str) -> Any:
+        api_ = await self._api(request)
+        return (await api_.get_user(self._user(api_, user_id))).model_dump(mode="json")
+
+    @api.patch("/v1/users/{user_id}", tags=["users"])
+    async def update_user(self, request: Request, user_id: str, body: UserPatch) -> Any:
+        api_ = await self._api(request)
+        user = await api_.update_user(
+            _parse_uuid(user_id, "user_id"), **body.model_dump(exclude_none=True)
+        )
+        return user.model_dump(mode="json")
+
+    @api.delete("/v1/users/{user_id}", status_code=204, tags=["users"])
+    async def delete_user(self, request: Request, user_id: str) -> Response:
+        await (await self._api(request)).delete_user(_parse_uuid(user_id, "user_id"))
+        return Response(status_code=204)
+
+    @api.post("/v1/users/{user_id}/keys", status_code=201, tags=["keys"])
+    async def create_key(self, request: Request, user_id: str, body: KeyIn) -> Any:
+        api_ = await self._api(request)
+        new = await api_.create_api_key(
+            self._user(api_, user_id), name=body.name, expires_at=body.expires_at
+        )
+        return {"key": new.key, **new.api_key.model_dump(mode="json")}
+
+    @api.get("/v1/users/{user_id}/keys", tags=["keys"])
+    async def list_keys(self, request: Request, user_id: str) -> Any:
+        api_ = await self._api(request)
+        return [
+            k.model_dump(mode="json") for k in await api_.list_api_keys(self._user(api_, user_id))
+        ]
+
+    @api.post("/v1/keys/{key_id}/rotate", status_code=201, tags=["keys"])
+    async def rotate_key(self, request: Request, key_id: str) -> Any:
+        new = await (await self._api(request)).rotate_api_key(_parse_uuid(key_id, "key_id"))
+        return {"key": new.key, **new.api_key.model_dump(mode="json")}
+
+    @api.delete("/v1/keys/{key_id}", tags=["keys"])
+    async def revoke_key(self, request: Request, key_id: str) -> Any:
+        key = await (await self._api(request)).revoke_api_key(_parse_uuid(key_id, "key_id"))
+        return key.model_dump(mode="json")
+
+    # ----------------------------------------------------------------------- AI models
+    @api.post("/v1/models", status_code=201, tags=["models"])
+    async def register_model(self, request: Request, body: ModelIn) -> Any:
+        model = await (await self._api(request)).register_model(
+            body.name, body.kind, version=body.version, metadata=body.metadata
+        )
+        return model.model_dump(mode="json")
+
+    @api.get("/v1/models", tags=["models"])
+    async def list_models(self, request: Request, kind: str | None = None) -> Any:
+        models = await (await self._api(request)).list_models(kind=kind)
+        return [m.model_dump(mode="json") for m in models]
+
+    @api.get("/v1/models/{ref}", tags=["models"])
+    async def get_model(self, request: Request, ref: str) -> Any:
+        return (await (await self._api(request)).get_model(ref)).model_dump(mode="json")
+
+    @api.delete("/v1/models/{ref}", status_code=204, tags=["models"])
+    async def delete_model(self, request: Request, ref: str) -> Response:
+        await (await self._api(request)).delete_model(ref)
+        return Response(status_code=204)
+
+    # ----------------------------------------------------------------------- memories
+    @api.post("/v1/users/{user_id}/memories", status_code=201, tags=["memories"])
+    async def store_memory(self, request: Request, user_id: str, body: Memory) -> Any:
+        stored = await self._forward(
+            self._ingestor, request, "store_memory", self._user(None, user_id), body
+        )
+        return stored.model_dump(mode="json")
+
+    @api.get("/v1/users/{user_id}/memories", tags=["memories"])
+    async def list_memories(
+        self,
+        request: Request,
+        user_id: str,
+        types: str | None = None,
+        model: str | None = None,
+        include_shared: bool = True,
+        session_id: str | None = None,
+        tags: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Any:
+        page = await self._forward(
+            self._searcher,
+            request,
+            "list_memories",
+            self._user(None, user_id),
+            types=None if types is None else types.split(","),
+            model=model,
+            include_shared=include_shared,
+            session_id=session_id,
+            tags=None if tags is None else tags.split(","),
+            since=since,
+            until=until,
+            limit=limit,
+            cursor=cursor,
+        )
+        return page.model_dump(mode="json")
+
+    @api.get("/v1/users/{user_id}/memories/{memory_id}", tags=["memories"])
+    async def get_memory(self, request: Request, user_id: str, memory_id: str) -> Any:
+        memory = await self._forward(
+            self._searcher,
+            request,
+            "get_memory",
+            self._user(None, user_id),
+            _parse_uuid(memory_id, "memory_id"),
+        )
+        return memory.model_dump(mode="json")
+
+    @api.patch("/v1/users/{user_id}/memories/{memory_id}", tags=["memories"])
+    async def update_memory(
+        self, request: Request, user_id: str, memory_id: str, body: MemoryUpdate
+    ) -> Any:
+        memory = await self._forward(
+            self._ingestor,
+            request,
+            "update_memory",
+            self._user(None, user_id),
+            _parse_uuid(memory_id, "memory_id"),
+            body,
+        )
+        return memory.model_dump(mode="json")
+
+    @api.delete("/v1/users/{user_id}/memories/{memory_id}", status_code=204, tags=["memories"])
+    async def delete_memory(self, request: Request, user_id: str, memory_id: str) -> Response:
+        await self._forward(
+            self._ingestor,
+            request,
+            "delete_memory",
+            self._user(None, user_id),
+            _parse_uuid(memory_id, "memory_id"),
+        )
+        return Response(status_code=204)
+
+    @api.post(
+        "/v1/users/{user_id}/memories/{memory_id}/messages", status_code=201, tags=["memories"]
+    )
+    async def append_messages(
+        self, request: Request, user_id: str, memory_id: str, body: MessagesIn
+    ) -> Any:
+        stored = await self._forward(
+            self._ingestor,
+            request,
+            "append_messages",
+            self._user(None, user_id),
+            _parse_uuid(memory_id, "memory_id"),
+            body.messages,
+        )
+        return [m.model_dump(mode="json") for m in stored]
+
+    @api.post("/v1/users/{user_id}/search", tags=["search"])
+    async def search(self, request: Request, user_id: str, body: SearchIn) -> Any:
+        options = body.model_dump(exclude={"query", "limit"})
+        results = await self._forward(
+            self._searcher,
+            request,
+            "search",
+            self._user(None, user_id),
+            body.query,
+            body.limit,
+            **options,
+        )
+        return {"results": [r.model_dump(mode="json") for r in results]}
+
+    @api.post("/v1/users/{user_id}/context", tags=["context"])
+    async def build_context(self, request: Request, user_id: str, body: ContextIn) -> Any:
+        context = await self._forward(
+            self._context,
+            request,
+            "build_context",
+            self._user(None, user_id),
+            body.query,
+            **body.model_dump(exclude={"query"}),
+        )
+        return context.model_dump(mode="json")
+
+    @api.post("/v1/users/{user_id}/sessions/{session_id}/prepare", tags=["context"])
+    async def prepare_context(
+        self, request: Request, user_id: str, session_id: str, body: PrepareIn
+    ) -> Any:
+        context = await self._forward(
+            self._context,
+            request,
+            "prepare_context",
+            self._user(None, user_id),
+            session_id,
+            body.user_message,
+            recent_turns=body.recent_turns,
+            model=body.model,
+            max_tokens=body.max_tokens,
+        )
+        return context.model_dump(mode="json")
+
+    @api.post("/v1/users/{user_id}/sessions/{session_id}/turns", status_code=201, tags=["context"])
+    async def record_turn(
+        self, request: Request, user_id: str, session_id: str, body: TurnIn
+    ) -> Any:
+        turn = await self._forward(
+            self._ingestor,
+            request,
+            "record_turn",
+            self._user(None, user_id),
+            session_id,
+            body.user_message,
+            body.assistant_message,
+            model=body.model,
+        )
+        return turn.model_dump(mode="json")
+
+    # ----------------------------------------------------------------------- audit
+    @api.get("/v1/audit", tags=["audit"])
+    async def audit(
+        self,
+        request: Request,
+        user_id: str | None = None,
+        operation: str | None = None,
+        outcome: Literal["ok", "denied", "error"] | None = None,
+        before_id: int | None = None,
+        limit: int = 100,
+    ) -> Any:
+        rows = await (await self._api(request)).list_audit(
+            user_id=user_id, operation=operation, outcome=outcome, before_id=before_id, limit=limit
+        )
+        return {"items": [{k: _jsonable(v) for k, v in row.items()} for row in rows]}
+
+    # ----------------------------------------------------------------------- handle API
+    async def _handle_principal(self, api_key: str) -> Principal:
+        return await (await self.engine()).authenticate(api_key)
+
+    async def handle_store_memory(
+        self, api_key: str, user_id: UUID | str | None, memory: Any
+    ) -> Any:
+        """For co-located Ray apps: store a memory with the caller's API key."""
+        principal = await self._handle_principal(api_key)
+        return await self._ingestor.call.remote(principal, None, "store_memory", user_id, memory)
+
+    async def handle_search(
+        self,
+        api_key: str,
+        user_id: UUID | str | None,
+        query: str,
+        limit: int | None = None,
+        **options: Any,
+    ) -> Any:
+        principal = await self._handle_principal(api_key)
+        return await self._searcher.call.remote(
+            principal, None, "search", user_id, query, limit, **options
+        )
+
+    async def handle_build_context(
+        self, api_key: str, user_id: UUID | str | None, query: str | None = None, **options: Any
+    ) -> Any:
+        principal = await self._handle_principal(api_key)
+        return await self._context.call.remote(
+            principal, None, "build_context", user_id, query, **options
+        )
+
+
+def _parse_uuid(value: str, field: str) -> UUID:
+    try:
+        return UUID(value)
+    except ValueError:
+        raise InvalidInput(f"{field} must be a UUID", field=field) from None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, UUID | datetime):
+        return str(value) if isinstance(value, UUID) else value.isoformat()
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# serve.ingress rewrites the FastAPI routes into class-based views on the app object it is
+# given; that must happen at import, in every process (driver and replicas), so it cannot be
+# applied late in the builder like the other deployments' decorators.
+HTTPIngress = serve.ingress(api)(Ingress)
+
+__all__ = ["HTTPIngress", "Ingress", "api"]

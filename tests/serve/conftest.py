@@ -1,0 +1,88 @@
+"""One Ray instance and one Serve application for the whole serve test session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+from support import with_database
+
+from halldyll_ray import MemoryEngine, Settings
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def serve_db(pg_admin_url: str, template_db: str) -> AsyncIterator[str]:
+    name = f"serve_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(pg_admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+        yield with_database(pg_admin_url, name)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def ray_serve(serve_db: str, redis_url: str) -> Iterator[dict[str, Any]]:
+    import ray
+    from ray import serve
+
+    from halldyll_ray.serve import build_app
+
+    port = _free_port()
+    # Logical CPUs: six deployments of one replica each on a 2-core machine.
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0"}},
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = {
+        "DATABASE_URL": serve_db,
+        "REDIS_URL": redis_url,
+        "REDIS_KEY_PREFIX": f"serve-{uuid.uuid4().hex[:8]}",
+        "DB_POOL_SIZE": "3",
+    }
+    app = build_app(
+        {"settings": settings, "max_body_bytes": 200_000, "embedding_batch_wait_timeout_s": 0.02}
+    )
+    handle = serve.run(app, name="halldyll", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "handle": handle, "settings": settings}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def admin_key(ray_serve: dict[str, Any], encoder) -> str:
+    """The first Admin, bootstrapped directly in the database (as `halldyll create-user`)."""
+    env = {k.lower(): v for k, v in ray_serve["settings"].items()}
+    async with MemoryEngine(Settings.from_env(**env), encoder=encoder) as engine:
+        admin = await engine.create_user(f"root{uuid.uuid4().hex[:6]}", None, "admin")
+        return (await engine.create_api_key(admin.id)).key
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def http(ray_serve: dict[str, Any]) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=ray_serve["url"], timeout=60) as client:
+        yield client
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")

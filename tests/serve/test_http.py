@@ -1,0 +1,239 @@
+"""The Ray Serve application over real HTTP, the handle API, batching, and the config."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from halldyll_ray.models import SearchResult
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def _user_with_key(http: httpx.AsyncClient, admin_key: str, role: str = "user"):
+    name = f"{role}{uuid.uuid4().hex[:8]}"
+    r = await http.post(
+        "/v1/users", json={"username": name, "role": role}, headers=bearer(admin_key)
+    )
+    assert r.status_code == 201, r.text
+    user = r.json()
+    r = await http.post(
+        f"/v1/users/{user['id']}/keys", json={"name": "t"}, headers=bearer(admin_key)
+    )
+    assert r.status_code == 201, r.text
+    return user, r.json()["key"]
+
+
+async def test_health(http: httpx.AsyncClient) -> None:
+    assert (await http.get("/healthz")).json() == {"status": "ok"}
+    ready = await http.get("/readyz")
+    assert ready.status_code == 200
+    body = ready.json()
+    assert body["database"]["ok"] and body["redis"]["ok"] and body["model"]["dimension"] == 384
+    assert (await http.get("/openapi.json")).json()["info"]["title"] == "halldyll-ray"
+
+
+async def test_memory_round_trip_over_http(http: httpx.AsyncClient, admin_key: str) -> None:
+    user, key = await _user_with_key(http, admin_key)
+    h = bearer(key)
+    created = await http.post(
+        "/v1/users/me/memories",
+        headers=h,
+        json={
+            "type": "conversation",
+            "title": "Trip",
+            "session_id": "s-1",
+            "messages": [{"role": "user", "content": "I want to hike the Dolomites in July"}],
+        },
+    )
+    assert created.status_code == 201, created.text
+    conv = created.json()
+    fact = (
+        await http.post(
+            f"/v1/users/{user['id']}/memories",
+            headers=h,
+            json={"type": "fact", "statement": "Ada is afraid of heights", "confidence": 0.8},
+        )
+    ).json()
+    image = (
+        await http.post(
+            "/v1/users/me/memories",
+            headers=h,
+            json={"type": "image", "prompt": "a mountain lake at sunrise", "seed": 7},
+        )
+    ).json()
+    assert image["type"] == "image"
+    r = await http.post(
+        f"/v1/users/me/memories/{conv['id']}/messages",
+        headers=h,
+        json={"messages": [{"role": "assistant", "content": "Book huts early."}]},
+    )
+    assert r.status_code == 201 and r.json()[0]["seq"] == 1
+
+    r = await http.post(
+        "/v1/users/me/search", headers=h, json={"query": "fear of high places", "limit": 3}
+    )
+    assert r.status_code == 200, r.text
+    results = [SearchResult.model_validate(x) for x in r.json()["results"]]
+    assert results[0].memory.id == uuid.UUID(fact["id"])
+
+    got = (await http.get(f"/v1/users/me/memories/{conv['id']}", headers=h)).json()
+    assert [m["seq"] for m in got["messages"]] == [0, 1]
+    page = (await http.get("/v1/users/me/memories?types=fact,image&limit=1", headers=h)).json()
+    assert len(page["items"]) == 1 and page["next_cursor"]
+    patched = await http.patch(
+        f"/v1/users/me/memories/{fact['id']}", headers=h, json={"tags": ["health"]}
+    )
+    assert patched.json()["tags"] == ["health"]
+
+    context = (
+        await http.post(
+            "/v1/users/me/context",
+            headers=h,
+            json={"query": "plan a mountain trip", "max_tokens": 200},
+        )
+    ).json()
+    assert context["token_count"] <= 200 and context["sources"]
+    turn = await http.post(
+        "/v1/users/me/sessions/chat-1/turns",
+        headers=h,
+        json={"user_message": "I live in Munich.", "assistant_message": "Close to the Alps!"},
+    )
+    assert turn.status_code == 201 and turn.json()["message_seqs"] == [0, 1]
+    prepared = (
+        await http.post(
+            "/v1/users/me/sessions/chat-1/prepare",
+            headers=h,
+            json={"user_message": "Where do I live?"},
+        )
+    ).json()
+    assert "Munich" in prepared["text"]
+
+    assert (await http.delete(f"/v1/users/me/memories/{image['id']}", headers=h)).status_code == 204
+    missing = await http.get(f"/v1/users/me/memories/{image['id']}", headers=h)
+    assert missing.status_code == 404
+
+
+async def test_errors_have_one_shape(http: httpx.AsyncClient, admin_key: str) -> None:
+    user, key = await _user_with_key(http, admin_key)
+    other, _ = await _user_with_key(http, admin_key)
+    cases = [
+        (await http.get("/v1/me"), 401, "unauthenticated"),
+        (await http.get("/v1/me", headers=bearer("hr_nope")), 401, "unauthenticated"),
+        (await http.get("/v1/users", headers=bearer(key)), 403, "permission_denied"),
+        (
+            await http.post(
+                f"/v1/users/{other['id']}/search", headers=bearer(key), json={"query": "x"}
+            ),
+            403,
+            "permission_denied",
+        ),
+        (
+            await http.get(f"/v1/users/me/memories/{uuid.uuid4()}", headers=bearer(key)),
+            404,
+            "not_found",
+        ),
+        (
+            await http.post(
+                "/v1/users/me/memories",
+                headers=bearer(key),
+                json={"type": "fact", "statement": "x", "confidence": 3},
+            ),
+            422,
+            "invalid_input",
+        ),
+        (
+            await http.post("/v1/users/me/search", headers=bearer(key), json={"query": ""}),
+            422,
+            "invalid_input",
+        ),
+        (
+            await http.get("/v1/users/me/memories/not-a-uuid", headers=bearer(key)),
+            422,
+            "invalid_input",
+        ),
+        (
+            await http.post(
+                "/v1/users/me/memories", headers=bearer(key), content=b"{" + b" " * 300_000 + b"}"
+            ),
+            413,
+            "payload_too_large",
+        ),
+        (
+            await http.post(
+                "/v1/users", headers=bearer(admin_key), json={"username": user["username"]}
+            ),
+            409,
+            "conflict",
+        ),
+    ]
+    for response, status, code in cases:
+        assert response.status_code == status, (status, response.text)
+        error = response.json()["error"]
+        assert error["code"] == code and error["message"]
+        assert error["request_id"] == response.headers["X-Request-ID"]
+    echoed = await http.get("/v1/me", headers={"X-Request-ID": "trace-123", **bearer(key)})
+    assert echoed.headers["X-Request-ID"] == "trace-123"
+    audit = (await http.get("/v1/audit?outcome=denied&limit=20", headers=bearer(admin_key))).json()[
+        "items"
+    ]
+    assert any(row["actor_id"] == user["id"] for row in audit)
+
+
+async def test_service_acts_for_users_over_http(http: httpx.AsyncClient, admin_key: str):
+    user, _ = await _user_with_key(http, admin_key)
+    admin_me = (await http.get("/v1/me", headers=bearer(admin_key))).json()
+    _, svc_key = await _user_with_key(http, admin_key, role="service")
+    r = await http.post(
+        f"/v1/users/{user['id']}/memories",
+        headers=bearer(svc_key),
+        json={"type": "fact", "statement": "prefers window seats"},
+    )
+    assert r.status_code == 201 and r.json()["user_id"] == user["id"]
+    r = await http.post(
+        f"/v1/users/{admin_me['id']}/search", headers=bearer(svc_key), json={"query": "anything"}
+    )
+    assert r.status_code == 403
+
+
+async def test_handle_api_and_batching(
+    ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
+) -> None:
+    from ray import serve
+
+    user, _ = await _user_with_key(http, admin_key)
+    _, svc_key = await _user_with_key(http, admin_key, role="service")
+    ingress = serve.get_app_handle("halldyll")
+    stored = await ingress.handle_store_memory.remote(
+        svc_key, user["id"], {"type": "fact", "statement": "owns a red bicycle"}
+    )
+    assert str(stored.user_id) == user["id"]
+    hits = await ingress.handle_search.remote(svc_key, user["id"], "what bike do they ride?")
+    assert hits[0].memory.id == stored.id
+    context = await ingress.handle_build_context.remote(svc_key, user["id"], "bicycle")
+    assert stored.id in context.sources
+
+    embedding = serve.get_deployment_handle("Embedding", app_name="halldyll")
+    texts = [[f"concurrent sentence number {i}"] for i in range(24)]
+    vectors = await asyncio.gather(*(embedding.embed.remote(t) for t in texts))
+    assert all(v.shape == (1, 384) for v in vectors)
+    stats = await embedding.stats.remote()
+    assert max(stats["batch_sizes"]) > 1  # requests were merged into batches
+
+
+def test_serve_config_validates_against_rays_schema() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((Path(__file__).parents[2] / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    app = schema.applications[0]
+    assert app.import_path == "halldyll_ray.serve.app:build_app"
+    names = {d.name for d in app.deployments}
+    assert {"Embedding", "Search", "Ingestion", "Context", "Ingress"} <= names
