@@ -73,7 +73,11 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     ).bind(env)
     database = None
     if settings.database_url is None:
-        database = serve.deployment(EmbeddedDatabase, name="EmbeddedDatabase").bind(env)
+        # Local development only, and nearly idle: it holds the server process's lifetime.
+        # Its options live here because it exists only when DATABASE_URL is unset.
+        database = serve.deployment(
+            EmbeddedDatabase, name="EmbeddedDatabase", ray_actor_options={"num_cpus": 0}
+        ).bind(env)
     searcher = serve.deployment(Searcher, name="Search").bind(embedding, database, env)
     ingestor = serve.deployment(Ingestor, name="Ingestion").bind(embedding, database, env)
     context = serve.deployment(ContextBuilder, name="Context").bind(embedding, database, env)

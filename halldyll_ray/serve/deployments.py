@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 import numpy as np
+from pydantic import SecretStr
 
 from halldyll_ray.config import Settings
 from halldyll_ray.db.embedded import EmbeddedPostgres
@@ -20,7 +21,7 @@ from halldyll_ray.db.migrate import apply_migrations
 from halldyll_ray.embedding import OnnxEncoder
 from halldyll_ray.engine import MemoryEngine
 from halldyll_ray.errors import InvalidInput
-from halldyll_ray.models import Principal
+from halldyll_ray.models import Principal, Role
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,26 @@ class EmbeddedDatabase:
             if self._url is None:
                 url = await self.server.start_async()
                 await apply_migrations(url, embedding_dimension=self.settings.embedding_dimension)
+                await self._bootstrap_admin(url)
                 self._url = url
         return self._url
+
+    async def _bootstrap_admin(self, url: str) -> None:
+        """First start: create an Admin and write its key to DATA_DIR/admin_api_key (0600)."""
+        key_file = self.settings.data_dir / "admin_api_key"
+        settings = self.settings.model_copy(update={"database_url": SecretStr(url)})
+        async with MemoryEngine(settings) as engine:
+            admins = [u for u in (await engine.list_users(limit=1000)).items
+                      if u.role is Role.ADMIN]
+            if admins:
+                return
+            admin = await engine.create_user("admin", None, Role.ADMIN)
+            new = await engine.create_api_key(admin.id, name="bootstrap")
+        key_file.touch(mode=0o600, exist_ok=True)
+        key_file.chmod(0o600)
+        key_file.write_text(new.key + "\n")
+        # The key itself never goes to a log.
+        log.warning("created the first Admin user 'admin'; its API key is in %s", key_file)
 
     async def check_health(self) -> None:
         if self._url is not None:
