@@ -10,8 +10,9 @@ The core (this package minus ``halldyll_ray.serve``) never imports Ray::
         hits = await engine.search(user.id, "what does Ada drink?")
 """
 
+from typing import TYPE_CHECKING, Any
+
 from halldyll_ray.config import Settings
-from halldyll_ray.engine import MemoryEngine
 from halldyll_ray.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -47,7 +48,21 @@ from halldyll_ray.models import (
     User,
 )
 
+if TYPE_CHECKING:
+    from halldyll_ray.engine import MemoryEngine
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The engine pulls in asyncpg, numpy and onnxruntime; importing it lazily keeps
+    # `halldyll_ray.client` light for agents that only talk HTTP.
+    if name == "MemoryEngine":
+        from halldyll_ray.engine import MemoryEngine
+
+        return MemoryEngine
+    raise AttributeError(f"module 'halldyll_ray' has no attribute {name!r}")
+
 
 __all__ = [
     "AIModel",

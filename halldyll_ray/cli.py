@@ -195,6 +195,15 @@ async def cmd_purge_expired(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_index_users(args: argparse.Namespace) -> int:
+    from halldyll_ray.engine import MemoryEngine
+
+    async with MemoryEngine(_settings()) as engine:
+        result = await engine.ensure_user_indexes(min_rows=args.min_rows)
+    print(f"created {len(result['created'])} and dropped {len(result['dropped'])} per-user indexes")
+    return 0
+
+
 async def cmd_demo(args: argparse.Namespace) -> int:
     from halldyll_ray.demo import run_demo
 
@@ -210,6 +219,7 @@ COMMANDS = {
     "purge-expired": cmd_purge_expired,
     "create-key": cmd_create_key,
     "purge-audit": cmd_purge_audit,
+    "index-users": cmd_index_users,
 }
 
 
@@ -233,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("purge-expired", help="delete ephemeral facts past their expiry")
     audit = sub.add_parser("purge-audit", help="delete audit rows past AUDIT_RETENTION_DAYS")
     audit.add_argument("--older-than-days", type=int)
+    index = sub.add_parser(
+        "index-users", help="partial HNSW indexes for very large users (run periodically)"
+    )
+    index.add_argument("--min-rows", type=int, help="default: LARGE_USER_INDEX_ROWS")
     return parser
 
 

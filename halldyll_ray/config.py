@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         le=1000,
         description="pgvector hnsw.ef_search: candidates kept per HNSW scan (recall vs speed).",
     )
+    large_user_index_rows: int = Field(
+        default=10_000,
+        ge=1,
+        description="Users with at least this many searchable rows get a partial HNSW index "
+        "of their own (`halldyll index-users`).",
+    )
     cache_size: int = Field(default=1000, ge=0, le=10_000_000)
     search_cache_ttl_seconds: int = Field(default=60, ge=0, le=86_400)
     ephemeral_fact_ttl_days: float = Field(default=30, gt=0, le=36_500)

@@ -1511,6 +1511,59 @@ class MemoryEngine:
         )
         raise AuthenticationFailed("invalid, expired or revoked API key")
 
+    # ------------------------------------------------------------------ index maintenance
+    async def ensure_user_indexes(self, *, min_rows: int | None = None) -> dict[str, list[UUID]]:
+        """Give each very large user a partial HNSW index of their own; drop stale ones.
+
+        A per-user filter on the shared HNSW index is slow for a user with tens of thousands
+        of rows when few of them are near the query: the iterative scan walks other users'
+        rows up to hnsw.max_scan_tuples (benchmarks/search_scale.py measured p99 30-100 ms at
+        1M rows). A partial index ``WHERE user_id = ...`` answers those in a few ms, and the
+        planner picks it by itself. Small users are served exactly by the btree and need none.
+
+        Runs as the table owner (DDL), ``CREATE/DROP INDEX CONCURRENTLY`` so writes go on.
+        Indexes of users that fell under half the threshold (or are gone) are dropped.
+        """
+        threshold = self.settings.large_user_index_rows if min_rows is None else min_rows
+        if not isinstance(threshold, int) or threshold < 1:
+            raise InvalidInput("min_rows must be a positive integer", field="min_rows")
+        conn = await _connect(self._dsn)
+        created: list[UUID] = []
+        dropped: list[UUID] = []
+        try:
+            counts = {
+                row["user_id"]: row["n"]
+                for row in await conn.fetch(q("chunk_counts"), max(1, threshold // 2))
+            }
+            existing = {
+                UUID(row["indexname"].removeprefix(_USER_INDEX)): row["indexname"]
+                for row in await conn.fetch(q("user_indexes"), _USER_INDEX + "%")
+            }
+            for user_id, rows in sorted(counts.items()):
+                if rows >= threshold and user_id not in existing:
+                    # DDL takes no bind parameters; the name and literal come from a UUID.
+                    await conn.execute(
+                        f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {_USER_INDEX}{user_id.hex} "
+                        "ON memory_chunks USING hnsw (embedding vector_cosine_ops) "
+                        f"WITH (m = 16, ef_construction = 64) WHERE user_id = '{user_id}'",
+                        timeout=None,
+                    )
+                    created.append(user_id)
+            for user_id, name in sorted(existing.items()):
+                if user_id not in counts:
+                    await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+                    dropped.append(user_id)
+            if created or dropped:
+                await conn.execute("ANALYZE memory_chunks")
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise Unavailable(
+                "creating indexes needs the table owner's connection (run `halldyll "
+                "index-users` with the migration user's DATABASE_URL)"
+            ) from exc
+        finally:
+            await conn.close()
+        return {"created": created, "dropped": dropped}
+
     # ------------------------------------------------------------------ viewer grants
     async def grant_viewer(self, viewer_id: UUID | str, owner_id: UUID | str) -> None:
         """Let a Viewer read another user's memories."""
@@ -1858,6 +1911,7 @@ class MemoryEngine:
 
 
 _RESULTS = TypeAdapter(list[SearchResult])
+_USER_INDEX = "memory_chunks_user_hnsw_"
 
 
 async def _connect(dsn: str) -> asyncpg.Connection:

@@ -56,8 +56,9 @@ class EmbeddedDatabase:
         key_file = self.settings.data_dir / "admin_api_key"
         settings = self.settings.model_copy(update={"database_url": SecretStr(url)})
         async with MemoryEngine(settings) as engine:
-            admins = [u for u in (await engine.list_users(limit=1000)).items
-                      if u.role is Role.ADMIN]
+            admins = [
+                u for u in (await engine.list_users(limit=1000)).items if u.role is Role.ADMIN
+            ]
             if admins:
                 return
             admin = await engine.create_user("admin", None, Role.ADMIN)

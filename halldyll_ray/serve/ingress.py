@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from halldyll_ray.config import Settings
 from halldyll_ray.engine import MemoryEngine
@@ -118,6 +119,75 @@ async def _halldyll_error(request: Request, exc: HalldyllError) -> Response:
         headers["WWW-Authenticate"] = "Bearer"
     message = exc.message if status < 500 or status == 503 else "internal configuration error"
     return _error(status, exc.code, message, request.state.request_id, **headers)
+
+
+class _BodyLimit:
+    """Counts the body as it streams in, so a chunked upload cannot pass the limit either.
+
+    Past the limit it answers 413 itself and tells the app the client went away (FastAPI
+    would turn an exception raised while reading the body into a 400).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        seen = 0
+        answered = False
+
+        async def limited() -> Any:
+            nonlocal seen, answered
+            message = await receive()
+            if message["type"] == "http.request" and not answered:
+                seen += len(message.get("body", b""))
+                if seen > api.state.max_body_bytes:
+                    answered = True
+                    headers = dict(scope.get("headers") or [])
+                    given = headers.get(b"x-request-id", b"").decode("latin-1")
+                    request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+                    response = _error(
+                        413,
+                        "payload_too_large",
+                        f"request body is over {api.state.max_body_bytes} bytes",
+                        request_id,
+                    )
+                    await response(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Any) -> None:
+            if not answered:
+                await send(message)
+
+        try:
+            await self.app(scope, limited, guarded_send)
+        except Exception:
+            if not answered:
+                raise
+
+
+api.add_middleware(_BodyLimit)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated"}
+    return _error(
+        exc.status_code,
+        codes.get(exc.status_code, "http_error"),
+        str(exc.detail),
+        getattr(request.state, "request_id", ""),
+    )
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    # Never leak internals; the log keeps the traceback with the request id.
+    log.exception("unhandled error", extra={"request_id": request.state.request_id})
+    return _error(500, "internal_error", "internal error", request.state.request_id)
 
 
 @api.exception_handler(RequestValidationError)

@@ -336,3 +336,11 @@ SELECT id, role, disabled FROM users WHERE id = ANY($1::uuid[]);
 
 -- name: purge_audit
 DELETE FROM audit_log WHERE at < $1;
+
+-- ---------------------------------------------------------------- index maintenance
+-- name: chunk_counts
+SELECT user_id, count(*) AS n FROM memory_chunks GROUP BY user_id HAVING count(*) >= $1;
+
+-- name: user_indexes
+SELECT indexname FROM pg_indexes
+WHERE schemaname = current_schema() AND tablename = 'memory_chunks' AND indexname LIKE $1;

@@ -309,3 +309,36 @@ async def test_small_user_among_many_rows_loses_nothing(
     # And through the public API with the product's settings:
     hits = await engine.search(small.id, "budget", limit=10, threshold=0.0)
     assert {h.memory.id for h in hits} == {m.id for m in mine}
+
+
+async def test_large_users_get_their_own_index(engine: MemoryEngine, database_url: str):
+    big = await engine.create_user("big", None, "user")
+    small = await engine.create_user("small", None, "user")
+    statements = [
+        "quarterly report is due Friday",
+        "the team offsite is in Lisbon",
+        "my manager prefers email over chat",
+        "payroll runs on the 25th",
+        "the office wifi password changed",
+        "standup moved to 9:30",
+    ]
+    facts = [await engine.store_memory(big.id, Fact(statement=s)) for s in statements]
+    await engine.store_memory(small.id, Fact(statement="a single note"))
+    result = await engine.ensure_user_indexes(min_rows=5)
+    assert result == {"created": [big.id], "dropped": []}
+    conn = await asyncpg.connect(database_url)
+    try:
+        definition = await conn.fetchval(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = $1",
+            f"memory_chunks_user_hnsw_{big.id.hex}",
+        )
+        assert "USING hnsw (embedding vector_cosine_ops)" in definition
+        assert f"WHERE (user_id = '{big.id}'::uuid)" in definition
+    finally:
+        await conn.close()
+    assert await engine.ensure_user_indexes(min_rows=5) == {"created": [], "dropped": []}
+    hits = await engine.search(big.id, "work notes", limit=10, threshold=-1.0)
+    assert {h.memory.id for h in hits} == {f.id for f in facts}
+    for fact in facts[:5]:
+        await engine.delete_memory(big.id, fact.id)
+    assert await engine.ensure_user_indexes(min_rows=5) == {"created": [], "dropped": [big.id]}

@@ -179,6 +179,17 @@ async def test_errors_have_one_shape(http: httpx.AsyncClient, admin_key: str) ->
         error = response.json()["error"]
         assert error["code"] == code and error["message"]
         assert error["request_id"] == response.headers["X-Request-ID"]
+
+    async def chunks():
+        yield b'{"type": "fact", "statement": "'
+        for _ in range(30):
+            yield b"x" * 10_000
+        yield b'"}'
+
+    chunked = await http.post("/v1/users/me/memories", headers=bearer(key), content=chunks())
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "payload_too_large"
+    unknown = await http.get("/v1/no-such-route", headers=bearer(key))
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
     echoed = await http.get("/v1/me", headers={"X-Request-ID": "trace-123", **bearer(key)})
     assert echoed.headers["X-Request-ID"] == "trace-123"
     audit = (await http.get("/v1/audit?outcome=denied&limit=20", headers=bearer(admin_key))).json()[
