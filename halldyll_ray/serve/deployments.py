@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import SecretStr
+from ray.serve import metrics
 
 from halldyll_ray.config import Settings
 from halldyll_ray.db.embedded import EmbeddedPostgres
@@ -93,10 +94,21 @@ class Embedder:
             batch_size=settings.embedding_batch_size,
         )
         self.batch_sizes: list[int] = []
+        self._batch_size_metric = metrics.Histogram(
+            "halldyll_embedding_batch_size",
+            description="Requests merged into one embedding call.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
+        )
+        self._texts_metric = metrics.Counter(
+            "halldyll_embedded_texts", description="Texts embedded by the model."
+        )
 
     async def embed_batch(self, requests: list[list[str]]) -> list[np.ndarray]:
         flat = [text for texts in requests for text in texts]
         self.batch_sizes.append(len(requests))
+        del self.batch_sizes[:-1000]
+        self._batch_size_metric.observe(len(requests))
+        self._texts_metric.inc(len(flat))
         vectors = await asyncio.to_thread(self.encoder.encode, flat)
         out, start = [], 0
         for texts in requests:
@@ -139,6 +151,11 @@ class EngineDeployment:
         self._settings_env = dict(settings_env or {})
         self._engine: MemoryEngine | None = None
         self._lock = asyncio.Lock()
+        self._hit_ratio = metrics.Gauge(
+            "halldyll_cache_hit_ratio",
+            description="Share of cache lookups answered by the LRU or Redis, by kind.",
+            tag_keys=("kind",),
+        )
 
     async def engine(self) -> MemoryEngine:
         async with self._lock:
@@ -165,7 +182,13 @@ class EngineDeployment:
             raise InvalidInput(f"{type(self).__name__} does not serve {method!r}", field="method")
         engine = await self.engine()
         api = engine.authorized(principal, request_id=request_id)
-        return await getattr(api, method)(*args, **kw)
+        try:
+            return await getattr(api, method)(*args, **kw)
+        finally:
+            for kind, (local, remote, missed) in engine.cache.stats.by_kind.items():
+                total = local + remote + missed
+                if total:
+                    self._hit_ratio.set((local + remote) / total, tags={"kind": kind})
 
     async def check_health(self) -> None:
         if self._engine is not None:

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from halldyll_ray.config import Settings
@@ -98,6 +99,11 @@ async def _request_context(request: Request, call_next: Any) -> Response:
     started = time.perf_counter()
     response: Response = await call_next(request)
     # Serve's proxy puts the same id (the client's X-Request-ID, or its own) on the response.
+    route = getattr(request.scope.get("route"), "path", "unmatched")
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    recorder = getattr(api.state, "metrics", None)
+    if recorder is not None:
+        recorder.record(request.method, route, response.status_code, elapsed_ms)
     log.info(
         "request",
         extra={
@@ -105,7 +111,7 @@ async def _request_context(request: Request, call_next: Any) -> Response:
             "method": request.method,
             "path": request.url.path,
             "status": response.status_code,
-            "ms": round((time.perf_counter() - started) * 1000, 2),
+            "ms": round(elapsed_ms, 2),
         },
     )
     return response
@@ -266,8 +272,29 @@ class TurnIn(_Body):
     model: str | None = None
 
 
+class _RouteMetrics:
+    """Request counts and latencies per route, through Ray's metrics API (Prometheus)."""
+
+    def __init__(self) -> None:
+        self.requests = metrics.Counter(
+            "halldyll_http_requests",
+            description="HTTP requests by route, method and status.",
+            tag_keys=("route", "method", "status"),  # type: ignore[arg-type]  # Ray types it as a 1-tuple
+        )
+        self.latency = metrics.Histogram(
+            "halldyll_http_latency_ms",
+            description="HTTP request latency in the ingress, by route.",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
+            tag_keys=("route",),
+        )
+
+    def record(self, method: str, route: str, status: int, elapsed_ms: float) -> None:
+        self.requests.inc(tags={"route": route, "method": method, "status": str(status)})
+        self.latency.observe(elapsed_ms, tags={"route": route})
+
+
 class Ingress:
-    """The HTTP API and the handle API; ``serve.ingress(api)`` is applied in the builder."""
+    """The HTTP API and the handle API (served as ``HTTPIngress``, below)."""
 
     def __init__(
         self,
@@ -288,6 +315,7 @@ class Ingress:
         self._engine: MemoryEngine | None = None
         self._lock = asyncio.Lock()
         api.state.max_body_bytes = max_body_bytes
+        api.state.metrics = _RouteMetrics()
 
     async def engine(self) -> MemoryEngine:
         async with self._lock:

@@ -248,3 +248,38 @@ def test_serve_config_validates_against_rays_schema() -> None:
     assert app.import_path == "halldyll_ray.serve.app:build_app"
     names = {d.name for d in app.deployments}
     assert {"Embedding", "Search", "Ingestion", "Context", "Ingress"} <= names
+
+
+async def test_colocated_app_uses_the_handle_api(
+    ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """The example inference app runs beside ours in one cluster and calls it by handle."""
+    from ray import serve
+
+    from examples.llm_app import Assistant
+
+    user, _ = await _user_with_key(http, admin_key)
+    _, svc_key = await _user_with_key(http, admin_key, role="service")
+    r = await http.post(
+        f"/v1/users/{user['id']}/memories",
+        headers=bearer(svc_key),
+        json={"type": "fact", "statement": "Ada is allergic to penicillin"},
+    )
+    fact_id = r.json()["id"]
+    assistant = serve.run(Assistant.bind(svc_key), name="assistant", route_prefix=None)
+    try:
+        reply = await assistant.chat.remote(user["id"], "which medicine must I avoid?")
+        assert fact_id in reply["sources"] and "penicillin" in reply["answer"]
+        page = await http.get(
+            f"/v1/users/{user['id']}/memories?types=conversation", headers=bearer(svc_key)
+        )
+        assert page.json()["items"][0]["memory"]["title"] == "assistant chat"
+        # The Service key gives no reach beyond end users: not over an Admin's data.
+        admin_id = (await http.get("/v1/me", headers=bearer(admin_key))).json()["id"]
+        try:
+            await assistant.chat.remote(admin_id, "hello")
+            raise AssertionError("a service acted for an admin")
+        except Exception as exc:  # the PermissionDenied comes back wrapped by Ray
+            assert "PermissionDenied" in type(exc).__name__ or "may not" in str(exc)
+    finally:
+        serve.delete("assistant")
