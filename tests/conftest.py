@@ -12,14 +12,19 @@ Redis: ``TEST_REDIS_URL``, else the Redis on 127.0.0.1:6379 (database 15), else 
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 import pytest_asyncio
-from support import RedisServer, _redis_ping, make_settings, with_database
+from support import (
+    RedisServer,
+    _redis_ping,
+    make_settings,
+    scratch_database,
+    with_database,
+)
 
 from halldyll_ray import MemoryEngine, Settings
 from halldyll_ray.db.embedded import EmbeddedPostgres
@@ -57,27 +62,15 @@ async def template_db(pg_admin_url: str) -> AsyncIterator[str]:
 @pytest_asyncio.fixture(loop_scope="session")
 async def fresh_db(pg_admin_url: str) -> AsyncIterator[str]:
     """An empty database (no schema): for migration tests."""
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    conn = await asyncpg.connect(pg_admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-        yield with_database(pg_admin_url, name)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async with scratch_database(pg_admin_url) as url:
+        yield url
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def database_url(pg_admin_url: str, template_db: str) -> AsyncIterator[str]:
     """A database with the schema, copied from the template, dropped after the test."""
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    conn = await asyncpg.connect(pg_admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-        yield with_database(pg_admin_url, name)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async with scratch_database(pg_admin_url, template=template_db) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,12 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
 
 from halldyll_ray import Settings
 
@@ -93,3 +97,19 @@ def make_settings(database_url: str, redis_url: str | None, **overrides: object)
     }
     values.update(overrides)
     return Settings.from_env(**values)
+
+
+@asynccontextmanager
+async def scratch_database(
+    admin_url: str, *, template: str | None = None, prefix: str = "t"
+) -> AsyncIterator[str]:
+    """A new database (a copy of ``template``, or empty), dropped when the block ends."""
+    name = f"{prefix}_{uuid.uuid4().hex[:16]}"
+    conn = await asyncpg.connect(admin_url)
+    try:
+        clause = f' TEMPLATE "{template}"' if template else ""
+        await conn.execute(f'CREATE DATABASE "{name}"{clause}')
+        yield with_database(admin_url, name)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()

@@ -3,36 +3,22 @@
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
-from support import with_database
+from support import _free_port, scratch_database
 
 from halldyll_ray import MemoryEngine, Settings
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def serve_db(pg_admin_url: str, template_db: str) -> AsyncIterator[str]:
-    name = f"serve_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(pg_admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-        yield with_database(pg_admin_url, name)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async with scratch_database(pg_admin_url, template=template_db, prefix="serve") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
