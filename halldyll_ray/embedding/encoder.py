@@ -299,6 +299,10 @@ class OnnxEncoder:
             options.intra_op_num_threads = intra_op_threads
         # Warnings (e.g. CUDA nodes placed on CPU) are noise in service logs; errors still show.
         options.log_severity_level = 3
+        # Without this, ONNX Runtime's worker threads spin after every call: a service that
+        # embeds one query at a time burnt ~40 ms of CPU per text instead of ~15 ms
+        # (benchmarks/serve_http.py), CPU taken from the proxy, the replicas and PostgreSQL.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         wanted = _choose_providers(provider)
         try:
             session = ort.InferenceSession(str(model_file), sess_options=options, providers=wanted)

@@ -78,8 +78,17 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
         database = serve.deployment(
             EmbeddedDatabase, name="EmbeddedDatabase", ray_actor_options={"num_cpus": 0}
         ).bind(env)
-    searcher = serve.deployment(Searcher, name="Search").bind(embedding, database, env)
-    ingestor = serve.deployment(Ingestor, name="Ingestion").bind(embedding, database, env)
-    context = serve.deployment(ContextBuilder, name="Context").bind(embedding, database, env)
-    ingress = serve.deployment(HTTPIngress, name="Ingress")
+    # Serve's default of 5 ongoing requests per replica capped throughput well below what
+    # one replica serves (benchmarks/serve_http.py); the YAML may override it.
+    ongoing = 32
+    searcher = serve.deployment(Searcher, name="Search", max_ongoing_requests=ongoing).bind(
+        embedding, database, env
+    )
+    ingestor = serve.deployment(Ingestor, name="Ingestion", max_ongoing_requests=ongoing).bind(
+        embedding, database, env
+    )
+    context = serve.deployment(ContextBuilder, name="Context", max_ongoing_requests=ongoing).bind(
+        embedding, database, env
+    )
+    ingress = serve.deployment(HTTPIngress, name="Ingress", max_ongoing_requests=ongoing)
     return ingress.bind(searcher, ingestor, context, embedding, database, env, args.max_body_bytes)
