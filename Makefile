@@ -8,8 +8,8 @@ demo:
 	scripts/demo.sh
 
 lint:
-	.venv/bin/ruff check halldyll_ray tests benchmarks scripts
-	.venv/bin/ruff format --check halldyll_ray tests benchmarks scripts
+	.venv/bin/ruff check halldyll_ray tests benchmarks scripts examples docker
+	.venv/bin/ruff format --check halldyll_ray tests benchmarks scripts examples docker
 
 typecheck:
 	.venv/bin/mypy

@@ -328,7 +328,9 @@ class MemoryEngine:
             "id": self.encoder.model_id,
             "dimension": self.encoder.dimension,
         }
-        report["ok"] = report["database"]["ok"] and report["redis"]["ok"]
+        # Redis down means slower, never failing: readiness depends on PostgreSQL and the
+        # model only (a 503 here would take every replica out of its load balancer).
+        report["ok"] = report["database"]["ok"]
         return report
 
     # ------------------------------------------------------------------ embeddings

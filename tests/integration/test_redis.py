@@ -51,6 +51,7 @@ async def test_redis_outage_mid_test(database_url: str, own_redis: RedisServer, 
         assert turn.message_seqs == [0, 1]
         health = await engine.health()
         assert health["redis"]["ok"] is False and health["database"]["ok"] is True
+        assert health["ok"] is True  # still ready: Redis only makes it faster
         assert engine.cache.remote is not None and engine.cache.remote.errors >= 1
 
         own_redis.start()  # It comes back on the same port.
