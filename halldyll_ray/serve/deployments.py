@@ -191,8 +191,10 @@ class EngineDeployment:
                     self._hit_ratio.set((local + remote) / total, tags={"kind": kind})
 
     async def check_health(self) -> None:
-        if self._engine is not None:
-            await self._engine.db.ping()
+        # Also the eager start: Serve's first health check builds the engine, so the
+        # database (and, for local development, the embedded server and first Admin key)
+        # is ready before the first request rather than made by it.
+        await (await self.engine()).db.ping()
 
     async def health(self) -> dict[str, Any]:
         return await (await self.engine()).health()
