@@ -131,6 +131,27 @@ class Embedder:
         self.encoder.encode(["health"])
 
 
+async def remote_engine(settings_env: dict[str, str], database: Any, embedder: Any) -> MemoryEngine:
+    """A MemoryEngine whose vectors come from the Embedding deployment's handle.
+
+    Args:
+        settings_env: Settings overrides (same names as the environment variables).
+        database: Handle of the EmbeddedDatabase deployment, or None with DATABASE_URL.
+        embedder: Handle of the Embedding deployment.
+    """
+    overrides: dict[str, Any] = dict(settings_env)
+    if database is not None:
+        overrides["database_url"] = await database.url.remote()
+
+    async def embed(texts: list[str]) -> np.ndarray:
+        result: np.ndarray = await embedder.embed.remote(texts)
+        return result
+
+    engine = MemoryEngine(Settings.from_env(**overrides), embedder=embed)
+    await engine.initialize(migrate=False)
+    return engine
+
+
 class EngineDeployment:
     """A MemoryEngine whose vectors come from the Embedding deployment.
 
@@ -160,18 +181,9 @@ class EngineDeployment:
     async def engine(self) -> MemoryEngine:
         async with self._lock:
             if self._engine is None:
-                overrides: dict[str, Any] = dict(self._settings_env)
-                if self._database is not None:
-                    overrides["database_url"] = await self._database.url.remote()
-                settings = Settings.from_env(**overrides)
-
-                async def embed(texts: list[str]) -> np.ndarray:
-                    result: np.ndarray = await self._embedder.embed.remote(texts)
-                    return result
-
-                engine = MemoryEngine(settings, embedder=embed)
-                await engine.initialize(migrate=False)
-                self._engine = engine
+                self._engine = await remote_engine(
+                    self._settings_env, self._database, self._embedder
+                )
         return self._engine
 
     async def call(

@@ -24,7 +24,6 @@ from ray import serve
 from ray.serve import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from halldyll_ray.config import Settings
 from halldyll_ray.engine import MemoryEngine
 from halldyll_ray.errors import (
     AuthenticationFailed,
@@ -47,6 +46,7 @@ from halldyll_ray.models import (
     Role,
     SearchMode,
 )
+from halldyll_ray.serve.deployments import remote_engine
 
 log = logging.getLogger("halldyll_ray.http")
 
@@ -320,16 +320,9 @@ class Ingress:
     async def engine(self) -> MemoryEngine:
         async with self._lock:
             if self._engine is None:
-                overrides: dict[str, Any] = dict(self._settings_env)
-                if self._database is not None:
-                    overrides["database_url"] = await self._database.url.remote()
-
-                async def embed(texts: list[str]) -> Any:
-                    return await self._embedder.embed.remote(texts)
-
-                engine = MemoryEngine(Settings.from_env(**overrides), embedder=embed)
-                await engine.initialize(migrate=False)
-                self._engine = engine
+                self._engine = await remote_engine(
+                    self._settings_env, self._database, self._embedder
+                )
         return self._engine
 
     async def check_health(self) -> None:
@@ -351,7 +344,7 @@ class Ingress:
         return (await self.engine()).authorized(principal, request_id=request.state.request_id)
 
     @staticmethod
-    def _user(principal_api: Any, user_id: str) -> UUID | None:
+    def _user(user_id: str) -> UUID | None:
         return None if user_id == "me" else _parse_uuid(user_id, "user_id")
 
     async def _forward(
@@ -401,35 +394,33 @@ class Ingress:
     @api.get("/v1/users/{user_id}", tags=["users"])
     async def get_user(self, request: Request, user_id: str) -> Any:
         api_ = await self._api(request)
-        return (await api_.get_user(self._user(api_, user_id))).model_dump(mode="json")
+        return (await api_.get_user(self._user(user_id))).model_dump(mode="json")
 
     @api.patch("/v1/users/{user_id}", tags=["users"])
     async def update_user(self, request: Request, user_id: str, body: UserPatch) -> Any:
         api_ = await self._api(request)
-        user = await api_.update_user(
-            _parse_uuid(user_id, "user_id"), **body.model_dump(exclude_none=True)
-        )
+        target = self._user(user_id) or api_.principal.user_id
+        user = await api_.update_user(target, **body.model_dump(exclude_none=True))
         return user.model_dump(mode="json")
 
     @api.delete("/v1/users/{user_id}", status_code=204, tags=["users"])
     async def delete_user(self, request: Request, user_id: str) -> Response:
-        await (await self._api(request)).delete_user(_parse_uuid(user_id, "user_id"))
+        api_ = await self._api(request)
+        await api_.delete_user(self._user(user_id) or api_.principal.user_id)
         return Response(status_code=204)
 
     @api.post("/v1/users/{user_id}/keys", status_code=201, tags=["keys"])
     async def create_key(self, request: Request, user_id: str, body: KeyIn) -> Any:
         api_ = await self._api(request)
         new = await api_.create_api_key(
-            self._user(api_, user_id), name=body.name, expires_at=body.expires_at
+            self._user(user_id), name=body.name, expires_at=body.expires_at
         )
         return {"key": new.key, **new.api_key.model_dump(mode="json")}
 
     @api.get("/v1/users/{user_id}/keys", tags=["keys"])
     async def list_keys(self, request: Request, user_id: str) -> Any:
         api_ = await self._api(request)
-        return [
-            k.model_dump(mode="json") for k in await api_.list_api_keys(self._user(api_, user_id))
-        ]
+        return [k.model_dump(mode="json") for k in await api_.list_api_keys(self._user(user_id))]
 
     @api.post("/v1/keys/{key_id}/rotate", status_code=201, tags=["keys"])
     async def rotate_key(self, request: Request, key_id: str) -> Any:
@@ -467,7 +458,7 @@ class Ingress:
     @api.post("/v1/users/{user_id}/memories", status_code=201, tags=["memories"])
     async def store_memory(self, request: Request, user_id: str, body: Memory) -> Any:
         stored = await self._forward(
-            self._ingestor, request, "store_memory", self._user(None, user_id), body
+            self._ingestor, request, "store_memory", self._user(user_id), body
         )
         return stored.model_dump(mode="json")
 
@@ -490,7 +481,7 @@ class Ingress:
             self._searcher,
             request,
             "list_memories",
-            self._user(None, user_id),
+            self._user(user_id),
             types=None if types is None else types.split(","),
             model=model,
             include_shared=include_shared,
@@ -509,7 +500,7 @@ class Ingress:
             self._searcher,
             request,
             "get_memory",
-            self._user(None, user_id),
+            self._user(user_id),
             _parse_uuid(memory_id, "memory_id"),
         )
         return memory.model_dump(mode="json")
@@ -522,7 +513,7 @@ class Ingress:
             self._ingestor,
             request,
             "update_memory",
-            self._user(None, user_id),
+            self._user(user_id),
             _parse_uuid(memory_id, "memory_id"),
             body,
         )
@@ -534,7 +525,7 @@ class Ingress:
             self._ingestor,
             request,
             "delete_memory",
-            self._user(None, user_id),
+            self._user(user_id),
             _parse_uuid(memory_id, "memory_id"),
         )
         return Response(status_code=204)
@@ -549,7 +540,7 @@ class Ingress:
             self._ingestor,
             request,
             "append_messages",
-            self._user(None, user_id),
+            self._user(user_id),
             _parse_uuid(memory_id, "memory_id"),
             body.messages,
         )
@@ -562,7 +553,7 @@ class Ingress:
             self._searcher,
             request,
             "search",
-            self._user(None, user_id),
+            self._user(user_id),
             body.query,
             body.limit,
             **options,
@@ -575,7 +566,7 @@ class Ingress:
             self._context,
             request,
             "build_context",
-            self._user(None, user_id),
+            self._user(user_id),
             body.query,
             **body.model_dump(exclude={"query"}),
         )
@@ -589,7 +580,7 @@ class Ingress:
             self._context,
             request,
             "prepare_context",
-            self._user(None, user_id),
+            self._user(user_id),
             session_id,
             body.user_message,
             recent_turns=body.recent_turns,
@@ -606,7 +597,7 @@ class Ingress:
             self._ingestor,
             request,
             "record_turn",
-            self._user(None, user_id),
+            self._user(user_id),
             session_id,
             body.user_message,
             body.assistant_message,

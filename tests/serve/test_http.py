@@ -190,6 +190,13 @@ async def test_errors_have_one_shape(http: httpx.AsyncClient, admin_key: str) ->
     assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "payload_too_large"
     unknown = await http.get("/v1/no-such-route", headers=bearer(key))
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+    patched = await http.patch(
+        "/v1/users/me", headers=bearer(admin_key), json={"email": "root@example.com"}
+    )
+    assert patched.status_code == 200 and patched.json()["email"] == "root@example.com"
+    assert (
+        await http.patch("/v1/users/me", headers=bearer(key), json={"role": "admin"})
+    ).status_code == 403
     echoed = await http.get("/v1/me", headers={"X-Request-ID": "trace-123", **bearer(key)})
     assert echoed.headers["X-Request-ID"] == "trace-123"
     audit = (await http.get("/v1/audit?outcome=denied&limit=20", headers=bearer(admin_key))).json()[
