@@ -1002,53 +1002,17 @@ class MemoryEngine:
         filters: tuple[Any, ...],
     ) -> list[SearchResult]:
         fetch = min(limit * 4, 400)
+        # The vector first, so no connection is held while the Embedding deployment works;
+        # then every read of this search in one transaction (fewer round trips).
         vector = None if mode is SearchMode.FULLTEXT else (await self.embed([query]))[0]
-        semantic: list[_Hit] = []
-        if vector is not None:
-            rows = await self.db.fetch(
-                q("search_semantic"), user_id, vector, *filters, fetch, user_id=user_id
+        async with self.db.scoped(user_id, readonly=True) as conn:
+            fused, source = await self._retrieve(
+                conn, user_id, query, vector, mode, threshold, filters, fetch
             )
-            semantic = [
-                _Hit(
-                    r["memory_id"],
-                    r["part"],
-                    r["part_index"],
-                    r["content"],
-                    1.0 - float(r["distance"]),
-                    1.0 - float(r["distance"]),
-                )
-                for r in rows
-                if 1.0 - float(r["distance"]) >= threshold
-            ]
-        source = "semantic"
-        fused: list[tuple[_Hit, float]]
-        if mode is SearchMode.SEMANTIC and semantic:
-            fused = [(hit, hit.rank_score) for hit in _best_per_memory(semantic)]
-        else:
-            rows = await self.db.fetch(
-                q("search_fulltext"), user_id, query, *filters, fetch, vector, user_id=user_id
-            )
-            text_hits = [
-                _Hit(
-                    r["memory_id"],
-                    r["part"],
-                    r["part_index"],
-                    r["content"],
-                    None if r["similarity"] is None else float(r["similarity"]),
-                    float(r["rank"]),
-                )
-                for r in rows
-            ]
-            if mode is SearchMode.HYBRID:
-                source = "hybrid"
-                fused = _rrf(_best_per_memory(semantic), _best_per_memory(text_hits))
-            else:
-                source = "fulltext"
-                fused = [(hit, hit.rank_score) for hit in _best_per_memory(text_hits)]
-        if not fused:
-            return []
-        wanted = [hit.memory_id for hit, _ in fused[: limit * 2]]
-        rows = await self.db.fetch(q("get_memories"), user_id, wanted, user_id=user_id)
+            if not fused:
+                return []
+            wanted = [hit.memory_id for hit, _ in fused[: limit * 2]]
+            rows = await conn.fetch(q("get_memories"), user_id, wanted)
         by_id = {row["id"]: row for row in rows if not _expired(row)}
         results = []
         for hit, score in fused:
@@ -1067,6 +1031,58 @@ class MemoryEngine:
             if len(results) == limit:
                 break
         return results
+
+    @staticmethod
+    async def _retrieve(
+        conn: asyncpg.Connection,
+        user_id: UUID,
+        query: str,
+        vector: np.ndarray | None,
+        mode: SearchMode,
+        threshold: float,
+        filters: tuple[Any, ...],
+        fetch: int,
+    ) -> tuple[list[tuple[_Hit, float]], str]:
+        """Ranked hits (semantic, full-text fallback or fused) and where they came from."""
+        semantic: list[_Hit] = []
+        if vector is not None:
+            rows = await conn.fetch(q("search_semantic"), user_id, vector, *filters, fetch)
+            semantic = [
+                _Hit(
+                    r["memory_id"],
+                    r["part"],
+                    r["part_index"],
+                    r["content"],
+                    1.0 - float(r["distance"]),
+                    1.0 - float(r["distance"]),
+                )
+                for r in rows
+                if 1.0 - float(r["distance"]) >= threshold
+            ]
+        source = "semantic"
+        fused: list[tuple[_Hit, float]]
+        if mode is SearchMode.SEMANTIC and semantic:
+            fused = [(hit, hit.rank_score) for hit in _best_per_memory(semantic)]
+        else:
+            rows = await conn.fetch(q("search_fulltext"), user_id, query, *filters, fetch, vector)
+            text_hits = [
+                _Hit(
+                    r["memory_id"],
+                    r["part"],
+                    r["part_index"],
+                    r["content"],
+                    None if r["similarity"] is None else float(r["similarity"]),
+                    float(r["rank"]),
+                )
+                for r in rows
+            ]
+            if mode is SearchMode.HYBRID:
+                source = "hybrid"
+                fused = _rrf(_best_per_memory(semantic), _best_per_memory(text_hits))
+            else:
+                source = "fulltext"
+                fused = [(hit, hit.rank_score) for hit in _best_per_memory(text_hits)]
+        return fused, source
 
     # ------------------------------------------------------------------ context
     async def build_context(
@@ -1494,8 +1510,9 @@ class MemoryEngine:
             elif row["disabled"]:
                 reason = "disabled user"
             else:
-                async with self.db.scoped() as conn:
-                    await conn.execute(q("touch_api_key"), row["id"])
+                if row["stale"]:  # last_used_at is kept to the minute: no write per request
+                    async with self.db.scoped() as conn:
+                        await conn.execute(q("touch_api_key"), row["id"])
                 return Principal(
                     user_id=row["user_id"],
                     username=row["username"],

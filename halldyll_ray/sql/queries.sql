@@ -300,7 +300,8 @@ VALUES ($1, $2, $3, $4, $5, $6, $7)
 RETURNING id, user_id, prefix, name, created_at, expires_at, revoked_at, last_used_at;
 
 -- name: api_key_for_auth
-SELECT k.id, k.user_id, k.hash, k.expires_at, k.revoked_at, u.username, u.role, u.disabled
+SELECT k.id, k.user_id, k.hash, k.expires_at, k.revoked_at, u.username, u.role, u.disabled,
+       k.last_used_at IS NULL OR k.last_used_at < now() - interval '60 seconds' AS stale
 FROM api_keys k JOIN users u ON u.id = k.user_id
 WHERE k.prefix = $1;
 
