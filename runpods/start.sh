@@ -64,6 +64,9 @@ esac
 [ -n "${DATABASE_URL:-}" ] || die "DATABASE_URL is required (external PostgreSQL with pgvector)"
 [ -n "${REDIS_URL:-}" ] || echo "start.sh: REDIS_URL unset: each replica caches in-process only" >&2
 export RAY_AUTH_MODE=token
+# Ray Serve's throughput-optimized mode with HAProxy on port 8000 (halldyll_ray/serve_env.py).
+export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
+export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
 
 # GPUs on this pod, and the custom resource that places Embedding replicas on them.
 gpus=0

@@ -12,4 +12,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
 .venv/bin/python -m pip install --quiet -e .
+# Ray Serve's throughput-optimized mode with HAProxy on the HTTP port, unless already set
+# (halldyll_ray/serve_env.py says why; set a variable to 0 to opt out).
+export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
+export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
 exec .venv/bin/serve run serve_config.yaml "$@"

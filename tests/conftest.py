@@ -26,10 +26,16 @@ from support import (
     with_database,
 )
 
-from halldyll_ray import MemoryEngine, Settings
+from halldyll_ray import MemoryEngine, Settings, serve_env
 from halldyll_ray.db.embedded import EmbeddedPostgres
 from halldyll_ray.db.migrate import apply_migrations
 from halldyll_ray.embedding import OnnxEncoder
+
+# Ray Serve reads its environment when it is imported: the product's (HAProxy, direct
+# ingress, gRPC between deployments) must be set before any test imports Ray. Ingress
+# replicas drain for 30 s on shutdown by default, which only slows the tests.
+serve_env.apply()
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 TEMPLATE = f"halldyll_tmpl_{os.getpid()}"
 

@@ -33,7 +33,19 @@ class AppArgs(BaseModel):
         default=32, ge=1, le=1024, description="Most requests one embedding batch merges."
     )
     embedding_batch_wait_timeout_s: float = Field(
-        default=0.004, ge=0, le=1, description="How long a batch waits to fill."
+        default=0.0,
+        ge=0,
+        le=1,
+        description="How long a batch waits to fill. 0: a batch takes what has queued while "
+        "the previous one ran (one batch at a time), so a lone request never waits.",
+    )
+    local_embedding_max_texts: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="Search, Ingestion and Context embed requests of at most this many texts "
+        "with their own copy of the model instead of calling Embedding (on CPU the hop costs "
+        "more than one encode); 0 sends every text to Embedding, as GPU clusters should.",
     )
     max_body_bytes: int = Field(
         default=DEFAULT_MAX_BODY_BYTES,
@@ -82,13 +94,13 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     # one replica serves (benchmarks/serve_http.py); the YAML may override it.
     ongoing = 32
     searcher = serve.deployment(Searcher, name="Search", max_ongoing_requests=ongoing).bind(
-        embedding, database, env
+        embedding, database, env, args.local_embedding_max_texts
     )
     ingestor = serve.deployment(Ingestor, name="Ingestion", max_ongoing_requests=ongoing).bind(
-        embedding, database, env
+        embedding, database, env, args.local_embedding_max_texts
     )
     context = serve.deployment(ContextBuilder, name="Context", max_ongoing_requests=ongoing).bind(
-        embedding, database, env
+        embedding, database, env, args.local_embedding_max_texts
     )
     ingress = serve.deployment(HTTPIngress, name="Ingress", max_ongoing_requests=ongoing)
     return ingress.bind(searcher, ingestor, context, embedding, database, env, args.max_body_bytes)

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 import numpy as np
-from pydantic import SecretStr
+from pydantic import SecretStr, TypeAdapter
 from ray.serve import metrics
 
 from halldyll_ray.config import Settings
@@ -22,7 +22,7 @@ from halldyll_ray.db.migrate import apply_migrations
 from halldyll_ray.embedding import OnnxEncoder
 from halldyll_ray.engine import MemoryEngine
 from halldyll_ray.errors import InvalidInput
-from halldyll_ray.models import Principal, Role
+from halldyll_ray.models import Principal, Role, SearchResult
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class Embedder:
             batch_size=settings.embedding_batch_size,
         )
         self.batch_sizes: list[int] = []
+        self.texts = 0
         self._batch_size_metric = metrics.Histogram(
             "halldyll_embedding_batch_size",
             description="Requests merged into one embedding call.",
@@ -106,6 +107,7 @@ class Embedder:
     async def embed_batch(self, requests: list[list[str]]) -> list[np.ndarray]:
         flat = [text for texts in requests for text in texts]
         self.batch_sizes.append(len(requests))
+        self.texts += len(flat)
         del self.batch_sizes[:-1000]
         self._batch_size_metric.observe(len(requests))
         self._texts_metric.inc(len(flat))
@@ -123,33 +125,48 @@ class Embedder:
     async def stats(self) -> dict[str, Any]:
         return {
             "batch_sizes": list(self.batch_sizes),
+            "texts": self.texts,
             "model_id": self.encoder.model_id,
             "provider": self.encoder.provider,
         }
 
     async def check_health(self) -> None:
-        self.encoder.encode(["health"])
+        await asyncio.to_thread(self.encoder.encode, ["health"])
 
 
-async def remote_engine(settings_env: dict[str, str], database: Any, embedder: Any) -> MemoryEngine:
+async def remote_engine(
+    settings_env: dict[str, str], database: Any, embedder: Any, local_max_texts: int = 0
+) -> MemoryEngine:
     """A MemoryEngine whose vectors come from the Embedding deployment's handle.
 
     Args:
         settings_env: Settings overrides (same names as the environment variables).
         database: Handle of the EmbeddedDatabase deployment, or None with DATABASE_URL.
         embedder: Handle of the Embedding deployment.
+        local_max_texts: Requests of at most this many texts (a search query, a short fact)
+            are embedded by this replica's own copy of the model (loaded anyway: it counts
+            tokens), in a thread; larger ones go to Embedding. On a CPU cluster the hop costs
+            more than encoding one text (``benchmarks/serve_http.py``); 0 sends everything to
+            Embedding (GPU replicas).
     """
     overrides: dict[str, Any] = dict(settings_env)
     if database is not None:
         overrides["database_url"] = await database.url.remote()
 
     async def embed(texts: list[str]) -> np.ndarray:
+        if len(texts) <= local_max_texts:
+            return await asyncio.to_thread(engine.encoder.encode, texts)
         result: np.ndarray = await embedder.embed.remote(texts)
         return result
 
     engine = MemoryEngine(Settings.from_env(**overrides), embedder=embed)
     await engine.initialize(migrate=False)
     return engine
+
+
+_SEARCH_JSON: TypeAdapter[dict[str, list[SearchResult]]] = TypeAdapter(
+    dict[str, list[SearchResult]]
+)
 
 
 class EngineDeployment:
@@ -159,15 +176,21 @@ class EngineDeployment:
         embedder: Handle of the Embedding deployment.
         database: Handle of the EmbeddedDatabase deployment, or None with DATABASE_URL.
         settings_env: Settings overrides (same names as the environment variables).
+        local_embedding_max_texts: See :func:`remote_engine`.
         methods: The engine operations this deployment serves.
     """
 
     methods: frozenset[str] = frozenset()
 
     def __init__(
-        self, embedder: Any, database: Any = None, settings_env: dict[str, str] | None = None
+        self,
+        embedder: Any,
+        database: Any = None,
+        settings_env: dict[str, str] | None = None,
+        local_embedding_max_texts: int = 0,
     ) -> None:
         self._embedder = embedder
+        self._local_max_texts = local_embedding_max_texts
         self._database = database
         self._settings_env = dict(settings_env or {})
         self._engine: MemoryEngine | None = None
@@ -182,7 +205,7 @@ class EngineDeployment:
         async with self._lock:
             if self._engine is None:
                 self._engine = await remote_engine(
-                    self._settings_env, self._database, self._embedder
+                    self._settings_env, self._database, self._embedder, self._local_max_texts
                 )
         return self._engine
 
@@ -214,6 +237,17 @@ class EngineDeployment:
 
 class Searcher(EngineDeployment):
     methods = frozenset({"search", "get_memory", "list_memories"})
+
+    async def search_json(
+        self, principal: Principal, request_id: str | None, *args: Any, **kw: Any
+    ) -> bytes:
+        """``search`` for the HTTP API: the response body, serialized here in one pass.
+
+        Bytes cross the hop to the ingress instead of pickled models that it would unpickle
+        only to serialize them again.
+        """
+        results = await self.call(principal, request_id, "search", *args, **kw)
+        return _SEARCH_JSON.dump_json({"results": results})
 
 
 class Ingestor(EngineDeployment):

@@ -462,8 +462,11 @@ def test_serve_config_v2_is_serve_config_yaml_for_a_cluster() -> None:
     ServeDeploySchema.model_validate(base)
     (base_app,) = base["applications"]
     (app,) = v2["applications"]
-    for key in ("name", "route_prefix", "import_path", "args", "logging_config"):
+    for key in ("name", "route_prefix", "import_path", "logging_config"):
         assert app[key] == base_app[key], f"serveConfigV2 differs from serve_config.yaml: {key}"
+    # The one argument a GPU cluster changes: queries go to the GPU Embedding replicas too.
+    assert base_app["args"]["local_embedding_max_texts"] == 1
+    assert app["args"] == {**base_app["args"], "local_embedding_max_texts": 0}
     for key in ("proxy_location", "http_options"):
         assert v2[key] == base[key]
     base_deployments = _deployments(base)
@@ -709,3 +712,29 @@ def test_runpods_head_starts_migrates_and_deploys() -> None:
 
     missing = _start({"ROLE": "head", "DATABASE_URL": "postgresql://u@db/h"})
     assert missing.returncode == 2 and "RAY_AUTH_TOKEN" in missing.stderr
+
+
+def test_every_launcher_sets_the_serve_environment() -> None:
+    """One source (halldyll_ray.serve_env): serve.sh, the image, KubeRay and RunPods agree."""
+    from halldyll_ray.serve_env import SERVE_ENVIRONMENT
+
+    assert SERVE_ENVIRONMENT  # the test below would pass vacuously otherwise
+    shell = {
+        "scripts/serve.sh": (ROOT / "scripts" / "serve.sh").read_text(),
+        "runpods/start.sh": (ROOT / "runpods" / "start.sh").read_text(),
+    }
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    configmap = yaml.safe_load((ROOT / "kuberay" / "configmap.yaml").read_text())["data"]
+    for name, value in SERVE_ENVIRONMENT.items():
+        for path, text in shell.items():
+            assert f'export {name}="${{{name}:-{value}}}"' in text, (path, name)
+        assert re.search(rf"^\s+{name}={value}\b", dockerfile, re.M), ("Dockerfile", name)
+        assert configmap.get(name) == value, ("configmap", name)
+    # Every Ray container of the RayService takes the ConfigMap.
+    service = yaml.safe_load((ROOT / "kuberay" / "rayservice.yaml").read_text())
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            refs = [e.get("configMapRef", {}).get("name") for e in container.get("envFrom", [])]
+            assert "halldyll-config" in refs, container["name"]

@@ -246,6 +246,50 @@ async def test_handle_api_and_batching(
     assert max(stats["batch_sizes"]) > 1  # requests were merged into batches
 
 
+async def test_single_texts_are_embedded_in_the_replica(
+    ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """local_embedding_max_texts=1 (the default): a query is encoded by the Search replica
+    itself, a conversation's several chunks go to the Embedding deployment."""
+    from ray import serve
+
+    embedding = serve.get_deployment_handle("Embedding", app_name="halldyll")
+    _, key = await _user_with_key(http, admin_key)
+    before = (await embedding.stats.remote())["texts"]
+    r = await http.post(
+        "/v1/users/me/search",
+        json={"query": "a query nobody asked before 7f3a"},
+        headers=bearer(key),
+    )
+    assert r.status_code == 200
+    assert (await embedding.stats.remote())["texts"] == before
+    messages = [
+        {"role": "user", "content": "We are planning a trip to Lisbon in May."},
+        {"role": "assistant", "content": "Lisbon in May is warm; book the tram tour early."},
+        {"role": "user", "content": "My sister Ana will join us from Porto."},
+    ]
+    r = await http.post(
+        "/v1/users/me/memories",
+        json={"type": "conversation", "title": "Lisbon trip", "messages": messages},
+        headers=bearer(key),
+    )
+    assert r.status_code == 201, r.text
+    assert (await embedding.stats.remote())["texts"] >= before + 2
+
+
+def test_the_http_port_is_served_by_haproxy(ray_serve: dict[str, Any]) -> None:
+    """The product's Serve environment is in force: HAProxy, not Serve's Python proxy."""
+    import psutil
+
+    port = int(ray_serve["url"].rsplit(":", 1)[1])
+    listeners = {
+        c.pid
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid
+    }
+    assert {psutil.Process(pid).name() for pid in listeners} == {"haproxy"}
+
+
 def test_serve_config_validates_against_rays_schema() -> None:
     from ray.serve.schema import ServeDeploySchema
 
