@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -293,8 +294,8 @@ class CpuMeter:
                 if "ServeReplica:" in cmd:
                     name = cmd.split("ServeReplica:", 1)[1].split()[0].split(":")[-1]
                     name = name.split(".")[0]
-                elif "ProxyActor" in cmd:
-                    name = "proxy"
+                elif "ProxyActor" in cmd or "haproxy" in cmd:
+                    name = "proxy"  # HAProxy (the product's default), or Serve's Python proxy
                 elif "ServeController" in cmd:
                     name = "controller"
                 elif "raylet" in cmd or "gcs_server" in cmd:
@@ -1385,7 +1386,10 @@ def main() -> None:
             import ray
             from ray import serve
 
-            serve.shutdown()
+            # With the router on the caller's loop (RAY_SERVE_THROUGHPUT_OPTIMIZED), the
+            # driver's handles belong to the asyncio.run loop that has already closed.
+            with contextlib.suppress(RuntimeError):
+                serve.shutdown()
             ray.shutdown()
         server.stop()
         try:

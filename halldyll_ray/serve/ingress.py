@@ -471,11 +471,11 @@ class Ingress:
         models = await (await self._api(request)).list_models(kind=kind)
         return _json(list(models))
 
-    @api.get("/v1/models/{ref}", tags=["models"])
+    @api.get("/v1/models/{ref:path}", tags=["models"])
     async def get_model(self, request: Request, ref: str) -> Any:
         return _json(await (await self._api(request)).get_model(ref))
 
-    @api.delete("/v1/models/{ref}", status_code=204, tags=["models"])
+    @api.delete("/v1/models/{ref:path}", status_code=204, tags=["models"])
     async def delete_model(self, request: Request, ref: str) -> Response:
         await (await self._api(request)).delete_model(ref)
         return Response(status_code=204)

@@ -68,6 +68,14 @@ async def test_async_client_round_trip(ray_serve: dict[str, Any], admin_key: str
         )
         assert (await admin.get_model(llm.name)).id == llm.id
         assert llm.id in {m.id for m in await admin.list_models("llm")}
+        # Hugging Face style names carry a "/": the path takes them whole.
+        vlm = await admin.register_model(
+            _name("Qwen/Qwen2.5-VL-7B-Instruct-"), ModelKind.VISION_LANGUAGE
+        )
+        assert (await admin.get_model(vlm.name)).id == vlm.id
+        await admin.delete_model(vlm.name)
+        with pytest.raises(NotFound):
+            await admin.get_model(vlm.name)
 
     async with AsyncHalldyllClient(url, new.key, timeout=60) as client:
         assert (await client.me()).id == user.id
