@@ -28,12 +28,13 @@ def ray_serve(serve_db: str, redis_url: str) -> Iterator[dict[str, Any]]:
 
     from halldyll_ray.serve import build_app
 
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     # Logical CPUs: six deployments of one replica each on a 2-core machine.
     ray.init(
         num_cpus=8,
         include_dashboard=False,
         log_to_driver=False,
+        _metrics_export_port=metrics_port,  # the node's Prometheus endpoint, scraped by a test
         runtime_env={"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0"}},
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -47,7 +48,12 @@ def ray_serve(serve_db: str, redis_url: str) -> Iterator[dict[str, Any]]:
         {"settings": settings, "max_body_bytes": 200_000, "embedding_batch_wait_timeout_s": 0.02}
     )
     handle = serve.run(app, name="halldyll", route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{port}", "handle": handle, "settings": settings}
+    yield {
+        "url": f"http://127.0.0.1:{port}",
+        "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
+        "handle": handle,
+        "settings": settings,
+    }
     serve.shutdown()
     ray.shutdown()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ async def _user_with_key(http: httpx.AsyncClient, admin_key: str, role: str = "u
 
 async def test_health(http: httpx.AsyncClient) -> None:
     assert (await http.get("/healthz")).json() == {"status": "ok"}
+    # Serve's own health route (KubeRay's probe), answered by HAProxy in front of the app.
+    assert (await http.get("/-/healthz")).status_code == 200
     ready = await http.get("/readyz")
     assert ready.status_code == 200
     body = ready.json()
@@ -275,6 +278,34 @@ async def test_single_texts_are_embedded_in_the_replica(
     )
     assert r.status_code == 201, r.text
     assert (await embedding.stats.remote())["texts"] >= before + 2
+
+
+async def test_metrics_reach_prometheus(
+    ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """The halldyll_* metrics are exported by the node's Prometheus endpoint."""
+    _, key = await _user_with_key(http, admin_key)
+    for i in range(3):
+        r = await http.post(
+            "/v1/users/me/search", json={"query": f"metrics probe {i}"}, headers=bearer(key)
+        )
+        assert r.status_code == 200
+    wanted = {
+        "halldyll_http_requests",
+        "halldyll_http_latency_ms",
+        "halldyll_cache_hit_ratio",
+    }
+    found: set[str] = set()
+    deadline = time.monotonic() + 60
+    async with httpx.AsyncClient(timeout=10) as scraper:
+        while time.monotonic() < deadline:
+            text = (await scraper.get(ray_serve["metrics_url"])).text
+            found = {name for name in wanted if name in text}
+            if found == wanted and 'route="/v1/users/{user_id}/search"' in text:
+                break
+            await asyncio.sleep(1)
+    assert found == wanted
+    assert 'route="/v1/users/{user_id}/search"' in text
 
 
 def test_the_http_port_is_served_by_haproxy(ray_serve: dict[str, Any]) -> None:
