@@ -8,6 +8,7 @@ import asyncpg
 import pytest
 
 from halldyll_ray import Conversation, Fact, MemoryEngine, Message
+from halldyll_ray.errors import InvalidInput
 
 
 @pytest.fixture
@@ -88,3 +89,29 @@ async def test_application_role_cannot_bypass_or_rewrite_audit(engine: MemoryEng
                 await conn.execute(statement)
     async with engine.db.scoped() as conn:
         assert await conn.fetchval("SELECT count(*) FROM audit_log") >= 4
+
+
+async def test_a_pooled_connection_carries_no_identity_to_the_next_checkout(
+    engine: MemoryEngine, two_users, database_url: str
+):
+    """The pool skips RESET ALL on release: the identity must end with its transaction."""
+    from halldyll_ray.db.database import Database
+
+    ada, _ = two_users
+    async with Database(database_url, pool_size=1) as db:  # one connection, reused
+        async with db.scoped(ada.id) as conn:
+            pid = conn.get_server_pid()
+            assert await conn.fetchval("SELECT count(*) FROM memories") == 2
+        async with db.pool.acquire() as conn:
+            assert conn.get_server_pid() == pid  # the very same session
+            assert await conn.fetchval("SELECT current_user") == "halldyll_app"
+            assert await conn.fetchval("SELECT current_setting('halldyll.user_id', true)") in (
+                "",
+                None,
+            )
+            assert await conn.fetchval("SELECT count(*) FROM memories") == 0
+        # An error inside a transaction: rolled back, identity gone all the same.
+        with pytest.raises(InvalidInput):  # a DataError, translated
+            async with db.scoped(ada.id) as conn:
+                await conn.fetchval("SELECT 1 / 0")
+        assert await db.fetchval("SELECT count(*) FROM memories") == 0
