@@ -28,6 +28,8 @@ Ray starts to opt out; :func:`apply` never overrides a value already set.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from collections.abc import Mapping, MutableMapping
 
 SERVE_ENVIRONMENT: Mapping[str, str] = {
@@ -36,12 +38,24 @@ SERVE_ENVIRONMENT: Mapping[str, str] = {
 }
 
 
-def apply(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set the variables of :data:`SERVE_ENVIRONMENT` not already set; return the result.
+def haproxy_available() -> bool:
+    """``ray[serve]`` bundles HAProxy on Linux only; elsewhere it must be on the PATH."""
+    return sys.platform.startswith("linux") or shutil.which("haproxy") is not None
 
-    Call it before the first ``import ray`` in a process that starts Ray itself.
+
+def apply(
+    environ: MutableMapping[str, str] | None = None, *, haproxy: bool | None = None
+) -> dict[str, str]:
+    """Set the variables of :data:`SERVE_ENVIRONMENT` not already set; return what is set.
+
+    Call it before the first ``import ray`` in a process that starts Ray itself. Without an
+    HAProxy binary (``haproxy``: default :func:`haproxy_available`) HAProxy stays off and
+    Serve's own proxy answers on the HTTP port, in front of the same direct ingress.
     """
     env = os.environ if environ is None else environ
+    with_haproxy = haproxy_available() if haproxy is None else haproxy
     for name, value in SERVE_ENVIRONMENT.items():
+        if name == "RAY_SERVE_ENABLE_HA_PROXY" and not with_haproxy:
+            continue
         env.setdefault(name, value)
-    return {name: env[name] for name in SERVE_ENVIRONMENT}
+    return {name: env[name] for name in SERVE_ENVIRONMENT if name in env}

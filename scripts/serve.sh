@@ -15,5 +15,8 @@ fi
 # Ray Serve's throughput-optimized mode with HAProxy on the HTTP port, unless already set
 # (halldyll_ray/serve_env.py says why; set a variable to 0 to opt out).
 export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
-export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
+# ray[serve] bundles the HAProxy binary on Linux only; elsewhere it must be on the PATH.
+if [ "$(uname -s)" = Linux ] || command -v haproxy >/dev/null 2>&1; then
+    export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
+fi
 exec .venv/bin/serve run serve_config.yaml "$@"
