@@ -1126,19 +1126,8 @@ def findings(
         server = cpu["run"] - cpu.get("driver", 0)
         parts = ", ".join(
             f"{k} {cpu[k]}"
-            for k in (
-                "proxy",
-                "Ingress",
-                "Search",
-                "Ingestion",
-                "Embedding",
-                "postgres",
-                "redis",
-                "controller",
-                "raylet_gcs",
-                "ray_other",
-            )
-            if cpu.get(k, 0) >= 0.5
+            for k in _CPU_COLS
+            if k not in ("driver", "run", "other") and cpu.get(k, 0) >= 0.5
         )
         notes.append(
             f"{op}, {most} client(s): CPU per request on the server side of HTTP "

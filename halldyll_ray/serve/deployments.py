@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -169,18 +170,15 @@ _SEARCH_JSON: TypeAdapter[dict[str, list[SearchResult]]] = TypeAdapter(
 )
 
 
-class EngineDeployment:
-    """A MemoryEngine whose vectors come from the Embedding deployment.
+class EngineOwner:
+    """Holds the replica's MemoryEngine, built once by Serve's first health check.
 
     Args:
         embedder: Handle of the Embedding deployment.
         database: Handle of the EmbeddedDatabase deployment, or None with DATABASE_URL.
         settings_env: Settings overrides (same names as the environment variables).
         local_embedding_max_texts: See :func:`remote_engine`.
-        methods: The engine operations this deployment serves.
     """
-
-    methods: frozenset[str] = frozenset()
 
     def __init__(
         self,
@@ -195,19 +193,47 @@ class EngineDeployment:
         self._settings_env = dict(settings_env or {})
         self._engine: MemoryEngine | None = None
         self._lock = asyncio.Lock()
-        self._hit_ratio = metrics.Gauge(
-            "halldyll_cache_hit_ratio",
-            description="Share of cache lookups answered by the LRU or Redis, by kind.",
-            tag_keys=("kind",),
-        )
 
     async def engine(self) -> MemoryEngine:
+        if self._engine is not None:  # every request asks: no lock once it exists
+            return self._engine
         async with self._lock:
             if self._engine is None:
                 self._engine = await remote_engine(
                     self._settings_env, self._database, self._embedder, self._local_max_texts
                 )
         return self._engine
+
+    async def check_health(self) -> None:
+        # Also the eager start: Serve's first health check builds the engine, so the
+        # database (and, for local development, the embedded server and first Admin key)
+        # is ready before the first request rather than made by it.
+        await (await self.engine()).db.ping()
+
+
+class EngineDeployment(EngineOwner):
+    """An engine deployment: the authorised operations in ``methods``, for any principal.
+
+    Takes :class:`EngineOwner`'s arguments.
+    """
+
+    methods: frozenset[str] = frozenset()
+    HIT_RATIO_EVERY_S = 1.0  # the cache hit ratio gauge is refreshed at most this often
+
+    def __init__(
+        self,
+        embedder: Any,
+        database: Any = None,
+        settings_env: dict[str, str] | None = None,
+        local_embedding_max_texts: int = 0,
+    ) -> None:
+        super().__init__(embedder, database, settings_env, local_embedding_max_texts)
+        self._hit_ratio = metrics.Gauge(
+            "halldyll_cache_hit_ratio",
+            description="Share of cache lookups answered by the LRU or Redis, by kind.",
+            tag_keys=("kind",),
+        )
+        self._hit_ratio_at = 0.0
 
     async def call(
         self, principal: Principal, request_id: str | None, method: str, *args: Any, **kw: Any
@@ -220,16 +246,13 @@ class EngineDeployment:
         try:
             return await getattr(api, method)(*args, **kw)
         finally:
-            for kind, (local, remote, missed) in engine.cache.stats.by_kind.items():
-                total = local + remote + missed
-                if total:
-                    self._hit_ratio.set((local + remote) / total, tags={"kind": kind})
-
-    async def check_health(self) -> None:
-        # Also the eager start: Serve's first health check builds the engine, so the
-        # database (and, for local development, the embedded server and first Admin key)
-        # is ready before the first request rather than made by it.
-        await (await self.engine()).db.ping()
+            now = time.monotonic()
+            if now - self._hit_ratio_at >= self.HIT_RATIO_EVERY_S:
+                self._hit_ratio_at = now
+                for kind, (local, remote, missed) in engine.cache.stats.by_kind.items():
+                    total = local + remote + missed
+                    if total:
+                        self._hit_ratio.set((local + remote) / total, tags={"kind": kind})
 
     async def health(self) -> dict[str, Any]:
         return await (await self.engine()).health()

@@ -7,7 +7,6 @@ Search, Ingestion and Context deployments; users, keys, models and audit are ser
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -24,7 +23,6 @@ from ray import serve
 from ray.serve import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from halldyll_ray.engine import MemoryEngine
 from halldyll_ray.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -46,7 +44,7 @@ from halldyll_ray.models import (
     Role,
     SearchMode,
 )
-from halldyll_ray.serve.deployments import remote_engine
+from halldyll_ray.serve.deployments import EngineOwner
 
 log = logging.getLogger("halldyll_ray.http")
 
@@ -319,8 +317,12 @@ class _RouteMetrics:
         self.latency.observe(elapsed_ms, tags={"route": route})
 
 
-class Ingress:
-    """The HTTP API and the handle API (served as ``HTTPIngress``, below)."""
+class Ingress(EngineOwner):
+    """The HTTP API and the handle API (served as ``HTTPIngress``, below).
+
+    Its own engine authenticates and serves users, keys, models and audit; memory operations
+    go to the Search, Ingestion and Context deployments.
+    """
 
     def __init__(
         self,
@@ -332,30 +334,12 @@ class Ingress:
         settings_env: dict[str, str] | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
+        super().__init__(embedder, database, settings_env)
         self._searcher = searcher
         self._ingestor = ingestor
         self._context = context
-        self._embedder = embedder
-        self._database = database
-        self._settings_env = dict(settings_env or {})
-        self._engine: MemoryEngine | None = None
-        self._lock = asyncio.Lock()
         api.state.max_body_bytes = max_body_bytes
         api.state.metrics = _RouteMetrics()
-
-    async def engine(self) -> MemoryEngine:
-        async with self._lock:
-            if self._engine is None:
-                self._engine = await remote_engine(
-                    self._settings_env, self._database, self._embedder
-                )
-        return self._engine
-
-    async def check_health(self) -> None:
-        # Also the eager start: Serve's first health check builds the engine, so the
-        # database (and, for local development, the embedded server and first Admin key)
-        # is ready before the first request rather than made by it.
-        await (await self.engine()).db.ping()
 
     # ----------------------------------------------------------------------- helpers
     async def _principal(self, request: Request) -> Principal:
