@@ -220,14 +220,8 @@ class EngineDeployment(EngineOwner):
     methods: frozenset[str] = frozenset()
     HIT_RATIO_EVERY_S = 1.0  # the cache hit ratio gauge is refreshed at most this often
 
-    def __init__(
-        self,
-        embedder: Any,
-        database: Any = None,
-        settings_env: dict[str, str] | None = None,
-        local_embedding_max_texts: int = 0,
-    ) -> None:
-        super().__init__(embedder, database, settings_env, local_embedding_max_texts)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._hit_ratio = metrics.Gauge(
             "halldyll_cache_hit_ratio",
             description="Share of cache lookups answered by the LRU or Redis, by kind.",
