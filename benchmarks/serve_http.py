@@ -33,7 +33,8 @@ What it measures (one run, one machine, everything side by side)
       ingress, then Search), and HTTP; for ``uncached``, one Embedding handle call with one
       text vs ``OnnxEncoder.encode([text])`` in a thread;
     * Embedding throughput: ``--embed-concurrency`` concurrent single-text handle calls
-      (``serve.batch`` merges them), and requests of 32 texts, vs ``OnnxEncoder.encode`` in
+      (``serve.batch`` and the replica's ``MergingEncoder`` merge them into model calls), and
+      requests of 32 texts, vs ``OnnxEncoder.encode`` in
       batches of 32 in this process, on the same texts (texts/s and the ratio).
 
     Per scenario: p50 / p99 / mean latency (ms), throughput, errors, and CPU time per request
@@ -860,7 +861,7 @@ async def embedding_throughput(
         items=batch,
         seconds=secs,
     )
-    # Raw ORT at the batch size serve.batch really formed: separates "smaller batches" from
+    # Raw ORT at the mean size of the merged model calls: separates "smaller batches" from
     # "per-request overhead" in the deployment's shortfall.
     small = max(1, round(mean_batch))
 
@@ -878,14 +879,14 @@ async def embedding_throughput(
     )
     return {
         "raw_texts_per_s": round(raw_rate, 1),
-        "raw_at_serve_batch_size_texts_per_s": r_small.items_per_s,
-        "raw_at_serve_batch_size": small,
+        "raw_at_call_size_texts_per_s": r_small.items_per_s,
+        "raw_at_call_size": small,
         "deployment_1_text_texts_per_s": round(one_rate, 1),
         "deployment_batched_texts_per_s": r_many.items_per_s,
         "ratio_1_text": round(float(np.median(paired)), 3),
         "ratio_1_text_rounds": [round(x, 3) for x in paired],
         "ratio_batched": round(r_many.items_per_s / raw_rate, 3),
-        "serve_batch_sizes": batch_stats,
+        "requests_per_model_call": batch_stats,
         "concurrency": args.embed_concurrency,
         "rounds": len(raws),
         "cpu_ms_per_text": {
@@ -1140,10 +1141,10 @@ def findings(
     if emb:
         cpt = emb["cpu_ms_per_text"]
         notes.append(
-            f"Embedding deployment: {emb['concurrency']} concurrent 1-text requests formed "
-            f"batches of {emb['serve_batch_sizes']['mean']} on average (max "
-            f"{emb['serve_batch_sizes']['max']}), not 32; raw ORT at batch "
-            f"{emb['raw_at_serve_batch_size']} gives {emb['raw_at_serve_batch_size_texts_per_s']}"
+            f"Embedding deployment: {emb['concurrency']} concurrent 1-text requests merged "
+            f"into model calls of {emb['requests_per_model_call']['mean']} requests on "
+            f"average (max {emb['requests_per_model_call']['max']}); raw ORT at batch "
+            f"{emb['raw_at_call_size']} gives {emb['raw_at_call_size_texts_per_s']}"
             f" texts/s vs {emb['raw_texts_per_s']} at 32, the deployment "
             f"{emb['deployment_1_text_texts_per_s']}. CPU per text: deployment "
             f"{cpt['deployment_1_text']} ms (Embedding replica "
@@ -1257,11 +1258,11 @@ def markdown(doc: dict[str, Any]) -> str:
             f"of 32, this process): {emb['raw_texts_per_s']} texts/s. Embedding deployment, "
             f"{emb['concurrency']} concurrent 1-text handle calls: "
             f"{emb['deployment_1_text_texts_per_s']} texts/s (paired ratio "
-            f"{emb['ratio_1_text']}, rounds {emb['ratio_1_text_rounds']}; serve.batch sizes "
-            f"{emb['serve_batch_sizes']}). 32-text "
+            f"{emb['ratio_1_text']}, rounds {emb['ratio_1_text_rounds']}; requests per model call "
+            f"{emb['requests_per_model_call']}). 32-text "
             f"requests, 2 concurrent: {emb['deployment_batched_texts_per_s']} texts/s (ratio "
-            f"{emb['ratio_batched']}). Raw at batch {emb['raw_at_serve_batch_size']} (the "
-            f"size serve.batch formed): {emb['raw_at_serve_batch_size_texts_per_s']} texts/s.",
+            f"{emb['ratio_batched']}). Raw at batch {emb['raw_at_call_size']} (the "
+            f"mean requests per model call): {emb['raw_at_call_size_texts_per_s']} texts/s.",
         ]
     lines += [
         "",

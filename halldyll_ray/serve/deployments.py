@@ -20,7 +20,7 @@ from ray.serve import metrics
 from halldyll_ray.config import Settings
 from halldyll_ray.db.embedded import EmbeddedPostgres
 from halldyll_ray.db.migrate import apply_migrations
-from halldyll_ray.embedding import OnnxEncoder
+from halldyll_ray.embedding import MergingEncoder, OnnxEncoder
 from halldyll_ray.engine import MemoryEngine
 from halldyll_ray.errors import InvalidInput
 from halldyll_ray.models import Principal, Role, SearchResult
@@ -79,11 +79,17 @@ class EmbeddedDatabase:
         self.server.stop()
 
 
+def _not_the_concurrent_batches_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("`max_batch_size` (")
+
+
 class Embedder:
     """ONNX Runtime text encoder; ``embed_batch`` is wrapped by ``serve.batch`` in the builder.
 
-    Each request carries a list of texts; a batch of requests is flattened into one encoder
-    call (the encoder sorts by length to cut padding) and split back.
+    Each request carries a list of texts. ``serve.batch`` merges concurrent requests into
+    batches; a :class:`MergingEncoder` then runs one model call at a time and merges the
+    batches that queued during a call into the next one (``serve.batch`` alone cuts a new
+    batch whenever its wait ends, busy model or not, so under load its batches stay tiny).
     """
 
     def __init__(self, settings_env: dict[str, str] | None = None) -> None:
@@ -94,30 +100,32 @@ class Embedder:
             provider=settings.embedding_provider,
             batch_size=settings.embedding_batch_size,
         )
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: list[int] = []  # requests per model call, the last 1000
         self.texts = 0
         self._batch_size_metric = metrics.Histogram(
             "halldyll_embedding_batch_size",
-            description="Requests merged into one embedding call.",
+            description="Requests merged into one embedding model call.",
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
         )
         self._texts_metric = metrics.Counter(
             "halldyll_embedded_texts", description="Texts embedded by the model."
         )
+        self.model = MergingEncoder(
+            self.encoder.encode, max_texts=self.encoder.batch_size, observe=self._observe
+        )
+        # serve.batch warns that max_batch_size x max_concurrent_batches exceeds
+        # max_ongoing_requests; with the MergingEncoder as the real limit, that is by design.
+        logging.getLogger("ray.serve").addFilter(_not_the_concurrent_batches_warning)
+
+    def _observe(self, requests: int, texts: int) -> None:
+        self.batch_sizes.append(requests)
+        del self.batch_sizes[:-1000]
+        self.texts += texts
+        self._batch_size_metric.observe(requests)
+        self._texts_metric.inc(texts)
 
     async def embed_batch(self, requests: list[list[str]]) -> list[np.ndarray]:
-        flat = [text for texts in requests for text in texts]
-        self.batch_sizes.append(len(requests))
-        self.texts += len(flat)
-        del self.batch_sizes[:-1000]
-        self._batch_size_metric.observe(len(requests))
-        self._texts_metric.inc(len(flat))
-        vectors = await asyncio.to_thread(self.encoder.encode, flat)
-        out, start = [], 0
-        for texts in requests:
-            out.append(vectors[start : start + len(texts)])
-            start += len(texts)
-        return out
+        return await asyncio.gather(*(self.model.encode(texts) for texts in requests))
 
     async def embed(self, texts: list[str]) -> np.ndarray:
         """One request; replaced by the batched version in a Serve replica."""
@@ -132,7 +140,7 @@ class Embedder:
         }
 
     async def check_health(self) -> None:
-        await asyncio.to_thread(self.encoder.encode, ["health"])
+        await self.model.encode(["health"])
 
 
 async def remote_engine(
@@ -154,14 +162,19 @@ async def remote_engine(
     if database is not None:
         overrides["database_url"] = await database.url.remote()
 
+    local: MergingEncoder | None = None
+
     async def embed(texts: list[str]) -> np.ndarray:
-        if len(texts) <= local_max_texts:
-            return await asyncio.to_thread(engine.encoder.encode, texts)
+        if local is not None and len(texts) <= local_max_texts:
+            return await local.encode(texts)
         result: np.ndarray = await embedder.embed.remote(texts)
         return result
 
     engine = MemoryEngine(Settings.from_env(**overrides), embedder=embed)
     await engine.initialize(migrate=False)
+    if local_max_texts > 0:
+        # Concurrent queries share model calls instead of racing in threads for two cores.
+        local = MergingEncoder(engine.encoder.encode, max_texts=engine.encoder.batch_size)
     return engine
 
 

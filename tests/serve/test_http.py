@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import yaml
 
 from halldyll_ray.models import SearchResult
@@ -242,11 +243,21 @@ async def test_handle_api_and_batching(
     assert stored.id in context.sources
 
     embedding = serve.get_deployment_handle("Embedding", app_name="halldyll")
-    texts = [[f"concurrent sentence number {i}"] for i in range(24)]
+    before = (await embedding.stats.remote())["batch_sizes"]
+    texts = [
+        [f"concurrent sentence number {i} about {w}"]
+        for i, w in enumerate("abcdefghijklmnopqrstuvwx")
+    ]
     vectors = await asyncio.gather(*(embedding.embed.remote(t) for t in texts))
     assert all(v.shape == (1, 384) for v in vectors)
-    stats = await embedding.stats.remote()
-    assert max(stats["batch_sizes"]) > 1  # requests were merged into batches
+    calls = (await embedding.stats.remote())["batch_sizes"][len(before) :]
+    assert sum(calls) == 24  # requests per model call, for these 24 requests
+    assert len(calls) <= 12 and max(calls) > 1  # requests were merged into model calls
+    # Each caller got its own text's vector back, whatever it was merged with.
+    for i in (0, 11, 23):
+        alone = await embedding.embed.remote(texts[i])
+        assert np.allclose(vectors[i], alone, atol=1e-4)
+        assert not np.allclose(vectors[i], vectors[(i + 1) % 24], atol=1e-2)
 
 
 async def test_single_texts_are_embedded_in_the_replica(
