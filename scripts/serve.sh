@@ -19,4 +19,8 @@ export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
 if [ "$(uname -s)" = Linux ] || command -v haproxy >/dev/null 2>&1; then
     export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
 fi
+# A laptop has no load balancer to drain: Ctrl-C stops everything, the embedded PostgreSQL
+# included, in about 10 s. With Serve's 30 s drain, `serve run` gives up waiting and Ray kills
+# the replicas, so the embedded server is left for the next run to stop. Clusters keep 30 s.
+export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="${RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S:-1}"
 exec .venv/bin/serve run serve_config.yaml "$@"

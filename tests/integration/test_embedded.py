@@ -104,3 +104,34 @@ async def test_engine_recovers_after_postgres_restarts(tmp_path: Path, encoder) 
         assert all(o == "unavailable" for o in outcomes[:-1])
         stored = await engine.store_memory(user.id, Fact(statement="and writes work again"))
         assert (await engine.get_memory(user.id, stored.id)).id == stored.id
+
+
+def test_a_killed_user_does_not_keep_the_embedded_server_running(tmp_path: Path) -> None:
+    """A process killed outright never leaves the server's user list; the next process to
+    start forgets it, so the last live one still stops the server."""
+    from halldyll_ray.db.embedded import EmbeddedPostgres
+
+    data = tmp_path / "data"
+    joins = (
+        "import sys, time; from pathlib import Path; "
+        "from halldyll_ray.db.embedded import EmbeddedPostgres; "
+        "EmbeddedPostgres(Path(sys.argv[1])).start(); print('up', flush=True); time.sleep(600)"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", joins, str(data)], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+        finally:
+            proc.kill()  # SIGKILL: no atexit, the pid stays listed
+            proc.wait()
+    pgdata = data / "pgdata"
+    assert (pgdata / "postmaster.pid").exists()  # the server outlived its killed user
+    assert json.loads((pgdata / ".handle_pids.json").read_text()) == [proc.pid]
+    server = EmbeddedPostgres(data)
+    server.start()
+    try:
+        assert json.loads((pgdata / ".handle_pids.json").read_text()) == [os.getpid()]
+    finally:
+        server.stop()
+    assert not (pgdata / "postmaster.pid").exists()  # the last live user stopped it
