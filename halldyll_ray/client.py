@@ -146,10 +146,9 @@ def _one(model: type[M], key: str | None = None) -> Callable[[httpx.Response], M
     return parse
 
 
-def _many(model: type[M], key: str | None = None) -> Callable[[httpx.Response], list[M]]:
+def _many(model: type[M], key: str = "items") -> Callable[[httpx.Response], list[M]]:
     def parse(response: httpx.Response) -> list[M]:
-        body = _json(response)
-        return [model.model_validate(item) for item in (body if key is None else body[key])]
+        return [model.model_validate(item) for item in _json(response)[key]]
 
     return parse
 

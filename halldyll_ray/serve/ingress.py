@@ -430,7 +430,7 @@ class Ingress(EngineOwner):
     @api.get("/v1/users/{user_id}/keys", tags=["keys"])
     async def list_keys(self, request: Request, user_id: str) -> Any:
         api_ = await self._api(request)
-        return _json(list(await api_.list_api_keys(self._user(user_id))))
+        return _json({"items": list(await api_.list_api_keys(self._user(user_id)))})
 
     @api.post("/v1/keys/{key_id}/rotate", status_code=201, tags=["keys"])
     async def rotate_key(self, request: Request, key_id: str) -> Any:
@@ -453,7 +453,7 @@ class Ingress(EngineOwner):
     @api.get("/v1/models", tags=["models"])
     async def list_models(self, request: Request, kind: str | None = None) -> Any:
         models = await (await self._api(request)).list_models(kind=kind)
-        return _json(list(models))
+        return _json({"items": list(models)})
 
     @api.get("/v1/models/{ref:path}", tags=["models"])
     async def get_model(self, request: Request, ref: str) -> Any:
@@ -554,7 +554,7 @@ class Ingress(EngineOwner):
             _parse_uuid(memory_id, "memory_id"),
             body.messages,
         )
-        return _json(list(stored), 201)
+        return _json({"items": list(stored)}, 201)
 
     @api.post("/v1/users/{user_id}/search", tags=["search"])
     async def search(self, request: Request, user_id: str, body: SearchIn) -> Any:

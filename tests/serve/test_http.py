@@ -79,7 +79,7 @@ async def test_memory_round_trip_over_http(http: httpx.AsyncClient, admin_key: s
         headers=h,
         json={"messages": [{"role": "assistant", "content": "Book huts early."}]},
     )
-    assert r.status_code == 201 and r.json()[0]["seq"] == 1
+    assert r.status_code == 201 and r.json()["items"][0]["seq"] == 1
 
     r = await http.post(
         "/v1/users/me/search", headers=h, json={"query": "fear of high places", "limit": 3}
@@ -376,3 +376,21 @@ async def test_colocated_app_uses_the_handle_api(
             assert "PermissionDenied" in type(exc).__name__ or "may not" in str(exc)
     finally:
         serve.delete("assistant")
+
+
+async def test_every_list_has_one_shape(
+    ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """{"items": [...]} everywhere, with "next_cursor" where the list pages."""
+    h = bearer(admin_key)
+    await http.post(
+        "/v1/models", headers=h, json={"name": f"m-{uuid.uuid4().hex[:6]}", "kind": "llm"}
+    )
+    await http.post("/v1/users/me/memories", headers=h, json={"type": "fact", "statement": "x1"})
+    paged = ("/v1/users?limit=1", "/v1/users/me/memories?limit=1")
+    for path in (*paged, "/v1/users/me/keys", "/v1/models", "/v1/audit?limit=2"):
+        r = await http.get(path, headers=h)
+        assert r.status_code == 200, (path, r.text)
+        body = r.json()
+        assert isinstance(body, dict) and body["items"], (path, body)
+        assert ("next_cursor" in body) == (path in paged), path
