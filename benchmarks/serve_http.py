@@ -44,7 +44,7 @@ What it measures (one run, one machine, everything side by side)
     ``benchmarks/results/serve_http.json`` and ``.md`` with the machine, versions, date and
     the exact command.
 
-Run from the repository root (about 4 minutes with the defaults)::
+Run from the repository root (about 3 minutes with the defaults)::
 
     python benchmarks/serve_http.py [--clients 1 16] [--seconds 4 | --requests N] [--warmup 1]
 """
