@@ -712,31 +712,6 @@ async def scenarios(
     return extra
 
 
-def _with_max_ongoing(app: Any, value: int, keep: tuple[str, ...]) -> Any:
-    """The same application graph with ``max_ongoing_requests=value`` except for ``keep``.
-
-    Walks the bound graph ``build_app`` returns (a private attribute of Serve's Application),
-    so the benchmark does not copy the product's wiring.
-    """
-    from ray.serve import Application
-
-    memo: dict[int, Any] = {}
-
-    def rebuild(node: Any) -> Any:
-        if not isinstance(node, Application):
-            return node
-        if id(node) not in memo:
-            dep = node._bound_deployment
-            args = [rebuild(a) for a in dep.init_args]
-            kwargs = {k: rebuild(v) for k, v in dep.init_kwargs.items()}
-            if dep.name not in keep:
-                dep = dep.options(max_ongoing_requests=value)
-            memo[id(node)] = dep.bind(*args, **kwargs)
-        return memo[id(node)]
-
-    return rebuild(app)
-
-
 async def diagnose_max_ongoing(
     bench: Bench, url: str, ingress: Any, search_ops: list[Any], value: int
 ) -> dict[str, Any]:
@@ -748,15 +723,17 @@ async def diagnose_max_ongoing(
     """
     from ray import serve
 
-    from halldyll_ray.serve import build_app
+    from halldyll_ray.serve import build_app, with_options
 
     most = max(bench.args.clients)
     print(
         f"Diagnosis: max_ongoing_requests={value} on Ingress/Search/Ingestion/Context", flush=True
     )
     started = time.perf_counter()
-    app = _with_max_ongoing(
-        build_app({"settings": bench.settings_env}), value, keep=("Embedding", "EmbeddedDatabase")
+    app = with_options(
+        build_app({"settings": bench.settings_env}),
+        keep=("Embedding", "EmbeddedDatabase"),
+        max_ongoing_requests=value,
     )
     await asyncio.to_thread(serve.run, app, name=APP, route_prefix="/")
     redeploy_s = round(time.perf_counter() - started, 1)

@@ -1,5 +1,5 @@
 """The Ray Serve application (imports Ray; the core package does not)."""
 
-from halldyll_ray.serve.app import AppArgs, build_app
+from halldyll_ray.serve.app import AppArgs, build_app, with_options
 
-__all__ = ["AppArgs", "build_app"]
+__all__ = ["AppArgs", "build_app", "with_options"]

@@ -7,6 +7,7 @@ resources live in the YAML's per-deployment overrides, not here.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -112,3 +113,30 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     )
     ingress = serve.deployment(HTTPIngress, name="Ingress", max_ongoing_requests=ongoing)
     return ingress.bind(searcher, ingestor, context, embedding, database, env, args.max_body_bytes)
+
+
+def with_options(app: Application, *, keep: Iterable[str] = (), **options: Any) -> Application:
+    """The same application graph with Serve deployment ``options`` set on every deployment.
+
+    For Python callers of ``serve.run`` (tests, benchmarks) what serve_config.yaml's
+    per-deployment overrides do for a config file: for example ``health_check_period_s=1``
+    or ``ray_actor_options={"num_cpus": 0.1}``. Deployments named in ``keep`` stay as built.
+    The graph is walked through Serve's private ``Application._bound_deployment``.
+    """
+    kept = frozenset(keep)
+    memo: dict[int, Application] = {}
+
+    def rebuild(node: Any) -> Any:
+        if not isinstance(node, Application):
+            return node
+        if id(node) not in memo:
+            dep = node._bound_deployment
+            args = [rebuild(a) for a in dep.init_args]
+            kwargs = {k: rebuild(v) for k, v in dep.init_kwargs.items()}
+            if dep.name not in kept:
+                dep = dep.options(**options)
+            memo[id(node)] = dep.bind(*args, **kwargs)
+        return memo[id(node)]
+
+    rebuilt: Application = rebuild(app)
+    return rebuilt

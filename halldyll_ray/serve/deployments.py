@@ -22,7 +22,7 @@ from halldyll_ray.db.embedded import EmbeddedPostgres
 from halldyll_ray.db.migrate import apply_migrations
 from halldyll_ray.embedding import MergingEncoder, OnnxEncoder
 from halldyll_ray.engine import MemoryEngine
-from halldyll_ray.errors import InvalidInput
+from halldyll_ray.errors import InvalidInput, Unavailable
 from halldyll_ray.models import Principal, Role, SearchResult
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,7 @@ class EngineOwner:
         self._settings_env = dict(settings_env or {})
         self._engine: MemoryEngine | None = None
         self._lock = asyncio.Lock()
+        self._unreachable = False  # PostgreSQL failed the last health check
 
     async def engine(self) -> MemoryEngine:
         if self._engine is not None:  # every request asks: no lock once it exists
@@ -218,10 +219,27 @@ class EngineOwner:
         return self._engine
 
     async def check_health(self) -> None:
-        # Also the eager start: Serve's first health check builds the engine, so the
-        # database (and, for local development, the embedded server and first Admin key)
-        # is ready before the first request rather than made by it.
-        await (await self.engine()).db.ping()
+        """Serve's health check; also the eager start of the engine.
+
+        The first check builds the engine, so the database (and, for local development, the
+        embedded server and first Admin key) is ready before the first request rather than
+        made by it. PostgreSQL out of reach does not fail the check: Serve would kill and
+        restart every engine replica of the app, which cures nothing (the same server is
+        still down) and turns quick 503s into requests waiting for replicas. Meanwhile
+        requests answer 503 with Retry-After, ``/readyz`` says why, and the pool reconnects
+        once the server is back. Anything else, such as a wrong configuration or a missing
+        migration, fails the check.
+        """
+        try:
+            await (await self.engine()).db.ping()
+        except Unavailable as exc:
+            if not self._unreachable:
+                log.warning("health check: %s; serving 503 until it is back", exc.message)
+            self._unreachable = True
+        else:
+            if self._unreachable:
+                log.warning("health check: PostgreSQL is reachable again")
+            self._unreachable = False
 
 
 class EngineDeployment(EngineOwner):

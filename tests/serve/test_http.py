@@ -343,6 +343,33 @@ def test_serve_config_validates_against_rays_schema() -> None:
     assert {"Embedding", "Search", "Ingestion", "Context", "Ingress"} <= names
 
 
+def test_with_options_sets_every_deployment_but_the_kept_ones() -> None:
+    from ray.serve import Application
+
+    from halldyll_ray.serve import build_app, with_options
+
+    app = with_options(
+        build_app({"settings": {"DATABASE_URL": "postgresql://u@127.0.0.1:1/db"}}),
+        keep=("Embedding",),
+        max_ongoing_requests=7,
+        health_check_period_s=1,
+    )
+    seen: dict[str, tuple[int, float]] = {}
+
+    def walk(node: object) -> None:
+        if isinstance(node, Application):
+            dep = node._bound_deployment
+            config = dep._deployment_config
+            seen[dep.name] = (config.max_ongoing_requests, config.health_check_period_s)
+            for arg in [*dep.init_args, *dep.init_kwargs.values()]:
+                walk(arg)
+
+    walk(app)
+    assert set(seen) == {"Ingress", "Search", "Ingestion", "Context", "Embedding"}
+    assert seen.pop("Embedding") == (64, 10)  # as build_app made it
+    assert set(seen.values()) == {(7, 1)}
+
+
 async def test_colocated_app_uses_the_handle_api(
     ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
 ) -> None:
