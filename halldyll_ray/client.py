@@ -125,6 +125,9 @@ def _error_from(response: httpx.Response) -> HalldyllError:
     if not isinstance(message, str) or not message:
         message = f"HTTP {status}: {response.text[:500] or response.reason_phrase}"
     fields: dict[str, Any] = {"request_id": request_id, "status_code": status}
+    retry_after = response.headers.get("retry-after", "")
+    if retry_after.isdigit():  # seconds; the service sends it with every 503
+        fields["retry_after"] = int(retry_after)
     exc = cls(message, **fields)
     # The same attributes an error unpickled from a Ray actor has (errors._rebuild).
     for name, value in fields.items():

@@ -20,7 +20,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from ray import serve
+from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve import metrics
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from halldyll_ray.errors import (
@@ -104,6 +110,29 @@ async def _halldyll_error(request: Request, exc: HalldyllError) -> Response:
         headers["WWW-Authenticate"] = "Bearer"
     message = exc.message if status < 500 or status == 503 else "internal configuration error"
     return _error(status, exc.code, message, request.state.request_id, **headers)
+
+
+# A replica of another deployment died, or none could take the request. Transient: Serve
+# replaces dead replicas within seconds and sheds load with BackPressureError.
+_NOT_SENT = (BackPressureError, DeploymentUnavailableError)
+_LOST = (RayActorError, ReplicaUnavailableError, WorkerCrashedError, NodeDiedError)
+
+
+async def _replica_unavailable(request: Request, exc: Exception) -> Response:
+    request_id = request.state.request_id
+    log.warning("replica unavailable: %s", type(exc).__name__, extra={"request_id": request_id})
+    if isinstance(exc, _NOT_SENT):
+        message = "the service is overloaded or restarting; the request was not applied, retry"
+    else:
+        message = (
+            "a replica of the service stopped while handling the request, which may or may not "
+            "have been applied; retry (a repeated fact only reinforces the stored one)"
+        )
+    return _error(503, "unavailable", message, request_id, **{"Retry-After": "1"})
+
+
+for _cls in (*_NOT_SENT, *_LOST):
+    api.add_exception_handler(_cls, _replica_unavailable)
 
 
 def _request_id(scope: Any) -> str:

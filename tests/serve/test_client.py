@@ -339,6 +339,9 @@ async def test_errors_without_the_error_shape() -> None:
             return httpx.Response(503, json={"ok": False, "database": {"ok": False}})
         if request.url.path == "/v1/models":
             return httpx.Response(200, text="not json")
+        if request.url.path == "/v1/audit":
+            body = {"error": {"code": "unavailable", "message": "down", "request_id": "r-3"}}
+            return httpx.Response(503, json=body, headers={"Retry-After": "1"})
         return httpx.Response(
             422, json={"error": {"code": "invalid_input", "message": "bad", "request_id": "r-2"}}
         )
@@ -358,6 +361,9 @@ async def test_errors_without_the_error_shape() -> None:
         assert isinstance(again, InvalidInput) and again.request_id == "r-2"  # type: ignore[attr-defined]
         with pytest.raises(InvalidInput, match="user_id"):
             await client.get_user("")
+        with pytest.raises(Unavailable) as busy:
+            await client.list_audit()
+        assert busy.value.fields == {"request_id": "r-3", "status_code": 503, "retry_after": 1}
     finally:
         await client.aclose()
 

@@ -1,4 +1,4 @@
-"""Dependencies go away under the running application, then come back.
+"""Dependencies go away under the running application, then come back; a replica dies.
 
 A second application of the product, on its own PostgreSQL and its own Redis (so the
 session's app is untouched), served by the session's Ray and HTTP port under ``/outage``.
@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import psutil
 from support import RedisServer
@@ -62,7 +64,7 @@ async def _until(check: Any, seconds: float = 45.0) -> Any:
     raise AssertionError(f"not recovered after {seconds} s: {last!r}")
 
 
-async def test_outages_answer_503_and_the_app_recovers_without_restarts(
+async def test_outages_and_a_dead_replica_answer_503_then_the_app_recovers(
     ray_serve: dict[str, Any], tmp_path: Path, encoder
 ) -> None:
     from ray import serve
@@ -154,6 +156,25 @@ async def test_outages_answer_503_and_the_app_recovers_without_restarts(
 
             await _until(redis_back)
             assert _replica_pids() == replicas
+
+            # A Search replica dies in the middle of a request (held at the table lock):
+            # 503 with Retry-After, not a 500, then Serve's new replica answers.
+            locker = await asyncpg.connect(url)
+            try:
+                async with locker.transaction():
+                    await locker.execute("LOCK TABLE memory_chunks IN ACCESS EXCLUSIVE MODE")
+                    held = asyncio.ensure_future(search("what does Ada steer?"))
+                    await asyncio.sleep(1.5)
+                    assert not held.done()
+                    os.kill(replicas["Search"], signal.SIGKILL)
+                    lost = await held
+            finally:
+                await locker.close()
+            assert lost.status_code == 503, lost.text
+            assert lost.headers["Retry-After"] == "1"
+            assert lost.json()["error"]["code"] == "unavailable"
+            await _until(recovered)
+            assert _replica_pids()["Search"] != replicas["Search"]
     finally:
         try:
             serve.delete(APP)
