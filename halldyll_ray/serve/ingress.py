@@ -402,7 +402,7 @@ class Ingress(EngineOwner):
 
     @api.get("/readyz", tags=["health"])
     async def readyz(self) -> Response:
-        """Readiness per dependency: PostgreSQL, Redis, the model."""
+        """Readiness per dependency: PostgreSQL, Redis, the model (503 only without PostgreSQL)."""
         try:
             report = await (await self.engine()).health()
         except HalldyllError as exc:
