@@ -67,6 +67,7 @@ export RAY_AUTH_MODE=token
 # Ray Serve's throughput-optimized mode with HAProxy on port 8000 (halldyll_ray/serve_env.py).
 export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
 export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
+export RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE="${RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE:-1}"
 
 # GPUs on this pod, and the custom resource that places Embedding replicas on them.
 gpus=0

@@ -15,6 +15,7 @@ fi
 # Ray Serve's throughput-optimized mode with HAProxy on the HTTP port, unless already set
 # (halldyll_ray/serve_env.py says why; set a variable to 0 to opt out).
 export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
+export RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE="${RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE:-1}"
 # ray[serve] bundles the HAProxy binary on Linux only; elsewhere it must be on the PATH.
 if [ "$(uname -s)" = Linux ] || command -v haproxy >/dev/null 2>&1; then
     export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"

@@ -28,6 +28,21 @@ from halldyll_ray.models import Principal, Role, SearchResult
 log = logging.getLogger(__name__)
 
 
+def use_serve_logging(level: str) -> None:
+    """Send the product's log records where the replica's Serve records go, from ``level`` up.
+
+    In a replica Ray Serve sets up only the ``ray.serve`` logger: the replica's log file (JSON
+    or text, per ``logging_config``, with the request id) and, with RAY_SERVE_LOG_TO_STDERR,
+    stderr. Records of ``halldyll_ray`` loggers would reach the root logger, which has no
+    handler there: INFO and DEBUG records were lost, LOG_LEVEL did nothing, and warnings came
+    out as bare stderr text that Serve logs at INFO. Each deployment calls this at start.
+    """
+    ours = logging.getLogger("halldyll_ray")
+    ours.setLevel(level.upper())
+    ours.propagate = False
+    ours.handlers[:] = logging.getLogger("ray.serve").handlers
+
+
 class EmbeddedDatabase:
     """Owns the embedded PostgreSQL for the app's lifetime (local development only).
 
@@ -38,6 +53,7 @@ class EmbeddedDatabase:
 
     def __init__(self, settings_env: dict[str, str] | None = None) -> None:
         self.settings = Settings.from_env(**(settings_env or {}))
+        use_serve_logging(self.settings.log_level)
         self.server = EmbeddedPostgres(
             self.settings.data_dir, database=self.settings.embedded_database
         )
@@ -94,6 +110,7 @@ class Embedder:
 
     def __init__(self, settings_env: dict[str, str] | None = None) -> None:
         settings = Settings.from_env(**(settings_env or {}))
+        use_serve_logging(settings.log_level)
         self.encoder = OnnxEncoder.load(
             settings.embedding_model_path,
             dimension=settings.embedding_dimension,
@@ -204,6 +221,7 @@ class EngineOwner:
         self._local_max_texts = local_embedding_max_texts
         self._database = database
         self._settings_env = dict(settings_env or {})
+        use_serve_logging(Settings.from_env(**self._settings_env).log_level)
         self._engine: MemoryEngine | None = None
         self._lock = asyncio.Lock()
         self._unreachable = False  # PostgreSQL failed the last health check

@@ -206,8 +206,8 @@ class _RequestContext:
         recorder = getattr(api.state, "metrics", None)
         if recorder is not None:
             recorder.record(scope["method"], route, status, elapsed_ms)
-        if log.isEnabledFor(logging.INFO):
-            log.info(
+        if log.isEnabledFor(logging.DEBUG):  # Serve's access log has them at INFO
+            log.debug(
                 "request",
                 extra={
                     "request_id": request_id,

@@ -7,6 +7,7 @@ session's app is untouched), served by the session's Ray and HTTP port under ``/
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -34,6 +35,19 @@ def _replica_pids() -> dict[str, int]:
             if part.startswith(f"ray::ServeReplica:{APP}:"):
                 pids[part.split(":")[-1].split(".")[0]] = proc.info["pid"]
     return pids
+
+
+def _log_records(deployment: str) -> list[dict[str, Any]]:
+    """The JSON records in the log files of the outage app's replicas of ``deployment``."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    records = []
+    for path in logs.glob(f"replica_{APP}_{deployment}_*.log"):
+        for line in path.read_text().splitlines():
+            if line.startswith("{"):
+                records.append(json.loads(line))
+    return records
 
 
 def _stop_postgres(server: Any) -> None:
@@ -94,6 +108,7 @@ async def test_outages_and_a_dead_replica_answer_503_then_the_app_recovers(
             health_check_period_s=1,
             health_check_timeout_s=5,
             ray_actor_options={"num_cpus": 0.1},
+            logging_config={"encoding": "JSON"},
         )
         await asyncio.to_thread(serve.run, app, name=APP, route_prefix=f"/{APP}")
         async with httpx.AsyncClient(
@@ -181,3 +196,15 @@ async def test_outages_and_a_dead_replica_answer_503_then_the_app_recovers(
         finally:
             redis.stop()
             server.stop()
+    # The product's own records are in the replicas' Serve logs, with their level and the
+    # request id (written when the replicas stop: throughput mode buffers them).
+    records = _log_records("Ingress")
+    assert {
+        "levelname": "WARNING",
+        "message": "replica unavailable: ActorUnavailableError",
+        "request_id": lost.json()["error"]["request_id"],
+    }.items() <= next(r for r in records if r["message"].startswith("replica unavailable")).items()
+    assert any(
+        r["levelname"] == "WARNING" and r["message"].startswith("health check: PostgreSQL")
+        for r in _log_records("Search")
+    )
