@@ -9,7 +9,7 @@ database owner.
 from __future__ import annotations
 
 import uuid
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 from support import make_settings, scratch_database
@@ -64,3 +64,32 @@ async def test_non_superuser_owner_migrates_and_is_isolated(
                 await admin.execute(f"DROP ROLE IF EXISTS {owner}")
             finally:
                 await admin.close()
+
+
+def _dead_host_first(url: str) -> str:
+    """The same server behind a host list whose first entry refuses connections."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    if "host" in query:  # a Unix socket directory (the embedded server)
+        query["host"] = f"/nonexistent-halldyll-socket-dir,{query['host']}"
+        netloc = parts.netloc
+    else:
+        user, _, hostport = parts.netloc.rpartition("@")
+        netloc = f"{user}@127.0.0.1:1,{hostport}" if user else f"127.0.0.1:1,{hostport}"
+    query["target_session_attrs"] = "read-write"
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), ""))
+
+
+async def test_multi_host_url_fails_over_to_a_live_primary(
+    database_url: str, redis_url: str, encoder
+) -> None:
+    """SPEC 4.7: DATABASE_URL may list several hosts; the first one that accepts a read-write
+    session serves, so a dead first host (a failed-over primary) costs nothing."""
+    failover = _dead_host_first(database_url)
+    assert failover != database_url
+    async with MemoryEngine(make_settings(failover, redis_url), encoder=encoder) as engine:
+        assert (await engine.health())["database"]["ok"] is True
+        user = await engine.create_user(f"ada{uuid.uuid4().hex[:6]}", None, "user")
+        fact = await engine.store_memory(user.id, Fact(statement="Ada keeps bees"))
+        hits = await engine.search(user.id, "what animals does Ada keep?")
+        assert [h.memory.id for h in hits] == [fact.id]
