@@ -40,7 +40,15 @@ def use_serve_logging(level: str) -> None:
     ours = logging.getLogger("halldyll_ray")
     ours.setLevel(level.upper())
     ours.propagate = False
-    ours.handlers[:] = logging.getLogger("ray.serve").handlers
+    ours.handlers[:] = [_ToServeLogger()]
+
+
+class _ToServeLogger(logging.Handler):
+    """Hands each record to the ``ray.serve`` logger's handlers as they are at that moment
+    (Serve replaces them when a new ``logging_config`` is deployed)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("ray.serve").handle(record)
 
 
 class EmbeddedDatabase:
