@@ -204,6 +204,23 @@ async def cmd_index_users(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_stop_embedded(args: argparse.Namespace) -> int:
+    from halldyll_ray.db.embedded import EmbeddedPostgres
+
+    settings = _settings()
+    if settings.database_url is not None:
+        print("DATABASE_URL is set: there is no embedded PostgreSQL to stop")
+        return 0
+    server = EmbeddedPostgres(settings.data_dir, database=settings.embedded_database)
+    if not server.running():
+        print(f"no embedded PostgreSQL is running in {server.pgdata}")
+    elif await asyncio.to_thread(server.stop_if_unused, args.wait):
+        print(f"stopped the embedded PostgreSQL in {server.pgdata}")
+    else:
+        print(f"the embedded PostgreSQL in {server.pgdata} is still in use: left running")
+    return 0
+
+
 async def cmd_demo(args: argparse.Namespace) -> int:
     from halldyll_ray.demo import run_demo
 
@@ -220,6 +237,7 @@ COMMANDS = {
     "create-key": cmd_create_key,
     "purge-audit": cmd_purge_audit,
     "index-users": cmd_index_users,
+    "stop-embedded": cmd_stop_embedded,
 }
 
 
@@ -247,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
         "index-users", help="partial HNSW indexes for very large users (run periodically)"
     )
     index.add_argument("--min-rows", type=int, help="default: LARGE_USER_INDEX_ROWS")
+    stop = sub.add_parser(
+        "stop-embedded",
+        help="stop the embedded PostgreSQL in DATA_DIR unless a live process still uses it",
+    )
+    stop.add_argument(
+        "--wait", type=float, default=0.0, help="seconds to wait for its other users to go"
+    )
     return parser
 
 

@@ -24,4 +24,11 @@ fi
 # included, in about 10 s. With Serve's 30 s drain, `serve run` gives up waiting and Ray kills
 # the replicas, so the embedded server is left for the next run to stop. Clusters keep 30 s.
 export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="${RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S:-1}"
-exec .venv/bin/serve run serve_config.yaml "$@"
+# Killed any other way (kill, a closed terminal), `serve run` takes its replicas down before
+# they can stop the embedded PostgreSQL: stop it afterwards unless a live process uses it.
+# A trap that runs a command (not an ignored signal) leaves `serve run` the default handling.
+trap 'true' TERM HUP
+status=0
+.venv/bin/serve run serve_config.yaml "$@" || status=$?
+.venv/bin/halldyll stop-embedded --wait 20 >/dev/null 2>&1 || true
+exit "$status"

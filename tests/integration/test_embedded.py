@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from halldyll_ray import Fact, MemoryEngine, Settings
@@ -135,3 +136,48 @@ def test_a_killed_user_does_not_keep_the_embedded_server_running(tmp_path: Path)
     finally:
         server.stop()
     assert not (pgdata / "postmaster.pid").exists()  # the last live user stopped it
+
+
+def test_stop_embedded_stops_a_server_whose_users_were_killed(tmp_path: Path) -> None:
+    """`halldyll stop-embedded` (what scripts/serve.sh runs after `serve run` exits) stops a
+    server left by killed users, and leaves one that a live process uses."""
+    from halldyll_ray.db.embedded import EmbeddedPostgres
+
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
+    env["DATA_DIR"] = str(data)
+
+    def stop_embedded(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "halldyll_ray.cli", "stop-embedded", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    joins = (
+        "import sys, time; from pathlib import Path; "
+        "from halldyll_ray.db.embedded import EmbeddedPostgres; "
+        "EmbeddedPostgres(Path(sys.argv[1])).start(); print('up', flush=True); time.sleep(600)"
+    )
+    server = EmbeddedPostgres(data)
+    assert "no embedded PostgreSQL is running" in stop_embedded()
+    assert not server.running()  # and it did not start one
+    with subprocess.Popen(
+        [sys.executable, "-c", joins, str(data)], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+            assert "still in use" in stop_embedded()  # a live user keeps it
+            assert server.running()
+            # The user is killed outright (SIGKILL: it never leaves) while the command waits.
+            killer = threading.Timer(1.0, lambda: (proc.kill(), proc.wait()))
+            killer.start()
+            assert "stopped the embedded PostgreSQL" in stop_embedded("--wait", "60")
+        finally:
+            proc.kill()
+            proc.wait()
+    assert not server.running()
