@@ -25,6 +25,12 @@ from halldyll_ray.serve.deployments import (
 from halldyll_ray.serve.ingress import DEFAULT_MAX_BODY_BYTES, HTTPIngress
 
 UNBOUNDED_BATCHES = 1 << 20  # serve.batch's max_concurrent_batches: see build_app
+# Requests each caller (the Ingress, an engine replica) queues for a deployment whose replicas
+# are all at max_ongoing_requests; past it the call fails at once with BackPressureError, which
+# the HTTP API answers 503 with Retry-After: 1. Serve's default queues without limit, so an
+# overload showed as ever longer latencies instead (about 1.5 s of queue at the 170 uncached
+# searches/s one replica serves here).
+QUEUED = 256
 
 
 class AppArgs(BaseModel):
@@ -91,6 +97,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
         embedder_cls,
         name="Embedding",
         max_ongoing_requests=max(64, args.embedding_max_batch_size * 2),
+        max_queued_requests=QUEUED,
     ).bind(env)
     database = None
     if settings.database_url is None:
@@ -102,14 +109,15 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     # Serve's default of 5 ongoing requests per replica capped throughput well below what
     # one replica serves (benchmarks/serve_http.py); the YAML may override it.
     ongoing = 32
-    searcher = serve.deployment(Searcher, name="Search", max_ongoing_requests=ongoing).bind(
-        embedding, database, env, args.local_embedding_max_texts
-    )
-    ingestor = serve.deployment(Ingestor, name="Ingestion", max_ongoing_requests=ongoing).bind(
-        embedding, database, env, args.local_embedding_max_texts
-    )
-    context = serve.deployment(ContextBuilder, name="Context", max_ongoing_requests=ongoing).bind(
-        embedding, database, env, args.local_embedding_max_texts
+    searcher, ingestor, context = (
+        serve.deployment(
+            cls, name=name, max_ongoing_requests=ongoing, max_queued_requests=QUEUED
+        ).bind(embedding, database, env, args.local_embedding_max_texts)
+        for cls, name in (
+            (Searcher, "Search"),
+            (Ingestor, "Ingestion"),
+            (ContextBuilder, "Context"),
+        )
     )
     ingress = serve.deployment(HTTPIngress, name="Ingress", max_ongoing_requests=ongoing)
     return ingress.bind(searcher, ingestor, context, embedding, database, env, args.max_body_bytes)

@@ -11,8 +11,9 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Awaitable
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 from fastapi import FastAPI, Request
@@ -53,6 +54,7 @@ from halldyll_ray.models import (
 from halldyll_ray.serve.deployments import EngineOwner
 
 log = logging.getLogger("halldyll_ray.http")
+_T = TypeVar("_T")
 
 STATUS: dict[type[HalldyllError], int] = {
     InvalidInput: 422,
@@ -105,7 +107,7 @@ def _status_of(exc: HalldyllError) -> int:
 @api.exception_handler(HalldyllError)
 async def _halldyll_error(request: Request, exc: HalldyllError) -> Response:
     status = _status_of(exc)
-    headers = {"Retry-After": "5"} if status == 503 else {}
+    headers = {"Retry-After": str(exc.fields.get("retry_after", 5))} if status == 503 else {}
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     message = exc.message if status < 500 or status == 503 else "internal configuration error"
@@ -118,9 +120,9 @@ _NOT_SENT = (BackPressureError, DeploymentUnavailableError)
 _LOST = (RayActorError, ReplicaUnavailableError, WorkerCrashedError, NodeDiedError)
 
 
-async def _replica_unavailable(request: Request, exc: Exception) -> Response:
-    request_id = request.state.request_id
-    log.warning("replica unavailable: %s", type(exc).__name__, extra={"request_id": request_id})
+def _unavailable(exc: Exception) -> Unavailable:
+    """The typed error (HTTP 503, Retry-After: 1) for a call another deployment did not serve."""
+    log.warning("replica unavailable: %s", type(exc).__name__)
     if isinstance(exc, _NOT_SENT):
         message = "the service is overloaded or restarting; the request was not applied, retry"
     else:
@@ -128,11 +130,28 @@ async def _replica_unavailable(request: Request, exc: Exception) -> Response:
             "a replica of the service stopped while handling the request, which may or may not "
             "have been applied; retry (a repeated fact only reinforces the stored one)"
         )
-    return _error(503, "unavailable", message, request_id, **{"Retry-After": "1"})
+    return Unavailable(message, retry_after=1)
 
 
-for _cls in (*_NOT_SENT, *_LOST):
-    api.add_exception_handler(_cls, _replica_unavailable)
+async def _downstream(call: Awaitable[_T]) -> _T:
+    """Await a call to another deployment; Ray's transient failures become :func:`_unavailable`.
+
+    Serve's own handler for BackPressureError (installed on the app after ours) would answer
+    a bare text 503, so the translation happens here, where the call is made.
+    """
+    try:
+        return await call
+    except (*_NOT_SENT, *_LOST) as exc:
+        raise _unavailable(exc) from exc
+
+
+async def _replica_lost(request: Request, exc: Exception) -> Response:
+    # Any other call that a dead replica failed (none is expected outside _downstream).
+    return await _halldyll_error(request, _unavailable(exc))
+
+
+for _cls in _LOST:
+    api.add_exception_handler(_cls, _replica_lost)
 
 
 def _request_id(scope: Any) -> str:
@@ -390,8 +409,8 @@ class Ingress(EngineOwner):
         self, deployment: Any, request: Request, method: str, *args: Any, **kw: Any
     ) -> Any:
         principal = await self._principal(request)
-        return await deployment.call.remote(
-            principal, request.state.request_id, method, *args, **kw
+        return await _downstream(
+            deployment.call.remote(principal, request.state.request_id, method, *args, **kw)
         )
 
     # ----------------------------------------------------------------------- health
@@ -589,13 +608,15 @@ class Ingress(EngineOwner):
     async def search(self, request: Request, user_id: str, body: SearchIn) -> Any:
         options = body.model_dump(exclude={"query", "limit"})
         principal = await self._principal(request)
-        content = await self._searcher.search_json.remote(
-            principal,
-            request.state.request_id,
-            self._user(user_id),
-            body.query,
-            body.limit,
-            **options,
+        content = await _downstream(
+            self._searcher.search_json.remote(
+                principal,
+                request.state.request_id,
+                self._user(user_id),
+                body.query,
+                body.limit,
+                **options,
+            )
         )
         return Response(content, media_type="application/json")
 
@@ -669,7 +690,9 @@ class Ingress(EngineOwner):
     ) -> Any:
         """For co-located Ray apps: store a memory with the caller's API key."""
         principal = await self._handle_principal(api_key)
-        return await self._ingestor.call.remote(principal, None, "store_memory", user_id, memory)
+        return await _downstream(
+            self._ingestor.call.remote(principal, None, "store_memory", user_id, memory)
+        )
 
     async def handle_search(
         self,
@@ -680,16 +703,16 @@ class Ingress(EngineOwner):
         **options: Any,
     ) -> Any:
         principal = await self._handle_principal(api_key)
-        return await self._searcher.call.remote(
-            principal, None, "search", user_id, query, limit, **options
+        return await _downstream(
+            self._searcher.call.remote(principal, None, "search", user_id, query, limit, **options)
         )
 
     async def handle_build_context(
         self, api_key: str, user_id: UUID | str | None, query: str | None = None, **options: Any
     ) -> Any:
         principal = await self._handle_principal(api_key)
-        return await self._context.call.remote(
-            principal, None, "build_context", user_id, query, **options
+        return await _downstream(
+            self._context.call.remote(principal, None, "build_context", user_id, query, **options)
         )
 
 

@@ -347,6 +347,7 @@ def test_with_options_sets_every_deployment_but_the_kept_ones() -> None:
     from ray.serve import Application
 
     from halldyll_ray.serve import build_app, with_options
+    from halldyll_ray.serve.app import QUEUED
 
     app = with_options(
         build_app({"settings": {"DATABASE_URL": "postgresql://u@127.0.0.1:1/db"}}),
@@ -354,20 +355,25 @@ def test_with_options_sets_every_deployment_but_the_kept_ones() -> None:
         max_ongoing_requests=7,
         health_check_period_s=1,
     )
-    seen: dict[str, tuple[int, float]] = {}
+    seen: dict[str, tuple[int, float, int]] = {}
 
     def walk(node: object) -> None:
         if isinstance(node, Application):
             dep = node._bound_deployment
             config = dep._deployment_config
-            seen[dep.name] = (config.max_ongoing_requests, config.health_check_period_s)
+            seen[dep.name] = (
+                config.max_ongoing_requests,
+                config.health_check_period_s,
+                config.max_queued_requests,
+            )
             for arg in [*dep.init_args, *dep.init_kwargs.values()]:
                 walk(arg)
 
     walk(app)
     assert set(seen) == {"Ingress", "Search", "Ingestion", "Context", "Embedding"}
-    assert seen.pop("Embedding") == (64, 10)  # as build_app made it
-    assert set(seen.values()) == {(7, 1)}
+    assert seen.pop("Embedding") == (64, 10, QUEUED)  # as build_app made it
+    assert seen.pop("Ingress") == (7, 1, -1)  # left at Serve's default
+    assert set(seen.values()) == {(7, 1, QUEUED)}  # the calls the Ingress makes are bounded
 
 
 async def test_colocated_app_uses_the_handle_api(

@@ -110,6 +110,13 @@ async def test_outages_and_a_dead_replica_answer_503_then_the_app_recovers(
             ray_actor_options={"num_cpus": 0.1},
             logging_config={"encoding": "JSON"},
         )
+        # Search takes one request at a time and queues one more: a third is shed.
+        app = with_options(
+            app,
+            keep=("Ingress", "Ingestion", "Context", "Embedding"),
+            max_ongoing_requests=1,
+            max_queued_requests=1,
+        )
         await asyncio.to_thread(serve.run, app, name=APP, route_prefix=f"/{APP}")
         async with httpx.AsyncClient(
             base_url=f"{ray_serve['url']}/{APP}",
@@ -180,11 +187,18 @@ async def test_outages_and_a_dead_replica_answer_503_then_the_app_recovers(
                     await locker.execute("LOCK TABLE memory_chunks IN ACCESS EXCLUSIVE MODE")
                     held = asyncio.ensure_future(search("what does Ada steer?"))
                     await asyncio.sleep(1.5)
-                    assert not held.done()
+                    queued = asyncio.ensure_future(search("what does Ada row?"))
+                    await asyncio.sleep(0.5)
+                    assert not held.done() and not queued.done()
+                    shed = await search("what does Ada paddle?")  # Search is full: shed
                     os.kill(replicas["Search"], signal.SIGKILL)
                     lost = await held
             finally:
                 await locker.close()
+            assert shed.status_code == 503, shed.text
+            assert shed.headers["Retry-After"] == "1"
+            assert "was not applied" in shed.json()["error"]["message"]
+            assert (await queued).status_code == 200  # it waited for the new replica
             assert lost.status_code == 503, lost.text
             assert lost.headers["Retry-After"] == "1"
             assert lost.json()["error"]["code"] == "unavailable"
@@ -198,12 +212,15 @@ async def test_outages_and_a_dead_replica_answer_503_then_the_app_recovers(
             server.stop()
     # The product's own records are in the replicas' Serve logs, with their level and the
     # request id (written when the replicas stop: throughput mode buffers them).
-    records = _log_records("Ingress")
-    assert {
-        "levelname": "WARNING",
-        "message": "replica unavailable: ActorUnavailableError",
-        "request_id": lost.json()["error"]["request_id"],
-    }.items() <= next(r for r in records if r["message"].startswith("replica unavailable")).items()
+    warned = {
+        r["message"]: (r["levelname"], r["request_id"])
+        for r in _log_records("Ingress")
+        if r["message"].startswith("replica unavailable")
+    }
+    assert warned == {
+        "replica unavailable: BackPressureError": ("WARNING", shed.headers["x-request-id"]),
+        "replica unavailable: ActorUnavailableError": ("WARNING", lost.headers["x-request-id"]),
+    }
     assert any(
         r["levelname"] == "WARNING" and r["message"].startswith("health check: PostgreSQL")
         for r in _log_records("Search")
