@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from halldyll_ray import Fact, MemoryEngine, Settings
@@ -107,12 +109,11 @@ async def test_engine_recovers_after_postgres_restarts(tmp_path: Path, encoder) 
         assert (await engine.get_memory(user.id, stored.id)).id == stored.id
 
 
-def test_a_killed_user_does_not_keep_the_embedded_server_running(tmp_path: Path) -> None:
-    """A process killed outright never leaves the server's user list; the next process to
-    start forgets it, so the last live one still stops the server."""
-    from halldyll_ray.db.embedded import EmbeddedPostgres
-
-    data = tmp_path / "data"
+@contextlib.contextmanager
+def _embedded_user(data: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process that starts (or joins) the embedded server in ``data`` and stays;
+    killed with SIGKILL on leaving, so it never leaves the server's list of users. (Its
+    600 s sleep only bounds its life should the test itself die.)"""
     joins = (
         "import sys, time; from pathlib import Path; "
         "from halldyll_ray.db.embedded import EmbeddedPostgres; "
@@ -123,9 +124,20 @@ def test_a_killed_user_does_not_keep_the_embedded_server_running(tmp_path: Path)
     ) as proc:
         try:
             assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+            yield proc
         finally:
-            proc.kill()  # SIGKILL: no atexit, the pid stays listed
+            proc.kill()
             proc.wait()
+
+
+def test_a_killed_user_does_not_keep_the_embedded_server_running(tmp_path: Path) -> None:
+    """A process killed outright never leaves the server's user list; the next process to
+    start forgets it, so the last live one still stops the server."""
+    from halldyll_ray.db.embedded import EmbeddedPostgres
+
+    data = tmp_path / "data"
+    with _embedded_user(data) as proc:
+        pass  # killed on leaving: no atexit, the pid stays listed
     pgdata = data / "pgdata"
     assert (pgdata / "postmaster.pid").exists()  # the server outlived its killed user
     assert json.loads((pgdata / ".handle_pids.json").read_text()) == [proc.pid]
@@ -158,26 +170,13 @@ def test_stop_embedded_stops_a_server_whose_users_were_killed(tmp_path: Path) ->
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    joins = (
-        "import sys, time; from pathlib import Path; "
-        "from halldyll_ray.db.embedded import EmbeddedPostgres; "
-        "EmbeddedPostgres(Path(sys.argv[1])).start(); print('up', flush=True); time.sleep(600)"
-    )
     server = EmbeddedPostgres(data)
     assert "no embedded PostgreSQL is running" in stop_embedded()
     assert not server.running()  # and it did not start one
-    with subprocess.Popen(
-        [sys.executable, "-c", joins, str(data)], stdout=subprocess.PIPE, text=True
-    ) as proc:
-        try:
-            assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
-            assert "still in use" in stop_embedded()  # a live user keeps it
-            assert server.running()
-            # The user is killed outright (SIGKILL: it never leaves) while the command waits.
-            killer = threading.Timer(1.0, lambda: (proc.kill(), proc.wait()))
-            killer.start()
-            assert "stopped the embedded PostgreSQL" in stop_embedded("--wait", "60")
-        finally:
-            proc.kill()
-            proc.wait()
+    with _embedded_user(data) as proc:
+        assert "still in use" in stop_embedded()  # a live user keeps it
+        assert server.running()
+        # The user is killed outright (SIGKILL: it never leaves) while the command waits.
+        threading.Timer(1.0, lambda: (proc.kill(), proc.wait())).start()
+        assert "stopped the embedded PostgreSQL" in stop_embedded("--wait", "60")
     assert not server.running()
