@@ -11,7 +11,7 @@ What it measures
     (one untimed warm-up pass first; per query the median of ``--repeat`` timings, since the
     machine may be shared):
 
-    * per-user top-10: the product's ``search_semantic`` SQL exactly as ``halldyll_ray.sql``
+    * per-user top-10: the product's ``search_semantic`` SQL exactly as ``halldyll_ray.storage.sql``
       ships it (optional filters NULL), on connections set up like the product's
       (``hnsw.iterative_scan = relaxed_order``, ``plan_cache_mode = force_custom_plan``,
       ``jit = off``), split into large (>= max(1000, N/100) rows), medium (>= 50) and small
@@ -601,7 +601,7 @@ async def load(url: str, ds: Dataset, lay: Layout, texts: list[str]) -> dict[str
     import asyncpg
     from pgvector.asyncpg import register_vector
 
-    from halldyll_ray.db.migrate import apply_migrations
+    from halldyll_ray.storage.migrate import apply_migrations
 
     await apply_migrations(url, embedding_dimension=DIM)
     conn = await asyncpg.connect(url)
@@ -762,22 +762,26 @@ def make_queries(
 def product_sql(halfvec: bool, exact: bool = False) -> tuple[str, str]:
     """(per-user, global) SQL: the product's search_semantic, optionally on halfvec, or
     with an ORDER BY no vector index can serve (exact: the btree on user_id, then a sort)."""
-    from halldyll_ray.sql import q
+    from halldyll_ray.storage.sql import query
 
-    sql = q("search_semantic")
-    if "c.user_id = $1" not in sql or sql.count("c.embedding <=> $2") != 2:
+    found = query("search_semantic")
+    user, vec = (f"${found.params.index(name) + 1}" for name in ("user_id", "vector"))
+    sql = found.sql
+    if f"c.user_id = {user}" not in sql or sql.count(f"c.embedding <=> {vec}") != 2:
         raise RuntimeError("search_semantic changed shape; update the benchmark")
     if exact:
         sql = re.sub(
-            r"ORDER BY c\.embedding <=> \$2(\s+LIMIT)", r"ORDER BY (c.embedding <=> $2) + 0\1", sql
+            rf"ORDER BY c\.embedding <=> \{vec}(\s+LIMIT)",
+            rf"ORDER BY (c.embedding <=> {vec}) + 0\1",
+            sql,
         )
         if "+ 0" not in sql:
             raise RuntimeError("could not make the exact variant of search_semantic")
     if halfvec:
         sql = sql.replace(
-            "c.embedding <=> $2", f"c.embedding::halfvec({DIM}) <=> $2::halfvec({DIM})"
+            f"c.embedding <=> {vec}", f"c.embedding::halfvec({DIM}) <=> {vec}::halfvec({DIM})"
         )
-    return sql, sql.replace("c.user_id = $1", "$1::uuid IS NULL")
+    return sql, sql.replace(f"c.user_id = {user}", f"{user}::uuid IS NULL")
 
 
 def _plan_kind(plan: Any) -> str:
@@ -822,10 +826,15 @@ async def run_queries(
         if max_scan_tuples is not None:
             await conn.execute(f"SET hnsw.max_scan_tuples = {max_scan_tuples}")
         user_sql, global_sql = product_sql(halfvec, exact)
-        nulls = [None] * 7
+        from halldyll_ray.storage.sql import query
+
+        no_filters = dict.fromkeys(
+            ("types", "model_id", "include_shared", "session_id", "tags", "since", "until")
+        )
 
         def args(user: uuid.UUID | None, vec: np.ndarray) -> list[Any]:
-            return [user, vec, *nulls, limit]
+            found = query("search_semantic")
+            return list(found.args(user_id=user, vector=vec, fetch=limit, **no_filters))
 
         user_args = [args(user_uuid(int(u)), v) for u, v in zip(qs.users, qs.user_q, strict=True)]
         global_args = [] if exact else [args(None, v) for v in qs.global_q]

@@ -460,8 +460,8 @@ def _free_port() -> int:
 async def _fresh_database(server: Any, database: str, dimension: int) -> str:
     import asyncpg
 
-    from halldyll_ray.db.embedded import create_database_if_missing
-    from halldyll_ray.db.migrate import apply_migrations
+    from halldyll_ray.storage.embedded import create_database_if_missing
+    from halldyll_ray.storage.migrate import apply_migrations
 
     url = await server.start_async()
     conn = await asyncpg.connect(server.admin_url())
@@ -1332,7 +1332,7 @@ def main() -> None:
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
     from halldyll_ray.config import Settings
-    from halldyll_ray.db.embedded import EmbeddedPostgres
+    from halldyll_ray.storage.embedded import EmbeddedPostgres
 
     started = time.perf_counter()
     doc: dict[str, Any] = {

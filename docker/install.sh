@@ -46,7 +46,7 @@ import sys
 import onnxruntime as ort
 
 import halldyll_ray.serve.app  # noqa: F401  (the Serve import path resolves)
-from halldyll_ray.db.migrate import load_migrations
+from halldyll_ray.storage.migrate import load_migrations
 from halldyll_ray.embedding import OnnxEncoder
 
 variant = sys.argv[1]

@@ -20,11 +20,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
-from halldyll_ray import requestctx
-from halldyll_ray.engine import MemoryEngine, _uuid
+from halldyll_ray import requestctx, validation
 from halldyll_ray.errors import NotFound, PermissionDenied
 from halldyll_ray.models import (
     AIModel,
@@ -46,6 +45,9 @@ from halldyll_ray.models import (
     TurnRecord,
     User,
 )
+
+if TYPE_CHECKING:  # the engine imports this module to hand out AuthorizedEngine
+    from halldyll_ray.engine import MemoryEngine
 
 _T = TypeVar("_T")
 
@@ -201,7 +203,7 @@ class AuthorizedEngine:
 
     @staticmethod
     def _target(user_id: UUID | str | None) -> UUID | None:
-        return None if user_id is None else _uuid(user_id, "user_id")
+        return None if user_id is None else validation.parse_uuid(user_id, "user_id")
 
     # ------------------------------------------------------------------ memories
     async def store_memory(

@@ -23,14 +23,14 @@ async def _database_url(settings: Settings) -> tuple[str, Any]:
     """The URL to use and the embedded server handle (None for an external database)."""
     if settings.database_url is not None:
         return settings.database_url.get_secret_value(), None
-    from halldyll_ray.db.embedded import EmbeddedPostgres
+    from halldyll_ray.storage.embedded import EmbeddedPostgres
 
     embedded = EmbeddedPostgres(settings.data_dir, database=settings.embedded_database)
     return await embedded.start_async(), embedded
 
 
 async def cmd_migrate(args: argparse.Namespace) -> int:
-    from halldyll_ray.db.migrate import apply_migrations
+    from halldyll_ray.storage.migrate import apply_migrations
 
     settings = _settings()
     url, embedded = await _database_url(settings)
@@ -64,7 +64,7 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
 
     import asyncpg
 
-    from halldyll_ray.db.migrate import applied_versions, load_migrations
+    from halldyll_ray.storage.migrate import applied_versions, load_migrations
 
     embedded = None
     try:
@@ -114,7 +114,7 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
     if settings.redis_url is None:
         report("redis", True, "REDIS_URL unset: in-process cache only")
     else:
-        from halldyll_ray.cache import RedisTier
+        from halldyll_ray.storage.cache import RedisTier
 
         tier = RedisTier(settings.redis_url.get_secret_value(), prefix="doctor:", timeout=2)
         ok = await tier.ping()
@@ -205,7 +205,7 @@ async def cmd_index_users(args: argparse.Namespace) -> int:
 
 
 async def cmd_stop_embedded(args: argparse.Namespace) -> int:
-    from halldyll_ray.db.embedded import EmbeddedPostgres
+    from halldyll_ray.storage.embedded import EmbeddedPostgres
 
     settings = _settings()
     if settings.database_url is not None:

@@ -111,7 +111,7 @@ def _check_tags(tags: list[str]) -> list[str]:
     return list(seen)
 
 
-def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
+def check_metadata(value: dict[str, Any]) -> dict[str, Any]:
     encoded = json.dumps(value, ensure_ascii=False, default=str)
     if len(encoded.encode()) > MAX_METADATA_BYTES:
         raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes of JSON")
@@ -119,7 +119,7 @@ def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
 
 
 Tags = Annotated[list[str], Field(max_length=MAX_TAGS), AfterValidator(_check_tags)]
-Metadata = Annotated[dict[str, Any], AfterValidator(_check_metadata)]
+Metadata = Annotated[dict[str, Any], AfterValidator(check_metadata)]
 SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
 ModelRef = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
 NonBlank = StringConstraints(strip_whitespace=True, min_length=1)

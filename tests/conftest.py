@@ -27,9 +27,9 @@ from support import (
 )
 
 from halldyll_ray import MemoryEngine, Settings, serve_env
-from halldyll_ray.db.embedded import EmbeddedPostgres
-from halldyll_ray.db.migrate import apply_migrations
 from halldyll_ray.embedding import OnnxEncoder
+from halldyll_ray.storage.embedded import EmbeddedPostgres
+from halldyll_ray.storage.migrate import apply_migrations
 
 # Ray Serve reads its environment when it is imported: the product's (HAProxy, direct
 # ingress, gRPC between deployments) must be set before any test imports Ray. Ingress

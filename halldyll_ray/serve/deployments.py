@@ -18,12 +18,12 @@ from pydantic import SecretStr, TypeAdapter
 from ray.serve import metrics
 
 from halldyll_ray.config import Settings
-from halldyll_ray.db.embedded import EmbeddedPostgres
-from halldyll_ray.db.migrate import apply_migrations
 from halldyll_ray.embedding import MergingEncoder, OnnxEncoder
 from halldyll_ray.engine import MemoryEngine
 from halldyll_ray.errors import InvalidInput, Unavailable
 from halldyll_ray.models import Principal, Role, SearchResult
+from halldyll_ray.storage.embedded import EmbeddedPostgres
+from halldyll_ray.storage.migrate import apply_migrations
 
 log = logging.getLogger(__name__)
 

@@ -116,7 +116,7 @@ def _embedded_user(data: Path) -> Iterator[subprocess.Popen[str]]:
     600 s sleep only bounds its life should the test itself die.)"""
     joins = (
         "import sys, time; from pathlib import Path; "
-        "from halldyll_ray.db.embedded import EmbeddedPostgres; "
+        "from halldyll_ray.storage.embedded import EmbeddedPostgres; "
         "EmbeddedPostgres(Path(sys.argv[1])).start(); print('up', flush=True); time.sleep(600)"
     )
     with subprocess.Popen(
@@ -133,7 +133,7 @@ def _embedded_user(data: Path) -> Iterator[subprocess.Popen[str]]:
 def test_a_killed_user_does_not_keep_the_embedded_server_running(tmp_path: Path) -> None:
     """A process killed outright never leaves the server's user list; the next process to
     start forgets it, so the last live one still stops the server."""
-    from halldyll_ray.db.embedded import EmbeddedPostgres
+    from halldyll_ray.storage.embedded import EmbeddedPostgres
 
     data = tmp_path / "data"
     with _embedded_user(data) as proc:
@@ -153,7 +153,7 @@ def test_a_killed_user_does_not_keep_the_embedded_server_running(tmp_path: Path)
 def test_stop_embedded_stops_a_server_whose_users_were_killed(tmp_path: Path) -> None:
     """`halldyll stop-embedded` (what scripts/serve.sh runs after `serve run` exits) stops a
     server left by killed users, and leaves one that a live process uses."""
-    from halldyll_ray.db.embedded import EmbeddedPostgres
+    from halldyll_ray.storage.embedded import EmbeddedPostgres
 
     data = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}

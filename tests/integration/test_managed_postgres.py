@@ -15,7 +15,7 @@ import asyncpg
 from support import make_settings, scratch_database
 
 from halldyll_ray import Fact, MemoryEngine
-from halldyll_ray.db.migrate import apply_migrations
+from halldyll_ray.storage.migrate import apply_migrations, load_migrations
 
 
 def _as_user(url: str, user: str, password: str) -> str:
@@ -43,7 +43,9 @@ async def test_non_superuser_owner_migrates_and_is_isolated(
             await admin.close()
         url = _as_user(db_url, owner, "pw")
         try:
-            assert await apply_migrations(url, embedding_dimension=384) == [1, 2, 3]
+            assert await apply_migrations(url, embedding_dimension=384) == [
+                m.version for m in load_migrations()
+            ]
             settings = make_settings(url, redis_url)
             async with MemoryEngine(settings, encoder=encoder) as engine:
                 ada = await engine.create_user("ada", None, "user")

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from halldyll_ray import MigrationError, Settings
-from halldyll_ray.db.migrate import Migration, apply_migrations, check_schema, load_migrations
+from halldyll_ray.storage.migrate import Migration, apply_migrations, check_schema, load_migrations
 
 EXPECTED_TABLES = {
     "users",
@@ -115,7 +115,7 @@ async def test_failed_migration_rolls_back(fresh_db: str) -> None:
 
 
 def test_migration_files_are_numbered() -> None:
-    from halldyll_ray.db.migrate import migrations_dir
+    from halldyll_ray.storage.migrate import migrations_dir
 
     names = sorted(p.name for p in migrations_dir().glob("*.sql"))
     assert names and names[0] == "0001_init.sql"

@@ -95,7 +95,7 @@ async def test_a_pooled_connection_carries_no_identity_to_the_next_checkout(
     engine: MemoryEngine, two_users, database_url: str
 ):
     """The pool skips RESET ALL on release: the identity must end with its transaction."""
-    from halldyll_ray.db.database import Database
+    from halldyll_ray.storage.database import Database
 
     ada, _ = two_users
     async with Database(database_url, pool_size=1) as db:  # one connection, reused

@@ -267,7 +267,21 @@ async def test_small_user_among_many_rows_loses_nothing(
         await conn.execute("ANALYZE memory_chunks")
     await conn.close()
 
-    from halldyll_ray.sql import q
+    from halldyll_ray.storage.sql import bind
+
+    search_small = bind(
+        "search_semantic",
+        user_id=small.id,
+        vector=query_vector,
+        types=None,
+        model_id=None,
+        include_shared=True,
+        session_id=None,
+        tags=None,
+        since=None,
+        until=None,
+        fetch=10,
+    )
 
     async def ids_found(iterative: str) -> set[uuid.UUID]:
         async with engine.db.scoped(admin=True) as conn:
@@ -275,33 +289,9 @@ async def test_small_user_among_many_rows_loses_nothing(
             await conn.execute("SET LOCAL enable_bitmapscan = off")
             await conn.execute(f"SET LOCAL hnsw.iterative_scan = {iterative}")
             await conn.execute("SET LOCAL hnsw.ef_search = 40")
-            plan = await conn.fetch(
-                "EXPLAIN " + q("search_semantic"),
-                small.id,
-                query_vector,
-                None,
-                None,
-                True,
-                None,
-                None,
-                None,
-                None,
-                10,
-            )
+            plan = await conn.fetch("EXPLAIN " + search_small[0], *search_small[1:])
             assert "memory_chunks_embedding" in "\n".join(r[0] for r in plan)
-            rows = await conn.fetch(
-                q("search_semantic"),
-                small.id,
-                query_vector,
-                None,
-                None,
-                True,
-                None,
-                None,
-                None,
-                None,
-                10,
-            )
+            rows = await conn.fetch(*search_small)
         return {r["memory_id"] for r in rows}
 
     assert len(await ids_found("off")) < len(mine)  # the failure mode this guards against

@@ -83,9 +83,9 @@ async def test_outages_and_a_dead_replica_answer_503_then_the_app_recovers(
 ) -> None:
     from ray import serve
 
-    from halldyll_ray.db.embedded import EmbeddedPostgres
-    from halldyll_ray.db.migrate import apply_migrations
     from halldyll_ray.serve import build_app, with_options
+    from halldyll_ray.storage.embedded import EmbeddedPostgres
+    from halldyll_ray.storage.migrate import apply_migrations
 
     server = EmbeddedPostgres(tmp_path / "pg", database="outage")
     redis = RedisServer(tmp_path)

@@ -19,8 +19,8 @@ from halldyll_ray import (
     Summary,
     Transcription,
 )
-from halldyll_ray.cache import LocalLRU
-from halldyll_ray.sql import parse_queries, queries
+from halldyll_ray.storage.cache import LocalLRU
+from halldyll_ray.storage.sql import parse_queries, queries
 
 
 def test_defaults_match_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,7 +119,9 @@ def test_lru_evicts_least_recent_and_expires() -> None:
 def test_queries_file_parses() -> None:
     names = queries()
     assert {"search_semantic", "search_fulltext", "upsert_fact", "list_memories"} <= set(names)
-    assert all(sql.strip() and not sql.rstrip().endswith(";") for sql in names.values())
+    assert all(
+        found.sql.strip() and not found.sql.rstrip().endswith(";") for found in names.values()
+    )
     with pytest.raises(ValueError, match="twice"):
         parse_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;")
 

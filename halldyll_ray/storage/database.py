@@ -70,6 +70,12 @@ async def register_codecs(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def connect(dsn: str) -> asyncpg.Connection:
+    """One plain connection with the login role (migrations, DDL, the audit purge)."""
+    with translate_errors():
+        return await asyncpg.connect(dsn)
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """The pool's reset on release: nothing beyond asyncpg's own (it rolls back an open
     transaction and drops listeners before calling this).

@@ -1,0 +1,207 @@
+"""The agent loop's write half (SPEC §4.5): ``record_turn`` after each LLM call.
+
+Both messages go to the session's conversation log (created on first use, its id kept as
+session state in the cache), the session summary is refreshed every
+SESSION_SUMMARY_EVERY_N_TURNS turns, and candidate facts found in the user's message are
+stored as low-confidence ephemeral facts. The read half is
+:meth:`~halldyll_ray.components.context.ContextBuilder.prepare`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from uuid import UUID
+
+from halldyll_ray import validation
+from halldyll_ray.components.audit import write_audit
+from halldyll_ray.components.base import insert_chunks, lock_user
+from halldyll_ray.components.embeddings import Embeddings
+from halldyll_ray.components.ingestion import Ingestion, text_chunks
+from halldyll_ray.components.registry import ModelRegistry
+from halldyll_ray.config import Settings
+from halldyll_ray.errors import InvalidInput, NotFound
+from halldyll_ray.models import Fact, FactKind, Message, MessageRole, TurnRecord
+from halldyll_ray.storage.cache import TieredCache
+from halldyll_ray.storage.database import Database
+from halldyll_ray.storage.sql import bind, q
+from halldyll_ray.textproc import Line, extract_candidate_facts, extractive_summary
+
+#: Confidence given to facts extracted from a user's message by record_turn.
+CANDIDATE_FACT_CONFIDENCE = 0.3
+#: How long a session's conversation id stays in the cache, in seconds (a day).
+SESSION_STATE_TTL_S = 86_400
+#: Importance of a session's rolling summary.
+SUMMARY_IMPORTANCE = 0.7
+
+
+class AgentLoop:
+    """Record a turn of a session: messages, rolling summary, candidate facts."""
+
+    def __init__(
+        self,
+        db: Database,
+        cache: TieredCache,
+        embeddings: Embeddings,
+        registry: ModelRegistry,
+        ingestion: Ingestion,
+        settings: Settings,
+    ) -> None:
+        self.db = db
+        self.cache = cache
+        self.embeddings = embeddings
+        self.registry = registry
+        self.ingestion = ingestion
+        self.settings = settings
+
+    async def record_turn(
+        self,
+        user_id: UUID | str,
+        session_id: str,
+        user_message: str,
+        assistant_message: str,
+        *,
+        model: UUID | str | None = None,
+        extract_facts: bool = True,
+        request_id: str | None = None,
+    ) -> TurnRecord:
+        """See :meth:`halldyll_ray.engine.MemoryEngine.record_turn`."""
+        user_id = validation.parse_uuid(user_id, "user_id")
+        session = validation.session_id(session_id)
+        if session is None:
+            raise InvalidInput("session_id is required", field="session_id")
+        turn = (
+            [
+                Message(role=MessageRole.USER, content=user_message),
+                Message(role=MessageRole.ASSISTANT, content=assistant_message),
+            ]
+            if isinstance(user_message, str) and isinstance(assistant_message, str)
+            else [
+                {"role": "user", "content": user_message},
+                {"role": "assistant", "content": assistant_message},
+            ]
+        )
+        conversation_id = await self._session_log(user_id, session, model)
+        try:
+            stored = await self.ingestion.append_messages(
+                user_id, conversation_id, turn, request_id=request_id
+            )
+        except NotFound:
+            # The cached log was deleted meanwhile: forget it and start a new one.
+            await self.cache.delete(self._session_key(user_id, session))
+            conversation_id = await self._session_log(user_id, session, model)
+            stored = await self.ingestion.append_messages(
+                user_id, conversation_id, turn, request_id=request_id
+            )
+        turns = (stored[-1].seq + 1) // 2
+        summary_id = None
+        if turns % self.settings.session_summary_every_n_turns == 0:
+            summary_id = await self._refresh_summary(user_id, session, conversation_id, model)
+        fact_ids: list[UUID] = []
+        if extract_facts:
+            for statement in extract_candidate_facts(user_message):
+                fact = await self.ingestion.store(
+                    user_id,
+                    Fact(
+                        statement=statement,
+                        confidence=CANDIDATE_FACT_CONFIDENCE,
+                        kind=FactKind.EPHEMERAL,
+                        source=f"conversation:{conversation_id}",
+                        session_id=session,
+                        model=None if model is None else str(model),
+                        tags=["extracted"],
+                    ),
+                    request_id=request_id,
+                )
+                fact_ids.append(fact.id)
+        return TurnRecord(
+            conversation_id=conversation_id,
+            message_seqs=[m.seq for m in stored],
+            summary_id=summary_id,
+            fact_ids=fact_ids,
+        )
+
+    @staticmethod
+    def _session_key(user_id: UUID, session_id: str) -> str:
+        return TieredCache.user_key("session", user_id, session_id)
+
+    async def _session_log(self, user_id: UUID, session_id: str, model: UUID | str | None) -> UUID:
+        """The id of the session's conversation log, created on first use (session state)."""
+        key = self._session_key(user_id, session_id)
+        cached = await self.cache.get(key, kind="session")
+        if cached is not None:
+            return UUID(cached.decode())
+        model_id = await self.registry.resolve(model)
+        async with self.db.scoped(user_id) as conn:
+            await lock_user(conn, user_id)
+            row = await conn.fetchrow(
+                *bind(
+                    "create_session_log",
+                    id=uuid.uuid4(),
+                    user_id=user_id,
+                    model_id=model_id,
+                    session_id=session_id,
+                    title=f"Session {session_id}",
+                )
+            )
+            if row is None:
+                row = await conn.fetchrow(q("session_memory"), user_id, session_id, "log")
+            else:
+                await write_audit(conn, "memory.store", "conversation", [row["id"]], user_id)
+        conversation_id: UUID = row["id"]
+        await self.cache.set(key, str(conversation_id).encode(), ttl=SESSION_STATE_TTL_S)
+        return conversation_id
+
+    async def _refresh_summary(
+        self, user_id: UUID, session_id: str, conversation_id: UUID, model: UUID | str | None
+    ) -> UUID:
+        rows = await self.db.fetch(q("get_messages"), conversation_id, user_id, user_id=user_id)
+        text = extractive_summary([Line(r["role"], r["content"]) for r in rows])
+        if not text:
+            text = "(no content yet)"
+        model_id = await self.registry.resolve(model)
+        chunks = text_chunks(text)
+        vectors = await self.embeddings.embed([c.text for c in chunks])
+        payload = {"covers": [str(conversation_id)]}
+        async with self.db.scoped(user_id) as conn:
+            await lock_user(conn, user_id)
+            row = await conn.fetchrow(q("session_memory"), user_id, session_id, "summary")
+            if row is None:
+                row = await conn.fetchrow(
+                    *bind(
+                        "insert_memory",
+                        id=uuid.uuid4(),
+                        user_id=user_id,
+                        model_id=model_id,
+                        session_id=session_id,
+                        type="summary",
+                        content=text,
+                        payload=payload,
+                        tags=[],
+                        metadata={},
+                        importance=SUMMARY_IMPORTANCE,
+                        session_role="summary",
+                    )
+                )
+            else:
+                row = await conn.fetchrow(
+                    *bind(
+                        "update_memory",
+                        id=row["id"],
+                        user_id=user_id,
+                        tags=None,
+                        metadata=None,
+                        importance=None,
+                        content=text,
+                        payload=payload,
+                        confidence=None,
+                        fact_kind=None,
+                        set_expiry=False,
+                        expires_at=None,
+                        fact_key=None,
+                    )
+                )
+                await conn.execute(q("delete_chunks_of_part"), row["id"], user_id, "text")
+            await insert_chunks(conn, row, chunks, vectors)
+            await write_audit(conn, "summary.refresh", "summary", [row["id"]], user_id)
+        summary_id: UUID = row["id"]
+        return summary_id

@@ -1,0 +1,96 @@
+"""What several components share: the chunk shape, the user lock, chunk and message writes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import numpy as np
+
+from halldyll_ray.errors import NotFound
+from halldyll_ray.models import Message, MessageRole, StoredMessage
+from halldyll_ray.storage.sql import q, query
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One embedded piece of a memory: which part (``message``, ``title``, ``text`` ...),
+    which instance of it (a message's seq, a segment's index) and which chunk of that part."""
+
+    part: str
+    part_index: int
+    chunk_index: int
+    text: str
+
+
+async def lock_user(conn: asyncpg.Connection, user_id: UUID) -> None:
+    """Lock the user's row (first in the lock order of ``storage/sql/users.sql``) and bump
+    their memory version, which invalidates their cached searches. NotFound if absent."""
+    if await conn.fetchval(q("bump_version"), user_id) is None:
+        raise NotFound(f"user {user_id} not found")
+
+
+async def insert_chunks(
+    conn: asyncpg.Connection, row: Any, chunks: Sequence[Chunk], vectors: np.ndarray
+) -> None:
+    """Write ``chunks`` of the memory ``row`` with ``vectors`` (len(chunks) x dimension)."""
+    if not chunks:
+        return
+    insert = query("insert_chunk")
+    await conn.executemany(
+        insert.sql,
+        [
+            insert.args(
+                memory_id=row["id"],
+                user_id=row["user_id"],
+                model_id=row["model_id"],
+                session_id=row["session_id"],
+                type=row["type"],
+                tags=list(row["tags"]),
+                created_at=row["created_at"],
+                part=c.part,
+                part_index=c.part_index,
+                chunk_index=c.chunk_index,
+                content=c.text,
+                embedding=vectors[i],
+            )
+            for i, c in enumerate(chunks)
+        ],
+    )
+
+
+async def insert_messages(
+    conn: asyncpg.Connection, memory_id: UUID, first: int, messages: Sequence[Message]
+) -> list[StoredMessage]:
+    """Write ``messages`` of a conversation from sequence number ``first``; return them."""
+    now = datetime.now(UTC)
+    stored = [
+        StoredMessage(
+            seq=first + i,
+            role=MessageRole(m.role),
+            name=m.name,
+            content=m.content,
+            created_at=m.created_at or now,
+        )
+        for i, m in enumerate(messages)
+    ]
+    insert = query("insert_message")
+    await conn.executemany(
+        insert.sql,
+        [
+            insert.args(
+                memory_id=memory_id,
+                seq=m.seq,
+                role=m.role.value,
+                name=m.name,
+                content=m.content,
+                created_at=m.created_at,
+            )
+            for m in stored
+        ],
+    )
+    return stored

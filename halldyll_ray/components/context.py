@@ -1,0 +1,223 @@
+"""The prompt context (SPEC §4.5): the most relevant memories under a token budget.
+
+Retrieval comes from :class:`~halldyll_ray.components.search.Search` (hybrid); ranking and
+assembly are the pure functions of :mod:`halldyll_ray.context`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from halldyll_ray import context as ctx
+from halldyll_ray import validation
+from halldyll_ray.components.ingestion import MESSAGES
+from halldyll_ray.components.search import Search
+from halldyll_ray.config import Settings
+from halldyll_ray.embedding import TextEncoder
+from halldyll_ray.errors import InvalidInput
+from halldyll_ray.models import (
+    MAX_QUERY_CHARS,
+    MAX_SEARCH_LIMIT,
+    Context,
+    Conversation,
+    Fact,
+    Image,
+    MatchedPart,
+    Message,
+    SearchMode,
+    StoredMemory,
+    Summary,
+    Transcription,
+)
+from halldyll_ray.storage.database import Database
+from halldyll_ray.storage.sql import q
+
+
+def describe(stored: StoredMemory, matched: MatchedPart) -> str:
+    """One line for a non-fact memory in a context block."""
+    day = stored.created_at.date().isoformat()
+    payload = stored.memory
+    if isinstance(payload, Conversation):
+        title = f" '{payload.title}'" if payload.title else ""
+        return f"({day}, conversation{title}) {matched.text}"
+    if isinstance(payload, Image):
+        made = f" by {payload.generator}" if payload.generator else ""
+        return f"({day}, image{made}) prompt: {payload.prompt}"
+    if isinstance(payload, Transcription):
+        lang = f", {payload.language}" if payload.language else ""
+        return f"({day}, transcription{lang}) {matched.text}"
+    if isinstance(payload, Summary):
+        return f"({day}, summary) {payload.text}"
+    return f"({day}) {matched.text}"
+
+
+class ContextBuilder:
+    """Builds the context block an agent puts in its prompt, never over budget."""
+
+    def __init__(
+        self, db: Database, search: Search, encoder: TextEncoder, settings: Settings
+    ) -> None:
+        self.db = db
+        self.search = search
+        self.encoder = encoder
+        self.settings = settings
+
+    async def build(
+        self,
+        user_id: UUID | str,
+        query: str | None = None,
+        *,
+        messages: Sequence[Message | dict[str, Any]] | None = None,
+        model: UUID | str | None = None,
+        include_shared: bool = True,
+        session_id: str | None = None,
+        max_tokens: int | None = None,
+        limit: int = 30,
+    ) -> Context:
+        """See :meth:`halldyll_ray.engine.MemoryEngine.build_context`."""
+        user_id = validation.parse_uuid(user_id, "user_id")
+        recent = (
+            [] if messages is None else validation.validate(MESSAGES, list(messages), "messages")
+        )
+        if query is None:
+            query = " ".join(m.content for m in recent[-3:]) if recent else ""
+        if not query.strip():
+            raise InvalidInput("give a query or recent messages", field="query")
+        return await self.assemble(
+            user_id,
+            query[:MAX_QUERY_CHARS],
+            recent=[
+                ctx.Candidate(ctx.RECENT, f"{m.role.value}: {m.content}", type="message")
+                for m in recent
+            ],
+            current=None,
+            model=model,
+            include_shared=include_shared,
+            session_id=session_id,
+            max_tokens=max_tokens,
+            limit=limit,
+        )
+
+    async def prepare(
+        self,
+        user_id: UUID | str,
+        session_id: str,
+        user_message: str,
+        *,
+        recent_turns: int = 6,
+        model: UUID | str | None = None,
+        include_shared: bool = True,
+        max_tokens: int | None = None,
+    ) -> Context:
+        """See :meth:`halldyll_ray.engine.MemoryEngine.prepare_context`."""
+        user_id = validation.parse_uuid(user_id, "user_id")
+        session_id = validation.session_id(session_id) or ""
+        if not isinstance(user_message, str) or not user_message.strip():
+            raise InvalidInput("user_message must be a non-empty string", field="user_message")
+        if not 0 <= recent_turns <= 100:
+            raise InvalidInput("recent_turns must be between 0 and 100", field="recent_turns")
+        recent: list[ctx.Candidate] = []
+        log_row = await self.db.fetchrow(
+            q("session_memory"), user_id, session_id, "log", user_id=user_id
+        )
+        if log_row is not None and recent_turns:
+            rows = await self.db.fetch(
+                q("recent_messages"), log_row["id"], user_id, recent_turns * 2, user_id=user_id
+            )
+            recent = [
+                ctx.Candidate(ctx.RECENT, f"{r['role']}: {r['content']}", type="message")
+                for r in rows
+            ]
+        return await self.assemble(
+            user_id,
+            user_message[:MAX_QUERY_CHARS],
+            recent=recent,
+            current=ctx.Candidate(ctx.CURRENT, f"user: {user_message}", type="message"),
+            model=model,
+            include_shared=include_shared,
+            session_id=session_id,
+            max_tokens=max_tokens,
+            limit=30,
+            exclude_memory=None if log_row is None else log_row["id"],
+        )
+
+    async def assemble(
+        self,
+        user_id: UUID,
+        query: str,
+        *,
+        recent: list[ctx.Candidate],
+        current: ctx.Candidate | None,
+        model: UUID | str | None,
+        include_shared: bool,
+        session_id: str | None,
+        max_tokens: int | None,
+        limit: int,
+        exclude_memory: UUID | None = None,
+    ) -> Context:
+        """Search, rank and fit the sections of a context block into ``max_tokens``."""
+        budget = self.settings.max_context_tokens if max_tokens is None else max_tokens
+        if not isinstance(budget, int) or not 16 <= budget <= 1_000_000:
+            raise InvalidInput("max_tokens must be between 16 and 1000000", field="max_tokens")
+        session_id = validation.session_id(session_id)
+        summary_row = None
+        if session_id is not None:
+            summary_row = await self.db.fetchrow(
+                q("session_memory"), user_id, session_id, "summary", user_id=user_id
+            )
+        hits = await self.search.search(
+            user_id,
+            query,
+            min(limit, MAX_SEARCH_LIMIT),
+            mode=SearchMode.HYBRID,
+            model=model,
+            include_shared=include_shared,
+        )
+        now = datetime.now(UTC)
+        candidates = []
+        for hit in hits:
+            stored = hit.memory
+            if stored.id == exclude_memory or (
+                summary_row is not None and stored.id == summary_row["id"]
+            ):
+                continue  # already in the recent turns / the summary section
+            payload = stored.memory
+            if isinstance(payload, Fact):
+                section, salience, text = ctx.FACTS, payload.confidence, payload.statement
+            else:
+                section, salience = ctx.MEMORIES, stored.importance
+                text = describe(stored, hit.matched)
+            candidates.append(
+                ctx.Candidate(
+                    section=section,
+                    text=text,
+                    memory_id=stored.id,
+                    type=stored.type.value,
+                    similarity=max(0.0, hit.similarity or 0.0),
+                    created_at=stored.created_at,
+                    salience=salience,
+                )
+            )
+        ranked = ctx.rank(
+            candidates,
+            now=now,
+            weights=self.settings.context_weights,
+            half_life_days=self.settings.context_recency_half_life_days,
+        )
+        summary = None
+        if summary_row is not None and summary_row["content"]:
+            summary = ctx.Candidate(
+                ctx.SUMMARY, summary_row["content"], memory_id=summary_row["id"], type="summary"
+            )
+        return ctx.assemble(
+            summary=summary,
+            relevant=ranked,
+            recent=recent,
+            current=current,
+            max_tokens=budget,
+            count_tokens=self.encoder.count_tokens,
+            truncate=self.encoder.truncate_to_tokens,
+        )

@@ -1,0 +1,71 @@
+"""Embedding generation through the cache tiers (SPEC §4.6): local model or remote embedder."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+
+import numpy as np
+
+from halldyll_ray.embedding import TextEncoder
+from halldyll_ray.errors import Unavailable
+from halldyll_ray.storage.cache import TieredCache
+
+#: A remote embedder (the Ray Serve Embedding deployment): texts in, n x dimension out.
+RemoteEmbedder = Callable[[list[str]], Awaitable[np.ndarray]]
+#: How long a cached embedding lives, in seconds (a week).
+EMBEDDING_CACHE_TTL_S = 7 * 86_400
+
+
+class Embeddings:
+    """Embeddings of texts, cached by model and text hash.
+
+    Args:
+        encoder: The local model; it embeds when no ``remote`` is given, and always counts
+            tokens for the context builder.
+        cache: The LRU + Redis tiers.
+        remote: Replaces the local model for vectors (the Embedding deployment's handle).
+    """
+
+    def __init__(
+        self, encoder: TextEncoder, cache: TieredCache, remote: RemoteEmbedder | None = None
+    ) -> None:
+        self.encoder = encoder
+        self.cache = cache
+        self.remote = remote
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings of ``texts``: float32, shape (len(texts), dimension), L2-normalised."""
+        encoder = self.encoder
+        dim = encoder.dimension
+        keys = [
+            "emb:"
+            + encoder.model_id
+            + ":"
+            + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+            for text in texts
+        ]
+        cached = await self.cache.get_many(keys, kind="embedding")
+        out = np.empty((len(texts), dim), dtype=np.float32)
+        missing: dict[str, list[int]] = {}
+        for i, value in enumerate(cached):
+            if value is not None and len(value) == dim * 4:
+                out[i] = np.frombuffer(value, dtype=np.float32)
+            else:
+                missing.setdefault(texts[i], []).append(i)
+        if missing:
+            fresh_texts = list(missing)
+            if self.remote is not None:
+                vectors = await self.remote(fresh_texts)
+            else:
+                vectors = await asyncio.to_thread(encoder.encode, fresh_texts)
+            if vectors.shape != (len(fresh_texts), dim):
+                raise Unavailable(f"the embedder returned vectors of shape {vectors.shape}")
+            to_store = []
+            for text, vector in zip(fresh_texts, vectors, strict=True):
+                for i in missing[text]:
+                    out[i] = vector
+                to_store.append((keys[missing[text][0]], vector.astype(np.float32).tobytes()))
+            await self.cache.set_many(to_store, ttl=EMBEDDING_CACHE_TTL_S)
+        return out

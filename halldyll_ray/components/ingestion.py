@@ -1,0 +1,407 @@
+"""Storing memories (SPEC §4.2): validation, chunking, embedding, deduplication, storage.
+
+Every write takes the user's row lock first (:func:`~halldyll_ray.components.base.lock_user`,
+the lock order of ``storage/sql/users.sql``), embeds before its transaction so no connection
+waits on the model, and writes its audit row in the same transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import numpy as np
+from pydantic import TypeAdapter
+
+from halldyll_ray import validation
+from halldyll_ray.components.audit import write_audit
+from halldyll_ray.components.base import Chunk, insert_chunks, insert_messages, lock_user
+from halldyll_ray.components.embeddings import Embeddings
+from halldyll_ray.components.memories import MEMORY, expired, split, to_record
+from halldyll_ray.components.registry import ModelRegistry
+from halldyll_ray.config import Settings
+from halldyll_ray.errors import Conflict, InvalidInput, NotFound
+from halldyll_ray.language import detect_language
+from halldyll_ray.models import (
+    MAX_MESSAGES_PER_CALL,
+    MAX_MESSAGES_PER_CONVERSATION,
+    Conversation,
+    Fact,
+    FactKind,
+    Image,
+    Memory,
+    MemoryType,
+    MemoryUpdate,
+    Message,
+    StoredMemory,
+    StoredMessage,
+    Summary,
+    Transcription,
+)
+from halldyll_ray.storage.database import Database
+from halldyll_ray.storage.sql import bind, q
+from halldyll_ray.textproc import chunk_text
+from halldyll_ray.textproc import fact_key as make_fact_key
+
+MESSAGES: TypeAdapter[list[Message]] = TypeAdapter(list[Message])
+_UPDATE: TypeAdapter[MemoryUpdate] = TypeAdapter(MemoryUpdate)
+#: The fields an update may change, per memory type (tags, metadata, importance: all).
+_UPDATABLE = {
+    MemoryType.CONVERSATION: {"title"},
+    MemoryType.FACT: {"statement", "confidence", "kind"},
+    MemoryType.SUMMARY: {"text"},
+    MemoryType.TRANSCRIPTION: {"text"},
+    MemoryType.IMAGE: set(),
+}
+
+
+def chunks_of(memory: Memory) -> list[Chunk]:
+    """The embedded pieces of a memory: each part split by :func:`chunk_text`."""
+    chunks: list[Chunk] = []
+    if isinstance(memory, Conversation):
+        if memory.title and memory.title.strip():
+            chunks.append(Chunk("title", 0, 0, memory.title))
+        for seq, message in enumerate(memory.messages):
+            for j, text in enumerate(chunk_text(message.content)):
+                chunks.append(Chunk("message", seq, j, text))
+    elif isinstance(memory, Image):
+        chunks.append(Chunk("prompt", 0, 0, memory.prompt))
+    elif isinstance(memory, Transcription):
+        if memory.segments:
+            for i, segment in enumerate(memory.segments):
+                for j, text in enumerate(chunk_text(segment.text)):
+                    chunks.append(Chunk("segment", i, j, text))
+        else:
+            for j, text in enumerate(chunk_text(memory.text)):
+                chunks.append(Chunk("text", 0, j, text))
+    elif isinstance(memory, Summary):
+        chunks.extend(text_chunks(memory.text))
+    elif isinstance(memory, Fact):
+        chunks.append(Chunk("statement", 0, 0, memory.statement))
+    return chunks
+
+
+def text_chunks(text: str) -> list[Chunk]:
+    """The chunks of a summary's or transcription's ``text`` part."""
+    return [Chunk("text", 0, i, t) for i, t in enumerate(chunk_text(text))]
+
+
+class Ingestion:
+    """Store, append to, update and delete a user's memories."""
+
+    def __init__(
+        self,
+        db: Database,
+        embeddings: Embeddings,
+        registry: ModelRegistry,
+        settings: Settings,
+    ) -> None:
+        self.db = db
+        self.embeddings = embeddings
+        self.registry = registry
+        self.settings = settings
+
+    async def store(
+        self,
+        user_id: UUID | str,
+        memory: Memory | dict[str, Any],
+        *,
+        request_id: str | None = None,
+    ) -> StoredMemory:
+        """Validate, chunk, embed and store one memory of any type; return it as stored.
+
+        A fact whose normalised statement is already stored for the user in the same model
+        scope, or whose embedding is within FACT_MERGE_SIMILARITY of one, reinforces that fact
+        instead of adding a row (``reinforcement_count`` tells).
+        """
+        user_id = validation.parse_uuid(user_id, "user_id")
+        if not isinstance(memory, Conversation | Fact | Image | Transcription | Summary):
+            memory = validation.validate(MEMORY, memory, "memory")
+        model_id = await self.registry.resolve(memory.model)
+        if isinstance(memory, Transcription) and memory.language is None:
+            language = await asyncio.to_thread(detect_language, memory.text)
+            memory = memory.model_copy(update={"language": language})
+        if isinstance(memory, Fact):
+            return await self._store_fact(user_id, memory, model_id, request_id=request_id)
+        chunks = chunks_of(memory)
+        vectors = await self.embeddings.embed([chunk.text for chunk in chunks])
+        memory_id = uuid.uuid4()
+        content, payload = split(memory)
+        async with self.db.scoped(user_id) as conn:
+            await lock_user(conn, user_id)
+            if isinstance(memory, Summary) and memory.covers:
+                await self._check_owned(conn, user_id, memory.covers, "covers")
+            row = await conn.fetchrow(
+                *bind(
+                    "insert_memory",
+                    id=memory_id,
+                    user_id=user_id,
+                    model_id=model_id,
+                    session_id=memory.session_id,
+                    type=memory.type.value,
+                    content=content,
+                    payload=payload,
+                    tags=memory.tags,
+                    metadata=memory.metadata,
+                    importance=memory.importance,
+                    session_role=None,
+                )
+            )
+            messages: list[StoredMessage] = []
+            if isinstance(memory, Conversation) and memory.messages:
+                messages = await insert_messages(conn, memory_id, 0, memory.messages)
+                row = await conn.fetchrow(q("set_message_count"), memory_id, user_id, len(messages))
+            await insert_chunks(conn, row, chunks, vectors)
+            await write_audit(
+                conn, "memory.store", memory.type.value, [memory_id], user_id, request_id=request_id
+            )
+        return to_record(row, messages=messages)
+
+    async def _store_fact(
+        self, user_id: UUID, fact: Fact, model_id: UUID | None, *, request_id: str | None
+    ) -> StoredMemory:
+        key = make_fact_key(fact.statement)
+        vector = (await self.embeddings.embed([fact.statement]))[0]
+        ttl = timedelta(days=self.settings.ephemeral_fact_ttl_days)
+        promote = self.settings.fact_promotion_confidence
+        ephemeral = fact.kind is FactKind.EPHEMERAL
+        content, payload = split(fact)
+        payload["sources"] = [fact.source] if fact.source else []
+        async with self.db.scoped(user_id) as conn:
+            # Locks the user's row: writes of one user are serialised, so the near-duplicate
+            # check below cannot race another replica storing a paraphrase at the same time.
+            await lock_user(conn, user_id)
+            row = None
+            near = await conn.fetchrow(q("nearest_fact"), user_id, model_id, vector)
+            if near is not None and near["similarity"] >= self.settings.fact_merge_similarity:
+                row = await conn.fetchrow(
+                    *bind(
+                        "reinforce_fact",
+                        id=near["memory_id"],
+                        user_id=user_id,
+                        confidence=fact.confidence,
+                        fact_kind=fact.kind.value,
+                        ttl=ttl,
+                        promote_at=promote,
+                        tags=fact.tags,
+                        sources=payload["sources"],
+                    )
+                )
+            if row is None:
+                row = await conn.fetchrow(
+                    *bind(
+                        "upsert_fact",
+                        id=uuid.uuid4(),
+                        user_id=user_id,
+                        model_id=model_id,
+                        session_id=fact.session_id,
+                        content=content,
+                        payload=payload,
+                        tags=fact.tags,
+                        metadata=fact.metadata,
+                        importance=fact.importance,
+                        fact_key=key,
+                        confidence=fact.confidence,
+                        fact_kind=fact.kind.value,
+                        expires_at=datetime.now(UTC) + ttl if ephemeral else None,
+                        ttl=ttl,
+                        promote_at=promote,
+                    )
+                )
+                if not row["reinforced"]:
+                    await insert_chunks(
+                        conn, row, [Chunk("statement", 0, 0, fact.statement)], vector[None, :]
+                    )
+            else:
+                await conn.execute(q("update_chunk_filters"), row["id"], user_id, row["tags"])
+            operation = "fact.reinforce" if row["reinforced"] else "memory.store"
+            await write_audit(conn, operation, "fact", [row["id"]], user_id, request_id=request_id)
+        return to_record(row)
+
+    async def append_messages(
+        self,
+        user_id: UUID | str,
+        conversation_id: UUID | str,
+        messages: Sequence[Message | dict[str, Any]],
+        *,
+        request_id: str | None = None,
+    ) -> list[StoredMessage]:
+        """Append messages to a conversation; returns them with their sequence numbers."""
+        user_id = validation.parse_uuid(user_id, "user_id")
+        conversation_id = validation.parse_uuid(conversation_id, "conversation_id")
+        checked = validation.validate(MESSAGES, list(messages), "messages")
+        if not 1 <= len(checked) <= MAX_MESSAGES_PER_CALL:
+            raise InvalidInput(
+                f"send 1 to {MAX_MESSAGES_PER_CALL} messages per call", field="messages"
+            )
+        vectors_for = await self._message_vectors(checked)
+        async with self.db.scoped(user_id) as conn:
+            reserved = await conn.fetchrow(
+                q("reserve_messages"), conversation_id, user_id, len(checked)
+            )
+            if reserved is None:
+                raise NotFound(f"conversation {conversation_id} not found")
+            if reserved["message_count"] > MAX_MESSAGES_PER_CONVERSATION:
+                raise InvalidInput(
+                    f"a conversation holds at most {MAX_MESSAGES_PER_CONVERSATION} messages",
+                    field="messages",
+                )
+            await lock_user(conn, user_id)
+            first = reserved["message_count"] - len(checked)
+            stored = await insert_messages(conn, conversation_id, first, checked)
+            chunks, vectors = vectors_for(first)
+            row = {
+                **dict(reserved),
+                "id": conversation_id,
+                "user_id": user_id,
+                "type": "conversation",
+            }
+            await insert_chunks(conn, row, chunks, vectors)
+            await write_audit(
+                conn,
+                "conversation.append",
+                "conversation",
+                [conversation_id],
+                user_id,
+                request_id=request_id,
+                details={"messages": len(stored)},
+            )
+        return stored
+
+    async def _message_vectors(
+        self, messages: Sequence[Message]
+    ) -> Callable[[int], tuple[list[Chunk], np.ndarray]]:
+        """Embed messages before the transaction; return a function placing them at seq n."""
+        pieces = [
+            (i, j, text)
+            for i, m in enumerate(messages)
+            for j, text in enumerate(chunk_text(m.content))
+        ]
+        vectors = await self.embeddings.embed([text for _, _, text in pieces])
+
+        def at(first_seq: int) -> tuple[list[Chunk], np.ndarray]:
+            chunks = [Chunk("message", first_seq + i, j, text) for i, j, text in pieces]
+            return chunks, vectors
+
+        return at
+
+    async def update(
+        self,
+        user_id: UUID | str,
+        memory_id: UUID | str,
+        update: MemoryUpdate | dict[str, Any],
+        *,
+        request_id: str | None = None,
+    ) -> StoredMemory:
+        """Change tags, metadata, importance, a conversation's title, a fact's statement,
+        confidence or kind, or the text of a summary or transcription (re-embedded)."""
+        user_id = validation.parse_uuid(user_id, "user_id")
+        memory_id = validation.parse_uuid(memory_id, "memory_id")
+        if not isinstance(update, MemoryUpdate):
+            update = validation.validate(_UPDATE, update, "update")
+        current = await self.db.fetchrow(q("get_memory"), memory_id, user_id, user_id=user_id)
+        if current is None or expired(current["expires_at"]):
+            raise NotFound(f"memory {memory_id} not found")
+        kind = MemoryType(current["type"])
+        allowed = _UPDATABLE[kind]
+        for name in ("title", "statement", "confidence", "kind", "text"):
+            if getattr(update, name) is not None and name not in allowed:
+                raise InvalidInput(f"a {kind.value} has no field {name!r} to update", field=name)
+        new_content: str | None = None
+        payload: dict[str, Any] | None = None
+        new_key: str | None = None
+        chunks: list[Chunk] = []
+        part = ""
+        if update.title is not None:
+            new_content, part = update.title, "title"
+            chunks = [Chunk("title", 0, 0, update.title)] if update.title.strip() else []
+        elif update.statement is not None:
+            new_content, part = update.statement, "statement"
+            new_key = make_fact_key(update.statement)
+            chunks = [Chunk("statement", 0, 0, update.statement)]
+        elif update.text is not None:
+            new_content = update.text
+            if kind is MemoryType.TRANSCRIPTION:
+                # New text replaces the segments, whose timings no longer hold.
+                payload = {**current["payload"], "segments": []}
+                part = "segment"
+            else:
+                part = "text"
+            chunks = text_chunks(update.text)
+        vectors = await self.embeddings.embed([c.text for c in chunks]) if chunks else None
+        expires_at = None
+        if update.kind is FactKind.EPHEMERAL:
+            expires_at = datetime.now(UTC) + timedelta(days=self.settings.ephemeral_fact_ttl_days)
+        async with self.db.scoped(user_id) as conn:
+            await lock_user(conn, user_id)
+            try:
+                row = await conn.fetchrow(
+                    *bind(
+                        "update_memory",
+                        id=memory_id,
+                        user_id=user_id,
+                        tags=update.tags,
+                        metadata=update.metadata,
+                        importance=update.importance,
+                        content=new_content,
+                        payload=payload,
+                        confidence=update.confidence,
+                        fact_kind=None if update.kind is None else update.kind.value,
+                        set_expiry=update.kind is not None,
+                        expires_at=expires_at,
+                        fact_key=new_key,
+                    )
+                )
+            except asyncpg.UniqueViolationError:
+                raise Conflict("the user already has this fact in this scope") from None
+            if row is None:
+                raise NotFound(f"memory {memory_id} not found")
+            if part:
+                await conn.execute(q("delete_chunks_of_part"), memory_id, user_id, part)
+                if part == "segment":
+                    await conn.execute(q("delete_chunks_of_part"), memory_id, user_id, "text")
+                if chunks and vectors is not None:
+                    await insert_chunks(conn, row, chunks, vectors)
+            if update.tags is not None:
+                await conn.execute(q("update_chunk_filters"), memory_id, user_id, row["tags"])
+            await write_audit(
+                conn,
+                "memory.update",
+                kind.value,
+                [memory_id],
+                user_id,
+                request_id=request_id,
+                details={"fields": sorted(update.model_dump(exclude_none=True))},
+            )
+        return to_record(row)
+
+    async def delete(
+        self, user_id: UUID | str, memory_id: UUID | str, *, request_id: str | None = None
+    ) -> None:
+        """Delete one memory of the user (its messages and chunks go with it)."""
+        user_id = validation.parse_uuid(user_id, "user_id")
+        memory_id = validation.parse_uuid(memory_id, "memory_id")
+        async with self.db.scoped(user_id) as conn:
+            await lock_user(conn, user_id)
+            row = await conn.fetchrow(q("delete_memory"), memory_id, user_id)
+            if row is None:
+                raise NotFound(f"memory {memory_id} not found")
+            await write_audit(
+                conn, "memory.delete", row["type"], [memory_id], user_id, request_id=request_id
+            )
+
+    @staticmethod
+    async def _check_owned(
+        conn: asyncpg.Connection, user_id: UUID, ids: Sequence[UUID], field: str
+    ) -> None:
+        unique = list(dict.fromkeys(ids))
+        owned = await conn.fetchval(q("count_owned"), user_id, unique)
+        if owned != len(unique):
+            raise InvalidInput(
+                f"{field} names memories that do not exist or belong to someone else", field=field
+            )

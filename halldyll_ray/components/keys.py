@@ -1,0 +1,142 @@
+"""API keys: shown once, stored as a keyed hash, rotated and revoked (SPEC §4.1)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from uuid import UUID
+
+from halldyll_ray import validation
+from halldyll_ray.components.audit import Audit, write_audit
+from halldyll_ray.config import Settings
+from halldyll_ray.errors import AuthenticationFailed, Conflict, InvalidInput, NotFound, Unavailable
+from halldyll_ray.keys import generate_key, hash_key, key_prefix, verify_key
+from halldyll_ray.models import ApiKey, NewApiKey, Principal, Role
+from halldyll_ray.storage.database import Database
+from halldyll_ray.storage.sql import bind, q
+
+
+class ApiKeys:
+    """Create, list, revoke and rotate API keys; authenticate a key to a :class:`Principal`."""
+
+    def __init__(self, db: Database, audit: Audit, settings: Settings) -> None:
+        self.db = db
+        self.audit = audit
+        self.settings = settings
+        self._secret: bytes | None = None
+
+    async def _key_secret(self) -> bytes:
+        if self._secret is None:
+            configured = self.settings.api_key_secret
+            if configured is not None:
+                self._secret = configured.get_secret_value().encode()
+            else:
+                stored = await self.db.fetchval(q("meta_value"), "api_key_secret")
+                if stored is None:
+                    raise Unavailable("the API key secret is missing: run `halldyll migrate`")
+                self._secret = bytes.fromhex(stored)
+        return self._secret
+
+    async def create(
+        self,
+        user_id: UUID | str,
+        *,
+        name: str = "",
+        expires_at: datetime | None = None,
+        replaces: UUID | None = None,
+    ) -> NewApiKey:
+        """Create a key for a user. The returned ``key`` is shown this once and never stored."""
+        user_id = validation.parse_uuid(user_id, "user_id")
+        if not isinstance(name, str) or len(name) > 100:
+            raise InvalidInput("key name must be at most 100 characters", field="name")
+        expires_at = validation.timestamp(expires_at, "expires_at")
+        if expires_at is not None and expires_at <= datetime.now(UTC):
+            raise InvalidInput("expires_at must be in the future", field="expires_at")
+        prefix, key = generate_key()
+        digest = hash_key(await self._key_secret(), key)
+        async with self.db.scoped() as conn:
+            if await conn.fetchrow(q("get_user"), user_id) is None:
+                raise NotFound(f"user {user_id} not found")
+            row = await conn.fetchrow(
+                *bind(
+                    "insert_api_key",
+                    id=uuid.uuid4(),
+                    user_id=user_id,
+                    prefix=prefix,
+                    hash=digest,
+                    name=name,
+                    expires_at=expires_at,
+                    replaces=replaces,
+                )
+            )
+            await write_audit(
+                conn, "key.create", "api_key", [row["id"]], user_id, details={"prefix": prefix}
+            )
+        return NewApiKey(key=key, api_key=ApiKey(**dict(row)))
+
+    async def get(self, key_id: UUID | str) -> ApiKey:
+        row = await self.db.fetchrow(q("get_api_key"), validation.parse_uuid(key_id, "key_id"))
+        if row is None:
+            raise NotFound(f"API key {key_id} not found")
+        return ApiKey(**dict(row))
+
+    async def of_user(self, user_id: UUID | str) -> list[ApiKey]:
+        rows = await self.db.fetch(q("list_api_keys"), validation.parse_uuid(user_id, "user_id"))
+        return [ApiKey(**dict(row)) for row in rows]
+
+    async def revoke(self, key_id: UUID | str) -> ApiKey:
+        """Revoke a key at once; revoking twice keeps the first revocation time."""
+        key_id = validation.parse_uuid(key_id, "key_id")
+        async with self.db.scoped() as conn:
+            row = await conn.fetchrow(q("revoke_api_key"), key_id)
+            if row is None:
+                raise NotFound(f"API key {key_id} not found")
+            await write_audit(conn, "key.revoke", "api_key", [key_id], row["user_id"])
+        return ApiKey(**dict(row))
+
+    async def rotate(self, key_id: UUID | str) -> NewApiKey:
+        """A new key for the same user and name, replacing (and revoking) the old one."""
+        old = await self.get(key_id)
+        if old.revoked_at is not None:
+            raise Conflict("a revoked key cannot be rotated; create a new one")
+        new = await self.create(old.user_id, name=old.name, expires_at=None, replaces=old.id)
+        await self.revoke(old.id)
+        return new
+
+    async def authenticate(self, key: str) -> Principal:
+        """The principal behind an API key, or AuthenticationFailed (recorded in the audit)."""
+        prefix = key_prefix(key)
+        reason = "malformed key"
+        row = None
+        if prefix is not None:
+            row = await self.db.fetchrow(q("api_key_for_auth"), prefix)
+            reason = "unknown key"
+        if row is not None:
+            if not verify_key(await self._key_secret(), key, row["hash"]):
+                reason = "wrong key"
+            elif row["revoked_at"] is not None:
+                reason = "revoked key"
+            elif row["expires_at"] is not None and row["expires_at"] <= datetime.now(UTC):
+                reason = "expired key"
+            elif row["disabled"]:
+                reason = "disabled user"
+            else:
+                if row["stale"]:  # last_used_at is kept to the minute: no write per request
+                    async with self.db.scoped() as conn:
+                        await conn.execute(q("touch_api_key"), row["id"])
+                return Principal(
+                    user_id=row["user_id"],
+                    username=row["username"],
+                    role=Role(row["role"]),
+                    key_id=row["id"],
+                )
+        await self.audit.record_denied(
+            None if row is None else row["user_id"],
+            None,
+            "auth",
+            "api_key",
+            [] if row is None else [row["id"]],
+            reason=reason,
+            details={"prefix": prefix},
+        )
+        raise AuthenticationFailed("invalid, expired or revoked API key")

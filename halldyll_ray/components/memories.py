@@ -1,0 +1,177 @@
+"""Reading memories, and the one mapping between a ``memories`` row and :class:`StoredMemory`.
+
+Every component that writes or returns memories uses :func:`split` (model -> columns) and
+:func:`to_record` (row -> model) from here, so a stored row always reads back through the
+same model that validated it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import TypeAdapter
+
+from halldyll_ray import validation
+from halldyll_ray.components.registry import ModelRegistry
+from halldyll_ray.errors import NotFound
+from halldyll_ray.models import (
+    Fact,
+    Memory,
+    MemoryType,
+    Page,
+    StoredMemory,
+    StoredMessage,
+    Tags,
+)
+from halldyll_ray.storage.database import Database
+from halldyll_ray.storage.sql import bind, q
+
+MEMORY: TypeAdapter[Memory] = TypeAdapter(Memory)
+TAGS: TypeAdapter[list[str]] = TypeAdapter(Tags)
+# Payload fields kept in columns rather than in the jsonb payload.
+_COMMON = {"type", "tags", "metadata", "importance", "session_id", "model"}
+#: The field of each memory type stored in the ``content`` column (searched, summarised).
+CONTENT_FIELD = {
+    MemoryType.CONVERSATION: "title",
+    MemoryType.FACT: "statement",
+    MemoryType.IMAGE: "prompt",
+    MemoryType.TRANSCRIPTION: "text",
+    MemoryType.SUMMARY: "text",
+}
+
+
+def split(memory: Memory) -> tuple[str, dict[str, Any]]:
+    """(content column, jsonb payload) of a memory."""
+    content_field = CONTENT_FIELD[memory.type]
+    exclude = _COMMON | {content_field, "messages"}
+    if isinstance(memory, Fact):
+        exclude |= {"confidence", "kind"}
+    payload = memory.model_dump(mode="json", exclude=exclude)
+    return getattr(memory, content_field) or "", payload
+
+
+def to_record(row: Any, *, messages: Sequence[StoredMessage] = ()) -> StoredMemory:
+    """The :class:`StoredMemory` of a ``memories`` row (with a conversation's messages)."""
+    kind = MemoryType(row["type"])
+    data = dict(row["payload"])
+    sources = data.pop("sources", None)
+    data.update(
+        type=kind.value,
+        tags=list(row["tags"]),
+        metadata=row["metadata"],
+        importance=row["importance"],
+        session_id=row["session_id"],
+        model=None if row["model_id"] is None else str(row["model_id"]),
+    )
+    data[CONTENT_FIELD[kind]] = row["content"] or (
+        None if kind is MemoryType.CONVERSATION else row["content"]
+    )
+    if kind is MemoryType.FACT:
+        data["confidence"] = round(float(row["confidence"]), 6)
+        data["kind"] = row["fact_kind"]
+        if sources:
+            data["source"] = sources[-1]
+    if kind is MemoryType.CONVERSATION:
+        data["messages"] = []
+    payload = MEMORY.validate_python(data)
+    metadata = dict(row["metadata"])
+    if sources and kind is MemoryType.FACT:
+        metadata = {**metadata, "sources": sources}
+    return StoredMemory(
+        id=row["id"],
+        user_id=row["user_id"],
+        type=kind,
+        model_id=row["model_id"],
+        session_id=row["session_id"],
+        tags=list(row["tags"]),
+        metadata=metadata,
+        importance=float(row["importance"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        expires_at=row["expires_at"],
+        reinforcement_count=row["reinforcement_count"],
+        message_count=row["message_count"],
+        memory=payload,
+        messages=list(messages),
+    )
+
+
+def expired(expires_at: datetime | None) -> bool:
+    """Whether an ephemeral memory's expiry has passed (purged rows may linger until then)."""
+    return expires_at is not None and expires_at <= datetime.now(UTC)
+
+
+def tags_filter(tags: Sequence[str] | None) -> list[str] | None:
+    return None if tags is None else validation.validate(TAGS, list(tags), "tags")
+
+
+class MemoryReader:
+    """One memory by id, or a page of a user's memories with filters."""
+
+    def __init__(self, db: Database, registry: ModelRegistry) -> None:
+        self.db = db
+        self.registry = registry
+
+    async def get(
+        self, user_id: UUID | str, memory_id: UUID | str, *, include_messages: bool = True
+    ) -> StoredMemory:
+        """One memory of the user (a conversation with its messages). NotFound otherwise."""
+        user_id = validation.parse_uuid(user_id, "user_id")
+        memory_id = validation.parse_uuid(memory_id, "memory_id")
+        row = await self.db.fetchrow(q("get_memory"), memory_id, user_id, user_id=user_id)
+        if row is None or expired(row["expires_at"]):
+            raise NotFound(f"memory {memory_id} not found")
+        messages: list[StoredMessage] = []
+        if include_messages and row["type"] == "conversation":
+            messages = [
+                StoredMessage(**dict(m))
+                for m in await self.db.fetch(q("get_messages"), memory_id, user_id, user_id=user_id)
+            ]
+        return to_record(row, messages=messages)
+
+    async def page(
+        self,
+        user_id: UUID | str,
+        *,
+        types: Iterable[MemoryType | str] | None = None,
+        model: UUID | str | None = None,
+        include_shared: bool = True,
+        session_id: str | None = None,
+        tags: Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page[StoredMemory]:
+        """The user's memories, newest first, with cursor pagination and filters."""
+        user_id = validation.parse_uuid(user_id, "user_id")
+        limit = validation.limit(limit, 500)
+        scope = await self.registry.scope(model, include_shared)
+        after_at, after_id = validation.decode_cursor(cursor)
+        rows = await self.db.fetch(
+            *bind(
+                "list_memories",
+                user_id=user_id,
+                types=validation.memory_types(types),
+                model_id=scope.model_id,
+                include_shared=scope.include_shared,
+                session_id=validation.session_id(session_id),
+                tags=tags_filter(tags),
+                since=validation.timestamp(since, "since"),
+                until=validation.timestamp(until, "until"),
+                after_at=after_at,
+                after_id=after_id,
+                limit=limit + 1,
+            ),
+            user_id=user_id,
+        )
+        items = [to_record(row) for row in rows[:limit]]
+        next_cursor = (
+            validation.encode_cursor(items[-1].created_at, items[-1].id)
+            if len(rows) > limit
+            else None
+        )
+        return Page[StoredMemory](items=items, next_cursor=next_cursor)

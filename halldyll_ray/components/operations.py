@@ -1,0 +1,130 @@
+"""Maintenance: expiring ephemeral facts, per-user HNSW indexes, audit retention.
+
+The last two run DDL or delete from the append-only audit log, so they open their own
+connection with the login role (the table owner, for the embedded default) instead of the
+application role of the pool.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+import asyncpg
+
+from halldyll_ray.components.audit import write_audit
+from halldyll_ray.config import Settings
+from halldyll_ray.errors import InvalidInput, Unavailable
+from halldyll_ray.storage.database import Database, connect, register_codecs
+from halldyll_ray.storage.sql import q
+
+#: Name prefix of the per-user partial HNSW indexes (the user id's hex follows).
+USER_INDEX_PREFIX = "memory_chunks_user_hnsw_"
+
+
+class Operations:
+    """Maintenance tasks an Admin or a scheduled job runs."""
+
+    def __init__(self, db: Database, dsn: str, settings: Settings) -> None:
+        self.db = db
+        self.dsn = dsn
+        self.settings = settings
+
+    async def purge_expired(self) -> int:
+        """Delete ephemeral facts past their expiry; return how many went."""
+        async with self.db.scoped(admin=True) as conn:
+            rows = await conn.fetch(q("purge_expired"))
+            for owner in sorted({row["user_id"] for row in rows}):
+                await conn.execute(q("bump_version"), owner)
+            if rows:
+                await write_audit(
+                    conn,
+                    "memory.purge_expired",
+                    "fact",
+                    [r["id"] for r in rows],
+                    None,
+                    details={"count": len(rows)},
+                )
+        return len(rows)
+
+    async def ensure_user_indexes(self, *, min_rows: int | None = None) -> dict[str, list[UUID]]:
+        """Give each very large user a partial HNSW index of their own; drop stale ones.
+
+        A per-user filter on the shared HNSW index is slow for a user with tens of thousands
+        of rows when few of them are near the query: the iterative scan walks other users'
+        rows up to hnsw.max_scan_tuples (benchmarks/search_scale.py measured p99 30-100 ms at
+        1M rows). A partial index ``WHERE user_id = ...`` answers those in a few ms, and the
+        planner picks it by itself. Small users are served exactly by the btree and need none.
+
+        Runs as the table owner (DDL), ``CREATE/DROP INDEX CONCURRENTLY`` so writes go on.
+        Indexes of users that fell under half the threshold (or are gone) are dropped.
+        """
+        threshold = self.settings.large_user_index_rows if min_rows is None else min_rows
+        if not isinstance(threshold, int) or threshold < 1:
+            raise InvalidInput("min_rows must be a positive integer", field="min_rows")
+        conn = await connect(self.dsn)
+        created: list[UUID] = []
+        dropped: list[UUID] = []
+        try:
+            counts = {
+                row["user_id"]: row["n"]
+                for row in await conn.fetch(q("chunk_counts"), max(1, threshold // 2))
+            }
+            existing = {
+                UUID(row["indexname"].removeprefix(USER_INDEX_PREFIX)): row["indexname"]
+                for row in await conn.fetch(q("user_indexes"), USER_INDEX_PREFIX + "%")
+            }
+            for user_id, rows in sorted(counts.items()):
+                if rows >= threshold and user_id not in existing:
+                    # DDL takes no bind parameters; the name and literal come from a UUID.
+                    await conn.execute(
+                        f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {USER_INDEX_PREFIX}{user_id.hex} "
+                        "ON memory_chunks USING hnsw (embedding vector_cosine_ops) "
+                        f"WITH (m = 16, ef_construction = 64) WHERE user_id = '{user_id}'",
+                        timeout=None,
+                    )
+                    created.append(user_id)
+            for user_id, name in sorted(existing.items()):
+                if user_id not in counts:
+                    await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+                    dropped.append(user_id)
+            if created or dropped:
+                await conn.execute("ANALYZE memory_chunks")
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise Unavailable(
+                "creating indexes needs the table owner's connection (run `halldyll "
+                "index-users` with the migration user's DATABASE_URL)"
+            ) from exc
+        finally:
+            await conn.close()
+        return {"created": created, "dropped": dropped}
+
+    async def purge_audit(self, *, older_than_days: int | None = None) -> int:
+        """Delete audit rows past the retention (AUDIT_RETENTION_DAYS), as the table owner.
+
+        The application role has no DELETE privilege on the audit log, so this opens its own
+        connection with the login role (the database owner for the embedded default).
+        """
+        days = self.settings.audit_retention_days if older_than_days is None else older_than_days
+        if not isinstance(days, int) or days < 1:
+            raise InvalidInput(
+                "older_than_days must be a positive integer", field="older_than_days"
+            )
+        cutoff = datetime.now(UTC) - timedelta(days=days)
+        conn = await connect(self.dsn)
+        try:
+            await register_codecs(conn)
+            async with conn.transaction():
+                await conn.execute(q("allow_audit_purge"), cutoff.isoformat())
+                status = await conn.execute(q("purge_audit"), cutoff)
+                await write_audit(
+                    conn, "audit.purge", None, [], None, details={"before": cutoff.isoformat()}
+                )
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise Unavailable(
+                "purging the audit log needs the table owner's connection (run "
+                "`halldyll purge-audit` with the migration user's DATABASE_URL)"
+            ) from exc
+        finally:
+            await conn.close()
+        return int(status.split()[-1])

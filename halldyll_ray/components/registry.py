@@ -1,0 +1,109 @@
+"""The AI model registry (SPEC §4.3) and the model scopes that memories and searches take."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from halldyll_ray import validation
+from halldyll_ray.components.audit import write_audit
+from halldyll_ray.errors import Conflict, InvalidInput, NotFound
+from halldyll_ray.models import AIModel, ModelKind
+from halldyll_ray.storage.database import Database
+from halldyll_ray.storage.sql import bind, q
+
+
+@dataclass(frozen=True)
+class Scope:
+    """A resolved model scope: (model id or None, include the user's shared memories)."""
+
+    model_id: UUID | None
+    include_shared: bool
+
+
+class ModelRegistry:
+    """Register, find, list and remove AI models; resolve a model reference to its id."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._ids: dict[str, UUID] = {}
+
+    async def register(
+        self,
+        name: str,
+        kind: ModelKind | str,
+        *,
+        version: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> AIModel:
+        """Add an AI model to the registry. Raises Conflict if the name exists."""
+        if not isinstance(name, str) or not 1 <= len(name.strip()) <= 200:
+            raise InvalidInput("model name must be 1-200 characters", field="name")
+        try:
+            kind = ModelKind(kind)
+        except ValueError:
+            allowed = ", ".join(k.value for k in ModelKind)
+            raise InvalidInput(f"kind must be one of: {allowed}", field="kind") from None
+        if version is not None and (not isinstance(version, str) or len(version) > 100):
+            raise InvalidInput("version must be at most 100 characters", field="version")
+        try:
+            async with self.db.scoped() as conn:
+                row = await conn.fetchrow(
+                    *bind(
+                        "insert_model",
+                        id=uuid.uuid4(),
+                        name=name.strip(),
+                        kind=kind.value,
+                        version=version,
+                        metadata=validation.metadata(metadata),
+                    )
+                )
+                await write_audit(conn, "model.register", "ai_model", [row["id"]], None)
+        except Conflict:
+            raise Conflict(f"an AI model named {name!r} is already registered") from None
+        return AIModel(**dict(row))
+
+    async def get(self, ref: UUID | str) -> AIModel:
+        """A registered model by id or name."""
+        row = None
+        if isinstance(ref, UUID) or validation.looks_like_uuid(ref):
+            row = await self.db.fetchrow(q("get_model_by_id"), validation.parse_uuid(ref, "model"))
+        if row is None and isinstance(ref, str):
+            row = await self.db.fetchrow(q("get_model_by_name"), ref.strip())
+        if row is None:
+            raise NotFound(f"AI model {ref!s} is not registered", field="model")
+        return AIModel(**dict(row))
+
+    async def find(self, *, kind: ModelKind | str | None = None) -> list[AIModel]:
+        if kind is not None:
+            try:
+                kind = ModelKind(kind)
+            except ValueError:
+                raise InvalidInput(f"unknown model kind {kind!r}", field="kind") from None
+        rows = await self.db.fetch(q("list_models"), None if kind is None else kind.value)
+        return [AIModel(**dict(row)) for row in rows]
+
+    async def delete(self, ref: UUID | str) -> None:
+        """Remove a model from the registry; Conflict while memories are scoped to it."""
+        model = await self.get(ref)
+        async with self.db.scoped() as conn:
+            await conn.fetchval(q("delete_model"), model.id)
+            await write_audit(conn, "model.delete", "ai_model", [model.id], None)
+        self._ids.pop(model.name.casefold(), None)
+
+    async def resolve(self, ref: UUID | str | None) -> UUID | None:
+        """The id of a model named or identified by ``ref`` (None for "no model")."""
+        if ref is None:
+            return None
+        key = str(ref).strip().casefold()
+        cached = self._ids.get(key)
+        if cached is not None:
+            return cached
+        model = await self.get(ref)
+        self._ids[key] = model.id
+        return model.id
+
+    async def scope(self, model: UUID | str | None, include_shared: bool) -> Scope:
+        return Scope(await self.resolve(model), include_shared)

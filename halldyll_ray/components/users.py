@@ -1,0 +1,155 @@
+"""Users, their roles and Viewers' read grants (SPEC §4.1)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+from halldyll_ray import requestctx, validation
+from halldyll_ray.components.audit import write_audit
+from halldyll_ray.errors import Conflict, InvalidInput, NotFound
+from halldyll_ray.models import Page, Role, User
+from halldyll_ray.storage.database import Database
+from halldyll_ray.storage.sql import bind, q
+
+
+class Users:
+    """Create, read, update and delete users; grant Viewers another user's memories."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create(
+        self,
+        username: str,
+        email: str | None = None,
+        role: Role | str = Role.USER,
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> User:
+        """Create a user. Raises InvalidInput for a bad field, Conflict for a taken name/email."""
+        username = validation.username(username)
+        email = validation.email(email)
+        checked_role = validation.role(role)
+        checked_metadata = validation.metadata(metadata)
+        try:
+            async with self.db.scoped() as conn:
+                row = await conn.fetchrow(
+                    *bind(
+                        "insert_user",
+                        id=uuid.uuid4(),
+                        username=username,
+                        email=email,
+                        role=checked_role.value,
+                        metadata=checked_metadata,
+                    )
+                )
+                await write_audit(conn, "user.create", "user", [row["id"]], row["id"])
+        except Conflict:
+            raise Conflict(f"a user named {username!r} or with that email already exists") from None
+        return User(**dict(row))
+
+    async def get(self, user_id: UUID | str) -> User:
+        row = await self.db.fetchrow(q("get_user"), validation.parse_uuid(user_id, "user_id"))
+        if row is None:
+            raise NotFound(f"user {user_id} not found")
+        return User(**dict(row))
+
+    async def get_by_username(self, username: str) -> User:
+        row = await self.db.fetchrow(q("get_user_by_name"), str(username)[:64])
+        if row is None:
+            raise NotFound(f"user {username!r} not found")
+        return User(**dict(row))
+
+    async def page(self, *, limit: int = 100, cursor: str | None = None) -> Page[User]:
+        limit = validation.limit(limit, 1000)
+        after_at, after_id = validation.decode_cursor(cursor)
+        rows = await self.db.fetch(
+            q("list_users"), None if after_id is None else str(after_id), after_at, limit + 1
+        )
+        users = [User(**dict(row)) for row in rows[:limit]]
+        next_cursor = (
+            validation.encode_cursor(users[-1].created_at, users[-1].id)
+            if len(rows) > limit
+            else None
+        )
+        return Page[User](items=users, next_cursor=next_cursor)
+
+    async def update(
+        self,
+        user_id: UUID | str,
+        *,
+        role: Role | str | None = None,
+        disabled: bool | None = None,
+        email: str | None = None,
+        clear_email: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> User:
+        user_id = validation.parse_uuid(user_id, "user_id")
+        role_value = None if role is None else validation.role(role).value
+        email = validation.email(email)
+        if disabled is not None and not isinstance(disabled, bool):
+            raise InvalidInput("disabled must be true or false", field="disabled")
+        async with self.db.scoped() as conn:
+            row = await conn.fetchrow(
+                *bind(
+                    "update_user",
+                    id=user_id,
+                    role=role_value,
+                    disabled=disabled,
+                    set_email=email is not None or clear_email,
+                    email=email,
+                    metadata=None if metadata is None else validation.metadata(metadata),
+                )
+            )
+            if row is None:
+                raise NotFound(f"user {user_id} not found")
+            await write_audit(conn, "user.update", "user", [user_id], user_id)
+        return User(**dict(row))
+
+    async def delete(self, user_id: UUID | str) -> None:
+        """Delete a user and every memory they own."""
+        user_id = validation.parse_uuid(user_id, "user_id")
+        async with self.db.scoped() as conn:
+            if await conn.fetchval(q("delete_user"), user_id) is None:
+                raise NotFound(f"user {user_id} not found")
+            await write_audit(conn, "user.delete", "user", [user_id], user_id)
+
+    async def states(self, user_ids: Sequence[UUID]) -> dict[UUID, tuple[Role, bool]]:
+        """(role, disabled) of each existing user among ``user_ids``."""
+        rows = await self.db.fetch(q("users_state"), list(dict.fromkeys(user_ids)))
+        return {row["id"]: (Role(row["role"]), row["disabled"]) for row in rows}
+
+    # ------------------------------------------------------------------ viewer grants
+    async def grant_viewer(self, viewer_id: UUID | str, owner_id: UUID | str) -> None:
+        """Let a Viewer read another user's memories."""
+        viewer_id = validation.parse_uuid(viewer_id, "viewer_id")
+        owner_id = validation.parse_uuid(owner_id, "owner_id")
+        if viewer_id == owner_id:
+            raise InvalidInput("a user always reads their own memories", field="owner_id")
+        viewer = await self.get(viewer_id)
+        if viewer.role is not Role.VIEWER:
+            raise InvalidInput("read grants are for users with the viewer role", field="viewer_id")
+        await self.get(owner_id)
+        async with self.db.scoped() as conn:
+            await conn.execute(
+                q("grant_viewer"), viewer_id, owner_id, requestctx.current().actor_id
+            )
+            await write_audit(conn, "grant.create", "user", [owner_id], viewer_id)
+
+    async def revoke_viewer_grant(self, viewer_id: UUID | str, owner_id: UUID | str) -> None:
+        viewer_id = validation.parse_uuid(viewer_id, "viewer_id")
+        owner_id = validation.parse_uuid(owner_id, "owner_id")
+        async with self.db.scoped() as conn:
+            if await conn.fetchval(q("revoke_viewer_grant"), viewer_id, owner_id) is None:
+                raise NotFound("no such grant")
+            await write_audit(conn, "grant.revoke", "user", [owner_id], viewer_id)
+
+    async def viewer_grants(self, viewer_id: UUID | str) -> list[UUID]:
+        """The owners whose memories a Viewer may read."""
+        rows = await self.db.fetch(
+            q("viewer_grants"), validation.parse_uuid(viewer_id, "viewer_id")
+        )
+        return [row["owner_id"] for row in rows]

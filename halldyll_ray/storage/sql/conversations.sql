@@ -1,0 +1,38 @@
+-- Conversations, their messages and session state (halldyll_ray.components.ingestion,
+-- .agent_loop). The lock order is in users.sql.
+
+-- name: reserve_messages
+-- Locks the conversation row and reserves $3 sequence numbers; returns the new count.
+UPDATE memories SET message_count = message_count + $3, updated_at = now()
+WHERE id = $1 AND user_id = $2 AND type = 'conversation'
+RETURNING message_count, model_id, session_id, tags, created_at;
+
+-- name: insert_message
+INSERT INTO conversation_messages (memory_id, seq, role, name, content, created_at)
+VALUES (:memory_id, :seq, :role, :name, :content, :created_at);
+
+-- name: get_messages
+SELECT seq, role, name, content, created_at
+FROM conversation_messages cm
+WHERE cm.memory_id = $1
+  AND EXISTS (SELECT 1 FROM memories m WHERE m.id = $1 AND m.user_id = $2)
+ORDER BY seq;
+
+-- name: recent_messages
+SELECT * FROM (
+    SELECT seq, role, name, content, created_at
+    FROM conversation_messages cm
+    WHERE cm.memory_id = $1
+      AND EXISTS (SELECT 1 FROM memories m WHERE m.id = $1 AND m.user_id = $2)
+    ORDER BY seq DESC
+    LIMIT $3
+) recent ORDER BY seq;
+
+-- name: session_memory
+SELECT * FROM memories WHERE user_id = $1 AND session_id = $2 AND session_role = $3;
+
+-- name: create_session_log
+INSERT INTO memories (id, user_id, model_id, session_id, type, content, payload, session_role)
+VALUES (:id, :user_id, :model_id, :session_id, 'conversation', :title, '{}'::jsonb, 'log')
+ON CONFLICT (user_id, session_id, session_role) WHERE session_role IS NOT NULL DO NOTHING
+RETURNING *;

@@ -1,0 +1,126 @@
+-- Memories, facts and their chunks (halldyll_ray.components.ingestion, .memories).
+-- Every memory query carries the user id in its WHERE clause. The lock order is in users.sql.
+
+-- name: insert_memory
+INSERT INTO memories (id, user_id, model_id, session_id, type, content, payload, tags, metadata,
+                      importance, session_role)
+VALUES (:id, :user_id, :model_id, :session_id, :type, :content, :payload::jsonb, :tags,
+        :metadata::jsonb, :importance, :session_role)
+RETURNING *;
+
+-- name: set_message_count
+UPDATE memories SET message_count = $3 WHERE id = $1 AND user_id = $2 RETURNING *;
+
+-- name: upsert_fact
+-- Storing a fact that exists (same user, same model scope, same normalised statement)
+-- reinforces it: confidence rises by halldyll_reinforced_confidence (migration 0004), expiry
+-- moves back, and an ephemeral fact that reaches the promotion confidence becomes permanent.
+INSERT INTO memories AS m (id, user_id, model_id, session_id, type, content, payload, tags,
+                           metadata, importance, fact_key, confidence, fact_kind, expires_at)
+VALUES (:id, :user_id, :model_id, :session_id, 'fact', :content, :payload::jsonb, :tags,
+        :metadata::jsonb, :importance, :fact_key, :confidence, :fact_kind, :expires_at)
+ON CONFLICT (user_id, model_id, fact_key) WHERE type = 'fact'
+DO UPDATE SET
+    confidence = least(1.0, halldyll_reinforced_confidence(m.confidence, excluded.confidence)),
+    fact_kind = CASE
+        WHEN m.fact_kind = 'permanent' OR excluded.fact_kind = 'permanent'
+          OR halldyll_reinforced_confidence(m.confidence, excluded.confidence) >= :promote_at
+        THEN 'permanent' ELSE 'ephemeral' END,
+    expires_at = CASE
+        WHEN m.fact_kind = 'permanent' OR excluded.fact_kind = 'permanent'
+          OR halldyll_reinforced_confidence(m.confidence, excluded.confidence) >= :promote_at
+        THEN NULL ELSE now() + :ttl::interval END,
+    reinforcement_count = m.reinforcement_count + 1,
+    importance = greatest(m.importance, excluded.importance),
+    tags = (SELECT coalesce(array_agg(DISTINCT t ORDER BY t), '{}')
+            FROM unnest(m.tags || excluded.tags) AS t),
+    payload = jsonb_set(m.payload, '{sources}',
+                        coalesce(m.payload -> 'sources', '[]'::jsonb)
+                        || coalesce(excluded.payload -> 'sources', '[]'::jsonb)),
+    updated_at = now()
+RETURNING *, (xmax <> 0) AS reinforced;
+
+-- name: reinforce_fact
+-- Merge a near-duplicate into an existing fact (same rule as upsert_fact).
+UPDATE memories AS m SET
+    confidence = least(1.0, halldyll_reinforced_confidence(m.confidence, :confidence)),
+    fact_kind = CASE
+        WHEN m.fact_kind = 'permanent' OR :fact_kind = 'permanent'
+          OR halldyll_reinforced_confidence(m.confidence, :confidence) >= :promote_at
+        THEN 'permanent' ELSE 'ephemeral' END,
+    expires_at = CASE
+        WHEN m.fact_kind = 'permanent' OR :fact_kind = 'permanent'
+          OR halldyll_reinforced_confidence(m.confidence, :confidence) >= :promote_at
+        THEN NULL ELSE now() + :ttl::interval END,
+    reinforcement_count = m.reinforcement_count + 1,
+    tags = (SELECT coalesce(array_agg(DISTINCT t ORDER BY t), '{}')
+            FROM unnest(m.tags || :tags::text[]) AS t),
+    payload = jsonb_set(m.payload, '{sources}',
+                        coalesce(m.payload -> 'sources', '[]'::jsonb) || :sources::jsonb),
+    updated_at = now()
+WHERE m.id = :id AND m.user_id = :user_id AND m.type = 'fact'
+RETURNING *, true AS reinforced;
+
+-- name: nearest_fact
+-- The closest existing fact of the same user and the same model scope.
+SELECT c.memory_id, 1 - (c.embedding <=> $3) AS similarity
+FROM memory_chunks c
+JOIN memories m ON m.id = c.memory_id
+WHERE c.user_id = $1 AND c.type = 'fact'
+  AND c.model_id IS NOT DISTINCT FROM $2
+  AND (m.expires_at IS NULL OR m.expires_at > now())
+ORDER BY c.embedding <=> $3
+LIMIT 1;
+
+-- name: get_memory
+SELECT * FROM memories WHERE id = $1 AND user_id = $2;
+
+-- name: get_memories
+SELECT * FROM memories WHERE user_id = $1 AND id = ANY($2::uuid[]);
+
+-- name: count_owned
+SELECT count(*) FROM memories WHERE user_id = $1 AND id = ANY($2::uuid[]);
+
+-- name: list_memories
+SELECT * FROM memories
+WHERE user_id = :user_id
+  AND (:types::text[] IS NULL OR type = ANY(:types))
+  AND (:model_id::uuid IS NULL OR model_id = :model_id OR (:include_shared AND model_id IS NULL))
+  AND (:session_id::text IS NULL OR session_id = :session_id)
+  AND (:tags::text[] IS NULL OR tags @> :tags)
+  AND (:since::timestamptz IS NULL OR created_at >= :since)
+  AND (:until::timestamptz IS NULL OR created_at < :until)
+  AND (expires_at IS NULL OR expires_at > now())
+  AND (:after_at::timestamptz IS NULL OR (created_at, id) < (:after_at, :after_id::uuid))
+ORDER BY created_at DESC, id DESC
+LIMIT :limit;
+
+-- name: update_memory
+UPDATE memories SET
+    tags = coalesce(:tags, tags),
+    metadata = coalesce(:metadata::jsonb, metadata),
+    importance = coalesce(:importance, importance),
+    content = coalesce(:content, content),
+    payload = coalesce(:payload::jsonb, payload),
+    confidence = coalesce(:confidence, confidence),
+    fact_kind = coalesce(:fact_kind, fact_kind),
+    expires_at = CASE WHEN :set_expiry THEN :expires_at ELSE expires_at END,
+    fact_key = coalesce(:fact_key, fact_key),
+    updated_at = now()
+WHERE id = :id AND user_id = :user_id
+RETURNING *;
+
+-- name: update_chunk_filters
+UPDATE memory_chunks SET tags = $3 WHERE memory_id = $1 AND user_id = $2;
+
+-- name: delete_chunks_of_part
+DELETE FROM memory_chunks WHERE memory_id = $1 AND user_id = $2 AND part = $3;
+
+-- name: delete_memory
+DELETE FROM memories WHERE id = $1 AND user_id = $2 RETURNING id, type;
+
+-- name: insert_chunk
+INSERT INTO memory_chunks (memory_id, user_id, model_id, session_id, type, tags, created_at,
+                           part, part_index, chunk_index, content, embedding)
+VALUES (:memory_id, :user_id, :model_id, :session_id, :type, :tags, :created_at,
+        :part, :part_index, :chunk_index, :content, :embedding);

@@ -1,0 +1,21 @@
+-- The AI model registry (halldyll_ray.components.registry).
+
+-- name: insert_model
+INSERT INTO ai_models (id, name, kind, version, metadata)
+VALUES (:id, :name, :kind, :version, :metadata::jsonb)
+RETURNING id, name, kind, version, metadata, created_at;
+
+-- name: get_model_by_id
+SELECT id, name, kind, version, metadata, created_at FROM ai_models WHERE id = $1;
+
+-- name: get_model_by_name
+SELECT id, name, kind, version, metadata, created_at FROM ai_models
+WHERE lower(name) = lower($1);
+
+-- name: list_models
+SELECT id, name, kind, version, metadata, created_at FROM ai_models
+WHERE ($1::text IS NULL OR kind = $1)
+ORDER BY lower(name);
+
+-- name: delete_model
+DELETE FROM ai_models WHERE id = $1 RETURNING id;

@@ -1,0 +1,12 @@
+-- Maintenance (halldyll_ray.components.operations): expiry and per-user indexes.
+
+-- name: purge_expired
+DELETE FROM memories WHERE expires_at IS NOT NULL AND expires_at <= now()
+RETURNING id, user_id;
+
+-- name: chunk_counts
+SELECT user_id, count(*) AS n FROM memory_chunks GROUP BY user_id HAVING count(*) >= $1;
+
+-- name: user_indexes
+SELECT indexname FROM pg_indexes
+WHERE schemaname = current_schema() AND tablename = 'memory_chunks' AND indexname LIKE $1;

@@ -1,0 +1,59 @@
+-- Users, roles and viewer grants (halldyll_ray.components.users).
+--
+-- Lock order of every write path (STYLE 18): the user's row first (bump_version, which also
+-- invalidates the user's cached searches), then the memory row, then its messages and
+-- chunks. A transaction that takes a memory row before its user's row can deadlock with one
+-- that follows this order.
+
+-- name: insert_user
+INSERT INTO users (id, username, email, role, metadata)
+VALUES (:id, :username, :email, :role, :metadata::jsonb)
+RETURNING id, username, email, role, disabled, metadata, created_at, updated_at;
+
+-- name: get_user
+SELECT id, username, email, role, disabled, metadata, created_at, updated_at
+FROM users WHERE id = $1;
+
+-- name: get_user_by_name
+SELECT id, username, email, role, disabled, metadata, created_at, updated_at
+FROM users WHERE lower(username) = lower($1);
+
+-- name: list_users
+SELECT id, username, email, role, disabled, metadata, created_at, updated_at
+FROM users
+WHERE ($1::text IS NULL OR (created_at, id::text) > ($2::timestamptz, $1::text))
+ORDER BY created_at, id::text
+LIMIT $3;
+
+-- name: update_user
+UPDATE users SET
+    role = coalesce(:role, role),
+    disabled = coalesce(:disabled, disabled),
+    email = CASE WHEN :set_email THEN :email ELSE email END,
+    metadata = coalesce(:metadata::jsonb, metadata),
+    updated_at = now()
+WHERE id = :id
+RETURNING id, username, email, role, disabled, metadata, created_at, updated_at;
+
+-- name: delete_user
+DELETE FROM users WHERE id = $1 RETURNING id;
+
+-- name: user_state
+SELECT memory_version, disabled FROM users WHERE id = $1;
+
+-- name: bump_version
+-- Locks the user's row (first in the lock order) and invalidates the user's cached searches.
+UPDATE users SET memory_version = memory_version + 1 WHERE id = $1 RETURNING memory_version;
+
+-- name: users_state
+SELECT id, role, disabled FROM users WHERE id = ANY($1::uuid[]);
+
+-- name: grant_viewer
+INSERT INTO viewer_grants (viewer_id, owner_id, granted_by) VALUES ($1, $2, $3)
+ON CONFLICT (viewer_id, owner_id) DO NOTHING;
+
+-- name: revoke_viewer_grant
+DELETE FROM viewer_grants WHERE viewer_id = $1 AND owner_id = $2 RETURNING viewer_id;
+
+-- name: viewer_grants
+SELECT owner_id FROM viewer_grants WHERE viewer_id = $1 ORDER BY owner_id;

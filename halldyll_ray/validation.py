@@ -1,0 +1,161 @@
+"""The rules every boundary of the core uses: ids, names, session ids, times, limits, metadata.
+
+One module, so that every component checks a value the same way before its first write, and
+no component reaches into another's private helpers. Each function returns the value in the
+form the storage layer takes, or raises :class:`~halldyll_ray.errors.InvalidInput` naming
+the field.
+
+Patterns are matched with :func:`re.fullmatch`: ``re.match`` with a ``$`` anchor accepts a
+trailing newline, which pydantic's own pattern check (Rust ``regex``) then refuses when the
+stored row is read back.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from uuid import UUID
+
+from pydantic import TypeAdapter, ValidationError
+
+from halldyll_ray.errors import InvalidInput
+from halldyll_ray.models import SESSION_ID_PATTERN, MemoryType, Role, check_metadata
+
+_T = TypeVar("_T")
+
+USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,185}\.[^@\s]{2,63}")
+SESSION_ID = re.compile(SESSION_ID_PATTERN.removeprefix("^").removesuffix("$"))
+
+
+def validate(adapter: TypeAdapter[_T], data: Any, what: str) -> _T:
+    """``data`` validated by ``adapter``; the first error becomes InvalidInput on its field."""
+    try:
+        return adapter.validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or what
+        if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            field = "type"
+        raise InvalidInput(f"invalid {what}: {field}: {first['msg']}", field=field) from None
+
+
+def parse_uuid(value: UUID | str, field: str) -> UUID:
+    """A UUID from a UUID or its text form; InvalidInput naming ``field`` otherwise."""
+    if isinstance(value, UUID):
+        return value
+    try:
+        return UUID(str(value))
+    except (ValueError, TypeError, AttributeError):
+        raise InvalidInput(
+            f"{field} must be a UUID, got {str(value)[:60]!r}", field=field
+        ) from None
+
+
+def looks_like_uuid(value: object) -> bool:
+    try:
+        UUID(str(value))
+    except ValueError:
+        return False
+    return True
+
+
+def username(value: object) -> str:
+    if not isinstance(value, str) or not USERNAME.fullmatch(value):
+        raise InvalidInput(
+            "username must be 1-64 characters: letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit",
+            field="username",
+        )
+    return value
+
+
+def email(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not EMAIL.fullmatch(value):
+        raise InvalidInput("email is not a valid address", field="email")
+    return value
+
+
+def role(value: Role | str) -> Role:
+    try:
+        return Role(value)
+    except ValueError:
+        raise InvalidInput(
+            "role must be one of: admin, user, service, viewer", field="role"
+        ) from None
+
+
+def metadata(value: dict[str, Any] | None) -> dict[str, Any]:
+    """A metadata object as stored (JSON round trip, size bounded); ``{}`` for None."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput("metadata must be a JSON object", field="metadata")
+    try:
+        return check_metadata(value)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), field="metadata") from None
+
+
+def limit(value: int, maximum: int) -> int:
+    """A page or result size from 1 to ``maximum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= maximum:
+        raise InvalidInput(f"limit must be an integer from 1 to {maximum}", field="limit")
+    return value
+
+
+def memory_types(values: Iterable[MemoryType | str] | None) -> list[str] | None:
+    """Sorted distinct memory type names, or None for "all types"."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        values = [values]
+    try:
+        names = sorted({MemoryType(t).value for t in values})
+    except ValueError:
+        allowed = ", ".join(t.value for t in MemoryType)
+        raise InvalidInput(f"types must be among: {allowed}", field="types") from None
+    return names or None
+
+
+def session_id(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not SESSION_ID.fullmatch(value):
+        raise InvalidInput(
+            "session_id must be 1-128 characters of letters, digits and . _ : @ -",
+            field="session_id",
+        )
+    return value
+
+
+def timestamp(value: datetime | None, field: str) -> datetime | None:
+    """An aware datetime; a naive one is taken as UTC."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise InvalidInput(f"{field} must be a datetime", field=field)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def encode_cursor(created_at: datetime, row_id: UUID) -> str:
+    """An opaque page cursor: the last row's (created_at, id)."""
+    raw = f"{created_at.isoformat()}|{row_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> tuple[datetime | None, UUID | None]:
+    """(created_at, id) of a cursor this API returned; (None, None) for the first page."""
+    if cursor is None:
+        return None, None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        stamp, row_id = raw.split("|")
+        return datetime.fromisoformat(stamp), UUID(row_id)
+    except (ValueError, UnicodeDecodeError, TypeError):
+        raise InvalidInput("cursor is not one this API returned", field="cursor") from None
