@@ -563,10 +563,23 @@ class MemoryEngine:
         model: UUID | str | None = None,
         extract_facts: bool = True,
         request_id: str | None = None,
+        idempotency_key: str | None = None,
     ) -> TurnRecord:
         """After an LLM call: append both messages to the session's conversation, refresh the
         session summary every SESSION_SUMMARY_EVERY_N_TURNS turns, and store candidate facts
-        found in the user's message as low-confidence ephemeral facts."""
+        found in the user's message as low-confidence ephemeral facts.
+
+        Args:
+            idempotency_key: 1-128 printable ASCII characters. A retry with the key of a
+                turn already stored (say after a 503 that may or may not have been applied)
+                writes nothing and returns that turn's conversation and message numbers with
+                ``replayed=True``.
+
+        Raises:
+            InvalidInput: a bad session id, an empty or too long message, a bad key; nothing
+                is written.
+            NotFound: the user or the model does not exist.
+        """
         return await self.components.agent_loop.record_turn(
             user_id,
             session_id,
@@ -575,6 +588,7 @@ class MemoryEngine:
             model=model,
             extract_facts=extract_facts,
             request_id=request_id,
+            idempotency_key=idempotency_key,
         )
 
     # ------------------------------------------------------------------ API keys

@@ -14,7 +14,7 @@ import hmac
 import re
 import secrets
 
-KEY_PATTERN = re.compile(r"^(hr_[0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
+KEY_PATTERN = re.compile(r"(hr_[0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 
 
 def generate_key() -> tuple[str, str]:
@@ -25,7 +25,7 @@ def generate_key() -> tuple[str, str]:
 
 def key_prefix(key: str) -> str | None:
     """The public prefix of a well-formed key, or None for anything else."""
-    match = KEY_PATTERN.match(key) if isinstance(key, str) else None
+    match = KEY_PATTERN.fullmatch(key) if isinstance(key, str) else None
     return match[1] if match else None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Generic, Literal, TypeVar
 from uuid import UUID
@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 # --- limits -----------------------------------------------------------------------------------
 MAX_TAGS = 32
@@ -40,8 +41,9 @@ MAX_SUMMARY_COVERS = 1_000
 MAX_URI_CHARS = 2_048
 MAX_QUERY_CHARS = 4_000
 MAX_SEARCH_LIMIT = 100
+MAX_JSON_DEPTH = 32
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
-TAG_PATTERN = re.compile(r"^[\w][\w .:/+#@-]{0,63}$")
+TAG_PATTERN = re.compile(r"[\w][\w .:/+#@-]{0,63}")
 
 
 class Role(StrEnum):
@@ -102,7 +104,7 @@ def _check_tags(tags: list[str]) -> list[str]:
     seen: dict[str, None] = {}
     for tag in tags:
         tag = tag.strip()
-        if not TAG_PATTERN.match(tag):
+        if not TAG_PATTERN.fullmatch(tag):
             raise ValueError(
                 f"tag {tag[:80]!r} is not allowed: 1-{MAX_TAG_LENGTH} characters, starting with a "
                 "letter, digit or underscore"
@@ -111,8 +113,53 @@ def _check_tags(tags: list[str]) -> list[str]:
     return list(seen)
 
 
+#: Characters no stored text may hold: NUL (PostgreSQL text cannot store it) and lone UTF-16
+#: surrogates (what a JSON string with a broken emoji escape decodes to; not encodable as
+#: UTF-8, so every later encode of the text would fail).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def check_text(value: str) -> str:
+    """``value`` unchanged, or ValueError if it holds NUL or a lone surrogate."""
+    found = _UNSTORABLE.search(value)
+    if found is not None:
+        what = "a NUL character" if found[0] == "\x00" else "a lone UTF-16 surrogate"
+        raise ValueError(f"text contains {what} at position {found.start()}")
+    return value
+
+
+def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse what JSON or PostgreSQL cannot round-trip: nesting deeper than ``max_depth``,
+    NaN and infinities, NUL and lone surrogates in strings and keys (ValueError).
+
+    Iterative, so a 2,000-level value is refused instead of overflowing Python's stack; and
+    bounded, so no later encoder (Redis cache, HTTP response) meets a recursion limit.
+    """
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            check_text(item)
+        elif isinstance(item, float):
+            if item != item or item in (float("inf"), float("-inf")):
+                raise ValueError("numbers must be finite (no NaN or Infinity)")
+        elif isinstance(item, dict | list | tuple):
+            if depth >= max_depth:
+                raise ValueError(f"JSON values may nest at most {max_depth} levels deep")
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    if isinstance(key, str):
+                        check_text(key)
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in item)
+
+
 def check_metadata(value: dict[str, Any]) -> dict[str, Any]:
-    encoded = json.dumps(value, ensure_ascii=False, default=str)
+    """A metadata object as stored: JSON-safe (see :func:`check_json_value`), at most
+    MAX_METADATA_BYTES of JSON, values that JSON cannot hold turned to strings."""
+    check_json_value(value)
+    encoded = json.dumps(value, ensure_ascii=False, default=str, allow_nan=False)
     if len(encoded.encode()) > MAX_METADATA_BYTES:
         raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes of JSON")
     return json.loads(encoded)  # type: ignore[no-any-return]
@@ -125,8 +172,38 @@ ModelRef = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_
 NonBlank = StringConstraints(strip_whitespace=True, min_length=1)
 
 
+def _as_utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+#: A time given by a caller. One rule everywhere: a naive datetime means UTC (never the
+#: server's local time zone, which asyncpg would otherwise apply to it).
+UtcDateTime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
 class _Input(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, frozen=False)
+    """Base of every input model: unknown fields, NaN and infinities are refused, and every
+    field's raw value passes :func:`check_json_value` before its own validation."""
+
+    model_config = ConfigDict(
+        extra="forbid", str_strip_whitespace=False, frozen=False, allow_inf_nan=False
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        # One walk of the raw input, before any field's own validation (a field validator
+        # cannot run before the discriminator ``type``). The message starts with the field.
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if not isinstance(value, BaseModel):
+                    try:
+                        check_json_value(value)
+                    except ValueError as exc:
+                        raise PydanticCustomError(
+                            "unstorable_value", "{reason}", {"field": key, "reason": str(exc)}
+                        ) from None
+        return data
 
 
 class Message(_Input):
@@ -134,7 +211,9 @@ class Message(_Input):
 
     role: MessageRole
     content: Annotated[str, NonBlank, StringConstraints(max_length=MAX_MESSAGE_CHARS)]
-    created_at: datetime | None = Field(default=None, description="Defaults to the store time.")
+    created_at: UtcDateTime | None = Field(
+        default=None, description="Defaults to the store time; a naive time means UTC."
+    )
     name: Annotated[str, StringConstraints(max_length=200)] | None = Field(
         default=None, description="Speaker or tool name."
     )
@@ -416,3 +495,6 @@ class TurnRecord(_Record):
     message_seqs: list[int]
     summary_id: UUID | None
     fact_ids: list[UUID]
+    #: True when an earlier call with the same idempotency key stored this turn: nothing was
+    #: written this time (its summary and facts were reported to that call).
+    replayed: bool = False

@@ -22,7 +22,7 @@ from uuid import UUID
 from pydantic import TypeAdapter, ValidationError
 
 from halldyll_ray.errors import InvalidInput
-from halldyll_ray.models import SESSION_ID_PATTERN, MemoryType, Role, check_metadata
+from halldyll_ray.models import SESSION_ID_PATTERN, MemoryType, Role, check_metadata, check_text
 
 _T = TypeVar("_T")
 
@@ -37,10 +37,15 @@ def validate(adapter: TypeAdapter[_T], data: Any, what: str) -> _T:
         return adapter.validate_python(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or what
+        field = ".".join(str(part) for part in first["loc"])
+        message = first["msg"]
         if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
             field = "type"
-        raise InvalidInput(f"invalid {what}: {field}: {first['msg']}", field=field) from None
+        elif first["type"] == "unstorable_value":
+            # The model-level check of every raw value names its field in the context.
+            field = ".".join(p for p in (field, str(first["ctx"]["field"])) if p)
+        field = field or what
+        raise InvalidInput(f"invalid {what}: {field}: {message}", field=field) from None
 
 
 def parse_uuid(value: UUID | str, field: str) -> UUID:
@@ -53,6 +58,17 @@ def parse_uuid(value: UUID | str, field: str) -> UUID:
         raise InvalidInput(
             f"{field} must be a UUID, got {str(value)[:60]!r}", field=field
         ) from None
+
+
+def text(value: object, field: str) -> str:
+    """A caller's text as given, or InvalidInput if it is not a string or holds what no
+    stored or encoded text may (NUL, a lone UTF-16 surrogate)."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{field} must be a string", field=field)
+    try:
+        return check_text(value)
+    except ValueError as exc:
+        raise InvalidInput(f"{field}: {exc}", field=field) from None
 
 
 def looks_like_uuid(value: object) -> bool:
@@ -159,3 +175,18 @@ def decode_cursor(cursor: str | None) -> tuple[datetime | None, UUID | None]:
         return datetime.fromisoformat(stamp), UUID(row_id)
     except (ValueError, UnicodeDecodeError, TypeError):
         raise InvalidInput("cursor is not one this API returned", field="cursor") from None
+
+
+IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,128}")
+
+
+def idempotency_key(value: str | None) -> str | None:
+    """A client's idempotency key: 1-128 printable ASCII characters without spaces."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not IDEMPOTENCY_KEY.fullmatch(value):
+        raise InvalidInput(
+            "idempotency_key must be 1-128 printable ASCII characters without spaces",
+            field="idempotency_key",
+        )
+    return value

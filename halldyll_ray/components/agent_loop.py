@@ -12,6 +12,8 @@ from __future__ import annotations
 import uuid
 from uuid import UUID
 
+from pydantic import TypeAdapter
+
 from halldyll_ray import validation
 from halldyll_ray.components.audit import write_audit
 from halldyll_ray.components.base import insert_chunks, lock_user
@@ -26,12 +28,22 @@ from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
 from halldyll_ray.textproc import Line, extract_candidate_facts, extractive_summary
 
+MESSAGE: TypeAdapter[Message] = TypeAdapter(Message)
 #: Confidence given to facts extracted from a user's message by record_turn.
 CANDIDATE_FACT_CONFIDENCE = 0.3
 #: How long a session's conversation id stays in the cache, in seconds (a day).
 SESSION_STATE_TTL_S = 86_400
 #: Importance of a session's rolling summary.
 SUMMARY_IMPORTANCE = 0.7
+
+
+def _message(role: MessageRole, content: object, field: str) -> Message:
+    """One message of a turn, or InvalidInput naming the argument it came from."""
+    try:
+        return validation.validate(MESSAGE, {"role": role, "content": content}, field)
+    except InvalidInput as exc:
+        reason = exc.message.rpartition(": ")[2]
+        raise InvalidInput(f"{field}: {reason}", field=field) from None
 
 
 class AgentLoop:
@@ -63,39 +75,45 @@ class AgentLoop:
         model: UUID | str | None = None,
         extract_facts: bool = True,
         request_id: str | None = None,
+        idempotency_key: str | None = None,
     ) -> TurnRecord:
         """See :meth:`halldyll_ray.engine.MemoryEngine.record_turn`."""
         user_id = validation.parse_uuid(user_id, "user_id")
         session = validation.session_id(session_id)
         if session is None:
             raise InvalidInput("session_id is required", field="session_id")
-        turn = (
-            [
-                Message(role=MessageRole.USER, content=user_message),
-                Message(role=MessageRole.ASSISTANT, content=assistant_message),
-            ]
-            if isinstance(user_message, str) and isinstance(assistant_message, str)
-            else [
-                {"role": "user", "content": user_message},
-                {"role": "assistant", "content": assistant_message},
-            ]
-        )
-        conversation_id = await self._session_log(user_id, session, model)
+        # Every input is checked before the first write (the session log is one).
+        turn = [
+            _message(MessageRole.USER, user_message, "user_message"),
+            _message(MessageRole.ASSISTANT, assistant_message, "assistant_message"),
+        ]
+        key = validation.idempotency_key(idempotency_key)
+        model_id = await self.registry.resolve(model)
+        conversation_id = await self._session_log(user_id, session, model_id)
         try:
-            stored = await self.ingestion.append_messages(
-                user_id, conversation_id, turn, request_id=request_id
+            appended = await self.ingestion.append(
+                user_id, conversation_id, turn, request_id=request_id, idempotency_key=key
             )
         except NotFound:
             # The cached log was deleted meanwhile: forget it and start a new one.
             await self.cache.delete(self._session_key(user_id, session))
-            conversation_id = await self._session_log(user_id, session, model)
-            stored = await self.ingestion.append_messages(
-                user_id, conversation_id, turn, request_id=request_id
+            conversation_id = await self._session_log(user_id, session, model_id)
+            appended = await self.ingestion.append(
+                user_id, conversation_id, turn, request_id=request_id, idempotency_key=key
             )
+        if appended.replayed:
+            return TurnRecord(
+                conversation_id=appended.conversation_id,
+                message_seqs=[m.seq for m in appended.messages],
+                summary_id=None,
+                fact_ids=[],
+                replayed=True,
+            )
+        stored = appended.messages
         turns = (stored[-1].seq + 1) // 2
         summary_id = None
         if turns % self.settings.session_summary_every_n_turns == 0:
-            summary_id = await self._refresh_summary(user_id, session, conversation_id, model)
+            summary_id = await self._refresh_summary(user_id, session, conversation_id, model_id)
         fact_ids: list[UUID] = []
         if extract_facts:
             for statement in extract_candidate_facts(user_message):
@@ -124,13 +142,12 @@ class AgentLoop:
     def _session_key(user_id: UUID, session_id: str) -> str:
         return TieredCache.user_key("session", user_id, session_id)
 
-    async def _session_log(self, user_id: UUID, session_id: str, model: UUID | str | None) -> UUID:
+    async def _session_log(self, user_id: UUID, session_id: str, model_id: UUID | None) -> UUID:
         """The id of the session's conversation log, created on first use (session state)."""
         key = self._session_key(user_id, session_id)
         cached = await self.cache.get(key, kind="session")
         if cached is not None:
             return UUID(cached.decode())
-        model_id = await self.registry.resolve(model)
         async with self.db.scoped(user_id) as conn:
             await lock_user(conn, user_id)
             row = await conn.fetchrow(
@@ -152,13 +169,12 @@ class AgentLoop:
         return conversation_id
 
     async def _refresh_summary(
-        self, user_id: UUID, session_id: str, conversation_id: UUID, model: UUID | str | None
+        self, user_id: UUID, session_id: str, conversation_id: UUID, model_id: UUID | None
     ) -> UUID:
         rows = await self.db.fetch(q("get_messages"), conversation_id, user_id, user_id=user_id)
         text = extractive_summary([Line(r["role"], r["content"]) for r in rows])
         if not text:
             text = "(no content yet)"
-        model_id = await self.registry.resolve(model)
         chunks = text_chunks(text)
         vectors = await self.embeddings.embed([c.text for c in chunks])
         payload = {"covers": [str(conversation_id)]}

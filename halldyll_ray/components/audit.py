@@ -9,6 +9,7 @@ from uuid import UUID
 import asyncpg
 
 from halldyll_ray import requestctx, validation
+from halldyll_ray.errors import InvalidInput
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind
 
@@ -93,6 +94,12 @@ class Audit:
         limit: int = 100,
     ) -> list[dict[str, Any]]:
         """Audit rows, newest first, where ``user_id`` is the actor or the one acted for."""
+        if before_id is not None and (
+            not isinstance(before_id, int)
+            or isinstance(before_id, bool)
+            or not 1 <= before_id < 2**63
+        ):
+            raise InvalidInput("before_id must be a positive 64-bit integer", field="before_id")
         rows = await self.db.fetch(
             *bind(
                 "list_audit",

@@ -13,6 +13,7 @@ import numpy as np
 
 from halldyll_ray.errors import NotFound
 from halldyll_ray.models import Message, MessageRole, StoredMessage
+from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import q, query
 
 
@@ -31,6 +32,13 @@ async def lock_user(conn: asyncpg.Connection, user_id: UUID) -> None:
     """Lock the user's row (first in the lock order of ``storage/sql/users.sql``) and bump
     their memory version, which invalidates their cached searches. NotFound if absent."""
     if await conn.fetchval(q("bump_version"), user_id) is None:
+        raise NotFound(f"user {user_id} not found")
+
+
+async def require_user(db: Database, user_id: UUID) -> None:
+    """NotFound("user ... not found") unless the user exists: the one answer every path gives
+    for a missing or deleted user. Called on the miss path only (no cost on a hit)."""
+    if await db.fetchrow(q("user_state"), user_id) is None:
         raise NotFound(f"user {user_id} not found")
 
 

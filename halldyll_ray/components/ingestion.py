@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -20,7 +21,13 @@ from pydantic import TypeAdapter
 
 from halldyll_ray import validation
 from halldyll_ray.components.audit import write_audit
-from halldyll_ray.components.base import Chunk, insert_chunks, insert_messages, lock_user
+from halldyll_ray.components.base import (
+    Chunk,
+    insert_chunks,
+    insert_messages,
+    lock_user,
+    require_user,
+)
 from halldyll_ray.components.embeddings import Embeddings
 from halldyll_ray.components.memories import MEMORY, expired, split, to_record
 from halldyll_ray.components.registry import ModelRegistry
@@ -58,6 +65,15 @@ _UPDATABLE = {
     MemoryType.TRANSCRIPTION: {"text"},
     MemoryType.IMAGE: set(),
 }
+
+
+@dataclass(frozen=True)
+class Appended:
+    """What an append stored, or (``replayed``) what an earlier call with its key stored."""
+
+    conversation_id: UUID
+    messages: list[StoredMessage]
+    replayed: bool
 
 
 def chunks_of(memory: Memory) -> list[Chunk]:
@@ -232,6 +248,24 @@ class Ingestion:
         request_id: str | None = None,
     ) -> list[StoredMessage]:
         """Append messages to a conversation; returns them with their sequence numbers."""
+        appended = await self.append(user_id, conversation_id, messages, request_id=request_id)
+        return appended.messages
+
+    async def append(
+        self,
+        user_id: UUID | str,
+        conversation_id: UUID | str,
+        messages: Sequence[Message | dict[str, Any]],
+        *,
+        request_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Appended:
+        """:meth:`append_messages`, once per ``idempotency_key`` of the user.
+
+        With a key that an earlier call of the user stored, nothing is written and the
+        earlier call's conversation and messages come back (``replayed``). The check runs
+        under the user's row lock, so two concurrent calls with one key store once.
+        """
         user_id = validation.parse_uuid(user_id, "user_id")
         conversation_id = validation.parse_uuid(conversation_id, "conversation_id")
         checked = validation.validate(MESSAGES, list(messages), "messages")
@@ -239,8 +273,25 @@ class Ingestion:
             raise InvalidInput(
                 f"send 1 to {MAX_MESSAGES_PER_CALL} messages per call", field="messages"
             )
+        key = validation.idempotency_key(idempotency_key)
         vectors_for = await self._message_vectors(checked)
         async with self.db.scoped(user_id) as conn:
+            # The user's row first, then the conversation's (storage/sql/users.sql).
+            await lock_user(conn, user_id)
+            if key is not None:
+                earlier = await conn.fetchrow(q("turn_request"), user_id, key)
+                if earlier is not None:
+                    rows = await conn.fetch(
+                        q("messages_at"),
+                        earlier["conversation_id"],
+                        user_id,
+                        earlier["message_seqs"],
+                    )
+                    return Appended(
+                        earlier["conversation_id"],
+                        [StoredMessage(**dict(r)) for r in rows],
+                        replayed=True,
+                    )
             reserved = await conn.fetchrow(
                 q("reserve_messages"), conversation_id, user_id, len(checked)
             )
@@ -251,7 +302,6 @@ class Ingestion:
                     f"a conversation holds at most {MAX_MESSAGES_PER_CONVERSATION} messages",
                     field="messages",
                 )
-            await lock_user(conn, user_id)
             first = reserved["message_count"] - len(checked)
             stored = await insert_messages(conn, conversation_id, first, checked)
             chunks, vectors = vectors_for(first)
@@ -262,6 +312,16 @@ class Ingestion:
                 "type": "conversation",
             }
             await insert_chunks(conn, row, chunks, vectors)
+            if key is not None:
+                await conn.execute(
+                    *bind(
+                        "insert_turn_request",
+                        user_id=user_id,
+                        idempotency_key=key,
+                        conversation_id=conversation_id,
+                        message_seqs=[m.seq for m in stored],
+                    )
+                )
             await write_audit(
                 conn,
                 "conversation.append",
@@ -271,7 +331,7 @@ class Ingestion:
                 request_id=request_id,
                 details={"messages": len(stored)},
             )
-        return stored
+        return Appended(conversation_id, stored, replayed=False)
 
     async def _message_vectors(
         self, messages: Sequence[Message]
@@ -306,6 +366,7 @@ class Ingestion:
             update = validation.validate(_UPDATE, update, "update")
         current = await self.db.fetchrow(q("get_memory"), memory_id, user_id, user_id=user_id)
         if current is None or expired(current["expires_at"]):
+            await require_user(self.db, user_id)
             raise NotFound(f"memory {memory_id} not found")
         kind = MemoryType(current["type"])
         allowed = _UPDATABLE[kind]
@@ -327,8 +388,10 @@ class Ingestion:
         elif update.text is not None:
             new_content = update.text
             if kind is MemoryType.TRANSCRIPTION:
-                # New text replaces the segments, whose timings no longer hold.
-                payload = {**current["payload"], "segments": []}
+                # New text replaces the segments, whose timings no longer hold, and its
+                # language is detected again: every value derived from a text follows it.
+                language = await asyncio.to_thread(detect_language, update.text)
+                payload = {**current["payload"], "segments": [], "language": language}
                 part = "segment"
             else:
                 part = "text"

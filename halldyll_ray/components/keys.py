@@ -6,8 +6,11 @@ import uuid
 from datetime import UTC, datetime
 from uuid import UUID
 
+import asyncpg
+
 from halldyll_ray import validation
 from halldyll_ray.components.audit import Audit, write_audit
+from halldyll_ray.components.base import require_user
 from halldyll_ray.config import Settings
 from halldyll_ray.errors import AuthenticationFailed, Conflict, InvalidInput, NotFound, Unavailable
 from halldyll_ray.keys import generate_key, hash_key, key_prefix, verify_key
@@ -47,31 +50,42 @@ class ApiKeys:
     ) -> NewApiKey:
         """Create a key for a user. The returned ``key`` is shown this once and never stored."""
         user_id = validation.parse_uuid(user_id, "user_id")
-        if not isinstance(name, str) or len(name) > 100:
+        if len(validation.text(name, "name")) > 100:
             raise InvalidInput("key name must be at most 100 characters", field="name")
         expires_at = validation.timestamp(expires_at, "expires_at")
         if expires_at is not None and expires_at <= datetime.now(UTC):
             raise InvalidInput("expires_at must be in the future", field="expires_at")
-        prefix, key = generate_key()
-        digest = hash_key(await self._key_secret(), key)
+        secret = await self._key_secret()
         async with self.db.scoped() as conn:
             if await conn.fetchrow(q("get_user"), user_id) is None:
                 raise NotFound(f"user {user_id} not found")
-            row = await conn.fetchrow(
-                *bind(
-                    "insert_api_key",
-                    id=uuid.uuid4(),
-                    user_id=user_id,
-                    prefix=prefix,
-                    hash=digest,
-                    name=name,
-                    expires_at=expires_at,
-                    replaces=replaces,
-                )
+            return await self._insert(conn, secret, user_id, name, expires_at, replaces)
+
+    @staticmethod
+    async def _insert(
+        conn: asyncpg.Connection,
+        secret: bytes,
+        user_id: UUID,
+        name: str,
+        expires_at: datetime | None,
+        replaces: UUID | None,
+    ) -> NewApiKey:
+        prefix, key = generate_key()
+        row = await conn.fetchrow(
+            *bind(
+                "insert_api_key",
+                id=uuid.uuid4(),
+                user_id=user_id,
+                prefix=prefix,
+                hash=hash_key(secret, key),
+                name=name,
+                expires_at=expires_at,
+                replaces=replaces,
             )
-            await write_audit(
-                conn, "key.create", "api_key", [row["id"]], user_id, details={"prefix": prefix}
-            )
+        )
+        await write_audit(
+            conn, "key.create", "api_key", [row["id"]], user_id, details={"prefix": prefix}
+        )
         return NewApiKey(key=key, api_key=ApiKey(**dict(row)))
 
     async def get(self, key_id: UUID | str) -> ApiKey:
@@ -81,7 +95,10 @@ class ApiKeys:
         return ApiKey(**dict(row))
 
     async def of_user(self, user_id: UUID | str) -> list[ApiKey]:
-        rows = await self.db.fetch(q("list_api_keys"), validation.parse_uuid(user_id, "user_id"))
+        user_id = validation.parse_uuid(user_id, "user_id")
+        rows = await self.db.fetch(q("list_api_keys"), user_id)
+        if not rows:
+            await require_user(self.db, user_id)
         return [ApiKey(**dict(row)) for row in rows]
 
     async def revoke(self, key_id: UUID | str) -> ApiKey:
@@ -95,12 +112,22 @@ class ApiKeys:
         return ApiKey(**dict(row))
 
     async def rotate(self, key_id: UUID | str) -> NewApiKey:
-        """A new key for the same user and name, replacing (and revoking) the old one."""
-        old = await self.get(key_id)
-        if old.revoked_at is not None:
-            raise Conflict("a revoked key cannot be rotated; create a new one")
-        new = await self.create(old.user_id, name=old.name, expires_at=None, replaces=old.id)
-        await self.revoke(old.id)
+        """A new key for the same user and name, replacing (and revoking) the old one.
+
+        One transaction with the old key's row locked: of two concurrent rotations one
+        replaces the key and the other gets Conflict, so no two live keys come of one.
+        """
+        key_id = validation.parse_uuid(key_id, "key_id")
+        secret = await self._key_secret()
+        async with self.db.scoped() as conn:
+            old = await conn.fetchrow(q("lock_api_key"), key_id)
+            if old is None:
+                raise NotFound(f"API key {key_id} not found")
+            if old["revoked_at"] is not None:
+                raise Conflict("a revoked key cannot be rotated; create a new one")
+            new = await self._insert(conn, secret, old["user_id"], old["name"], None, key_id)
+            await conn.fetchrow(q("revoke_api_key"), key_id)
+            await write_audit(conn, "key.revoke", "api_key", [key_id], old["user_id"])
         return new
 
     async def authenticate(self, key: str) -> Principal:

@@ -15,6 +15,7 @@ from uuid import UUID
 from pydantic import TypeAdapter
 
 from halldyll_ray import validation
+from halldyll_ray.components.base import require_user
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.errors import NotFound
 from halldyll_ray.models import (
@@ -123,6 +124,7 @@ class MemoryReader:
         memory_id = validation.parse_uuid(memory_id, "memory_id")
         row = await self.db.fetchrow(q("get_memory"), memory_id, user_id, user_id=user_id)
         if row is None or expired(row["expires_at"]):
+            await require_user(self.db, user_id)
             raise NotFound(f"memory {memory_id} not found")
         messages: list[StoredMessage] = []
         if include_messages and row["type"] == "conversation":
@@ -168,6 +170,8 @@ class MemoryReader:
             ),
             user_id=user_id,
         )
+        if not rows:
+            await require_user(self.db, user_id)
         items = [to_record(row) for row in rows[:limit]]
         next_cursor = (
             validation.encode_cursor(items[-1].created_at, items[-1].id)

@@ -33,9 +33,10 @@ class Operations:
     async def purge_expired(self) -> int:
         """Delete ephemeral facts past their expiry; return how many went."""
         async with self.db.scoped(admin=True) as conn:
-            rows = await conn.fetch(q("purge_expired"))
-            for owner in sorted({row["user_id"] for row in rows}):
+            owners = [row["user_id"] for row in await conn.fetch(q("expired_owners"))]
+            for owner in owners:  # user rows first, in one order: see storage/sql/users.sql
                 await conn.execute(q("bump_version"), owner)
+            rows = await conn.fetch(q("purge_expired"), owners) if owners else []
             if rows:
                 await write_audit(
                     conn,

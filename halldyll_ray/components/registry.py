@@ -28,7 +28,6 @@ class ModelRegistry:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._ids: dict[str, UUID] = {}
 
     async def register(
         self,
@@ -39,14 +38,14 @@ class ModelRegistry:
         metadata: dict[str, Any] | None = None,
     ) -> AIModel:
         """Add an AI model to the registry. Raises Conflict if the name exists."""
-        if not isinstance(name, str) or not 1 <= len(name.strip()) <= 200:
+        if not 1 <= len(validation.text(name, "name").strip()) <= 200:
             raise InvalidInput("model name must be 1-200 characters", field="name")
         try:
             kind = ModelKind(kind)
         except ValueError:
             allowed = ", ".join(k.value for k in ModelKind)
             raise InvalidInput(f"kind must be one of: {allowed}", field="kind") from None
-        if version is not None and (not isinstance(version, str) or len(version) > 100):
+        if version is not None and len(validation.text(version, "version")) > 100:
             raise InvalidInput("version must be at most 100 characters", field="version")
         try:
             async with self.db.scoped() as conn:
@@ -91,19 +90,17 @@ class ModelRegistry:
         async with self.db.scoped() as conn:
             await conn.fetchval(q("delete_model"), model.id)
             await write_audit(conn, "model.delete", "ai_model", [model.id], None)
-        self._ids.pop(model.name.casefold(), None)
 
     async def resolve(self, ref: UUID | str | None) -> UUID | None:
-        """The id of a model named or identified by ``ref`` (None for "no model")."""
+        """The id of a model named or identified by ``ref`` (None for "no model").
+
+        Looked up every time (one indexed read): a process-local cache of ids outlived a
+        model deleted and registered again through another replica, which then failed
+        writes with a misleading Conflict and emptied scoped searches.
+        """
         if ref is None:
             return None
-        key = str(ref).strip().casefold()
-        cached = self._ids.get(key)
-        if cached is not None:
-            return cached
-        model = await self.get(ref)
-        self._ids[key] = model.id
-        return model.id
+        return (await self.get(ref)).id
 
     async def scope(self, model: UUID | str | None, include_shared: bool) -> Scope:
         return Scope(await self.resolve(model), include_shared)

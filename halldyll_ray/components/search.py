@@ -135,7 +135,7 @@ class Search:
     ) -> list[SearchResult]:
         """See :meth:`halldyll_ray.engine.MemoryEngine.search`."""
         user_id = validation.parse_uuid(user_id, "user_id")
-        if not isinstance(query, str) or not query.strip():
+        if not validation.text(query, "query").strip():
             raise InvalidInput("query must be a non-empty string", field="query")
         if len(query) > MAX_QUERY_CHARS:
             raise InvalidInput(f"query is longer than {MAX_QUERY_CHARS} characters", field="query")

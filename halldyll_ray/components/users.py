@@ -9,6 +9,7 @@ from uuid import UUID
 
 from halldyll_ray import requestctx, validation
 from halldyll_ray.components.audit import write_audit
+from halldyll_ray.components.base import require_user
 from halldyll_ray.errors import Conflict, InvalidInput, NotFound
 from halldyll_ray.models import Page, Role, User
 from halldyll_ray.storage.database import Database
@@ -149,7 +150,8 @@ class Users:
 
     async def viewer_grants(self, viewer_id: UUID | str) -> list[UUID]:
         """The owners whose memories a Viewer may read."""
-        rows = await self.db.fetch(
-            q("viewer_grants"), validation.parse_uuid(viewer_id, "viewer_id")
-        )
+        viewer_id = validation.parse_uuid(viewer_id, "viewer_id")
+        rows = await self.db.fetch(q("viewer_grants"), viewer_id)
+        if not rows:
+            await require_user(self.db, viewer_id)
         return [row["owner_id"] for row in rows]

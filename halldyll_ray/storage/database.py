@@ -13,7 +13,14 @@ from uuid import UUID
 import asyncpg
 from pgvector.asyncpg import register_vector
 
-from halldyll_ray.errors import Conflict, HalldyllError, InvalidInput, NotFound, Unavailable
+from halldyll_ray.errors import (
+    Conflict,
+    HalldyllError,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +29,10 @@ _SCOPE = (
     "set_config('hnsw.ef_search', $3, true), "
     "set_config('hnsw.iterative_scan', 'relaxed_order', true)"
 )
+
+# asyncpg's client-side encoding error (an int over int64, a str for a uuid column) is an
+# InterfaceError, which would otherwise read as "unavailable".
+_ClientDataError = asyncpg.exceptions._base.DataError
 
 _UNAVAILABLE = (
     OSError,
@@ -35,15 +46,34 @@ _UNAVAILABLE = (
 )
 
 
+_CONSTRAINT = re.compile(r"(?P<table>[a-z_]+?)_(?P<column>[a-z_]+)_(?:check|key|fkey)")
+
+
+def _field(exc: asyncpg.PostgresError) -> str | None:
+    """The column a refused row broke, from the constraint's or the error's own column name."""
+    column = getattr(exc, "column_name", None)
+    if column:
+        return str(column)
+    match = _CONSTRAINT.fullmatch(getattr(exc, "constraint_name", None) or "")
+    return None if match is None else match["column"]
+
+
 @contextmanager
 def translate_errors() -> Iterator[None]:
-    """Turn asyncpg and socket errors into HalldyllError subclasses."""
+    """Turn asyncpg and socket errors into HalldyllError subclasses.
+
+    The one place where the driver's errors become ours. Messages never carry the server's
+    wording or DETAIL (a refused row would be echoed whole), only the field where known.
+    Transient failures (a deadlock or serialization failure the server resolved by aborting
+    this transaction, a read-only server during a failover, a statement prepared before a
+    migration) are Unavailable with ``retry_after``: nothing was written, and a retry is right.
+    """
     try:
         yield
     except HalldyllError:
         raise
     except asyncpg.UniqueViolationError as exc:
-        raise Conflict(f"already exists ({exc.constraint_name})") from exc
+        raise Conflict("already exists", field=_field(exc)) from exc
     except asyncpg.RestrictViolationError as exc:
         raise Conflict(
             "still referenced by other rows (an AI model that memories are scoped to); delete "
@@ -54,9 +84,35 @@ def translate_errors() -> Iterator[None]:
             raise Conflict(
                 "the AI model is still referenced by memories; delete or move them first"
             ) from exc
-        raise NotFound(f"a referenced row does not exist ({exc.constraint_name})") from exc
-    except (asyncpg.CheckViolationError, asyncpg.DataError) as exc:
-        raise InvalidInput(f"rejected by the database: {exc}") from exc
+        raise NotFound("a row it refers to does not exist", field=_field(exc)) from exc
+    except (asyncpg.CheckViolationError, asyncpg.NotNullViolationError) as exc:
+        field = _field(exc)
+        raise InvalidInput(
+            f"{field or 'a value'} is outside what the database accepts", field=field
+        ) from exc
+    except asyncpg.DataError as exc:  # SQLSTATE class 22: out of range, bad encoding, ...
+        field = _field(exc)
+        raise InvalidInput(
+            f"{field or 'a value'} is out of range or not valid text", field=field
+        ) from exc
+    except _ClientDataError as exc:  # a Python value asyncpg cannot encode for its column
+        raise InvalidInput("a value is out of range for its column") from exc
+    except (asyncpg.TransactionRollbackError, asyncpg.InvalidCachedStatementError) as exc:
+        log.info("transient database error, retry: %s", type(exc).__name__)
+        raise Unavailable(
+            "the database aborted the operation because of a concurrent one; nothing was "
+            "written, retry",
+            retry_after=1,
+        ) from exc
+    except (asyncpg.ReadOnlySQLTransactionError, asyncpg.QueryCanceledError) as exc:
+        raise Unavailable(
+            f"PostgreSQL cannot take writes now ({type(exc).__name__}); nothing was written, retry",
+            retry_after=5,
+        ) from exc
+    except asyncpg.InsufficientPrivilegeError as exc:
+        # Row-level security refused a row of another user, or the application role lacks a
+        # grant (then `halldyll migrate` with the migration user's DATABASE_URL fixes it).
+        raise PermissionDenied("the database refused this operation to the acting user") from exc
     except _UNAVAILABLE as exc:
         raise Unavailable(f"PostgreSQL is unavailable: {type(exc).__name__}") from exc
     except asyncpg.PostgresConnectionError as exc:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -20,6 +21,13 @@ import asyncpg
 from halldyll_ray.errors import ConfigurationError, Unavailable
 
 log = logging.getLogger(__name__)
+
+
+# The wheel counts the processes that use a server, by pid: two engines of one process are
+# one user to it, so the first to close would stop the server under the other. This counts
+# the holders within the process, per data directory; only the last one leaves the wheel's list.
+_HOLDERS: dict[Path, int] = {}
+_HOLDERS_LOCK = threading.Lock()
 
 
 class EmbeddedPostgres:
@@ -55,6 +63,9 @@ class EmbeddedPostgres:
                 "the folder is writable (DATA_DIR) or set DATABASE_URL to a server"
             ) from exc
         _forget_dead_users(server)
+        if self._server is None:
+            with _HOLDERS_LOCK:
+                _HOLDERS[self.pgdata] = _HOLDERS.get(self.pgdata, 0) + 1
         self._server = server
         return str(server.get_uri(self.database))
 
@@ -70,9 +81,17 @@ class EmbeddedPostgres:
         return url
 
     def stop(self) -> None:
-        """Leave the server; it stops when this was the last process using it."""
+        """Leave the server; it stops when this was the last holder in the last process."""
         server, self._server = self._server, None
-        if server is not None and self.stop_on_close:
+        if server is None:
+            return
+        with _HOLDERS_LOCK:
+            left = _HOLDERS.get(self.pgdata, 1) - 1
+            if left > 0:
+                _HOLDERS[self.pgdata] = left
+            else:
+                _HOLDERS.pop(self.pgdata, None)
+        if left <= 0 and self.stop_on_close:
             server.cleanup()  # type: ignore[attr-defined]
 
     def running(self) -> bool:

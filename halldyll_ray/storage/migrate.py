@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 #: Key of the advisory lock (an arbitrary constant: "halldyll" in ASCII, folded to int64).
 MIGRATION_LOCK_KEY = 0x68616C6C64796C6C
-_FILE_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_FILE_RE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     directory = directory or migrations_dir()
     found: list[Migration] = []
     for path in sorted(directory.glob("*.sql")):
-        match = _FILE_RE.match(path.name)
+        match = _FILE_RE.fullmatch(path.name)
         if not match:
             raise MigrationError(f"migration file {path.name} is not named NNNN_name.sql")
         found.append(Migration(int(match[1]), match[2], path.read_text(encoding="utf-8")))

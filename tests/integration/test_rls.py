@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from halldyll_ray import Conversation, Fact, MemoryEngine, Message
-from halldyll_ray.errors import InvalidInput
+from halldyll_ray.errors import InvalidInput, PermissionDenied
 
 
 @pytest.fixture
@@ -49,7 +49,8 @@ async def test_unfiltered_queries_see_only_the_acting_user(engine: MemoryEngine,
 
 async def test_writes_for_another_user_are_refused_by_the_database(engine: MemoryEngine, two_users):
     ada, bob = two_users
-    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+    # The policy's refusal reaches the caller as the product's PermissionDenied (not raw asyncpg).
+    with pytest.raises(PermissionDenied) as refused:
         async with engine.db.scoped(ada.id) as conn:
             await conn.execute(
                 "INSERT INTO memories (id, user_id, type, content) "
@@ -63,6 +64,7 @@ async def test_writes_for_another_user_are_refused_by_the_database(engine: Memor
         assert await conn.execute("DELETE FROM memory_chunks WHERE user_id = $1", bob.id) == (
             "DELETE 0"
         )
+    assert isinstance(refused.value.__cause__, asyncpg.InsufficientPrivilegeError)
     bobs = await engine.list_memories(bob.id)
     assert {m.text for m in bobs.items} == {"bob likes tea", "chat"}
 
@@ -84,9 +86,10 @@ async def test_application_role_cannot_bypass_or_rewrite_audit(engine: MemoryEng
         "TRUNCATE audit_log",
         "ALTER TABLE memories DISABLE ROW LEVEL SECURITY",
     ):
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        with pytest.raises(PermissionDenied) as refused:
             async with engine.db.scoped(admin=True) as conn:
                 await conn.execute(statement)
+        assert isinstance(refused.value.__cause__, asyncpg.InsufficientPrivilegeError)
     async with engine.db.scoped() as conn:
         assert await conn.fetchval("SELECT count(*) FROM audit_log") >= 4
 

@@ -36,3 +36,17 @@ INSERT INTO memories (id, user_id, model_id, session_id, type, content, payload,
 VALUES (:id, :user_id, :model_id, :session_id, 'conversation', :title, '{}'::jsonb, 'log')
 ON CONFLICT (user_id, session_id, session_role) WHERE session_role IS NOT NULL DO NOTHING
 RETURNING *;
+
+-- name: turn_request
+SELECT conversation_id, message_seqs FROM turn_requests WHERE user_id = $1 AND idempotency_key = $2;
+
+-- name: insert_turn_request
+INSERT INTO turn_requests (user_id, idempotency_key, conversation_id, message_seqs)
+VALUES (:user_id, :idempotency_key, :conversation_id, :message_seqs);
+
+-- name: messages_at
+SELECT seq, role, name, content, created_at
+FROM conversation_messages cm
+WHERE cm.memory_id = $1 AND cm.seq = ANY($3::integer[])
+  AND EXISTS (SELECT 1 FROM memories m WHERE m.id = $1 AND m.user_id = $2)
+ORDER BY seq;

@@ -30,3 +30,7 @@ FROM api_keys WHERE user_id = $1 ORDER BY created_at, id;
 -- name: revoke_api_key
 UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1
 RETURNING id, user_id, prefix, name, created_at, expires_at, revoked_at, last_used_at;
+
+-- name: lock_api_key
+-- Rotation locks the old key's row, so two concurrent rotations cannot both replace it.
+SELECT id, user_id, name, revoked_at FROM api_keys WHERE id = $1 FOR UPDATE;

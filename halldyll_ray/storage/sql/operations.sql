@@ -1,7 +1,15 @@
 -- Maintenance (halldyll_ray.components.operations): expiry and per-user indexes.
 
+-- name: expired_owners
+-- Users with expired memories, read without locking: purge_expired locks their rows first
+-- (the lock order of users.sql), then deletes.
+SELECT DISTINCT user_id FROM memories
+WHERE expires_at IS NOT NULL AND expires_at <= now()
+ORDER BY user_id;
+
 -- name: purge_expired
-DELETE FROM memories WHERE expires_at IS NOT NULL AND expires_at <= now()
+DELETE FROM memories
+WHERE user_id = ANY($1::uuid[]) AND expires_at IS NOT NULL AND expires_at <= now()
 RETURNING id, user_id;
 
 -- name: chunk_counts

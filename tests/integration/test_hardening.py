@@ -1,0 +1,386 @@
+"""Fault kinds from issue 15, each at its root: lock order, transient errors, caches of ids,
+validation before the first write, one answer for a missing user, one time-zone rule.
+
+Every case asserts the right value or the typed error, and that a refused call changed
+nothing stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from halldyll_ray import (
+    Conflict,
+    Conversation,
+    Fact,
+    Image,
+    InvalidInput,
+    MemoryEngine,
+    Message,
+    NotFound,
+    Settings,
+    Transcription,
+)
+
+
+@pytest.fixture
+async def second(settings: Settings, encoder) -> MemoryEngine:
+    """Another engine (another replica) on the same database and Redis."""
+    engine = MemoryEngine(settings, encoder=encoder)
+    await engine.initialize()
+    yield engine
+    await engine.close()
+
+
+# ------------------------------------------------------------------ 1. concurrency
+async def test_parallel_turns_through_two_engines_are_all_stored_once_in_order(
+    engine: MemoryEngine, second: MemoryEngine
+) -> None:
+    user = await engine.create_user("racer", None, "user")
+    turns = await asyncio.gather(
+        *(
+            (engine if i % 2 else second).record_turn(
+                user.id, "race-2", f"message {i}", f"reply {i}", extract_facts=False
+            )
+            for i in range(10)
+        )
+    )
+    assert len({t.conversation_id for t in turns}) == 1
+    log = await engine.get_memory(user.id, turns[0].conversation_id)
+    assert [m.seq for m in log.messages] == list(range(20))
+    contents = [m.content for m in log.messages]
+    assert sorted(contents[0::2]) == sorted(f"message {i}" for i in range(10))
+    for asked, answered in zip(contents[0::2], contents[1::2], strict=True):
+        assert answered == asked.replace("message", "reply")  # each reply right after its turn
+    for turn in turns:
+        pair = [log.messages[s].content for s in turn.message_seqs]
+        assert pair[1] == pair[0].replace("message", "reply")
+
+
+async def test_appends_racing_title_updates_and_deletes_do_not_deadlock(
+    engine: MemoryEngine, second: MemoryEngine
+) -> None:
+    user = await engine.create_user("writer", None, "user")
+    chat = await engine.store_memory(user.id, Conversation(title="t", messages=[]))
+    other = [
+        await engine.store_memory(user.id, Image(prompt=f"picture number {i}")) for i in range(5)
+    ]
+    calls = []
+    for i in range(10):
+        calls.append(
+            engine.append_messages(user.id, chat.id, [Message(role="user", content=f"m{i}")])
+        )
+        calls.append(second.update_memory(user.id, chat.id, {"title": f"title {i}"}))
+    calls += [second.delete_memory(user.id, m.id) for m in other]
+    calls.append(engine.purge_expired())
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    stored = await engine.get_memory(user.id, chat.id)
+    assert [m.seq for m in stored.messages] == list(range(10))
+
+
+async def test_a_turn_retried_with_its_idempotency_key_is_stored_once(
+    engine: MemoryEngine, second: MemoryEngine
+) -> None:
+    user = await engine.create_user("retrier", None, "user")
+    first = await engine.record_turn(user.id, "s1", "hello", "hi", idempotency_key="turn-1")
+    again = await second.record_turn(user.id, "s1", "hello", "hi", idempotency_key="turn-1")
+    assert not first.replayed and again.replayed
+    assert (again.conversation_id, again.message_seqs) == (
+        first.conversation_id,
+        first.message_seqs,
+    )
+    # Concurrent retries of one new key: one stores, the others replay it.
+    racing = await asyncio.gather(
+        *(
+            (engine, second)[i % 2].record_turn(
+                user.id, "s1", "second", "answer", idempotency_key="turn-2"
+            )
+            for i in range(6)
+        )
+    )
+    assert sum(not t.replayed for t in racing) == 1
+    assert len({tuple(t.message_seqs) for t in racing}) == 1
+    log = await engine.get_memory(user.id, first.conversation_id)
+    assert [m.content for m in log.messages] == ["hello", "hi", "second", "answer"]
+    with pytest.raises(InvalidInput) as err:
+        await engine.record_turn(user.id, "s1", "x", "y", idempotency_key="has space")
+    assert err.value.field == "idempotency_key"
+
+
+async def test_concurrent_rotations_leave_one_live_key(
+    engine: MemoryEngine, second: MemoryEngine
+) -> None:
+    user = await engine.create_user("rotator", None, "user")
+    key = await engine.create_api_key(user.id, name="k")
+    results = await asyncio.gather(
+        engine.rotate_api_key(key.api_key.id),
+        second.rotate_api_key(key.api_key.id),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, Conflict) for r in results) == 1
+    live = [k for k in await engine.list_api_keys(user.id) if k.revoked_at is None]
+    assert len(live) == 1 and live[0].name == "k"
+
+
+async def test_a_model_registered_again_elsewhere_is_not_served_from_a_stale_id(
+    engine: MemoryEngine, second: MemoryEngine
+) -> None:
+    user = await engine.create_user("modeller", None, "user")
+    await engine.register_model("m-x", "llm")
+    await engine.store_memory(user.id, Fact(statement="Old model fact", model="m-x"))
+    await engine.list_memories(user.id, model="m-x")  # engine A has used the model
+    page = await second.list_memories(user.id, model="m-x", include_shared=False)
+    for memory in page.items:
+        await second.delete_memory(user.id, memory.id)
+    await second.delete_model("m-x")
+    await second.register_model("m-x", "llm")
+    stored = await engine.store_memory(
+        user.id, Fact(statement="Ada prefers jasmine tea", model="m-x")
+    )
+    hits_a = await engine.search(user.id, "jasmine tea", model="m-x", include_shared=False)
+    hits_b = await second.search(user.id, "jasmine tea", model="m-x", include_shared=False)
+    assert [h.memory.id for h in hits_a] == [h.memory.id for h in hits_b] == [stored.id]
+
+
+async def test_transient_database_errors_are_unavailable_with_a_retry_hint(
+    engine: MemoryEngine,
+) -> None:
+    from halldyll_ray import Unavailable
+
+    async def deadlock() -> None:
+        async with engine.db.scoped() as conn:
+            await conn.execute("DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '40P01'; END $$")
+
+    async def serialization() -> None:
+        async with engine.db.scoped() as conn:
+            await conn.execute("DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '40001'; END $$")
+
+    async def read_only() -> None:
+        async with engine.db.scoped(readonly=True) as conn:
+            await conn.execute("CREATE TEMP TABLE t (x int)")
+
+    for failing in (deadlock, serialization, read_only):
+        with pytest.raises(Unavailable) as err:
+            await failing()
+        assert err.value.fields["retry_after"] >= 1
+        assert "40P01" not in err.value.message and "'x'" not in err.value.message
+
+
+async def test_two_engines_of_one_process_share_the_embedded_server(
+    tmp_path: Path, encoder
+) -> None:
+    settings = Settings.from_env(database_url=None, redis_url=None, data_dir=tmp_path / "data")
+    first = await MemoryEngine(settings, encoder=encoder).initialize()
+    second = await MemoryEngine(settings, encoder=encoder).initialize()
+    user = await first.create_user("ada", None, "user")
+    await first.close()
+    # Closing the first engine must not stop the server under the second.
+    stored = await second.store_memory(user.id, Fact(statement="Still here"))
+    assert (await second.get_memory(user.id, stored.id)).memory.statement == "Still here"
+    pgdata = second._embedded.pgdata  # type: ignore[union-attr]
+    await second.close()
+    assert not (pgdata / "postmaster.pid").exists()  # the last holder stopped it
+
+
+# ------------------------------------------------------------------ 2. validation
+async def _nothing_stored(engine: MemoryEngine, user_id: uuid.UUID) -> None:
+    assert (await engine.list_memories(user_id)).items == []
+    # ...and every read still works for the user.
+    assert await engine.search(user_id, "anything at all") == []
+
+
+@pytest.mark.parametrize(
+    "session_id", ["chat-7\n", "chat-7\r\n", "\nchat-7", "chat 7", "chat-7\x00", "ｃｈａｔ"]
+)
+async def test_bad_session_ids_are_refused_before_any_write(
+    engine: MemoryEngine, session_id: str
+) -> None:
+    user = await engine.create_user(f"s{uuid.uuid4().hex[:8]}", None, "user")
+    with pytest.raises(InvalidInput) as err:
+        await engine.record_turn(user.id, session_id, "hello there", "hi")
+    assert err.value.field == "session_id"
+    for call in (
+        engine.list_memories(user.id, session_id=session_id),
+        engine.search(user.id, "hello", session_id=session_id),
+        engine.prepare_context(user.id, session_id, "hello"),
+    ):
+        with pytest.raises(InvalidInput):
+            await call
+    await _nothing_stored(engine, user.id)
+
+
+@pytest.mark.parametrize("reply", ["", "   ", "\u00a0", "\u2003\n", "ok\udc97", "a\x00b"])
+async def test_an_empty_or_unstorable_reply_leaves_no_conversation_behind(
+    engine: MemoryEngine, reply: str
+) -> None:
+    user = await engine.create_user(f"r{uuid.uuid4().hex[:8]}", None, "user")
+    with pytest.raises(InvalidInput) as err:
+        await engine.record_turn(user.id, "s", "Generate the audio clip", reply)
+    assert err.value.field == "assistant_message"
+    await _nothing_stored(engine, user.id)
+
+
+@pytest.mark.parametrize(
+    ("memory", "field"),
+    [
+        ({"type": "image", "prompt": "a cat", "controlnet": {"scale": float("nan")}}, "controlnet"),
+        ({"type": "image", "prompt": "a cat", "instantid": {"w": float("inf")}}, "instantid"),
+        ({"type": "fact", "statement": "x", "confidence": float("nan")}, "confidence"),
+        ({"type": "fact", "statement": "pizza \udc97"}, "statement"),
+        ({"type": "fact", "statement": "a\x00b"}, "statement"),
+        ({"type": "fact", "statement": "ok", "metadata": {"k\udc97": 1}}, "metadata"),
+        ({"type": "fact", "statement": "ok", "tags": ["tea\nparty"]}, "tags"),
+        ({"type": "summary", "text": "ok", "metadata": {"v": [1e309]}}, "metadata"),
+    ],
+)
+async def test_unstorable_values_are_refused_with_their_field(
+    engine: MemoryEngine, memory: dict, field: str
+) -> None:
+    user = await engine.create_user(f"v{uuid.uuid4().hex[:8]}", None, "user")
+    with pytest.raises(InvalidInput) as err:
+        await engine.store_memory(user.id, memory)
+    assert err.value.field is not None and err.value.field.split(".")[-1].startswith(field)
+    await _nothing_stored(engine, user.id)
+
+
+@pytest.mark.parametrize("depth", [33, 200, 2_000])
+async def test_deep_metadata_is_refused_and_reads_keep_working(
+    engine: MemoryEngine, depth: int
+) -> None:
+    user = await engine.create_user(f"d{uuid.uuid4().hex[:8]}", None, "user")
+    nested: dict = {}
+    inner = nested
+    for _ in range(depth):
+        inner["a"] = {}
+        inner = inner["a"]
+    with pytest.raises(InvalidInput) as err:
+        await engine.store_memory(
+            user.id, {"type": "fact", "statement": "deep", "metadata": nested}
+        )
+    assert err.value.field and err.value.field.endswith("metadata")
+    with pytest.raises(InvalidInput):
+        await engine.create_user(f"e{uuid.uuid4().hex[:8]}", None, "user", metadata=nested)
+    await _nothing_stored(engine, user.id)
+    # 32 levels are fine, and come back through a cached search.
+    ok: dict = {}
+    inner = ok
+    for _ in range(31):
+        inner["a"] = {}
+        inner = inner["a"]
+    await engine.store_memory(user.id, Fact(statement="Nested but fine", metadata=ok))
+    for _ in range(2):
+        hits = await engine.search(user.id, "nested but fine")
+        assert hits[0].memory.metadata == ok
+
+
+@pytest.mark.parametrize("query", ["pizza \udc97", "\ud83d", "a\x00b"])
+async def test_unencodable_queries_are_invalid_input(engine: MemoryEngine, query: str) -> None:
+    user = await engine.create_user(f"q{uuid.uuid4().hex[:8]}", None, "user")
+    for call in (
+        engine.search(user.id, query),
+        engine.build_context(user.id, query),
+        engine.prepare_context(user.id, "s", query),
+    ):
+        with pytest.raises(InvalidInput):
+            await call
+
+
+async def test_names_are_matched_whole(engine: MemoryEngine) -> None:
+    for username in ("ada\n", "ada\r", " ada"):
+        with pytest.raises(InvalidInput) as err:
+            await engine.create_user(username, None, "user")
+        assert err.value.field == "username"
+    with pytest.raises(InvalidInput) as err:
+        await engine.create_user("ada", "ada@example.com\n", "user")
+    assert err.value.field == "email"
+
+
+async def test_database_refusals_name_no_server_wording(engine: MemoryEngine) -> None:
+    with pytest.raises(InvalidInput) as err:
+        await engine.list_audit(before_id=2**70)
+    assert err.value.field == "before_id"
+    assert "$" not in err.value.message and "int64" not in err.value.message
+
+
+async def test_a_missing_user_gets_the_same_answer_on_every_path(engine: MemoryEngine) -> None:
+    ghost = uuid.uuid4()
+    memory_id = uuid.uuid4()
+    calls = {
+        "get_memory": engine.get_memory(ghost, memory_id),
+        "list_memories": engine.list_memories(ghost),
+        "search": engine.search(ghost, "tea"),
+        "store_memory": engine.store_memory(ghost, Fact(statement="x")),
+        "update_memory": engine.update_memory(ghost, memory_id, {"importance": 0.2}),
+        "delete_memory": engine.delete_memory(ghost, memory_id),
+        "append_messages": engine.append_messages(
+            ghost, memory_id, [Message(role="user", content="x")]
+        ),
+        "record_turn": engine.record_turn(ghost, "s", "a", "b"),
+        "build_context": engine.build_context(ghost, "tea"),
+        "prepare_context": engine.prepare_context(ghost, "s", "tea"),
+        "list_api_keys": engine.list_api_keys(ghost),
+        "create_api_key": engine.create_api_key(ghost),
+        "get_user": engine.get_user(ghost),
+    }
+    for name, call in calls.items():
+        with pytest.raises(NotFound) as err:
+            await call
+        assert err.value.message == f"user {ghost} not found", name
+
+
+async def test_a_changed_transcript_has_its_language_detected_again(engine: MemoryEngine) -> None:
+    user = await engine.create_user("lingua", None, "user")
+    stored = await engine.store_memory(
+        user.id,
+        Transcription(text="Bonjour à tous, merci d'être venus si nombreux ce soir pour la fête."),
+    )
+    assert stored.memory.language == "fr"
+    updated = await engine.update_memory(
+        user.id,
+        stored.id,
+        {"text": "Good evening everyone, thank you all for coming to the party tonight."},
+    )
+    assert updated.memory.language == "en"
+
+
+# ------------------------------------------------------------------ 3. time zones
+@pytest.fixture(params=["America/New_York", "Asia/Tokyo"])
+def local_zone(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setenv("TZ", request.param)
+    time.tzset()
+    yield request.param
+    monkeypatch.undo()
+    time.tzset()
+
+
+async def test_a_naive_time_means_utc_whatever_the_process_zone(
+    engine: MemoryEngine, local_zone: str
+) -> None:
+    assert time.strftime("%Z") not in ("UTC", "GMT"), os.environ["TZ"]
+    user = await engine.create_user(f"tz{uuid.uuid4().hex[:8]}", None, "user")
+    naive = datetime(2026, 1, 15, 9, 30)
+    chat = await engine.store_memory(
+        user.id,
+        Conversation(title="tz", messages=[Message(role="user", content="hi", created_at=naive)]),
+    )
+    await engine.append_messages(
+        user.id, chat.id, [{"role": "assistant", "content": "hello", "created_at": naive}]
+    )
+    stored = await engine.get_memory(user.id, chat.id)
+    assert [m.created_at for m in stored.messages] == [naive.replace(tzinfo=UTC)] * 2
+    # since/until follow the same rule.
+    window = await engine.list_memories(
+        user.id, since=datetime(2000, 1, 1), until=datetime(2100, 1, 1)
+    )
+    assert [m.id for m in window.items] == [chat.id]
+    image = await engine.store_memory(user.id, Image(prompt="a clock"))
+    assert image.created_at.tzinfo is not None
