@@ -12,12 +12,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-#: Words per chunk: all-MiniLM-L6-v2 reads 256 word pieces; 160 words stay under that for
-#: ordinary prose (about 1.3 pieces per word), and 32 words of overlap keep a sentence that
-#: straddles two chunks findable in both.
-CHUNK_WORDS = 160
-CHUNK_OVERLAP = 32
-
 _SPACE = re.compile(r"\s+")
 _TRAILING = re.compile(r"[\s.!?;:,]+$")
 
@@ -34,21 +28,60 @@ def fact_key(statement: str) -> str:
     return hashlib.sha256(normalize_statement(statement).encode()).hexdigest()
 
 
-def chunk_text(text: str, *, words: int = CHUNK_WORDS, overlap: int = CHUNK_OVERLAP) -> list[str]:
-    """Split text into overlapping windows of at most ``words`` words (one chunk if shorter)."""
-    if overlap >= words:
-        raise ValueError("overlap must be smaller than the window")
-    tokens = text.split()
-    if len(tokens) <= words:
+#: Tokens per chunk and tokens shared by consecutive chunks. all-MiniLM-L6-v2 was trained on
+#: inputs of at most 128 word pieces (its card; it truncates at 256), and mean pooling over a
+#: long window dilutes a sentence in it: a key sentence at the end of a 3,900-character
+#: prompt scored 0.19 against its paraphrase in 200-token chunks, 0.54 in 128-token ones.
+CHUNK_TOKENS = 128
+CHUNK_OVERLAP_TOKENS = 32
+_SENTENCE_END = frozenset(".!?。！？\n")
+
+
+def token_windows(
+    text: str,
+    offsets: Sequence[tuple[int, int]],
+    *,
+    window: int = CHUNK_TOKENS,
+    overlap: int = CHUNK_OVERLAP_TOKENS,
+) -> list[str]:
+    """Split ``text`` into overlapping windows of at most ``window`` tokens.
+
+    A window that is not the last ends after the last sentence-ending token (``.``, ``!``,
+    ``?``, ``。`` ...) in its second half, if it has one, so that sentences stay whole; the
+    next window starts ``overlap`` tokens before that end.
+
+    Args:
+        text: Any text, in any script (no spaces needed: CJK text is cut between tokens).
+        offsets: (start, end) character offsets of its tokens, as the encoder's tokenizer
+            gives them (``TextEncoder.token_offsets``).
+        window: Tokens per chunk.
+        overlap: Tokens each chunk shares with the previous one (less than half a window).
+
+    Returns:
+        The chunks, each a slice of ``text`` from a token's start to a token's end, stripped;
+        one chunk for a text that fits, none for a blank one. Every token of the text is in
+        at least one chunk.
+    """
+    if not 0 <= overlap < window // 2 + 1 or window < 2:
+        raise ValueError("overlap must be at least 0 and at most half the window")
+    if len(offsets) <= window:
         stripped = text.strip()
         return [stripped] if stripped else []
     chunks = []
-    step = words - overlap
-    for start in range(0, len(tokens), step):
-        chunks.append(" ".join(tokens[start : start + words]))
-        if start + words >= len(tokens):
-            break
-    return chunks
+    start = 0
+    while True:
+        end = min(start + window, len(offsets))
+        if end < len(offsets):
+            for cut in range(end, start + window // 2, -1):
+                if text[offsets[cut - 1][1] - 1] in _SENTENCE_END:
+                    end = cut
+                    break
+        piece = text[offsets[start][0] : offsets[end - 1][1]].strip()
+        if piece:
+            chunks.append(piece)
+        if end == len(offsets):
+            return chunks
+        start = end - overlap
 
 
 # --- candidate facts ---------------------------------------------------------------------------

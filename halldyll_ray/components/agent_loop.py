@@ -18,7 +18,7 @@ from halldyll_ray import validation
 from halldyll_ray.components.audit import write_audit
 from halldyll_ray.components.base import insert_chunks, lock_user
 from halldyll_ray.components.embeddings import Embeddings
-from halldyll_ray.components.ingestion import Ingestion, text_chunks
+from halldyll_ray.components.ingestion import Ingestion
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.config import Settings
 from halldyll_ray.errors import InvalidInput, NotFound
@@ -175,7 +175,7 @@ class AgentLoop:
         text = extractive_summary([Line(r["role"], r["content"]) for r in rows])
         if not text:
             text = "(no content yet)"
-        chunks = text_chunks(text)
+        chunks = self.ingestion.chunker.part("text", 0, text)
         vectors = await self.embeddings.embed([c.text for c in chunks])
         payload = {"covers": [str(conversation_id)]}
         async with self.db.scoped(user_id) as conn:

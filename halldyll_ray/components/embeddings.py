@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
@@ -36,7 +37,13 @@ class Embeddings:
         self.remote = remote
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Embeddings of ``texts``: float32, shape (len(texts), dimension), L2-normalised."""
+        """Embeddings of ``texts``: float32, shape (len(texts), dimension), L2-normalised.
+
+        Texts are NFKC-normalised first, for documents and queries alike, so that other
+        Unicode forms of the same words (full-width letters, ligatures, composed accents)
+        embed the same; the default model's tokenizer does not fold them.
+        """
+        texts = [unicodedata.normalize("NFKC", text) for text in texts]
         encoder = self.encoder
         dim = encoder.dimension
         keys = [

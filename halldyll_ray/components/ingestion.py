@@ -32,6 +32,7 @@ from halldyll_ray.components.embeddings import Embeddings
 from halldyll_ray.components.memories import MEMORY, expired, split, to_record
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.config import Settings
+from halldyll_ray.embedding import TextEncoder
 from halldyll_ray.errors import Conflict, InvalidInput, NotFound
 from halldyll_ray.language import detect_language
 from halldyll_ray.models import (
@@ -52,8 +53,8 @@ from halldyll_ray.models import (
 )
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
-from halldyll_ray.textproc import chunk_text
 from halldyll_ray.textproc import fact_key as make_fact_key
+from halldyll_ray.textproc import token_windows
 
 MESSAGES: TypeAdapter[list[Message]] = TypeAdapter(list[Message])
 _UPDATE: TypeAdapter[MemoryUpdate] = TypeAdapter(MemoryUpdate)
@@ -76,35 +77,45 @@ class Appended:
     replayed: bool
 
 
-def chunks_of(memory: Memory) -> list[Chunk]:
-    """The embedded pieces of a memory: each part split by :func:`chunk_text`."""
-    chunks: list[Chunk] = []
-    if isinstance(memory, Conversation):
-        if memory.title and memory.title.strip():
-            chunks.append(Chunk("title", 0, 0, memory.title))
-        for seq, message in enumerate(memory.messages):
-            for j, text in enumerate(chunk_text(message.content)):
-                chunks.append(Chunk("message", seq, j, text))
-    elif isinstance(memory, Image):
-        chunks.append(Chunk("prompt", 0, 0, memory.prompt))
-    elif isinstance(memory, Transcription):
-        if memory.segments:
-            for i, segment in enumerate(memory.segments):
-                for j, text in enumerate(chunk_text(segment.text)):
-                    chunks.append(Chunk("segment", i, j, text))
-        else:
-            for j, text in enumerate(chunk_text(memory.text)):
-                chunks.append(Chunk("text", 0, j, text))
-    elif isinstance(memory, Summary):
-        chunks.extend(text_chunks(memory.text))
-    elif isinstance(memory, Fact):
-        chunks.append(Chunk("statement", 0, 0, memory.statement))
-    return chunks
+class Chunker:
+    """Splits every part of a memory into chunks of at most CHUNK_TOKENS tokens of the
+    encoder's tokenizer, with CHUNK_OVERLAP_TOKENS of overlap (:func:`token_windows`).
 
+    By tokens, not words: the model reads only its first 256 tokens, so a long prompt or fact
+    was embedded from its beginning only, and a text without spaces (Chinese, Japanese) was
+    one chunk however long. Every part of every memory type is chunked the same way.
+    """
 
-def text_chunks(text: str) -> list[Chunk]:
-    """The chunks of a summary's or transcription's ``text`` part."""
-    return [Chunk("text", 0, i, t) for i, t in enumerate(chunk_text(text))]
+    def __init__(self, encoder: TextEncoder) -> None:
+        self.encoder = encoder
+
+    def split(self, text: str) -> list[str]:
+        return token_windows(text, self.encoder.token_offsets(text))
+
+    def part(self, part: str, index: int, text: str) -> list[Chunk]:
+        return [Chunk(part, index, j, piece) for j, piece in enumerate(self.split(text))]
+
+    def of(self, memory: Memory) -> list[Chunk]:
+        """The embedded pieces of a memory, part by part."""
+        chunks: list[Chunk] = []
+        if isinstance(memory, Conversation):
+            if memory.title and memory.title.strip():
+                chunks += self.part("title", 0, memory.title)
+            for seq, message in enumerate(memory.messages):
+                chunks += self.part("message", seq, message.content)
+        elif isinstance(memory, Image):
+            chunks += self.part("prompt", 0, memory.prompt)
+        elif isinstance(memory, Transcription):
+            if memory.segments:
+                for i, segment in enumerate(memory.segments):
+                    chunks += self.part("segment", i, segment.text)
+            else:
+                chunks += self.part("text", 0, memory.text)
+        elif isinstance(memory, Summary):
+            chunks += self.part("text", 0, memory.text)
+        elif isinstance(memory, Fact):
+            chunks += self.part("statement", 0, memory.statement)
+        return chunks
 
 
 class Ingestion:
@@ -121,6 +132,7 @@ class Ingestion:
         self.embeddings = embeddings
         self.registry = registry
         self.settings = settings
+        self.chunker = Chunker(embeddings.encoder)
 
     async def store(
         self,
@@ -144,7 +156,7 @@ class Ingestion:
             memory = memory.model_copy(update={"language": language})
         if isinstance(memory, Fact):
             return await self._store_fact(user_id, memory, model_id, request_id=request_id)
-        chunks = chunks_of(memory)
+        chunks = self.chunker.of(memory)
         vectors = await self.embeddings.embed([chunk.text for chunk in chunks])
         memory_id = uuid.uuid4()
         content, payload = split(memory)
@@ -182,7 +194,9 @@ class Ingestion:
         self, user_id: UUID, fact: Fact, model_id: UUID | None, *, request_id: str | None
     ) -> StoredMemory:
         key = make_fact_key(fact.statement)
-        vector = (await self.embeddings.embed([fact.statement]))[0]
+        chunks = self.chunker.of(fact)
+        vectors = await self.embeddings.embed([c.text for c in chunks])
+        vector = vectors[0]  # near-duplicates are judged on the statement's first chunk
         ttl = timedelta(days=self.settings.ephemeral_fact_ttl_days)
         promote = self.settings.fact_promotion_confidence
         ephemeral = fact.kind is FactKind.EPHEMERAL
@@ -230,9 +244,7 @@ class Ingestion:
                     )
                 )
                 if not row["reinforced"]:
-                    await insert_chunks(
-                        conn, row, [Chunk("statement", 0, 0, fact.statement)], vector[None, :]
-                    )
+                    await insert_chunks(conn, row, chunks, vectors)
             else:
                 await conn.execute(q("update_chunk_filters"), row["id"], user_id, row["tags"])
             operation = "fact.reinforce" if row["reinforced"] else "memory.store"
@@ -340,7 +352,7 @@ class Ingestion:
         pieces = [
             (i, j, text)
             for i, m in enumerate(messages)
-            for j, text in enumerate(chunk_text(m.content))
+            for j, text in enumerate(self.chunker.split(m.content))
         ]
         vectors = await self.embeddings.embed([text for _, _, text in pieces])
 
@@ -380,11 +392,11 @@ class Ingestion:
         part = ""
         if update.title is not None:
             new_content, part = update.title, "title"
-            chunks = [Chunk("title", 0, 0, update.title)] if update.title.strip() else []
+            chunks = self.chunker.part("title", 0, update.title)
         elif update.statement is not None:
             new_content, part = update.statement, "statement"
             new_key = make_fact_key(update.statement)
-            chunks = [Chunk("statement", 0, 0, update.statement)]
+            chunks = self.chunker.part("statement", 0, update.statement)
         elif update.text is not None:
             new_content = update.text
             if kind is MemoryType.TRANSCRIPTION:
@@ -395,7 +407,7 @@ class Ingestion:
                 part = "segment"
             else:
                 part = "text"
-            chunks = text_chunks(update.text)
+            chunks = self.chunker.part("text", 0, update.text)
         vectors = await self.embeddings.embed([c.text for c in chunks]) if chunks else None
         expires_at = None
         if update.kind is FactKind.EPHEMERAL:

@@ -70,6 +70,10 @@ class TextEncoder(Protocol):
         """Return the longest token-boundary prefix of ``text`` with at most ``max_tokens``."""
         ...
 
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) character offsets in ``text`` of each token, special tokens excluded."""
+        ...
+
 
 def default_model_files() -> tuple[Path, Path]:
     """Locate the packaged default model and its tokenizer.
@@ -403,6 +407,12 @@ class OnnxEncoder:
             return []
         encodings = self._count_tokenizer.encode_batch(list(texts), add_special_tokens=False)
         return [len(e.ids) for e in encodings]
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) character offsets of each WordPiece token of ``text``, without
+        [CLS]/[SEP]; what chunking by tokens cuts on (:func:`halldyll_ray.textproc.token_windows`).
+        """
+        return list(self._count_tokenizer.encode(text, add_special_tokens=False).offsets)
 
     def truncate_to_tokens(self, text: str, max_tokens: int) -> str:
         """Cut ``text`` to its longest prefix that ends on a token boundary and fits the limit.

@@ -384,3 +384,60 @@ async def test_a_naive_time_means_utc_whatever_the_process_zone(
     assert [m.id for m in window.items] == [chat.id]
     image = await engine.store_memory(user.id, Image(prompt="a clock"))
     assert image.created_at.tzinfo is not None
+
+
+# ------------------------------------------------------------------ 4. every script and form
+@pytest.mark.parametrize("mode", ["fulltext", "hybrid"])
+async def test_words_of_scripts_without_spaces_are_found(engine: MemoryEngine, mode: str) -> None:
+    user = await engine.create_user(f"zh{uuid.uuid4().hex[:8]}", None, "user")
+    fact = await engine.store_memory(user.id, Fact(statement="今天我们玩了成语接龙游戏"))
+    await engine.store_memory(user.id, Fact(statement="We talked about the weather all day"))
+    await engine.store_memory(user.id, Fact(statement="昨天下雨了"))
+    hits = await engine.search(user.id, "成语接龙", mode=mode)
+    assert hits and hits[0].memory.id == fact.id
+    jp = await engine.store_memory(user.id, Fact(statement="東京でラーメンを食べました"))
+    hits = await engine.search(user.id, "ラーメン", mode=mode)
+    assert hits and hits[0].memory.id == jp.id
+
+
+@pytest.mark.parametrize(
+    ("stored", "query"),
+    [
+        ("Ｃａｆé déjà vu at the ﬁsh market", "cafe deja vu fish"),
+        ("cafe deja vu at the fish market", "Café déjà vu ﬁsh"),
+        ("Le garçon a mangé une crème brûlée", "creme brulee"),
+        ("Die Straße nach München ist gesperrt", "München Straße"),
+    ],
+)
+async def test_other_forms_of_the_same_words_match_in_full_text(
+    engine: MemoryEngine, stored: str, query: str
+) -> None:
+    user = await engine.create_user(f"nf{uuid.uuid4().hex[:8]}", None, "user")
+    wanted = await engine.store_memory(user.id, Fact(statement=stored))
+    await engine.store_memory(user.id, Fact(statement="Something else entirely about boats"))
+    for mode in ("fulltext", "hybrid"):
+        hits = await engine.search(user.id, query, mode=mode)
+        assert hits and hits[0].memory.id == wanted.id, mode
+
+
+async def test_every_part_of_a_long_text_is_findable(engine: MemoryEngine) -> None:
+    user = await engine.create_user("longtext", None, "user")
+    filler = (
+        "ultra detailed matte painting of a misty mountain valley at dawn, volumetric light, "
+        "soft pastel colours, wide angle, trending artstation style, intricate details, "
+    )
+    key = "A red bicycle leans against the old lighthouse door."
+    prompt = (filler * 40)[: 3_900 - len(key) - 1] + " " + key
+    image = await engine.store_memory(user.id, Image(prompt=prompt))
+    fact_text = (filler * 20)[: 1_900 - len(key) - 1] + " " + key
+    fact = await engine.store_memory(user.id, Fact(statement=fact_text, importance=0.4))
+    hits = await engine.search(user.id, "red bicycle by a lighthouse", limit=5)
+    assert {h.memory.id for h in hits[:2]} == {image.id, fact.id}
+    assert all(key in h.matched.text for h in hits[:2])
+    # A long Chinese transcript (no spaces) is cut into several chunks, not one.
+    transcript = "今天我们玩了成语接龙游戏，大家都很开心。" * 50
+    stored = await engine.store_memory(user.id, Transcription(text=transcript, language="zh"))
+    chunks = await engine.db.fetchval(
+        "SELECT count(*) FROM memory_chunks WHERE memory_id = $1", stored.id, user_id=user.id
+    )
+    assert chunks >= 4

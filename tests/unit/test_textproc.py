@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from halldyll_ray.textproc import (
     Line,
-    chunk_text,
     extract_candidate_facts,
     extractive_summary,
     fact_key,
     normalize_statement,
+    token_windows,
 )
 
 
@@ -21,19 +23,33 @@ def test_fact_key_ignores_form_only() -> None:
     assert normalize_statement("Hello,  World?!") == "hello, world"
 
 
-def test_chunk_text_windows_overlap_and_cover_everything() -> None:
+def _word_offsets(text: str) -> list[tuple[int, int]]:
+    return [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+
+
+def test_token_windows_overlap_and_cover_everything() -> None:
     words = [f"w{i}" for i in range(500)]
-    chunks = chunk_text(" ".join(words), words=100, overlap=20)
+    text = " ".join(words)
+    chunks = token_windows(text, _word_offsets(text), window=100, overlap=20)
     assert all(len(c.split()) <= 100 for c in chunks)
     assert chunks[0].split()[:3] == ["w0", "w1", "w2"]
     assert chunks[-1].split()[-1] == "w499"
-    assert chunks[1].split()[0] == "w80"  # 20 words of overlap
+    assert chunks[1].split()[0] == "w80"  # 20 tokens of overlap
     covered = {w for c in chunks for w in c.split()}
     assert covered == set(words)
-    assert chunk_text("  short text ") == ["short text"]
-    assert chunk_text("   ") == []
+    assert token_windows("  short text ", _word_offsets("  short text ")) == ["short text"]
+    assert token_windows("   ", []) == []
     with pytest.raises(ValueError):
-        chunk_text("x", words=10, overlap=10)
+        token_windows("x", [(0, 1)], window=10, overlap=10)
+
+
+def test_text_without_spaces_is_cut_between_tokens() -> None:
+    # One token per character, as a WordPiece tokenizer gives CJK text.
+    text = "今天我们玩了成语接龙游戏" * 30
+    offsets = [(i, i + 1) for i in range(len(text))]
+    chunks = token_windows(text, offsets, window=100, overlap=10)
+    assert len(chunks) == 4 and all(len(c) <= 100 for c in chunks)
+    assert "".join(c[10:] if i else c for i, c in enumerate(chunks)) == text
 
 
 @pytest.mark.parametrize(

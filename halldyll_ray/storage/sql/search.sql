@@ -24,9 +24,10 @@ SELECT * FROM hits ORDER BY distance, memory_id, part, part_index, chunk_index;
 -- name: search_fulltext
 -- Any of the query's lexemes may match (OR), ranked by cover density; the text cast to
 -- tsquery takes the lexemes as they are, so nothing typed by the caller is parsed as syntax.
+-- The query goes through the same halldyll_tsvector() as the index (migration 0006).
 WITH q AS (
     SELECT (SELECT string_agg(quote_literal(lexeme), ' | ')
-            FROM unnest(tsvector_to_array(to_tsvector('english', :query))) AS lexeme)::tsquery
+            FROM unnest(tsvector_to_array(halldyll_tsvector(:query))) AS lexeme)::tsquery
            AS query
 )
 SELECT c.memory_id, c.part, c.part_index, c.chunk_index, c.content,
