@@ -19,7 +19,7 @@ from uuid import UUID
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import TypeAdapter
 from ray import serve
 from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve import metrics
@@ -41,15 +41,18 @@ from halldyll_ray.errors import (
     PermissionDenied,
     Unavailable,
 )
-from halldyll_ray.models import (
-    MAX_QUERY_CHARS,
-    Memory,
-    MemoryUpdate,
-    Message,
-    ModelKind,
-    Principal,
-    Role,
-    SearchMode,
+from halldyll_ray.models import Memory, MemoryUpdate, Principal
+from halldyll_ray.schemas import (
+    ApiKeyCreate,
+    AppendMessagesRequest,
+    ContextRequest,
+    Items,
+    ModelCreate,
+    PrepareContextRequest,
+    SearchRequest,
+    TurnRequest,
+    UserCreate,
+    UserUpdate,
 )
 from halldyll_ray.serve.deployments import EngineOwner
 
@@ -275,75 +278,6 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     return _error(422, "invalid_input", f"{field}: {first['msg']}", request.state.request_id)
 
 
-# --------------------------------------------------------------------------- request bodies
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class UserIn(_Body):
-    username: str
-    email: str | None = None
-    role: Role = Role.USER
-
-
-class UserPatch(_Body):
-    role: Role | None = None
-    disabled: bool | None = None
-    email: str | None = None
-
-
-class KeyIn(_Body):
-    name: str = ""
-    expires_at: datetime | None = None
-
-
-class ModelIn(_Body):
-    name: str
-    kind: ModelKind
-    version: str | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-
-class MessagesIn(_Body):
-    messages: list[Message]
-
-
-class SearchIn(_Body):
-    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
-    limit: int | None = Field(default=None, ge=1, le=100)
-    mode: SearchMode = SearchMode.SEMANTIC
-    types: list[str] | None = None
-    model: str | None = None
-    include_shared: bool = True
-    session_id: str | None = None
-    tags: list[str] | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    threshold: float | None = Field(default=None, ge=-1, le=1)
-
-
-class ContextIn(_Body):
-    query: str | None = Field(default=None, max_length=MAX_QUERY_CHARS)
-    messages: list[Message] | None = None
-    model: str | None = None
-    include_shared: bool = True
-    session_id: str | None = None
-    max_tokens: int | None = Field(default=None, ge=16, le=1_000_000)
-
-
-class PrepareIn(_Body):
-    user_message: str = Field(min_length=1, max_length=32_000)
-    recent_turns: int = Field(default=6, ge=0, le=100)
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=16, le=1_000_000)
-
-
-class TurnIn(_Body):
-    user_message: str = Field(min_length=1, max_length=32_000)
-    assistant_message: str = Field(min_length=1, max_length=32_000)
-    model: str | None = None
-
-
 class _RouteMetrics:
     """Request counts and latencies per route, through Ray's metrics API (Prometheus)."""
 
@@ -438,7 +372,7 @@ class Ingress(EngineOwner):
         return _json(await (await self._api(request)).get_user(None))
 
     @api.post("/v1/users", status_code=201, tags=["users"])
-    async def create_user(self, request: Request, body: UserIn) -> Any:
+    async def create_user(self, request: Request, body: UserCreate) -> Any:
         user = await (await self._api(request)).create_user(body.username, body.email, body.role)
         return _json(user, 201)
 
@@ -455,7 +389,7 @@ class Ingress(EngineOwner):
         return _json(await api_.get_user(self._user(user_id)))
 
     @api.patch("/v1/users/{user_id}", tags=["users"])
-    async def update_user(self, request: Request, user_id: str, body: UserPatch) -> Any:
+    async def update_user(self, request: Request, user_id: str, body: UserUpdate) -> Any:
         api_ = await self._api(request)
         target = self._user(user_id) or api_.principal.user_id
         user = await api_.update_user(target, **body.model_dump(exclude_none=True))
@@ -468,7 +402,7 @@ class Ingress(EngineOwner):
         return Response(status_code=204)
 
     @api.post("/v1/users/{user_id}/keys", status_code=201, tags=["keys"])
-    async def create_key(self, request: Request, user_id: str, body: KeyIn) -> Any:
+    async def create_key(self, request: Request, user_id: str, body: ApiKeyCreate) -> Any:
         api_ = await self._api(request)
         new = await api_.create_api_key(
             self._user(user_id), name=body.name, expires_at=body.expires_at
@@ -478,7 +412,7 @@ class Ingress(EngineOwner):
     @api.get("/v1/users/{user_id}/keys", tags=["keys"])
     async def list_keys(self, request: Request, user_id: str) -> Any:
         api_ = await self._api(request)
-        return _json({"items": list(await api_.list_api_keys(self._user(user_id)))})
+        return _json(Items(items=list(await api_.list_api_keys(self._user(user_id)))))
 
     @api.post("/v1/keys/{key_id}/rotate", status_code=201, tags=["keys"])
     async def rotate_key(self, request: Request, key_id: str) -> Any:
@@ -492,7 +426,7 @@ class Ingress(EngineOwner):
 
     # ----------------------------------------------------------------------- AI models
     @api.post("/v1/models", status_code=201, tags=["models"])
-    async def register_model(self, request: Request, body: ModelIn) -> Any:
+    async def register_model(self, request: Request, body: ModelCreate) -> Any:
         model = await (await self._api(request)).register_model(
             body.name, body.kind, version=body.version, metadata=body.metadata
         )
@@ -501,7 +435,7 @@ class Ingress(EngineOwner):
     @api.get("/v1/models", tags=["models"])
     async def list_models(self, request: Request, kind: str | None = None) -> Any:
         models = await (await self._api(request)).list_models(kind=kind)
-        return _json({"items": list(models)})
+        return _json(Items(items=list(models)))
 
     @api.get("/v1/models/{ref:path}", tags=["models"])
     async def get_model(self, request: Request, ref: str) -> Any:
@@ -592,7 +526,7 @@ class Ingress(EngineOwner):
         "/v1/users/{user_id}/memories/{memory_id}/messages", status_code=201, tags=["memories"]
     )
     async def append_messages(
-        self, request: Request, user_id: str, memory_id: str, body: MessagesIn
+        self, request: Request, user_id: str, memory_id: str, body: AppendMessagesRequest
     ) -> Any:
         stored = await self._forward(
             self._ingestor,
@@ -602,10 +536,10 @@ class Ingress(EngineOwner):
             _parse_uuid(memory_id, "memory_id"),
             body.messages,
         )
-        return _json({"items": list(stored)}, 201)
+        return _json(Items(items=list(stored)), 201)
 
     @api.post("/v1/users/{user_id}/search", tags=["search"])
-    async def search(self, request: Request, user_id: str, body: SearchIn) -> Any:
+    async def search(self, request: Request, user_id: str, body: SearchRequest) -> Any:
         options = body.model_dump(exclude={"query", "limit"})
         principal = await self._principal(request)
         content = await _downstream(
@@ -621,7 +555,7 @@ class Ingress(EngineOwner):
         return Response(content, media_type="application/json")
 
     @api.post("/v1/users/{user_id}/context", tags=["context"])
-    async def build_context(self, request: Request, user_id: str, body: ContextIn) -> Any:
+    async def build_context(self, request: Request, user_id: str, body: ContextRequest) -> Any:
         context = await self._forward(
             self._context,
             request,
@@ -634,7 +568,7 @@ class Ingress(EngineOwner):
 
     @api.post("/v1/users/{user_id}/sessions/{session_id}/prepare", tags=["context"])
     async def prepare_context(
-        self, request: Request, user_id: str, session_id: str, body: PrepareIn
+        self, request: Request, user_id: str, session_id: str, body: PrepareContextRequest
     ) -> Any:
         context = await self._forward(
             self._context,
@@ -651,7 +585,7 @@ class Ingress(EngineOwner):
 
     @api.post("/v1/users/{user_id}/sessions/{session_id}/turns", status_code=201, tags=["context"])
     async def record_turn(
-        self, request: Request, user_id: str, session_id: str, body: TurnIn
+        self, request: Request, user_id: str, session_id: str, body: TurnRequest
     ) -> Any:
         turn = await self._forward(
             self._ingestor,
@@ -679,7 +613,7 @@ class Ingress(EngineOwner):
         rows = await (await self._api(request)).list_audit(
             user_id=user_id, operation=operation, outcome=outcome, before_id=before_id, limit=limit
         )
-        return _json({"items": rows})
+        return _json(Items(items=rows))
 
     # ----------------------------------------------------------------------- handle API
     async def _handle_principal(self, api_key: str) -> Principal:
