@@ -17,12 +17,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from halldyll_ray.errors import InvalidInput
 from halldyll_ray.models import (
     MAX_QUERY_CHARS,
     MAX_SEARCH_LIMIT,
+    Memory,
     Message,
     ModelKind,
     Role,
@@ -45,6 +46,7 @@ __all__ = [
     "UserUpdate",
     "invalid_input",
     "parse",
+    "parse_memory",
 ]
 
 T = TypeVar("T")
@@ -198,5 +200,17 @@ def parse(model: type[M], value: object) -> M:
     """
     try:
         return model.model_validate(value)
+    except ValidationError as exc:
+        raise invalid_input(exc) from None
+
+
+_MEMORY: TypeAdapter[Memory] = TypeAdapter(Memory)
+
+
+def parse_memory(value: object) -> Memory:
+    """:func:`parse` for the body of ``POST .../memories``: one of the five memory types,
+    chosen by its ``type``."""
+    try:
+        return _MEMORY.validate_python(value)
     except ValidationError as exc:
         raise invalid_input(exc) from None

@@ -9,9 +9,12 @@ deployment serves it, so the handle path and the HTTP path share one permission 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 import numpy as np
 from pydantic import SecretStr, TypeAdapter
@@ -22,8 +25,34 @@ from halldyll_ray.db.embedded import EmbeddedPostgres
 from halldyll_ray.db.migrate import apply_migrations
 from halldyll_ray.embedding import MergingEncoder, OnnxEncoder
 from halldyll_ray.engine import MemoryEngine
-from halldyll_ray.errors import InvalidInput, Unavailable
-from halldyll_ray.models import Principal, Role, SearchResult
+from halldyll_ray.errors import Unavailable
+from halldyll_ray.models import (
+    Context,
+    Memory,
+    MemoryUpdate,
+    Page,
+    Principal,
+    Role,
+    SearchResult,
+    StoredMemory,
+    StoredMessage,
+    TurnRecord,
+)
+from halldyll_ray.schemas import (
+    AppendMessagesRequest,
+    ContextRequest,
+    Items,
+    ListMemoriesRequest,
+    PrepareContextRequest,
+    SearchRequest,
+    SearchResponse,
+    TurnRequest,
+    parse,
+    parse_memory,
+)
+
+if TYPE_CHECKING:
+    from halldyll_ray.access import AuthorizedEngine
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +232,11 @@ async def remote_engine(
     return engine
 
 
-_SEARCH_JSON: TypeAdapter[dict[str, list[SearchResult]]] = TypeAdapter(
-    dict[str, list[SearchResult]]
-)
+_SEARCH_RESPONSE: TypeAdapter[SearchResponse] = TypeAdapter(SearchResponse)
+# Parametrized at module level, so that pydantic registers the class in this module, where
+# pickle finds it by name on the hop back to the Ingress (one made inside a method does not
+# pickle).
+_StoredMessages = Items[StoredMessage]
 
 
 class EngineOwner:
@@ -269,12 +300,15 @@ class EngineOwner:
 
 
 class EngineDeployment(EngineOwner):
-    """An engine deployment: the authorised operations in ``methods``, for any principal.
+    """An engine deployment: typed operations, each run for the caller's principal.
 
-    Takes :class:`EngineOwner`'s arguments.
+    Every method takes the principal the Ingress authenticated and a request model of
+    :mod:`halldyll_ray.schemas` (validated again here as pydantic validates it, since a
+    handle can be called from any app with anything), and runs through
+    :meth:`MemoryEngine.authorized`, the permission matrix. Takes :class:`EngineOwner`'s
+    arguments.
     """
 
-    methods: frozenset[str] = frozenset()
     HIT_RATIO_EVERY_S = 1.0  # the cache hit ratio gauge is refreshed at most this often
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -286,16 +320,14 @@ class EngineDeployment(EngineOwner):
         )
         self._hit_ratio_at = 0.0
 
-    async def call(
-        self, principal: Principal, request_id: str | None, method: str, *args: Any, **kw: Any
-    ) -> Any:
-        """Run ``method`` of the authorised engine for ``principal``."""
-        if method not in self.methods:
-            raise InvalidInput(f"{type(self).__name__} does not serve {method!r}", field="method")
+    @contextlib.asynccontextmanager
+    async def _authorized(
+        self, principal: Principal, request_id: str | None
+    ) -> AsyncIterator[AuthorizedEngine]:
+        """The engine's operations for ``principal``; refreshes the hit ratio gauge after."""
         engine = await self.engine()
-        api = engine.authorized(principal, request_id=request_id)
         try:
-            return await getattr(api, method)(*args, **kw)
+            yield engine.authorized(principal, request_id=request_id)
         finally:
             now = time.monotonic()
             if now - self._hit_ratio_at >= self.HIT_RATIO_EVERY_S:
@@ -310,25 +342,181 @@ class EngineDeployment(EngineOwner):
 
 
 class Searcher(EngineDeployment):
-    methods = frozenset({"search", "get_memory", "list_memories"})
+    """Search: semantic, full-text and hybrid search, and reading memories."""
+
+    async def search(
+        self,
+        principal: Principal,
+        request: SearchRequest,
+        *,
+        user_id: UUID | None,
+        request_id: str | None,
+    ) -> SearchResponse:
+        """The memories most relevant to ``request.query``, best first.
+
+        Args:
+            principal: Who asks (authenticated by the Ingress).
+            request: The search.
+            user_id: Whose memories; None: the principal's own.
+            request_id: Carried into the audit log.
+        """
+        results = await self._search(principal, request, user_id=user_id, request_id=request_id)
+        return SearchResponse.model_construct(results=results)
 
     async def search_json(
-        self, principal: Principal, request_id: str | None, *args: Any, **kw: Any
+        self,
+        principal: Principal,
+        request: SearchRequest,
+        *,
+        user_id: UUID | None,
+        request_id: str | None,
     ) -> bytes:
-        """``search`` for the HTTP API: the response body, serialized here in one pass.
+        """:meth:`search` for the HTTP API: the response body, serialized here in one pass.
 
         Bytes cross the hop to the ingress instead of pickled models that it would unpickle
-        only to serialize them again.
+        only to serialize them again (``benchmarks/serve_http.py``).
         """
-        results = await self.call(principal, request_id, "search", *args, **kw)
-        return _SEARCH_JSON.dump_json({"results": results})
+        results = await self._search(principal, request, user_id=user_id, request_id=request_id)
+        return _SEARCH_RESPONSE.dump_json(SearchResponse.model_construct(results=results))
+
+    async def _search(
+        self,
+        principal: Principal,
+        request: SearchRequest,
+        *,
+        user_id: UUID | None,
+        request_id: str | None,
+    ) -> list[SearchResult]:
+        request = parse(SearchRequest, request)
+        async with self._authorized(principal, request_id) as api:
+            return await api.search(user_id, request.query, **request.model_dump(exclude={"query"}))
+
+    async def get_memory(
+        self,
+        principal: Principal,
+        *,
+        user_id: UUID | None,
+        memory_id: UUID,
+        request_id: str | None,
+    ) -> StoredMemory:
+        """One memory, with a conversation's messages."""
+        async with self._authorized(principal, request_id) as api:
+            return await api.get_memory(user_id, memory_id)
+
+    async def list_memories(
+        self,
+        principal: Principal,
+        request: ListMemoriesRequest,
+        *,
+        user_id: UUID | None,
+        request_id: str | None,
+    ) -> Page[StoredMemory]:
+        """One page of memories, newest first."""
+        request = parse(ListMemoriesRequest, request)
+        async with self._authorized(principal, request_id) as api:
+            return await api.list_memories(user_id, **request.model_dump())
 
 
 class Ingestor(EngineDeployment):
-    methods = frozenset(
-        {"store_memory", "update_memory", "delete_memory", "append_messages", "record_turn"}
-    )
+    """Ingestion: storing, changing and deleting memories, conversations and turns."""
+
+    async def store_memory(
+        self,
+        principal: Principal,
+        memory: Memory,
+        *,
+        user_id: UUID | None,
+        request_id: str | None,
+    ) -> StoredMemory:
+        """Store a conversation, fact, image, transcription or summary."""
+        memory = parse_memory(memory)
+        async with self._authorized(principal, request_id) as api:
+            return await api.store_memory(user_id, memory)
+
+    async def update_memory(
+        self,
+        principal: Principal,
+        update: MemoryUpdate,
+        *,
+        user_id: UUID | None,
+        memory_id: UUID,
+        request_id: str | None,
+    ) -> StoredMemory:
+        """Change a memory's tags, metadata, importance or text."""
+        update = parse(MemoryUpdate, update)
+        async with self._authorized(principal, request_id) as api:
+            return await api.update_memory(user_id, memory_id, update)
+
+    async def delete_memory(
+        self,
+        principal: Principal,
+        *,
+        user_id: UUID | None,
+        memory_id: UUID,
+        request_id: str | None,
+    ) -> None:
+        """Delete a memory."""
+        async with self._authorized(principal, request_id) as api:
+            await api.delete_memory(user_id, memory_id)
+
+    async def append_messages(
+        self,
+        principal: Principal,
+        request: AppendMessagesRequest,
+        *,
+        user_id: UUID | None,
+        memory_id: UUID,
+        request_id: str | None,
+    ) -> _StoredMessages:
+        """Append messages to a stored conversation."""
+        request = parse(AppendMessagesRequest, request)
+        async with self._authorized(principal, request_id) as api:
+            stored = await api.append_messages(user_id, memory_id, request.messages)
+        return _StoredMessages.model_construct(items=list(stored))
+
+    async def record_turn(
+        self,
+        principal: Principal,
+        request: TurnRequest,
+        *,
+        user_id: UUID | None,
+        session_id: str,
+        request_id: str | None,
+    ) -> TurnRecord:
+        """After an LLM call: store the exchange in the session's conversation."""
+        request = parse(TurnRequest, request)
+        async with self._authorized(principal, request_id) as api:
+            return await api.record_turn(user_id, session_id, **request.model_dump())
 
 
 class ContextBuilder(EngineDeployment):
-    methods = frozenset({"build_context", "prepare_context"})
+    """Context: prompt context blocks under a token budget."""
+
+    async def build_context(
+        self,
+        principal: Principal,
+        request: ContextRequest,
+        *,
+        user_id: UUID | None,
+        request_id: str | None,
+    ) -> Context:
+        """A prompt context block with its sources."""
+        request = parse(ContextRequest, request)
+        async with self._authorized(principal, request_id) as api:
+            return await api.build_context(
+                user_id, request.query, **request.model_dump(exclude={"query"})
+            )
+
+    async def prepare_context(
+        self,
+        principal: Principal,
+        request: PrepareContextRequest,
+        *,
+        user_id: UUID | None,
+        session_id: str,
+        request_id: str | None,
+    ) -> Context:
+        """Before an LLM call: summary, relevant memories, recent turns and the message."""
+        request = parse(PrepareContextRequest, request)
+        async with self._authorized(principal, request_id) as api:
+            return await api.prepare_context(user_id, session_id, **request.model_dump())

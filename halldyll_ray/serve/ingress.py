@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 from uuid import UUID
@@ -41,18 +41,28 @@ from halldyll_ray.errors import (
     PermissionDenied,
     Unavailable,
 )
-from halldyll_ray.models import Memory, MemoryUpdate, Principal
+from halldyll_ray.models import (
+    Context,
+    Memory,
+    MemoryUpdate,
+    Principal,
+    SearchResult,
+    StoredMemory,
+)
 from halldyll_ray.schemas import (
     ApiKeyCreate,
     AppendMessagesRequest,
     ContextRequest,
     Items,
+    ListMemoriesRequest,
     ModelCreate,
     PrepareContextRequest,
     SearchRequest,
     TurnRequest,
     UserCreate,
     UserUpdate,
+    parse,
+    parse_memory,
 )
 from halldyll_ray.serve.deployments import EngineOwner
 
@@ -339,14 +349,6 @@ class Ingress(EngineOwner):
     def _user(user_id: str) -> UUID | None:
         return None if user_id == "me" else _parse_uuid(user_id, "user_id")
 
-    async def _forward(
-        self, deployment: Any, request: Request, method: str, *args: Any, **kw: Any
-    ) -> Any:
-        principal = await self._principal(request)
-        return await _downstream(
-            deployment.call.remote(principal, request.state.request_id, method, *args, **kw)
-        )
-
     # ----------------------------------------------------------------------- health
     @api.get("/healthz", tags=["health"])
     async def healthz(self) -> Response:
@@ -449,8 +451,13 @@ class Ingress(EngineOwner):
     # ----------------------------------------------------------------------- memories
     @api.post("/v1/users/{user_id}/memories", status_code=201, tags=["memories"])
     async def store_memory(self, request: Request, user_id: str, body: Memory) -> Any:
-        stored = await self._forward(
-            self._ingestor, request, "store_memory", self._user(user_id), body
+        stored = await _downstream(
+            self._ingestor.store_memory.remote(
+                await self._principal(request),
+                body,
+                user_id=self._user(user_id),
+                request_id=request.state.request_id,
+            )
         )
         return _json(stored, 201)
 
@@ -469,11 +476,8 @@ class Ingress(EngineOwner):
         limit: int = 50,
         cursor: str | None = None,
     ) -> Any:
-        page = await self._forward(
-            self._searcher,
-            request,
-            "list_memories",
-            self._user(user_id),
+        # Query parameters, read by FastAPI; lists come comma-separated.
+        query = ListMemoriesRequest(
             types=None if types is None else types.split(","),
             model=model,
             include_shared=include_shared,
@@ -484,16 +488,25 @@ class Ingress(EngineOwner):
             limit=limit,
             cursor=cursor,
         )
+        page = await _downstream(
+            self._searcher.list_memories.remote(
+                await self._principal(request),
+                query,
+                user_id=self._user(user_id),
+                request_id=request.state.request_id,
+            )
+        )
         return _json(page)
 
     @api.get("/v1/users/{user_id}/memories/{memory_id}", tags=["memories"])
     async def get_memory(self, request: Request, user_id: str, memory_id: str) -> Any:
-        memory = await self._forward(
-            self._searcher,
-            request,
-            "get_memory",
-            self._user(user_id),
-            _parse_uuid(memory_id, "memory_id"),
+        memory = await _downstream(
+            self._searcher.get_memory.remote(
+                await self._principal(request),
+                user_id=self._user(user_id),
+                memory_id=_parse_uuid(memory_id, "memory_id"),
+                request_id=request.state.request_id,
+            )
         )
         return _json(memory)
 
@@ -501,24 +514,26 @@ class Ingress(EngineOwner):
     async def update_memory(
         self, request: Request, user_id: str, memory_id: str, body: MemoryUpdate
     ) -> Any:
-        memory = await self._forward(
-            self._ingestor,
-            request,
-            "update_memory",
-            self._user(user_id),
-            _parse_uuid(memory_id, "memory_id"),
-            body,
+        memory = await _downstream(
+            self._ingestor.update_memory.remote(
+                await self._principal(request),
+                body,
+                user_id=self._user(user_id),
+                memory_id=_parse_uuid(memory_id, "memory_id"),
+                request_id=request.state.request_id,
+            )
         )
         return _json(memory)
 
     @api.delete("/v1/users/{user_id}/memories/{memory_id}", status_code=204, tags=["memories"])
     async def delete_memory(self, request: Request, user_id: str, memory_id: str) -> Response:
-        await self._forward(
-            self._ingestor,
-            request,
-            "delete_memory",
-            self._user(user_id),
-            _parse_uuid(memory_id, "memory_id"),
+        await _downstream(
+            self._ingestor.delete_memory.remote(
+                await self._principal(request),
+                user_id=self._user(user_id),
+                memory_id=_parse_uuid(memory_id, "memory_id"),
+                request_id=request.state.request_id,
+            )
         )
         return Response(status_code=204)
 
@@ -528,41 +543,38 @@ class Ingress(EngineOwner):
     async def append_messages(
         self, request: Request, user_id: str, memory_id: str, body: AppendMessagesRequest
     ) -> Any:
-        stored = await self._forward(
-            self._ingestor,
-            request,
-            "append_messages",
-            self._user(user_id),
-            _parse_uuid(memory_id, "memory_id"),
-            body.messages,
+        stored = await _downstream(
+            self._ingestor.append_messages.remote(
+                await self._principal(request),
+                body,
+                user_id=self._user(user_id),
+                memory_id=_parse_uuid(memory_id, "memory_id"),
+                request_id=request.state.request_id,
+            )
         )
-        return _json(Items(items=list(stored)), 201)
+        return _json(stored, 201)
 
     @api.post("/v1/users/{user_id}/search", tags=["search"])
     async def search(self, request: Request, user_id: str, body: SearchRequest) -> Any:
-        options = body.model_dump(exclude={"query", "limit"})
-        principal = await self._principal(request)
         content = await _downstream(
             self._searcher.search_json.remote(
-                principal,
-                request.state.request_id,
-                self._user(user_id),
-                body.query,
-                body.limit,
-                **options,
+                await self._principal(request),
+                body,
+                user_id=self._user(user_id),
+                request_id=request.state.request_id,
             )
         )
         return Response(content, media_type="application/json")
 
     @api.post("/v1/users/{user_id}/context", tags=["context"])
     async def build_context(self, request: Request, user_id: str, body: ContextRequest) -> Any:
-        context = await self._forward(
-            self._context,
-            request,
-            "build_context",
-            self._user(user_id),
-            body.query,
-            **body.model_dump(exclude={"query"}),
+        context = await _downstream(
+            self._context.build_context.remote(
+                await self._principal(request),
+                body,
+                user_id=self._user(user_id),
+                request_id=request.state.request_id,
+            )
         )
         return _json(context)
 
@@ -570,16 +582,14 @@ class Ingress(EngineOwner):
     async def prepare_context(
         self, request: Request, user_id: str, session_id: str, body: PrepareContextRequest
     ) -> Any:
-        context = await self._forward(
-            self._context,
-            request,
-            "prepare_context",
-            self._user(user_id),
-            session_id,
-            body.user_message,
-            recent_turns=body.recent_turns,
-            model=body.model,
-            max_tokens=body.max_tokens,
+        context = await _downstream(
+            self._context.prepare_context.remote(
+                await self._principal(request),
+                body,
+                user_id=self._user(user_id),
+                session_id=session_id,
+                request_id=request.state.request_id,
+            )
         )
         return _json(context)
 
@@ -587,15 +597,14 @@ class Ingress(EngineOwner):
     async def record_turn(
         self, request: Request, user_id: str, session_id: str, body: TurnRequest
     ) -> Any:
-        turn = await self._forward(
-            self._ingestor,
-            request,
-            "record_turn",
-            self._user(user_id),
-            session_id,
-            body.user_message,
-            body.assistant_message,
-            model=body.model,
+        turn = await _downstream(
+            self._ingestor.record_turn.remote(
+                await self._principal(request),
+                body,
+                user_id=self._user(user_id),
+                session_id=session_id,
+                request_id=request.state.request_id,
+            )
         )
         return _json(turn, 201)
 
@@ -616,16 +625,21 @@ class Ingress(EngineOwner):
         return _json(Items(items=rows))
 
     # ----------------------------------------------------------------------- handle API
+    # For co-located Ray apps: the caller's API key instead of an HTTP header, the same
+    # permissions, and the same request models, built here from plain arguments. A bad
+    # argument raises InvalidInput, as the HTTP API answers 422.
     async def _handle_principal(self, api_key: str) -> Principal:
         return await (await self.engine()).authenticate(api_key)
 
     async def handle_store_memory(
-        self, api_key: str, user_id: UUID | str | None, memory: Any
-    ) -> Any:
-        """For co-located Ray apps: store a memory with the caller's API key."""
+        self, api_key: str, user_id: UUID | str | None, memory: Memory | Mapping[str, Any]
+    ) -> StoredMemory:
+        """Store a memory (a memory model, or its JSON form with a ``type`` key)."""
         principal = await self._handle_principal(api_key)
         return await _downstream(
-            self._ingestor.call.remote(principal, None, "store_memory", user_id, memory)
+            self._ingestor.store_memory.remote(
+                principal, parse_memory(memory), user_id=_handle_user(user_id), request_id=None
+            )
         )
 
     async def handle_search(
@@ -635,19 +649,35 @@ class Ingress(EngineOwner):
         query: str,
         limit: int | None = None,
         **options: Any,
-    ) -> Any:
+    ) -> list[SearchResult]:
+        """Search; ``options`` are the other fields of :class:`SearchRequest`."""
+        request = parse(SearchRequest, {"query": query, "limit": limit, **options})
         principal = await self._handle_principal(api_key)
-        return await _downstream(
-            self._searcher.call.remote(principal, None, "search", user_id, query, limit, **options)
+        response = await _downstream(
+            self._searcher.search.remote(
+                principal, request, user_id=_handle_user(user_id), request_id=None
+            )
         )
+        return response.results
 
     async def handle_build_context(
         self, api_key: str, user_id: UUID | str | None, query: str | None = None, **options: Any
-    ) -> Any:
+    ) -> Context:
+        """A prompt context block; ``options`` are the other fields of :class:`ContextRequest`."""
+        request = parse(ContextRequest, {"query": query, **options})
         principal = await self._handle_principal(api_key)
         return await _downstream(
-            self._context.call.remote(principal, None, "build_context", user_id, query, **options)
+            self._context.build_context.remote(
+                principal, request, user_id=_handle_user(user_id), request_id=None
+            )
         )
+
+
+def _handle_user(user_id: UUID | str | None) -> UUID | None:
+    """The handle API's ``user_id``: a UUID, its text, or None for the caller."""
+    if user_id is None or isinstance(user_id, UUID):
+        return user_id
+    return _parse_uuid(str(user_id), "user_id")
 
 
 def _parse_uuid(value: str, field: str) -> UUID:

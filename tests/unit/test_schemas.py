@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -13,7 +16,7 @@ import pytest
 from halldyll_ray import schemas
 from halldyll_ray.client import HalldyllClient, _Endpoints
 from halldyll_ray.errors import InvalidInput
-from halldyll_ray.models import MemoryType
+from halldyll_ray.models import MemoryType, Principal, Role
 from halldyll_ray.schemas import ContextRequest, SearchRequest
 
 
@@ -97,3 +100,35 @@ def test_the_client_and_the_schemas_import_without_ray_or_fastapi() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture
+def product_logger() -> Iterator[None]:
+    """Deployments route the product's logger to Serve's at start; put it back after."""
+    logger = logging.getLogger("halldyll_ray")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.mark.usefixtures("product_logger")
+async def test_a_deployment_method_takes_its_request_as_pydantic_validates_it() -> None:
+    from halldyll_ray.serve.deployments import ContextBuilder, Ingestor, Searcher
+
+    principal = Principal(user_id=uuid.uuid4(), username="ada", role=Role.USER)
+    searcher = Searcher(embedder=None)
+    wrong: Any = ContextRequest(query="tea")  # another schema, as a caller's mistake
+    with pytest.raises(InvalidInput, match="valid dictionary or instance of SearchRequest"):
+        await searcher.search(principal, wrong, user_id=None, request_id=None)
+    loose: Any = {"query": "tea", "limit": 0}
+    with pytest.raises(InvalidInput, match=r"^limit: Input should be greater than or equal"):
+        await searcher.search_json(principal, loose, user_id=None, request_id=None)
+    loose = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    with pytest.raises(InvalidInput, match=r"^max_tokens: Input should be greater than or"):
+        await ContextBuilder(embedder=None).build_context(
+            principal, loose, user_id=None, request_id=None
+        )
+    loose = {"type": "fact", "statement": "x", "confidence": 3}
+    with pytest.raises(InvalidInput, match=r"^fact\.confidence:"):
+        await Ingestor(embedder=None).store_memory(principal, loose, user_id=None, request_id=None)
+    assert searcher._engine is None  # rejected before the engine (and the database) is touched
