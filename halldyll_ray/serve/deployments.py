@@ -50,6 +50,7 @@ from halldyll_ray.schemas import (
     parse,
     parse_memory,
 )
+from halldyll_ray.serve.settings import SettingsOverrides
 
 if TYPE_CHECKING:
     from halldyll_ray.access import AuthorizedEngine
@@ -88,8 +89,8 @@ class EmbeddedDatabase:
     migrations and hands its URL to the other deployments.
     """
 
-    def __init__(self, settings_env: dict[str, str] | None = None) -> None:
-        self.settings = Settings.from_env(**(settings_env or {}))
+    def __init__(self, settings: SettingsOverrides | None = None) -> None:
+        self.settings = (settings or SettingsOverrides()).resolve()
         use_serve_logging(self.settings.log_level)
         self.server = EmbeddedPostgres(
             self.settings.data_dir, database=self.settings.embedded_database
@@ -145,14 +146,14 @@ class Embedder:
     batch whenever its wait ends, busy model or not, so under load its batches stay tiny).
     """
 
-    def __init__(self, settings_env: dict[str, str] | None = None) -> None:
-        settings = Settings.from_env(**(settings_env or {}))
-        use_serve_logging(settings.log_level)
+    def __init__(self, settings: SettingsOverrides | None = None) -> None:
+        self.settings = (settings or SettingsOverrides()).resolve()
+        use_serve_logging(self.settings.log_level)
         self.encoder = OnnxEncoder.load(
-            settings.embedding_model_path,
-            dimension=settings.embedding_dimension,
-            provider=settings.embedding_provider,
-            batch_size=settings.embedding_batch_size,
+            self.settings.embedding_model_path,
+            dimension=self.settings.embedding_dimension,
+            provider=self.settings.embedding_provider,
+            batch_size=self.settings.embedding_batch_size,
         )
         self.batch_sizes: list[int] = []  # requests per model call, the last 1000
         self.texts = 0
@@ -198,12 +199,12 @@ class Embedder:
 
 
 async def remote_engine(
-    settings_env: dict[str, str], database: Any, embedder: Any, local_max_texts: int = 0
+    settings: Settings, *, database: Any, embedder: Any, local_max_texts: int = 0
 ) -> MemoryEngine:
     """A MemoryEngine whose vectors come from the Embedding deployment's handle.
 
     Args:
-        settings_env: Settings overrides (same names as the environment variables).
+        settings: This replica's settings.
         database: Handle of the EmbeddedDatabase deployment, or None with DATABASE_URL.
         embedder: Handle of the Embedding deployment.
         local_max_texts: Requests of at most this many texts (a search query, a short fact)
@@ -212,9 +213,9 @@ async def remote_engine(
             more than encoding one text (``benchmarks/serve_http.py``); 0 sends everything to
             Embedding (GPU replicas).
     """
-    overrides: dict[str, Any] = dict(settings_env)
     if database is not None:
-        overrides["database_url"] = await database.url.remote()
+        url = await database.url.remote()
+        settings = settings.model_copy(update={"database_url": SecretStr(url)})
 
     local: MergingEncoder | None = None
 
@@ -224,7 +225,7 @@ async def remote_engine(
         result: np.ndarray = await embedder.embed.remote(texts)
         return result
 
-    engine = MemoryEngine(Settings.from_env(**overrides), embedder=embed)
+    engine = MemoryEngine(settings, embedder=embed)
     await engine.initialize(migrate=False)
     if local_max_texts > 0:
         # Concurrent queries share model calls instead of racing in threads for two cores.
@@ -245,22 +246,23 @@ class EngineOwner:
     Args:
         embedder: Handle of the Embedding deployment.
         database: Handle of the EmbeddedDatabase deployment, or None with DATABASE_URL.
-        settings_env: Settings overrides (same names as the environment variables).
+        settings: What the builder was given; the rest comes from this replica's environment.
         local_embedding_max_texts: See :func:`remote_engine`.
     """
 
     def __init__(
         self,
         embedder: Any,
+        *,
         database: Any = None,
-        settings_env: dict[str, str] | None = None,
+        settings: SettingsOverrides | None = None,
         local_embedding_max_texts: int = 0,
     ) -> None:
         self._embedder = embedder
         self._local_max_texts = local_embedding_max_texts
         self._database = database
-        self._settings_env = dict(settings_env or {})
-        use_serve_logging(Settings.from_env(**self._settings_env).log_level)
+        self.settings = (settings or SettingsOverrides()).resolve()
+        use_serve_logging(self.settings.log_level)
         self._engine: MemoryEngine | None = None
         self._lock = asyncio.Lock()
         self._unreachable = False  # PostgreSQL failed the last health check
@@ -271,7 +273,10 @@ class EngineOwner:
         async with self._lock:
             if self._engine is None:
                 self._engine = await remote_engine(
-                    self._settings_env, self._database, self._embedder, self._local_max_texts
+                    self.settings,
+                    database=self._database,
+                    embedder=self._embedder,
+                    local_max_texts=self._local_max_texts,
                 )
         return self._engine
 

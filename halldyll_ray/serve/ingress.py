@@ -65,6 +65,7 @@ from halldyll_ray.schemas import (
     parse_memory,
 )
 from halldyll_ray.serve.deployments import EngineOwner
+from halldyll_ray.serve.settings import SettingsOverrides
 
 log = logging.getLogger("halldyll_ray.http")
 _T = TypeVar("_T")
@@ -314,19 +315,27 @@ class Ingress(EngineOwner):
 
     Its own engine authenticates and serves users, keys, models and audit; memory operations
     go to the Search, Ingestion and Context deployments.
+
+    Args:
+        searcher, ingestor, context, embedder: Handles of Search, Ingestion, Context and
+            Embedding.
+        database: Handle of the EmbeddedDatabase deployment, or None with DATABASE_URL.
+        settings: What the builder was given; the rest comes from this replica's environment.
+        max_body_bytes: Largest HTTP request body; larger gets 413.
     """
 
     def __init__(
         self,
+        *,
         searcher: Any,
         ingestor: Any,
         context: Any,
         embedder: Any,
         database: Any = None,
-        settings_env: dict[str, str] | None = None,
+        settings: SettingsOverrides | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
-        super().__init__(embedder, database, settings_env)
+        super().__init__(embedder, database=database, settings=settings)
         self._searcher = searcher
         self._ingestor = ingestor
         self._context = context
