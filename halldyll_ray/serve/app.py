@@ -24,7 +24,6 @@ from halldyll_ray.serve.deployments import (
 from halldyll_ray.serve.ingress import DEFAULT_MAX_BODY_BYTES, HTTPIngress
 from halldyll_ray.serve.settings import SettingsOverrides
 
-UNBOUNDED_BATCHES = 1 << 20  # serve.batch's max_concurrent_batches: see build_app
 # Requests each caller (the Ingress, an engine replica) queues for a deployment whose replicas
 # are all at max_ongoing_requests; past it the call fails at once with BackPressureError, which
 # the HTTP API answers 503 with Retry-After: 1. Serve's default queues without limit, so an
@@ -79,29 +78,16 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     overrides = SettingsOverrides.from_variables(args.settings)
     settings = overrides.resolve()
 
-    # Batches may overlap without limit: Embedder's MergingEncoder runs one model call at a
-    # time and merges the batches that wait for it. With Serve's default of one batch at a
-    # time, batches that formed while the model was busy would each wait their turn, one
-    # small model call apiece (a mean of 1.04 requests per call under load).
-    batched = serve.batch(
-        max_batch_size=args.embedding_max_batch_size,
-        batch_wait_timeout_s=args.embedding_batch_wait_timeout_s,
-        max_concurrent_batches=UNBOUNDED_BATCHES,
-    )(Embedder.embed_batch)
-
-    async def embed(self: Any, texts: list[str]) -> Any:
-        # One request in; serve.batch merges concurrent requests into one embed_batch call.
-        return await self.embed_batch(texts)
-
-    # serve.batch recognises a method call by finding the batched function as an attribute
-    # of ``self`` under its own name, so it must sit on the class as ``embed_batch``.
-    embedder_cls = type("Embedding", (Embedder,), {"embed_batch": batched, "embed": embed})
     embedding = serve.deployment(
-        embedder_cls,
+        Embedder,
         name="Embedding",
         max_ongoing_requests=max(64, args.embedding_max_batch_size * 2),
         max_queued_requests=QUEUED,
-    ).bind(overrides)
+    ).bind(
+        overrides,
+        max_batch_size=args.embedding_max_batch_size,
+        batch_wait_timeout_s=args.embedding_batch_wait_timeout_s,
+    )
     database = None
     if settings.database_url is None:
         # Local development only, and nearly idle: it holds the server process's lifetime.
