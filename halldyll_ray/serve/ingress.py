@@ -58,6 +58,7 @@ from halldyll_ray.schemas import (
     ModelCreate,
     PrepareContextRequest,
     SearchRequest,
+    SearchResponse,
     TurnRequest,
     UserCreate,
     UserUpdate,
@@ -662,7 +663,7 @@ class Ingress(EngineOwner):
         """Search; ``options`` are the other fields of :class:`SearchRequest`."""
         request = parse(SearchRequest, {"query": query, "limit": limit, **options})
         principal = await self._handle_principal(api_key)
-        response = await _downstream(
+        response: SearchResponse = await _downstream(
             self._searcher.search.remote(
                 principal, request, user_id=_handle_user(user_id), request_id=None
             )
