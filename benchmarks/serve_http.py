@@ -541,6 +541,7 @@ async def scenarios(
     from halldyll_ray.embedding import OnnxEncoder
     from halldyll_ray.engine import MemoryEngine
     from halldyll_ray.models import Fact
+    from halldyll_ray.schemas import SearchRequest
 
     args = bench.args
     key = boot["key"]
@@ -630,8 +631,11 @@ async def scenarios(
             "search emb_cached",
             "search_emb_cached",
             "handle_search",
-            lambda w: search_h.call.remote(
-                principal, None, "search", None, q_emb, None, threshold=threshold()
+            lambda w: search_h.search.remote(
+                principal,
+                SearchRequest(query=q_emb, threshold=threshold()),
+                user_id=None,
+                request_id=None,
             ),
         ),
         (

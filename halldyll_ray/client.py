@@ -67,6 +67,18 @@ from halldyll_ray.models import (
     TurnRecord,
     User,
 )
+from halldyll_ray.schemas import (
+    ApiKeyCreate,
+    AppendMessagesRequest,
+    ContextRequest,
+    ListMemoriesRequest,
+    ModelCreate,
+    PrepareContextRequest,
+    SearchRequest,
+    TurnRequest,
+    UserCreate,
+    UserUpdate,
+)
 
 __all__ = ["AsyncHalldyllClient", "HalldyllClient", "MemoryInput"]
 
@@ -224,14 +236,27 @@ def _user(user_id: Id) -> str:
     return f"/v1/users/{_seg(user_id, 'user_id')}"
 
 
+def _unchecked(schema: type[M], /, **values: Any) -> M:
+    """A request body as its schema describes it, left for the server to validate.
+
+    The server is the one judge of a body: it answers a bad one 422 with its request id,
+    which its log and audit rows carry too. Validating here first would raise without that
+    id, and would make a client of one version stricter or looser than the server it talks
+    to. A name that is not a field of ``schema`` is a bug in this module: it fails here.
+    """
+    unknown = values.keys() - schema.model_fields.keys()
+    if unknown:
+        raise TypeError(f"{schema.__name__} has no field {', '.join(sorted(unknown))}")
+    return schema.model_construct(**values)
+
+
 def _body(value: BaseModel | Mapping[str, Any]) -> Any:
+    """The JSON body: unset options (None) are left out, so the server's defaults apply."""
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json", exclude_none=True)
+        # warnings=False: an unchecked body may hold what its field type does not (a tuple
+        # for a list, a plain string for an enum); it is written as JSON all the same.
+        return value.model_dump(mode="json", exclude_none=True, warnings=False)
     return to_jsonable_python(dict(value))
-
-
-def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in to_jsonable_python(dict(values)).items() if v is not None}
 
 
 def _params(values: Mapping[str, Any]) -> dict[str, str]:
@@ -250,12 +275,22 @@ def _params(values: Mapping[str, Any]) -> dict[str, str]:
     return params
 
 
-def _list(values: Sequence[Any] | None) -> list[str] | None:
-    return None if values is None else [str(v) for v in values]
+def _memories(user_id: Id, memory_id: Id | None = None) -> str:
+    path = f"{_user(user_id)}/memories"
+    return path if memory_id is None else f"{path}/{_seg(memory_id, 'memory_id')}"
+
+
+def _session(user_id: Id, session_id: str) -> str:
+    return f"{_user(user_id)}/sessions/{_seg(session_id, 'session_id')}"
 
 
 class _Endpoints:
-    """Every route of ``halldyll_ray.serve.ingress``: how to call it and how to read the answer."""
+    """Every route of ``halldyll_ray.serve.ingress``: how to call it and how to read the answer.
+
+    Bodies are the models of :mod:`halldyll_ray.schemas`, the ones the server reads. Past the
+    first argument every parameter is keyword-only: ids and strings swapped by position would
+    still be well-typed.
+    """
 
     @staticmethod
     def healthz() -> _Request[dict[str, Any]]:
@@ -270,12 +305,11 @@ class _Endpoints:
         return _Request("GET", "/v1/me", _one(User))
 
     @staticmethod
-    def create_user(username: str, email: str | None, role: Role | str) -> _Request[User]:
-        body = _drop_none({"username": username, "email": email, "role": role})
-        return _Request("POST", "/v1/users", _one(User), json=body)
+    def create_user(request: UserCreate) -> _Request[User]:
+        return _Request("POST", "/v1/users", _one(User), json=_body(request))
 
     @staticmethod
-    def list_users(limit: int, cursor: str | None) -> _Request[Page[User]]:
+    def list_users(*, limit: int, cursor: str | None) -> _Request[Page[User]]:
         params = _params({"limit": limit, "cursor": cursor})
         return _Request("GET", "/v1/users", _one(Page[User]), params=params)
 
@@ -284,20 +318,16 @@ class _Endpoints:
         return _Request("GET", _user(user_id), _one(User))
 
     @staticmethod
-    def update_user(
-        user_id: Id, role: Role | str | None, disabled: bool | None, email: str | None
-    ) -> _Request[User]:
-        body = _drop_none({"role": role, "disabled": disabled, "email": email})
-        return _Request("PATCH", _user(user_id), _one(User), json=body)
+    def update_user(user_id: Id, *, request: UserUpdate) -> _Request[User]:
+        return _Request("PATCH", _user(user_id), _one(User), json=_body(request))
 
     @staticmethod
     def delete_user(user_id: Id) -> _Request[None]:
         return _Request("DELETE", _user(user_id), _nothing)
 
     @staticmethod
-    def create_api_key(user_id: Id, name: str, expires_at: datetime | None) -> _Request[NewApiKey]:
-        body = _drop_none({"name": name, "expires_at": expires_at})
-        return _Request("POST", f"{_user(user_id)}/keys", _new_key, json=body)
+    def create_api_key(user_id: Id, *, request: ApiKeyCreate) -> _Request[NewApiKey]:
+        return _Request("POST", f"{_user(user_id)}/keys", _new_key, json=_body(request))
 
     @staticmethod
     def list_api_keys(user_id: Id) -> _Request[list[ApiKey]]:
@@ -312,11 +342,8 @@ class _Endpoints:
         return _Request("DELETE", f"/v1/keys/{_seg(key_id, 'key_id')}", _one(ApiKey))
 
     @staticmethod
-    def register_model(
-        name: str, kind: ModelKind | str, version: str | None, metadata: Mapping[str, Any] | None
-    ) -> _Request[AIModel]:
-        body = _drop_none({"name": name, "kind": kind, "version": version, "metadata": metadata})
-        return _Request("POST", "/v1/models", _one(AIModel), json=body)
+    def register_model(request: ModelCreate) -> _Request[AIModel]:
+        return _Request("POST", "/v1/models", _one(AIModel), json=_body(request))
 
     @staticmethod
     def list_models(kind: ModelKind | str | None) -> _Request[list[AIModel]]:
@@ -331,159 +358,62 @@ class _Endpoints:
         return _Request("DELETE", f"/v1/models/{_seg(ref, 'model')}", _nothing)
 
     @staticmethod
-    def store_memory(memory: MemoryInput, user_id: Id) -> _Request[StoredMemory]:
-        path = f"{_user(user_id)}/memories"
-        return _Request("POST", path, _one(StoredMemory), json=_body(memory))
+    def store_memory(memory: MemoryInput, *, user_id: Id) -> _Request[StoredMemory]:
+        return _Request("POST", _memories(user_id), _one(StoredMemory), json=_body(memory))
 
     @staticmethod
-    def get_memory(memory_id: Id, user_id: Id) -> _Request[StoredMemory]:
-        path = f"{_user(user_id)}/memories/{_seg(memory_id, 'memory_id')}"
-        return _Request("GET", path, _one(StoredMemory))
+    def get_memory(memory_id: Id, *, user_id: Id) -> _Request[StoredMemory]:
+        return _Request("GET", _memories(user_id, memory_id), _one(StoredMemory))
 
     @staticmethod
-    def list_memories(
-        user_id: Id,
-        types: Sequence[MemoryType | str] | None,
-        model: str | None,
-        include_shared: bool,
-        session_id: str | None,
-        tags: Sequence[str] | None,
-        since: datetime | None,
-        until: datetime | None,
-        limit: int,
-        cursor: str | None,
-    ) -> _Request[Page[StoredMemory]]:
-        params = _params(
-            {
-                "types": _list(types),
-                "model": model,
-                "include_shared": include_shared,
-                "session_id": session_id,
-                "tags": _list(tags),
-                "since": since,
-                "until": until,
-                "limit": limit,
-                "cursor": cursor,
-            }
-        )
-        path = f"{_user(user_id)}/memories"
-        return _Request("GET", path, _one(Page[StoredMemory]), params=params)
+    def list_memories(request: ListMemoriesRequest, *, user_id: Id) -> _Request[Page[StoredMemory]]:
+        # Query parameters, not a body: the fields as given, lists joined by commas.
+        params = _params(dict(request))
+        return _Request("GET", _memories(user_id), _one(Page[StoredMemory]), params=params)
 
     @staticmethod
     def update_memory(
-        memory_id: Id, update: MemoryUpdate | Mapping[str, Any], user_id: Id
+        memory_id: Id, *, update: MemoryUpdate | Mapping[str, Any], user_id: Id
     ) -> _Request[StoredMemory]:
-        path = f"{_user(user_id)}/memories/{_seg(memory_id, 'memory_id')}"
+        path = _memories(user_id, memory_id)
         return _Request("PATCH", path, _one(StoredMemory), json=_body(update))
 
     @staticmethod
-    def delete_memory(memory_id: Id, user_id: Id) -> _Request[None]:
-        path = f"{_user(user_id)}/memories/{_seg(memory_id, 'memory_id')}"
-        return _Request("DELETE", path, _nothing)
+    def delete_memory(memory_id: Id, *, user_id: Id) -> _Request[None]:
+        return _Request("DELETE", _memories(user_id, memory_id), _nothing)
 
     @staticmethod
     def append_messages(
-        conversation_id: Id, messages: Sequence[Message | Mapping[str, Any]], user_id: Id
+        conversation_id: Id, *, request: AppendMessagesRequest, user_id: Id
     ) -> _Request[list[StoredMessage]]:
-        path = f"{_user(user_id)}/memories/{_seg(conversation_id, 'memory_id')}/messages"
-        body = {"messages": [_body(m) for m in messages]}
-        return _Request("POST", path, _many(StoredMessage), json=body)
+        path = f"{_memories(user_id, conversation_id)}/messages"
+        return _Request("POST", path, _many(StoredMessage), json=_body(request))
 
     @staticmethod
-    def search(
-        query: str,
-        user_id: Id,
-        limit: int | None,
-        mode: SearchMode | str,
-        types: Sequence[MemoryType | str] | None,
-        model: str | None,
-        include_shared: bool,
-        session_id: str | None,
-        tags: Sequence[str] | None,
-        since: datetime | None,
-        until: datetime | None,
-        threshold: float | None,
-    ) -> _Request[list[SearchResult]]:
-        body = _drop_none(
-            {
-                "query": query,
-                "limit": limit,
-                "mode": mode,
-                "types": _list(types),
-                "model": model,
-                "include_shared": include_shared,
-                "session_id": session_id,
-                "tags": _list(tags),
-                "since": since,
-                "until": until,
-                "threshold": threshold,
-            }
-        )
+    def search(request: SearchRequest, *, user_id: Id) -> _Request[list[SearchResult]]:
         path = f"{_user(user_id)}/search"
-        return _Request("POST", path, _many(SearchResult, "results"), json=body)
+        return _Request("POST", path, _many(SearchResult, "results"), json=_body(request))
 
     @staticmethod
-    def build_context(
-        query: str | None,
-        user_id: Id,
-        messages: Sequence[Message | Mapping[str, Any]] | None,
-        model: str | None,
-        include_shared: bool,
-        session_id: str | None,
-        max_tokens: int | None,
-    ) -> _Request[Context]:
-        body = _drop_none(
-            {
-                "query": query,
-                "messages": None if messages is None else [_body(m) for m in messages],
-                "model": model,
-                "include_shared": include_shared,
-                "session_id": session_id,
-                "max_tokens": max_tokens,
-            }
-        )
-        return _Request("POST", f"{_user(user_id)}/context", _one(Context), json=body)
+    def build_context(request: ContextRequest, *, user_id: Id) -> _Request[Context]:
+        path = f"{_user(user_id)}/context"
+        return _Request("POST", path, _one(Context), json=_body(request))
 
     @staticmethod
     def prepare_context(
-        session_id: str,
-        user_message: str,
-        user_id: Id,
-        recent_turns: int,
-        model: str | None,
-        max_tokens: int | None,
+        request: PrepareContextRequest, *, session_id: str, user_id: Id
     ) -> _Request[Context]:
-        body = _drop_none(
-            {
-                "user_message": user_message,
-                "recent_turns": recent_turns,
-                "model": model,
-                "max_tokens": max_tokens,
-            }
-        )
-        path = f"{_user(user_id)}/sessions/{_seg(session_id, 'session_id')}/prepare"
-        return _Request("POST", path, _one(Context), json=body)
+        path = f"{_session(user_id, session_id)}/prepare"
+        return _Request("POST", path, _one(Context), json=_body(request))
 
     @staticmethod
-    def record_turn(
-        session_id: str,
-        user_message: str,
-        assistant_message: str,
-        user_id: Id,
-        model: str | None,
-    ) -> _Request[TurnRecord]:
-        body = _drop_none(
-            {
-                "user_message": user_message,
-                "assistant_message": assistant_message,
-                "model": model,
-            }
-        )
-        path = f"{_user(user_id)}/sessions/{_seg(session_id, 'session_id')}/turns"
-        return _Request("POST", path, _one(TurnRecord), json=body)
+    def record_turn(request: TurnRequest, *, session_id: str, user_id: Id) -> _Request[TurnRecord]:
+        path = f"{_session(user_id, session_id)}/turns"
+        return _Request("POST", path, _one(TurnRecord), json=_body(request))
 
     @staticmethod
     def list_audit(
+        *,
         user_id: Id | None,
         operation: str | None,
         outcome: str | None,
@@ -608,7 +538,11 @@ class AsyncHalldyllClient:
             Conflict: The username is taken.
             PermissionDenied: The caller is not an Admin.
         """
-        return await self._send(_Endpoints.create_user(username, email, role))
+        return await self._send(
+            _Endpoints.create_user(
+                _unchecked(UserCreate, username=username, email=email, role=role)
+            )
+        )
 
     async def list_users(self, *, limit: int = 100, cursor: str | None = None) -> Page[User]:
         """One page of users (Admin only), oldest first.
@@ -617,7 +551,7 @@ class AsyncHalldyllClient:
             limit: Page size.
             cursor: ``next_cursor`` of the previous page.
         """
-        return await self._send(_Endpoints.list_users(limit, cursor))
+        return await self._send(_Endpoints.list_users(limit=limit, cursor=cursor))
 
     async def get_user(self, user_id: Id) -> User:
         """A user by id (``"me"`` for the caller)."""
@@ -639,7 +573,12 @@ class AsyncHalldyllClient:
             disabled: True blocks every key of the user.
             email: The new e-mail address.
         """
-        return await self._send(_Endpoints.update_user(user_id, role, disabled, email))
+        return await self._send(
+            _Endpoints.update_user(
+                user_id,
+                request=_unchecked(UserUpdate, role=role, disabled=disabled, email=email),
+            )
+        )
 
     async def delete_user(self, user_id: Id) -> None:
         """Delete a user and every memory they own (Admin only)."""
@@ -656,7 +595,11 @@ class AsyncHalldyllClient:
             name: A label.
             expires_at: When the key stops working; None: never.
         """
-        return await self._send(_Endpoints.create_api_key(user_id, name, expires_at))
+        return await self._send(
+            _Endpoints.create_api_key(
+                user_id, request=_unchecked(ApiKeyCreate, name=name, expires_at=expires_at)
+            )
+        )
 
     async def list_api_keys(self, user_id: Id = "me") -> list[ApiKey]:
         """The public records of a user's keys (no secrets)."""
@@ -691,7 +634,11 @@ class AsyncHalldyllClient:
             version: Optional version string.
             metadata: Free-form JSON metadata.
         """
-        return await self._send(_Endpoints.register_model(name, kind, version, metadata))
+        return await self._send(
+            _Endpoints.register_model(
+                _unchecked(ModelCreate, name=name, kind=kind, version=version, metadata=metadata)
+            )
+        )
 
     async def list_models(self, kind: ModelKind | str | None = None) -> list[AIModel]:
         """Registered models, optionally of one kind."""
@@ -720,11 +667,11 @@ class AsyncHalldyllClient:
         Returns:
             The stored memory; a fact stored again comes back reinforced, not duplicated.
         """
-        return await self._send(_Endpoints.store_memory(memory, user_id))
+        return await self._send(_Endpoints.store_memory(memory, user_id=user_id))
 
     async def get_memory(self, memory_id: Id, *, user_id: Id = "me") -> StoredMemory:
         """One memory, with a conversation's messages."""
-        return await self._send(_Endpoints.get_memory(memory_id, user_id))
+        return await self._send(_Endpoints.get_memory(memory_id, user_id=user_id))
 
     async def list_memories(
         self,
@@ -756,7 +703,19 @@ class AsyncHalldyllClient:
         """
         return await self._send(
             _Endpoints.list_memories(
-                user_id, types, model, include_shared, session_id, tags, since, until, limit, cursor
+                _unchecked(
+                    ListMemoriesRequest,
+                    types=types,
+                    model=model,
+                    include_shared=include_shared,
+                    session_id=session_id,
+                    tags=tags,
+                    since=since,
+                    until=until,
+                    limit=limit,
+                    cursor=cursor,
+                ),
+                user_id=user_id,
             )
         )
 
@@ -770,11 +729,11 @@ class AsyncHalldyllClient:
             update: The changes.
             user_id: Whose memory.
         """
-        return await self._send(_Endpoints.update_memory(memory_id, update, user_id))
+        return await self._send(_Endpoints.update_memory(memory_id, update=update, user_id=user_id))
 
     async def delete_memory(self, memory_id: Id, *, user_id: Id = "me") -> None:
         """Delete a memory."""
-        await self._send(_Endpoints.delete_memory(memory_id, user_id))
+        await self._send(_Endpoints.delete_memory(memory_id, user_id=user_id))
 
     async def append_messages(
         self,
@@ -788,7 +747,13 @@ class AsyncHalldyllClient:
         Returns:
             The messages with their sequence numbers.
         """
-        return await self._send(_Endpoints.append_messages(conversation_id, messages, user_id))
+        return await self._send(
+            _Endpoints.append_messages(
+                conversation_id,
+                request=_unchecked(AppendMessagesRequest, messages=messages),
+                user_id=user_id,
+            )
+        )
 
     # ----------------------------------------------------------------------- search, context
     async def search(
@@ -825,18 +790,21 @@ class AsyncHalldyllClient:
         """
         return await self._send(
             _Endpoints.search(
-                query,
-                user_id,
-                limit,
-                mode,
-                types,
-                model,
-                include_shared,
-                session_id,
-                tags,
-                since,
-                until,
-                threshold,
+                _unchecked(
+                    SearchRequest,
+                    query=query,
+                    limit=limit,
+                    mode=mode,
+                    types=types,
+                    model=model,
+                    include_shared=include_shared,
+                    session_id=session_id,
+                    tags=tags,
+                    since=since,
+                    until=until,
+                    threshold=threshold,
+                ),
+                user_id=user_id,
             )
         )
 
@@ -864,7 +832,16 @@ class AsyncHalldyllClient:
         """
         return await self._send(
             _Endpoints.build_context(
-                query, user_id, messages, model, include_shared, session_id, max_tokens
+                _unchecked(
+                    ContextRequest,
+                    query=query,
+                    messages=messages,
+                    model=model,
+                    include_shared=include_shared,
+                    session_id=session_id,
+                    max_tokens=max_tokens,
+                ),
+                user_id=user_id,
             )
         )
 
@@ -890,7 +867,15 @@ class AsyncHalldyllClient:
         """
         return await self._send(
             _Endpoints.prepare_context(
-                session_id, user_message, user_id, recent_turns, model, max_tokens
+                _unchecked(
+                    PrepareContextRequest,
+                    user_message=user_message,
+                    recent_turns=recent_turns,
+                    model=model,
+                    max_tokens=max_tokens,
+                ),
+                session_id=session_id,
+                user_id=user_id,
             )
         )
 
@@ -913,7 +898,16 @@ class AsyncHalldyllClient:
             model: The registered model that answered.
         """
         return await self._send(
-            _Endpoints.record_turn(session_id, user_message, assistant_message, user_id, model)
+            _Endpoints.record_turn(
+                _unchecked(
+                    TurnRequest,
+                    user_message=user_message,
+                    assistant_message=assistant_message,
+                    model=model,
+                ),
+                session_id=session_id,
+                user_id=user_id,
+            )
         )
 
     # ----------------------------------------------------------------------- audit
@@ -936,7 +930,13 @@ class AsyncHalldyllClient:
             limit: How many rows.
         """
         return await self._send(
-            _Endpoints.list_audit(user_id, operation, outcome, before_id, limit)
+            _Endpoints.list_audit(
+                user_id=user_id,
+                operation=operation,
+                outcome=outcome,
+                before_id=before_id,
+                limit=limit,
+            )
         )
 
 
@@ -1005,11 +1005,15 @@ class HalldyllClient:
         self, username: str, email: str | None = None, *, role: Role | str = Role.USER
     ) -> User:
         """Create a user; see :meth:`AsyncHalldyllClient.create_user`."""
-        return self._send(_Endpoints.create_user(username, email, role))
+        return self._send(
+            _Endpoints.create_user(
+                _unchecked(UserCreate, username=username, email=email, role=role)
+            )
+        )
 
     def list_users(self, *, limit: int = 100, cursor: str | None = None) -> Page[User]:
         """One page of users; see :meth:`AsyncHalldyllClient.list_users`."""
-        return self._send(_Endpoints.list_users(limit, cursor))
+        return self._send(_Endpoints.list_users(limit=limit, cursor=cursor))
 
     def get_user(self, user_id: Id) -> User:
         """A user by id (``"me"`` for the caller)."""
@@ -1024,7 +1028,12 @@ class HalldyllClient:
         email: str | None = None,
     ) -> User:
         """Change a user; see :meth:`AsyncHalldyllClient.update_user`."""
-        return self._send(_Endpoints.update_user(user_id, role, disabled, email))
+        return self._send(
+            _Endpoints.update_user(
+                user_id,
+                request=_unchecked(UserUpdate, role=role, disabled=disabled, email=email),
+            )
+        )
 
     def delete_user(self, user_id: Id) -> None:
         """Delete a user and every memory they own (Admin only)."""
@@ -1034,7 +1043,11 @@ class HalldyllClient:
         self, user_id: Id = "me", *, name: str = "", expires_at: datetime | None = None
     ) -> NewApiKey:
         """Create an API key; see :meth:`AsyncHalldyllClient.create_api_key`."""
-        return self._send(_Endpoints.create_api_key(user_id, name, expires_at))
+        return self._send(
+            _Endpoints.create_api_key(
+                user_id, request=_unchecked(ApiKeyCreate, name=name, expires_at=expires_at)
+            )
+        )
 
     def list_api_keys(self, user_id: Id = "me") -> list[ApiKey]:
         """The public records of a user's keys (no secrets)."""
@@ -1057,7 +1070,11 @@ class HalldyllClient:
         metadata: Mapping[str, Any] | None = None,
     ) -> AIModel:
         """Register an AI model; see :meth:`AsyncHalldyllClient.register_model`."""
-        return self._send(_Endpoints.register_model(name, kind, version, metadata))
+        return self._send(
+            _Endpoints.register_model(
+                _unchecked(ModelCreate, name=name, kind=kind, version=version, metadata=metadata)
+            )
+        )
 
     def list_models(self, kind: ModelKind | str | None = None) -> list[AIModel]:
         """Registered models, optionally of one kind."""
@@ -1073,11 +1090,11 @@ class HalldyllClient:
 
     def store_memory(self, memory: MemoryInput, *, user_id: Id = "me") -> StoredMemory:
         """Store a memory; see :meth:`AsyncHalldyllClient.store_memory`."""
-        return self._send(_Endpoints.store_memory(memory, user_id))
+        return self._send(_Endpoints.store_memory(memory, user_id=user_id))
 
     def get_memory(self, memory_id: Id, *, user_id: Id = "me") -> StoredMemory:
         """One memory, with a conversation's messages."""
-        return self._send(_Endpoints.get_memory(memory_id, user_id))
+        return self._send(_Endpoints.get_memory(memory_id, user_id=user_id))
 
     def list_memories(
         self,
@@ -1096,7 +1113,19 @@ class HalldyllClient:
         """One page of memories; see :meth:`AsyncHalldyllClient.list_memories`."""
         return self._send(
             _Endpoints.list_memories(
-                user_id, types, model, include_shared, session_id, tags, since, until, limit, cursor
+                _unchecked(
+                    ListMemoriesRequest,
+                    types=types,
+                    model=model,
+                    include_shared=include_shared,
+                    session_id=session_id,
+                    tags=tags,
+                    since=since,
+                    until=until,
+                    limit=limit,
+                    cursor=cursor,
+                ),
+                user_id=user_id,
             )
         )
 
@@ -1104,11 +1133,11 @@ class HalldyllClient:
         self, memory_id: Id, update: MemoryUpdate | Mapping[str, Any], *, user_id: Id = "me"
     ) -> StoredMemory:
         """Change a memory; see :meth:`AsyncHalldyllClient.update_memory`."""
-        return self._send(_Endpoints.update_memory(memory_id, update, user_id))
+        return self._send(_Endpoints.update_memory(memory_id, update=update, user_id=user_id))
 
     def delete_memory(self, memory_id: Id, *, user_id: Id = "me") -> None:
         """Delete a memory."""
-        self._send(_Endpoints.delete_memory(memory_id, user_id))
+        self._send(_Endpoints.delete_memory(memory_id, user_id=user_id))
 
     def append_messages(
         self,
@@ -1118,7 +1147,13 @@ class HalldyllClient:
         user_id: Id = "me",
     ) -> list[StoredMessage]:
         """Append messages to a conversation; see :meth:`AsyncHalldyllClient.append_messages`."""
-        return self._send(_Endpoints.append_messages(conversation_id, messages, user_id))
+        return self._send(
+            _Endpoints.append_messages(
+                conversation_id,
+                request=_unchecked(AppendMessagesRequest, messages=messages),
+                user_id=user_id,
+            )
+        )
 
     def search(
         self,
@@ -1139,18 +1174,21 @@ class HalldyllClient:
         """The most relevant memories; see :meth:`AsyncHalldyllClient.search`."""
         return self._send(
             _Endpoints.search(
-                query,
-                user_id,
-                limit,
-                mode,
-                types,
-                model,
-                include_shared,
-                session_id,
-                tags,
-                since,
-                until,
-                threshold,
+                _unchecked(
+                    SearchRequest,
+                    query=query,
+                    limit=limit,
+                    mode=mode,
+                    types=types,
+                    model=model,
+                    include_shared=include_shared,
+                    session_id=session_id,
+                    tags=tags,
+                    since=since,
+                    until=until,
+                    threshold=threshold,
+                ),
+                user_id=user_id,
             )
         )
 
@@ -1168,7 +1206,16 @@ class HalldyllClient:
         """A prompt context block; see :meth:`AsyncHalldyllClient.build_context`."""
         return self._send(
             _Endpoints.build_context(
-                query, user_id, messages, model, include_shared, session_id, max_tokens
+                _unchecked(
+                    ContextRequest,
+                    query=query,
+                    messages=messages,
+                    model=model,
+                    include_shared=include_shared,
+                    session_id=session_id,
+                    max_tokens=max_tokens,
+                ),
+                user_id=user_id,
             )
         )
 
@@ -1185,7 +1232,15 @@ class HalldyllClient:
         """Before an LLM call; see :meth:`AsyncHalldyllClient.prepare_context`."""
         return self._send(
             _Endpoints.prepare_context(
-                session_id, user_message, user_id, recent_turns, model, max_tokens
+                _unchecked(
+                    PrepareContextRequest,
+                    user_message=user_message,
+                    recent_turns=recent_turns,
+                    model=model,
+                    max_tokens=max_tokens,
+                ),
+                session_id=session_id,
+                user_id=user_id,
             )
         )
 
@@ -1200,7 +1255,16 @@ class HalldyllClient:
     ) -> TurnRecord:
         """After an LLM call; see :meth:`AsyncHalldyllClient.record_turn`."""
         return self._send(
-            _Endpoints.record_turn(session_id, user_message, assistant_message, user_id, model)
+            _Endpoints.record_turn(
+                _unchecked(
+                    TurnRequest,
+                    user_message=user_message,
+                    assistant_message=assistant_message,
+                    model=model,
+                ),
+                session_id=session_id,
+                user_id=user_id,
+            )
         )
 
     def list_audit(
@@ -1213,4 +1277,12 @@ class HalldyllClient:
         limit: int = 100,
     ) -> list[dict[str, Any]]:
         """Audit rows, newest first; see :meth:`AsyncHalldyllClient.list_audit`."""
-        return self._send(_Endpoints.list_audit(user_id, operation, outcome, before_id, limit))
+        return self._send(
+            _Endpoints.list_audit(
+                user_id=user_id,
+                operation=operation,
+                outcome=outcome,
+                before_id=before_id,
+                limit=limit,
+            )
+        )

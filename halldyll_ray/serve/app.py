@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
-from halldyll_ray.config import Settings
 from halldyll_ray.serve.deployments import (
     ContextBuilder,
     EmbeddedDatabase,
@@ -23,8 +22,8 @@ from halldyll_ray.serve.deployments import (
     Searcher,
 )
 from halldyll_ray.serve.ingress import DEFAULT_MAX_BODY_BYTES, HTTPIngress
+from halldyll_ray.serve.settings import SettingsOverrides
 
-UNBOUNDED_BATCHES = 1 << 20  # serve.batch's max_concurrent_batches: see build_app
 # Requests each caller (the Ingress, an engine replica) queues for a deployment whose replicas
 # are all at max_ongoing_requests; past it the call fails at once with BackPressureError, which
 # the HTTP API answers 503 with Retry-After: 1. Serve's default queues without limit, so an
@@ -65,54 +64,49 @@ class AppArgs(BaseModel):
     )
     settings: dict[str, str] = Field(
         default_factory=dict,
-        description="Settings overrides by variable name (DATABASE_URL, REDIS_URL, ...); the "
-        "replicas' environment supplies the rest.",
+        description="Settings overrides by variable name (DATABASE_URL, REDIS_URL, ...); each "
+        "replica's environment supplies the rest. A name that is not a setting is an error.",
     )
 
 
 def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     """The whole application: Ingress over Search, Ingestion and Context over Embedding."""
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
-    env = {k.lower(): v for k, v in args.settings.items()}
-    settings = Settings.from_env(**env)  # fail fast on a bad configuration
+    # Built once, bound to every deployment: the given variables, checked here together with
+    # this process's environment (fail fast); each replica lays them over its own environment
+    # (SettingsOverrides says why the builder's environment is not theirs).
+    overrides = SettingsOverrides.from_variables(args.settings)
+    settings = overrides.resolve()
 
-    # Batches may overlap without limit: Embedder's MergingEncoder runs one model call at a
-    # time and merges the batches that wait for it. With Serve's default of one batch at a
-    # time, batches that formed while the model was busy would each wait their turn, one
-    # small model call apiece (a mean of 1.04 requests per call under load).
-    batched = serve.batch(
-        max_batch_size=args.embedding_max_batch_size,
-        batch_wait_timeout_s=args.embedding_batch_wait_timeout_s,
-        max_concurrent_batches=UNBOUNDED_BATCHES,
-    )(Embedder.embed_batch)
-
-    async def embed(self: Any, texts: list[str]) -> Any:
-        # One request in; serve.batch merges concurrent requests into one embed_batch call.
-        return await self.embed_batch(texts)
-
-    # serve.batch recognises a method call by finding the batched function as an attribute
-    # of ``self`` under its own name, so it must sit on the class as ``embed_batch``.
-    embedder_cls = type("Embedding", (Embedder,), {"embed_batch": batched, "embed": embed})
     embedding = serve.deployment(
-        embedder_cls,
+        Embedder,
         name="Embedding",
         max_ongoing_requests=max(64, args.embedding_max_batch_size * 2),
         max_queued_requests=QUEUED,
-    ).bind(env)
+    ).bind(
+        overrides,
+        max_batch_size=args.embedding_max_batch_size,
+        batch_wait_timeout_s=args.embedding_batch_wait_timeout_s,
+    )
     database = None
     if settings.database_url is None:
         # Local development only, and nearly idle: it holds the server process's lifetime.
         # Its options live here because it exists only when DATABASE_URL is unset.
         database = serve.deployment(
             EmbeddedDatabase, name="EmbeddedDatabase", ray_actor_options={"num_cpus": 0}
-        ).bind(env)
+        ).bind(overrides)
     # Serve's default of 5 ongoing requests per replica capped throughput well below what
     # one replica serves (benchmarks/serve_http.py); the YAML may override it.
     ongoing = 32
     searcher, ingestor, context = (
         serve.deployment(
             cls, name=name, max_ongoing_requests=ongoing, max_queued_requests=QUEUED
-        ).bind(embedding, database, env, args.local_embedding_max_texts)
+        ).bind(
+            embedding,
+            database=database,
+            settings=overrides,
+            local_embedding_max_texts=args.local_embedding_max_texts,
+        )
         for cls, name in (
             (Searcher, "Search"),
             (Ingestor, "Ingestion"),
@@ -120,7 +114,15 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
         )
     )
     ingress = serve.deployment(HTTPIngress, name="Ingress", max_ongoing_requests=ongoing)
-    return ingress.bind(searcher, ingestor, context, embedding, database, env, args.max_body_bytes)
+    return ingress.bind(
+        searcher=searcher,
+        ingestor=ingestor,
+        context=context,
+        embedder=embedding,
+        database=database,
+        settings=overrides,
+        max_body_bytes=args.max_body_bytes,
+    )
 
 
 def with_options(app: Application, *, keep: Iterable[str] = (), **options: Any) -> Application:

@@ -1,29 +1,63 @@
 """The Ray Serve deployments: thin adapters over the core (undecorated here).
 
 Classes are plain Python so they can be built and unit-tested without Ray; ``build_app``
-decorates them with ``serve.deployment`` late and wires the graph. Every memory operation
-runs through :meth:`MemoryEngine.authorized` for the caller's principal, in whichever
-deployment serves it, so the handle path and the HTTP path share one permission model.
+decorates them with ``serve.deployment`` late and wires the graph. The one decorator here is
+``serve.batch`` on :meth:`Embedder.embed_batch`, configured through its own setters.
+
+Every memory operation runs through :meth:`MemoryEngine.authorized` for the caller's
+principal, in whichever deployment serves it, so the handle path and the HTTP path share one
+permission model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 import numpy as np
 from pydantic import SecretStr, TypeAdapter
+from ray import serve
 from ray.serve import metrics
 
 from halldyll_ray.config import Settings
 from halldyll_ray.embedding import MergingEncoder, OnnxEncoder
 from halldyll_ray.engine import MemoryEngine
-from halldyll_ray.errors import InvalidInput, Unavailable
-from halldyll_ray.models import Principal, Role, SearchResult
+from halldyll_ray.errors import Unavailable
+from halldyll_ray.models import (
+    Context,
+    Memory,
+    MemoryUpdate,
+    Page,
+    Principal,
+    Role,
+    SearchResult,
+    StoredMemory,
+    StoredMessage,
+    TurnRecord,
+)
+from halldyll_ray.schemas import (
+    AppendMessagesRequest,
+    ContextRequest,
+    Items,
+    ListMemoriesRequest,
+    PrepareContextRequest,
+    SearchRequest,
+    SearchResponse,
+    TurnRequest,
+    parse,
+    parse_memory,
+)
+from halldyll_ray.serve.settings import SettingsOverrides
 from halldyll_ray.storage.embedded import EmbeddedPostgres
 from halldyll_ray.storage.migrate import apply_migrations
+
+if TYPE_CHECKING:
+    from halldyll_ray.access import AuthorizedEngine
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +93,8 @@ class EmbeddedDatabase:
     migrations and hands its URL to the other deployments.
     """
 
-    def __init__(self, settings_env: dict[str, str] | None = None) -> None:
-        self.settings = Settings.from_env(**(settings_env or {}))
+    def __init__(self, settings: SettingsOverrides | None = None) -> None:
+        self.settings = (settings or SettingsOverrides()).resolve()
         use_serve_logging(self.settings.log_level)
         self.server = EmbeddedPostgres(
             self.settings.data_dir, database=self.settings.embedded_database
@@ -107,23 +141,41 @@ def _not_the_concurrent_batches_warning(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("`max_batch_size` (")
 
 
+UNBOUNDED_BATCHES = 1 << 20  # serve.batch's max_concurrent_batches: see Embedder.embed_batch
+
+
 class Embedder:
-    """ONNX Runtime text encoder; ``embed_batch`` is wrapped by ``serve.batch`` in the builder.
+    """ONNX Runtime text encoder behind ``serve.batch``; served as the Embedding deployment.
 
     Each request carries a list of texts. ``serve.batch`` merges concurrent requests into
     batches; a :class:`MergingEncoder` then runs one model call at a time and merges the
     batches that queued during a call into the next one (``serve.batch`` alone cuts a new
     batch whenever its wait ends, busy model or not, so under load its batches stay tiny).
+    ``serve.batch`` needs a Serve replica (it reads the replica's context).
+
+    Args:
+        settings: What the builder was given; the rest comes from this replica's environment.
+        max_batch_size: Most requests one batch merges.
+        batch_wait_timeout_s: How long a batch waits to fill.
     """
 
-    def __init__(self, settings_env: dict[str, str] | None = None) -> None:
-        settings = Settings.from_env(**(settings_env or {}))
-        use_serve_logging(settings.log_level)
+    def __init__(
+        self,
+        settings: SettingsOverrides | None = None,
+        *,
+        max_batch_size: int = 32,
+        batch_wait_timeout_s: float = 0.0,
+    ) -> None:
+        # serve.batch's own setters: its queue is made at the first call, in this replica.
+        self.embed_batch.set_max_batch_size(max_batch_size)
+        self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.settings = (settings or SettingsOverrides()).resolve()
+        use_serve_logging(self.settings.log_level)
         self.encoder = OnnxEncoder.load(
-            settings.embedding_model_path,
-            dimension=settings.embedding_dimension,
-            provider=settings.embedding_provider,
-            batch_size=settings.embedding_batch_size,
+            self.settings.embedding_model_path,
+            dimension=self.settings.embedding_dimension,
+            provider=self.settings.embedding_provider,
+            batch_size=self.settings.embedding_batch_size,
         )
         self.batch_sizes: list[int] = []  # requests per model call, the last 1000
         self.texts = 0
@@ -149,16 +201,26 @@ class Embedder:
         self._batch_size_metric.observe(requests)
         self._texts_metric.inc(texts)
 
+    # Batches may overlap without limit: the MergingEncoder runs one model call at a time and
+    # merges the batches that wait for it. With Serve's default of one batch at a time,
+    # batches that formed while the model was busy would each wait their turn, one small
+    # model call apiece (a mean of 1.04 requests per call under load). Serve 2.60 has no
+    # setter for this one, and it never changes: it stays in the decorator.
+    @serve.batch(max_concurrent_batches=UNBOUNDED_BATCHES)
     async def embed_batch(self, requests: list[list[str]]) -> list[np.ndarray]:
         return await asyncio.gather(*(self.model.encode(texts) for texts in requests))
 
     async def embed(self, texts: list[str]) -> np.ndarray:
-        """One request; replaced by the batched version in a Serve replica."""
-        return (await self.embed_batch([texts]))[0]
+        """One request; ``serve.batch`` merges concurrent ones into one ``embed_batch`` call."""
+        vectors: np.ndarray = await self.embed_batch(texts)
+        return vectors
 
     async def stats(self) -> dict[str, Any]:
         return {
             "batch_sizes": list(self.batch_sizes),
+            # As serve.batch holds them (its getters are private; Ray's tests read them too).
+            "max_batch_size": self.embed_batch._get_max_batch_size(),
+            "batch_wait_timeout_s": self.embed_batch._get_batch_wait_timeout_s(),
             "texts": self.texts,
             "model_id": self.encoder.model_id,
             "provider": self.encoder.provider,
@@ -169,12 +231,12 @@ class Embedder:
 
 
 async def remote_engine(
-    settings_env: dict[str, str], database: Any, embedder: Any, local_max_texts: int = 0
+    settings: Settings, *, database: Any, embedder: Any, local_max_texts: int = 0
 ) -> MemoryEngine:
     """A MemoryEngine whose vectors come from the Embedding deployment's handle.
 
     Args:
-        settings_env: Settings overrides (same names as the environment variables).
+        settings: This replica's settings.
         database: Handle of the EmbeddedDatabase deployment, or None with DATABASE_URL.
         embedder: Handle of the Embedding deployment.
         local_max_texts: Requests of at most this many texts (a search query, a short fact)
@@ -183,9 +245,9 @@ async def remote_engine(
             more than encoding one text (``benchmarks/serve_http.py``); 0 sends everything to
             Embedding (GPU replicas).
     """
-    overrides: dict[str, Any] = dict(settings_env)
     if database is not None:
-        overrides["database_url"] = await database.url.remote()
+        url = await database.url.remote()
+        settings = settings.model_copy(update={"database_url": SecretStr(url)})
 
     local: MergingEncoder | None = None
 
@@ -195,7 +257,7 @@ async def remote_engine(
         result: np.ndarray = await embedder.embed.remote(texts)
         return result
 
-    engine = MemoryEngine(Settings.from_env(**overrides), embedder=embed)
+    engine = MemoryEngine(settings, embedder=embed)
     await engine.initialize(migrate=False)
     if local_max_texts > 0:
         # Concurrent queries share model calls instead of racing in threads for two cores.
@@ -203,9 +265,11 @@ async def remote_engine(
     return engine
 
 
-_SEARCH_JSON: TypeAdapter[dict[str, list[SearchResult]]] = TypeAdapter(
-    dict[str, list[SearchResult]]
-)
+_SEARCH_RESPONSE: TypeAdapter[SearchResponse] = TypeAdapter(SearchResponse)
+# Parametrized at module level, so that pydantic registers the class in this module, where
+# pickle finds it by name on the hop back to the Ingress (one made inside a method does not
+# pickle).
+_StoredMessages = Items[StoredMessage]
 
 
 class EngineOwner:
@@ -214,22 +278,23 @@ class EngineOwner:
     Args:
         embedder: Handle of the Embedding deployment.
         database: Handle of the EmbeddedDatabase deployment, or None with DATABASE_URL.
-        settings_env: Settings overrides (same names as the environment variables).
+        settings: What the builder was given; the rest comes from this replica's environment.
         local_embedding_max_texts: See :func:`remote_engine`.
     """
 
     def __init__(
         self,
         embedder: Any,
+        *,
         database: Any = None,
-        settings_env: dict[str, str] | None = None,
+        settings: SettingsOverrides | None = None,
         local_embedding_max_texts: int = 0,
     ) -> None:
         self._embedder = embedder
         self._local_max_texts = local_embedding_max_texts
         self._database = database
-        self._settings_env = dict(settings_env or {})
-        use_serve_logging(Settings.from_env(**self._settings_env).log_level)
+        self.settings = (settings or SettingsOverrides()).resolve()
+        use_serve_logging(self.settings.log_level)
         self._engine: MemoryEngine | None = None
         self._lock = asyncio.Lock()
         self._unreachable = False  # PostgreSQL failed the last health check
@@ -240,7 +305,10 @@ class EngineOwner:
         async with self._lock:
             if self._engine is None:
                 self._engine = await remote_engine(
-                    self._settings_env, self._database, self._embedder, self._local_max_texts
+                    self.settings,
+                    database=self._database,
+                    embedder=self._embedder,
+                    local_max_texts=self._local_max_texts,
                 )
         return self._engine
 
@@ -269,12 +337,15 @@ class EngineOwner:
 
 
 class EngineDeployment(EngineOwner):
-    """An engine deployment: the authorised operations in ``methods``, for any principal.
+    """An engine deployment: typed operations, each run for the caller's principal.
 
-    Takes :class:`EngineOwner`'s arguments.
+    Every method takes the principal the Ingress authenticated and a request model of
+    :mod:`halldyll_ray.schemas` (validated again here as pydantic validates it, since a
+    handle can be called from any app with anything), and runs through
+    :meth:`MemoryEngine.authorized`, the permission matrix. Takes :class:`EngineOwner`'s
+    arguments.
     """
 
-    methods: frozenset[str] = frozenset()
     HIT_RATIO_EVERY_S = 1.0  # the cache hit ratio gauge is refreshed at most this often
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -286,16 +357,14 @@ class EngineDeployment(EngineOwner):
         )
         self._hit_ratio_at = 0.0
 
-    async def call(
-        self, principal: Principal, request_id: str | None, method: str, *args: Any, **kw: Any
-    ) -> Any:
-        """Run ``method`` of the authorised engine for ``principal``."""
-        if method not in self.methods:
-            raise InvalidInput(f"{type(self).__name__} does not serve {method!r}", field="method")
+    @contextlib.asynccontextmanager
+    async def _authorized(
+        self, principal: Principal, request_id: str | None
+    ) -> AsyncIterator[AuthorizedEngine]:
+        """The engine's operations for ``principal``; refreshes the hit ratio gauge after."""
         engine = await self.engine()
-        api = engine.authorized(principal, request_id=request_id)
         try:
-            return await getattr(api, method)(*args, **kw)
+            yield engine.authorized(principal, request_id=request_id)
         finally:
             now = time.monotonic()
             if now - self._hit_ratio_at >= self.HIT_RATIO_EVERY_S:
@@ -310,25 +379,181 @@ class EngineDeployment(EngineOwner):
 
 
 class Searcher(EngineDeployment):
-    methods = frozenset({"search", "get_memory", "list_memories"})
+    """Search: semantic, full-text and hybrid search, and reading memories."""
+
+    async def search(
+        self,
+        principal: Principal,
+        request: SearchRequest,
+        *,
+        user_id: UUID | None,
+        request_id: str | None,
+    ) -> SearchResponse:
+        """The memories most relevant to ``request.query``, best first.
+
+        Args:
+            principal: Who asks (authenticated by the Ingress).
+            request: The search.
+            user_id: Whose memories; None: the principal's own.
+            request_id: Carried into the audit log.
+        """
+        results = await self._search(principal, request, user_id=user_id, request_id=request_id)
+        return SearchResponse.model_construct(results=results)
 
     async def search_json(
-        self, principal: Principal, request_id: str | None, *args: Any, **kw: Any
+        self,
+        principal: Principal,
+        request: SearchRequest,
+        *,
+        user_id: UUID | None,
+        request_id: str | None,
     ) -> bytes:
-        """``search`` for the HTTP API: the response body, serialized here in one pass.
+        """:meth:`search` for the HTTP API: the response body, serialized here in one pass.
 
         Bytes cross the hop to the ingress instead of pickled models that it would unpickle
-        only to serialize them again.
+        only to serialize them again (``benchmarks/serve_http.py``).
         """
-        results = await self.call(principal, request_id, "search", *args, **kw)
-        return _SEARCH_JSON.dump_json({"results": results})
+        results = await self._search(principal, request, user_id=user_id, request_id=request_id)
+        return _SEARCH_RESPONSE.dump_json(SearchResponse.model_construct(results=results))
+
+    async def _search(
+        self,
+        principal: Principal,
+        request: SearchRequest,
+        *,
+        user_id: UUID | None,
+        request_id: str | None,
+    ) -> list[SearchResult]:
+        request = parse(SearchRequest, request)
+        async with self._authorized(principal, request_id) as api:
+            return await api.search(user_id, request.query, **request.model_dump(exclude={"query"}))
+
+    async def get_memory(
+        self,
+        principal: Principal,
+        *,
+        user_id: UUID | None,
+        memory_id: UUID,
+        request_id: str | None,
+    ) -> StoredMemory:
+        """One memory, with a conversation's messages."""
+        async with self._authorized(principal, request_id) as api:
+            return await api.get_memory(user_id, memory_id)
+
+    async def list_memories(
+        self,
+        principal: Principal,
+        request: ListMemoriesRequest,
+        *,
+        user_id: UUID | None,
+        request_id: str | None,
+    ) -> Page[StoredMemory]:
+        """One page of memories, newest first."""
+        request = parse(ListMemoriesRequest, request)
+        async with self._authorized(principal, request_id) as api:
+            return await api.list_memories(user_id, **request.model_dump())
 
 
 class Ingestor(EngineDeployment):
-    methods = frozenset(
-        {"store_memory", "update_memory", "delete_memory", "append_messages", "record_turn"}
-    )
+    """Ingestion: storing, changing and deleting memories, conversations and turns."""
+
+    async def store_memory(
+        self,
+        principal: Principal,
+        memory: Memory,
+        *,
+        user_id: UUID | None,
+        request_id: str | None,
+    ) -> StoredMemory:
+        """Store a conversation, fact, image, transcription or summary."""
+        memory = parse_memory(memory)
+        async with self._authorized(principal, request_id) as api:
+            return await api.store_memory(user_id, memory)
+
+    async def update_memory(
+        self,
+        principal: Principal,
+        update: MemoryUpdate,
+        *,
+        user_id: UUID | None,
+        memory_id: UUID,
+        request_id: str | None,
+    ) -> StoredMemory:
+        """Change a memory's tags, metadata, importance or text."""
+        update = parse(MemoryUpdate, update)
+        async with self._authorized(principal, request_id) as api:
+            return await api.update_memory(user_id, memory_id, update)
+
+    async def delete_memory(
+        self,
+        principal: Principal,
+        *,
+        user_id: UUID | None,
+        memory_id: UUID,
+        request_id: str | None,
+    ) -> None:
+        """Delete a memory."""
+        async with self._authorized(principal, request_id) as api:
+            await api.delete_memory(user_id, memory_id)
+
+    async def append_messages(
+        self,
+        principal: Principal,
+        request: AppendMessagesRequest,
+        *,
+        user_id: UUID | None,
+        memory_id: UUID,
+        request_id: str | None,
+    ) -> _StoredMessages:
+        """Append messages to a stored conversation."""
+        request = parse(AppendMessagesRequest, request)
+        async with self._authorized(principal, request_id) as api:
+            stored = await api.append_messages(user_id, memory_id, request.messages)
+        return _StoredMessages.model_construct(items=list(stored))
+
+    async def record_turn(
+        self,
+        principal: Principal,
+        request: TurnRequest,
+        *,
+        user_id: UUID | None,
+        session_id: str,
+        request_id: str | None,
+    ) -> TurnRecord:
+        """After an LLM call: store the exchange in the session's conversation."""
+        request = parse(TurnRequest, request)
+        async with self._authorized(principal, request_id) as api:
+            return await api.record_turn(user_id, session_id, **request.model_dump())
 
 
 class ContextBuilder(EngineDeployment):
-    methods = frozenset({"build_context", "prepare_context"})
+    """Context: prompt context blocks under a token budget."""
+
+    async def build_context(
+        self,
+        principal: Principal,
+        request: ContextRequest,
+        *,
+        user_id: UUID | None,
+        request_id: str | None,
+    ) -> Context:
+        """A prompt context block with its sources."""
+        request = parse(ContextRequest, request)
+        async with self._authorized(principal, request_id) as api:
+            return await api.build_context(
+                user_id, request.query, **request.model_dump(exclude={"query"})
+            )
+
+    async def prepare_context(
+        self,
+        principal: Principal,
+        request: PrepareContextRequest,
+        *,
+        user_id: UUID | None,
+        session_id: str,
+        request_id: str | None,
+    ) -> Context:
+        """Before an LLM call: summary, relevant memories, recent turns and the message."""
+        request = parse(PrepareContextRequest, request)
+        async with self._authorized(principal, request_id) as api:
+            return await api.prepare_context(user_id, session_id, **request.model_dump())

@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 from uuid import UUID
@@ -19,7 +19,7 @@ from uuid import UUID
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import TypeAdapter
 from ray import serve
 from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve import metrics
@@ -42,16 +42,31 @@ from halldyll_ray.errors import (
     Unavailable,
 )
 from halldyll_ray.models import (
-    MAX_QUERY_CHARS,
+    Context,
     Memory,
     MemoryUpdate,
-    Message,
-    ModelKind,
     Principal,
-    Role,
-    SearchMode,
+    SearchResult,
+    StoredMemory,
+)
+from halldyll_ray.schemas import (
+    ApiKeyCreate,
+    AppendMessagesRequest,
+    ContextRequest,
+    Items,
+    ListMemoriesRequest,
+    ModelCreate,
+    PrepareContextRequest,
+    SearchRequest,
+    SearchResponse,
+    TurnRequest,
+    UserCreate,
+    UserUpdate,
+    parse,
+    parse_memory,
 )
 from halldyll_ray.serve.deployments import EngineOwner
+from halldyll_ray.serve.settings import SettingsOverrides
 
 log = logging.getLogger("halldyll_ray.http")
 _T = TypeVar("_T")
@@ -275,75 +290,6 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     return _error(422, "invalid_input", f"{field}: {first['msg']}", request.state.request_id)
 
 
-# --------------------------------------------------------------------------- request bodies
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class UserIn(_Body):
-    username: str
-    email: str | None = None
-    role: Role = Role.USER
-
-
-class UserPatch(_Body):
-    role: Role | None = None
-    disabled: bool | None = None
-    email: str | None = None
-
-
-class KeyIn(_Body):
-    name: str = ""
-    expires_at: datetime | None = None
-
-
-class ModelIn(_Body):
-    name: str
-    kind: ModelKind
-    version: str | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-
-class MessagesIn(_Body):
-    messages: list[Message]
-
-
-class SearchIn(_Body):
-    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
-    limit: int | None = Field(default=None, ge=1, le=100)
-    mode: SearchMode = SearchMode.SEMANTIC
-    types: list[str] | None = None
-    model: str | None = None
-    include_shared: bool = True
-    session_id: str | None = None
-    tags: list[str] | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    threshold: float | None = Field(default=None, ge=-1, le=1)
-
-
-class ContextIn(_Body):
-    query: str | None = Field(default=None, max_length=MAX_QUERY_CHARS)
-    messages: list[Message] | None = None
-    model: str | None = None
-    include_shared: bool = True
-    session_id: str | None = None
-    max_tokens: int | None = Field(default=None, ge=16, le=1_000_000)
-
-
-class PrepareIn(_Body):
-    user_message: str = Field(min_length=1, max_length=32_000)
-    recent_turns: int = Field(default=6, ge=0, le=100)
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=16, le=1_000_000)
-
-
-class TurnIn(_Body):
-    user_message: str = Field(min_length=1, max_length=32_000)
-    assistant_message: str = Field(min_length=1, max_length=32_000)
-    model: str | None = None
-
-
 class _RouteMetrics:
     """Request counts and latencies per route, through Ray's metrics API (Prometheus)."""
 
@@ -370,19 +316,27 @@ class Ingress(EngineOwner):
 
     Its own engine authenticates and serves users, keys, models and audit; memory operations
     go to the Search, Ingestion and Context deployments.
+
+    Args:
+        searcher, ingestor, context, embedder: Handles of Search, Ingestion, Context and
+            Embedding.
+        database: Handle of the EmbeddedDatabase deployment, or None with DATABASE_URL.
+        settings: What the builder was given; the rest comes from this replica's environment.
+        max_body_bytes: Largest HTTP request body; larger gets 413.
     """
 
     def __init__(
         self,
+        *,
         searcher: Any,
         ingestor: Any,
         context: Any,
         embedder: Any,
         database: Any = None,
-        settings_env: dict[str, str] | None = None,
+        settings: SettingsOverrides | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
-        super().__init__(embedder, database, settings_env)
+        super().__init__(embedder, database=database, settings=settings)
         self._searcher = searcher
         self._ingestor = ingestor
         self._context = context
@@ -404,14 +358,6 @@ class Ingress(EngineOwner):
     @staticmethod
     def _user(user_id: str) -> UUID | None:
         return None if user_id == "me" else _parse_uuid(user_id, "user_id")
-
-    async def _forward(
-        self, deployment: Any, request: Request, method: str, *args: Any, **kw: Any
-    ) -> Any:
-        principal = await self._principal(request)
-        return await _downstream(
-            deployment.call.remote(principal, request.state.request_id, method, *args, **kw)
-        )
 
     # ----------------------------------------------------------------------- health
     @api.get("/healthz", tags=["health"])
@@ -438,7 +384,7 @@ class Ingress(EngineOwner):
         return _json(await (await self._api(request)).get_user(None))
 
     @api.post("/v1/users", status_code=201, tags=["users"])
-    async def create_user(self, request: Request, body: UserIn) -> Any:
+    async def create_user(self, request: Request, body: UserCreate) -> Any:
         user = await (await self._api(request)).create_user(body.username, body.email, body.role)
         return _json(user, 201)
 
@@ -455,7 +401,7 @@ class Ingress(EngineOwner):
         return _json(await api_.get_user(self._user(user_id)))
 
     @api.patch("/v1/users/{user_id}", tags=["users"])
-    async def update_user(self, request: Request, user_id: str, body: UserPatch) -> Any:
+    async def update_user(self, request: Request, user_id: str, body: UserUpdate) -> Any:
         api_ = await self._api(request)
         target = self._user(user_id) or api_.principal.user_id
         user = await api_.update_user(target, **body.model_dump(exclude_none=True))
@@ -468,7 +414,7 @@ class Ingress(EngineOwner):
         return Response(status_code=204)
 
     @api.post("/v1/users/{user_id}/keys", status_code=201, tags=["keys"])
-    async def create_key(self, request: Request, user_id: str, body: KeyIn) -> Any:
+    async def create_key(self, request: Request, user_id: str, body: ApiKeyCreate) -> Any:
         api_ = await self._api(request)
         new = await api_.create_api_key(
             self._user(user_id), name=body.name, expires_at=body.expires_at
@@ -478,7 +424,7 @@ class Ingress(EngineOwner):
     @api.get("/v1/users/{user_id}/keys", tags=["keys"])
     async def list_keys(self, request: Request, user_id: str) -> Any:
         api_ = await self._api(request)
-        return _json({"items": list(await api_.list_api_keys(self._user(user_id)))})
+        return _json(Items(items=list(await api_.list_api_keys(self._user(user_id)))))
 
     @api.post("/v1/keys/{key_id}/rotate", status_code=201, tags=["keys"])
     async def rotate_key(self, request: Request, key_id: str) -> Any:
@@ -492,7 +438,7 @@ class Ingress(EngineOwner):
 
     # ----------------------------------------------------------------------- AI models
     @api.post("/v1/models", status_code=201, tags=["models"])
-    async def register_model(self, request: Request, body: ModelIn) -> Any:
+    async def register_model(self, request: Request, body: ModelCreate) -> Any:
         model = await (await self._api(request)).register_model(
             body.name, body.kind, version=body.version, metadata=body.metadata
         )
@@ -501,7 +447,7 @@ class Ingress(EngineOwner):
     @api.get("/v1/models", tags=["models"])
     async def list_models(self, request: Request, kind: str | None = None) -> Any:
         models = await (await self._api(request)).list_models(kind=kind)
-        return _json({"items": list(models)})
+        return _json(Items(items=list(models)))
 
     @api.get("/v1/models/{ref:path}", tags=["models"])
     async def get_model(self, request: Request, ref: str) -> Any:
@@ -515,8 +461,13 @@ class Ingress(EngineOwner):
     # ----------------------------------------------------------------------- memories
     @api.post("/v1/users/{user_id}/memories", status_code=201, tags=["memories"])
     async def store_memory(self, request: Request, user_id: str, body: Memory) -> Any:
-        stored = await self._forward(
-            self._ingestor, request, "store_memory", self._user(user_id), body
+        stored = await _downstream(
+            self._ingestor.store_memory.remote(
+                await self._principal(request),
+                body,
+                user_id=self._user(user_id),
+                request_id=request.state.request_id,
+            )
         )
         return _json(stored, 201)
 
@@ -535,11 +486,8 @@ class Ingress(EngineOwner):
         limit: int = 50,
         cursor: str | None = None,
     ) -> Any:
-        page = await self._forward(
-            self._searcher,
-            request,
-            "list_memories",
-            self._user(user_id),
+        # Query parameters, read by FastAPI; lists come comma-separated.
+        query = ListMemoriesRequest(
             types=None if types is None else types.split(","),
             model=model,
             include_shared=include_shared,
@@ -550,16 +498,25 @@ class Ingress(EngineOwner):
             limit=limit,
             cursor=cursor,
         )
+        page = await _downstream(
+            self._searcher.list_memories.remote(
+                await self._principal(request),
+                query,
+                user_id=self._user(user_id),
+                request_id=request.state.request_id,
+            )
+        )
         return _json(page)
 
     @api.get("/v1/users/{user_id}/memories/{memory_id}", tags=["memories"])
     async def get_memory(self, request: Request, user_id: str, memory_id: str) -> Any:
-        memory = await self._forward(
-            self._searcher,
-            request,
-            "get_memory",
-            self._user(user_id),
-            _parse_uuid(memory_id, "memory_id"),
+        memory = await _downstream(
+            self._searcher.get_memory.remote(
+                await self._principal(request),
+                user_id=self._user(user_id),
+                memory_id=_parse_uuid(memory_id, "memory_id"),
+                request_id=request.state.request_id,
+            )
         )
         return _json(memory)
 
@@ -567,24 +524,26 @@ class Ingress(EngineOwner):
     async def update_memory(
         self, request: Request, user_id: str, memory_id: str, body: MemoryUpdate
     ) -> Any:
-        memory = await self._forward(
-            self._ingestor,
-            request,
-            "update_memory",
-            self._user(user_id),
-            _parse_uuid(memory_id, "memory_id"),
-            body,
+        memory = await _downstream(
+            self._ingestor.update_memory.remote(
+                await self._principal(request),
+                body,
+                user_id=self._user(user_id),
+                memory_id=_parse_uuid(memory_id, "memory_id"),
+                request_id=request.state.request_id,
+            )
         )
         return _json(memory)
 
     @api.delete("/v1/users/{user_id}/memories/{memory_id}", status_code=204, tags=["memories"])
     async def delete_memory(self, request: Request, user_id: str, memory_id: str) -> Response:
-        await self._forward(
-            self._ingestor,
-            request,
-            "delete_memory",
-            self._user(user_id),
-            _parse_uuid(memory_id, "memory_id"),
+        await _downstream(
+            self._ingestor.delete_memory.remote(
+                await self._principal(request),
+                user_id=self._user(user_id),
+                memory_id=_parse_uuid(memory_id, "memory_id"),
+                request_id=request.state.request_id,
+            )
         )
         return Response(status_code=204)
 
@@ -592,76 +551,70 @@ class Ingress(EngineOwner):
         "/v1/users/{user_id}/memories/{memory_id}/messages", status_code=201, tags=["memories"]
     )
     async def append_messages(
-        self, request: Request, user_id: str, memory_id: str, body: MessagesIn
+        self, request: Request, user_id: str, memory_id: str, body: AppendMessagesRequest
     ) -> Any:
-        stored = await self._forward(
-            self._ingestor,
-            request,
-            "append_messages",
-            self._user(user_id),
-            _parse_uuid(memory_id, "memory_id"),
-            body.messages,
+        stored = await _downstream(
+            self._ingestor.append_messages.remote(
+                await self._principal(request),
+                body,
+                user_id=self._user(user_id),
+                memory_id=_parse_uuid(memory_id, "memory_id"),
+                request_id=request.state.request_id,
+            )
         )
-        return _json({"items": list(stored)}, 201)
+        return _json(stored, 201)
 
     @api.post("/v1/users/{user_id}/search", tags=["search"])
-    async def search(self, request: Request, user_id: str, body: SearchIn) -> Any:
-        options = body.model_dump(exclude={"query", "limit"})
-        principal = await self._principal(request)
+    async def search(self, request: Request, user_id: str, body: SearchRequest) -> Any:
         content = await _downstream(
             self._searcher.search_json.remote(
-                principal,
-                request.state.request_id,
-                self._user(user_id),
-                body.query,
-                body.limit,
-                **options,
+                await self._principal(request),
+                body,
+                user_id=self._user(user_id),
+                request_id=request.state.request_id,
             )
         )
         return Response(content, media_type="application/json")
 
     @api.post("/v1/users/{user_id}/context", tags=["context"])
-    async def build_context(self, request: Request, user_id: str, body: ContextIn) -> Any:
-        context = await self._forward(
-            self._context,
-            request,
-            "build_context",
-            self._user(user_id),
-            body.query,
-            **body.model_dump(exclude={"query"}),
+    async def build_context(self, request: Request, user_id: str, body: ContextRequest) -> Any:
+        context = await _downstream(
+            self._context.build_context.remote(
+                await self._principal(request),
+                body,
+                user_id=self._user(user_id),
+                request_id=request.state.request_id,
+            )
         )
         return _json(context)
 
     @api.post("/v1/users/{user_id}/sessions/{session_id}/prepare", tags=["context"])
     async def prepare_context(
-        self, request: Request, user_id: str, session_id: str, body: PrepareIn
+        self, request: Request, user_id: str, session_id: str, body: PrepareContextRequest
     ) -> Any:
-        context = await self._forward(
-            self._context,
-            request,
-            "prepare_context",
-            self._user(user_id),
-            session_id,
-            body.user_message,
-            recent_turns=body.recent_turns,
-            model=body.model,
-            max_tokens=body.max_tokens,
+        context = await _downstream(
+            self._context.prepare_context.remote(
+                await self._principal(request),
+                body,
+                user_id=self._user(user_id),
+                session_id=session_id,
+                request_id=request.state.request_id,
+            )
         )
         return _json(context)
 
     @api.post("/v1/users/{user_id}/sessions/{session_id}/turns", status_code=201, tags=["context"])
     async def record_turn(
-        self, request: Request, user_id: str, session_id: str, body: TurnIn
+        self, request: Request, user_id: str, session_id: str, body: TurnRequest
     ) -> Any:
-        turn = await self._forward(
-            self._ingestor,
-            request,
-            "record_turn",
-            self._user(user_id),
-            session_id,
-            body.user_message,
-            body.assistant_message,
-            model=body.model,
+        turn = await _downstream(
+            self._ingestor.record_turn.remote(
+                await self._principal(request),
+                body,
+                user_id=self._user(user_id),
+                session_id=session_id,
+                request_id=request.state.request_id,
+            )
         )
         return _json(turn, 201)
 
@@ -679,19 +632,24 @@ class Ingress(EngineOwner):
         rows = await (await self._api(request)).list_audit(
             user_id=user_id, operation=operation, outcome=outcome, before_id=before_id, limit=limit
         )
-        return _json({"items": rows})
+        return _json(Items(items=rows))
 
     # ----------------------------------------------------------------------- handle API
+    # For co-located Ray apps: the caller's API key instead of an HTTP header, the same
+    # permissions, and the same request models, built here from plain arguments. A bad
+    # argument raises InvalidInput, as the HTTP API answers 422.
     async def _handle_principal(self, api_key: str) -> Principal:
         return await (await self.engine()).authenticate(api_key)
 
     async def handle_store_memory(
-        self, api_key: str, user_id: UUID | str | None, memory: Any
-    ) -> Any:
-        """For co-located Ray apps: store a memory with the caller's API key."""
+        self, api_key: str, user_id: UUID | str | None, memory: Memory | Mapping[str, Any]
+    ) -> StoredMemory:
+        """Store a memory (a memory model, or its JSON form with a ``type`` key)."""
         principal = await self._handle_principal(api_key)
         return await _downstream(
-            self._ingestor.call.remote(principal, None, "store_memory", user_id, memory)
+            self._ingestor.store_memory.remote(
+                principal, parse_memory(memory), user_id=_handle_user(user_id), request_id=None
+            )
         )
 
     async def handle_search(
@@ -701,19 +659,35 @@ class Ingress(EngineOwner):
         query: str,
         limit: int | None = None,
         **options: Any,
-    ) -> Any:
+    ) -> list[SearchResult]:
+        """Search; ``options`` are the other fields of :class:`SearchRequest`."""
+        request = parse(SearchRequest, {"query": query, "limit": limit, **options})
         principal = await self._handle_principal(api_key)
-        return await _downstream(
-            self._searcher.call.remote(principal, None, "search", user_id, query, limit, **options)
+        response: SearchResponse = await _downstream(
+            self._searcher.search.remote(
+                principal, request, user_id=_handle_user(user_id), request_id=None
+            )
         )
+        return response.results
 
     async def handle_build_context(
         self, api_key: str, user_id: UUID | str | None, query: str | None = None, **options: Any
-    ) -> Any:
+    ) -> Context:
+        """A prompt context block; ``options`` are the other fields of :class:`ContextRequest`."""
+        request = parse(ContextRequest, {"query": query, **options})
         principal = await self._handle_principal(api_key)
         return await _downstream(
-            self._context.call.remote(principal, None, "build_context", user_id, query, **options)
+            self._context.build_context.remote(
+                principal, request, user_id=_handle_user(user_id), request_id=None
+            )
         )
+
+
+def _handle_user(user_id: UUID | str | None) -> UUID | None:
+    """The handle API's ``user_id``: a UUID, its text, or None for the caller."""
+    if user_id is None or isinstance(user_id, UUID):
+        return user_id
+    return _parse_uuid(str(user_id), "user_id")
 
 
 def _parse_uuid(value: str, field: str) -> UUID:

@@ -243,7 +243,10 @@ async def test_handle_api_and_batching(
     assert stored.id in context.sources
 
     embedding = serve.get_deployment_handle("Embedding", app_name="halldyll")
-    before = (await embedding.stats.remote())["batch_sizes"]
+    stats = await embedding.stats.remote()
+    # build_app's args reach serve.batch through its setters (conftest: a 20 ms wait).
+    assert (stats["max_batch_size"], stats["batch_wait_timeout_s"]) == (32, 0.02)
+    before = stats["batch_sizes"]
     texts = [
         [f"concurrent sentence number {i} about {w}"]
         for i, w in enumerate("abcdefghijklmnopqrstuvwx")

@@ -1,0 +1,134 @@
+"""One schema module for the HTTP bodies: the Ingress reads them, the client writes them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from halldyll_ray import schemas
+from halldyll_ray.client import HalldyllClient, _Endpoints
+from halldyll_ray.errors import InvalidInput
+from halldyll_ray.models import MemoryType, Principal, Role
+from halldyll_ray.schemas import ContextRequest, SearchRequest
+
+
+def test_the_ingress_routes_read_the_shared_schemas() -> None:
+    from halldyll_ray.serve.ingress import api
+
+    spec = api.openapi()
+    bodies = {
+        (method.upper(), path): op["requestBody"]["content"]["application/json"]["schema"]
+        for path, ops in spec["paths"].items()
+        for method, op in ops.items()
+        if "requestBody" in op
+    }
+    named = {route: body.get("$ref", "").rsplit("/", 1)[-1] for route, body in bodies.items()}
+    users, memory = "/v1/users/{user_id}", "/v1/users/{user_id}/memories/{memory_id}"
+    session = "/v1/users/{user_id}/sessions/{session_id}"
+    assert named == {
+        ("POST", "/v1/users"): "UserCreate",
+        ("PATCH", users): "UserUpdate",
+        ("POST", f"{users}/keys"): "ApiKeyCreate",
+        ("POST", "/v1/models"): "ModelCreate",
+        ("POST", f"{users}/memories"): "",  # the memory union itself (models.Memory)
+        ("PATCH", memory): "MemoryUpdate",
+        ("POST", f"{memory}/messages"): "AppendMessagesRequest",
+        ("POST", f"{users}/search"): "SearchRequest",
+        ("POST", f"{users}/context"): "ContextRequest",
+        ("POST", f"{session}/prepare"): "PrepareContextRequest",
+        ("POST", f"{session}/turns"): "TurnRequest",
+    }
+    for name in set(named.values()) - {"", "MemoryUpdate"}:
+        shared = getattr(schemas, name)
+        served = spec["components"]["schemas"][name]
+        assert set(served["properties"]) == set(shared.model_fields), name
+        assert served.get("additionalProperties") is False, name  # extra="forbid"
+
+
+def test_the_client_builds_its_search_body_from_the_schema() -> None:
+    request = SearchRequest(query="tea", limit=3, types=["fact"])
+    built = _Endpoints.search(request, user_id="me")
+    assert (built.method, built.path) == ("POST", "/v1/users/me/search")
+    assert built.json == {
+        "query": "tea",
+        "limit": 3,
+        "mode": "semantic",
+        "types": ["fact"],
+        "include_shared": True,
+    }
+    with pytest.raises(TypeError):
+        _Endpoints.search(request, "me")  # type: ignore[misc]  # keyword-only past the first
+
+    bodies: list[dict[str, Any]] = []
+
+    def handler(sent: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(sent.content))
+        return httpx.Response(200, json={"results": []})
+
+    with HalldyllClient("http://svc", "k", transport=httpx.MockTransport(handler)) as client:
+        client.search("tea", limit=3, types=[MemoryType.FACT], mode="hybrid", threshold=0.5)
+        client.search("", limit=1000)  # the server judges the body, and answers with its id
+    assert SearchRequest.model_validate(bodies[0]) == SearchRequest(
+        query="tea", limit=3, types=["fact"], mode="hybrid", threshold=0.5
+    )
+    assert bodies[1] == {"query": "", "limit": 1000, "mode": "semantic", "include_shared": True}
+
+
+def test_parse_accepts_what_pydantic_accepts_and_fails_as_invalid_input() -> None:
+    request = SearchRequest(query="tea")
+    assert schemas.parse(SearchRequest, request) is request
+    assert schemas.parse(SearchRequest, {"query": "tea"}) == request
+    with pytest.raises(InvalidInput, match=r"^limit: Input should be less than or equal to 100"):
+        schemas.parse(SearchRequest, {"query": "tea", "limit": 101})
+    with pytest.raises(InvalidInput) as wrong:
+        schemas.parse(SearchRequest, ContextRequest(query="tea"))
+    assert "valid dictionary or instance of SearchRequest" in wrong.value.message
+
+
+def test_the_client_and_the_schemas_import_without_ray_or_fastapi() -> None:
+    code = (
+        "import sys, halldyll_ray.client, halldyll_ray.schemas; "
+        "print(sorted({'ray', 'fastapi', 'starlette'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture
+def product_logger() -> Iterator[None]:
+    """Deployments route the product's logger to Serve's at start; put it back after."""
+    logger = logging.getLogger("halldyll_ray")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.mark.usefixtures("product_logger")
+async def test_a_deployment_method_takes_its_request_as_pydantic_validates_it() -> None:
+    from halldyll_ray.serve.deployments import ContextBuilder, Ingestor, Searcher
+
+    principal = Principal(user_id=uuid.uuid4(), username="ada", role=Role.USER)
+    searcher = Searcher(embedder=None)
+    wrong: Any = ContextRequest(query="tea")  # another schema, as a caller's mistake
+    with pytest.raises(InvalidInput, match="valid dictionary or instance of SearchRequest"):
+        await searcher.search(principal, wrong, user_id=None, request_id=None)
+    loose: Any = {"query": "tea", "limit": 0}
+    with pytest.raises(InvalidInput, match=r"^limit: Input should be greater than or equal"):
+        await searcher.search_json(principal, loose, user_id=None, request_id=None)
+    loose = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    with pytest.raises(InvalidInput, match=r"^max_tokens: Input should be greater than or"):
+        await ContextBuilder(embedder=None).build_context(
+            principal, loose, user_id=None, request_id=None
+        )
+    loose = {"type": "fact", "statement": "x", "confidence": 3}
+    with pytest.raises(InvalidInput, match=r"^fact\.confidence:"):
+        await Ingestor(embedder=None).store_memory(principal, loose, user_id=None, request_id=None)
+    assert searcher._engine is None  # rejected before the engine (and the database) is touched
