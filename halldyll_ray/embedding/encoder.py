@@ -5,6 +5,9 @@ tokenised with the tokenizer.json shipped in ``halldyll_ray/data``. Vectors are 
 mean pooled and L2-normalised, which is what sentence-transformers does for this model; a unit
 test holds them to cosine >= 0.99 against sentence-transformers' own output.
 
+About 520 lines: the encoder, its loading (packaged model, checksum, providers) and its
+tokenizer uses (counting, truncating, token offsets) belong together.
+
 This module never imports Ray and never reads settings: the caller passes the model path and
 dimension (``EMBEDDING_MODEL_PATH`` / ``EMBEDDING_DIMENSION``) to :meth:`OnnxEncoder.load`.
 """

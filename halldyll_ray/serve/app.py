@@ -21,7 +21,8 @@ from halldyll_ray.serve.deployments import (
     Ingestor,
     Searcher,
 )
-from halldyll_ray.serve.ingress import DEFAULT_MAX_BODY_BYTES, HTTPIngress
+from halldyll_ray.serve.http import DEFAULT_MAX_BODY_BYTES
+from halldyll_ray.serve.ingress import HTTPIngress
 from halldyll_ray.serve.settings import SettingsOverrides
 
 # Requests each caller (the Ingress, an engine replica) queues for a deployment whose replicas

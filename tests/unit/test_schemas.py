@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from halldyll_ray import schemas
-from halldyll_ray.client import HalldyllClient, _Endpoints
+from halldyll_ray.client import HalldyllClient
+from halldyll_ray.client.requests import Endpoints as _Endpoints
 from halldyll_ray.errors import InvalidInput
 from halldyll_ray.models import MemoryType, Principal, Role
 from halldyll_ray.schemas import ContextRequest, SearchRequest

@@ -1,0 +1,431 @@
+"""How each HTTP call of the API is built and read back, whoever sends it.
+
+:class:`Endpoints` builds every request (method, path, JSON body from the request models of
+:mod:`halldyll_ray.schemas`, query parameters) and names the parser that turns the response
+into the typed model of :mod:`halldyll_ray.models`; :func:`error_from` turns the server's
+error body into the matching :class:`~halldyll_ray.errors.HalldyllError`. The async and sync
+clients only differ in how they send a :class:`Request`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+from uuid import UUID
+
+import httpx
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+
+from halldyll_ray import __version__
+from halldyll_ray.errors import (
+    AuthenticationFailed,
+    ConfigurationError,
+    Conflict,
+    HalldyllError,
+    InvalidInput,
+    MigrationError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from halldyll_ray.models import (
+    AIModel,
+    ApiKey,
+    Context,
+    Conversation,
+    Fact,
+    Image,
+    MemoryUpdate,
+    ModelKind,
+    NewApiKey,
+    Page,
+    SearchResult,
+    StoredMemory,
+    StoredMessage,
+    Summary,
+    Transcription,
+    TurnRecord,
+    User,
+)
+from halldyll_ray.schemas import (
+    ApiKeyCreate,
+    AppendMessagesRequest,
+    ContextRequest,
+    ListMemoriesRequest,
+    ModelCreate,
+    PrepareContextRequest,
+    SearchRequest,
+    TurnRequest,
+    UserCreate,
+    UserUpdate,
+)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+#: What :meth:`store_memory` accepts: a typed memory, or its JSON form as a mapping.
+MemoryInput = Conversation | Fact | Image | Transcription | Summary | Mapping[str, Any]
+Id = UUID | str
+
+_ERRORS: dict[str, type[HalldyllError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidInput,
+        NotFound,
+        Conflict,
+        PermissionDenied,
+        AuthenticationFailed,
+        Unavailable,
+        MigrationError,
+        ConfigurationError,
+    )
+}
+_ERRORS["payload_too_large"] = InvalidInput
+# For error responses that do not carry the error shape (a proxy's 502, an unknown route).
+_BY_STATUS: dict[int, type[HalldyllError]] = {
+    400: InvalidInput,
+    401: AuthenticationFailed,
+    403: PermissionDenied,
+    404: NotFound,
+    409: Conflict,
+    413: InvalidInput,
+    422: InvalidInput,
+    502: Unavailable,
+    503: Unavailable,
+    504: Unavailable,
+}
+
+
+# --------------------------------------------------------------------------- responses
+def _error_from(response: httpx.Response) -> HalldyllError:
+    """The typed exception for an error response."""
+    status = response.status_code
+    request_id = response.headers.get("x-request-id")
+    code = message = None
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict):
+        code, message = error.get("code"), error.get("message")
+        request_id = error.get("request_id") or request_id
+    cls = _ERRORS.get(code, HalldyllError) if isinstance(code, str) else None
+    if cls is None:
+        cls = _BY_STATUS.get(status, HalldyllError)
+    if not isinstance(message, str) or not message:
+        message = f"HTTP {status}: {response.text[:500] or response.reason_phrase}"
+    fields: dict[str, Any] = {"request_id": request_id, "status_code": status}
+    retry_after = response.headers.get("retry-after", "")
+    if retry_after.isdigit():  # seconds; the service sends it with every 503
+        fields["retry_after"] = int(retry_after)
+    exc = cls(message, **fields)
+    # The same attributes an error unpickled from a Ray actor has (errors._rebuild).
+    for name, value in fields.items():
+        setattr(exc, name, value)
+    return exc
+
+
+def _json(response: httpx.Response) -> Any:
+    if not response.is_success:
+        raise _error_from(response)
+    return response.json()
+
+
+def _one(model: type[M], key: str | None = None) -> Callable[[httpx.Response], M]:
+    def parse(response: httpx.Response) -> M:
+        body = _json(response)
+        return model.model_validate(body if key is None else body[key])
+
+    return parse
+
+
+def _many(model: type[M], key: str = "items") -> Callable[[httpx.Response], list[M]]:
+    def parse(response: httpx.Response) -> list[M]:
+        return [model.model_validate(item) for item in _json(response)[key]]
+
+    return parse
+
+
+def _new_key(response: httpx.Response) -> NewApiKey:
+    body = dict(_json(response))
+    key = body.pop("key")
+    return NewApiKey(key=key, api_key=ApiKey.model_validate(body))
+
+
+def _nothing(response: httpx.Response) -> None:
+    if not response.is_success:
+        raise _error_from(response)
+
+
+def _health(response: httpx.Response) -> dict[str, Any]:
+    body = _json(response)
+    return dict(body)
+
+
+def _readiness(response: httpx.Response) -> dict[str, Any]:
+    # A 503 that carries the per-dependency report is an answer, not an error.
+    if response.status_code == 503:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and "ok" in body and "error" not in body:
+            return body
+    return _health(response)
+
+
+def _audit(response: httpx.Response) -> list[dict[str, Any]]:
+    return [dict(row) for row in _json(response)["items"]]
+
+
+# --------------------------------------------------------------------------- requests
+@dataclass(frozen=True, slots=True)
+class Request(Generic[T]):
+    """One HTTP call, independent of how it is sent."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    json: Any = None
+    params: dict[str, str] | None = None
+
+    def finish(self, response: httpx.Response) -> T:
+        try:
+            return self.parse(response)
+        except HalldyllError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not the expected shape
+            raise HalldyllError(
+                f"unexpected response to {self.method} {self.path}: {exc}",
+                request_id=response.headers.get("x-request-id"),
+                status_code=response.status_code,
+            ) from exc
+
+
+def _seg(value: Id, field: str) -> str:
+    """A path segment: percent-encoded, never empty (an empty one would change the route)."""
+    text = str(value)
+    if not text:
+        raise InvalidInput(f"{field} must not be empty", field=field)
+    return quote(text, safe="")
+
+
+def _user(user_id: Id) -> str:
+    return f"/v1/users/{_seg(user_id, 'user_id')}"
+
+
+def unchecked(schema: type[M], /, **values: Any) -> M:
+    """A request body as its schema describes it, left for the server to validate.
+
+    The server is the one judge of a body: it answers a bad one 422 with its request id,
+    which its log and audit rows carry too. Validating here first would raise without that
+    id, and would make a client of one version stricter or looser than the server it talks
+    to. A name that is not a field of ``schema`` is a bug in this module: it fails here.
+    """
+    unknown = values.keys() - schema.model_fields.keys()
+    if unknown:
+        raise TypeError(f"{schema.__name__} has no field {', '.join(sorted(unknown))}")
+    return schema.model_construct(**values)
+
+
+def _body(value: BaseModel | Mapping[str, Any]) -> Any:
+    """The JSON body: unset options (None) are left out, so the server's defaults apply."""
+    if isinstance(value, BaseModel):
+        # warnings=False: an unchecked body may hold what its field type does not (a tuple
+        # for a list, a plain string for an enum); it is written as JSON all the same.
+        return value.model_dump(mode="json", exclude_none=True, warnings=False)
+    return to_jsonable_python(dict(value))
+
+
+def _params(values: Mapping[str, Any]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            params[name] = "true" if value else "false"
+        elif isinstance(value, datetime):
+            params[name] = value.isoformat()
+        elif isinstance(value, list | tuple):
+            params[name] = ",".join(str(v) for v in value)  # the server splits on commas
+        else:
+            params[name] = str(value)
+    return params
+
+
+def _memories(user_id: Id, memory_id: Id | None = None) -> str:
+    path = f"{_user(user_id)}/memories"
+    return path if memory_id is None else f"{path}/{_seg(memory_id, 'memory_id')}"
+
+
+def _session(user_id: Id, session_id: str) -> str:
+    return f"{_user(user_id)}/sessions/{_seg(session_id, 'session_id')}"
+
+
+class Endpoints:
+    """Every route of ``halldyll_ray.serve.ingress``: how to call it and how to read the answer.
+
+    Bodies are the models of :mod:`halldyll_ray.schemas`, the ones the server reads. Past the
+    first argument every parameter is keyword-only: ids and strings swapped by position would
+    still be well-typed.
+    """
+
+    @staticmethod
+    def healthz() -> Request[dict[str, Any]]:
+        return Request("GET", "/healthz", _health)
+
+    @staticmethod
+    def readyz() -> Request[dict[str, Any]]:
+        return Request("GET", "/readyz", _readiness)
+
+    @staticmethod
+    def me() -> Request[User]:
+        return Request("GET", "/v1/me", _one(User))
+
+    @staticmethod
+    def create_user(request: UserCreate) -> Request[User]:
+        return Request("POST", "/v1/users", _one(User), json=_body(request))
+
+    @staticmethod
+    def list_users(*, limit: int, cursor: str | None) -> Request[Page[User]]:
+        params = _params({"limit": limit, "cursor": cursor})
+        return Request("GET", "/v1/users", _one(Page[User]), params=params)
+
+    @staticmethod
+    def get_user(user_id: Id) -> Request[User]:
+        return Request("GET", _user(user_id), _one(User))
+
+    @staticmethod
+    def update_user(user_id: Id, *, request: UserUpdate) -> Request[User]:
+        return Request("PATCH", _user(user_id), _one(User), json=_body(request))
+
+    @staticmethod
+    def delete_user(user_id: Id) -> Request[None]:
+        return Request("DELETE", _user(user_id), _nothing)
+
+    @staticmethod
+    def create_api_key(user_id: Id, *, request: ApiKeyCreate) -> Request[NewApiKey]:
+        return Request("POST", f"{_user(user_id)}/keys", _new_key, json=_body(request))
+
+    @staticmethod
+    def list_api_keys(user_id: Id) -> Request[list[ApiKey]]:
+        return Request("GET", f"{_user(user_id)}/keys", _many(ApiKey))
+
+    @staticmethod
+    def rotate_api_key(key_id: Id) -> Request[NewApiKey]:
+        return Request("POST", f"/v1/keys/{_seg(key_id, 'key_id')}/rotate", _new_key)
+
+    @staticmethod
+    def revoke_api_key(key_id: Id) -> Request[ApiKey]:
+        return Request("DELETE", f"/v1/keys/{_seg(key_id, 'key_id')}", _one(ApiKey))
+
+    @staticmethod
+    def register_model(request: ModelCreate) -> Request[AIModel]:
+        return Request("POST", "/v1/models", _one(AIModel), json=_body(request))
+
+    @staticmethod
+    def list_models(kind: ModelKind | str | None) -> Request[list[AIModel]]:
+        return Request("GET", "/v1/models", _many(AIModel), params=_params({"kind": kind}))
+
+    @staticmethod
+    def get_model(ref: Id) -> Request[AIModel]:
+        return Request("GET", f"/v1/models/{_seg(ref, 'model')}", _one(AIModel))
+
+    @staticmethod
+    def delete_model(ref: Id) -> Request[None]:
+        return Request("DELETE", f"/v1/models/{_seg(ref, 'model')}", _nothing)
+
+    @staticmethod
+    def store_memory(memory: MemoryInput, *, user_id: Id) -> Request[StoredMemory]:
+        return Request("POST", _memories(user_id), _one(StoredMemory), json=_body(memory))
+
+    @staticmethod
+    def get_memory(memory_id: Id, *, user_id: Id) -> Request[StoredMemory]:
+        return Request("GET", _memories(user_id, memory_id), _one(StoredMemory))
+
+    @staticmethod
+    def list_memories(request: ListMemoriesRequest, *, user_id: Id) -> Request[Page[StoredMemory]]:
+        # Query parameters, not a body: the fields as given, lists joined by commas.
+        params = _params(dict(request))
+        return Request("GET", _memories(user_id), _one(Page[StoredMemory]), params=params)
+
+    @staticmethod
+    def update_memory(
+        memory_id: Id, *, update: MemoryUpdate | Mapping[str, Any], user_id: Id
+    ) -> Request[StoredMemory]:
+        path = _memories(user_id, memory_id)
+        return Request("PATCH", path, _one(StoredMemory), json=_body(update))
+
+    @staticmethod
+    def delete_memory(memory_id: Id, *, user_id: Id) -> Request[None]:
+        return Request("DELETE", _memories(user_id, memory_id), _nothing)
+
+    @staticmethod
+    def append_messages(
+        conversation_id: Id, *, request: AppendMessagesRequest, user_id: Id
+    ) -> Request[list[StoredMessage]]:
+        path = f"{_memories(user_id, conversation_id)}/messages"
+        return Request("POST", path, _many(StoredMessage), json=_body(request))
+
+    @staticmethod
+    def search(request: SearchRequest, *, user_id: Id) -> Request[list[SearchResult]]:
+        path = f"{_user(user_id)}/search"
+        return Request("POST", path, _many(SearchResult, "results"), json=_body(request))
+
+    @staticmethod
+    def build_context(request: ContextRequest, *, user_id: Id) -> Request[Context]:
+        path = f"{_user(user_id)}/context"
+        return Request("POST", path, _one(Context), json=_body(request))
+
+    @staticmethod
+    def prepare_context(
+        request: PrepareContextRequest, *, session_id: str, user_id: Id
+    ) -> Request[Context]:
+        path = f"{_session(user_id, session_id)}/prepare"
+        return Request("POST", path, _one(Context), json=_body(request))
+
+    @staticmethod
+    def record_turn(request: TurnRequest, *, session_id: str, user_id: Id) -> Request[TurnRecord]:
+        path = f"{_session(user_id, session_id)}/turns"
+        return Request("POST", path, _one(TurnRecord), json=_body(request))
+
+    @staticmethod
+    def list_audit(
+        *,
+        user_id: Id | None,
+        operation: str | None,
+        outcome: str | None,
+        before_id: int | None,
+        limit: int,
+    ) -> Request[list[dict[str, Any]]]:
+        params = _params(
+            {
+                "user_id": user_id,
+                "operation": operation,
+                "outcome": outcome,
+                "before_id": before_id,
+                "limit": limit,
+            }
+        )
+        return Request("GET", "/v1/audit", _audit, params=params)
+
+
+def client_options(base_url: str, api_key: str, timeout: float) -> dict[str, Any]:
+    return {
+        "base_url": base_url,
+        "timeout": timeout,
+        "headers": {
+            "Authorization": f"Bearer {api_key}",
+            "User-Agent": f"halldyll-ray-client/{__version__}",
+            "Accept": "application/json",
+        },
+    }
+
+
+def unavailable(request: Request[Any], exc: httpx.TransportError) -> Unavailable:
+    kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
+    return Unavailable(f"{request.method} {request.path} {kind}: {exc!r}")

@@ -1,0 +1,287 @@
+"""The HTTP plumbing of the Ingress: the FastAPI app, one error shape, request ids, body
+limits, route metrics, and the translation of Ray's transient failures of a downstream call.
+
+Every error leaves as ``{"error": {"code", "message", "request_id"}}`` with the status of its
+:class:`~halldyll_ray.errors.HalldyllError` class (:data:`STATUS`). The routes themselves are in
+:mod:`halldyll_ray.serve.ingress`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import TypeAdapter
+from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+from ray.serve import metrics
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from halldyll_ray.errors import (
+    AuthenticationFailed,
+    ConfigurationError,
+    Conflict,
+    HalldyllError,
+    InvalidInput,
+    MigrationError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+
+log = logging.getLogger("halldyll_ray.http")
+_T = TypeVar("_T")
+
+STATUS: dict[type[HalldyllError], int] = {
+    InvalidInput: 422,
+    NotFound: 404,
+    Conflict: 409,
+    PermissionDenied: 403,
+    AuthenticationFailed: 401,
+    Unavailable: 503,
+    MigrationError: 503,
+    ConfigurationError: 500,
+}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+DEFAULT_MAX_BODY_BYTES = 1_048_576
+
+api = FastAPI(
+    title="halldyll-ray",
+    version="1",
+    description="Multi-user, multi-model memory for AI agents. Authenticate with "
+    "`Authorization: Bearer <API key>`.",
+)
+api.state.max_body_bytes = DEFAULT_MAX_BODY_BYTES
+
+
+def error_response(
+    status: int, code: str, message: str, request_id: str, **headers: str
+) -> Response:
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "request_id": request_id}},
+        status_code=status,
+        headers=headers,
+    )
+
+
+_ANY: TypeAdapter[Any] = TypeAdapter(Any)
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    """A JSON response serialized by pydantic-core in one pass (models, UUIDs, datetimes).
+
+    Much cheaper than FastAPI's ``jsonable_encoder`` walk over ``model_dump`` output.
+    """
+    return Response(_ANY.dump_json(value), status_code=status, media_type="application/json")
+
+
+def _status_of(exc: HalldyllError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+@api.exception_handler(HalldyllError)
+async def _halldyll_error(request: Request, exc: HalldyllError) -> Response:
+    status = _status_of(exc)
+    headers = {"Retry-After": str(exc.fields.get("retry_after", 5))} if status == 503 else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    message = exc.message if status < 500 or status == 503 else "internal configuration error"
+    return error_response(status, exc.code, message, request.state.request_id, **headers)
+
+
+# A replica of another deployment died, or none could take the request. Transient: Serve
+# replaces dead replicas within seconds and sheds load with BackPressureError.
+_NOT_SENT = (BackPressureError, DeploymentUnavailableError)
+_LOST = (RayActorError, ReplicaUnavailableError, WorkerCrashedError, NodeDiedError)
+
+
+def unavailable(exc: Exception) -> Unavailable:
+    """The typed error (HTTP 503, Retry-After: 1) for a call another deployment did not serve."""
+    log.warning("replica unavailable: %s", type(exc).__name__)
+    if isinstance(exc, _NOT_SENT):
+        message = "the service is overloaded or restarting; the request was not applied, retry"
+    else:
+        message = (
+            "a replica of the service stopped while handling the request, which may or may not "
+            "have been applied; retry (a repeated fact only reinforces the stored one)"
+        )
+    return Unavailable(message, retry_after=1)
+
+
+async def downstream(call: Awaitable[_T]) -> _T:
+    """Await a call to another deployment; Ray's transient failures become :func:`unavailable`.
+
+    Serve's own handler for BackPressureError (installed on the app after ours) would answer
+    a bare text 503, so the translation happens here, where the call is made.
+    """
+    try:
+        return await call
+    except (*_NOT_SENT, *_LOST) as exc:
+        raise unavailable(exc) from exc
+
+
+async def _replica_lost(request: Request, exc: Exception) -> Response:
+    # Any other call that a dead replica failed (none is expected outside downstream).
+    return await _halldyll_error(request, unavailable(exc))
+
+
+for _cls in _LOST:
+    api.add_exception_handler(_cls, _replica_lost)
+
+
+def _request_id(scope: Any) -> str:
+    for name, value in scope.get("headers") or ():
+        if name == b"x-request-id":
+            given = value.decode("latin-1")
+            return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return uuid.uuid4().hex
+
+
+class _RequestContext:
+    """Request id, body limit, metrics and the request log, as plain ASGI middleware.
+
+    (Starlette's ``BaseHTTPMiddleware`` runs the app in a task group with memory streams,
+    which costs more CPU per request than the rest of a cached search.) The body is counted
+    as it streams in, so a chunked upload cannot pass the limit either: past it this answers
+    413 itself and tells the app the client went away (FastAPI would turn an exception
+    raised while reading the body into a 400).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        limit = api.state.max_body_bytes
+        for name, value in scope.get("headers") or ():
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                await self._too_large(request_id)(scope, receive, send)
+                return
+        started = time.perf_counter()
+        seen = 0
+        answered = False
+        status = 500
+
+        async def limited() -> Any:
+            nonlocal seen, answered
+            message = await receive()
+            if message["type"] == "http.request" and not answered:
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    answered = True
+                    await self._too_large(request_id)(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            if not answered:
+                await send(message)
+
+        try:
+            await self.app(scope, limited, guarded_send)
+        except Exception:
+            if not answered:
+                raise  # Starlette's outermost error handler answers 500 (recorded below)
+        finally:
+            self._record(scope, request_id, 413 if answered else status, started)
+
+    @staticmethod
+    def _record(scope: Any, request_id: str, status: int, started: float) -> None:
+        # Serve puts the same id (the client's X-Request-ID, or its own) on the response.
+        route = getattr(scope.get("route"), "path", "unmatched")
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        recorder = getattr(api.state, "metrics", None)
+        if recorder is not None:
+            recorder.record(scope["method"], route, status, elapsed_ms)
+        if log.isEnabledFor(logging.DEBUG):  # Serve's access log has them at INFO
+            log.debug(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "ms": round(elapsed_ms, 2),
+                },
+            )
+
+    @staticmethod
+    def _too_large(request_id: str) -> Response:
+        return error_response(
+            413,
+            "payload_too_large",
+            f"request body is over {api.state.max_body_bytes} bytes",
+            request_id,
+        )
+
+
+api.add_middleware(_RequestContext)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated"}
+    return error_response(
+        exc.status_code,
+        codes.get(exc.status_code, "http_error"),
+        str(exc.detail),
+        getattr(request.state, "request_id", ""),
+    )
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    # Never leak internals; the log keeps the traceback with the request id.
+    log.exception("unhandled error", extra={"request_id": request.state.request_id})
+    return error_response(500, "internal_error", "internal error", request.state.request_id)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    field = ".".join(str(p) for p in first["loc"] if p != "body")
+    return error_response(
+        422, "invalid_input", f"{field}: {first['msg']}", request.state.request_id
+    )
+
+
+class RouteMetrics:
+    """Request counts and latencies per route, through Ray's metrics API (Prometheus)."""
+
+    def __init__(self) -> None:
+        self.requests = metrics.Counter(
+            "halldyll_http_requests",
+            description="HTTP requests by route, method and status.",
+            tag_keys=("route", "method", "status"),  # type: ignore[arg-type]  # Ray types it as a 1-tuple
+        )
+        self.latency = metrics.Histogram(
+            "halldyll_http_latency_ms",
+            description="HTTP request latency in the ingress, by route.",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
+            tag_keys=("route",),
+        )
+
+    def record(self, method: str, route: str, status: int, elapsed_ms: float) -> None:
+        self.requests.inc(tags={"route": route, "method": method, "status": str(status)})
+        self.latency.observe(elapsed_ms, tags={"route": route})
