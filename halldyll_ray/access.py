@@ -384,6 +384,11 @@ class AuthorizedEngine:
         await self._check(Operation.GRANT_MANAGE, "grant.create")
         await self._run(lambda: self.engine.grant_viewer(viewer_id, owner_id))
 
+    async def list_viewer_grants(self, viewer_id: UUID | str | None = None) -> list[UUID]:
+        """The owners whose memories a Viewer may read (Admins; a user for itself)."""
+        target = await self._check(Operation.USER_READ, "grant.list", self._target(viewer_id))
+        return await self._run(lambda: self.engine.viewer_grants(target))
+
     async def revoke_viewer_grant(self, viewer_id: UUID | str, owner_id: UUID | str) -> None:
         await self._check(Operation.GRANT_MANAGE, "grant.revoke")
         await self._run(lambda: self.engine.revoke_viewer_grant(viewer_id, owner_id))

@@ -181,7 +181,12 @@ class Settings(BaseSettings):
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
-        """Read the environment, raising ConfigurationError with one line per bad variable."""
+        """Read the environment, raising ConfigurationError with one line per bad variable.
+
+        The line names the variable and the rule; it shows the value only for settings that
+        cannot hold a secret (every ``SecretStr`` field and any name with SECRET, PASSWORD,
+        TOKEN, KEY or _URL in it is never echoed).
+        """
         try:
             return cls(**overrides)  # type: ignore[arg-type]
         except ValidationError as exc:
@@ -189,7 +194,10 @@ class Settings(BaseSettings):
             for error in exc.errors():
                 name = ".".join(str(part) for part in error["loc"]).upper() or "SETTINGS"
                 value = error.get("input")
-                shown = "" if name in {"DATABASE_URL", "REDIS_URL"} else f" (got {value!r})"
+                secret = name in _SECRET_FIELDS or any(
+                    word in name for word in ("SECRET", "PASSWORD", "TOKEN", "KEY", "_URL")
+                )
+                shown = "" if secret else f" (got {str(value)[:80]!r})"
                 lines.append(f"{name}: {error['msg']}{shown}")
             raise ConfigurationError(
                 "invalid configuration:\n  " + "\n  ".join(lines), variables=len(lines)
@@ -204,5 +212,12 @@ class Settings(BaseSettings):
             self.context_weight_salience,
         )
 
+
+#: Settings whose values are secrets: never shown in an error message or a log.
+_SECRET_FIELDS = frozenset(
+    name.upper()
+    for name, field in Settings.model_fields.items()
+    if "SecretStr" in str(field.annotation)
+)
 
 __all__ = ["DEFAULT_SIMILARITY_THRESHOLD", "Settings"]

@@ -36,3 +36,20 @@ def hash_key(secret: bytes, key: str) -> bytes:
 def verify_key(secret: bytes, key: str, stored: bytes) -> bool:
     """Constant-time comparison of the key's hash with the stored one."""
     return hmac.compare_digest(hash_key(secret, key), bytes(stored))
+
+
+def principal_proof(secret: bytes, fields: str, issued_at: int) -> str:
+    """``"<issued_at>.<hex HMAC-SHA256 of fields and issued_at>"``, under the key secret."""
+    mac = hmac.new(secret, f"principal|{issued_at}|{fields}".encode(), hashlib.sha256)
+    return f"{issued_at}.{mac.hexdigest()}"
+
+
+def check_principal_proof(
+    secret: bytes, fields: str, proof: str, *, now: int, max_age_s: int
+) -> bool:
+    """Whether ``proof`` was made by :func:`principal_proof` for ``fields`` at most
+    ``max_age_s`` seconds ago (constant-time comparison)."""
+    stamp, _, _mac = proof.partition(".")
+    if not stamp.isdigit() or not 0 <= now - int(stamp) <= max_age_s:
+        return False
+    return hmac.compare_digest(principal_proof(secret, fields, int(stamp)), proof)

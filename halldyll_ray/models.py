@@ -199,6 +199,14 @@ class _Input(BaseModel):
                 if not isinstance(value, BaseModel):
                     try:
                         check_json_value(value)
+                        field = cls.model_fields.get(key)
+                        # JSON true/false is no number (pydantic's lax mode reads it as 1/0).
+                        if (
+                            isinstance(value, bool)
+                            and field
+                            and "bool" not in str(field.annotation)
+                        ):
+                            raise ValueError("must be a number or text, not true or false")
                     except ValueError as exc:
                         raise PydanticCustomError(
                             "unstorable_value", "{reason}", {"field": key, "reason": str(exc)}
@@ -399,12 +407,20 @@ class NewApiKey(_Record):
 
 
 class Principal(_Record):
-    """The authenticated identity a call runs for."""
+    """The authenticated identity a call runs for.
+
+    ``proof`` is set by :meth:`MemoryEngine.authenticate`: an HMAC, under the server's key
+    secret, of who this is and when it was issued. The Search, Ingestion and Context
+    deployments accept a principal only with a valid proof, so an app in the same Ray
+    cluster cannot hand them a principal it made up (it authenticates through the Ingress's
+    handle API with an API key instead). Never serialised.
+    """
 
     user_id: UUID
     username: str
     role: Role
     key_id: UUID | None = None
+    proof: str | None = Field(default=None, exclude=True, repr=False)
 
 
 class StoredMemory(_Record):

@@ -14,10 +14,20 @@ what wraps them on the wire.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
+from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+)
 
 from halldyll_ray.errors import InvalidInput
 from halldyll_ray.models import (
@@ -35,6 +45,10 @@ __all__ = [
     "ApiKeyCreate",
     "AppendMessagesRequest",
     "ContextRequest",
+    "ErrorBody",
+    "Grant",
+    "GrantCreate",
+    "IsoDateTime",
     "Items",
     "ListMemoriesRequest",
     "ModelCreate",
@@ -57,6 +71,25 @@ MIN_CONTEXT_TOKENS = 16
 MAX_CONTEXT_TOKENS = 1_000_000
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _iso_only(value: object) -> object:
+    # pydantic reads a number (or a string of one) as a Unix time: "until=0.5" would mean
+    # 1970. The API takes ISO 8601 times only, as its schema says.
+    if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.fullmatch(value)):
+        raise ValueError("must be an ISO 8601 date-time, e.g. 2026-01-15T09:30:00Z")
+    return value
+
+
+#: A time in a request: ISO 8601 only; naive means UTC (the engine's rule).
+IsoDateTime = Annotated[datetime, BeforeValidator(_iso_only)]
+#: Numbers and flags in a JSON body: a JSON ``false`` is not a number, nor ``"3"`` a count.
+StrictInt = Annotated[int, Strict()]
+StrictFloat = Annotated[float, Strict()]
+StrictBool = Annotated[bool, Strict()]
+
+
 class _Request(BaseModel):
     """A request body: unknown fields are an error, not silently dropped."""
 
@@ -76,7 +109,7 @@ class UserUpdate(_Request):
     """``PATCH /v1/users/{user_id}``: None leaves a field as it is."""
 
     role: Role | None = None
-    disabled: bool | None = None
+    disabled: StrictBool | None = None
     email: str | None = None
 
 
@@ -84,7 +117,7 @@ class ApiKeyCreate(_Request):
     """``POST /v1/users/{user_id}/keys``."""
 
     name: str = ""
-    expires_at: datetime | None = None
+    expires_at: IsoDateTime | None = None
 
 
 class ModelCreate(_Request):
@@ -108,8 +141,8 @@ class ListMemoriesRequest(_Request):
     include_shared: bool = True
     session_id: str | None = None
     tags: list[str] | None = None
-    since: datetime | None = None
-    until: datetime | None = None
+    since: IsoDateTime | None = None
+    until: IsoDateTime | None = None
     limit: int = 50
     cursor: str | None = None
 
@@ -125,16 +158,16 @@ class SearchRequest(_Request):
     """``POST /v1/users/{user_id}/search``."""
 
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
-    limit: int | None = Field(default=None, ge=1, le=MAX_SEARCH_LIMIT)
+    limit: StrictInt | None = Field(default=None, ge=1, le=MAX_SEARCH_LIMIT)
     mode: SearchMode = SearchMode.SEMANTIC
     types: list[str] | None = None
     model: str | None = None
-    include_shared: bool = True
+    include_shared: StrictBool = True
     session_id: str | None = None
     tags: list[str] | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    threshold: float | None = Field(default=None, ge=-1, le=1)
+    since: IsoDateTime | None = None
+    until: IsoDateTime | None = None
+    threshold: StrictFloat | None = Field(default=None, ge=-1, le=1)
 
 
 class SearchResponse(BaseModel):
@@ -150,18 +183,18 @@ class ContextRequest(_Request):
     query: str | None = Field(default=None, max_length=MAX_QUERY_CHARS)
     messages: list[Message] | None = None
     model: str | None = None
-    include_shared: bool = True
+    include_shared: StrictBool = True
     session_id: str | None = None
-    max_tokens: int | None = Field(default=None, ge=MIN_CONTEXT_TOKENS, le=MAX_CONTEXT_TOKENS)
+    max_tokens: StrictInt | None = Field(default=None, ge=MIN_CONTEXT_TOKENS, le=MAX_CONTEXT_TOKENS)
 
 
 class PrepareContextRequest(_Request):
     """``POST /v1/users/{user_id}/sessions/{session_id}/prepare``: before an LLM call."""
 
     user_message: str = Field(min_length=1, max_length=MAX_TURN_CHARS)
-    recent_turns: int = Field(default=6, ge=0, le=100)
+    recent_turns: StrictInt = Field(default=6, ge=0, le=100)
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=MIN_CONTEXT_TOKENS, le=MAX_CONTEXT_TOKENS)
+    max_tokens: StrictInt | None = Field(default=None, ge=MIN_CONTEXT_TOKENS, le=MAX_CONTEXT_TOKENS)
 
 
 class TurnRequest(_Request):
@@ -170,6 +203,32 @@ class TurnRequest(_Request):
     user_message: str = Field(min_length=1, max_length=MAX_TURN_CHARS)
     assistant_message: str = Field(min_length=1, max_length=MAX_TURN_CHARS)
     model: str | None = None
+
+
+class GrantCreate(_Request):
+    """``POST /v1/users/{viewer_id}/grants``: let a Viewer read another user's memories."""
+
+    owner_id: UUID
+
+
+class Grant(BaseModel):
+    """A Viewer's read grant on an owner's memories."""
+
+    viewer_id: UUID
+    owner_id: UUID
+
+
+# --------------------------------------------------------------------------- errors
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code: invalid_input, not_found, ...")
+    message: str = Field(description="What is wrong and, where possible, how to fix it.")
+    request_id: str = Field(description="The request's id (X-Request-ID), also in the logs.")
+
+
+class ErrorBody(BaseModel):
+    """Every error the API answers, whatever its status."""
+
+    error: ErrorDetail
 
 
 # --------------------------------------------------------------------------- lists

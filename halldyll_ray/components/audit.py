@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
@@ -47,11 +48,37 @@ async def write_audit(
     )
 
 
+class Throttle:
+    """At most one audit row per key per ``interval_s`` in this process; the rows skipped
+    meanwhile are counted into the next one written (``details.suppressed``).
+
+    For denials anyone can cause without credentials (bad tokens): unthrottled, each request
+    was one audit row, a write amplifier for anonymous callers. Not a request rate limiter
+    (that is a load balancer's job): it samples audit writes and keeps their count, which a
+    rate-limit library does not do.
+    """
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def admit(self, key: str) -> int | None:
+        """None to skip this row; else how many rows of ``key`` were skipped before it."""
+        now = time.monotonic()
+        if now - self._last.get(key, float("-inf")) < self.interval_s:
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._skipped.pop(key, 0)
+
+
 class Audit:
     """Reads the audit log and records what happens outside a mutation's own transaction."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.throttle = Throttle()
 
     async def record_denied(
         self,
@@ -63,8 +90,19 @@ class Audit:
         *,
         reason: str,
         details: dict[str, Any] | None = None,
+        throttle: str | None = None,
     ) -> None:
-        """Write one audit row for a refused call (in its own transaction)."""
+        """Write one audit row for a refused call (in its own transaction).
+
+        With ``throttle``, at most one row per second per that key in this process (see
+        :class:`Throttle`).
+        """
+        if throttle is not None:
+            skipped = self.throttle.admit(throttle)
+            if skipped is None:
+                return
+            if skipped:
+                details = {**(details or {}), "suppressed": skipped}
         async with self.db.scoped() as conn:
             await write_audit(
                 conn,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime
 from uuid import UUID
@@ -13,10 +14,21 @@ from halldyll_ray.components.audit import Audit, write_audit
 from halldyll_ray.components.base import require_user
 from halldyll_ray.config import Settings
 from halldyll_ray.errors import AuthenticationFailed, Conflict, InvalidInput, NotFound, Unavailable
-from halldyll_ray.keys import generate_key, hash_key, key_prefix, verify_key
+from halldyll_ray.keys import (
+    check_principal_proof,
+    generate_key,
+    hash_key,
+    key_prefix,
+    principal_proof,
+    verify_key,
+)
 from halldyll_ray.models import ApiKey, NewApiKey, Principal, Role
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
+
+#: How long a principal's proof is accepted, in seconds: a request's hops take milliseconds;
+#: the margin covers clock differences between nodes and long-running handle callers.
+PRINCIPAL_PROOF_MAX_AGE_S = 900
 
 
 class ApiKeys:
@@ -130,8 +142,58 @@ class ApiKeys:
             await write_audit(conn, "key.revoke", "api_key", [key_id], old["user_id"])
         return new
 
+    @staticmethod
+    def _identity(principal: Principal) -> str:
+        return f"{principal.user_id}|{principal.username}|{principal.role.value}|{principal.key_id}"
+
+    async def seal(self, principal: Principal) -> Principal:
+        """``principal`` with its proof (see :class:`~halldyll_ray.models.Principal`)."""
+        proof = principal_proof(
+            await self._key_secret(), self._identity(principal), int(time.time())
+        )
+        return principal.model_copy(update={"proof": proof})
+
+    async def verify(self, principal: object) -> Principal:
+        """``principal`` if it carries a valid proof issued in the last PRINCIPAL_PROOF_MAX_AGE_S
+        seconds; AuthenticationFailed otherwise (audited). For deployments that receive a
+        principal from another process."""
+        if (
+            isinstance(principal, Principal)
+            and principal.proof is not None
+            and check_principal_proof(
+                await self._key_secret(),
+                self._identity(principal),
+                principal.proof,
+                now=int(time.time()),
+                max_age_s=PRINCIPAL_PROOF_MAX_AGE_S,
+            )
+        ):
+            return principal
+        claimed = principal.user_id if isinstance(principal, Principal) else None
+        await self.audit.record_denied(
+            None,
+            claimed,
+            "auth",
+            "principal",
+            [],
+            reason="principal without a valid proof",
+            throttle="auth:principal",
+        )
+        raise AuthenticationFailed(
+            "this deployment accepts only principals authenticated by the service; call the "
+            "Ingress handle API (handle_search, ...) with an API key"
+        )
+
+    async def refuse_credentials(self, reason: str) -> AuthenticationFailed:
+        """Audit (throttled) a request without usable credentials; the error to raise."""
+        await self.audit.record_denied(
+            None, None, "auth", "api_key", [], reason=reason, throttle=f"auth:{reason}"
+        )
+        return AuthenticationFailed("send Authorization: Bearer <API key>")
+
     async def authenticate(self, key: str) -> Principal:
-        """The principal behind an API key, or AuthenticationFailed (recorded in the audit)."""
+        """The principal behind an API key, or AuthenticationFailed (recorded in the audit,
+        at most one row per second per reason and process, with the count of the others)."""
         prefix = key_prefix(key)
         reason = "malformed key"
         row = None
@@ -151,12 +213,13 @@ class ApiKeys:
                 if row["stale"]:  # last_used_at is kept to the minute: no write per request
                     async with self.db.scoped() as conn:
                         await conn.execute(q("touch_api_key"), row["id"])
-                return Principal(
+                principal = Principal(
                     user_id=row["user_id"],
                     username=row["username"],
                     role=Role(row["role"]),
                     key_id=row["id"],
                 )
+                return await self.seal(principal)
         await self.audit.record_denied(
             None if row is None else row["user_id"],
             None,
@@ -165,5 +228,6 @@ class ApiKeys:
             [] if row is None else [row["id"]],
             reason=reason,
             details={"prefix": prefix},
+            throttle=f"auth:{reason}",
         )
         raise AuthenticationFailed("invalid, expired or revoked API key")

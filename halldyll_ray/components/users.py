@@ -16,6 +16,19 @@ from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
 
 
+def _changes(old: Any, new: Any) -> dict[str, Any]:
+    """What an update changed, for its audit row: the fields, and a role or disabled flag's
+    old and new values (an email's values are personal data and stay out of the log)."""
+    changed = sorted(
+        name for name in ("role", "disabled", "email", "metadata") if old[name] != new[name]
+    )
+    details: dict[str, Any] = {"fields": changed}
+    for name in ("role", "disabled"):
+        if name in changed:
+            details[name] = {"from": old[name], "to": new[name]}
+    return details
+
+
 class Users:
     """Create, read, update and delete users; grant Viewers another user's memories."""
 
@@ -94,6 +107,9 @@ class Users:
         if disabled is not None and not isinstance(disabled, bool):
             raise InvalidInput("disabled must be true or false", field="disabled")
         async with self.db.scoped() as conn:
+            old = await conn.fetchrow(q("lock_user_for_update"), user_id)
+            if old is None:
+                raise NotFound(f"user {user_id} not found")
             row = await conn.fetchrow(
                 *bind(
                     "update_user",
@@ -107,7 +123,9 @@ class Users:
             )
             if row is None:
                 raise NotFound(f"user {user_id} not found")
-            await write_audit(conn, "user.update", "user", [user_id], user_id)
+            await write_audit(
+                conn, "user.update", "user", [user_id], user_id, details=_changes(old, row)
+            )
         return User(**dict(row))
 
     async def delete(self, user_id: UUID | str) -> None:

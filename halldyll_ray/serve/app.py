@@ -21,7 +21,7 @@ from halldyll_ray.serve.deployments import (
     Ingestor,
     Searcher,
 )
-from halldyll_ray.serve.http import DEFAULT_MAX_BODY_BYTES
+from halldyll_ray.serve.http import BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 from halldyll_ray.serve.ingress import HTTPIngress
 from halldyll_ray.serve.settings import SettingsOverrides
 
@@ -62,6 +62,13 @@ class AppArgs(BaseModel):
         ge=1024,
         le=64 * 1024 * 1024,
         description="Largest HTTP request body; larger gets 413.",
+    )
+    body_timeout_s: float = Field(
+        default=BODY_TIMEOUT_S,
+        gt=0,
+        le=600,
+        description="Seconds a client has to send each part of its request body; a client "
+        "that stalls gets 408.",
     )
     settings: dict[str, str] = Field(
         default_factory=dict,
@@ -123,6 +130,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
         database=database,
         settings=overrides,
         max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout_s,
     )
 
 

@@ -365,8 +365,14 @@ class EngineDeployment(EngineOwner):
     async def _authorized(
         self, principal: Principal, request_id: str | None
     ) -> AsyncIterator[AuthorizedEngine]:
-        """The engine's operations for ``principal``; refreshes the hit ratio gauge after."""
+        """The engine's operations for ``principal``; refreshes the hit ratio gauge after.
+
+        The principal must carry the proof that :meth:`MemoryEngine.authenticate` gave it
+        (AuthenticationFailed otherwise): a handle can be called by any app in the cluster,
+        and a principal made up there would otherwise act as whoever it names.
+        """
         engine = await self.engine()
+        principal = await engine.components.keys.verify(principal)
         try:
             yield engine.authorized(principal, request_id=request_id)
         finally:

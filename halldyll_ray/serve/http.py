@@ -8,6 +8,7 @@ Every error leaves as ``{"error": {"code", "message", "request_id"}}`` with the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -15,9 +16,11 @@ import uuid
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import TypeAdapter
 from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve import metrics
@@ -39,6 +42,7 @@ from halldyll_ray.errors import (
     PermissionDenied,
     Unavailable,
 )
+from halldyll_ray.schemas import ErrorBody
 
 log = logging.getLogger("halldyll_ray.http")
 _T = TypeVar("_T")
@@ -53,16 +57,63 @@ STATUS: dict[type[HalldyllError], int] = {
     MigrationError: 503,
     ConfigurationError: 500,
 }
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 DEFAULT_MAX_BODY_BYTES = 1_048_576
 
-api = FastAPI(
+#: Seconds a client has to send each part of its request body; a client that stalls (a
+#: Content-Length larger than what it sends) gets 408 instead of holding a slot for minutes.
+BODY_TIMEOUT_S = 30.0
+
+_ERROR = {"model": ErrorBody}
+# The product's error shape and status codes, declared once for every route's OpenAPI entry.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {**_ERROR, "description": "No valid API key (missing, malformed, expired, revoked)."},
+    403: {**_ERROR, "description": "The key's user may not do this (the permission matrix)."},
+    404: {**_ERROR, "description": "Not found, or not visible to the caller."},
+    408: {**_ERROR, "description": "The request body did not arrive in time (body_timeout_s)."},
+    409: {**_ERROR, "description": "Conflicts with what is stored."},
+    413: {**_ERROR, "description": "The request body is over the size limit."},
+    422: {**_ERROR, "description": "A value is invalid; error.message names the field."},
+    503: {**_ERROR, "description": "Temporarily unavailable; retry after Retry-After seconds."},
+}
+
+# The docs pages' assets come from the fastapi-offline package, not a CDN: /docs works offline.
+api = FastAPIOffline(
     title="halldyll-ray",
     version="1",
     description="Multi-user, multi-model memory for AI agents. Authenticate with "
-    "`Authorization: Bearer <API key>`.",
+    "`Authorization: Bearer <API key>` (the Authorize button).",
+    responses=ERROR_RESPONSES,
 )
 api.state.max_body_bytes = DEFAULT_MAX_BODY_BYTES
+api.state.body_timeout_s = BODY_TIMEOUT_S
+_PUBLIC = frozenset({"/healthz", "/readyz"})
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's schema plus the Bearer security scheme, required on every route but health."""
+    if api.openapi_schema is None:
+        schema = get_openapi(
+            title=api.title,
+            version=api.version,
+            description=api.description,
+            routes=api.routes,
+        )
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "An API key."}
+        }
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                if path in _PUBLIC:
+                    for status in ("401", "403", "404", "409", "422"):
+                        operation.get("responses", {}).pop(status, None)
+                else:
+                    operation["security"] = [{"bearer": []}]
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi  # type: ignore[method-assign]
 
 
 def error_response(
@@ -147,7 +198,7 @@ def _request_id(scope: Any) -> str:
     for name, value in scope.get("headers") or ():
         if name == b"x-request-id":
             given = value.decode("latin-1")
-            return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+            return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
     return uuid.uuid4().hex
 
 
@@ -177,16 +228,27 @@ class _RequestContext:
                 return
         started = time.perf_counter()
         seen = 0
-        answered = False
+        answered = 0  # the status this middleware answered itself (413, 408), else 0
+        body_done = False
         status = 500
 
         async def limited() -> Any:
-            nonlocal seen, answered
-            message = await receive()
-            if message["type"] == "http.request" and not answered:
+            nonlocal seen, answered, body_done
+            if answered:
+                return {"type": "http.disconnect"}
+            if body_done:
+                return await receive()  # e.g. waiting for a disconnect while streaming
+            try:
+                message = await asyncio.wait_for(receive(), api.state.body_timeout_s)
+            except TimeoutError:
+                answered = 408
+                await self._timed_out(request_id)(scope, receive, send)
+                return {"type": "http.disconnect"}
+            if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    answered = True
+                    answered = 413
                     await self._too_large(request_id)(scope, receive, send)
                     return {"type": "http.disconnect"}
             return message
@@ -204,7 +266,7 @@ class _RequestContext:
             if not answered:
                 raise  # Starlette's outermost error handler answers 500 (recorded below)
         finally:
-            self._record(scope, request_id, 413 if answered else status, started)
+            self._record(scope, request_id, answered or status, started)
 
     @staticmethod
     def _record(scope: Any, request_id: str, status: int, started: float) -> None:
@@ -225,6 +287,16 @@ class _RequestContext:
                     "ms": round(elapsed_ms, 2),
                 },
             )
+
+    @staticmethod
+    def _timed_out(request_id: str) -> Response:
+        return error_response(
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {api.state.body_timeout_s:g} s",
+            request_id,
+            Connection="close",
+        )
 
     @staticmethod
     def _too_large(request_id: str) -> Response:

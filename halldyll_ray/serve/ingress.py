@@ -8,7 +8,6 @@ Search, Ingestion and Context deployments; users, keys, models and audit are ser
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
@@ -16,8 +15,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from halldyll_ray import requestctx
 from halldyll_ray.errors import (
-    AuthenticationFailed,
     HalldyllError,
     InvalidInput,
 )
@@ -33,6 +32,9 @@ from halldyll_ray.schemas import (
     ApiKeyCreate,
     AppendMessagesRequest,
     ContextRequest,
+    Grant,
+    GrantCreate,
+    IsoDateTime,
     Items,
     ListMemoriesRequest,
     ModelCreate,
@@ -47,6 +49,7 @@ from halldyll_ray.schemas import (
 )
 from halldyll_ray.serve.deployments import EngineOwner
 from halldyll_ray.serve.http import (
+    BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     RouteMetrics,
     api,
@@ -68,6 +71,7 @@ class Ingress(EngineOwner):
         database: Handle of the EmbeddedDatabase deployment, or None with DATABASE_URL.
         settings: What the builder was given; the rest comes from this replica's environment.
         max_body_bytes: Largest HTTP request body; larger gets 413.
+        body_timeout_s: Seconds a client has to send each part of its body; then 408.
     """
 
     def __init__(
@@ -80,21 +84,28 @@ class Ingress(EngineOwner):
         database: Any = None,
         settings: SettingsOverrides | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        body_timeout_s: float = BODY_TIMEOUT_S,
     ) -> None:
         super().__init__(embedder, database=database, settings=settings)
         self._searcher = searcher
         self._ingestor = ingestor
         self._context = context
         api.state.max_body_bytes = max_body_bytes
+        api.state.body_timeout_s = body_timeout_s
         api.state.metrics = RouteMetrics()
 
     # ----------------------------------------------------------------------- helpers
     async def _principal(self, request: Request) -> Principal:
+        """The caller, from ``Authorization: Bearer <API key>``. A missing or non-Bearer header
+        and a bad key are audited (throttled), with the request's id."""
+        engine = await self.engine()
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            raise AuthenticationFailed("send Authorization: Bearer <API key>")
-        return await (await self.engine()).authenticate(key.strip())
+        with requestctx.acting(None, request.state.request_id):
+            if scheme.lower() != "bearer" or not key.strip():
+                reason = "no Authorization header" if not header else "not a Bearer credential"
+                raise await engine.components.keys.refuse_credentials(reason)
+            return await engine.authenticate(key.strip())
 
     async def _api(self, request: Request) -> Any:
         principal = await self._principal(request)
@@ -172,14 +183,39 @@ class Ingress(EngineOwner):
         return json_response(Items(items=list(await api_.list_api_keys(self._user(user_id)))))
 
     @api.post("/v1/keys/{key_id}/rotate", status_code=201, tags=["keys"])
-    async def rotate_key(self, request: Request, key_id: str) -> Any:
-        new = await (await self._api(request)).rotate_api_key(_parse_uuid(key_id, "key_id"))
+    async def rotate_key(self, request: Request, key_id: UUID) -> Any:
+        new = await (await self._api(request)).rotate_api_key(key_id)
         return json_response({"key": new.key, **new.api_key.model_dump()}, 201)
 
     @api.delete("/v1/keys/{key_id}", tags=["keys"])
-    async def revoke_key(self, request: Request, key_id: str) -> Any:
-        key = await (await self._api(request)).revoke_api_key(_parse_uuid(key_id, "key_id"))
+    async def revoke_key(self, request: Request, key_id: UUID) -> Any:
+        key = await (await self._api(request)).revoke_api_key(key_id)
         return json_response(key)
+
+    # ----------------------------------------------------------------------- viewer grants
+    @api.post("/v1/users/{user_id}/grants", status_code=201, tags=["users"])
+    async def grant_viewer(self, request: Request, user_id: str, body: GrantCreate) -> Any:
+        """Let the Viewer ``user_id`` read the memories of ``owner_id`` (Admins)."""
+        api_ = await self._api(request)
+        viewer = self._user(user_id) or api_.principal.user_id
+        await api_.grant_viewer(viewer, body.owner_id)
+        return json_response(Grant(viewer_id=viewer, owner_id=body.owner_id), 201)
+
+    @api.get("/v1/users/{user_id}/grants", tags=["users"])
+    async def list_grants(self, request: Request, user_id: str) -> Any:
+        """The owners whose memories the Viewer ``user_id`` may read."""
+        api_ = await self._api(request)
+        viewer = self._user(user_id) or api_.principal.user_id
+        owners = await api_.list_viewer_grants(viewer)
+        return json_response(
+            Items[Grant](items=[Grant(viewer_id=viewer, owner_id=o) for o in owners])
+        )
+
+    @api.delete("/v1/users/{user_id}/grants/{owner_id}", status_code=204, tags=["users"])
+    async def revoke_grant(self, request: Request, user_id: str, owner_id: UUID) -> Response:
+        api_ = await self._api(request)
+        await api_.revoke_viewer_grant(self._user(user_id) or api_.principal.user_id, owner_id)
+        return Response(status_code=204)
 
     # ----------------------------------------------------------------------- AI models
     @api.post("/v1/models", status_code=201, tags=["models"])
@@ -226,8 +262,8 @@ class Ingress(EngineOwner):
         include_shared: bool = True,
         session_id: str | None = None,
         tags: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        since: IsoDateTime | None = None,
+        until: IsoDateTime | None = None,
         limit: int = 50,
         cursor: str | None = None,
     ) -> Any:
@@ -254,12 +290,12 @@ class Ingress(EngineOwner):
         return json_response(page)
 
     @api.get("/v1/users/{user_id}/memories/{memory_id}", tags=["memories"])
-    async def get_memory(self, request: Request, user_id: str, memory_id: str) -> Any:
+    async def get_memory(self, request: Request, user_id: str, memory_id: UUID) -> Any:
         memory = await downstream(
             self._searcher.get_memory.remote(
                 await self._principal(request),
                 user_id=self._user(user_id),
-                memory_id=_parse_uuid(memory_id, "memory_id"),
+                memory_id=memory_id,
                 request_id=request.state.request_id,
             )
         )
@@ -267,26 +303,26 @@ class Ingress(EngineOwner):
 
     @api.patch("/v1/users/{user_id}/memories/{memory_id}", tags=["memories"])
     async def update_memory(
-        self, request: Request, user_id: str, memory_id: str, body: MemoryUpdate
+        self, request: Request, user_id: str, memory_id: UUID, body: MemoryUpdate
     ) -> Any:
         memory = await downstream(
             self._ingestor.update_memory.remote(
                 await self._principal(request),
                 body,
                 user_id=self._user(user_id),
-                memory_id=_parse_uuid(memory_id, "memory_id"),
+                memory_id=memory_id,
                 request_id=request.state.request_id,
             )
         )
         return json_response(memory)
 
     @api.delete("/v1/users/{user_id}/memories/{memory_id}", status_code=204, tags=["memories"])
-    async def delete_memory(self, request: Request, user_id: str, memory_id: str) -> Response:
+    async def delete_memory(self, request: Request, user_id: str, memory_id: UUID) -> Response:
         await downstream(
             self._ingestor.delete_memory.remote(
                 await self._principal(request),
                 user_id=self._user(user_id),
-                memory_id=_parse_uuid(memory_id, "memory_id"),
+                memory_id=memory_id,
                 request_id=request.state.request_id,
             )
         )
@@ -296,14 +332,14 @@ class Ingress(EngineOwner):
         "/v1/users/{user_id}/memories/{memory_id}/messages", status_code=201, tags=["memories"]
     )
     async def append_messages(
-        self, request: Request, user_id: str, memory_id: str, body: AppendMessagesRequest
+        self, request: Request, user_id: str, memory_id: UUID, body: AppendMessagesRequest
     ) -> Any:
         stored = await downstream(
             self._ingestor.append_messages.remote(
                 await self._principal(request),
                 body,
                 user_id=self._user(user_id),
-                memory_id=_parse_uuid(memory_id, "memory_id"),
+                memory_id=memory_id,
                 request_id=request.state.request_id,
             )
         )

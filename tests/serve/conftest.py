@@ -45,7 +45,12 @@ def ray_serve(serve_db: str, redis_url: str) -> Iterator[dict[str, Any]]:
         "DB_POOL_SIZE": "3",
     }
     app = build_app(
-        {"settings": settings, "max_body_bytes": 200_000, "embedding_batch_wait_timeout_s": 0.02}
+        {
+            "settings": settings,
+            "max_body_bytes": 200_000,
+            "body_timeout_s": 2,
+            "embedding_batch_wait_timeout_s": 0.02,
+        }
     )
     handle = serve.run(app, name="halldyll", route_prefix="/")
     yield {

@@ -143,3 +143,24 @@ def test_env_example_documents_every_setting() -> None:
         if "=" in line and line.lstrip("# ").split("=")[0].isupper()
     }
     assert documented == {name.upper() for name in Settings.model_fields}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("api_key_secret", "short-secret-123"),
+        ("database_url", "mysql://app:hunter2@db/x"),
+        ("redis_url", "http://:hunter2@cache"),
+    ],
+)
+def test_a_bad_secret_is_named_but_never_echoed(name: str, value: str) -> None:
+    with pytest.raises(ConfigurationError) as err:
+        Settings.from_env(**{name: value})
+    assert name.upper() in str(err.value)
+    assert value not in str(err.value) and "hunter2" not in str(err.value)
+    assert "short-secret" not in repr(err.value.fields)
+
+
+def test_a_bad_ordinary_setting_shows_its_value() -> None:
+    with pytest.raises(ConfigurationError, match=r"SEARCH_TOP_K: .*\(got 'many'\)"):
+        Settings.from_env(search_top_k="many")

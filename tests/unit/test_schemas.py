@@ -38,6 +38,7 @@ def test_the_ingress_routes_read_the_shared_schemas() -> None:
         ("POST", "/v1/users"): "UserCreate",
         ("PATCH", users): "UserUpdate",
         ("POST", f"{users}/keys"): "ApiKeyCreate",
+        ("POST", f"{users}/grants"): "GrantCreate",
         ("POST", "/v1/models"): "ModelCreate",
         ("POST", f"{users}/memories"): "",  # the memory union itself (models.Memory)
         ("PATCH", memory): "MemoryUpdate",

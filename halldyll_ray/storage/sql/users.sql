@@ -25,6 +25,10 @@ WHERE ($1::text IS NULL OR (created_at, id::text) > ($2::timestamptz, $1::text))
 ORDER BY created_at, id::text
 LIMIT $3;
 
+-- name: lock_user_for_update
+-- The values an update will replace (for its audit row), the row locked until it commits.
+SELECT role, disabled, email, metadata FROM users WHERE id = $1 FOR UPDATE;
+
 -- name: update_user
 UPDATE users SET
     role = coalesce(:role, role),

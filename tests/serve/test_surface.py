@@ -1,0 +1,274 @@
+"""The HTTP and handle surface of issue 15 §5: principals that cannot be forged, audited and
+throttled failed logins, grants over HTTP, the OpenAPI contract, schema-strict values, and
+request bodies that stall."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from halldyll_ray import AuthenticationFailed, MemoryEngine, Settings
+from halldyll_ray.models import Principal, Role
+from halldyll_ray.schemas import SearchRequest
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def _user_with_key(http: httpx.AsyncClient, admin_key: str, role: str = "user"):
+    name = f"{role}{uuid.uuid4().hex[:8]}"
+    r = await http.post(
+        "/v1/users", json={"username": name, "role": role}, headers=bearer(admin_key)
+    )
+    assert r.status_code == 201, r.text
+    user = r.json()
+    r = await http.post(
+        f"/v1/users/{user['id']}/keys", json={"name": "t"}, headers=bearer(admin_key)
+    )
+    assert r.status_code == 201, r.text
+    return user, r.json()["key"]
+
+
+async def _audit(http: httpx.AsyncClient, admin_key: str, **params: Any) -> list[dict[str, Any]]:
+    r = await http.get("/v1/audit", params={"limit": 1000, **params}, headers=bearer(admin_key))
+    assert r.status_code == 200, r.text
+    return r.json()["items"]
+
+
+# ------------------------------------------------------------------ the handle path
+async def test_a_made_up_principal_is_refused_by_the_engine_deployments(
+    ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str, encoder
+) -> None:
+    from ray import serve
+
+    me = (await http.get("/v1/me", headers=bearer(admin_key))).json()
+    search = serve.get_deployment_handle("Search", app_name="halldyll")
+    request = SearchRequest(query="anything")
+    forged = Principal(user_id=me["id"], username=me["username"], role=Role.ADMIN)
+    with pytest.raises(AuthenticationFailed):
+        await search.search.remote(forged, request, user_id=None, request_id=None)
+    # A real principal's proof does not carry over to another identity.
+    _, key = await _user_with_key(http, admin_key)
+    env = {k.lower(): v for k, v in ray_serve["settings"].items()}
+    async with MemoryEngine(Settings.from_env(**env), encoder=encoder) as engine:
+        real = await engine.authenticate(key)
+    assert real.proof
+    stolen = real.model_copy(update={"user_id": uuid.UUID(me["id"]), "role": Role.ADMIN})
+    with pytest.raises(AuthenticationFailed):
+        await search.search.remote(stolen, request, user_id=None, request_id=None)
+    answer = await search.search.remote(real, request, user_id=None, request_id=None)
+    assert answer.results == []
+    denied = await _audit(http, admin_key, operation="auth", outcome="denied")
+    assert any(row["details"].get("reason") == "principal without a valid proof" for row in denied)
+
+
+# ------------------------------------------------------------------ audit of credentials
+async def test_failed_logins_are_audited_with_their_request_id_and_throttled(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    for headers, reason in (
+        ({}, "no Authorization header"),
+        ({"Authorization": "Basic dXNlcjpwdw=="}, "not a Bearer credential"),
+    ):
+        await asyncio.sleep(1.1)  # past the throttle window of an earlier test's row
+        rid = f"probe-{uuid.uuid4().hex[:8]}"
+        r = await http.get("/v1/me", headers={**headers, "X-Request-ID": rid})
+        assert r.status_code == 401 and r.json()["error"]["request_id"] == rid
+        rows = [
+            row
+            for row in await _audit(http, admin_key, operation="auth")
+            if row["request_id"] == rid
+        ]
+        assert [row["details"]["reason"] for row in rows] == [reason]
+    await asyncio.sleep(1.1)
+    started = time.monotonic()
+    bad = [f"junk-token-{i}" for i in range(30)]
+    for token in bad:
+        assert (await http.get("/v1/me", headers=bearer(token))).status_code == 401
+    burst_s = time.monotonic() - started
+    rows = [
+        row
+        for row in await _audit(http, admin_key, operation="auth")
+        if row["details"].get("reason") == "malformed key"
+    ]
+    recent = [row for row in rows if row["details"].get("suppressed") is None]
+    # At most one row per second of the burst (plus the first), not one per request.
+    assert len(recent) <= int(burst_s) + 2 < len(bad)
+    await asyncio.sleep(1.1)
+    assert (await http.get("/v1/me", headers=bearer("junk-token-last"))).status_code == 401
+    newest = next(
+        row
+        for row in await _audit(http, admin_key, operation="auth")
+        if row["details"].get("reason") == "malformed key"
+    )
+    assert newest["details"]["suppressed"] >= len(bad) - len(recent)
+
+
+async def test_a_role_change_is_audited_as_such(http: httpx.AsyncClient, admin_key: str) -> None:
+    user, _ = await _user_with_key(http, admin_key)
+    r = await http.patch(
+        f"/v1/users/{user['id']}", json={"role": "viewer"}, headers=bearer(admin_key)
+    )
+    assert r.status_code == 200 and r.json()["role"] == "viewer"
+    r = await http.patch(
+        f"/v1/users/{user['id']}", json={"email": "v@example.com"}, headers=bearer(admin_key)
+    )
+    rows = [
+        row for row in await _audit(http, admin_key, operation="user.update", user_id=user["id"])
+    ]
+    assert rows[0]["details"] == {"fields": ["email"]}  # the value itself is not logged
+    assert rows[1]["details"] == {"fields": ["role"], "role": {"from": "user", "to": "viewer"}}
+
+
+# ------------------------------------------------------------------ viewer grants
+async def test_an_admin_grants_a_viewer_another_users_memories_over_http(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    owner, owner_key = await _user_with_key(http, admin_key)
+    viewer, viewer_key = await _user_with_key(http, admin_key, role="viewer")
+    r = await http.post(
+        "/v1/users/me/memories",
+        json={"type": "fact", "statement": "Owner likes figs"},
+        headers=bearer(owner_key),
+    )
+    assert r.status_code == 201
+    their_memories = f"/v1/users/{owner['id']}/memories"
+    assert (await http.get(their_memories, headers=bearer(viewer_key))).status_code == 403
+    grant = {"owner_id": owner["id"]}
+    # Only an Admin grants; the owner cannot hand its data out, nor the viewer take it.
+    for key in (owner_key, viewer_key):
+        r = await http.post(f"/v1/users/{viewer['id']}/grants", json=grant, headers=bearer(key))
+        assert r.status_code == 403, r.text
+    r = await http.post(f"/v1/users/{viewer['id']}/grants", json=grant, headers=bearer(admin_key))
+    assert r.status_code == 201 and r.json() == {"viewer_id": viewer["id"], "owner_id": owner["id"]}
+    page = await http.get(their_memories, headers=bearer(viewer_key))
+    assert (
+        page.status_code == 200
+        and page.json()["items"][0]["memory"]["statement"] == "Owner likes figs"
+    )
+    listed = await http.get("/v1/users/me/grants", headers=bearer(viewer_key))
+    assert listed.json() == {"items": [{"viewer_id": viewer["id"], "owner_id": owner["id"]}]}
+    # Writing stays refused: a grant is read-only.
+    r = await http.post(
+        f"/v1/users/{owner['id']}/memories",
+        json={"type": "fact", "statement": "x"},
+        headers=bearer(viewer_key),
+    )
+    assert r.status_code == 403
+    r = await http.delete(
+        f"/v1/users/{viewer['id']}/grants/{owner['id']}", headers=bearer(admin_key)
+    )
+    assert r.status_code == 204
+    assert (await http.get(their_memories, headers=bearer(viewer_key))).status_code == 403
+    r = await http.post(
+        f"/v1/users/{owner['id']}/grants",
+        json={"owner_id": viewer["id"]},
+        headers=bearer(admin_key),
+    )
+    assert r.status_code == 422 and "viewer" in r.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------ the OpenAPI contract
+async def test_openapi_declares_bearer_auth_and_the_error_shape(http: httpx.AsyncClient) -> None:
+    schema = (await http.get("/openapi.json")).json()
+    assert schema["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key.",
+    }
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if path in ("/healthz", "/readyz"):
+                assert "security" not in operation
+                continue
+            assert operation["security"] == [{"bearer": []}], (method, path)
+            for status in ("401", "403", "422", "503"):
+                ref = operation["responses"][status]["content"]["application/json"]["schema"]
+                assert ref == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, status)
+    rotate = schema["paths"]["/v1/keys/{key_id}/rotate"]["post"]["parameters"][0]
+    assert rotate["schema"]["format"] == "uuid"
+
+
+async def test_the_docs_page_loads_its_assets_from_the_service(http: httpx.AsyncClient) -> None:
+    page = await http.get("/docs")
+    assert page.status_code == 200
+    assert "cdn." not in page.text and "unpkg" not in page.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert f"/static-offline-docs/{asset}" in page.text
+        r = await http.get(f"/static-offline-docs/{asset}")
+        assert r.status_code == 200 and len(r.content) > 10_000
+
+
+# ------------------------------------------------------------------ schema-strict values
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/v1/users/me/memories?until=0.5", None),
+        ("GET", "/v1/users/me/memories?since=1700000000", None),
+        ("POST", "/v1/users/me/search", {"query": "tea", "threshold": False}),
+        ("POST", "/v1/users/me/search", {"query": "tea", "limit": True}),
+        ("POST", "/v1/users/me/search", {"query": "tea", "until": 0.5}),
+        ("POST", "/v1/users/me/sessions/s1/prepare", {"user_message": "hi", "recent_turns": False}),
+        ("POST", "/v1/users/me/context", {"query": "tea", "max_tokens": "100"}),
+        ("POST", "/v1/users/me/search", {"query": "tea\u0000"}),
+        ("POST", "/v1/users/me/search", {"query": "tea\u0000", "mode": "hybrid"}),
+        ("POST", "/v1/users/me/search", {"query": "tea\u0000", "mode": "fulltext"}),
+        ("POST", "/v1/users/me/search", {"query": "pizza \udc97"}),
+        ("PATCH", f"/v1/users/me/memories/{uuid.uuid4()}", {"importance": False}),
+        ("PATCH", "/v1/users/me/memories/not-a-uuid", {"importance": 0.5}),
+    ],
+)
+async def test_schema_invalid_values_are_422(
+    http: httpx.AsyncClient, admin_key: str, method: str, path: str, body: Any
+) -> None:
+    if body is not None and "\udc97" in body.get("query", ""):
+        content = b'{"query": "pizza \\udc97"}'  # a broken escape, as a client sends it
+    else:
+        content = None if body is None else httpx.Request("POST", "/", json=body).content
+    r = await http.request(
+        method,
+        path,
+        content=content,
+        headers={**bearer(admin_key), "content-type": "application/json"},
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid_input"
+
+
+# ------------------------------------------------------------------ stalled bodies
+async def test_a_body_that_stops_arriving_gets_408(
+    ray_serve: dict[str, Any], admin_key: str
+) -> None:
+    url = urlsplit(ray_serve["url"])
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        head = (
+            "POST /v1/users/me/search HTTP/1.1\r\n"
+            f"Host: {url.netloc}\r\n"
+            f"Authorization: Bearer {admin_key}\r\n"
+            "Content-Type: application/json\r\n"
+            "Content-Length: 100\r\n\r\n"
+        )
+        writer.write(head.encode() + b'{"query": "x"')  # 13 of the 100 bytes announced
+        await writer.drain()
+        started = time.monotonic()
+        answer = await asyncio.wait_for(reader.read(4096), timeout=30)
+        waited = time.monotonic() - started
+        while b"request_timeout" not in answer:  # the body may come in its own packet
+            more = await asyncio.wait_for(reader.read(4096), timeout=10)
+            if not more:
+                break
+            answer += more
+    finally:
+        writer.close()
+    status_line, _, rest = answer.decode(errors="replace").partition("\r\n")
+    assert " 408 " in status_line, answer[:300]
+    assert '"request_timeout"' in rest
+    assert waited < 20  # the app's body_timeout_s (2 s in these tests), not minutes
