@@ -34,11 +34,14 @@ from halldyll_ray.models import (
     MAX_QUERY_CHARS,
     MAX_SEARCH_LIMIT,
     Memory,
+    MemoryType,
     Message,
     ModelKind,
     Role,
     SearchMode,
     SearchResult,
+    SessionId,
+    Tags,
 )
 
 __all__ = [
@@ -90,6 +93,11 @@ StrictFloat = Annotated[float, Strict()]
 StrictBool = Annotated[bool, Strict()]
 
 
+#: An AI model's name or id: 1-200 characters, not blank.
+ModelName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"\S")]
+EmailText = Annotated[str, Field(pattern=r"^[^@\s]{1,64}@[^@\s]{1,185}\.[^@\s]{2,63}$")]
+
+
 class _Request(BaseModel):
     """A request body: unknown fields are an error, not silently dropped."""
 
@@ -100,8 +108,8 @@ class _Request(BaseModel):
 class UserCreate(_Request):
     """``POST /v1/users``."""
 
-    username: str
-    email: str | None = None
+    username: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    email: EmailText | None = None
     role: Role = Role.USER
 
 
@@ -110,22 +118,22 @@ class UserUpdate(_Request):
 
     role: Role | None = None
     disabled: StrictBool | None = None
-    email: str | None = None
+    email: EmailText | None = None
 
 
 class ApiKeyCreate(_Request):
     """``POST /v1/users/{user_id}/keys``."""
 
-    name: str = ""
+    name: str = Field(default="", max_length=100)
     expires_at: IsoDateTime | None = None
 
 
 class ModelCreate(_Request):
     """``POST /v1/models``: register an AI model."""
 
-    name: str
+    name: ModelName
     kind: ModelKind
-    version: str | None = None
+    version: str | None = Field(default=None, max_length=100)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -150,7 +158,7 @@ class ListMemoriesRequest(_Request):
 class AppendMessagesRequest(_Request):
     """``POST /v1/users/{user_id}/memories/{memory_id}/messages``."""
 
-    messages: list[Message]
+    messages: list[Message] = Field(min_length=1, max_length=1000)
 
 
 # --------------------------------------------------------------------------- search
@@ -160,11 +168,11 @@ class SearchRequest(_Request):
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
     limit: StrictInt | None = Field(default=None, ge=1, le=MAX_SEARCH_LIMIT)
     mode: SearchMode = SearchMode.SEMANTIC
-    types: list[str] | None = None
-    model: str | None = None
+    types: list[MemoryType] | None = None
+    model: ModelName | None = None
     include_shared: StrictBool = True
-    session_id: str | None = None
-    tags: list[str] | None = None
+    session_id: SessionId | None = None
+    tags: Tags | None = None
     since: IsoDateTime | None = None
     until: IsoDateTime | None = None
     threshold: StrictFloat | None = Field(default=None, ge=-1, le=1)
@@ -182,9 +190,9 @@ class ContextRequest(_Request):
 
     query: str | None = Field(default=None, max_length=MAX_QUERY_CHARS)
     messages: list[Message] | None = None
-    model: str | None = None
+    model: ModelName | None = None
     include_shared: StrictBool = True
-    session_id: str | None = None
+    session_id: SessionId | None = None
     max_tokens: StrictInt | None = Field(default=None, ge=MIN_CONTEXT_TOKENS, le=MAX_CONTEXT_TOKENS)
 
 
@@ -193,7 +201,7 @@ class PrepareContextRequest(_Request):
 
     user_message: str = Field(min_length=1, max_length=MAX_TURN_CHARS)
     recent_turns: StrictInt = Field(default=6, ge=0, le=100)
-    model: str | None = None
+    model: ModelName | None = None
     max_tokens: StrictInt | None = Field(default=None, ge=MIN_CONTEXT_TOKENS, le=MAX_CONTEXT_TOKENS)
 
 
@@ -202,7 +210,14 @@ class TurnRequest(_Request):
 
     user_message: str = Field(min_length=1, max_length=MAX_TURN_CHARS)
     assistant_message: str = Field(min_length=1, max_length=MAX_TURN_CHARS)
-    model: str | None = None
+    model: ModelName | None = None
+    idempotency_key: str | None = Field(
+        default=None,
+        pattern=r"^[!-~]{1,128}$",
+        description="Send the same key when you retry a turn (say after a 503): it is stored "
+        "once, and the retry gets the first attempt's record back with replayed=true. The "
+        "Idempotency-Key header does the same.",
+    )
 
 
 class GrantCreate(_Request):

@@ -92,7 +92,7 @@ def username(value: object) -> str:
 def email(value: object) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not EMAIL.fullmatch(value):
+    if not isinstance(value, str) or not EMAIL.fullmatch(text(value, "email")):
         raise InvalidInput("email is not a valid address", field="email")
     return value
 

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -113,3 +114,24 @@ async def scratch_database(
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def user_with_key(
+    http: Any, admin_key: str, role: str = "user"
+) -> tuple[dict[str, Any], str]:
+    """A new user of ``role`` created over HTTP by the Admin, and an API key of its own."""
+    name = f"{role}{uuid.uuid4().hex[:8]}"
+    r = await http.post(
+        "/v1/users", json={"username": name, "role": role}, headers=bearer(admin_key)
+    )
+    assert r.status_code == 201, r.text
+    user = r.json()
+    r = await http.post(
+        f"/v1/users/{user['id']}/keys", json={"name": "t"}, headers=bearer(admin_key)
+    )
+    assert r.status_code == 201, r.text
+    return user, r.json()["key"]

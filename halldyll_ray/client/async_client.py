@@ -491,6 +491,7 @@ class AsyncHalldyllClient:
         *,
         user_id: Id = "me",
         model: str | None = None,
+        idempotency_key: str | None = None,
     ) -> TurnRecord:
         """After an LLM call: store the exchange in the session's conversation.
 
@@ -500,6 +501,8 @@ class AsyncHalldyllClient:
             assistant_message: What the model answered.
             user_id: Whose session.
             model: The registered model that answered.
+            idempotency_key: Send the same key when retrying a turn after a 503: it is
+                stored once (the record says ``replayed``).
         """
         return await self._send(
             Endpoints.record_turn(
@@ -508,6 +511,7 @@ class AsyncHalldyllClient:
                     user_message=user_message,
                     assistant_message=assistant_message,
                     model=model,
+                    idempotency_key=idempotency_key,
                 ),
                 session_id=session_id,
                 user_id=user_id,

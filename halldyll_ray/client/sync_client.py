@@ -359,6 +359,7 @@ class HalldyllClient:
         *,
         user_id: Id = "me",
         model: str | None = None,
+        idempotency_key: str | None = None,
     ) -> TurnRecord:
         """After an LLM call; see :meth:`AsyncHalldyllClient.record_turn`."""
         return self._send(
@@ -368,6 +369,7 @@ class HalldyllClient:
                     user_message=user_message,
                     assistant_message=assistant_message,
                     model=model,
+                    idempotency_key=idempotency_key,
                 ),
                 session_id=session_id,
                 user_id=user_id,

@@ -142,8 +142,8 @@ class Audit:
             *bind(
                 "list_audit",
                 user_id=None if user_id is None else validation.parse_uuid(user_id, "user_id"),
-                operation=operation,
-                outcome=outcome,
+                operation=None if operation is None else validation.text(operation, "operation"),
+                outcome=None if outcome is None else validation.text(outcome, "outcome"),
                 before_id=before_id,
                 limit=validation.limit(limit, 1000),
             )

@@ -67,6 +67,7 @@ BODY_TIMEOUT_S = 30.0
 _ERROR = {"model": ErrorBody}
 # The product's error shape and status codes, declared once for every route's OpenAPI entry.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {**_ERROR, "description": "The body is not JSON (or not UTF-8)."},
     401: {**_ERROR, "description": "No valid API key (missing, malformed, expired, revoked)."},
     403: {**_ERROR, "description": "The key's user may not do this (the permission matrix)."},
     404: {**_ERROR, "description": "Not found, or not visible to the caller."},
@@ -313,13 +314,36 @@ api.add_middleware(_RequestContext)
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-    codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated"}
+    codes = {
+        400: "bad_request",
+        401: "unauthenticated",
+        404: "not_found",
+        405: "method_not_allowed",
+    }
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
     return error_response(
         exc.status_code,
         codes.get(exc.status_code, "http_error"),
         str(exc.detail),
         getattr(request.state, "request_id", ""),
+        **headers,
     )
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (RFC 9110: the Allow header of a 405).
+
+    FastAPI registers one route per method, so the 405 Starlette raises names only the methods
+    of the first route whose path matched.
+    """
+    methods: set[str] = set()
+    for route in request.app.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path):
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
 
 
 @api.exception_handler(Exception)

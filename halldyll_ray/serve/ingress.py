@@ -8,10 +8,10 @@ Search, Ingestion and Context deployments; users, keys, models and audit are ser
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import Request
+from fastapi import Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
@@ -21,9 +21,11 @@ from halldyll_ray.errors import (
     InvalidInput,
 )
 from halldyll_ray.models import (
+    SESSION_ID_PATTERN,
     Context,
     Memory,
     MemoryUpdate,
+    ModelKind,
     Principal,
     SearchResult,
     StoredMemory,
@@ -57,6 +59,17 @@ from halldyll_ray.serve.http import (
     json_response,
 )
 from halldyll_ray.serve.settings import SettingsOverrides
+
+#: A user in a path: its id, or ``me`` for the caller.
+UserRef = Annotated[
+    str,
+    Path(
+        pattern=r"^(me|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$",
+        description="A user's id (UUID), or `me` for the caller.",
+    ),
+]
+#: A session in a path (the engine's rule, validation.SESSION_ID).
+SessionRef = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="The session's id.")]
 
 
 class Ingress(EngineOwner):
@@ -146,31 +159,34 @@ class Ingress(EngineOwner):
 
     @api.get("/v1/users", tags=["users"])
     async def list_users(
-        self, request: Request, limit: int = 100, cursor: str | None = None
+        self,
+        request: Request,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        cursor: str | None = None,
     ) -> Any:
         page = await (await self._api(request)).list_users(limit=limit, cursor=cursor)
         return json_response(page)
 
     @api.get("/v1/users/{user_id}", tags=["users"])
-    async def get_user(self, request: Request, user_id: str) -> Any:
+    async def get_user(self, request: Request, user_id: UserRef) -> Any:
         api_ = await self._api(request)
         return json_response(await api_.get_user(self._user(user_id)))
 
     @api.patch("/v1/users/{user_id}", tags=["users"])
-    async def update_user(self, request: Request, user_id: str, body: UserUpdate) -> Any:
+    async def update_user(self, request: Request, user_id: UserRef, body: UserUpdate) -> Any:
         api_ = await self._api(request)
         target = self._user(user_id) or api_.principal.user_id
         user = await api_.update_user(target, **body.model_dump(exclude_none=True))
         return json_response(user)
 
     @api.delete("/v1/users/{user_id}", status_code=204, tags=["users"])
-    async def delete_user(self, request: Request, user_id: str) -> Response:
+    async def delete_user(self, request: Request, user_id: UserRef) -> Response:
         api_ = await self._api(request)
         await api_.delete_user(self._user(user_id) or api_.principal.user_id)
         return Response(status_code=204)
 
     @api.post("/v1/users/{user_id}/keys", status_code=201, tags=["keys"])
-    async def create_key(self, request: Request, user_id: str, body: ApiKeyCreate) -> Any:
+    async def create_key(self, request: Request, user_id: UserRef, body: ApiKeyCreate) -> Any:
         api_ = await self._api(request)
         new = await api_.create_api_key(
             self._user(user_id), name=body.name, expires_at=body.expires_at
@@ -178,7 +194,7 @@ class Ingress(EngineOwner):
         return json_response({"key": new.key, **new.api_key.model_dump()}, 201)
 
     @api.get("/v1/users/{user_id}/keys", tags=["keys"])
-    async def list_keys(self, request: Request, user_id: str) -> Any:
+    async def list_keys(self, request: Request, user_id: UserRef) -> Any:
         api_ = await self._api(request)
         return json_response(Items(items=list(await api_.list_api_keys(self._user(user_id)))))
 
@@ -194,7 +210,7 @@ class Ingress(EngineOwner):
 
     # ----------------------------------------------------------------------- viewer grants
     @api.post("/v1/users/{user_id}/grants", status_code=201, tags=["users"])
-    async def grant_viewer(self, request: Request, user_id: str, body: GrantCreate) -> Any:
+    async def grant_viewer(self, request: Request, user_id: UserRef, body: GrantCreate) -> Any:
         """Let the Viewer ``user_id`` read the memories of ``owner_id`` (Admins)."""
         api_ = await self._api(request)
         viewer = self._user(user_id) or api_.principal.user_id
@@ -202,7 +218,7 @@ class Ingress(EngineOwner):
         return json_response(Grant(viewer_id=viewer, owner_id=body.owner_id), 201)
 
     @api.get("/v1/users/{user_id}/grants", tags=["users"])
-    async def list_grants(self, request: Request, user_id: str) -> Any:
+    async def list_grants(self, request: Request, user_id: UserRef) -> Any:
         """The owners whose memories the Viewer ``user_id`` may read."""
         api_ = await self._api(request)
         viewer = self._user(user_id) or api_.principal.user_id
@@ -212,7 +228,7 @@ class Ingress(EngineOwner):
         )
 
     @api.delete("/v1/users/{user_id}/grants/{owner_id}", status_code=204, tags=["users"])
-    async def revoke_grant(self, request: Request, user_id: str, owner_id: UUID) -> Response:
+    async def revoke_grant(self, request: Request, user_id: UserRef, owner_id: UUID) -> Response:
         api_ = await self._api(request)
         await api_.revoke_viewer_grant(self._user(user_id) or api_.principal.user_id, owner_id)
         return Response(status_code=204)
@@ -226,7 +242,7 @@ class Ingress(EngineOwner):
         return json_response(model, 201)
 
     @api.get("/v1/models", tags=["models"])
-    async def list_models(self, request: Request, kind: str | None = None) -> Any:
+    async def list_models(self, request: Request, kind: ModelKind | None = None) -> Any:
         models = await (await self._api(request)).list_models(kind=kind)
         return json_response(Items(items=list(models)))
 
@@ -241,7 +257,7 @@ class Ingress(EngineOwner):
 
     # ----------------------------------------------------------------------- memories
     @api.post("/v1/users/{user_id}/memories", status_code=201, tags=["memories"])
-    async def store_memory(self, request: Request, user_id: str, body: Memory) -> Any:
+    async def store_memory(self, request: Request, user_id: UserRef, body: Memory) -> Any:
         stored = await downstream(
             self._ingestor.store_memory.remote(
                 await self._principal(request),
@@ -256,7 +272,7 @@ class Ingress(EngineOwner):
     async def list_memories(
         self,
         request: Request,
-        user_id: str,
+        user_id: UserRef,
         types: str | None = None,
         model: str | None = None,
         include_shared: bool = True,
@@ -264,7 +280,7 @@ class Ingress(EngineOwner):
         tags: str | None = None,
         since: IsoDateTime | None = None,
         until: IsoDateTime | None = None,
-        limit: int = 50,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: str | None = None,
     ) -> Any:
         # Query parameters, read by FastAPI; lists come comma-separated.
@@ -290,7 +306,7 @@ class Ingress(EngineOwner):
         return json_response(page)
 
     @api.get("/v1/users/{user_id}/memories/{memory_id}", tags=["memories"])
-    async def get_memory(self, request: Request, user_id: str, memory_id: UUID) -> Any:
+    async def get_memory(self, request: Request, user_id: UserRef, memory_id: UUID) -> Any:
         memory = await downstream(
             self._searcher.get_memory.remote(
                 await self._principal(request),
@@ -303,7 +319,7 @@ class Ingress(EngineOwner):
 
     @api.patch("/v1/users/{user_id}/memories/{memory_id}", tags=["memories"])
     async def update_memory(
-        self, request: Request, user_id: str, memory_id: UUID, body: MemoryUpdate
+        self, request: Request, user_id: UserRef, memory_id: UUID, body: MemoryUpdate
     ) -> Any:
         memory = await downstream(
             self._ingestor.update_memory.remote(
@@ -317,7 +333,7 @@ class Ingress(EngineOwner):
         return json_response(memory)
 
     @api.delete("/v1/users/{user_id}/memories/{memory_id}", status_code=204, tags=["memories"])
-    async def delete_memory(self, request: Request, user_id: str, memory_id: UUID) -> Response:
+    async def delete_memory(self, request: Request, user_id: UserRef, memory_id: UUID) -> Response:
         await downstream(
             self._ingestor.delete_memory.remote(
                 await self._principal(request),
@@ -332,7 +348,7 @@ class Ingress(EngineOwner):
         "/v1/users/{user_id}/memories/{memory_id}/messages", status_code=201, tags=["memories"]
     )
     async def append_messages(
-        self, request: Request, user_id: str, memory_id: UUID, body: AppendMessagesRequest
+        self, request: Request, user_id: UserRef, memory_id: UUID, body: AppendMessagesRequest
     ) -> Any:
         stored = await downstream(
             self._ingestor.append_messages.remote(
@@ -346,7 +362,7 @@ class Ingress(EngineOwner):
         return json_response(stored, 201)
 
     @api.post("/v1/users/{user_id}/search", tags=["search"])
-    async def search(self, request: Request, user_id: str, body: SearchRequest) -> Any:
+    async def search(self, request: Request, user_id: UserRef, body: SearchRequest) -> Any:
         content = await downstream(
             self._searcher.search_json.remote(
                 await self._principal(request),
@@ -358,7 +374,7 @@ class Ingress(EngineOwner):
         return Response(content, media_type="application/json")
 
     @api.post("/v1/users/{user_id}/context", tags=["context"])
-    async def build_context(self, request: Request, user_id: str, body: ContextRequest) -> Any:
+    async def build_context(self, request: Request, user_id: UserRef, body: ContextRequest) -> Any:
         context = await downstream(
             self._context.build_context.remote(
                 await self._principal(request),
@@ -371,7 +387,11 @@ class Ingress(EngineOwner):
 
     @api.post("/v1/users/{user_id}/sessions/{session_id}/prepare", tags=["context"])
     async def prepare_context(
-        self, request: Request, user_id: str, session_id: str, body: PrepareContextRequest
+        self,
+        request: Request,
+        user_id: UserRef,
+        session_id: SessionRef,
+        body: PrepareContextRequest,
     ) -> Any:
         context = await downstream(
             self._context.prepare_context.remote(
@@ -386,8 +406,17 @@ class Ingress(EngineOwner):
 
     @api.post("/v1/users/{user_id}/sessions/{session_id}/turns", status_code=201, tags=["context"])
     async def record_turn(
-        self, request: Request, user_id: str, session_id: str, body: TurnRequest
+        self,
+        request: Request,
+        user_id: UserRef,
+        session_id: SessionRef,
+        body: TurnRequest,
+        idempotency_key: Annotated[
+            str | None, Header(pattern=r"^[!-~]{1,128}$", description="See the body's field.")
+        ] = None,
     ) -> Any:
+        if idempotency_key is not None and body.idempotency_key is None:
+            body = body.model_copy(update={"idempotency_key": idempotency_key})
         turn = await downstream(
             self._ingestor.record_turn.remote(
                 await self._principal(request),
@@ -404,11 +433,11 @@ class Ingress(EngineOwner):
     async def audit(
         self,
         request: Request,
-        user_id: str | None = None,
+        user_id: UUID | None = None,
         operation: str | None = None,
         outcome: Literal["ok", "denied", "error"] | None = None,
-        before_id: int | None = None,
-        limit: int = 100,
+        before_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> Any:
         rows = await (await self._api(request)).list_audit(
             user_id=user_id, operation=operation, outcome=outcome, before_id=before_id, limit=limit

@@ -78,8 +78,4 @@ async def http(ray_serve: dict[str, Any]) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

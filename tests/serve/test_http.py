@@ -11,26 +11,10 @@ from typing import Any
 import httpx
 import numpy as np
 import yaml
+from support import bearer
+from support import user_with_key as _user_with_key
 
 from halldyll_ray.models import SearchResult
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-async def _user_with_key(http: httpx.AsyncClient, admin_key: str, role: str = "user"):
-    name = f"{role}{uuid.uuid4().hex[:8]}"
-    r = await http.post(
-        "/v1/users", json={"username": name, "role": role}, headers=bearer(admin_key)
-    )
-    assert r.status_code == 201, r.text
-    user = r.json()
-    r = await http.post(
-        f"/v1/users/{user['id']}/keys", json={"name": "t"}, headers=bearer(admin_key)
-    )
-    assert r.status_code == 201, r.text
-    return user, r.json()["key"]
 
 
 async def test_health(http: httpx.AsyncClient) -> None:

@@ -12,28 +12,12 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from support import bearer
+from support import user_with_key as _user_with_key
 
 from halldyll_ray import AuthenticationFailed, MemoryEngine, Settings
 from halldyll_ray.models import Principal, Role
 from halldyll_ray.schemas import SearchRequest
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-async def _user_with_key(http: httpx.AsyncClient, admin_key: str, role: str = "user"):
-    name = f"{role}{uuid.uuid4().hex[:8]}"
-    r = await http.post(
-        "/v1/users", json={"username": name, "role": role}, headers=bearer(admin_key)
-    )
-    assert r.status_code == 201, r.text
-    user = r.json()
-    r = await http.post(
-        f"/v1/users/{user['id']}/keys", json={"name": "t"}, headers=bearer(admin_key)
-    )
-    assert r.status_code == 201, r.text
-    return user, r.json()["key"]
 
 
 async def _audit(http: httpx.AsyncClient, admin_key: str, **params: Any) -> list[dict[str, Any]]:
@@ -272,3 +256,43 @@ async def test_a_body_that_stops_arriving_gets_408(
     assert " 408 " in status_line, answer[:300]
     assert '"request_timeout"' in rest
     assert waited < 20  # the app's body_timeout_s (2 s in these tests), not minutes
+
+
+# ------------------------------------------------------------------ retries and nesting
+async def test_a_retried_turn_is_stored_once_over_http(
+    ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
+) -> None:
+    from halldyll_ray.client import AsyncHalldyllClient
+
+    _, key = await _user_with_key(http, admin_key)
+    path = "/v1/users/me/sessions/retry-1/turns"
+    body = {"user_message": "hello", "assistant_message": "hi there"}
+    headers = {**bearer(key), "Idempotency-Key": "turn-0001"}
+    first = await http.post(path, json=body, headers=headers)
+    again = await http.post(path, json=body, headers=headers)
+    assert first.status_code == again.status_code == 201, again.text
+    assert first.json()["replayed"] is False and again.json()["replayed"] is True
+    assert again.json()["message_seqs"] == first.json()["message_seqs"] == [0, 1]
+    async with AsyncHalldyllClient(ray_serve["url"], key) as client:
+        one = await client.record_turn("retry-1", "more", "sure", idempotency_key="turn-0002")
+        two = await client.record_turn("retry-1", "more", "sure", idempotency_key="turn-0002")
+        assert (one.replayed, two.replayed) == (False, True)
+        log = await client.get_memory(one.conversation_id)
+    assert [m.content for m in log.messages] == ["hello", "hi there", "more", "sure"]
+    bad = await http.post(path, json=body, headers={**bearer(key), "Idempotency-Key": "a b"})
+    assert bad.status_code == 422
+
+
+@pytest.mark.parametrize("depth", [200, 2_000, 20_000])
+async def test_deeply_nested_json_is_refused_not_a_server_error(
+    http: httpx.AsyncClient, admin_key: str, depth: int
+) -> None:
+    nested = '{"a": ' * depth + "1" + "}" * depth
+    body = '{"type": "fact", "statement": "deep", "metadata": ' + nested + "}"
+    r = await http.post(
+        "/v1/users/me/memories",
+        content=body.encode(),
+        headers={**bearer(admin_key), "content-type": "application/json"},
+    )
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["error"]["code"] in ("invalid_input", "bad_request", "payload_too_large")
