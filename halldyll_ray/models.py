@@ -17,6 +17,7 @@ from uuid import UUID
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -176,9 +177,20 @@ def _as_utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-#: A time given by a caller. One rule everywhere: a naive datetime means UTC (never the
-#: server's local time zone, which asyncpg would otherwise apply to it).
-UtcDateTime = Annotated[datetime, AfterValidator(_as_utc)]
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def iso_time_only(value: object) -> object:
+    """Refuse a number (or a string of one) for a time: pydantic would read it as a Unix time
+    ("until=0.5" meant 1970); the API takes ISO 8601 times and datetime objects only."""
+    if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.fullmatch(value)):
+        raise ValueError("must be an ISO 8601 date-time, e.g. 2026-01-15T09:30:00Z")
+    return value
+
+
+#: A time given by a caller. One rule everywhere: ISO 8601 (or a datetime), and a naive
+#: datetime means UTC (never the server's local time zone, which asyncpg would apply to it).
+UtcDateTime = Annotated[datetime, BeforeValidator(iso_time_only), AfterValidator(_as_utc)]
 
 
 class _Input(BaseModel):

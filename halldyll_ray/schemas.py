@@ -14,7 +14,6 @@ what wraps them on the wire.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 from uuid import UUID
@@ -42,6 +41,7 @@ from halldyll_ray.models import (
     SearchResult,
     SessionId,
     Tags,
+    iso_time_only,
 )
 
 __all__ = [
@@ -74,19 +74,8 @@ MIN_CONTEXT_TOKENS = 16
 MAX_CONTEXT_TOKENS = 1_000_000
 
 
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
-def _iso_only(value: object) -> object:
-    # pydantic reads a number (or a string of one) as a Unix time: "until=0.5" would mean
-    # 1970. The API takes ISO 8601 times only, as its schema says.
-    if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.fullmatch(value)):
-        raise ValueError("must be an ISO 8601 date-time, e.g. 2026-01-15T09:30:00Z")
-    return value
-
-
 #: A time in a request: ISO 8601 only; naive means UTC (the engine's rule).
-IsoDateTime = Annotated[datetime, BeforeValidator(_iso_only)]
+IsoDateTime = Annotated[datetime, BeforeValidator(iso_time_only)]
 #: Numbers and flags in a JSON body: a JSON ``false`` is not a number, nor ``"3"`` a count.
 StrictInt = Annotated[int, Strict()]
 StrictFloat = Annotated[float, Strict()]

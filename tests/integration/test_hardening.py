@@ -240,6 +240,13 @@ async def test_an_empty_or_unstorable_reply_leaves_no_conversation_behind(
         ({"type": "fact", "statement": "ok", "metadata": {"k\udc97": 1}}, "metadata"),
         ({"type": "fact", "statement": "ok", "tags": ["tea\nparty"]}, "tags"),
         ({"type": "summary", "text": "ok", "metadata": {"v": [1e309]}}, "metadata"),
+        (
+            {
+                "type": "conversation",
+                "messages": [{"role": "user", "content": "x", "created_at": 0}],
+            },
+            "created_at",
+        ),
     ],
 )
 async def test_unstorable_values_are_refused_with_their_field(
