@@ -1,6 +1,6 @@
 """The local launcher's pure parts: loopback config, environment, HAProxy wrapper, ready line.
 
-The whole launcher (start, ports, stop on each signal) is tests/ops/test_serve_local.py.
+The whole launcher (start, ports, stop on each signal) is tests/ops/test_serve_sh.py.
 """
 
 from __future__ import annotations
