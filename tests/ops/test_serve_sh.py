@@ -130,6 +130,9 @@ def _wait_ready(info: dict[str, object]) -> None:
     (line,) = [line for line in text.splitlines() if "is ready at" in line]
     assert f"{info['url']} " in line and str(data_dir / "admin_api_key") in line
     assert key not in text
+    # No replica forked (gRPC logs each fork of a process that runs its threads): the
+    # EmbeddedDatabase replica starts PostgreSQL through a new process (storage/embedded.py).
+    assert "skipping fork() handlers" not in text
 
 
 def _listeners(pids: set[int]) -> list[tuple[str, int, int]]:
@@ -182,6 +185,10 @@ def test_serve_sh_stops_whole_on_each_signal(
         proc.send_signal(getattr(signal, f"SIG{signame}"))
     assert proc.wait(timeout=STOP_TIMEOUT_S) == 0
     took = time.monotonic() - sent
+    log = launch["log"]
+    assert isinstance(log, Path)
+    console = log.read_text(errors="replace")
+    assert "skipping fork() handlers" not in console and "SIGSEGV" not in console
 
     left = [pid for pid in tree | {postmaster} if _alive(pid)]
     assert not left, [(pid, psutil.Process(pid).cmdline()[:3]) for pid in left]
