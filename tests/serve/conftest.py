@@ -29,6 +29,14 @@ def ray_serve(serve_db: str, redis_url: str) -> Iterator[dict[str, Any]]:
     from halldyll_ray.serve import build_app
 
     port, metrics_port = _free_port(), _free_port()
+    # HAProxy's stats and metrics ports and the fallback proxy's are fixed by default (8404, 9101,
+    # 8500): free ones, so this session does not collide with another app on this machine.
+    for name in (
+        "RAY_SERVE_HAPROXY_STATS_PORT",
+        "RAY_SERVE_HAPROXY_METRICS_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    ):
+        os.environ.setdefault(name, str(_free_port()))
     # Logical CPUs: six deployments of one replica each on a 2-core machine.
     ray.init(
         num_cpus=8,
