@@ -19,6 +19,7 @@ from halldyll_ray.components.base import require_user
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.errors import NotFound
 from halldyll_ray.models import (
+    STORED,
     Fact,
     Memory,
     MemoryType,
@@ -77,7 +78,7 @@ def to_record(row: Any, *, messages: Sequence[StoredMessage] = ()) -> StoredMemo
             data["source"] = sources[-1]
     if kind is MemoryType.CONVERSATION:
         data["messages"] = []
-    payload = MEMORY.validate_python(data)
+    payload = MEMORY.validate_python(data, context=STORED)
     metadata = dict(row["metadata"])
     if sources and kind is MemoryType.FACT:
         metadata = {**metadata, "sources": sources}

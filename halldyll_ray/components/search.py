@@ -23,6 +23,7 @@ from halldyll_ray.errors import InvalidInput, NotFound
 from halldyll_ray.models import (
     MAX_QUERY_CHARS,
     MAX_SEARCH_LIMIT,
+    STORED,
     MatchedPart,
     MemoryType,
     SearchMode,
@@ -175,7 +176,7 @@ class Search:
         )
         cached = await self.cache.get(cache_key, kind="search")
         if cached is not None:
-            results = _RESULTS.validate_json(cached)
+            results = _RESULTS.validate_json(cached, context=STORED)
             return [r for r in results if not expired(r.memory.expires_at)]
         results = await self._search(user_id, query, limit, mode, float(threshold), filters)
         ttl = self.settings.search_cache_ttl_seconds
