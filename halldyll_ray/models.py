@@ -11,7 +11,7 @@ import json
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 from uuid import UUID
 
 from pydantic import (
@@ -20,6 +20,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     StringConstraints,
     ValidationInfo,
     field_validator,
@@ -194,6 +195,10 @@ def iso_time_only(value: object) -> object:
 UtcDateTime = Annotated[datetime, BeforeValidator(iso_time_only), AfterValidator(_as_utc)]
 
 
+#: Numbers of an input: JSON true/false is not a number (pydantic's lax mode reads it as 1/0).
+StrictFloat = Annotated[float, Strict()]
+StrictInt = Annotated[int, Strict()]
+
 #: Validation context of data read back from storage (a row, a cached result): it passed the
 #: input checks when it was written, so :class:`_Input` does not walk it again.
 STORED: dict[str, bool] = {"stored": True}
@@ -207,33 +212,22 @@ class _Input(BaseModel):
         extra="forbid", str_strip_whitespace=False, frozen=False, allow_inf_nan=False
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _storable(cls, data: Any, info: ValidationInfo) -> Any:
-        # One walk of the raw input, before any field's own validation (a field validator
-        # cannot run before the discriminator ``type``). The message starts with the field.
-        # Rows read back from storage passed it when they were written (context STORED):
-        # walking them again cost a quarter of a cached search.
+    @model_validator(mode="after")
+    def _storable(self, info: ValidationInfo) -> Self:
+        # One walk of this model's own field values (nested models walk theirs), after field
+        # validation so that pydantic-core validates JSON without a detour through Python.
+        # Rows read back from storage passed it when written (context STORED): skipped.
         if info.context is STORED:
-            return data
-        if isinstance(data, dict):
-            for key, value in data.items():
-                if not isinstance(value, BaseModel):
-                    try:
-                        check_json_value(value)
-                        field = cls.model_fields.get(key)
-                        # JSON true/false is no number (pydantic's lax mode reads it as 1/0).
-                        if (
-                            isinstance(value, bool)
-                            and field
-                            and "bool" not in str(field.annotation)
-                        ):
-                            raise ValueError("must be a number or text, not true or false")
-                    except ValueError as exc:
-                        raise PydanticCustomError(
-                            "unstorable_value", "{reason}", {"field": key, "reason": str(exc)}
-                        ) from None
-        return data
+            return self
+        for key, value in self.__dict__.items():
+            if isinstance(value, str | dict | list | float):
+                try:
+                    check_json_value(value)
+                except ValueError as exc:
+                    raise PydanticCustomError(
+                        "unstorable_value", "{reason}", {"field": key, "reason": str(exc)}
+                    ) from None
+        return self
 
 
 class Message(_Input):
@@ -262,7 +256,7 @@ class StoredMessage(BaseModel):
 class _MemoryBase(_Input):
     tags: Tags = Field(default_factory=list)
     metadata: Metadata = Field(default_factory=dict)
-    importance: float = Field(default=0.5, ge=0.0, le=1.0, description="Salience in [0, 1].")
+    importance: StrictFloat = Field(default=0.5, ge=0.0, le=1.0, description="Salience in [0, 1].")
     session_id: SessionId | None = None
     model: ModelRef | None = Field(
         default=None,
@@ -280,14 +274,14 @@ class Conversation(_MemoryBase):
 class Fact(_MemoryBase):
     type: Literal[MemoryType.FACT] = MemoryType.FACT
     statement: Annotated[str, NonBlank, StringConstraints(max_length=MAX_FACT_CHARS)]
-    confidence: float = Field(default=0.7, ge=0.0, le=1.0)
+    confidence: StrictFloat = Field(default=0.7, ge=0.0, le=1.0)
     source: Annotated[str, StringConstraints(max_length=500)] | None = None
     kind: FactKind = FactKind.PERMANENT
 
 
 class ImageSize(_Input):
-    width: int = Field(ge=1, le=32_768)
-    height: int = Field(ge=1, le=32_768)
+    width: StrictInt = Field(ge=1, le=32_768)
+    height: StrictInt = Field(ge=1, le=32_768)
 
 
 class Image(_MemoryBase):
@@ -299,9 +293,9 @@ class Image(_MemoryBase):
     generator: Annotated[str, StringConstraints(max_length=200)] | None = Field(
         default=None, description="Image model that made it, e.g. RealVisXL_V5.0."
     )
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    steps: int | None = Field(default=None, ge=1, le=10_000)
-    guidance_scale: float | None = Field(default=None, ge=0.0, le=100.0)
+    seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
+    steps: StrictInt | None = Field(default=None, ge=1, le=10_000)
+    guidance_scale: StrictFloat | None = Field(default=None, ge=0.0, le=100.0)
     size: ImageSize | None = None
     scheduler: Annotated[str, StringConstraints(max_length=100)] | None = None
     controlnet: Metadata | None = Field(default=None, description="ControlNet settings.")
@@ -311,8 +305,8 @@ class Image(_MemoryBase):
 
 
 class Segment(_Input):
-    start: float = Field(ge=0.0, le=1e7)
-    end: float = Field(ge=0.0, le=1e7)
+    start: StrictFloat = Field(ge=0.0, le=1e7)
+    end: StrictFloat = Field(ge=0.0, le=1e7)
     text: Annotated[str, NonBlank, StringConstraints(max_length=MAX_MESSAGE_CHARS)]
     speaker: Annotated[str, StringConstraints(max_length=200)] | None = None
 
@@ -327,7 +321,7 @@ class Transcription(_MemoryBase):
     type: Literal[MemoryType.TRANSCRIPTION] = MemoryType.TRANSCRIPTION
     text: Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)] = ""
     segments: list[Segment] = Field(default_factory=list, max_length=MAX_SEGMENTS)
-    duration_seconds: float | None = Field(default=None, ge=0.0, le=1e7)
+    duration_seconds: StrictFloat | None = Field(default=None, ge=0.0, le=1e7)
     language: str | None = Field(
         default=None, description="ISO 639-1 code; detected from the text when not given."
     )
@@ -373,10 +367,10 @@ class MemoryUpdate(_Input):
 
     tags: Tags | None = None
     metadata: Metadata | None = None
-    importance: float | None = Field(default=None, ge=0.0, le=1.0)
+    importance: StrictFloat | None = Field(default=None, ge=0.0, le=1.0)
     title: Annotated[str, StringConstraints(max_length=MAX_TITLE_CHARS)] | None = None
     statement: Annotated[str, NonBlank, StringConstraints(max_length=MAX_FACT_CHARS)] | None = None
-    confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+    confidence: StrictFloat | None = Field(default=None, ge=0.0, le=1.0)
     kind: FactKind | None = None
     text: Annotated[str, NonBlank, StringConstraints(max_length=MAX_TEXT_CHARS)] | None = None
 
