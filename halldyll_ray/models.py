@@ -195,9 +195,11 @@ def iso_time_only(value: object) -> object:
 UtcDateTime = Annotated[datetime, BeforeValidator(iso_time_only), AfterValidator(_as_utc)]
 
 
-#: Numbers of an input: JSON true/false is not a number (pydantic's lax mode reads it as 1/0).
+#: Numbers and flags of an input: JSON true/false is not a number (pydantic's lax mode reads it
+#: as 1/0), nor "3" a count.
 StrictFloat = Annotated[float, Strict()]
 StrictInt = Annotated[int, Strict()]
+StrictBool = Annotated[bool, Strict()]
 
 #: Validation context of data read back from storage (a row, a cached result): it passed the
 #: input checks when it was written, so :class:`_Input` does not walk it again.

@@ -23,7 +23,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    Strict,
     TypeAdapter,
     ValidationError,
 )
@@ -40,6 +39,9 @@ from halldyll_ray.models import (
     SearchMode,
     SearchResult,
     SessionId,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
     Tags,
     iso_time_only,
 )
@@ -76,10 +78,6 @@ MAX_CONTEXT_TOKENS = 1_000_000
 
 #: A time in a request: ISO 8601 only; naive means UTC (the engine's rule).
 IsoDateTime = Annotated[datetime, BeforeValidator(iso_time_only)]
-#: Numbers and flags in a JSON body: a JSON ``false`` is not a number, nor ``"3"`` a count.
-StrictInt = Annotated[int, Strict()]
-StrictFloat = Annotated[float, Strict()]
-StrictBool = Annotated[bool, Strict()]
 
 
 #: An AI model's name or id: 1-200 characters, not blank.
