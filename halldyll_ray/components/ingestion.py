@@ -53,8 +53,8 @@ from halldyll_ray.models import (
 )
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
+from halldyll_ray.textproc import CHUNK_TOKENS, token_windows
 from halldyll_ray.textproc import fact_key as make_fact_key
-from halldyll_ray.textproc import token_windows
 
 MESSAGES: TypeAdapter[list[Message]] = TypeAdapter(list[Message])
 _UPDATE: TypeAdapter[MemoryUpdate] = TypeAdapter(MemoryUpdate)
@@ -90,6 +90,11 @@ class Chunker:
         self.encoder = encoder
 
     def split(self, text: str) -> list[str]:
+        if len(text) <= CHUNK_TOKENS:
+            # Every token covers at least one character, so a text this short is one chunk:
+            # no tokenizing it here before the model tokenizes it again (most messages).
+            stripped = text.strip()
+            return [stripped] if stripped else []
         return token_windows(text, self.encoder.token_offsets(text))
 
     def part(self, part: str, index: int, text: str) -> list[Chunk]:
