@@ -61,7 +61,6 @@ import os
 import platform
 import random
 import shlex
-import socket
 import sys
 import time
 import uuid
@@ -451,10 +450,6 @@ class Bench:
 
 
 # --------------------------------------------------------------------------- setup
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _fresh_database(server: Any, database: str, dimension: int) -> str:
@@ -516,8 +511,9 @@ def _start_serve(settings_env: dict[str, str]) -> tuple[str, Any]:
     from ray import serve
 
     from halldyll_ray.serve import build_app
+    from halldyll_ray.serve_local import free_port
 
-    port = _free_port()
+    port = free_port()
     ray.init(
         address="local",
         num_cpus=8,  # logical: six single-replica deployments on a small machine, as the tests

@@ -44,7 +44,6 @@ MODES = {
 
 def measure(requests: int) -> dict[str, float]:
     """In this process: start Ray and the trivial app, time the routes, stop."""
-    import socket
 
     import httpx
     import ray
@@ -74,9 +73,9 @@ def measure(requests: int) -> dict[str, float]:
             body = await self.inner.remote(b"{}")  # type: ignore[attr-defined]
             return Response(body, media_type="application/json")
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from halldyll_ray.serve_local import free_port
+
+    port = free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

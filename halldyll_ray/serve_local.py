@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -106,8 +107,44 @@ class LocalPorts:
         )
 
 
+# Listening ports are picked below the kernel's ephemeral range (Linux: 32768-60999,
+# /proc/sys/net/ipv4/ip_local_port_range) and below Serve's direct-ingress range (30000-31000).
+# A port the kernel picked with bind(0) comes from the ephemeral range: between the pick and
+# the server's own bind, one of the hundreds of outgoing connections Ray opens at start can take
+# it as its source port, and the server fails with "Address already in use" (it happened in CI).
+_PORT_RANGE = (20000, 30000)
+_EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS uses 49152 and above
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the kernel's pick)."""
+    """A TCP port free on 127.0.0.1 now, outside the kernel's ephemeral range.
+
+    Returns a port in 20000-29999 (below the ephemeral range, so no outgoing connection takes
+    it before the server binds it); where the ephemeral range reaches down there, or all the
+    ports tried are taken, the kernel's pick.
+    """
+    low, high = _PORT_RANGE
+    high = min(high, _ephemeral_low())
+    if high > low:
+        for candidate in random.sample(range(low, high), min(200, high - low)):
+            if _bindable(candidate):
+                return candidate
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         port: int = sock.getsockname()[1]

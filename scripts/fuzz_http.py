@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,12 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _admin_key(database_url: str) -> str:
@@ -59,6 +52,7 @@ def main() -> int:
     from ray import serve
 
     from halldyll_ray.serve import build_app
+    from halldyll_ray.serve_local import free_port
     from halldyll_ray.storage.embedded import EmbeddedPostgres
     from halldyll_ray.storage.migrate import apply_migrations
 
@@ -68,7 +62,7 @@ def main() -> int:
         try:
             asyncio.run(apply_migrations(url, embedding_dimension=384))
             key = asyncio.run(_admin_key(url))
-            port = _free_port()
+            port = free_port()
             ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             serve.run(build_app({"settings": {"DATABASE_URL": url}}), name="fuzz", route_prefix="/")

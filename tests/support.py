@@ -16,18 +16,13 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from halldyll_ray import Settings
+from halldyll_ray.serve_local import free_port
 
 
 def with_database(url: str, database: str) -> str:
     """The same server URL pointing at another database (keeps ?host= for sockets)."""
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _redis_ping(host: str, port: int) -> bool:
@@ -51,7 +46,7 @@ class RedisServer:
             )
         self.binary = binary
         self.directory = directory
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from support import _free_port
+from support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = {"127.0.0.1", "::1"}
@@ -65,10 +65,10 @@ def _postmaster(data_dir: Path) -> int | None:
 def launch(tmp_path: Path) -> Iterator[dict[str, object]]:
     """Start the launcher; after the test, kill whatever it left (the test fails first)."""
     ports = {
-        "HALLDYLL_HTTP_PORT": _free_port(),
-        "RAY_SERVE_HAPROXY_STATS_PORT": _free_port(),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": _free_port(),
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": _free_port(),
+        "HALLDYLL_HTTP_PORT": free_port(),
+        "RAY_SERVE_HAPROXY_STATS_PORT": free_port(),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": free_port(),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": free_port(),
     }
     data_dir = tmp_path / "data"
     env = {

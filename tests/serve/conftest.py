@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from support import _free_port, scratch_database
+from support import free_port, scratch_database
 
 from halldyll_ray import MemoryEngine, Settings
 
@@ -28,7 +28,7 @@ def ray_serve(serve_db: str, redis_url: str) -> Iterator[dict[str, Any]]:
 
     from halldyll_ray.serve import build_app
 
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     # HAProxy's stats and metrics ports and the fallback proxy's are fixed by default (8404, 9101,
     # 8500): free ones, so this session does not collide with another app on this machine.
     for name in (
@@ -36,7 +36,7 @@ def ray_serve(serve_db: str, redis_url: str) -> Iterator[dict[str, Any]]:
         "RAY_SERVE_HAPROXY_METRICS_PORT",
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
     ):
-        os.environ.setdefault(name, str(_free_port()))
+        os.environ.setdefault(name, str(free_port()))
     # Logical CPUs: six deployments of one replica each on a 2-core machine.
     ray.init(
         num_cpus=8,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
-import socket
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +35,7 @@ from halldyll_ray.models import (
     Summary,
     Transcription,
 )
+from halldyll_ray.serve_local import free_port
 
 
 def _name(prefix: str) -> str:
@@ -283,14 +283,8 @@ async def test_sync_client(ray_serve: dict[str, Any], admin_key: str) -> None:
 
 
 # --------------------------------------------------------------------------- offline
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_connection_error_is_unavailable() -> None:
-    url = f"http://127.0.0.1:{_closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     async with AsyncHalldyllClient(url, "k", timeout=5) as client:
         with pytest.raises(Unavailable, match="GET /healthz"):
             await client.healthz()

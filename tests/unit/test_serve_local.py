@@ -6,14 +6,18 @@ The whole launcher (start, ports, stop on each signal) is tests/ops/test_serve_s
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
+from halldyll_ray import serve_local
 from halldyll_ray.serve_env import SERVE_ENVIRONMENT
 from halldyll_ray.serve_local import (
     LocalPorts,
+    free_port,
     local_config,
     local_environment,
     ready_line,
@@ -61,6 +65,31 @@ def test_ports_come_from_the_environment_or_are_free() -> None:
         LocalPorts.choose({"RAY_SERVE_HAPROXY_STATS_PORT": "1234"}, http_default=1).haproxy_stats
         == 1234
     )
+
+
+def test_free_ports_are_outside_the_ephemeral_range_and_bindable() -> None:
+    # A port from the kernel's ephemeral range can be taken as the source port of an outgoing
+    # connection between the pick and the server's bind (CI saw HAProxy fail that way).
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(50)]
+    assert all(20000 <= p < min(30000, low) for p in ports), ports
+    assert len(set(ports)) > 1  # random, so two test sessions rarely pick the same one
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports[0]))  # it was free: the pick keeps nothing bound
+
+
+def test_a_port_in_use_is_never_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        held = sock.getsockname()[1]
+        # the only candidate is taken: the kernel's pick instead
+        monkeypatch.setattr(serve_local, "_PORT_RANGE", (held, held + 1))
+        monkeypatch.setattr(serve_local, "_ephemeral_low", lambda: 65536)
+        port = free_port()
+        assert port != held
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", port))
 
 
 def test_the_environment_is_the_serve_environment_plus_loopback(tmp_path: Path) -> None:
