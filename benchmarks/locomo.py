@@ -46,10 +46,23 @@ DATA = ROOT.parent / "shared" / "bench" / "locomo" / "locomo-dev.json"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _sessions(conversation: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+def _sessions(
+    conversation: dict[str, Any],
+) -> list[tuple[str, datetime | None, list[dict[str, Any]]]]:
+    """(name, date, turns) of each session; the date as LoCoMo writes it, "1:56 pm on 8 May,
+    2023", read as UTC."""
     keys = [k for k in conversation if k.startswith("session_") and not k.endswith("date_time")]
     keys.sort(key=lambda k: int(k.split("_")[1]))
-    return [(k, conversation[k]) for k in keys if conversation[k]]
+    out = []
+    for key in keys:
+        if not conversation[key]:
+            continue
+        written = conversation.get(f"{key}_date_time")
+        when = None
+        if written:
+            when = datetime.strptime(written, "%I:%M %p on %d %B, %Y").replace(tzinfo=UTC)
+        out.append((key, when, conversation[key]))
+    return out
 
 
 async def _ingest(engine: Any, sample: dict[str, Any], layout: str) -> tuple[Any, dict, int]:
@@ -61,12 +74,13 @@ async def _ingest(engine: Any, sample: dict[str, Any], layout: str) -> tuple[Any
     user = await engine.create_user(f"locomo{uuid.uuid4().hex[:8]}", None, "user")
     where: dict[tuple[Any, int], str] = {}
     turns = 0
-    for name, session in _sessions(conversation):
+    for name, when, session in _sessions(conversation):
         messages = [
             Message(
                 role="user" if turn["speaker"] == speaker_a else "assistant",
                 name=turn["speaker"],
                 content=turn["text"] or "(a photo)",
+                created_at=when,
             )
             for turn in session
         ]
@@ -111,7 +125,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             if qa["category"] == 5 or not qa.get("evidence"):
                                 continue
                             t0 = time.perf_counter()
-                            hits = await engine.search(user.id, qa["question"], 10, mode=mode)
+                            hits = await engine.search(
+                                user.id, qa["question"], 10, mode=mode, group=args.group
+                            )
                             latencies.append((time.perf_counter() - t0) * 1000)
                             found = [
                                 where.get((h.memory.id, h.matched.index), "")
@@ -127,7 +143,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                 )
                             )
                     rows = [row for rows in per_category.values() for row in rows]
-                    results[f"{layout}/{mode}"] = {
+                    results[f"{layout}/{mode}/{args.group}"] = {
                         "questions": len(rows),
                         "recall@5": round(statistics.fmean(r[0] for r in rows), 3),
                         "recall@10": round(statistics.fmean(r[1] for r in rows), 3),
@@ -140,7 +156,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         "search_p95_ms": round(statistics.quantiles(latencies, n=20)[-1], 2),
                         "ingest_turns_per_s": round(turns / ingest_s, 1),
                     }
-                    print(f"{layout}/{mode}: {results[f'{layout}/{mode}']}", flush=True)
+                    name = f"{layout}/{mode}/{args.group}"
+                    print(f"{name}: {results[name]}", flush=True)
     return results
 
 
@@ -148,6 +165,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layouts", nargs="+", default=["session", "turn"])
     parser.add_argument("--modes", nargs="+", default=["semantic", "hybrid", "fulltext"])
+    parser.add_argument("--group", choices=["part", "memory"], default="part")
     parser.add_argument("--out", type=Path, default=RESULTS / "locomo.json")
     args = parser.parse_args()
     if not DATA.exists():
@@ -167,8 +185,8 @@ def main() -> int:
         "",
         f"Machine: {meta['machine']}. Command: `{meta['command']}`.",
         "",
-        "| layout/mode | questions | recall@5 | recall@10 | any-hit@10 | cat 1 / 2 / 3 / 4 @10 "
-        "| search p50 / p95 ms | ingest turns/s |",
+        "| layout/mode/group | questions | recall@5 | recall@10 | any-hit@10 "
+        "| cat 1 / 2 / 3 / 4 @10 | search p50 / p95 ms | ingest turns/s |",
         "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: |",
     ]
     for name, r in results.items():

@@ -260,7 +260,7 @@ class AuthorizedEngine:
         query: str,
         limit: int | None = None,
         *,
-        mode: SearchMode | str = SearchMode.SEMANTIC,
+        mode: SearchMode | str | None = None,
         types: Iterable[MemoryType | str] | None = None,
         **filters: Any,
     ) -> list[SearchResult]:

@@ -74,6 +74,20 @@ class Settings(BaseSettings):
     )
     embedding_batch_size: int = Field(default=32, ge=1, le=1024)
     search_top_k: int = Field(default=10, ge=1, le=1000)
+    search_mode: Literal["semantic", "hybrid", "fulltext"] = Field(
+        default="hybrid",
+        description="Default search mode. hybrid: vector and BM25 full-text lists fused by "
+        "reciprocal rank; on the LoCoMo development split it finds more evidence turns than "
+        "either alone (benchmarks/results/locomo.md).",
+    )
+    hybrid_semantic_weight: float = Field(
+        default=0.4,
+        ge=0.0,
+        le=1.0,
+        description="Hybrid ranking: weight of the cosine similarity; the BM25 share of the "
+        "query's weight gets the rest. 0.4 was best on the LoCoMo development split (flat "
+        "from 0.3 to 0.45).",
+    )
     similarity_threshold: float = Field(default=DEFAULT_SIMILARITY_THRESHOLD, ge=-1.0, le=1.0)
     hnsw_ef_search: int = Field(
         default=100,

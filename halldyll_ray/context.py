@@ -46,6 +46,9 @@ class Candidate:
     salience: float = 0.5
     score: float = 0.0
     dedupe_key: str = field(default="")
+    #: Which part of the memory the text is ("message:3"): two turns of one conversation
+    #: are two candidates, the same turn found twice is one.
+    part: str = ""
 
 
 def recency(created_at: datetime | None, now: datetime, half_life_days: float) -> float:
@@ -95,6 +98,7 @@ def rank(
                 salience=candidate.salience,
                 score=score,
                 dedupe_key=candidate.dedupe_key or normalize_statement(candidate.text),
+                part=candidate.part,
             )
         )
     scored.sort(key=lambda c: (-c.score, str(c.memory_id), c.text))
@@ -102,13 +106,14 @@ def rank(
 
 
 def dedupe(candidates: Sequence[Candidate], seen: set[str] | None = None) -> list[Candidate]:
-    """Keep the first candidate per memory id and per normalised text."""
+    """Keep the first candidate per part of a memory (memory id and part) and per normalised
+    text."""
     seen = set() if seen is None else seen
     kept = []
     for candidate in candidates:
         keys = {candidate.dedupe_key or normalize_statement(candidate.text)}
         if candidate.memory_id is not None and candidate.section in (FACTS, MEMORIES, SUMMARY):
-            keys.add(f"id:{candidate.memory_id}")
+            keys.add(f"id:{candidate.memory_id}:{candidate.part}")
         if keys & seen:
             continue
         seen |= keys

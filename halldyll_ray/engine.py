@@ -55,6 +55,7 @@ from halldyll_ray.models import (
     Page,
     Principal,
     Role,
+    SearchGroup,
     SearchMode,
     SearchResult,
     StoredMemory,
@@ -454,7 +455,7 @@ class MemoryEngine:
         query: str,
         limit: int | None = None,
         *,
-        mode: SearchMode | str = SearchMode.SEMANTIC,
+        mode: SearchMode | str | None = None,
         types: Iterable[MemoryType | str] | None = None,
         model: UUID | str | None = None,
         include_shared: bool = True,
@@ -463,6 +464,7 @@ class MemoryEngine:
         since: datetime | None = None,
         until: datetime | None = None,
         threshold: float | None = None,
+        group: SearchGroup | str = SearchGroup.PART,
     ) -> list[SearchResult]:
         """Search the user's memories (SPEC §4.4).
 
@@ -470,16 +472,21 @@ class MemoryEngine:
             user_id: Whose memories; nothing of another user is read, ranked or cached.
             query: Natural-language text (1-4000 characters).
             limit: How many results (default SEARCH_TOP_K, at most 100).
-            mode: ``semantic`` (with full-text fallback), ``hybrid`` (rank fusion) or
-                ``fulltext``.
+            mode: ``hybrid`` (the vector and BM25 full-text lists fused by reciprocal rank),
+                ``semantic`` (with full-text fallback) or ``fulltext``; None: SEARCH_MODE
+                (default ``hybrid``).
             types, model, include_shared, session_id, tags, since, until: Filters. With
                 ``model``, the model's memories plus the user's shared ones (unless
                 ``include_shared`` is False).
             threshold: Minimum cosine similarity of a semantic hit (SIMILARITY_THRESHOLD).
+            group: ``part`` (default): a result per matching part (message, segment ...), so
+                one conversation can answer with several turns; ``memory``: a result per
+                memory, its best part.
 
         Returns:
-            At most ``limit`` results, best first, each with its score, the matched part and
-            the memory.
+            At most ``limit`` results, best first, each with its score, the matched part
+            (``matched.part`` and ``matched.index``: which message, segment ...) and the
+            memory.
 
         Raises:
             InvalidInput: a bad query, limit, mode, threshold or filter.
@@ -498,6 +505,7 @@ class MemoryEngine:
             since=since,
             until=until,
             threshold=threshold,
+            group=group,
         )
 
     # ------------------------------------------------------------------ context

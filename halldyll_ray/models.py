@@ -103,6 +103,19 @@ class SearchMode(StrEnum):
     FULLTEXT = "fulltext"
 
 
+class SearchGroup(StrEnum):
+    """What one search result stands for.
+
+    ``part``: one matching part (a message of a conversation, a segment of a transcription, a
+    fact's statement ...): a memory can come back several times, once per part that earns a
+    place, so ten hits can show ten turns of one long conversation. ``memory``: the best part of
+    each memory only, one result per memory.
+    """
+
+    PART = "part"
+    MEMORY = "memory"
+
+
 def _check_tags(tags: list[str]) -> list[str]:
     seen: dict[str, None] = {}
     for tag in tags:

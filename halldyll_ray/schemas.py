@@ -36,6 +36,7 @@ from halldyll_ray.models import (
     Message,
     ModelKind,
     Role,
+    SearchGroup,
     SearchMode,
     SearchResult,
     SessionId,
@@ -154,7 +155,11 @@ class SearchRequest(_Request):
 
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
     limit: StrictInt | None = Field(default=None, ge=1, le=MAX_SEARCH_LIMIT)
-    mode: SearchMode = SearchMode.SEMANTIC
+    mode: SearchMode | None = Field(
+        default=None,
+        description="hybrid, semantic or fulltext; the server's SEARCH_MODE "
+        "(default hybrid) when absent.",
+    )
     types: list[MemoryType] | None = None
     model: ModelName | None = None
     include_shared: StrictBool = True
@@ -163,6 +168,11 @@ class SearchRequest(_Request):
     since: IsoDateTime | None = None
     until: IsoDateTime | None = None
     threshold: StrictFloat | None = Field(default=None, ge=-1, le=1)
+    group: SearchGroup = Field(
+        default=SearchGroup.PART,
+        description="part: a result per matching message/segment/part (a conversation can "
+        "answer with several turns); memory: a result per memory, its best part.",
+    )
 
 
 class SearchResponse(BaseModel):

@@ -34,6 +34,7 @@ from halldyll_ray.models import (
     NewApiKey,
     Page,
     Role,
+    SearchGroup,
     SearchMode,
     SearchResult,
     StoredMemory,
@@ -366,7 +367,7 @@ class AsyncHalldyllClient:
         *,
         user_id: Id = "me",
         limit: int | None = None,
-        mode: SearchMode | str = SearchMode.SEMANTIC,
+        mode: SearchMode | str | None = None,
         types: Sequence[MemoryType | str] | None = None,
         model: str | None = None,
         include_shared: bool = True,
@@ -375,6 +376,7 @@ class AsyncHalldyllClient:
         since: datetime | None = None,
         until: datetime | None = None,
         threshold: float | None = None,
+        group: SearchGroup | str = SearchGroup.PART,
     ) -> list[SearchResult]:
         """The memories most relevant to a query, best first.
 
@@ -382,7 +384,8 @@ class AsyncHalldyllClient:
             query: What to look for.
             user_id: Whose memories.
             limit: How many results (the server's ``SEARCH_TOP_K`` when None).
-            mode: ``semantic`` (full-text fallback), ``hybrid`` or ``fulltext``.
+            mode: ``hybrid``, ``semantic`` (full-text fallback) or ``fulltext``; the
+                server's ``SEARCH_MODE`` (default ``hybrid``) when None.
             types: Only these memory types.
             model: This registered model's memories...
             include_shared: ...plus the shared ones.
@@ -391,6 +394,8 @@ class AsyncHalldyllClient:
             since: Created at or after this time.
             until: Created before this time.
             threshold: Minimum cosine similarity (the server's default when None).
+            group: ``part``: a result per matching message/segment (several per memory when
+                they earn it); ``memory``: a result per memory.
         """
         return await self._send(
             Endpoints.search(
@@ -407,6 +412,7 @@ class AsyncHalldyllClient:
                     since=since,
                     until=until,
                     threshold=threshold,
+                    group=group,
                 ),
                 user_id=user_id,
             )

@@ -30,6 +30,7 @@ from halldyll_ray.models import (
     NewApiKey,
     Page,
     Role,
+    SearchGroup,
     SearchMode,
     SearchResult,
     StoredMemory,
@@ -268,7 +269,7 @@ class HalldyllClient:
         *,
         user_id: Id = "me",
         limit: int | None = None,
-        mode: SearchMode | str = SearchMode.SEMANTIC,
+        mode: SearchMode | str | None = None,
         types: Sequence[MemoryType | str] | None = None,
         model: str | None = None,
         include_shared: bool = True,
@@ -277,6 +278,7 @@ class HalldyllClient:
         since: datetime | None = None,
         until: datetime | None = None,
         threshold: float | None = None,
+        group: SearchGroup | str = SearchGroup.PART,
     ) -> list[SearchResult]:
         """The most relevant memories; see :meth:`AsyncHalldyllClient.search`."""
         return self._send(
@@ -294,6 +296,7 @@ class HalldyllClient:
                     since=since,
                     until=until,
                     threshold=threshold,
+                    group=group,
                 ),
                 user_id=user_id,
             )

@@ -176,7 +176,7 @@ class AgentLoop:
         if not text:
             text = "(no content yet)"
         chunks = self.ingestion.chunker.part("text", 0, text)
-        vectors = await self.embeddings.embed([c.text for c in chunks])
+        vectors = await self.embeddings.embed([c.indexed for c in chunks])
         payload = {"covers": [str(conversation_id)]}
         async with self.db.scoped(user_id) as conn:
             await lock_user(conn, user_id)

@@ -16,16 +16,54 @@ from halldyll_ray.models import Message, MessageRole, StoredMessage
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import q, query
 
+_MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+
 
 @dataclass(frozen=True)
 class Chunk:
     """One embedded piece of a memory: which part (``message``, ``title``, ``text`` ...),
-    which instance of it (a message's seq, a segment's index) and which chunk of that part."""
+    which instance of it (a message's seq, a segment's index) and which chunk of that part.
+
+    A message's chunks carry a ``label``, who said it and when ("Caroline 8 May 2023"), that
+    the embedding reads before the text (:attr:`indexed`) and the full-text index reads with
+    it (migration 0007); ``text`` alone is what a search reports as matched. Measured on the
+    LoCoMo development split (``benchmarks/locomo.py``, semantic recall@10): text alone 0.30,
+    with the speaker 0.48, with the speaker and the date 0.53.
+    """
 
     part: str
     part_index: int
     chunk_index: int
     text: str
+    label: str | None = None
+
+    @property
+    def indexed(self) -> str:
+        """What the encoder embeds: ``"<label>: <text>"``, or the text without a label."""
+        return f"{self.label}: {self.text}" if self.label else self.text
+
+
+def message_label(name: str | None, said_at: datetime) -> str:
+    """The label of a message's chunks: its speaker's name (if any) and its UTC
+    date, e.g. ``"Caroline 8 May 2023"``; English month names, whatever the locale.
+    Migration 0007 writes the same for messages stored before it."""
+    day = said_at.astimezone(UTC)
+    date = f"{day.day} {_MONTHS[day.month - 1]} {day.year}"
+    speaker = (name or "").strip()
+    return f"{speaker} {date}" if speaker else date
 
 
 async def lock_user(conn: asyncpg.Connection, user_id: UUID) -> None:
@@ -64,6 +102,7 @@ async def insert_chunks(
                 part_index=c.part_index,
                 chunk_index=c.chunk_index,
                 content=c.text,
+                label=c.label,
                 embedding=vectors[i],
             )
             for i, c in enumerate(chunks)

@@ -199,6 +199,7 @@ class ContextBuilder:
                     similarity=max(0.0, hit.similarity or 0.0),
                     created_at=stored.created_at,
                     salience=salience,
+                    part=f"{hit.matched.part}:{hit.matched.index}",
                 )
             )
         ranked = ctx.rank(

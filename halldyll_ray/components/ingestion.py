@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -26,6 +26,7 @@ from halldyll_ray.components.base import (
     insert_chunks,
     insert_messages,
     lock_user,
+    message_label,
     require_user,
 )
 from halldyll_ray.components.embeddings import Embeddings
@@ -100,14 +101,23 @@ class Chunker:
     def part(self, part: str, index: int, text: str) -> list[Chunk]:
         return [Chunk(part, index, j, piece) for j, piece in enumerate(self.split(text))]
 
+    def message(self, seq: int, message: Message, now: datetime) -> list[Chunk]:
+        """A message's chunks, labelled with its speaker and date (``now`` if it has none)."""
+        label = message_label(message.name, message.created_at or now)
+        return [
+            Chunk("message", seq, j, piece, label)
+            for j, piece in enumerate(self.split(message.content))
+        ]
+
     def of(self, memory: Memory) -> list[Chunk]:
         """The embedded pieces of a memory, part by part."""
         chunks: list[Chunk] = []
         if isinstance(memory, Conversation):
             if memory.title and memory.title.strip():
                 chunks += self.part("title", 0, memory.title)
+            now = datetime.now(UTC)
             for seq, message in enumerate(memory.messages):
-                chunks += self.part("message", seq, message.content)
+                chunks += self.message(seq, message, now)
         elif isinstance(memory, Image):
             chunks += self.part("prompt", 0, memory.prompt)
         elif isinstance(memory, Transcription):
@@ -162,7 +172,7 @@ class Ingestion:
         if isinstance(memory, Fact):
             return await self._store_fact(user_id, memory, model_id, request_id=request_id)
         chunks = self.chunker.of(memory)
-        vectors = await self.embeddings.embed([chunk.text for chunk in chunks])
+        vectors = await self.embeddings.embed([chunk.indexed for chunk in chunks])
         memory_id = uuid.uuid4()
         content, payload = split(memory)
         async with self.db.scoped(user_id) as conn:
@@ -200,7 +210,7 @@ class Ingestion:
     ) -> StoredMemory:
         key = make_fact_key(fact.statement)
         chunks = self.chunker.of(fact)
-        vectors = await self.embeddings.embed([c.text for c in chunks])
+        vectors = await self.embeddings.embed([c.indexed for c in chunks])
         vector = vectors[0]  # near-duplicates are judged on the statement's first chunk
         ttl = timedelta(days=self.settings.ephemeral_fact_ttl_days)
         promote = self.settings.fact_promotion_confidence
@@ -354,15 +364,14 @@ class Ingestion:
         self, messages: Sequence[Message]
     ) -> Callable[[int], tuple[list[Chunk], np.ndarray]]:
         """Embed messages before the transaction; return a function placing them at seq n."""
+        now = datetime.now(UTC)
         pieces = [
-            (i, j, text)
-            for i, m in enumerate(messages)
-            for j, text in enumerate(self.chunker.split(m.content))
+            (i, chunk) for i, m in enumerate(messages) for chunk in self.chunker.message(0, m, now)
         ]
-        vectors = await self.embeddings.embed([text for _, _, text in pieces])
+        vectors = await self.embeddings.embed([chunk.indexed for _, chunk in pieces])
 
         def at(first_seq: int) -> tuple[list[Chunk], np.ndarray]:
-            chunks = [Chunk("message", first_seq + i, j, text) for i, j, text in pieces]
+            chunks = [replace(chunk, part_index=first_seq + i) for i, chunk in pieces]
             return chunks, vectors
 
         return at
@@ -413,7 +422,7 @@ class Ingestion:
             else:
                 part = "text"
             chunks = self.chunker.part("text", 0, update.text)
-        vectors = await self.embeddings.embed([c.text for c in chunks]) if chunks else None
+        vectors = await self.embeddings.embed([c.indexed for c in chunks]) if chunks else None
         expires_at = None
         if update.kind is FactKind.EPHEMERAL:
             expires_at = datetime.now(UTC) + timedelta(days=self.settings.ephemeral_fact_ttl_days)

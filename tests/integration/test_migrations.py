@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from halldyll_ray import MigrationError, Settings
+from halldyll_ray.components.base import message_label
 from halldyll_ray.storage.migrate import Migration, apply_migrations, check_schema, load_migrations
 
 EXPECTED_TABLES = {
@@ -147,3 +149,55 @@ async def test_server_without_pgvector_gets_a_clear_error() -> None:
     engine = MemoryEngine(Settings.from_env(database_url=url))
     with pytest.raises(MigrationError):
         await engine.initialize()
+
+
+async def test_messages_stored_before_0007_get_their_speaker_and_date_label(fresh_db: str) -> None:
+    before = [m for m in load_migrations() if m.version < 7]
+    await apply_migrations(fresh_db, embedding_dimension=384, migrations=before)
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        user = await conn.fetchval(
+            "INSERT INTO users (id, username, role) VALUES (gen_random_uuid(), 'old', 'user')"
+            " RETURNING id"
+        )
+        memory = await conn.fetchval(
+            "INSERT INTO memories (id, user_id, type)"
+            " VALUES (gen_random_uuid(), $1, 'conversation') RETURNING id",
+            user,
+        )
+        await conn.execute(
+            "INSERT INTO conversation_messages (memory_id, seq, role, name, content, created_at)"
+            " VALUES ($1, 0, 'user', 'Caroline', 'I went to a support group', $2),"
+            "        ($1, 1, 'assistant', NULL, 'How was it?', $2)",
+            memory,
+            datetime(2023, 5, 8, 23, 56, tzinfo=UTC),
+        )
+        zero = "[" + ",".join(["0"] * 384) + "]"
+        for seq, text in enumerate(["I went to a support group", "How was it?"]):
+            await conn.execute(
+                "INSERT INTO memory_chunks (memory_id, user_id, type, part, part_index, content,"
+                " embedding) VALUES ($1, $2, 'conversation', 'message', $3, $4, $5::vector)",
+                memory,
+                user,
+                seq,
+                text,
+                zero,
+            )
+        await apply_migrations(fresh_db, embedding_dimension=384)
+        rows = await conn.fetch(
+            "SELECT part_index, label, content, tsv @@ 'caroline'::tsquery AS named,"
+            " tsv @@ 'may'::tsquery AS dated FROM memory_chunks ORDER BY part_index"
+        )
+        # the label is what message_label() writes for new messages
+        assert (
+            [r["label"] for r in rows]
+            == [
+                message_label("Caroline", datetime(2023, 5, 8, 23, 56, tzinfo=UTC)),
+                message_label(None, datetime(2023, 5, 8, 23, 56, tzinfo=UTC)),
+            ]
+            == ["Caroline 8 May 2023", "8 May 2023"]
+        )
+        assert [r["content"] for r in rows] == ["I went to a support group", "How was it?"]
+        assert [(r["named"], r["dated"]) for r in rows] == [(True, True), (False, True)]
+    finally:
+        await conn.close()

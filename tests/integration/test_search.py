@@ -91,22 +91,23 @@ async def test_conversation_hit_names_the_message(engine: MemoryEngine, corpus):
     hits = await engine.search(user.id, "which mountain trail did we choose?", limit=1)
     assert hits[0].memory.id == stored[10].id
     assert hits[0].matched.part == "message" and hits[0].matched.index == 2
-    assert "Mount Tam" in hits[0].matched.text
-    assert hits[0].similarity == pytest.approx(hits[0].score)
+    assert hits[0].matched.text == "Great, let's take the trail up Mount Tam."
+    assert hits[0].source == "hybrid" and hits[0].similarity is not None
 
 
 async def test_threshold_and_fulltext_fallback(engine: MemoryEngine, corpus):
     user, stored = corpus
     # Nothing passes a threshold of 0.99; the word "lighthouse" still finds the image.
-    hits = await engine.search(user.id, "lighthouse", threshold=0.99)
+    hits = await engine.search(user.id, "lighthouse", threshold=0.99, mode="semantic")
     assert hits and hits[0].memory.id == stored[6].id
     assert hits[0].source == "fulltext"
     assert hits[0].similarity is not None and hits[0].similarity < 0.99
     # Semantic hits when they pass the threshold.
-    hits = await engine.search(user.id, "lighthouse")
+    hits = await engine.search(user.id, "lighthouse", mode="semantic")
     assert hits[0].source == "semantic" and hits[0].similarity >= 0.2
     # Gibberish: nothing semantic, nothing textual.
-    assert await engine.search(user.id, "qwzx vbnm plokij", threshold=0.5) == []
+    for mode in ("semantic", "hybrid", "fulltext"):
+        assert await engine.search(user.id, "qwzx vbnm plokij", threshold=0.5, mode=mode) == []
 
 
 async def test_hybrid_fuses_both_lists(engine: MemoryEngine, corpus):
@@ -114,9 +115,16 @@ async def test_hybrid_fuses_both_lists(engine: MemoryEngine, corpus):
     hits = await engine.search(user.id, "Mount Tam hiking trail", mode="hybrid", limit=3)
     assert hits[0].memory.id == stored[10].id
     assert hits[0].source == "hybrid"
-    # Reciprocal rank fusion: first in both lists gives 2/(60+1).
-    assert hits[0].score == pytest.approx(2 / 61, abs=1e-6)
+    # 0.4 x cosine + 0.6 x coverage: the semantic list alone would score the cosine only
+    assert hits[0].similarity is not None
+    assert hits[0].score > 0.4 * hits[0].similarity
+    alone = await engine.search(user.id, "Mount Tam hiking trail", mode="semantic", limit=1)
+    assert alone[0].score == pytest.approx(hits[0].similarity, abs=1e-6)
     assert all(a.score >= b.score for a, b in itertools.pairwise(hits))
+    # A part that holds only the query's common word ("Ada" is in most memories) scores
+    # below one that holds its rare words.
+    hits = await engine.search(user.id, "Ada bridge company", mode="hybrid", limit=3)
+    assert hits[0].memory.id == stored[3].id
 
 
 async def test_fulltext_mode_takes_query_text_literally(engine: MemoryEngine, corpus):
@@ -332,3 +340,97 @@ async def test_large_users_get_their_own_index(engine: MemoryEngine, database_ur
     for fact in facts[:5]:
         await engine.delete_memory(big.id, fact.id)
     assert await engine.ensure_user_indexes(min_rows=5) == {"created": [], "dropped": [big.id]}
+
+
+# --------------------------------------------------------------------------- turns
+SAID = datetime(2023, 5, 8, 13, 56, tzinfo=UTC)
+TALK = [
+    ("Caroline", "I went to an LGBTQ support group yesterday and it was so powerful."),
+    ("Melanie", "Wow, that's cool! What was the best part of it?"),
+    ("Caroline", "The transgender stories were inspiring, I felt accepted by the group."),
+    ("Melanie", "I painted a sunrise over the lake last week, my kids loved it."),
+    ("Caroline", "Your painting sounds lovely, I'd like to see it some day."),
+    ("Melanie", "Sure! I'm taking the kids camping in the mountains next month."),
+]
+
+
+@pytest.fixture
+async def talk(engine: MemoryEngine):
+    user = await engine.create_user(f"talk{uuid.uuid4().hex[:6]}", None, "user")
+    conversation = await engine.store_memory(
+        user.id,
+        Conversation(
+            title="session 1",
+            messages=[
+                Message(
+                    role="user" if name == "Caroline" else "assistant",
+                    name=name,
+                    content=text,
+                    created_at=SAID,
+                )
+                for name, text in TALK
+            ],
+        ),
+    )
+    await engine.store_memory(user.id, Fact(statement="Melanie's favourite coffee is a flat white"))
+    return user, conversation
+
+
+async def test_a_conversation_answers_with_each_turn_that_matches(engine: MemoryEngine, talk):
+    user, conversation = talk
+    for mode in ("semantic", "hybrid", "fulltext"):
+        hits = await engine.search(user.id, "Caroline support group accepted", 4, mode=mode)
+        turns = [h.matched.index for h in hits if h.memory.id == conversation.id]
+        # turns 0 and 2 both speak of the support group: both come back, once each
+        assert {0, 2} <= set(turns) and len(turns) == len(set(turns)), (mode, turns)
+        for hit in hits:
+            if hit.matched.part == "message":
+                assert hit.matched.text == TALK[hit.matched.index][1]  # the text, no label
+        grouped = await engine.search(
+            user.id, "Caroline support group accepted", 4, mode=mode, group="memory"
+        )
+        assert len({h.memory.id for h in grouped}) == len(grouped)
+        assert grouped[0].memory.id == conversation.id
+        assert grouped[0].matched.index == hits[0].matched.index  # its best part
+    with pytest.raises(InvalidInput, match="group") as err:
+        await engine.search(user.id, "anything", group="sentence")
+    assert err.value.field == "group"
+
+
+async def test_speakers_and_dates_are_findable(engine: MemoryEngine, talk):
+    user, conversation = talk
+    # No message says "Melanie": her turns are found by the speaker's name in their label.
+    hits = await engine.search(user.id, "Melanie", 10, mode="fulltext")
+    assert {h.matched.index for h in hits if h.memory.id == conversation.id} == {1, 3, 5}
+    # The date of the session, as a person would write it.
+    hits = await engine.search(user.id, "May 2023", 10, mode="fulltext")
+    assert {h.matched.index for h in hits if h.memory.id == conversation.id} == set(range(6))
+    # The name also reaches the embedding: her painting, asked for by her name.
+    hits = await engine.search(user.id, "What did Melanie paint?", 1)
+    assert (hits[0].memory.id, hits[0].matched.index) == (conversation.id, 3)
+
+
+async def test_rare_query_words_outweigh_common_ones(engine: MemoryEngine):
+    # BM25: "coffee" is in every memory, "Reykjavik" in one; the one wins, however often
+    # another repeats the common word.
+    user = await engine.create_user(f"bm{uuid.uuid4().hex[:6]}", None, "user")
+    for text in [
+        "coffee coffee coffee, the more coffee the better",
+        "coffee with oat milk in the morning",
+        "decaf coffee after lunch",
+        "cold brew coffee in summer",
+    ]:
+        await engine.store_memory(user.id, Fact(statement=text))
+    target = await engine.store_memory(user.id, Fact(statement="a coffee in Reykjavik harbour"))
+    hits = await engine.search(user.id, "coffee Reykjavik", 5, mode="fulltext")
+    assert hits[0].memory.id == target.id
+    assert all(a.score >= b.score for a, b in itertools.pairwise(hits))
+
+
+async def test_hybrid_reports_the_part_each_signal_found(engine: MemoryEngine, talk):
+    user, conversation = talk
+    # "camping" is a word of turn 5 only: full-text finds it, and the fused list reports
+    # turn 5 with its own text (not the part the semantic list liked best).
+    hits = await engine.search(user.id, "camping", 10, mode="hybrid")
+    found = {(h.memory.id, h.matched.index): h.matched.text for h in hits}
+    assert found[(conversation.id, 5)] == TALK[5][1]

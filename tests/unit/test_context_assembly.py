@@ -136,3 +136,14 @@ def test_never_over_budget(
     assert context.token_count == words(context.text)
     assert len(context.sources) == len(set(context.sources))
     assert context.sections and context.sections[-1].name == "Current message"
+
+
+def test_two_turns_of_one_conversation_are_two_candidates_one_turn_twice_is_one() -> None:
+    conversation = uuid.uuid4()
+    turns = [
+        ctx.Candidate(ctx.MEMORIES, "I went to a support group", conversation, part="message:0"),
+        ctx.Candidate(ctx.MEMORIES, "It made me feel accepted", conversation, part="message:2"),
+        ctx.Candidate(ctx.MEMORIES, "It made me feel accepted!", conversation, part="message:2"),
+    ]
+    kept = ctx.dedupe(turns)
+    assert [c.part for c in kept] == ["message:0", "message:2"]

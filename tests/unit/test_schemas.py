@@ -62,10 +62,10 @@ def test_the_client_builds_its_search_body_from_the_schema() -> None:
     assert built.json == {
         "query": "tea",
         "limit": 3,
-        "mode": "semantic",
         "types": ["fact"],
         "include_shared": True,
-    }
+        "group": "part",
+    }  # no mode: the server's SEARCH_MODE decides
     with pytest.raises(TypeError):
         _Endpoints.search(request, "me")  # type: ignore[misc]  # keyword-only past the first
 
@@ -81,7 +81,7 @@ def test_the_client_builds_its_search_body_from_the_schema() -> None:
     assert SearchRequest.model_validate(bodies[0]) == SearchRequest(
         query="tea", limit=3, types=["fact"], mode="hybrid", threshold=0.5
     )
-    assert bodies[1] == {"query": "", "limit": 1000, "mode": "semantic", "include_shared": True}
+    assert bodies[1] == {"query": "", "limit": 1000, "include_shared": True, "group": "part"}
 
 
 def test_parse_accepts_what_pydantic_accepts_and_fails_as_invalid_input() -> None:

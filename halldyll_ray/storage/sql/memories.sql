@@ -121,6 +121,6 @@ DELETE FROM memories WHERE id = $1 AND user_id = $2 RETURNING id, type;
 
 -- name: insert_chunk
 INSERT INTO memory_chunks (memory_id, user_id, model_id, session_id, type, tags, created_at,
-                           part, part_index, chunk_index, content, embedding)
+                           part, part_index, chunk_index, content, label, embedding)
 VALUES (:memory_id, :user_id, :model_id, :session_id, :type, :tags, :created_at,
-        :part, :part_index, :chunk_index, :content, :embedding);
+        :part, :part_index, :chunk_index, :content, :label, :embedding);

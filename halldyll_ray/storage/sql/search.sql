@@ -22,27 +22,64 @@ WITH hits AS MATERIALIZED (
 SELECT * FROM hits ORDER BY distance, memory_id, part, part_index, chunk_index;
 
 -- name: search_fulltext
--- Any of the query's lexemes may match (OR), ranked by cover density; the text cast to
--- tsquery takes the lexemes as they are, so nothing typed by the caller is parsed as syntax.
--- The query goes through the same halldyll_tsvector() as the index (migration 0006).
-WITH q AS (
-    SELECT (SELECT string_agg(quote_literal(lexeme), ' | ')
-            FROM unnest(tsvector_to_array(halldyll_tsvector(:query))) AS lexeme)::tsquery
-           AS query
+-- Okapi BM25 over the user's chunks (Robertson and Zaragoza, "The Probabilistic Relevance
+-- Framework: BM25 and Beyond", 2009; k1 = 1.2, b = 0.75, their usual values): a rare word of
+-- the query (a name, a place) outweighs a common one, which ts_rank_cd, with no document
+-- frequency, could not do. A chunk holds a word or not (tf 1): chunks are short. Document
+-- frequencies are exact and per user: every chunk of the user holding a query word is a
+-- match. The query's words go through the same halldyll_tsvector() as the index (0006) and
+-- are quoted one by one, so nothing typed by the caller is parsed as tsquery syntax.
+WITH terms AS MATERIALIZED (
+    SELECT lexeme, quote_literal(lexeme)::tsquery AS tq
+    FROM unnest(tsvector_to_array(halldyll_tsvector(:query))) AS lexeme
+    -- the unstemmed ('simple') copies of English stop words ("what", "did", "the") match
+    -- nearly every chunk and weigh next to nothing: left out of the query
+    WHERE to_tsvector('english'::regconfig, lexeme) <> ''::tsvector
+),
+q AS (
+    SELECT string_agg(quote_literal(lexeme), ' | ')::tsquery AS query FROM terms
+),
+matches AS MATERIALIZED (
+    SELECT c.id, c.tsv, length(c.tsv)::float8 AS len
+    FROM memory_chunks c, q
+    WHERE c.user_id = :user_id
+      AND q.query IS NOT NULL
+      AND c.tsv @@ q.query
+      AND (:types::text[] IS NULL OR c.type = ANY(:types))
+      AND (:model_id::uuid IS NULL OR c.model_id = :model_id
+           OR (:include_shared AND c.model_id IS NULL))
+      AND (:session_id::text IS NULL OR c.session_id = :session_id)
+      AND (:tags::text[] IS NULL OR c.tags @> :tags)
+      AND (:since::timestamptz IS NULL OR c.created_at >= :since)
+      AND (:until::timestamptz IS NULL OR c.created_at < :until)
+),
+df AS MATERIALIZED (
+    SELECT t.lexeme, t.tq, count(*)::float8 AS df
+    FROM terms t JOIN matches m ON m.tsv @@ t.tq
+    GROUP BY t.lexeme, t.tq
+),
+corpus AS (
+    SELECT (SELECT count(*) FROM memory_chunks c WHERE c.user_id = :user_id)::float8 AS n,
+           (SELECT avg(len) FROM matches) AS avg_len
+),
+-- The weight of every word of the query, found or not: the score of a chunk holding them all.
+query_weight AS (
+    SELECT sum(ln(1 + (corpus.n - coalesce(df.df, 0) + 0.5) / (coalesce(df.df, 0) + 0.5)))
+           AS idf_sum
+    FROM terms t LEFT JOIN df ON df.lexeme = t.lexeme CROSS JOIN corpus
+),
+ranked AS (
+    SELECT m.id,
+           sum(ln(1 + (corpus.n - df.df + 0.5) / (df.df + 0.5))
+               * (1.2 + 1) / (1 + 1.2 * (1 - 0.75 + 0.75 * m.len / corpus.avg_len))) AS rank
+    FROM matches m JOIN df ON m.tsv @@ df.tq CROSS JOIN corpus
+    GROUP BY m.id
+    ORDER BY rank DESC, m.id
+    LIMIT :fetch
 )
-SELECT c.memory_id, c.part, c.part_index, c.chunk_index, c.content,
-       ts_rank_cd(c.tsv, q.query, 32) AS rank,
+SELECT c.memory_id, c.part, c.part_index, c.chunk_index, c.content, r.rank,
+       w.idf_sum,
        CASE WHEN :vector::vector IS NULL THEN NULL ELSE 1 - (c.embedding <=> :vector) END
            AS similarity
-FROM memory_chunks c, q
-WHERE c.user_id = :user_id
-  AND q.query IS NOT NULL
-  AND c.tsv @@ q.query
-  AND (:types::text[] IS NULL OR c.type = ANY(:types))
-  AND (:model_id::uuid IS NULL OR c.model_id = :model_id OR (:include_shared AND c.model_id IS NULL))
-  AND (:session_id::text IS NULL OR c.session_id = :session_id)
-  AND (:tags::text[] IS NULL OR c.tags @> :tags)
-  AND (:since::timestamptz IS NULL OR c.created_at >= :since)
-  AND (:until::timestamptz IS NULL OR c.created_at < :until)
-ORDER BY rank DESC, c.memory_id, c.part, c.part_index, c.chunk_index
-LIMIT :fetch;
+FROM ranked r JOIN memory_chunks c ON c.id = r.id CROSS JOIN query_weight w
+ORDER BY r.rank DESC, c.memory_id, c.part, c.part_index, c.chunk_index;
