@@ -1,4 +1,4 @@
-"""LoCoMo evidence recall through the public Python API (in-process ``MemoryEngine``).
+"""LoCoMo evidence recall through the public API: in-process ``MemoryEngine`` or HTTP.
 
 What it measures
     The development split in ``../shared/bench/locomo/locomo-dev.json`` (6 conversations, the
@@ -6,22 +6,31 @@ What it measures
     conversation goes to a user of its own, in one of two layouts:
 
     * ``session``: one Conversation per session, one message per turn (``name`` = the
-      speaker, the turn's text as the content), as an agent imports history;
+      speaker, ``created_at`` = the session's date, the turn's text as the content), as an
+      agent imports history;
     * ``turn``: one Conversation memory per turn (a single message).
 
-    Then every question is searched (``limit`` 10) in each ``--modes`` (semantic, hybrid,
-    fulltext). A hit is mapped back to turns by the matched part: the message's sequence
-    number in its conversation. Evidence recall@k is the share of a question's evidence turns
-    among the turns of the first k hits, averaged over questions; any-hit@10 is the share of
-    questions with at least one evidence turn in the first 10. Nothing here reads the answers.
+    Then every question is searched (``limit`` 10, ``--group``) in each ``--modes``
+    (semantic, hybrid, fulltext). A hit is mapped back to turns by the matched part: the
+    message's sequence number in its conversation. Evidence recall@k is the share of a
+    question's evidence turns among the turns of the first k hits, averaged over questions;
+    any-hit@10 is the share of questions with at least one evidence turn in the first 10.
+    Nothing here reads the answers.
+
+    ``--via inprocess`` (default) calls the engine in this process; ``--via http`` starts the
+    served application (Ray Serve, ``build_app`` at its defaults, as
+    ``benchmarks/serve_http.py`` does) on the same database and stores and searches through
+    the Python client over HTTP, one API key per user, so the latency includes HTTP, the
+    Ingress, the hop to Search and the Embedding deployment. Result caching is off in both.
 
     Printed as a Markdown table and written to ``benchmarks/results/locomo.json`` and ``.md``
-    with the machine, the date and the exact command.
+    (``--out``) with the machine, the date and the exact command.
 
-Run from the repository root (about 3 minutes on 2 cores, embedded PostgreSQL, no Redis)::
+Run from the repository root (about 5 minutes on 2 cores per layout, embedded PostgreSQL, no
+Redis)::
 
     .venv/bin/python benchmarks/locomo.py [--layouts session turn] \
-        [--modes semantic hybrid fulltext]
+        [--modes semantic hybrid fulltext] [--group part|memory] [--via inprocess|http]
 """
 
 from __future__ import annotations
@@ -65,15 +74,14 @@ def _sessions(
     return out
 
 
-async def _ingest(engine: Any, sample: dict[str, Any], layout: str) -> tuple[Any, dict, int]:
-    """Store one conversation; return (user, {(memory_id, seq): dia_id}, turns stored)."""
+def _memories(sample: dict[str, Any], layout: str) -> list[tuple[Any, list[tuple[int, str]]]]:
+    """The memories that store one conversation in ``layout``, each with its (message seq,
+    dia_id) pairs."""
     from halldyll_ray import Conversation, Message
 
     conversation = sample["conversation"]
     speaker_a = conversation["speaker_a"]
-    user = await engine.create_user(f"locomo{uuid.uuid4().hex[:8]}", None, "user")
-    where: dict[tuple[Any, int], str] = {}
-    turns = 0
+    out: list[tuple[Any, list[tuple[int, str]]]] = []
     for name, when, session in _sessions(conversation):
         messages = [
             Message(
@@ -85,80 +93,169 @@ async def _ingest(engine: Any, sample: dict[str, Any], layout: str) -> tuple[Any
             for turn in session
         ]
         if layout == "session":
-            stored = await engine.store_memory(
-                user.id, Conversation(title=name.replace("_", " "), messages=messages)
+            out.append(
+                (
+                    Conversation(title=name.replace("_", " "), messages=messages),
+                    [(seq, turn["dia_id"]) for seq, turn in enumerate(session)],
+                )
             )
-            for seq, turn in enumerate(session):
-                where[(stored.id, seq)] = turn["dia_id"]
         else:
             for message, turn in zip(messages, session, strict=True):
-                stored = await engine.store_memory(user.id, Conversation(messages=[message]))
-                where[(stored.id, 0)] = turn["dia_id"]
-        turns += len(session)
-    return user, where, turns
+                out.append((Conversation(messages=[message]), [(0, turn["dia_id"])]))
+    return out
+
+
+async def _ingest(store: Any, sample: dict[str, Any], layout: str) -> tuple[dict, int]:
+    """Store one conversation with ``store(memory) -> StoredMemory``; return
+    ({(memory_id, seq): dia_id}, turns stored)."""
+    where: dict[tuple[Any, int], str] = {}
+    turns = 0
+    for memory, seqs in _memories(sample, layout):
+        stored = await store(memory)
+        for seq, dia_id in seqs:
+            where[(stored.id, seq)] = dia_id
+        turns += len(seqs)
+    return where, turns
 
 
 def _recall(evidence: set[str], found: list[str], k: int) -> float:
     return len(evidence & set(found[:k])) / len(evidence)
 
 
+class _Door:
+    """Where the benchmark stores and searches: the in-process engine, or the HTTP API of a
+    served application through the Python client (one API key per conversation's user)."""
+
+    def __init__(self, engine: Any, base_url: str | None, group: str) -> None:
+        self.engine = engine
+        self.base_url = base_url
+        self.group = group
+        self.clients: list[Any] = []
+
+    async def user(self) -> tuple[Any, Any]:
+        """A new user: (store(memory), search(query, mode))."""
+        from halldyll_ray.client import AsyncHalldyllClient
+
+        user = await self.engine.create_user(f"locomo{uuid.uuid4().hex[:8]}", None, "user")
+        if self.base_url is None:
+
+            async def store(memory: Any) -> Any:
+                return await self.engine.store_memory(user.id, memory)
+
+            async def search(query: str, mode: str) -> Any:
+                return await self.engine.search(user.id, query, 10, mode=mode, group=self.group)
+
+            return store, search
+        key = (await self.engine.create_api_key(user.id, name="locomo")).key
+        client = AsyncHalldyllClient(self.base_url, key, timeout=120)
+        self.clients.append(client)
+
+        async def store_http(memory: Any) -> Any:
+            return await client.store_memory(memory)
+
+        async def search_http(query: str, mode: str) -> Any:
+            return await client.search(query, limit=10, mode=mode, group=self.group)
+
+        return store_http, search_http
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+
+async def _measure(door: _Door, samples: list[dict[str, Any]], args: Any) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for layout in args.layouts:
+        started = time.perf_counter()
+        users = []
+        turns = 0
+        for sample in samples:
+            store, search = await door.user()
+            where, n = await _ingest(store, sample, layout)
+            users.append((search, where))
+            turns += n
+        ingest_s = time.perf_counter() - started
+        for mode in args.modes:
+            per_category: dict[int, list[tuple[float, float, float]]] = defaultdict(list)
+            latencies = []
+            for sample, (search, where) in zip(samples, users, strict=True):
+                for qa in sample["qa"]:
+                    if qa["category"] == 5 or not qa.get("evidence"):
+                        continue
+                    t0 = time.perf_counter()
+                    hits = await search(qa["question"], mode)
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                    found = [
+                        where.get((h.memory.id, h.matched.index), "")
+                        for h in hits
+                        if h.matched.part == "message"
+                    ]
+                    evidence = set(qa["evidence"])
+                    per_category[qa["category"]].append(
+                        (
+                            _recall(evidence, found, 5),
+                            _recall(evidence, found, 10),
+                            float(bool(evidence & set(found[:10]))),
+                        )
+                    )
+            rows = [row for rows in per_category.values() for row in rows]
+            name = f"{args.via}/{layout}/{mode}/{args.group}"
+            results[name] = {
+                "questions": len(rows),
+                "recall@5": round(statistics.fmean(r[0] for r in rows), 3),
+                "recall@10": round(statistics.fmean(r[1] for r in rows), 3),
+                "any_hit@10": round(statistics.fmean(r[2] for r in rows), 3),
+                "by_category_recall@10": {
+                    str(c): round(statistics.fmean(r[1] for r in per_category[c]), 3)
+                    for c in sorted(per_category)
+                },
+                "search_p50_ms": round(statistics.median(latencies), 2),
+                "search_p95_ms": round(statistics.quantiles(latencies, n=20)[-1], 2),
+                "ingest_turns_per_s": round(turns / ingest_s, 1),
+            }
+            print(f"{name}: {results[name]}", flush=True)
+    return results
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from halldyll_ray import MemoryEngine, Settings
+    from halldyll_ray.storage.embedded import EmbeddedPostgres
+    from halldyll_ray.storage.migrate import apply_migrations
 
     samples = json.loads(DATA.read_text())
-    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="hr-locomo-") as tmp:
-        settings = Settings.from_env(
-            database_url=None, redis_url=None, data_dir=Path(tmp), search_cache_ttl_seconds=0
-        )
-        async with MemoryEngine(settings) as engine:
-            for layout in args.layouts:
-                started = time.perf_counter()
-                stored = [await _ingest(engine, sample, layout) for sample in samples]
-                ingest_s = time.perf_counter() - started
-                turns = sum(n for _, _, n in stored)
-                for mode in args.modes:
-                    per_category: dict[int, list[tuple[float, float, float]]] = defaultdict(list)
-                    latencies = []
-                    for sample, (user, where, _) in zip(samples, stored, strict=True):
-                        for qa in sample["qa"]:
-                            if qa["category"] == 5 or not qa.get("evidence"):
-                                continue
-                            t0 = time.perf_counter()
-                            hits = await engine.search(
-                                user.id, qa["question"], 10, mode=mode, group=args.group
-                            )
-                            latencies.append((time.perf_counter() - t0) * 1000)
-                            found = [
-                                where.get((h.memory.id, h.matched.index), "")
-                                for h in hits
-                                if h.matched.part == "message"
-                            ]
-                            evidence = set(qa["evidence"])
-                            per_category[qa["category"]].append(
-                                (
-                                    _recall(evidence, found, 5),
-                                    _recall(evidence, found, 10),
-                                    float(bool(evidence & set(found[:10]))),
-                                )
-                            )
-                    rows = [row for rows in per_category.values() for row in rows]
-                    results[f"{layout}/{mode}/{args.group}"] = {
-                        "questions": len(rows),
-                        "recall@5": round(statistics.fmean(r[0] for r in rows), 3),
-                        "recall@10": round(statistics.fmean(r[1] for r in rows), 3),
-                        "any_hit@10": round(statistics.fmean(r[2] for r in rows), 3),
-                        "by_category_recall@10": {
-                            str(c): round(statistics.fmean(r[1] for r in per_category[c]), 3)
-                            for c in sorted(per_category)
-                        },
-                        "search_p50_ms": round(statistics.median(latencies), 2),
-                        "search_p95_ms": round(statistics.quantiles(latencies, n=20)[-1], 2),
-                        "ingest_turns_per_s": round(turns / ingest_s, 1),
-                    }
-                    name = f"{layout}/{mode}/{args.group}"
-                    print(f"{name}: {results[name]}", flush=True)
-    return results
+        server = EmbeddedPostgres(Path(tmp), database="locomo")
+        try:
+            url = await server.start_async()
+            await apply_migrations(url, embedding_dimension=384)
+            base_url = None
+            if args.via == "http":
+                # the served application on the same database (sibling script's Serve start),
+                # in the product's Serve environment, which Ray reads at import
+                from serve_http import _start_serve
+
+                from halldyll_ray import serve_env
+
+                serve_env.apply()
+
+                base_url, _ = _start_serve({"DATABASE_URL": url, "SEARCH_CACHE_TTL_SECONDS": "0"})
+            settings = Settings.from_env(
+                database_url=url, redis_url=None, search_cache_ttl_seconds=0
+            )
+            async with MemoryEngine(settings) as engine:
+                door = _Door(engine, base_url, args.group)
+                try:
+                    return await _measure(door, samples, args)
+                finally:
+                    await door.close()
+        finally:
+            if args.via == "http":
+                import ray
+                from ray import serve
+
+                serve.shutdown()
+                ray.shutdown()
+            server.stop()
 
 
 def main() -> int:
@@ -166,6 +263,12 @@ def main() -> int:
     parser.add_argument("--layouts", nargs="+", default=["session", "turn"])
     parser.add_argument("--modes", nargs="+", default=["semantic", "hybrid", "fulltext"])
     parser.add_argument("--group", choices=["part", "memory"], default="part")
+    parser.add_argument(
+        "--via",
+        choices=["inprocess", "http"],
+        default="inprocess",
+        help="the in-process engine, or the HTTP API of the served app (Ray Serve, started here)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "locomo.json")
     args = parser.parse_args()
     if not DATA.exists():
@@ -185,7 +288,7 @@ def main() -> int:
         "",
         f"Machine: {meta['machine']}. Command: `{meta['command']}`.",
         "",
-        "| layout/mode/group | questions | recall@5 | recall@10 | any-hit@10 "
+        "| via/layout/mode/group | questions | recall@5 | recall@10 | any-hit@10 "
         "| cat 1 / 2 / 3 / 4 @10 | search p50 / p95 ms | ingest turns/s |",
         "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: |",
     ]

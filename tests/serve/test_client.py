@@ -371,4 +371,4 @@ def test_bodies_drop_unset_options() -> None:
 
     with HalldyllClient("http://svc", "k", transport=httpx.MockTransport(handler)) as client:
         assert client.search("hello", user_id=uuid.UUID(int=1)) == []
-    assert bodies == [{"query": "hello", "mode": "semantic", "include_shared": True}]
+    assert bodies == [{"query": "hello", "include_shared": True, "group": "part"}]
