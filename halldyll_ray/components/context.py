@@ -26,22 +26,34 @@ from halldyll_ray.models import (
     Fact,
     Image,
     MatchedPart,
+    MemoryType,
     Message,
     SearchMode,
+    SearchResult,
     StoredMemory,
     Summary,
     Transcription,
 )
 from halldyll_ray.storage.database import Database
-from halldyll_ray.storage.sql import q
+from halldyll_ray.storage.sql import bind, q
 
 
-def describe(stored: StoredMemory, matched: MatchedPart) -> str:
-    """One line for a non-fact memory in a context block."""
+def describe(stored: StoredMemory, matched: MatchedPart, turns: Sequence[Any] | None = None) -> str:
+    """One line for a non-fact memory in a context block.
+
+    ``turns``: for a matched message, the conversation's rows around it (the one before, the
+    message, the one after; ``turns_around``), written as ``speaker: text`` in order, the
+    date being the message's own.
+    """
     day = stored.created_at.date().isoformat()
     payload = stored.memory
     if isinstance(payload, Conversation):
         title = f" '{payload.title}'" if payload.title else ""
+        if turns:
+            said = next((t for t in turns if t["seq"] == matched.index), turns[0])
+            day = said["created_at"].astimezone(UTC).date().isoformat()
+            lines = " / ".join(f"{t['name'] or t['role']}: {t['content']}" for t in turns)
+            return f"({day}, conversation{title}) {lines}"
         return f"({day}, conversation{title}) {matched.text}"
     if isinstance(payload, Image):
         made = f" by {payload.generator}" if payload.generator else ""
@@ -144,6 +156,38 @@ class ContextBuilder:
             exclude_memory=None if log_row is None else log_row["id"],
         )
 
+    async def _turns_around(
+        self, user_id: UUID, hits: Sequence[SearchResult]
+    ) -> dict[tuple[UUID, int], list[Any]]:
+        """For each matched message of a conversation: its row and its neighbours' rows, in
+        order; a neighbour that is itself a hit is left to its own line."""
+        matched = [
+            (hit.memory.id, hit.matched.index)
+            for hit in hits
+            if hit.memory.type is MemoryType.CONVERSATION and hit.matched.part == "message"
+        ]
+        if not matched:
+            return {}
+        rows = await self.db.fetch(
+            *bind(
+                "turns_around",
+                memory_ids=[m for m, _ in matched],
+                seqs=[i for _, i in matched],
+                user_id=user_id,
+            ),
+            user_id=user_id,
+        )
+        by_seq = {(r["memory_id"], r["seq"]): r for r in rows}
+        hit_keys = set(matched)
+        out: dict[tuple[UUID, int], list[Any]] = {}
+        for memory_id, index in matched:
+            out[(memory_id, index)] = [
+                by_seq[(memory_id, seq)]
+                for seq in (index - 1, index, index + 1)
+                if (memory_id, seq) in by_seq and (seq == index or (memory_id, seq) not in hit_keys)
+            ]
+        return out
+
     async def assemble(
         self,
         user_id: UUID,
@@ -176,6 +220,7 @@ class ContextBuilder:
             model=model,
             include_shared=include_shared,
         )
+        turns = await self._turns_around(user_id, hits)
         now = datetime.now(UTC)
         candidates = []
         for hit in hits:
@@ -189,7 +234,7 @@ class ContextBuilder:
                 section, salience, text = ctx.FACTS, payload.confidence, payload.statement
             else:
                 section, salience = ctx.MEMORIES, stored.importance
-                text = describe(stored, hit.matched)
+                text = describe(stored, hit.matched, turns.get((stored.id, hit.matched.index)))
             candidates.append(
                 ctx.Candidate(
                     section=section,

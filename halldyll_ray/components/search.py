@@ -37,6 +37,11 @@ from halldyll_ray.storage.sql import bind, q
 #: BM25's k1, as in ``storage/sql/search.sql``: a chunk holding a query word once, at the
 #: average length, scores idf * (k1 + 1) for it.
 BM25_K1 = 1.2
+#: Hybrid ranking, after :func:`fuse`: a part gains NEIGHBOUR_WEIGHT x the better score of the
+#: parts beside it (the message before and after it, a transcription's next segment) and
+#: MEMORY_WEIGHT x the best score of any part of its memory (:func:`in_context`).
+NEIGHBOUR_WEIGHT = 0.2
+MEMORY_WEIGHT = 0.3
 _RESULTS: TypeAdapter[list[SearchResult]] = TypeAdapter(list[SearchResult])
 
 
@@ -127,6 +132,38 @@ def fuse(semantic: Sequence[Hit], text: Sequence[Hit], weight: float) -> list[tu
     }
     order = sorted(scores, key=lambda k: (-scores[k], str(k[0]), k[1], k[2]))
     return [(first[k], scores[k]) for k in order]
+
+
+def in_context(
+    fused: Sequence[tuple[Hit, float]],
+    neighbour_weight: float = NEIGHBOUR_WEIGHT,
+    memory_weight: float = MEMORY_WEIGHT,
+) -> list[tuple[Hit, float]]:
+    """Scores that count a part's surroundings: ``score + neighbour_weight * max(score of the
+    part before, score of the part after) + memory_weight * (best score of its memory)``,
+    re-sorted. Parts outside ``fused`` count 0.
+
+    An answer often spans two adjacent turns of a conversation, and a turn of a conversation
+    that is about the question is likelier to hold the answer than the same words elsewhere.
+    A memory of one part (a fact) is scaled by ``1 + memory_weight``: its rank among other
+    one-part memories does not move. On the LoCoMo development split (``benchmarks/locomo.py``,
+    conversations stored per session) hybrid recall@10 goes from 0.68 to 0.73; the two
+    weights were tuned there (0.72-0.74 for neighbour 0.1-0.3, memory 0.3-0.7).
+    """
+    score = {hit.key: value for hit, value in fused}
+    best: dict[UUID, float] = {}
+    for hit, value in fused:
+        best[hit.memory_id] = max(best.get(hit.memory_id, value), value)
+    out = []
+    for hit, value in fused:
+        memory_id, part, index = hit.key
+        beside = max(
+            score.get((memory_id, part, index - 1), 0.0),
+            score.get((memory_id, part, index + 1), 0.0),
+        )
+        out.append((hit, value + neighbour_weight * beside + memory_weight * best[memory_id]))
+    out.sort(key=lambda pair: (-pair[1], str(pair[0].memory_id), pair[0].part, pair[0].part_index))
+    return out
 
 
 class Search:
@@ -235,7 +272,8 @@ class Search:
         filters: Filters,
         group: SearchGroup,
     ) -> list[SearchResult]:
-        fetch = min(limit * 4, 400)
+        # 100 candidates per list at least: the hybrid ranking counts their neighbours
+        fetch = min(max(limit * 4, 100), 400)
         # The vector first, so no connection is held while the Embedding deployment works;
         # then every read of this search in one transaction (fewer round trips).
         vector = None if mode is SearchMode.FULLTEXT else (await self.embeddings.embed([query]))[0]
@@ -341,10 +379,12 @@ class Search:
             ]
             if mode is SearchMode.HYBRID:
                 source = "hybrid"
-                fused = fuse(
-                    best_per(semantic, SearchGroup.PART),
-                    best_per(text_hits, SearchGroup.PART),
-                    weight,
+                fused = in_context(
+                    fuse(
+                        best_per(semantic, SearchGroup.PART),
+                        best_per(text_hits, SearchGroup.PART),
+                        weight,
+                    )
                 )
             else:
                 source = "fulltext"

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import itertools
+from datetime import UTC, datetime
 
 import pytest
 from support import make_settings
 
-from halldyll_ray import Fact, FactKind, Image, InvalidInput, MemoryEngine, Message
+from halldyll_ray import (
+    Conversation,
+    Fact,
+    FactKind,
+    Image,
+    InvalidInput,
+    MemoryEngine,
+    Message,
+)
 
 
 @pytest.fixture
@@ -112,3 +121,37 @@ async def test_agent_loop(database_url: str, redis_url: str, encoder) -> None:
             await engine.record_turn(user.id, "bad session!", "x", "y")
         with pytest.raises(InvalidInput):
             await engine.prepare_context(user.id, "chat-1", "   ")
+
+
+async def test_a_matched_turn_comes_with_the_turns_beside_it(engine: MemoryEngine) -> None:
+    user = await engine.create_user("mel", None, "user")
+    said = datetime(2023, 5, 8, 13, 56, tzinfo=UTC)
+    talk = [
+        ("Caroline", "What did you do last weekend?"),
+        ("Melanie", "I went pottery painting with my kids."),
+        ("Caroline", "Nice! What did you make?"),
+        ("Melanie", "A bowl with a sunflower on it."),
+        ("Caroline", "I would love to see it."),
+        ("Melanie", "I will bring it next time."),
+        ("Caroline", "By the way, the adoption agency called me back."),
+    ]
+    stored = await engine.store_memory(
+        user.id,
+        Conversation(
+            title="session 3",
+            messages=[Message(role="user", name=n, content=t, created_at=said) for n, t in talk],
+        ),
+    )
+    context = await engine.build_context(user.id, "adoption agency", max_tokens=400)
+    line = next(line for line in context.text.splitlines() if "adoption agency" in line)
+    # The matched turn with the one before it (there is none after), speakers named, the
+    # date the message was said (not the day it was stored).
+    assert "(2023-05-08, conversation 'session 3')" in line
+    assert "Melanie: I will bring it next time. / Caroline: By the way, the adoption" in line
+    assert context.sources[0] == stored.id
+    # Two matched turns of one conversation are two lines, each with its neighbours, and a
+    # turn that is itself a hit is not repeated as a neighbour.
+    context = await engine.build_context(user.id, "pottery bowl sunflower", max_tokens=400)
+    lines = [line for line in context.text.splitlines() if "session 3" in line]
+    assert len(lines) >= 2
+    assert sum("A bowl with a sunflower on it." in line for line in lines) == 1

@@ -50,3 +50,13 @@ FROM conversation_messages cm
 WHERE cm.memory_id = $1 AND cm.seq = ANY($3::integer[])
   AND EXISTS (SELECT 1 FROM memories m WHERE m.id = $1 AND m.user_id = $2)
 ORDER BY seq;
+
+-- name: turns_around
+-- The matched messages of conversations and the ones just before and after them, for the
+-- context builder (an answer often spans two adjacent turns).
+SELECT cm.memory_id, cm.seq, cm.role, cm.name, cm.content, cm.created_at
+FROM unnest(:memory_ids::uuid[], :seqs::integer[]) AS hit (memory_id, seq)
+JOIN conversation_messages cm
+  ON cm.memory_id = hit.memory_id AND cm.seq BETWEEN hit.seq - 1 AND hit.seq + 1
+JOIN memories m ON m.id = cm.memory_id AND m.user_id = :user_id
+ORDER BY cm.memory_id, cm.seq;
