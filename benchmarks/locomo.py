@@ -6,8 +6,8 @@ What it measures
     conversation goes to a user of its own, in one of two layouts:
 
     * ``session``: one Conversation per session, one message per turn (``name`` = the
-      speaker, ``created_at`` = the session's date, the turn's text as the content), as an
-      agent imports history;
+      speaker, ``created_at`` = the session's date, the turn's text and the caption of the
+      photo it shares as the content), as an agent imports history;
     * ``turn``: one Conversation memory per turn (a single message).
 
     Then every question is searched (``limit`` 10, ``--group``) in each ``--modes``
@@ -74,6 +74,16 @@ def _sessions(
     return out
 
 
+def _turn_text(turn: dict[str, Any]) -> str:
+    """A turn's text, and the caption of the photo it shares, as LoCoMo's own RAG baseline
+    writes it (``[shares <caption>]``, snap-research/locomo ``task_eval/dpr_qa.py``): what an
+    agent importing the history would have for the photo."""
+    text = turn.get("text") or ""
+    if turn.get("blip_caption"):
+        text = f"{text} [shares {turn['blip_caption']}]".strip()
+    return text or "(a photo)"
+
+
 def _memories(sample: dict[str, Any], layout: str) -> list[tuple[Any, list[tuple[int, str]]]]:
     """The memories that store one conversation in ``layout``, each with its (message seq,
     dia_id) pairs."""
@@ -87,7 +97,7 @@ def _memories(sample: dict[str, Any], layout: str) -> list[tuple[Any, list[tuple
             Message(
                 role="user" if turn["speaker"] == speaker_a else "assistant",
                 name=turn["speaker"],
-                content=turn["text"] or "(a photo)",
+                content=_turn_text(turn),
                 created_at=when,
             )
             for turn in session
