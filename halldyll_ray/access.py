@@ -29,6 +29,7 @@ from halldyll_ray.models import (
     AIModel,
     ApiKey,
     Context,
+    ErasureReceipt,
     Memory,
     MemoryType,
     MemoryUpdate,
@@ -325,9 +326,9 @@ class AuthorizedEngine:
         target = await self._check(Operation.USER_MANAGE, "user.update", self._target(user_id))
         return await self._run(lambda: self.engine.update_user(target, **changes))
 
-    async def delete_user(self, user_id: UUID | str) -> None:
+    async def delete_user(self, user_id: UUID | str) -> ErasureReceipt:
         target = await self._check(Operation.USER_MANAGE, "user.delete", self._target(user_id))
-        await self._run(lambda: self.engine.delete_user(target))
+        return await self._run(lambda: self.engine.delete_user(target))
 
     # ------------------------------------------------------------------ AI models
     async def register_model(self, name: str, kind: ModelKind | str, **kw: Any) -> AIModel:

@@ -46,6 +46,7 @@ from halldyll_ray.models import (
     AIModel,
     ApiKey,
     Context,
+    ErasureReceipt,
     Memory,
     MemoryType,
     MemoryUpdate,
@@ -196,7 +197,7 @@ class MemoryEngine:
         ingestion = Ingestion(db, embeddings, models, settings)
         search = Search(db, cache, embeddings, models, settings)
         return Components(
-            users=Users(db),
+            users=Users(db, cache, embeddings),
             keys=ApiKeys(db, audit, settings),
             audit=audit,
             models=models,
@@ -330,9 +331,19 @@ class MemoryEngine:
             metadata=metadata,
         )
 
-    async def delete_user(self, user_id: UUID | str) -> None:
-        """Delete a user and every memory they own."""
-        await self.components.users.delete(user_id)
+    async def delete_user(self, user_id: UUID | str) -> ErasureReceipt:
+        """Erase a user: every memory, message, chunk, API key, grant and turn record of
+        theirs, and the cache entries derived from them (:meth:`Users.delete
+        <halldyll_ray.components.users.Users.delete>` says what stays, by design).
+
+        Returns:
+            The receipt (counts by kind, when, by whom, the request id), also in the audit log.
+
+        Raises:
+            InvalidInput: not a UUID. NotFound: no such user. Unavailable: Redis failed and
+                nothing was deleted.
+        """
+        return await self.components.users.delete(user_id)
 
     # ------------------------------------------------------------------ AI models
     async def register_model(

@@ -454,6 +454,27 @@ class Principal(_Record):
     proof: str | None = Field(default=None, exclude=True, repr=False)
 
 
+class ErasureReceipt(_Record):
+    """What deleting a user removed: the proof an erasure request gets back (also written to
+    the audit log as the ``user.delete`` row's details)."""
+
+    user_id: UUID
+    username: str
+    erased_at: datetime
+    erased_by: UUID | None = Field(description="The principal who asked; None in-process.")
+    request_id: str | None
+    memories: dict[str, int] = Field(description="Memories removed, by type.")
+    messages: int = Field(description="Conversation messages removed.")
+    chunks: int = Field(description="Indexed chunks (embeddings and text index) removed.")
+    api_keys: int
+    viewer_grants: int = Field(description="Read grants given to or by the user.")
+    turn_requests: int = Field(description="Idempotency records of the agent loop.")
+    cache_entries: int = Field(
+        description="Redis entries removed: cached searches, session state and the embeddings "
+        "of the user's stored texts (0 without Redis)."
+    )
+
+
 class StoredMemory(_Record):
     """A memory as stored, with its ids and times; ``memory`` is the typed payload."""
 

@@ -27,6 +27,7 @@ from halldyll_ray.models import (
     AIModel,
     ApiKey,
     Context,
+    ErasureReceipt,
     MemoryType,
     MemoryUpdate,
     Message,
@@ -185,9 +186,9 @@ class AsyncHalldyllClient:
             )
         )
 
-    async def delete_user(self, user_id: Id) -> None:
-        """Delete a user and every memory they own (Admin only)."""
-        await self._send(Endpoints.delete_user(user_id))
+    async def delete_user(self, user_id: Id) -> ErasureReceipt:
+        """Erase a user and every memory they own (Admin only); the erasure receipt."""
+        return await self._send(Endpoints.delete_user(user_id))
 
     # ----------------------------------------------------------------------- API keys
     async def create_api_key(

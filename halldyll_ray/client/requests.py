@@ -37,6 +37,7 @@ from halldyll_ray.models import (
     ApiKey,
     Context,
     Conversation,
+    ErasureReceipt,
     Fact,
     Image,
     MemoryUpdate,
@@ -304,8 +305,8 @@ class Endpoints:
         return Request("PATCH", _user(user_id), _one(User), json=_body(request))
 
     @staticmethod
-    def delete_user(user_id: Id) -> Request[None]:
-        return Request("DELETE", _user(user_id), _nothing)
+    def delete_user(user_id: Id) -> Request[ErasureReceipt]:
+        return Request("DELETE", _user(user_id), _one(ErasureReceipt))
 
     @staticmethod
     def create_api_key(user_id: Id, *, request: ApiKeyCreate) -> Request[NewApiKey]:

@@ -23,6 +23,7 @@ from halldyll_ray.models import (
     AIModel,
     ApiKey,
     Context,
+    ErasureReceipt,
     MemoryType,
     MemoryUpdate,
     Message,
@@ -143,9 +144,9 @@ class HalldyllClient:
             )
         )
 
-    def delete_user(self, user_id: Id) -> None:
-        """Delete a user and every memory they own (Admin only)."""
-        self._send(Endpoints.delete_user(user_id))
+    def delete_user(self, user_id: Id) -> ErasureReceipt:
+        """Erase a user and every memory they own (Admin only); the erasure receipt."""
+        return self._send(Endpoints.delete_user(user_id))
 
     def create_api_key(
         self, user_id: Id = "me", *, name: str = "", expires_at: datetime | None = None

@@ -36,6 +36,19 @@ class Embeddings:
         self.cache = cache
         self.remote = remote
 
+    def cache_keys(self, texts: Sequence[str], *, normalized: bool = False) -> list[str]:
+        """The cache keys of the embeddings of ``texts`` (model id and a hash of the
+        NFKC-normalised text): what an erasure removes for a user's stored texts."""
+        if not normalized:
+            texts = [unicodedata.normalize("NFKC", text) for text in texts]
+        return [
+            "emb:"
+            + self.encoder.model_id
+            + ":"
+            + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+            for text in texts
+        ]
+
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embeddings of ``texts``: float32, shape (len(texts), dimension), L2-normalised.
 
@@ -46,13 +59,7 @@ class Embeddings:
         texts = [unicodedata.normalize("NFKC", text) for text in texts]
         encoder = self.encoder
         dim = encoder.dimension
-        keys = [
-            "emb:"
-            + encoder.model_id
-            + ":"
-            + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:40]
-            for text in texts
-        ]
+        keys = self.cache_keys(texts, normalized=True)
         cached = await self.cache.get_many(keys, kind="embedding")
         out = np.empty((len(texts), dim), dtype=np.float32)
         missing: dict[str, list[int]] = {}

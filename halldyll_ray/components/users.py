@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 from halldyll_ray import requestctx, validation
 from halldyll_ray.components.audit import write_audit
 from halldyll_ray.components.base import require_user
-from halldyll_ray.errors import Conflict, InvalidInput, NotFound
-from halldyll_ray.models import Page, Role, User
+from halldyll_ray.components.embeddings import Embeddings
+from halldyll_ray.errors import Conflict, InvalidInput, NotFound, Unavailable
+from halldyll_ray.models import ErasureReceipt, Page, Role, User
+from halldyll_ray.storage.cache import TieredCache
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
 
@@ -30,10 +34,16 @@ def _changes(old: Any, new: Any) -> dict[str, Any]:
 
 
 class Users:
-    """Create, read, update and delete users; grant Viewers another user's memories."""
+    """Create, read, update and delete users; grant Viewers another user's memories.
 
-    def __init__(self, db: Database) -> None:
+    Deleting a user is an erasure (:meth:`delete`): the caches derived from their data go
+    with their rows, and a receipt says what went.
+    """
+
+    def __init__(self, db: Database, cache: TieredCache, embeddings: Embeddings) -> None:
         self.db = db
+        self.cache = cache
+        self.embeddings = embeddings
 
     async def create(
         self,
@@ -128,13 +138,58 @@ class Users:
             )
         return User(**dict(row))
 
-    async def delete(self, user_id: UUID | str) -> None:
-        """Delete a user and every memory they own."""
+    async def delete(self, user_id: UUID | str) -> ErasureReceipt:
+        """Erase a user: every row that is theirs, and the cache entries derived from them.
+
+        In one transaction, with the user's row locked first (the lock order of
+        ``storage/sql/users.sql``): count what goes, delete the user (memories, messages,
+        chunks, API keys, grants and turn records cascade), remove from Redis and this
+        process's LRU their cached searches and session state and the cached embeddings of
+        their stored texts, write the ``user.delete`` audit row with the counts, commit. After
+        the commit the cache is swept once more, for an entry a concurrent search wrote
+        meanwhile. What stays, by design: the audit log (append-only; its rows name the user's
+        id, never their texts), and a query's cached embedding (keyed by a hash of the query,
+        not linked to any user; it expires within a week).
+
+        Returns:
+            The receipt: counts by kind, when, by whom, the request id.
+
+        Raises:
+            InvalidInput: ``user_id`` is not a UUID.
+            NotFound: no such user.
+            Unavailable: Redis failed; nothing was deleted (retry).
+        """
         user_id = validation.parse_uuid(user_id, "user_id")
-        async with self.db.scoped() as conn:
-            if await conn.fetchval(q("delete_user"), user_id) is None:
+        context = requestctx.current()
+        # As the user: row-level security shows their rows, which the counts read.
+        async with self.db.scoped(user_id) as conn:
+            if await conn.fetchrow(q("lock_user_for_update"), user_id) is None:
                 raise NotFound(f"user {user_id} not found")
-            await write_audit(conn, "user.delete", "user", [user_id], user_id)
+            counts = await conn.fetchrow(q("erasure_counts"), user_id)
+            texts = [r["indexed"] for r in await conn.fetch(q("erasure_texts"), user_id)]
+            await conn.fetchval(q("delete_user"), user_id)
+            removed = await self.cache.erase(user_id, self.embeddings.cache_keys(texts))
+            receipt = ErasureReceipt(
+                user_id=user_id,
+                username=counts["username"],
+                erased_at=datetime.now(UTC),
+                erased_by=context.actor_id,
+                request_id=context.request_id,
+                memories=dict(sorted(counts["memories"].items())),
+                messages=counts["messages"],
+                chunks=counts["chunks"],
+                api_keys=counts["api_keys"],
+                viewer_grants=counts["viewer_grants"],
+                turn_requests=counts["turn_requests"],
+                cache_entries=removed,
+            )
+            details = receipt.model_dump(
+                mode="json", exclude={"user_id", "erased_by", "request_id"}
+            )
+            await write_audit(conn, "user.delete", "user", [user_id], user_id, details=details)
+        with contextlib.suppress(Unavailable):
+            await self.cache.erase(user_id, [])
+        return receipt
 
     async def states(self, user_ids: Sequence[UUID]) -> dict[UUID, tuple[Role, bool]]:
         """(role, disabled) of each existing user among ``user_ids``."""

@@ -179,11 +179,11 @@ class Ingress(EngineOwner):
         user = await api_.update_user(target, **body.model_dump(exclude_none=True))
         return json_response(user)
 
-    @api.delete("/v1/users/{user_id}", status_code=204, tags=["users"])
-    async def delete_user(self, request: Request, user_id: UserRef) -> Response:
+    @api.delete("/v1/users/{user_id}", tags=["users"])
+    async def delete_user(self, request: Request, user_id: UserRef) -> Any:
+        """Erase the user; the answer is the erasure receipt (also in the audit log)."""
         api_ = await self._api(request)
-        await api_.delete_user(self._user(user_id) or api_.principal.user_id)
-        return Response(status_code=204)
+        return json_response(await api_.delete_user(self._user(user_id) or api_.principal.user_id))
 
     @api.post("/v1/users/{user_id}/keys", status_code=201, tags=["keys"])
     async def create_key(self, request: Request, user_id: UserRef, body: ApiKeyCreate) -> Any:

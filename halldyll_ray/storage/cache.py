@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from uuid import UUID
 
+from halldyll_ray.errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 
@@ -63,6 +65,14 @@ class LocalLRU:
     def delete(self, key: str) -> None:
         with self._lock:
             self._data.pop(key, None)
+
+    def delete_containing(self, part: str) -> int:
+        """Drop every key with ``part`` as one of its ``:``-separated fields; how many."""
+        with self._lock:
+            doomed = [key for key in self._data if part in key.split(":")]
+            for key in doomed:
+                del self._data[key]
+        return len(doomed)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -149,6 +159,29 @@ class RedisTier:
         except Exception as exc:
             self._failed(exc)
 
+    async def delete_many(self, keys: Sequence[str]) -> int:
+        """Delete ``keys``; how many existed. Raises on a Redis error (an erasure must know)."""
+        removed = 0
+        for start in range(0, len(keys), 1000):
+            removed += int(
+                await self._client.unlink(*[self.prefix + k for k in keys[start : start + 1000]])
+            )
+        return removed
+
+    async def delete_user_keys(self, user_id: UUID) -> int:
+        """Delete every key of ``user_id`` (``kind:<user id>:...``, :meth:`TieredCache.user_key`);
+        how many. SCAN, not KEYS: Redis keeps serving meanwhile. Raises on a Redis error."""
+        removed = 0
+        batch: list[bytes] = []
+        async for key in self._client.scan_iter(match=f"{self.prefix}*:{user_id}:*", count=1000):
+            batch.append(key)
+            if len(batch) == 1000:
+                removed += int(await self._client.unlink(*batch))
+                batch = []
+        if batch:
+            removed += int(await self._client.unlink(*batch))
+        return removed
+
     async def aclose(self) -> None:
         try:
             await self._client.aclose()
@@ -221,6 +254,30 @@ class TieredCache:
         self.local.delete(key)
         if self.remote is not None:
             await self.remote.delete(key)
+
+    async def erase(self, user_id: UUID, keys: Sequence[str]) -> int:
+        """Remove a user's keys (:meth:`user_key`) and ``keys`` (entries derived from their
+        data under other names) from this process's LRU and from Redis; the count removed
+        from Redis. Other processes' LRUs keep theirs until their TTL (at most
+        SEARCH_CACHE_TTL_SECONDS for a search result).
+
+        Raises:
+            Unavailable: Redis failed: the caller must not report the erasure as complete.
+        """
+        self.local.delete_containing(str(user_id))
+        for key in keys:
+            self.local.delete(key)
+        if self.remote is None:
+            return 0
+        try:
+            return await self.remote.delete_user_keys(user_id) + await self.remote.delete_many(
+                list(keys)
+            )
+        except Exception as exc:
+            raise Unavailable(
+                "the cache (Redis) is unreachable: the user's cached entries were not removed",
+                retry_after=2,
+            ) from exc
 
     async def aclose(self) -> None:
         if self.remote is not None:

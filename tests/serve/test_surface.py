@@ -304,3 +304,39 @@ async def test_deeply_nested_json_is_refused_not_a_server_error(
     )
     assert 400 <= r.status_code < 500, r.text
     assert r.json()["error"]["code"] in ("invalid_input", "bad_request", "payload_too_large")
+
+
+# ------------------------------------------------------------------ erasure
+async def test_deleting_a_user_over_http_answers_with_the_erasure_receipt(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    user, key = await _user_with_key(http, admin_key)
+    for statement in ("Erin lives in Tromsø", "Erin's cat is called Miso"):
+        r = await http.post(
+            "/v1/users/me/memories",
+            json={"type": "fact", "statement": statement},
+            headers=bearer(key),
+        )
+        assert r.status_code == 201, r.text
+    # A user cannot erase themselves or another: erasure is user management (Admin).
+    assert (await http.delete("/v1/users/me", headers=bearer(key))).status_code == 403
+    r = await http.delete(
+        f"/v1/users/{user['id']}", headers={**bearer(admin_key), "X-Request-ID": "erase-42"}
+    )
+    assert r.status_code == 200, r.text
+    receipt = r.json()
+    assert receipt["user_id"] == user["id"] and receipt["username"] == user["username"]
+    assert receipt["memories"] == {"fact": 2} and receipt["api_keys"] == 1
+    assert receipt["chunks"] == 2 and receipt["request_id"] == "erase-42"
+    me = (await http.get("/v1/me", headers=bearer(admin_key))).json()
+    assert receipt["erased_by"] == me["id"]
+    rows = [
+        row
+        for row in await _audit(http, admin_key, operation="user.delete")
+        if row["request_id"] == "erase-42"
+    ]
+    assert len(rows) == 1 and rows[0]["details"]["memories"] == {"fact": 2}
+    # Their key died with them; the user is gone.
+    assert (await http.get("/v1/me", headers=bearer(key))).status_code == 401
+    r = await http.get(f"/v1/users/{user['id']}", headers=bearer(admin_key))
+    assert r.status_code == 404

@@ -42,6 +42,27 @@ RETURNING id, username, email, role, disabled, metadata, created_at, updated_at;
 -- name: delete_user
 DELETE FROM users WHERE id = $1 RETURNING id;
 
+-- name: erasure_counts
+-- What deleting the user (locked by the caller) takes with it, before the DELETE cascades.
+SELECT u.username,
+       (SELECT coalesce(jsonb_object_agg(type, n), '{}'::jsonb)
+        FROM (SELECT type, count(*) AS n FROM memories WHERE user_id = u.id GROUP BY type) t)
+           AS memories,
+       (SELECT count(*) FROM conversation_messages cm JOIN memories m ON m.id = cm.memory_id
+        WHERE m.user_id = u.id) AS messages,
+       (SELECT count(*) FROM memory_chunks WHERE user_id = u.id) AS chunks,
+       (SELECT count(*) FROM api_keys WHERE user_id = u.id) AS api_keys,
+       (SELECT count(*) FROM viewer_grants WHERE viewer_id = u.id OR owner_id = u.id)
+           AS viewer_grants,
+       (SELECT count(*) FROM turn_requests WHERE user_id = u.id) AS turn_requests
+FROM users u WHERE u.id = $1;
+
+-- name: erasure_texts
+-- The texts the user's chunks were embedded from (Chunk.indexed): their cached embeddings
+-- go with the user.
+SELECT CASE WHEN label IS NULL THEN content ELSE label || ': ' || content END AS indexed
+FROM memory_chunks WHERE user_id = $1;
+
 -- name: user_state
 SELECT memory_version, disabled FROM users WHERE id = $1;
 
