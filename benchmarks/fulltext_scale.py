@@ -1,0 +1,176 @@
+"""Full-text search for one large user: the BM25 query against the previous ``ts_rank_cd`` one.
+
+What it measures
+    A private PostgreSQL 18 + pgvector (``EmbeddedPostgres``, a temporary folder, the product's
+    migrations at dimension 384) holds one user whose chunks are the turn texts of the LoCoMo
+    development split (``../shared/bench/locomo/``), repeated ``--copies`` times (3,435 texts
+    once; the sizes grow by inserting more copies). The HNSW index is dropped: only the text
+    index matters here, and loading is faster without it. For each size, the first
+    ``--queries`` LoCoMo questions run through:
+
+    * ``search_fulltext`` as ``halldyll_ray.storage.sql`` ships it (BM25 over the user's
+      chunks, English stop words left out of the query; 100 candidates, as a top-10 search
+      asks);
+    * the query it replaced (``git show fba3b61:halldyll_ray/storage/sql/search.sql``: every
+      lexeme of the query OR-ed, ``ts_rank_cd``; 40 candidates), read from ``--old-sql``
+      when given.
+
+    Client-side latency over the unix socket, owner connection (row-level security is not in
+    play: both queries filter on ``user_id`` themselves), warm cache, p50 and p95 over the
+    queries. Printed as Markdown and written to ``benchmarks/results/fulltext_scale.{json,md}``.
+
+Run from the repository root (about 4 minutes)::
+
+    git show fba3b61:halldyll_ray/storage/sql/search.sql > /tmp/old_search.sql
+    .venv/bin/python benchmarks/fulltext_scale.py [--copies 1 5 20] [--old-sql /tmp/old_search.sql]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "bench" / "locomo" / "locomo-dev.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _texts_and_questions(limit: int) -> tuple[list[str], list[str]]:
+    samples = json.loads(DATA.read_text())
+    texts = [
+        turn["text"]
+        for sample in samples
+        for key, turns in sample["conversation"].items()
+        if key.startswith("session_") and isinstance(turns, list)
+        for turn in turns
+        if turn.get("text")
+    ]
+    questions = [qa["question"] for sample in samples for qa in sample["qa"]][:limit]
+    return texts, questions
+
+
+async def _timed(conn: Any, sql: str, args: tuple[Any, ...], runs: list[float]) -> None:
+    started = time.perf_counter()
+    await conn.fetch(sql, *args)
+    runs.append((time.perf_counter() - started) * 1000)
+
+
+async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import asyncpg
+    import numpy as np
+    from pgvector.asyncpg import register_vector
+
+    from halldyll_ray.components.search import Filters
+    from halldyll_ray.storage.embedded import EmbeddedPostgres
+    from halldyll_ray.storage.migrate import apply_migrations
+    from halldyll_ray.storage.sql import parse_queries, query
+
+    new = query("search_fulltext")
+    old = None
+    if args.old_sql is not None:
+        old = parse_queries(args.old_sql.read_text())["search_fulltext"]
+    texts, questions = _texts_and_questions(args.queries)
+    filters = Filters(None, None, True, None, None, None, None).params()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="hr-fts-") as tmp:
+        server = EmbeddedPostgres(Path(tmp), database="fts")
+        try:
+            url = await server.start_async()
+            await apply_migrations(url, embedding_dimension=384)
+            conn = await asyncpg.connect(url)
+            await register_vector(conn)
+            await conn.execute("DROP INDEX memory_chunks_embedding")
+            user, memory = uuid.uuid4(), uuid.uuid4()
+            await conn.execute(
+                "INSERT INTO users (id, username, role) VALUES ($1, 'large', 'user')", user
+            )
+            await conn.execute(
+                "INSERT INTO memories (id, user_id, type) VALUES ($1, $2, 'transcription')",
+                memory,
+                user,
+            )
+            vector = np.full(384, 0.05, dtype=np.float32)
+            stored = 0
+            for copies in args.copies:
+                wanted = texts * copies
+                await conn.executemany(
+                    "INSERT INTO memory_chunks (memory_id, user_id, type, part, part_index,"
+                    " content, embedding) VALUES ($1, $2, 'transcription', 'segment', $3, $4, $5)",
+                    [(memory, user, i, wanted[i], vector) for i in range(stored, len(wanted))],
+                )
+                stored = len(wanted)
+                await conn.execute("VACUUM ANALYZE memory_chunks")
+                timings: dict[str, list[float]] = {"bm25": [], "ts_rank_cd": []}
+                for question in questions:
+                    values = dict(user_id=user, query=question, vector=None, **filters)
+                    await _timed(conn, new.sql, new.args(fetch=100, **values), timings["bm25"])
+                    if old is not None:
+                        await _timed(
+                            conn, old.sql, old.args(fetch=40, **values), timings["ts_rank_cd"]
+                        )
+                row: dict[str, Any] = {"chunks": stored}
+                for name, runs in timings.items():
+                    if runs:
+                        row[f"{name}_p50_ms"] = round(statistics.median(runs), 1)
+                        row[f"{name}_p95_ms"] = round(statistics.quantiles(runs, n=20)[-1], 1)
+                print(row, flush=True)
+                rows.append(row)
+            await conn.close()
+        finally:
+            server.stop()
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--copies", nargs="+", type=int, default=[1, 5, 20])
+    parser.add_argument("--queries", type=int, default=60)
+    parser.add_argument("--old-sql", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS / "fulltext_scale.json")
+    args = parser.parse_args()
+    if not DATA.exists():
+        print(f"{DATA} is missing (the shared development split)", file=sys.stderr)
+        return 2
+    rows = asyncio.run(run(args))
+    meta = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, "
+        f"Python {platform.python_version()}",
+        "command": "python benchmarks/fulltext_scale.py " + shlex.join(sys.argv[1:]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [
+        f"# Full-text search for one large user ({meta['date']})",
+        "",
+        f"Machine: {meta['machine']}. Command: `{meta['command']}`.",
+        "",
+        "| chunks of the user | BM25 p50 / p95 ms | previous ts_rank_cd p50 / p95 ms |",
+        "| ---: | --- | --- |",
+    ]
+    for row in rows:
+        old = (
+            f"{row['ts_rank_cd_p50_ms']} / {row['ts_rank_cd_p95_ms']}"
+            if "ts_rank_cd_p50_ms" in row
+            else "–"
+        )
+        lines.append(f"| {row['chunks']:,} | {row['bm25_p50_ms']} / {row['bm25_p95_ms']} | {old} |")
+    table = "\n".join(lines) + "\n"
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
