@@ -8,7 +8,9 @@ What it measures
     * ``session``: one Conversation per session, one message per turn (``name`` = the
       speaker, ``created_at`` = the session's date, the turn's text and the caption of the
       photo it shares as the content), as an agent imports history;
-    * ``turn``: one Conversation memory per turn (a single message).
+    * ``turn``: one Conversation memory per turn (a single message);
+    * ``agent``: each session through the agent loop (``record_turn``, two turns a call, no
+      names or dates: what an agent's loop stores; its facts and summaries compete too).
 
     Then every question is searched (``limit`` 10, ``--group``) in each ``--modes``
     (semantic, hybrid, fulltext). A hit is mapped back to turns by the matched part: the
@@ -115,9 +117,30 @@ def _memories(sample: dict[str, Any], layout: str) -> list[tuple[Any, list[tuple
     return out
 
 
-async def _ingest(store: Any, sample: dict[str, Any], layout: str) -> tuple[dict, int]:
-    """Store one conversation with ``store(memory) -> StoredMemory``; return
-    ({(memory_id, seq): dia_id}, turns stored)."""
+async def _record_turns(turn: Any, sample: dict[str, Any]) -> tuple[dict, int]:
+    """The ``agent`` layout: each session through the agent loop's ``record_turn``, two
+    consecutive turns as (user message, assistant message); a session's last turn, when it
+    has no partner, with the reply "(end of session)". No speaker names, no session dates:
+    what an agent loop stores. Returns ({(conversation_id, seq): dia_id}, turns stored)."""
+    where: dict[tuple[Any, int], str] = {}
+    turns = 0
+    for name, _, session in _sessions(sample["conversation"]):
+        session_id = f"{sample.get('sample_id', 'locomo')}-{name}"
+        for i in range(0, len(session), 2):
+            pair = session[i : i + 2]
+            answer = _turn_text(pair[1]) if len(pair) == 2 else "(end of session)"
+            record = await turn(session_id, _turn_text(pair[0]), answer)
+            for seq, spoken in zip(record.message_seqs, pair, strict=False):
+                where[(record.conversation_id, seq)] = spoken["dia_id"]
+            turns += len(pair)
+    return where, turns
+
+
+async def _ingest(store: Any, turn: Any, sample: dict[str, Any], layout: str) -> tuple[dict, int]:
+    """Store one conversation with ``store(memory) -> StoredMemory`` (or ``turn`` for the
+    ``agent`` layout); return ({(memory_id, seq): dia_id}, turns stored)."""
+    if layout == "agent":
+        return await _record_turns(turn, sample)
     where: dict[tuple[Any, int], str] = {}
     turns = 0
     for memory, seqs in _memories(sample, layout):
@@ -142,8 +165,8 @@ class _Door:
         self.group = group
         self.clients: list[Any] = []
 
-    async def user(self) -> tuple[Any, Any]:
-        """A new user: (store(memory), search(query, mode))."""
+    async def user(self) -> tuple[Any, Any, Any]:
+        """A new user: (store(memory), search(query, mode), turn(session, user, assistant))."""
         from halldyll_ray.client import AsyncHalldyllClient
 
         user = await self.engine.create_user(f"locomo{uuid.uuid4().hex[:8]}", None, "user")
@@ -155,7 +178,10 @@ class _Door:
             async def search(query: str, mode: str) -> Any:
                 return await self.engine.search(user.id, query, 10, mode=mode, group=self.group)
 
-            return store, search
+            async def turn(session_id: str, said: str, answer: str) -> Any:
+                return await self.engine.record_turn(user.id, session_id, said, answer)
+
+            return store, search, turn
         key = (await self.engine.create_api_key(user.id, name="locomo")).key
         client = AsyncHalldyllClient(self.base_url, key, timeout=120)
         self.clients.append(client)
@@ -166,7 +192,10 @@ class _Door:
         async def search_http(query: str, mode: str) -> Any:
             return await client.search(query, limit=10, mode=mode, group=self.group)
 
-        return store_http, search_http
+        async def turn_http(session_id: str, said: str, answer: str) -> Any:
+            return await client.record_turn(session_id, said, answer)
+
+        return store_http, search_http, turn_http
 
     async def close(self) -> None:
         for client in self.clients:
@@ -180,8 +209,8 @@ async def _measure(door: _Door, samples: list[dict[str, Any]], args: Any) -> dic
         users = []
         turns = 0
         for sample in samples:
-            store, search = await door.user()
-            where, n = await _ingest(store, sample, layout)
+            store, search, turn = await door.user()
+            where, n = await _ingest(store, turn, sample, layout)
             users.append((search, where))
             turns += n
         ingest_s = time.perf_counter() - started
@@ -270,7 +299,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layouts", nargs="+", default=["session", "turn"])
+    parser.add_argument(
+        "--layouts", nargs="+", choices=["session", "turn", "agent"], default=["session", "turn"]
+    )
     parser.add_argument("--modes", nargs="+", default=["semantic", "hybrid", "fulltext"])
     parser.add_argument("--group", choices=["part", "memory"], default="part")
     parser.add_argument(
