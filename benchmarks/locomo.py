@@ -9,8 +9,8 @@ What it measures
       speaker, ``created_at`` = the session's date, the turn's text and the caption of the
       photo it shares as the content), as an agent imports history;
     * ``turn``: one Conversation memory per turn (a single message);
-    * ``agent``: each session through the agent loop (``record_turn``, two turns a call, no
-      names or dates: what an agent's loop stores; its facts and summaries compete too).
+    * ``agent``: each session through the agent loop (``record_turn``, two turns a call with
+      the speakers' names, no session dates; its facts and summaries compete too).
 
     Then every question is searched (``limit`` 10, ``--group``) in each ``--modes``
     (semantic, hybrid, fulltext). A hit is mapped back to turns by the matched part: the
@@ -119,9 +119,10 @@ def _memories(sample: dict[str, Any], layout: str) -> list[tuple[Any, list[tuple
 
 async def _record_turns(turn: Any, sample: dict[str, Any]) -> tuple[dict, int]:
     """The ``agent`` layout: each session through the agent loop's ``record_turn``, two
-    consecutive turns as (user message, assistant message); a session's last turn, when it
-    has no partner, with the reply "(end of session)". No speaker names, no session dates:
-    what an agent loop stores. Returns ({(conversation_id, seq): dia_id}, turns stored)."""
+    consecutive turns as (user message, assistant message) with their speakers' names; a
+    session's last turn, when it has no partner, with the reply "(end of session)". No
+    session dates: the agent loop stores the time of the call. Returns
+    ({(conversation_id, seq): dia_id}, turns stored)."""
     where: dict[tuple[Any, int], str] = {}
     turns = 0
     for name, _, session in _sessions(sample["conversation"]):
@@ -129,7 +130,8 @@ async def _record_turns(turn: Any, sample: dict[str, Any]) -> tuple[dict, int]:
         for i in range(0, len(session), 2):
             pair = session[i : i + 2]
             answer = _turn_text(pair[1]) if len(pair) == 2 else "(end of session)"
-            record = await turn(session_id, _turn_text(pair[0]), answer)
+            names = (pair[0]["speaker"], pair[1]["speaker"] if len(pair) == 2 else None)
+            record = await turn(session_id, _turn_text(pair[0]), answer, names)
             for seq, spoken in zip(record.message_seqs, pair, strict=False):
                 where[(record.conversation_id, seq)] = spoken["dia_id"]
             turns += len(pair)
@@ -178,8 +180,10 @@ class _Door:
             async def search(query: str, mode: str) -> Any:
                 return await self.engine.search(user.id, query, 10, mode=mode, group=self.group)
 
-            async def turn(session_id: str, said: str, answer: str) -> Any:
-                return await self.engine.record_turn(user.id, session_id, said, answer)
+            async def turn(session_id: str, said: str, answer: str, names: Any) -> Any:
+                return await self.engine.record_turn(
+                    user.id, session_id, said, answer, user_name=names[0], assistant_name=names[1]
+                )
 
             return store, search, turn
         key = (await self.engine.create_api_key(user.id, name="locomo")).key
@@ -192,8 +196,10 @@ class _Door:
         async def search_http(query: str, mode: str) -> Any:
             return await client.search(query, limit=10, mode=mode, group=self.group)
 
-        async def turn_http(session_id: str, said: str, answer: str) -> Any:
-            return await client.record_turn(session_id, said, answer)
+        async def turn_http(session_id: str, said: str, answer: str, names: Any) -> Any:
+            return await client.record_turn(
+                session_id, said, answer, user_name=names[0], assistant_name=names[1]
+            )
 
         return store_http, search_http, turn_http
 

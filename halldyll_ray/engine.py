@@ -587,6 +587,8 @@ class MemoryEngine:
         extract_facts: bool = True,
         request_id: str | None = None,
         idempotency_key: str | None = None,
+        user_name: str | None = None,
+        assistant_name: str | None = None,
     ) -> TurnRecord:
         """After an LLM call: append both messages to the session's conversation, refresh the
         session summary every SESSION_SUMMARY_EVERY_N_TURNS turns, and store candidate facts
@@ -597,10 +599,13 @@ class MemoryEngine:
                 turn already stored (say after a 503 that may or may not have been applied)
                 writes nothing and returns that turn's conversation and message numbers with
                 ``replayed=True``.
+            user_name, assistant_name: Who spoke (at most 200 characters each): stored as
+                the messages' ``name`` and indexed with them, so a search that names them
+                finds their turns (as for any message with a ``name``).
 
         Raises:
-            InvalidInput: a bad session id, an empty or too long message, a bad key; nothing
-                is written.
+            InvalidInput: a bad session id, an empty or too long message or name, a bad key;
+                nothing is written.
             NotFound: the user or the model does not exist.
         """
         return await self.components.agent_loop.record_turn(
@@ -612,6 +617,8 @@ class MemoryEngine:
             extract_facts=extract_facts,
             request_id=request_id,
             idempotency_key=idempotency_key,
+            user_name=user_name,
+            assistant_name=assistant_name,
         )
 
     # ------------------------------------------------------------------ API keys

@@ -208,6 +208,12 @@ class TurnRequest(_Request):
     user_message: str = Field(min_length=1, max_length=MAX_TURN_CHARS)
     assistant_message: str = Field(min_length=1, max_length=MAX_TURN_CHARS)
     model: ModelName | None = None
+    user_name: str | None = Field(
+        default=None, max_length=200, description="Who wrote the user message (indexed)."
+    )
+    assistant_name: str | None = Field(
+        default=None, max_length=200, description="Who wrote the reply (indexed)."
+    )
     idempotency_key: str | None = Field(
         default=None,
         pattern=r"^[!-~]{1,128}$",

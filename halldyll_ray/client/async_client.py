@@ -499,6 +499,8 @@ class AsyncHalldyllClient:
         user_id: Id = "me",
         model: str | None = None,
         idempotency_key: str | None = None,
+        user_name: str | None = None,
+        assistant_name: str | None = None,
     ) -> TurnRecord:
         """After an LLM call: store the exchange in the session's conversation.
 
@@ -510,6 +512,8 @@ class AsyncHalldyllClient:
             model: The registered model that answered.
             idempotency_key: Send the same key when retrying a turn after a 503: it is
                 stored once (the record says ``replayed``).
+            user_name: Who wrote the user message; assistant_name: who answered. Stored as
+                the messages' names and indexed, so a search naming them finds the turn.
         """
         return await self._send(
             Endpoints.record_turn(
@@ -519,6 +523,8 @@ class AsyncHalldyllClient:
                     assistant_message=assistant_message,
                     model=model,
                     idempotency_key=idempotency_key,
+                    user_name=user_name,
+                    assistant_name=assistant_name,
                 ),
                 session_id=session_id,
                 user_id=user_id,

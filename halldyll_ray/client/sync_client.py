@@ -364,6 +364,8 @@ class HalldyllClient:
         user_id: Id = "me",
         model: str | None = None,
         idempotency_key: str | None = None,
+        user_name: str | None = None,
+        assistant_name: str | None = None,
     ) -> TurnRecord:
         """After an LLM call; see :meth:`AsyncHalldyllClient.record_turn`."""
         return self._send(
@@ -374,6 +376,8 @@ class HalldyllClient:
                     assistant_message=assistant_message,
                     model=model,
                     idempotency_key=idempotency_key,
+                    user_name=user_name,
+                    assistant_name=assistant_name,
                 ),
                 session_id=session_id,
                 user_id=user_id,

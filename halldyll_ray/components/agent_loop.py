@@ -37,13 +37,16 @@ SESSION_STATE_TTL_S = 86_400
 SUMMARY_IMPORTANCE = 0.7
 
 
-def _message(role: MessageRole, content: object, field: str) -> Message:
+def _message(
+    role: MessageRole, content: object, field: str, name: object, name_field: str
+) -> Message:
     """One message of a turn, or InvalidInput naming the argument it came from."""
     try:
-        return validation.validate(MESSAGE, {"role": role, "content": content}, field)
+        return validation.validate(MESSAGE, {"role": role, "content": content, "name": name}, field)
     except InvalidInput as exc:
         reason = exc.message.rpartition(": ")[2]
-        raise InvalidInput(f"{field}: {reason}", field=field) from None
+        culprit = name_field if exc.fields.get("field") == "name" else field
+        raise InvalidInput(f"{culprit}: {reason}", field=culprit) from None
 
 
 class AgentLoop:
@@ -76,6 +79,8 @@ class AgentLoop:
         extract_facts: bool = True,
         request_id: str | None = None,
         idempotency_key: str | None = None,
+        user_name: str | None = None,
+        assistant_name: str | None = None,
     ) -> TurnRecord:
         """See :meth:`halldyll_ray.engine.MemoryEngine.record_turn`."""
         user_id = validation.parse_uuid(user_id, "user_id")
@@ -84,8 +89,14 @@ class AgentLoop:
             raise InvalidInput("session_id is required", field="session_id")
         # Every input is checked before the first write (the session log is one).
         turn = [
-            _message(MessageRole.USER, user_message, "user_message"),
-            _message(MessageRole.ASSISTANT, assistant_message, "assistant_message"),
+            _message(MessageRole.USER, user_message, "user_message", user_name, "user_name"),
+            _message(
+                MessageRole.ASSISTANT,
+                assistant_message,
+                "assistant_message",
+                assistant_name,
+                "assistant_name",
+            ),
         ]
         key = validation.idempotency_key(idempotency_key)
         model_id = await self.registry.resolve(model)

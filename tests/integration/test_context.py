@@ -155,3 +155,30 @@ async def test_a_matched_turn_comes_with_the_turns_beside_it(engine: MemoryEngin
     lines = [line for line in context.text.splitlines() if "session 3" in line]
     assert len(lines) >= 2
     assert sum("A bowl with a sunflower on it." in line for line in lines) == 1
+
+
+async def test_a_turn_can_name_its_speakers(engine: MemoryEngine) -> None:
+    user = await engine.create_user("named", None, "user")
+    with pytest.raises(InvalidInput) as bad:
+        await engine.record_turn(
+            user.id, "s-named", "hello", "hi", user_name="x" * 201, assistant_name="Mel"
+        )
+    assert bad.value.field == "user_name"
+    assert (await engine.list_memories(user.id)).items == []  # nothing written
+    record = await engine.record_turn(
+        user.id,
+        "s-named",
+        "I adopted a puppy called Biscuit",
+        "What a lovely name!",
+        user_name="Caroline",
+        assistant_name="Mel",
+    )
+    stored = await engine.get_memory(user.id, record.conversation_id)
+    assert [(m.role.value, m.name) for m in stored.messages] == [
+        ("user", "Caroline"),
+        ("assistant", "Mel"),
+    ]
+    # Each speaker's name finds their own turn (the label indexes it with the message).
+    for name, seq in (("Caroline", 0), ("Mel", 1)):
+        hits = await engine.search(user.id, name, 5, mode="fulltext", types=["conversation"])
+        assert [(h.memory.id, h.matched.index) for h in hits] == [(record.conversation_id, seq)]
