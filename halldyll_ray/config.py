@@ -76,9 +76,10 @@ class Settings(BaseSettings):
     search_top_k: int = Field(default=10, ge=1, le=1000)
     search_mode: Literal["semantic", "hybrid", "fulltext"] = Field(
         default="hybrid",
-        description="Default search mode. hybrid: vector and BM25 full-text lists fused by "
-        "reciprocal rank; on the LoCoMo development split it finds more evidence turns than "
-        "either alone (benchmarks/results/locomo.md).",
+        description="Default search mode. hybrid: the vector and BM25 full-text lists "
+        "combined (0.4 x cosine + 0.6 x BM25 coverage, then neighbours and memory); on the "
+        "LoCoMo development split it finds more evidence turns than either alone "
+        "(benchmarks/results/locomo.md).",
     )
     hybrid_semantic_weight: float = Field(
         default=0.4,

@@ -483,7 +483,7 @@ class MemoryEngine:
             user_id: Whose memories; nothing of another user is read, ranked or cached.
             query: Natural-language text (1-4000 characters).
             limit: How many results (default SEARCH_TOP_K, at most 100).
-            mode: ``hybrid`` (the vector and BM25 full-text lists fused by reciprocal rank),
+            mode: ``hybrid`` (the vector and BM25 full-text lists combined: see the README),
                 ``semantic`` (with full-text fallback) or ``fulltext``; None: SEARCH_MODE
                 (default ``hybrid``).
             types, model, include_shared, session_id, tags, since, until: Filters. With

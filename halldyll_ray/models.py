@@ -95,7 +95,8 @@ class SearchMode(StrEnum):
     """How :meth:`MemoryEngine.search` retrieves.
 
     ``semantic``: vector search, falling back to full-text when nothing passes the threshold.
-    ``hybrid``: vector and full-text lists fused by reciprocal rank. ``fulltext``: text only.
+    ``hybrid``: the vector and BM25 full-text lists combined (cosine and BM25 coverage, then
+    each part's neighbours and memory; ``components/search.py``). ``fulltext``: BM25 only.
     """
 
     SEMANTIC = "semantic"

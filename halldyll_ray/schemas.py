@@ -241,6 +241,11 @@ class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable code: invalid_input, not_found, ...")
     message: str = Field(description="What is wrong and, where possible, how to fix it.")
     request_id: str = Field(description="The request's id (X-Request-ID), also in the logs.")
+    field: str | None = Field(
+        default=None,
+        description="invalid_input: the field at fault, a dotted path in the body (a memory's "
+        "type first: fact.confidence) or a parameter's name.",
+    )
 
 
 class ErrorBody(BaseModel):

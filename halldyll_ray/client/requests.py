@@ -106,7 +106,7 @@ def _error_from(response: httpx.Response) -> HalldyllError:
     """The typed exception for an error response."""
     status = response.status_code
     request_id = response.headers.get("x-request-id")
-    code = message = None
+    code = message = field = None
     try:
         error = response.json().get("error")
     except (ValueError, AttributeError):
@@ -114,12 +114,15 @@ def _error_from(response: httpx.Response) -> HalldyllError:
     if isinstance(error, dict):
         code, message = error.get("code"), error.get("message")
         request_id = error.get("request_id") or request_id
+        field = error.get("field")
     cls = _ERRORS.get(code, HalldyllError) if isinstance(code, str) else None
     if cls is None:
         cls = _BY_STATUS.get(status, HalldyllError)
     if not isinstance(message, str) or not message:
         message = f"HTTP {status}: {response.text[:500] or response.reason_phrase}"
     fields: dict[str, Any] = {"request_id": request_id, "status_code": status}
+    if isinstance(field, str) and field:
+        fields["field"] = field  # as the engine's InvalidInput has it
     retry_after = response.headers.get("retry-after", "")
     if retry_after.isdigit():  # seconds; the service sends it with every 503
         fields["retry_after"] = int(retry_after)

@@ -160,7 +160,8 @@ class ContextBuilder:
         self, user_id: UUID, hits: Sequence[SearchResult]
     ) -> dict[tuple[UUID, int], list[Any]]:
         """For each matched message of a conversation: its row and its neighbours' rows, in
-        order; a neighbour that is itself a hit is left to its own line."""
+        order. A turn is shown once: a neighbour that is itself a hit is left to its own
+        line, and one already shown beside a better-ranked hit is not repeated."""
         matched = [
             (hit.memory.id, hit.matched.index)
             for hit in hits
@@ -178,14 +179,19 @@ class ContextBuilder:
             user_id=user_id,
         )
         by_seq = {(r["memory_id"], r["seq"]): r for r in rows}
-        hit_keys = set(matched)
+        shown = set(matched)  # hits best first: each keeps its own line
         out: dict[tuple[UUID, int], list[Any]] = {}
         for memory_id, index in matched:
-            out[(memory_id, index)] = [
-                by_seq[(memory_id, seq)]
-                for seq in (index - 1, index, index + 1)
-                if (memory_id, seq) in by_seq and (seq == index or (memory_id, seq) not in hit_keys)
-            ]
+            rows = []
+            for seq in (index - 1, index, index + 1):
+                if (memory_id, seq) not in by_seq:
+                    continue
+                if seq != index:
+                    if (memory_id, seq) in shown:
+                        continue
+                    shown.add((memory_id, seq))
+                rows.append(by_seq[(memory_id, seq)])
+            out[(memory_id, index)] = rows
         return out
 
     async def assemble(

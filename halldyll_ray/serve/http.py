@@ -118,13 +118,19 @@ api.openapi = _openapi  # type: ignore[method-assign]
 
 
 def error_response(
-    status: int, code: str, message: str, request_id: str, **headers: str
+    status: int,
+    code: str,
+    message: str,
+    request_id: str,
+    *,
+    field: str | None = None,
+    **headers: str,
 ) -> Response:
-    return JSONResponse(
-        {"error": {"code": code, "message": message, "request_id": request_id}},
-        status_code=status,
-        headers=headers,
-    )
+    """The error body (``schemas.ErrorBody``); ``field`` only when one is at fault."""
+    error: dict[str, Any] = {"code": code, "message": message, "request_id": request_id}
+    if field:
+        error["field"] = field
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
 _ANY: TypeAdapter[Any] = TypeAdapter(Any)
@@ -152,7 +158,10 @@ async def _halldyll_error(request: Request, exc: HalldyllError) -> Response:
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     message = exc.message if status < 500 or status == 503 else "internal configuration error"
-    return error_response(status, exc.code, message, request.state.request_id, **headers)
+    field = exc.fields.get("field") if isinstance(exc, InvalidInput) else None
+    return error_response(
+        status, exc.code, message, request.state.request_id, field=field, **headers
+    )
 
 
 # A replica of another deployment died, or none could take the request. Transient: Serve
@@ -358,7 +367,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     field = ".".join(str(p) for p in first["loc"] if p != "body")
     return error_response(
-        422, "invalid_input", f"{field}: {first['msg']}", request.state.request_id
+        422, "invalid_input", f"{field}: {first['msg']}", request.state.request_id, field=field
     )
 
 

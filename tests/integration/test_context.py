@@ -155,6 +155,8 @@ async def test_a_matched_turn_comes_with_the_turns_beside_it(engine: MemoryEngin
     lines = [line for line in context.text.splitlines() if "session 3" in line]
     assert len(lines) >= 2
     assert sum("A bowl with a sunflower on it." in line for line in lines) == 1
+    for _, text in talk:  # no turn shown twice, as a hit or beside one
+        assert sum(text in line for line in lines) <= 1, (text, lines)
 
 
 async def test_a_turn_can_name_its_speakers(engine: MemoryEngine) -> None:

@@ -196,10 +196,21 @@ async def test_async_client_typed_errors(ray_serve: dict[str, Any], admin_key: s
                 await client.store_memory({"type": "fact", "statement": "x", "confidence": 3})
             _assert_error(invalid.value, 422)
             assert "confidence" in invalid.value.message
+            # the dotted path in the body; a memory's type comes first (the union's variant)
+            assert invalid.value.fields["field"] == "fact.confidence"
             with pytest.raises(InvalidInput):
                 await client.get_memory("not-a-uuid")
-            with pytest.raises(InvalidInput):
-                await client.search("x", limit=1000)
+            # The field at fault crosses HTTP, as the engine names it in-process: rejected by
+            # the request schema (group, limit) or by the engine (session_id of a turn).
+            for call, field in (
+                (client.search("x", limit=1000), "limit"),
+                (client.search("x", group="sentence"), "group"),
+                (client.search("x", mode="Hybrid"), "mode"),
+                (client.record_turn("s-1", "hi", "hello", user_name="x" * 201), "user_name"),
+            ):
+                with pytest.raises(InvalidInput) as bad:
+                    await call
+                assert bad.value.fields.get("field") == field, bad.value.message
             with pytest.raises(InvalidInput) as too_big:
                 await client.store_memory({"type": "fact", "statement": "y" * 300_000})
             _assert_error(too_big.value, 413)
