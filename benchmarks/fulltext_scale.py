@@ -30,20 +30,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "bench" / "locomo" / "locomo-dev.json"
-RESULTS = Path(__file__).resolve().parent / "results"
+from locomo import DATA, RESULTS, write_results  # the sibling script (same data, same output)
 
 
 def _texts_and_questions(limit: int) -> tuple[list[str], list[str]]:
@@ -143,22 +138,7 @@ def main() -> int:
         print(f"{DATA} is missing (the shared development split)", file=sys.stderr)
         return 2
     rows = asyncio.run(run(args))
-    meta = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, "
-        f"Python {platform.python_version()}",
-        "command": "python benchmarks/fulltext_scale.py " + shlex.join(sys.argv[1:]),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    lines = [
-        f"# Full-text search for one large user ({meta['date']})",
-        "",
-        f"Machine: {meta['machine']}. Command: `{meta['command']}`.",
-        "",
-        "| chunks of the user | BM25 p50 / p95 ms | previous ts_rank_cd p50 / p95 ms |",
-        "| ---: | --- | --- |",
-    ]
+    lines = []
     for row in rows:
         old = (
             f"{row['ts_rank_cd_p50_ms']} / {row['ts_rank_cd_p95_ms']}"
@@ -166,9 +146,17 @@ def main() -> int:
             else "–"
         )
         lines.append(f"| {row['chunks']:,} | {row['bm25_p50_ms']} / {row['bm25_p95_ms']} | {old} |")
-    table = "\n".join(lines) + "\n"
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    write_results(
+        args.out,
+        "fulltext_scale.py",
+        {"rows": rows},
+        "Full-text search for one large user",
+        [
+            "| chunks of the user | BM25 p50 / p95 ms | previous ts_rank_cd p50 / p95 ms |",
+            "| ---: | --- | --- |",
+            *lines,
+        ],
+    )
     return 0
 
 

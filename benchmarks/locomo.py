@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -303,6 +304,32 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             server.stop()
 
 
+def write_results(
+    out: Path, script: str, payload: dict[str, Any], title: str, table: list[str]
+) -> None:
+    """Write ``out`` (JSON: ``payload`` plus the date, the machine and the exact command) and
+    ``out`` with ``.md`` (``title``, the same facts, the Markdown ``table`` lines); print the
+    Markdown. Shared by the benchmarks over the LoCoMo data (``fulltext_scale.py`` too)."""
+    meta = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "command": f"python benchmarks/{script} " + shlex.join(sys.argv[1:]),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, **payload}, indent=2) + "\n")
+    lines = [
+        f"# {title} ({meta['date']})",
+        "",
+        f"Machine: {meta['machine']}. Command: `{meta['command']}`.",
+        "",
+        *table,
+    ]
+    text = "\n".join(lines) + "\n"
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -322,33 +349,26 @@ def main() -> int:
         print(f"{DATA} is missing (the shared development split)", file=sys.stderr)
         return 2
     results = asyncio.run(run(args))
-    meta = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
-        f"{__import__('os').cpu_count()} CPUs, Python {platform.python_version()}",
-        "command": "python benchmarks/locomo.py " + shlex.join(sys.argv[1:]),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    lines = [
-        f"# LoCoMo development split, evidence recall ({meta['date']})",
-        "",
-        f"Machine: {meta['machine']}. Command: `{meta['command']}`.",
-        "",
-        "| via/layout/mode/group | questions | recall@5 | recall@10 | any-hit@10 "
-        "| cat 1 / 2 / 3 / 4 @10 | search p50 / p95 ms | ingest turns/s |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: |",
-    ]
+    rows = []
     for name, r in results.items():
         cats = " / ".join(str(v) for v in r["by_category_recall@10"].values())
-        lines.append(
+        rows.append(
             f"| {name} | {r['questions']} | {r['recall@5']} | {r['recall@10']} | "
             f"{r['any_hit@10']} | {cats} | {r['search_p50_ms']} / {r['search_p95_ms']} | "
             f"{r['ingest_turns_per_s']} |"
         )
-    table = "\n".join(lines) + "\n"
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    write_results(
+        args.out,
+        "locomo.py",
+        {"results": results},
+        "LoCoMo development split, evidence recall",
+        [
+            "| via/layout/mode/group | questions | recall@5 | recall@10 | any-hit@10 "
+            "| cat 1 / 2 / 3 / 4 @10 | search p50 / p95 ms | ingest turns/s |",
+            "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: |",
+            *rows,
+        ],
+    )
     return 0
 
 
