@@ -49,6 +49,7 @@ from halldyll_ray.models import (
     Transcription,
     User,
 )
+from halldyll_ray.portability import ImportReport
 
 if TYPE_CHECKING:
     from halldyll_ray.engine import MemoryEngine
@@ -78,6 +79,7 @@ __all__ = [
     "FactKind",
     "HalldyllError",
     "Image",
+    "ImportReport",
     "InvalidInput",
     "Memory",
     "MemoryEngine",

@@ -17,7 +17,15 @@ cannot make one user's transaction see another user's rows.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -46,6 +54,7 @@ from halldyll_ray.models import (
     TurnRecord,
     User,
 )
+from halldyll_ray.portability import ImportReport
 
 if TYPE_CHECKING:  # the engine imports this module to hand out AuthorizedEngine
     from halldyll_ray.engine import MemoryEngine
@@ -226,6 +235,32 @@ class AuthorizedEngine:
     async def list_memories(self, user_id: UUID | str | None, **filters: Any) -> Page[StoredMemory]:
         return await self._read(
             "memory.list", user_id, lambda u: self.engine.list_memories(u, **filters)
+        )
+
+    async def export_memories(self, user_id: UUID | str | None) -> AsyncIterator[bytes]:
+        """The user's export (:meth:`MemoryEngine.export_memories`), checked as a read."""
+        target = await self._check(Operation.MEMORY_READ, "memory.export", self._target(user_id))
+        if target != self.principal.user_id:
+            await self._run(
+                lambda: self.engine.record_read(self.principal.user_id, target, "memory.export", [])
+            )
+        return self.engine.export_memories(
+            target, request_id=self.request_id, actor_id=self.principal.user_id
+        )
+
+    async def import_memories(
+        self,
+        user_id: UUID | str | None,
+        lines: AsyncIterable[bytes | str] | Iterable[bytes | str],
+        *,
+        atomic: bool = False,
+    ) -> ImportReport:
+        return await self._write(
+            "memory.import",
+            user_id,
+            lambda u: self.engine.import_memories(
+                u, lines, atomic=atomic, request_id=self.request_id
+            ),
         )
 
     async def update_memory(

@@ -1,4 +1,4 @@
-"""The ``halldyll`` command: migrate, doctor, demo, create-user, purge-expired."""
+"""The ``halldyll`` command: migrate, doctor, demo, create-user, purge-expired, export, import."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from halldyll_ray.config import Settings
@@ -228,6 +229,71 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace) -> Any:
+    """The HTTP client of ``--url`` with the key of ``--key-file`` or HALLDYLL_API_KEY (a key
+    on the command line would show in the process list)."""
+    from halldyll_ray.client import HalldyllClient
+
+    if args.key_file:
+        with open(args.key_file, encoding="utf-8") as file:
+            key = file.read().strip()
+    else:
+        key = os.environ.get("HALLDYLL_API_KEY", "").strip()
+    if not key:
+        raise ConfigurationError(
+            "no API key: pass --key-file PATH or set HALLDYLL_API_KEY", setting="HALLDYLL_API_KEY"
+        )
+    return HalldyllClient(args.url, key, timeout=args.timeout)
+
+
+def _progress(total: int | None, what: str) -> Any:
+    from tqdm import tqdm
+
+    # On stderr, and only on a terminal (disable=None): pipes and CI logs stay clean.
+    return tqdm(total=total, unit="B", unit_scale=True, desc=what, disable=None, file=sys.stderr)
+
+
+async def cmd_export(args: argparse.Namespace) -> int:
+    """Stream a user's export to a file (or stdout) with a progress bar."""
+
+    def run() -> int:
+        with _client(args) as client, _progress(None, "export") as bar:
+            out = open(args.output, "wb") if args.output != "-" else sys.stdout.buffer  # noqa: SIM115
+            try:
+                for piece in client.export_memories(user_id=args.user):
+                    out.write(piece)
+                    bar.update(len(piece))
+            finally:
+                if out is not sys.stdout.buffer:
+                    out.close()
+        return 0
+
+    return await asyncio.to_thread(run)
+
+
+async def cmd_import(args: argparse.Namespace) -> int:
+    """Upload an export file with a progress bar; print the report (JSON)."""
+
+    def run() -> int:
+        path = args.file
+        total = os.path.getsize(path)
+        with _client(args) as client, _progress(total, "import") as bar, open(path, "rb") as file:
+
+            def pieces() -> Iterator[bytes]:
+                while piece := file.read(1 << 20):
+                    bar.update(len(piece))
+                    yield piece
+
+            report = client.import_memories(pieces(), user_id=args.user, atomic=args.atomic)
+        print(report.model_dump_json(indent=2))
+        if report.error_count:
+            print(f"error: {report.error_count} line(s) were not imported", file=sys.stderr)
+            return 1
+        return 0
+
+    return await asyncio.to_thread(run)
+
+
 COMMANDS = {
     "migrate": cmd_migrate,
     "doctor": cmd_doctor,
@@ -238,6 +304,8 @@ COMMANDS = {
     "purge-audit": cmd_purge_audit,
     "index-users": cmd_index_users,
     "stop-embedded": cmd_stop_embedded,
+    "export": cmd_export,
+    "import": cmd_import,
 }
 
 
@@ -272,6 +340,26 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument(
         "--wait", type=float, default=0.0, help="seconds to wait for its other users to go"
     )
+    for name, help_text in (
+        ("export", "stream a user's memories to an NDJSON file over the HTTP API"),
+        ("import", "import an NDJSON export file over the HTTP API (idempotent)"),
+    ):
+        cmd = sub.add_parser(name, help=help_text)
+        if name == "import":
+            cmd.add_argument("file", help="the export file")
+            cmd.add_argument(
+                "--atomic", action="store_true", help="all or nothing: one bad line refuses all"
+            )
+        else:
+            cmd.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
+        cmd.add_argument(
+            "--url",
+            default=os.environ.get("HALLDYLL_URL", "http://127.0.0.1:8000"),
+            help="the service (default: HALLDYLL_URL or http://127.0.0.1:8000)",
+        )
+        cmd.add_argument("--key-file", help="a file holding the API key (else HALLDYLL_API_KEY)")
+        cmd.add_argument("--user", default="me", help="whose memories (default: the key's user)")
+        cmd.add_argument("--timeout", type=float, default=60.0, help="seconds per network step")
     return parser
 
 

@@ -19,7 +19,7 @@ writes them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -38,6 +38,7 @@ from halldyll_ray.components.memories import MemoryReader
 from halldyll_ray.components.operations import Operations
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.components.search import Search
+from halldyll_ray.components.transfer import Transfer
 from halldyll_ray.components.users import Users
 from halldyll_ray.config import Settings
 from halldyll_ray.embedding import OnnxEncoder, TextEncoder
@@ -64,6 +65,7 @@ from halldyll_ray.models import (
     TurnRecord,
     User,
 )
+from halldyll_ray.portability import ImportReport
 from halldyll_ray.storage.cache import LocalLRU, RedisTier, TieredCache
 from halldyll_ray.storage.database import Database, connect
 from halldyll_ray.storage.embedded import EmbeddedPostgres
@@ -85,6 +87,7 @@ class Components:
     context: ContextBuilder
     agent_loop: AgentLoop
     operations: Operations
+    transfer: Transfer
 
 
 class MemoryEngine:
@@ -208,6 +211,7 @@ class MemoryEngine:
             context=ContextBuilder(db, search, encoder, settings),
             agent_loop=AgentLoop(db, cache, embeddings, models, ingestion, settings),
             operations=Operations(db, dsn, settings),
+            transfer=Transfer(db, embeddings, models, settings),
         )
 
     async def close(self) -> None:
@@ -454,6 +458,46 @@ class MemoryEngine:
     ) -> None:
         """Delete one memory of the user (its messages and chunks go with it)."""
         await self.components.ingestion.delete(user_id, memory_id, request_id=request_id)
+
+    def export_memories(
+        self,
+        user_id: UUID | str,
+        *,
+        request_id: str | None = None,
+        actor_id: UUID | None = None,
+    ) -> AsyncIterator[bytes]:
+        """Every memory of the user as NDJSON lines (:mod:`halldyll_ray.portability`): a
+        header line with the format version and counts, then one memory a line, each
+        ``bytes`` ending with a newline. Read from one snapshot through a server-side cursor,
+        so memory stays flat for any number of memories; audited as ``memory.export``.
+
+        Raises (at the first line): InvalidInput: not a UUID. NotFound: no such user.
+        """
+        return self.components.transfer.export(user_id, request_id=request_id, actor_id=actor_id)
+
+    async def import_memories(
+        self,
+        user_id: UUID | str,
+        lines: AsyncIterable[bytes | str] | Iterable[bytes | str],
+        *,
+        atomic: bool = False,
+        request_id: str | None = None,
+    ) -> ImportReport:
+        """Import an export (:meth:`export_memories`' format) into the user's memories.
+
+        ``lines`` is the file in chunks of any size (bytes or text; an open file works).
+        Idempotent: a line imported before is skipped (``unchanged``). Facts merge with
+        stored facts as a store does (``merged``). Bad lines are reported by line number and
+        the rest is imported; with ``atomic`` any bad line refuses the whole file.
+
+        Raises:
+            InvalidInput: the first line is not an export header of a supported version; with
+                ``atomic``, a bad line (``fields["report"]``; nothing stored).
+            NotFound: no such user.
+        """
+        return await self.components.transfer.import_lines(
+            user_id, _aiter(lines), atomic=atomic, request_id=request_id
+        )
 
     async def purge_expired(self) -> int:
         """Delete ephemeral facts past their expiry; return how many went."""
@@ -723,3 +767,15 @@ class MemoryEngine:
 
 
 __all__ = ["Components", "MemoryEngine"]
+
+
+async def _aiter(
+    chunks: AsyncIterable[bytes | str] | Iterable[bytes | str],
+) -> AsyncIterator[bytes | str]:
+    """An async iterator over ``chunks``, async or not."""
+    if isinstance(chunks, AsyncIterable):
+        async for chunk in chunks:
+            yield chunk
+    else:
+        for chunk in chunks:
+            yield chunk

@@ -246,6 +246,11 @@ class ErrorDetail(BaseModel):
         description="invalid_input: the field at fault, a dotted path in the body (a memory's "
         "type first: fact.confidence) or a parameter's name.",
     )
+    report: dict[str, Any] | None = Field(
+        default=None,
+        description="A refused atomic import only: its report (portability.ImportReport), "
+        "with each bad line's number and problem.",
+    )
 
 
 class ErrorBody(BaseModel):

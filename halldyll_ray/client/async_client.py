@@ -6,14 +6,19 @@ point here); the requests are built in :mod:`halldyll_ray.client.requests`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
+from os import PathLike
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import httpx
 
 from halldyll_ray.client.requests import (
+    NDJSON,
+    UPLOAD_CHUNK_BYTES,
     Endpoints,
     Id,
     MemoryInput,
@@ -43,6 +48,7 @@ from halldyll_ray.models import (
     TurnRecord,
     User,
 )
+from halldyll_ray.portability import ImportReport
 from halldyll_ray.schemas import (
     ApiKeyCreate,
     AppendMessagesRequest,
@@ -55,6 +61,18 @@ from halldyll_ray.schemas import (
     UserCreate,
     UserUpdate,
 )
+
+
+async def _read_file(path: Path) -> AsyncIterator[bytes]:
+    """A file's bytes in pieces, read off the event loop."""
+    with path.open("rb") as file:
+        while piece := await asyncio.to_thread(file.read, UPLOAD_CHUNK_BYTES):
+            yield piece
+
+
+async def _async_pieces(pieces: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for piece in pieces:
+        yield piece
 
 
 # --------------------------------------------------------------------------- async client
@@ -274,6 +292,76 @@ class AsyncHalldyllClient:
             The stored memory; a fact stored again comes back reinforced, not duplicated.
         """
         return await self._send(Endpoints.store_memory(memory, user_id=user_id))
+
+    async def export_memories(self, *, user_id: Id = "me") -> AsyncIterator[bytes]:
+        """Every memory of the user as an NDJSON file (:mod:`halldyll_ray.portability`),
+        streamed: ``async for piece in client.export_memories(): out.write(piece)``.
+
+        Yields:
+            Pieces of the file (bytes of any size; join them for the whole file).
+
+        Raises:
+            NotFound, PermissionDenied (before the first piece); Unavailable: the connection
+            failed or stalled (``timeout`` seconds between pieces).
+        """
+        request = Endpoints.export_memories(user_id)
+        try:
+            async with self._http.stream(request.method, request.path) as response:
+                if not response.is_success:
+                    await response.aread()
+                    request.finish(response)
+                async for piece in response.aiter_bytes():
+                    yield piece
+        except httpx.TransportError as exc:
+            raise unavailable(request, exc) from exc
+
+    async def import_memories(
+        self,
+        data: bytes | PathLike[str] | AsyncIterable[bytes] | Iterable[bytes],
+        *,
+        user_id: Id = "me",
+        atomic: bool = False,
+    ) -> ImportReport:
+        """Import an export file into the user's memories (idempotent).
+
+        Args:
+            data: The file: its bytes, its path, or its pieces (an iterator of bytes, e.g. an
+                export being streamed from another service, or a progress-reporting reader).
+            user_id: Whose memories the lines become.
+            atomic: All or nothing: a bad line refuses the file (InvalidInput whose
+                ``fields["report"]`` lists the bad lines); nothing is stored then.
+
+        Returns:
+            The report: created by type, merged facts, unchanged lines, bad lines by number.
+            The service answers when the whole file is in, so no read timeout applies.
+
+        Raises:
+            InvalidInput: Not an export file (no header, another version), over the size
+                limit, or (``atomic``) a bad line. NotFound, PermissionDenied, Unavailable.
+        """
+        request = Endpoints.import_memories(user_id, atomic=atomic)
+        content: bytes | AsyncIterable[bytes]
+        if isinstance(data, bytes):
+            content = data
+        elif isinstance(data, PathLike):
+            content = _read_file(Path(data))
+        elif isinstance(data, AsyncIterable):
+            content = data
+        else:
+            content = _async_pieces(data)
+        timeout = self._http.timeout
+        try:
+            response = await self._http.request(
+                request.method,
+                request.path,
+                params=request.params,
+                content=content,
+                headers={"Content-Type": NDJSON},
+                timeout=httpx.Timeout(timeout.connect, read=None, write=timeout.write),
+            )
+        except httpx.TransportError as exc:
+            raise unavailable(request, exc) from exc
+        return request.finish(response)
 
     async def get_memory(self, memory_id: Id, *, user_id: Id = "me") -> StoredMemory:
         """One memory, with a conversation's messages."""

@@ -52,6 +52,7 @@ from halldyll_ray.models import (
     TurnRecord,
     User,
 )
+from halldyll_ray.portability import ImportReport
 from halldyll_ray.schemas import (
     ApiKeyCreate,
     AppendMessagesRequest,
@@ -66,6 +67,10 @@ from halldyll_ray.schemas import (
 )
 
 T = TypeVar("T")
+#: The media type of an export file (one JSON object a line).
+NDJSON = "application/x-ndjson"
+#: Bytes per piece when a client uploads an import file.
+UPLOAD_CHUNK_BYTES = 1 << 20
 M = TypeVar("M", bound=BaseModel)
 
 #: What :meth:`store_memory` accepts: a typed memory, or its JSON form as a mapping.
@@ -115,6 +120,9 @@ def _error_from(response: httpx.Response) -> HalldyllError:
         code, message = error.get("code"), error.get("message")
         request_id = error.get("request_id") or request_id
         field = error.get("field")
+        report = error.get("report")
+    else:
+        report = None
     cls = _ERRORS.get(code, HalldyllError) if isinstance(code, str) else None
     if cls is None:
         cls = _BY_STATUS.get(status, HalldyllError)
@@ -123,6 +131,8 @@ def _error_from(response: httpx.Response) -> HalldyllError:
     fields: dict[str, Any] = {"request_id": request_id, "status_code": status}
     if isinstance(field, str) and field:
         fields["field"] = field  # as the engine's InvalidInput has it
+    if isinstance(report, dict):
+        fields["report"] = report  # a refused atomic import, as the engine raises it
     retry_after = response.headers.get("retry-after", "")
     if retry_after.isdigit():  # seconds; the service sends it with every 503
         fields["retry_after"] = int(retry_after)
@@ -346,6 +356,16 @@ class Endpoints:
     @staticmethod
     def store_memory(memory: MemoryInput, *, user_id: Id) -> Request[StoredMemory]:
         return Request("POST", _memories(user_id), _one(StoredMemory), json=_body(memory))
+
+    @staticmethod
+    def export_memories(user_id: Id) -> Request[None]:
+        """The export's request; its body is streamed by the client, checked by ``finish``."""
+        return Request("GET", f"{_user(user_id)}/export", _nothing)
+
+    @staticmethod
+    def import_memories(user_id: Id, *, atomic: bool) -> Request[ImportReport]:
+        params = _params({"atomic": atomic})
+        return Request("POST", f"{_user(user_id)}/import", _one(ImportReport), params=params)
 
     @staticmethod
     def get_memory(memory_id: Id, *, user_id: Id) -> Request[StoredMemory]:

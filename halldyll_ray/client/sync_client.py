@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
+from os import PathLike
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import httpx
 
 from halldyll_ray.client.requests import (
+    NDJSON,
+    UPLOAD_CHUNK_BYTES,
     Endpoints,
     Id,
     MemoryInput,
@@ -39,6 +43,7 @@ from halldyll_ray.models import (
     TurnRecord,
     User,
 )
+from halldyll_ray.portability import ImportReport
 from halldyll_ray.schemas import (
     ApiKeyCreate,
     AppendMessagesRequest,
@@ -200,6 +205,47 @@ class HalldyllClient:
     def store_memory(self, memory: MemoryInput, *, user_id: Id = "me") -> StoredMemory:
         """Store a memory; see :meth:`AsyncHalldyllClient.store_memory`."""
         return self._send(Endpoints.store_memory(memory, user_id=user_id))
+
+    def export_memories(self, *, user_id: Id = "me") -> Iterator[bytes]:
+        """The user's export file in pieces; see :meth:`AsyncHalldyllClient.export_memories`."""
+        request = Endpoints.export_memories(user_id)
+        try:
+            with self._http.stream(request.method, request.path) as response:
+                if not response.is_success:
+                    response.read()
+                    request.finish(response)
+                yield from response.iter_bytes()
+        except httpx.TransportError as exc:
+            raise unavailable(request, exc) from exc
+
+    def import_memories(
+        self,
+        data: bytes | PathLike[str] | Iterable[bytes],
+        *,
+        user_id: Id = "me",
+        atomic: bool = False,
+    ) -> ImportReport:
+        """Import an export file; see :meth:`AsyncHalldyllClient.import_memories`."""
+        request = Endpoints.import_memories(user_id, atomic=atomic)
+        try:
+            if isinstance(data, PathLike):
+                with Path(data).open("rb") as file:
+                    return self._upload(request, iter(lambda: file.read(UPLOAD_CHUNK_BYTES), b""))
+            return self._upload(request, data)
+        except httpx.TransportError as exc:
+            raise unavailable(request, exc) from exc
+
+    def _upload(self, request: Request[T], content: bytes | Iterable[bytes]) -> T:
+        timeout = self._http.timeout
+        response = self._http.request(
+            request.method,
+            request.path,
+            params=request.params,
+            content=content,
+            headers={"Content-Type": NDJSON},
+            timeout=httpx.Timeout(timeout.connect, read=None, write=timeout.write),
+        )
+        return request.finish(response)
 
     def get_memory(self, memory_id: Id, *, user_id: Id = "me") -> StoredMemory:
         """One memory, with a conversation's messages."""

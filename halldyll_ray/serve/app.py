@@ -21,7 +21,7 @@ from halldyll_ray.serve.deployments import (
     Ingestor,
     Searcher,
 )
-from halldyll_ray.serve.http import BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
+from halldyll_ray.serve.http import BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_IMPORT_BYTES
 from halldyll_ray.serve.ingress import HTTPIngress
 from halldyll_ray.serve.settings import SettingsOverrides
 
@@ -62,6 +62,13 @@ class AppArgs(BaseModel):
         ge=1024,
         le=64 * 1024 * 1024,
         description="Largest HTTP request body; larger gets 413.",
+    )
+    max_import_bytes: int = Field(
+        default=DEFAULT_MAX_IMPORT_BYTES,
+        ge=1024,
+        le=1 << 40,
+        description="Largest body of an import (an export file, streamed in batches); larger "
+        "gets 413.",
     )
     body_timeout_s: float = Field(
         default=BODY_TIMEOUT_S,
@@ -131,6 +138,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
         settings=overrides,
         max_body_bytes=args.max_body_bytes,
         body_timeout_s=args.body_timeout_s,
+        max_import_bytes=args.max_import_bytes,
     )
 
 

@@ -13,7 +13,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -59,6 +59,9 @@ STATUS: dict[type[HalldyllError], int] = {
 }
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 DEFAULT_MAX_BODY_BYTES = 1_048_576
+#: Largest body of ``POST /v1/users/{id}/import`` (an export file), which streams through the
+#: import in batches rather than being held whole.
+DEFAULT_MAX_IMPORT_BYTES = 1_073_741_824
 
 #: Seconds a client has to send each part of its request body; a client that stalls (a
 #: Content-Length larger than what it sends) gets 408 instead of holding a slot for minutes.
@@ -87,6 +90,7 @@ api = FastAPIOffline(
     responses=ERROR_RESPONSES,
 )
 api.state.max_body_bytes = DEFAULT_MAX_BODY_BYTES
+api.state.max_import_bytes = DEFAULT_MAX_IMPORT_BYTES
 api.state.body_timeout_s = BODY_TIMEOUT_S
 _PUBLIC = frozenset({"/healthz", "/readyz"})
 
@@ -124,13 +128,17 @@ def error_response(
     request_id: str,
     *,
     field: str | None = None,
-    **headers: str,
+    report: dict[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> Response:
-    """The error body (``schemas.ErrorBody``); ``field`` only when one is at fault."""
+    """The error body (``schemas.ErrorBody``); ``field`` only when one is at fault, ``report``
+    only for a refused atomic import (what each bad line was)."""
     error: dict[str, Any] = {"code": code, "message": message, "request_id": request_id}
     if field:
         error["field"] = field
-    return JSONResponse({"error": error}, status_code=status, headers=headers)
+    if report is not None:
+        error["report"] = report
+    return JSONResponse({"error": error}, status_code=status, headers=dict(headers or {}))
 
 
 _ANY: TypeAdapter[Any] = TypeAdapter(Any)
@@ -158,9 +166,15 @@ async def _halldyll_error(request: Request, exc: HalldyllError) -> Response:
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     message = exc.message if status < 500 or status == 503 else "internal configuration error"
-    field = exc.fields.get("field") if isinstance(exc, InvalidInput) else None
+    invalid = isinstance(exc, InvalidInput)
     return error_response(
-        status, exc.code, message, request.state.request_id, field=field, **headers
+        status,
+        exc.code,
+        message,
+        request.state.request_id,
+        field=exc.fields.get("field") if invalid else None,
+        report=exc.fields.get("report") if invalid else None,
+        headers=headers,
     )
 
 
@@ -212,6 +226,14 @@ def _request_id(scope: Any) -> str:
     return uuid.uuid4().hex
 
 
+def _body_limit(scope: Any) -> int:
+    """The body limit of a request: an import's (an export file) or every other route's."""
+    path: str = scope.get("path", "")
+    if scope.get("method") == "POST" and path.endswith("/import"):
+        return int(api.state.max_import_bytes)
+    return int(api.state.max_body_bytes)
+
+
 class _RequestContext:
     """Request id, body limit, metrics and the request log, as plain ASGI middleware.
 
@@ -231,10 +253,10 @@ class _RequestContext:
             return
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
-        limit = api.state.max_body_bytes
+        limit = _body_limit(scope)
         for name, value in scope.get("headers") or ():
             if name == b"content-length" and (not value.isdigit() or int(value) > limit):
-                await self._too_large(request_id)(scope, receive, send)
+                await self._too_large(request_id, limit)(scope, receive, send)
                 return
         started = time.perf_counter()
         seen = 0
@@ -259,7 +281,7 @@ class _RequestContext:
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     answered = 413
-                    await self._too_large(request_id)(scope, receive, send)
+                    await self._too_large(request_id, limit)(scope, receive, send)
                     return {"type": "http.disconnect"}
             return message
 
@@ -305,16 +327,13 @@ class _RequestContext:
             "request_timeout",
             f"the request body did not arrive within {api.state.body_timeout_s:g} s",
             request_id,
-            Connection="close",
+            headers={"Connection": "close"},
         )
 
     @staticmethod
-    def _too_large(request_id: str) -> Response:
+    def _too_large(request_id: str, limit: int) -> Response:
         return error_response(
-            413,
-            "payload_too_large",
-            f"request body is over {api.state.max_body_bytes} bytes",
-            request_id,
+            413, "payload_too_large", f"request body is over {limit} bytes", request_id
         )
 
 
@@ -337,7 +356,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
         codes.get(exc.status_code, "http_error"),
         str(exc.detail),
         getattr(request.state, "request_id", ""),
-        **headers,
+        headers=headers,
     )
 
 

@@ -7,12 +7,12 @@ Search, Ingestion and Context deployments; users, keys, models and audit are ser
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import Header, Path, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from halldyll_ray import requestctx
@@ -53,12 +53,15 @@ from halldyll_ray.serve.deployments import EngineOwner
 from halldyll_ray.serve.http import (
     BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_IMPORT_BYTES,
     RouteMetrics,
     api,
     downstream,
     json_response,
 )
 from halldyll_ray.serve.settings import SettingsOverrides
+
+NDJSON = "application/x-ndjson"
 
 #: A user in a path: its id, or ``me`` for the caller.
 UserRef = Annotated[
@@ -85,6 +88,7 @@ class Ingress(EngineOwner):
         settings: What the builder was given; the rest comes from this replica's environment.
         max_body_bytes: Largest HTTP request body; larger gets 413.
         body_timeout_s: Seconds a client has to send each part of its body; then 408.
+        max_import_bytes: Largest import body (an export file); larger gets 413.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class Ingress(EngineOwner):
         settings: SettingsOverrides | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         body_timeout_s: float = BODY_TIMEOUT_S,
+        max_import_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
     ) -> None:
         super().__init__(embedder, database=database, settings=settings)
         self._searcher = searcher
@@ -105,6 +110,7 @@ class Ingress(EngineOwner):
         self._context = context
         api.state.max_body_bytes = max_body_bytes
         api.state.body_timeout_s = body_timeout_s
+        api.state.max_import_bytes = max_import_bytes
         api.state.metrics = RouteMetrics()
 
     # ----------------------------------------------------------------------- helpers
@@ -361,6 +367,51 @@ class Ingress(EngineOwner):
         )
         return json_response(stored, 201)
 
+    @api.get(
+        "/v1/users/{user_id}/export",
+        tags=["memories"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {NDJSON: {}}, "description": "The export, NDJSON."}},
+    )
+    async def export_memories(self, request: Request, user_id: UserRef) -> Response:
+        """Every memory of the user as NDJSON (`halldyll_ray.portability`): a header line
+        with the format version and counts, then one memory a line. Streamed from one
+        database snapshot; served by this replica's engine (a handle call cannot stream)."""
+        lines = await (await self._api(request)).export_memories(self._user(user_id))
+        first = await anext(lines)  # a missing user is a 404, not a broken stream
+        name = f"halldyll-export-{user_id}.ndjson"
+        return StreamingResponse(
+            _stream(first, lines),
+            media_type=NDJSON,
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+
+    @api.post(
+        "/v1/users/{user_id}/import",
+        tags=["memories"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {NDJSON: {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+    )
+    async def import_memories(
+        self,
+        request: Request,
+        user_id: UserRef,
+        atomic: Annotated[
+            bool, Query(description="All or nothing: one bad line refuses the whole file (422).")
+        ] = False,
+    ) -> Any:
+        """Import an export file (the body, NDJSON, streamed; up to max_import_bytes).
+        Idempotent; bad lines are reported by number and the others imported."""
+        authorized = await self._api(request)
+        report = await authorized.import_memories(
+            self._user(user_id), request.stream(), atomic=atomic
+        )
+        return json_response(report)
+
     @api.post("/v1/users/{user_id}/search", tags=["search"])
     async def search(self, request: Request, user_id: UserRef, body: SearchRequest) -> Any:
         content = await downstream(
@@ -513,3 +564,13 @@ def _parse_uuid(value: str, field: str) -> UUID:
 HTTPIngress = serve.ingress(api)(Ingress)
 
 __all__ = ["HTTPIngress", "Ingress", "api"]
+
+
+async def _stream(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """``first`` then ``rest``; closes ``rest`` (its database transaction) however it ends."""
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]

@@ -221,7 +221,12 @@ class Database:
 
     @asynccontextmanager
     async def scoped(
-        self, user_id: UUID | None = None, *, admin: bool = False, readonly: bool = False
+        self,
+        user_id: UUID | None = None,
+        *,
+        admin: bool = False,
+        readonly: bool = False,
+        snapshot: bool = False,
     ) -> AsyncIterator[asyncpg.Connection]:
         """A transaction acting for one user (row-level security shows only their rows).
 
@@ -230,9 +235,16 @@ class Database:
                 memory rows at all (users, models, audit work).
             admin: See every user's rows: the explicit, audited path for cross-user work.
             readonly: A read-only transaction.
+            snapshot: REPEATABLE READ: every statement sees the data as of the first one (an
+                export's header counts and its lines agree).
         """
         with translate_errors():
-            async with self.pool.acquire() as conn, conn.transaction(readonly=readonly):
+            async with (
+                self.pool.acquire() as conn,
+                conn.transaction(
+                    readonly=readonly, isolation="repeatable_read" if snapshot else None
+                ),
+            ):
                 # Transaction-local settings: they end with the transaction, so a pooled
                 # connection never carries one user's identity into another's request.
                 await conn.execute(

@@ -52,6 +52,16 @@ async def world(engine: MemoryEngine) -> World:
     return World(engine, users, keys, memory_of)
 
 
+_EXPORT_HEADER = (
+    b'{"format": "halldyll-export", "version": 1, "exported_at": "2026-01-01T00:00:00Z", '
+    b'"user": {"id": "00000000-0000-4000-8000-000000000000", "username": "x"}}\n'
+)
+
+
+async def _export(api: AuthorizedEngine, user_id: Any) -> list[bytes]:
+    return [line async for line in await api.export_memories(user_id)]
+
+
 # Each action: (operation it needs, coroutine factory taking (api, target user, world)).
 def _actions() -> dict[str, tuple[Operation, Any]]:
     return {
@@ -77,6 +87,11 @@ def _actions() -> dict[str, tuple[Operation, Any]]:
             Operation.MEMORY_WRITE,
             lambda api, t, w: api.record_turn(t.id, "s1", "hello", "hi"),
         ),
+        "export": (Operation.MEMORY_READ, lambda api, t, w: _export(api, t.id)),
+        "import": (
+            Operation.MEMORY_WRITE,
+            lambda api, t, w: api.import_memories(t.id, [_EXPORT_HEADER]),
+        ),
         "user.get": (Operation.USER_READ, lambda api, t, w: api.get_user(t.id)),
         "user.update": (
             Operation.USER_MANAGE,
@@ -88,8 +103,8 @@ def _actions() -> dict[str, tuple[Operation, Any]]:
 
 
 # Explicit expectations, written independently of PERMISSIONS: role -> target -> allowed set.
-MEMORY = {"store", "search", "get", "list", "update", "context", "turn"}
-READS = {"search", "get", "list", "context"}
+MEMORY = {"store", "search", "get", "list", "update", "context", "turn", "export", "import"}
+READS = {"search", "get", "list", "context", "export"}
 EXPECTED: dict[str, dict[str, set[str]]] = {
     "admin": {"self": set(_actions()), "ada": set(_actions()), "root2": set(_actions())},
     "ada": {"self": MEMORY | {"user.get", "key.create", "key.list"}, "bob": set(), "admin": set()},

@@ -1,0 +1,495 @@
+"""Export and import of a user's memories (the format: :mod:`halldyll_ray.portability`).
+
+Export streams from a server-side cursor in one REPEATABLE READ, read-only transaction: the
+header's counts and the lines agree, and memory stays flat however many memories the user has
+(:data:`EXPORT_BATCH` rows and their messages at a time).
+
+Import reads lines as they arrive and works in batches of :data:`IMPORT_BATCH` lines: each
+batch is validated, embedded in one call (the encoder's full batches), then written under the
+user's lock, each line in its own savepoint so a line the database refuses costs that line
+only. Re-importing a file changes nothing: what each exported id became is kept in
+``memory_imports`` (migration 0008), so a line imported before is skipped before it is
+embedded. Facts merge by the same rules as a store (an equal or near-equal fact is
+reinforced). With ``atomic`` the whole file is one transaction, refused whole on any bad line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+import asyncpg
+import numpy as np
+
+from halldyll_ray import validation
+from halldyll_ray.components.audit import write_audit
+from halldyll_ray.components.base import Chunk, insert_chunks, insert_messages, lock_user
+from halldyll_ray.components.embeddings import Embeddings
+from halldyll_ray.components.ingestion import Chunker
+from halldyll_ray.components.memories import split, to_record
+from halldyll_ray.components.registry import ModelRegistry
+from halldyll_ray.config import Settings
+from halldyll_ray.errors import HalldyllError, InvalidInput, NotFound
+from halldyll_ray.language import detect_language
+from halldyll_ray.models import (
+    Conversation,
+    Fact,
+    FactKind,
+    Message,
+    MessageRole,
+    Summary,
+    Transcription,
+)
+from halldyll_ray.portability import (
+    ExportedMemory,
+    ExportedUser,
+    ExportHeader,
+    ImportReport,
+    numbered_lines,
+    parse_header,
+    parse_memory_line,
+)
+from halldyll_ray.storage.database import Database
+from halldyll_ray.storage.sql import bind, q
+from halldyll_ray.textproc import fact_key as make_fact_key
+
+#: Memories read from the export cursor at a time (with their conversations' messages).
+EXPORT_BATCH = 200
+#: Lines an import validates, embeds and writes together.
+IMPORT_BATCH = 128
+
+
+@dataclass
+class _Line:
+    """A valid memory line, ready to write."""
+
+    number: int
+    record: ExportedMemory
+    model_id: UUID | None
+    chunks: list[Chunk]
+    vectors: np.ndarray | None = None
+
+
+class Transfer:
+    """Export a user's memories as NDJSON lines; import such lines."""
+
+    def __init__(
+        self, db: Database, embeddings: Embeddings, registry: ModelRegistry, settings: Settings
+    ) -> None:
+        self.db = db
+        self.embeddings = embeddings
+        self.registry = registry
+        self.settings = settings
+        self.chunker = Chunker(embeddings.encoder)
+
+    # ------------------------------------------------------------------ export
+    async def export(
+        self,
+        user_id: UUID | str,
+        *,
+        request_id: str | None = None,
+        actor_id: UUID | None = None,
+    ) -> AsyncIterator[bytes]:
+        """The user's export, line by line (each ``bytes`` ends with ``\\n``).
+
+        The header is computed before the first line is yielded, so a missing user raises
+        NotFound at the first ``__anext__``; the export is audited (``memory.export``) then.
+        """
+        user_id = validation.parse_uuid(user_id, "user_id")
+        models = {m.id: m.name for m in await self.registry.find()}
+        async with self.db.scoped(user_id, readonly=True, snapshot=True) as conn:
+            user = await conn.fetchrow(q("get_user"), user_id)
+            if user is None:
+                raise NotFound(f"user {user_id} not found")
+            counts = await conn.fetch(q("export_counts"), user_id)
+            header = ExportHeader(
+                user=ExportedUser(id=user_id, username=user["username"]),
+                exported_at=datetime.now(UTC),
+                memories={r["type"]: r["memories"] for r in counts},
+                messages=sum(r["messages"] for r in counts),
+            )
+            async with self.db.scoped(user_id) as audit:
+                await write_audit(
+                    audit,
+                    "memory.export",
+                    "user",
+                    [user_id],
+                    user_id,
+                    actor_id=actor_id,
+                    request_id=request_id,
+                    details={"memories": header.memories, "messages": header.messages},
+                )
+            yield header.model_dump_json().encode() + b"\n"
+            batch: list[asyncpg.Record] = []
+            async for row in conn.cursor(q("export_memories"), user_id, prefetch=EXPORT_BATCH):
+                batch.append(row)
+                if len(batch) == EXPORT_BATCH:
+                    yield await self._export_lines(conn, user_id, batch, models)
+                    batch = []
+            if batch:
+                yield await self._export_lines(conn, user_id, batch, models)
+
+    async def _export_lines(
+        self,
+        conn: asyncpg.Connection,
+        user_id: UUID,
+        rows: Sequence[asyncpg.Record],
+        models: dict[UUID, str],
+    ) -> bytes:
+        conversations = [r["id"] for r in rows if r["type"] == "conversation"]
+        messages: dict[UUID, list[Message]] = {}
+        if conversations:
+            for m in await conn.fetch(q("export_messages"), user_id, conversations):
+                messages.setdefault(m["memory_id"], []).append(
+                    Message.model_construct(
+                        role=MessageRole(m["role"]),
+                        content=m["content"],
+                        created_at=m["created_at"],
+                        name=m["name"],
+                    )
+                )
+        out = bytearray()
+        for row in rows:
+            memory = to_record(row).memory
+            sources: list[str] = []
+            if isinstance(memory, Fact):
+                sources = list(row["payload"].get("sources") or [])
+            model = None if row["model_id"] is None else models.get(row["model_id"])
+            line = ExportedMemory.model_construct(
+                id=row["id"],
+                memory=memory.model_copy(update={"model": model}),
+                messages=messages.get(row["id"], []),
+                sources=sources,
+                created_at=row["created_at"],
+                updated_at=row["updated_at"],
+                expires_at=row["expires_at"],
+                reinforcement_count=row["reinforcement_count"],
+                session_role=row["session_role"],
+            )
+            out += line.model_dump_json(exclude_defaults=False).encode() + b"\n"
+        return bytes(out)
+
+    # ------------------------------------------------------------------ import
+    async def import_lines(
+        self,
+        user_id: UUID | str,
+        chunks: AsyncIterable[bytes | str],
+        *,
+        atomic: bool = False,
+        request_id: str | None = None,
+    ) -> ImportReport:
+        """Import an export (a stream of byte or text chunks, split into lines here).
+
+        Args:
+            user_id: Whose memories the lines become. Ids are kept when the file was exported
+                from this same user (a restore); other users' files get new ids.
+            chunks: The file, in pieces of any size.
+            atomic: All or nothing: one transaction, refused whole if any line is bad.
+            request_id: Carried into the audit rows (``memory.import``, one per batch).
+
+        Returns:
+            What was created, merged, skipped and refused (by line number).
+
+        Raises:
+            InvalidInput: The first line is not an export header of a version this service
+                reads; or, with ``atomic``, any line is bad (``fields["report"]`` has the
+                report; nothing was stored).
+            NotFound: The user does not exist.
+        """
+        user_id = validation.parse_uuid(user_id, "user_id")
+        lines = numbered_lines(chunks)
+        header: ExportHeader | None = None
+        async for number, line in lines:
+            header = parse_header(number, line)
+            break
+        if header is None:
+            raise InvalidInput(
+                "the import is empty: it needs an export header line", field="format"
+            )
+        keep_ids = header.user.id == user_id
+        report = ImportReport(atomic=atomic)
+        if atomic:
+            async with self.db.scoped(user_id) as conn:
+                await lock_user(conn, user_id)
+                async for batch in _batches(lines):
+                    ready = await self._prepare(user_id, batch, report)
+                    if not report.error_count:
+                        await self._write(conn, user_id, ready, report, keep_ids, request_id)
+                if report.error_count:
+                    report.committed = False
+                    report.created, report.merged, report.unchanged = {}, 0, 0
+                    raise InvalidInput(
+                        f"{report.error_count} line(s) of the import are invalid; nothing was "
+                        f"imported (first: line {report.errors[0].line}: "
+                        f"{report.errors[0].message})",
+                        field=report.errors[0].field,
+                        report=report.model_dump(mode="json"),
+                    )
+            return report
+        async for batch in _batches(lines):
+            ready = await self._prepare(user_id, batch, report)
+            if ready:
+                async with self.db.scoped(user_id) as conn:
+                    await lock_user(conn, user_id)
+                    await self._write(conn, user_id, ready, report, keep_ids, request_id)
+        if report.lines == 0:
+            # An empty file for a missing user would otherwise pass without a word.
+            async with self.db.scoped(user_id) as conn:
+                await lock_user(conn, user_id)
+        return report
+
+    async def _prepare(
+        self, user_id: UUID, batch: Sequence[tuple[int, bytes]], report: ImportReport
+    ) -> list[_Line]:
+        """Validate, resolve models, skip lines imported before, chunk and embed a batch."""
+        report.lines += len(batch)
+        parsed: list[_Line] = []
+        now = datetime.now(UTC)
+        for number, raw in batch:
+            try:
+                record = parse_memory_line(number, raw)
+                memory = record.memory
+                expires = _expiry(record)
+                if expires is not None and expires <= now:
+                    report.expired += 1
+                    continue
+                model_id = await self.registry.resolve(memory.model)
+                if isinstance(memory, Transcription) and memory.language is None:
+                    language = await asyncio.to_thread(detect_language, memory.text)
+                    record.memory = memory.model_copy(update={"language": language})
+                parsed.append(_Line(number, record, model_id, []))
+            except HalldyllError as exc:
+                field = exc.fields.get("field")
+                if isinstance(exc, NotFound):
+                    field = "memory.model"
+                report.problem(number, exc.message, field)
+        if not parsed:
+            return []
+        done = await self.db.fetch(
+            q("imported_sources"), user_id, [p.record.id for p in parsed], user_id=user_id
+        )
+        seen = {r["source_id"] for r in done}
+        fresh = [p for p in parsed if p.record.id not in seen]
+        report.unchanged += len(parsed) - len(fresh)
+        for item in fresh:
+            item.chunks = self._chunks(item.record)
+        texts = [c.indexed for item in fresh for c in item.chunks]
+        vectors = await self.embeddings.embed(texts) if texts else None
+        start = 0
+        for item in fresh:
+            if vectors is not None:
+                item.vectors = vectors[start : start + len(item.chunks)]
+            start += len(item.chunks)
+        return fresh
+
+    def _chunks(self, record: ExportedMemory) -> list[Chunk]:
+        memory = record.memory
+        if isinstance(memory, Conversation):
+            chunks = self.chunker.of(memory.model_copy(update={"messages": []}))
+            for seq, message in enumerate(record.messages):
+                chunks += self.chunker.message(seq, message, record.created_at)
+            return chunks
+        return self.chunker.of(memory)
+
+    async def _write(
+        self,
+        conn: asyncpg.Connection,
+        user_id: UUID,
+        lines: Sequence[_Line],
+        report: ImportReport,
+        keep_ids: bool,
+        request_id: str | None,
+    ) -> None:
+        """Write prepared lines under the user's lock (taken by the caller)."""
+        sources = [line.record.id for line in lines]
+        mapped = {
+            r["source_id"]: r["memory_id"]
+            for r in await conn.fetch(q("imported_sources"), user_id, sources)
+        }
+        present = (
+            {r["id"] for r in await conn.fetch(q("owned_ids"), user_id, sources)}
+            if keep_ids
+            else set()
+        )
+        created: Counter[str] = Counter()
+        written: list[UUID] = []
+        new_sources: list[UUID] = []
+        new_targets: list[UUID] = []
+        for line in lines:
+            source = line.record.id
+            if source in mapped:
+                report.unchanged += 1
+                continue
+            if source in present:
+                report.unchanged += 1
+                new_sources.append(source)
+                new_targets.append(source)
+                continue
+            try:
+                async with conn.transaction():  # a savepoint: a refused line costs itself only
+                    target, merged = await self._write_line(
+                        conn, user_id, line, source if keep_ids else uuid.uuid4(), mapped
+                    )
+            except HalldyllError as exc:
+                report.problem(line.number, exc.message, exc.fields.get("field"))
+                continue
+            mapped[source] = target
+            written.append(target)
+            new_sources.append(source)
+            new_targets.append(target)
+            if merged:
+                report.merged += 1
+            else:
+                created[line.record.memory.type.value] += 1
+        if new_sources:
+            await conn.execute(q("record_imports"), user_id, new_sources, new_targets)
+        for kind, count in created.items():
+            report.created[kind] = report.created.get(kind, 0) + count
+        if written:
+            await write_audit(
+                conn,
+                "memory.import",
+                "memory",
+                written,
+                user_id,
+                request_id=request_id,
+                details={"created": dict(created), "lines": len(lines)},
+            )
+
+    async def _write_line(
+        self,
+        conn: asyncpg.Connection,
+        user_id: UUID,
+        line: _Line,
+        memory_id: UUID,
+        mapped: dict[UUID, UUID],
+    ) -> tuple[UUID, bool]:
+        """Write one memory; return (its id here, whether it merged into a stored fact)."""
+        record = line.record
+        memory = record.memory
+        vectors = line.vectors if line.vectors is not None else np.empty((0, 0), np.float32)
+        if isinstance(memory, Fact):
+            merged = await self._merge_fact(conn, user_id, line, vectors)
+            if merged is not None:
+                return merged, True
+        if isinstance(memory, Summary) and memory.covers:
+            wanted = [mapped.get(c, c) for c in memory.covers]
+            owned = {r["id"] for r in await conn.fetch(q("owned_ids"), user_id, wanted)}
+            memory = memory.model_copy(update={"covers": [c for c in wanted if c in owned]})
+        role = record.session_role
+        if role is not None and (
+            memory.session_id is None
+            or await conn.fetchval(q("session_role_taken"), user_id, memory.session_id, role)
+        ):
+            role = None  # the session already has its own log or summary here
+        content, payload = split(memory)
+        fact = memory if isinstance(memory, Fact) else None
+        if fact is not None:
+            payload["sources"] = record.sources or ([fact.source] if fact.source else [])
+        row = await conn.fetchrow(
+            *bind(
+                "import_memory",
+                id=memory_id,
+                user_id=user_id,
+                model_id=line.model_id,
+                session_id=memory.session_id,
+                type=memory.type.value,
+                content=content,
+                payload=payload,
+                tags=memory.tags,
+                metadata=memory.metadata,
+                importance=memory.importance,
+                fact_key=None if fact is None else make_fact_key(fact.statement),
+                confidence=None if fact is None else fact.confidence,
+                fact_kind=None if fact is None else fact.kind.value,
+                reinforcement_count=record.reinforcement_count,
+                expires_at=_expiry(record, self.settings.ephemeral_fact_ttl_days),
+                session_role=role,
+                message_count=len(record.messages),
+                created_at=record.created_at,
+                updated_at=record.updated_at,
+            )
+        )
+        if row is None:
+            if fact is not None:  # an equal statement was stored in between: reinforce it
+                existing = await conn.fetchval(
+                    q("fact_by_key"), user_id, line.model_id, make_fact_key(fact.statement)
+                )
+                if existing is not None:
+                    return await self._reinforce(conn, user_id, existing, fact, record), True
+            raise InvalidInput(f"memory id {memory_id} is taken", field="id")
+        if isinstance(memory, Conversation) and record.messages:
+            await insert_messages(conn, memory_id, 0, record.messages)
+        await insert_chunks(conn, row, line.chunks, vectors)
+        return memory_id, False
+
+    async def _merge_fact(
+        self, conn: asyncpg.Connection, user_id: UUID, line: _Line, vectors: np.ndarray
+    ) -> UUID | None:
+        """The stored fact this one reinforces (equal or near-equal statement), if any."""
+        fact = line.record.memory
+        assert isinstance(fact, Fact)
+        existing = await conn.fetchval(
+            q("fact_by_key"), user_id, line.model_id, make_fact_key(fact.statement)
+        )
+        if existing is None and len(vectors):
+            near = await conn.fetchrow(q("nearest_fact"), user_id, line.model_id, vectors[0])
+            if near is not None and near["similarity"] >= self.settings.fact_merge_similarity:
+                existing = near["memory_id"]
+        if existing is None:
+            return None
+        return await self._reinforce(conn, user_id, existing, fact, line.record)
+
+    async def _reinforce(
+        self,
+        conn: asyncpg.Connection,
+        user_id: UUID,
+        fact_id: UUID,
+        fact: Fact,
+        record: ExportedMemory,
+    ) -> UUID:
+        sources = record.sources or ([fact.source] if fact.source else [])
+        row = await conn.fetchrow(
+            *bind(
+                "reinforce_fact",
+                id=fact_id,
+                user_id=user_id,
+                confidence=fact.confidence,
+                fact_kind=fact.kind.value,
+                ttl=timedelta(days=self.settings.ephemeral_fact_ttl_days),
+                promote_at=self.settings.fact_promotion_confidence,
+                tags=fact.tags,
+                sources=sources,
+            )
+        )
+        await conn.execute(q("update_chunk_filters"), fact_id, user_id, row["tags"])
+        return fact_id
+
+
+def _expiry(record: ExportedMemory, ttl_days: float | None = None) -> datetime | None:
+    """When an imported memory expires: an ephemeral fact at its exported expiry (or, with
+    none, ``ttl_days`` from now, as a store sets it); nothing else expires."""
+    memory = record.memory
+    if not isinstance(memory, Fact) or memory.kind is not FactKind.EPHEMERAL:
+        return None
+    if record.expires_at is None and ttl_days is not None:
+        return datetime.now(UTC) + timedelta(days=ttl_days)
+    return record.expires_at
+
+
+async def _batches(
+    lines: AsyncIterator[tuple[int, bytes]],
+) -> AsyncIterator[list[tuple[int, bytes]]]:
+    batch: list[tuple[int, bytes]] = []
+    async for item in lines:
+        batch.append(item)
+        if len(batch) == IMPORT_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,261 @@
+"""The export format of a user's memories (NDJSON), and what an import reports.
+
+An export is UTF-8 text, one JSON object a line (``application/x-ndjson``):
+
+- line 1, :class:`ExportHeader`: ``{"format": "halldyll-export", "version": 1, "user": ...,
+  "exported_at": ..., "memories": {"fact": 3, ...}, "messages": 120}``;
+- then one :class:`ExportedMemory` a line: the memory as a client would store it (``memory``:
+  the typed body, with its AI model by name), its conversation's ``messages``, a fact's
+  ``sources``, and what the service adds (``id``, times, ``expires_at``,
+  ``reinforcement_count``, the agent loop's ``session_role``).
+
+Summaries come last, so an import meets the memories a summary ``covers`` before the summary.
+The same models validate an import, line by line: an export of this version always imports.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterable, AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any, Final, Literal
+from uuid import UUID
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    model_validator,
+)
+
+from halldyll_ray import validation
+from halldyll_ray.errors import InvalidInput
+from halldyll_ray.models import (
+    MAX_MESSAGES_PER_CONVERSATION,
+    Conversation,
+    Fact,
+    Memory,
+    Message,
+    UtcDateTime,
+    check_json_value,
+)
+
+__all__ = [
+    "EXPORT_FORMAT",
+    "EXPORT_VERSION",
+    "MAX_LINE_BYTES",
+    "ExportHeader",
+    "ExportedMemory",
+    "ImportProblem",
+    "ImportReport",
+    "numbered_lines",
+    "parse_header",
+    "parse_memory_line",
+]
+
+EXPORT_FORMAT: Final = "halldyll-export"
+EXPORT_VERSION: Final = 1
+#: The longest line an import reads (bytes): a conversation of 20,000 messages of 2 KB each
+#: fits; a longer line is reported as an error of that line, and the import goes on.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+#: Problems an import report lists; past this only ``error_count`` grows.
+MAX_REPORTED_PROBLEMS = 1_000
+
+
+class _Line(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _storable_text(value: str) -> str:
+    check_json_value(value)  # NUL and lone surrogates: what PostgreSQL cannot store
+    return value
+
+
+Source = Annotated[str, StringConstraints(max_length=500), AfterValidator(_storable_text)]
+
+
+class ExportedUser(_Line):
+    id: UUID
+    username: str
+
+
+class ExportHeader(_Line):
+    """The first line of an export."""
+
+    format: Literal["halldyll-export"] = EXPORT_FORMAT
+    version: Literal[1] = EXPORT_VERSION
+    user: ExportedUser = Field(description="Whose memories these are.")
+    exported_at: datetime
+    memories: dict[str, int] = Field(
+        default_factory=dict, description="How many memory lines follow, by type."
+    )
+    messages: int = Field(default=0, ge=0, description="Conversation messages in those lines.")
+
+
+class ExportedMemory(_Line):
+    """One memory line of an export.
+
+    ``memory`` is what :meth:`MemoryEngine.store_memory` takes, with ``model`` as the AI
+    model's name (ids differ between installations) and a conversation's messages in
+    ``messages`` instead (a conversation may hold more than one store call accepts).
+    """
+
+    id: UUID = Field(description="The memory's id where it was exported.")
+    memory: Memory
+    messages: list[Message] = Field(default_factory=list, max_length=MAX_MESSAGES_PER_CONVERSATION)
+    sources: list[
+        Annotated[str, StringConstraints(max_length=500), AfterValidator(_storable_text)]
+    ] = Field(
+        default_factory=list, max_length=10_000, description="A fact's sources, oldest first."
+    )
+    created_at: UtcDateTime
+    updated_at: UtcDateTime
+    expires_at: UtcDateTime | None = Field(
+        default=None, description="An ephemeral fact's expiry (ignored for anything else)."
+    )
+    reinforcement_count: int = Field(default=0, ge=0, le=2**31 - 1)
+    session_role: Literal["log", "summary"] | None = Field(
+        default=None, description="The agent loop's own conversation log or rolling summary."
+    )
+
+    @model_validator(mode="after")
+    def _parts_of_their_type(self) -> ExportedMemory:
+        memory = self.memory
+        if isinstance(memory, Conversation):
+            if memory.messages:
+                if self.messages:
+                    raise ValueError(
+                        "a conversation's messages go in `messages` or `memory.messages`, not both"
+                    )
+                # A conversation written as a client stores it: its messages move here.
+                self.messages = list(memory.messages)
+                self.memory = memory.model_copy(update={"messages": []})
+        elif self.messages:
+            raise ValueError(f"a {memory.type.value} has no messages")
+        if self.sources and not isinstance(memory, Fact):
+            raise ValueError(f"a {memory.type.value} has no sources")
+        return self
+
+
+class ImportProblem(BaseModel):
+    """A line an import could not take."""
+
+    line: int = Field(description="1-based line number in the file.")
+    message: str
+    field: str | None = Field(default=None, description="Dotted path of the value at fault.")
+
+
+class ImportReport(BaseModel):
+    """What an import did.
+
+    ``created + merged + unchanged + expired + error_count == lines`` (memory lines, the header
+    and blank lines not counted).
+    """
+
+    lines: int = 0
+    created: dict[str, int] = Field(default_factory=dict, description="New memories, by type.")
+    merged: int = Field(default=0, description="Facts that reinforced a fact already stored.")
+    unchanged: int = Field(default=0, description="Lines imported before (or ids already here).")
+    expired: int = Field(default=0, description="Ephemeral facts already past their expiry.")
+    error_count: int = 0
+    errors: list[ImportProblem] = Field(
+        default_factory=list, description=f"The first {MAX_REPORTED_PROBLEMS} problems."
+    )
+    atomic: bool = False
+    committed: bool = Field(
+        default=True, description="False when an atomic import was refused: nothing stored."
+    )
+
+    def problem(self, line: int, message: str, field: str | None = None) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_REPORTED_PROBLEMS:
+            self.errors.append(ImportProblem(line=line, message=message, field=field))
+
+
+_HEADER: TypeAdapter[ExportHeader] = TypeAdapter(ExportHeader)
+_MEMORY_LINE: TypeAdapter[ExportedMemory] = TypeAdapter(ExportedMemory)
+
+
+async def numbered_lines(
+    chunks: AsyncIterable[bytes | str], *, max_line_bytes: int = MAX_LINE_BYTES
+) -> AsyncIterator[tuple[int, bytes]]:
+    """Split a stream of byte (or str) chunks into ``(line number, line)``, 1-based.
+
+    Lines end with ``\\n`` (``\\r\\n`` too); blank lines keep their number but are skipped.
+    A line longer than ``max_line_bytes`` comes out as ``b""`` followed by nothing of it:
+    the caller reports it (its content is dropped as it arrives, so memory stays bounded).
+    """
+    buffer = bytearray()
+    number = 0
+    overlong = False
+    async for chunk in chunks:
+        buffer += chunk.encode("utf-8") if isinstance(chunk, str) else chunk
+        while True:
+            end = buffer.find(b"\n")
+            if end < 0:
+                break
+            number += 1
+            line = bytes(buffer[:end]).rstrip(b"\r")
+            del buffer[: end + 1]
+            if overlong:
+                overlong = False
+                yield number, b""
+            elif line.strip():
+                yield number, line
+        if len(buffer) > max_line_bytes:
+            overlong = True
+            buffer.clear()
+    if overlong:
+        yield number + 1, b""
+    elif buffer.strip():
+        yield number + 1, bytes(buffer).rstrip(b"\r")
+
+
+def _json(number: int, line: bytes) -> Any:
+    if not line:
+        raise InvalidInput(f"line {number} is longer than {MAX_LINE_BYTES} bytes", field="line")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"line {number} is not UTF-8: {exc.reason}", field="line") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"line {number} is not JSON: {exc}", field="line") from None
+    except RecursionError:
+        raise InvalidInput(f"line {number} is nested too deeply", field="line") from None
+
+
+def parse_header(number: int, line: bytes) -> ExportHeader:
+    """The export header of a file's first line.
+
+    Raises:
+        InvalidInput: The line is not JSON, not a header, or of another format version.
+    """
+    data = _json(number, line)
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+        raise InvalidInput(
+            f'line {number} is not a halldyll export header ({{"format": "{EXPORT_FORMAT}", ...}})',
+            field="format",
+        )
+    if data.get("version") != EXPORT_VERSION:
+        raise InvalidInput(
+            f"export format version {data.get('version')!r} is not supported "
+            f"(this service reads version {EXPORT_VERSION})",
+            field="version",
+        )
+    return validation.validate(_HEADER, data, f"header (line {number})")
+
+
+def parse_memory_line(number: int, line: bytes) -> ExportedMemory:
+    """One memory line, validated as :meth:`MemoryEngine.store_memory` validates a memory.
+
+    Raises:
+        InvalidInput: The line is not JSON or not a valid memory; ``field`` is the dotted
+            path of the value at fault (``memory.confidence``).
+    """
+    data = _json(number, line)
+    return validation.validate(_MEMORY_LINE, data, f"memory (line {number})")

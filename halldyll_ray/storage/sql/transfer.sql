@@ -1,0 +1,52 @@
+-- Export and import of a user's memories (halldyll_ray.components.transfer).
+
+-- name: export_counts
+SELECT type, count(*) AS memories, coalesce(sum(message_count), 0)::bigint AS messages
+FROM memories
+WHERE user_id = $1 AND (expires_at IS NULL OR expires_at > now())
+GROUP BY type;
+
+-- name: export_memories
+-- Summaries last: an import meets the memories a summary covers before the summary.
+SELECT * FROM memories
+WHERE user_id = $1 AND (expires_at IS NULL OR expires_at > now())
+ORDER BY type = 'summary', created_at, id;
+
+-- name: export_messages
+SELECT cm.memory_id, cm.role, cm.name, cm.content, cm.created_at
+FROM conversation_messages cm
+JOIN memories m ON m.id = cm.memory_id
+WHERE m.user_id = $1 AND cm.memory_id = ANY($2::uuid[])
+ORDER BY cm.memory_id, cm.seq;
+
+-- name: imported_sources
+SELECT source_id, memory_id FROM memory_imports WHERE user_id = $1 AND source_id = ANY($2::uuid[]);
+
+-- name: record_imports
+INSERT INTO memory_imports (user_id, source_id, memory_id)
+SELECT $1, source_id, memory_id
+FROM unnest($2::uuid[], $3::uuid[]) AS s (source_id, memory_id)
+ON CONFLICT (user_id, source_id) DO NOTHING;
+
+-- name: owned_ids
+SELECT id FROM memories WHERE user_id = $1 AND id = ANY($2::uuid[]);
+
+-- name: session_role_taken
+SELECT EXISTS (SELECT 1 FROM memories
+               WHERE user_id = $1 AND session_id = $2 AND session_role = $3);
+
+-- name: fact_by_key
+SELECT id FROM memories
+WHERE user_id = $1 AND type = 'fact' AND model_id IS NOT DISTINCT FROM $2 AND fact_key = $3;
+
+-- name: import_memory
+-- A memory as exported, with its times, expiry and reinforcement; nothing when its id, its
+-- fact key or its session role is taken (the caller checks which).
+INSERT INTO memories (id, user_id, model_id, session_id, type, content, payload, tags, metadata,
+                      importance, fact_key, confidence, fact_kind, reinforcement_count,
+                      expires_at, session_role, message_count, created_at, updated_at)
+VALUES (:id, :user_id, :model_id, :session_id, :type, :content, :payload::jsonb, :tags,
+        :metadata::jsonb, :importance, :fact_key, :confidence, :fact_kind, :reinforcement_count,
+        :expires_at, :session_role, :message_count, :created_at, :updated_at)
+ON CONFLICT DO NOTHING
+RETURNING *;

@@ -1,0 +1,309 @@
+"""Export and import of a user's memories: the NDJSON round trip, idempotence, bad lines,
+all-or-nothing, and a restore into the same user."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from halldyll_ray import (
+    Conversation,
+    Fact,
+    Image,
+    InvalidInput,
+    MemoryEngine,
+    Message,
+    NotFound,
+    Summary,
+    Transcription,
+)
+from halldyll_ray.models import ImageSize, Segment
+
+
+async def _export(engine: MemoryEngine, user_id: uuid.UUID) -> list[dict[str, Any]]:
+    lines = [line async for line in engine.export_memories(user_id)]
+    assert all(line.endswith(b"\n") for line in lines)
+    return [json.loads(x) for x in b"".join(lines).splitlines()]
+
+
+def _ndjson(records: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+async def _user(engine: MemoryEngine, prefix: str) -> uuid.UUID:
+    return (await engine.create_user(f"{prefix}{uuid.uuid4().hex[:6]}", None, "user")).id
+
+
+async def _fill(engine: MemoryEngine, user_id: uuid.UUID) -> dict[str, uuid.UUID]:
+    model = f"painter-{uuid.uuid4().hex[:6]}"
+    await engine.register_model(model, "image-generation", version="1.5")
+    said = datetime(2023, 5, 8, 13, 56, tzinfo=UTC)
+    talk = await engine.store_memory(
+        user_id,
+        Conversation(
+            title="Trip planning",
+            session_id="s-1",
+            tags=["travel"],
+            messages=[
+                Message(
+                    role="user", content="We go to Lisbon in June", name="Ana", created_at=said
+                ),
+                Message(role="assistant", content="Book the tram tour early", created_at=said),
+            ],
+        ),
+    )
+    fact = await engine.store_memory(
+        user_id, Fact(statement="Ana is allergic to peanuts", confidence=0.9, source="chat 1")
+    )
+    again = Fact(statement="Ana is allergic to peanuts", source="chat 2")
+    await engine.store_memory(user_id, again)
+    image = await engine.store_memory(
+        user_id,
+        Image(
+            prompt="a lighthouse at dusk, oil painting",
+            seed=42,
+            steps=30,
+            guidance_scale=7.5,
+            size=ImageSize(width=768, height=512),
+            controlnet={"type": "canny", "weight": 0.8},
+            model=model,
+        ),
+    )
+    voice = await engine.store_memory(
+        user_id,
+        Transcription(
+            text="hello there. see you soon.",
+            segments=[
+                Segment(start=0.0, end=1.2, text="hello there."),
+                Segment(start=1.2, end=2.5, text="see you soon.", speaker="B"),
+            ],
+            language="en",
+        ),
+    )
+    summary = await engine.store_memory(
+        user_id, Summary(text="Ana plans Lisbon; peanut allergy.", covers=[talk.id, fact.id])
+    )
+    return {
+        "talk": talk.id,
+        "fact": fact.id,
+        "image": image.id,
+        "voice": voice.id,
+        "summary": summary.id,
+        "model": model,  # type: ignore[dict-item]
+    }
+
+
+async def test_export_round_trips_into_another_user_and_reimport_changes_nothing(
+    engine: MemoryEngine,
+) -> None:
+    source, target = await _user(engine, "src"), await _user(engine, "dst")
+    ids = await _fill(engine, source)
+    exported = await _export(engine, source)
+    header, lines = exported[0], exported[1:]
+    assert header["format"] == "halldyll-export" and header["version"] == 1
+    assert header["user"]["id"] == str(source)
+    assert header["memories"] == {
+        "conversation": 1,
+        "fact": 1,
+        "image": 1,
+        "transcription": 1,
+        "summary": 1,
+    }
+    assert header["messages"] == 2
+    assert len(lines) == 5 and lines[-1]["memory"]["type"] == "summary"  # summaries last
+    by_type = {line["memory"]["type"]: line for line in lines}
+    assert by_type["fact"]["reinforcement_count"] == 1
+    assert by_type["fact"]["sources"] == ["chat 1", "chat 2"]
+    assert by_type["image"]["memory"]["model"] == ids["model"]  # by name, not id
+    assert by_type["image"]["memory"]["controlnet"] == {"type": "canny", "weight": 0.8}
+    assert [m["name"] for m in by_type["conversation"]["messages"]] == ["Ana", None]
+    assert by_type["transcription"]["memory"]["segments"][1]["speaker"] == "B"
+
+    file = _ndjson(exported)
+    report = await engine.import_memories(target, [file[:100], file[100:]])
+    assert report.created == {
+        "conversation": 1,
+        "fact": 1,
+        "image": 1,
+        "transcription": 1,
+        "summary": 1,
+    }
+    assert (report.lines, report.unchanged, report.error_count) == (5, 0, 0)
+
+    imported = await _export(engine, target)
+    assert imported[0]["memories"] == header["memories"]
+    again = {line["memory"]["type"]: line for line in imported[1:]}
+    for kind in by_type:
+        assert again[kind]["id"] != by_type[kind]["id"]  # another user: new ids
+        for key in ("memory", "messages", "sources", "created_at", "reinforcement_count"):
+            if kind == "summary" and key == "memory":
+                continue
+            assert again[kind][key] == by_type[kind][key], (kind, key)
+    # The summary's covers point at the target's copies, not the source's memories.
+    covers = again["summary"]["memory"]["covers"]
+    assert sorted(covers) == sorted([again["conversation"]["id"], again["fact"]["id"]])
+
+    # Imported memories are searchable like stored ones (chunks written, with labels).
+    hits = await engine.search(target, "Ana Lisbon tram", 5)
+    assert any(h.memory.id == uuid.UUID(again["conversation"]["id"]) for h in hits)
+
+    second = await engine.import_memories(target, [file])
+    assert second.created == {} and second.unchanged == 5 and second.merged == 0
+    assert (await _export(engine, target))[1:] == imported[1:]
+
+
+async def test_restore_into_the_same_user_keeps_ids_and_brings_back_deleted_memories(
+    engine: MemoryEngine,
+) -> None:
+    user = await _user(engine, "restore")
+    ids = await _fill(engine, user)
+    file = b"".join([line async for line in engine.export_memories(user)])
+    await engine.delete_memory(user, ids["image"])
+    report = await engine.import_memories(user, [file])
+    assert report.created == {"image": 1} and report.unchanged == 4
+    restored = await engine.get_memory(user, ids["image"])  # the same id again
+    assert restored.memory.seed == 42  # type: ignore[union-attr]
+
+
+async def test_a_fact_already_known_is_merged_not_duplicated(engine: MemoryEngine) -> None:
+    source, target = await _user(engine, "fsrc"), await _user(engine, "fdst")
+    await engine.store_memory(source, Fact(statement="Ben prefers window seats", confidence=0.6))
+    await engine.store_memory(target, Fact(statement="Ben prefers window seats", confidence=0.6))
+    file = b"".join([line async for line in engine.export_memories(source)])
+    report = await engine.import_memories(target, [file])
+    assert report.merged == 1 and report.created == {}
+    facts = (await engine.list_memories(target, types=["fact"])).items
+    assert len(facts) == 1 and facts[0].reinforcement_count == 1
+    assert (await engine.import_memories(target, [file])).unchanged == 1
+    facts = (await engine.list_memories(target, types=["fact"])).items
+    assert facts[0].reinforcement_count == 1  # the re-import reinforced nothing
+
+
+def _line(statement: str, **extra: Any) -> dict[str, Any]:
+    now = datetime.now(UTC).isoformat()
+    return {
+        "id": str(uuid.uuid4()),
+        "memory": {"type": "fact", "statement": statement},
+        "created_at": now,
+        "updated_at": now,
+        **extra,
+    }
+
+
+def _header(user_id: uuid.UUID | None = None) -> dict[str, Any]:
+    return {
+        "format": "halldyll-export",
+        "version": 1,
+        "user": {"id": str(user_id or uuid.uuid4()), "username": "someone"},
+        "exported_at": datetime.now(UTC).isoformat(),
+    }
+
+
+async def test_bad_lines_are_reported_by_number_and_the_good_ones_imported(
+    engine: MemoryEngine,
+) -> None:
+    user = await _user(engine, "bad")
+    good = _line("Cleo runs on Sundays")
+    bad_value = _line(
+        "Cleo swims",
+    )
+    bad_value["memory"]["confidence"] = 7
+    unknown_model = _line("Cleo paints")
+    unknown_model["memory"]["model"] = f"no-such-model-{uuid.uuid4().hex[:6]}"
+    expired = _line("Cleo is in Rome this week", expires_at="2020-01-01T00:00:00Z")
+    expired["memory"]["kind"] = "ephemeral"
+    messages_on_a_fact = _line("Cleo knits", messages=[{"role": "user", "content": "hi"}])
+    nul_source = _line("Cleo bakes", sources=["chat\u0000 1"])
+    unix_time = _line("Cleo rows", created_at=1700000000)  # ISO 8601 only (a naive one is UTC)
+    # A conversation as a client stores it (messages inside the memory) is taken as well.
+    talk = _line("unused")
+    talk["memory"] = {"type": "conversation", "messages": [{"role": "user", "content": "Yo"}]}
+    file = (
+        _ndjson([_header(), good])
+        + b"{not json\n\n"
+        + _ndjson([bad_value, unknown_model, expired])
+        + _ndjson([{"id": "x"}])
+        + b"[" * 100_000 + b"\n"
+        + b"\xff\xfe\n"
+        + _ndjson([messages_on_a_fact, nul_source, unix_time, talk])
+    )
+    report = await engine.import_memories(user, [file])
+    assert report.created == {"fact": 1, "conversation": 1} and report.expired == 1
+    assert [(e.line, e.field) for e in report.errors] == [
+        (3, "line"),
+        (5, "memory.fact.confidence"),
+        (6, "memory.model"),
+        (8, "id"),
+        (9, "line"),
+        (10, "line"),
+        (11, "memory (line 11)"),
+        (12, "sources.0"),
+        (13, "created_at"),
+    ]
+    assert report.lines == 12 and report.error_count == 9
+    facts = (await engine.list_memories(user, types=["fact"])).items
+    assert [f.text for f in facts] == ["Cleo runs on Sundays"]
+    talks = (await engine.list_memories(user, types=["conversation"])).items
+    stored = await engine.get_memory(user, talks[0].id)
+    assert [m.content for m in stored.messages] == ["Yo"]
+
+
+async def test_atomic_import_refuses_the_whole_file_for_one_bad_line(engine: MemoryEngine) -> None:
+    user = await _user(engine, "atomic")
+    await engine.store_memory(user, Fact(statement="Dan keeps bees"))
+    before = await _export(engine, user)
+    bad = _line("Dan fixes clocks")
+    bad["memory"]["importance"] = -1
+    lines = [_line(f"Dan owns {n} bicycles") for n in range(200)] + [bad]
+    with pytest.raises(InvalidInput) as caught:
+        await engine.import_memories(user, [_ndjson([_header(), *lines])], atomic=True)
+    assert caught.value.fields["report"]["errors"][0]["line"] == 202
+    assert caught.value.fields["report"]["committed"] is False
+    assert (await _export(engine, user))[1:] == before[1:]  # nothing changed
+    report = await engine.import_memories(user, [_ndjson([_header(), *lines[:200]])], atomic=True)
+    # Near-equal statements merge as stores do: every line is either new or merged.
+    assert report.created["fact"] + report.merged == 200 and report.committed
+    assert report.created["fact"] == len((await engine.list_memories(user, limit=500)).items) - 1
+
+
+@pytest.mark.parametrize(
+    ("first", "field"),
+    [
+        (b"", "format"),
+        (b"[1, 2]\n", "format"),
+        (b'{"format": "halldyll-export", "version": 2}\n', "version"),
+        (b'{"format": "other"}\n', "format"),
+    ],
+)
+async def test_a_file_without_a_valid_header_is_refused_and_changes_nothing(
+    engine: MemoryEngine, first: bytes, field: str
+) -> None:
+    user = await _user(engine, "hdr")
+    with pytest.raises(InvalidInput) as caught:
+        await engine.import_memories(user, [first + _ndjson([_line("Eve sings")])])
+    assert caught.value.field == field
+    assert (await engine.list_memories(user)).items == []
+
+
+async def test_export_and_import_of_a_missing_user_are_not_found(engine: MemoryEngine) -> None:
+    with pytest.raises(NotFound):
+        await _export(engine, uuid.uuid4())
+    with pytest.raises(NotFound):
+        await engine.import_memories(uuid.uuid4(), [_ndjson([_header()])])
+
+
+async def test_expired_facts_are_not_exported(engine: MemoryEngine) -> None:
+    user = await _user(engine, "exp")
+    await engine.store_memory(user, Fact(statement="Finn is in Oslo today", kind="ephemeral"))
+    async with engine.db.scoped(user) as conn:
+        await conn.execute(
+            "UPDATE memories SET expires_at = $2 WHERE user_id = $1",
+            user,
+            datetime.now(UTC) - timedelta(minutes=1),
+        )
+    exported = await _export(engine, user)
+    assert exported[0]["memories"] == {} and len(exported) == 1

@@ -1,0 +1,70 @@
+"""The export format's line splitting and line parsing (pure logic)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from halldyll_ray.errors import InvalidInput
+from halldyll_ray.portability import numbered_lines, parse_header, parse_memory_line
+
+
+async def _pieces(*parts: bytes | str) -> AsyncIterator[bytes | str]:
+    for part in parts:
+        yield part
+
+
+async def _lines(*parts: bytes | str, limit: int = 1 << 20) -> list[tuple[int, bytes]]:
+    return [x async for x in numbered_lines(_pieces(*parts), max_line_bytes=limit)]
+
+
+async def test_lines_are_numbered_across_pieces_and_blank_lines_keep_their_number() -> None:
+    assert await _lines(b'{"a"', b": 1}\r\n\n  \n", "{}\n{", b'"b": 2}') == [
+        (1, b'{"a": 1}'),
+        (4, b"{}"),
+        (5, b'{"b": 2}'),  # the last line needs no newline
+    ]
+    assert await _lines() == [] and await _lines(b"\n\n") == []
+
+
+async def test_an_overlong_line_is_dropped_as_it_arrives_and_reported_empty() -> None:
+    long = b"x" * 50
+    assert await _lines(b"{}\n", long, long, b"tail\n{}\n", limit=60) == [
+        (1, b"{}"),
+        (2, b""),
+        (3, b"{}"),
+    ]
+    assert await _lines(b"{}\n", long, long, limit=60) == [(1, b"{}"), (2, b"")]
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        (b"", "line"),  # what numbered_lines gives for an overlong line
+        (b"\xff", "line"),
+        (b"{", "line"),
+        (b"[" * 50_000, "line"),
+        (b'"text"', "memory (line 7)"),
+        (b'{"id": "00000000-0000-4000-8000-000000000000"}', "memory"),
+    ],
+)
+def test_a_bad_memory_line_names_its_number_and_field(line: bytes, field: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        parse_memory_line(7, line)
+    assert caught.value.field == field
+    assert "7" in caught.value.message
+
+
+def test_a_header_of_another_version_or_format_is_refused() -> None:
+    ok = b'{"format": "halldyll-export", "version": 1, "user": {"id": '
+    ok += b'"00000000-0000-4000-8000-000000000000", "username": "a"}, "exported_at": "2026-01-01"}'
+    assert parse_header(1, ok).version == 1
+    for line, field in [
+        (b'{"format": "halldyll-export", "version": 2}', "version"),
+        (b'{"format": "x", "version": 1}', "format"),
+        (b"[]", "format"),
+    ]:
+        with pytest.raises(InvalidInput) as caught:
+            parse_header(1, line)
+        assert caught.value.field == field
