@@ -8,7 +8,7 @@ Import reads lines as they arrive and works in batches of :data:`IMPORT_BATCH` l
 batch is validated, embedded in one call (the encoder's full batches), then written under the
 user's lock, each line in its own savepoint so a line the database refuses costs that line
 only. Re-importing a file changes nothing: what each exported id became is kept in
-``memory_imports`` (migration 0008), so a line imported before is skipped before it is
+``memory_imports`` (migration 0009), so a line imported before is skipped before it is
 embedded. Facts merge by the same rules as a store (an equal or near-equal fact is
 reinforced). With ``atomic`` the whole file is one transaction, refused whole on any bad line.
 """

@@ -1,4 +1,4 @@
--- 0008: what an import stored, per user and exported memory id, so that importing the same
+-- 0009: what an import stored, per user and exported memory id, so that importing the same
 -- file again changes nothing (halldyll_ray.components.transfer). A row goes with its memory:
 -- a memory deleted after its import comes back when the file is imported again.
 CREATE TABLE memory_imports (
