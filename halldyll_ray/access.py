@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from halldyll_ray import requestctx, validation
-from halldyll_ray.components.events import Subscription
+from halldyll_ray.components.events import Recheck, Subscription
 from halldyll_ray.errors import NotFound, PermissionDenied
 from halldyll_ray.models import (
     AIModel,
@@ -309,14 +309,19 @@ class AuthorizedEngine:
         return await self._run(self.engine.purge_expired)
 
     async def subscribe_events(
-        self, user_id: UUID | str | None, *, after: int | str | None = None
+        self,
+        user_id: UUID | str | None,
+        *,
+        after: int | str | None = None,
+        rechecks: Sequence[Recheck] = (),
     ) -> Subscription:
         """Follow the user's memory changes (:meth:`MemoryEngine.subscribe_events`).
 
         Whoever may read the user's memories may follow them (``memory.read``); a denial is
         audited as ``memory.events``, and so is an Admin's or Service's subscription to
         another user. The permission is checked again whenever the feed is quiet: a revoked
-        grant or a disabled caller ends the subscription with PermissionDenied.
+        grant or a disabled caller ends the subscription with PermissionDenied; ``rechecks``
+        are run then too (the HTTP route checks that its API key still authenticates).
         """
         action = "memory.events"
         target = await self._check(Operation.MEMORY_READ, action, self._target(user_id))
@@ -325,7 +330,7 @@ class AuthorizedEngine:
             await self._check(Operation.MEMORY_READ, action, target)
 
         subscription = await self._run(
-            lambda: self.engine.subscribe_events(target, after=after, rechecks=[recheck])
+            lambda: self.engine.subscribe_events(target, after=after, rechecks=[recheck, *rechecks])
         )
         if target != self.principal.user_id:
             await self._run(
