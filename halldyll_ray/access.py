@@ -319,7 +319,7 @@ class AuthorizedEngine:
 
         Whoever may read the user's memories may follow them (``memory.read``); a denial is
         audited as ``memory.events``, and so is an Admin's or Service's subscription to
-        another user. The permission is checked again whenever the feed is quiet: a revoked
+        another user. The permission is checked again every 30 s while it is open: a revoked
         grant or a disabled caller ends the subscription with PermissionDenied; ``rechecks``
         are run then too (the HTTP route checks that its API key still authenticates).
         """

@@ -484,8 +484,8 @@ class MemoryEngine:
             user_id: Whose changes.
             after: Resume after this event id (an SSE ``Last-Event-ID``): every later event
                 of the user comes, none twice. None: changes from now on.
-            rechecks: Awaited while the feed is quiet (every 30 s); one that raises ends the
-                subscription with its error.
+            rechecks: Awaited every 30 s while the subscription is open; one that raises
+                ends it with its error (before anything more is delivered).
 
         Returns:
             An async iterator of :class:`~halldyll_ray.models.MemoryEvent` (memory id, type,

@@ -80,8 +80,10 @@ class Subscription:
 
     An async iterator of :class:`~halldyll_ray.models.MemoryEvent` (and, first, one
     :class:`~halldyll_ray.models.EventsResync` when the feed cannot vouch for the position
-    asked for). It ends when the user is deleted or a recheck raises; ``aclose()`` (or
-    ``async with``) releases it. Made by :meth:`EventFeed.subscribe`.
+    asked for). Every ``idle_check_s`` it checks that the user still exists (else it ends)
+    and runs its rechecks (one that raises ends it with that error), before delivering
+    anything more; ``aclose()`` (or ``async with``) releases it. Made by
+    :meth:`EventFeed.subscribe`.
 
     Attributes:
         user_id: Whose events.
@@ -106,14 +108,22 @@ class Subscription:
         self._wake = asyncio.Event()
         self._stale = True  # read before waiting: the replay, then after each wake-up
         self._closed = False
+        self._checked_at = asyncio.get_running_loop().time()
 
     def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> FeedItem:
-        while not self._buffer:
+        loop = asyncio.get_running_loop()
+        while True:
             if self._closed:
                 raise StopAsyncIteration
+            due = self._checked_at + self._feed.idle_check_s
+            if loop.time() >= due:
+                await self._check()
+                continue
+            if self._buffer:
+                break
             if self._stale:
                 # Cleared before the read: a notification that arrives during it wakes the
                 # next wait at once, so nothing committed after the read is waited past.
@@ -126,19 +136,10 @@ class Subscription:
                     self._read_to = rows[-1]["id"]
                 self._stale = len(rows) == BATCH
                 continue
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._feed.idle_check_s)
-            except TimeoutError:
-                # Idle: is the user still there, may the caller still read? Also a read,
-                # in case a notification was lost with a dropped LISTEN connection.
-                try:
-                    wanted = await self._still_wanted()
-                except BaseException:
-                    await self.aclose()
-                    raise
-                if not wanted:
-                    await self.aclose()
-                    raise StopAsyncIteration from None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), due - loop.time())
+            # Woken, or the check is due: read again either way (a notification may have
+            # been lost with a dropped LISTEN connection).
             self._stale = True
         item = self._buffer.popleft()
         if isinstance(item, MemoryEvent):
@@ -147,14 +148,20 @@ class Subscription:
             self.position = item.resume_after
         return item
 
-    async def _still_wanted(self) -> bool:
+    async def _check(self) -> None:
+        """Every ``idle_check_s``, busy or quiet: the user must still exist (else the
+        iteration ends) and every recheck pass (else its error ends it)."""
+        self._checked_at = asyncio.get_running_loop().time()
         try:
             await require_user(self._feed.db, self.user_id)
+            for recheck in self._rechecks:
+                await recheck()  # raises PermissionDenied and so on: the caller sees why
         except NotFound:
-            return False
-        for recheck in self._rechecks:
-            await recheck()  # raises PermissionDenied and so on: the caller sees why
-        return True
+            await self.aclose()
+            raise StopAsyncIteration from None
+        except BaseException:
+            await self.aclose()
+            raise
 
     def _notify(self) -> None:
         self._wake.set()
@@ -184,8 +191,8 @@ class EventFeed:
         db: The pool subscriptions read through (as their user).
         dsn: The login URL for the LISTEN connection (LISTEN needs no privilege).
         retention_hours: EVENTS_RETENTION_HOURS, for :meth:`purge`.
-        idle_check_s: How long a subscription waits for a notification before it checks
-            that its user still exists (and its rechecks) and reads anyway.
+        idle_check_s: How often a subscription checks that its user still exists and runs
+            its rechecks; a quiet one also reads then, whatever the notifications said.
         reconnect_delay_s: Pause between attempts to reopen the LISTEN connection.
         connect_timeout_s: How long :meth:`subscribe` waits for the LISTEN connection before
             it raises Unavailable.
@@ -227,7 +234,7 @@ class EventFeed:
             user_id: Whose changes.
             after: Resume after this event id (an SSE ``Last-Event-ID``): every later event
                 of the user is delivered, none twice. None: only changes from now on.
-            rechecks: Awaited every ``idle_check_s`` of quiet; one that raises ends the
+            rechecks: Awaited every ``idle_check_s`` (30 s); one that raises ends the
                 subscription with its error (a revoked grant, a disabled caller).
 
         Returns:

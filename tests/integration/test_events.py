@@ -314,13 +314,19 @@ async def test_who_may_follow_whom(engine: MemoryEngine) -> None:
     assert {r["actor_id"] for r in reads} == {admin, service, viewer}
     assert engine.components.events.subscribers() == 0
 
-    # A grant revoked while the Viewer follows: the next quiet check ends the feed.
-    feed = await (await as_(viewer)).subscribe_events(owner)  # type: ignore[attr-defined]
-    engine.components.events.idle_check_s = 0.2
+    # A grant revoked while the Viewer follows: the next check ends the feed, whether it is
+    # quiet or an event waits to be delivered.
+    engine.components.events.idle_check_s = 0.3
     try:
-        await engine.revoke_viewer_grant(viewer, owner)
-        with pytest.raises(PermissionDenied):
-            await _next(feed, within=5)
+        for busy in (False, True):
+            await engine.grant_viewer(viewer, owner)
+            feed = await (await as_(viewer)).subscribe_events(owner)  # type: ignore[attr-defined]
+            await engine.revoke_viewer_grant(viewer, owner)
+            if busy:
+                await asyncio.sleep(0.4)
+                await engine.store_memory(owner, Fact(statement="after the revocation"))
+            with pytest.raises(PermissionDenied):
+                await _next(feed, within=5)
+            assert engine.components.events.subscribers() == 0
     finally:
         engine.components.events.idle_check_s = 30.0
-    assert engine.components.events.subscribers() == 0
