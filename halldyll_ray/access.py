@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from halldyll_ray import requestctx, validation
+from halldyll_ray.components.events import Recheck, Subscription
 from halldyll_ray.errors import NotFound, PermissionDenied
 from halldyll_ray.models import (
     AIModel,
@@ -341,6 +342,36 @@ class AuthorizedEngine:
     async def purge_expired(self) -> int:
         await self._check(Operation.MAINTENANCE, "memory.purge_expired")
         return await self._run(self.engine.purge_expired)
+
+    async def subscribe_events(
+        self,
+        user_id: UUID | str | None,
+        *,
+        after: int | str | None = None,
+        rechecks: Sequence[Recheck] = (),
+    ) -> Subscription:
+        """Follow the user's memory changes (:meth:`MemoryEngine.subscribe_events`).
+
+        Whoever may read the user's memories may follow them (``memory.read``); a denial is
+        audited as ``memory.events``, and so is an Admin's or Service's subscription to
+        another user. The permission is checked again every 30 s while it is open: a revoked
+        grant or a disabled caller ends the subscription with PermissionDenied; ``rechecks``
+        are run then too (the HTTP route checks that its API key still authenticates).
+        """
+        action = "memory.events"
+        target = await self._check(Operation.MEMORY_READ, action, self._target(user_id))
+
+        async def recheck() -> None:
+            await self._check(Operation.MEMORY_READ, action, target)
+
+        subscription = await self._run(
+            lambda: self.engine.subscribe_events(target, after=after, rechecks=[recheck, *rechecks])
+        )
+        if target != self.principal.user_id:
+            await self._run(
+                lambda: self.engine.record_read(self.principal.user_id, target, action, [])
+            )
+        return subscription
 
     # ------------------------------------------------------------------ users
     async def create_user(

@@ -192,7 +192,9 @@ async def cmd_purge_expired(args: argparse.Namespace) -> int:
 
     async with MemoryEngine(_settings()) as engine:
         count = await engine.purge_expired()
+        events = await engine.purge_events()
     print(f"purged {count} expired memories")
+    print(f"purged {events} change feed events older than EVENTS_RETENTION_HOURS")
     return 0
 
 
@@ -326,7 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("username")
     key.add_argument("--name", default="")
     key.add_argument("--expires-days", type=int)
-    sub.add_parser("purge-expired", help="delete ephemeral facts past their expiry")
+    sub.add_parser(
+        "purge-expired",
+        help="delete ephemeral facts past their expiry and change feed events past "
+        "EVENTS_RETENTION_HOURS",
+    )
     audit = sub.add_parser("purge-audit", help="delete audit rows past AUDIT_RETENTION_DAYS")
     audit.add_argument("--older-than-days", type=int)
     index = sub.add_parser(

@@ -149,6 +149,19 @@ class Settings(BaseSettings):
         le=36_500,
         description="Audit rows older than this are deleted by `halldyll purge-audit`.",
     )
+    events_retention_hours: float = Field(
+        default=168,
+        gt=0,
+        le=87_600,
+        description="Change feed events older than this are deleted by `halldyll purge-expired`; "
+        "a client resuming from before them is told to resync.",
+    )
+    events_keepalive_seconds: float = Field(
+        default=15,
+        ge=1,
+        le=300,
+        description="Seconds between keep-alive comments on an idle change feed stream.",
+    )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
     @field_validator("log_level", "embedding_provider", mode="before")

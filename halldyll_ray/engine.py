@@ -32,6 +32,7 @@ from halldyll_ray.components.agent_loop import AgentLoop
 from halldyll_ray.components.audit import Audit
 from halldyll_ray.components.context import ContextBuilder
 from halldyll_ray.components.embeddings import Embeddings
+from halldyll_ray.components.events import EventFeed, Recheck, Subscription
 from halldyll_ray.components.ingestion import Ingestion
 from halldyll_ray.components.keys import ApiKeys
 from halldyll_ray.components.memories import MemoryReader
@@ -88,6 +89,7 @@ class Components:
     agent_loop: AgentLoop
     operations: Operations
     transfer: Transfer
+    events: EventFeed
 
 
 class MemoryEngine:
@@ -212,11 +214,14 @@ class MemoryEngine:
             agent_loop=AgentLoop(db, cache, embeddings, models, ingestion, settings),
             operations=Operations(db, dsn, settings),
             transfer=Transfer(db, embeddings, models, settings),
+            events=EventFeed(db, dsn, retention_hours=settings.events_retention_hours),
         )
 
     async def close(self) -> None:
         """Close the pool and Redis client; leave the embedded server (stops with the last)."""
-        self._components = None
+        components, self._components = self._components, None
+        if components is not None:
+            await components.events.close()
         db, self._db = self._db, None
         if db is not None:
             await db.close()
@@ -276,6 +281,8 @@ class MemoryEngine:
             report["redis"] = {"ok": True, "configured": False}
         else:
             report["redis"] = {"ok": await remote.ping(), "configured": True}
+        if self._components is not None:
+            report["events"] = self._components.events.state()
         report["model"] = {
             "ok": True,
             "id": self.encoder.model_id,
@@ -502,6 +509,40 @@ class MemoryEngine:
     async def purge_expired(self) -> int:
         """Delete ephemeral facts past their expiry; return how many went."""
         return await self.components.operations.purge_expired()
+
+    async def purge_events(self, *, older_than_hours: float | None = None) -> int:
+        """Delete change feed events older than EVENTS_RETENTION_HOURS; return how many went."""
+        return await self.components.events.purge(older_than_hours=older_than_hours)
+
+    # ------------------------------------------------------------------ change feed
+    async def subscribe_events(
+        self,
+        user_id: UUID | str,
+        *,
+        after: int | str | None = None,
+        rechecks: list[Recheck] | None = None,
+    ) -> Subscription:
+        """Follow the changes of the user's memories, from any replica (the change feed).
+
+        Args:
+            user_id: Whose changes.
+            after: Resume after this event id (an SSE ``Last-Event-ID``): every later event
+                of the user comes, none twice. None: changes from now on.
+            rechecks: Awaited every 30 s while the subscription is open; one that raises
+                ends it with its error (before anything more is delivered).
+
+        Returns:
+            An async iterator of :class:`~halldyll_ray.models.MemoryEvent` (memory id, type,
+            kind, time; never content), first an
+            :class:`~halldyll_ray.models.EventsResync` when ``after`` is older than the
+            retention or not this database's. ``position`` is the last id delivered; close
+            it with ``aclose()`` or ``async with``.
+
+        Raises:
+            InvalidInput: a bad user id or ``after``. NotFound: no such user.
+            Unavailable: PostgreSQL is out of reach.
+        """
+        return await self.components.events.subscribe(user_id, after=after, rechecks=rechecks)
 
     # ------------------------------------------------------------------ search
     async def search(

@@ -470,6 +470,7 @@ class ErasureReceipt(_Record):
     api_keys: int
     viewer_grants: int = Field(description="Read grants given to or by the user.")
     turn_requests: int = Field(description="Idempotency records of the agent loop.")
+    events: int = Field(default=0, description="Change feed events of the user's memories.")
     cache_entries: int = Field(
         description="Redis entries removed: cached searches, session state and the embeddings "
         "of the user's stored texts (0 without Redis)."
@@ -567,3 +568,40 @@ class TurnRecord(_Record):
     #: True when an earlier call with the same idempotency key stored this turn: nothing was
     #: written this time (its summary and facts were reported to that call).
     replayed: bool = False
+
+
+class MemoryEventKind(StrEnum):
+    """What happened to a memory (the change feed, migration 0008)."""
+
+    CREATED = "created"
+    UPDATED = "updated"
+    #: A fact stored again (or a near-duplicate merged into it): ``reinforcement_count`` rose.
+    REINFORCED = "reinforced"
+    DELETED = "deleted"
+    #: An ephemeral fact removed past its expiry (by the purge, or deleted once expired).
+    EXPIRED = "expired"
+
+
+class MemoryEvent(_Record):
+    """One change of one memory of a user: ids, type, kind and time, never content.
+
+    ``id`` grows with every event and is the Server-Sent Events id: resuming after it
+    (``Last-Event-ID``) delivers every later event of the user exactly once.
+    """
+
+    id: int = Field(description="The event's number; increases in commit order per user.")
+    user_id: UUID
+    memory_id: UUID
+    memory_type: MemoryType
+    kind: MemoryEventKind
+    at: datetime = Field(description="When the change was made (its transaction's time, UTC).")
+
+
+class EventsResync(_Record):
+    """The feed cannot vouch for the events right after ``after``: they may have been purged
+    (older than EVENTS_RETENTION_HOURS) or ``after`` was not issued by this database. Re-read
+    the state you mirror (list the memories); the feed goes on after ``resume_after``."""
+
+    after: int = Field(description="The position the subscriber asked to resume after.")
+    resume_after: int = Field(description="Events after this one follow.")
+    reason: Literal["purged", "unknown_position"]

@@ -181,6 +181,7 @@ class Users:
                 api_keys=counts["api_keys"],
                 viewer_grants=counts["viewer_grants"],
                 turn_requests=counts["turn_requests"],
+                events=counts["events"],
                 cache_entries=removed,
             )
             details = receipt.model_dump(

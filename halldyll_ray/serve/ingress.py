@@ -7,6 +7,7 @@ Search, Ingestion and Context deployments; users, keys, models and audit are ser
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -14,8 +15,10 @@ from uuid import UUID
 from fastapi import Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from halldyll_ray import requestctx
+from halldyll_ray.components.events import Subscription
 from halldyll_ray.errors import (
     HalldyllError,
     InvalidInput,
@@ -23,6 +26,7 @@ from halldyll_ray.errors import (
 from halldyll_ray.models import (
     SESSION_ID_PATTERN,
     Context,
+    EventsResync,
     Memory,
     MemoryUpdate,
     ModelKind,
@@ -73,6 +77,11 @@ UserRef = Annotated[
 ]
 #: A session in a path (the engine's rule, validation.SESSION_ID).
 SessionRef = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="The session's id.")]
+
+_EVENTS_DOC = (
+    "A stream of Server-Sent Events: `id` (the event id, for Last-Event-ID), `event` (created, "
+    "updated, reinforced, deleted, expired; resync; error) and `data` (a MemoryEvent as JSON)."
+)
 
 
 class Ingress(EngineOwner):
@@ -495,6 +504,46 @@ class Ingress(EngineOwner):
         )
         return json_response(Items(items=rows))
 
+    # ----------------------------------------------------------------------- change feed
+    @api.get(
+        "/v1/users/{user_id}/events",
+        tags=["events"],
+        response_class=EventSourceResponse,
+        responses={200: {"content": {"text/event-stream": {}}, "description": _EVENTS_DOC}},
+    )
+    async def events(
+        self,
+        request: Request,
+        user_id: UserRef,
+        last_event_id: Annotated[
+            str | None,
+            Header(description="Resume after this event id: every later event comes, once."),
+        ] = None,
+    ) -> Any:
+        """The user's memory changes as Server-Sent Events, from writes through any replica.
+
+        Each event: ``id`` (the event id), ``event`` (created, updated, reinforced, deleted,
+        expired) and ``data`` (JSON: id, user_id, memory_id, memory_type, kind, at; never
+        content). ``event: resync`` when ``Last-Event-ID`` is older than EVENTS_RETENTION_HOURS
+        or not this database's; ``event: error`` before the server ends a stream.
+        """
+        api_ = await self._api(request)
+        engine = await self.engine()
+        key = request.headers.get("authorization", "").partition(" ")[2].strip()
+
+        async def key_still_valid() -> None:
+            with requestctx.acting(None, request.state.request_id):
+                await engine.authenticate(key)  # AuthenticationFailed ends the stream
+
+        subscription = await api_.subscribe_events(
+            self._user(user_id), after=last_event_id, rechecks=[key_still_valid]
+        )
+        return EventSourceResponse(
+            _event_stream(subscription),
+            ping=engine.settings.events_keepalive_seconds,
+            headers={"Cache-Control": "no-store"},
+        )
+
     # ----------------------------------------------------------------------- handle API
     # For co-located Ray apps: the caller's API key instead of an HTTP header, the same
     # permissions, and the same request models, built here from plain arguments. A bad
@@ -542,6 +591,28 @@ class Ingress(EngineOwner):
                 principal, request, user_id=_handle_user(user_id), request_id=None
             )
         )
+
+
+async def _event_stream(subscription: Subscription) -> AsyncIterator[ServerSentEvent]:
+    """The subscription as SSE messages; a disconnect (the response cancels this) or an
+    error (sent as ``event: error`` first) releases it."""
+    try:
+        async for item in subscription:
+            if isinstance(item, EventsResync):
+                yield ServerSentEvent(
+                    data=item.model_dump_json(), event="resync", id=str(item.resume_after)
+                )
+            else:
+                yield ServerSentEvent(data=item.model_dump_json(), event=item.kind, id=str(item.id))
+    except HalldyllError as exc:
+        retry = exc.fields.get("retry_after")
+        yield ServerSentEvent(
+            data=json.dumps({"code": exc.code, "message": exc.message}),
+            event="error",
+            retry=None if retry is None else int(retry * 1000),
+        )
+    finally:
+        await subscription.aclose()
 
 
 def _handle_user(user_id: UUID | str | None) -> UUID | None:

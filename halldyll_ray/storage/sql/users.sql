@@ -54,7 +54,8 @@ SELECT u.username,
        (SELECT count(*) FROM api_keys WHERE user_id = u.id) AS api_keys,
        (SELECT count(*) FROM viewer_grants WHERE viewer_id = u.id OR owner_id = u.id)
            AS viewer_grants,
-       (SELECT count(*) FROM turn_requests WHERE user_id = u.id) AS turn_requests
+       (SELECT count(*) FROM turn_requests WHERE user_id = u.id) AS turn_requests,
+       (SELECT count(*) FROM memory_events WHERE user_id = u.id) AS events
 FROM users u WHERE u.id = $1;
 
 -- name: erasure_texts

@@ -1,0 +1,27 @@
+-- The memory change feed (halldyll_ray.components.events): rows written by the trigger of
+-- migration 0008, read as the user (row-level security shows only theirs).
+
+-- name: events_after
+SELECT id, user_id, memory_id, memory_type, kind, at
+FROM memory_events
+WHERE user_id = $1 AND id > $2
+ORDER BY id
+LIMIT $3;
+
+-- name: events_head
+-- The user's latest event (0 without one): a subscriber without Last-Event-ID starts here.
+SELECT coalesce(max(id), 0) FROM memory_events WHERE user_id = $1;
+
+-- name: events_horizon
+-- purged_through: the highest event id the retention purge deleted; issued: the highest id
+-- ever handed out (0 before the first), so a resume position past it is not this database's.
+SELECT purged_through,
+       coalesce((SELECT last_value FROM memory_events_id_seq WHERE is_called), 0) AS issued
+FROM memory_event_horizon;
+
+-- name: purge_events
+-- Delete events older than $1 and raise the horizon past every id deleted, in one statement.
+WITH gone AS (DELETE FROM memory_events WHERE at < $1 RETURNING id)
+UPDATE memory_event_horizon
+SET purged_through = greatest(purged_through, (SELECT max(id) FROM gone))
+RETURNING (SELECT count(*) FROM gone) AS purged, purged_through;

@@ -1,0 +1,187 @@
+"""The change feed over real HTTP (issue 12 §2): GET /v1/users/{id}/events as Server-Sent
+Events through HAProxy and the Ingress, carrying writes made through the REST API (served by
+the Ingestion deployment, another process: the notification crosses PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from support import bearer, user_with_key
+
+EVENTS = "/v1/users/{}/events"
+
+
+class SSE:
+    """The messages of one open event stream, parsed as the SSE spec says."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self._lines = response.aiter_lines()
+
+    async def next(self, within: float = 20) -> dict[str, Any]:
+        """The next message (event), skipping comments."""
+        return await asyncio.wait_for(self._message(), within)
+
+    async def comment(self, within: float = 20) -> str:
+        """The next comment line (a keep-alive), with no message before it."""
+        line = await asyncio.wait_for(anext(self._lines), within)
+        assert line.startswith(":"), line
+        return line
+
+    async def _message(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        async for line in self._lines:
+            if not line:
+                if fields:
+                    if "data" in fields:
+                        fields["data"] = json.loads(fields["data"])
+                    return fields
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            fields[name] = fields[name] + "\n" + value if name in fields else value
+        raise EOFError("the stream ended")
+
+
+@asynccontextmanager
+async def stream(
+    http: httpx.AsyncClient, key: str, user: str = "me", **headers: str
+) -> AsyncIterator[SSE]:
+    async with http.stream(
+        "GET", EVENTS.format(user), headers={**bearer(key), **headers}, timeout=60
+    ) as response:
+        assert response.status_code == 200, (await response.aread()).decode()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-store"
+        yield SSE(response)
+
+
+async def _subscribers(http: httpx.AsyncClient) -> int:
+    report = (await http.get("/readyz")).json()
+    return int(report["events"]["subscribers"])
+
+
+async def _until_no_subscribers(http: httpx.AsyncClient) -> None:
+    for _ in range(100):
+        if await _subscribers(http) == 0:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the Ingress still serves a subscription after the client left")
+
+
+async def test_the_stream_carries_writes_made_through_the_rest_api(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    user, key = await user_with_key(http, admin_key)
+    memories = f"/v1/users/{user['id']}/memories"
+    async with stream(http, key) as events:
+        stored = await http.post(
+            memories, json={"type": "fact", "statement": "Ada keeps bees"}, headers=bearer(key)
+        )
+        assert stored.status_code == 201, stored.text
+        memory_id = stored.json()["id"]
+        created = await events.next()
+        assert created["event"] == "created"
+        assert created["data"]["memory_id"] == memory_id
+        assert created["data"]["user_id"] == user["id"]
+        assert created["data"]["memory_type"] == "fact"
+        assert created["id"] == str(created["data"]["id"])
+        assert "bees" not in json.dumps(created)  # never content
+        r = await http.patch(f"{memories}/{memory_id}", json={"tags": ["x"]}, headers=bearer(key))
+        assert r.status_code == 200, r.text
+        r = await http.delete(f"{memories}/{memory_id}", headers=bearer(key))
+        assert r.status_code == 204, r.text
+        updated, deleted = await events.next(), await events.next()
+        assert [updated["event"], deleted["event"]] == ["updated", "deleted"]
+        assert int(created["id"]) < int(updated["id"]) < int(deleted["id"])
+        # Idle, the stream sends keep-alive comments (EVENTS_KEEPALIVE_SECONDS=1 here).
+        assert (await events.comment(within=5)).startswith(": ping")
+    # The client left: the Ingress's subscription ends with the request.
+    await _until_no_subscribers(http)
+
+
+async def test_a_dropped_connection_resumes_with_last_event_id(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    user, key = await user_with_key(http, admin_key)
+    memories = f"/v1/users/{user['id']}/memories"
+
+    async def store(text: str) -> str:
+        r = await http.post(memories, json={"type": "fact", "statement": text}, headers=bearer(key))
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+    async with stream(http, key, user["id"]) as events:
+        first = await store("first")
+        seen = await events.next()
+        assert seen["data"]["memory_id"] == first
+    await _until_no_subscribers(http)
+    meanwhile = [await store(text) for text in ("second", "third")]
+    async with stream(http, key, **{"Last-Event-ID": seen["id"]}) as events:
+        replayed = [await events.next(), await events.next()]
+        assert [m["data"]["memory_id"] for m in replayed] == meanwhile
+        assert [m["event"] for m in replayed] == ["created", "created"]
+        live = await store("fourth")
+        assert (await events.next())["data"]["memory_id"] == live
+    # A position older than anything this database issued (or purged): told to resync.
+    async with stream(http, key, **{"Last-Event-ID": str(2**62)}) as events:
+        resync = await events.next()
+        assert resync["event"] == "resync"
+        assert resync["data"]["reason"] == "unknown_position"
+        assert resync["id"] == str(resync["data"]["resume_after"])
+
+
+async def test_who_may_follow_and_bad_requests(http: httpx.AsyncClient, admin_key: str) -> None:
+    owner, owner_key = await user_with_key(http, admin_key)
+    stranger, stranger_key = await user_with_key(http, admin_key)
+    viewer, viewer_key = await user_with_key(http, admin_key, "viewer")
+    path = EVENTS.format(owner["id"])
+
+    r = await http.get(path)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
+    r = await http.get(path, headers=bearer("hr_not-a-real-key"))
+    assert r.status_code == 401
+    r = await http.get(path, headers={**bearer(stranger_key), "X-Request-ID": "ev-denied-1"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
+    audit = await http.get(
+        "/v1/audit",
+        params={"operation": "memory.events", "outcome": "denied"},
+        headers=bearer(admin_key),
+    )
+    rows = [row for row in audit.json()["items"] if row["request_id"] == "ev-denied-1"]
+    assert [(row["actor_id"], row["acting_for"]) for row in rows] == [(stranger["id"], owner["id"])]
+    r = await http.get(path, headers={**bearer(viewer_key)})
+    assert r.status_code == 403  # no grant yet
+    r = await http.post(
+        f"/v1/users/{viewer['id']}/grants",
+        json={"owner_id": owner["id"]},
+        headers=bearer(admin_key),
+    )
+    assert r.status_code == 201, r.text
+    for key in (viewer_key, admin_key):
+        async with stream(http, key, owner["id"]) as events:
+            r = await http.post(
+                f"/v1/users/{owner['id']}/memories",
+                json={"type": "fact", "statement": "granted reading"},
+                headers=bearer(owner_key),
+            )
+            assert r.status_code == 201
+            assert (await events.next())["data"]["memory_id"] == r.json()["id"]
+    for bad in ("-1", "abc", "9" * 30):
+        r = await http.get(path, headers={**bearer(owner_key), "Last-Event-ID": bad})
+        assert r.status_code == 422, (bad, r.text)
+        assert r.json()["error"]["field"] == "Last-Event-ID"
+    r = await http.get(
+        EVENTS.format("00000000-0000-4000-8000-000000000000"), headers=bearer(admin_key)
+    )
+    assert r.status_code == 404
+    r = await http.get(EVENTS.format("nobody"), headers=bearer(admin_key))
+    assert r.status_code == 422
+    await _until_no_subscribers(http)
