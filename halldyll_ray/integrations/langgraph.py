@@ -410,6 +410,10 @@ class HalldyllStore(BaseStore):
         page_size: Memories per list request (1-500).
         timeout: Seconds per HTTP request.
 
+    The async client's connections belong to the event loop that first uses them: in async
+    code, make the store inside the loop that runs the graph and close it there (``async
+    with``), as with any httpx client.
+
     Raises:
         InvalidInput: A label position is negative or used twice, or ``page_size`` is out of
             range.

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import subprocess
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypedDict
 
 import pytest
@@ -458,3 +462,31 @@ async def test_a_graph_remembers_across_runs(
     other_id, _ = await _user(url, admin_key)
     context = Context(user_id=other_id)
     assert (await run("what does Ada drink?"))["recalled"] == []
+
+
+def _readme_example() -> str:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("### LangGraph store") :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```\n", start)]
+
+
+async def test_the_readme_example_runs(
+    ray_serve: dict[str, Any], admin_key: str, tmp_path: Path
+) -> None:
+    _, key = await _user(ray_serve["url"], admin_key)
+    (tmp_path / "admin_api_key").write_text(key + "\n")
+    code = _readme_example().replace("http://127.0.0.1:8000", ray_serve["url"])
+    assert code.count(ray_serve["url"]) == 2
+    env = {**os.environ, "DATA_DIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[2])}
+    for _ in range(2):  # a second run finds the same memory, not a second one
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "['Ada drinks green tea']\n"
