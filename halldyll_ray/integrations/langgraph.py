@@ -23,9 +23,10 @@ One LangGraph item ``(namespace, key) -> value`` is one **summary** memory of th
   (``MAX_TAGS``), hence namespaces of at most ``MAX_NAMESPACE_DEPTH`` labels.
 
 ``put`` of a key that exists updates that memory's text (re-embedded; ``created_at`` stays,
-``updated_at`` moves); ``delete`` deletes it. Two clients putting the same new key at the same
-moment can leave two memories: reads return the most recently updated one, and the next
-``put`` or ``delete`` of the key removes the others.
+``updated_at`` moves); ``delete`` deletes it. The service has no unique key for an item, so
+``put`` of a new key stores the memory and then looks again: when another client put the same
+key at the same moment, each put keeps the latest memory (by ``updated_at``, then id) and
+deletes the others, and reads meanwhile return the latest.
 
 Namespace mapping
 -----------------
@@ -36,7 +37,8 @@ The store says which, for each item, from its namespace:
   position ``i`` of the namespace is the user's id (a Service or Admin key acting for many
   users, e.g. ``("users", "<uuid>", "memories")`` with ``user_label=1``);
 - ``model`` (a registered model's name or id; default None: shared by all the user's models),
-  or ``model_label=i``: the label at position ``i`` names the model;
+  or ``model_label=i``: the label at position ``i`` names the model (by name, or by id when
+  the name has a period, which labels cannot hold);
 - ``session_id`` (default None), or ``session_label=i``: the label at position ``i`` is the
   session id.
 
@@ -52,10 +54,10 @@ What differs from LangGraph's in-memory store
 - Items are always indexed; ``index`` (of ``put``) is accepted and ignored.
 - TTLs are not supported (``supports_ttl`` is False): ``put(..., ttl=...)`` raises
   NotImplementedError, as LangGraph's base class does for such stores.
-- A search without ``query`` returns the newest items first. A search with ``query`` ranks the
-  prefix's items by the service's search (hybrid unless ``search_mode`` says otherwise, no
-  similarity threshold), and ``SearchItem.score`` is its score; it sees at most the
-  ``MAX_SEARCH_LIMIT`` best items, before ``filter`` and ``offset`` apply.
+- A search without ``query`` returns the most recently created items first. A search with
+  ``query`` ranks the prefix's items by the service's search (hybrid unless ``search_mode``
+  says otherwise, no similarity threshold), and ``SearchItem.score`` is its score; it sees at
+  most the ``MAX_SEARCH_LIMIT`` best items, before ``filter`` and ``offset`` apply.
 - ``filter`` is applied to the values after they are read, with the semantics of LangGraph's
   stores: equality (JSON types: ``True`` is not ``1``), nested objects, lists, and ``$eq``,
   ``$ne``, ``$gt``, ``$gte``, ``$lt``, ``$lte`` (numbers numerically, strings
@@ -111,7 +113,17 @@ from halldyll_ray.models import (
     check_text,
 )
 
-__all__ = ["ITEM_TAG", "MAX_NAMESPACE_DEPTH", "HalldyllStore", "matches_filter"]
+__all__ = [
+    "ITEM_TAG",
+    "MAX_NAMESPACE_DEPTH",
+    "HalldyllStore",
+    "check_filter",
+    "encode_value",
+    "item_tags",
+    "key_tag",
+    "matches_filter",
+    "namespace_tag",
+]
 
 #: The tag every LangGraph item carries.
 ITEM_TAG = "langgraph"
@@ -645,6 +657,9 @@ class HalldyllStore(BaseStore):
                 if found.scope.session is not None:
                     memory["session_id"] = found.scope.session
                 yield _Call("store_memory", {"memory": memory, "user_id": user})
+                # Another client may have put the same new key meanwhile: every such put
+                # keeps the latest memory only (the same one, whatever the interleaving).
+                stale = (yield from self._find(namespace, key)).memories[1:]
         for extra in stale:
             with contextlib.suppress(NotFound):  # deleted meanwhile: the goal holds
                 yield _Call("delete_memory", {"memory_id": extra.id, "user_id": user})

@@ -352,6 +352,30 @@ async def test_namespaces_map_to_user_model_and_session(
         assert (await shared.aget(("prefs",), "color")).value == {"v": "blue"}
 
 
+@pytest.mark.parametrize("mode", MODES)
+async def test_concurrent_puts_of_a_new_key_leave_one_memory(
+    ray_serve: dict[str, Any], admin_key: str, mode: str
+) -> None:
+    url = ray_serve["url"]
+    _, key = await _user(url, admin_key)
+    stores = [HalldyllStore(url, key, timeout=60) for _ in range(4)]
+    apis = [_Api(store, mode) for store in stores]
+    try:
+        for round_ in range(3):
+            await asyncio.gather(
+                *(api.put(("race",), f"k{round_}", {"writer": i}) for i, api in enumerate(apis))
+            )
+            found = await apis[0].search(("race",), filter=None, limit=100)
+            assert [item.key for item in found].count(f"k{round_}") == 1
+            item = await apis[1].get(("race",), f"k{round_}")
+            assert item.value in [{"writer": i} for i in range(4)]
+    finally:
+        for store in stores:
+            await store.aclose()
+    async with AsyncHalldyllClient(url, key, timeout=60) as client:
+        assert len((await client.list_memories(tags=[ITEM_TAG])).items) == 3
+
+
 async def test_duplicates_from_racing_puts_are_healed(
     ray_serve: dict[str, Any], admin_key: str
 ) -> None:
