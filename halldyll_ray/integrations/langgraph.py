@@ -613,6 +613,9 @@ class HalldyllStore(BaseStore):
 
     def _get(self, op: GetOp) -> _Steps:
         namespace, key = tuple(op.namespace), op.key
+        if not namespace:  # LangGraph reads it (nothing is there) but refuses to write it
+            _check_labels(namespace)
+            return None
         found = yield from self._find(namespace, key)
         if not found.memories:
             return None
@@ -631,6 +634,8 @@ class HalldyllStore(BaseStore):
             raise NotImplementedError(
                 "TTL is not supported by HalldyllStore: put items with ttl=None"
             )
+        if not namespace and op.value is None:  # deleting where nothing can be
+            return None
         # Everything is checked before the first request.
         _check_item_path(namespace, key)
         text = None if op.value is None else encode_value(op.value)

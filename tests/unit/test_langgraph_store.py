@@ -145,6 +145,9 @@ def test_bad_paths_are_refused_before_any_request() -> None:
             store.batch([PutOp(("a.b",), "k", {"v": 1})])
         with pytest.raises(InvalidNamespaceError):
             store.batch([PutOp((), "k", {"v": 1})])
+        # As LangGraph's stores: the empty namespace holds nothing, and reads say so.
+        assert store.get((), "k") is None
+        store.delete((), "k")
         with pytest.raises(InvalidInput) as caught:
             store.put(("ok",), "k\ud800", {"v": 1})
         assert caught.value.field == "key"
