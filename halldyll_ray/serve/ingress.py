@@ -54,6 +54,7 @@ from halldyll_ray.schemas import (
     parse_memory,
 )
 from halldyll_ray.serve.deployments import EngineOwner
+from halldyll_ray.serve.graphql_api import mount_graphql
 from halldyll_ray.serve.http import (
     BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
@@ -121,6 +122,8 @@ class Ingress(EngineOwner):
         api.state.body_timeout_s = body_timeout_s
         api.state.max_import_bytes = max_import_bytes
         api.state.metrics = RouteMetrics()
+        # GraphQL's subscriptions follow the change feed through this replica's engine.
+        api.state.ingress = self
 
     # ----------------------------------------------------------------------- helpers
     async def _principal(self, request: Request) -> Principal:
@@ -628,6 +631,9 @@ def _parse_uuid(value: str, field: str) -> UUID:
     except ValueError:
         raise InvalidInput(f"{field} must be a UUID", field=field) from None
 
+
+# GraphQL at /graphql: its queries and mutations call the routes above, in process.
+mount_graphql(api)
 
 # serve.ingress rewrites the FastAPI routes into class-based views on the app object it is
 # given; that must happen at import, in every process (driver and replicas), so it cannot be

@@ -1,0 +1,670 @@
+"""GraphQL at ``/graphql`` on the Ingress (strawberry): queries, mutations, and subscriptions
+over WebSocket to a user's memory changes.
+
+One more door into the same rooms:
+
+- **Queries and mutations are REST calls.** Each resolver calls the HTTP API in process
+  (:class:`~halldyll_ray.serve.loopback.Loopback`) with the caller's API key and the request's
+  id: the same routes, permission matrix, validation, error mapping and audit rows.
+- **Authentication.** An HTTP request is checked as ``GET /v1/me`` first: a missing or bad
+  key gets the REST API's 401, not a GraphQL error. A WebSocket brings its key in the
+  ``Authorization`` header of the handshake or in the ``connection_init`` payload
+  (``{"Authorization": "Bearer <key>"}``, what browser clients can send); without a valid
+  one the socket is closed with 4403.
+- **Subscriptions** (``memoryEvents``) ride the change feed (``GET /v1/users/{id}/events``):
+  the same permission check (``memory.read``, audited), rechecked every 30 s with the key,
+  and ``after`` resumes as ``Last-Event-ID`` does.
+- **Limits.** Depth (:data:`MAX_DEPTH`), aliases (:data:`MAX_ALIASES`) and tokens
+  (:data:`MAX_TOKENS`) are checked before execution, and every list is bounded by the REST
+  limits it calls (500 memories a page, 100 search results): a deep or wide query gets an
+  error naming the limit, not a slow server. No GraphQL IDE is served (it loads from a CDN).
+
+The schema is published as ``docs/schema.graphql`` (a unit test keeps it current).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from datetime import datetime
+from typing import Annotated, Any, TypeVar, cast
+
+import strawberry
+from fastapi import FastAPI
+from graphql import GraphQLError
+from starlette.requests import HTTPConnection
+from starlette.types import Receive, Scope, Send
+from strawberry.asgi import GraphQL
+from strawberry.exceptions import ConnectionRejectionError
+from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
+from strawberry.scalars import JSON
+from strawberry.types import Info
+
+from halldyll_ray import models as hm
+from halldyll_ray import requestctx
+from halldyll_ray.client import AsyncHalldyllClient
+from halldyll_ray.errors import AuthenticationFailed, HalldyllError
+from halldyll_ray.serve import http
+from halldyll_ray.serve.loopback import Loopback, bearer, relay, request_id_of
+
+#: Where GraphQL is served (HTTP POST and WebSocket).
+GRAPHQL_PATH = "/graphql"
+#: Deepest selection accepted. Only ``covers`` (a summary's memories) recurses; the rest is at
+#: most 4 deep (``search { memory { messages { content } } }``).
+MAX_DEPTH = 8
+#: Covered memories a summary's ``covers`` field resolves (one REST read each).
+MAX_COVERS = 50
+#: Most aliases in one document: each alias of ``search`` is a search.
+MAX_ALIASES = 10
+#: Most tokens in one document.
+MAX_TOKENS = 2000
+
+_T = TypeVar("_T")
+#: A user argument's default: the caller.
+ME = strawberry.ID("me")
+
+SearchMode = strawberry.enum(hm.SearchMode, name="SearchMode")
+SearchGroup = strawberry.enum(hm.SearchGroup, name="SearchGroup")
+MemoryType = strawberry.enum(hm.MemoryType, name="MemoryType")
+MemoryEventKind = strawberry.enum(hm.MemoryEventKind, name="MemoryEventKind")
+
+
+# --------------------------------------------------------------------------- context
+class GraphQLContext:
+    """Per request (or WebSocket): the loopback and the caller's ``Authorization`` header;
+    ``connection_params`` is what a WebSocket's ``connection_init`` carried."""
+
+    def __init__(self, loopback: Loopback, app: FastAPI, connection: HTTPConnection) -> None:
+        self.loopback = loopback
+        self.app = app
+        self.connection_params: dict[str, Any] | None = None
+        self.authorization = connection.headers.get("authorization", "")
+        self.request_id = request_id_of(connection.scope)
+
+    @property
+    def api_key(self) -> str:
+        header = self.authorization
+        params = self.connection_params or {}
+        given = params.get("Authorization", params.get("authorization"))
+        if not header and isinstance(given, str):
+            header = given
+        key = bearer(header)
+        if key is None:
+            raise AuthenticationFailed("no API key: send Authorization: Bearer <key>")
+        return key
+
+    def client(self) -> AsyncHalldyllClient:
+        return self.loopback.client(self.api_key, self.request_id)
+
+
+# --------------------------------------------------------------------------- types
+@strawberry.type(description="One message of a conversation.")
+class Message:
+    seq: int
+    role: str
+    name: str | None
+    content: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, m: hm.StoredMessage) -> Message:
+        return cls(
+            seq=m.seq, role=m.role.value, name=m.name, content=m.content, created_at=m.created_at
+        )
+
+
+@strawberry.type(description="A memory as stored; `body` is its typed payload as JSON.")
+class Memory:
+    id: strawberry.ID
+    user_id: strawberry.ID
+    type: MemoryType  # type: ignore[valid-type]
+    model_id: strawberry.ID | None
+    session_id: str | None
+    tags: list[str]
+    metadata: JSON
+    importance: float
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime | None
+    reinforcement_count: int
+    message_count: int
+    text: str = strawberry.field(description="The main text: statement, prompt, transcript...")
+    body: JSON = strawberry.field(description="The typed memory, as stored (JSON).")
+    messages: list[Message] = strawberry.field(description="A conversation's messages.")
+
+    @strawberry.field(
+        description="A summary's covered memories, those that still exist (others: empty)."
+    )
+    async def covers(self, info: Info[GraphQLContext, None]) -> list[Memory]:
+        body = self.body if isinstance(self.body, dict) else {}
+        if self.type is not hm.MemoryType.SUMMARY or not body.get("covers"):
+            return []
+        found: list[Memory] = []
+        owner = str(self.user_id)
+        for memory_id in body["covers"][:MAX_COVERS]:
+
+            def read(c: AsyncHalldyllClient, m: str = str(memory_id)) -> Awaitable[Any]:
+                return c.get_memory(m, user_id=owner)
+
+            try:
+                got = await _call(info, read)
+            except GraphQLError as exc:
+                if (exc.extensions or {}).get("code") == "not_found":
+                    continue  # deleted since the summary was written
+                raise
+            found.append(Memory.of(got))
+        return found
+
+    @classmethod
+    def of(cls, m: hm.StoredMemory) -> Memory:
+        return cls(
+            id=strawberry.ID(str(m.id)),
+            user_id=strawberry.ID(str(m.user_id)),
+            type=m.type,
+            model_id=None if m.model_id is None else strawberry.ID(str(m.model_id)),
+            session_id=m.session_id,
+            tags=m.tags,
+            metadata=_json(m.metadata),
+            importance=m.importance,
+            created_at=m.created_at,
+            updated_at=m.updated_at,
+            expires_at=m.expires_at,
+            reinforcement_count=m.reinforcement_count,
+            message_count=m.message_count,
+            text=m.text,
+            body=_json(m.memory.model_dump(mode="json")),
+            messages=[Message.of(x) for x in m.messages],
+        )
+
+
+@strawberry.type
+class MemoryPage:
+    items: list[Memory]
+    next_cursor: str | None = strawberry.field(description="Pass back as `cursor`; null: last.")
+
+
+@strawberry.type(description="The part of a memory a search hit matched.")
+class MatchedPart:
+    part: str
+    index: int
+    text: str
+
+
+@strawberry.type
+class SearchHit:
+    memory: Memory
+    score: float = strawberry.field(description="Ranking score (hybrid: fused).")
+    similarity: float | None = strawberry.field(description="Cosine similarity, if known.")
+    source: str = strawberry.field(description="semantic, fulltext or hybrid.")
+    matched: MatchedPart
+
+
+@strawberry.type
+class ContextItem:
+    memory_id: strawberry.ID | None
+    type: str
+    text: str
+    score: float
+    tokens: int
+
+
+@strawberry.type
+class ContextSection:
+    name: str
+    items: list[ContextItem]
+
+
+@strawberry.type(description="A prompt context block within a token budget.")
+class Context:
+    text: str
+    token_count: int
+    max_tokens: int
+    sources: list[strawberry.ID]
+    sections: list[ContextSection]
+
+    @classmethod
+    def of(cls, c: hm.Context) -> Context:
+        return cls(
+            text=c.text,
+            token_count=c.token_count,
+            max_tokens=c.max_tokens,
+            sources=[strawberry.ID(str(s)) for s in c.sources],
+            sections=[
+                ContextSection(
+                    name=s.name,
+                    items=[
+                        ContextItem(
+                            memory_id=_id(i.memory_id),
+                            type=i.type,
+                            text=i.text,
+                            score=i.score,
+                            tokens=i.tokens,
+                        )
+                        for i in s.items
+                    ],
+                )
+                for s in c.sections
+            ],
+        )
+
+
+@strawberry.type
+class User:
+    id: strawberry.ID
+    username: str
+    email: str | None
+    role: str
+    disabled: bool
+    metadata: JSON
+    created_at: datetime
+
+    @classmethod
+    def of(cls, u: hm.User) -> User:
+        return cls(
+            id=strawberry.ID(str(u.id)),
+            username=u.username,
+            email=u.email,
+            role=u.role.value,
+            disabled=u.disabled,
+            metadata=_json(u.metadata),
+            created_at=u.created_at,
+        )
+
+
+@strawberry.type
+class UserPage:
+    items: list[User]
+    next_cursor: str | None
+
+
+@strawberry.type(name="AIModel")
+class AIModel:
+    id: strawberry.ID
+    name: str
+    kind: str
+    version: str | None
+    metadata: JSON
+
+
+@strawberry.type(description="One change of one memory (never its content).")
+class MemoryEvent:
+    id: strawberry.ID = strawberry.field(description="The event id; resume with `after`.")
+    user_id: strawberry.ID
+    memory_id: strawberry.ID
+    memory_type: MemoryType  # type: ignore[valid-type]
+    kind: MemoryEventKind  # type: ignore[valid-type]
+    at: datetime
+
+
+@strawberry.type(
+    description="The events right after `after` may be gone (past retention, or `after` is "
+    "not this database's): re-read what you mirror; events after `resumeAfter` follow."
+)
+class EventsResync:
+    after: strawberry.ID
+    resume_after: strawberry.ID
+    reason: str
+
+
+FeedItem = Annotated[MemoryEvent | EventsResync, strawberry.union("FeedItem")]
+
+
+def _json(value: Any) -> JSON:
+    """A value for a JSON field (strawberry's JSON scalar passes values through)."""
+    return cast(JSON, value)
+
+
+def _id(value: object) -> strawberry.ID | None:
+    return None if value is None else strawberry.ID(str(value))
+
+
+def _graphql_error(exc: HalldyllError) -> GraphQLError:
+    """The API's error as a GraphQL error: the message, and in ``extensions`` the code, the
+    HTTP status REST answered, the field at fault and the request id."""
+    extensions: dict[str, Any] = {"code": exc.code}
+    for name in ("status_code", "field", "request_id", "report"):
+        if exc.fields.get(name) is not None:
+            extensions[name] = exc.fields[name]
+    return GraphQLError(exc.message, extensions=extensions)
+
+
+async def _call(
+    info: Info[GraphQLContext, None], fn: Callable[[AsyncHalldyllClient], Awaitable[_T]]
+) -> _T:
+    try:
+        async with info.context.client() as client:
+            return await fn(client)
+    except HalldyllError as exc:
+        raise _graphql_error(exc) from None
+
+
+def _types(types: list[hm.MemoryType] | None) -> list[str] | None:
+    return None if types is None else [t.value for t in types]
+
+
+# --------------------------------------------------------------------------- operations
+@strawberry.type
+class Query:
+    @strawberry.field(description="The caller.")
+    async def me(self, info: Info[GraphQLContext, None]) -> User:
+        return User.of(await _call(info, lambda c: c.me()))
+
+    @strawberry.field(description="A user (yourself, or anyone for an Admin).")
+    async def user(self, info: Info[GraphQLContext, None], id: strawberry.ID) -> User:
+        return User.of(await _call(info, lambda c: c.get_user(str(id))))
+
+    @strawberry.field(description="Every user, a page at a time (Admins).")
+    async def users(
+        self, info: Info[GraphQLContext, None], limit: int = 100, cursor: str | None = None
+    ) -> UserPage:
+        page = await _call(info, lambda c: c.list_users(limit=limit, cursor=cursor))
+        return UserPage(items=[User.of(u) for u in page.items], next_cursor=page.next_cursor)
+
+    @strawberry.field(description="The AI model registry.")
+    async def models(
+        self, info: Info[GraphQLContext, None], kind: str | None = None
+    ) -> list[AIModel]:
+        found = await _call(info, lambda c: c.list_models(kind))
+        return [
+            AIModel(
+                id=strawberry.ID(str(m.id)),
+                name=m.name,
+                kind=m.kind.value,
+                version=m.version,
+                metadata=_json(m.metadata),
+            )
+            for m in found
+        ]
+
+    @strawberry.field(description="One memory, with a conversation's messages.")
+    async def memory(
+        self, info: Info[GraphQLContext, None], id: strawberry.ID, user_id: strawberry.ID = ME
+    ) -> Memory:
+        return Memory.of(await _call(info, lambda c: c.get_memory(str(id), user_id=str(user_id))))
+
+    @strawberry.field(description="A user's memories, newest first, with filters and cursor pages.")
+    async def memories(
+        self,
+        info: Info[GraphQLContext, None],
+        user_id: strawberry.ID = ME,
+        types: list[MemoryType] | None = None,  # type: ignore[valid-type]
+        model: str | None = None,
+        include_shared: bool = True,
+        session_id: str | None = None,
+        tags: list[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> MemoryPage:
+        page = await _call(
+            info,
+            lambda c: c.list_memories(
+                user_id=str(user_id),
+                types=_types(types),
+                model=model,
+                include_shared=include_shared,
+                session_id=session_id,
+                tags=tags,
+                since=since,
+                until=until,
+                limit=limit,
+                cursor=cursor,
+            ),
+        )
+        return MemoryPage(items=[Memory.of(m) for m in page.items], next_cursor=page.next_cursor)
+
+    @strawberry.field(description="Search a user's memories (hybrid by default).")
+    async def search(
+        self,
+        info: Info[GraphQLContext, None],
+        query: str,
+        user_id: strawberry.ID = ME,
+        limit: int | None = None,
+        mode: SearchMode | None = None,  # type: ignore[valid-type]
+        types: list[MemoryType] | None = None,  # type: ignore[valid-type]
+        model: str | None = None,
+        include_shared: bool = True,
+        session_id: str | None = None,
+        tags: list[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        threshold: float | None = None,
+        group: SearchGroup = hm.SearchGroup.PART,  # type: ignore[valid-type]
+    ) -> list[SearchHit]:
+        hits = await _call(
+            info,
+            lambda c: c.search(
+                query,
+                user_id=str(user_id),
+                limit=limit,
+                mode=mode,
+                types=_types(types),
+                model=model,
+                include_shared=include_shared,
+                session_id=session_id,
+                tags=tags,
+                since=since,
+                until=until,
+                threshold=threshold,
+                group=group,
+            ),
+        )
+        return [
+            SearchHit(
+                memory=Memory.of(h.memory),
+                score=h.score,
+                similarity=h.similarity,
+                source=h.source,
+                matched=MatchedPart(
+                    part=h.matched.part, index=h.matched.index, text=h.matched.text
+                ),
+            )
+            for h in hits
+        ]
+
+    @strawberry.field(description="A prompt context block for a query, within a token budget.")
+    async def context(
+        self,
+        info: Info[GraphQLContext, None],
+        query: str,
+        user_id: strawberry.ID = ME,
+        model: str | None = None,
+        include_shared: bool = True,
+        session_id: str | None = None,
+        max_tokens: int | None = None,
+    ) -> Context:
+        built = await _call(
+            info,
+            lambda c: c.build_context(
+                query,
+                user_id=str(user_id),
+                model=model,
+                include_shared=include_shared,
+                session_id=session_id,
+                max_tokens=max_tokens,
+            ),
+        )
+        return Context.of(built)
+
+
+@strawberry.type
+class Mutation:
+    @strawberry.mutation(
+        description='Store a memory: its JSON as REST takes it, e.g. {"type": "fact", '
+        '"statement": "..."}.'
+    )
+    async def store_memory(
+        self, info: Info[GraphQLContext, None], memory: JSON, user_id: strawberry.ID = ME
+    ) -> Memory:
+        body = memory if isinstance(memory, dict) else {"type": None}
+        return Memory.of(await _call(info, lambda c: c.store_memory(body, user_id=str(user_id))))
+
+    @strawberry.mutation(description="Change a memory (the fields of REST's PATCH, as JSON).")
+    async def update_memory(
+        self,
+        info: Info[GraphQLContext, None],
+        id: strawberry.ID,
+        update: JSON,
+        user_id: strawberry.ID = ME,
+    ) -> Memory:
+        body = update if isinstance(update, dict) else {"": update}
+        return Memory.of(
+            await _call(info, lambda c: c.update_memory(str(id), body, user_id=str(user_id)))
+        )
+
+    @strawberry.mutation(description="Delete a memory; true when it was deleted.")
+    async def delete_memory(
+        self, info: Info[GraphQLContext, None], id: strawberry.ID, user_id: strawberry.ID = ME
+    ) -> bool:
+        await _call(info, lambda c: c.delete_memory(str(id), user_id=str(user_id)))
+        return True
+
+    @strawberry.mutation(description="Append messages (JSON list) to a conversation.")
+    async def append_messages(
+        self,
+        info: Info[GraphQLContext, None],
+        id: strawberry.ID,
+        messages: JSON,
+        user_id: strawberry.ID = ME,
+    ) -> list[Message]:
+        given: list[Any] = messages if isinstance(messages, list) else [messages]
+        stored = await _call(
+            info, lambda c: c.append_messages(str(id), given, user_id=str(user_id))
+        )
+        return [Message.of(m) for m in stored]
+
+
+@strawberry.type
+class Subscription:
+    @strawberry.subscription(
+        description="A user's memory changes as they happen (from writes through any replica); "
+        "`after`: resume after this event id, nothing lost or repeated."
+    )
+    async def memory_events(
+        self,
+        info: Info[GraphQLContext, None],
+        user_id: strawberry.ID = ME,
+        after: strawberry.ID | None = None,
+    ) -> AsyncGenerator[FeedItem, None]:
+        context = info.context
+        # The module's app, not the endpoint's copy: serve.ingress serves a pickled copy of
+        # the app, while the replica's Ingress registers itself on the module's object.
+        ingress = getattr(http.api.state, "ingress", None)
+        if ingress is None:
+            raise GraphQLError("the change feed is not running", extensions={"code": "unavailable"})
+        try:
+            key = context.api_key
+            engine = await ingress.engine()
+            with requestctx.acting(None, context.request_id):
+                principal = await engine.authenticate(key)
+
+            async def key_still_valid() -> None:
+                with requestctx.acting(None, context.request_id):
+                    await engine.authenticate(key)
+
+            authorized = engine.authorized(principal, request_id=context.request_id)
+            target = None if str(user_id) == "me" else str(user_id)
+            subscription = await authorized.subscribe_events(
+                target, after=None if after is None else str(after), rechecks=[key_still_valid]
+            )
+        except HalldyllError as exc:
+            raise _graphql_error(exc) from None
+        async with subscription:
+            try:
+                async for item in subscription:
+                    yield _feed_item(item)
+            except HalldyllError as exc:
+                raise _graphql_error(exc) from None
+
+
+def _feed_item(item: hm.MemoryEvent | hm.EventsResync) -> MemoryEvent | EventsResync:
+    if isinstance(item, hm.EventsResync):
+        return EventsResync(
+            after=strawberry.ID(str(item.after)),
+            resume_after=strawberry.ID(str(item.resume_after)),
+            reason=item.reason,
+        )
+    return MemoryEvent(
+        id=strawberry.ID(str(item.id)),
+        user_id=strawberry.ID(str(item.user_id)),
+        memory_id=strawberry.ID(str(item.memory_id)),
+        memory_type=item.memory_type,
+        kind=item.kind,
+        at=item.at,
+    )
+
+
+schema = strawberry.Schema(
+    query=Query,
+    mutation=Mutation,
+    subscription=Subscription,
+    extensions=[
+        lambda: QueryDepthLimiter(max_depth=MAX_DEPTH),
+        lambda: MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
+        lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
+    ],
+)
+
+
+class _GraphQL(GraphQL[GraphQLContext, None]):
+    """Strawberry's ASGI app with this service's context and WebSocket check."""
+
+    def __init__(self, loopback: Loopback, app: FastAPI) -> None:
+        super().__init__(schema, graphql_ide=None, allow_queries_via_get=False)
+        self.loopback = loopback
+        self.app = app
+
+    async def get_context(self, request: Any, response: Any) -> GraphQLContext:
+        return GraphQLContext(self.loopback, self.app, request)
+
+    async def on_ws_connect(self, context: GraphQLContext) -> None:
+        """Accept a WebSocket only with a valid key (header or ``connection_init``)."""
+        try:
+            key = context.api_key
+        except AuthenticationFailed:
+            raise ConnectionRejectionError({"reason": "no API key"}) from None
+        answer = await self.loopback.check_key(f"Bearer {key}", context.request_id)
+        if answer.status_code != 200:
+            raise ConnectionRejectionError({"reason": "the API key was refused"})
+
+
+class GraphQLEndpoint:
+    """The ASGI app at ``/graphql``: the REST key check for HTTP, then strawberry.
+
+    Built lazily in the process that serves: ``serve.ingress`` pickles the FastAPI app into
+    every replica, and a GraphQL schema does not pickle.
+    """
+
+    def __init__(self, app: FastAPI) -> None:
+        self._app = app
+        self._server: _GraphQL | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_app": self._app, "_server": None}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._server is None:
+            self._server = _GraphQL(Loopback(self._app), self._app)
+        server = self._server
+        if scope["type"] == "http":
+            authorization = ""
+            for name, value in scope.get("headers") or ():
+                if name == b"authorization":
+                    authorization = value.decode("latin-1")
+            answer = await server.loopback.check_key(authorization, request_id_of(scope))
+            if answer.status_code != 200:
+                await relay(answer)(scope, receive, send)
+                return
+        await server(scope, receive, send)
+
+
+def mount_graphql(app: FastAPI, *, path: str = GRAPHQL_PATH) -> GraphQLEndpoint:
+    """Serve GraphQL at ``path`` of ``app`` (HTTP POST and WebSocket); call at import."""
+    endpoint = GraphQLEndpoint(app)
+    app.router.add_route(path, endpoint, methods=["POST"], include_in_schema=False)  # type: ignore[arg-type]
+    app.router.add_websocket_route(path, endpoint)  # type: ignore[arg-type]
+    return endpoint
+
+
+if __name__ == "__main__":  # python -m halldyll_ray.serve.graphql_api > docs/schema.graphql
+    print(schema)

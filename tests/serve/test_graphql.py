@@ -1,0 +1,214 @@
+"""GraphQL at /graphql against the running app (issue 12 §2): queries and mutations through
+the REST routes (same permissions, errors and audit), the limits, and subscriptions to the
+change feed over WebSocket through HAProxy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from support import bearer, user_with_key
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+GQL = "/graphql"
+
+
+async def _gql(http: httpx.AsyncClient, key: str, query: str, **variables: Any) -> dict[str, Any]:
+    response = await http.post(
+        GQL,
+        json={"query": query, "variables": variables},
+        headers={**bearer(key), "X-Request-ID": f"gql-{uuid.uuid4().hex[:12]}"},
+    )
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+async def test_queries_and_mutations_go_through_the_rest_rules(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    user, key = await user_with_key(http, admin_key)
+    other, other_key = await user_with_key(http, admin_key)
+    stored = await _gql(
+        http,
+        key,
+        "mutation($m: JSON!) { storeMemory(memory: $m) { id type text tags } }",
+        m={"type": "fact", "statement": "Hana climbs on Thursdays", "tags": ["sport"]},
+    )
+    memory = stored["data"]["storeMemory"]
+    assert memory["type"] == "FACT" and memory["text"] == "Hana climbs on Thursdays"
+    talk = (
+        await _gql(
+            http,
+            key,
+            "mutation($m: JSON!) { storeMemory(memory: $m) { id } }",
+            m={"type": "conversation", "title": "Gym", "messages": []},
+        )
+    )["data"]["storeMemory"]["id"]
+    appended = await _gql(
+        http,
+        key,
+        "mutation($id: ID!, $ms: JSON!) { appendMessages(id: $id, messages: $ms) { seq content } }",
+        id=talk,
+        ms=[{"role": "user", "content": "Bouldering tonight?", "name": "Hana"}],
+    )
+    assert appended["data"]["appendMessages"] == [{"seq": 0, "content": "Bouldering tonight?"}]
+
+    read = await _gql(
+        http,
+        key,
+        """query($q: String!) {
+             me { id username role }
+             memories(types: [FACT], limit: 5) { items { id text } nextCursor }
+             search(query: $q, limit: 3) { score source matched { part text } memory { id } }
+             context(query: $q, maxTokens: 200) { text tokenCount sources }
+           }""",
+        q="when does Hana climb?",
+    )
+    data = read["data"]
+    assert data["me"] == {"id": user["id"], "username": user["username"], "role": "user"}
+    assert data["memories"]["items"] == [{"id": memory["id"], "text": memory["text"]}]
+    assert data["search"][0]["memory"]["id"] == memory["id"]
+    assert memory["id"] in data["context"]["sources"]
+
+    updated = await _gql(
+        http,
+        key,
+        'mutation($id: ID!) { updateMemory(id: $id, update: {tags: ["climbing"]}) { tags } }',
+        id=memory["id"],
+    )
+    assert updated["data"]["updateMemory"]["tags"] == ["climbing"]
+
+    # A summary resolves the memories it covers (the one recursive field).
+    summary = await _gql(
+        http,
+        key,
+        "mutation($m: JSON!) { storeMemory(memory: $m) { covers { id text } } }",
+        m={"type": "summary", "text": "Hana's week", "covers": [memory["id"], talk]},
+    )
+    covered = summary["data"]["storeMemory"]["covers"]
+    assert {c["id"] for c in covered} == {memory["id"], talk}
+
+    # A bad value: the REST validation's message and field, as a GraphQL error.
+    bad = await _gql(
+        http,
+        key,
+        "mutation($m: JSON!) { storeMemory(memory: $m) { id } }",
+        m={"type": "fact", "statement": "x", "confidence": 7},
+    )
+    assert bad["data"] is None
+    assert bad["errors"][0]["extensions"]["code"] == "invalid_input"
+    assert bad["errors"][0]["extensions"]["field"] == "fact.confidence"
+    assert bad["errors"][0]["extensions"]["status_code"] == 422
+
+    # Another user's memories: 403 as REST answers it, audited with this request's id.
+    denied = await http.post(
+        GQL,
+        json={"query": f'{{ memories(userId: "{other["id"]}") {{ items {{ id }} }} }}'},
+        headers={**bearer(key), "X-Request-ID": "gql-denied-1"},
+    )
+    error = denied.json()["errors"][0]
+    assert error["extensions"]["code"] == "permission_denied"
+    assert error["extensions"]["status_code"] == 403
+    audit = await http.get(
+        "/v1/audit", params={"outcome": "denied", "limit": 20}, headers=bearer(admin_key)
+    )
+    assert any(row["request_id"] == "gql-denied-1" for row in audit.json()["items"])
+
+    deleted = await _gql(http, key, "mutation($id: ID!) { deleteMemory(id: $id) }", id=memory["id"])
+    assert deleted["data"] == {"deleteMemory": True}
+    gone = await _gql(http, key, "query($id: ID!) { memory(id: $id) { id } }", id=memory["id"])
+    assert gone["errors"][0]["extensions"]["code"] == "not_found"
+    assert other_key  # the other user exists and was never reached
+
+
+async def test_without_a_valid_key_graphql_answers_401_like_rest(
+    http: httpx.AsyncClient,
+) -> None:
+    for headers in ({}, bearer("hk_not-a-real-key"), {"Authorization": "Basic abc"}):
+        response = await http.post(GQL, json={"query": "{ me { id } }"}, headers=headers)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthenticated"
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert (await http.get(GQL)).status_code in (401, 405)  # no IDE, no GET queries
+
+
+async def _ws(url: str, headers: dict[str, str] | None = None) -> Any:
+    ws_url = url.replace("http://", "ws://") + GQL
+    return connect(ws_url, subprotocols=["graphql-transport-ws"], additional_headers=headers or {})  # type: ignore[list-item]
+
+
+async def test_subscriptions_follow_the_change_feed_over_websocket(
+    ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
+) -> None:
+    user, key = await user_with_key(http, admin_key)
+    other, _ = await user_with_key(http, admin_key)
+    subscribe = {
+        "id": "1",
+        "type": "subscribe",
+        "payload": {
+            "query": "subscription { memoryEvents { "
+            "... on MemoryEvent { id kind memoryId memoryType } } }"
+        },
+    }
+    # The key in connection_init, as a browser client sends it.
+    async with await _ws(ray_serve["url"]) as ws:
+        await ws.send(json.dumps({"type": "connection_init", "payload": bearer(key)}))
+        assert json.loads(await ws.recv())["type"] == "connection_ack"
+        await ws.send(json.dumps(subscribe))
+        await asyncio.sleep(1.0)  # the subscription is open before the write
+        r = await http.post(
+            "/v1/users/me/memories",
+            json={"type": "fact", "statement": "Ines keeps chickens"},
+            headers=bearer(key),
+        )
+        assert r.status_code == 201
+        message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        assert message["type"] == "next", message
+        assert message["payload"].get("data"), message
+        event = message["payload"]["data"]["memoryEvents"]
+        assert event["kind"] == "CREATED" and event["memoryId"] == r.json()["id"]
+        assert event["memoryType"] == "FACT"
+        first_id = event["id"]
+
+    # The key in the handshake's header; resuming after an event loses nothing in between.
+    r = await http.post(
+        "/v1/users/me/memories",
+        json={"type": "fact", "statement": "Ines sells eggs"},
+        headers=bearer(key),
+    )
+    async with await _ws(ray_serve["url"], bearer(key)) as ws:
+        await ws.send(json.dumps({"type": "connection_init", "payload": {}}))
+        assert json.loads(await ws.recv())["type"] == "connection_ack"
+        resume = json.loads(json.dumps(subscribe))
+        resume["payload"]["query"] = resume["payload"]["query"].replace(
+            "memoryEvents {", f'memoryEvents(after: "{first_id}") {{'
+        )
+        await ws.send(json.dumps(resume))
+        message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        assert message["payload"]["data"]["memoryEvents"]["memoryId"] == r.json()["id"]
+
+        # Another user's feed: refused as REST refuses it.
+        denied = json.loads(json.dumps(subscribe))
+        denied["id"] = "2"
+        denied["payload"]["query"] = denied["payload"]["query"].replace(
+            "memoryEvents {", f'memoryEvents(userId: "{other["id"]}") {{'
+        )
+        await ws.send(json.dumps(denied))
+        message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        assert message["id"] == "2"
+        errors = message["payload"] if message["type"] == "error" else message["payload"]["errors"]
+        assert errors[0]["extensions"]["code"] == "permission_denied"
+    assert user["id"] != other["id"]
+
+    # No key, or a bad one: the socket is closed before any subscription.
+    for payload in ({}, bearer("hk_not-a-real-key")):
+        async with await _ws(ray_serve["url"]) as ws:
+            await ws.send(json.dumps({"type": "connection_init", "payload": payload}))
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 30)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403

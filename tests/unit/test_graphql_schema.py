@@ -1,0 +1,44 @@
+"""The published GraphQL schema is the served one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from halldyll_ray.serve.graphql_api import MAX_ALIASES, MAX_DEPTH, schema
+
+
+def test_the_published_schema_is_current() -> None:
+    published = Path(__file__).resolve().parents[2] / "docs" / "schema.graphql"
+    assert published.read_text() == str(schema) + "\n", (
+        "docs/schema.graphql is stale: python -m halldyll_ray.serve.graphql_api "
+        "> docs/schema.graphql"
+    )
+
+
+def test_every_operation_has_a_description() -> None:
+    for root in (schema.query, schema.mutation, schema.subscription):
+        for field in root.__strawberry_definition__.fields:  # type: ignore[union-attr]
+            assert field.description, field.name
+
+
+async def test_deep_wide_and_long_documents_are_refused_before_any_resolver_runs() -> None:
+    # No context: a resolver that ran would fail on it; these fail validation first.
+    deep = "{ memories { items " + "{ covers " * MAX_DEPTH + "{ id }" + " }" * MAX_DEPTH + " } }"
+    wide = "{ " + " ".join(f"a{n}: me {{ id }}" for n in range(MAX_ALIASES + 1)) + " }"
+    long = "{ me { " + "id " * 3000 + "} }"
+    for document, words in (
+        (deep, "exceeds maximum operation depth"),
+        (wide, "aliases"),
+        (long, "token"),
+    ):
+        result = await schema.execute(document)
+        assert result.errors, document[:60]
+        assert words in result.errors[0].message.lower(), result.errors[0].message
+
+
+async def test_a_query_within_the_limits_passes_validation() -> None:
+    ok = "{ memories { items " + "{ covers " * (MAX_DEPTH - 3) + "{ id }" + " }" * (MAX_DEPTH - 3)
+    ok += " } }"
+    result = await schema.execute(ok)
+    # It reaches a resolver (which needs a request's context, absent here): not a limit error.
+    assert result.errors and "'NoneType' object" in result.errors[0].message
