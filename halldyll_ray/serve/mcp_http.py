@@ -9,7 +9,8 @@ One more door into the same rooms, never a second set of rules:
 - **Authentication.** Every request to ``/mcp`` is first checked as ``GET /v1/me`` with the
   request's own ``Authorization`` header, in process: a missing, malformed, unknown, expired or
   revoked key, or a disabled user, gets the REST API's 401 (its error body, its
-  ``WWW-Authenticate``, its audit row), and a 503 of the API is answered as such.
+  ``WWW-Authenticate``, its audit row), and a 503 of the API is answered as such. The check
+  costs what a REST request's authentication costs (a key lookup), plus reading the user.
 - **Every tool call is a REST call.** The tools (:mod:`halldyll_ray.mcp_server`) use an
   :class:`~halldyll_ray.client.AsyncHalldyllClient` whose transport is
   :class:`httpx.ASGITransport` over this same FastAPI app, carrying the caller's key and the
@@ -154,7 +155,7 @@ class McpEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = _request_id(scope) or ""
         manager = self._manager
-        if scope["type"] != "http" or manager is None:
+        if manager is None:
             # Before the lifespan started (or after it ended) there is no manager to serve.
             message = "the MCP endpoint is not running"
             answer = error_response(
