@@ -182,8 +182,10 @@ def mount_mcp(app: FastAPI, *, path: str = MCP_PATH) -> McpEndpoint:
         The endpoint (its :meth:`McpEndpoint.running` is what the lifespan enters).
     """
     endpoint = McpEndpoint(app)
-    # An ASGI app as the endpoint: Starlette hands it the raw request, every method.
-    app.router.add_route(path, endpoint, include_in_schema=False)  # type: ignore[arg-type]
+    # An ASGI app as the endpoint: Starlette hands it the raw request. POST only: stateless,
+    # there is no stream for a GET to open (it would hang, empty) nor a session to DELETE;
+    # anything else gets the API's own 405 with Allow: POST.
+    app.router.add_route(path, endpoint, methods=["POST"], include_in_schema=False)  # type: ignore[arg-type]
     outer = app.router.lifespan_context
 
     @asynccontextmanager

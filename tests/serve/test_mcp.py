@@ -382,6 +382,11 @@ async def test_mcp_is_stateless_json(
     assert "mcp-session-id" not in r.headers
     body = r.json()
     assert body["id"] == 7 and body["result"]["isError"] is False
+    # No stream to open with a GET (it would hang, empty), no session to DELETE.
+    for method in ("GET", "DELETE"):
+        r = await http.request(method, "/mcp", headers=headers)
+        assert r.status_code == 405 and r.headers["allow"] == "POST", r.text
+        assert r.json()["error"]["code"] == "method_not_allowed"
 
 
 # --------------------------------------------------------------------------- stdio
