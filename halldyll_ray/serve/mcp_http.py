@@ -16,7 +16,9 @@ One more door into the same rooms, never a second set of rules:
   :class:`httpx.ASGITransport` over this same FastAPI app, carrying the caller's key and the
   ``/mcp`` request's id as ``X-Request-ID``: the same routes, permission matrix, validation,
   error mapping and audit rows (with that request id) as REST, without a network hop. The
-  route metrics count those inner calls under their own routes too.
+  inner calls do not pass through Serve's proxy, so they take none of the replica's
+  ``max_ongoing_requests`` slots (no deadlock under load); the route metrics count them under
+  their own routes too.
 
 **Stateless, JSON responses.** The session manager runs with ``stateless_http=True`` and
 ``json_response=True``: each POST carries one JSON-RPC message and gets its answer as one JSON
@@ -57,11 +59,15 @@ MCP_PATH = "/mcp"
 # The base URL of in-process calls: never resolved, the ASGI transport answers them.
 _INTERNAL_URL = "http://ingress.internal"
 # Headers of an API refusal that the /mcp answer keeps.
-_RELAYED = ("content-type", "www-authenticate", "retry-after", "x-request-id")
+# (Serve's proxy sets X-Request-ID on every response itself.)
+_RELAYED = ("content-type", "www-authenticate", "retry-after")
 
 
 class _Forwarding(httpx.AsyncBaseTransport):
-    """An httpx transport that adds fixed headers to each request (the caller's request id)."""
+    """An httpx transport that adds fixed headers to each request (the caller's request id).
+
+    Closing it leaves the inner transport, which every call shares, open.
+    """
 
     def __init__(self, inner: httpx.AsyncBaseTransport, headers: dict[str, str]) -> None:
         self._inner = inner
@@ -70,9 +76,6 @@ class _Forwarding(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         request.headers.update(self._headers)
         return await self._inner.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 def _bearer(header: str) -> str | None:
@@ -96,7 +99,6 @@ class McpEndpoint:
     """
 
     def __init__(self, app: FastAPI) -> None:
-        self._app = app
         self._asgi = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         self._manager: StreamableHTTPSessionManager | None = None
 
