@@ -396,12 +396,14 @@ async def test_the_stdio_server_speaks_to_the_http_api(
     user, key = await _user_with_key(http, admin_key)
     _, viewer_key = await _user_with_key(http, admin_key, role="viewer")
 
-    def command(api_key: str) -> StdioServerParameters:
-        return StdioServerParameters(
-            command=sys.executable,
-            args=["-m", "halldyll_ray.cli", "mcp", "--url", ray_serve["url"], "--key", api_key],
-            env={"PYTHONPATH": str(ROOT), "LOG_LEVEL": "warning"},
-        )
+    def command(api_key: str, *, in_env: bool = False) -> StdioServerParameters:
+        args = ["-m", "halldyll_ray.cli", "mcp", "--url", ray_serve["url"]]
+        env = {"PYTHONPATH": str(ROOT), "LOG_LEVEL": "warning"}
+        if in_env:
+            env["HALLDYLL_API_KEY"] = api_key
+        else:
+            args += ["--key", api_key]
+        return StdioServerParameters(command=sys.executable, args=args, env=env)
 
     async with (
         stdio_client(command(key)) as (read, write),
@@ -416,7 +418,7 @@ async def test_the_stdio_server_speaks_to_the_http_api(
         assert hits["results"][0]["memory"]["id"] == fact["id"]
 
     async with (
-        stdio_client(command(viewer_key)) as (read, write),
+        stdio_client(command(viewer_key, in_env=True)) as (read, write),
         ClientSession(read, write) as mcp,
     ):
         await mcp.initialize()
