@@ -1,4 +1,5 @@
-"""The ``halldyll`` command: migrate, doctor, demo, create-user, purge-expired, export, import."""
+"""The ``halldyll`` command: migrate, doctor, demo, create-user, purge-expired, export, import,
+mcp."""
 
 from __future__ import annotations
 
@@ -236,7 +237,14 @@ def _client(args: argparse.Namespace) -> Any:
     on the command line would show in the process list)."""
     from halldyll_ray.client import HalldyllClient
 
-    if args.key_file:
+    return HalldyllClient(args.url, _api_key(args), timeout=args.timeout)
+
+
+def _api_key(args: argparse.Namespace) -> str:
+    """The key of ``--key`` (where the command has it), ``--key-file`` or HALLDYLL_API_KEY."""
+    if getattr(args, "key", None):
+        key = str(args.key).strip()
+    elif args.key_file:
         with open(args.key_file, encoding="utf-8") as file:
             key = file.read().strip()
     else:
@@ -245,7 +253,7 @@ def _client(args: argparse.Namespace) -> Any:
         raise ConfigurationError(
             "no API key: pass --key-file PATH or set HALLDYLL_API_KEY", setting="HALLDYLL_API_KEY"
         )
-    return HalldyllClient(args.url, key, timeout=args.timeout)
+    return key
 
 
 def _progress(total: int | None, what: str) -> Any:
@@ -296,6 +304,14 @@ async def cmd_import(args: argparse.Namespace) -> int:
     return await asyncio.to_thread(run)
 
 
+async def cmd_mcp(args: argparse.Namespace) -> int:
+    """Serve the MCP tools over stdio, calling the HTTP API at --url as the key's user."""
+    from halldyll_ray.mcp_server import run_stdio
+
+    await run_stdio(args.url, _api_key(args), request_timeout_s=args.timeout)
+    return 0
+
+
 COMMANDS = {
     "migrate": cmd_migrate,
     "doctor": cmd_doctor,
@@ -308,6 +324,7 @@ COMMANDS = {
     "stop-embedded": cmd_stop_embedded,
     "export": cmd_export,
     "import": cmd_import,
+    "mcp": cmd_mcp,
 }
 
 
@@ -366,6 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--key-file", help="a file holding the API key (else HALLDYLL_API_KEY)")
         cmd.add_argument("--user", default="me", help="whose memories (default: the key's user)")
         cmd.add_argument("--timeout", type=float, default=60.0, help="seconds per network step")
+    mcp = sub.add_parser(
+        "mcp", help="an MCP server over stdio for desktop clients, calling the HTTP API"
+    )
+    mcp.add_argument(
+        "--url",
+        default=os.environ.get("HALLDYLL_URL", "http://127.0.0.1:8000"),
+        help="the service (default: HALLDYLL_URL or http://127.0.0.1:8000)",
+    )
+    mcp.add_argument(
+        "--key", help="the API key (better: --key-file or HALLDYLL_API_KEY, out of the ps list)"
+    )
+    mcp.add_argument("--key-file", help="a file holding the API key")
+    mcp.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP call")
     return parser
 
 

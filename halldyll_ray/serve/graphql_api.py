@@ -44,7 +44,13 @@ from halldyll_ray import requestctx
 from halldyll_ray.client import AsyncHalldyllClient
 from halldyll_ray.errors import AuthenticationFailed, HalldyllError
 from halldyll_ray.serve import http
-from halldyll_ray.serve.loopback import Loopback, bearer, relay, request_id_of
+from halldyll_ray.serve.loopback import (
+    Loopback,
+    authorization_of,
+    bearer,
+    relay,
+    request_id_of,
+)
 
 #: Where GraphQL is served (HTTP POST and WebSocket).
 GRAPHQL_PATH = "/graphql"
@@ -647,11 +653,7 @@ class GraphQLEndpoint:
             self._server = _GraphQL(Loopback(self._app), self._app)
         server = self._server
         if scope["type"] == "http":
-            authorization = ""
-            for name, value in scope.get("headers") or ():
-                if name == b"authorization":
-                    authorization = value.decode("latin-1")
-            answer = await server.loopback.check_key(authorization, request_id_of(scope))
+            answer = await server.loopback.check_key(authorization_of(scope), request_id_of(scope))
             if answer.status_code != 200:
                 await relay(answer)(scope, receive, send)
                 return

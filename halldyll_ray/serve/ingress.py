@@ -64,6 +64,7 @@ from halldyll_ray.serve.http import (
     downstream,
     json_response,
 )
+from halldyll_ray.serve.mcp_http import mount_mcp
 from halldyll_ray.serve.settings import SettingsOverrides
 
 NDJSON = "application/x-ndjson"
@@ -634,6 +635,8 @@ def _parse_uuid(value: str, field: str) -> UUID:
 
 # GraphQL at /graphql: its queries and mutations call the routes above, in process.
 mount_graphql(api)
+# MCP over Streamable HTTP at /mcp: its tools call the routes above, in process.
+mount_mcp(api)
 
 # serve.ingress rewrites the FastAPI routes into class-based views on the app object it is
 # given; that must happen at import, in every process (driver and replicas), so it cannot be

@@ -18,8 +18,9 @@ from starlette.responses import Response
 
 from halldyll_ray.client import AsyncHalldyllClient
 
-# Headers of an API refusal that an answer relaying it keeps.
-_RELAYED = ("content-type", "www-authenticate", "retry-after", "x-request-id")
+# Headers of an API refusal that an answer relaying it keeps (Serve's proxy sets X-Request-ID
+# on every response itself).
+_RELAYED = ("content-type", "www-authenticate", "retry-after")
 
 #: The base URL of in-process calls: never resolved, the ASGI transport answers them.
 INTERNAL_URL = "http://ingress.internal"
@@ -44,6 +45,14 @@ def bearer(header: str) -> str | None:
     """The key of an ``Authorization: Bearer <key>`` header, as the Ingress reads it."""
     scheme, _, key = header.partition(" ")
     return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+
+
+def authorization_of(scope: Any) -> str:
+    """The ``Authorization`` header of a request (its ASGI scope), or ``""``."""
+    for name, value in scope.get("headers") or ():
+        if name == b"authorization":
+            return str(value.decode("latin-1"))
+    return ""
 
 
 def request_id_of(scope: Any) -> str | None:

@@ -1,0 +1,755 @@
+"""The MCP (Model Context Protocol) server: halldyll-ray's memory as tools for an LLM client.
+
+One set of tools, written once over the HTTP client (:class:`AsyncHalldyllClient`), so every
+tool call is an ordinary call of the HTTP API: the same routes, authentication, permission
+matrix, validation, error mapping and audit rows as REST; no rule lives here. Two doors:
+
+- **Streamable HTTP** at ``/mcp`` on the Ingress (:mod:`halldyll_ray.serve.mcp_http`): each
+  call's client reaches the Ingress's own FastAPI app in process, with the caller's key.
+- **stdio** (:func:`run_stdio`, ``halldyll mcp --url ... --key ...``): a thin process for
+  desktop clients that launch a command; its client talks to ``--url`` over the network.
+
+Tools (names as the LLM sees them): ``store_fact``, ``store_conversation``, ``store_image``,
+``store_transcription``, ``store_summary``, ``search_memories``, ``build_context``,
+``prepare_context``, ``record_turn``, ``get_memory``, ``list_memories``, ``update_memory``,
+``delete_memory``, ``list_models``. One store tool per memory type rather than one tool over
+a discriminated union: a flat schema with the type's own fields is what LLM clients fill in
+reliably (several reject or garble a top-level ``oneOf``), and the tool's name already says
+which kind of memory it keeps. Resource templates: a user's recent memories and a session's
+transcript.
+
+Every tool takes ``user_id`` (``"me"`` by default): a Service or Admin key names the user it
+acts for, as ``/v1/users/{user_id}/...`` does. A refusal of the API (401, 403, 404, 409, 422,
+503) comes back as a tool error (``isError``) whose text is the API's code, message and
+request id, never a crash and never the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Annotated, Any, Literal, NotRequired, TypeVar
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
+from mcp.types import ToolAnnotations
+from pydantic import BaseModel, Field
+from typing_extensions import TypedDict  # pydantic reads typing.TypedDict only on 3.12+
+
+from halldyll_ray.client import AsyncHalldyllClient
+from halldyll_ray.errors import HalldyllError, InvalidInput
+from halldyll_ray.models import MAX_SEARCH_LIMIT
+from halldyll_ray.schemas import MAX_CONTEXT_TOKENS, MIN_CONTEXT_TOKENS
+
+#: How a tool gets its client for one call: given the MCP request context, an async context
+#: manager that yields a client authenticated as the caller (and closes it, if it owns it).
+ClientSource = Callable[[Context[Any, Any]], AbstractAsyncContextManager[AsyncHalldyllClient]]
+
+_T = TypeVar("_T")
+
+INSTRUCTIONS = (
+    "Long-term memory for the user this API key belongs to. Before answering, call "
+    "search_memories (or build_context for a ready prompt block) to recall what is known; "
+    "keep durable knowledge with store_fact (one self-contained statement per fact); in a "
+    "chat loop, call prepare_context before the model's turn and record_turn after it. "
+    "user_id defaults to 'me'; a Service or Admin key passes the id of the user it acts for."
+)
+
+# --------------------------------------------------------------------------- argument types
+# Module-level aliases: the SDK resolves the tools' annotations against this module.
+UserId = Annotated[
+    str,
+    Field(
+        description="Whose memories: 'me' (the API key's own user) or a user's id (UUID). "
+        "A Service or Admin key passes the id of the user it acts for; a Viewer the id of a "
+        "user whose memories it was granted."
+    ),
+]
+MemoryId = Annotated[str, Field(description="The memory's id (UUID), as returned when stored.")]
+SessionId = Annotated[
+    str,
+    Field(
+        description="The chat session's id: 1-128 characters of letters, digits and . _ : - "
+        "(e.g. a thread id your client already has)."
+    ),
+]
+Tags = Annotated[
+    list[str] | None,
+    Field(description="Short labels to filter by later, e.g. ['diet', 'family']."),
+]
+Metadata = Annotated[
+    dict[str, Any] | None, Field(description="Free-form JSON kept with the memory.")
+]
+Importance = Annotated[
+    float | None,
+    Field(ge=0, le=1, description="Salience in [0, 1]; ranks search results (default 0.5)."),
+]
+ModelRef = Annotated[
+    str | None,
+    Field(
+        description="A registered AI model (name or id; see list_models) the memory belongs "
+        "to. Omit to share it with all of the user's models."
+    ),
+]
+ModelFilter = Annotated[
+    str | None,
+    Field(description="Only this registered model's memories (name or id), plus shared ones."),
+]
+IncludeShared = Annotated[
+    bool,
+    Field(description="With model: also the memories shared by all models (default true)."),
+]
+MemorySession = Annotated[
+    str | None, Field(description="The chat session this memory belongs to, if any.")
+]
+MemoryTypeName = Literal["conversation", "fact", "image", "transcription", "summary"]
+Types = Annotated[
+    list[MemoryTypeName] | None, Field(description="Only these memory types (default: all).")
+]
+Since = Annotated[
+    str | None,
+    Field(description="Only memories created at or after this ISO 8601 time, e.g. 2026-01-31."),
+]
+Until = Annotated[str | None, Field(description="Only memories created before this ISO 8601 time.")]
+MaxTokens = Annotated[
+    int | None,
+    Field(
+        ge=MIN_CONTEXT_TOKENS,
+        le=MAX_CONTEXT_TOKENS,
+        description="Token budget of the context text (default: the server's).",
+    ),
+]
+ModelKindName = Literal[
+    "llm",
+    "vision-language",
+    "image-generation",
+    "control",
+    "face-recognition",
+    "embedding",
+    "speech",
+    "other",
+]
+
+
+class MessageArg(TypedDict):
+    """One message of a conversation."""
+
+    role: Literal["user", "assistant", "system", "tool"]
+    content: str
+    name: NotRequired[str]
+
+
+class SegmentArg(TypedDict):
+    """One timed segment of a transcription, in seconds from the start."""
+
+    start: float
+    end: float
+    text: str
+    speaker: NotRequired[str]
+
+
+def _present(**values: Any) -> dict[str, Any]:
+    """The arguments that were given: None leaves a field to the server's default."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _json(value: BaseModel) -> dict[str, Any]:
+    """A model as the JSON the HTTP API answers, without empty optional fields."""
+    return value.model_dump(mode="json", exclude_none=True)
+
+
+def describe(exc: HalldyllError) -> str:
+    """The text an LLM reads for an API error: code, message, field at fault, request id."""
+    text = f"{exc.code}: {exc.message}"
+    field = exc.fields.get("field")
+    if isinstance(exc, InvalidInput) and field:
+        text += f" (field: {field})"
+    request_id = exc.fields.get("request_id")
+    if request_id:
+        text += f" [request_id {request_id}]"
+    return text
+
+
+# --------------------------------------------------------------------------- the server
+def build_mcp_server(clients: ClientSource, *, name: str = "halldyll-ray") -> MCPServer[Any]:
+    """The MCP server with every tool and resource, over ``clients``.
+
+    Args:
+        clients: Gives each tool call a client that acts as the caller (see
+            :data:`ClientSource`).
+        name: The server's name in the MCP handshake.
+
+    Returns:
+        An :class:`mcp.server.mcpserver.MCPServer`; serve it with ``run_stdio_async()`` or
+        through a Streamable HTTP session manager (:mod:`halldyll_ray.serve.mcp_http`).
+    """
+    from halldyll_ray import __version__
+
+    # WARNING: the SDK configures the root logger when nothing has yet (a bare process);
+    # at INFO it would log each in-process API call of the Ingress.
+    server: MCPServer[Any] = MCPServer(
+        name, version=__version__, instructions=INSTRUCTIONS, log_level="WARNING"
+    )
+
+    async def call(
+        ctx: Context[Any, Any], op: Callable[[AsyncHalldyllClient], Awaitable[_T]]
+    ) -> _T:
+        try:
+            async with clients(ctx) as client:
+                return await op(client)
+        except HalldyllError as exc:
+            raise ToolError(describe(exc)) from None
+
+    async def read(
+        ctx: Context[Any, Any], op: Callable[[AsyncHalldyllClient], Awaitable[_T]]
+    ) -> _T:
+        try:
+            async with clients(ctx) as client:
+                return await op(client)
+        except HalldyllError as exc:
+            raise ResourceError(describe(exc)) from None
+
+    async def store(ctx: Context[Any, Any], user_id: str, memory: dict[str, Any]) -> dict[str, Any]:
+        stored = await call(ctx, lambda c: c.store_memory(memory, user_id=user_id))
+        return _json(stored)
+
+    writes = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
+    reads = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+
+    # ------------------------------------------------------------------- store, one per type
+    @server.tool(annotations=writes)
+    async def store_fact(
+        ctx: Context[Any, Any],
+        statement: Annotated[
+            str,
+            Field(
+                description="One self-contained statement, e.g. 'Ada is allergic to peanuts'. "
+                "Storing the same fact again reinforces it instead of duplicating it."
+            ),
+        ],
+        kind: Annotated[
+            Literal["permanent", "ephemeral"],
+            Field(description="'ephemeral' facts expire (e.g. 'Ada is in Paris this week')."),
+        ] = "permanent",
+        confidence: Annotated[
+            float | None, Field(ge=0, le=1, description="How sure you are, 0-1 (default 0.7).")
+        ] = None,
+        source: Annotated[
+            str | None, Field(description="Where the fact comes from (a URL, 'user said').")
+        ] = None,
+        tags: Tags = None,
+        importance: Importance = None,
+        session_id: MemorySession = None,
+        model: ModelRef = None,
+        metadata: Metadata = None,
+        user_id: UserId = "me",
+    ) -> dict[str, Any]:
+        """Remember a fact about the user or their world, for later conversations.
+
+        Use for durable knowledge: preferences, relationships, decisions, constraints. Returns
+        the stored memory (its id, and reinforcement_count if it was already known).
+        """
+        fact = _present(
+            type="fact",
+            statement=statement,
+            kind=kind,
+            confidence=confidence,
+            source=source,
+            tags=tags,
+            importance=importance,
+            session_id=session_id,
+            model=model,
+            metadata=metadata,
+        )
+        return await store(ctx, user_id, fact)
+
+    @server.tool(annotations=writes)
+    async def store_conversation(
+        ctx: Context[Any, Any],
+        messages: Annotated[
+            list[MessageArg],
+            Field(description="The messages in order, each {role, content, name?}."),
+        ],
+        title: Annotated[str | None, Field(description="A short title.")] = None,
+        tags: Tags = None,
+        importance: Importance = None,
+        session_id: MemorySession = None,
+        model: ModelRef = None,
+        metadata: Metadata = None,
+        user_id: UserId = "me",
+    ) -> dict[str, Any]:
+        """Store a whole conversation (or an excerpt) as one memory, searchable per message.
+
+        For a live chat, prefer record_turn after each exchange: it appends to the session's
+        conversation. Returns the stored memory with its messages.
+        """
+        conversation = _present(
+            type="conversation",
+            messages=messages,
+            title=title,
+            tags=tags,
+            importance=importance,
+            session_id=session_id,
+            model=model,
+            metadata=metadata,
+        )
+        return await store(ctx, user_id, conversation)
+
+    @server.tool(annotations=writes)
+    async def store_image(
+        ctx: Context[Any, Any],
+        prompt: Annotated[str, Field(description="The prompt the image was generated from.")],
+        negative_prompt: Annotated[str | None, Field(description="The negative prompt.")] = None,
+        generator: Annotated[
+            str | None, Field(description="The image model, e.g. 'RealVisXL_V5.0'.")
+        ] = None,
+        seed: Annotated[int | None, Field(ge=0, description="The generation seed.")] = None,
+        steps: Annotated[int | None, Field(ge=1, description="Sampling steps.")] = None,
+        guidance_scale: Annotated[float | None, Field(ge=0, description="CFG scale.")] = None,
+        width: Annotated[int | None, Field(ge=1, description="Width in pixels.")] = None,
+        height: Annotated[int | None, Field(ge=1, description="Height in pixels.")] = None,
+        scheduler: Annotated[str | None, Field(description="The sampler/scheduler.")] = None,
+        uri: Annotated[str | None, Field(description="Where the image file is.")] = None,
+        sha256: Annotated[
+            str | None, Field(description="SHA-256 of the file, 64 lowercase hex digits.")
+        ] = None,
+        tags: Tags = None,
+        importance: Importance = None,
+        session_id: MemorySession = None,
+        model: ModelRef = None,
+        metadata: Metadata = None,
+        user_id: UserId = "me",
+    ) -> dict[str, Any]:
+        """Record a generated image's prompt and parameters, so it can be found (by its
+        prompt) and reproduced later. The image itself is not stored, only its uri."""
+        size = None
+        if width is not None or height is not None:
+            size = _present(width=width, height=height)
+        image = _present(
+            type="image",
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            generator=generator,
+            seed=seed,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            size=size,
+            scheduler=scheduler,
+            uri=uri,
+            sha256=sha256,
+            tags=tags,
+            importance=importance,
+            session_id=session_id,
+            model=model,
+            metadata=metadata,
+        )
+        return await store(ctx, user_id, image)
+
+    @server.tool(annotations=writes)
+    async def store_transcription(
+        ctx: Context[Any, Any],
+        text: Annotated[
+            str | None,
+            Field(description="The transcript; may be omitted when segments are given."),
+        ] = None,
+        segments: Annotated[
+            list[SegmentArg] | None,
+            Field(description="Timed segments {start, end, text, speaker?}, in seconds."),
+        ] = None,
+        language: Annotated[
+            str | None, Field(description="ISO 639-1 code; detected when omitted.")
+        ] = None,
+        duration_seconds: Annotated[
+            float | None, Field(ge=0, description="Length of the audio.")
+        ] = None,
+        audio_uri: Annotated[str | None, Field(description="Where the audio file is.")] = None,
+        tags: Tags = None,
+        importance: Importance = None,
+        session_id: MemorySession = None,
+        model: ModelRef = None,
+        metadata: Metadata = None,
+        user_id: UserId = "me",
+    ) -> dict[str, Any]:
+        """Store the transcript of an audio recording (a meeting, a voice note), searchable
+        per segment. Give text, segments, or both."""
+        transcription = _present(
+            type="transcription",
+            text=text,
+            segments=segments,
+            language=language,
+            duration_seconds=duration_seconds,
+            audio_uri=audio_uri,
+            tags=tags,
+            importance=importance,
+            session_id=session_id,
+            model=model,
+            metadata=metadata,
+        )
+        return await store(ctx, user_id, transcription)
+
+    @server.tool(annotations=writes)
+    async def store_summary(
+        ctx: Context[Any, Any],
+        text: Annotated[str, Field(description="The summary.")],
+        covers: Annotated[
+            list[str] | None,
+            Field(description="Ids of the memories this summary condenses (the same user's)."),
+        ] = None,
+        tags: Tags = None,
+        importance: Importance = None,
+        session_id: MemorySession = None,
+        model: ModelRef = None,
+        metadata: Metadata = None,
+        user_id: UserId = "me",
+    ) -> dict[str, Any]:
+        """Store a summary you wrote of earlier memories or of a long conversation."""
+        summary = _present(
+            type="summary",
+            text=text,
+            covers=covers,
+            tags=tags,
+            importance=importance,
+            session_id=session_id,
+            model=model,
+            metadata=metadata,
+        )
+        return await store(ctx, user_id, summary)
+
+    # ------------------------------------------------------------------- recall
+    @server.tool(annotations=reads)
+    async def search_memories(
+        ctx: Context[Any, Any],
+        query: Annotated[
+            str, Field(description="What to recall, in natural language or keywords.")
+        ],
+        mode: Annotated[
+            Literal["hybrid", "semantic", "fulltext"] | None,
+            Field(
+                description="'hybrid' (meaning and words; the usual choice), 'semantic' "
+                "(meaning only, falls back to words) or 'fulltext' (exact words, names, "
+                "codes). Default: the server's (hybrid)."
+            ),
+        ] = None,
+        limit: Annotated[
+            int | None,
+            Field(ge=1, le=MAX_SEARCH_LIMIT, description="How many results (default 10)."),
+        ] = None,
+        threshold: Annotated[
+            float | None,
+            Field(
+                ge=-1,
+                le=1,
+                description="Minimum cosine similarity for semantic hits; raise it for fewer, "
+                "closer results. Default: the server's.",
+            ),
+        ] = None,
+        group: Annotated[
+            Literal["part", "memory"],
+            Field(
+                description="'part': one result per matching message or segment (a long "
+                "conversation can appear several times); 'memory': one result per memory."
+            ),
+        ] = "part",
+        types: Types = None,
+        tags: Annotated[
+            list[str] | None, Field(description="Only memories with these tags.")
+        ] = None,
+        session_id: Annotated[str | None, Field(description="Only this session.")] = None,
+        model: ModelFilter = None,
+        include_shared: IncludeShared = True,
+        since: Since = None,
+        until: Until = None,
+        user_id: UserId = "me",
+    ) -> dict[str, Any]:
+        """Find the stored memories most relevant to a query, best first.
+
+        Returns {"results": [{score, similarity, source, matched: {part, index, text},
+        memory}]}: matched.text is the passage that matched, memory the whole memory.
+        """
+        results = await call(
+            ctx,
+            lambda c: c.search(
+                query,
+                user_id=user_id,
+                limit=limit,
+                mode=mode,
+                types=types,
+                model=model,
+                include_shared=include_shared,
+                session_id=session_id,
+                tags=tags,
+                since=since,  # type: ignore[arg-type]  # ISO text; the server parses it
+                until=until,  # type: ignore[arg-type]
+                threshold=threshold,
+                group=group,
+            ),
+        )
+        return {"results": [_json(result) for result in results]}
+
+    @server.tool(annotations=reads)
+    async def build_context(
+        ctx: Context[Any, Any],
+        query: Annotated[
+            str | None,
+            Field(description="What the next prompt is about; default: the messages' text."),
+        ] = None,
+        messages: Annotated[
+            list[MessageArg] | None,
+            Field(description="The current conversation's recent messages."),
+        ] = None,
+        session_id: Annotated[
+            str | None, Field(description="The session the prompt belongs to.")
+        ] = None,
+        model: ModelFilter = None,
+        include_shared: IncludeShared = True,
+        max_tokens: MaxTokens = None,
+        user_id: UserId = "me",
+    ) -> dict[str, Any]:
+        """Build a ready-to-paste block of the memories relevant to a prompt, under a token
+        budget. Returns {text, token_count, max_tokens, sources, sections}: put text in the
+        prompt; sources are the ids of the memories used. Give query, messages, or both."""
+        context = await call(
+            ctx,
+            lambda c: c.build_context(
+                query,
+                user_id=user_id,
+                messages=messages,
+                model=model,
+                include_shared=include_shared,
+                session_id=session_id,
+                max_tokens=max_tokens,
+            ),
+        )
+        return _json(context)
+
+    @server.tool(annotations=reads)
+    async def prepare_context(
+        ctx: Context[Any, Any],
+        session_id: SessionId,
+        user_message: Annotated[str, Field(description="The user's message about to be answered.")],
+        recent_turns: Annotated[
+            int, Field(ge=0, le=100, description="Past turns to include verbatim.")
+        ] = 6,
+        model: ModelFilter = None,
+        max_tokens: MaxTokens = None,
+        user_id: UserId = "me",
+    ) -> dict[str, Any]:
+        """In a chat loop, before answering: the session's summary, the memories relevant to
+        the message and the recent turns, as one context block {text, token_count, sources,
+        sections}. After answering, call record_turn."""
+        context = await call(
+            ctx,
+            lambda c: c.prepare_context(
+                session_id,
+                user_message,
+                user_id=user_id,
+                recent_turns=recent_turns,
+                model=model,
+                max_tokens=max_tokens,
+            ),
+        )
+        return _json(context)
+
+    @server.tool(annotations=writes)
+    async def record_turn(
+        ctx: Context[Any, Any],
+        session_id: SessionId,
+        user_message: Annotated[str, Field(description="What the user said.")],
+        assistant_message: Annotated[str, Field(description="What the assistant answered.")],
+        model: Annotated[
+            str | None, Field(description="The registered model that answered.")
+        ] = None,
+        idempotency_key: Annotated[
+            str | None,
+            Field(
+                description="Send the same key when retrying a turn after an 'unavailable' "
+                "error: the turn is then stored once."
+            ),
+        ] = None,
+        user_name: Annotated[
+            str | None, Field(description="Who wrote the user message (indexed for search).")
+        ] = None,
+        assistant_name: Annotated[
+            str | None, Field(description="Who answered (indexed for search).")
+        ] = None,
+        user_id: UserId = "me",
+    ) -> dict[str, Any]:
+        """In a chat loop, after answering: append the exchange to the session's conversation
+        (which is summarised and mined for facts as it grows). Returns {conversation_id,
+        message_seqs, summary_id, fact_ids, replayed}."""
+        turn = await call(
+            ctx,
+            lambda c: c.record_turn(
+                session_id,
+                user_message,
+                assistant_message,
+                user_id=user_id,
+                model=model,
+                idempotency_key=idempotency_key,
+                user_name=user_name,
+                assistant_name=assistant_name,
+            ),
+        )
+        return _json(turn)
+
+    # ------------------------------------------------------------------- one memory
+    @server.tool(annotations=reads)
+    async def get_memory(
+        ctx: Context[Any, Any], memory_id: MemoryId, user_id: UserId = "me"
+    ) -> dict[str, Any]:
+        """Read one memory in full (a conversation with all its messages)."""
+        return _json(await call(ctx, lambda c: c.get_memory(memory_id, user_id=user_id)))
+
+    @server.tool(annotations=reads)
+    async def list_memories(
+        ctx: Context[Any, Any],
+        types: Types = None,
+        tags: Annotated[
+            list[str] | None, Field(description="Only memories with these tags.")
+        ] = None,
+        session_id: Annotated[str | None, Field(description="Only this session.")] = None,
+        model: ModelFilter = None,
+        include_shared: IncludeShared = True,
+        since: Since = None,
+        until: Until = None,
+        limit: Annotated[int, Field(ge=1, le=500, description="Page size.")] = 20,
+        cursor: Annotated[
+            str | None, Field(description="next_cursor of the previous page, to read on.")
+        ] = None,
+        user_id: UserId = "me",
+    ) -> dict[str, Any]:
+        """Browse memories newest first, by filters rather than by relevance (use
+        search_memories to find by meaning). Returns {items, next_cursor}."""
+        page = await call(
+            ctx,
+            lambda c: c.list_memories(
+                user_id=user_id,
+                types=types,
+                model=model,
+                include_shared=include_shared,
+                session_id=session_id,
+                tags=tags,
+                since=since,  # type: ignore[arg-type]  # ISO text; the server parses it
+                until=until,  # type: ignore[arg-type]
+                limit=limit,
+                cursor=cursor,
+            ),
+        )
+        return _json(page)
+
+    @server.tool(annotations=ToolAnnotations(read_only_hint=False, idempotent_hint=True))
+    async def update_memory(
+        ctx: Context[Any, Any],
+        memory_id: MemoryId,
+        tags: Annotated[list[str] | None, Field(description="Replaces the tags.")] = None,
+        metadata: Annotated[
+            dict[str, Any] | None, Field(description="Replaces the metadata.")
+        ] = None,
+        importance: Importance = None,
+        title: Annotated[str | None, Field(description="A conversation's title.")] = None,
+        statement: Annotated[str | None, Field(description="A fact's corrected statement.")] = None,
+        confidence: Annotated[
+            float | None, Field(ge=0, le=1, description="A fact's confidence.")
+        ] = None,
+        kind: Annotated[
+            Literal["permanent", "ephemeral"] | None, Field(description="A fact's kind.")
+        ] = None,
+        text: Annotated[
+            str | None, Field(description="A summary's or transcription's corrected text.")
+        ] = None,
+        user_id: UserId = "me",
+    ) -> dict[str, Any]:
+        """Correct a stored memory; fields left out stay as they are. Returns the memory."""
+        update = _present(
+            tags=tags,
+            metadata=metadata,
+            importance=importance,
+            title=title,
+            statement=statement,
+            confidence=confidence,
+            kind=kind,
+            text=text,
+        )
+        memory = await call(ctx, lambda c: c.update_memory(memory_id, update, user_id=user_id))
+        return _json(memory)
+
+    @server.tool(annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=True))
+    async def delete_memory(
+        ctx: Context[Any, Any], memory_id: MemoryId, user_id: UserId = "me"
+    ) -> dict[str, Any]:
+        """Forget a memory for good (when the user asks, or it is wrong). Returns
+        {"deleted": memory_id}."""
+        await call(ctx, lambda c: c.delete_memory(memory_id, user_id=user_id))
+        return {"deleted": memory_id}
+
+    @server.tool(annotations=reads)
+    async def list_models(
+        ctx: Context[Any, Any],
+        kind: Annotated[ModelKindName | None, Field(description="Only this kind.")] = None,
+    ) -> dict[str, Any]:
+        """The registered AI models memories can be scoped to (their names go in the model
+        argument of the other tools). Returns {items: [{id, name, kind, version}]}."""
+        models = await call(ctx, lambda c: c.list_models(kind))
+        return {"items": [_json(model) for model in models]}
+
+    # ------------------------------------------------------------------- resources
+    @server.resource(
+        "halldyll://users/{user_id}/memories/recent",
+        name="recent_memories",
+        description="A user's 20 newest memories ('me' for the key's own user), as JSON.",
+        mime_type="application/json",
+    )
+    async def recent_memories(user_id: str, ctx: Context[Any, Any]) -> str:
+        page = await read(ctx, lambda c: c.list_memories(user_id=user_id, limit=20))
+        return page.model_dump_json(exclude_none=True)
+
+    @server.resource(
+        "halldyll://users/{user_id}/sessions/{session_id}/transcript",
+        name="session_transcript",
+        description="The conversation recorded in a chat session, one message per line.",
+        mime_type="text/plain",
+    )
+    async def session_transcript(user_id: str, session_id: str, ctx: Context[Any, Any]) -> str:
+        async def transcript(client: AsyncHalldyllClient) -> list[str]:
+            page = await client.list_memories(
+                user_id=user_id, types=["conversation"], session_id=session_id, limit=500
+            )
+            lines: list[str] = []
+            for item in reversed(page.items):  # oldest conversation first
+                memory = await client.get_memory(item.id, user_id=user_id)
+                for message in memory.messages:
+                    who = f"{message.role} ({message.name})" if message.name else message.role
+                    lines.append(f"[{message.created_at.isoformat()}] {who}: {message.content}")
+            return lines
+
+        lines = await read(ctx, transcript)
+        if not lines:
+            raise ResourceNotFoundError(f"no conversation is recorded in session {session_id}")
+        return "\n".join(lines)
+
+    return server
+
+
+# --------------------------------------------------------------------------- stdio
+def fixed_client(client: AsyncHalldyllClient) -> ClientSource:
+    """A :data:`ClientSource` that lends every call the same client (it stays open)."""
+
+    @asynccontextmanager
+    async def lend(ctx: Context[Any, Any]) -> AsyncIterator[AsyncHalldyllClient]:
+        yield client
+
+    return lend
+
+
+async def run_stdio(base_url: str, api_key: str, *, request_timeout_s: float = 60) -> None:
+    """Serve the MCP tools over stdin/stdout, calling the HTTP API at ``base_url``.
+
+    Args:
+        base_url: Root URL of the service, e.g. ``http://127.0.0.1:8000``.
+        api_key: The API key every call authenticates with.
+        request_timeout_s: Seconds each HTTP call may take.
+
+    Returns when the client closes stdin.
+    """
+    async with AsyncHalldyllClient(base_url, api_key, timeout=request_timeout_s) as client:
+        await build_mcp_server(fixed_client(client)).run_stdio_async()

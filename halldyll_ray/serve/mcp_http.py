@@ -1,0 +1,151 @@
+"""The MCP server on the Ingress: Streamable HTTP at ``/mcp``, behind the same API key.
+
+:func:`mount_mcp` adds the route to the Ingress's FastAPI app and runs the MCP session
+manager in that app's lifespan (Ray Serve runs an ingress app's lifespan in every replica; a
+mounted sub-application's own lifespan would not run, so the manager is not a sub-app).
+
+One more door into the same rooms, never a second set of rules:
+
+- **Authentication.** Every request to ``/mcp`` is first checked as ``GET /v1/me`` with the
+  request's own ``Authorization`` header, in process: a missing, malformed, unknown, expired or
+  revoked key, or a disabled user, gets the REST API's 401 (its error body, its
+  ``WWW-Authenticate``, its audit row), and a 503 of the API is answered as such. The check
+  costs what a REST request's authentication costs (a key lookup), plus reading the user.
+- **Every tool call is a REST call.** The tools (:mod:`halldyll_ray.mcp_server`) use an
+  :class:`~halldyll_ray.client.AsyncHalldyllClient` whose transport is
+  :class:`httpx.ASGITransport` over this same FastAPI app, carrying the caller's key and the
+  ``/mcp`` request's id as ``X-Request-ID``: the same routes, permission matrix, validation,
+  error mapping and audit rows (with that request id) as REST, without a network hop. The
+  inner calls do not pass through Serve's proxy, so they take none of the replica's
+  ``max_ongoing_requests`` slots (no deadlock under load); the route metrics count them under
+  their own routes too.
+
+**Stateless, JSON responses.** The session manager runs with ``stateless_http=True`` and
+``json_response=True``: each POST carries one JSON-RPC message and gets its answer as one JSON
+body; no ``Mcp-Session-Id`` is issued and nothing is kept between requests. The Ingress is
+replicated behind a load balancer (Ray Serve's proxies, a Kubernetes Service) with no session
+affinity, so a session kept in one replica's memory would be unknown to the replica the next
+request lands on, and lost when a replica is replaced. The tools need no server-to-client
+requests (sampling, elicitation) or streamed notifications, which are what a session and SSE
+would buy. The identity is not session state either: every request brings its key.
+
+**No DNS-rebinding check.** The SDK's Host/Origin allow-list protects an unauthenticated server
+on localhost from a page in the user's browser; this one refuses any request without a valid
+API key, which such a page does not have, and is reached under whatever host name the
+deployment gives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from mcp.server.mcpserver import Context
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.types import Receive, Scope, Send
+
+from halldyll_ray.client import AsyncHalldyllClient
+from halldyll_ray.errors import AuthenticationFailed
+from halldyll_ray.mcp_server import build_mcp_server
+from halldyll_ray.serve.http import error_response
+from halldyll_ray.serve.loopback import (
+    Loopback,
+    authorization_of,
+    bearer,
+    relay,
+    request_id_of,
+)
+
+#: Where the MCP endpoint is served.
+MCP_PATH = "/mcp"
+
+
+class McpEndpoint:
+    """The ASGI app at ``/mcp``: the key check, then the MCP session manager.
+
+    Args:
+        app: The FastAPI app whose routes the tools call (the Ingress's ``api``).
+    """
+
+    def __init__(self, app: FastAPI) -> None:
+        self._loopback = Loopback(app)
+        self._manager: StreamableHTTPSessionManager | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Serve MCP while inside: the MCP server and its session manager's task group.
+
+        A new manager each time (one can run only once), so an app whose lifespan runs again
+        in the same process serves again.
+        """
+        server = build_mcp_server(self._clients)
+        server.streamable_http_app(
+            streamable_http_path=MCP_PATH,
+            stateless_http=True,
+            json_response=True,
+            transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+        )
+        manager = server.session_manager
+        async with manager.run():
+            self._manager = manager
+            try:
+                yield
+            finally:
+                self._manager = None
+
+    @asynccontextmanager
+    async def _clients(self, ctx: Context[Any, Any]) -> AsyncIterator[AsyncHalldyllClient]:
+        """The tools' client: the key and request id of the HTTP request the call came in."""
+        request = ctx.request_context.request
+        headers = getattr(request, "headers", None) or {}
+        key = bearer(headers.get("authorization", ""))
+        if key is None:  # the key check let the request in, so it had one
+            raise AuthenticationFailed("no API key came with this MCP request")
+        scope = getattr(request, "scope", {})
+        async with self._loopback.client(key, request_id_of(scope)) as client:
+            yield client
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = request_id_of(scope) or ""
+        manager = self._manager
+        if manager is None:
+            # Before the lifespan started (or after it ended) there is no manager to serve.
+            message = "the MCP endpoint is not running"
+            answer = error_response(
+                503, "unavailable", message, request_id, headers={"Retry-After": "5"}
+            )
+            await answer(scope, receive, send)
+            return
+        checked = await self._loopback.check_key(authorization_of(scope), request_id_of(scope))
+        if checked.status_code != 200:
+            await relay(checked)(scope, receive, send)
+            return
+        await manager.handle_request(scope, receive, send)
+
+
+def mount_mcp(app: FastAPI, *, path: str = MCP_PATH) -> McpEndpoint:
+    """Serve MCP over Streamable HTTP at ``path`` of ``app``; call at import, in every process.
+
+    Adds the route (outside the OpenAPI schema) and wraps the app's lifespan so that the
+    session manager runs while the app does.
+
+    Returns:
+        The endpoint (its :meth:`McpEndpoint.running` is what the lifespan enters).
+    """
+    endpoint = McpEndpoint(app)
+    # An ASGI app as the endpoint: Starlette hands it the raw request. POST only: stateless,
+    # there is no stream for a GET to open (it would hang, empty) nor a session to DELETE;
+    # anything else gets the API's own 405 with Allow: POST.
+    app.router.add_route(path, endpoint, methods=["POST"], include_in_schema=False)  # type: ignore[arg-type]
+    outer = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(asgi_app: Any) -> AsyncIterator[Any]:
+        async with outer(asgi_app) as state, endpoint.running():
+            yield state
+
+    app.router.lifespan_context = lifespan
+    return endpoint
