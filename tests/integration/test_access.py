@@ -62,6 +62,12 @@ async def _export(api: AuthorizedEngine, user_id: Any) -> list[bytes]:
     return [line async for line in await api.export_memories(user_id)]
 
 
+async def _follow(api: AuthorizedEngine, user_id: Any) -> None:
+    """Open the change feed of ``user_id`` (the check is at the opening) and close it."""
+    subscription = await api.subscribe_events(user_id)
+    await subscription.aclose()
+
+
 # Each action: (operation it needs, coroutine factory taking (api, target user, world)).
 def _actions() -> dict[str, tuple[Operation, Any]]:
     return {
@@ -92,6 +98,7 @@ def _actions() -> dict[str, tuple[Operation, Any]]:
             Operation.MEMORY_WRITE,
             lambda api, t, w: api.import_memories(t.id, [_EXPORT_HEADER]),
         ),
+        "events": (Operation.MEMORY_READ, lambda api, t, w: _follow(api, t.id)),
         "user.get": (Operation.USER_READ, lambda api, t, w: api.get_user(t.id)),
         "user.update": (
             Operation.USER_MANAGE,
@@ -104,7 +111,8 @@ def _actions() -> dict[str, tuple[Operation, Any]]:
 
 # Explicit expectations, written independently of PERMISSIONS: role -> target -> allowed set.
 MEMORY = {"store", "search", "get", "list", "update", "context", "turn", "export", "import"}
-READS = {"search", "get", "list", "context", "export"}
+MEMORY |= {"events"}
+READS = {"search", "get", "list", "context", "export", "events"}
 EXPECTED: dict[str, dict[str, set[str]]] = {
     "admin": {"self": set(_actions()), "ada": set(_actions()), "root2": set(_actions())},
     "ada": {"self": MEMORY | {"user.get", "key.create", "key.list"}, "bob": set(), "admin": set()},
