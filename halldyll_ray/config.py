@@ -162,6 +162,13 @@ class Settings(BaseSettings):
         le=300,
         description="Seconds between keep-alive comments on an idle change feed stream.",
     )
+    events_recheck_seconds: float = Field(
+        default=30,
+        ge=0.1,
+        le=3600,
+        description="Seconds between checks, on an open change feed stream, that its API key, "
+        "permission and user still hold.",
+    )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
     @field_validator("log_level", "embedding_provider", mode="before")

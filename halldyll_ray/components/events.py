@@ -191,8 +191,9 @@ class EventFeed:
         db: The pool subscriptions read through (as their user).
         dsn: The login URL for the LISTEN connection (LISTEN needs no privilege).
         retention_hours: EVENTS_RETENTION_HOURS, for :meth:`purge`.
-        idle_check_s: How often a subscription checks that its user still exists and runs
-            its rechecks; a quiet one also reads then, whatever the notifications said.
+        idle_check_s: How often (EVENTS_RECHECK_SECONDS) a subscription checks that its
+            user still exists and runs its rechecks; a quiet one also reads then, whatever
+            the notifications said. The LISTEN connection is pinged as often.
         reconnect_delay_s: Pause between attempts to reopen the LISTEN connection.
         connect_timeout_s: How long :meth:`subscribe` waits for the LISTEN connection before
             it raises Unavailable.
@@ -234,7 +235,7 @@ class EventFeed:
             user_id: Whose changes.
             after: Resume after this event id (an SSE ``Last-Event-ID``): every later event
                 of the user is delivered, none twice. None: only changes from now on.
-            rechecks: Awaited every ``idle_check_s`` (30 s); one that raises ends the
+            rechecks: Awaited every ``idle_check_s``; one that raises ends the
                 subscription with its error (a revoked grant, a disabled caller).
 
         Returns:

@@ -185,3 +185,23 @@ async def test_who_may_follow_and_bad_requests(http: httpx.AsyncClient, admin_ke
     r = await http.get(EVENTS.format("nobody"), headers=bearer(admin_key))
     assert r.status_code == 422
     await _until_no_subscribers(http)
+
+
+async def test_a_revoked_key_loses_its_stream_with_an_error_event(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    user, key = await user_with_key(http, admin_key)
+    keys = (await http.get(f"/v1/users/{user['id']}/keys", headers=bearer(admin_key))).json()
+    async with stream(http, key) as events:
+        r = await http.delete(f"/v1/keys/{keys['items'][0]['id']}", headers=bearer(admin_key))
+        assert r.status_code == 200, r.text
+        # Within EVENTS_RECHECK_SECONDS (1 s here): an error event, then the end.
+        error = await events.next(within=10)
+        assert error["event"] == "error"
+        assert error["data"]["code"] == "unauthenticated"
+        try:
+            extra = await events.next(within=10)
+        except EOFError:
+            extra = None
+        assert extra is None
+    await _until_no_subscribers(http)
