@@ -215,6 +215,7 @@ class MemoryEngine:
                 dsn,
                 retention_hours=settings.events_retention_hours,
                 idle_check_s=settings.events_recheck_seconds,
+                max_subscribers=settings.events_max_streams,
             ),
         )
 

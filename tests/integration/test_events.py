@@ -16,7 +16,7 @@ from support import make_settings
 
 from halldyll_ray import Conversation, Fact, MemoryEngine, Message, NotFound
 from halldyll_ray.components.events import Subscription
-from halldyll_ray.errors import InvalidInput, PermissionDenied
+from halldyll_ray.errors import InvalidInput, PermissionDenied, Unavailable
 from halldyll_ray.models import EventsResync, MemoryEvent, Principal
 
 
@@ -330,3 +330,25 @@ async def test_who_may_follow_whom(engine: MemoryEngine) -> None:
             assert engine.components.events.subscribers() == 0
     finally:
         engine.components.events.idle_check_s = 30.0
+
+
+async def test_a_process_serves_at_most_max_subscribers(engine: MemoryEngine) -> None:
+    user = await _user(engine)
+    feed = engine.components.events
+    assert feed.max_subscribers == 16  # EVENTS_MAX_STREAMS
+    feed.max_subscribers = 2
+    try:
+        first = await engine.subscribe_events(user)
+        second = await engine.subscribe_events(user)
+        with pytest.raises(Unavailable) as full:
+            await engine.subscribe_events(user)
+        assert full.value.fields["retry_after"] == 5
+        assert feed.subscribers() == 2
+        await first.aclose()
+        async with await engine.subscribe_events(user) as third:
+            stored = await engine.store_memory(user, Fact(statement="room again"))
+            assert (await _next(third)).memory_id == stored.id  # type: ignore[union-attr]
+        await second.aclose()
+    finally:
+        feed.max_subscribers = 16
+    assert feed.subscribers() == 0
