@@ -5,6 +5,9 @@ user's."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -352,3 +355,35 @@ async def test_a_process_serves_at_most_max_subscribers(engine: MemoryEngine) ->
     finally:
         feed.max_subscribers = 16
     assert feed.subscribers() == 0
+
+
+async def test_halldyll_purge_expired_also_purges_old_events(
+    engine: MemoryEngine, database_url: str
+) -> None:
+    """The maintenance path (the hourly CronJob's command), in a real process."""
+    user = await _user(engine)
+    kept = await engine.store_memory(user, Fact(statement="recent"))
+    old = await engine.store_memory(user, Fact(statement="old"))
+    owner = await asyncpg.connect(database_url)
+    try:
+        await owner.execute(
+            "UPDATE memory_events SET at = now() - interval '3 hours' WHERE memory_id = $1", old.id
+        )
+    finally:
+        await owner.close()
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(DATABASE_URL=database_url, EVENTS_RETENTION_HOURS="2")
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "halldyll_ray.cli", "purge-expired"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "purged 0 expired memories" in done.stdout
+    assert "purged 1 change feed events older than EVENTS_RETENTION_HOURS" in done.stdout
+    async with engine.db.scoped(user) as conn:
+        left = await conn.fetch("SELECT memory_id FROM memory_events")
+    assert [r["memory_id"] for r in left] == [kept.id]
