@@ -24,6 +24,8 @@ EXPECTED_TABLES = {
     "audit_log",
     "halldyll_meta",
     "schema_migrations",
+    "memory_events",
+    "memory_event_horizon",
 }
 
 
