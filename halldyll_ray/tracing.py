@@ -272,7 +272,9 @@ def traced_handle(handle: Any, deployment: str) -> Any:
     ``traced_handle(h, "Search").search.remote(...)`` starts a CLIENT span
     ``Search.search``, passes the trace context with the call (the ``trace_context``
     keyword that :func:`handle_method` takes) and ends the span when the response is
-    awaited. With tracing off it returns ``handle`` itself.
+    awaited. With tracing off it returns ``handle`` itself. Every method called through it
+    must take the keyword, that is be decorated with :func:`handle_method`, and its response
+    must be awaited (no streaming).
     """
     if _tracer is None or handle is None:
         return handle
@@ -283,6 +285,10 @@ class _TracedHandle:
     def __init__(self, handle: Any, deployment: str) -> None:
         self._handle = handle
         self._deployment = deployment
+
+    def options(self, *args: Any, **kwargs: Any) -> _TracedHandle:
+        """The handle's ``options(...)``, still traced."""
+        return _TracedHandle(self._handle.options(*args, **kwargs), self._deployment)
 
     def __getattr__(self, name: str) -> _TracedMethod:
         return _TracedMethod(getattr(self._handle, name), f"{self._deployment}.{name}")
