@@ -22,7 +22,8 @@ What is traced
       first request, linked to the others) and a text embedded in the calling replica;
     * each PostgreSQL query (the asyncpg instrumentation: the statement, never its
       parameters) and each Redis command (the redis instrumentation: the command name, its
-      arguments replaced by ``?``).
+      arguments replaced by ``?``), within a request: outside any (health checks, background
+      work) they are not traced.
 
     Every span carries the request id as ``halldyll.request_id`` (W3C baggage carries it
     across the hops), and the log records of a replica carry ``trace_id`` and ``span_id``
@@ -45,6 +46,7 @@ from typing import Any, TypeVar, cast
 from opentelemetry import baggage, context, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import SpanProcessor
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 from halldyll_ray import requestctx
@@ -119,7 +121,8 @@ def configure(component: str, *, processors: Sequence[Any] | None = None) -> boo
     resource = Resource.create(
         {"service.name": os.environ.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME}
     ).merge(Resource({"halldyll.component": component}))
-    provider = TracerProvider(resource=resource)  # the sampler: OTEL_TRACES_SAMPLER
+    provider = TracerProvider(resource=resource)  # its sampler: OTEL_TRACES_SAMPLER
+    provider.sampler = _InRequestsOnly(provider.sampler)  # before the first tracer takes it
     provider.add_span_processor(_RequestIdProcessor())
     for processor in span_processors:
         provider.add_span_processor(processor)
@@ -351,6 +354,37 @@ class _RequestIdProcessor(SpanProcessor):
         )
         if request_id:
             span.set_attribute(REQUEST_ID, str(request_id))
+
+
+class _InRequestsOnly(Sampler):
+    """Drops a CLIENT span that has no parent: a query, Redis command or handle call made
+    outside any request (health checks every few seconds, background work), which would
+    otherwise be a trace of its own; ``inner`` (from ``OTEL_TRACES_SAMPLER``) decides the
+    rest."""
+
+    def __init__(self, inner: Sampler) -> None:
+        self._inner = inner
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Any = None,
+        links: Sequence[Link] | None = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
+        if kind is SpanKind.CLIENT and not (
+            trace.get_current_span(parent_context).get_span_context().is_valid
+        ):
+            return SamplingResult(Decision.DROP)
+        return self._inner.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"InRequestsOnly{{{self._inner.get_description()}}}"
 
 
 class _TraceIds(logging.Filter):

@@ -76,6 +76,17 @@ async def test_a_search_traces_its_queries_and_redis_calls_with_the_request_id(
     )
 
 
+async def test_calls_outside_a_request_are_not_traced(
+    engine: MemoryEngine, exported: InMemorySpanExporter
+) -> None:
+    user = await engine.create_user("untraced", None)
+    await engine.search(user.id, "anything at all?")  # health checks, background work
+    assert exported.get_finished_spans() == ()
+    with trace.get_tracer("test").start_as_current_span("request"):
+        await engine.search(user.id, "anything at all?")
+    assert any(s.attributes.get("db.system") for s in exported.get_finished_spans())
+
+
 async def test_a_handle_method_continues_the_callers_trace(
     exported: InMemorySpanExporter,
 ) -> None:
