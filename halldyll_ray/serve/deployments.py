@@ -8,7 +8,7 @@ Every memory operation runs through :meth:`MemoryEngine.authorized` for the call
 principal, in whichever deployment serves it, so the handle path and the HTTP path share one
 permission model.
 
-Size: about 560 lines, a little over the package's ~500, because each of the eleven typed
+Size: about 610 lines, over the package's ~500, because each of the eleven typed
 operations keeps its signature and docstring (the handle API's reference); the logic is in
 the components.
 """
