@@ -44,9 +44,16 @@ What it measures (one run, one machine, everything side by side)
     ``benchmarks/results/serve_http.json`` and ``.md`` with the machine, versions, date and
     the exact command.
 
+    With ``--tracing on`` every replica traces every request (``halldyll_ray.tracing``, on
+    through ``OTEL_EXPORTER_OTLP_ENDPOINT`` in the replicas' environment, the SDK's default
+    sampler: all of them) and exports over OTLP/HTTP to a sink in this process that answers
+    200 and counts what it got (its CPU counts in the driver's column); the cost of tracing is
+    the difference with a ``--tracing off`` run.
+
 Run from the repository root (about 3 minutes with the defaults)::
 
     python benchmarks/serve_http.py [--clients 1 16] [--seconds 4 | --requests N] [--warmup 1]
+        [--tracing off|on]
 """
 
 from __future__ import annotations
@@ -506,7 +513,41 @@ async def _bootstrap(settings: Any, texts: Texts, memories: int) -> dict[str, An
         }
 
 
-def _start_serve(settings_env: dict[str, str]) -> tuple[str, Any]:
+class TraceSink:
+    """An OTLP/HTTP endpoint that accepts every export and counts requests and bytes."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from halldyll_ray.serve_local import free_port
+
+        self.requests = 0
+        self.bytes = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                size = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(size)
+                sink.requests += 1
+                sink.bytes += size
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def _start_serve(
+    settings_env: dict[str, str], replica_env: dict[str, str] | None = None
+) -> tuple[str, Any]:
     import ray
     from ray import serve
 
@@ -520,7 +561,7 @@ def _start_serve(settings_env: dict[str, str]) -> tuple[str, Any]:
         include_dashboard=False,
         log_to_driver=False,
         logging_level=logging.WARNING,
-        runtime_env={"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0"}},
+        runtime_env={"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0", **(replica_env or {})}},
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     handle = serve.run(build_app({"settings": settings_env}), name=APP, route_prefix="/")
@@ -1188,6 +1229,15 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Command: `{doc['command']}`",
         "",
+        f"Tracing: {doc['args'].get('tracing', 'off')}"
+        + (
+            f" (every request; {doc['tracing']['exports']} OTLP exports, "
+            f"{doc['tracing']['bytes']} bytes, to a sink in this process)"
+            if "tracing" in doc
+            else ""
+        )
+        + ".",
+        "",
         f"Data: {doc['bootstrap']['memories']} facts for one user "
         f"(plus {doc['bootstrap']['merged']} generated ones merged as near-duplicates), "
         "embedded PostgreSQL, "
@@ -1319,6 +1369,13 @@ def main() -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_http.json")
+    parser.add_argument(
+        "--tracing",
+        choices=("off", "on"),
+        default="off",
+        help="on: every replica traces every request and exports it over OTLP/HTTP to a sink "
+        "in this process",
+    )
     args = parser.parse_args()
     if args.requests:
         args.seconds = None
@@ -1358,10 +1415,19 @@ def main() -> None:
         t = time.perf_counter()
         serve_started = True
         bench.settings_env = env
-        url, ingress = _start_serve(env)
+        sink = TraceSink() if args.tracing == "on" else None
+        replica_env = {}
+        if sink is not None:
+            replica_env = {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
+                "OTEL_SERVICE_NAME": "halldyll-bench",
+            }
+        url, ingress = _start_serve(env, replica_env)
         doc["serve_start_s"] = round(time.perf_counter() - t, 1)
         extra = asyncio.run(scenarios(bench, url, ingress, settings, boot, texts))
         doc["extra"] = extra
+        if sink is not None:
+            doc["tracing"] = {"exports": sink.requests, "bytes": sink.bytes}
     finally:
         if serve_started:
             import ray

@@ -8,7 +8,7 @@ Every memory operation runs through :meth:`MemoryEngine.authorized` for the call
 principal, in whichever deployment serves it, so the handle path and the HTTP path share one
 permission model.
 
-Size: about 560 lines, a little over the package's ~500, because each of the eleven typed
+Size: about 610 lines, over the package's ~500, because each of the eleven typed
 operations keeps its signature and docstring (the handle API's reference); the logic is in
 the components.
 """
@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import numpy as np
+from opentelemetry.context import Context as TraceContext
 from pydantic import SecretStr, TypeAdapter
 from ray import serve
 from ray.serve import metrics
 
+from halldyll_ray import tracing
 from halldyll_ray.config import Settings
 from halldyll_ray.embedding import MergingEncoder, OnnxEncoder
 from halldyll_ray.engine import MemoryEngine
@@ -59,6 +61,7 @@ from halldyll_ray.schemas import (
 from halldyll_ray.serve.settings import SettingsOverrides
 from halldyll_ray.storage.embedded import EmbeddedPostgres
 from halldyll_ray.storage.migrate import apply_migrations
+from halldyll_ray.tracing import handle_method
 
 if TYPE_CHECKING:
     from halldyll_ray.access import AuthorizedEngine
@@ -81,6 +84,16 @@ def use_serve_logging(level: str) -> None:
     ours.handlers[:] = [_ToServeLogger()]
 
 
+def start_tracing(fallback: str) -> None:
+    """Tracing on in this replica if its ``OTEL_*`` variables say so (:mod:`halldyll_ray.tracing`),
+    under the replica's deployment name (``fallback`` outside a replica)."""
+    try:
+        component = serve.get_replica_context().deployment
+    except Exception:  # not in a replica (RayServeException)
+        component = fallback
+    tracing.configure(component)
+
+
 class _ToServeLogger(logging.Handler):
     """Hands each record to the ``ray.serve`` logger's handlers as they are at that moment
     (Serve replaces them when a new ``logging_config`` is deployed)."""
@@ -100,12 +113,14 @@ class EmbeddedDatabase:
     def __init__(self, settings: SettingsOverrides | None = None) -> None:
         self.settings = (settings or SettingsOverrides()).resolve()
         use_serve_logging(self.settings.log_level)
+        start_tracing("EmbeddedDatabase")
         self.server = EmbeddedPostgres(
             self.settings.data_dir, database=self.settings.embedded_database
         )
         self._url: str | None = None
         self._lock = asyncio.Lock()
 
+    @handle_method
     async def url(self) -> str:
         async with self._lock:
             if self._url is None:
@@ -175,6 +190,7 @@ class Embedder:
         self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.settings = (settings or SettingsOverrides()).resolve()
         use_serve_logging(self.settings.log_level)
+        start_tracing("Embedding")
         self.encoder = OnnxEncoder.load(
             self.settings.embedding_model_path,
             dimension=self.settings.embedding_dimension,
@@ -210,13 +226,26 @@ class Embedder:
     # batches that formed while the model was busy would each wait their turn, one small
     # model call apiece (a mean of 1.04 requests per call under load). Serve 2.60 has no
     # setter for this one, and it never changes: it stays in the decorator.
+    # Each request comes with its trace context (None with tracing off): the batch runs in
+    # serve.batch's own task, outside every request's context.
     @serve.batch(max_concurrent_batches=UNBOUNDED_BATCHES)
-    async def embed_batch(self, requests: list[list[str]]) -> list[np.ndarray]:
-        return await asyncio.gather(*(self.model.encode(texts) for texts in requests))
+    async def embed_batch(
+        self, requests: list[tuple[list[str], TraceContext | None]]
+    ) -> list[np.ndarray]:
+        with tracing.batch_span(
+            "Embedding.embed_batch",
+            [trace_context for _, trace_context in requests],
+            **{
+                "halldyll.batch.requests": len(requests),
+                "halldyll.batch.texts": sum(len(texts) for texts, _ in requests),
+            },
+        ):
+            return await asyncio.gather(*(self.model.encode(texts) for texts, _ in requests))
 
+    @handle_method
     async def embed(self, texts: list[str]) -> np.ndarray:
         """One request; ``serve.batch`` merges concurrent ones into one ``embed_batch`` call."""
-        vectors: np.ndarray = await self.embed_batch(texts)
+        vectors: np.ndarray = await self.embed_batch((texts, tracing.current_context()))
         return vectors
 
     async def stats(self) -> dict[str, Any]:
@@ -257,7 +286,8 @@ async def remote_engine(
 
     async def embed(texts: list[str]) -> np.ndarray:
         if local is not None and len(texts) <= local_max_texts:
-            return await local.encode(texts)
+            with tracing.span("embedding.local", **{"halldyll.batch.texts": len(texts)}):
+                return await local.encode(texts)
         result: np.ndarray = await embedder.embed.remote(texts)
         return result
 
@@ -294,11 +324,12 @@ class EngineOwner:
         settings: SettingsOverrides | None = None,
         local_embedding_max_texts: int = 0,
     ) -> None:
-        self._embedder = embedder
-        self._local_max_texts = local_embedding_max_texts
-        self._database = database
         self.settings = (settings or SettingsOverrides()).resolve()
         use_serve_logging(self.settings.log_level)
+        start_tracing(type(self).__name__)
+        self._embedder = tracing.traced_handle(embedder, "Embedding")
+        self._local_max_texts = local_embedding_max_texts
+        self._database = tracing.traced_handle(database, "EmbeddedDatabase")
         self._engine: MemoryEngine | None = None
         self._lock = asyncio.Lock()
         self._unreachable = False  # PostgreSQL failed the last health check
@@ -391,6 +422,7 @@ class EngineDeployment(EngineOwner):
 class Searcher(EngineDeployment):
     """Search: semantic, full-text and hybrid search, and reading memories."""
 
+    @handle_method
     async def search(
         self,
         principal: Principal,
@@ -410,6 +442,7 @@ class Searcher(EngineDeployment):
         results = await self._search(principal, request, user_id=user_id, request_id=request_id)
         return SearchResponse.model_construct(results=results)
 
+    @handle_method
     async def search_json(
         self,
         principal: Principal,
@@ -438,6 +471,7 @@ class Searcher(EngineDeployment):
         async with self._authorized(principal, request_id) as api:
             return await api.search(user_id, request.query, **request.model_dump(exclude={"query"}))
 
+    @handle_method
     async def get_memory(
         self,
         principal: Principal,
@@ -450,6 +484,7 @@ class Searcher(EngineDeployment):
         async with self._authorized(principal, request_id) as api:
             return await api.get_memory(user_id, memory_id)
 
+    @handle_method
     async def list_memories(
         self,
         principal: Principal,
@@ -467,6 +502,7 @@ class Searcher(EngineDeployment):
 class Ingestor(EngineDeployment):
     """Ingestion: storing, changing and deleting memories, conversations and turns."""
 
+    @handle_method
     async def store_memory(
         self,
         principal: Principal,
@@ -480,6 +516,7 @@ class Ingestor(EngineDeployment):
         async with self._authorized(principal, request_id) as api:
             return await api.store_memory(user_id, memory)
 
+    @handle_method
     async def update_memory(
         self,
         principal: Principal,
@@ -494,6 +531,7 @@ class Ingestor(EngineDeployment):
         async with self._authorized(principal, request_id) as api:
             return await api.update_memory(user_id, memory_id, update)
 
+    @handle_method
     async def delete_memory(
         self,
         principal: Principal,
@@ -506,6 +544,7 @@ class Ingestor(EngineDeployment):
         async with self._authorized(principal, request_id) as api:
             await api.delete_memory(user_id, memory_id)
 
+    @handle_method
     async def append_messages(
         self,
         principal: Principal,
@@ -521,6 +560,7 @@ class Ingestor(EngineDeployment):
             stored = await api.append_messages(user_id, memory_id, request.messages)
         return _StoredMessages.model_construct(items=list(stored))
 
+    @handle_method
     async def record_turn(
         self,
         principal: Principal,
@@ -539,6 +579,7 @@ class Ingestor(EngineDeployment):
 class ContextBuilder(EngineDeployment):
     """Context: prompt context blocks under a token budget."""
 
+    @handle_method
     async def build_context(
         self,
         principal: Principal,
@@ -554,6 +595,7 @@ class ContextBuilder(EngineDeployment):
                 user_id, request.query, **request.model_dump(exclude={"query"})
             )
 
+    @handle_method
     async def prepare_context(
         self,
         principal: Principal,

@@ -43,6 +43,7 @@ from halldyll_ray.errors import (
     Unavailable,
 )
 from halldyll_ray.schemas import ErrorBody
+from halldyll_ray.tracing import request_scope
 
 log = logging.getLogger("halldyll_ray.http")
 _T = TypeVar("_T")
@@ -293,7 +294,8 @@ class _RequestContext:
                 await send(message)
 
         try:
-            await self.app(scope, limited, guarded_send)
+            with request_scope(request_id):  # the request id on every span (tracing on)
+                await self.app(scope, limited, guarded_send)
         except Exception:
             if not answered:
                 raise  # Starlette's outermost error handler answers 500 (recorded below)

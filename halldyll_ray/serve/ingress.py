@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from halldyll_ray import requestctx
+from halldyll_ray import requestctx, tracing
 from halldyll_ray.components.events import Subscription
 from halldyll_ray.errors import (
     HalldyllError,
@@ -116,9 +116,11 @@ class Ingress(EngineOwner):
         max_import_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
     ) -> None:
         super().__init__(embedder, database=database, settings=settings)
-        self._searcher = searcher
-        self._ingestor = ingestor
-        self._context = context
+        # With tracing on (OTEL_* variables), each call carries the trace to the replica.
+        self._searcher = tracing.traced_handle(searcher, "Search")
+        self._ingestor = tracing.traced_handle(ingestor, "Ingestion")
+        self._context = tracing.traced_handle(context, "Context")
+        tracing.instrument_fastapi(api)
         api.state.max_body_bytes = max_body_bytes
         api.state.body_timeout_s = body_timeout_s
         api.state.max_import_bytes = max_import_bytes
@@ -555,6 +557,7 @@ class Ingress(EngineOwner):
     async def _handle_principal(self, api_key: str) -> Principal:
         return await (await self.engine()).authenticate(api_key)
 
+    @tracing.handle_method
     async def handle_store_memory(
         self, api_key: str, user_id: UUID | str | None, memory: Memory | Mapping[str, Any]
     ) -> StoredMemory:
@@ -566,6 +569,7 @@ class Ingress(EngineOwner):
             )
         )
 
+    @tracing.handle_method
     async def handle_search(
         self,
         api_key: str,
@@ -584,6 +588,7 @@ class Ingress(EngineOwner):
         )
         return response.results
 
+    @tracing.handle_method
     async def handle_build_context(
         self, api_key: str, user_id: UUID | str | None, query: str | None = None, **options: Any
     ) -> Context:
