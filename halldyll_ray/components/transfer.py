@@ -97,14 +97,30 @@ class Transfer:
     ) -> AsyncIterator[bytes]:
         """The user's export, line by line (each ``bytes`` ends with ``\\n``).
 
-        The header is computed before the first line is yielded, so a missing user raises
-        NotFound at the first ``__anext__``; the export is audited (``memory.export``) then.
+        A missing user raises NotFound at the first ``__anext__``, before which the export is
+        audited (``memory.export``). The lines come from one snapshot (REPEATABLE READ) read
+        through a server-side cursor; the export holds one pooled connection while it streams.
         """
         user_id = validation.parse_uuid(user_id, "user_id")
         models = {m.id: m.name for m in await self.registry.find()}
+        # Audited before anything leaves, in its own transaction: holding the snapshot's
+        # connection while waiting for a second one would deadlock a pool that every
+        # connection of is held by an export.
+        async with self.db.scoped(user_id) as conn:
+            if await conn.fetchrow(q("get_user"), user_id) is None:
+                raise NotFound(f"user {user_id} not found")
+            await write_audit(
+                conn,
+                "memory.export",
+                "user",
+                [user_id],
+                user_id,
+                actor_id=actor_id,
+                request_id=request_id,
+            )
         async with self.db.scoped(user_id, readonly=True, snapshot=True) as conn:
             user = await conn.fetchrow(q("get_user"), user_id)
-            if user is None:
+            if user is None:  # erased in between
                 raise NotFound(f"user {user_id} not found")
             counts = await conn.fetch(q("export_counts"), user_id)
             header = ExportHeader(
@@ -113,17 +129,6 @@ class Transfer:
                 memories={r["type"]: r["memories"] for r in counts},
                 messages=sum(r["messages"] for r in counts),
             )
-            async with self.db.scoped(user_id) as audit:
-                await write_audit(
-                    audit,
-                    "memory.export",
-                    "user",
-                    [user_id],
-                    user_id,
-                    actor_id=actor_id,
-                    request_id=request_id,
-                    details={"memories": header.memories, "messages": header.messages},
-                )
             yield header.model_dump_json().encode() + b"\n"
             batch: list[asyncpg.Record] = []
             async for row in conn.cursor(q("export_memories"), user_id, prefetch=EXPORT_BATCH):

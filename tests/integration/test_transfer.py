@@ -3,6 +3,7 @@ all-or-nothing, and a restore into the same user."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -227,7 +228,8 @@ async def test_bad_lines_are_reported_by_number_and_the_good_ones_imported(
         + b"{not json\n\n"
         + _ndjson([bad_value, unknown_model, expired])
         + _ndjson([{"id": "x"}])
-        + b"[" * 100_000 + b"\n"
+        + b"[" * 100_000
+        + b"\n"
         + b"\xff\xfe\n"
         + _ndjson([messages_on_a_fact, nul_source, unix_time, talk])
     )
@@ -307,3 +309,24 @@ async def test_expired_facts_are_not_exported(engine: MemoryEngine) -> None:
         )
     exported = await _export(engine, user)
     assert exported[0]["memories"] == {} and len(exported) == 1
+
+
+async def test_more_concurrent_exports_than_pooled_connections_all_finish(
+    settings: Any, encoder: Any
+) -> None:
+    # Each export holds one connection while it streams; none may wait for a second one
+    # while holding it, or a pool that every export holds a connection of deadlocks.
+    small = settings.model_copy(update={"db_pool_size": 2})
+    async with MemoryEngine(small, encoder=encoder) as engine:
+        user = await _user(engine, "pool")
+        await engine.store_memory(user, Fact(statement="Kai bakes sourdough"))
+
+        async def slow_export() -> int:
+            lines = 0
+            async for _ in engine.export_memories(user):
+                lines += 1
+                await asyncio.sleep(0.05)  # a slow client keeps its stream open
+            return lines
+
+        counts = await asyncio.wait_for(asyncio.gather(*(slow_export() for _ in range(4))), 60)
+        assert counts == [2, 2, 2, 2]
