@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+import asyncpg
+
 from halldyll_ray import validation
 from halldyll_ray.components.audit import write_audit
 from halldyll_ray.errors import Conflict, InvalidInput, NotFound
@@ -64,13 +66,15 @@ class ModelRegistry:
             raise Conflict(f"an AI model named {name!r} is already registered") from None
         return AIModel(**dict(row))
 
-    async def get(self, ref: UUID | str) -> AIModel:
-        """A registered model by id or name."""
+    async def get(self, ref: UUID | str, *, conn: asyncpg.Connection | None = None) -> AIModel:
+        """A registered model by id or name; read on ``conn`` when given (a caller inside a
+        transaction must not wait for a second pooled connection)."""
+        fetchrow = self.db.fetchrow if conn is None else conn.fetchrow
         row = None
         if isinstance(ref, UUID) or validation.looks_like_uuid(ref):
-            row = await self.db.fetchrow(q("get_model_by_id"), validation.parse_uuid(ref, "model"))
+            row = await fetchrow(q("get_model_by_id"), validation.parse_uuid(ref, "model"))
         if row is None and isinstance(ref, str):
-            row = await self.db.fetchrow(q("get_model_by_name"), ref.strip())
+            row = await fetchrow(q("get_model_by_name"), ref.strip())
         if row is None:
             raise NotFound(f"AI model {ref!s} is not registered", field="model")
         return AIModel(**dict(row))
@@ -91,7 +95,9 @@ class ModelRegistry:
             await conn.fetchval(q("delete_model"), model.id)
             await write_audit(conn, "model.delete", "ai_model", [model.id], None)
 
-    async def resolve(self, ref: UUID | str | None) -> UUID | None:
+    async def resolve(
+        self, ref: UUID | str | None, *, conn: asyncpg.Connection | None = None
+    ) -> UUID | None:
         """The id of a model named or identified by ``ref`` (None for "no model").
 
         Looked up every time (one indexed read): a process-local cache of ids outlived a
@@ -100,7 +106,7 @@ class ModelRegistry:
         """
         if ref is None:
             return None
-        return (await self.get(ref)).id
+        return (await self.get(ref, conn=conn)).id
 
     async def scope(self, model: UUID | str | None, include_shared: bool) -> Scope:
         return Scope(await self.resolve(model), include_shared)

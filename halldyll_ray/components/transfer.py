@@ -222,7 +222,7 @@ class Transfer:
             async with self.db.scoped(user_id) as conn:
                 await lock_user(conn, user_id)
                 async for batch in _batches(lines):
-                    ready = await self._prepare(user_id, batch, report)
+                    ready = await self._prepare(user_id, batch, report, conn)
                     if not report.error_count:
                         await self._write(conn, user_id, ready, report, keep_ids, request_id)
                 if report.error_count:
@@ -249,9 +249,16 @@ class Transfer:
         return report
 
     async def _prepare(
-        self, user_id: UUID, batch: Sequence[tuple[int, bytes]], report: ImportReport
+        self,
+        user_id: UUID,
+        batch: Sequence[tuple[int, bytes]],
+        report: ImportReport,
+        conn: asyncpg.Connection | None = None,
     ) -> list[_Line]:
-        """Validate, resolve models, skip lines imported before, chunk and embed a batch."""
+        """Validate, resolve models, skip lines imported before, chunk and embed a batch.
+
+        ``conn``: the atomic import's transaction, read on instead of the pool (waiting for a
+        second connection while holding one deadlocks a pool held by such imports)."""
         report.lines += len(batch)
         parsed: list[_Line] = []
         now = datetime.now(UTC)
@@ -263,7 +270,7 @@ class Transfer:
                 if expires is not None and expires <= now:
                     report.expired += 1
                     continue
-                model_id = await self.registry.resolve(memory.model)
+                model_id = await self.registry.resolve(memory.model, conn=conn)
                 if isinstance(memory, Transcription) and memory.language is None:
                     language = await asyncio.to_thread(detect_language, memory.text)
                     record.memory = memory.model_copy(update={"language": language})
@@ -275,9 +282,11 @@ class Transfer:
                 report.problem(number, exc.message, field)
         if not parsed:
             return []
-        done = await self.db.fetch(
-            q("imported_sources"), user_id, [p.record.id for p in parsed], user_id=user_id
-        )
+        sources = [p.record.id for p in parsed]
+        if conn is None:
+            done = await self.db.fetch(q("imported_sources"), user_id, sources, user_id=user_id)
+        else:
+            done = await conn.fetch(q("imported_sources"), user_id, sources)
         seen = {r["source_id"] for r in done}
         fresh = [p for p in parsed if p.record.id not in seen]
         report.unchanged += len(parsed) - len(fresh)

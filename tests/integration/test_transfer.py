@@ -330,3 +330,22 @@ async def test_more_concurrent_exports_than_pooled_connections_all_finish(
 
         counts = await asyncio.wait_for(asyncio.gather(*(slow_export() for _ in range(4))), 60)
         assert counts == [2, 2, 2, 2]
+
+
+async def test_more_concurrent_atomic_imports_than_pooled_connections_all_finish(
+    settings: Any, encoder: Any
+) -> None:
+    # An atomic import holds its transaction's connection across batches: what it reads in
+    # between (models, lines imported before) must go through that connection.
+    small = settings.model_copy(update={"db_pool_size": 2})
+    async with MemoryEngine(small, encoder=encoder) as engine:
+        users = [await _user(engine, "atom") for _ in range(4)]
+        file = _ndjson([_header(), *(_line(f"Lena owns {n} kites") for n in range(3))])
+        reports = await asyncio.wait_for(
+            asyncio.gather(
+                *(engine.import_memories(u, [file], atomic=True) for u in [*users, users[0]])
+            ),
+            90,
+        )
+        assert all(r.committed and r.error_count == 0 for r in reports)
+        assert sum(r.unchanged for r in reports) == 3  # users[0] got the file twice
