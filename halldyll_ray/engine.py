@@ -42,6 +42,7 @@ from halldyll_ray.components.reembedding import (
     ModelSpec,
     Reembedding,
     ReembedStatus,
+    abandon,
     meta_rows,
     read_active,
     read_status,
@@ -267,10 +268,12 @@ class MemoryEngine:
                         return None
                     active, _ = await read_active(conn)
                     assert active is not None
+                if active.model_id == spec.model_id:
+                    with contextlib.suppress(PermissionDenied):  # then `halldyll reembed`
+                        await abandon(conn)
+                    return None
             finally:
                 await conn.close()
-        if active.model_id == spec.model_id:
-            return None
         try:
             previous = await asyncio.to_thread(
                 OnnxEncoder.load,

@@ -178,6 +178,32 @@ async def read_status(conn: asyncpg.Connection) -> ReembedStatus:
     )
 
 
+async def abandon(conn: asyncpg.Connection) -> bool:
+    """Drop an unfinished job and its column (a process started with the database's own model
+    again, before the switch: the move is called off). Returns whether there was one.
+
+    Raises:
+        PermissionDenied: the login role does not own ``memory_chunks``.
+    """
+    with translate_errors():
+        job = await conn.fetchrow(q("embedding_job"))
+        if job is None or job["state"] == "complete":
+            return False
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", REEMBED_LOCK_KEY):
+            return False  # a process still runs it; the next start calls it off
+        try:
+            async with conn.transaction():
+                await conn.execute("SET LOCAL lock_timeout = '10s'")
+                await conn.execute("DROP INDEX IF EXISTS memory_chunks_embedding_next")
+                await conn.execute("DROP INDEX IF EXISTS memory_chunks_pending")
+                await conn.execute("ALTER TABLE memory_chunks DROP COLUMN IF EXISTS embedding_next")
+                await conn.execute("DELETE FROM embedding_jobs WHERE id = 1")
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", REEMBED_LOCK_KEY)
+    log.info("called off the re-embedding to %s", job["target_model"])
+    return True
+
+
 class _TooManyPending(Exception):
     """More chunks were written since the last batch than one switch embeds under its lock."""
 
@@ -407,7 +433,7 @@ class Reembedding:
             if rows:
                 await self._store(conn, rows, await self._embed(rows))
                 await conn.execute(q("reembed_progress"), len(rows), "indexing")
-            await conn.execute("DROP INDEX memory_chunks_pending")
+            await conn.execute("DROP INDEX IF EXISTS memory_chunks_pending")
             # Drops the old vectors, their index and any per-user index built on them.
             await conn.execute("ALTER TABLE memory_chunks DROP COLUMN embedding")
             await conn.execute(

@@ -358,3 +358,75 @@ async def test_an_unloadable_previous_model_stops_the_start(
         assert await conn.fetchval("SELECT count(*) FROM embedding_jobs") == 0
     finally:
         await conn.close()
+
+
+async def test_starting_with_the_database_model_again_calls_the_move_off(
+    database_url: str, redis_url: str, encoder: OnnxEncoder
+) -> None:
+    base = make_settings(database_url, redis_url)
+    old = MemoryEngine(base, encoder=encoder)
+    await old.initialize()
+    user = await old.create_user(f"ada{uuid.uuid4().hex[:6]}", None, "user")
+    await _store_corpus(old, user.id, 5)
+    await old.close()
+    moved = make_settings(
+        database_url,
+        redis_url,
+        embedding_max_seq_length=128,
+        reembed_in_background=False,
+        reembed_batch_size=2,
+    )
+    new = MemoryEngine(moved, encoder=OnnxEncoder.load(max_seq_length=128))
+    await new.initialize()
+    try:
+        assert (await new.reembed(max_batches=1)).state == "embedding"
+    finally:
+        await new.close()
+    again = MemoryEngine(base, encoder=encoder)
+    await again.initialize()
+    try:
+        status = await again.reembed_status()
+        assert (status.state, status.active_model) == ("idle", encoder.model_id)
+        assert again.components.reembedding is None
+        assert (await again.search(user.id, statement(2), mode="semantic"))[0].memory.text == (
+            statement(2)
+        )
+        await again.store_memory(user.id, Fact(statement="Ada moved the hives to Voss"))
+    finally:
+        await again.close()
+    conn = await asyncpg.connect(database_url)
+    try:
+        columns = await conn.fetch(
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'memory_chunks'::regclass"
+            " AND attname LIKE 'embedding%' AND NOT attisdropped"
+        )
+        assert [r["attname"] for r in columns] == ["embedding"]
+        assert await conn.fetchval("SELECT to_regclass('memory_chunks_pending')") is None
+    finally:
+        await conn.close()
+
+
+async def test_the_model_guard_costs_one_call_per_query(engine: MemoryEngine) -> None:
+    """The guard of a search is a one-time filter (evaluated once, not per chunk), in front of
+    the same scan as before."""
+    from halldyll_ray.storage.sql import bind
+
+    user = await engine.create_user(f"ada{uuid.uuid4().hex[:6]}", None, "user")
+    await _store_corpus(engine, user.id, 3)
+    vector = (await engine.embed(["bees"]))[0]
+    filters = dict.fromkeys(("types", "model_id", "session_id", "tags", "since", "until"))
+    for name, extra in (("search_semantic", {}), ("search_fulltext", {"query": "Ada's note"})):
+        sql, *args = bind(
+            name,
+            user_id=user.id,
+            vector=np.asarray(vector),
+            embedding_model=engine.components.embeddings.encoder.model_id,
+            fetch=10,
+            include_shared=True,
+            **filters,
+            **extra,
+        )
+        async with engine.db.scoped(user.id, readonly=True) as conn:
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
+        assert "One-Time Filter: halldyll_embedding_model_is(" in plan, plan
+        assert plan.count("halldyll_embedding_model_is") == 1
