@@ -337,6 +337,8 @@ class Reembedding:
                 may_run = False
             except HalldyllError as exc:
                 log.warning("re-embedding paused (%s); retrying", exc.message)
+            except Exception:  # the task must outlive any one failure; the job resumes
+                log.exception("re-embedding failed; retrying")
             if not self.switched.is_set():
                 await asyncio.sleep(self.poll_seconds)
 

@@ -108,6 +108,11 @@ def translate_errors() -> Iterator[None]:
             "written, retry",
             retry_after=1,
         ) from exc
+    except asyncpg.LockNotAvailableError as exc:  # lock_timeout (maintenance DDL)
+        raise Unavailable(
+            "a table lock was not had in time (a long transaction holds it); retry",
+            retry_after=10,
+        ) from exc
     except (asyncpg.ReadOnlySQLTransactionError, asyncpg.QueryCanceledError) as exc:
         raise Unavailable(
             f"PostgreSQL cannot take writes now ({type(exc).__name__}); nothing was written, retry",
