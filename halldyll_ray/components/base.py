@@ -11,6 +11,7 @@ from uuid import UUID
 import asyncpg
 import numpy as np
 
+from halldyll_ray.components.embeddings import model_of
 from halldyll_ray.errors import NotFound
 from halldyll_ray.models import Message, MessageRole, StoredMessage
 from halldyll_ray.storage.database import Database
@@ -92,7 +93,7 @@ async def insert_chunks(
     """
     if not chunks:
         return
-    embedding_model = getattr(vectors, "model_id", None)
+    embedding_model = model_of(vectors)
     insert = query("insert_chunk")
     await conn.executemany(
         insert.sql,
