@@ -162,7 +162,11 @@ async def read_status(conn: asyncpg.Connection) -> ReembedStatus:
             "WHERE oid = 'memory_chunks'::regclass"
         )
         if admin or owner:
-            remaining = int(await conn.fetchval(q("reembed_remaining")))
+            try:
+                async with conn.transaction():  # a savepoint inside the caller's transaction
+                    remaining = int(await conn.fetchval(q("reembed_remaining")))
+            except asyncpg.UndefinedColumnError:  # the switch came between the two reads
+                return await read_status(conn)
     return ReembedStatus(
         state=job["state"],
         active_model=None if active is None else active.model_id,
@@ -286,28 +290,25 @@ class Reembedding:
                 await conn.execute("SET lock_timeout = '10s'")
                 if await self._check_switched(conn):
                     return await read_status(conn)
+                # A session lock: closing this connection (below, or by a crash) releases it.
                 if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", REEMBED_LOCK_KEY):
                     return await read_status(conn)
-                try:
-                    if await self._check_switched(conn):  # switched by the previous holder
-                        return await read_status(conn)
-                    await self._prepare(conn)
-                    batches = 0
-                    while True:
-                        while await self._embed_batch(conn, "embedding"):
-                            batches += 1
-                            if max_batches is not None and batches >= max_batches:
-                                return await read_status(conn)
-                        await self._build_index(conn)
-                        try:
-                            await self._switch(conn)
-                            break
-                        except _TooManyPending:
-                            continue
-                    self._follow()
+                if await self._check_switched(conn):  # switched by the previous holder
                     return await read_status(conn)
-                finally:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", REEMBED_LOCK_KEY)
+                await self._prepare(conn)
+                batches = 0
+                while True:
+                    while await self._embed_batch(conn, "embedding"):
+                        batches += 1
+                        if max_batches is not None and batches >= max_batches:
+                            return await read_status(conn)
+                    await self._build_index(conn)
+                    try:
+                        await self._switch(conn)
+                        break
+                    except _TooManyPending:
+                        continue
+                return await read_status(conn)
             finally:
                 await conn.close()
 
@@ -452,7 +453,8 @@ class Reembedding:
             )
             await record_model(conn, spec)
             await conn.execute(q("finish_embedding_job"))
+        self._follow()  # before anything else: this process's next query is of the new model
+        log.info("switched searches to %s", spec.model_id)
         await conn.execute(
             "ALTER TABLE memory_chunks VALIDATE CONSTRAINT memory_chunks_embedding_present"
         )
-        log.info("switched searches to %s", spec.model_id)

@@ -430,3 +430,46 @@ async def test_the_model_guard_costs_one_call_per_query(engine: MemoryEngine) ->
             plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
         assert "One-Time Filter: halldyll_embedding_model_is(" in plan, plan
         assert plan.count("halldyll_embedding_model_is") == 1
+
+
+async def test_searches_answer_while_the_background_job_runs_and_switches(
+    database_url: str, redis_url: str, encoder: OnnxEncoder
+) -> None:
+    old = MemoryEngine(make_settings(database_url, redis_url), encoder=encoder)
+    await old.initialize()
+    user = await old.create_user(f"ada{uuid.uuid4().hex[:6]}", None, "user")
+    await _store_corpus(old, user.id, 20)
+    await old.close()
+    settings = make_settings(
+        database_url,
+        redis_url,
+        embedding_max_seq_length=128,
+        reembed_batch_size=1,
+        search_cache_ttl_seconds=0,
+    )
+    short = OnnxEncoder.load(max_seq_length=128)
+    engine = MemoryEngine(settings, encoder=short)
+    await engine.initialize()
+    try:
+        reembedding = engine.components.reembedding
+        assert reembedding is not None
+        answered, refused, i = 0, 0, 0
+        states = set()
+        while not reembedding.switched.is_set():
+            i += 1
+            try:
+                hits = await engine.search(user.id, statement(i % 20), mode="semantic")
+            except Unavailable:  # only a search caught by the switch itself
+                refused += 1
+                continue
+            assert hits[0].memory.text == statement(i % 20)
+            answered += 1
+            states.add((await engine.reembed_status()).state)
+        assert answered >= 3 and refused <= 1
+        assert "embedding" in states
+        hits = await engine.search(user.id, statement(4), mode="semantic")
+        assert hits[0].memory.text == statement(4)
+        assert hits[0].similarity == pytest.approx(1.0, abs=1e-4)
+        assert (await engine.reembed_status()).active_model == short.model_id
+    finally:
+        await engine.close()
