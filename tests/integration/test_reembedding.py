@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -473,3 +475,52 @@ async def test_searches_answer_while_the_background_job_runs_and_switches(
         assert (await engine.reembed_status()).active_model == short.model_id
     finally:
         await engine.close()
+
+
+async def _cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "halldyll_ray.cli",
+        "reembed",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_the_cli_runs_the_job_and_reports_it(
+    database_url: str, redis_url: str, encoder: OnnxEncoder
+) -> None:
+    old = MemoryEngine(make_settings(database_url, redis_url), encoder=encoder)
+    await old.initialize()
+    user = await old.create_user(f"ada{uuid.uuid4().hex[:6]}", None, "user")
+    await _store_corpus(old, user.id, 4)
+    await old.close()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "LOG_LEVEL": "warning",
+        "EMBEDDING_MAX_SEQ_LENGTH": "128",
+    }
+    env.pop("REDIS_URL", None)
+    code, out, _ = await _cli(env, "--status")
+    assert code == 0
+    status = json.loads(out)
+    assert (status["state"], status["active_model"]) == ("idle", encoder.model_id)
+
+    code, out, err = await _cli(env, "--batch-size", "2", "--report-every", "1")
+    assert code == 0, err
+    short_id = encoder.model_id.rsplit(":", 1)[0] + ":128"
+    assert f"switched to {short_id} (384 dimensions)" in out
+    assert "embedding: 2 of 6 chunks embedded" in err  # progress, batch by batch
+
+    code, out, _ = await _cli(env, "--status")
+    status = json.loads(out)
+    assert (status["state"], status["active_model"], status["done"]) == ("complete", short_id, 6)
+    code, out, _ = await _cli(env)  # nothing left to do
+    assert code == 0 and "already" in out
