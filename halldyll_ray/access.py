@@ -360,9 +360,10 @@ class AuthorizedEngine:
 
         Whoever may read the user's memories may follow them (``memory.read``); a denial is
         audited as ``memory.events``, and so is an Admin's or Service's subscription to
-        another user. The permission is checked again every 30 s while it is open: a revoked
-        grant or a disabled caller ends the subscription with PermissionDenied; ``rechecks``
-        are run then too (the HTTP route checks that its API key still authenticates).
+        another user. The permission is checked again every EVENTS_RECHECK_SECONDS while it
+        is open: a revoked grant or a disabled caller ends the subscription with
+        PermissionDenied; ``rechecks`` are run then too (the HTTP route checks that its API
+        key still authenticates).
         """
         action = "memory.events"
         target = await self._check(Operation.MEMORY_READ, action, self._target(user_id))

@@ -181,6 +181,21 @@ class Settings(BaseSettings):
         le=300,
         description="Seconds between keep-alive comments on an idle change feed stream.",
     )
+    events_max_streams: int = Field(
+        default=16,
+        ge=1,
+        le=100_000,
+        description="Change feed subscriptions one process (an Ingress replica) serves at once; "
+        "past it a new one gets 503. Each open stream holds one of the replica's "
+        "max_ongoing_requests: keep this well under it, or streams starve the REST API.",
+    )
+    events_recheck_seconds: float = Field(
+        default=30,
+        ge=0.1,
+        le=3600,
+        description="Seconds between checks, on an open change feed stream, that its API key, "
+        "permission and user still hold.",
+    )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
     @field_validator("log_level", "embedding_provider", mode="before")

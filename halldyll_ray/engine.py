@@ -341,7 +341,13 @@ class MemoryEngine:
             agent_loop=AgentLoop(db, cache, embeddings, models, ingestion, settings),
             operations=Operations(db, dsn, settings),
             transfer=Transfer(db, embeddings, models, settings),
-            events=EventFeed(db, dsn, retention_hours=settings.events_retention_hours),
+            events=EventFeed(
+                db,
+                dsn,
+                retention_hours=settings.events_retention_hours,
+                idle_check_s=settings.events_recheck_seconds,
+                max_subscribers=settings.events_max_streams,
+            ),
             reembedding=reembedding,
         )
 
@@ -658,8 +664,9 @@ class MemoryEngine:
             user_id: Whose changes.
             after: Resume after this event id (an SSE ``Last-Event-ID``): every later event
                 of the user comes, none twice. None: changes from now on.
-            rechecks: Awaited every 30 s while the subscription is open; one that raises
-                ends it with its error (before anything more is delivered).
+            rechecks: Awaited every EVENTS_RECHECK_SECONDS (30) while the subscription is
+                open; one that raises ends it with its error (before anything more is
+                delivered).
 
         Returns:
             An async iterator of :class:`~halldyll_ray.models.MemoryEvent` (memory id, type,

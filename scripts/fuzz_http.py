@@ -103,7 +103,12 @@ def main() -> int:
             ]
             print("$", " ".join(shown), flush=True)
             started = time.monotonic()
-            status = subprocess.run(command, check=False).returncode
+            # The import's NDJSON body needs a serializer of our own (scripts/fuzz_hooks.py).
+            env = {**os.environ, "SCHEMATHESIS_HOOKS": "fuzz_hooks"}
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(ROOT / "scripts"), env.get("PYTHONPATH")])
+            )
+            status = subprocess.run(command, check=False, env=env).returncode
             print(f"schemathesis exited {status} after {time.monotonic() - started:.0f} s")
             return status
         finally:

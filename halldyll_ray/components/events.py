@@ -191,11 +191,18 @@ class EventFeed:
         db: The pool subscriptions read through (as their user).
         dsn: The login URL for the LISTEN connection (LISTEN needs no privilege).
         retention_hours: EVENTS_RETENTION_HOURS, for :meth:`purge`.
-        idle_check_s: How often a subscription checks that its user still exists and runs
-            its rechecks; a quiet one also reads then, whatever the notifications said.
+        idle_check_s: How often (EVENTS_RECHECK_SECONDS) a subscription checks that its
+            user still exists and runs its rechecks; a quiet one also reads then, whatever
+            the notifications said. The LISTEN connection is pinged as often.
         reconnect_delay_s: Pause between attempts to reopen the LISTEN connection.
         connect_timeout_s: How long :meth:`subscribe` waits for the LISTEN connection before
             it raises Unavailable.
+        max_subscribers: Subscriptions this process serves at once (EVENTS_MAX_STREAMS);
+            past it :meth:`subscribe` raises Unavailable. Under Ray Serve each SSE stream
+            holds one of the Ingress replica's ``max_ongoing_requests`` for as long as it is
+            open: without this bound, that many streams would leave the replica no slot for
+            any other request (measured: with 32 streams open, ``GET /v1/me`` waited past
+            20 s).
     """
 
     def __init__(
@@ -207,6 +214,7 @@ class EventFeed:
         idle_check_s: float = 30.0,
         reconnect_delay_s: float = 1.0,
         connect_timeout_s: float = 10.0,
+        max_subscribers: int = 16,
     ) -> None:
         self.db = db
         self.dsn = dsn
@@ -214,6 +222,7 @@ class EventFeed:
         self.idle_check_s = idle_check_s
         self.reconnect_delay_s = reconnect_delay_s
         self.connect_timeout_s = connect_timeout_s
+        self.max_subscribers = max_subscribers
         self._subscribers: dict[UUID, set[Subscription]] = {}
         self._listening = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
@@ -234,7 +243,7 @@ class EventFeed:
             user_id: Whose changes.
             after: Resume after this event id (an SSE ``Last-Event-ID``): every later event
                 of the user is delivered, none twice. None: only changes from now on.
-            rechecks: Awaited every ``idle_check_s`` (30 s); one that raises ends the
+            rechecks: Awaited every ``idle_check_s``; one that raises ends the
                 subscription with its error (a revoked grant, a disabled caller).
 
         Returns:
@@ -245,10 +254,17 @@ class EventFeed:
         Raises:
             InvalidInput: a bad user id or ``after``.
             NotFound: no such user.
-            Unavailable: PostgreSQL is out of reach (also for the LISTEN connection).
+            Unavailable: PostgreSQL is out of reach (also for the LISTEN connection), or
+                this process already serves ``max_subscribers`` subscriptions.
         """
         user_id = validation.parse_uuid(user_id, "user_id")
         start = None if after is None else parse_event_id(after)
+        if self.subscribers() >= self.max_subscribers:
+            raise Unavailable(
+                f"this replica already serves {self.max_subscribers} change feed streams "
+                "(EVENTS_MAX_STREAMS); retry later",
+                retry_after=5,
+            )
         subscription = Subscription(self, user_id, position=0, pending=[], rechecks=[])
         # Registered before the first read: a change committed after that read notifies it.
         self._subscribers.setdefault(user_id, set()).add(subscription)

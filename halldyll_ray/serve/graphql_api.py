@@ -19,7 +19,8 @@ One more door into the same rooms:
   limits it calls (500 memories a page, 100 search results): a deep or wide query gets an
   error naming the limit, not a slow server. No GraphQL IDE is served (it loads from a CDN).
 
-The schema is published as ``docs/schema.graphql`` (a unit test keeps it current).
+The schema is published as ``docs/schema.graphql`` (``scripts/publish_schemas.py`` writes it;
+a unit test keeps it current).
 """
 
 from __future__ import annotations
@@ -666,7 +667,3 @@ def mount_graphql(app: FastAPI, *, path: str = GRAPHQL_PATH) -> GraphQLEndpoint:
     app.router.add_route(path, endpoint, methods=["POST"], include_in_schema=False)  # type: ignore[arg-type]
     app.router.add_websocket_route(path, endpoint)  # type: ignore[arg-type]
     return endpoint
-
-
-if __name__ == "__main__":  # python -m halldyll_ray.serve.graphql_api > docs/schema.graphql
-    print(schema)

@@ -5,6 +5,9 @@ user's."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -16,7 +19,7 @@ from support import make_settings
 
 from halldyll_ray import Conversation, Fact, MemoryEngine, Message, NotFound
 from halldyll_ray.components.events import Subscription
-from halldyll_ray.errors import InvalidInput, PermissionDenied
+from halldyll_ray.errors import InvalidInput, PermissionDenied, Unavailable
 from halldyll_ray.models import EventsResync, MemoryEvent, Principal
 
 
@@ -330,3 +333,57 @@ async def test_who_may_follow_whom(engine: MemoryEngine) -> None:
             assert engine.components.events.subscribers() == 0
     finally:
         engine.components.events.idle_check_s = 30.0
+
+
+async def test_a_process_serves_at_most_max_subscribers(engine: MemoryEngine) -> None:
+    user = await _user(engine)
+    feed = engine.components.events
+    assert feed.max_subscribers == 16  # EVENTS_MAX_STREAMS
+    feed.max_subscribers = 2
+    try:
+        first = await engine.subscribe_events(user)
+        second = await engine.subscribe_events(user)
+        with pytest.raises(Unavailable) as full:
+            await engine.subscribe_events(user)
+        assert full.value.fields["retry_after"] == 5
+        assert feed.subscribers() == 2
+        await first.aclose()
+        async with await engine.subscribe_events(user) as third:
+            stored = await engine.store_memory(user, Fact(statement="room again"))
+            assert (await _next(third)).memory_id == stored.id  # type: ignore[union-attr]
+        await second.aclose()
+    finally:
+        feed.max_subscribers = 16
+    assert feed.subscribers() == 0
+
+
+async def test_halldyll_purge_expired_also_purges_old_events(
+    engine: MemoryEngine, database_url: str
+) -> None:
+    """The maintenance path (the hourly CronJob's command), in a real process."""
+    user = await _user(engine)
+    kept = await engine.store_memory(user, Fact(statement="recent"))
+    old = await engine.store_memory(user, Fact(statement="old"))
+    owner = await asyncpg.connect(database_url)
+    try:
+        await owner.execute(
+            "UPDATE memory_events SET at = now() - interval '3 hours' WHERE memory_id = $1", old.id
+        )
+    finally:
+        await owner.close()
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(DATABASE_URL=database_url, EVENTS_RETENTION_HOURS="2")
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "halldyll_ray.cli", "purge-expired"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "purged 0 expired memories" in done.stdout
+    assert "purged 1 change feed events older than EVENTS_RETENTION_HOURS" in done.stdout
+    async with engine.db.scoped(user) as conn:
+        left = await conn.fetch("SELECT memory_id FROM memory_events")
+    assert [r["memory_id"] for r in left] == [kept.id]

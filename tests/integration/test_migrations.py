@@ -24,6 +24,9 @@ EXPECTED_TABLES = {
     "audit_log",
     "halldyll_meta",
     "schema_migrations",
+    "memory_events",
+    "memory_event_horizon",
+    "embedding_jobs",
 }
 
 

@@ -51,7 +51,9 @@ def ray_serve(serve_db: str, redis_url: str) -> Iterator[dict[str, Any]]:
         "REDIS_URL": redis_url,
         "REDIS_KEY_PREFIX": f"serve-{uuid.uuid4().hex[:8]}",
         "DB_POOL_SIZE": "3",
-        "EVENTS_KEEPALIVE_SECONDS": "1",  # tests/serve/test_events.py waits for one
+        "EVENTS_KEEPALIVE_SECONDS": "1",  # tests/serve/test_events_http.py waits for one,
+        "EVENTS_RECHECK_SECONDS": "1",  # and for a revoked key to end a stream
+        "EVENTS_MAX_STREAMS": "4",  # and for the 503 past the limit
     }
     app = build_app(
         {

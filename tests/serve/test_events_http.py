@@ -5,6 +5,7 @@ the Ingestion deployment, another process: the notification crosses PostgreSQL).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -185,3 +186,42 @@ async def test_who_may_follow_and_bad_requests(http: httpx.AsyncClient, admin_ke
     r = await http.get(EVENTS.format("nobody"), headers=bearer(admin_key))
     assert r.status_code == 422
     await _until_no_subscribers(http)
+
+
+async def test_a_revoked_key_loses_its_stream_with_an_error_event(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    user, key = await user_with_key(http, admin_key)
+    keys = (await http.get(f"/v1/users/{user['id']}/keys", headers=bearer(admin_key))).json()
+    async with stream(http, key) as events:
+        r = await http.delete(f"/v1/keys/{keys['items'][0]['id']}", headers=bearer(admin_key))
+        assert r.status_code == 200, r.text
+        # Within EVENTS_RECHECK_SECONDS (1 s here): an error event, then the end.
+        error = await events.next(within=10)
+        assert error["event"] == "error"
+        assert error["data"]["code"] == "unauthenticated"
+        try:
+            extra = await events.next(within=10)
+        except EOFError:
+            extra = None
+        assert extra is None
+    await _until_no_subscribers(http)
+
+
+async def test_past_events_max_streams_a_replica_answers_503_and_keeps_serving_the_api(
+    http: httpx.AsyncClient, admin_key: str, ray_serve: dict[str, Any]
+) -> None:
+    _, key = await user_with_key(http, admin_key)
+    limit = int(ray_serve["settings"]["EVENTS_MAX_STREAMS"])
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(limit):
+            await stack.enter_async_context(stream(http, key))
+        assert await _subscribers(http) == limit
+        r = await http.get(EVENTS.format("me"), headers=bearer(key))
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert "EVENTS_MAX_STREAMS" in r.json()["error"]["message"]
+        r = await http.get("/v1/me", headers=bearer(key))  # the REST API still answers
+        assert r.status_code == 200
+    await _until_no_subscribers(http)
+    async with stream(http, key):
+        pass
