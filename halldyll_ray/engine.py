@@ -215,6 +215,11 @@ class MemoryEngine:
         self._cache = TieredCache(LocalLRU(settings.cache_size), remote)
         self._db = db
         self._components = self._build(db, self._cache, self._encoder, dsn, previous)
+        # The cache may still hold vectors of the model the last re-embedding moved away from
+        # (for a week): an erasure removes a user's texts' vectors of that model too.
+        job = await db.fetchrow(q("embedding_job"), admin=True)
+        if job is not None and job["state"] == "complete" and job["source_model"]:
+            self._components.embeddings.retired_models.add(job["source_model"])
         reembedding = self._components.reembedding
         if reembedding is not None and settings.reembed_in_background:
             self._reembed_task = asyncio.create_task(

@@ -60,6 +60,9 @@ class Embeddings:
         self.encoder = encoder
         self.cache = cache
         self.remote = remote
+        #: Models this installation used before (the source of the last re-embedding): the
+        #: cache may still hold their vectors of a user's texts, which an erasure removes too.
+        self.retired_models: set[str] = set()
 
     def cache_keys(
         self,
@@ -67,18 +70,28 @@ class Embeddings:
         *,
         normalized: bool = False,
         encoder: TextEncoder | None = None,
+        model_id: str | None = None,
     ) -> list[str]:
         """The cache keys of the embeddings of ``texts`` (model id and a hash of the
-        NFKC-normalised text): what an erasure removes for a user's stored texts."""
+        NFKC-normalised text), for this encoder's model or ``model_id``."""
         if not normalized:
             texts = [unicodedata.normalize("NFKC", text) for text in texts]
+        model = model_id or (encoder or self.encoder).model_id
         return [
             "emb:"
-            + (encoder or self.encoder).model_id
+            + model
             + ":"
             + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:40]
             for text in texts
         ]
+
+    def erasure_keys(self, texts: Sequence[str]) -> list[str]:
+        """The cache keys of the embeddings of ``texts`` under the current model and every
+        retired one: what an erasure removes for a user's stored texts."""
+        keys = self.cache_keys(texts)
+        for model in sorted(self.retired_models - {self.encoder.model_id}):
+            keys += self.cache_keys(texts, model_id=model)
+        return keys
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embeddings of ``texts``: float32, shape (len(texts), dimension), L2-normalised.

@@ -251,6 +251,7 @@ class Reembedding:
     def _follow(self) -> None:
         """Embed with the target model from now on (the database has switched)."""
         if not self.switched.is_set():
+            self.live.retired_models.add(self.live.encoder.model_id)
             self.live.encoder = self.target.encoder
             self.live.remote = self.target.remote
             self.switched.set()

@@ -461,13 +461,15 @@ async def test_searches_answer_while_the_background_job_runs_and_switches(
             i += 1
             try:
                 hits = await engine.search(user.id, statement(i % 20), mode="semantic")
-            except Unavailable:  # only a search caught by the switch itself
+            except Unavailable:  # a search caught by the switch itself (old query vector)
                 refused += 1
                 continue
             assert hits[0].memory.text == statement(i % 20)
             answered += 1
             states.add((await engine.reembed_status()).state)
-        assert answered >= 3 and refused <= 1
+        # Refusals happen only in the instant between the switch's commit and this process
+        # following it (searches in flight then); a retry answers.
+        assert answered >= 3 and refused <= 5
         assert "embedding" in states
         hits = await engine.search(user.id, statement(4), mode="semantic")
         assert hits[0].memory.text == statement(4)
@@ -524,3 +526,50 @@ async def test_the_cli_runs_the_job_and_reports_it(
     assert (status["state"], status["active_model"], status["done"]) == ("complete", short_id, 6)
     code, out, _ = await _cli(env)  # nothing left to do
     assert code == 0 and "already" in out
+
+
+async def test_an_erasure_after_the_switch_removes_the_old_models_cached_vectors(
+    database_url: str, redis_url: str, encoder: OnnxEncoder
+) -> None:
+    """Texts embedded (and cached) with the previous model are a user's data too: erasing
+    the user after the switch, from a process that started after it, removes them."""
+    import redis.asyncio as aioredis
+
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    old = MemoryEngine(
+        make_settings(database_url, redis_url, redis_key_prefix=prefix), encoder=encoder
+    )
+    await old.initialize()
+    user = await old.create_user(f"ada{uuid.uuid4().hex[:6]}", None, "user")
+    keep = await old.create_user(f"bob{uuid.uuid4().hex[:6]}", None, "user")
+    await _store_corpus(old, user.id, 3)
+    await old.store_memory(keep.id, Fact(statement="Bob keeps goats"))
+    texts = [r["indexed"] for r in await _chunks(database_url) if r["user_id"] == user.id]
+    old_keys = [f"{prefix}:{k}" for k in old.components.embeddings.cache_keys(texts)]
+    await old.close()
+    short = OnnxEncoder.load(max_seq_length=128)
+    moved = make_settings(
+        database_url,
+        redis_url,
+        redis_key_prefix=prefix,
+        embedding_max_seq_length=128,
+        reembed_in_background=False,
+    )
+    first = MemoryEngine(moved, encoder=short)
+    await first.initialize()
+    try:
+        assert (await first.reembed()).state == "complete"
+    finally:
+        await first.close()
+    redis = aioredis.Redis.from_url(redis_url)
+    engine = MemoryEngine(moved, encoder=short)
+    await engine.initialize()
+    try:
+        assert await redis.exists(*old_keys) == len(old_keys)
+        assert encoder.model_id in engine.components.embeddings.retired_models
+        await engine.delete_user(user.id)
+        assert await redis.exists(*old_keys) == 0
+        assert (await engine.search(keep.id, "goats"))[0].memory.text == "Bob keeps goats"
+    finally:
+        await engine.close()
+        await redis.aclose()
