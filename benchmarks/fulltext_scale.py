@@ -109,7 +109,12 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 timings: dict[str, list[float]] = {"bm25": [], "ts_rank_cd": []}
                 for question in questions:
                     values = dict(user_id=user, query=question, vector=None, **filters)
-                    await _timed(conn, new.sql, new.args(fetch=100, **values), timings["bm25"])
+                    await _timed(
+                        conn,
+                        new.sql,
+                        new.args(fetch=100, embedding_model=None, **values),
+                        timings["bm25"],
+                    )
                     if old is not None:
                         await _timed(
                             conn, old.sql, old.args(fetch=40, **values), timings["ts_rank_cd"]

@@ -834,7 +834,12 @@ async def run_queries(
 
         def args(user: uuid.UUID | None, vec: np.ndarray) -> list[Any]:
             found = query("search_semantic")
-            return list(found.args(user_id=user, vector=vec, fetch=limit, **no_filters))
+            # no model recorded in this database: the guard of migration 0010 accepts any
+            return list(
+                found.args(
+                    user_id=user, vector=vec, embedding_model=None, fetch=limit, **no_filters
+                )
+            )
 
         user_args = [args(user_uuid(int(u)), v) for u, v in zip(qs.users, qs.user_q, strict=True)]
         global_args = [] if exact else [args(None, v) for v in qs.global_q]

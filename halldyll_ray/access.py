@@ -33,6 +33,7 @@ from uuid import UUID
 
 from halldyll_ray import requestctx, validation
 from halldyll_ray.components.events import Recheck, Subscription
+from halldyll_ray.components.reembedding import ReembedStatus
 from halldyll_ray.errors import NotFound, PermissionDenied
 from halldyll_ray.models import (
     AIModel,
@@ -342,6 +343,11 @@ class AuthorizedEngine:
     async def purge_expired(self) -> int:
         await self._check(Operation.MAINTENANCE, "memory.purge_expired")
         return await self._run(self.engine.purge_expired)
+
+    async def reembed_status(self) -> ReembedStatus:
+        """Where a change of embedding model stands (Admins: ``maintenance``)."""
+        await self._check(Operation.MAINTENANCE, "embedding.reembed_status")
+        return await self._run(self.engine.reembed_status)
 
     async def subscribe_events(
         self,

@@ -1,5 +1,5 @@
 """The ``halldyll`` command: migrate, doctor, demo, create-user, purge-expired, export, import,
-mcp."""
+mcp, reembed."""
 
 from __future__ import annotations
 
@@ -138,6 +138,7 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
             settings.embedding_model_path,
             dimension=settings.embedding_dimension,
             provider=settings.embedding_provider,
+            max_seq_length=settings.embedding_max_seq_length,
         )
         vector = encoder.encode(["doctor check"])
         report(
@@ -312,6 +313,59 @@ async def cmd_mcp(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_reembed(args: argparse.Namespace) -> int:
+    """Re-embed every stored chunk with the configured model (EMBEDDING_MODEL_PATH, ...), in
+    the foreground, printing progress; or, with --status, print where it stands."""
+    from halldyll_ray.components.reembedding import read_status
+    from halldyll_ray.engine import MemoryEngine
+    from halldyll_ray.storage.database import connect
+
+    settings = _settings()
+    if args.status:
+        url, embedded = await _database_url(settings)
+        try:
+            conn = await connect(url)
+            try:
+                status = await read_status(conn)
+            finally:
+                await conn.close()
+        finally:
+            if embedded is not None:
+                embedded.stop()
+        print(status.model_dump_json(indent=2))
+        return 0
+    settings = settings.model_copy(
+        update={
+            "reembed_in_background": False,
+            "reembed_batch_size": args.batch_size or settings.reembed_batch_size,
+        }
+    )
+    async with MemoryEngine(settings) as engine:
+        if engine.components.reembedding is None:
+            status = await engine.reembed_status()
+            print(f"the stored vectors are already of {status.active_model}: nothing to do")
+            return 0
+        last = -1
+        while True:
+            status = await engine.reembed(max_batches=args.report_every)
+            if status.state == "complete" and status.active_model == status.target_model:
+                break
+            if status.done == last:  # another process holds the job: follow it
+                await asyncio.sleep(2)
+            last = status.done
+            print(
+                f"{status.state}: {status.done} of {status.total} chunks embedded with "
+                f"{status.target_model}, {status.remaining} remaining",
+                file=sys.stderr,
+            )
+    print(f"switched to {status.active_model} ({status.active_dimension} dimensions)")
+    print(
+        "per-user HNSW indexes were dropped with the old vectors: run `halldyll index-users`",
+        file=sys.stderr,
+    )
+    return 0
+
+
 COMMANDS = {
     "migrate": cmd_migrate,
     "doctor": cmd_doctor,
@@ -325,6 +379,7 @@ COMMANDS = {
     "export": cmd_export,
     "import": cmd_import,
     "mcp": cmd_mcp,
+    "reembed": cmd_reembed,
 }
 
 
@@ -396,6 +451,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mcp.add_argument("--key-file", help="a file holding the API key")
     mcp.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP call")
+    reembed = sub.add_parser(
+        "reembed",
+        help="embed every stored memory again with the configured model, then switch "
+        "searches to it (resumable); --status: where it stands",
+    )
+    reembed.add_argument("--status", action="store_true", help="print the job's state and exit")
+    reembed.add_argument(
+        "--batch-size", type=int, help="chunks per transaction (default: REEMBED_BATCH_SIZE)"
+    )
+    reembed.add_argument(
+        "--report-every", type=int, default=20, help="print progress every N batches"
+    )
     return parser
 
 

@@ -73,6 +73,25 @@ class Settings(BaseSettings):
         description="ONNX Runtime execution provider: auto (CUDA when available), cpu or cuda.",
     )
     embedding_batch_size: int = Field(default=32, ge=1, le=1024)
+    embedding_max_seq_length: int = Field(
+        default=256,
+        ge=2,
+        le=8192,
+        description="Tokens (special tokens included) a text is truncated to for embedding; "
+        "part of the model's identity: changing it re-embeds the stored memories.",
+    )
+    reembed_batch_size: int = Field(
+        default=256,
+        ge=1,
+        le=10_000,
+        description="Chunks embedded per transaction when the embedding model changes.",
+    )
+    reembed_in_background: bool = Field(
+        default=True,
+        description="Started with another model than the database's: re-embed every stored "
+        "chunk in a background task of this process (false: leave it to `halldyll reembed`; "
+        "either way the process follows the switch).",
+    )
     search_top_k: int = Field(default=10, ge=1, le=1000)
     search_mode: Literal["semantic", "hybrid", "fulltext"] = Field(
         default="hybrid",

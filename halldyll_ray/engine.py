@@ -19,6 +19,7 @@ writes them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,13 +38,29 @@ from halldyll_ray.components.ingestion import Ingestion
 from halldyll_ray.components.keys import ApiKeys
 from halldyll_ray.components.memories import MemoryReader
 from halldyll_ray.components.operations import Operations
+from halldyll_ray.components.reembedding import (
+    ModelSpec,
+    Reembedding,
+    ReembedStatus,
+    abandon,
+    meta_rows,
+    read_active,
+    read_status,
+)
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.components.search import Search
 from halldyll_ray.components.transfer import Transfer
 from halldyll_ray.components.users import Users
 from halldyll_ray.config import Settings
 from halldyll_ray.embedding import OnnxEncoder, TextEncoder
-from halldyll_ray.errors import HalldyllError, InvalidInput, Unavailable
+from halldyll_ray.errors import (
+    ConfigurationError,
+    HalldyllError,
+    InvalidInput,
+    MigrationError,
+    PermissionDenied,
+    Unavailable,
+)
 from halldyll_ray.models import (
     AIModel,
     ApiKey,
@@ -68,9 +85,10 @@ from halldyll_ray.models import (
 )
 from halldyll_ray.portability import ImportReport
 from halldyll_ray.storage.cache import LocalLRU, RedisTier, TieredCache
-from halldyll_ray.storage.database import Database, connect
+from halldyll_ray.storage.database import Database, connect, translate_errors
 from halldyll_ray.storage.embedded import EmbeddedPostgres
 from halldyll_ray.storage.migrate import apply_migrations, check_schema
+from halldyll_ray.storage.sql import q
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,9 @@ class Components:
     operations: Operations
     transfer: Transfer
     events: EventFeed
+    #: The move to the configured embedding model, when the database's vectors are of
+    #: another one (None: they are of the configured model).
+    reembedding: Reembedding | None = None
 
 
 class MemoryEngine:
@@ -120,6 +141,7 @@ class MemoryEngine:
         self._cache: TieredCache | None = None
         self._components: Components | None = None
         self._dsn = ""
+        self._reembed_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def initialize(self, *, migrate: bool | None = None) -> MemoryEngine:
@@ -158,7 +180,8 @@ class MemoryEngine:
                 if migrate:
                     await apply_migrations(conn, embedding_dimension=settings.embedding_dimension)
                 else:
-                    await check_schema(conn, embedding_dimension=settings.embedding_dimension)
+                    # The vector size is checked against the model below (_database_model).
+                    await check_schema(conn, embedding_dimension=None)
             finally:
                 await conn.close()
             await db.open()
@@ -169,6 +192,7 @@ class MemoryEngine:
                     dimension=settings.embedding_dimension,
                     provider=settings.embedding_provider,
                     batch_size=settings.embedding_batch_size,
+                    max_seq_length=settings.embedding_max_seq_length,
                 )
             elif self._encoder.dimension != settings.embedding_dimension:
                 raise InvalidInput(
@@ -176,6 +200,7 @@ class MemoryEngine:
                     f"EMBEDDING_DIMENSION is {settings.embedding_dimension}",
                     field="EMBEDDING_DIMENSION",
                 )
+            previous = await self._database_model(dsn, self._encoder)
         except BaseException:
             await db.close()
             if self._embedded is not None:
@@ -189,16 +214,123 @@ class MemoryEngine:
             )
         self._cache = TieredCache(LocalLRU(settings.cache_size), remote)
         self._db = db
-        self._components = self._build(db, self._cache, self._encoder, dsn)
+        self._components = self._build(db, self._cache, self._encoder, dsn, previous)
+        # The cache may still hold vectors of the model the last re-embedding moved away from
+        # (for a week): an erasure removes a user's texts' vectors of that model too.
+        job = await db.fetchrow(q("embedding_job"), admin=True)
+        if job is not None and job["state"] == "complete" and job["source_model"]:
+            self._components.embeddings.retired_models.add(job["source_model"])
+        reembedding = self._components.reembedding
+        if reembedding is not None and settings.reembed_in_background:
+            self._reembed_task = asyncio.create_task(
+                reembedding.run_in_background(), name="halldyll-reembed"
+            )
         return self
 
+    def _model_spec(self, encoder: TextEncoder) -> ModelSpec:
+        path = self.settings.embedding_model_path
+        return ModelSpec(
+            model_id=encoder.model_id,
+            dimension=encoder.dimension,
+            path=None if path is None else str(path),
+            max_seq_length=int(
+                getattr(encoder, "max_seq_length", self.settings.embedding_max_seq_length)
+            ),
+        )
+
+    async def _database_model(
+        self, dsn: str, encoder: TextEncoder
+    ) -> tuple[TextEncoder, ModelSpec] | None:
+        """The encoder of the database's vectors and the model to move to, when they are not
+        those of ``encoder`` (None when they are). A database that names no model yet (built
+        before migration 0010) gets the configured one, as its vectors were made by it.
+
+        Raises:
+            MigrationError: the database names no model and its vectors have another size.
+            ConfigurationError: the database's model cannot be loaded (it must stay where it
+                was until the re-embedding completes).
+        """
+        spec = self._model_spec(encoder)
+        with translate_errors():
+            conn = await connect(dsn)
+            try:
+                active, dimension = await read_active(conn)
+                if active is None:
+                    if dimension != spec.dimension:
+                        raise MigrationError(
+                            f"EMBEDDING_DIMENSION is {spec.dimension} but the database stores "
+                            f"{dimension}-dimensional vectors of an unrecorded model; set "
+                            f"EMBEDDING_DIMENSION={dimension} (and the model that made them) "
+                            "once, so it is recorded, then change models"
+                        )
+                    keys, values = meta_rows(spec)
+                    try:
+                        with translate_errors():
+                            await conn.execute(q("adopt_embedding_meta"), keys, values)
+                    except PermissionDenied:
+                        # A login role that may not write halldyll_meta: the database keeps
+                        # naming no model, and accepts vectors of any (as before 0010).
+                        return None
+                    active, _ = await read_active(conn)
+                    assert active is not None
+                if active.model_id == spec.model_id:
+                    with contextlib.suppress(PermissionDenied):  # then `halldyll reembed`
+                        await abandon(conn)
+                    return None
+            finally:
+                await conn.close()
+        try:
+            previous = await asyncio.to_thread(
+                OnnxEncoder.load,
+                active.path,
+                dimension=active.dimension,
+                provider=self.settings.embedding_provider,
+                batch_size=self.settings.embedding_batch_size,
+                max_seq_length=active.max_seq_length,
+            )
+        except ConfigurationError as exc:
+            raise ConfigurationError(
+                f"the stored memories are embedded with {active.model_id} "
+                f"({active.path or 'the packaged model'}), which searches use until every "
+                f"memory is embedded again with {spec.model_id}; it cannot be loaded: "
+                f"{exc.message}",
+                setting="EMBEDDING_MODEL_PATH",
+            ) from exc
+        if previous.model_id != active.model_id:
+            raise ConfigurationError(
+                f"the stored memories are embedded with {active.model_id} but "
+                f"{active.path or 'the packaged model'} is now {previous.model_id}; put the "
+                "original model file back until the re-embedding completes",
+                setting="EMBEDDING_MODEL_PATH",
+            )
+        return previous, spec
+
     def _build(
-        self, db: Database, cache: TieredCache, encoder: TextEncoder, dsn: str
+        self,
+        db: Database,
+        cache: TieredCache,
+        encoder: TextEncoder,
+        dsn: str,
+        previous: tuple[TextEncoder, ModelSpec] | None = None,
     ) -> Components:
         settings = self.settings
         audit = Audit(db)
         models = ModelRegistry(db)
-        embeddings = Embeddings(encoder, cache, self._embedder)
+        reembedding = None
+        if previous is None:
+            embeddings = Embeddings(encoder, cache, self._embedder)
+        else:
+            # Until the switch: the database's model, in this process (the Embedding
+            # deployment serves the configured one), for queries and new chunks alike.
+            old_encoder, spec = previous
+            embeddings = Embeddings(old_encoder, cache, None)
+            reembedding = Reembedding(
+                dsn,
+                embeddings,
+                Embeddings(encoder, cache, self._embedder),
+                spec,
+                batch_size=settings.reembed_batch_size,
+            )
         ingestion = Ingestion(db, embeddings, models, settings)
         search = Search(db, cache, embeddings, models, settings)
         return Components(
@@ -221,10 +353,16 @@ class MemoryEngine:
                 idle_check_s=settings.events_recheck_seconds,
                 max_subscribers=settings.events_max_streams,
             ),
+            reembedding=reembedding,
         )
 
     async def close(self) -> None:
         """Close the pool and Redis client; leave the embedded server (stops with the last)."""
+        task, self._reembed_task = self._reembed_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         components, self._components = self._components, None
         if components is not None:
             await components.events.close()
@@ -289,11 +427,8 @@ class MemoryEngine:
             report["redis"] = {"ok": await remote.ping(), "configured": True}
         if self._components is not None:
             report["events"] = self._components.events.state()
-        report["model"] = {
-            "ok": True,
-            "id": self.encoder.model_id,
-            "dimension": self.encoder.dimension,
-        }
+        live = self.components.embeddings.encoder
+        report["model"] = {"ok": True, "id": live.model_id, "dimension": live.dimension}
         # Redis down means slower, never failing: readiness depends on PostgreSQL and the
         # model only (a 503 here would take every replica out of its load balancer).
         report["ok"] = report["database"]["ok"]
@@ -754,6 +889,26 @@ class MemoryEngine:
         See :meth:`halldyll_ray.components.operations.Operations.ensure_user_indexes`.
         """
         return await self.components.operations.ensure_user_indexes(min_rows=min_rows)
+
+    async def reembed_status(self) -> ReembedStatus:
+        """Where the move to another embedding model stands (``state``, models, ``done`` of
+        ``total`` chunks, ``remaining``); see :mod:`halldyll_ray.components.reembedding`."""
+        async with self.db.scoped(admin=True, readonly=True) as conn:
+            return await read_status(conn)
+
+    async def reembed(self, *, max_batches: int | None = None) -> ReembedStatus:
+        """Run the re-embedding to the configured model in the foreground, until the switch
+        (or ``max_batches`` batches); resumable. Returns the status at once when the
+        database's vectors are already of the configured model or another process runs it.
+
+        Raises:
+            PermissionDenied: the login role does not own ``memory_chunks``.
+            Unavailable: PostgreSQL unreachable or the table's lock not had in 10 s.
+        """
+        reembedding = self.components.reembedding
+        if reembedding is None:
+            return await self.reembed_status()
+        return await reembedding.run(max_batches=max_batches)
 
     async def purge_audit(self, *, older_than_days: int | None = None) -> int:
         """Delete audit rows past the retention (AUDIT_RETENTION_DAYS), as the table owner."""

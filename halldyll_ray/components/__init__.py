@@ -12,6 +12,7 @@
 ``context``        the prompt context under a token budget
 ``agent_loop``     record_turn: session logs, rolling summaries, candidate facts
 ``operations``     maintenance: expiry, per-user indexes, audit retention
+``reembedding``    moving every stored vector to another embedding model, in the background
 =================  ==========================================================================
 
 None of them imports Ray. :class:`halldyll_ray.engine.MemoryEngine` builds them once the

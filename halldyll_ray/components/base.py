@@ -11,6 +11,7 @@ from uuid import UUID
 import asyncpg
 import numpy as np
 
+from halldyll_ray.components.embeddings import model_of
 from halldyll_ray.errors import NotFound
 from halldyll_ray.models import Message, MessageRole, StoredMessage
 from halldyll_ray.storage.database import Database
@@ -83,9 +84,16 @@ async def require_user(db: Database, user_id: UUID) -> None:
 async def insert_chunks(
     conn: asyncpg.Connection, row: Any, chunks: Sequence[Chunk], vectors: np.ndarray
 ) -> None:
-    """Write ``chunks`` of the memory ``row`` with ``vectors`` (len(chunks) x dimension)."""
+    """Write ``chunks`` of the memory ``row`` with ``vectors`` (len(chunks) x dimension, from
+    :meth:`~halldyll_ray.components.embeddings.Embeddings.embed`, which names their model).
+
+    Raises:
+        Unavailable: the vectors are of another model than the one the database searches
+            (a re-embedding switched models since they were made); nothing is written.
+    """
     if not chunks:
         return
+    embedding_model = model_of(vectors)
     insert = query("insert_chunk")
     await conn.executemany(
         insert.sql,
@@ -103,7 +111,8 @@ async def insert_chunks(
                 chunk_index=c.chunk_index,
                 content=c.text,
                 label=c.label,
-                embedding=vectors[i],
+                embedding=np.asarray(vectors[i]),
+                embedding_model=embedding_model,
             )
             for i, c in enumerate(chunks)
         ],

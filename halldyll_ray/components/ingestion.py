@@ -29,7 +29,7 @@ from halldyll_ray.components.base import (
     message_label,
     require_user,
 )
-from halldyll_ray.components.embeddings import Embeddings
+from halldyll_ray.components.embeddings import Embeddings, model_of
 from halldyll_ray.components.memories import MEMORY, expired, split, to_record
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.config import Settings
@@ -222,7 +222,15 @@ class Ingestion:
             # check below cannot race another replica storing a paraphrase at the same time.
             await lock_user(conn, user_id)
             row = None
-            near = await conn.fetchrow(q("nearest_fact"), user_id, model_id, vector)
+            near = await conn.fetchrow(
+                *bind(
+                    "nearest_fact",
+                    user_id=user_id,
+                    model_id=model_id,
+                    vector=vector,
+                    embedding_model=model_of(vectors),
+                )
+            )
             if near is not None and near["similarity"] >= self.settings.fact_merge_similarity:
                 row = await conn.fetchrow(
                     *bind(

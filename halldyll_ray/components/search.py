@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import TypeAdapter
 
 from halldyll_ray import validation
-from halldyll_ray.components.embeddings import Embeddings
+from halldyll_ray.components.embeddings import Embeddings, model_of
 from halldyll_ray.components.memories import expired, tags_filter, to_record
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.config import Settings
@@ -333,7 +333,8 @@ class Search:
                 *bind(
                     "search_semantic",
                     user_id=user_id,
-                    vector=vector,
+                    vector=np.asarray(vector),
+                    embedding_model=model_of(vector),
                     fetch=fetch,
                     **filters.params(),
                 )
@@ -360,7 +361,8 @@ class Search:
                     "search_fulltext",
                     user_id=user_id,
                     query=query,
-                    vector=vector,
+                    vector=None if vector is None else np.asarray(vector),
+                    embedding_model=None if vector is None else model_of(vector),
                     fetch=fetch,
                     **filters.params(),
                 )

@@ -29,7 +29,7 @@ import numpy as np
 from halldyll_ray import validation
 from halldyll_ray.components.audit import write_audit
 from halldyll_ray.components.base import Chunk, insert_chunks, insert_messages, lock_user
-from halldyll_ray.components.embeddings import Embeddings
+from halldyll_ray.components.embeddings import Embeddings, model_of
 from halldyll_ray.components.ingestion import Chunker
 from halldyll_ray.components.memories import split, to_record
 from halldyll_ray.components.registry import ModelRegistry
@@ -452,7 +452,15 @@ class Transfer:
             q("fact_by_key"), user_id, line.model_id, make_fact_key(fact.statement)
         )
         if existing is None and len(vectors):
-            near = await conn.fetchrow(q("nearest_fact"), user_id, line.model_id, vectors[0])
+            near = await conn.fetchrow(
+                *bind(
+                    "nearest_fact",
+                    user_id=user_id,
+                    model_id=line.model_id,
+                    vector=vectors[0],
+                    embedding_model=model_of(vectors),
+                )
+            )
             if near is not None and near["similarity"] >= self.settings.fact_merge_similarity:
                 existing = near["memory_id"]
         if existing is None:

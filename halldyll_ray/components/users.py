@@ -168,7 +168,7 @@ class Users:
             counts = await conn.fetchrow(q("erasure_counts"), user_id)
             texts = [r["indexed"] for r in await conn.fetch(q("erasure_texts"), user_id)]
             await conn.fetchval(q("delete_user"), user_id)
-            removed = await self.cache.erase(user_id, self.embeddings.cache_keys(texts))
+            removed = await self.cache.erase(user_id, self.embeddings.erasure_keys(texts))
             receipt = ErasureReceipt(
                 user_id=user_id,
                 username=counts["username"],

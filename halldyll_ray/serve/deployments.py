@@ -196,6 +196,7 @@ class Embedder:
             dimension=self.settings.embedding_dimension,
             provider=self.settings.embedding_provider,
             batch_size=self.settings.embedding_batch_size,
+            max_seq_length=self.settings.embedding_max_seq_length,
         )
         self.batch_sizes: list[int] = []  # requests per model call, the last 1000
         self.texts = 0

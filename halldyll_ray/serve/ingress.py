@@ -510,6 +510,13 @@ class Ingress(EngineOwner):
         )
         return json_response(Items(items=rows))
 
+    @api.get("/v1/admin/reembedding", tags=["maintenance"])
+    async def reembedding(self, request: Request) -> Any:
+        """Where a change of embedding model stands (Admins): ``state`` (idle, embedding,
+        indexing, complete), ``active_model`` (whose vectors searches read), the target,
+        ``done`` of ``total`` chunks and ``remaining``."""
+        return json_response(await (await self._api(request)).reembed_status())
+
     # ----------------------------------------------------------------------- change feed
     @api.get(
         "/v1/users/{user_id}/events",

@@ -30,6 +30,10 @@ _SCOPE = (
     "set_config('hnsw.iterative_scan', 'relaxed_order', true)"
 )
 
+#: SQLSTATE of a search or chunk write with vectors of another model than the one the
+#: database searches (migration 0010).
+EMBEDDING_MODEL_CHANGED = "HL001"
+
 # asyncpg's client-side encoding error (an int over int64, a str for a uuid column) is an
 # InterfaceError, which would otherwise read as "unavailable".
 _ClientDataError = asyncpg.exceptions._base.DataError
@@ -104,6 +108,11 @@ def translate_errors() -> Iterator[None]:
             "written, retry",
             retry_after=1,
         ) from exc
+    except asyncpg.LockNotAvailableError as exc:  # lock_timeout (maintenance DDL)
+        raise Unavailable(
+            "a table lock was not had in time (a long transaction holds it); retry",
+            retry_after=10,
+        ) from exc
     except (asyncpg.ReadOnlySQLTransactionError, asyncpg.QueryCanceledError) as exc:
         raise Unavailable(
             f"PostgreSQL cannot take writes now ({type(exc).__name__}); nothing was written, retry",
@@ -117,6 +126,16 @@ def translate_errors() -> Iterator[None]:
         raise Unavailable(f"PostgreSQL is unavailable: {type(exc).__name__}") from exc
     except asyncpg.PostgresConnectionError as exc:
         raise Unavailable(f"PostgreSQL is unavailable: {type(exc).__name__}") from exc
+    except asyncpg.PostgresError as exc:
+        if getattr(exc, "sqlstate", None) == EMBEDDING_MODEL_CHANGED:
+            # Migration 0010: vectors of a model the database no longer searches (a
+            # re-embedding has just switched models; this process follows within seconds).
+            raise Unavailable(
+                "the embedding model was switched while this request ran; nothing was "
+                "written, retry",
+                retry_after=2,
+            ) from exc
+        raise
 
 
 async def register_codecs(conn: asyncpg.Connection) -> None:

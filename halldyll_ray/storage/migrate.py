@@ -100,6 +100,20 @@ async def applied_versions(conn: asyncpg.Connection) -> dict[int, str]:
     return {row["version"]: row["checksum"] for row in rows}
 
 
+async def rendered_dimension(conn: asyncpg.Connection) -> int | None:
+    """The EMBEDDING_DIMENSION the database's migrations were rendered with, or None for an
+    empty database. Migration 0010 keeps it apart from ``embedding_dimension``, the size of
+    the vectors searched now, which a re-embedding changes."""
+    if not await conn.fetchval("SELECT to_regclass('halldyll_meta') IS NOT NULL"):
+        return None
+    rows = await conn.fetch(
+        "SELECT key, value FROM halldyll_meta "
+        "WHERE key IN ('migration_embedding_dimension', 'embedding_dimension')"
+    )
+    found = {row["key"]: int(row["value"]) for row in rows}
+    return found.get("migration_embedding_dimension", found.get("embedding_dimension"))
+
+
 async def apply_migrations(
     dsn_or_conn: str | asyncpg.Connection,
     *,
@@ -128,8 +142,12 @@ async def apply_migrations(
                        applied_at timestamptz NOT NULL DEFAULT now())"""
             )
             done = await applied_versions(conn)
+            # A built database renders its migrations with the dimension it was built with,
+            # whatever the model now configured (a re-embedding may be under way or done).
+            built_with = await rendered_dimension(conn)
+            dimension = embedding_dimension if built_with is None else built_with
             for migration in migrations:
-                sql = render(migration, embedding_dimension=embedding_dimension)
+                sql = render(migration, embedding_dimension=dimension)
                 checksum = hashlib.sha256(sql.encode()).hexdigest()
                 if migration.version in done:
                     if done[migration.version] != checksum:
@@ -163,8 +181,12 @@ async def apply_migrations(
     return applied_now
 
 
-async def check_schema(conn: asyncpg.Connection, *, embedding_dimension: int) -> None:
-    """Fail fast when migrations are missing or were run for another vector size."""
+async def check_schema(conn: asyncpg.Connection, *, embedding_dimension: int | None) -> None:
+    """Fail fast when migrations are missing or were run for another vector size.
+
+    ``embedding_dimension=None`` leaves the vector size to the caller (the engine, which
+    starts a re-embedding when the configured model is not the database's).
+    """
     done = await applied_versions(conn)
     expected = {m.version for m in load_migrations()}
     missing = sorted(expected - set(done))
@@ -173,6 +195,8 @@ async def check_schema(conn: asyncpg.Connection, *, embedding_dimension: int) ->
             f"the database schema is not up to date (missing migrations {missing}); run "
             "`halldyll migrate` first"
         )
+    if embedding_dimension is None:
+        return
     stored = await conn.fetchval(
         "SELECT value FROM halldyll_meta WHERE key = 'embedding_dimension'"
     )

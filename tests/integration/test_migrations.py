@@ -26,6 +26,7 @@ EXPECTED_TABLES = {
     "schema_migrations",
     "memory_events",
     "memory_event_horizon",
+    "embedding_jobs",
 }
 
 

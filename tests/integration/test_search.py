@@ -281,6 +281,7 @@ async def test_small_user_among_many_rows_loses_nothing(
         "search_semantic",
         user_id=small.id,
         vector=query_vector,
+        embedding_model=engine.components.embeddings.encoder.model_id,
         types=None,
         model_id=None,
         include_shared=True,

@@ -63,13 +63,14 @@ RETURNING *, true AS reinforced;
 
 -- name: nearest_fact
 -- The closest existing fact of the same user and the same model scope.
-SELECT c.memory_id, 1 - (c.embedding <=> $3) AS similarity
+SELECT c.memory_id, 1 - (c.embedding <=> :vector) AS similarity
 FROM memory_chunks c
 JOIN memories m ON m.id = c.memory_id
-WHERE c.user_id = $1 AND c.type = 'fact'
-  AND c.model_id IS NOT DISTINCT FROM $2
+WHERE c.user_id = :user_id AND c.type = 'fact'
+  AND c.model_id IS NOT DISTINCT FROM :model_id
+  AND halldyll_embedding_model_is(:embedding_model)
   AND (m.expires_at IS NULL OR m.expires_at > now())
-ORDER BY c.embedding <=> $3
+ORDER BY c.embedding <=> :vector
 LIMIT 1;
 
 -- name: get_memory
@@ -123,4 +124,6 @@ DELETE FROM memories WHERE id = $1 AND user_id = $2 RETURNING id, type;
 INSERT INTO memory_chunks (memory_id, user_id, model_id, session_id, type, tags, created_at,
                            part, part_index, chunk_index, content, label, embedding)
 VALUES (:memory_id, :user_id, :model_id, :session_id, :type, :tags, :created_at,
-        :part, :part_index, :chunk_index, :content, :label, :embedding);
+        :part, :part_index, :chunk_index, :content, :label,
+        -- refused (SQLSTATE HL001) unless embedding_model made the vectors searched now
+        halldyll_embedding_for_write(:embedding_model, :embedding));

@@ -9,6 +9,8 @@ WITH hits AS MATERIALIZED (
            c.embedding <=> :vector AS distance
     FROM memory_chunks c
     WHERE c.user_id = :user_id
+      -- the query was embedded by the model these vectors are of (migration 0010)
+      AND halldyll_embedding_model_is(:embedding_model)
       AND (:types::text[] IS NULL OR c.type = ANY(:types))
       AND (:model_id::uuid IS NULL OR c.model_id = :model_id
            OR (:include_shared AND c.model_id IS NULL))
@@ -82,4 +84,5 @@ SELECT c.memory_id, c.part, c.part_index, c.chunk_index, c.content, r.rank,
        CASE WHEN :vector::vector IS NULL THEN NULL ELSE 1 - (c.embedding <=> :vector) END
            AS similarity
 FROM ranked r JOIN memory_chunks c ON c.id = r.id CROSS JOIN query_weight w
+WHERE :vector::vector IS NULL OR halldyll_embedding_model_is(:embedding_model)
 ORDER BY r.rank DESC, c.memory_id, c.part, c.part_index, c.chunk_index;
