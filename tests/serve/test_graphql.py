@@ -212,3 +212,16 @@ async def test_subscriptions_follow_the_change_feed_over_websocket(
             with pytest.raises(ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 30)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+
+
+async def test_a_request_that_is_not_graphql_gets_the_api_error_shape(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    _, key = await user_with_key(http, admin_key)
+    for body in (b"{not json", b"{}", b'[{"query": "{ me { id } }"}]'):
+        response = await http.post(
+            GQL, content=body, headers={**bearer(key), "content-type": "application/json"}
+        )
+        assert response.status_code == 400, (body, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "invalid_input" and error["message"] and error["request_id"]
