@@ -219,11 +219,15 @@ for _cls in _LOST:
     api.add_exception_handler(_cls, _replica_lost)
 
 
-def _request_id(scope: Any) -> str:
+def _request_id(scope: Any) -> str | None:
+    """The client's X-Request-ID, a new id when it sent none, or None when it sent one that
+    is not 1-128 characters of ``A-Z a-z 0-9 . _ : -`` (the request is then refused: Serve
+    echoes the client's header on the response, so replacing it would put one id on the
+    response and another in the logs and audit rows)."""
     for name, value in scope.get("headers") or ():
         if name == b"x-request-id":
             given = value.decode("latin-1")
-            return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+            return given if _REQUEST_ID.fullmatch(given) else None
     return uuid.uuid4().hex
 
 
@@ -252,8 +256,20 @@ class _RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _request_id(scope)
+        given = _request_id(scope)
+        request_id = given or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        if given is None:
+            refusal = error_response(
+                400,
+                "invalid_input",
+                "X-Request-ID must be 1-128 characters of A-Z a-z 0-9 . _ : -",
+                request_id,
+                field="X-Request-ID",
+            )
+            await refusal(scope, receive, send)
+            self._record(scope, request_id, 400, time.perf_counter())
+            return
         limit = _body_limit(scope)
         for name, value in scope.get("headers") or ():
             if name == b"content-length" and (not value.isdigit() or int(value) > limit):

@@ -187,6 +187,11 @@ async def test_errors_have_one_shape(http: httpx.AsyncClient, admin_key: str) ->
     ).status_code == 403
     echoed = await http.get("/v1/me", headers={"X-Request-ID": "trace-123", **bearer(key)})
     assert echoed.headers["X-Request-ID"] == "trace-123"
+    # An id that logs and audit rows could not carry as sent is refused, not replaced.
+    for bad in ("x" * 129, "two words", "a/b", "é".encode()):
+        refused = await http.get("/v1/me", headers={"X-Request-ID": bad, **bearer(key)})
+        assert refused.status_code == 400, bad
+        assert refused.json()["error"]["field"] == "X-Request-ID"
     audit = (await http.get("/v1/audit?outcome=denied&limit=20", headers=bearer(admin_key))).json()[
         "items"
     ]
