@@ -54,13 +54,19 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def template_db(pg_admin_url: str) -> AsyncIterator[str]:
-    conn = await asyncpg.connect(pg_admin_url)
+    # A connection per statement, not one held for the session: tests that terminate
+    # backends (outages, a killed LISTEN connection) would close it under the teardown.
+    await _admin(pg_admin_url, f'DROP DATABASE IF EXISTS "{TEMPLATE}"')
+    await _admin(pg_admin_url, f'CREATE DATABASE "{TEMPLATE}"')
+    await apply_migrations(with_database(pg_admin_url, TEMPLATE), embedding_dimension=384)
+    yield TEMPLATE
+    await _admin(pg_admin_url, f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
+
+
+async def _admin(url: str, statement: str) -> None:
+    conn = await asyncpg.connect(url)
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}"')
-        await conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
-        await apply_migrations(with_database(pg_admin_url, TEMPLATE), embedding_dimension=384)
-        yield TEMPLATE
-        await conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
+        await conn.execute(statement)
     finally:
         await conn.close()
 

@@ -101,14 +101,20 @@ async def scratch_database(
 ) -> AsyncIterator[str]:
     """A new database (a copy of ``template``, or empty), dropped when the block ends."""
     name = f"{prefix}_{uuid.uuid4().hex[:16]}"
-    conn = await asyncpg.connect(admin_url)
-    try:
-        clause = f' TEMPLATE "{template}"' if template else ""
-        await conn.execute(f'CREATE DATABASE "{name}"{clause}')
-        yield with_database(admin_url, name)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    clause = f' TEMPLATE "{template}"' if template else ""
+
+    async def admin(statement: str) -> None:
+        # A connection per statement: one held across the block (a whole serve session) could
+        # be closed under it by a test that terminates backends.
+        conn = await asyncpg.connect(admin_url)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    await admin(f'CREATE DATABASE "{name}"{clause}')
+    yield with_database(admin_url, name)
+    await admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def bearer(key: str) -> dict[str, str]:
