@@ -279,6 +279,7 @@ async def test_memories_show_each_type_as_itself(
     # ... by AI model, and by tag.
     await page.get_by_label("Session").fill("")
     await page.get_by_label("AI model").select_option(seeded["llm"])
+    await page.get_by_label("Include shared").uncheck()  # memories of no model are shared
     await page.get_by_role("button", name="Apply").click()
     await expect(timeline.locator("article")).to_have_count(1)
     assert (
@@ -286,6 +287,7 @@ async def test_memories_show_each_type_as_itself(
         == (seeded["conversation"]["id"])
     )
     await page.get_by_label("AI model").select_option("")
+    await page.get_by_label("Include shared").check()
     await page.get_by_label("Tags (comma-separated)").fill("qs")
     await page.get_by_role("button", name="Apply").click()
     await expect(timeline.locator("article")).to_have_count(1)
@@ -451,10 +453,11 @@ async def test_admin_manages_users_keys_grants_models_and_reads_the_audit_log(
     assert set(await rows.locator("td:nth-child(5)").all_inner_texts()) == {"key.create"}
     await shot(page, "admin-audit")
     rid = f"ui-{uuid.uuid4().hex[:8]}"
-    _, user_key = await user_with_key(http, admin_key)
+    nosy, user_key = await user_with_key(http, admin_key)
     refused = await http.get("/v1/audit", headers={**bearer(user_key), "X-Request-ID": rid})
     assert refused.status_code == 403
     await page.get_by_label("Action").fill("")
+    await page.get_by_label("Actor (user id)").fill(nosy["id"])
     await page.get_by_label("Outcome").select_option("denied")
     await page.get_by_label("Request id").fill(rid)
     await page.get_by_role("button", name="Filter").click()
@@ -550,12 +553,12 @@ async def test_keyboard_only_use_and_labelled_controls(
             raise AssertionError(f"Tab never reached the {view} link")
         await page.keyboard.press("Enter")
         await page.get_by_role("heading", name=heading, exact=True).wait_for()
-        assert await page.locator("nav a[aria-current='page']").inner_text() == view
+        assert await page.locator("#nav a[aria-current='page']").inner_text() == view
         assert await unlabelled(page) == [], view
     # Each Admin section's controls are labelled too.
     for section in ("users", "keys", "grants", "models", "audit"):
         await page.goto(f"/ui/#/admin/{section}")
-        await page.locator("main section form, main section .notice").first.wait_for()
+        await page.locator("#view section form, #view section .notice").first.wait_for()
         assert await unlabelled(page) == [], section
     # A search by keyboard alone.
     await page.goto("/ui/#/search")

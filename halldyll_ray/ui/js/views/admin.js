@@ -189,7 +189,7 @@ async function models(root) {
 
 async function audit(root) {
   const form = h("form.filters", { "aria-label": "Audit filters" },
-    field({ label: "Actor or acting-for (user id)", name: "user_id", size: 36 }),
+    field({ label: "Actor (user id)", name: "actor", size: 36 }),
     field({ label: "Target id", name: "target", size: 36 }),
     field({ label: "Action", name: "operation", placeholder: "e.g. memory.update" }),
     field({ label: "Outcome", name: "outcome", options: [["", "any"], ["ok", "ok"], ["denied", "denied"], ["error", "error"]] }),
@@ -204,11 +204,12 @@ async function audit(root) {
     if (reset) beforeId = null;
     let rows;
     try {
-      const page = await get("/v1/audit", { user_id: v.user_id, operation: v.operation, outcome: v.outcome, before_id: beforeId, limit: 200 });
+      // The API's user_id matches the actor or the user acted for; the actor is kept here.
+      const page = await get("/v1/audit", { user_id: v.actor, operation: v.operation, outcome: v.outcome, before_id: beforeId, limit: 200 });
       rows = page.items;
     } catch (err) { fill(list, failure(err)); older.hidden = true; return; }
-    // The API filters by user, action and outcome; target and request id are matched here.
-    const shown = rows.filter((r) => (!v.target || (r.target_ids || []).includes(v.target))
+    // The API filters by user, action and outcome; actor, target and request id are matched here.
+    const shown = rows.filter((r) => (!v.actor || r.actor_id === v.actor) && (!v.target || (r.target_ids || []).includes(v.target))
       && (!v.request_id || r.request_id === v.request_id));
     beforeId = rows.length ? rows[rows.length - 1].id : null;
     older.hidden = rows.length < 200;
