@@ -185,7 +185,7 @@ async def test_the_ui_is_served_offline_with_a_strict_policy(http: httpx.AsyncCl
     assert "script-src 'self'" in csp and "'unsafe-inline'" not in csp
     assert "frame-ancestors 'none'" in csp and r.headers["x-content-type-options"] == "nosniff"
     # No CDN: every script and stylesheet the page names is a relative path served here.
-    assets = re.findall(r'(?:src|href)="([^"#]+)"', r.text)
+    assets = [a for a in re.findall(r'(?:src|href)="([^"#]+)"', r.text) if a != "data:,"]
     assert assets and all(not a.startswith(("http:", "https:", "//")) for a in assets)
     for asset in assets:
         got = await http.get(f"/ui/{asset}")
@@ -262,6 +262,7 @@ async def test_memories_show_each_type_as_itself(
 
     # Filtered by type: only facts.
     await page.goto("/ui/#/memories")
+    await timeline.locator("article").first.wait_for()
     await page.get_by_label("Type").select_option("fact")
     await page.get_by_role("button", name="Apply").click()
     await expect(timeline.locator("article .badge").filter(has_not_text="fact")).to_have_count(0)
@@ -450,6 +451,7 @@ async def test_admin_manages_users_keys_grants_models_and_reads_the_audit_log(
     await page.get_by_role("button", name="Filter").click()
     rows = page.locator("#audit-rows tbody tr")
     await rows.first.wait_for()
+    await expect(rows.locator("td:nth-child(5)").filter(has_not_text="key.create")).to_have_count(0)
     assert set(await rows.locator("td:nth-child(5)").all_inner_texts()) == {"key.create"}
     await shot(page, "admin-audit")
     rid = f"ui-{uuid.uuid4().hex[:8]}"
@@ -461,7 +463,7 @@ async def test_admin_manages_users_keys_grants_models_and_reads_the_audit_log(
     await page.get_by_label("Outcome").select_option("denied")
     await page.get_by_label("Request id").fill(rid)
     await page.get_by_role("button", name="Filter").click()
-    await page.get_by_text("1 row").wait_for()
+    await page.get_by_text("1 row", exact=True).wait_for()
     assert await rows.locator("td:nth-child(7)").all_inner_texts() == ["denied"]
 
 
@@ -537,6 +539,8 @@ async def test_keyboard_only_use_and_labelled_controls(
     await page.keyboard.type(admin_key)
     await page.keyboard.press("Enter")
     await page.get_by_role("navigation", name="Views").wait_for()
+    await expect(page.locator("#main")).to_be_focused()  # signed in: focus on the content
+    await page.locator("#timeline article").first.wait_for()
     for view, heading in (
         ("Memories", "Memories"),
         ("Search", "Search playground"),

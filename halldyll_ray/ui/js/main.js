@@ -95,8 +95,8 @@ function start() {
     const key = input.value.trim();
     input.value = "";
     if (key && (await signIn(key))) {
+      $("main").focus(); // before the view renders: focus never jumps under the person's feet
       await route();
-      $("main").focus();
     }
   });
   $("signout").addEventListener("click", () => signedOut("Signed out."));

@@ -199,15 +199,22 @@ async function audit(root) {
   const older = h("button", { type: "button", hidden: true }, "Older");
   root.append(h("h2", "Audit log"), form, list, older);
   let beforeId = null;
+  let generation = 0; // only the latest filter's rows are shown
   async function load(reset) {
+    const mine = ++generation;
     const v = values(form);
     if (reset) beforeId = null;
+    fill(list, h("p.meta", { role: "status" }, "Loading…"));
     let rows;
     try {
       // The API's user_id matches the actor or the user acted for; the actor is kept here.
       const page = await get("/v1/audit", { user_id: v.actor, operation: v.operation, outcome: v.outcome, before_id: beforeId, limit: 200 });
       rows = page.items;
-    } catch (err) { fill(list, failure(err)); older.hidden = true; return; }
+    } catch (err) {
+      if (mine === generation) { fill(list, failure(err)); older.hidden = true; }
+      return;
+    }
+    if (mine !== generation) return;
     // The API filters by user, action and outcome; actor, target and request id are matched here.
     const shown = rows.filter((r) => (!v.actor || r.actor_id === v.actor) && (!v.target || (r.target_ids || []).includes(v.target))
       && (!v.request_id || r.request_id === v.request_id));

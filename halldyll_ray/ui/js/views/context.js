@@ -18,8 +18,10 @@ export async function render(root, ctx) {
   const out = h("div", { id: "context-out" });
   root.append(h("h1", "Context preview"), form, out);
 
+  let generation = 0; // only the latest preview is shown
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
+    const mine = ++generation;
     const v = values(form);
     const request = { user_message: v.user_message, recent_turns: Number(v.recent_turns || 0) };
     if (v.max_tokens) request.max_tokens = Number(v.max_tokens);
@@ -29,10 +31,12 @@ export async function render(root, ctx) {
     try {
       block = await post(`${userPath(v.user)}/sessions/${encodeURIComponent(v.session)}/prepare`, request);
     } catch (err) {
+      if (mine !== generation) return;
       if (err.status === 401) { ctx.onUnauthenticated(); return; }
       fill(out, failure(err));
       return;
     }
+    if (mine !== generation) return;
     const link = (id) => h("a", { href: `#/memories/${encodeURIComponent(v.user)}/${id}` }, id.slice(0, 8));
     fill(out,
       h("p", { role: "status" }, `${block.token_count} of ${block.max_tokens} tokens `,

@@ -38,7 +38,9 @@ export async function render(root, ctx) {
   let query = {};
   let user = "me";
 
+  let generation = 0; // a newer Apply makes the answers of older requests stale
   async function load(reset) {
+    const mine = reset ? ++generation : generation;
     if (reset) {
       const v = values(form);
       user = v.user;
@@ -52,6 +54,7 @@ export async function render(root, ctx) {
     }
     try {
       const page = await get(`${userPath(user)}/memories`, { ...query, cursor });
+      if (mine !== generation) return;
       for (const stored of page.items) {
         const day = new Date(stored.created_at).toLocaleDateString(undefined,
           { weekday: "short", year: "numeric", month: "short", day: "numeric" });
@@ -63,6 +66,7 @@ export async function render(root, ctx) {
       more.hidden = !cursor;
       count.textContent = shown ? `${shown} memor${shown === 1 ? "y" : "ies"}${cursor ? " (more below)" : ""}` : "No memories match.";
     } catch (err) {
+      if (mine !== generation) return;
       if (err.status === 401) { ctx.onUnauthenticated(); return; }
       more.hidden = true;
       count.textContent = "";

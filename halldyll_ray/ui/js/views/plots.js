@@ -32,12 +32,20 @@ function overTime(memories) {
     if (!days.has(day)) days.set(day, Object.fromEntries(TYPES.map((t) => [t, 0])));
     days.get(day)[m.type] += 1;
   }
-  const xs = [...days.keys()].sort((a, b) => a - b);
-  const data = [xs, ...TYPES.map((t) => xs.map((x) => days.get(x)[t]))];
-  const summary = TYPES.map((t) => `${t} ${memories.filter((m) => m.type === t).length}`).join(", ") + ` over ${xs.length} day${xs.length === 1 ? "" : "s"}`;
+  const seen = [...days.keys()].sort((a, b) => a - b);
+  // Every day from the day before the first to the day after the last (at most ~3 years): a
+  // day without memories is a real 0, and a single day still gets an axis of days.
+  let xs = seen;
+  if (seen.length && (seen[seen.length - 1] - seen[0]) / DAY <= 1100) {
+    xs = [];
+    for (let d = seen[0] - DAY; d <= seen[seen.length - 1] + DAY; d += DAY) xs.push(d);
+  }
+  const count = (x, t) => (days.has(x) ? days.get(x)[t] : 0);
+  const data = [xs, ...TYPES.map((t) => xs.map((x) => count(x, t)))];
+  const summary = TYPES.map((t) => `${t} ${memories.filter((m) => m.type === t).length}`).join(", ") + ` over ${seen.length} day${seen.length === 1 ? "" : "s"}`;
   return chart("Memories over time by type", summary, {
     // A day either side, so that one day of data is a readable day, not years of axis.
-    scales: { x: { time: true, range: (u, min, max) => [min - DAY, max + DAY] }, y: { range: fromZero } },
+    scales: { x: { time: true }, y: { range: fromZero } },
     series: [{}, ...TYPES.map((t) => ({ label: t, stroke: COLORS[t], width: 2, points: { show: true, size: 6 } }))],
     axes: [{}, { label: "memories / day" }],
   }, data);
@@ -76,9 +84,23 @@ function storage(memories, capped) {
   return h("div", figure, tableEl, capped ? h("p.meta", "Counted over the newest 5000 memories.") : null);
 }
 
+/** Every minute from the replica's start (at most the window) to now; a minute without a
+ * request counts 0 requests and has no latency. */
+function perMinute(stats) {
+  const byMinute = new Map(stats.minutes.map((m) => [Date.parse(m.at) / 1000, m]));
+  const now = Math.floor(Date.now() / 60000) * 60;
+  const started = Math.floor(Date.parse(stats.started_at) / 60000) * 60;
+  const first = Math.min(now - 60, Math.max(started, now - (stats.window_minutes - 1) * 60));
+  const xs = [];
+  for (let t = first; t <= now; t += 60) xs.push(t);
+  for (const t of byMinute.keys()) if (t < first || t > now) xs.push(t);  // clock skew
+  xs.sort((a, b) => a - b);
+  const empty = { requests: 0, errors: 0, mean_ms: null, p95_ms: null };
+  return { xs, minutes: xs.map((t) => byMinute.get(t) || empty) };
+}
+
 function service(stats) {
-  const minutes = stats.minutes;
-  const xs = minutes.map((m) => Date.parse(m.at) / 1000);
+  const { xs, minutes } = perMinute(stats);
   const total = stats.routes.reduce((s, r) => s + r.requests, 0);
   const rate = chart("Request rate", `${total} requests since ${new Date(stats.started_at).toLocaleString()}; per minute over the last ${stats.window_minutes} minutes`, {
     scales: { x: { time: true }, y: { range: fromZero } },

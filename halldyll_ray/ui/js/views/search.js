@@ -40,8 +40,10 @@ export async function render(root, ctx) {
   const results = h("ol", { id: "results", "aria-label": "Results" });
   root.append(h("h1", "Search playground"), form, status, results);
 
+  let generation = 0; // only the latest search's answer is shown
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
+    const mine = ++generation;
     const v = values(form);
     const threshold = v.threshold === "" ? null : Number(v.threshold);
     const request = { query: v.query, group: v.group, limit: Number(v.limit) || 10 };
@@ -59,11 +61,13 @@ export async function render(root, ctx) {
     try {
       answer = await post(`${userPath(v.user)}/search`, request);
     } catch (err) {
+      if (mine !== generation) return;
       if (err.status === 401) { ctx.onUnauthenticated(); return; }
       status.textContent = "";
       results.append(h("li", failure(err)));
       return;
     }
+    if (mine !== generation) return;
     const ms = Math.round(performance.now() - started);
     status.textContent = `${answer.results.length} result${answer.results.length === 1 ? "" : "s"} in ${ms} ms`;
     answer.results.forEach((r, i) => {
