@@ -92,8 +92,9 @@ async def seeded(ray_serve: dict[str, Any], admin_key: str) -> dict[str, Any]:
                 ],
             }
         )
-        tea = await store({"type": "fact", "statement": TEA, "confidence": 0.9, "tags": ["qs"]})
         await store({"type": "fact", "statement": TEA, "confidence": 0.9, "tags": ["qs"]})
+        tea = await store({"type": "fact", "statement": TEA, "confidence": 0.9, "tags": ["qs"]})
+        assert tea["reinforcement_count"] >= 1  # stored again: reinforced
         trip = await store(
             {
                 "type": "fact",
@@ -228,7 +229,9 @@ async def test_memories_show_each_type_as_itself(
     timeline = page.locator("#timeline")
     tea = timeline.locator(f'[data-memory-id="{seeded["tea"]["id"]}"]')
     await tea.get_by_text(TEA).wait_for()
-    assert "reinforced1 time" in (await tea.inner_text()).replace("\n", "").replace("\t", "")
+    count = seeded["tea"]["reinforcement_count"]
+    shown = (await tea.inner_text()).replace("\n", "").replace("\t", "")
+    assert f"reinforced{count} time{'' if count == 1 else 's'}" in shown
     # Stored at 0.9, then reinforced: the confidence rises.
     assert float(await tea.get_by_label("confidence").get_attribute("value")) > 0.9
     trip = timeline.locator(f'[data-memory-id="{seeded["trip"]["id"]}"]')
