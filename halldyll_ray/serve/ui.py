@@ -43,8 +43,8 @@ def ui_directory() -> Path:
 
 class UiFiles:
     """The dashboard's files (Starlette's StaticFiles, ``index.html`` for a folder) with
-    :data:`UI_HEADERS` on every answer, errors included. Plain attributes: picklable, as
-    ``serve.ingress`` needs."""
+    :data:`UI_HEADERS` on every file served (a missing file is the API's JSON 404, which runs
+    no script). Plain attributes: picklable, as ``serve.ingress`` needs."""
 
     def __init__(self, directory: Path) -> None:
         self.files = StaticFiles(directory=directory, html=True)

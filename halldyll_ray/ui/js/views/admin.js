@@ -223,7 +223,8 @@ async function audit(root) {
     fill(list, h("p.meta", { role: "status" }, `${shown.length} row${shown.length === 1 ? "" : "s"}${rows.length === 200 ? " (press Older for more)" : ""}`),
       table(["#", "at", "actor", "acting for", "action", "target", "outcome", "request id", "details"], shown.map((r) =>
         h("tr", { class: `outcome-${r.outcome}` }, h("td.num", String(r.id)), h("td", when(r.at)),
-          h("td", h("code", (r.actor_id || "—").slice(0, 8))), h("td", h("code", (r.acting_for || "—").slice(0, 8))),
+          h("td", h("code", { title: r.actor_id }, (r.actor_id || "—").slice(0, 8))),
+          h("td", h("code", { title: r.acting_for }, (r.acting_for || "—").slice(0, 8))),
           h("td", r.operation), h("td", r.target_type ? `${r.target_type} ${(r.target_ids || []).map((t) => String(t).slice(0, 8)).join(", ")}` : "—"),
           h("td", r.outcome), h("td", h("code", r.request_id || "—")),
           h("td", h("code", JSON.stringify(r.details || {})))))));
