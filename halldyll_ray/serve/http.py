@@ -9,11 +9,14 @@ Every error leaves as ``{"error": {"code", "message", "request_id"}}`` with the 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import collections
 import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -424,6 +427,108 @@ class RouteMetrics:
             tag_keys=("route",),
         )
 
+        self.recent = RecentRequests()
+
     def record(self, method: str, route: str, status: int, elapsed_ms: float) -> None:
         self.requests.inc(tags={"route": route, "method": method, "status": str(status)})
         self.latency.observe(elapsed_ms, tags={"route": route})
+        self.recent.record(method, route, status, elapsed_ms)
+
+
+#: Latency buckets (ms, upper bounds) of :class:`RecentRequests`; the last is unbounded.
+_LATENCY_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000)
+
+
+class _Tally:
+    """Counts, errors and a latency histogram of a set of requests."""
+
+    __slots__ = ("buckets", "count", "errors", "max_ms", "total_ms")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.errors = 0
+        self.total_ms = 0.0
+        self.max_ms = 0.0
+        self.buckets = [0] * (len(_LATENCY_BOUNDS_MS) + 1)
+
+    def add(self, status: int, elapsed_ms: float) -> None:
+        self.count += 1
+        self.errors += status >= 500
+        self.total_ms += elapsed_ms
+        self.max_ms = max(self.max_ms, elapsed_ms)
+        self.buckets[bisect.bisect_left(_LATENCY_BOUNDS_MS, elapsed_ms)] += 1
+
+    def quantile_ms(self, q: float) -> float:
+        """The bucket bound under which a ``q`` share of the requests fell (an upper bound;
+        the largest latency seen for the open last bucket)."""
+        if not self.count:
+            return 0.0
+        wanted, seen = q * self.count, 0
+        for i, n in enumerate(self.buckets):
+            seen += n
+            if seen >= wanted:
+                return float(_LATENCY_BOUNDS_MS[i]) if i < len(_LATENCY_BOUNDS_MS) else self.max_ms
+        return self.max_ms
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.count,
+            "errors": self.errors,
+            "mean_ms": round(self.total_ms / self.count, 3) if self.count else 0.0,
+            "p50_ms": self.quantile_ms(0.5),
+            "p95_ms": self.quantile_ms(0.95),
+            "max_ms": round(self.max_ms, 3),
+        }
+
+
+class RecentRequests:
+    """This process's requests, kept in memory for ``GET /v1/stats``: per route since the
+    start, and per minute over the last ``minutes`` minutes (older minutes are dropped).
+
+    Args:
+        minutes: How many one-minute buckets are kept.
+        clock: Seconds since the epoch (a test's own clock).
+    """
+
+    def __init__(self, minutes: int = 60, clock: Callable[[], float] = time.time) -> None:
+        self._minutes = minutes
+        self._clock = clock
+        self.started_at = clock()
+        self._by_route: dict[tuple[str, str], _Tally] = {}
+        self._by_minute: collections.OrderedDict[int, _Tally] = collections.OrderedDict()
+
+    def record(self, method: str, route: str, status: int, elapsed_ms: float) -> None:
+        minute = int(self._clock() // 60)
+        self._by_route.setdefault((method, route), _Tally()).add(status, elapsed_ms)
+        tally = self._by_minute.get(minute)
+        if tally is None:
+            tally = self._by_minute[minute] = _Tally()
+            while len(self._by_minute) > self._minutes:
+                self._by_minute.popitem(last=False)
+        tally.add(status, elapsed_ms)
+
+    def snapshot(self) -> dict[str, Any]:
+        """``{"started_at", "window_minutes", "routes": [{method, route, requests, errors,
+        mean_ms, p50_ms, p95_ms, max_ms}], "minutes": [{"at", ...the same counts}]}``:
+        times are ISO 8601 UTC, latencies in milliseconds (p50/p95 are bucket bounds), errors
+        are 5xx answers; minutes without a request are absent."""
+        now_minute = int(self._clock() // 60)
+        routes = [
+            {"method": method, "route": route, **tally.as_dict()}
+            for (method, route), tally in sorted(self._by_route.items(), key=lambda kv: kv[0][1])
+        ]
+        minutes = [
+            {"at": _iso(minute * 60), **tally.as_dict()}
+            for minute, tally in self._by_minute.items()
+            if minute > now_minute - self._minutes
+        ]
+        return {
+            "started_at": _iso(self.started_at),
+            "window_minutes": self._minutes,
+            "routes": routes,
+            "minutes": minutes,
+        }
+
+
+def _iso(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat().replace("+00:00", "Z")

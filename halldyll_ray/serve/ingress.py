@@ -66,6 +66,7 @@ from halldyll_ray.serve.http import (
 )
 from halldyll_ray.serve.mcp_http import mount_mcp
 from halldyll_ray.serve.settings import SettingsOverrides
+from halldyll_ray.serve.ui import mount_ui
 
 NDJSON = "application/x-ndjson"
 
@@ -517,6 +518,18 @@ class Ingress(EngineOwner):
         ``done`` of ``total`` chunks and ``remaining``."""
         return json_response(await (await self._api(request)).reembed_status())
 
+    # ----------------------------------------------------------------------- service stats
+    @api.get("/v1/stats", tags=["audit"])
+    async def stats(self, request: Request) -> Any:
+        """This Ingress replica's own request metrics (Admins; ``maintenance``): per route
+        since the replica started, and per minute over the last hour. ``{"started_at",
+        "window_minutes", "routes": [{method, route, requests, errors, mean_ms, p50_ms,
+        p95_ms, max_ms}], "minutes": [{at, requests, errors, mean_ms, p50_ms, p95_ms,
+        max_ms}]}``; errors are 5xx answers, p50/p95 are latency bucket bounds (ms). The
+        same requests are exported to Prometheus as ``halldyll_http_*``."""
+        await (await self._api(request)).check_service_stats()
+        return json_response(api.state.metrics.recent.snapshot())
+
     # ----------------------------------------------------------------------- change feed
     @api.get(
         "/v1/users/{user_id}/events",
@@ -649,6 +662,8 @@ def _parse_uuid(value: str, field: str) -> UUID:
 mount_graphql(api)
 # MCP over Streamable HTTP at /mcp: its tools call the routes above, in process.
 mount_mcp(api)
+# The web dashboard's static files at /ui (it calls the routes above from the browser).
+mount_ui(api)
 
 # serve.ingress rewrites the FastAPI routes into class-based views on the app object it is
 # given; that must happen at import, in every process (driver and replicas), so it cannot be

@@ -135,6 +135,7 @@ def test_the_ready_line_names_the_key_file_never_the_key(tmp_path: Path) -> None
     key_file.write_text("hr_secret\n")
     line = ready_line("http://127.0.0.1:8000", key_file=key_file)
     assert "http://127.0.0.1:8000" in line and str(key_file) in line
+    assert "http://127.0.0.1:8000/ui" in line  # the dashboard
     assert "hr_secret" not in line
     assert "create-key" in ready_line("http://127.0.0.1:8000", key_file=tmp_path / "missing")
     assert "DATABASE_URL is set" in ready_line("http://127.0.0.1:8000", key_file=None)
