@@ -213,6 +213,14 @@ def span(name: str, **attributes: Any) -> Iterator[Span | None]:
         yield current
 
 
+def current_trace_id() -> str | None:
+    """The current span's trace id (32 hex digits) when tracing is on and a span is active."""
+    if _tracer is None:
+        return None
+    found = trace.get_current_span().get_span_context()
+    return format(found.trace_id, "032x") if found.is_valid else None
+
+
 def current_context() -> Context | None:
     """The current trace context when tracing is on, to hand to :func:`batch_span`."""
     return context.get_current() if _tracer is not None else None

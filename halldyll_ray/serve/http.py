@@ -46,7 +46,7 @@ from halldyll_ray.errors import (
     Unavailable,
 )
 from halldyll_ray.schemas import ErrorBody
-from halldyll_ray.tracing import request_scope
+from halldyll_ray.tracing import current_trace_id, request_scope
 
 log = logging.getLogger("halldyll_ray.http")
 _T = TypeVar("_T")
@@ -328,7 +328,16 @@ class _RequestContext:
         elapsed_ms = (time.perf_counter() - started) * 1000
         recorder = getattr(api.state, "metrics", None)
         if recorder is not None:
-            recorder.record(scope["method"], route, status, elapsed_ms)
+            # The request's trace (tracing on): its span is still current, the FastAPI
+            # instrumentation's middleware being outside this one.
+            recorder.record(
+                scope["method"],
+                route,
+                status,
+                elapsed_ms,
+                request_id=request_id,
+                trace_id=current_trace_id(),
+            )
         if log.isEnabledFor(logging.DEBUG):  # Serve's access log has them at INFO
             log.debug(
                 "request",
@@ -429,10 +438,23 @@ class RouteMetrics:
 
         self.recent = RecentRequests()
 
-    def record(self, method: str, route: str, status: int, elapsed_ms: float) -> None:
+    def record(
+        self,
+        method: str,
+        route: str,
+        status: int,
+        elapsed_ms: float,
+        *,
+        request_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> None:
+        """Count one request. Ray's metrics API has no exemplars, so the request and trace
+        ids go to :class:`RecentRequests` only (each window's slowest request)."""
         self.requests.inc(tags={"route": route, "method": method, "status": str(status)})
         self.latency.observe(elapsed_ms, tags={"route": route})
-        self.recent.record(method, route, status, elapsed_ms)
+        self.recent.record(
+            method, route, status, elapsed_ms, request_id=request_id, trace_id=trace_id
+        )
 
 
 #: Latency buckets (ms, upper bounds) of :class:`RecentRequests`; the last is unbounded.
@@ -442,7 +464,7 @@ _LATENCY_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 1000
 class _Tally:
     """Counts, errors and a latency histogram of a set of requests."""
 
-    __slots__ = ("buckets", "count", "errors", "max_ms", "total_ms")
+    __slots__ = ("buckets", "count", "errors", "max_ms", "slowest", "total_ms")
 
     def __init__(self) -> None:
         self.count = 0
@@ -450,11 +472,26 @@ class _Tally:
         self.total_ms = 0.0
         self.max_ms = 0.0
         self.buckets = [0] * (len(_LATENCY_BOUNDS_MS) + 1)
+        #: The slowest request's ids (an exemplar): where to look when max_ms is a surprise.
+        self.slowest: dict[str, Any] | None = None
 
-    def add(self, status: int, elapsed_ms: float) -> None:
+    def add(
+        self,
+        status: int,
+        elapsed_ms: float,
+        request_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> None:
         self.count += 1
         self.errors += status >= 500
         self.total_ms += elapsed_ms
+        if self.slowest is None or elapsed_ms > self.max_ms:
+            self.slowest = {
+                "ms": round(elapsed_ms, 3),
+                "status": status,
+                "request_id": request_id,
+                "trace_id": trace_id,
+            }
         self.max_ms = max(self.max_ms, elapsed_ms)
         self.buckets[bisect.bisect_left(_LATENCY_BOUNDS_MS, elapsed_ms)] += 1
 
@@ -478,6 +515,7 @@ class _Tally:
             "p50_ms": self.quantile_ms(0.5),
             "p95_ms": self.quantile_ms(0.95),
             "max_ms": round(self.max_ms, 3),
+            "slowest": self.slowest,
         }
 
 
@@ -497,21 +535,33 @@ class RecentRequests:
         self._by_route: dict[tuple[str, str], _Tally] = {}
         self._by_minute: collections.OrderedDict[int, _Tally] = collections.OrderedDict()
 
-    def record(self, method: str, route: str, status: int, elapsed_ms: float) -> None:
+    def record(
+        self,
+        method: str,
+        route: str,
+        status: int,
+        elapsed_ms: float,
+        *,
+        request_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> None:
         minute = int(self._clock() // 60)
-        self._by_route.setdefault((method, route), _Tally()).add(status, elapsed_ms)
+        ids = (request_id, trace_id)
+        self._by_route.setdefault((method, route), _Tally()).add(status, elapsed_ms, *ids)
         tally = self._by_minute.get(minute)
         if tally is None:
             tally = self._by_minute[minute] = _Tally()
             while len(self._by_minute) > self._minutes:
                 self._by_minute.popitem(last=False)
-        tally.add(status, elapsed_ms)
+        tally.add(status, elapsed_ms, *ids)
 
     def snapshot(self) -> dict[str, Any]:
         """``{"started_at", "window_minutes", "routes": [{method, route, requests, errors,
-        mean_ms, p50_ms, p95_ms, max_ms}], "minutes": [{"at", ...the same counts}]}``:
+        mean_ms, p50_ms, p95_ms, max_ms, slowest}], "minutes": [{"at", ...the same}]}``:
         times are ISO 8601 UTC, latencies in milliseconds (p50/p95 are bucket bounds), errors
-        are 5xx answers; minutes without a request are absent."""
+        are 5xx answers; minutes without a request are absent. ``slowest`` is the window's
+        slowest request, ``{ms, status, request_id, trace_id}`` (``trace_id`` None with
+        tracing off): the exemplar that links a latency to its trace."""
         now_minute = int(self._clock() // 60)
         routes = [
             {"method": method, "route": route, **tally.as_dict()}

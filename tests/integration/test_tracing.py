@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from opentelemetry import propagate, trace
@@ -187,3 +188,34 @@ def test_an_unsupported_exporter_is_a_configuration_error(
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigurationError, match="OTEL_"):
         tracing._exporting_processors()
+
+
+async def test_the_request_metrics_name_the_trace_of_each_windows_slowest_request(
+    exported: InMemorySpanExporter,
+) -> None:
+    # The Ingress's middleware inside the ASGI instrumentation, as instrument_fastapi
+    # places it: what it records carries the request's trace id.
+    import httpx
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from starlette.responses import PlainTextResponse
+
+    from halldyll_ray.serve import http as served
+    from halldyll_ray.serve.http import RecentRequests
+
+    async def hello(scope: Any, receive: Any, send: Any) -> None:
+        await PlainTextResponse("hi")(scope, receive, send)
+
+    app = OpenTelemetryMiddleware(served._RequestContext(hello))
+    before = getattr(served.api.state, "metrics", None)
+    served.api.state.metrics = recent = RecentRequests()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            answer = await client.get("/hello", headers={"X-Request-ID": "exemplar-1"})
+        assert answer.status_code == 200
+    finally:
+        served.api.state.metrics = before
+    slowest = recent.snapshot()["routes"][0]["slowest"]
+    server = [s for s in exported.get_finished_spans() if s.kind is trace.SpanKind.SERVER]
+    assert slowest["request_id"] == "exemplar-1"
+    assert slowest["trace_id"] == format(server[0].context.trace_id, "032x")

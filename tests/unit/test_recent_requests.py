@@ -52,3 +52,16 @@ def test_only_the_last_minutes_are_kept() -> None:
     clock.now += 60 * 5
     assert recent.snapshot()["minutes"] == []
     assert recent.snapshot()["routes"][0]["requests"] == 8  # per route: since the start
+
+
+def test_each_window_names_its_slowest_request_with_its_ids() -> None:
+    recent = RecentRequests(clock=Clock(0.0))
+    recent.record("GET", "/v1/me", 200, 3, request_id="r-1", trace_id="a" * 32)
+    recent.record("GET", "/v1/me", 503, 70, request_id="r-2", trace_id="b" * 32)
+    recent.record("GET", "/v1/me", 200, 9, request_id="r-3")
+    snap = recent.snapshot()
+    slowest = {"ms": 70.0, "status": 503, "request_id": "r-2", "trace_id": "b" * 32}
+    assert snap["routes"][0]["slowest"] == slowest
+    assert snap["minutes"][0]["slowest"] == slowest
+    recent.record("GET", "/v1/me", 200, 71, request_id="r-4")  # tracing off: no trace id
+    assert recent.snapshot()["routes"][0]["slowest"]["trace_id"] is None
