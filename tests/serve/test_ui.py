@@ -586,6 +586,9 @@ async def test_stats_are_for_admins_and_count_requests(
     stats = r.json()
     me = next(x for x in stats["routes"] if x["route"] == "/v1/me" and x["method"] == "GET")
     assert me["requests"] >= 3 and me["mean_ms"] > 0 and me["p95_ms"] >= me["p50_ms"] > 0
+    # Each window names its slowest request (no trace id: tracing is off in this app).
+    assert me["slowest"]["ms"] == me["max_ms"] and me["slowest"]["request_id"]
+    assert me["slowest"]["trace_id"] is None
     assert stats["window_minutes"] == 60 and sum(m["requests"] for m in stats["minutes"]) >= 3
     again = (await http.get("/v1/stats", headers=bearer(admin_key))).json()
     me2 = next(x for x in again["routes"] if x["route"] == "/v1/me" and x["method"] == "GET")
