@@ -82,9 +82,8 @@ class GraphQLContext:
     """Per request (or WebSocket): the loopback and the caller's ``Authorization`` header;
     ``connection_params`` is what a WebSocket's ``connection_init`` carried."""
 
-    def __init__(self, loopback: Loopback, app: FastAPI, connection: HTTPConnection) -> None:
+    def __init__(self, loopback: Loopback, connection: HTTPConnection) -> None:
         self.loopback = loopback
-        self.app = app
         self.connection_params: dict[str, Any] | None = None
         self.authorization = connection.headers.get("authorization", "")
         self.request_id = request_id_of(connection.scope)
@@ -618,10 +617,9 @@ schema = strawberry.Schema(
 class _GraphQL(GraphQL[GraphQLContext, None]):
     """Strawberry's ASGI app with this service's context and WebSocket check."""
 
-    def __init__(self, loopback: Loopback, app: FastAPI) -> None:
+    def __init__(self, loopback: Loopback) -> None:
         super().__init__(schema, graphql_ide=None, allow_queries_via_get=False)
         self.loopback = loopback
-        self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -637,7 +635,7 @@ class _GraphQL(GraphQL[GraphQLContext, None]):
         await response(scope, receive, send)
 
     async def get_context(self, request: Any, response: Any) -> GraphQLContext:
-        return GraphQLContext(self.loopback, self.app, request)
+        return GraphQLContext(self.loopback, request)
 
     async def on_ws_connect(self, context: GraphQLContext) -> None:
         """Accept a WebSocket only with a valid key (header or ``connection_init``)."""
@@ -666,7 +664,7 @@ class GraphQLEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._server is None:
-            self._server = _GraphQL(Loopback(self._app), self._app)
+            self._server = _GraphQL(Loopback(self._app))
         server = self._server
         if scope["type"] == "http":
             answer = await server.loopback.check_key(authorization_of(scope), request_id_of(scope))
