@@ -1,0 +1,1 @@
+"""Language models behind the background memory jobs (issue #14): protocol and clients."""
