@@ -13,6 +13,10 @@ out of the graph and run by the ``sentencepiece`` package: they are the model's 
 not an estimate. A text is cut to ``max_seq_length - 2`` pieces before embedding (the graph adds
 ``<s>`` and ``</s>``), so ``EMBEDDING_MAX_SEQ_LENGTH`` means what it means for MiniLM.
 
+The int8 layers quantise their inputs dynamically, one scale per batch: a text embedded in a
+batch gets a near copy of its vector alone (cosine 0.997 or more on the test set's messages),
+not a bit-for-bit one.
+
 This module never imports Ray and never reads settings.
 """
 
