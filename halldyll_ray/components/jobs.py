@@ -455,7 +455,10 @@ class JobQueue:
                     self._unavailable_logged = True
                 job = None
             if job is not None:
-                await self._run(job)
+                try:
+                    await self._run(job)
+                except Exception:  # a bug here must not end the worker; the lease runs out
+                    log.exception("job %s: unexpected error in the worker", job.job.id)
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), self.poll_s)
@@ -542,6 +545,15 @@ class JobQueue:
         return kept
 
     async def _renew(self, job: Job) -> bool:
+        """Extend the lease; False when the job is no longer this try's. PostgreSQL out of
+        reach counts as kept: if the lease runs out meanwhile, the finish is refused."""
+        try:
+            return await self._extend(job)
+        except HalldyllError as exc:
+            log.warning("job %s: lease not renewed (%s)", job.id, exc.message)
+            return True
+
+    async def _extend(self, job: Job) -> bool:
         async with self.db.scoped(admin=True) as conn:
             row = await conn.fetchrow(
                 *bind(
