@@ -194,8 +194,7 @@ class Settings(BaseSettings):
         default=168,
         gt=0,
         le=87_600,
-        description="Done and failed jobs older than this are deleted by "
-        "`halldyll purge-expired`.",
+        description="Done and failed jobs older than this are deleted by `halldyll purge-expired`.",
     )
     db_pool_size: int = Field(default=5, ge=1, le=200)
     db_command_timeout_seconds: float = Field(default=30, gt=0, le=3600)
