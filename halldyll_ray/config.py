@@ -252,9 +252,14 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
-    @field_validator("log_level", "embedding_provider", "memory_extraction", mode="before")
+    @field_validator("log_level", "embedding_provider", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("memory_extraction", mode="before")
+    @classmethod
+    def _lower_mode(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
     @field_validator("database_url")
