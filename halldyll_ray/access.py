@@ -40,6 +40,7 @@ from halldyll_ray.models import (
     ApiKey,
     Context,
     ErasureReceipt,
+    Job,
     Memory,
     MemoryType,
     MemoryUpdate,
@@ -339,6 +340,15 @@ class AuthorizedEngine:
                 u, session_id, user_message, assistant_message, **options
             ),
         )
+
+    async def list_jobs(self, user_id: UUID | str | None, **filters: Any) -> Page[Job]:
+        """The user's background jobs (:meth:`MemoryEngine.list_jobs`): whoever may read the
+        user's memories may read their jobs (``memory.read``)."""
+        return await self._read("job.list", user_id, lambda u: self.engine.list_jobs(u, **filters))
+
+    async def get_job(self, user_id: UUID | str | None, job_id: UUID | str) -> Job:
+        """One background job of the user (``memory.read``)."""
+        return await self._read("job.get", user_id, lambda u: self.engine.get_job(u, job_id))
 
     async def purge_expired(self) -> int:
         await self._check(Operation.MAINTENANCE, "memory.purge_expired")

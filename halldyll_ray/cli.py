@@ -158,7 +158,7 @@ async def cmd_create_user(args: argparse.Namespace) -> int:
     """Create a user (the first Admin, typically) and print its first API key, once."""
     from halldyll_ray.engine import MemoryEngine
 
-    async with MemoryEngine(_settings()) as engine:
+    async with MemoryEngine(_settings(), run_jobs=False) as engine:
         user = await engine.create_user(args.username, args.email, args.role)
         new = await engine.create_api_key(user.id, name=args.key_name)
     print(json.dumps({"user": user.model_dump(mode="json"), "api_key": new.key}, indent=2))
@@ -174,7 +174,7 @@ async def cmd_create_key(args: argparse.Namespace) -> int:
     expires = None
     if args.expires_days is not None:
         expires = datetime.now(UTC) + timedelta(days=args.expires_days)
-    async with MemoryEngine(_settings()) as engine:
+    async with MemoryEngine(_settings(), run_jobs=False) as engine:
         user = await engine.get_user_by_username(args.username)
         new = await engine.create_api_key(user.id, name=args.name, expires_at=expires)
     print(json.dumps({"api_key": new.key, **new.api_key.model_dump(mode="json")}, indent=2))
@@ -185,7 +185,7 @@ async def cmd_create_key(args: argparse.Namespace) -> int:
 async def cmd_purge_audit(args: argparse.Namespace) -> int:
     from halldyll_ray.engine import MemoryEngine
 
-    async with MemoryEngine(_settings()) as engine:
+    async with MemoryEngine(_settings(), run_jobs=False) as engine:
         count = await engine.purge_audit(older_than_days=args.older_than_days)
     print(f"purged {count} audit rows")
     return 0
@@ -194,18 +194,20 @@ async def cmd_purge_audit(args: argparse.Namespace) -> int:
 async def cmd_purge_expired(args: argparse.Namespace) -> int:
     from halldyll_ray.engine import MemoryEngine
 
-    async with MemoryEngine(_settings()) as engine:
+    async with MemoryEngine(_settings(), run_jobs=False) as engine:
         count = await engine.purge_expired()
         events = await engine.purge_events()
+        jobs = await engine.purge_jobs()
     print(f"purged {count} expired memories")
     print(f"purged {events} change feed events older than EVENTS_RETENTION_HOURS")
+    print(f"purged {jobs} finished background jobs older than JOBS_RETENTION_HOURS")
     return 0
 
 
 async def cmd_index_users(args: argparse.Namespace) -> int:
     from halldyll_ray.engine import MemoryEngine
 
-    async with MemoryEngine(_settings()) as engine:
+    async with MemoryEngine(_settings(), run_jobs=False) as engine:
         result = await engine.ensure_user_indexes(min_rows=args.min_rows)
     print(f"created {len(result['created'])} and dropped {len(result['dropped'])} per-user indexes")
     return 0
@@ -351,7 +353,7 @@ async def cmd_reembed(args: argparse.Namespace) -> int:
             "reembed_batch_size": args.batch_size or settings.reembed_batch_size,
         }
     )
-    async with MemoryEngine(settings) as engine:
+    async with MemoryEngine(settings, run_jobs=False) as engine:
         if engine.components.reembedding is None:
             status = await engine.reembed_status()
             print(f"the stored vectors are already of {status.active_model}: nothing to do")

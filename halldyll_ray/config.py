@@ -162,6 +162,60 @@ class Settings(BaseSettings):
     context_weight_recency: float = Field(default=0.15, ge=0, le=1)
     context_weight_salience: float = Field(default=0.15, ge=0, le=1)
     session_summary_every_n_turns: int = Field(default=5, ge=1, le=1000)
+    memory_extraction: Literal["auto", "inline", "background"] = Field(
+        default="auto",
+        description="How record_turn learns from a turn. inline: candidate facts and the "
+        "session summary are written before it returns (the heuristic model); background: it "
+        "queues durable jobs in the turn's transaction and returns (stored conversations queue "
+        "extraction too), workers run them with the memory model. auto: background when an LLM "
+        "is configured, else inline.",
+    )
+    jobs_workers: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        description="Background jobs one process runs at once (an Ingestion replica, or an "
+        "in-process engine); 0: this process runs none.",
+    )
+    jobs_poll_seconds: float = Field(
+        default=2.0,
+        ge=0.01,
+        le=300,
+        description="Idle workers look for due jobs (retries, jobs of a dead worker) this "
+        "often; a new job wakes them at once (LISTEN/NOTIFY).",
+    )
+    jobs_max_attempts: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description="Tries of a job before it is failed for good, its last error kept.",
+    )
+    jobs_retry_base_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        le=3600,
+        description="Backoff before the second try; doubled for each further one (at most "
+        "10 minutes), with jitter.",
+    )
+    jobs_lease_seconds: float = Field(
+        default=60,
+        ge=0.5,
+        le=3600,
+        description="How long a worker holds a job without renewing its lease (it renews every "
+        "third of it); a job whose worker died is taken again after this.",
+    )
+    jobs_timeout_seconds: float = Field(
+        default=300,
+        gt=0,
+        le=86_400,
+        description="A try running longer is stopped and counts as failed.",
+    )
+    jobs_retention_hours: float = Field(
+        default=168,
+        gt=0,
+        le=87_600,
+        description="Done and failed jobs older than this are deleted by `halldyll purge-expired`.",
+    )
     db_pool_size: int = Field(default=5, ge=1, le=200)
     db_command_timeout_seconds: float = Field(default=30, gt=0, le=3600)
     db_role: str | None = Field(
@@ -231,6 +285,11 @@ class Settings(BaseSettings):
     @field_validator("log_level", "embedding_provider", "embedding_model", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("memory_extraction", mode="before")
+    @classmethod
+    def _lower_mode(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
     @field_validator("database_url")

@@ -35,7 +35,9 @@ from halldyll_ray.components.context import ContextBuilder
 from halldyll_ray.components.embeddings import Embeddings
 from halldyll_ray.components.events import EventFeed, Recheck, Subscription
 from halldyll_ray.components.ingestion import Ingestion
+from halldyll_ray.components.jobs import JobQueue
 from halldyll_ray.components.keys import ApiKeys
+from halldyll_ray.components.learning import Learning, LearningQueue
 from halldyll_ray.components.memories import MemoryReader
 from halldyll_ray.components.operations import Operations
 from halldyll_ray.components.reembedding import (
@@ -61,11 +63,15 @@ from halldyll_ray.errors import (
     PermissionDenied,
     Unavailable,
 )
+from halldyll_ray.llm.heuristic import HeuristicMemoryModel
+from halldyll_ray.llm.protocol import MemoryModel
 from halldyll_ray.models import (
     AIModel,
     ApiKey,
     Context,
     ErasureReceipt,
+    Job,
+    JobStatus,
     Memory,
     MemoryType,
     MemoryUpdate,
@@ -108,6 +114,10 @@ class Components:
     operations: Operations
     transfer: Transfer
     events: EventFeed
+    #: The durable background jobs, and their workers in this process.
+    jobs: JobQueue
+    #: The handlers of the learning jobs (extract, summarize) with the memory model.
+    learning: Learning
     #: The move to the configured embedding model, when the database's vectors are of
     #: another one (None: they are of the configured model).
     reembedding: Reembedding | None = None
@@ -122,6 +132,12 @@ class MemoryEngine:
             loaded from ``EMBEDDING_MODEL_PATH`` by :meth:`initialize` when omitted.
         embedder: A remote embedder (the Ray Serve Embedding deployment) that replaces the
             local model for vectors; the local encoder then only counts tokens.
+        memory_model: The LLM-backed memory model the background jobs use; None: the
+            heuristic one (:class:`~halldyll_ray.llm.heuristic.HeuristicMemoryModel`).
+            MEMORY_EXTRACTION=auto means background with one, inline without.
+        run_jobs: Run background job workers in this process (JOBS_WORKERS of them) when
+            jobs can be queued; False for an engine that only serves requests (the Ray Serve
+            deployments other than Ingestion, short-lived commands).
 
     Use ``async with MemoryEngine() as engine:`` or call :meth:`initialize` and :meth:`close`.
     """
@@ -132,10 +148,14 @@ class MemoryEngine:
         *,
         encoder: TextEncoder | None = None,
         embedder: Callable[[list[str]], Awaitable[np.ndarray]] | None = None,
+        memory_model: MemoryModel | None = None,
+        run_jobs: bool = True,
     ) -> None:
         self.settings = settings if settings is not None else Settings.from_env()
         self._encoder = encoder
         self._embedder = embedder
+        self._memory_model = memory_model
+        self._run_jobs = run_jobs
         self._db: Database | None = None
         self._embedded: EmbeddedPostgres | None = None
         self._cache: TieredCache | None = None
@@ -226,7 +246,24 @@ class MemoryEngine:
             self._reembed_task = asyncio.create_task(
                 reembedding.run_in_background(), name="halldyll-reembed"
             )
+        # Inline learning queues nothing, but jobs queued before a switch from background
+        # still run.
+        if (
+            self._run_jobs
+            and settings.jobs_workers > 0
+            and (self.extraction_mode == "background" or await self._components.jobs.pending())
+        ):
+            self.start_job_workers()
         return self
+
+    @property
+    def extraction_mode(self) -> str:
+        """``inline`` or ``background``: MEMORY_EXTRACTION, with ``auto`` resolved (background
+        when an LLM memory model is configured)."""
+        mode = self.settings.memory_extraction
+        if mode == "auto":
+            return "inline" if self._memory_model is None else "background"
+        return mode
 
     def _model_spec(self, encoder: TextEncoder) -> ModelSpec:
         path = self.settings.embedding_model_path
@@ -334,8 +371,25 @@ class MemoryEngine:
                 spec,
                 batch_size=settings.reembed_batch_size,
             )
-        ingestion = Ingestion(db, embeddings, models, settings)
+        jobs = JobQueue(
+            db,
+            dsn,
+            max_attempts=settings.jobs_max_attempts,
+            retry_base_s=settings.jobs_retry_base_seconds,
+            lease_s=settings.jobs_lease_seconds,
+            timeout_s=settings.jobs_timeout_seconds,
+            poll_s=settings.jobs_poll_seconds,
+            retention_hours=settings.jobs_retention_hours,
+        )
+        queueing = None
+        if self.extraction_mode == "background":
+            queueing = LearningQueue(jobs, summarize_every=settings.session_summary_every_n_turns)
+        ingestion = Ingestion(db, embeddings, models, settings, learning=queueing)
         search = Search(db, cache, embeddings, models, settings)
+        agent_loop = AgentLoop(db, cache, embeddings, models, ingestion, settings)
+        model = self._memory_model or HeuristicMemoryModel.from_settings(settings)
+        learning = Learning(db, ingestion, agent_loop, model)
+        learning.register(jobs)
         return Components(
             users=Users(db, cache, embeddings),
             keys=ApiKeys(db, audit, settings),
@@ -346,7 +400,7 @@ class MemoryEngine:
             ingestion=ingestion,
             search=search,
             context=ContextBuilder(db, search, encoder, settings),
-            agent_loop=AgentLoop(db, cache, embeddings, models, ingestion, settings),
+            agent_loop=agent_loop,
             operations=Operations(db, dsn, settings),
             transfer=Transfer(db, embeddings, models, settings),
             events=EventFeed(
@@ -356,6 +410,8 @@ class MemoryEngine:
                 idle_check_s=settings.events_recheck_seconds,
                 max_subscribers=settings.events_max_streams,
             ),
+            jobs=jobs,
+            learning=learning,
             reembedding=reembedding,
         )
 
@@ -366,6 +422,8 @@ class MemoryEngine:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._components is not None:
+            await self._components.jobs.stop()
         components, self._components = self._components, None
         if components is not None:
             await components.events.close()
@@ -430,6 +488,10 @@ class MemoryEngine:
             report["redis"] = {"ok": await remote.ping(), "configured": True}
         if self._components is not None:
             report["events"] = self._components.events.state()
+            report["jobs"] = {
+                "extraction": self.extraction_mode,
+                **self._components.jobs.state(),
+            }
         live = self.components.embeddings.encoder
         report["model"] = {"ok": True, "id": live.model_id, "dimension": live.dimension}
         # Redis down means slower, never failing: readiness depends on PostgreSQL and the
@@ -658,6 +720,59 @@ class MemoryEngine:
         """Delete change feed events older than EVENTS_RETENTION_HOURS; return how many went."""
         return await self.components.events.purge(older_than_hours=older_than_hours)
 
+    # ------------------------------------------------------------------ background jobs
+    async def list_jobs(
+        self,
+        user_id: UUID | str,
+        *,
+        status: JobStatus | str | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page[Job]:
+        """The user's background jobs (fact extraction, session summaries), newest first.
+
+        Args:
+            user_id: Whose jobs.
+            status: Only jobs in this state (queued, running, done, failed).
+            kind: Only jobs of this kind (``extract``, ``summarize`` ...).
+            limit: Page size (1-500).
+            cursor: ``next_cursor`` of the previous page.
+
+        Raises:
+            InvalidInput: a bad filter, limit or cursor. NotFound: no such user.
+        """
+        return await self.components.jobs.page(
+            user_id, status=status, kind=kind, limit=limit, cursor=cursor
+        )
+
+    async def get_job(self, user_id: UUID | str, job_id: UUID | str) -> Job:
+        """One background job of the user: status, tries, last error, result.
+
+        Raises:
+            InvalidInput: not UUIDs. NotFound: no such job of this user, or no such user.
+        """
+        return await self.components.jobs.get(user_id, job_id)
+
+    async def purge_jobs(self, *, older_than_hours: float | None = None) -> int:
+        """Delete done and failed jobs older than JOBS_RETENTION_HOURS; return how many."""
+        return await self.components.jobs.purge(older_than_hours=older_than_hours)
+
+    def start_job_workers(self, workers: int | None = None) -> None:
+        """Run background jobs in this process: ``workers`` (JOBS_WORKERS) at once, until
+        :meth:`stop_job_workers` or :meth:`close`. No effect if they run already."""
+        self.components.jobs.start(self.settings.jobs_workers if workers is None else workers)
+
+    async def stop_job_workers(self, *, grace_s: float = 10.0) -> None:
+        """Stop this process's job workers; tries still running after ``grace_s`` seconds
+        are stopped and given back to the queue (another worker takes them)."""
+        if self._components is not None:
+            await self._components.jobs.stop(grace_s=grace_s)
+
+    async def run_pending_jobs(self, *, limit: int = 1000) -> int:
+        """Run the due jobs in the calling task until none is due; how many ran."""
+        return await self.components.jobs.run_pending(limit=limit)
+
     # ------------------------------------------------------------------ change feed
     async def subscribe_events(
         self,
@@ -823,6 +938,10 @@ class MemoryEngine:
         """After an LLM call: append both messages to the session's conversation, refresh the
         session summary every SESSION_SUMMARY_EVERY_N_TURNS turns, and store candidate facts
         found in the user's message as low-confidence ephemeral facts.
+
+        With MEMORY_EXTRACTION=background the summary and the facts are left to background
+        jobs queued in the turn's transaction: the record then has no ``summary_id`` and no
+        ``fact_ids`` but the ``job_ids`` (see :meth:`get_job`).
 
         Args:
             idempotency_key: 1-128 printable ASCII characters. A retry with the key of a

@@ -471,6 +471,7 @@ class ErasureReceipt(_Record):
     viewer_grants: int = Field(description="Read grants given to or by the user.")
     turn_requests: int = Field(description="Idempotency records of the agent loop.")
     events: int = Field(default=0, description="Change feed events of the user's memories.")
+    jobs: int = Field(default=0, description="Background jobs (queued, running or finished).")
     cache_entries: int = Field(
         description="Redis entries removed: cached searches, session state and the embeddings "
         "of the user's stored texts (0 without Redis)."
@@ -568,6 +569,13 @@ class TurnRecord(_Record):
     #: True when an earlier call with the same idempotency key stored this turn: nothing was
     #: written this time (its summary and facts were reported to that call).
     replayed: bool = False
+    job_ids: list[UUID] = Field(
+        default_factory=list,
+        description="Background jobs this turn queued (MEMORY_EXTRACTION=background): fact "
+        "extraction, and the session summary every SESSION_SUMMARY_EVERY_N_TURNS turns; their "
+        "facts and summary appear when the jobs are done (GET /v1/users/{id}/jobs/{job_id}). "
+        "Empty with inline extraction.",
+    )
 
 
 class MemoryEventKind(StrEnum):
@@ -605,3 +613,41 @@ class EventsResync(_Record):
     after: int = Field(description="The position the subscriber asked to resume after.")
     resume_after: int = Field(description="Events after this one follow.")
     reason: Literal["purged", "unknown_position"]
+
+
+class JobStatus(StrEnum):
+    """Where a background job stands."""
+
+    QUEUED = "queued"  # waiting for a worker (or for its retry time)
+    RUNNING = "running"  # a worker holds it under a lease
+    DONE = "done"  # finished; ``result`` says what it did
+    FAILED = "failed"  # gave up: a permanent error, or JOBS_MAX_ATTEMPTS tries failed
+
+
+class Job(_Record):
+    """A durable background job of one user (fact extraction, a session summary ...).
+
+    Jobs are queued in the transaction of the write that causes them and run by workers in
+    the Ingestion deployment (or an in-process engine); a failed try is retried with
+    exponential backoff until ``max_attempts`` tries, then the job is ``failed`` with its
+    error kept in ``last_error``.
+    """
+
+    id: UUID
+    user_id: UUID
+    kind: str = Field(description="What the job does: extract, summarize ...")
+    status: JobStatus
+    payload: dict[str, Any] = Field(
+        description="Its input: ids and numbers (conversation, message seqs, model), no text."
+    )
+    attempts: int = Field(description="Tries started so far (a try whose worker died counts).")
+    max_attempts: int
+    run_after: datetime = Field(description="Not taken before this time (the retry backoff).")
+    last_error: str | None = Field(
+        description="Why the last try failed (error code and message, never a secret)."
+    )
+    result: dict[str, Any] | None = Field(description="What a done job did (ids it wrote).")
+    request_id: str | None = Field(description="The request that queued it.")
+    created_at: datetime
+    started_at: datetime | None = Field(description="When its first try started.")
+    finished_at: datetime | None = Field(description="When it became done or failed.")

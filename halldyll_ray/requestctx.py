@@ -18,6 +18,8 @@ from uuid import UUID
 class RequestContext:
     actor_id: UUID | None = None
     request_id: str | None = None
+    #: The background job whose handler is running (its audit rows name it).
+    job_id: UUID | None = None
 
 
 _CURRENT: ContextVar[RequestContext] = ContextVar(
@@ -31,8 +33,10 @@ def current() -> RequestContext:
 
 
 @contextmanager
-def acting(actor_id: UUID | None, request_id: str | None) -> Iterator[None]:
-    token = _CURRENT.set(RequestContext(actor_id, request_id))
+def acting(
+    actor_id: UUID | None, request_id: str | None, *, job_id: UUID | None = None
+) -> Iterator[None]:
+    token = _CURRENT.set(RequestContext(actor_id, request_id, job_id))
     try:
         yield
     finally:

@@ -33,6 +33,8 @@ from halldyll_ray.models import (
     ApiKey,
     Context,
     ErasureReceipt,
+    Job,
+    JobStatus,
     MemoryType,
     MemoryUpdate,
     Message,
@@ -618,6 +620,36 @@ class AsyncHalldyllClient:
                 user_id=user_id,
             )
         )
+
+    # ----------------------------------------------------------------------- jobs
+    async def list_jobs(
+        self,
+        *,
+        user_id: Id = "me",
+        status: JobStatus | str | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page[Job]:
+        """The user's background jobs (fact extraction, session summaries), newest first.
+
+        Args:
+            user_id: Whose jobs.
+            status: Only ``queued``, ``running``, ``done`` or ``failed`` jobs.
+            kind: Only jobs of this kind (``extract``, ``summarize``).
+            limit: Page size (1-500).
+            cursor: ``next_cursor`` of the previous page.
+        """
+        return await self._send(
+            Endpoints.list_jobs(
+                user_id=user_id, status=status, kind=kind, limit=limit, cursor=cursor
+            )
+        )
+
+    async def get_job(self, job_id: Id, *, user_id: Id = "me") -> Job:
+        """One background job (an id of a recorded turn's ``job_ids``): its status, tries,
+        last error and result."""
+        return await self._send(Endpoints.get_job(job_id, user_id=user_id))
 
     # ----------------------------------------------------------------------- audit
     async def list_audit(

@@ -40,6 +40,8 @@ from halldyll_ray.models import (
     ErasureReceipt,
     Fact,
     Image,
+    Job,
+    JobStatus,
     MemoryUpdate,
     ModelKind,
     NewApiKey,
@@ -416,6 +418,22 @@ class Endpoints:
     def record_turn(request: TurnRequest, *, session_id: str, user_id: Id) -> Request[TurnRecord]:
         path = f"{_session(user_id, session_id)}/turns"
         return Request("POST", path, _one(TurnRecord), json=_body(request))
+
+    @staticmethod
+    def list_jobs(
+        *,
+        user_id: Id,
+        status: JobStatus | str | None,
+        kind: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> Request[Page[Job]]:
+        params = _params({"status": status, "kind": kind, "limit": limit, "cursor": cursor})
+        return Request("GET", f"{_user(user_id)}/jobs", _one(Page[Job]), params=params)
+
+    @staticmethod
+    def get_job(job_id: Id, *, user_id: Id) -> Request[Job]:
+        return Request("GET", f"{_user(user_id)}/jobs/{_seg(job_id, 'job_id')}", _one(Job))
 
     @staticmethod
     def list_audit(

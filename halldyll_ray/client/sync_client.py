@@ -28,6 +28,8 @@ from halldyll_ray.models import (
     ApiKey,
     Context,
     ErasureReceipt,
+    Job,
+    JobStatus,
     MemoryType,
     MemoryUpdate,
     Message,
@@ -429,6 +431,26 @@ class HalldyllClient:
                 user_id=user_id,
             )
         )
+
+    def list_jobs(
+        self,
+        *,
+        user_id: Id = "me",
+        status: JobStatus | str | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page[Job]:
+        """The user's background jobs; see :meth:`AsyncHalldyllClient.list_jobs`."""
+        return self._send(
+            Endpoints.list_jobs(
+                user_id=user_id, status=status, kind=kind, limit=limit, cursor=cursor
+            )
+        )
+
+    def get_job(self, job_id: Id, *, user_id: Id = "me") -> Job:
+        """One background job; see :meth:`AsyncHalldyllClient.get_job`."""
+        return self._send(Endpoints.get_job(job_id, user_id=user_id))
 
     def list_audit(
         self,

@@ -13,6 +13,9 @@
 ``agent_loop``     record_turn: session logs, rolling summaries, candidate facts
 ``operations``     maintenance: expiry, per-user indexes, audit retention
 ``reembedding``    moving every stored vector to another embedding model, in the background
+``events``         the change feed of each user's memories
+``jobs``           durable background jobs: queue, workers, retries, status
+``learning``       the extract and summarize jobs of turns and conversations, and their handlers
 =================  ==========================================================================
 
 None of them imports Ray. :class:`halldyll_ray.engine.MemoryEngine` builds them once the

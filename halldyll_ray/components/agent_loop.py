@@ -3,13 +3,17 @@
 Both messages go to the session's conversation log (created on first use, its id kept as
 session state in the cache), the session summary is refreshed every
 SESSION_SUMMARY_EVERY_N_TURNS turns, and candidate facts found in the user's message are
-stored as low-confidence ephemeral facts. The read half is
+stored as low-confidence ephemeral facts: inline, before ``record_turn`` returns, or, with
+MEMORY_EXTRACTION=background, by jobs queued in the turn's transaction
+(:mod:`halldyll_ray.components.learning`). The read half is
 :meth:`~halldyll_ray.components.context.ContextBuilder.prepare`.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 from uuid import UUID
 
 from pydantic import TypeAdapter
@@ -35,6 +39,8 @@ CANDIDATE_FACT_CONFIDENCE = 0.3
 SESSION_STATE_TTL_S = 86_400
 #: Importance of a session's rolling summary.
 SUMMARY_IMPORTANCE = 0.7
+#: Writes a session's summary from its messages (rows of ``get_messages``, oldest first).
+Summarizer = Callable[[Sequence[Any]], Awaitable[str]]
 
 
 def _message(
@@ -101,17 +107,20 @@ class AgentLoop:
         key = validation.idempotency_key(idempotency_key)
         model_id = await self.registry.resolve(model)
         conversation_id = await self._session_log(user_id, session, model_id)
+        # With background learning, the append queues the turn's jobs in its transaction.
+        options: dict[str, Any] = {
+            "request_id": request_id,
+            "idempotency_key": key,
+            "extract": extract_facts,
+            "session_turn": True,
+        }
         try:
-            appended = await self.ingestion.append(
-                user_id, conversation_id, turn, request_id=request_id, idempotency_key=key
-            )
+            appended = await self.ingestion.append(user_id, conversation_id, turn, **options)
         except NotFound:
             # The cached log was deleted meanwhile: forget it and start a new one.
             await self.cache.delete(self._session_key(user_id, session))
             conversation_id = await self._session_log(user_id, session, model_id)
-            appended = await self.ingestion.append(
-                user_id, conversation_id, turn, request_id=request_id, idempotency_key=key
-            )
+            appended = await self.ingestion.append(user_id, conversation_id, turn, **options)
         if appended.replayed:
             return TurnRecord(
                 conversation_id=appended.conversation_id,
@@ -121,10 +130,18 @@ class AgentLoop:
                 replayed=True,
             )
         stored = appended.messages
+        if self.ingestion.learning is not None:
+            return TurnRecord(
+                conversation_id=conversation_id,
+                message_seqs=[m.seq for m in stored],
+                summary_id=None,
+                fact_ids=[],
+                job_ids=appended.job_ids,
+            )
         turns = (stored[-1].seq + 1) // 2
         summary_id = None
         if turns % self.settings.session_summary_every_n_turns == 0:
-            summary_id = await self._refresh_summary(user_id, session, conversation_id, model_id)
+            summary_id = await self.refresh_summary(user_id, session, conversation_id, model_id)
         fact_ids: list[UUID] = []
         if extract_facts:
             for statement in extract_candidate_facts(user_message):
@@ -179,11 +196,23 @@ class AgentLoop:
         await self.cache.set(key, str(conversation_id).encode(), ttl=SESSION_STATE_TTL_S)
         return conversation_id
 
-    async def _refresh_summary(
-        self, user_id: UUID, session_id: str, conversation_id: UUID, model_id: UUID | None
+    async def refresh_summary(
+        self,
+        user_id: UUID,
+        session_id: str,
+        conversation_id: UUID,
+        model_id: UUID | None,
+        *,
+        summarize: Summarizer | None = None,
     ) -> UUID:
+        """Write the session's rolling summary (one per session, replaced each time) from its
+        log's messages; return its id. ``summarize`` writes the text (default: the
+        extractive summary of :func:`~halldyll_ray.textproc.extractive_summary`)."""
         rows = await self.db.fetch(q("get_messages"), conversation_id, user_id, user_id=user_id)
-        text = extractive_summary([Line(r["role"], r["content"]) for r in rows])
+        if summarize is None:
+            text = extractive_summary([Line(r["role"], r["content"]) for r in rows])
+        else:
+            text = await summarize(rows)
         if not text:
             text = "(no content yet)"
         chunks = self.ingestion.chunker.part("text", 0, text)

@@ -30,9 +30,12 @@ async def write_audit(
     """One audit row in the caller's transaction (so it commits with the change it records).
 
     The actor and request id default to those of :mod:`halldyll_ray.requestctx`, which the
-    access layer sets for the duration of an authorised call.
+    access layer sets for the duration of an authorised call; a row written by a background
+    job's handler names the job (``details.job_id``).
     """
     context = requestctx.current()
+    if context.job_id is not None:
+        details = {**(details or {}), "job_id": str(context.job_id)}
     await conn.execute(
         *bind(
             "insert_audit",

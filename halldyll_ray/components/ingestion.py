@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import asyncpg
@@ -57,6 +57,9 @@ from halldyll_ray.storage.sql import bind, q
 from halldyll_ray.textproc import CHUNK_TOKENS, token_windows
 from halldyll_ray.textproc import fact_key as make_fact_key
 
+if TYPE_CHECKING:
+    from halldyll_ray.components.learning import LearningQueue
+
 MESSAGES: TypeAdapter[list[Message]] = TypeAdapter(list[Message])
 _UPDATE: TypeAdapter[MemoryUpdate] = TypeAdapter(MemoryUpdate)
 #: The fields an update may change, per memory type (tags, metadata, importance: all).
@@ -76,6 +79,8 @@ class Appended:
     conversation_id: UUID
     messages: list[StoredMessage]
     replayed: bool
+    #: Background jobs the append queued (MEMORY_EXTRACTION=background).
+    job_ids: list[UUID] = field(default_factory=list)
 
 
 class Chunker:
@@ -134,7 +139,12 @@ class Chunker:
 
 
 class Ingestion:
-    """Store, append to, update and delete a user's memories."""
+    """Store, append to, update and delete a user's memories.
+
+    Args:
+        learning: With background learning (MEMORY_EXTRACTION=background), queues the
+            extraction jobs of every conversation written, in the write's transaction.
+    """
 
     def __init__(
         self,
@@ -142,12 +152,15 @@ class Ingestion:
         embeddings: Embeddings,
         registry: ModelRegistry,
         settings: Settings,
+        *,
+        learning: LearningQueue | None = None,
     ) -> None:
         self.db = db
         self.embeddings = embeddings
         self.registry = registry
         self.settings = settings
         self.chunker = Chunker(embeddings.encoder)
+        self.learning = learning
 
     async def store(
         self,
@@ -199,6 +212,16 @@ class Ingestion:
             if isinstance(memory, Conversation) and memory.messages:
                 messages = await insert_messages(conn, memory_id, 0, memory.messages)
                 row = await conn.fetchrow(q("set_message_count"), memory_id, user_id, len(messages))
+                if self.learning is not None:
+                    await self.learning.after_write(
+                        conn,
+                        user_id=user_id,
+                        conversation_id=memory_id,
+                        messages=messages,
+                        model_id=model_id,
+                        session_id=memory.session_id,
+                        request_id=request_id,
+                    )
             await insert_chunks(conn, row, chunks, vectors)
             await write_audit(
                 conn, "memory.store", memory.type.value, [memory_id], user_id, request_id=request_id
@@ -294,12 +317,18 @@ class Ingestion:
         *,
         request_id: str | None = None,
         idempotency_key: str | None = None,
+        extract: bool = True,
+        session_turn: bool = False,
     ) -> Appended:
         """:meth:`append_messages`, once per ``idempotency_key`` of the user.
 
         With a key that an earlier call of the user stored, nothing is written and the
         earlier call's conversation and messages come back (``replayed``). The check runs
         under the user's row lock, so two concurrent calls with one key store once.
+
+        With background learning, the append queues its jobs in its transaction
+        (``job_ids``): fact extraction unless ``extract`` is False, and for a
+        ``session_turn`` (record_turn) the session summary every N turns.
         """
         user_id = validation.parse_uuid(user_id, "user_id")
         conversation_id = validation.parse_uuid(conversation_id, "conversation_id")
@@ -357,6 +386,19 @@ class Ingestion:
                         message_seqs=[m.seq for m in stored],
                     )
                 )
+            job_ids: list[UUID] = []
+            if self.learning is not None:
+                job_ids = await self.learning.after_write(
+                    conn,
+                    user_id=user_id,
+                    conversation_id=conversation_id,
+                    messages=stored,
+                    model_id=reserved["model_id"],
+                    session_id=reserved["session_id"],
+                    request_id=request_id,
+                    extract=extract,
+                    session_turn=session_turn,
+                )
             await write_audit(
                 conn,
                 "conversation.append",
@@ -366,7 +408,7 @@ class Ingestion:
                 request_id=request_id,
                 details={"messages": len(stored)},
             )
-        return Appended(conversation_id, stored, replayed=False)
+        return Appended(conversation_id, stored, replayed=False, job_ids=job_ids)
 
     async def _message_vectors(
         self, messages: Sequence[Message]

@@ -182,6 +182,7 @@ class Users:
                 viewer_grants=counts["viewer_grants"],
                 turn_requests=counts["turn_requests"],
                 events=counts["events"],
+                jobs=counts["jobs"],
                 cache_entries=removed,
             )
             details = receipt.model_dump(

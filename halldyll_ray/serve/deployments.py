@@ -134,7 +134,7 @@ class EmbeddedDatabase:
         """First start: create an Admin and write its key to DATA_DIR/admin_api_key (0600)."""
         key_file = self.settings.data_dir / "admin_api_key"
         settings = self.settings.model_copy(update={"database_url": SecretStr(url)})
-        async with MemoryEngine(settings) as engine:
+        async with MemoryEngine(settings, run_jobs=False) as engine:
             admins = [
                 u for u in (await engine.list_users(limit=1000)).items if u.role is Role.ADMIN
             ]
@@ -266,7 +266,12 @@ class Embedder:
 
 
 async def remote_engine(
-    settings: Settings, *, database: Any, embedder: Any, local_max_texts: int = 0
+    settings: Settings,
+    *,
+    database: Any,
+    embedder: Any,
+    local_max_texts: int = 0,
+    run_jobs: bool = False,
 ) -> MemoryEngine:
     """A MemoryEngine whose vectors come from the Embedding deployment's handle.
 
@@ -279,6 +284,7 @@ async def remote_engine(
             tokens), in a thread; larger ones go to Embedding. On a CPU cluster the hop costs
             more than encoding one text (``benchmarks/serve_http.py``); 0 sends everything to
             Embedding (GPU replicas).
+        run_jobs: Run background job workers in this replica (the Ingestion deployment).
     """
     if database is not None:
         url = await database.url.remote()
@@ -293,7 +299,7 @@ async def remote_engine(
         result: np.ndarray = await embedder.embed.remote(texts)
         return result
 
-    engine = MemoryEngine(settings, embedder=embed)
+    engine = MemoryEngine(settings, embedder=embed, run_jobs=run_jobs)
     await engine.initialize(migrate=False)
     if local_max_texts > 0:
         # Concurrent queries share model calls instead of racing in threads for two cores.
@@ -317,6 +323,9 @@ class EngineOwner:
         settings: What the builder was given; the rest comes from this replica's environment.
         local_embedding_max_texts: See :func:`remote_engine`.
     """
+
+    #: Whether this deployment's replicas run the background job workers.
+    RUNS_JOBS = False
 
     def __init__(
         self,
@@ -346,6 +355,7 @@ class EngineOwner:
                     database=self._database,
                     embedder=self._embedder,
                     local_max_texts=self._local_max_texts,
+                    run_jobs=self.RUNS_JOBS,
                 )
         return self._engine
 
@@ -502,7 +512,24 @@ class Searcher(EngineDeployment):
 
 
 class Ingestor(EngineDeployment):
-    """Ingestion: storing, changing and deleting memories, conversations and turns."""
+    """Ingestion: storing, changing and deleting memories, conversations and turns; its
+    replicas also run the background jobs (JOBS_WORKERS each), so the writes and the jobs
+    they queue scale together."""
+
+    RUNS_JOBS = True
+
+    def __del__(self) -> Any:
+        """Serve's graceful shutdown awaits this: running jobs get a few seconds, then go
+        back to the queue for another replica instead of waiting out their lease."""
+        engine = getattr(self, "_engine", None)
+        if engine is None or getattr(self, "_jobs_stopped", False):
+            return None
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # garbage-collected outside an event loop: nothing to await
+            return None
+        self._jobs_stopped = True
+        return engine.stop_job_workers(grace_s=5.0)
 
     @handle_method
     async def store_memory(

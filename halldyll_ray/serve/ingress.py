@@ -19,6 +19,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from halldyll_ray import requestctx, tracing
 from halldyll_ray.components.events import Subscription
+from halldyll_ray.components.jobs import KIND as JOB_KIND
 from halldyll_ray.errors import (
     HalldyllError,
     InvalidInput,
@@ -27,6 +28,7 @@ from halldyll_ray.models import (
     SESSION_ID_PATTERN,
     Context,
     EventsResync,
+    JobStatus,
     Memory,
     MemoryUpdate,
     ModelKind,
@@ -69,6 +71,7 @@ from halldyll_ray.serve.settings import SettingsOverrides
 from halldyll_ray.serve.ui import mount_ui
 
 NDJSON = "application/x-ndjson"
+JOB_KIND_PATTERN = f"^{JOB_KIND.pattern}$"
 
 #: A user in a path: its id, or ``me`` for the caller.
 UserRef = Annotated[
@@ -494,6 +497,30 @@ class Ingress(EngineOwner):
             )
         )
         return json_response(turn, 201)
+
+    # ----------------------------------------------------------------------- background jobs
+    @api.get("/v1/users/{user_id}/jobs", tags=["jobs"])
+    async def list_jobs(
+        self,
+        request: Request,
+        user_id: UserRef,
+        status: JobStatus | None = None,
+        kind: Annotated[str | None, Query(pattern=JOB_KIND_PATTERN)] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        cursor: str | None = None,
+    ) -> Any:
+        """The user's background jobs (fact extraction, session summaries), newest first:
+        status, tries, last error, result. Readable by whoever may read the user's memories."""
+        page = await (await self._api(request)).list_jobs(
+            self._user(user_id), status=status, kind=kind, limit=limit, cursor=cursor
+        )
+        return json_response(page)
+
+    @api.get("/v1/users/{user_id}/jobs/{job_id}", tags=["jobs"])
+    async def get_job(self, request: Request, user_id: UserRef, job_id: UUID) -> Any:
+        """One background job of the user (a ``job_ids`` entry of a recorded turn)."""
+        job = await (await self._api(request)).get_job(self._user(user_id), job_id)
+        return json_response(job)
 
     # ----------------------------------------------------------------------- audit
     @api.get("/v1/audit", tags=["audit"])

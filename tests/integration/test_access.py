@@ -26,6 +26,7 @@ class World:
     users: dict[str, Any]
     keys: dict[str, str]
     memory_of: dict[str, Any]
+    job_of: dict[str, Any]
 
     async def api(self, name: str) -> AuthorizedEngine:
         principal = await self.engine.authenticate(self.keys[name])
@@ -49,7 +50,10 @@ async def world(engine: MemoryEngine) -> World:
             users[name].id, Fact(statement=f"{name} keeps a secret number {len(name)}")
         )
     await engine.grant_viewer(users["eve"].id, users["bob"].id)
-    return World(engine, users, keys, memory_of)
+    job_of = {
+        str(u.id): await engine.components.jobs.submit(u.id, "extract", {}) for u in users.values()
+    }
+    return World(engine, users, keys, memory_of, job_of)
 
 
 _EXPORT_HEADER = (
@@ -66,6 +70,14 @@ async def _follow(api: AuthorizedEngine, user_id: Any) -> None:
     """Open the change feed of ``user_id`` (the check is at the opening) and close it."""
     subscription = await api.subscribe_events(user_id)
     await subscription.aclose()
+
+
+async def _job_of(api: AuthorizedEngine, user_id: Any, world: World) -> None:
+    """Read the target's one job (queued when the world was made)."""
+    with pytest.raises(NotFound):  # a job id that is not the target's is not found
+        await api.get_job(user_id, world.memory_of["ada"].id)
+    job_id = world.job_of[str(user_id)]
+    assert (await api.get_job(user_id, job_id)).id == job_id
 
 
 # Each action: (operation it needs, coroutine factory taking (api, target user, world)).
@@ -99,6 +111,8 @@ def _actions() -> dict[str, tuple[Operation, Any]]:
             lambda api, t, w: api.import_memories(t.id, [_EXPORT_HEADER]),
         ),
         "events": (Operation.MEMORY_READ, lambda api, t, w: _follow(api, t.id)),
+        "jobs": (Operation.MEMORY_READ, lambda api, t, w: api.list_jobs(t.id, status="failed")),
+        "job.get": (Operation.MEMORY_READ, lambda api, t, w: _job_of(api, t.id, w)),
         "user.get": (Operation.USER_READ, lambda api, t, w: api.get_user(t.id)),
         "user.update": (
             Operation.USER_MANAGE,
@@ -111,8 +125,8 @@ def _actions() -> dict[str, tuple[Operation, Any]]:
 
 # Explicit expectations, written independently of PERMISSIONS: role -> target -> allowed set.
 MEMORY = {"store", "search", "get", "list", "update", "context", "turn", "export", "import"}
-MEMORY |= {"events"}
-READS = {"search", "get", "list", "context", "export", "events"}
+MEMORY |= {"events", "jobs", "job.get"}
+READS = {"search", "get", "list", "context", "export", "events", "jobs", "job.get"}
 EXPECTED: dict[str, dict[str, set[str]]] = {
     "admin": {"self": set(_actions()), "ada": set(_actions()), "root2": set(_actions())},
     "ada": {"self": MEMORY | {"user.get", "key.create", "key.list"}, "bob": set(), "admin": set()},

@@ -27,6 +27,7 @@ EXPECTED_TABLES = {
     "memory_events",
     "memory_event_horizon",
     "embedding_jobs",
+    "memory_jobs",
 }
 
 
@@ -50,6 +51,7 @@ async def test_from_empty_then_rerun(fresh_db: str) -> None:
         assert "USING hnsw (embedding vector_cosine_ops)" in indexes["memory_chunks_embedding"]
         assert "USING gin (tsv)" in indexes["memory_chunks_tsv"]
         assert "NULLS NOT DISTINCT" in indexes["memories_fact_key"]
+        assert indexes["memory_jobs_due"].endswith("(run_after) WHERE (status = 'queued'::text)")
         dim = await conn.fetchval(
             "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
             "WHERE attrelid = 'memory_chunks'::regclass AND attname = 'embedding'"

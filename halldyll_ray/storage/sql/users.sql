@@ -55,7 +55,8 @@ SELECT u.username,
        (SELECT count(*) FROM viewer_grants WHERE viewer_id = u.id OR owner_id = u.id)
            AS viewer_grants,
        (SELECT count(*) FROM turn_requests WHERE user_id = u.id) AS turn_requests,
-       (SELECT count(*) FROM memory_events WHERE user_id = u.id) AS events
+       (SELECT count(*) FROM memory_events WHERE user_id = u.id) AS events,
+       (SELECT count(*) FROM memory_jobs WHERE user_id = u.id) AS jobs
 FROM users u WHERE u.id = $1;
 
 -- name: erasure_texts

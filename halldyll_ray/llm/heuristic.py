@@ -1,0 +1,142 @@
+"""The memory model without an LLM: rule-based facts, extractive summaries, similarity merges.
+
+:class:`HeuristicMemoryModel` answers :class:`~halldyll_ray.llm.protocol.MemoryModel` with the
+logic the product had before LLMs (:mod:`halldyll_ray.textproc`), so the background jobs run
+the same way with or without a configured LLM, and ``record_turn``'s inline path and its
+background path with this model write the same facts and the same summary.
+
+Messages are read as the jobs render them: a message's text may start with its role
+(``"user: ..."``, ``"assistant: ..."``), which the summaries keep, as the inline summary does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from halldyll_ray.config import Settings
+from halldyll_ray.llm.protocol import (
+    Action,
+    DatedText,
+    Decision,
+    FactCandidate,
+    Neighbour,
+    checked,
+)
+from halldyll_ray.models import FactKind, MessageRole
+from halldyll_ray.textproc import (
+    Line,
+    extract_candidate_facts,
+    extractive_summary,
+    normalize_statement,
+)
+
+#: Confidence of a fact found by the patterns: the inline path's (a single mention).
+CANDIDATE_CONFIDENCE = 0.3
+#: Most candidates one call returns (the protocol's bound).
+MAX_CANDIDATES = 20
+#: Candidates taken from one message (as record_turn's inline extraction).
+PER_MESSAGE = 5
+_ROLES = tuple(role.value for role in MessageRole)
+
+
+def as_line(text: str) -> Line:
+    """A rendered message ``"<role>: <content>"`` as the summariser's Line; a text without a
+    known role prefix is a user's line (what a summary most needs to keep)."""
+    role, sep, content = text.partition(": ")
+    if sep and role in _ROLES:
+        return Line(role, content)
+    return Line(MessageRole.USER.value, text)
+
+
+def _limit_words(text: str, max_words: int) -> str:
+    """``text`` cut to ``max_words`` words: whole lines first, then the last line's words."""
+    kept: list[str] = []
+    used = 0
+    for line in text.splitlines():
+        words = line.split()
+        if used + len(words) > max_words:
+            room = max_words - used
+            if room > 0:
+                kept.append(" ".join(words[:room]))
+            break
+        kept.append(line)
+        used += len(words)
+    return "\n".join(kept)
+
+
+class HeuristicMemoryModel:
+    """The no-LLM :class:`~halldyll_ray.llm.protocol.MemoryModel`.
+
+    Args:
+        merge_similarity: Cosine similarity at or above which a candidate reinforces its
+            nearest stored fact (FACT_MERGE_SIMILARITY, the store's own merge rule).
+    """
+
+    name = "heuristic"
+
+    def __init__(self, *, merge_similarity: float = 0.92) -> None:
+        if not 0.0 < merge_similarity <= 1.0:
+            raise ValueError("merge_similarity must be in (0, 1]")
+        self.merge_similarity = merge_similarity
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HeuristicMemoryModel:
+        return cls(merge_similarity=settings.fact_merge_similarity)
+
+    async def extract_facts(
+        self, messages: Sequence[DatedText], *, speaker: str | None = None
+    ) -> list[FactCandidate]:
+        """First-person statements of ``messages`` as ephemeral, low-confidence facts about
+        the user (:func:`~halldyll_ray.textproc.extract_candidate_facts`, at most five per
+        message, twenty in all, each statement once). ``speaker`` is not used: the patterns
+        read first-person text, which the caller passes (the user's own messages)."""
+        found: dict[str, FactCandidate] = {}
+        for message in messages:
+            for statement in extract_candidate_facts(message.text, limit=PER_MESSAGE):
+                found.setdefault(
+                    normalize_statement(statement),
+                    FactCandidate(
+                        statement=statement,
+                        kind=FactKind.EPHEMERAL,
+                        confidence=CANDIDATE_CONFIDENCE,
+                    ),
+                )
+                if len(found) >= MAX_CANDIDATES:
+                    return list(found.values())
+        return list(found.values())
+
+    async def consolidate(self, fact: FactCandidate, neighbours: Sequence[Neighbour]) -> Decision:
+        """Reinforce the nearest neighbour when it says the same (the same normalised
+        statement, or a similarity of at least ``merge_similarity``); else add."""
+        key = normalize_statement(fact.statement)
+        same = [n for n in neighbours if normalize_statement(n.statement) == key]
+        if same:
+            target = max(same, key=lambda n: n.similarity)
+            return checked(
+                Decision(action=Action.REINFORCE, target=target.id, reason="same statement"),
+                neighbours,
+            )
+        nearest = max(neighbours, key=lambda n: n.similarity, default=None)
+        if nearest is not None and nearest.similarity >= self.merge_similarity:
+            return checked(
+                Decision(
+                    action=Action.REINFORCE,
+                    target=nearest.id,
+                    reason=f"similarity {nearest.similarity:.3f} >= {self.merge_similarity}",
+                ),
+                neighbours,
+            )
+        return Decision(action=Action.ADD, reason="no stored fact says the same")
+
+    async def summarize(self, messages: Sequence[DatedText], *, max_words: int) -> str:
+        """The session's most central sentences in their order, ``"<role>: <sentence>"`` a
+        line (:func:`~halldyll_ray.textproc.extractive_summary`), at most ``max_words``
+        words; empty when no sentence is long enough to keep."""
+        text = extractive_summary([as_line(m.text) for m in messages])
+        return _limit_words(text, max_words)
+
+    async def roll_up(self, summaries: Sequence[DatedText], *, max_words: int) -> str:
+        """One summary of ``summaries``: the most central of their lines, in order."""
+        lines = [as_line(line) for s in summaries for line in s.text.splitlines() if line.strip()]
+        text = extractive_summary(lines, max_sentences=12, max_chars=3000)
+        return _limit_words(text, max_words)
