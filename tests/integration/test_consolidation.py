@@ -7,6 +7,7 @@ LLM-backed and heuristic models are tested by their own suites.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 from uuid import UUID
@@ -401,3 +402,57 @@ async def test_export_and_import_keep_validity_and_history(engine: MemoryEngine)
     # Importing it again changes nothing; a restore into the same user keeps the ids.
     again = await engine.import_memories(copy.id, lines)
     assert again.unchanged == report.lines and again.created == {}
+
+
+class _TogetherModel(ScriptedMemoryModel):
+    """Finds "The user lives in X" in "I moved to X."; holds the first ``together``
+    decisions until all of them are made: concurrent jobs decide on the same facts before any
+    of them writes."""
+
+    def __init__(self, together: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.together = together
+        self.arrived = 0
+        self.all_in = asyncio.Event()
+
+    async def extract_facts(self, messages: Any, *, speaker: str | None = None) -> Any:
+        city = messages[0].text.removeprefix("user: I moved to ").rstrip(".")
+        return _facts(f"The user lives in {city}")
+
+    async def consolidate(self, fact: FactCandidate, neighbours: Any) -> Decision:
+        decision = await super().consolidate(fact, neighbours)
+        self.arrived += 1
+        if self.arrived == self.together:
+            self.all_in.set()
+        if self.arrived <= self.together:
+            await self.all_in.wait()
+        return decision
+
+
+async def test_concurrent_updates_of_one_fact_keep_one_open_and_all_history(
+    engine: MemoryEngine,
+) -> None:
+    user = await engine.create_user("kai", None, "user")
+    first = ScriptedMemoryModel(facts=_facts("The user lives in Rome"))
+    _, [rome] = await _learn(engine, user.id, "I live in Rome.", first)
+    model = _TogetherModel(2, decide=act_on_closest(Action.UPDATE))
+    turns = [await _turn(engine, user.id, f"I moved to {city}.") for city in ("Milan", "Turin")]
+    results = await asyncio.gather(
+        *(
+            _consolidation(engine, model).learn_from_turn(
+                user.id, turn.conversation_id, turn.message_seqs, job_id="j", model_id=None
+            )
+            for turn in turns
+        )
+    )
+    # Both were shown Rome and chose to update it; the second to write found it closed and
+    # went round again: shown the first one's new fact, it updated that one.
+    assert model.count("consolidate") == 3
+    assert all(change.action is Action.UPDATE for [change] in results)
+    shown = [args[1] for name, args in model.calls if name == "consolidate"]
+    assert [n.id for n in shown[0]] == [n.id for n in shown[1]] == [rome.fact_id]
+    assert rome.fact_id not in {n.id for n in shown[2]}
+    rows = await _fact_rows(engine, user.id)
+    assert len(rows) == 3 and sum(r["valid_to"] is None for r in rows) == 1
+    chain = await engine.fact_history(user.id, rome.fact_id)
+    assert len(chain) == 3 and chain[0].id == rome.fact_id and chain[-1].valid_to is None
