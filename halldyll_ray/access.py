@@ -235,6 +235,13 @@ class AuthorizedEngine:
             lambda u: self.engine.get_memory(u, memory_id, include_messages=include_messages),
         )
 
+    async def fact_history(
+        self, user_id: UUID | str | None, memory_id: UUID | str
+    ) -> list[StoredMemory]:
+        return await self._read(
+            "memory.history", user_id, lambda u: self.engine.fact_history(u, memory_id)
+        )
+
     async def list_memories(self, user_id: UUID | str | None, **filters: Any) -> Page[StoredMemory]:
         return await self._read(
             "memory.list", user_id, lambda u: self.engine.list_memories(u, **filters)

@@ -156,7 +156,49 @@ class Settings(BaseSettings):
         le=1.0,
         description="Confidence at which a reinforced ephemeral fact becomes permanent.",
     )
+    fact_consolidation_neighbours: int = Field(
+        default=5,
+        ge=1,
+        le=50,
+        description="Stored facts shown to the model beside each fact it learns from a turn "
+        "(the closest open facts of the same model scope).",
+    )
+    fact_consolidation_min_similarity: float = Field(
+        default=0.4,
+        ge=-1.0,
+        le=1.0,
+        description="Cosine similarity below which a stored fact is not shown to the model as a "
+        "candidate to reinforce, update or contradict. With all-MiniLM-L6-v2 an update scores "
+        "0.5-0.65 ('lives in Paris' / 'moved to Berlin'), unrelated facts 0.2-0.3.",
+    )
+    fact_contradiction_floor: float = Field(
+        default=0.2,
+        ge=0.0,
+        le=1.0,
+        description="A contradicted fact whose confidence falls below this is closed.",
+    )
+    session_summary_max_words: int = Field(
+        default=150, ge=10, le=2000, description="Words of a session summary a model writes."
+    )
+    summary_rollup_after_days: float = Field(
+        default=30,
+        gt=0,
+        le=36_500,
+        description="Sessions quiet for this long are rolled up into period summaries (one per "
+        "calendar month and model scope).",
+    )
+    period_summary_max_words: int = Field(
+        default=250, ge=10, le=4000, description="Words of a period summary a model writes."
+    )
     max_context_tokens: int = Field(default=4000, ge=32, le=1_000_000)
+    context_history_share: float = Field(
+        default=0.15,
+        ge=0.0,
+        le=0.5,
+        description="Largest share of a context's budget for the user's earlier sessions "
+        "(period summaries, or the session summaries they cover when the budget allows); 0: "
+        "no history section.",
+    )
     context_recency_half_life_days: float = Field(default=14, gt=0, le=36_500)
     context_weight_similarity: float = Field(default=0.7, ge=0, le=1)
     context_weight_recency: float = Field(default=0.15, ge=0, le=1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from uuid import UUID
 
@@ -19,12 +19,13 @@ from halldyll_ray.models import Context, ContextItem, ContextSection
 from halldyll_ray.textproc import normalize_statement
 
 SUMMARY = "Session summary"
+HISTORY = "Earlier sessions"
 FACTS = "Relevant facts"
 MEMORIES = "Relevant memories"
 RECENT = "Recent turns"
 CURRENT = "Current message"
-SECTION_ORDER = (SUMMARY, FACTS, MEMORIES, RECENT, CURRENT)
-_REFERENCED = frozenset({SUMMARY, FACTS, MEMORIES})
+SECTION_ORDER = (SUMMARY, HISTORY, FACTS, MEMORIES, RECENT, CURRENT)
+_REFERENCED = frozenset({SUMMARY, HISTORY, FACTS, MEMORIES})
 
 #: Largest share of the budget each bounded section may take; relevant facts and memories
 #: share what is left after the sections before them in priority order.
@@ -49,6 +50,19 @@ class Candidate:
     #: Which part of the memory the text is ("message:3"): two turns of one conversation
     #: are two candidates, the same turn found twice is one.
     part: str = ""
+    #: A period summary's session summaries: a context never shows a summary together with
+    #: one it covers (whichever comes first keeps its place).
+    covers: frozenset[UUID] = frozenset()
+
+
+@dataclass(frozen=True)
+class HistoryUnit:
+    """One stretch of the user's earlier sessions: a period summary (``collapsed``) with the
+    session summaries it covers (``expanded``, oldest first; empty when they cannot all be
+    shown), or one session summary on its own (``collapsed``, nothing to expand)."""
+
+    collapsed: Candidate
+    expanded: tuple[Candidate, ...] = ()
 
 
 def recency(created_at: datetime | None, now: datetime, half_life_days: float) -> float:
@@ -88,17 +102,10 @@ def rank(
             weights,
         )
         scored.append(
-            Candidate(
-                section=candidate.section,
-                text=candidate.text,
-                memory_id=candidate.memory_id,
-                type=candidate.type,
-                similarity=candidate.similarity,
-                created_at=candidate.created_at,
-                salience=candidate.salience,
+            replace(
+                candidate,
                 score=score,
                 dedupe_key=candidate.dedupe_key or normalize_statement(candidate.text),
-                part=candidate.part,
             )
         )
     scored.sort(key=lambda c: (-c.score, str(c.memory_id), c.text))
@@ -121,6 +128,41 @@ def dedupe(candidates: Sequence[Candidate], seen: set[str] | None = None) -> lis
     return kept
 
 
+def choose_history(
+    units: Sequence[HistoryUnit], limit: int, count_tokens: Callable[[str], int]
+) -> list[Candidate]:
+    """The earlier sessions to show in ``limit`` tokens (section header included), oldest
+    first: as far back as the budget reaches, then as detailed as it allows.
+
+    ``units`` are oldest first. First the newest units are taken collapsed (a period's one
+    summary), as many as fit, so the history reaches as far back as it can; then, newest
+    first, each taken period is expanded into the session summaries it covers when the whole
+    still fits. A period and a session it covers are never both chosen.
+    """
+
+    def cost(candidate: Candidate) -> int:
+        return count_tokens(f"[00] {candidate.text}")  # as cited: "[n] text"
+
+    used = count_tokens(f"## {HISTORY}")
+    taken: list[int] = []  # newest first
+    for index in reversed(range(len(units))):
+        price = cost(units[index].collapsed)
+        if used + price > limit:
+            break
+        used += price
+        taken.append(index)
+    shown = {index: [units[index].collapsed] for index in taken}
+    for index in taken:
+        unit = units[index]
+        if not unit.expanded:
+            continue
+        extra = sum(cost(c) for c in unit.expanded) - cost(unit.collapsed)
+        if used + extra <= limit:
+            shown[index] = list(unit.expanded)
+            used += extra
+    return [candidate for index in sorted(shown) for candidate in shown[index]]
+
+
 class Budget:
     """Tokens left, with per-section ceilings."""
 
@@ -141,18 +183,24 @@ def assemble(
     max_tokens: int,
     count_tokens: Callable[[str], int],
     truncate: Callable[[str, int], str],
+    history: Sequence[HistoryUnit] = (),
+    history_share: float = 0.0,
 ) -> Context:
     """Fill the budget in priority order and render the labelled sections.
 
     Priority: the current message (up to 40 % of the budget, truncated if longer), the session
-    summary (25 %, truncated), the recent turns newest first (35 %, whole turns only), then the
-    ranked facts and memories (whole items only) in what is left. Rendering order is fixed:
-    summary, facts, memories, recent turns, current message.
+    summary (25 %, truncated), the recent turns newest first (35 %, whole turns only), the
+    earlier sessions (``history_share``, whole summaries only, :func:`choose_history`), then
+    the ranked facts and memories (whole items only) in what is left. A summary is never shown
+    with one it covers or that covers it (:attr:`Candidate.covers`). Rendering order is fixed:
+    summary, earlier sessions, facts, memories, recent turns, current message.
     """
     budget = Budget(max_tokens)
     chosen: dict[str, list[tuple[Candidate, str, int]]] = {name: [] for name in SECTION_ORDER}
     header_cost = {name: count_tokens(f"## {name}") for name in SECTION_ORDER}
     references: list[UUID] = []
+    shown: set[UUID] = set()
+    covered: set[UUID] = set()
 
     def render_line(candidate: Candidate) -> str:
         if candidate.section in _REFERENCED and candidate.memory_id is not None:
@@ -165,6 +213,12 @@ def assemble(
 
     def take(candidate: Candidate, limit: int, *, truncatable: bool) -> bool:
         section = candidate.section
+        if candidate.memory_id is not None and (
+            candidate.memory_id in covered
+            or candidate.covers & shown
+            or (candidate.type == "summary" and candidate.memory_id in shown)
+        ):
+            return False  # in already, or a summary covering it or covered by it is
         header = 0 if chosen[section] else header_cost[section]
         line = render_line(candidate)
         cost = count_tokens(line)
@@ -183,6 +237,9 @@ def assemble(
             references.append(candidate.memory_id)
         chosen[section].append((candidate, line, cost))
         budget.left -= header + cost
+        if candidate.memory_id is not None:
+            shown.add(candidate.memory_id)
+            covered.update(candidate.covers)
         return True
 
     if current is not None:
@@ -199,6 +256,13 @@ def assemble(
             break
         recent_used += left_before - budget.left
     chosen[RECENT].reverse()  # back to chronological order
+    if history and history_share > 0:
+        history_limit = budget.cap(history_share)
+        history_used = 0
+        for candidate in choose_history(history, history_limit, count_tokens):
+            left_before = budget.left
+            if take(candidate, history_limit - history_used, truncatable=False):
+                history_used += left_before - budget.left
     for candidate in relevant:
         if budget.left <= 0:
             break
@@ -210,7 +274,7 @@ def assemble(
     # Word-piece counts add up across whitespace, so this loop does not run for the default
     # model; it keeps the promise for a tokenizer whose counts are not additive.
     while token_count > max_tokens:
-        for name in (MEMORIES, FACTS, RECENT, SUMMARY, CURRENT):
+        for name in (MEMORIES, FACTS, HISTORY, RECENT, SUMMARY, CURRENT):
             if chosen[name]:
                 chosen[name].pop(-1 if name != RECENT else 0)
                 break

@@ -624,6 +624,15 @@ class MemoryEngine:
             user_id, memory_id, include_messages=include_messages
         )
 
+    async def fact_history(self, user_id: UUID | str, memory_id: UUID | str) -> list[StoredMemory]:
+        """Every version of a fact, oldest first: the statements it replaced and those that
+        replaced it (``valid_from``, ``valid_to``, ``superseded_by``), closed or open.
+
+        Raises:
+            NotFound: no such memory of the user. InvalidInput: the memory is not a fact.
+        """
+        return await self.components.memories.history(user_id, memory_id)
+
     async def list_memories(
         self,
         user_id: UUID | str,

@@ -494,6 +494,25 @@ class StoredMemory(_Record):
     expires_at: datetime | None = None
     reinforcement_count: int = 0
     message_count: int = 0
+    valid_from: datetime | None = Field(
+        default=None,
+        description="A fact: since when it holds (when it was stored, or the time of the turn "
+        "it was learned from); None for other types.",
+    )
+    valid_to: datetime | None = Field(
+        default=None,
+        description="A fact: when it stopped holding, closed by an update or a contradiction; "
+        "None while it holds. Closed facts leave searches, lists and contexts: read them by id "
+        "or in their fact's history.",
+    )
+    superseded_by: UUID | None = Field(
+        default=None, description="A closed fact: the fact that replaced it (an update)."
+    )
+    period: str | None = Field(
+        default=None,
+        description="A period summary: the calendar month (YYYY-MM, UTC) whose sessions it "
+        "rolls up; its `covers` are their session summaries.",
+    )
     memory: Memory
     messages: list[StoredMessage] = Field(
         default_factory=list, description="A conversation's messages, in order."

@@ -7,7 +7,11 @@ An export is UTF-8 text, one JSON object a line (``application/x-ndjson``):
 - then one :class:`ExportedMemory` a line: the memory as a client would store it (``memory``:
   the typed body, with its AI model by name), its conversation's ``messages``, a fact's
   ``sources``, and what the service adds (``id``, times, ``expires_at``,
-  ``reinforcement_count``, the agent loop's ``session_role``).
+  ``reinforcement_count``, the agent loop's ``session_role``; a fact's validity
+  ``valid_from``, ``valid_to`` and ``superseded_by``, a summary's ``period`` and span: all
+  optional, so files written before them import unchanged).
+
+Closed facts are exported too (they are their facts' history) and imported closed.
 
 Summaries come last, so an import meets the memories a summary ``covers`` before the summary.
 The same models validate an import, line by line: an export of this version always imports.
@@ -39,6 +43,7 @@ from halldyll_ray.models import (
     Fact,
     Memory,
     Message,
+    Summary,
     UtcDateTime,
     check_json_value,
 )
@@ -74,6 +79,7 @@ def _storable_text(value: str) -> str:
     return value
 
 
+Period = Annotated[str, StringConstraints(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$")]
 Source = Annotated[str, StringConstraints(max_length=500), AfterValidator(_storable_text)]
 
 
@@ -120,6 +126,24 @@ class ExportedMemory(_Line):
     session_role: Literal["log", "summary"] | None = Field(
         default=None, description="The agent loop's own conversation log or rolling summary."
     )
+    valid_from: UtcDateTime | None = Field(
+        default=None, description="A fact: since when it holds (None: since created_at)."
+    )
+    valid_to: UtcDateTime | None = Field(
+        default=None, description="A closed fact: when it stopped holding (None: it holds)."
+    )
+    superseded_by: UUID | None = Field(
+        default=None, description="A closed fact: the exported id of the fact that replaced it."
+    )
+    period: Period | None = Field(
+        default=None, description="A period summary: the month it rolls up (YYYY-MM)."
+    )
+    span_start: UtcDateTime | None = Field(
+        default=None, description="A summary: the time of the first thing it covers."
+    )
+    span_end: UtcDateTime | None = Field(
+        default=None, description="A summary: the time of the last thing it covers."
+    )
 
     @model_validator(mode="after")
     def _parts_of_their_type(self) -> ExportedMemory:
@@ -137,6 +161,24 @@ class ExportedMemory(_Line):
             raise ValueError(f"a {memory.type.value} has no messages")
         if self.sources and not isinstance(memory, Fact):
             raise ValueError(f"a {memory.type.value} has no sources")
+        if not isinstance(memory, Fact) and (
+            self.valid_from is not None or self.valid_to is not None
+        ):
+            raise ValueError(f"a {memory.type.value} has no validity (valid_from, valid_to)")
+        if self.superseded_by is not None and self.valid_to is None:
+            raise ValueError("superseded_by names what replaced a closed fact: give valid_to")
+        if (
+            self.valid_to is not None
+            and self.valid_from is not None
+            and self.valid_to < self.valid_from
+        ):
+            raise ValueError("valid_to is before valid_from")
+        if self.period is not None and not isinstance(memory, Summary):
+            raise ValueError(f"a {memory.type.value} has no period")
+        if (self.span_start is not None or self.span_end is not None) and not isinstance(
+            memory, Summary
+        ):
+            raise ValueError(f"a {memory.type.value} has no span")
         return self
 
 

@@ -369,6 +369,12 @@ class AsyncHalldyllClient:
         """One memory, with a conversation's messages."""
         return await self._send(Endpoints.get_memory(memory_id, user_id=user_id))
 
+    async def fact_history(self, memory_id: Id, *, user_id: Id = "me") -> list[StoredMemory]:
+        """Every version of a fact, oldest first: the statements it replaced and those that
+        replaced it (closed ones have ``valid_to`` and ``superseded_by``). InvalidInput for a
+        memory that is not a fact."""
+        return await self._send(Endpoints.fact_history(memory_id, user_id=user_id))
+
     async def list_memories(
         self,
         *,

@@ -374,6 +374,10 @@ class Endpoints:
         return Request("GET", _memories(user_id, memory_id), _one(StoredMemory))
 
     @staticmethod
+    def fact_history(memory_id: Id, *, user_id: Id) -> Request[list[StoredMemory]]:
+        return Request("GET", f"{_memories(user_id, memory_id)}/history", _many(StoredMemory))
+
+    @staticmethod
     def list_memories(request: ListMemoriesRequest, *, user_id: Id) -> Request[Page[StoredMemory]]:
         # Query parameters, not a body: the fields as given, lists joined by commas.
         params = _params(dict(request))

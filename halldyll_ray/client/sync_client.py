@@ -253,6 +253,12 @@ class HalldyllClient:
         """One memory, with a conversation's messages."""
         return self._send(Endpoints.get_memory(memory_id, user_id=user_id))
 
+    def fact_history(self, memory_id: Id, *, user_id: Id = "me") -> list[StoredMemory]:
+        """Every version of a fact, oldest first: the statements it replaced and those that
+        replaced it (closed ones have ``valid_to`` and ``superseded_by``). InvalidInput for a
+        memory that is not a fact."""
+        return self._send(Endpoints.fact_history(memory_id, user_id=user_id))
+
     def list_memories(
         self,
         *,

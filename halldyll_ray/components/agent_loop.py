@@ -20,10 +20,11 @@ from pydantic import TypeAdapter
 
 from halldyll_ray import validation
 from halldyll_ray.components.audit import write_audit
-from halldyll_ray.components.base import insert_chunks, lock_user
+from halldyll_ray.components.base import lock_user
 from halldyll_ray.components.embeddings import Embeddings
 from halldyll_ray.components.ingestion import Ingestion
 from halldyll_ray.components.registry import ModelRegistry
+from halldyll_ray.components.summaries import EMPTY_SUMMARY, write_session_summary
 from halldyll_ray.config import Settings
 from halldyll_ray.errors import InvalidInput, NotFound
 from halldyll_ray.models import Fact, FactKind, Message, MessageRole, TurnRecord
@@ -37,8 +38,6 @@ MESSAGE: TypeAdapter[Message] = TypeAdapter(Message)
 CANDIDATE_FACT_CONFIDENCE = 0.3
 #: How long a session's conversation id stays in the cache, in seconds (a day).
 SESSION_STATE_TTL_S = 86_400
-#: Importance of a session's rolling summary.
-SUMMARY_IMPORTANCE = 0.7
 #: Writes a session's summary from its messages (rows of ``get_messages``, oldest first).
 Summarizer = Callable[[Sequence[Any]], Awaitable[str]]
 
@@ -206,58 +205,32 @@ class AgentLoop:
         summarize: Summarizer | None = None,
     ) -> UUID:
         """Write the session's rolling summary (one per session, replaced each time) from its
-        log's messages; return its id. ``summarize`` writes the text (default: the
-        extractive summary of :func:`~halldyll_ray.textproc.extractive_summary`)."""
+        log's messages; return its id. ``summarize`` writes the text (default: the extractive
+        summary of :func:`~halldyll_ray.textproc.extractive_summary`; a model's, through
+        :meth:`~halldyll_ray.components.summaries.Summaries.refresh_session`, replaces it)."""
         rows = await self.db.fetch(q("get_messages"), conversation_id, user_id, user_id=user_id)
         if summarize is None:
             text = extractive_summary([Line(r["role"], r["content"]) for r in rows])
         else:
             text = await summarize(rows)
         if not text:
-            text = "(no content yet)"
+            text = EMPTY_SUMMARY
         chunks = self.ingestion.chunker.part("text", 0, text)
         vectors = await self.embeddings.embed([c.indexed for c in chunks])
-        payload = {"covers": [str(conversation_id)]}
+        span = (rows[0]["created_at"], rows[-1]["created_at"]) if rows else (None, None)
         async with self.db.scoped(user_id) as conn:
             await lock_user(conn, user_id)
-            row = await conn.fetchrow(q("session_memory"), user_id, session_id, "summary")
-            if row is None:
-                row = await conn.fetchrow(
-                    *bind(
-                        "insert_memory",
-                        id=uuid.uuid4(),
-                        user_id=user_id,
-                        model_id=model_id,
-                        session_id=session_id,
-                        type="summary",
-                        content=text,
-                        payload=payload,
-                        tags=[],
-                        metadata={},
-                        importance=SUMMARY_IMPORTANCE,
-                        session_role="summary",
-                    )
-                )
-            else:
-                row = await conn.fetchrow(
-                    *bind(
-                        "update_memory",
-                        id=row["id"],
-                        user_id=user_id,
-                        tags=None,
-                        metadata=None,
-                        importance=None,
-                        content=text,
-                        payload=payload,
-                        confidence=None,
-                        fact_kind=None,
-                        set_expiry=False,
-                        expires_at=None,
-                        fact_key=None,
-                    )
-                )
-                await conn.execute(q("delete_chunks_of_part"), row["id"], user_id, "text")
-            await insert_chunks(conn, row, chunks, vectors)
+            row = await write_session_summary(
+                conn,
+                user_id=user_id,
+                session_id=session_id,
+                model_id=model_id,
+                conversation_id=conversation_id,
+                text=text,
+                chunks=chunks,
+                vectors=vectors,
+                span=span,
+            )
             await write_audit(conn, "summary.refresh", "summary", [row["id"]], user_id)
         summary_id: UUID = row["id"]
         return summary_id

@@ -94,6 +94,10 @@ async def insert_chunks(
     if not chunks:
         return
     embedding_model = model_of(vectors)
+    try:  # a closed fact's chunks are closed with it (migration 0012)
+        valid_to = row["valid_to"]
+    except KeyError:  # a conversation's appended messages: its row in part only
+        valid_to = None
     insert = query("insert_chunk")
     await conn.executemany(
         insert.sql,
@@ -111,6 +115,7 @@ async def insert_chunks(
                 chunk_index=c.chunk_index,
                 content=c.text,
                 label=c.label,
+                valid_to=valid_to,
                 embedding=np.asarray(vectors[i]),
                 embedding_model=embedding_model,
             )

@@ -62,8 +62,33 @@ def describe(stored: StoredMemory, matched: MatchedPart, turns: Sequence[Any] | 
         lang = f", {payload.language}" if payload.language else ""
         return f"({day}, transcription{lang}) {matched.text}"
     if isinstance(payload, Summary):
+        if stored.period is not None:
+            return f"({stored.period}, summary of {len(payload.covers)} sessions) {payload.text}"
         return f"({day}, summary) {payload.text}"
     return f"({day}) {matched.text}"
+
+
+#: Summaries of each kind (session, period) the history section chooses from: the newest.
+HISTORY_ROWS = 200
+
+
+def history_line(row: Any, covers: Sequence[UUID] = ()) -> ctx.Candidate:
+    """A session or period summary as a line of the earlier sessions section:
+    ``(2025-03, 4 sessions) text`` or ``(2025-03-02, session 'chat-7') text``."""
+    text = " / ".join(line.strip() for line in row["content"].splitlines() if line.strip())
+    if row["period"] is not None:
+        label = f"({row['period']}, {len(covers)} sessions)"
+    else:
+        label = f"({row['span_start'].astimezone(UTC).date().isoformat()}, session "
+        label += f"'{row['session_id']}')"
+    return ctx.Candidate(
+        ctx.HISTORY,
+        f"{label} {text}",
+        memory_id=row["id"],
+        type="summary",
+        created_at=row["span_end"],
+        covers=frozenset(covers),
+    )
 
 
 class ContextBuilder:
@@ -194,6 +219,58 @@ class ContextBuilder:
             out[(memory_id, index)] = rows
         return out
 
+    async def _history(
+        self,
+        user_id: UUID,
+        *,
+        session_id: str | None,
+        model: UUID | str | None,
+        include_shared: bool,
+        current_summary: UUID | None,
+    ) -> list[ctx.HistoryUnit]:
+        """The user's earlier sessions in the model scope, oldest first: each period summary
+        with the session summaries it covers, and the sessions no period covers."""
+        if self.settings.context_history_share <= 0:
+            return []
+        scope = await self.search.registry.scope(model, include_shared)
+        rows = await self.db.fetch(
+            *bind(
+                "history_summaries",
+                user_id=user_id,
+                session_id=session_id,
+                model_id=scope.model_id,
+                include_shared=scope.include_shared,
+                per_kind=HISTORY_ROWS,
+            ),
+            user_id=user_id,
+        )
+        sessions = {row["id"]: row for row in rows if row["period"] is None}
+        in_periods: set[UUID] = set()
+        units: list[tuple[datetime, str, ctx.HistoryUnit]] = []
+        for row in rows:
+            if row["period"] is None:
+                continue
+            covers = [UUID(c) for c in row["covers"] or []]
+            if current_summary is not None and current_summary in covers:
+                continue  # its session is the current one again: the others stand alone
+            members = sorted(
+                (sessions[c] for c in covers if c in sessions),
+                key=lambda m: (m["span_start"], str(m["id"])),
+            )
+            in_periods.update(m["id"] for m in members)
+            expanded = (
+                tuple(history_line(m) for m in members) if len(members) == len(covers) else ()
+            )
+            unit = ctx.HistoryUnit(history_line(row, covers), expanded)
+            units.append((row["span_start"], str(row["id"]), unit))
+        for row in sessions.values():
+            if row["id"] not in in_periods:
+                units.append(
+                    (row["span_start"], str(row["id"]), ctx.HistoryUnit(history_line(row)))
+                )
+        units.sort(key=lambda unit: (unit[0], unit[1]))
+        return [unit for _, _, unit in units]
+
     async def assemble(
         self,
         user_id: UUID,
@@ -236,11 +313,14 @@ class ContextBuilder:
             ):
                 continue  # already in the recent turns / the summary section
             payload = stored.memory
+            covers: frozenset[UUID] = frozenset()
             if isinstance(payload, Fact):
                 section, salience, text = ctx.FACTS, payload.confidence, payload.statement
             else:
                 section, salience = ctx.MEMORIES, stored.importance
                 text = describe(stored, hit.matched, turns.get((stored.id, hit.matched.index)))
+                if isinstance(payload, Summary) and stored.period is not None:
+                    covers = frozenset(payload.covers)
             candidates.append(
                 ctx.Candidate(
                     section=section,
@@ -251,6 +331,7 @@ class ContextBuilder:
                     created_at=stored.created_at,
                     salience=salience,
                     part=f"{hit.matched.part}:{hit.matched.index}",
+                    covers=covers,
                 )
             )
         ranked = ctx.rank(
@@ -264,6 +345,13 @@ class ContextBuilder:
             summary = ctx.Candidate(
                 ctx.SUMMARY, summary_row["content"], memory_id=summary_row["id"], type="summary"
             )
+        history = await self._history(
+            user_id,
+            session_id=session_id,
+            model=model,
+            include_shared=include_shared,
+            current_summary=None if summary_row is None else summary_row["id"],
+        )
         return ctx.assemble(
             summary=summary,
             relevant=ranked,
@@ -272,4 +360,6 @@ class ContextBuilder:
             max_tokens=budget,
             count_tokens=self.encoder.count_tokens,
             truncate=self.encoder.truncate_to_tokens,
+            history=history,
+            history_share=self.settings.context_history_share,
         )

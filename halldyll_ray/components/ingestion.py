@@ -287,6 +287,7 @@ class Ingestion:
                         expires_at=datetime.now(UTC) + ttl if ephemeral else None,
                         ttl=ttl,
                         promote_at=promote,
+                        valid_from=None,
                     )
                 )
                 if not row["reinforced"]:

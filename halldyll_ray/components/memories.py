@@ -17,7 +17,7 @@ from pydantic import TypeAdapter
 from halldyll_ray import validation
 from halldyll_ray.components.base import require_user
 from halldyll_ray.components.registry import ModelRegistry
-from halldyll_ray.errors import NotFound
+from halldyll_ray.errors import InvalidInput, NotFound
 from halldyll_ray.models import (
     STORED,
     Fact,
@@ -96,6 +96,10 @@ def to_record(row: Any, *, messages: Sequence[StoredMessage] = ()) -> StoredMemo
         expires_at=row["expires_at"],
         reinforcement_count=row["reinforcement_count"],
         message_count=row["message_count"],
+        valid_from=(row["valid_from"] or row["created_at"]) if kind is MemoryType.FACT else None,
+        valid_to=row["valid_to"],
+        superseded_by=row["superseded_by"],
+        period=row["period"],
         memory=payload,
         messages=list(messages),
     )
@@ -134,6 +138,28 @@ class MemoryReader:
                 for m in await self.db.fetch(q("get_messages"), memory_id, user_id, user_id=user_id)
             ]
         return to_record(row, messages=messages)
+
+    async def history(self, user_id: UUID | str, memory_id: UUID | str) -> list[StoredMemory]:
+        """Every version of a fact, oldest first: the statements it replaced and the ones that
+        replaced it (``superseded_by`` links), closed or open, ``memory_id``'s among them.
+
+        Raises:
+            NotFound: no such memory of the user (or it expired). InvalidInput: it is not a
+                fact (only facts have versions).
+        """
+        user_id = validation.parse_uuid(user_id, "user_id")
+        memory_id = validation.parse_uuid(memory_id, "memory_id")
+        rows = await self.db.fetch(q("fact_history"), memory_id, user_id, user_id=user_id)
+        if not any(row["id"] == memory_id for row in rows):
+            row = await self.db.fetchrow(q("get_memory"), memory_id, user_id, user_id=user_id)
+            if row is None or expired(row["expires_at"]):
+                await require_user(self.db, user_id)
+                raise NotFound(f"memory {memory_id} not found")
+            raise InvalidInput(
+                f"memory {memory_id} is a {row['type']}: only facts have a history",
+                field="memory_id",
+            )
+        return [to_record(row) for row in rows]
 
     async def page(
         self,

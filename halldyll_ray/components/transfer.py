@@ -175,6 +175,12 @@ class Transfer:
                 expires_at=row["expires_at"],
                 reinforcement_count=row["reinforcement_count"],
                 session_role=row["session_role"],
+                valid_from=row["valid_from"],
+                valid_to=row["valid_to"],
+                superseded_by=row["superseded_by"],
+                period=row["period"],
+                span_start=row["span_start"],
+                span_end=row["span_end"],
             )
             out += line.model_dump_json(exclude_defaults=False).encode() + b"\n"
         return bytes(out)
@@ -218,13 +224,17 @@ class Transfer:
             )
         keep_ids = header.user.id == user_id
         report = ImportReport(atomic=atomic)
+        # Closed facts whose successor may come later in the file: (id here, exported id).
+        links: list[tuple[UUID, UUID]] = []
         if atomic:
             async with self.db.scoped(user_id) as conn:
                 await lock_user(conn, user_id)
                 async for batch in _batches(lines):
                     ready = await self._prepare(user_id, batch, report, conn)
                     if not report.error_count:
-                        await self._write(conn, user_id, ready, report, keep_ids, request_id)
+                        await self._write(conn, user_id, ready, report, keep_ids, request_id, links)
+                if not report.error_count:
+                    await _link_successors(conn, user_id, links)
                 if report.error_count:
                     report.committed = False
                     report.created, report.merged, report.unchanged = {}, 0, 0
@@ -241,7 +251,11 @@ class Transfer:
             if ready:
                 async with self.db.scoped(user_id) as conn:
                     await lock_user(conn, user_id)
-                    await self._write(conn, user_id, ready, report, keep_ids, request_id)
+                    await self._write(conn, user_id, ready, report, keep_ids, request_id, links)
+        if links:
+            async with self.db.scoped(user_id) as conn:
+                await lock_user(conn, user_id)
+                await _link_successors(conn, user_id, links)
         if report.lines == 0:
             # An empty file for a missing user would otherwise pass without a word.
             async with self.db.scoped(user_id) as conn:
@@ -318,8 +332,10 @@ class Transfer:
         report: ImportReport,
         keep_ids: bool,
         request_id: str | None,
+        links: list[tuple[UUID, UUID]],
     ) -> None:
-        """Write prepared lines under the user's lock (taken by the caller)."""
+        """Write prepared lines under the user's lock (taken by the caller); the closed facts
+        whose successor is to be linked once every line is in go to ``links``."""
         sources = [line.record.id for line in lines]
         mapped = {
             r["source_id"]: r["memory_id"]
@@ -353,6 +369,8 @@ class Transfer:
                 report.problem(line.number, exc.message, exc.fields.get("field"))
                 continue
             mapped[source] = target
+            if line.record.superseded_by is not None and not merged:
+                links.append((target, line.record.superseded_by))
             written.append(target)
             new_sources.append(source)
             new_targets.append(target)
@@ -387,12 +405,17 @@ class Transfer:
         record = line.record
         memory = record.memory
         vectors = line.vectors if line.vectors is not None else np.empty((0, 0), np.float32)
-        if isinstance(memory, Fact):
+        if isinstance(memory, Fact) and record.valid_to is None:  # a closed one is history
             merged = await self._merge_fact(conn, user_id, line, vectors)
             if merged is not None:
                 return merged, True
         if isinstance(memory, Summary) and memory.covers:
-            wanted = [mapped.get(c, c) for c in memory.covers]
+            # What each covered memory became here (in this batch or an earlier one).
+            earlier = {
+                r["source_id"]: r["memory_id"]
+                for r in await conn.fetch(q("imported_sources"), user_id, list(memory.covers))
+            }
+            wanted = [mapped.get(c, earlier.get(c, c)) for c in memory.covers]
             owned = {r["id"] for r in await conn.fetch(q("owned_ids"), user_id, wanted)}
             memory = memory.model_copy(update={"covers": [c for c in wanted if c in owned]})
         role = record.session_role
@@ -401,6 +424,11 @@ class Transfer:
             or await conn.fetchval(q("session_role_taken"), user_id, memory.session_id, role)
         ):
             role = None  # the session already has its own log or summary here
+        period = record.period
+        if period is not None and await conn.fetchval(
+            q("period_taken"), user_id, line.model_id, period
+        ):
+            period = None  # this scope has its own summary of that month here
         content, payload = split(memory)
         fact = memory if isinstance(memory, Fact) else None
         if fact is not None:
@@ -427,10 +455,16 @@ class Transfer:
                 message_count=len(record.messages),
                 created_at=record.created_at,
                 updated_at=record.updated_at,
+                valid_from=record.valid_from if fact is not None else None,
+                valid_to=record.valid_to if fact is not None else None,
+                period=period,
+                span_start=record.span_start,
+                span_end=record.span_end,
             )
         )
         if row is None:
-            if fact is not None:  # an equal statement was stored in between: reinforce it
+            if fact is not None and record.valid_to is None:
+                # an equal statement was stored in between: reinforce it
                 existing = await conn.fetchval(
                     q("fact_by_key"), user_id, line.model_id, make_fact_key(fact.statement)
                 )
@@ -491,6 +525,24 @@ class Transfer:
         )
         await conn.execute(q("update_chunk_filters"), fact_id, user_id, row["tags"])
         return fact_id
+
+
+async def _link_successors(
+    conn: asyncpg.Connection, user_id: UUID, links: Sequence[tuple[UUID, UUID]]
+) -> None:
+    """Point imported closed facts at what replaced them, by the exported ids: whatever each
+    successor became here (imported, merged, or kept under its id). A successor that was
+    not imported leaves its fact closed without a link."""
+    sources = list({source for _, source in links})
+    here = {
+        r["source_id"]: r["memory_id"]
+        for r in await conn.fetch(q("imported_sources"), user_id, sources)
+    }
+    owned = {r["id"] for r in await conn.fetch(q("owned_ids"), user_id, sources)}
+    for fact_id, source in links:
+        successor = here.get(source, source if source in owned else None)
+        if successor is not None and successor != fact_id:
+            await conn.execute(q("link_successor"), fact_id, user_id, successor)
 
 
 def _expiry(record: ExportedMemory, ttl_days: float | None = None) -> datetime | None:

@@ -497,6 +497,19 @@ class Searcher(EngineDeployment):
             return await api.get_memory(user_id, memory_id)
 
     @handle_method
+    async def fact_history(
+        self,
+        principal: Principal,
+        *,
+        user_id: UUID | None,
+        memory_id: UUID,
+        request_id: str | None,
+    ) -> list[StoredMemory]:
+        """Every version of a fact, oldest first."""
+        async with self._authorized(principal, request_id) as api:
+            return await api.fact_history(user_id, memory_id)
+
+    @handle_method
     async def list_memories(
         self,
         principal: Principal,

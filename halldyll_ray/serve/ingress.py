@@ -342,6 +342,21 @@ class Ingress(EngineOwner):
         )
         return json_response(memory)
 
+    @api.get("/v1/users/{user_id}/memories/{memory_id}/history", tags=["memories"])
+    async def fact_history(self, request: Request, user_id: UserRef, memory_id: UUID) -> Any:
+        """Every version of a fact, oldest first: the statements it replaced and those that
+        replaced it (`valid_from`, `valid_to`, `superseded_by`). 422 for a memory that is not
+        a fact."""
+        versions = await downstream(
+            self._searcher.fact_history.remote(
+                await self._principal(request),
+                user_id=self._user(user_id),
+                memory_id=memory_id,
+                request_id=request.state.request_id,
+            )
+        )
+        return json_response(Items(items=list(versions)))
+
     @api.patch("/v1/users/{user_id}/memories/{memory_id}", tags=["memories"])
     async def update_memory(
         self, request: Request, user_id: UserRef, memory_id: UUID, body: MemoryUpdate

@@ -15,11 +15,15 @@ UPDATE memories SET message_count = $3 WHERE id = $1 AND user_id = $2 RETURNING 
 -- Storing a fact that exists (same user, same model scope, same normalised statement)
 -- reinforces it: confidence rises by halldyll_reinforced_confidence (migration 0004), expiry
 -- moves back, and an ephemeral fact that reaches the promotion confidence becomes permanent.
+-- Only open facts conflict (migration 0012): a closed statement said again is a new fact.
+-- valid_from NULL: valid since stored (created_at).
 INSERT INTO memories AS m (id, user_id, model_id, session_id, type, content, payload, tags,
-                           metadata, importance, fact_key, confidence, fact_kind, expires_at)
+                           metadata, importance, fact_key, confidence, fact_kind, expires_at,
+                           valid_from)
 VALUES (:id, :user_id, :model_id, :session_id, 'fact', :content, :payload::jsonb, :tags,
-        :metadata::jsonb, :importance, :fact_key, :confidence, :fact_kind, :expires_at)
-ON CONFLICT (user_id, model_id, fact_key) WHERE type = 'fact'
+        :metadata::jsonb, :importance, :fact_key, :confidence, :fact_kind, :expires_at,
+        :valid_from)
+ON CONFLICT (user_id, model_id, fact_key) WHERE type = 'fact' AND valid_to IS NULL
 DO UPDATE SET
     confidence = least(1.0, halldyll_reinforced_confidence(m.confidence, excluded.confidence)),
     fact_kind = CASE
@@ -58,15 +62,15 @@ UPDATE memories AS m SET
     payload = jsonb_set(m.payload, '{sources}',
                         coalesce(m.payload -> 'sources', '[]'::jsonb) || :sources::jsonb),
     updated_at = now()
-WHERE m.id = :id AND m.user_id = :user_id AND m.type = 'fact'
+WHERE m.id = :id AND m.user_id = :user_id AND m.type = 'fact' AND m.valid_to IS NULL
 RETURNING *, true AS reinforced;
 
 -- name: nearest_fact
--- The closest existing fact of the same user and the same model scope.
+-- The closest open fact of the same user and the same model scope.
 SELECT c.memory_id, 1 - (c.embedding <=> :vector) AS similarity
 FROM memory_chunks c
 JOIN memories m ON m.id = c.memory_id
-WHERE c.user_id = :user_id AND c.type = 'fact'
+WHERE c.user_id = :user_id AND c.type = 'fact' AND c.valid_to IS NULL
   AND c.model_id IS NOT DISTINCT FROM :model_id
   AND halldyll_embedding_model_is(:embedding_model)
   AND (m.expires_at IS NULL OR m.expires_at > now())
@@ -92,6 +96,8 @@ WHERE user_id = :user_id
   AND (:since::timestamptz IS NULL OR created_at >= :since)
   AND (:until::timestamptz IS NULL OR created_at < :until)
   AND (expires_at IS NULL OR expires_at > now())
+  -- closed facts are read by id or through their history (migration 0012)
+  AND valid_to IS NULL
   AND (:after_at::timestamptz IS NULL OR (created_at, id) < (:after_at, :after_id::uuid))
 ORDER BY created_at DESC, id DESC
 LIMIT :limit;
@@ -122,8 +128,8 @@ DELETE FROM memories WHERE id = $1 AND user_id = $2 RETURNING id, type;
 
 -- name: insert_chunk
 INSERT INTO memory_chunks (memory_id, user_id, model_id, session_id, type, tags, created_at,
-                           part, part_index, chunk_index, content, label, embedding)
+                           part, part_index, chunk_index, content, label, valid_to, embedding)
 VALUES (:memory_id, :user_id, :model_id, :session_id, :type, :tags, :created_at,
-        :part, :part_index, :chunk_index, :content, :label,
+        :part, :part_index, :chunk_index, :content, :label, :valid_to,
         -- refused (SQLSTATE HL001) unless embedding_model made the vectors searched now
         halldyll_embedding_for_write(:embedding_model, :embedding));

@@ -18,6 +18,7 @@ WITH hits AS MATERIALIZED (
       AND (:tags::text[] IS NULL OR c.tags @> :tags)
       AND (:since::timestamptz IS NULL OR c.created_at >= :since)
       AND (:until::timestamptz IS NULL OR c.created_at < :until)
+      AND c.valid_to IS NULL  -- closed facts (migration 0012) are not searched
     ORDER BY c.embedding <=> :vector
     LIMIT :fetch
 )
@@ -54,6 +55,7 @@ matches AS MATERIALIZED (
       AND (:tags::text[] IS NULL OR c.tags @> :tags)
       AND (:since::timestamptz IS NULL OR c.created_at >= :since)
       AND (:until::timestamptz IS NULL OR c.created_at < :until)
+      AND c.valid_to IS NULL  -- closed facts (migration 0012) are not searched
 ),
 df AS MATERIALIZED (
     SELECT t.lexeme, t.tq, count(*)::float8 AS df

@@ -37,16 +37,29 @@ SELECT EXISTS (SELECT 1 FROM memories
 
 -- name: fact_by_key
 SELECT id FROM memories
-WHERE user_id = $1 AND type = 'fact' AND model_id IS NOT DISTINCT FROM $2 AND fact_key = $3;
+WHERE user_id = $1 AND type = 'fact' AND model_id IS NOT DISTINCT FROM $2 AND fact_key = $3
+  AND valid_to IS NULL;
 
 -- name: import_memory
 -- A memory as exported, with its times, expiry and reinforcement; nothing when its id, its
 -- fact key or its session role is taken (the caller checks which).
 INSERT INTO memories (id, user_id, model_id, session_id, type, content, payload, tags, metadata,
                       importance, fact_key, confidence, fact_kind, reinforcement_count,
-                      expires_at, session_role, message_count, created_at, updated_at)
+                      expires_at, session_role, message_count, created_at, updated_at,
+                      valid_from, valid_to, period, span_start, span_end)
 VALUES (:id, :user_id, :model_id, :session_id, :type, :content, :payload::jsonb, :tags,
         :metadata::jsonb, :importance, :fact_key, :confidence, :fact_kind, :reinforcement_count,
-        :expires_at, :session_role, :message_count, :created_at, :updated_at)
+        :expires_at, :session_role, :message_count, :created_at, :updated_at,
+        :valid_from, :valid_to, :period, :span_start, :span_end)
 ON CONFLICT DO NOTHING
 RETURNING *;
+
+-- name: period_taken
+SELECT EXISTS (SELECT 1 FROM memories
+               WHERE user_id = $1 AND model_id IS NOT DISTINCT FROM $2 AND period = $3);
+
+-- name: link_successor
+-- An imported closed fact's link to the fact that replaced it (migration 0012).
+UPDATE memories SET superseded_by = $3
+WHERE id = $1 AND user_id = $2 AND type = 'fact' AND valid_to IS NOT NULL
+  AND superseded_by IS NULL;

@@ -1,0 +1,408 @@
+"""Hierarchical summaries (issue #14 §4): sessions summarised by a model, quiet sessions
+rolled up into period summaries that cover them.
+
+A session's summary is one row per user and session (``session_role`` ``summary``, the row
+the agent loop's extractive summary also writes, :func:`write_session_summary`), covering the
+session's conversation. Once a session has been quiet for SUMMARY_ROLLUP_AFTER_DAYS, its
+summary is rolled up with the other quiet sessions of the same calendar month (UTC, by the
+session's first message) and model scope into one period summary (``period`` ``YYYY-MM``)
+whose ``covers`` are those session summaries. The context builder then shows a long history
+in a small budget: a period's one summary rather than its sessions' many when the budget is
+tight, never both (:mod:`halldyll_ray.context`).
+
+Roll-ups are idempotent: a period whose sessions and their summaries are unchanged since it
+was written is not asked of the model again; one whose sessions changed is rewritten in place
+(one row per user, scope and month: a unique index of migration 0012); one left with no quiet
+session (its sessions deleted, or active again) is deleted.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import numpy as np
+
+from halldyll_ray import validation
+from halldyll_ray.components.audit import write_audit
+from halldyll_ray.components.base import Chunk, insert_chunks, lock_user, require_user
+from halldyll_ray.components.embeddings import Embeddings
+from halldyll_ray.components.ingestion import Ingestion
+from halldyll_ray.components.registry import ModelRegistry
+from halldyll_ray.config import Settings
+from halldyll_ray.errors import InvalidInput, NotFound
+from halldyll_ray.llm.protocol import DatedText, MemoryModel
+from halldyll_ray.storage.database import Database
+from halldyll_ray.storage.sql import bind, q
+
+#: Importance of session and period summaries.
+SUMMARY_IMPORTANCE = 0.7
+#: The most recent messages of a session a model summarises; before them, the session's
+#: previous summary stands for the rest.
+SESSION_SUMMARY_MAX_MESSAGES = 200
+#: Summaries one roll-up call reads at most; a month with more is rolled up in batches,
+#: then the batches' summaries are rolled up together.
+ROLLUP_BATCH = 20
+#: The text of a summary of nothing worth keeping (a session of greetings).
+EMPTY_SUMMARY = "(no content yet)"
+
+
+async def write_session_summary(
+    conn: asyncpg.Connection,
+    *,
+    user_id: UUID,
+    session_id: str,
+    model_id: UUID | None,
+    conversation_id: UUID,
+    text: str,
+    chunks: Sequence[Chunk],
+    vectors: np.ndarray,
+    span: tuple[datetime | None, datetime | None],
+) -> Any:
+    """Write (or rewrite) a session's summary row and its chunks; return the row.
+
+    The caller holds the user's row lock (:func:`~halldyll_ray.components.base.lock_user`)
+    and audits. ``span``: the times of the first and last message summarised.
+    """
+    row = await conn.fetchrow(
+        *bind(
+            "upsert_session_summary",
+            id=uuid.uuid4(),
+            user_id=user_id,
+            model_id=model_id,
+            session_id=session_id,
+            content=text,
+            payload={"covers": [str(conversation_id)]},
+            importance=SUMMARY_IMPORTANCE,
+            span_start=span[0],
+            span_end=span[1],
+        )
+    )
+    await conn.execute(q("delete_chunks_of_part"), row["id"], user_id, "text")
+    await insert_chunks(conn, row, chunks, vectors)
+    return row
+
+
+def month_of(at: datetime) -> str:
+    """The calendar month (UTC) a time falls in, as a period: ``"2025-03"``."""
+    return at.astimezone(UTC).strftime("%Y-%m")
+
+
+class Summaries:
+    """Session summaries and period roll-ups written by a :class:`MemoryModel`.
+
+    Args:
+        db: The database (each call acts for its user: row-level security).
+        embeddings: Embeds the summaries' text.
+        registry: Resolves model scopes.
+        ingestion: Its chunker splits summaries as a store does.
+        settings: SESSION_SUMMARY_MAX_WORDS, PERIOD_SUMMARY_MAX_WORDS,
+            SUMMARY_ROLLUP_AFTER_DAYS.
+        model: Writes the summaries.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        embeddings: Embeddings,
+        registry: ModelRegistry,
+        ingestion: Ingestion,
+        settings: Settings,
+        model: MemoryModel,
+    ) -> None:
+        self.db = db
+        self.embeddings = embeddings
+        self.registry = registry
+        self.chunker = ingestion.chunker
+        self.settings = settings
+        self.model = model
+
+    async def refresh_session(
+        self,
+        user_id: UUID | str,
+        session_id: str | None,
+        conversation_id: UUID | str,
+        model_id: UUID | str | None,
+        *,
+        job_id: UUID | int | str | None,
+        request_id: str | None = None,
+    ) -> UUID:
+        """Summarise a session's conversation with the model; return the summary's id.
+
+        The summary replaces the session's previous one (the agent loop's extractive summary
+        included). A conversation longer than :data:`SESSION_SUMMARY_MAX_MESSAGES` is read from
+        its previous summary plus its latest messages.
+
+        Args:
+            user_id: Whose session.
+            session_id: The session (None: the conversation's own session).
+            conversation_id: The session's conversation (the agent loop's session log, or a
+                stored conversation of that session).
+            model_id: The AI model scope of the summary (name or id; None: shared).
+            job_id: The background job doing this, kept in the audit row.
+            request_id: Carried into the audit row.
+
+        Raises:
+            InvalidInput: a bad id, or no session given and the conversation has none.
+            NotFound: no such user, conversation or AI model.
+            LLMUnavailable, LLMOutputInvalid: from the model; nothing written.
+        """
+        user_id = validation.parse_uuid(user_id, "user_id")
+        conversation_id = validation.parse_uuid(conversation_id, "conversation_id")
+        session = validation.session_id(session_id)
+        scope = await self.registry.resolve(model_id)
+        async with self.db.scoped(user_id, readonly=True) as conn:
+            conversation = await conn.fetchrow(q("get_memory"), conversation_id, user_id)
+            if conversation is None or conversation["type"] != "conversation":
+                rows: list[Any] = []
+            else:
+                session = session or conversation["session_id"]
+                rows = list(
+                    await conn.fetch(
+                        q("recent_messages"),
+                        conversation_id,
+                        user_id,
+                        SESSION_SUMMARY_MAX_MESSAGES,
+                    )
+                )
+            earlier = None
+            first_at = rows[0]["created_at"] if rows else None
+            if rows and rows[0]["seq"] > 0:  # older messages left out: their time, summary
+                first_at = await conn.fetchval(q("first_message_at"), conversation_id, user_id)
+                if session is not None:
+                    earlier = await conn.fetchrow(q("session_memory"), user_id, session, "summary")
+        if conversation is None or conversation["type"] != "conversation":
+            await require_user(self.db, user_id)
+            raise NotFound(f"conversation {conversation_id} not found")
+        if session is None:
+            raise InvalidInput(
+                "the conversation belongs to no session: name the session", field="session_id"
+            )
+        texts = [
+            DatedText(
+                text=f"{r['name'] or r['role']}: {r['content']}",
+                start=r["created_at"],
+                end=r["created_at"],
+            )
+            for r in rows
+        ]
+        if earlier is not None:
+            texts.insert(
+                0,
+                DatedText(
+                    text=f"(summary of the earlier messages) {earlier['content']}",
+                    start=first_at,
+                    end=rows[0]["created_at"],
+                ),
+            )
+        text = EMPTY_SUMMARY
+        if texts:
+            written = await self.model.summarize(
+                texts, max_words=self.settings.session_summary_max_words
+            )
+            text = written.strip() or EMPTY_SUMMARY
+        chunks = self.chunker.part("text", 0, text)
+        vectors = await self.embeddings.embed([c.indexed for c in chunks])
+        async with self.db.scoped(user_id) as conn:
+            await lock_user(conn, user_id)
+            row = await write_session_summary(
+                conn,
+                user_id=user_id,
+                session_id=session,
+                model_id=scope,
+                conversation_id=conversation_id,
+                text=text,
+                chunks=chunks,
+                vectors=vectors,
+                span=(first_at, rows[-1]["created_at"] if rows else None),
+            )
+            await write_audit(
+                conn,
+                "summary.refresh",
+                "summary",
+                [row["id"]],
+                user_id,
+                request_id=request_id,
+                details={
+                    "job_id": None if job_id is None else str(job_id),
+                    "conversation_id": str(conversation_id),
+                    "messages": len(rows),
+                    "model": self.model.name,
+                },
+            )
+        summary_id: UUID = row["id"]
+        return summary_id
+
+    async def roll_up(
+        self,
+        user_id: UUID | str,
+        *,
+        job_id: UUID | int | str | None,
+        model_id: UUID | str | None,
+        request_id: str | None = None,
+    ) -> list[UUID]:
+        """Roll the user's quiet sessions of one model scope up into period summaries.
+
+        First the agent loop's session logs quiet for SUMMARY_ROLLUP_AFTER_DAYS whose summary
+        is missing or older than their last message are summarised
+        (:meth:`refresh_session`); then the quiet session summaries are grouped by the month
+        of their first message, and each month whose period summary is missing or out of date
+        (other sessions, or a session summary rewritten since) is rolled up by the model.
+
+        Returns:
+            The ids of the period summaries written by this call, oldest month first (empty
+            when everything was up to date: running it again changes nothing).
+
+        Raises:
+            InvalidInput: a bad id. NotFound: no such user or AI model.
+            LLMUnavailable, LLMOutputInvalid: from the model; months rolled up before the
+                failure stay written, the rest is done by the next run.
+        """
+        user_id = validation.parse_uuid(user_id, "user_id")
+        scope = await self.registry.resolve(model_id)
+        await require_user(self.db, user_id)
+        cutoff = datetime.now(UTC) - timedelta(days=self.settings.summary_rollup_after_days)
+        logs = await self.db.fetch(
+            *bind("unsummarised_quiet_logs", user_id=user_id, model_id=scope, cutoff=cutoff),
+            user_id=user_id,
+        )
+        for log in logs:
+            await self.refresh_session(
+                user_id,
+                log["session_id"],
+                log["id"],
+                scope,
+                job_id=job_id,
+                request_id=request_id,
+            )
+        async with self.db.scoped(user_id, readonly=True) as conn:
+            sessions = await conn.fetch(
+                *bind("quiet_session_summaries", user_id=user_id, model_id=scope, cutoff=cutoff)
+            )
+            periods = {
+                r["period"]: r for r in await conn.fetch(q("period_summaries"), user_id, scope)
+            }
+        months: dict[str, list[Any]] = defaultdict(list)
+        for session in sessions:
+            months[month_of(session["span_start"])].append(session)
+        written: list[UUID] = []
+        for month in sorted(months):
+            members = months[month]
+            current = periods.get(month)
+            if (
+                current is not None
+                and {str(m["id"]) for m in members} == set(current["covers"] or [])
+                and all(m["updated_at"] <= current["updated_at"] for m in members)
+            ):
+                continue  # up to date: nothing to ask the model
+            written.append(
+                await self._write_period(user_id, scope, month, members, job_id, request_id)
+            )
+        for month, period in periods.items():
+            if month not in months:
+                await self._drop_period(user_id, period["id"], month, job_id, request_id)
+        return written
+
+    async def _roll(self, texts: list[DatedText]) -> str:
+        """One summary of ``texts`` (oldest first), in batches of :data:`ROLLUP_BATCH`."""
+        words = self.settings.period_summary_max_words
+        while len(texts) > ROLLUP_BATCH:
+            batches = [texts[i : i + ROLLUP_BATCH] for i in range(0, len(texts), ROLLUP_BATCH)]
+            texts = [
+                DatedText(
+                    text=(await self.model.roll_up(batch, max_words=words)).strip()
+                    or EMPTY_SUMMARY,
+                    start=batch[0].start,
+                    end=batch[-1].end,
+                )
+                for batch in batches
+            ]
+        return (await self.model.roll_up(texts, max_words=words)).strip() or EMPTY_SUMMARY
+
+    async def _write_period(
+        self,
+        user_id: UUID,
+        scope: UUID | None,
+        month: str,
+        members: Sequence[Any],
+        job_id: UUID | int | str | None,
+        request_id: str | None,
+    ) -> UUID:
+        text = await self._roll(
+            [
+                DatedText(text=m["content"], start=m["span_start"], end=m["span_end"])
+                for m in members
+            ]
+        )
+        chunks = self.chunker.part("text", 0, text)
+        vectors = await self.embeddings.embed([c.indexed for c in chunks])
+        start = min(m["span_start"] for m in members)
+        end = max(m["span_end"] for m in members)
+        covers = [str(m["id"]) for m in members]
+        async with self.db.scoped(user_id) as conn:
+            await lock_user(conn, user_id)
+            row = await conn.fetchrow(
+                *bind(
+                    "upsert_period_summary",
+                    id=uuid.uuid4(),
+                    user_id=user_id,
+                    model_id=scope,
+                    content=text,
+                    payload={"covers": covers},
+                    metadata={"period": month, "sessions": len(covers)},
+                    importance=SUMMARY_IMPORTANCE,
+                    period=month,
+                    span_start=start,
+                    span_end=end,
+                )
+            )
+            await conn.execute(q("delete_chunks_of_part"), row["id"], user_id, "text")
+            await insert_chunks(conn, row, chunks, vectors)
+            await write_audit(
+                conn,
+                "summary.rollup",
+                "summary",
+                [row["id"]],
+                user_id,
+                request_id=request_id,
+                details={
+                    "job_id": None if job_id is None else str(job_id),
+                    "period": month,
+                    "covers": len(covers),
+                    "model": self.model.name,
+                },
+            )
+        period_id: UUID = row["id"]
+        return period_id
+
+    async def _drop_period(
+        self,
+        user_id: UUID,
+        period_id: UUID,
+        month: str,
+        job_id: UUID | int | str | None,
+        request_id: str | None,
+    ) -> None:
+        """Delete a period summary none of whose sessions is quiet any more (audited)."""
+        async with self.db.scoped(user_id) as conn:
+            await lock_user(conn, user_id)
+            if await conn.fetchrow(q("delete_memory"), period_id, user_id) is None:
+                return
+            await write_audit(
+                conn,
+                "summary.rollup",
+                "summary",
+                [period_id],
+                user_id,
+                request_id=request_id,
+                details={
+                    "job_id": None if job_id is None else str(job_id),
+                    "period": month,
+                    "removed": True,
+                },
+            )

@@ -1,0 +1,90 @@
+-- Facts learned from conversations and their history (halldyll_ray.components.consolidation,
+-- .memories; migration 0012). The lock order is in users.sql: the user's row, then the fact
+-- rows (lock_open_facts), then their chunks.
+
+-- name: similar_open_facts
+-- The user's open facts of exactly this model scope closest to a candidate's vector, best
+-- first, at least :min_similarity (a long statement's chunks count once, by the best one).
+WITH hits AS MATERIALIZED (
+    SELECT c.memory_id, c.embedding <=> :vector AS distance
+    FROM memory_chunks c
+    WHERE c.user_id = :user_id AND c.type = 'fact' AND c.valid_to IS NULL
+      AND c.model_id IS NOT DISTINCT FROM :model_id
+      AND halldyll_embedding_model_is(:embedding_model)
+    ORDER BY c.embedding <=> :vector
+    LIMIT :fetch
+)
+SELECT m.id, m.content, m.confidence, 1 - min(h.distance) AS similarity
+FROM hits h
+JOIN memories m ON m.id = h.memory_id
+WHERE m.user_id = :user_id AND m.type = 'fact' AND m.valid_to IS NULL
+  AND (m.expires_at IS NULL OR m.expires_at > now())
+GROUP BY m.id, m.content, m.confidence
+HAVING 1 - min(h.distance) >= :min_similarity
+ORDER BY similarity DESC, m.id
+LIMIT :neighbours;
+
+-- name: lock_open_fact
+-- The fact a decision acts on, still open, unexpired and in the scope it was found in;
+-- locked until the change commits (after the user's row).
+SELECT * FROM memories
+WHERE id = $1 AND user_id = $2 AND type = 'fact' AND valid_to IS NULL
+  AND model_id IS NOT DISTINCT FROM $3 AND (expires_at IS NULL OR expires_at > now())
+FOR UPDATE;
+
+-- name: close_fact
+-- Close an open fact at :at (never before it began), naming what replaced it, if anything.
+UPDATE memories SET
+    valid_to = greatest(:at::timestamptz, coalesce(valid_from, created_at)),
+    superseded_by = :superseded_by,
+    updated_at = now()
+WHERE id = :id AND user_id = :user_id AND type = 'fact' AND valid_to IS NULL
+RETURNING *;
+
+-- name: close_chunks
+UPDATE memory_chunks SET valid_to = $3 WHERE memory_id = $1 AND user_id = $2;
+
+-- name: contradict_fact
+-- Lower an open fact's confidence by halldyll_contradicted_confidence (migration 0012).
+UPDATE memories SET
+    confidence = halldyll_contradicted_confidence(confidence, :evidence),
+    updated_at = now()
+WHERE id = :id AND user_id = :user_id AND type = 'fact' AND valid_to IS NULL
+RETURNING *;
+
+-- name: learned_change
+SELECT change FROM fact_learnings
+WHERE user_id = :user_id AND conversation_id = :conversation_id AND seqs = :seqs
+  AND model_id IS NOT DISTINCT FROM :model_id AND statement_key = :statement_key;
+
+-- name: record_learning
+INSERT INTO fact_learnings (user_id, conversation_id, seqs, model_id, statement_key, change)
+VALUES (:user_id, :conversation_id, :seqs, :model_id, :statement_key, :change::jsonb)
+ON CONFLICT DO NOTHING;
+
+-- name: fact_history
+-- Every version of a fact: from it forward to the statement that holds now (or the last one
+-- closed), then back from there to everything that statement replaced, oldest first. Steps
+-- are bounded, so even links written by hand into a cycle end.
+WITH RECURSIVE forward AS (
+    SELECT m.id, m.superseded_by, 0 AS step
+    FROM memories m
+    WHERE m.id = $1 AND m.user_id = $2 AND m.type = 'fact'
+    UNION ALL
+    SELECT m.id, m.superseded_by, f.step + 1
+    FROM memories m JOIN forward f ON m.id = f.superseded_by
+    WHERE m.user_id = $2 AND f.step < 1000
+),
+head AS (SELECT id FROM forward ORDER BY step DESC LIMIT 1),
+backward AS (
+    SELECT id, 0 AS step FROM head
+    UNION ALL
+    SELECT m.id, b.step + 1
+    FROM memories m JOIN backward b ON m.superseded_by = b.id
+    WHERE m.user_id = $2 AND b.step < 1000
+)
+SELECT m.* FROM memories m
+WHERE m.user_id = $2 AND m.id IN (SELECT id FROM backward)
+  AND (m.expires_at IS NULL OR m.expires_at > now())
+ORDER BY coalesce(m.valid_from, m.created_at), m.created_at, m.id
+LIMIT 1000;
