@@ -51,8 +51,9 @@ _FORMAT_REFUSED = frozenset({400, 422})
 MAX_FACTS = 20
 #: Characters of a statement the schema lets the model write (the product takes up to
 #: MAX_FACT_CHARS; a fact worth keeping is a sentence, and a small model that loops fills
-#: whatever room the grammar leaves).
-STATEMENT_CHARS = min(300, MAX_FACT_CHARS)
+#: whatever room the grammar leaves: with 300, SmolLM2-135M ran out of tokens on a LoCoMo
+#: session's first nine turns).
+STATEMENT_CHARS = min(160, MAX_FACT_CHARS)
 REASON_CHARS = 160
 
 T = TypeVar("T")
@@ -165,7 +166,7 @@ def facts_from_answer(value: Any) -> list[FactCandidate]:
             raise LLMOutputInvalid(
                 f"a fact fails validation: {exc.errors()[0]['msg']}", fact=str(item)[:200]
             ) from None
-        key = " ".join(fact.statement.casefold().split())
+        key = _normalised(fact.statement)
         if key not in seen:
             seen.add(key)
             facts.append(fact)
@@ -217,7 +218,7 @@ def text_within(text: str, max_words: int) -> str:
     return cut[: end + 1] if end > len(cut) // 2 else cut
 
 
-def _facts_schema() -> dict[str, Any]:
+def _facts_schema(max_facts: int) -> dict[str, Any]:
     return {
         "type": "object",
         "properties": {
@@ -232,7 +233,7 @@ def _facts_schema() -> dict[str, Any]:
                     "required": ["statement", "kind"],
                     "additionalProperties": False,
                 },
-                "maxItems": MAX_FACTS,
+                "maxItems": max_facts,
             }
         },
         "required": ["facts"],
@@ -281,7 +282,9 @@ class LLMMemoryModel:
         temperature: Sampling temperature (0: the most likely answer, reproducible).
         frequency_penalty: Discourages the repeated phrases small models loop on.
         seed: Sent for servers that sample reproducibly from a seed.
-        max_answer_tokens: Token budget of a structured answer.
+        max_facts: Most facts one extraction asks for (at most :data:`MAX_FACTS`).
+        extract_tokens: Token budget of an extraction's answer.
+        decision_tokens: Token budget of a consolidation decision.
     """
 
     def __init__(
@@ -292,15 +295,21 @@ class LLMMemoryModel:
         temperature: float = 0.0,
         frequency_penalty: float = 0.3,
         seed: int | None = 0,
-        max_answer_tokens: int = 512,
+        max_facts: int = 10,
+        extract_tokens: int = 800,
+        decision_tokens: int = 200,
     ) -> None:
+        if not 1 <= max_facts <= MAX_FACTS:
+            raise ValueError(f"max_facts must be between 1 and {MAX_FACTS}")
         self.client = client
         self.name = client.model
         self.structured_output: StructuredOutput = structured_output
         self.temperature = temperature
         self.frequency_penalty = frequency_penalty
         self.seed = seed
-        self.max_answer_tokens = max_answer_tokens
+        self.max_facts = max_facts
+        self.extract_tokens = extract_tokens
+        self.decision_tokens = decision_tokens
 
     def _body(
         self,
@@ -338,11 +347,12 @@ class LLMMemoryModel:
         user: str,
         schema: dict[str, Any],
         parse: Callable[[Any], T],
+        max_tokens: int,
         example: tuple[str, str] | None = None,
     ) -> T:
         mode: StructuredOutput | None = self.structured_output
         while mode is not None:
-            body = self._body(system, user, max_tokens=self.max_answer_tokens, example=example)
+            body = self._body(system, user, max_tokens=max_tokens, example=example)
             if mode == "json_schema":
                 body["response_format"] = {
                     "type": "json_schema",
@@ -395,19 +405,30 @@ class LLMMemoryModel:
             "extract_facts",
             system=_EXTRACT_SYSTEM,
             user=user,
-            schema=_facts_schema(),
+            schema=_facts_schema(self.max_facts),
             parse=facts_from_answer,
+            max_tokens=self.extract_tokens,
             example=_EXTRACT_EXAMPLE,
         )
 
     async def consolidate(self, fact: FactCandidate, neighbours: Sequence[Neighbour]) -> Decision:
         """What ``fact`` does to the stored ``neighbours``: a :func:`checked` decision.
 
+        A neighbour whose statement is the fact's own (case and spacing aside) is reinforced
+        without asking the model: there is nothing to weigh, and a small model may not see it
+        (SmolLM2-135M answered "add" to exactly that, tests/data/llm_recordings).
+
         Raises:
             LLMUnavailable: the model could not be reached (retry later).
             LLMOutputInvalid: the answer is not a valid decision, or names a fact it was not
                 shown.
         """
+        key = _normalised(fact.statement)
+        for n in neighbours:
+            if _normalised(n.statement) == key:
+                return Decision(
+                    action=Action.REINFORCE, target=n.id, reason="the same statement is stored"
+                )
         stored = (
             "\n".join(
                 f"- id {n.id}: {n.statement} (confidence {n.confidence:.2f}, "
@@ -423,6 +444,7 @@ class LLMMemoryModel:
             user=user,
             schema=_decision_schema(neighbours),
             parse=lambda value: decision_from_answer(value, neighbours),
+            max_tokens=self.decision_tokens,
         )
 
     async def _ask_text(self, task: str, *, system: str, user: str, max_words: int) -> str:
@@ -472,6 +494,10 @@ def _complete(response: ChatResponse) -> str:
             "the model's answer was cut at its token budget", answer=response.content[:200]
         )
     return response.content
+
+
+def _normalised(statement: str) -> str:
+    return " ".join(statement.casefold().split()).rstrip(".!")
 
 
 def _check_words(max_words: int) -> None:
