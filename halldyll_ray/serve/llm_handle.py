@@ -22,7 +22,8 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from halldyll_ray.config import Settings
@@ -107,7 +108,8 @@ class ServeHandleTransport:
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(self.max_retries + 1),
-            wait=wait_exponential_jitter(initial=self.backoff_s, max=10),
+            wait=wait_exponential(multiplier=self.backoff_s, max=10)
+            + wait_random(0, self.backoff_s),
             retry=retry_if_exception(_retryable),
             reraise=True,
         ):
