@@ -1,6 +1,6 @@
 """The LLM-backed :class:`~halldyll_ray.llm.protocol.MemoryModel`: prompts, schemas, checks.
 
-Each task is one chat-completions call through an :class:`~halldyll_ray.llm.client.LLMClient`
+Each task is one chat-completions call through an :class:`~halldyll_ray.llm.transport.LLMClient`
 (either door). Answers that must be structured (facts, decisions) are asked for with a JSON
 schema in ``response_format`` where the server takes one (``json_schema``), else
 ``json_object``, else the prompt alone; a server that refuses a mode (400/422) gets the next
@@ -23,7 +23,6 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import ValidationError
 
-from halldyll_ray.llm.client import ChatResponse, LLMClient, LLMRequestRefused
 from halldyll_ray.llm.protocol import (
     Action,
     DatedText,
@@ -33,6 +32,7 @@ from halldyll_ray.llm.protocol import (
     Neighbour,
     checked,
 )
+from halldyll_ray.llm.transport import ChatResponse, LLMClient, LLMRequestRefused
 from halldyll_ray.models import MAX_FACT_CHARS, FactKind
 
 log = logging.getLogger(__name__)
