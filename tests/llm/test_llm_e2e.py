@@ -7,6 +7,7 @@ shape and the checks, not the model's judgement.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -120,3 +121,17 @@ async def test_an_unreachable_server_is_unavailable(make_model: MakeModel) -> No
     with pytest.raises(LLMUnavailable, match="cannot be reached") as caught:
         await model.extract_facts(MESSAGES)
     assert not isinstance(caught.value, LLMRequestRefused)
+
+
+async def test_the_api_key_is_never_logged(
+    llm_endpoint: tuple[str, str], make_model: MakeModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "sk-never-in-a-log-5f2e9c"
+    model = make_model(llm_endpoint, llm_api_key=secret)
+    with caplog.at_level(logging.DEBUG):
+        await model.summarize(MESSAGES, max_words=10)
+        with pytest.raises(LLMRequestRefused):
+            await make_model((llm_endpoint[0], "no-such-model"), llm_api_key=secret).summarize(
+                MESSAGES, max_words=10
+            )
+    assert caplog.records and secret not in caplog.text
