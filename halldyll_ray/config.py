@@ -313,6 +313,114 @@ class Settings(BaseSettings):
         "permission and user still hold.",
     )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    llm_provider: Literal["none", "openai", "serve"] = Field(
+        default="none",
+        description="The LLM behind the background memory jobs (#14). none: no LLM "
+        "(heuristic extraction and extractive summaries); openai: an OpenAI-compatible "
+        "chat-completions endpoint at LLM_BASE_URL; serve: a co-located Ray Serve "
+        "application (LLM_SERVE_APP) called by handle.",
+    )
+    llm_base_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://\S+$",
+        description="API root of the OpenAI-compatible endpoint, ending in /v1 "
+        "(http://127.0.0.1:8000/v1). Only with LLM_PROVIDER=openai.",
+    )
+    llm_api_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for LLM_BASE_URL; never logged. Unset: none sent.",
+    )
+    llm_model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Model id sent in each request (as the server lists it at /v1/models); "
+        "also names the model in audit rows and job results. Required with an LLM.",
+    )
+    llm_timeout_s: float = Field(
+        default=60, gt=0, le=3600, description="Seconds one LLM call (one attempt) may take."
+    )
+    llm_max_retries: int = Field(
+        default=2,
+        ge=0,
+        le=10,
+        description="Further attempts after a transient LLM failure (timeout, 429, 5xx, "
+        "connection), with exponential backoff.",
+    )
+    llm_max_concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=1024,
+        description="LLM calls in flight at once from one process; more wait their turn.",
+    )
+    llm_structured_output: Literal["json_schema", "json_object", "none"] = Field(
+        default="json_schema",
+        description="How answers are constrained: json_schema (response_format with the "
+        "answer's schema), json_object, or none (the prompt only). A server that refuses "
+        "one gets the next; every answer is validated on our side either way.",
+    )
+    llm_serve_app: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Name of the co-located Ray Serve application serving the model "
+        "(LLM_PROVIDER=serve).",
+    )
+    llm_serve_method: str = Field(
+        default="chat_completions",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
+        description="Method of that application's ingress deployment taking an OpenAI "
+        "chat-completions request body (a dict) and returning the response body.",
+    )
+
+    @field_validator("llm_base_url", "llm_model", "llm_serve_app", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("llm_provider", "llm_structured_output", mode="before")
+    @classmethod
+    def _lower_llm(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_llm(self) -> Settings:
+        provider = self.llm_provider
+        if provider == "none":
+            stray = [
+                name
+                for name, value in (
+                    ("LLM_BASE_URL", self.llm_base_url),
+                    ("LLM_SERVE_APP", self.llm_serve_app),
+                    ("LLM_MODEL", self.llm_model),
+                )
+                if value is not None
+            ]
+            if stray:
+                raise ValueError(
+                    f"{', '.join(stray)} set but LLM_PROVIDER is none: set LLM_PROVIDER "
+                    "(openai or serve) to use the LLM, or unset them"
+                )
+            return self
+        if self.llm_model is None:
+            raise ValueError(f"LLM_PROVIDER={provider} needs LLM_MODEL (the model id to ask for)")
+        if provider == "openai":
+            if self.llm_base_url is None:
+                raise ValueError(
+                    "LLM_PROVIDER=openai needs LLM_BASE_URL (for example http://127.0.0.1:8000/v1)"
+                )
+            if self.llm_serve_app is not None:
+                raise ValueError("LLM_SERVE_APP is for LLM_PROVIDER=serve; unset it")
+        else:
+            if self.llm_serve_app is None:
+                raise ValueError(
+                    "LLM_PROVIDER=serve needs LLM_SERVE_APP (the Serve application's name)"
+                )
+            if self.llm_base_url is not None or self.llm_api_key is not None:
+                raise ValueError(
+                    "LLM_BASE_URL and LLM_API_KEY are for LLM_PROVIDER=openai; unset them"
+                )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -386,7 +494,8 @@ class Settings(BaseSettings):
 
         The line names the variable and the rule; it shows the value only for settings that
         cannot hold a secret (every ``SecretStr`` field and any name with SECRET, PASSWORD,
-        TOKEN, KEY or _URL in it is never echoed).
+        TOKEN, KEY or _URL in it is never echoed, nor the input of a check across settings,
+        which is all of them).
         """
         try:
             return cls(**overrides)  # type: ignore[arg-type]
@@ -395,8 +504,11 @@ class Settings(BaseSettings):
             for error in exc.errors():
                 name = ".".join(str(part) for part in error["loc"]).upper() or "SETTINGS"
                 value = error.get("input")
-                secret = name in _SECRET_FIELDS or any(
-                    word in name for word in ("SECRET", "PASSWORD", "TOKEN", "KEY", "_URL")
+                # A check across settings (no loc) gets them all as its input: never shown.
+                secret = (
+                    not error["loc"]
+                    or name in _SECRET_FIELDS
+                    or any(word in name for word in ("SECRET", "PASSWORD", "TOKEN", "KEY", "_URL"))
                 )
                 shown = "" if secret else f" (got {str(value)[:80]!r})"
                 lines.append(f"{name}: {error['msg']}{shown}")

