@@ -31,6 +31,7 @@ import numpy as np
 from halldyll_ray.access import AuthorizedEngine
 from halldyll_ray.components.agent_loop import AgentLoop
 from halldyll_ray.components.audit import Audit
+from halldyll_ray.components.consolidation import Consolidation
 from halldyll_ray.components.context import ContextBuilder
 from halldyll_ray.components.embeddings import Embeddings
 from halldyll_ray.components.events import EventFeed, Recheck, Subscription
@@ -51,6 +52,7 @@ from halldyll_ray.components.reembedding import (
 )
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.components.search import Search
+from halldyll_ray.components.summaries import Summaries
 from halldyll_ray.components.transfer import Transfer
 from halldyll_ray.components.users import Users
 from halldyll_ray.config import Settings
@@ -63,6 +65,7 @@ from halldyll_ray.errors import (
     PermissionDenied,
     Unavailable,
 )
+from halldyll_ray.llm.client import memory_model_from_settings
 from halldyll_ray.llm.heuristic import HeuristicMemoryModel
 from halldyll_ray.llm.protocol import MemoryModel
 from halldyll_ray.models import (
@@ -262,8 +265,24 @@ class MemoryEngine:
         when an LLM memory model is configured)."""
         mode = self.settings.memory_extraction
         if mode == "auto":
-            return "inline" if self._memory_model is None else "background"
+            llm = self._memory_model is not None or self.settings.llm_provider != "none"
+            return "background" if llm else "inline"
         return mode
+
+    def _model_from_settings(self) -> MemoryModel:
+        """The memory model LLM_PROVIDER names, or the heuristic one without an LLM.
+
+        Raises:
+            ConfigurationError: LLM_PROVIDER=serve in an engine that runs jobs but was given
+                no model (the Serve handle's is built inside the Ray cluster:
+                :func:`halldyll_ray.serve.llm_handle.serve_memory_model`).
+        """
+        settings = self.settings
+        if settings.llm_provider == "serve" and not self._run_jobs:
+            # Only job workers call the model; this engine queues jobs and never runs them.
+            return HeuristicMemoryModel.from_settings(settings)
+        model = memory_model_from_settings(settings)
+        return model if model is not None else HeuristicMemoryModel.from_settings(settings)
 
     def _model_spec(self, encoder: TextEncoder) -> ModelSpec:
         path = self.settings.embedding_model_path
@@ -387,8 +406,12 @@ class MemoryEngine:
         ingestion = Ingestion(db, embeddings, models, settings, learning=queueing)
         search = Search(db, cache, embeddings, models, settings)
         agent_loop = AgentLoop(db, cache, embeddings, models, ingestion, settings)
-        model = self._memory_model or HeuristicMemoryModel.from_settings(settings)
-        learning = Learning(db, ingestion, agent_loop, model)
+        model = self._memory_model or self._model_from_settings()
+        learning = Learning(
+            Consolidation(db, embeddings, models, ingestion, settings, model),
+            Summaries(db, embeddings, models, ingestion, settings, model),
+            model,
+        )
         learning.register(jobs)
         return Components(
             users=Users(db, cache, embeddings),

@@ -4,10 +4,10 @@ the handlers that run them with a :class:`~halldyll_ray.llm.protocol.MemoryModel
 With MEMORY_EXTRACTION=background, a turn (``record_turn``), a stored conversation and an
 append queue, in their own transaction, an ``extract`` job (the written messages' seqs), and
 a turn of a session queues a ``summarize`` job every SESSION_SUMMARY_EVERY_N_TURNS turns
-(:class:`LearningQueue`). :class:`Learning` runs them: ``extract`` stores the facts the model
-finds in the user's messages as ``record_turn`` stores its inline candidates, ``summarize``
-rewrites the session's rolling summary with the model's summary. With the heuristic model
-both write what the inline path writes.
+(:class:`LearningQueue`). :class:`Learning` runs them: ``extract`` consolidates the facts the
+model finds with the user's stored facts, ``summarize`` rewrites the session's summary with the
+model's and rolls quiet sessions up into period summaries. With the heuristic model (no LLM)
+the same jobs run rule-based extraction, merge-by-similarity and extractive summaries.
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from halldyll_ray.components.jobs import JobQueue
-from halldyll_ray.errors import InvalidInput, NotFound
-from halldyll_ray.llm.protocol import DatedText, FactCandidate, MemoryModel
-from halldyll_ray.models import Fact, Job, MessageRole, StoredMessage
-from halldyll_ray.storage.database import Database
-from halldyll_ray.storage.sql import q
+from halldyll_ray.errors import InvalidInput
+from halldyll_ray.llm.protocol import MemoryModel
+from halldyll_ray.models import Job, MessageRole, StoredMessage
 
 if TYPE_CHECKING:
-    from halldyll_ray.components.agent_loop import AgentLoop
-    from halldyll_ray.components.ingestion import Ingestion
+    from halldyll_ray.components.consolidation import Consolidation
+    from halldyll_ray.components.summaries import Summaries
 
 #: The job kinds of this module.
 EXTRACT = "extract"
@@ -132,19 +130,26 @@ class LearningQueue:
 class Learning:
     """The handlers of ``extract`` and ``summarize`` jobs.
 
+    ``extract`` runs :meth:`Consolidation.learn_from_turn
+    <halldyll_ray.components.consolidation.Consolidation.learn_from_turn>` over the job's
+    messages (the model's add / reinforce / update / contradict / ignore, each audited with the
+    job and the turn); ``summarize`` rewrites the session's summary with the model
+    (:meth:`Summaries.refresh_session
+    <halldyll_ray.components.summaries.Summaries.refresh_session>`), then rolls the user's quiet
+    sessions up into period summaries (:meth:`Summaries.roll_up
+    <halldyll_ray.components.summaries.Summaries.roll_up>`, idempotent).
+
     Args:
-        db: The pool (reads act as the job's user).
-        ingestion: Stores the extracted facts (merging, reinforcement and audit as any store).
-        agent_loop: Rewrites a session's summary.
-        model: The memory model (an LLM's, or the heuristic one).
+        consolidation: Learns facts from a turn with the memory model.
+        summaries: Writes session and period summaries with the memory model.
+        model: The memory model (an LLM's, or the heuristic one); named in job results.
     """
 
     def __init__(
-        self, db: Database, ingestion: Ingestion, agent_loop: AgentLoop, model: MemoryModel
+        self, consolidation: Consolidation, summaries: Summaries, model: MemoryModel
     ) -> None:
-        self.db = db
-        self.ingestion = ingestion
-        self.agent_loop = agent_loop
+        self.consolidation = consolidation
+        self.summaries = summaries
         self.model = model
 
     def register(self, jobs: JobQueue) -> None:
@@ -153,93 +158,56 @@ class Learning:
         jobs.register(SUMMARIZE, self.summarize)
 
     async def extract(self, job: Job) -> dict[str, Any]:
-        """Facts the model finds in the user's messages of the job, stored.
+        """Facts the model finds in the job's messages, consolidated with the user's facts.
 
         Returns:
-            ``{"model", "candidates", "fact_ids"}``.
+            ``{"model", "changes": [Change, ...], "fact_ids"}`` (JSON; ``fact_ids``: the facts
+            written or touched, without repeats).
 
         Raises:
             NotFound: the conversation (or those messages) no longer exists: nothing to do.
             LLMUnavailable, LLMOutputInvalid: from the model (the try is retried).
         """
         payload = _payload(ExtractPayload, job)
-        seqs = payload.seqs
-        conversation_id = payload.conversation_id
-        rows = await self.db.fetch(
-            q("messages_at"), conversation_id, job.user_id, seqs, user_id=job.user_id
+        changes = await self.consolidation.learn_from_turn(
+            job.user_id,
+            payload.conversation_id,
+            payload.seqs,
+            job_id=job.id,
+            model_id=payload.model_id,
+            request_id=job.request_id,
         )
-        if not rows:
-            raise NotFound(f"conversation {payload.conversation_id} or its messages not found")
-        said = [r for r in rows if r["role"] == MessageRole.USER.value]
-        texts = [
-            DatedText(text=r["content"], start=r["created_at"], end=r["created_at"]) for r in said
-        ]
-        speaker = next((r["name"] for r in said if r["name"]), None)
-        candidates: list[FactCandidate] = []
-        for start in range(0, len(texts), EXTRACT_WINDOW):
-            window = texts[start : start + EXTRACT_WINDOW]
-            candidates += await self.model.extract_facts(window, speaker=speaker)
-        fact_ids = await self.store_candidates(job, payload, candidates)
+        fact_ids = list(dict.fromkeys(str(c.fact_id) for c in changes if c.fact_id is not None))
         return {
             "model": self.model.name,
-            "candidates": len(candidates),
-            "fact_ids": [str(i) for i in fact_ids],
+            "changes": [c.model_dump(mode="json") for c in changes],
+            "fact_ids": fact_ids,
         }
 
-    async def store_candidates(
-        self, job: Job, payload: ExtractPayload, candidates: Sequence[FactCandidate]
-    ) -> list[UUID]:
-        """Store each candidate as ``record_turn``'s inline path does: a fact of the
-        conversation's session and model, tagged ``extracted``, merged into a near-duplicate.
-        (Consolidation with the model's add/update/contradict decisions replaces this.)"""
-        fact_ids: list[UUID] = []
-        for candidate in candidates:
-            stored = await self.ingestion.store(
-                job.user_id,
-                Fact(
-                    statement=candidate.statement,
-                    confidence=candidate.confidence,
-                    kind=candidate.kind,
-                    source=f"conversation:{payload.conversation_id}",
-                    session_id=payload.session_id,
-                    model=None if payload.model_id is None else str(payload.model_id),
-                    tags=["extracted"],
-                ),
-                request_id=job.request_id,
-            )
-            fact_ids.append(stored.id)
-        return fact_ids
-
     async def summarize(self, job: Job) -> dict[str, Any]:
-        """The session's rolling summary, rewritten with the model's summary of its log.
+        """The session's summary, rewritten by the model; then the quiet sessions rolled up.
 
         Returns:
-            ``{"model", "summary_id"}``.
+            ``{"model", "summary_id", "period_ids"}``.
 
         Raises:
             NotFound: the session's log no longer exists.
             LLMUnavailable, LLMOutputInvalid: from the model (the try is retried).
         """
         payload = _payload(SummarizePayload, job)
-
-        async def summary(rows: Sequence[Any]) -> str:
-            if not rows:
-                raise NotFound(f"conversation {payload.conversation_id} not found")
-            messages = [
-                DatedText(
-                    text=render(r["role"], r["content"]),
-                    start=r["created_at"],
-                    end=r["created_at"],
-                )
-                for r in rows
-            ]
-            return await self.model.summarize(messages, max_words=SUMMARY_MAX_WORDS)
-
-        summary_id = await self.agent_loop.refresh_summary(
+        summary_id = await self.summaries.refresh_session(
             job.user_id,
             payload.session_id,
             payload.conversation_id,
             payload.model_id,
-            summarize=summary,
+            job_id=job.id,
+            request_id=job.request_id,
         )
-        return {"model": self.model.name, "summary_id": str(summary_id)}
+        periods = await self.summaries.roll_up(
+            job.user_id, job_id=job.id, model_id=payload.model_id, request_id=job.request_id
+        )
+        return {
+            "model": self.model.name,
+            "summary_id": str(summary_id),
+            "period_ids": [str(p) for p in periods],
+        }

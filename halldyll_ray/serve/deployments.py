@@ -58,6 +58,7 @@ from halldyll_ray.schemas import (
     parse,
     parse_memory,
 )
+from halldyll_ray.serve.llm_handle import serve_memory_model
 from halldyll_ray.serve.settings import SettingsOverrides
 from halldyll_ray.storage.embedded import EmbeddedPostgres
 from halldyll_ray.storage.migrate import apply_migrations
@@ -299,7 +300,9 @@ async def remote_engine(
         result: np.ndarray = await embedder.embed.remote(texts)
         return result
 
-    engine = MemoryEngine(settings, embedder=embed, run_jobs=run_jobs)
+    # Only the replicas that run jobs call the LLM (through its handle or its URL).
+    model = serve_memory_model(settings) if run_jobs else None
+    engine = MemoryEngine(settings, embedder=embed, memory_model=model, run_jobs=run_jobs)
     await engine.initialize(migrate=False)
     if local_max_texts > 0:
         # Concurrent queries share model calls instead of racing in threads for two cores.
