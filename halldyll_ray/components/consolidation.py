@@ -210,6 +210,7 @@ class Consolidation:
                 text=f"{r['name'] or r['role']}: {r['content']}",
                 start=r["created_at"],
                 end=r["created_at"],
+                role=r["role"],
             )
             for r in rows
         ]

@@ -89,9 +89,12 @@ class HeuristicMemoryModel:
         """First-person statements of ``messages`` as ephemeral, low-confidence facts about
         the user (:func:`~halldyll_ray.textproc.extract_candidate_facts`, at most five per
         message, twenty in all, each statement once). ``speaker`` is not used: the patterns
-        read first-person text, which the caller passes (the user's own messages)."""
+        read first-person text, so only the user's messages are read (``role`` user or
+        unknown): an assistant's "I am glad" is not a fact about the user."""
         found: dict[str, FactCandidate] = {}
         for message in messages:
+            if message.role not in (None, "user"):
+                continue
             for statement in extract_candidate_facts(message.text, limit=PER_MESSAGE):
                 found.setdefault(
                     normalize_statement(statement),

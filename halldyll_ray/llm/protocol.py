@@ -106,6 +106,11 @@ class DatedText(_Answer):
     text: str
     start: datetime | None = None
     end: datetime | None = None
+    role: str | None = Field(
+        default=None,
+        description="Who wrote a message (user, assistant, system, tool); None: not a message "
+        "or not known. Models that read first-person text about the user read the user's only.",
+    )
 
 
 class Usage(_Answer):

@@ -498,12 +498,13 @@ async def _compare(engine: MemoryEngine, background: MemoryEngine) -> None:
     assert await learned(background, user.id) == await learned(engine, inline_user.id)
     statements = [f[0] for f in (await learned(background, user.id))[0]]
     assert "The user lives in Lyon" in statements
-    # The facts' audit rows name the job that wrote them and the turn's request.
+    # Consolidation's audit rows name the job that learned each fact and the turn's request.
     stored = [
         r
-        for r in await background.list_audit(user_id=user.id, operation="memory.store", limit=50)
+        for r in await background.list_audit(user_id=user.id, operation="fact.learn", limit=50)
         if r["target_type"] == "fact"
     ]
+    assert {r["details"]["action"] for r in stored} <= {"add", "reinforce"}
     assert stored and {r["details"]["job_id"] for r in stored} == {
         str(records[0].job_ids[0]),
         str(records[1].job_ids[0]),
@@ -558,7 +559,9 @@ async def test_a_stored_conversation_is_learned_from_in_the_background(
     assert not any("glad" in f.memory.statement for f in facts)
 
 
-async def test_a_job_of_a_deleted_conversation_fails_at_once(background: MemoryEngine) -> None:
+async def test_a_job_of_a_deleted_conversation_learns_nothing(background: MemoryEngine) -> None:
+    """The user deleted the conversation before its job ran: the job ends at its first try
+    with nothing learned (no retry, no fact from the deleted text)."""
     user = await background.create_user("ada", None, "user")
     await background.stop_job_workers()
     stored = await background.store_memory(
@@ -567,8 +570,8 @@ async def test_a_job_of_a_deleted_conversation_fails_at_once(background: MemoryE
     await background.delete_memory(user.id, stored.id)
     assert await background.run_pending_jobs() == 1
     [job] = (await background.list_jobs(user.id)).items
-    assert (job.status, job.attempts) == (JobStatus.FAILED, 1)
-    assert job.last_error is not None and job.last_error.startswith("not_found")
+    assert (job.status, job.attempts) == (JobStatus.DONE, 1)
+    assert job.result is not None and job.result["changes"] == []
     assert (await background.list_memories(user.id, types=["fact"])).items == []
 
 

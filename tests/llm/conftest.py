@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from support import skip_unless_installed
 
 from examples.local_llm import LocalLLMServer, ModelNotInstalled
 
@@ -29,6 +30,6 @@ def llm_endpoint() -> Iterator[tuple[str, str]]:
     try:
         server = LocalLLMServer.from_manifest()
     except ModelNotInstalled as exc:
-        pytest.skip(str(exc))
+        skip_unless_installed(exc)
     with server:
         yield server.base_url, server.model_id

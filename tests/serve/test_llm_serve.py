@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 import pytest
+from support import skip_unless_installed
 
 from examples.local_llm import ModelNotInstalled, read_manifest
 from halldyll_ray.config import Settings
@@ -36,7 +37,7 @@ async def test_the_colocated_llm_app_answers_by_handle_and_over_http(
     try:
         model_id = read_manifest()["model_id"]
     except ModelNotInstalled as exc:
-        pytest.skip(str(exc))
+        skip_unless_installed(exc)
     # Half a logical CPU: the serve session's other deployments keep theirs.
     serve.run(build_app({"num_cpus": 0.5, "threads": 2}), name="llm", route_prefix="/llm")
     by_http = None
