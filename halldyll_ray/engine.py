@@ -67,6 +67,7 @@ from halldyll_ray.errors import (
 )
 from halldyll_ray.llm.client import memory_model_from_settings
 from halldyll_ray.llm.heuristic import HeuristicMemoryModel
+from halldyll_ray.llm.openai_model import LLMMemoryModel
 from halldyll_ray.llm.protocol import MemoryModel
 from halldyll_ray.models import (
     AIModel,
@@ -165,6 +166,7 @@ class MemoryEngine:
         self._components: Components | None = None
         self._dsn = ""
         self._reembed_task: asyncio.Task[None] | None = None
+        self._owned_llm: LLMMemoryModel | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def initialize(self, *, migrate: bool | None = None) -> MemoryEngine:
@@ -282,7 +284,10 @@ class MemoryEngine:
             # Only job workers call the model; this engine queues jobs and never runs them.
             return HeuristicMemoryModel.from_settings(settings)
         model = memory_model_from_settings(settings)
-        return model if model is not None else HeuristicMemoryModel.from_settings(settings)
+        if model is None:
+            return HeuristicMemoryModel.from_settings(settings)
+        self._owned_llm = model  # its HTTP client is closed with the engine
+        return model
 
     def _model_spec(self, encoder: TextEncoder) -> ModelSpec:
         path = self.settings.embedding_model_path
@@ -450,6 +455,9 @@ class MemoryEngine:
         components, self._components = self._components, None
         if components is not None:
             await components.events.close()
+        llm, self._owned_llm = self._owned_llm, None
+        if llm is not None:
+            await llm.client.aclose()
         db, self._db = self._db, None
         if db is not None:
             await db.close()
