@@ -178,7 +178,7 @@ class Settings(BaseSettings):
         description="A contradicted fact whose confidence falls below this is closed.",
     )
     session_summary_max_words: int = Field(
-        default=150, ge=10, le=2000, description="Words of a session summary a model writes."
+        default=120, ge=10, le=2000, description="Words of a session summary a model writes."
     )
     summary_rollup_after_days: float = Field(
         default=30,
@@ -188,11 +188,11 @@ class Settings(BaseSettings):
         "calendar month and model scope).",
     )
     period_summary_max_words: int = Field(
-        default=250, ge=10, le=4000, description="Words of a period summary a model writes."
+        default=100, ge=10, le=4000, description="Words of a period summary a model writes."
     )
     max_context_tokens: int = Field(default=4000, ge=32, le=1_000_000)
     context_history_share: float = Field(
-        default=0.15,
+        default=0.2,
         ge=0.0,
         le=0.5,
         description="Largest share of a context's budget for the user's earlier sessions "

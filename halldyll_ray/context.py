@@ -58,11 +58,13 @@ class Candidate:
 @dataclass(frozen=True)
 class HistoryUnit:
     """One stretch of the user's earlier sessions: a period summary (``collapsed``) with the
-    session summaries it covers (``expanded``, oldest first; empty when they cannot all be
-    shown), or one session summary on its own (``collapsed``, nothing to expand)."""
+    session summaries it covers (``expanded``, oldest first; ``complete`` when they are all
+    there, else only its newest ones are), or one session summary on its own (``collapsed``,
+    nothing to expand)."""
 
     collapsed: Candidate
     expanded: tuple[Candidate, ...] = ()
+    complete: bool = True
 
 
 def recency(created_at: datetime | None, now: datetime, half_life_days: float) -> float:
@@ -135,9 +137,11 @@ def choose_history(
     first: as far back as the budget reaches, then as detailed as it allows.
 
     ``units`` are oldest first. First the newest units are taken collapsed (a period's one
-    summary), as many as fit, so the history reaches as far back as it can; then, newest
-    first, each taken period is expanded into the session summaries it covers when the whole
-    still fits. A period and a session it covers are never both chosen.
+    summary), as many as fit, so the history reaches as far back as it can; a period too
+    long for what is left gives way to as many of its newest sessions as fit, and the
+    history stops there. Then, newest first, each taken period is expanded into the session
+    summaries it covers when they are all known (``complete``) and the whole still fits. A
+    period and a session it covers are never both chosen.
     """
 
     def cost(candidate: Candidate) -> int:
@@ -145,16 +149,26 @@ def choose_history(
 
     used = count_tokens(f"## {HISTORY}")
     taken: list[int] = []  # newest first
+    shown: dict[int, list[Candidate]] = {}
     for index in reversed(range(len(units))):
         price = cost(units[index].collapsed)
-        if used + price > limit:
-            break
-        used += price
-        taken.append(index)
-    shown = {index: [units[index].collapsed] for index in taken}
+        if used + price <= limit:
+            used += price
+            taken.append(index)
+            shown[index] = [units[index].collapsed]
+            continue
+        newest: list[Candidate] = []
+        for session in reversed(units[index].expanded):
+            if used + cost(session) > limit:
+                break
+            used += cost(session)
+            newest.insert(0, session)
+        if newest:
+            shown[index] = newest
+        break
     for index in taken:
         unit = units[index]
-        if not unit.expanded:
+        if not unit.expanded or not unit.complete:
             continue
         extra = sum(cost(c) for c in unit.expanded) - cost(unit.collapsed)
         if used + extra <= limit:

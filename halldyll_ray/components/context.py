@@ -68,8 +68,10 @@ def describe(stored: StoredMemory, matched: MatchedPart, turns: Sequence[Any] | 
     return f"({day}) {matched.text}"
 
 
-#: Summaries of each kind (session, period) the history section chooses from: the newest.
+#: Summaries of each kind (session, period) the history section chooses from at most: the
+#: newest. Fewer for a smaller section: a line costs at least HISTORY_LINE_TOKENS tokens.
 HISTORY_ROWS = 200
+HISTORY_LINE_TOKENS = 16
 
 
 def history_line(row: Any, covers: Sequence[UUID] = ()) -> ctx.Candidate:
@@ -227,10 +229,14 @@ class ContextBuilder:
         model: UUID | str | None,
         include_shared: bool,
         current_summary: UUID | None,
+        budget: int,
     ) -> list[ctx.HistoryUnit]:
         """The user's earlier sessions in the model scope, oldest first: each period summary
-        with the session summaries it covers, and the sessions no period covers."""
-        if self.settings.context_history_share <= 0:
+        with the session summaries it covers, and the sessions no period covers; as many of
+        the newest as a section of ``budget`` tokens could show."""
+        share = self.settings.context_history_share
+        rows_wanted = min(HISTORY_ROWS, int(budget * share) // HISTORY_LINE_TOKENS)
+        if rows_wanted < 1:
             return []
         scope = await self.search.registry.scope(model, include_shared)
         rows = await self.db.fetch(
@@ -240,7 +246,7 @@ class ContextBuilder:
                 session_id=session_id,
                 model_id=scope.model_id,
                 include_shared=scope.include_shared,
-                per_kind=HISTORY_ROWS,
+                per_kind=rows_wanted,
             ),
             user_id=user_id,
         )
@@ -258,10 +264,11 @@ class ContextBuilder:
                 key=lambda m: (m["span_start"], str(m["id"])),
             )
             in_periods.update(m["id"] for m in members)
-            expanded = (
-                tuple(history_line(m) for m in members) if len(members) == len(covers) else ()
+            unit = ctx.HistoryUnit(
+                history_line(row, covers),
+                tuple(history_line(m) for m in members),
+                complete=len(members) == len(covers),
             )
-            unit = ctx.HistoryUnit(history_line(row, covers), expanded)
             units.append((row["span_start"], str(row["id"]), unit))
         for row in sessions.values():
             if row["id"] not in in_periods:
@@ -351,6 +358,7 @@ class ContextBuilder:
             model=model,
             include_shared=include_shared,
             current_summary=None if summary_row is None else summary_row["id"],
+            budget=budget,
         )
         return ctx.assemble(
             summary=summary,

@@ -68,6 +68,14 @@ def test_a_tight_budget_reaches_back_with_periods_and_a_loose_one_shows_sessions
     assert ctx.choose_history(units, header, _count) == []
 
 
+def test_a_period_too_long_for_the_budget_gives_way_to_its_newest_sessions() -> None:
+    units = [_period(2, 10, 10), _period(3, 10, 40)]  # the newest period is long
+    header = _count(f"## {ctx.HISTORY}")
+    session = 10 + _count("[00] x") - 1
+    chosen = ctx.choose_history(units, header + 2 * session, _count)
+    assert _ids(chosen) == [m.memory_id for m in units[1].expanded[1:]]  # and nothing older
+
+
 def test_sessions_no_period_covers_stand_alone() -> None:
     alone = ctx.HistoryUnit(_summary(15))
     units = [_period(2, 20, 10), alone]
@@ -75,9 +83,16 @@ def test_sessions_no_period_covers_stand_alone() -> None:
     assert _ids(chosen) == [*(m.memory_id for m in units[0].expanded), alone.collapsed.memory_id]
 
 
-def test_a_period_whose_sessions_cannot_all_be_shown_stays_collapsed() -> None:
-    unit = ctx.HistoryUnit(_summary(10, frozenset({uuid.uuid4(), uuid.uuid4()})), ())
+def test_a_period_whose_sessions_are_not_all_known_is_not_expanded() -> None:
+    newest = _summary(10)
+    assert newest.memory_id is not None
+    covers = frozenset({uuid.uuid4(), newest.memory_id})  # one of its two sessions is known
+    unit = ctx.HistoryUnit(_summary(20, covers), (newest,), complete=False)
     assert _ids(ctx.choose_history([unit], 1000, _count)) == [unit.collapsed.memory_id]
+    # Too long for the budget, it still gives way to the newest sessions it has.
+    assert _ids(ctx.choose_history([unit], _count(f"## {ctx.HISTORY}") + 12, _count)) == [
+        newest.memory_id
+    ]
 
 
 def test_assemble_never_shows_a_summary_with_one_it_covers() -> None:
