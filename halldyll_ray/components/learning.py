@@ -25,16 +25,15 @@ from halldyll_ray.llm.protocol import MemoryModel
 from halldyll_ray.models import Job, MessageRole, StoredMessage
 
 if TYPE_CHECKING:
-    from halldyll_ray.components.consolidation import Consolidation
+    from halldyll_ray.components.consolidation import Change, Consolidation
     from halldyll_ray.components.summaries import Summaries
 
 #: The job kinds of this module.
 EXTRACT = "extract"
 SUMMARIZE = "summarize"
-#: Messages one extract_facts call reads (a stored conversation can hold thousands).
+#: Messages one consolidation pass reads (a stored conversation can hold thousands; a model's
+#: context cannot): a longer job is learned from in windows of this many, in order.
 EXTRACT_WINDOW = 20
-#: Words a session summary may have (the inline one is at most 1500 characters).
-SUMMARY_MAX_WORDS = 300
 
 
 class _Payload(BaseModel):
@@ -66,11 +65,6 @@ def _payload(kind: type[_P], job: Job) -> _P:
         return kind.model_validate(job.payload)
     except ValidationError as exc:
         raise InvalidInput(f"bad {job.kind} job payload: {exc.errors()[0]['msg']}") from None
-
-
-def render(role: str, content: str) -> str:
-    """A message as the models read it: ``"<role>: <content>"``."""
-    return f"{role}: {content}"
 
 
 class LearningQueue:
@@ -169,14 +163,16 @@ class Learning:
             LLMUnavailable, LLMOutputInvalid: from the model (the try is retried).
         """
         payload = _payload(ExtractPayload, job)
-        changes = await self.consolidation.learn_from_turn(
-            job.user_id,
-            payload.conversation_id,
-            payload.seqs,
-            job_id=job.id,
-            model_id=payload.model_id,
-            request_id=job.request_id,
-        )
+        changes: list[Change] = []
+        for start in range(0, len(payload.seqs), EXTRACT_WINDOW):
+            changes += await self.consolidation.learn_from_turn(
+                job.user_id,
+                payload.conversation_id,
+                payload.seqs[start : start + EXTRACT_WINDOW],
+                job_id=job.id,
+                model_id=payload.model_id,
+                request_id=job.request_id,
+            )
         fact_ids = list(dict.fromkeys(str(c.fact_id) for c in changes if c.fact_id is not None))
         return {
             "model": self.model.name,

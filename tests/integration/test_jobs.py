@@ -608,3 +608,51 @@ def test_extraction_mode_setting() -> None:
     assert Settings.from_env(memory_extraction="BACKGROUND").memory_extraction == "background"
     with pytest.raises(ConfigurationError, match="MEMORY_EXTRACTION"):
         Settings.from_env(memory_extraction="sometimes")
+
+
+async def test_a_long_conversation_is_learned_from_in_windows(background: MemoryEngine) -> None:
+    """A stored conversation longer than one model call reads (EXTRACT_WINDOW messages) is
+    learned from window by window: no message's fact is lost to a per-call cap."""
+    from halldyll_ray.components.learning import EXTRACT_WINDOW
+
+    hobbies = [
+        "chess",
+        "archery",
+        "pottery",
+        "sailing",
+        "knitting",
+        "fencing",
+        "origami",
+        "beekeeping",
+        "juggling",
+        "calligraphy",
+        "birdwatching",
+        "rowing",
+        "woodcarving",
+        "astronomy",
+        "snorkeling",
+        "bouldering",
+        "gardening",
+        "kayaking",
+        "embroidery",
+        "skateboarding",
+        "falconry",
+        "glassblowing",
+        "taxidermy",
+        "orienteering",
+        "curling",
+    ]
+    assert len(hobbies) > EXTRACT_WINDOW
+    user = await background.create_user("ada", None, "user")
+    await background.stop_job_workers()
+    await background.store_memory(
+        user.id,
+        Conversation(messages=[Message(role="user", content=f"I love {h}.") for h in hobbies]),
+    )
+    assert await background.run_pending_jobs() == 1
+    [job] = (await background.list_jobs(user.id)).items
+    assert job.status is JobStatus.DONE and job.result is not None
+    assert len(job.result["changes"]) == len(hobbies)
+    facts = (await background.list_memories(user.id, types=["fact"], limit=100)).items
+    learned = " ".join(f.memory.statement for f in facts)
+    assert all(h in learned for h in hobbies), learned
