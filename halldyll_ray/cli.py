@@ -130,12 +130,13 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
             else "cannot reach REDIS_URL (the service still works without it, slower)",
         )
 
-    from halldyll_ray.embedding import OnnxEncoder
+    from halldyll_ray.embedding import load_encoder
 
     try:
         started = time.perf_counter()
         encoder = await asyncio.to_thread(
-            OnnxEncoder.load,
+            load_encoder,
+            settings.embedding_model,
             settings.embedding_model_path,
             dimension=settings.embedding_dimension,
             provider=settings.embedding_provider,
@@ -324,7 +325,7 @@ async def cmd_mcp(args: argparse.Namespace) -> int:
 
 
 async def cmd_reembed(args: argparse.Namespace) -> int:
-    """Re-embed every stored chunk with the configured model (EMBEDDING_MODEL_PATH, ...), in
+    """Re-embed every stored chunk with the configured model (EMBEDDING_MODEL, ...), in
     the foreground, printing progress; or, with --status, print where it stands."""
     from halldyll_ray.components.reembedding import read_status
     from halldyll_ray.engine import MemoryEngine

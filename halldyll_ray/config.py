@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from halldyll_ray.errors import ConfigurationError
@@ -62,12 +69,25 @@ class Settings(BaseSettings):
         pattern=r"^[a-z_][a-z0-9_]{0,62}$",
         description="Database name created inside the embedded PostgreSQL.",
     )
+    embedding_model: Literal["minilm", "use-multilingual"] = Field(
+        default="minilm",
+        description="Packaged text encoder: minilm (all-MiniLM-L6-v2, English, 384-d) or "
+        "use-multilingual (Universal Sentence Encoder Multilingual v3, 16 languages in one "
+        "vector space, 512-d; the 'multilingual' extra). EMBEDDING_MODEL_PATH replaces "
+        "minilm with a model of your own.",
+    )
     embedding_model_path: Path | None = Field(
         default=None,
         description="ONNX text encoder: a folder with model.onnx and tokenizer.json, or an .onnx "
         "file with tokenizer.json beside it. Unset: packaged all-MiniLM-L6-v2 (int8).",
     )
-    embedding_dimension: int = Field(default=384, ge=8, le=4000)
+    embedding_dimension: int = Field(
+        default=384,
+        ge=8,
+        le=4000,
+        description="Vector size, checked against the model. Default: the model's own (384 "
+        "for minilm, 512 for use-multilingual).",
+    )
     embedding_provider: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",
         description="ONNX Runtime execution provider: auto (CUDA when available), cpu or cuda.",
@@ -306,7 +326,17 @@ class Settings(BaseSettings):
                 )
         return self
 
-    @field_validator("log_level", "embedding_provider", mode="before")
+    @model_validator(mode="before")
+    @classmethod
+    def _model_dimension(cls, data: object) -> object:
+        # EMBEDDING_DIMENSION defaults to the chosen packaged model's size.
+        if isinstance(data, dict):
+            model = str(data.get("embedding_model", "")).strip().lower()
+            if model == "use-multilingual" and data.get("embedding_dimension") in (None, ""):
+                return {**data, "embedding_dimension": 512}
+        return data
+
+    @field_validator("log_level", "embedding_provider", "embedding_model", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -339,9 +369,17 @@ class Settings(BaseSettings):
 
     @field_validator("embedding_model_path")
     @classmethod
-    def _check_model_path(cls, value: Path | None) -> Path | None:
+    def _check_model_path(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         if value is None or str(value) == "":
             return None
+        model = info.data.get("embedding_model", "minilm")
+        if model != "minilm":
+            # A field error (not a model one): the message then shows this value only.
+            raise ValueError(
+                f"EMBEDDING_MODEL={model} and EMBEDDING_MODEL_PATH name two models: unset "
+                "EMBEDDING_MODEL_PATH to use the packaged one, or EMBEDDING_MODEL to use "
+                "your own file"
+            )
         if not value.exists():
             raise ValueError(
                 f"{value} does not exist; point it at a folder holding model.onnx and "

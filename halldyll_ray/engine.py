@@ -52,7 +52,7 @@ from halldyll_ray.components.search import Search
 from halldyll_ray.components.transfer import Transfer
 from halldyll_ray.components.users import Users
 from halldyll_ray.config import Settings
-from halldyll_ray.embedding import OnnxEncoder, TextEncoder
+from halldyll_ray.embedding import TextEncoder, load_encoder
 from halldyll_ray.errors import (
     ConfigurationError,
     HalldyllError,
@@ -187,7 +187,8 @@ class MemoryEngine:
             await db.open()
             if self._encoder is None:
                 self._encoder = await asyncio.to_thread(
-                    OnnxEncoder.load,
+                    load_encoder,
+                    settings.embedding_model,
                     settings.embedding_model_path,
                     dimension=settings.embedding_dimension,
                     provider=settings.embedding_provider,
@@ -233,6 +234,7 @@ class MemoryEngine:
             model_id=encoder.model_id,
             dimension=encoder.dimension,
             path=None if path is None else str(path),
+            name=self.settings.embedding_model,
             max_seq_length=int(
                 getattr(encoder, "max_seq_length", self.settings.embedding_max_seq_length)
             ),
@@ -281,7 +283,8 @@ class MemoryEngine:
                 await conn.close()
         try:
             previous = await asyncio.to_thread(
-                OnnxEncoder.load,
+                load_encoder,
+                active.name,
                 active.path,
                 dimension=active.dimension,
                 provider=self.settings.embedding_provider,
@@ -291,7 +294,7 @@ class MemoryEngine:
         except ConfigurationError as exc:
             raise ConfigurationError(
                 f"the stored memories are embedded with {active.model_id} "
-                f"({active.path or 'the packaged model'}), which searches use until every "
+                f"({active.path or 'the packaged ' + active.name}), which searches use until every "
                 f"memory is embedded again with {spec.model_id}; it cannot be loaded: "
                 f"{exc.message}",
                 setting="EMBEDDING_MODEL_PATH",
@@ -299,8 +302,8 @@ class MemoryEngine:
         if previous.model_id != active.model_id:
             raise ConfigurationError(
                 f"the stored memories are embedded with {active.model_id} but "
-                f"{active.path or 'the packaged model'} is now {previous.model_id}; put the "
-                "original model file back until the re-embedding completes",
+                f"{active.path or 'the packaged ' + active.name} is now {previous.model_id}; "
+                "put the original model file back until the re-embedding completes",
                 setting="EMBEDDING_MODEL_PATH",
             )
         return previous, spec

