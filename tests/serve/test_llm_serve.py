@@ -7,9 +7,12 @@ dasllama-server, a child of its replica); the memory model reaches it by Serve h
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from typing import Any
 
+import httpx
 import pytest
 from support import skip_unless_installed
 
@@ -61,6 +64,18 @@ async def test_the_colocated_llm_app_answers_by_handle_and_over_http(
         assert all(isinstance(f, FactCandidate) for f in facts)
         (row,) = by_handle.client.metrics.snapshot()["models"]
         assert row["calls"] == 2 and row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
+        # The token counters reach Prometheus through Ray's metrics (the node's endpoint).
+        wanted = {"halldyll_llm_prompt_tokens", "halldyll_llm_completion_tokens"}
+        found: set[str] = set()
+        deadline = time.monotonic() + 60
+        async with httpx.AsyncClient(timeout=10) as scraper:
+            while time.monotonic() < deadline and found != wanted:
+                text = (await scraper.get(ray_serve["metrics_url"])).text
+                found = {
+                    name for name in wanted if f"{name}_total{{" in text or f"{name}{{" in text
+                }
+                await asyncio.sleep(1)
+        assert found == wanted
 
         # The app's error body comes back as the typed refusal, not retried.
         wrong = serve_memory_model(settings.model_copy(update={"llm_model": "no-such-model"}))
