@@ -2,8 +2,8 @@
 
 By default: ``dasllama-server`` over SmolLM2-135M-Instruct as ``scripts/install_test_llm.py``
 installs it (scripts/test.sh runs that and stops if it fails; outside CI the tests skip,
-quoting its error, when it is missing; under CI they fail). ``LLM_TEST_BASE_URL`` (and ``LLM_TEST_MODEL``) point them at another server
-instead.
+quoting its error, when it is missing; under CI they fail). ``LLM_TEST_BASE_URL`` (and
+``LLM_TEST_MODEL``) point them at another server instead.
 """
 
 from __future__ import annotations

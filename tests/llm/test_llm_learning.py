@@ -68,9 +68,7 @@ async def test_a_turn_is_learned_by_the_real_model_off_the_write_path(
     assert summarize.result is not None and summarize.result["model"] == model_id
 
     # Every fact the job wrote is listed, audited as learned by that job from that turn.
-    facts = {
-        f.id: f.memory for f in (await learner.list_memories(user.id, types=["fact"])).items
-    }
+    facts = {f.id: f.memory for f in (await learner.list_memories(user.id, types=["fact"])).items}
     written = {c["fact_id"] for c in extract.result["changes"] if c["fact_id"] is not None}
     assert {str(i) for i in facts} == written
     audit = await learner.list_audit(user_id=user.id, operation="fact.learn", limit=50)
