@@ -25,7 +25,7 @@ from uuid import UUID
 
 import numpy as np
 from opentelemetry.context import Context as TraceContext
-from pydantic import SecretStr, TypeAdapter
+from pydantic import SecretStr
 from ray import serve
 from ray.serve import metrics
 
@@ -300,7 +300,12 @@ async def remote_engine(
     return engine
 
 
-_SEARCH_RESPONSE: TypeAdapter[SearchResponse] = TypeAdapter(SearchResponse)
+def _search_options(request: SearchRequest) -> dict[str, Any]:
+    """A search request's fields but the query, as they are (``model_dump`` would copy them
+    into new containers on every request)."""
+    return {name: value for name, value in request if name != "query"}
+
+
 # Parametrized at module level, so that pydantic registers the class in this module, where
 # pickle finds it by name on the hop back to the Ingress (one made inside a method does not
 # pickle).
@@ -452,13 +457,15 @@ class Searcher(EngineDeployment):
         user_id: UUID | None,
         request_id: str | None,
     ) -> bytes:
-        """:meth:`search` for the HTTP API: the response body, serialized here in one pass.
+        """:meth:`search` for the HTTP API: the response body (:meth:`MemoryEngine.search_json`).
 
         Bytes cross the hop to the ingress instead of pickled models that it would unpickle
-        only to serialize them again (``benchmarks/serve_http.py``).
+        only to serialize them again, and a cached answer is not even read here
+        (``benchmarks/serve_http.py``).
         """
-        results = await self._search(principal, request, user_id=user_id, request_id=request_id)
-        return _SEARCH_RESPONSE.dump_json(SearchResponse.model_construct(results=results))
+        request = parse(SearchRequest, request)
+        async with self._authorized(principal, request_id) as api:
+            return await api.search_json(user_id, request.query, **_search_options(request))
 
     async def _search(
         self,
@@ -470,7 +477,7 @@ class Searcher(EngineDeployment):
     ) -> list[SearchResult]:
         request = parse(SearchRequest, request)
         async with self._authorized(principal, request_id) as api:
-            return await api.search(user_id, request.query, **request.model_dump(exclude={"query"}))
+            return await api.search(user_id, request.query, **_search_options(request))
 
     @handle_method
     async def get_memory(
