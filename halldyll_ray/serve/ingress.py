@@ -53,7 +53,7 @@ from halldyll_ray.schemas import (
     parse,
     parse_memory,
 )
-from halldyll_ray.serve.deployments import EngineOwner
+from halldyll_ray.serve.deployments import EngineOwner, pickled
 from halldyll_ray.serve.graphql_api import mount_graphql
 from halldyll_ray.serve.http import (
     BODY_TIMEOUT_S,
@@ -118,9 +118,9 @@ class Ingress(EngineOwner):
     ) -> None:
         super().__init__(embedder, database=database, settings=settings)
         # With tracing on (OTEL_* variables), each call carries the trace to the replica.
-        self._searcher = tracing.traced_handle(searcher, "Search")
-        self._ingestor = tracing.traced_handle(ingestor, "Ingestion")
-        self._context = tracing.traced_handle(context, "Context")
+        self._searcher = tracing.traced_handle(pickled(searcher), "Search")
+        self._ingestor = tracing.traced_handle(pickled(ingestor), "Ingestion")
+        self._context = tracing.traced_handle(pickled(context), "Context")
         tracing.instrument_fastapi(api)
         api.state.max_body_bytes = max_body_bytes
         api.state.body_timeout_s = body_timeout_s
