@@ -606,6 +606,10 @@ class LeanResponse:
     def json(self) -> Any:
         return json.loads(self.content)
 
+    def raise_for_status(self) -> None:
+        if self.status_code >= 400:
+            raise RuntimeError(f"HTTP {self.status_code}: {self.text[:200]}")
+
 
 class LeanClient:
     """A minimal HTTP/1.1 keep-alive client on one connection (``--client lean``).
@@ -769,12 +773,16 @@ class TraceSink:
 
 
 def _start_serve(
-    settings_env: dict[str, str], replica_env: dict[str, str] | None = None
+    settings_env: dict[str, str],
+    replica_env: dict[str, str] | None = None,
+    *,
+    app_args: dict[str, Any] | None = None,
+    deployment_options: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[str, Any]:
     import ray
     from ray import serve
 
-    from halldyll_ray.serve import build_app
+    from halldyll_ray.serve import build_app, with_options
     from halldyll_ray.serve_local import free_port
 
     port = free_port()
@@ -787,7 +795,11 @@ def _start_serve(
         runtime_env={"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0", **(replica_env or {})}},
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    handle = serve.run(build_app({"settings": settings_env}), name=APP, route_prefix="/")
+    app = build_app({**(app_args or {}), "settings": settings_env})
+    names = ("Ingress", "Search", "Ingestion", "Context", "Embedding", "EmbeddedDatabase")
+    for name, options in (deployment_options or {}).items():
+        app = with_options(app, keep=[n for n in names if n != name], **options)
+    handle = serve.run(app, name=APP, route_prefix="/")
     return f"http://127.0.0.1:{port}", handle
 
 
@@ -818,8 +830,13 @@ async def scenarios(
         )
         for _ in range(most)
     ]
-    search_h = serve.get_deployment_handle("Search", app_name=APP)
-    embed_h = serve.get_deployment_handle("Embedding", app_name=APP)
+    from halldyll_ray.serve import deployments
+
+    # Called as the app's own replicas call them (deployments.pickled: the standard library's
+    # pickle on the hop; a checkout without it uses Serve's default, cloudpickle).
+    as_the_app_calls = getattr(deployments, "pickled", lambda handle: handle)
+    search_h = as_the_app_calls(serve.get_deployment_handle("Search", app_name=APP))
+    embed_h = as_the_app_calls(serve.get_deployment_handle("Embedding", app_name=APP))
     engine = await MemoryEngine(settings).initialize(migrate=False)
     encoder: OnnxEncoder = engine.encoder  # type: ignore[assignment]
     principal = await engine.authenticate(key)
@@ -1485,6 +1502,20 @@ def markdown(doc: dict[str, Any]) -> str:
         )
         + ".",
         "",
+        "Ray environment: "
+        + ", ".join(f"`{k}={v}`" for k, v in sorted(doc.get("ray_environment", {}).items()))
+        + (
+            f"; build_app arguments {doc['args']['app_args']}"
+            if doc["args"].get("app_args", "{}") != "{}"
+            else ""
+        )
+        + (
+            f"; deployment options {doc['args']['deployment_options']}"
+            if doc["args"].get("deployment_options", "{}") != "{}"
+            else ""
+        )
+        + ".",
+        "",
         f"Data: {doc['bootstrap']['memories']} facts for one user "
         f"(plus {doc['bootstrap']['merged']} generated ones merged as near-duplicates), "
         "embedded PostgreSQL, "
@@ -1674,6 +1705,17 @@ def main() -> None:
         "summary to the results. py-spy's own CPU perturbs the figures of such a run",
     )
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
+    parser.add_argument(
+        "--app-args",
+        default="{}",
+        help="JSON: build_app arguments over its defaults (a Serve option to measure)",
+    )
+    parser.add_argument(
+        "--deployment-options",
+        default="{}",
+        help='JSON: Serve deployment options by deployment name, e.g. \'{"Embedding": '
+        '{"logging_config": {"enable_access_log": false}}}\' (a Serve option to measure)',
+    )
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/hr-bench-http"))
     parser.add_argument("--database", default="bench")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
@@ -1697,6 +1739,11 @@ def main() -> None:
     # before anything imports Ray; a quick shutdown instead of the 30 s ingress drain.
     serve_env.apply()
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    ray_environment = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith("RAY_SERVE_") or k == "RAY_worker_niceness"
+    }
 
     from halldyll_ray.config import Settings
     from halldyll_ray.storage.embedded import EmbeddedPostgres
@@ -1707,6 +1754,7 @@ def main() -> None:
         "command": "python " + shlex.join(sys.argv),
         "machine": machine(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "ray_environment": ray_environment,
     }
     prefix = f"bench-http-{uuid.uuid4().hex[:8]}"
     server = EmbeddedPostgres(args.data_dir, database=args.database)
@@ -1734,7 +1782,12 @@ def main() -> None:
                 "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
                 "OTEL_SERVICE_NAME": "halldyll-bench",
             }
-        url, ingress = _start_serve(env, replica_env)
+        url, ingress = _start_serve(
+            env,
+            replica_env,
+            app_args=json.loads(args.app_args),
+            deployment_options=json.loads(args.deployment_options),
+        )
         doc["serve_start_s"] = round(time.perf_counter() - t, 1)
         extra = asyncio.run(scenarios(bench, url, ingress, settings, boot, texts))
         doc["extra"] = extra
