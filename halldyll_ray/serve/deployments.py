@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def use_serve_logging(level: str) -> None:
+def use_serve_logging(level: str, *, access_log: bool = True) -> None:
     """Send the product's log records where the replica's Serve records go, from ``level`` up.
 
     In a replica Ray Serve sets up only the ``ray.serve`` logger: the replica's log file (JSON
@@ -77,11 +77,29 @@ def use_serve_logging(level: str) -> None:
     stderr. Records of ``halldyll_ray`` loggers would reach the root logger, which has no
     handler there: INFO and DEBUG records were lost, LOG_LEVEL did nothing, and warnings came
     out as bare stderr text that Serve logs at INFO. Each deployment calls this at start.
+
+    Args:
+        level: The product's records from this level up (LOG_LEVEL).
+        access_log: False drops Serve's access log records of this replica (one per call it
+            serves) at the logger, before they are formatted and written; its other records
+            and the product's are kept. (Serve's ``logging_config.enable_access_log: false``
+            drops them too, but a deployment's own ``logging_config`` replaces the
+            application's, encoding and level included.)
     """
     ours = logging.getLogger("halldyll_ray")
     ours.setLevel(level.upper())
     ours.propagate = False
     ours.handlers[:] = [_ToServeLogger()]
+    serve_logger = logging.getLogger("ray.serve")
+    if access_log:
+        serve_logger.removeFilter(_no_access_log)
+    elif _no_access_log not in serve_logger.filters:
+        serve_logger.addFilter(_no_access_log)
+
+
+def _no_access_log(record: logging.LogRecord) -> bool:
+    """False for Serve's access log records (Serve marks them ``serve_access_log``)."""
+    return not getattr(record, "serve_access_log", False)
 
 
 def start_tracing(fallback: str) -> None:
@@ -176,6 +194,7 @@ class Embedder:
         settings: What the builder was given; the rest comes from this replica's environment.
         max_batch_size: Most requests one batch merges.
         batch_wait_timeout_s: How long a batch waits to fill.
+        access_log: Serve's access log line for each call (see :func:`use_serve_logging`).
     """
 
     def __init__(
@@ -184,12 +203,13 @@ class Embedder:
         *,
         max_batch_size: int = 32,
         batch_wait_timeout_s: float = 0.0,
+        access_log: bool = True,
     ) -> None:
         # serve.batch's own setters: its queue is made at the first call, in this replica.
         self.embed_batch.set_max_batch_size(max_batch_size)
         self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.settings = (settings or SettingsOverrides()).resolve()
-        use_serve_logging(self.settings.log_level)
+        use_serve_logging(self.settings.log_level, access_log=access_log)
         start_tracing("Embedding")
         self.encoder = OnnxEncoder.load(
             self.settings.embedding_model_path,
@@ -338,6 +358,7 @@ class EngineOwner:
         database: Handle of the EmbeddedDatabase deployment, or None with DATABASE_URL.
         settings: What the builder was given; the rest comes from this replica's environment.
         local_embedding_max_texts: See :func:`remote_engine`.
+        access_log: Serve's access log line for each call (see :func:`use_serve_logging`).
     """
 
     def __init__(
@@ -347,9 +368,10 @@ class EngineOwner:
         database: Any = None,
         settings: SettingsOverrides | None = None,
         local_embedding_max_texts: int = 0,
+        access_log: bool = True,
     ) -> None:
         self.settings = (settings or SettingsOverrides()).resolve()
-        use_serve_logging(self.settings.log_level)
+        use_serve_logging(self.settings.log_level, access_log=access_log)
         start_tracing(type(self).__name__)
         self._embedder = tracing.traced_handle(pickled(embedder), "Embedding")
         self._local_max_texts = local_embedding_max_texts
