@@ -1716,6 +1716,14 @@ def main() -> None:
         help='JSON: Serve deployment options by deployment name, e.g. \'{"Embedding": '
         '{"logging_config": {"enable_access_log": false}}}\' (a Serve option to measure)',
     )
+    parser.add_argument(
+        "--worker-niceness",
+        type=int,
+        default=0,
+        help="the niceness of Ray's workers (Ray's own default is 15): 0 puts the replicas at "
+        "this process's priority, so outside load on a shared machine weighs on the HTTP and "
+        "the in-process figures alike",
+    )
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/hr-bench-http"))
     parser.add_argument("--database", default="bench")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
@@ -1739,6 +1747,11 @@ def main() -> None:
     # before anything imports Ray; a quick shutdown instead of the 30 s ingress drain.
     serve_env.apply()
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    # Ray starts its workers (the replicas, and HAProxy under them) at nice 15, below this
+    # process (the HTTP clients and the in-process engine) and PostgreSQL: on a machine shared
+    # with other work, that work takes the CPU from the replicas only, which reads as HTTP's
+    # cost. Ray's own variable name is lower case.
+    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # noqa: SIM112
     ray_environment = {
         k: v
         for k, v in os.environ.items()
