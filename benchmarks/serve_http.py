@@ -12,8 +12,10 @@ What it measures (one run, one machine, everything side by side)
     in-process engine uses the same database, Redis prefix and settings.
 
     For each client count (``--clients``), N concurrent clients issue requests back-to-back
-    (closed loop; one ``httpx.AsyncClient`` with one connection per HTTP client) for
-    ``--seconds`` (or ``--requests``) after ``--warmup`` seconds of the same load:
+    (closed loop; one keep-alive connection per HTTP client: :class:`LeanClient`, or
+    ``httpx.AsyncClient`` with ``--client httpx``) for ``--seconds`` (or ``--requests``) after
+    ``--warmup`` seconds of the same load, ``--rounds`` times in turn (the ratios are the
+    medians of each round's HTTP / in-process pair):
 
     * ``GET /healthz``: the floor cost of HAProxy + the ingress replica (no database);
     * ``POST /v1/users/me/search``, three ways: ``uncached`` (a unique query text per request,
@@ -50,10 +52,15 @@ What it measures (one run, one machine, everything side by side)
     200 and counts what it got (its CPU counts in the driver's column); the cost of tracing is
     the difference with a ``--tracing off`` run.
 
+    With ``--profile DIR``, py-spy samples each Serve replica while every served scenario
+    at the most clients runs (and the Embedding throughput rounds): the collapsed stacks go to
+    DIR, and the shares of the busiest functions and packages to the results (``Profiles``).
+    ``--ops`` restricts the run to some operations (a quicker before/after).
+
 Run from the repository root (about 3 minutes with the defaults)::
 
     python benchmarks/serve_http.py [--clients 1 16] [--seconds 4 | --requests N] [--warmup 1]
-        [--tracing off|on]
+        [--rounds 1] [--client lean|httpx] [--ops ...] [--tracing off|on] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -82,6 +89,16 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 APP = "halldyll"
+#: What ``--ops`` can select.
+OPS = (
+    "embed_throughput",
+    "healthz",
+    "search_uncached",
+    "search_emb_cached",
+    "search_full_cached",
+    "embed_one",
+    "store",
+)
 GOALS = {
     "search_uncached_p50_ms": 25.0,
     "search_cached_p50_ms": 12.0,
@@ -342,6 +359,114 @@ def _python_loop_ms() -> float:
     return round(sorted(times)[2], 1)
 
 
+# --------------------------------------------------------------------------- profiling
+#: The processes a profile covers: the Serve replicas that serve the measured requests.
+PROFILED = ("Ingress", "Search", "Ingestion", "Embedding")
+
+
+class Profiler:
+    """py-spy on each Serve replica while a scenario is timed (``--profile DIR``).
+
+    One ``py-spy record --gil --format raw`` per replica process (``PROFILED``), started with
+    the timed part of a scenario and stopped (SIGINT) at its end. ``--gil`` keeps the samples
+    of a thread that holds the GIL: Python code and the native code it runs (pydantic-core,
+    gRPC, asyncpg's protocol), not the threads waiting in uvloop, gRPC or ONNX Runtime (which
+    runs without the GIL, so the model's own time is not in these profiles). The collapsed
+    stacks go to ``DIR/<scenario>.<replica>.txt`` (``flamegraph.pl`` or speedscope read them)
+    and :func:`summarise_profile` reduces each to the functions where the samples are. py-spy
+    takes CPU of its own, so a profiled run's figures are not comparable with a plain run's.
+    """
+
+    def __init__(self, out: Path, cpu: CpuMeter, rate: int) -> None:
+        import shutil
+
+        self.out = out
+        self.cpu = cpu
+        self.rate = rate
+        self.exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        out.mkdir(parents=True, exist_ok=True)
+
+    def start(self, label: str) -> list[tuple[str, Path, Any]]:
+        import subprocess
+
+        running = []
+        for pid, (group, _) in sorted(self.cpu.snapshot().items()):
+            if group not in PROFILED:
+                continue
+            path = self.out / f"{label}.{group}.txt"
+            proc = subprocess.Popen(
+                [
+                    *(self.exe, "record", "--gil", "-r", str(self.rate), "-f", "raw"),
+                    *("-o", str(path), "-p", str(pid)),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            running.append((group, path, proc))
+        return running
+
+    @staticmethod
+    def stop(running: list[tuple[str, Path, Any]]) -> dict[str, Any]:
+        import signal
+
+        for _, _, proc in running:
+            proc.send_signal(signal.SIGINT)
+        out = {}
+        for group, path, proc in running:
+            proc.wait(timeout=30)
+            if path.exists():
+                out[group] = {"file": str(path), **summarise_profile(path.read_text())}
+        return out
+
+
+def _frame(frame: str) -> str:
+    """``func (path/file.py:123)`` -> ``func (path/file.py)``: functions, not lines."""
+    name, _, where = frame.rpartition(" (")
+    return f"{name} ({where.rsplit(':', 1)[0]})" if name else frame
+
+
+def _package(frame: str) -> str:
+    """The package a frame's file belongs to (``ray/serve``, ``starlette``, ``halldyll_ray``)."""
+    where = frame.rpartition(" (")[2].rstrip(")")
+    parts = where.split("/")
+    if parts[0] == "ray" and len(parts) > 2:
+        return "/".join(parts[:2])
+    return parts[0] if len(parts) > 1 else "stdlib"
+
+
+def summarise_profile(raw: str, top: int = 15) -> dict[str, Any]:
+    """Where the samples of py-spy's collapsed stacks are: by leaf function (self), by
+    function anywhere on the stack (inclusive) and by the leaf frame's package, as shares."""
+    self_: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    packages: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [_frame(f) for f in stack.split(";")]
+        total += n
+        self_[frames[-1]] = self_.get(frames[-1], 0) + n
+        packages[_package(frames[-1])] = packages.get(_package(frames[-1]), 0) + n
+        for f in set(frames):
+            inclusive[f] = inclusive.get(f, 0) + n
+
+    def share(counts: dict[str, int], k: int) -> list[list[Any]]:
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:k]
+        return [[name, round(n / total, 3)] for name, n in ranked]
+
+    if not total:
+        return {"samples": 0}
+    return {
+        "samples": total,
+        "self": share(self_, top),
+        "inclusive": share(inclusive, top * 2),
+        "packages": share(packages, top),
+    }
+
+
 # --------------------------------------------------------------------------- the load loop
 @dataclass
 class Result:
@@ -403,6 +528,8 @@ class Bench:
         self.cpu = cpu
         self.settings_env: dict[str, str] = {}
         self.results: list[Result] = []
+        self.profiler: Profiler | None = None
+        self.profiles: dict[str, Any] = {}
 
     async def run(
         self,
@@ -422,9 +549,19 @@ class Bench:
         secs = seconds if seconds is not None else (None if args.requests else args.seconds)
         reqs = None if secs is not None else args.requests
         load = os.getloadavg()[0]
+        label = f"{op_name}.{path}.c{clients}"
+        profiling = (
+            self.profiler is not None
+            and (clients == max(args.clients) or op_name == "embed_throughput")
+            and not path.startswith("inproc")
+            and label not in self.profiles
+        )
+        running = self.profiler.start(label) if profiling and self.profiler else []
         before = self.cpu.snapshot()
         lat, errors, elapsed, first_error = await _closed_loop(op, clients, secs, reqs)
         cpu = _cpu_delta(before, self.cpu.snapshot()) if before else {}
+        if running:
+            self.profiles[label] = Profiler.stop(running)
         n = len(lat)
         arr = np.asarray(lat) if lat else np.asarray([float("nan")])
         result = Result(
@@ -454,6 +591,96 @@ class Bench:
             flush=True,
         )
         return result
+
+
+# --------------------------------------------------------------------------- HTTP clients
+@dataclass
+class LeanResponse:
+    status_code: int
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    def raise_for_status(self) -> None:
+        if self.status_code >= 400:
+            raise RuntimeError(f"HTTP {self.status_code}: {self.text[:200]}")
+
+
+class LeanClient:
+    """A minimal HTTP/1.1 keep-alive client on one connection (``--client lean``).
+
+    The load generator shares the machine's cores with the service: httpx spent about 1 ms of
+    CPU per request here, as much as a whole in-process cached search, all of it charged to
+    the HTTP side of every ratio. This one writes each request with one ``write`` and reads
+    the status line, the headers and a ``Content-Length`` (or chunked) body; the API's
+    answers need no more. Same interface as the part of ``httpx.AsyncClient`` used here.
+    """
+
+    def __init__(self, base_url: str, headers: dict[str, str]) -> None:
+        from urllib.parse import urlsplit
+
+        url = urlsplit(base_url)
+        self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
+        self.fixed = (
+            f"Host: {self.host}:{self.port}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        ).encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def _request(self, method: str, path: str, body: bytes | None) -> LeanResponse:
+        if self.writer is None or self.writer.is_closing():
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        head = f"{method} {path} HTTP/1.1\r\n".encode() + self.fixed
+        if body is not None:
+            head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+        self.writer.write(head + b"\r\n" + (body or b""))
+        status_line, _, header_block = (await self.reader.readuntil(b"\r\n\r\n")).partition(b"\r\n")
+        status = int(status_line.split(b" ", 2)[1])
+        length, chunked, close = None, False, False
+        for line in header_block.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+            elif name == b"connection" and b"close" in value.lower():
+                close = True
+        if chunked:
+            parts = []
+            while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                parts.append(await self.reader.readexactly(size + 2))
+            await self.reader.readuntil(b"\r\n")
+            content = b"".join(part[:-2] for part in parts)
+        else:
+            content = await self.reader.readexactly(length or 0)
+        if close:
+            await self.aclose()
+        return LeanResponse(status, content)
+
+    async def get(self, path: str) -> LeanResponse:
+        return await self._request("GET", path, None)
+
+    async def post(self, path: str, *, json: Any) -> LeanResponse:
+        return await self._request("POST", path, _dumps(json))
+
+    async def aclose(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+            self.writer = None
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 # --------------------------------------------------------------------------- setup
@@ -546,12 +773,16 @@ class TraceSink:
 
 
 def _start_serve(
-    settings_env: dict[str, str], replica_env: dict[str, str] | None = None
+    settings_env: dict[str, str],
+    replica_env: dict[str, str] | None = None,
+    *,
+    app_args: dict[str, Any] | None = None,
+    deployment_options: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[str, Any]:
     import ray
     from ray import serve
 
-    from halldyll_ray.serve import build_app
+    from halldyll_ray.serve import build_app, with_options
     from halldyll_ray.serve_local import free_port
 
     port = free_port()
@@ -564,7 +795,11 @@ def _start_serve(
         runtime_env={"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0", **(replica_env or {})}},
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    handle = serve.run(build_app({"settings": settings_env}), name=APP, route_prefix="/")
+    app = build_app({**(app_args or {}), "settings": settings_env})
+    names = ("Ingress", "Search", "Ingestion", "Context", "Embedding", "EmbeddedDatabase")
+    for name, options in (deployment_options or {}).items():
+        app = with_options(app, keep=[n for n in names if n != name], **options)
+    handle = serve.run(app, name=APP, route_prefix="/")
     return f"http://127.0.0.1:{port}", handle
 
 
@@ -584,8 +819,10 @@ async def scenarios(
     key = boot["key"]
     headers = {"Authorization": f"Bearer {key}"}
     most = max(args.clients)
-    http = [
-        httpx.AsyncClient(
+    http: list[Any] = [
+        LeanClient(url, headers)
+        if args.client == "lean"
+        else httpx.AsyncClient(
             base_url=url,
             headers=headers,
             timeout=60,
@@ -593,8 +830,13 @@ async def scenarios(
         )
         for _ in range(most)
     ]
-    search_h = serve.get_deployment_handle("Search", app_name=APP)
-    embed_h = serve.get_deployment_handle("Embedding", app_name=APP)
+    from halldyll_ray.serve import deployments
+
+    # Called as the app's own replicas call them (deployments.pickled: the standard library's
+    # pickle on the hop; a checkout without it uses Serve's default, cloudpickle).
+    as_the_app_calls = getattr(deployments, "pickled", lambda handle: handle)
+    search_h = as_the_app_calls(serve.get_deployment_handle("Search", app_name=APP))
+    embed_h = as_the_app_calls(serve.get_deployment_handle("Embedding", app_name=APP))
     engine = await MemoryEngine(settings).initialize(migrate=False)
     encoder: OnnxEncoder = engine.encoder  # type: ignore[assignment]
     principal = await engine.authenticate(key)
@@ -724,17 +966,24 @@ async def scenarios(
     ]
 
     extra: dict[str, Any] = {}
+    wanted = set(args.ops)
     try:
-        print("Embedding throughput", flush=True)
-        extra["embedding"] = await embedding_throughput(bench, embed_h, encoder, texts)
+        if "embed_throughput" in wanted:
+            print("Embedding throughput", flush=True)
+            extra["embedding"] = await embedding_throughput(bench, embed_h, encoder, texts)
         for group_name, ops in (("Search", search_ops), ("Store", store_ops)):
-            for clients in args.clients:
-                print(f"{group_name}, {clients} client(s)", flush=True)
-                for name, op_name, path, op in ops:
-                    await bench.run(name, op_name, path, clients, op)
-        extra["store_merges"] = {
-            path: {"stores": n, "merged_into_existing_fact": m} for path, (n, m) in merges.items()
-        }
+            ops = [o for o in ops if o[1] in wanted]
+            for clients in args.clients if ops else ():
+                for k in range(1, args.rounds + 1):
+                    tag = f" (round {k})" if args.rounds > 1 else ""
+                    print(f"{group_name}, {clients} client(s){tag}", flush=True)
+                    for name, op_name, path, op in ops:
+                        await bench.run(name + tag, op_name, path, clients, op)
+        if "store" in wanted:
+            extra["store_merges"] = {
+                path: {"stores": n, "merged_into_existing_fact": m}
+                for path, (n, m) in merges.items()
+            }
         if args.diagnose_max_ongoing:
             extra["diagnosis"] = await diagnose_max_ongoing(
                 bench, url, ingress, search_ops, args.diagnose_max_ongoing
@@ -966,11 +1215,14 @@ def ort_spin_check(encoder: Any, texts: Texts, n: int = 40, gap_s: float = 0.02)
 
 
 # --------------------------------------------------------------------------- report
+def _all(results: list[Result], op: str, path: str, clients: int) -> list[Result]:
+    return [r for r in results if r.op == op and r.path == path and r.clients == clients]
+
+
 def _find(results: list[Result], op: str, path: str, clients: int) -> Result | None:
-    for r in results:
-        if r.op == op and r.path == path and r.clients == clients:
-            return r
-    return None
+    """The scenario's result; with ``--rounds``, the round of median throughput."""
+    found = sorted(_all(results, op, path, clients), key=lambda r: r.per_s)
+    return found[(len(found) - 1) // 2] if found else None
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -981,18 +1233,30 @@ def analyse(results: list[Result], extra: dict[str, Any], clients: list[int]) ->
     ratios = []
     for c in clients:
         for op in ("search_uncached", "search_emb_cached", "search_full_cached", "store"):
-            h, p = _find(results, op, "http", c), _find(results, op, "inproc", c)
-            if h and p:
+            # Paired by round (HTTP and in-process back to back), medians over the rounds.
+            pairs = list(
+                zip(_all(results, op, "http", c), _all(results, op, "inproc", c), strict=False)
+            )
+            if pairs:
+                per_round = [_ratio(h.per_s, p.per_s) or 0.0 for h, p in pairs]
+
+                def med(values: list[float]) -> float:
+                    return round(float(np.median(values)), 2)
+
+                http_p50 = med([h.p50_ms for h, _ in pairs])
+                inproc_p50 = med([p.p50_ms for _, p in pairs])
                 ratios.append(
                     {
                         "op": op,
                         "clients": c,
-                        "http_p50_ms": h.p50_ms,
-                        "inproc_p50_ms": p.p50_ms,
-                        "p50_ratio": _ratio(h.p50_ms, p.p50_ms),
-                        "http_per_s": h.per_s,
-                        "inproc_per_s": p.per_s,
-                        "throughput_ratio": _ratio(h.per_s, p.per_s),
+                        "rounds": len(pairs),
+                        "http_p50_ms": http_p50,
+                        "inproc_p50_ms": inproc_p50,
+                        "p50_ratio": _ratio(http_p50, inproc_p50),
+                        "http_per_s": med([h.per_s for h, _ in pairs]),
+                        "inproc_per_s": med([p.per_s for _, p in pairs]),
+                        "throughput_ratio": med(per_round),
+                        "throughput_ratio_rounds": per_round,
                     }
                 )
     hops = []
@@ -1150,7 +1414,7 @@ def findings(
         )
         notes.append(
             f"{op}, {most} client(s): CPU per request on the server side of HTTP "
-            f"{server:.1f} ms ({parts}; plus the httpx client {cpu.get('driver', 0)} ms) vs "
+            f"{server:.1f} ms ({parts}; plus the HTTP client {cpu.get('driver', 0)} ms) vs "
             f"{p.cpu_ms_per_req['run']} ms for the whole in-process request; {cores} cores "
             f"at that cost cap HTTP at about {cores * 1000 / max(server, 1e-9):.0f} req/s "
             f"(measured {h.per_s}; in-process {p.per_s})."
@@ -1238,6 +1502,20 @@ def markdown(doc: dict[str, Any]) -> str:
         )
         + ".",
         "",
+        "Ray environment: "
+        + ", ".join(f"`{k}={v}`" for k, v in sorted(doc.get("ray_environment", {}).items()))
+        + (
+            f"; build_app arguments {doc['args']['app_args']}"
+            if doc["args"].get("app_args", "{}") != "{}"
+            else ""
+        )
+        + (
+            f"; deployment options {doc['args']['deployment_options']}"
+            if doc["args"].get("deployment_options", "{}") != "{}"
+            else ""
+        )
+        + ".",
+        "",
         f"Data: {doc['bootstrap']['memories']} facts for one user "
         f"(plus {doc['bootstrap']['merged']} generated ones merged as near-duplicates), "
         "embedded PostgreSQL, "
@@ -1245,7 +1523,10 @@ def markdown(doc: dict[str, Any]) -> str:
         "32, Embedding 64, DB_POOL_SIZE 5, Embedding batch 32 / no wait, single texts "
         "embedded in the calling replica; Ray Serve's throughput-optimized mode with HAProxy). "
         "Closed loop: each "
-        "client sends its next request when the last one returns. `inproc` = "
+        "client sends its next request when the last one returns; HTTP client: "
+        + ("httpx" if doc["args"].get("client") == "httpx" else "the lean keep-alive client")
+        + (f"; {doc['args']['rounds']} rounds" if doc["args"].get("rounds", 1) > 1 else "")
+        + ". `inproc` = "
         "`authenticate(key)` + `engine.authorized(principal).<op>` in this process, same "
         "database and Redis.",
         "",
@@ -1266,14 +1547,15 @@ def markdown(doc: dict[str, Any]) -> str:
         "## HTTP vs in-process",
         "",
         "| op | clients | HTTP p50 | in-proc p50 | p50 ratio | HTTP req/s | in-proc req/s | "
-        "throughput ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "throughput ratio | per round |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in doc["analysis"]["ratios"]:
+        rounds = r.get("throughput_ratio_rounds", [])
         lines.append(
             f"| {r['op']} | {r['clients']} | {r['http_p50_ms']} | {r['inproc_p50_ms']} | "
             f"{r['p50_ratio']} | {r['http_per_s']} | {r['inproc_per_s']} | "
-            f"{r['throughput_ratio']} |"
+            f"{r['throughput_ratio']} | {', '.join(map(str, rounds)) if len(rounds) > 1 else ''} |"
         )
     emb = doc["extra"].get("embedding")
     if emb:
@@ -1303,7 +1585,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += [
         "",
         "## CPU time per request by process (ms; `run` = all of this run's processes, "
-        "`other` = the rest of the machine; `driver` = this process: the httpx clients, "
+        "`other` = the rest of the machine; `driver` = this process: the HTTP clients, "
         "or the in-process engine)",
         "",
         "| scenario | path | clients | " + " | ".join(_CPU_COLS) + " |",
@@ -1334,6 +1616,35 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"{r['default_p50_ms']} | {r['p50_ms']} | {r['default_run_cores']} | "
                 f"{r['run_cores']} |"
             )
+    if doc.get("profiles"):
+        lines += [
+            "",
+            "## Profiles (py-spy, share of each replica's samples)",
+            "",
+            f"`--profile`: py-spy at {doc['args'].get('profile_rate')} samples/s on each "
+            "replica while the scenario ran, samples holding the GIL (its CPU is in this run's "
+            "figures). Self: the innermost Python frame; inclusive: anywhere on the stack; "
+            "packages: of the innermost frame.",
+        ]
+        for label, by_group in doc["profiles"].items():
+            for group, prof in by_group.items():
+                if not prof.get("samples"):
+                    continue
+                lines += [
+                    "",
+                    f"### {label} - {group} ({prof['samples']} samples)",
+                    "",
+                    "packages: "
+                    + ", ".join(f"{name} {share:.0%}" for name, share in prof["packages"]),
+                    "",
+                    "| function (self) | share | function (inclusive) | share |",
+                    "|---|---:|---|---:|",
+                ]
+                selfs, incl = prof["self"], prof["inclusive"]
+                for i in range(max(len(selfs), len(incl))):
+                    a = f"`{selfs[i][0]}` | {selfs[i][1]:.1%}" if i < len(selfs) else " | "
+                    b = f"`{incl[i][0]}` | {incl[i][1]:.1%}" if i < len(incl) else " | "
+                    lines.append(f"| {a} | {b} |")
     lines += ["", "## Goals", "", "| goal | value | target | met |", "|---|---:|---|---|"]
     for g in doc["analysis"]["goals"]:
         lines.append(
@@ -1364,6 +1675,55 @@ def main() -> None:
         help="afterwards, redeploy with this max_ongoing_requests and rerun the HTTP searches "
         "at the most clients (0: skip)",
     )
+    parser.add_argument(
+        "--client",
+        choices=("lean", "httpx"),
+        default="lean",
+        help="the HTTP load generator: a minimal keep-alive client (default), or httpx "
+        "(about 1 ms of CPU per request on the machine it measures)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each client count's scenarios this many times in turn; HTTP / in-process "
+        "ratios are the medians of the rounds' paired ratios",
+    )
+    parser.add_argument(
+        "--ops",
+        nargs="+",
+        choices=OPS,
+        default=list(OPS),
+        help="the operations to measure (default: all); HTTP and in-process run for each",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run py-spy on each Serve replica during every served scenario at the most "
+        "clients (and the Embedding throughput rounds); collapsed stacks go to DIR and a "
+        "summary to the results. py-spy's own CPU perturbs the figures of such a run",
+    )
+    parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
+    parser.add_argument(
+        "--app-args",
+        default="{}",
+        help="JSON: build_app arguments over its defaults (a Serve option to measure)",
+    )
+    parser.add_argument(
+        "--deployment-options",
+        default="{}",
+        help='JSON: Serve deployment options by deployment name, e.g. \'{"Embedding": '
+        '{"logging_config": {"enable_access_log": false}}}\' (a Serve option to measure)',
+    )
+    parser.add_argument(
+        "--worker-niceness",
+        type=int,
+        default=0,
+        help="the niceness of Ray's workers (Ray's own default is 15): 0 puts the replicas at "
+        "this process's priority, so outside load on a shared machine weighs on the HTTP and "
+        "the in-process figures alike",
+    )
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/hr-bench-http"))
     parser.add_argument("--database", default="bench")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
@@ -1387,6 +1747,16 @@ def main() -> None:
     # before anything imports Ray; a quick shutdown instead of the 30 s ingress drain.
     serve_env.apply()
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    # Ray starts its workers (the replicas, and HAProxy under them) at nice 15, below this
+    # process (the HTTP clients and the in-process engine) and PostgreSQL: on a machine shared
+    # with other work, that work takes the CPU from the replicas only, which reads as HTTP's
+    # cost. Ray's own variable name is lower case.
+    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # noqa: SIM112
+    ray_environment = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith("RAY_SERVE_") or k == "RAY_worker_niceness"
+    }
 
     from halldyll_ray.config import Settings
     from halldyll_ray.storage.embedded import EmbeddedPostgres
@@ -1397,11 +1767,14 @@ def main() -> None:
         "command": "python " + shlex.join(sys.argv),
         "machine": machine(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "ray_environment": ray_environment,
     }
     prefix = f"bench-http-{uuid.uuid4().hex[:8]}"
     server = EmbeddedPostgres(args.data_dir, database=args.database)
     texts = Texts(args.seed)
     bench = Bench(args, CpuMeter(args.data_dir / "pgdata"))
+    if args.profile:
+        bench.profiler = Profiler(args.profile, bench.cpu, args.profile_rate)
     serve_started = False
     try:
         print("Starting PostgreSQL, bootstrapping data", flush=True)
@@ -1422,7 +1795,12 @@ def main() -> None:
                 "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
                 "OTEL_SERVICE_NAME": "halldyll-bench",
             }
-        url, ingress = _start_serve(env, replica_env)
+        url, ingress = _start_serve(
+            env,
+            replica_env,
+            app_args=json.loads(args.app_args),
+            deployment_options=json.loads(args.deployment_options),
+        )
         doc["serve_start_s"] = round(time.perf_counter() - t, 1)
         extra = asyncio.run(scenarios(bench, url, ingress, settings, boot, texts))
         doc["extra"] = extra
@@ -1450,6 +1828,8 @@ def main() -> None:
         except Exception as exc:  # cleanup only
             print(f"redis cleanup failed: {exc}", file=sys.stderr)
     doc["results"] = [asdict(r) for r in bench.results]
+    if bench.profiles:
+        doc["profiles"] = bench.profiles
     doc["analysis"] = analyse(bench.results, doc.get("extra", {}), args.clients)
     doc["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     doc["total_seconds"] = round(time.perf_counter() - started, 1)

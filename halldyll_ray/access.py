@@ -316,6 +316,23 @@ class AuthorizedEngine:
             lambda u: self.engine.search(u, query, limit, mode=mode, types=types, **filters),
         )
 
+    async def search_json(
+        self,
+        user_id: UUID | str | None,
+        query: str,
+        limit: int | None = None,
+        *,
+        mode: SearchMode | str | None = None,
+        types: Iterable[MemoryType | str] | None = None,
+        **filters: Any,
+    ) -> bytes:
+        """:meth:`search` as the HTTP answer's JSON (:meth:`MemoryEngine.search_json`)."""
+        return await self._read(
+            "memory.search",
+            user_id,
+            lambda u: self.engine.search_json(u, query, limit, mode=mode, types=types, **filters),
+        )
+
     async def build_context(
         self, user_id: UUID | str | None, query: str | None = None, **options: Any
     ) -> Context:

@@ -904,6 +904,44 @@ class MemoryEngine:
             group=group,
         )
 
+    async def search_json(
+        self,
+        user_id: UUID | str,
+        query: str,
+        limit: int | None = None,
+        *,
+        mode: SearchMode | str | None = None,
+        types: Iterable[MemoryType | str] | None = None,
+        model: UUID | str | None = None,
+        include_shared: bool = True,
+        session_id: str | None = None,
+        tags: Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        threshold: float | None = None,
+        group: SearchGroup | str = SearchGroup.PART,
+    ) -> bytes:
+        """:meth:`search`, answered as the JSON of ``SearchResponse`` (``{"results": [...]}``,
+        UTF-8): what the HTTP API sends. The results' JSON is written once, and a cached
+        answer is passed on as stored (see
+        :meth:`halldyll_ray.components.search.Search.search_json`). Same arguments and
+        errors as :meth:`search`."""
+        return await self.components.search.search_json(
+            user_id,
+            query,
+            limit,
+            mode=mode,
+            types=types,
+            model=model,
+            include_shared=include_shared,
+            session_id=session_id,
+            tags=tags,
+            since=since,
+            until=until,
+            threshold=threshold,
+            group=group,
+        )
+
     # ------------------------------------------------------------------ context
     async def build_context(
         self,

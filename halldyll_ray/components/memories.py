@@ -35,6 +35,11 @@ MEMORY: TypeAdapter[Memory] = TypeAdapter(Memory)
 TAGS: TypeAdapter[list[str]] = TypeAdapter(Tags)
 # Payload fields kept in columns rather than in the jsonb payload.
 _COMMON = {"type", "tags", "metadata", "importance", "session_id", "model"}
+#: A page of memories. Parametrized at module level, so that pydantic registers the class
+#: here, where pickle finds it by name: a page crosses the hop from Search to the Ingress,
+#: which pickles (``serve.deployments.pickled``); one parametrized inside a method does not
+#: pickle, and cloudpickle sent the class itself, about 16 kB, with every page.
+MemoryPage = Page[StoredMemory]
 #: The field of each memory type stored in the ``content`` column (searched, summarised).
 CONTENT_FIELD = {
     MemoryType.CONVERSATION: "title",
@@ -205,4 +210,4 @@ class MemoryReader:
             if len(rows) > limit
             else None
         )
-        return Page[StoredMemory](items=items, next_cursor=next_cursor)
+        return MemoryPage(items=items, next_cursor=next_cursor)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -43,6 +43,14 @@ BM25_K1 = 1.2
 NEIGHBOUR_WEIGHT = 0.2
 MEMORY_WEIGHT = 0.3
 _RESULTS: TypeAdapter[list[SearchResult]] = TypeAdapter(list[SearchResult])
+#: In the JSON of cached results only where a memory has an expiry (``"expires_at":null``
+#: otherwise; a quote inside a JSON string is escaped): the answer may need filtering.
+_MAY_EXPIRE = b'"expires_at":"'
+
+
+def _live(results: list[SearchResult]) -> list[SearchResult]:
+    """Cached results without the memories that expired since they were cached."""
+    return [r for r in results if not expired(r.memory.expires_at)]
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,18 @@ class Filters:
     tags: list[str] | None
     since: datetime | None
     until: datetime | None
+
+    def values(self) -> tuple[Any, ...]:
+        """The filters in field order (``dataclasses.astuple`` without its deep copy)."""
+        return (
+            self.types,
+            self.model_id,
+            self.include_shared,
+            self.session_id,
+            self.tags,
+            self.since,
+            self.until,
+        )
 
     def params(self) -> dict[str, Any]:
         return {
@@ -201,6 +221,92 @@ class Search:
         group: SearchGroup | str = SearchGroup.PART,
     ) -> list[SearchResult]:
         """See :meth:`halldyll_ray.engine.MemoryEngine.search`."""
+        found = await self._found(
+            user_id,
+            query,
+            limit,
+            mode=mode,
+            types=types,
+            model=model,
+            include_shared=include_shared,
+            session_id=session_id,
+            tags=tags,
+            since=since,
+            until=until,
+            threshold=threshold,
+            group=group,
+        )
+        if isinstance(found, bytes):  # a cache hit
+            return _live(_RESULTS.validate_json(found, context=STORED))
+        return found[0]
+
+    async def search_json(
+        self,
+        user_id: UUID | str,
+        query: str,
+        limit: int | None = None,
+        *,
+        mode: SearchMode | str | None = None,
+        types: Iterable[MemoryType | str] | None = None,
+        model: UUID | str | None = None,
+        include_shared: bool = True,
+        session_id: str | None = None,
+        tags: Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        threshold: float | None = None,
+        group: SearchGroup | str = SearchGroup.PART,
+    ) -> bytes:
+        """:meth:`search`'s answer as the JSON of ``SearchResponse`` (``{"results": [...]}``).
+
+        The results' JSON is written once: the same bytes go to the result cache and into the
+        answer, and a cached answer is passed on as it is stored unless a result in it may
+        have expired since (it is then read, filtered and written again).
+        """
+        found = await self._found(
+            user_id,
+            query,
+            limit,
+            mode=mode,
+            types=types,
+            model=model,
+            include_shared=include_shared,
+            session_id=session_id,
+            tags=tags,
+            since=since,
+            until=until,
+            threshold=threshold,
+            group=group,
+        )
+        if isinstance(found, bytes):  # a cache hit
+            blob = found
+            if _MAY_EXPIRE in blob:
+                blob = _RESULTS.dump_json(_live(_RESULTS.validate_json(blob, context=STORED)))
+        else:
+            results, cached = found
+            blob = _RESULTS.dump_json(results) if cached is None else cached
+        return b'{"results":' + blob + b"}"
+
+    async def _found(
+        self,
+        user_id: UUID | str,
+        query: str,
+        limit: int | None,
+        *,
+        mode: SearchMode | str | None,
+        types: Iterable[MemoryType | str] | None,
+        model: UUID | str | None,
+        include_shared: bool,
+        session_id: str | None,
+        tags: Sequence[str] | None,
+        since: datetime | None,
+        until: datetime | None,
+        threshold: float | None,
+        group: SearchGroup | str,
+    ) -> bytes | tuple[list[SearchResult], bytes | None]:
+        """A cache hit: the results' JSON as cached (expired results may be in it). A miss:
+        the results, and their JSON when it was cached (None with SEARCH_CACHE_TTL_SECONDS
+        0)."""
         user_id = validation.parse_uuid(user_id, "user_id")
         if not validation.text(query, "query").strip():
             raise InvalidInput("query must be a non-empty string", field="query")
@@ -241,7 +347,7 @@ class Search:
                 group.value,
                 float(threshold),
                 self.settings.hybrid_semantic_weight,
-                [str(f) for f in astuple(filters)],
+                [str(f) for f in filters.values()],
             ],
             ensure_ascii=False,
         )
@@ -254,13 +360,14 @@ class Search:
         )
         cached = await self.cache.get(cache_key, kind="search")
         if cached is not None:
-            results = _RESULTS.validate_json(cached, context=STORED)
-            return [r for r in results if not expired(r.memory.expires_at)]
+            return cached
         results = await self._search(user_id, query, limit, mode, float(threshold), filters, group)
         ttl = self.settings.search_cache_ttl_seconds
-        if ttl > 0:
-            await self.cache.set(cache_key, _RESULTS.dump_json(results), ttl=ttl)
-        return results
+        if ttl <= 0:
+            return results, None
+        blob = _RESULTS.dump_json(results)
+        await self.cache.set(cache_key, blob, ttl=ttl)
+        return results, blob
 
     async def _search(
         self,

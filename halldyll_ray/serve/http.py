@@ -291,7 +291,10 @@ class _RequestContext:
             if body_done:
                 return await receive()  # e.g. waiting for a disconnect while streaming
             try:
-                message = await asyncio.wait_for(receive(), api.state.body_timeout_s)
+                # asyncio.timeout, not wait_for: wait_for runs receive() in a task of its own
+                # (Python 3.11), an extra task and loop turn for each part of every body.
+                async with asyncio.timeout(api.state.body_timeout_s):
+                    message = await receive()
             except TimeoutError:
                 answered = 408
                 await self._timed_out(request_id)(scope, receive, send)

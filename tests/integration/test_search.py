@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -10,10 +12,13 @@ import asyncpg
 import numpy as np
 import pytest
 from pgvector.asyncpg import register_vector
+from pydantic import TypeAdapter
+from support import make_settings
 
 from halldyll_ray import (
     Conversation,
     Fact,
+    FactKind,
     Image,
     InvalidInput,
     MemoryEngine,
@@ -22,6 +27,7 @@ from halldyll_ray import (
     Summary,
     Transcription,
 )
+from halldyll_ray.schemas import SearchResponse
 
 CORPUS = [
     Fact(statement="Ada drinks green tea every morning before work"),
@@ -187,6 +193,50 @@ async def test_search_cache_is_invalidated_by_writes(engine: MemoryEngine):
     assert {h.memory.id for h in hits} == {first.id, second.id}
     await engine.delete_memory(user.id, first.id)
     assert [h.memory.id for h in await engine.search(user.id, "bicycle colour")] == [second.id]
+
+
+async def test_search_json_is_the_search_response_cached_or_not(engine: MemoryEngine, corpus):
+    """The HTTP answer written from the cached JSON (or with the JSON it caches) is byte for
+    byte the response model's JSON of what ``search`` returns."""
+    user, _ = corpus
+    answer = TypeAdapter(SearchResponse)
+    for query, options in [
+        ("what does Ada have to drink when she wakes up?", {}),
+        ("which mountain trail did we choose for the weekend?", {"group": "memory"}),
+        ("Ada", {"mode": "fulltext", "limit": 3}),
+        ("teeth appointment voicemail", {"mode": "semantic", "types": ["transcription"]}),
+        ("nothing like this was ever stored", {"threshold": 0.99, "mode": "semantic"}),
+    ]:
+        missed = await engine.search_json(user.id, query, **options)  # computed, then cached
+        hits_before = engine.cache.stats.by_kind["search"][0]
+        cached = await engine.search_json(user.id, query, **options)  # passed on as cached
+        assert engine.cache.stats.by_kind["search"][0] == hits_before + 1
+        results = await engine.search(user.id, query, **options)
+        expected = answer.dump_json(SearchResponse(results=results))
+        assert missed == cached == expected, query
+        assert [r["memory"]["id"] for r in json.loads(cached)["results"]] == [
+            str(r.memory.id) for r in results
+        ]
+
+
+async def test_search_json_drops_a_memory_that_expired_since_it_was_cached(
+    database_url: str, redis_url: str, encoder
+):
+    settings = make_settings(database_url, redis_url, ephemeral_fact_ttl_days=1.5 / 86_400)
+    async with MemoryEngine(settings, encoder=encoder) as engine:
+        user = await engine.create_user("ada", None, "user")
+        fleeting = await engine.store_memory(
+            user.id, Fact(statement="Ada is in a meeting right now", kind=FactKind.EPHEMERAL)
+        )
+        lasting = await engine.store_memory(user.id, Fact(statement="Ada meets Bo on Mondays"))
+        query = "is Ada in a meeting?"
+        before = json.loads(await engine.search_json(user.id, query, threshold=0.0))
+        assert {r["memory"]["id"] for r in before["results"]} == {str(fleeting.id), str(lasting.id)}
+        await asyncio.sleep(1.7)  # the fact expires; the cached answer (no write since) stays
+        hits = engine.cache.stats.by_kind["search"][0]
+        after = json.loads(await engine.search_json(user.id, query, threshold=0.0))
+        assert engine.cache.stats.by_kind["search"][0] == hits + 1
+        assert [r["memory"]["id"] for r in after["results"]] == [str(lasting.id)]
 
 
 async def test_bad_search_input(engine: MemoryEngine):

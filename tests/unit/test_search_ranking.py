@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import astuple
+from datetime import UTC, datetime
 
 import pytest
 
-from halldyll_ray.components.search import Hit, best_per, fuse, in_context
+from halldyll_ray.components.search import Filters, Hit, best_per, fuse, in_context
 from halldyll_ray.models import SearchGroup
 
 TALK = uuid.UUID(int=1)
@@ -50,3 +52,17 @@ def test_in_context_counts_neighbours_and_the_memory_best_part() -> None:
     ranked = [(h.memory_id, h.part_index) for h, _ in in_context(fused, 0.2, 0.3)]
     assert ranked == [(FACT, 0), (TALK, 4), (TALK, 5), (TALK, 9)]
     assert [s for _, s in in_context(fused, 0.0, 0.0)] == [0.50, 0.45, 0.30, 0.2]
+
+
+def test_search_filters_values_are_their_astuple() -> None:
+    # The search cache key is built from Filters.values(); it replaced dataclasses.astuple.
+    filters = Filters(
+        types=["fact", "conversation"],
+        model_id=uuid.uuid4(),
+        include_shared=False,
+        session_id="s-1",
+        tags=["a", "b"],
+        since=datetime(2026, 1, 2, tzinfo=UTC),
+        until=None,
+    )
+    assert filters.values() == astuple(filters)

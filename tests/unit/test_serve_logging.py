@@ -22,10 +22,10 @@ class _Keep(logging.Handler):
 @pytest.fixture
 def loggers() -> Iterator[tuple[logging.Logger, logging.Logger]]:
     serve, ours = logging.getLogger("ray.serve"), logging.getLogger("halldyll_ray")
-    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in (serve, ours)]
+    saved = [(lg, lg.handlers[:], lg.filters[:], lg.level, lg.propagate) for lg in (serve, ours)]
     yield serve, ours
-    for lg, handlers, level, propagate in saved:
-        lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
+    for lg, handlers, filters, level, propagate in saved:
+        lg.handlers[:], lg.filters[:], lg.level, lg.propagate = handlers, filters, level, propagate
 
 
 def test_records_follow_serves_handlers_at_log_level(loggers) -> None:
@@ -43,3 +43,24 @@ def test_records_follow_serves_handlers_at_log_level(loggers) -> None:
     use_serve_logging("debug")
     log.debug("now kept")
     assert second.records[-1].getMessage() == "now kept"
+
+
+def test_access_log_records_can_be_dropped_before_any_handler(loggers) -> None:
+    serve, _ = loggers
+    kept = _Keep()
+    serve.handlers[:] = [kept]
+    serve.setLevel(logging.INFO)
+
+    def access_line(n: int) -> None:  # as Serve's replica writes one per call it serves
+        serve.info(f"CALL search_json OK {n}ms", extra={"serve_access_log": True})
+
+    use_serve_logging("info", access_log=False)
+    access_line(1)
+    serve.info("a record of Serve's own")
+    logging.getLogger("halldyll_ray.http").warning("the product's")
+    use_serve_logging("info", access_log=False)  # again (a redeploy): one filter, same effect
+    access_line(2)
+    assert [r.getMessage() for r in kept.records] == ["a record of Serve's own", "the product's"]
+    use_serve_logging("info", access_log=True)
+    access_line(3)
+    assert kept.records[-1].getMessage() == "CALL search_json OK 3ms"
