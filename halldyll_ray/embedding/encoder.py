@@ -5,8 +5,9 @@ tokenised with the tokenizer.json shipped in ``halldyll_ray/data``. Vectors are 
 mean pooled and L2-normalised, which is what sentence-transformers does for this model; a unit
 test holds them to cosine >= 0.99 against sentence-transformers' own output.
 
-About 520 lines: the encoder, its loading (packaged model, checksum, providers) and its
-tokenizer uses (counting, truncating, token offsets) belong together.
+About 610 lines: the encoder, how it groups texts into model calls, its loading (packaged
+model, checksum, providers) and its tokenizer uses (counting, truncating, token offsets)
+belong together.
 
 This module never imports Ray and never reads settings: the caller passes the model path and
 dimension (``EMBEDDING_MODEL_PATH`` / ``EMBEDDING_DIMENSION``) to :meth:`OnnxEncoder.load`.
@@ -26,9 +27,16 @@ from tokenizers import Encoding, Tokenizer
 
 from halldyll_ray.errors import ConfigurationError
 
-__all__ = ["OnnxEncoder", "TextEncoder", "default_model_files"]
+__all__ = ["OnnxEncoder", "TextEncoder", "default_model_files", "plan_batches"]
 
 Provider = Literal["auto", "cpu", "cuda"]
+
+#: What one model call costs on CPU beyond its tokens, in padded tokens: the default of
+#: ``call_overhead_tokens`` there. Fitted as ``time = overhead + per_token x batch x width`` on
+#: the packaged int8 MiniLM (2-core x86_64, ONNX Runtime 1.32, ``_run`` timed on batches of
+#: 1-32 texts of 16-256 tokens): 24-46 tokens, about 2.3-3.5 ms a call against 0.07-0.09 ms a
+#: token.
+CPU_CALL_OVERHEAD_TOKENS = 32.0
 
 _MODEL_FILE = "model.onnx"
 _TOKENIZER_FILE = "tokenizer.json"
@@ -187,6 +195,59 @@ def _choose_providers(provider: Provider) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def plan_batches(
+    lengths: Sequence[int], *, max_batch: int, call_overhead_tokens: float | None
+) -> list[tuple[int, int]]:
+    """Cut texts sorted by token length into model calls of least estimated cost.
+
+    A call pads every text to its longest, so one call over texts of 20 to 120 tokens pays
+    for 120 on each; many calls pay the per-call overhead many times. With texts sorted by
+    length, a call is a run of consecutive texts and costs ``call_overhead_tokens + count x
+    longest`` (in tokens); a dynamic programme over the cut points finds the plan of least
+    total cost, with at most ``max_batch`` texts a call. Ties go to fewer, larger calls.
+
+    Args:
+        lengths: Token counts (special tokens included), in ascending order.
+        max_batch: Most texts a call; at least 1.
+        call_overhead_tokens: What one call costs beyond its tokens, in tokens (>= 0); None
+            cuts plain runs of ``max_batch`` (no length bucketing).
+
+    Returns:
+        ``(start, end)`` index ranges, in order, covering ``range(len(lengths))``.
+
+    Raises:
+        ValueError: ``lengths`` is not ascending, ``max_batch`` < 1 or the overhead < 0.
+    """
+    n = len(lengths)
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    if call_overhead_tokens is None:
+        return [(start, min(start + max_batch, n)) for start in range(0, n, max_batch)]
+    if call_overhead_tokens < 0:
+        raise ValueError(f"call_overhead_tokens must be >= 0, got {call_overhead_tokens}")
+    width = np.asarray(lengths, dtype=np.float64)
+    if n > 1 and bool(np.any(width[1:] < width[:-1])):
+        raise ValueError("lengths must be in ascending order")
+    # best[j]: least cost of the first j texts; cut[j]: where the last call of that plan starts.
+    best = np.zeros(n + 1)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for end in range(1, n + 1):
+        first = max(0, end - max_batch)
+        starts = np.arange(first, end)
+        # Sorted ascending, so a call over [start, end) is as wide as its last text.
+        costs = best[first:end] + call_overhead_tokens + (end - starts) * width[end - 1]
+        pick = int(np.argmin(costs))  # the first minimum: the earliest start, the larger call
+        best[end] = costs[pick]
+        cut[end] = first + pick
+    plan: list[tuple[int, int]] = []
+    end = n
+    while end > 0:
+        plan.append((int(cut[end]), end))
+        end = int(cut[end])
+    plan.reverse()
+    return plan
+
+
 class OnnxEncoder:
     """Sentence embeddings from an ONNX transformer encoder, with no torch at run time.
 
@@ -201,7 +262,10 @@ class OnnxEncoder:
         dimension: Length of every vector.
         provider: The execution provider really in use: ``"cpu"`` or ``"cuda"``.
         max_seq_length: Tokens (special tokens included) an input is truncated to for embedding.
-        batch_size: Texts per model call.
+        batch_size: Most texts per model call.
+        call_overhead_tokens: What a model call costs beyond its tokens, in tokens; how
+            :meth:`encode` cuts texts of mixed lengths into calls (:func:`plan_batches`).
+            None: plain runs of ``batch_size`` texts.
     """
 
     def __init__(
@@ -216,6 +280,7 @@ class OnnxEncoder:
         max_seq_length: int,
         batch_size: int,
         pad_id: int,
+        call_overhead_tokens: float | None = None,
     ) -> None:
         """Wire already-built parts together; use :meth:`load` instead."""
         self._session = session
@@ -229,6 +294,7 @@ class OnnxEncoder:
         self.provider = provider
         self.max_seq_length = max_seq_length
         self.batch_size = batch_size
+        self.call_overhead_tokens = call_overhead_tokens
 
     @classmethod
     def load(
@@ -240,6 +306,7 @@ class OnnxEncoder:
         max_seq_length: int = 256,
         batch_size: int = 32,
         intra_op_threads: int | None = None,
+        call_overhead_tokens: float | Literal["auto"] | None = "auto",
     ) -> OnnxEncoder:
         """Load a model, check it, and return a ready encoder.
 
@@ -252,7 +319,12 @@ class OnnxEncoder:
                 (CUDA when available, else CPU).
             max_seq_length: Truncation length in tokens, special tokens included. 256 matches
                 sentence-transformers for all-MiniLM-L6-v2.
-            batch_size: Texts per model call.
+            batch_size: Most texts per model call.
+            call_overhead_tokens: What one model call costs beyond its tokens, in tokens: how
+                :meth:`encode` groups texts of similar length into calls
+                (:func:`plan_batches`). ``"auto"``: :data:`CPU_CALL_OVERHEAD_TOKENS` on CPU,
+                None on CUDA (not measured there: plain batches of ``batch_size`` in length
+                order, as before). None: no length bucketing.
             intra_op_threads: onnxruntime threads per call; ``None`` keeps its default (one per
                 physical core).
 
@@ -278,6 +350,16 @@ class OnnxEncoder:
             raise ConfigurationError(
                 f"EMBEDDING_DIMENSION must be a positive integer, got {dimension}.",
                 setting="EMBEDDING_DIMENSION",
+            )
+        if call_overhead_tokens not in ("auto", None) and (
+            isinstance(call_overhead_tokens, bool)
+            or not isinstance(call_overhead_tokens, int | float)
+            or not 0 <= call_overhead_tokens < 1e9
+        ):
+            raise ConfigurationError(
+                f"call_overhead_tokens must be 'auto', None or a number of tokens >= 0, got "
+                f"{call_overhead_tokens!r}.",
+                setting="call_overhead_tokens",
             )
 
         if path is None:
@@ -339,6 +421,11 @@ class OnnxEncoder:
             max_seq_length=max_seq_length,
             batch_size=batch_size,
             pad_id=pad_id,
+            call_overhead_tokens=(
+                (CPU_CALL_OVERHEAD_TOKENS if used == "cpu" else None)
+                if call_overhead_tokens == "auto"
+                else call_overhead_tokens
+            ),
         )
         # One real inference: checks the output size and warms the session up so the first
         # request does not pay for lazy initialisation.
@@ -358,9 +445,11 @@ class OnnxEncoder:
     def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Embed texts, sentence-transformers style (mean pooling, L2 normalisation).
 
-        Texts are sorted by token length and run in batches of ``batch_size`` so each batch pads
-        to a similar length (about 4x the throughput of input-order batches on mixed input);
-        the result rows are in input order.
+        Texts are sorted by token length and cut into model calls of at most ``batch_size``
+        texts of similar lengths (:func:`plan_batches` with ``call_overhead_tokens``), since a
+        call pads every text to its longest: a LoCoMo session (20 messages of 20-120 tokens)
+        padded whole to its longest text cost about 2x its real tokens. The result rows are
+        in input order, and equal (to float rounding) however the texts were grouped.
 
         Args:
             texts: The texts; each is truncated to ``max_seq_length`` tokens.
@@ -379,8 +468,13 @@ class OnnxEncoder:
         encodings = self._embed_tokenizer.encode_batch(list(texts))
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(texts))
         order = np.argsort(lengths, kind="stable")
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
+        plan = plan_batches(
+            lengths[order].tolist(),
+            max_batch=self.batch_size,
+            call_overhead_tokens=self.call_overhead_tokens,
+        )
+        for start, end in plan:
+            rows = order[start:end]
             out[rows] = self._run([encodings[i] for i in rows])
         return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from halldyll_ray.embedding import OnnxEncoder, TextEncoder, default_model_files
+from halldyll_ray.embedding.encoder import CPU_CALL_OVERHEAD_TOKENS, plan_batches
 from halldyll_ray.errors import ConfigurationError
 
 REFERENCE = Path(__file__).resolve().parent.parent / "data" / "minilm_reference.json"
@@ -90,6 +92,7 @@ def test_attributes(encoder: OnnxEncoder) -> None:
     assert encoder.provider == "cpu"
     assert encoder.max_seq_length == 256
     assert encoder.model_id == "onnx:8199be6f699a395f:256"
+    assert encoder.call_overhead_tokens == CPU_CALL_OVERHEAD_TOKENS
 
 
 def test_mixed_length_batch_keeps_input_order_and_matches_one_by_one(
@@ -107,6 +110,92 @@ def test_mixed_length_batch_keeps_input_order_and_matches_one_by_one(
 
     assert _cosines(batched, expected[order]).min() >= 0.99
     assert _cosines(batched, one_by_one).min() > 0.9999
+
+
+def test_length_bucketing_gives_the_vectors_of_plain_batches(
+    model_copy: Path, encoder: OnnxEncoder, reference: dict[str, object]
+) -> None:
+    texts = reference["texts"]
+    assert isinstance(texts, list)
+    order = np.random.default_rng(11).permutation(len(texts))
+    mixed = [texts[i] for i in order] * 2
+    plain = OnnxEncoder.load(model_copy, provider="cpu", call_overhead_tokens=None)
+    finest = OnnxEncoder.load(model_copy, provider="cpu", call_overhead_tokens=0)
+    lengths = sorted(len(e.ids) for e in encoder._embed_tokenizer.encode_batch(mixed))
+    # The default cuts these texts into more calls than plain batches do, and 0 into more
+    # still: otherwise the comparison below would compare a plan with itself.
+    calls = [
+        len(plan_batches(lengths, max_batch=32, call_overhead_tokens=overhead))
+        for overhead in (None, CPU_CALL_OVERHEAD_TOKENS, 0)
+    ]
+    assert calls[0] < calls[1] < calls[2]
+
+    expected = plain.encode(mixed)
+
+    np.testing.assert_allclose(encoder.encode(mixed), expected, atol=1e-5)
+    np.testing.assert_allclose(finest.encode(mixed), expected, atol=1e-5)
+
+
+def _brute_force_cost(lengths: list[int], max_batch: int, overhead: float) -> float:
+    """The least cost over every way of cutting ``lengths`` into consecutive calls."""
+    best = [0.0] + [float("inf")] * len(lengths)
+    for end in range(1, len(lengths) + 1):
+        for start in range(max(0, end - max_batch), end):
+            cost = best[start] + overhead + (end - start) * max(lengths[start:end])
+            best[end] = min(best[end], cost)
+    return best[-1]
+
+
+def _plan_cost(plan: list[tuple[int, int]], lengths: list[int], overhead: float) -> float:
+    return sum(overhead + (end - start) * lengths[end - 1] for start, end in plan)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_plan_batches_finds_the_cheapest_plan(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    lengths = sorted(int(x) for x in rng.integers(3, 130, size=int(rng.integers(1, 40))))
+    max_batch = int(rng.integers(1, 9))
+    overhead = float(rng.choice([0.0, 8.0, 32.0, 500.0]))
+
+    plan = plan_batches(lengths, max_batch=max_batch, call_overhead_tokens=overhead)
+
+    assert plan[0][0] == 0 and plan[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(plan))
+    assert all(0 < end - start <= max_batch for start, end in plan)
+    assert _plan_cost(plan, lengths, overhead) == pytest.approx(
+        _brute_force_cost(lengths, max_batch, overhead)
+    )
+
+
+def test_plan_batches_separates_short_from_long_texts() -> None:
+    lengths = [12] * 16 + [120] * 16
+
+    assert plan_batches(lengths, max_batch=32, call_overhead_tokens=32) == [(0, 16), (16, 32)]
+    # When a call costs more than the padding it saves, one call.
+    assert plan_batches(lengths, max_batch=32, call_overhead_tokens=5000) == [(0, 32)]
+    # None: runs of max_batch whatever the lengths.
+    assert plan_batches(lengths, max_batch=10, call_overhead_tokens=None) == [
+        (0, 10),
+        (10, 20),
+        (20, 30),
+        (30, 32),
+    ]
+    assert plan_batches([], max_batch=4, call_overhead_tokens=32) == []
+
+
+def test_plan_batches_refuses_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="ascending"):
+        plan_batches([5, 3], max_batch=4, call_overhead_tokens=32)
+    with pytest.raises(ValueError, match="max_batch"):
+        plan_batches([3], max_batch=0, call_overhead_tokens=32)
+    with pytest.raises(ValueError, match="call_overhead_tokens"):
+        plan_batches([3], max_batch=4, call_overhead_tokens=-1)
+
+
+@pytest.mark.parametrize("bad", [-1, "fast", float("nan"), True])
+def test_load_refuses_a_bad_call_overhead(bad: object) -> None:
+    with pytest.raises(ConfigurationError, match="call_overhead_tokens"):
+        OnnxEncoder.load(provider="cpu", call_overhead_tokens=bad)  # type: ignore[arg-type]
 
 
 def test_duplicates_and_small_batch_size(model_copy: Path, encoder: OnnxEncoder) -> None:
