@@ -101,7 +101,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from halldyll_ray.client import AsyncHalldyllClient, HalldyllClient
-from halldyll_ray.errors import HalldyllError, InvalidInput, NotFound
+from halldyll_ray.errors import HalldyllError, InvalidInput, NotFound, Unavailable
 from halldyll_ray.models import (
     MAX_METADATA_BYTES,
     MAX_SEARCH_LIMIT,
@@ -133,6 +133,9 @@ _METADATA_KEY = "langgraph"
 _TYPES = [MemoryType.SUMMARY.value]
 _OPERATORS = frozenset({"$eq", "$ne", "$gt", "$gte", "$lt", "$lte"})
 _MAX_PAGE = 500  # the list route's largest page
+
+#: Tries of a put whose item concurrent puts keep deleting before it gives up.
+_PUT_TRIES = 5
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -644,13 +647,24 @@ class HalldyllStore(BaseStore):
         user = found.scope.user
         stale = found.memories
         if text is not None:
-            if stale:
-                yield _Call(
-                    "update_memory",
-                    {"memory_id": stale[0].id, "update": {"text": text}, "user_id": user},
-                )
-                stale = stale[1:]
+            updated = False
+            for _ in range(_PUT_TRIES):
+                if not stale:
+                    break
+                try:
+                    yield _Call(
+                        "update_memory",
+                        {"memory_id": stale[0].id, "update": {"text": text}, "user_id": user},
+                    )
+                except NotFound:
+                    # A concurrent put of this key deleted it, keeping another: find again.
+                    stale = (yield from self._find(namespace, key)).memories
+                    continue
+                stale, updated = stale[1:], True
+                break
             else:
+                raise Unavailable(f"item {key!r} kept changing under concurrent puts; retry")
+            if not updated:
                 memory: dict[str, Any] = {
                     "type": MemoryType.SUMMARY.value,
                     "text": text,
