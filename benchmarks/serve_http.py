@@ -1051,7 +1051,11 @@ async def diagnose_max_ongoing(
 async def embedding_throughput(
     bench: Bench, embed_h: Any, encoder: Any, texts: Texts
 ) -> dict[str, Any]:
-    """Embedding deployment (concurrent single-text requests; 32-text requests) vs raw ORT."""
+    """Embedding deployment (concurrent single-text requests, raw and through a replica's
+    merging caller; 32-text requests) vs raw ORT."""
+    from halldyll_ray.embedding import MergingCaller
+    from halldyll_ray.serve.deployments import REMOTE_EMBEDDING_CALLS
+
     args = bench.args
     corpus = [texts.fact() if i % 2 else texts.query() for i in range(1024)]
     batch = encoder.batch_size
@@ -1073,11 +1077,23 @@ async def embedding_throughput(
     async def many(_: int) -> None:
         await embed_h.embed.remote(next_batch())
 
+    # What a Search, Ingestion or Context replica does with its one-text requests when they go
+    # to Embedding (local_embedding_max_texts 0, GPU clusters): concurrent ones leave merged.
+    merged = MergingCaller(
+        lambda batch_texts: embed_h.embed.remote(batch_texts),
+        max_texts=batch,
+        max_calls=REMOTE_EMBEDDING_CALLS,
+    )
+
+    async def one_merged(_: int) -> None:
+        await merged.encode([next_text()])
+
     secs = args.seconds or 3.0  # time-based even with --requests (a raw call is 32 texts)
     # Alternating rounds, paired: the machine is shared, so drift between a raw figure and a
     # deployment figure measured a minute apart would otherwise read as a ratio.
     raws: list[Result] = []
     ones: list[Result] = []
+    callers: list[Result] = []
     sizes: list[int] = []
     for k in range(max(1, args.embed_rounds)):
         raws.append(
@@ -1105,7 +1121,19 @@ async def embedding_throughput(
             )
         )
         sizes += (await embed_h.stats.remote())["batch_sizes"][before:]
+        callers.append(
+            await bench.run(
+                f"Embedding, 1 text/request from a replica's merging caller (round {k + 1})",
+                "embed_throughput",
+                "handle_embedding_caller",
+                args.embed_concurrency,
+                one_merged,
+                seconds=secs,
+                warmup=k == 0,
+            )
+        )
     raw_rate = float(np.median([r.items_per_s for r in raws]))
+    caller_paired = [c.items_per_s / r.items_per_s for r, c in zip(raws, callers, strict=True)]
     one_rate = float(np.median([r.items_per_s for r in ones]))
     paired = [o.items_per_s / r.items_per_s for r, o in zip(raws, ones, strict=True)]
     mean_batch = float(np.mean(sizes)) if sizes else 1.0
@@ -1152,6 +1180,9 @@ async def embedding_throughput(
         "deployment_batched_texts_per_s": r_many.items_per_s,
         "ratio_1_text": round(float(np.median(paired)), 3),
         "ratio_1_text_rounds": [round(x, 3) for x in paired],
+        "caller_1_text_texts_per_s": round(float(np.median([c.items_per_s for c in callers])), 1),
+        "ratio_1_text_caller": round(float(np.median(caller_paired)), 3),
+        "ratio_1_text_caller_rounds": [round(x, 3) for x in caller_paired],
         "ratio_batched": round(r_many.items_per_s / raw_rate, 3),
         "requests_per_model_call": batch_stats,
         "concurrency": args.embed_concurrency,
@@ -1571,7 +1602,11 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{emb['requests_per_model_call']}). 32-text "
             f"requests, 2 concurrent: {emb['deployment_batched_texts_per_s']} texts/s (ratio "
             f"{emb['ratio_batched']}). Raw at batch {emb['raw_at_call_size']} (the "
-            f"mean requests per model call): {emb['raw_at_call_size_texts_per_s']} texts/s.",
+            f"mean requests per model call): {emb['raw_at_call_size_texts_per_s']} texts/s. "
+            f"The same {emb['concurrency']} 1-text requests through a replica's merging caller "
+            f"(`MergingCaller`, how Search, Ingestion and Context send them): "
+            f"{emb.get('caller_1_text_texts_per_s')} texts/s (paired ratio "
+            f"{emb.get('ratio_1_text_caller')}, rounds {emb.get('ratio_1_text_caller_rounds')}).",
         ]
     lines += [
         "",

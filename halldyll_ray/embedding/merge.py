@@ -7,13 +7,20 @@ callers and the model busy all the time). :class:`MergingEncoder` sits between t
 and the model: while one call runs, new requests wait, and the next call takes all of them.
 A lone request still runs at once; under load, calls grow to ``max_texts``, where a text
 costs least.
+
+The same merging serves a replica that calls the Embedding deployment (:class:`MergingCaller`):
+concurrent one-text requests (each search's query, with ``local_embedding_max_texts: 0`` on
+GPU clusters) leave the replica as a few many-text calls instead of one Ray request each, the
+per-request cost that held one-text requests to 0.7× the raw model's rate
+(``benchmarks/serve_http.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -21,30 +28,25 @@ import numpy.typing as npt
 Vectors = npt.NDArray[np.float32]
 
 
-class MergingEncoder:
-    """Serializes calls to a blocking ``encode`` (run in a thread) and merges waiting requests.
-
-    Args:
-        encode: The model call, ``encode(texts) -> (len(texts), dimension)`` array. It runs in
-            a worker thread, one call at a time.
-        max_texts: Most texts merged into one call. A larger single request still runs whole
-            (the encoder splits it into its own batches).
-        observe: Called after each model call with (requests merged, texts encoded).
-    """
+class _Merger(ABC):
+    """Merges waiting requests into calls of up to ``max_texts`` texts, ``max_calls`` at once."""
 
     def __init__(
-        self,
-        encode: Callable[[list[str]], Vectors],
-        max_texts: int,
-        observe: Callable[[int, int], None] | None = None,
+        self, max_texts: int, max_calls: int, observe: Callable[[int, int], None] | None
     ) -> None:
         if max_texts < 1:
             raise ValueError(f"max_texts must be at least 1, got {max_texts}")
-        self._encode = encode
+        if max_calls < 1:
+            raise ValueError(f"max_calls must be at least 1, got {max_calls}")
         self.max_texts = max_texts
+        self.max_calls = max_calls
         self._observe = observe
         self._pending: deque[tuple[list[str], asyncio.Future[Vectors]]] = deque()
-        self._worker: asyncio.Task[None] | None = None
+        self._workers: set[asyncio.Task[None] | None] = set()
+
+    @abstractmethod
+    async def _call(self, texts: list[str]) -> Vectors:
+        """One call with the merged texts; returns their vectors in order."""
 
     async def encode(self, texts: Sequence[str]) -> Vectors:
         """Embed ``texts``; waits for the call in progress, then runs with whatever else waits."""
@@ -52,8 +54,8 @@ class MergingEncoder:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Vectors] = loop.create_future()
         self._pending.append((texts, future))
-        if self._worker is None:
-            self._worker = loop.create_task(self._drain())
+        if len(self._workers) < self.max_calls:
+            self._workers.add(loop.create_task(self._drain()))
         return await future
 
     def _take(self) -> list[tuple[list[str], asyncio.Future[Vectors]]]:
@@ -74,7 +76,7 @@ class MergingEncoder:
                     continue
                 flat = [text for texts, _ in group for text in texts]
                 try:
-                    vectors = await asyncio.to_thread(self._encode, flat)
+                    vectors = await self._call(flat)
                 except Exception as exc:  # every caller of this call gets the error
                     for _, future in group:
                         if not future.done():
@@ -95,4 +97,65 @@ class MergingEncoder:
             self._pending.clear()
             raise
         finally:
-            self._worker = None
+            # At once, not in a done callback: a request queued after the last group was taken
+            # must find room to start a worker.
+            self._workers.discard(asyncio.current_task())
+
+
+class MergingEncoder(_Merger):
+    """Serializes calls to a blocking ``encode`` (run in a thread) and merges waiting requests.
+
+    Args:
+        encode: The model call, ``encode(texts) -> (len(texts), dimension)`` array. It runs in
+            a worker thread, one call at a time.
+        max_texts: Most texts merged into one call. A larger single request still runs whole
+            (the encoder splits it into its own batches).
+        observe: Called after each model call with (requests merged, texts encoded).
+
+    Raises:
+        ValueError: ``max_texts`` below 1.
+    """
+
+    def __init__(
+        self,
+        encode: Callable[[list[str]], Vectors],
+        max_texts: int,
+        observe: Callable[[int, int], None] | None = None,
+    ) -> None:
+        super().__init__(max_texts, 1, observe)
+        self._encode = encode
+
+    async def _call(self, texts: list[str]) -> Vectors:
+        return await asyncio.to_thread(self._encode, texts)
+
+
+class MergingCaller(_Merger):
+    """Merges waiting requests into calls of an awaitable (the Embedding deployment's handle),
+    with up to ``max_calls`` calls in flight.
+
+    A request that finds fewer than ``max_calls`` calls in flight leaves at once; the others
+    wait and leave together, up to ``max_texts`` texts a call, as soon as a call returns. Two
+    calls in flight keep a remote model busy (one encodes while the next travels).
+
+    Args:
+        call: ``await call(texts)`` -> (len(texts), dimension) array.
+        max_texts: Most texts merged into one call (the deployment's batch size).
+        max_calls: Calls in flight at once.
+        observe: Called after each call with (requests merged, texts sent).
+
+    Raises:
+        ValueError: ``max_texts`` or ``max_calls`` below 1.
+    """
+
+    def __init__(
+        self,
+        call: Callable[[list[str]], Awaitable[Vectors]],
+        max_texts: int,
+        max_calls: int = 2,
+        observe: Callable[[int, int], None] | None = None,
+    ) -> None:
+        super().__init__(max_texts, max_calls, observe)
+        self._remote = call
+
+    async def _call(self, texts: list[str]) -> Vectors:
+        return await self._remote(texts)

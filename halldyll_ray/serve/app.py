@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve import Application
 
 from halldyll_ray.serve.deployments import (
+    REMOTE_EMBEDDING_CALLS,
     ContextBuilder,
     EmbeddedDatabase,
     Embedder,
@@ -56,6 +57,15 @@ class AppArgs(BaseModel):
         description="Search, Ingestion and Context embed requests of at most this many texts "
         "with their own copy of the model instead of calling Embedding (on CPU the hop costs "
         "more than one encode); 0 sends every text to Embedding, as GPU clusters should.",
+    )
+    remote_embedding_calls: int = Field(
+        default=REMOTE_EMBEDDING_CALLS,
+        ge=1,
+        le=64,
+        description="Calls to Embedding each Search, Ingestion and Context replica keeps in "
+        "flight for requests smaller than a batch; further concurrent requests wait and leave "
+        "merged, up to EMBEDDING_BATCH_SIZE texts a call, instead of one Ray request each "
+        "(benchmarks/serve_http.py). Requests of a batch or more go as they are.",
     )
     access_log_between_deployments: bool = Field(
         default=False,
@@ -130,6 +140,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
             database=database,
             settings=overrides,
             local_embedding_max_texts=args.local_embedding_max_texts,
+            remote_embedding_calls=args.remote_embedding_calls,
             access_log=args.access_log_between_deployments,
         )
         for cls, name in (

@@ -31,7 +31,7 @@ from ray.serve import metrics
 
 from halldyll_ray import tracing
 from halldyll_ray.config import Settings
-from halldyll_ray.embedding import MergingEncoder, load_encoder
+from halldyll_ray.embedding import MergingCaller, MergingEncoder, load_encoder
 from halldyll_ray.engine import MemoryEngine
 from halldyll_ray.errors import Unavailable
 from halldyll_ray.models import (
@@ -179,6 +179,9 @@ def _not_the_concurrent_batches_warning(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("`max_batch_size` (")
 
 
+#: Calls to Embedding a replica keeps in flight for small requests (:func:`remote_engine`):
+#: two keep a remote model busy, one encoding while the next travels.
+REMOTE_EMBEDDING_CALLS = 2
 UNBOUNDED_BATCHES = 1 << 20  # serve.batch's max_concurrent_batches: see Embedder.embed_batch
 
 
@@ -310,6 +313,7 @@ async def remote_engine(
     database: Any,
     embedder: Any,
     local_max_texts: int = 0,
+    remote_calls: int = REMOTE_EMBEDDING_CALLS,
     run_jobs: bool = False,
 ) -> MemoryEngine:
     """A MemoryEngine whose vectors come from the Embedding deployment's handle.
@@ -323,6 +327,10 @@ async def remote_engine(
             tokens), in a thread; larger ones go to Embedding. On a CPU cluster the hop costs
             more than encoding one text (``benchmarks/serve_http.py``); 0 sends everything to
             Embedding (GPU replicas).
+        remote_calls: Calls to Embedding this replica keeps in flight for requests smaller
+            than a batch: more concurrent requests wait and leave merged, up to
+            EMBEDDING_BATCH_SIZE texts a call (:class:`MergingCaller`), instead of one Ray
+            request per query. Requests of a batch or more go as they are.
         run_jobs: Run background job workers in this replica (the Ingestion deployment).
     """
     if database is not None:
@@ -330,13 +338,21 @@ async def remote_engine(
         settings = settings.model_copy(update={"database_url": SecretStr(url)})
 
     local: MergingEncoder | None = None
+    batch = settings.embedding_batch_size
+
+    async def call(texts: list[str]) -> np.ndarray:
+        result: np.ndarray = await embedder.embed.remote(texts)
+        return result
+
+    remote = MergingCaller(call, max_texts=batch, max_calls=remote_calls)
 
     async def embed(texts: list[str]) -> np.ndarray:
         if local is not None and len(texts) <= local_max_texts:
             with tracing.span("embedding.local", **{"halldyll.batch.texts": len(texts)}):
                 return await local.encode(texts)
-        result: np.ndarray = await embedder.embed.remote(texts)
-        return result
+        if len(texts) >= batch:
+            return await call(texts)
+        return await remote.encode(texts)
 
     # Only the replicas that run jobs call the LLM (through its handle or its URL).
     model = serve_memory_model(settings) if run_jobs else None
@@ -348,7 +364,7 @@ async def remote_engine(
     return engine
 
 
-def _search_options(request: SearchRequest) -> dict[str, Any]:
+def search_options(request: SearchRequest) -> dict[str, Any]:
     """A search request's fields but the query, as they are (``model_dump`` would copy them
     into new containers on every request)."""
     return {name: value for name, value in request if name != "query"}
@@ -368,6 +384,7 @@ class EngineOwner:
         database: Handle of the EmbeddedDatabase deployment, or None with DATABASE_URL.
         settings: What the builder was given; the rest comes from this replica's environment.
         local_embedding_max_texts: See :func:`remote_engine`.
+        remote_embedding_calls: See :func:`remote_engine` (``remote_calls``).
         access_log: Serve's access log line for each call (see :func:`use_serve_logging`).
     """
 
@@ -381,6 +398,7 @@ class EngineOwner:
         database: Any = None,
         settings: SettingsOverrides | None = None,
         local_embedding_max_texts: int = 0,
+        remote_embedding_calls: int = REMOTE_EMBEDDING_CALLS,
         access_log: bool = True,
     ) -> None:
         self.settings = (settings or SettingsOverrides()).resolve()
@@ -388,6 +406,7 @@ class EngineOwner:
         start_tracing(type(self).__name__)
         self._embedder = tracing.traced_handle(pickled(embedder), "Embedding")
         self._local_max_texts = local_embedding_max_texts
+        self._remote_calls = remote_embedding_calls
         self._database = tracing.traced_handle(pickled(database), "EmbeddedDatabase")
         self._engine: MemoryEngine | None = None
         self._lock = asyncio.Lock()
@@ -403,6 +422,7 @@ class EngineOwner:
                     database=self._database,
                     embedder=self._embedder,
                     local_max_texts=self._local_max_texts,
+                    remote_calls=self._remote_calls,
                     run_jobs=self.RUNS_JOBS,
                 )
         return self._engine
@@ -519,7 +539,7 @@ class Searcher(EngineDeployment):
         """
         request = parse(SearchRequest, request)
         async with self._authorized(principal, request_id) as api:
-            return await api.search_json(user_id, request.query, **_search_options(request))
+            return await api.search_json(user_id, request.query, **search_options(request))
 
     async def _search(
         self,
@@ -531,7 +551,7 @@ class Searcher(EngineDeployment):
     ) -> list[SearchResult]:
         request = parse(SearchRequest, request)
         async with self._authorized(principal, request_id) as api:
-            return await api.search(user_id, request.query, **_search_options(request))
+            return await api.search(user_id, request.query, **search_options(request))
 
     @handle_method
     async def get_memory(

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from halldyll_ray.embedding import MergingEncoder
+from halldyll_ray.embedding import MergingCaller, MergingEncoder
 
 
 class GatedModel:
@@ -134,3 +134,95 @@ async def test_a_caller_that_gives_up_is_not_encoded() -> None:
 def test_max_texts_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_texts"):
         MergingEncoder(GatedModel(), max_texts=0)
+
+
+class GatedCall:
+    """An awaitable 'remote model' whose calls are held until released one by one."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.release: asyncio.Queue[Exception | None] = asyncio.Queue()
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def __call__(self, texts: list[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            outcome = await self.release.get()
+            if outcome is not None:
+                raise outcome
+            return np.array([[len(t), len(self.calls)] for t in texts], dtype=np.float32)
+        finally:
+            self.in_flight -= 1
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_caller_sends_up_to_max_calls_at_once_and_merges_the_rest() -> None:
+    remote = GatedCall()
+    seen: list[tuple[int, int]] = []
+    caller = MergingCaller(
+        remote, max_texts=4, max_calls=2, observe=lambda r, t: seen.append((r, t))
+    )
+    tasks = []
+    for i in range(7):  # one after the other: the first two leave at once, one call each
+        tasks.append(asyncio.create_task(caller.encode(["x" * (i + 1)])))
+        await _settle()
+    assert remote.calls == [["x"], ["xx"]]  # the five others wait
+    remote.release.put_nowait(None)
+    await _settle()
+    # The freed slot takes the next four waiting requests in one call (max_texts 4).
+    assert remote.calls[2] == ["xxx", "xxxx", "xxxxx", "xxxxxx"]
+    for _ in range(3):
+        remote.release.put_nowait(None)
+    out = await asyncio.gather(*tasks)
+    assert [row[0][0] for row in out] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    assert remote.calls[3] == ["x" * 7]
+    assert remote.most_in_flight == 2
+    assert sorted(r for r, _ in seen) == [1, 1, 1, 4]
+
+
+async def test_caller_error_reaches_every_request_of_that_call_only() -> None:
+    remote = GatedCall()
+    caller = MergingCaller(remote, max_texts=8, max_calls=1)
+    first = asyncio.create_task(caller.encode(["a"]))
+    await _settle()
+    merged = [asyncio.create_task(caller.encode([t])) for t in ("b", "c")]
+    await _settle()
+    remote.release.put_nowait(None)
+    assert (await first).shape == (1, 2)
+    remote.release.put_nowait(RuntimeError("replica died"))
+    for task in merged:
+        with pytest.raises(RuntimeError, match="replica died"):
+            await task
+    remote.release.put_nowait(None)  # the caller still works afterwards
+    assert (await caller.encode(["d"])).tolist() == [[1.0, 3.0]]
+
+
+async def test_caller_requests_arriving_together_leave_merged() -> None:
+    remote = GatedCall()
+    caller = MergingCaller(remote, max_texts=3, max_calls=2)
+    tasks = [asyncio.create_task(caller.encode([str(i)])) for i in range(5)]
+    await _settle()
+    assert remote.calls == [["0", "1", "2"], ["3", "4"]]
+    remote.release.put_nowait(None)
+    remote.release.put_nowait(None)
+    assert len(await asyncio.gather(*tasks)) == 5
+
+
+async def test_caller_a_request_after_the_last_call_finds_a_worker() -> None:
+    remote = GatedCall()
+    caller = MergingCaller(remote, max_texts=8, max_calls=1)
+    for n in range(1, 4):
+        remote.release.put_nowait(None)
+        assert (await caller.encode(["t"])).tolist() == [[1.0, float(n)]]
+
+
+def test_caller_refuses_no_calls_in_flight() -> None:
+    with pytest.raises(ValueError, match="max_calls"):
+        MergingCaller(GatedCall(), max_texts=8, max_calls=0)
