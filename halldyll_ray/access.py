@@ -198,11 +198,18 @@ class AuthorizedEngine:
             return await call()
 
     async def _read(
-        self, action: str, user_id: UUID | str | None, call: Callable[[UUID], Awaitable[_T]]
+        self,
+        action: str,
+        user_id: UUID | str | None,
+        call: Callable[[UUID], Awaitable[_T]],
+        *,
+        read: Callable[[_T], bool] = lambda _: True,
     ) -> _T:
+        """``call`` for ``user_id`` if the principal may read it; a read of another user's
+        data is audited when ``read(result)`` says data was read."""
         target = await self._check(Operation.MEMORY_READ, action, self._target(user_id))
         result = await self._run(lambda: call(target))
-        if target != self.principal.user_id:
+        if target != self.principal.user_id and read(result):
             await self._run(
                 lambda: self.engine.record_read(self.principal.user_id, target, action, [])
             )
@@ -331,6 +338,20 @@ class AuthorizedEngine:
             "memory.search",
             user_id,
             lambda u: self.engine.search_json(u, query, limit, mode=mode, types=types, **filters),
+        )
+
+    async def cached_search_json(
+        self, user_id: UUID | str | None, query: str, limit: int | None = None, **options: Any
+    ) -> bytes | None:
+        """:meth:`search_json` when the result cache holds the answer, else None
+        (:meth:`MemoryEngine.cached_search_json`). Checked as a search is; a cached answer
+        read for another user is audited as the search would be, a miss is not (the search
+        that follows it is)."""
+        return await self._read(
+            "memory.search",
+            user_id,
+            lambda u: self.engine.cached_search_json(u, query, limit, **options),
+            read=lambda found: found is not None,
         )
 
     async def build_context(

@@ -942,6 +942,14 @@ class MemoryEngine:
             group=group,
         )
 
+    async def cached_search_json(
+        self, user_id: UUID | str, query: str, limit: int | None = None, **options: Any
+    ) -> bytes | None:
+        """:meth:`search_json`'s answer if the result cache holds it, else None: nothing is
+        searched and no query is embedded. Same arguments (the keywords of :meth:`search`)
+        and errors as :meth:`search_json`."""
+        return await self.components.search.cached_json(user_id, query, limit, **options)
+
     # ------------------------------------------------------------------ context
     async def build_context(
         self,

@@ -53,6 +53,14 @@ def _live(results: list[SearchResult]) -> list[SearchResult]:
     return [r for r in results if not expired(r.memory.expires_at)]
 
 
+def _answer(cached: bytes) -> bytes:
+    """The HTTP answer (``{"results": [...]}``) from cached results' JSON: passed on as it is
+    unless a result in it may have expired since (it is then read, filtered and written)."""
+    if _MAY_EXPIRE in cached:
+        cached = _RESULTS.dump_json(_live(_RESULTS.validate_json(cached, context=STORED)))
+    return b'{"results":' + cached + b"}"
+
+
 @dataclass(frozen=True)
 class Filters:
     """The checked filters of a search, by the names its SQL takes (``storage/sql/search.sql``)."""
@@ -186,6 +194,20 @@ def in_context(
     return out
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """A search's checked arguments and its result cache key (:meth:`Search._plan`)."""
+
+    user_id: UUID
+    query: str
+    limit: int
+    mode: SearchMode
+    threshold: float
+    filters: Filters
+    group: SearchGroup
+    key: str
+
+
 class Search:
     """Search a user's memories; results are cached per user until their memories change."""
 
@@ -279,34 +301,43 @@ class Search:
             group=group,
         )
         if isinstance(found, bytes):  # a cache hit
-            blob = found
-            if _MAY_EXPIRE in blob:
-                blob = _RESULTS.dump_json(_live(_RESULTS.validate_json(blob, context=STORED)))
-        else:
-            results, cached = found
-            blob = _RESULTS.dump_json(results) if cached is None else cached
-        return b'{"results":' + blob + b"}"
+            return _answer(found)
+        results, cached = found
+        return b'{"results":' + (_RESULTS.dump_json(results) if cached is None else cached) + b"}"
 
-    async def _found(
+    async def cached_json(
+        self, user_id: UUID | str, query: str, limit: int | None = None, **options: Any
+    ) -> bytes | None:
+        """:meth:`search_json`'s answer when the result cache holds it, else None (nothing is
+        searched). Same arguments and errors as :meth:`search_json`.
+
+        Lets the HTTP ingress answer a repeated search without the hop to Search.
+        """
+        if self.settings.search_cache_ttl_seconds <= 0:  # nothing is ever cached
+            return None
+        plan = await self._plan(user_id, query, limit, **options)
+        cached = await self.cache.get(plan.key, kind="search")
+        return None if cached is None else _answer(cached)
+
+    async def _plan(
         self,
         user_id: UUID | str,
         query: str,
         limit: int | None,
         *,
-        mode: SearchMode | str | None,
-        types: Iterable[MemoryType | str] | None,
-        model: UUID | str | None,
-        include_shared: bool,
-        session_id: str | None,
-        tags: Sequence[str] | None,
-        since: datetime | None,
-        until: datetime | None,
-        threshold: float | None,
-        group: SearchGroup | str,
-    ) -> bytes | tuple[list[SearchResult], bytes | None]:
-        """A cache hit: the results' JSON as cached (expired results may be in it). A miss:
-        the results, and their JSON when it was cached (None with SEARCH_CACHE_TTL_SECONDS
-        0)."""
+        mode: SearchMode | str | None = None,
+        types: Iterable[MemoryType | str] | None = None,
+        model: UUID | str | None = None,
+        include_shared: bool = True,
+        session_id: str | None = None,
+        tags: Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        threshold: float | None = None,
+        group: SearchGroup | str = SearchGroup.PART,
+    ) -> _Plan:
+        """The search's arguments, checked, and its result cache key (which holds the user's
+        memory version, so a write makes every older answer unreachable)."""
         user_id = validation.parse_uuid(user_id, "user_id")
         if not validation.text(query, "query").strip():
             raise InvalidInput("query must be a non-empty string", field="query")
@@ -351,22 +382,39 @@ class Search:
             ],
             ensure_ascii=False,
         )
-        cache_key = TieredCache.user_key(
+        key = TieredCache.user_key(
             "search",
             user_id,
             str(state["memory_version"]),
             self.embeddings.encoder.model_id,
             hashlib.sha256(params.encode()).hexdigest()[:40],
         )
-        cached = await self.cache.get(cache_key, kind="search")
+        return _Plan(user_id, query, limit, mode, float(threshold), filters, group, key)
+
+    async def _found(
+        self, user_id: UUID | str, query: str, limit: int | None, **options: Any
+    ) -> bytes | tuple[list[SearchResult], bytes | None]:
+        """A cache hit: the results' JSON as cached (expired results may be in it). A miss:
+        the results, and their JSON when it was cached (None with SEARCH_CACHE_TTL_SECONDS
+        0)."""
+        plan = await self._plan(user_id, query, limit, **options)
+        cached = await self.cache.get(plan.key, kind="search")
         if cached is not None:
             return cached
-        results = await self._search(user_id, query, limit, mode, float(threshold), filters, group)
+        results = await self._search(
+            plan.user_id,
+            plan.query,
+            plan.limit,
+            plan.mode,
+            plan.threshold,
+            plan.filters,
+            plan.group,
+        )
         ttl = self.settings.search_cache_ttl_seconds
         if ttl <= 0:
             return results, None
         blob = _RESULTS.dump_json(results)
-        await self.cache.set(cache_key, blob, ttl=ttl)
+        await self.cache.set(plan.key, blob, ttl=ttl)
         return results, blob
 
     async def _search(

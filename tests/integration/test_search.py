@@ -219,6 +219,24 @@ async def test_search_json_is_the_search_response_cached_or_not(engine: MemoryEn
         ]
 
 
+async def test_cached_search_json_answers_only_from_the_cache(engine: MemoryEngine, corpus):
+    """What the Ingress answers without the hop to Search: None until a search of the same
+    arguments filled the cache, then the same bytes; a write makes it None again."""
+    user, _ = corpus
+    query, options = "which mountain trail did we choose?", {"mode": "hybrid", "limit": 4}
+    embedded = list(engine.cache.stats.by_kind.get("embedding", []))
+    assert await engine.cached_search_json(user.id, query, **options) is None
+    # A miss searched nothing: no query embedding was looked up or computed.
+    assert engine.cache.stats.by_kind.get("embedding", []) == embedded
+    answer = await engine.search_json(user.id, query, **options)
+    assert await engine.cached_search_json(user.id, query, **options) == answer
+    assert await engine.cached_search_json(user.id, query, mode="fulltext", limit=4) is None
+    await engine.store_memory(user.id, Fact(statement="Ada prefers the ridge trail"))
+    assert await engine.cached_search_json(user.id, query, **options) is None
+    with pytest.raises(InvalidInput):
+        await engine.cached_search_json(user.id, query, mode="psychic")
+
+
 async def test_search_json_drops_a_memory_that_expired_since_it_was_cached(
     database_url: str, redis_url: str, encoder
 ):
