@@ -30,7 +30,7 @@ from halldyll_ray.components.base import (
     require_user,
 )
 from halldyll_ray.components.embeddings import Embeddings, model_of
-from halldyll_ray.components.memories import MEMORY, expired, split, to_record
+from halldyll_ray.components.memories import MEMORY, expired, near_duplicate, split, to_record
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.config import Settings
 from halldyll_ray.embedding import TextEncoder
@@ -254,7 +254,7 @@ class Ingestion:
                     embedding_model=model_of(vectors),
                 )
             )
-            if near is not None and near["similarity"] >= self.settings.fact_merge_similarity:
+            if near is not None and near_duplicate(near, fact.statement, self.settings):
                 row = await conn.fetchrow(
                     *bind(
                         "reinforce_fact",
@@ -292,7 +292,7 @@ class Ingestion:
                 )
                 if not row["reinforced"]:
                     await insert_chunks(conn, row, chunks, vectors)
-            else:
+            if row["reinforced"]:  # by similarity or by the same statement: merged tags
                 await conn.execute(q("update_chunk_filters"), row["id"], user_id, row["tags"])
             operation = "fact.reinforce" if row["reinforced"] else "memory.store"
             await write_audit(conn, operation, "fact", [row["id"]], user_id, request_id=request_id)

@@ -17,6 +17,7 @@ from pydantic import TypeAdapter
 from halldyll_ray import validation
 from halldyll_ray.components.base import require_user
 from halldyll_ray.components.registry import ModelRegistry
+from halldyll_ray.config import Settings
 from halldyll_ray.errors import InvalidInput, NotFound
 from halldyll_ray.models import (
     STORED,
@@ -30,6 +31,7 @@ from halldyll_ray.models import (
 )
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
+from halldyll_ray.textproc import same_particulars
 
 MEMORY: TypeAdapter[Memory] = TypeAdapter(Memory)
 TAGS: TypeAdapter[list[str]] = TypeAdapter(Tags)
@@ -107,6 +109,16 @@ def to_record(row: Any, *, messages: Sequence[StoredMessage] = ()) -> StoredMemo
         period=row["period"],
         memory=payload,
         messages=list(messages),
+    )
+
+
+def near_duplicate(near: Any, statement: str, settings: Settings) -> bool:
+    """Whether ``statement`` says the same as its nearest stored fact (a ``nearest_fact``
+    row: ``content``, ``similarity``) and so reinforces it: a cosine similarity of at least
+    FACT_MERGE_SIMILARITY and the same numbers, dates, negations and names
+    (:func:`halldyll_ray.textproc.same_particulars`)."""
+    return near["similarity"] >= settings.fact_merge_similarity and same_particulars(
+        near["content"], statement
     )
 
 

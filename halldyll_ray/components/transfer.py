@@ -31,7 +31,7 @@ from halldyll_ray.components.audit import write_audit
 from halldyll_ray.components.base import Chunk, insert_chunks, insert_messages, lock_user
 from halldyll_ray.components.embeddings import Embeddings, model_of
 from halldyll_ray.components.ingestion import Chunker
-from halldyll_ray.components.memories import split, to_record
+from halldyll_ray.components.memories import near_duplicate, split, to_record
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.config import Settings
 from halldyll_ray.errors import HalldyllError, InvalidInput, NotFound
@@ -495,7 +495,7 @@ class Transfer:
                     embedding_model=model_of(vectors),
                 )
             )
-            if near is not None and near["similarity"] >= self.settings.fact_merge_similarity:
+            if near is not None and near_duplicate(near, fact.statement, self.settings):
                 existing = near["memory_id"]
         if existing is None:
             return None

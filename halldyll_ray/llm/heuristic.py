@@ -28,6 +28,7 @@ from halldyll_ray.textproc import (
     extract_candidate_facts,
     extractive_summary,
     normalize_statement,
+    same_particulars,
 )
 
 #: Confidence of a fact found by the patterns: the inline path's (a single mention).
@@ -110,7 +111,9 @@ class HeuristicMemoryModel:
 
     async def consolidate(self, fact: FactCandidate, neighbours: Sequence[Neighbour]) -> Decision:
         """Reinforce the nearest neighbour when it says the same (the same normalised
-        statement, or a similarity of at least ``merge_similarity``); else add."""
+        statement, or a similarity of at least ``merge_similarity`` with the same numbers,
+        dates, negations and names: :func:`~halldyll_ray.textproc.same_particulars`); else
+        add."""
         key = normalize_statement(fact.statement)
         same = [n for n in neighbours if normalize_statement(n.statement) == key]
         if same:
@@ -120,7 +123,11 @@ class HeuristicMemoryModel:
                 neighbours,
             )
         nearest = max(neighbours, key=lambda n: n.similarity, default=None)
-        if nearest is not None and nearest.similarity >= self.merge_similarity:
+        if (
+            nearest is not None
+            and nearest.similarity >= self.merge_similarity
+            and same_particulars(nearest.statement, fact.statement)
+        ):
             return checked(
                 Decision(
                     action=Action.REINFORCE,

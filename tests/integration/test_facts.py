@@ -63,6 +63,34 @@ async def test_near_duplicate_merges(engine: MemoryEngine) -> None:
     assert await _fact_rows(engine, user.id) == 2
 
 
+async def test_a_near_duplicate_with_other_particulars_is_a_new_fact(engine: MemoryEngine) -> None:
+    """Statements embedded as near-duplicates that differ in a number, a date, a negation or
+    a name are different facts: the newer one is stored, the older one kept unchanged."""
+    user = await engine.create_user("ada", None, "user")
+    pairs = [
+        ("The user is 30 years old", "The user is 31 years old"),
+        ("The user likes coffee", "The user doesn't like coffee"),
+        ("The user's sister is called Maria", "The user's sister is called Marta"),
+        (
+            "The user has a dentist appointment on Monday",
+            "The user has a dentist appointment on Tuesday",
+        ),
+        ("The user has two cats", "The user has three cats"),
+    ]
+    for older, newer in pairs:
+        first = await engine.store_memory(user.id, Fact(statement=older))
+        second = await engine.store_memory(user.id, Fact(statement=newer))
+        assert second.id != first.id, (older, newer)
+        assert second.memory.statement == newer and second.reinforcement_count == 0
+        kept = await engine.get_memory(user.id, first.id)
+        assert kept.memory.statement == older and kept.reinforcement_count == 0
+    assert await _fact_rows(engine, user.id) == 2 * len(pairs)
+    # The same particulars in other words still reinforce.
+    again = await engine.store_memory(user.id, Fact(statement="The user is 31 years of age"))
+    assert again.reinforcement_count == 1
+    assert again.memory.statement == "The user is 31 years old"
+
+
 async def test_parallel_reinforcement_from_two_replicas_leaves_one_row(
     engine: MemoryEngine, database_url: str, redis_url: str, encoder
 ) -> None:

@@ -67,7 +67,7 @@ RETURNING *, true AS reinforced;
 
 -- name: nearest_fact
 -- The closest open fact of the same user and the same model scope.
-SELECT c.memory_id, 1 - (c.embedding <=> :vector) AS similarity
+SELECT c.memory_id, c.content, 1 - (c.embedding <=> :vector) AS similarity
 FROM memory_chunks c
 JOIN memories m ON m.id = c.memory_id
 WHERE c.user_id = :user_id AND c.type = 'fact' AND c.valid_to IS NULL

@@ -1,0 +1,44 @@
+"""same_particulars: near-duplicate statements agree on numbers, dates, negations and names."""
+
+from __future__ import annotations
+
+import pytest
+
+from halldyll_ray.textproc import same_particulars
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("The user is 30 years old", "The user is 31 years old"),
+        ("I have two cats", "I have three cats"),
+        ("Rent is 1,200 euros", "Rent is 1,250 euros"),
+        ("Ada moved in May", "Ada moved in June"),
+        ("Meeting on Monday", "Meeting on Tuesday"),
+        ("I like coffee", "I don't like coffee"),
+        ("I like coffee", "I don’t like coffee"),
+        ("I eat meat", "I never eat meat"),
+        ("Ada's sister is Maria", "Ada's sister is Marta"),
+        ("The user lives in Paris", "The user lives in Lyon"),
+        ("I was born in 1990", "I was born in 1991"),
+    ],
+)
+def test_statements_that_differ_in_a_particular_are_different(a: str, b: str) -> None:
+    assert not same_particulars(a, b)
+    assert not same_particulars(b, a)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("Ada's favourite colour is teal", "Ada's favorite color is teal"),
+        ("I am vegetarian", "I'm a vegetarian"),
+        ("The user is 31 years old", "the user is 31 years of age"),
+        ("I may visit Rome", "I might visit Rome"),  # "may" the verb, not the month
+        ("Ada likes green tea", "Ada really likes green tea"),
+        ("Ada likes jazz", "  ada LIKES jazz!  "),  # capitals for emphasis are not a name
+        ("", ""),
+    ],
+)
+def test_paraphrases_with_the_same_particulars_agree(a: str, b: str) -> None:
+    assert same_particulars(a, b)
