@@ -178,8 +178,8 @@ class _Door:
             async def store(memory: Any) -> Any:
                 return await self.engine.store_memory(user.id, memory)
 
-            async def search(query: str, mode: str) -> Any:
-                return await self.engine.search(user.id, query, 10, mode=mode, group=self.group)
+            async def search(query: str, mode: str, limit: int = 10) -> Any:
+                return await self.engine.search(user.id, query, limit, mode=mode, group=self.group)
 
             async def turn(session_id: str, said: str, answer: str, names: Any) -> Any:
                 return await self.engine.record_turn(
@@ -194,8 +194,8 @@ class _Door:
         async def store_http(memory: Any) -> Any:
             return await client.store_memory(memory)
 
-        async def search_http(query: str, mode: str) -> Any:
-            return await client.search(query, limit=10, mode=mode, group=self.group)
+        async def search_http(query: str, mode: str, limit: int = 10) -> Any:
+            return await client.search(query, limit=limit, mode=mode, group=self.group)
 
         async def turn_http(session_id: str, said: str, answer: str, names: Any) -> Any:
             return await client.record_turn(
@@ -223,6 +223,7 @@ async def _measure(door: _Door, samples: list[dict[str, Any]], args: Any) -> dic
         ingest_s = time.perf_counter() - started
         for mode in args.modes:
             per_category: dict[int, list[tuple[float, float, float]]] = defaultdict(list)
+            deep: list[tuple[float, float]] = []  # recall@20 and @depth (--depth)
             latencies = []
             for sample, (search, where) in zip(samples, users, strict=True):
                 for qa in sample["qa"]:
@@ -237,6 +238,13 @@ async def _measure(door: _Door, samples: list[dict[str, Any]], args: Any) -> dic
                         if h.matched.part == "message"
                     ]
                     evidence = set(qa["evidence"])
+                    if args.depth:  # untimed: how much evidence the first candidates hold
+                        more = [
+                            where.get((h.memory.id, h.matched.index), "")
+                            for h in await search(qa["question"], mode, args.depth)
+                            if h.matched.part == "message"
+                        ]
+                        deep.append((_recall(evidence, more, 20), _recall(evidence, more, 10**6)))
                     per_category[qa["category"]].append(
                         (
                             _recall(evidence, found, 5),
@@ -259,6 +267,11 @@ async def _measure(door: _Door, samples: list[dict[str, Any]], args: Any) -> dic
                 "search_p95_ms": round(statistics.quantiles(latencies, n=20)[-1], 2),
                 "ingest_turns_per_s": round(turns / ingest_s, 1),
             }
+            if deep:
+                results[name]["recall@20"] = round(statistics.fmean(d[0] for d in deep), 3)
+                results[name][f"recall@{args.depth}"] = round(
+                    statistics.fmean(d[1] for d in deep), 3
+                )
             print(f"{name}: {results[name]}", flush=True)
     return results
 
@@ -343,8 +356,18 @@ def main() -> int:
         default="inprocess",
         help="the in-process engine, or the HTTP API of the served app (Ray Serve, started here)",
     )
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=0,
+        help="also search each question (untimed) for this many results and report recall@20 "
+        "and recall@depth: the most a reranker of that many first-stage candidates could "
+        "reach (0: skip; at most 100)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "locomo.json")
     args = parser.parse_args()
+    if not 0 <= args.depth <= 100:
+        parser.error("--depth must be between 0 and 100")
     if not DATA.exists():
         print(f"{DATA} is missing (the shared development split)", file=sys.stderr)
         return 2
@@ -357,6 +380,16 @@ def main() -> int:
             f"{r['any_hit@10']} | {cats} | {r['search_p50_ms']} / {r['search_p95_ms']} | "
             f"{r['ingest_turns_per_s']} |"
         )
+    if args.depth:
+        rows += [
+            "",
+            f"| via/layout/mode/group | recall@20 | recall@{args.depth} |",
+            "| --- | ---: | ---: |",
+        ]
+        rows += [
+            f"| {name} | {r['recall@20']} | {r[f'recall@{args.depth}']} |"
+            for name, r in results.items()
+        ]
     write_results(
         args.out,
         "locomo.py",
