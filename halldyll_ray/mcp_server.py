@@ -601,6 +601,36 @@ def build_mcp_server(clients: ClientSource, *, name: str = "halldyll-ray") -> MC
         return _json(await call(ctx, lambda c: c.get_memory(memory_id, user_id=user_id)))
 
     @server.tool(annotations=reads)
+    async def fact_history(
+        ctx: Context[Any, Any], memory_id: MemoryId, user_id: UserId = "me"
+    ) -> dict[str, Any]:
+        """How a fact changed: every version, oldest first (a closed one has valid_to and
+        superseded_by, the fact that replaced it). Returns {items: [memory, ...]}."""
+        versions = await call(ctx, lambda c: c.fact_history(memory_id, user_id=user_id))
+        return {"items": [_json(m) for m in versions]}
+
+    @server.tool(annotations=reads)
+    async def list_jobs(
+        ctx: Context[Any, Any],
+        status: Annotated[
+            Literal["queued", "running", "done", "failed"] | None,
+            Field(description="Only jobs in this state."),
+        ] = None,
+        limit: Annotated[int, Field(ge=1, le=500, description="Page size.")] = 20,
+        cursor: Annotated[
+            str | None, Field(description="next_cursor of the previous page, to read on.")
+        ] = None,
+        user_id: UserId = "me",
+    ) -> dict[str, Any]:
+        """The background jobs that learn from recorded turns (fact extraction, session
+        summaries), newest first: whether a turn has been learned from yet, and why not.
+        Returns {items, next_cursor}."""
+        page = await call(
+            ctx, lambda c: c.list_jobs(user_id=user_id, status=status, limit=limit, cursor=cursor)
+        )
+        return _json(page)
+
+    @server.tool(annotations=reads)
     async def list_memories(
         ctx: Context[Any, Any],
         types: Types = None,

@@ -148,3 +148,45 @@ def skip_unless_installed(exc: Exception) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI: {exc}")
     pytest.skip(str(exc))
+
+
+async def graphql(http: Any, key: str, query: str, **variables: Any) -> dict[str, Any]:
+    """A GraphQL request to the served app's ``/graphql`` as ``key``; the answer's JSON
+    (``data`` and ``errors``), which GraphQL sends with 200."""
+    response = await http.post(
+        "/graphql",
+        json={"query": query, "variables": variables},
+        headers={**bearer(key), "X-Request-ID": f"gql-{uuid.uuid4().hex[:12]}"},
+    )
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+@asynccontextmanager
+async def mcp_session(url: str, key: str, **headers: str) -> AsyncIterator[Any]:
+    """An initialized MCP client session over Streamable HTTP at ``url``/mcp as ``key``."""
+    import httpx2
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    async with (
+        httpx2.AsyncClient(headers={**bearer(key), **headers}, timeout=120) as http,
+        streamable_http_client(f"{url}/mcp", http_client=http) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        yield session
+
+
+def mcp_result(result: Any) -> dict[str, Any]:
+    """A successful MCP tool result's JSON (its structured content, and the same as its
+    text)."""
+    import json
+
+    from mcp.types import TextContent
+
+    text = result.content[0].text if isinstance(result.content[0], TextContent) else ""
+    assert not result.is_error, text
+    assert result.structured_content is not None
+    assert json.loads(text) == result.structured_content
+    return dict(result.structured_content)

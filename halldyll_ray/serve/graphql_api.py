@@ -135,6 +135,15 @@ class Memory:
     expires_at: datetime | None
     reinforcement_count: int
     message_count: int
+    valid_from: datetime | None = strawberry.field(
+        description="A fact's version: when it became the user's current statement."
+    )
+    valid_to: datetime | None = strawberry.field(
+        description="When a later statement replaced this fact (null: still current)."
+    )
+    superseded_by: strawberry.ID | None = strawberry.field(
+        description="The fact that replaced this one."
+    )
     text: str = strawberry.field(description="The main text: statement, prompt, transcript...")
     body: JSON = strawberry.field(description="The typed memory, as stored (JSON).")
     messages: list[Message] = strawberry.field(description="A conversation's messages.")
@@ -178,10 +187,50 @@ class Memory:
             expires_at=m.expires_at,
             reinforcement_count=m.reinforcement_count,
             message_count=m.message_count,
+            valid_from=m.valid_from,
+            valid_to=m.valid_to,
+            superseded_by=None if m.superseded_by is None else strawberry.ID(str(m.superseded_by)),
             text=m.text,
             body=_json(m.memory.model_dump(mode="json")),
             messages=[Message.of(x) for x in m.messages],
         )
+
+
+@strawberry.type(description="A background job: fact extraction, a session summary...")
+class Job:
+    id: strawberry.ID
+    user_id: strawberry.ID
+    kind: str
+    status: str = strawberry.field(description="queued, running, done or failed.")
+    attempts: int
+    max_attempts: int
+    last_error: str | None
+    result: JSON | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, j: hm.Job) -> Job:
+        return cls(
+            id=strawberry.ID(str(j.id)),
+            user_id=strawberry.ID(str(j.user_id)),
+            kind=j.kind,
+            status=j.status.value,
+            attempts=j.attempts,
+            max_attempts=j.max_attempts,
+            last_error=j.last_error,
+            result=None if j.result is None else _json(j.result),
+            created_at=j.created_at,
+            started_at=j.started_at,
+            finished_at=j.finished_at,
+        )
+
+
+@strawberry.type
+class JobPage:
+    items: list[Job]
+    next_cursor: str | None = strawberry.field(description="Pass back as `cursor`; null: last.")
 
 
 @strawberry.type
@@ -388,6 +437,40 @@ class Query:
         self, info: Info[GraphQLContext, None], id: strawberry.ID, user_id: strawberry.ID = ME
     ) -> Memory:
         return Memory.of(await _call(info, lambda c: c.get_memory(str(id), user_id=str(user_id))))
+
+    @strawberry.field(
+        description="Every version of a fact, oldest first (closed ones have validTo and "
+        "supersededBy)."
+    )
+    async def fact_history(
+        self, info: Info[GraphQLContext, None], id: strawberry.ID, user_id: strawberry.ID = ME
+    ) -> list[Memory]:
+        found = await _call(info, lambda c: c.fact_history(str(id), user_id=str(user_id)))
+        return [Memory.of(m) for m in found]
+
+    @strawberry.field(description="A user's background jobs, newest first.")
+    async def jobs(
+        self,
+        info: Info[GraphQLContext, None],
+        user_id: strawberry.ID = ME,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> JobPage:
+        page = await _call(
+            info,
+            lambda c: c.list_jobs(
+                user_id=str(user_id), status=status, kind=kind, limit=limit, cursor=cursor
+            ),
+        )
+        return JobPage(items=[Job.of(j) for j in page.items], next_cursor=page.next_cursor)
+
+    @strawberry.field(description="One background job.")
+    async def job(
+        self, info: Info[GraphQLContext, None], id: strawberry.ID, user_id: strawberry.ID = ME
+    ) -> Job:
+        return Job.of(await _call(info, lambda c: c.get_job(str(id), user_id=str(user_id))))
 
     @strawberry.field(description="A user's memories, newest first, with filters and cursor pages.")
     async def memories(

@@ -6,26 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from typing import Any
 
 import httpx
 import pytest
 from support import bearer, user_with_key
+from support import graphql as _gql
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 GQL = "/graphql"
-
-
-async def _gql(http: httpx.AsyncClient, key: str, query: str, **variables: Any) -> dict[str, Any]:
-    response = await http.post(
-        GQL,
-        json={"query": query, "variables": variables},
-        headers={**bearer(key), "X-Request-ID": f"gql-{uuid.uuid4().hex[:12]}"},
-    )
-    assert response.status_code == 200, response.text
-    return dict(response.json())
 
 
 async def test_queries_and_mutations_go_through_the_rest_rules(

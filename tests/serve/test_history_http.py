@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 from scripted_model import ScriptedMemoryModel, act_on_closest
-from support import bearer, user_with_key
+from support import bearer, graphql, mcp_result, mcp_session, user_with_key
 
 from halldyll_ray import MemoryEngine, Settings
 from halldyll_ray.client import AsyncHalldyllClient, HalldyllClient
@@ -76,3 +76,22 @@ async def test_a_fact_history_over_http_and_both_clients(
                 client.fact_history("00000000-0000-4000-8000-000000000000")
 
     await asyncio.to_thread(sync)
+
+    # The same history over GraphQL and MCP.
+    versions = await graphql(
+        http,
+        key,
+        "query($id: ID!) { factHistory(id: $id) { id text validTo supersededBy } }",
+        id=new,
+    )
+    got = versions["data"]["factHistory"]
+    assert [(v["id"], v["supersededBy"]) for v in got] == [(old, new), (new, None)]
+    assert got[0]["validTo"] is not None and got[1]["text"] == "The user lives in Bergen"
+    wrong = await graphql(http, key, "query($id: ID!) { factHistory(id: $id) { id } }", id=log)
+    assert wrong["errors"][0]["extensions"]["code"] == "invalid_input"
+    async with mcp_session(ray_serve["url"], key) as mcp:
+        result = mcp_result(await mcp.call_tool("fact_history", {"memory_id": old}))
+        assert [m["id"] for m in result["items"]] == [old, new]
+        assert result["items"][0]["superseded_by"] == new
+        stranger = await mcp.call_tool("fact_history", {"memory_id": log})
+        assert stranger.is_error

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from support import bearer, user_with_key
+from support import bearer, graphql, mcp_result, mcp_session, user_with_key
 
 from halldyll_ray import MemoryEngine, Settings
 from halldyll_ray.client import AsyncHalldyllClient, HalldyllClient
@@ -124,3 +124,38 @@ async def test_job_status_through_both_clients(
             assert str(admin.get_job(jobs[0], user_id=ada["id"]).id) == jobs[0]
 
     await asyncio.to_thread(sync_calls)
+
+
+async def test_job_status_over_graphql_and_mcp(
+    ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str, encoder: Any
+) -> None:
+    ada, ada_key = await user_with_key(http, admin_key)
+    bob, _ = await user_with_key(http, admin_key)
+    jobs = await _queue(ray_serve, encoder, ada["id"], 2)
+
+    listed = await graphql(
+        http,
+        ada_key,
+        "query($s: String) { jobs(status: $s, limit: 10) { items { id kind status attempts }"
+        " nextCursor } }",
+        s="queued",
+    )
+    page = listed["data"]["jobs"]
+    assert sorted(j["id"] for j in page["items"]) == sorted(jobs)
+    assert {(j["kind"], j["status"], j["attempts"]) for j in page["items"]} == {
+        ("probe", "queued", 0)
+    }
+    one = await graphql(http, ada_key, "query($id: ID!) { job(id: $id) { id } }", id=jobs[0])
+    assert one["data"]["job"]["id"] == jobs[0]
+    refused = await graphql(
+        http, ada_key, "query($u: ID!) { jobs(userId: $u) { items { id } } }", u=bob["id"]
+    )
+    assert refused["errors"][0]["extensions"]["code"] == "permission_denied"
+    bad = await graphql(http, ada_key, '{ jobs(status: "sometimes") { items { id } } }')
+    assert bad["errors"][0]["extensions"]["code"] == "invalid_input"
+
+    async with mcp_session(ray_serve["url"], ada_key) as mcp:
+        found = mcp_result(await mcp.call_tool("list_jobs", {"status": "queued"}))
+        assert sorted(j["id"] for j in found["items"]) == sorted(jobs)
+        other = await mcp.call_tool("list_jobs", {"user_id": bob["id"]})
+        assert other.is_error

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import sys
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,8 @@ from mcp import Client, ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult, TextContent, TextResourceContents
 from support import bearer
+from support import mcp_result as _ok
+from support import mcp_session as _mcp
 from support import user_with_key as _user_with_key
 
 import halldyll_ray
@@ -38,28 +38,9 @@ TOOLS = {
     "update_memory",
     "delete_memory",
     "list_models",
+    "fact_history",
+    "list_jobs",
 }
-
-
-@asynccontextmanager
-async def _mcp(url: str, key: str, **headers: str) -> AsyncIterator[ClientSession]:
-    """An initialized MCP session over Streamable HTTP, authenticated with ``key``."""
-    async with (
-        httpx2.AsyncClient(headers={**bearer(key), **headers}, timeout=120) as http,
-        streamable_http_client(f"{url}/mcp", http_client=http) as (read, write),
-        ClientSession(read, write) as session,
-    ):
-        await session.initialize()
-        yield session
-
-
-def _ok(result: CallToolResult) -> dict[str, Any]:
-    """A successful tool result's JSON (its structured content, and the same as its text)."""
-    text = result.content[0].text if isinstance(result.content[0], TextContent) else ""
-    assert not result.is_error, text
-    assert result.structured_content is not None
-    assert json.loads(text) == result.structured_content
-    return result.structured_content
 
 
 def _error(result: CallToolResult) -> str:
