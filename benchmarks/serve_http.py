@@ -1191,6 +1191,7 @@ async def embedding_throughput(
             "raw_batch": cpu_per_text(raws, "run", batch),
             "raw_small_batch": round(r_small.cpu_ms_per_req.get("run", 0) / small, 2),
             "deployment_1_text": cpu_per_text(ones, "run"),
+            "caller_1_text": cpu_per_text(callers, "run"),
             "deployment_1_text_embedding_replica": cpu_per_text(ones, "Embedding"),
             "deployment_1_text_driver": cpu_per_text(ones, "driver"),
             "deployment_batched": round(r_many.cpu_ms_per_req.get("run", 0) / batch, 2),
@@ -1606,7 +1607,10 @@ def markdown(doc: dict[str, Any]) -> str:
             f"The same {emb['concurrency']} 1-text requests through a replica's merging caller "
             f"(`MergingCaller`, how Search, Ingestion and Context send them): "
             f"{emb.get('caller_1_text_texts_per_s')} texts/s (paired ratio "
-            f"{emb.get('ratio_1_text_caller')}, rounds {emb.get('ratio_1_text_caller_rounds')}).",
+            f"{emb.get('ratio_1_text_caller')}, rounds {emb.get('ratio_1_text_caller_rounds')}). "
+            f"CPU per text, all processes (medians): raw {emb['cpu_ms_per_text']['raw_batch']} "
+            f"ms, one request each {emb['cpu_ms_per_text']['deployment_1_text']} ms, through "
+            f"the merging caller {emb['cpu_ms_per_text'].get('caller_1_text')} ms.",
         ]
     lines += [
         "",
