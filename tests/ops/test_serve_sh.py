@@ -39,6 +39,14 @@ def _ready(url: str) -> bool:
         return False
 
 
+def _name(pid: int) -> str | None:
+    """The process's name, or None if it ended meanwhile (Ray starts short-lived children)."""
+    try:
+        return str(psutil.Process(pid).name())
+    except psutil.NoSuchProcess:
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -160,7 +168,7 @@ def test_serve_sh_stops_whole_on_each_signal(
     tree = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
     postmaster = _postmaster(data_dir)
     assert postmaster is not None and _alive(postmaster)
-    haproxy = {p for p in tree if psutil.Process(p).name() == "haproxy"}
+    haproxy = {p for p in tree if _name(p) == "haproxy"}
     assert haproxy, "HAProxy is not running"
     started = launch["started"]
     assert isinstance(started, list)
