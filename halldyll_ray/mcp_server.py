@@ -66,6 +66,8 @@ UserId = Annotated[
     ),
 ]
 MemoryId = Annotated[str, Field(description="The memory's id (UUID), as returned when stored.")]
+PageSize = Annotated[int, Field(ge=1, le=500, description="Page size.")]
+Cursor = Annotated[str | None, Field(description="next_cursor of the previous page, to read on.")]
 SessionId = Annotated[
     str,
     Field(
@@ -616,10 +618,8 @@ def build_mcp_server(clients: ClientSource, *, name: str = "halldyll-ray") -> MC
             Literal["queued", "running", "done", "failed"] | None,
             Field(description="Only jobs in this state."),
         ] = None,
-        limit: Annotated[int, Field(ge=1, le=500, description="Page size.")] = 20,
-        cursor: Annotated[
-            str | None, Field(description="next_cursor of the previous page, to read on.")
-        ] = None,
+        limit: PageSize = 20,
+        cursor: Cursor = None,
         user_id: UserId = "me",
     ) -> dict[str, Any]:
         """The background jobs that learn from recorded turns (fact extraction, session
@@ -642,10 +642,8 @@ def build_mcp_server(clients: ClientSource, *, name: str = "halldyll-ray") -> MC
         include_shared: IncludeShared = True,
         since: Since = None,
         until: Until = None,
-        limit: Annotated[int, Field(ge=1, le=500, description="Page size.")] = 20,
-        cursor: Annotated[
-            str | None, Field(description="next_cursor of the previous page, to read on.")
-        ] = None,
+        limit: PageSize = 20,
+        cursor: Cursor = None,
         user_id: UserId = "me",
     ) -> dict[str, Any]:
         """Browse memories newest first, by filters rather than by relevance (use

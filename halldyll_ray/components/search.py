@@ -226,58 +226,17 @@ class Search:
         self.settings = settings
 
     async def search(
-        self,
-        user_id: UUID | str,
-        query: str,
-        limit: int | None = None,
-        *,
-        mode: SearchMode | str | None = None,
-        types: Iterable[MemoryType | str] | None = None,
-        model: UUID | str | None = None,
-        include_shared: bool = True,
-        session_id: str | None = None,
-        tags: Sequence[str] | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        threshold: float | None = None,
-        group: SearchGroup | str = SearchGroup.PART,
+        self, user_id: UUID | str, query: str, limit: int | None = None, **options: Any
     ) -> list[SearchResult]:
-        """See :meth:`halldyll_ray.engine.MemoryEngine.search`."""
-        found = await self._found(
-            user_id,
-            query,
-            limit,
-            mode=mode,
-            types=types,
-            model=model,
-            include_shared=include_shared,
-            session_id=session_id,
-            tags=tags,
-            since=since,
-            until=until,
-            threshold=threshold,
-            group=group,
-        )
+        """See :meth:`halldyll_ray.engine.MemoryEngine.search` (its keywords are
+        ``options``; :meth:`_plan` checks them)."""
+        found = await self._found(user_id, query, limit, **options)
         if isinstance(found, bytes):  # a cache hit
             return _live(_RESULTS.validate_json(found, context=STORED))
         return found[0]
 
     async def search_json(
-        self,
-        user_id: UUID | str,
-        query: str,
-        limit: int | None = None,
-        *,
-        mode: SearchMode | str | None = None,
-        types: Iterable[MemoryType | str] | None = None,
-        model: UUID | str | None = None,
-        include_shared: bool = True,
-        session_id: str | None = None,
-        tags: Sequence[str] | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        threshold: float | None = None,
-        group: SearchGroup | str = SearchGroup.PART,
+        self, user_id: UUID | str, query: str, limit: int | None = None, **options: Any
     ) -> bytes:
         """:meth:`search`'s answer as the JSON of ``SearchResponse`` (``{"results": [...]}``).
 
@@ -285,21 +244,7 @@ class Search:
         answer, and a cached answer is passed on as it is stored unless a result in it may
         have expired since (it is then read, filtered and written again).
         """
-        found = await self._found(
-            user_id,
-            query,
-            limit,
-            mode=mode,
-            types=types,
-            model=model,
-            include_shared=include_shared,
-            session_id=session_id,
-            tags=tags,
-            since=since,
-            until=until,
-            threshold=threshold,
-            group=group,
-        )
+        found = await self._found(user_id, query, limit, **options)
         if isinstance(found, bytes):  # a cache hit
             return _answer(found)
         results, cached = found
