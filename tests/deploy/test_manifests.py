@@ -783,3 +783,53 @@ def test_every_launcher_sets_the_serve_environment() -> None:
         for container in group["template"]["spec"]["containers"]:
             refs = [e.get("configMapRef", {}).get("name") for e in container.get("envFrom", [])]
             assert "halldyll-config" in refs, container["name"]
+
+
+# ------------------------------------------------------- the multi-node tier's cluster shape
+def test_local_cluster_nodes_and_config_are_the_rayservices() -> None:
+    """What tests/cluster and benchmarks/autoscaling.py start: the pods' resources, scaled,
+    and the serveConfigV2 with only the one-machine changes."""
+    from halldyll_ray.errors import ConfigurationError
+    from halldyll_ray.serve import local_cluster
+
+    rayservice = local_cluster.load_rayservice(KUBERAY / "rayservice.yaml")
+    shapes = local_cluster.node_shapes(rayservice, cpu_scale=1 / 3)
+    for name, group in _groups().items():
+        offer = _pod_offer(group)
+        shape = shapes[name]
+        assert shape.num_cpus == pytest.approx(offer["CPU"] / 3, abs=1e-4), name
+        assert shape.num_gpus == offer["GPU"], name
+        assert shape.resources == {k: v for k, v in offer.items() if k not in ("CPU", "GPU")}
+
+    settings = {"DATABASE_URL": "postgresql://u@db/h", "REDIS_URL": "redis://r"}
+    config = local_cluster.cluster_serve_config(
+        rayservice,
+        settings=settings,
+        port=8123,
+        cpu_scale=1 / 3,
+        deployment_overrides={"Search": {"autoscaling_config": {"downscale_delay_s": 5}}},
+    )
+    assert config["proxy_location"] == "HeadOnly"
+    assert config["http_options"]["port"] == 8123
+    (app,) = config["applications"]
+    assert app["args"]["settings"] == settings
+    original = _deployments(_serve_v2())
+    for name, deployment in _deployments(config).items():
+        options, before = deployment["ray_actor_options"], original[name]["ray_actor_options"]
+        # Three replicas of a third of a CPU must fit a scaled CPU pod (1 logical CPU).
+        assert options["num_cpus"] == pytest.approx(before["num_cpus"] / 3, abs=1e-4)
+        assert 3 * options["num_cpus"] <= 1
+        assert options.get("resources") == before.get("resources")
+        assert options.get("num_gpus") == before.get("num_gpus")
+    search = _deployments(config)["Search"]["autoscaling_config"]
+    assert search["downscale_delay_s"] == 5 and search["max_replicas"] == 8
+    embedding_env = _deployments(config)["Embedding"]["ray_actor_options"]["runtime_env"]
+    assert embedding_env["env_vars"]["EMBEDDING_PROVIDER"] == "cpu"
+    with pytest.raises(ConfigurationError):
+        local_cluster.cluster_serve_config(
+            rayservice,
+            settings=settings,
+            port=1,
+            cpu_scale=1,
+            deployment_overrides={"Nope": {}},
+        )
