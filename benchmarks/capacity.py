@@ -239,8 +239,18 @@ def markdown(doc: dict[str, Any]) -> str:
         "| --- | ---: | ---: | ---: |",
     ]
     for d, by_op in a["req_per_s_per_core"].items():
-        cells = [str(by_op.get(op, "—")) for op in ("search", "store", "context")]
+        # A deployment an operation does not call shows only its idle replica's CPU: "—".
+        cells = [
+            str(by_op.get(op, "—")) if d in ("Ingress", "Embedding") or MAIN[op] == d else "—"
+            for op in ("search", "store", "context")
+        ]
         lines.append(f"| {d} | {' | '.join(cells)} |")
+    pg = a["postgres_ms_per_req"]
+    lines += [
+        "| PostgreSQL | "
+        + " | ".join(f"{1000 / pg[op]:.1f}" if pg.get(op) else "—" for op in MAIN)
+        + " |",
+    ]
     lines += [
         "",
         "Embedding: texts/s per core on CPU (one text per search and context query, one per "
@@ -254,7 +264,7 @@ def markdown(doc: dict[str, Any]) -> str:
     for op, groups in a["cpu_ms_per_req"].items():
         per_s = statistics.median(r["per_s"] for r in doc["rows"] if r["op"] == op)
         lines.append(
-            f"| {op} | {per_s} | " + " | ".join(f"{v:.2f}" for v in groups.values()) + " |"
+            f"| {op} | {per_s:.1f} | " + " | ".join(f"{v:.2f}" for v in groups.values()) + " |"
         )
     t = a["target"]
     lines += [
@@ -299,7 +309,18 @@ def main() -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--out", type=Path, default=RESULTS / "capacity.json")
+    parser.add_argument(
+        "--render", action="store_true", help="rewrite the .md (and analysis) from --out's JSON"
+    )
     args = parser.parse_args()
+    if args.render:
+        doc = json.loads(args.out.read_text())
+        saved = argparse.Namespace(**{**vars(args), **doc["args"]})
+        doc["analysis"] = analyse(doc["rows"], saved, doc["min_replicas"])
+        args.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(doc))
+        print(markdown(doc))
+        return
     warnings.simplefilter("ignore")
     logging.basicConfig(level=logging.WARNING)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -325,6 +346,7 @@ def main() -> None:
         "command": shlex.join([".venv/bin/python", "benchmarks/capacity.py", *sys.argv[1:]]),
         "machine": machine(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "min_replicas": mins,
     }
     server = EmbeddedPostgres(args.data_dir, database=args.database)
     texts = Texts(args.seed)
