@@ -6,8 +6,8 @@ one, which starts a single-node Ray of its own). The nodes are the pods of
 the GPU group's pod (a logical GPU and ``embedding_gpu``, no CPU), and three CPU group pods;
 CPUs times 1/3 on both sides, so a pod holds as many replicas as in Kubernetes. The
 application is the RayService's ``serveConfigV2``, deployed through the Serve controller as
-KubeRay does, with this session's database and Redis, the CPU embedding provider and one
-HTTP proxy on the head.
+KubeRay does, with this session's database and Redis, the CPU embedding provider, one
+HTTP proxy on the head, and Search's autoscaling delays shortened (``SEARCH_SCALING``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from halldyll_ray.serve import local_cluster
 APP = "halldyll"
 CPU_SCALE = 1 / 3
 CPU_PODS = 3  # the group's minimum is 2: one more, so a lost pod's replicas fit elsewhere
+# Search reacts in seconds instead of Serve's 30 s up / 600 s down, so the autoscaling test
+# fits a short load step (bounds and target stay the RayService's).
+SEARCH_SCALING = {"upscale_delay_s": 2, "downscale_delay_s": 6, "look_back_period_s": 5}
 
 
 @dataclass
@@ -99,7 +102,11 @@ def ray_cluster(cluster_db: str, redis_url: str) -> Iterator[ClusterApp]:
         }
         port = free_port()
         config = local_cluster.cluster_serve_config(
-            rayservice, settings=settings, port=port, cpu_scale=CPU_SCALE
+            rayservice,
+            settings=settings,
+            port=port,
+            cpu_scale=CPU_SCALE,
+            deployment_overrides={"Search": {"autoscaling_config": SEARCH_SCALING}},
         )
         local_cluster.deploy(config)
         yield ClusterApp(

@@ -61,6 +61,55 @@ async def test_store_and_search_across_nodes(http: httpx.AsyncClient, admin_key:
     assert ready["database"]["ok"] and ready["model"]["dimension"] == 384
 
 
+async def test_search_scales_up_within_its_bounds_and_back(
+    ray_cluster: Any, http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """A load step of uncached searches: Serve adds Search replicas, never past max_replicas,
+    and removes them once the load ends (Serve's own replica counts)."""
+    scaling = _deployments(ray_cluster)["Search"]["autoscaling_config"]
+    low, high = scaling["min_replicas"], scaling["max_replicas"]  # type: ignore[index]
+    _, key = await user_with_key(http, admin_key)
+    stop = asyncio.Event()
+    answered = 0
+
+    async def client(c: int) -> None:
+        nonlocal answered
+        i = 0
+        while not stop.is_set():
+            i += 1
+            query = f"what did client {c} say about bees the {i}th time?"
+            r = await http.post(
+                "/v1/users/me/search", headers=bearer(key), json={"query": query, "limit": 3}
+            )
+            assert r.status_code == 200, r.text
+            answered += 1
+
+    seen: list[dict[str, int]] = []
+
+    async def until(predicate: Any, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            counts = (await asyncio.to_thread(local_cluster.replica_counts, APP))["Search"]
+            seen.append(counts)
+            if predicate(counts):
+                return True
+            await asyncio.sleep(0.5)
+        return False
+
+    clients = [asyncio.create_task(client(c)) for c in range(32)]
+    try:
+        scaled = await until(lambda c: c.get("RUNNING", 0) > low, 120)
+    finally:
+        stop.set()
+        await asyncio.gather(*clients)
+    assert scaled, f"Search never scaled past {low}: {seen[-3:]}"
+    back = await until(lambda c: c == {"RUNNING": low}, 120)
+    assert back, f"Search did not come back to {low}: {seen[-3:]}"
+    peak = max(sum(c.values()) for c in seen)
+    assert low < peak <= high, (peak, seen)
+    print(f"Search {low} -> {peak} (max {high}) and back; {answered} searches")
+
+
 async def test_a_lost_node_costs_503s_never_acknowledged_writes(
     ray_cluster: Any, http: httpx.AsyncClient, admin_key: str
 ) -> None:
