@@ -10,8 +10,8 @@ Errors come back as the product's own exceptions: the server's error body
 ``{"error": {"code", "message", "request_id"}}`` becomes the matching
 :class:`~halldyll_ray.errors.HalldyllError` subclass, with ``request_id`` and ``status_code``
 as fields (and attributes); a connection failure or timeout, a 502/503/504, and a 500
-without the error shape (what Serve's proxies answer when the replica handling a request is
-lost, the app never having answered) become :class:`~halldyll_ray.errors.Unavailable`: retry.
+without the error shape (what Serve's HAProxy answers for its own 502/503/504, the app never
+having answered) become :class:`~halldyll_ray.errors.Unavailable`: retry.
 
 Example::
 
