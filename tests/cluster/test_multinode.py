@@ -41,8 +41,16 @@ def test_embedding_replicas_land_on_the_gpu_node_and_only_there(ray_cluster: Any
     assert len({n for name, ns in placed.items() if name != "Embedding" for n in ns}) >= 2
 
 
-async def test_store_and_search_across_nodes(http: httpx.AsyncClient, admin_key: str) -> None:
-    """Ingress, Ingestion, Search and Embedding run on different nodes; one request crosses."""
+async def test_store_and_search_across_nodes(
+    ray_cluster: Any, http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """The config embeds every text in the Embedding deployment (local_embedding_max_texts 0),
+    whose replicas run on another node than Search's and Ingestion's: a store and a search
+    each cross nodes."""
+    (app,) = ray_cluster.config["applications"]
+    assert app["args"]["local_embedding_max_texts"] == 0
+    placed = local_cluster.replica_nodes(APP)
+    assert set(placed["Embedding"]).isdisjoint(placed["Search"] + placed["Ingestion"])
     _, key = await user_with_key(http, admin_key)
     h = bearer(key)
     stored = await http.post(
