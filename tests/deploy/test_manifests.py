@@ -189,6 +189,40 @@ def _quantity(value: str | int | float) -> float:
     return float(text)
 
 
+def _pod_offer(group: dict[str, Any]) -> dict[str, float]:
+    """The logical resources a pod of ``group`` offers Ray (rayStartParams and GPU limits).
+
+    num-cpus defaults to the container's CPU limit and the GPU count to its nvidia.com/gpu
+    limit, as KubeRay sets them.
+    """
+    params = group["rayStartParams"]
+    limits = _ray_container(group)["resources"]["limits"]
+    offer = {
+        "CPU": float(params.get("num-cpus", _quantity(limits["cpu"]))),
+        "GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
+    }
+    if "resources" in params:
+        offer.update(json.loads(json.loads(params["resources"])))
+    return offer
+
+
+def _replica_demand(options: dict[str, Any]) -> dict[str, float]:
+    """What one replica with these ``ray_actor_options`` asks for (Serve's default: 1 CPU)."""
+    return {
+        "CPU": float(options.get("num_cpus", 1)),
+        "GPU": float(options.get("num_gpus", 0)),
+        **{k: float(v) for k, v in options.get("resources", {}).items()},
+    }
+
+
+def _fits(demand: dict[str, float], offer: dict[str, float]) -> int:
+    """How many such replicas an empty pod with ``offer`` holds (0: none)."""
+    if any(amount > offer.get(name, 0) for name, amount in demand.items()):
+        return 0
+    counts = [int(offer[name] // amount) for name, amount in demand.items() if amount > 0]
+    return min(counts) if counts else 1_000_000
+
+
 def _strict(schema: Any) -> Any:
     """The schema with unknown fields refused, as strict field validation does in Kubernetes."""
     if isinstance(schema, dict):
@@ -502,9 +536,18 @@ def test_gpu_worker_group_is_where_embedding_replicas_go() -> None:
     assert offered == {"embedding_gpu": gpus_per_pod}
     assert "resources" not in cpu["rayStartParams"], "only GPU pods offer embedding_gpu"
     assert _ray_container(cpu)["image"].startswith("halldyll-ray:")
-    # The Embedding replica fills the GPU pod's logical CPUs: no CPU replica lands there.
-    spare = float(gpu["rayStartParams"]["num-cpus"]) - embedding["num_cpus"] * gpus_per_pod
-    assert all(spare < deployments[n]["ray_actor_options"]["num_cpus"] for n in CPU_DEPLOYMENTS)
+    # What an empty pod of each group offers Ray, against what each replica asks for: every
+    # deployment fits a pod of some group, Embedding only GPU pods (gpus_per_pod replicas), and
+    # no CPU replica fits a GPU pod, even one without its Embedding replica (a pod the
+    # autoscaler has just added, or one whose replica was scaled down): there, a CPU replica
+    # would take the CPU the next Embedding replica needs and keep the GPU pod busy.
+    offers = {"gpu": _pod_offer(gpu), "cpu": _pod_offer(cpu)}
+    assert _fits(_replica_demand(embedding), offers["gpu"]) == gpus_per_pod
+    assert _fits(_replica_demand(embedding), offers["cpu"]) == 0
+    for name in CPU_DEPLOYMENTS:
+        demand = _replica_demand(deployments[name]["ray_actor_options"])
+        assert _fits(demand, offers["cpu"]) >= 1, f"{name} fits no CPU pod"
+        assert _fits(demand, offers["gpu"]) == 0, f"{name} replicas could land on a GPU pod"
     # Enough pods for every deployment at max_replicas.
     assert (
         gpu["maxReplicas"] * gpus_per_pod
@@ -740,3 +783,53 @@ def test_every_launcher_sets_the_serve_environment() -> None:
         for container in group["template"]["spec"]["containers"]:
             refs = [e.get("configMapRef", {}).get("name") for e in container.get("envFrom", [])]
             assert "halldyll-config" in refs, container["name"]
+
+
+# ------------------------------------------------------- the multi-node tier's cluster shape
+def test_local_cluster_nodes_and_config_are_the_rayservices() -> None:
+    """What tests/cluster and benchmarks/autoscaling.py start: the pods' resources, scaled,
+    and the serveConfigV2 with only the one-machine changes."""
+    from halldyll_ray.errors import ConfigurationError
+    from halldyll_ray.serve import local_cluster
+
+    rayservice = local_cluster.load_rayservice(KUBERAY / "rayservice.yaml")
+    shapes = local_cluster.node_shapes(rayservice, cpu_scale=1 / 3)
+    for name, group in _groups().items():
+        offer = _pod_offer(group)
+        shape = shapes[name]
+        assert shape.num_cpus == pytest.approx(offer["CPU"] / 3, abs=1e-4), name
+        assert shape.num_gpus == offer["GPU"], name
+        assert shape.resources == {k: v for k, v in offer.items() if k not in ("CPU", "GPU")}
+
+    settings = {"DATABASE_URL": "postgresql://u@db/h", "REDIS_URL": "redis://r"}
+    config = local_cluster.cluster_serve_config(
+        rayservice,
+        settings=settings,
+        port=8123,
+        cpu_scale=1 / 3,
+        deployment_overrides={"Search": {"autoscaling_config": {"downscale_delay_s": 5}}},
+    )
+    assert config["proxy_location"] == "HeadOnly"
+    assert config["http_options"]["port"] == 8123
+    (app,) = config["applications"]
+    assert app["args"]["settings"] == settings
+    original = _deployments(_serve_v2())
+    for name, deployment in _deployments(config).items():
+        options, before = deployment["ray_actor_options"], original[name]["ray_actor_options"]
+        # Three replicas of a third of a CPU must fit a scaled CPU pod (1 logical CPU).
+        assert options["num_cpus"] == pytest.approx(before["num_cpus"] / 3, abs=1e-4)
+        assert 3 * options["num_cpus"] <= 1
+        assert options.get("resources") == before.get("resources")
+        assert options.get("num_gpus") == before.get("num_gpus")
+    search = _deployments(config)["Search"]["autoscaling_config"]
+    assert search["downscale_delay_s"] == 5 and search["max_replicas"] == 8
+    embedding_env = _deployments(config)["Embedding"]["ray_actor_options"]["runtime_env"]
+    assert embedding_env["env_vars"]["EMBEDDING_PROVIDER"] == "cpu"
+    with pytest.raises(ConfigurationError):
+        local_cluster.cluster_serve_config(
+            rayservice,
+            settings=settings,
+            port=1,
+            cpu_scale=1,
+            deployment_overrides={"Nope": {}},
+        )

@@ -344,6 +344,11 @@ async def test_errors_without_the_error_shape() -> None:
             return httpx.Response(503, json={"ok": False, "database": {"ok": False}})
         if request.url.path == "/v1/models":
             return httpx.Response(200, text="not json")
+        if request.url.path == "/v1/users/me/jobs":  # a proxy's own 502/503/504, as Serve's
+            return httpx.Response(500, text="Internal Server Error")
+        if request.url.path == "/v1/users/me/keys":  # the app's own 500 has its error shape
+            body = {"error": {"code": "internal_error", "message": "internal error"}}
+            return httpx.Response(500, json=body)
         if request.url.path == "/v1/audit":
             body = {"error": {"code": "unavailable", "message": "down", "request_id": "r-3"}}
             return httpx.Response(503, json=body, headers={"Retry-After": "1"})
@@ -359,6 +364,12 @@ async def test_errors_without_the_error_shape() -> None:
         assert (await client.readyz())["ok"] is False  # a report, not an exception
         with pytest.raises(HalldyllError, match="unexpected response"):
             await client.list_models()
+        with pytest.raises(Unavailable) as bare:
+            await client.list_jobs()
+        assert bare.value.fields["status_code"] == 500
+        with pytest.raises(HalldyllError) as internal:
+            await client.list_api_keys()
+        assert not isinstance(internal.value, Unavailable)
         with pytest.raises(InvalidInput) as invalid:
             await client.search("x", session_id="s", tags=["t"], threshold=0.5)
         # Errors pickle with their fields (they may cross Ray actors in a caller's app).
