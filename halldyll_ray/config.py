@@ -144,6 +144,13 @@ class Settings(BaseSettings):
     cache_size: int = Field(default=1000, ge=0, le=10_000_000)
     search_cache_ttl_seconds: int = Field(default=60, ge=0, le=86_400)
     ephemeral_fact_ttl_days: float = Field(default=30, gt=0, le=36_500)
+    store_batch_max: int = Field(
+        default=500,
+        ge=1,
+        le=10_000,
+        description="Most memories one bulk store (store_memories, POST .../memories/batch) "
+        "takes; more is refused (InvalidInput, HTTP 422) and nothing is stored.",
+    )
     fact_merge_similarity: float = Field(
         default=0.92,
         gt=0.5,
