@@ -219,6 +219,7 @@ class MemoryEngine:
                     provider=settings.embedding_provider,
                     batch_size=settings.embedding_batch_size,
                     max_seq_length=settings.embedding_max_seq_length,
+                    cpu_mem_arena=settings.embedding_cpu_mem_arena,
                 )
             elif self._encoder.dimension != settings.embedding_dimension:
                 raise InvalidInput(
@@ -351,6 +352,7 @@ class MemoryEngine:
                 provider=self.settings.embedding_provider,
                 batch_size=self.settings.embedding_batch_size,
                 max_seq_length=active.max_seq_length,
+                cpu_mem_arena=self.settings.embedding_cpu_mem_arena,
             )
         except ConfigurationError as exc:
             raise ConfigurationError(

@@ -224,6 +224,7 @@ class Embedder:
             provider=self.settings.embedding_provider,
             batch_size=self.settings.embedding_batch_size,
             max_seq_length=self.settings.embedding_max_seq_length,
+            cpu_mem_arena=self.settings.embedding_cpu_mem_arena,
         )
         self.batch_sizes: list[int] = []  # requests per model call, the last 1000
         self.texts = 0
