@@ -233,6 +233,13 @@ class AuthorizedEngine:
             "memory.store", user_id, lambda u: self.engine.store_memory(u, memory)
         )
 
+    async def store_memories(
+        self, user_id: UUID | str | None, memories: Sequence[Memory | dict[str, Any]]
+    ) -> list[StoredMemory]:
+        return await self._write(
+            "memory.store", user_id, lambda u: self.engine.store_memories(u, memories)
+        )
+
     async def get_memory(
         self, user_id: UUID | str | None, memory_id: UUID | str, *, include_messages: bool = True
     ) -> StoredMemory:

@@ -141,6 +141,7 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
             dimension=settings.embedding_dimension,
             provider=settings.embedding_provider,
             max_seq_length=settings.embedding_max_seq_length,
+            cpu_mem_arena=settings.embedding_cpu_mem_arena,
         )
         vector = encoder.encode(["doctor check"])
         report(

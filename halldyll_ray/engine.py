@@ -219,6 +219,7 @@ class MemoryEngine:
                     provider=settings.embedding_provider,
                     batch_size=settings.embedding_batch_size,
                     max_seq_length=settings.embedding_max_seq_length,
+                    cpu_mem_arena=settings.embedding_cpu_mem_arena,
                 )
             elif self._encoder.dimension != settings.embedding_dimension:
                 raise InvalidInput(
@@ -351,6 +352,7 @@ class MemoryEngine:
                 provider=self.settings.embedding_provider,
                 batch_size=self.settings.embedding_batch_size,
                 max_seq_length=active.max_seq_length,
+                cpu_mem_arena=self.settings.embedding_cpu_mem_arena,
             )
         except ConfigurationError as exc:
             raise ConfigurationError(
@@ -632,6 +634,28 @@ class MemoryEngine:
         instead of adding a row (``reinforcement_count`` tells).
         """
         return await self.components.ingestion.store(user_id, memory, request_id=request_id)
+
+    async def store_memories(
+        self,
+        user_id: UUID | str,
+        memories: Sequence[Memory | dict[str, Any]],
+        *,
+        request_id: str | None = None,
+    ) -> list[StoredMemory]:
+        """Store 1 to STORE_BATCH_MAX memories of any types at once, all or nothing; return
+        them as stored, in the order given (the bulk path: one embedding call in full
+        batches, one transaction with multi-row inserts).
+
+        Facts merge as in :meth:`store_memory`, each in order within the batch's transaction:
+        a fact equal or near-equal to a stored fact, or to an earlier fact of the batch,
+        reinforces it and comes back with its id.
+
+        Raises:
+            InvalidInput: empty, over STORE_BATCH_MAX, or a bad memory; the error's ``field``
+                starts with ``memories[i]`` and its ``index`` is ``i``. Nothing is stored.
+            NotFound: no such user, or memory ``i`` names an unknown model (``index``).
+        """
+        return await self.components.ingestion.store_many(user_id, memories, request_id=request_id)
 
     async def append_messages(
         self,

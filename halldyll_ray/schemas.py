@@ -40,6 +40,7 @@ from halldyll_ray.models import (
     SearchMode,
     SearchResult,
     SessionId,
+    StoredMemory,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -61,6 +62,8 @@ __all__ = [
     "PrepareContextRequest",
     "SearchRequest",
     "SearchResponse",
+    "StoreMemoriesRequest",
+    "StoredMemories",
     "TurnRequest",
     "UserCreate",
     "UserUpdate",
@@ -147,6 +150,24 @@ class AppendMessagesRequest(_Request):
     """``POST /v1/users/{user_id}/memories/{memory_id}/messages``."""
 
     messages: list[Message] = Field(min_length=1, max_length=1000)
+
+
+#: The most memories a bulk store body may hold: STORE_BATCH_MAX's upper bound (the engine
+#: refuses more than the configured STORE_BATCH_MAX, 500 by default).
+MAX_STORE_BATCH = 10_000
+
+
+class StoreMemoriesRequest(_Request):
+    """``POST /v1/users/{user_id}/memories/batch``: memories of any types, stored all or
+    nothing (at most STORE_BATCH_MAX, 500 by default)."""
+
+    memories: list[Memory] = Field(min_length=1, max_length=MAX_STORE_BATCH)
+
+
+class StoredMemories(BaseModel):
+    """The answer to a bulk store: the memories as stored, in the order sent."""
+
+    memories: list[StoredMemory]
 
 
 # --------------------------------------------------------------------------- search

@@ -295,6 +295,28 @@ class AsyncHalldyllClient:
         """
         return await self._send(Endpoints.store_memory(memory, user_id=user_id))
 
+    async def store_memories(
+        self, memories: Sequence[MemoryInput], *, user_id: Id = "me"
+    ) -> list[StoredMemory]:
+        """Store up to STORE_BATCH_MAX (500) memories of any types in one request, all or
+        nothing (``POST .../memories/batch``): embedded in one request to the Embedding
+        deployment and written in one transaction.
+
+        Args:
+            memories: Memory models or their JSON forms (``type`` key), in any mix.
+            user_id: Whose memories (``"me"``; another user for an Admin or a Service).
+
+        Returns:
+            The memories as stored, in the order given (a fact equal to a stored one, or to
+            an earlier one of the batch, comes back reinforced with that fact's id).
+
+        Raises:
+            InvalidInput: a bad memory (``field`` names it: ``memories.3...`` or
+                ``memories[3]...``), an empty batch or one over STORE_BATCH_MAX; nothing
+                is stored.
+        """
+        return await self._send(Endpoints.store_memories(memories, user_id=user_id))
+
     async def export_memories(self, *, user_id: Id = "me") -> AsyncIterator[bytes]:
         """Every memory of the user as an NDJSON file (:mod:`halldyll_ray.portability`),
         streamed: ``async for piece in client.export_memories(): out.write(piece)``.

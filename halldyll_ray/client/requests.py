@@ -9,7 +9,7 @@ clients only differ in how they send a :class:`Request`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -365,6 +365,14 @@ class Endpoints:
     @staticmethod
     def store_memory(memory: MemoryInput, *, user_id: Id) -> Request[StoredMemory]:
         return Request("POST", _memories(user_id), _one(StoredMemory), json=_body(memory))
+
+    @staticmethod
+    def store_memories(
+        memories: Sequence[MemoryInput], *, user_id: Id
+    ) -> Request[list[StoredMemory]]:
+        body = {"memories": [_body(memory) for memory in memories]}
+        path = f"{_memories(user_id)}/batch"
+        return Request("POST", path, _many(StoredMemory, "memories"), json=body)
 
     @staticmethod
     def export_memories(user_id: Id) -> Request[None]:

@@ -208,6 +208,12 @@ class HalldyllClient:
         """Store a memory; see :meth:`AsyncHalldyllClient.store_memory`."""
         return self._send(Endpoints.store_memory(memory, user_id=user_id))
 
+    def store_memories(
+        self, memories: Sequence[MemoryInput], *, user_id: Id = "me"
+    ) -> list[StoredMemory]:
+        """Store memories all or nothing; see :meth:`AsyncHalldyllClient.store_memories`."""
+        return self._send(Endpoints.store_memories(memories, user_id=user_id))
+
     def export_memories(self, *, user_id: Id = "me") -> Iterator[bytes]:
         """The user's export file in pieces; see :meth:`AsyncHalldyllClient.export_memories`."""
         request = Endpoints.export_memories(user_id)

@@ -10,12 +10,13 @@ from uuid import UUID
 
 import asyncpg
 import numpy as np
+from pgvector import Vector
 
 from halldyll_ray.components.embeddings import model_of
 from halldyll_ray.errors import NotFound
 from halldyll_ray.models import Message, MessageRole, StoredMessage
 from halldyll_ray.storage.database import Database
-from halldyll_ray.storage.sql import q, query
+from halldyll_ray.storage.sql import bind, q
 
 _MONTHS = [
     "January",
@@ -91,67 +92,91 @@ async def insert_chunks(
         Unavailable: the vectors are of another model than the one the database searches
             (a re-embedding switched models since they were made); nothing is written.
     """
+    await insert_chunk_rows(conn, row["user_id"], [(row["id"], c) for c in chunks], vectors)
+
+
+async def insert_chunk_rows(
+    conn: asyncpg.Connection,
+    user_id: UUID,
+    chunks: Sequence[tuple[UUID, Chunk]],
+    vectors: np.ndarray,
+) -> None:
+    """Write chunks of any number of the user's memories in one statement (query
+    ``insert_chunks``): ``chunks[i]`` is (memory id, chunk), embedded as ``vectors[i]``.
+
+    The filter columns (model, session, type, tags, creation time) and ``valid_to`` (a
+    closed fact's chunks are closed with it, migration 0012) are copied from each chunk's
+    memory row, which must already be written in this transaction.
+
+    Raises:
+        Unavailable: the vectors are of another model than the one the database searches
+            (SQLSTATE HL001 from ``halldyll_embedding_for_write``); nothing is written.
+        NotFound: a memory id is not a memory of the user (a caller's bug).
+    """
     if not chunks:
         return
-    embedding_model = model_of(vectors)
-    try:  # a closed fact's chunks are closed with it (migration 0012)
-        valid_to = row["valid_to"]
-    except KeyError:  # a conversation's appended messages: its row in part only
-        valid_to = None
-    insert = query("insert_chunk")
-    await conn.executemany(
-        insert.sql,
-        [
-            insert.args(
-                memory_id=row["id"],
-                user_id=row["user_id"],
-                model_id=row["model_id"],
-                session_id=row["session_id"],
-                type=row["type"],
-                tags=list(row["tags"]),
-                created_at=row["created_at"],
-                part=c.part,
-                part_index=c.part_index,
-                chunk_index=c.chunk_index,
-                content=c.text,
-                label=c.label,
-                valid_to=valid_to,
-                embedding=np.asarray(vectors[i]),
-                embedding_model=embedding_model,
-            )
-            for i, c in enumerate(chunks)
-        ],
+    status = await conn.execute(
+        *bind(
+            "insert_chunks",
+            user_id=user_id,
+            memory_ids=[memory_id for memory_id, _ in chunks],
+            parts=[c.part for _, c in chunks],
+            part_indexes=[c.part_index for _, c in chunks],
+            chunk_indexes=[c.chunk_index for _, c in chunks],
+            contents=[c.text for _, c in chunks],
+            labels=[c.label for _, c in chunks],
+            # Vector objects: a list of arrays would be read as a two-dimensional float array.
+            embeddings=[Vector(np.asarray(vector)) for vector in vectors[: len(chunks)]],
+            embedding_model=model_of(vectors),
+        )
     )
+    if int(status.rsplit(" ", 1)[-1]) != len(chunks):
+        raise NotFound("a chunk names a memory the user does not have")
 
 
 async def insert_messages(
     conn: asyncpg.Connection, memory_id: UUID, first: int, messages: Sequence[Message]
 ) -> list[StoredMessage]:
     """Write ``messages`` of a conversation from sequence number ``first``; return them."""
+    return (await insert_message_rows(conn, [(memory_id, first, messages)]))[0]
+
+
+async def insert_message_rows(
+    conn: asyncpg.Connection, conversations: Sequence[tuple[UUID, int, Sequence[Message]]]
+) -> list[list[StoredMessage]]:
+    """Write the messages of several conversations in one statement (query
+    ``insert_messages``): each item is (conversation id, first sequence number, messages).
+    Returns each conversation's messages as stored, in the order given; a message without
+    ``created_at`` gets now."""
     now = datetime.now(UTC)
     stored = [
-        StoredMessage(
-            seq=first + i,
-            role=MessageRole(m.role),
-            name=m.name,
-            content=m.content,
-            created_at=m.created_at or now,
-        )
-        for i, m in enumerate(messages)
-    ]
-    insert = query("insert_message")
-    await conn.executemany(
-        insert.sql,
         [
-            insert.args(
-                memory_id=memory_id,
-                seq=m.seq,
-                role=m.role.value,
+            StoredMessage(
+                seq=first + i,
+                role=MessageRole(m.role),
                 name=m.name,
                 content=m.content,
-                created_at=m.created_at,
+                created_at=m.created_at or now,
             )
-            for m in stored
-        ],
-    )
+            for i, m in enumerate(messages)
+        ]
+        for _, first, messages in conversations
+    ]
+    rows = [
+        (memory_id, m)
+        for (memory_id, _, _), written in zip(conversations, stored, strict=True)
+        for m in written
+    ]
+    if rows:
+        await conn.execute(
+            *bind(
+                "insert_messages",
+                memory_ids=[memory_id for memory_id, _ in rows],
+                seqs=[m.seq for _, m in rows],
+                roles=[m.role.value for _, m in rows],
+                names=[m.name for _, m in rows],
+                contents=[m.content for _, m in rows],
+                created_ats=[m.created_at for _, m in rows],
+            )
+        )
     return stored

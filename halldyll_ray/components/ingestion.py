@@ -8,6 +8,7 @@ waits on the model, and writes its audit row in the same transaction.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,9 @@ from halldyll_ray import validation
 from halldyll_ray.components.audit import write_audit
 from halldyll_ray.components.base import (
     Chunk,
+    insert_chunk_rows,
     insert_chunks,
+    insert_message_rows,
     insert_messages,
     lock_user,
     message_label,
@@ -34,7 +37,7 @@ from halldyll_ray.components.memories import MEMORY, expired, near_duplicate, sp
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.config import Settings
 from halldyll_ray.embedding import TextEncoder
-from halldyll_ray.errors import Conflict, InvalidInput, NotFound
+from halldyll_ray.errors import Conflict, HalldyllError, InvalidInput, NotFound
 from halldyll_ray.language import detect_language
 from halldyll_ray.models import (
     MAX_MESSAGES_PER_CALL,
@@ -81,6 +84,30 @@ class Appended:
     replayed: bool
     #: Background jobs the append queued (MEMORY_EXTRACTION=background).
     job_ids: list[UUID] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated memory of a store: its model scope, its chunks, and the prefix of the
+    fields its errors name (``""`` for a single store, ``"memories[i]."`` in a batch)."""
+
+    memory: Memory
+    model_id: UUID | None
+    chunks: list[Chunk]
+    prefix: str
+
+
+def _messages(memory: Memory) -> list[Message]:
+    return memory.messages if isinstance(memory, Conversation) else []
+
+
+def _at_index(exc: HalldyllError, index: int) -> HalldyllError:
+    """``exc`` raised for item ``index`` of a batch: its message and field name the item."""
+    where = f"memories[{index}]"
+    fields = {**exc.fields, "index": index}
+    if isinstance(exc, InvalidInput):
+        fields["field"] = f"{where}.{exc.field}" if exc.field else where
+    return type(exc)(f"{where}: {exc.message}", **fields)
 
 
 class Chunker:
@@ -176,127 +203,275 @@ class Ingestion:
         instead of adding a row (``reinforcement_count`` tells).
         """
         user_id = validation.parse_uuid(user_id, "user_id")
-        if not isinstance(memory, Conversation | Fact | Image | Transcription | Summary):
-            memory = validation.validate(MEMORY, memory, "memory")
-        model_id = await self.registry.resolve(memory.model)
+        prepared = await self._prepare(memory, None, {})
+        return (await self._write_all(user_id, [prepared], request_id=request_id))[0]
+
+    async def store_many(
+        self,
+        user_id: UUID | str,
+        memories: Sequence[Memory | dict[str, Any]],
+        *,
+        request_id: str | None = None,
+    ) -> list[StoredMemory]:
+        """Store 1 to STORE_BATCH_MAX memories of any types at once, all or nothing; return
+        them as stored, in the order given.
+
+        Every memory is validated and its model resolved before anything is embedded; the
+        texts of all of them are embedded in one call (full, length-bucketed batches of the
+        encoder, or one request to the Embedding deployment), and everything is written in
+        one transaction under the user's lock: one multi-row INSERT each for the memories,
+        the messages and the chunks. Facts keep a single store's merge rules: each goes
+        through the fact path (nearest fact, reinforce or upsert) in that same transaction,
+        in order, so a fact may reinforce a stored fact or an earlier fact of the batch and
+        come back with that fact's id. Background learning queues each conversation's jobs
+        as a single store does; one ``memory.store`` audit row names every memory added
+        (and one ``fact.reinforce`` row the facts reinforced).
+
+        Raises:
+            InvalidInput: not a list, empty, more than STORE_BATCH_MAX memories, or a bad
+                memory: ``field`` starts with ``memories[i]`` and ``index`` is ``i``. Nothing
+                is stored.
+            NotFound: no such user, or memory ``i`` names an unknown model (``index``).
+        """
+        user_id = validation.parse_uuid(user_id, "user_id")
+        if isinstance(memories, str | bytes) or not isinstance(memories, Sequence):
+            raise InvalidInput("memories must be a list of memories", field="memories")
+        limit = self.settings.store_batch_max
+        if not 1 <= len(memories) <= limit:
+            raise InvalidInput(
+                f"send 1 to {limit} memories per batch (STORE_BATCH_MAX), got {len(memories)}",
+                field="memories",
+            )
+        models: dict[UUID | str | None, UUID | None] = {}
+        prepared = [await self._prepare(m, i, models) for i, m in enumerate(memories)]
+        return await self._write_all(user_id, prepared, request_id=request_id, batch=True)
+
+    async def _prepare(
+        self,
+        memory: Memory | dict[str, Any],
+        index: int | None,
+        models: dict[UUID | str | None, UUID | None],
+    ) -> _Prepared:
+        """Validate ``memory`` (item ``index`` of a batch, or a single store's with None),
+        resolve its model (once per batch: ``models``), detect a transcription's language
+        and chunk it. A batch's errors name the item (``memories[i]``, ``index``)."""
+        try:
+            if not isinstance(memory, Conversation | Fact | Image | Transcription | Summary):
+                memory = validation.validate(MEMORY, memory, "memory")
+            if memory.model not in models:
+                models[memory.model] = await self.registry.resolve(memory.model)
+        except HalldyllError as exc:
+            if index is None:
+                raise
+            raise _at_index(exc, index) from None
         if isinstance(memory, Transcription) and memory.language is None:
             language = await asyncio.to_thread(detect_language, memory.text)
             memory = memory.model_copy(update={"language": language})
-        if isinstance(memory, Fact):
-            return await self._store_fact(user_id, memory, model_id, request_id=request_id)
-        chunks = self.chunker.of(memory)
-        vectors = await self.embeddings.embed([chunk.indexed for chunk in chunks])
-        memory_id = uuid.uuid4()
-        content, payload = split(memory)
+        prefix = "" if index is None else f"memories[{index}]."
+        return _Prepared(memory, models[memory.model], self.chunker.of(memory), prefix)
+
+    async def _write_all(
+        self,
+        user_id: UUID,
+        items: Sequence[_Prepared],
+        *,
+        request_id: str | None,
+        batch: bool = False,
+    ) -> list[StoredMemory]:
+        """Embed the chunks of ``items`` in one call, then write them in one transaction."""
+        plain = [i for i, item in enumerate(items) if not isinstance(item.memory, Fact)]
+        facts = [i for i, item in enumerate(items) if isinstance(item.memory, Fact)]
+        # The memories' chunks first, then the facts': one slice of vectors each.
+        order = plain + facts
+        vectors = await self.embeddings.embed(
+            [chunk.indexed for i in order for chunk in items[i].chunks]
+        )
+        ids = {i: uuid.uuid4() for i in plain}
+        records: dict[int, StoredMemory] = {}
+        added: dict[int, UUID] = {}  # by position in the batch: the audit lists them in order
+        reinforced: dict[int, UUID] = {}
         async with self.db.scoped(user_id) as conn:
             await lock_user(conn, user_id)
-            if isinstance(memory, Summary) and memory.covers:
-                await self._check_owned(conn, user_id, memory.covers, "covers")
-            row = await conn.fetchrow(
-                *bind(
-                    "insert_memory",
-                    id=memory_id,
-                    user_id=user_id,
-                    model_id=model_id,
-                    session_id=memory.session_id,
-                    type=memory.type.value,
-                    content=content,
-                    payload=payload,
-                    tags=memory.tags,
-                    metadata=memory.metadata,
-                    importance=memory.importance,
-                    session_role=None,
-                )
+            for item in items:
+                if isinstance(item.memory, Summary) and item.memory.covers:
+                    await self._check_owned(
+                        conn, user_id, item.memory.covers, item.prefix + "covers"
+                    )
+            rows = await self._insert_memories(conn, user_id, [(ids[i], items[i]) for i in plain])
+            conversations = [
+                i
+                for i in plain
+                if isinstance(conv := items[i].memory, Conversation) and conv.messages
+            ]
+            written = await insert_message_rows(
+                conn, [(ids[i], 0, _messages(items[i].memory)) for i in conversations]
             )
-            messages: list[StoredMessage] = []
-            if isinstance(memory, Conversation) and memory.messages:
-                messages = await insert_messages(conn, memory_id, 0, memory.messages)
-                row = await conn.fetchrow(q("set_message_count"), memory_id, user_id, len(messages))
-                if self.learning is not None:
+            messages = dict(zip(conversations, written, strict=True))
+            placed = [(ids[i], chunk) for i in plain for chunk in items[i].chunks]
+            await insert_chunk_rows(conn, user_id, placed, vectors[: len(placed)])
+            if self.learning is not None:
+                for i in conversations:
                     await self.learning.after_write(
                         conn,
                         user_id=user_id,
-                        conversation_id=memory_id,
-                        messages=messages,
-                        model_id=model_id,
-                        session_id=memory.session_id,
+                        conversation_id=ids[i],
+                        messages=messages[i],
+                        model_id=items[i].model_id,
+                        session_id=items[i].memory.session_id,
                         request_id=request_id,
                     )
-            await insert_chunks(conn, row, chunks, vectors)
-            await write_audit(
-                conn, "memory.store", memory.type.value, [memory_id], user_id, request_id=request_id
-            )
-        return to_record(row, messages=messages)
+            for i in plain:
+                records[i] = to_record(rows[ids[i]], messages=messages.get(i, ()))
+                added[i] = ids[i]
+            start = len(placed)
+            for i in facts:
+                end = start + len(items[i].chunks)
+                fact = items[i].memory
+                assert isinstance(fact, Fact)
+                row = await self._write_fact(
+                    conn, user_id, fact, items[i].model_id, items[i].chunks, vectors[start:end]
+                )
+                start = end
+                records[i] = to_record(row)
+                (reinforced if row["reinforced"] else added)[i] = row["id"]
+            types = {items[i].memory.type.value for i in range(len(items))}
+            details = {"memories": len(items)} if batch else None
+            if added:
+                await write_audit(
+                    conn,
+                    "memory.store",
+                    types.pop() if len(types) == 1 else "memory",
+                    [added[i] for i in sorted(added)],
+                    user_id,
+                    request_id=request_id,
+                    details=details,
+                )
+            if reinforced:
+                await write_audit(
+                    conn,
+                    "fact.reinforce",
+                    "fact",
+                    [reinforced[i] for i in sorted(reinforced)],
+                    user_id,
+                    request_id=request_id,
+                    details=details,
+                )
+        return [records[i] for i in range(len(items))]
 
-    async def _store_fact(
-        self, user_id: UUID, fact: Fact, model_id: UUID | None, *, request_id: str | None
-    ) -> StoredMemory:
+    @staticmethod
+    async def _insert_memories(
+        conn: asyncpg.Connection, user_id: UUID, items: Sequence[tuple[UUID, _Prepared]]
+    ) -> dict[UUID, Any]:
+        """Insert the memories (not facts) of ``items`` in one statement; their rows by id."""
+        if not items:
+            return {}
+        columns: dict[str, list[Any]] = {
+            name: []
+            for name in (
+                "ids",
+                "model_ids",
+                "session_ids",
+                "types",
+                "contents",
+                "payloads",
+                "tags",
+                "metadata",
+                "importances",
+                "message_counts",
+            )
+        }
+        for memory_id, item in items:
+            memory = item.memory
+            content, payload = split(memory)
+            for name, value in (
+                ("ids", memory_id),
+                ("model_ids", item.model_id),
+                ("session_ids", memory.session_id),
+                ("types", memory.type.value),
+                ("contents", content),
+                ("payloads", json.dumps(payload)),
+                ("tags", json.dumps(list(memory.tags))),
+                ("metadata", json.dumps(memory.metadata)),
+                ("importances", memory.importance),
+                ("message_counts", len(_messages(memory))),
+            ):
+                columns[name].append(value)
+        rows = await conn.fetch(*bind("insert_memories", user_id=user_id, **columns))
+        return {row["id"]: row for row in rows}
+
+    async def _write_fact(
+        self,
+        conn: asyncpg.Connection,
+        user_id: UUID,
+        fact: Fact,
+        model_id: UUID | None,
+        chunks: list[Chunk],
+        vectors: np.ndarray,
+    ) -> Any:
+        """Write one fact in the caller's transaction (the user's row locked): reinforce the
+        nearest open fact if it says the same (:func:`near_duplicate`) or has the same
+        normalised statement, else insert it with its chunks; return its row (``reinforced``
+        tells)."""
         key = make_fact_key(fact.statement)
-        chunks = self.chunker.of(fact)
-        vectors = await self.embeddings.embed([c.indexed for c in chunks])
         vector = vectors[0]  # near-duplicates are judged on the statement's first chunk
         ttl = timedelta(days=self.settings.ephemeral_fact_ttl_days)
         promote = self.settings.fact_promotion_confidence
         ephemeral = fact.kind is FactKind.EPHEMERAL
         content, payload = split(fact)
         payload["sources"] = [fact.source] if fact.source else []
-        async with self.db.scoped(user_id) as conn:
-            # Locks the user's row: writes of one user are serialised, so the near-duplicate
-            # check below cannot race another replica storing a paraphrase at the same time.
-            await lock_user(conn, user_id)
-            row = None
-            near = await conn.fetchrow(
+        # The user's row is locked: writes of one user are serialised, so the near-duplicate
+        # check below cannot race another replica storing a paraphrase at the same time.
+        row = None
+        near = await conn.fetchrow(
+            *bind(
+                "nearest_fact",
+                user_id=user_id,
+                model_id=model_id,
+                vector=vector,
+                embedding_model=model_of(vectors),
+            )
+        )
+        if near is not None and near_duplicate(near, fact.statement, self.settings):
+            row = await conn.fetchrow(
                 *bind(
-                    "nearest_fact",
+                    "reinforce_fact",
+                    id=near["memory_id"],
                     user_id=user_id,
-                    model_id=model_id,
-                    vector=vector,
-                    embedding_model=model_of(vectors),
+                    confidence=fact.confidence,
+                    fact_kind=fact.kind.value,
+                    ttl=ttl,
+                    promote_at=promote,
+                    tags=fact.tags,
+                    sources=payload["sources"],
                 )
             )
-            if near is not None and near_duplicate(near, fact.statement, self.settings):
-                row = await conn.fetchrow(
-                    *bind(
-                        "reinforce_fact",
-                        id=near["memory_id"],
-                        user_id=user_id,
-                        confidence=fact.confidence,
-                        fact_kind=fact.kind.value,
-                        ttl=ttl,
-                        promote_at=promote,
-                        tags=fact.tags,
-                        sources=payload["sources"],
-                    )
+        if row is None:
+            row = await conn.fetchrow(
+                *bind(
+                    "upsert_fact",
+                    id=uuid.uuid4(),
+                    user_id=user_id,
+                    model_id=model_id,
+                    session_id=fact.session_id,
+                    content=content,
+                    payload=payload,
+                    tags=fact.tags,
+                    metadata=fact.metadata,
+                    importance=fact.importance,
+                    fact_key=key,
+                    confidence=fact.confidence,
+                    fact_kind=fact.kind.value,
+                    expires_at=datetime.now(UTC) + ttl if ephemeral else None,
+                    ttl=ttl,
+                    promote_at=promote,
+                    valid_from=None,
                 )
-            if row is None:
-                row = await conn.fetchrow(
-                    *bind(
-                        "upsert_fact",
-                        id=uuid.uuid4(),
-                        user_id=user_id,
-                        model_id=model_id,
-                        session_id=fact.session_id,
-                        content=content,
-                        payload=payload,
-                        tags=fact.tags,
-                        metadata=fact.metadata,
-                        importance=fact.importance,
-                        fact_key=key,
-                        confidence=fact.confidence,
-                        fact_kind=fact.kind.value,
-                        expires_at=datetime.now(UTC) + ttl if ephemeral else None,
-                        ttl=ttl,
-                        promote_at=promote,
-                        valid_from=None,
-                    )
-                )
-                if not row["reinforced"]:
-                    await insert_chunks(conn, row, chunks, vectors)
-            if row["reinforced"]:  # by similarity or by the same statement: merged tags
-                await conn.execute(q("update_chunk_filters"), row["id"], user_id, row["tags"])
-            operation = "fact.reinforce" if row["reinforced"] else "memory.store"
-            await write_audit(conn, operation, "fact", [row["id"]], user_id, request_id=request_id)
-        return to_record(row)
+            )
+            if not row["reinforced"]:
+                await insert_chunks(conn, row, chunks, vectors)
+        if row["reinforced"]:  # by similarity or by the same statement: merged tags
+            await conn.execute(q("update_chunk_filters"), row["id"], user_id, row["tags"])
+        return row
 
     async def append_messages(
         self,

@@ -33,6 +33,7 @@ def load_encoder(
     batch_size: int = 32,
     max_seq_length: int = 256,
     intra_op_threads: int | None = None,
+    cpu_mem_arena: bool = True,
 ) -> LoadedEncoder:
     """Load the encoder a configuration names.
 
@@ -46,6 +47,7 @@ def load_encoder(
         batch_size: Texts per model call.
         max_seq_length: Truncation in tokens, special tokens included.
         intra_op_threads: onnxruntime threads per call; ``None`` keeps its default.
+        cpu_mem_arena: ``EMBEDDING_CPU_MEM_ARENA``: ONNX Runtime's CPU memory arena.
 
     Returns:
         The loaded encoder.
@@ -62,6 +64,7 @@ def load_encoder(
             max_seq_length=max_seq_length,
             batch_size=batch_size,
             intra_op_threads=intra_op_threads,
+            cpu_mem_arena=cpu_mem_arena,
         )
     if model == "use-multilingual":
         if path is not None:
@@ -76,6 +79,7 @@ def load_encoder(
             max_seq_length=max_seq_length,
             batch_size=batch_size,
             intra_op_threads=intra_op_threads,
+            cpu_mem_arena=cpu_mem_arena,
         )
     raise ConfigurationError(
         f"Unknown EMBEDDING_MODEL {model!r}; use one of {', '.join(EMBEDDING_MODELS)}.",

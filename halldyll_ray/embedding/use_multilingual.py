@@ -160,6 +160,7 @@ class UseMultilingualEncoder:
         max_seq_length: int = 256,
         batch_size: int = 32,
         intra_op_threads: int | None = None,
+        cpu_mem_arena: bool = True,
     ) -> UseMultilingualEncoder:
         """Load the packaged model, check its sha256, and return a ready encoder.
 
@@ -226,6 +227,7 @@ class UseMultilingualEncoder:
         options.log_severity_level = 3
         # As for MiniLM: idle worker threads must not spin between requests.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.enable_cpu_mem_arena = cpu_mem_arena
         try:
             session = ort.InferenceSession(
                 str(model_file), sess_options=options, providers=["CPUExecutionProvider"]

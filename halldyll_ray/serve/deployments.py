@@ -54,6 +54,8 @@ from halldyll_ray.schemas import (
     PrepareContextRequest,
     SearchRequest,
     SearchResponse,
+    StoredMemories,
+    StoreMemoriesRequest,
     TurnRequest,
     parse,
     parse_memory,
@@ -222,6 +224,7 @@ class Embedder:
             provider=self.settings.embedding_provider,
             batch_size=self.settings.embedding_batch_size,
             max_seq_length=self.settings.embedding_max_seq_length,
+            cpu_mem_arena=self.settings.embedding_cpu_mem_arena,
         )
         self.batch_sizes: list[int] = []  # requests per model call, the last 1000
         self.texts = 0
@@ -627,6 +630,22 @@ class Ingestor(EngineDeployment):
         memory = parse_memory(memory)
         async with self._authorized(principal, request_id) as api:
             return await api.store_memory(user_id, memory)
+
+    @handle_method
+    async def store_memories(
+        self,
+        principal: Principal,
+        request: StoreMemoriesRequest,
+        *,
+        user_id: UUID | None,
+        request_id: str | None,
+    ) -> StoredMemories:
+        """Store a batch of memories, all or nothing (the bulk path: one embedding request to
+        the Embedding deployment, one transaction)."""
+        request = parse(StoreMemoriesRequest, request)
+        async with self._authorized(principal, request_id) as api:
+            stored = await api.store_memories(user_id, request.memories)
+        return StoredMemories.model_construct(memories=stored)
 
     @handle_method
     async def update_memory(

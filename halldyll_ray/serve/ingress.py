@@ -49,6 +49,8 @@ from halldyll_ray.schemas import (
     PrepareContextRequest,
     SearchRequest,
     SearchResponse,
+    StoredMemories,
+    StoreMemoriesRequest,
     TurnRequest,
     UserCreate,
     UserUpdate,
@@ -285,6 +287,23 @@ class Ingress(EngineOwner):
     async def store_memory(self, request: Request, user_id: UserRef, body: Memory) -> Any:
         stored = await downstream(
             self._ingestor.store_memory.remote(
+                await self._principal(request),
+                body,
+                user_id=self._user(user_id),
+                request_id=request.state.request_id,
+            )
+        )
+        return json_response(stored, 201)
+
+    @api.post("/v1/users/{user_id}/memories/batch", status_code=201, tags=["memories"])
+    async def store_memories(
+        self, request: Request, user_id: UserRef, body: StoreMemoriesRequest
+    ) -> Any:
+        """Store up to STORE_BATCH_MAX memories of any types, all or nothing: 201 with
+        ``{"memories": [...]}`` in the order sent, or an error whose ``field`` names the
+        item (``memories.3...`` for a bad body, ``memories[3]...`` from the engine)."""
+        stored = await downstream(
+            self._ingestor.store_memories.remote(
                 await self._principal(request),
                 body,
                 user_id=self._user(user_id),
@@ -637,6 +656,23 @@ class Ingress(EngineOwner):
                 principal, parse_memory(memory), user_id=_handle_user(user_id), request_id=None
             )
         )
+
+    @tracing.handle_method
+    async def handle_store_memories(
+        self,
+        api_key: str,
+        user_id: UUID | str | None,
+        memories: list[Memory | Mapping[str, Any]],
+    ) -> list[StoredMemory]:
+        """Store memories all or nothing (models, or their JSON forms with a ``type`` key)."""
+        request = parse(StoreMemoriesRequest, {"memories": memories})
+        principal = await self._handle_principal(api_key)
+        stored: StoredMemories = await downstream(
+            self._ingestor.store_memories.remote(
+                principal, request, user_id=_handle_user(user_id), request_id=None
+            )
+        )
+        return stored.memories
 
     @tracing.handle_method
     async def handle_search(

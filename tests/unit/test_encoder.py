@@ -321,3 +321,13 @@ def test_configuration_error_pickles() -> None:
     clone = pickle.loads(pickle.dumps(info.value))
     assert clone.message == info.value.message
     assert clone.fields["setting"] == "EMBEDDING_DIMENSION"
+
+
+def test_the_memory_arena_setting_reaches_the_session_and_leaves_vectors_alike(
+    encoder: OnnxEncoder,
+) -> None:
+    off = OnnxEncoder.load(cpu_mem_arena=False)
+    assert off._session.get_session_options().enable_cpu_mem_arena is False
+    assert encoder._session.get_session_options().enable_cpu_mem_arena is True
+    texts = ["a short line", "a somewhat longer line about the quarterly budget review " * 5]
+    np.testing.assert_allclose(off.encode(texts), encoder.encode(texts), atol=1e-6)

@@ -49,6 +49,7 @@ def test_the_ingress_routes_read_the_shared_schemas() -> None:
         ("POST", f"{users}/grants"): "GrantCreate",
         ("POST", "/v1/models"): "ModelCreate",
         ("POST", f"{users}/memories"): "",  # the memory union itself (models.Memory)
+        ("POST", f"{users}/memories/batch"): "StoreMemoriesRequest",
         ("PATCH", memory): "MemoryUpdate",
         ("POST", f"{memory}/messages"): "AppendMessagesRequest",
         ("POST", f"{users}/search"): "SearchRequest",

@@ -7,9 +7,11 @@ UPDATE memories SET message_count = message_count + $3, updated_at = now()
 WHERE id = $1 AND user_id = $2 AND type = 'conversation'
 RETURNING message_count, model_id, session_id, tags, created_at;
 
--- name: insert_message
+-- name: insert_messages
+-- Messages of one or more conversations in one statement (parallel arrays, one per column).
 INSERT INTO conversation_messages (memory_id, seq, role, name, content, created_at)
-VALUES (:memory_id, :seq, :role, :name, :content, :created_at);
+SELECT * FROM unnest(:memory_ids::uuid[], :seqs::integer[], :roles::text[], :names::text[],
+                     :contents::text[], :created_ats::timestamptz[]);
 
 -- name: get_messages
 SELECT seq, role, name, content, created_at

@@ -11,6 +11,23 @@ RETURNING *;
 -- name: set_message_count
 UPDATE memories SET message_count = $3 WHERE id = $1 AND user_id = $2 RETURNING *;
 
+-- name: insert_memories
+-- The non-fact memories of a bulk store in one statement (insert_memory, row by row):
+-- parallel arrays; tags, payload and metadata as JSON text, one per memory (unnest cannot
+-- take ragged arrays, and a list of lists would be read as a two-dimensional array).
+INSERT INTO memories (id, user_id, model_id, session_id, type, content, payload, tags, metadata,
+                      importance, message_count)
+SELECT r.id, :user_id, r.model_id, r.session_id, r.type, r.content, r.payload::jsonb,
+       ARRAY(SELECT jsonb_array_elements_text(r.tags::jsonb)), r.metadata::jsonb, r.importance,
+       r.message_count
+FROM unnest(:ids::uuid[], :model_ids::uuid[], :session_ids::text[], :types::text[],
+            :contents::text[], :payloads::text[], :tags::text[], :metadata::text[],
+            :importances::double precision[], :message_counts::integer[]) WITH ORDINALITY
+         AS r (id, model_id, session_id, type, content, payload, tags, metadata, importance,
+               message_count, n)
+ORDER BY r.n
+RETURNING *;
+
 -- name: upsert_fact
 -- Storing a fact that exists (same user, same model scope, same normalised statement)
 -- reinforces it: confidence rises by halldyll_reinforced_confidence (migration 0004), expiry
@@ -126,10 +143,23 @@ DELETE FROM memory_chunks WHERE memory_id = $1 AND user_id = $2 AND part = $3;
 -- name: delete_memory
 DELETE FROM memories WHERE id = $1 AND user_id = $2 RETURNING id, type;
 
--- name: insert_chunk
+-- name: insert_chunks
+-- Any number of chunks of any of the user's memories in one statement: parallel arrays
+-- unnested row by row (a bulk store writes its whole batch so). COPY would be faster still
+-- but cannot be used: PostgreSQL refuses COPY FROM into a table under row-level security
+-- (migration 0002) for the application role, and COPY calls no function per row, so the
+-- embedding model guard below could not run. The filter columns (model, session, type,
+-- tags, created_at) and valid_to (a closed fact's chunks are closed with it, migration
+-- 0012) are copied from each chunk's memory row, written earlier in the same transaction.
 INSERT INTO memory_chunks (memory_id, user_id, model_id, session_id, type, tags, created_at,
                            part, part_index, chunk_index, content, label, valid_to, embedding)
-VALUES (:memory_id, :user_id, :model_id, :session_id, :type, :tags, :created_at,
-        :part, :part_index, :chunk_index, :content, :label, :valid_to,
-        -- refused (SQLSTATE HL001) unless embedding_model made the vectors searched now
-        halldyll_embedding_for_write(:embedding_model, :embedding));
+SELECT m.id, m.user_id, m.model_id, m.session_id, m.type, m.tags, m.created_at,
+       c.part, c.part_index, c.chunk_index, c.content, c.label, m.valid_to,
+       -- refused (SQLSTATE HL001) unless embedding_model made the vectors searched now
+       halldyll_embedding_for_write(:embedding_model, c.embedding)
+FROM unnest(:memory_ids::uuid[], :parts::text[], :part_indexes::integer[],
+            :chunk_indexes::integer[], :contents::text[], :labels::text[],
+            :embeddings::vector[]) WITH ORDINALITY
+         AS c (memory_id, part, part_index, chunk_index, content, label, embedding, n)
+JOIN memories m ON m.id = c.memory_id AND m.user_id = :user_id
+ORDER BY c.n;
