@@ -29,56 +29,64 @@ def fact_key(statement: str) -> str:
 
 
 _TOKEN = re.compile(r"[^\W_]+(?:['’][^\W_]+)*", re.UNICODE)
-_NUMBER_WORDS = frozenset(
-    [
-        "zero",
-        "one",
-        "two",
-        "three",
-        "four",
-        "five",
-        "six",
-        "seven",
-        "eight",
-        "nine",
-        "ten",
-        "eleven",
-        "twelve",
-        "thirteen",
-        "fourteen",
-        "fifteen",
-        "sixteen",
-        "seventeen",
-        "eighteen",
-        "nineteen",
-        "twenty",
-        "thirty",
-        "forty",
-        "fifty",
-        "sixty",
-        "seventy",
-        "eighty",
-        "ninety",
-        "hundred",
-        "thousand",
-        "million",
-        "billion",
-        "first",
-        "second",
-        "third",
-        "fourth",
-        "fifth",
-        "sixth",
-        "seventh",
-        "eighth",
-        "ninth",
-        "tenth",
-        "once",
-        "twice",
-        "half",
-        "dozen",
-    ]
+_UNITS = {
+    w: i
+    for i, w in enumerate(
+        [
+            "zero",
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+            "ten",
+            "eleven",
+            "twelve",
+            "thirteen",
+            "fourteen",
+            "fifteen",
+            "sixteen",
+            "seventeen",
+            "eighteen",
+            "nineteen",
+        ]
+    )
+}
+_TENS = {
+    w: 10 * i
+    for i, w in enumerate(
+        ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"], 2
+    )
+}
+_ORDINALS = {
+    w: i
+    for i, w in enumerate(
+        [
+            "first",
+            "second",
+            "third",
+            "fourth",
+            "fifth",
+            "sixth",
+            "seventh",
+            "eighth",
+            "ninth",
+            "tenth",
+            "eleventh",
+            "twelfth",
+        ],
+        1,
+    )
+}
+#: Quantity words kept as words (no single value).
+_QUANTITIES = frozenset(
+    ["hundred", "thousand", "million", "billion", "once", "twice", "half", "dozen"]
 )
+_ORDINAL_DIGITS = re.compile(r"^(\d+)(?:st|nd|rd|th)$")
 _CALENDAR_WORDS = frozenset(
     [
         "january",
@@ -125,32 +133,66 @@ _NEGATIONS = frozenset(
 _PRONOUN_I = frozenset({"i", "i'm", "i've", "i'd", "i'll"})
 
 
-def _particulars(statement: str) -> set[str]:
-    """The words of ``statement`` that pin down which fact it is: numbers, calendar words,
-    negations (``n't`` included) and names (capitalised words past the first; a word in
-    capitals throughout is emphasis as often as a name, and is left out)."""
+def _number(low: str) -> str | None:
+    """A number word, ordinal or numeral as its digits ("forty" "40", "fifth" "5th" "5"),
+    a quantity word as itself, else None."""
+    if low in _UNITS:
+        return str(_UNITS[low])
+    if low in _TENS:
+        return str(_TENS[low])
+    if low in _ORDINALS:
+        return str(_ORDINALS[low])
+    ordinal = _ORDINAL_DIGITS.match(low)
+    if ordinal:
+        return str(int(ordinal.group(1)))
+    if any(ch.isdigit() for ch in low) or low in _QUANTITIES:
+        return low
+    return None
+
+
+@dataclass(frozen=True)
+class _Particulars:
+    """What pins down which fact a statement is (:func:`same_particulars`)."""
+
+    values: frozenset[str]  # numbers as digits, calendar words, "not" for any negation
+    names: frozenset[str]  # capitalised words, the first one too (folded)
+    words: frozenset[str]  # every word (folded), to find a name written elsewhere
+
+
+def _particulars(statement: str) -> _Particulars:
     text = unicodedata.normalize("NFKC", statement)
-    found: set[str] = set()
-    for position, match in enumerate(_TOKEN.finditer(text)):
-        word = match.group().replace("’", "'")
+    tokens = [m.group().replace("’", "'") for m in _TOKEN.finditer(text)]
+    values: set[str] = set()
+    names: set[str] = set()
+    pending_tens: int | None = None  # "twenty" waiting for a "one" of "twenty-one"
+    for word in tokens:
         low = word.casefold()
-        if (
-            any(ch.isdigit() for ch in word)
-            or low in _NUMBER_WORDS
-            or (low in _CALENDAR_WORDS and (low not in _ALSO_VERBS or word[:1].isupper()))
-            or low in _NEGATIONS
-        ):
-            found.add(low)
-        elif low.endswith("n't"):
-            found.add("not")
-        elif position > 0 and word[:1].isupper() and not word.isupper() and low not in _PRONOUN_I:
-            found.add(low)
-    return found
+        number = _number(low)
+        if pending_tens is not None:
+            if low in _UNITS and 0 < _UNITS[low] < 10:
+                values.discard(str(pending_tens))
+                number = str(pending_tens + _UNITS[low])
+            pending_tens = None
+        if number is not None:
+            values.add(number)
+            pending_tens = _TENS.get(low)
+        elif low in _CALENDAR_WORDS and (low not in _ALSO_VERBS or word[:1].isupper()):
+            values.add(low)
+        elif low in _NEGATIONS or low.endswith("n't"):
+            values.add("not")
+        elif word[:1].isupper() and not word.isupper() and low not in _PRONOUN_I:
+            names.add(low)
+    return _Particulars(
+        frozenset(values), frozenset(names), frozenset(t.casefold() for t in tokens)
+    )
 
 
 def same_particulars(a: str, b: str) -> bool:
-    """Whether two similar statements agree on their particulars: the same numbers, calendar
-    words, negations and names (see :func:`_particulars`).
+    """Whether two similar statements agree on their particulars: the same numbers (in
+    digits or words: "40" is "forty", "5th" is "fifth"), calendar words and negations, and
+    no name in one that the other lacks. A capitalised word counts as a name wherever it
+    stands; a name that the other statement has in any case or place (a sentence-initial
+    "Every", "Ada" moved to the end) is not a difference.
 
     Sentence embeddings place statements that differ only in such a word very close: with
     all-MiniLM-L6-v2, "The user is 30 years old" and "... 31 years old" have a cosine of
@@ -158,7 +200,14 @@ def same_particulars(a: str, b: str) -> bool:
     second into a reinforcement of the first, so the merge asks both: similar enough, and
     the same particulars.
     """
-    return normalize_statement(a) == normalize_statement(b) or _particulars(a) == _particulars(b)
+    if normalize_statement(a) == normalize_statement(b):
+        return True
+    first, second = _particulars(a), _particulars(b)
+    return (
+        first.values == second.values
+        and first.names <= second.words
+        and second.names <= first.words
+    )
 
 
 #: Tokens per chunk and tokens shared by consecutive chunks. all-MiniLM-L6-v2 was trained on

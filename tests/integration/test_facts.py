@@ -89,6 +89,14 @@ async def test_a_near_duplicate_with_other_particulars_is_a_new_fact(engine: Mem
     again = await engine.store_memory(user.id, Fact(statement="The user is 31 years of age"))
     assert again.reinforcement_count == 1
     assert again.memory.statement == "The user is 31 years old"
+    tea = await engine.store_memory(user.id, Fact(statement="Ada drinks green tea every morning"))
+    moved = await engine.store_memory(
+        user.id, Fact(statement="Every morning, Ada drinks green tea")
+    )
+    assert moved.id == tea.id and moved.reinforcement_count == 1  # a name moved is the same name
+    forty = await engine.store_memory(user.id, Fact(statement="Bo is forty years old"))
+    digits = await engine.store_memory(user.id, Fact(statement="Bo is 40 years old"))
+    assert digits.id == forty.id  # the same number in words and digits
 
 
 async def test_parallel_reinforcement_from_two_replicas_leaves_one_row(
