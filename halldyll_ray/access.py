@@ -34,6 +34,7 @@ from uuid import UUID
 from halldyll_ray import requestctx, validation
 from halldyll_ray.components.events import Recheck, Subscription
 from halldyll_ray.components.reembedding import ReembedStatus
+from halldyll_ray.components.search import CachedSearch
 from halldyll_ray.errors import NotFound, PermissionDenied
 from halldyll_ray.models import (
     AIModel,
@@ -349,8 +350,8 @@ class AuthorizedEngine:
 
     async def cached_search_json(
         self, user_id: UUID | str | None, query: str, limit: int | None = None, **options: Any
-    ) -> bytes | None:
-        """:meth:`search_json` when the result cache holds the answer, else None
+    ) -> CachedSearch:
+        """:meth:`search_json`'s answer when the result cache holds it
         (:meth:`MemoryEngine.cached_search_json`). Checked as a search is; a cached answer
         read for another user is audited as the search would be, a miss is not (the search
         that follows it is)."""
@@ -358,7 +359,7 @@ class AuthorizedEngine:
             "memory.search",
             user_id,
             lambda u: self.engine.cached_search_json(u, query, limit, **options),
-            read=lambda found: found is not None,
+            read=lambda found: found.answer is not None,
         )
 
     async def build_context(

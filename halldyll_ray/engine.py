@@ -51,7 +51,7 @@ from halldyll_ray.components.reembedding import (
     read_status,
 )
 from halldyll_ray.components.registry import ModelRegistry
-from halldyll_ray.components.search import Search
+from halldyll_ray.components.search import CachedSearch, Search
 from halldyll_ray.components.summaries import Summaries
 from halldyll_ray.components.transfer import Transfer
 from halldyll_ray.components.users import Users
@@ -968,11 +968,18 @@ class MemoryEngine:
 
     async def cached_search_json(
         self, user_id: UUID | str, query: str, limit: int | None = None, **options: Any
-    ) -> bytes | None:
-        """:meth:`search_json`'s answer if the result cache holds it, else None: nothing is
-        searched and no query is embedded. Same arguments (the keywords of :meth:`search`)
-        and errors as :meth:`search_json`."""
+    ) -> CachedSearch:
+        """:meth:`search_json`'s answer if the result cache holds it (``answer``; None
+        otherwise: nothing is searched and no query is embedded), and the cache key for
+        :meth:`keep_search_json`. Same arguments (the keywords of :meth:`search`) and errors
+        as :meth:`search_json`."""
         return await self.components.search.cached_json(user_id, query, limit, **options)
+
+    def keep_search_json(self, key: str, answer: bytes) -> None:
+        """Keep another process's answer to a search that :meth:`cached_search_json` missed
+        (``key``) in this process's cache (see
+        :meth:`halldyll_ray.components.search.Search.keep_json`)."""
+        self.components.search.keep_json(key, answer)
 
     # ------------------------------------------------------------------ context
     async def build_context(

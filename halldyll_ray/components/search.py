@@ -195,6 +195,15 @@ def in_context(
 
 
 @dataclass(frozen=True)
+class CachedSearch:
+    """:meth:`Search.cached_json`'s answer: the HTTP answer's bytes if cached, else None, and
+    the result cache key of the search's arguments."""
+
+    answer: bytes | None
+    key: str
+
+
+@dataclass(frozen=True)
 class _Plan:
     """A search's checked arguments and its result cache key (:meth:`Search._plan`)."""
 
@@ -252,17 +261,29 @@ class Search:
 
     async def cached_json(
         self, user_id: UUID | str, query: str, limit: int | None = None, **options: Any
-    ) -> bytes | None:
-        """:meth:`search_json`'s answer when the result cache holds it, else None (nothing is
-        searched). Same arguments and errors as :meth:`search_json`.
+    ) -> CachedSearch:
+        """:meth:`search_json`'s answer when the result cache holds it (else ``answer`` None:
+        nothing is searched), with the cache key. Same arguments and errors as
+        :meth:`search_json`.
 
-        Lets the HTTP ingress answer a repeated search without the hop to Search.
+        Lets the HTTP ingress answer a repeated search without the hop to Search, and keep
+        Search's answer to a miss (:meth:`keep_json`).
         """
-        if self.settings.search_cache_ttl_seconds <= 0:  # nothing is ever cached
-            return None
         plan = await self._plan(user_id, query, limit, **options)
+        if self.settings.search_cache_ttl_seconds <= 0:  # nothing is ever cached
+            return CachedSearch(None, plan.key)
         cached = await self.cache.get(plan.key, kind="search")
-        return None if cached is None else _answer(cached)
+        return CachedSearch(None if cached is None else _answer(cached), plan.key)
+
+    def keep_json(self, key: str, answer: bytes) -> None:
+        """Keep a search's answer (``{"results": [...]}``, as :meth:`search_json` wrote it
+        for the arguments whose :meth:`cached_json` gave ``key``) in this process's cache
+        only: the replica that searched has cached it for every process already (in Redis),
+        and without Redis this is how the ingress's next identical search avoids the hop."""
+        ttl = self.settings.search_cache_ttl_seconds
+        prefix, suffix = b'{"results":', b"}"
+        if ttl > 0 and answer.startswith(prefix) and answer.endswith(suffix):
+            self.cache.local.set(key, answer[len(prefix) : -len(suffix)], ttl)
 
     async def _plan(
         self,

@@ -471,8 +471,10 @@ class Ingress(EngineOwner):
         # Search would: the hop to Search was most of a cached search's cost
         # (benchmarks/serve_http.py). A miss goes to Search, which searches and caches.
         api_ = await self._api(request)
-        options = search_options(body)
-        content = await api_.cached_search_json(self._user(user_id), body.query, **options)
+        found = await api_.cached_search_json(
+            self._user(user_id), body.query, **search_options(body)
+        )
+        content = found.answer
         if content is None:
             content = await downstream(
                 self._searcher.search_json.remote(
@@ -482,6 +484,8 @@ class Ingress(EngineOwner):
                     request_id=request.state.request_id,
                 )
             )
+            # Kept here too: without Redis, Search's cache is its own process's.
+            (await self.engine()).keep_search_json(found.key, content)
         return Response(content, media_type="application/json")
 
     @api.post("/v1/users/{user_id}/context", tags=["context"])

@@ -225,16 +225,45 @@ async def test_cached_search_json_answers_only_from_the_cache(engine: MemoryEngi
     user, _ = corpus
     query, options = "which mountain trail did we choose?", {"mode": "hybrid", "limit": 4}
     embedded = list(engine.cache.stats.by_kind.get("embedding", []))
-    assert await engine.cached_search_json(user.id, query, **options) is None
+    missed = await engine.cached_search_json(user.id, query, **options)
+    assert missed.answer is None
     # A miss searched nothing: no query embedding was looked up or computed.
     assert engine.cache.stats.by_kind.get("embedding", []) == embedded
     answer = await engine.search_json(user.id, query, **options)
-    assert await engine.cached_search_json(user.id, query, **options) == answer
-    assert await engine.cached_search_json(user.id, query, mode="fulltext", limit=4) is None
+    hit = await engine.cached_search_json(user.id, query, **options)
+    assert hit.answer == answer and hit.key == missed.key
+    other = await engine.cached_search_json(user.id, query, mode="fulltext", limit=4)
+    assert other.answer is None and other.key != missed.key
     await engine.store_memory(user.id, Fact(statement="Ada prefers the ridge trail"))
-    assert await engine.cached_search_json(user.id, query, **options) is None
+    assert (await engine.cached_search_json(user.id, query, **options)).answer is None
     with pytest.raises(InvalidInput):
         await engine.cached_search_json(user.id, query, mode="psychic")
+
+
+async def test_an_answer_kept_from_another_process_is_served_until_a_write(
+    database_url: str, encoder
+):
+    """Without Redis each process caches alone: the Ingress keeps the answer Search sent it
+    (``keep_search_json``) and answers the next identical search itself; a write still makes
+    it unreachable."""
+    settings = make_settings(database_url, None)
+    async with (
+        MemoryEngine(settings, encoder=encoder) as ingress,
+        MemoryEngine(settings, encoder=encoder) as searcher,
+    ):
+        user = await ingress.create_user("ada", None, "user")
+        await ingress.store_memory(user.id, Fact(statement="Ada keeps bees in her garden"))
+        query = "does Ada keep any animals?"
+        missed = await ingress.cached_search_json(user.id, query)
+        assert missed.answer is None
+        answer = await searcher.search_json(user.id, query)  # Search's own cache only
+        assert (await ingress.cached_search_json(user.id, query)).answer is None
+        ingress.keep_search_json(missed.key, answer)
+        assert (await ingress.cached_search_json(user.id, query)).answer == answer
+        ingress.keep_search_json("search:not-an-answer", b"<html>")  # not a search answer
+        assert ingress.cache.local.get("search:not-an-answer") is None
+        await searcher.store_memory(user.id, Fact(statement="Ada also keeps two goats"))
+        assert (await ingress.cached_search_json(user.id, query)).answer is None
 
 
 async def test_search_json_drops_a_memory_that_expired_since_it_was_cached(
