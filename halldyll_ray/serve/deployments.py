@@ -33,7 +33,7 @@ from halldyll_ray import tracing
 from halldyll_ray.config import Settings
 from halldyll_ray.embedding import MergingCaller, MergingEncoder, load_encoder
 from halldyll_ray.engine import MemoryEngine
-from halldyll_ray.errors import Unavailable
+from halldyll_ray.errors import HalldyllError, Unavailable
 from halldyll_ray.models import (
     Context,
     Memory,
@@ -60,6 +60,7 @@ from halldyll_ray.schemas import (
     parse,
     parse_memory,
 )
+from halldyll_ray.serve.http import status_of
 from halldyll_ray.serve.llm_handle import serve_memory_model
 from halldyll_ray.serve.settings import SettingsOverrides
 from halldyll_ray.storage.embedded import EmbeddedPostgres
@@ -94,10 +95,28 @@ def use_serve_logging(level: str, *, access_log: bool = True) -> None:
     ours.propagate = False
     ours.handlers[:] = [_ToServeLogger()]
     serve_logger = logging.getLogger("ray.serve")
+    if _client_errors_as_info not in serve_logger.filters:
+        serve_logger.addFilter(_client_errors_as_info)
     if access_log:
         serve_logger.removeFilter(_no_access_log)
     elif _no_access_log not in serve_logger.filters:
         serve_logger.addFilter(_no_access_log)
+
+
+def _client_errors_as_info(record: logging.LogRecord) -> bool:
+    """Serve's "Request failed." record for a call that raised a product error answered with
+    a 4xx (bad input, not found, refused) becomes one INFO line without the traceback: the
+    caller's mistake, not the replica's, and an ERROR with a stack for each would flood logs
+    and alerts. 5xx errors and anything else stay as Serve logs them. Always kept."""
+    error = record.exc_info[1] if record.exc_info else None
+    if record.msg == "Request failed." and isinstance(error, HalldyllError):
+        status = status_of(error)
+        if status < 500:
+            record.msg = "Request refused (%s %s): %s"
+            record.args = (status, error.code, error.message)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+    return True
 
 
 def _no_access_log(record: logging.LogRecord) -> bool:

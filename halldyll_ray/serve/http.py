@@ -156,7 +156,8 @@ def json_response(value: Any, status: int = 200) -> Response:
     return Response(_ANY.dump_json(value), status_code=status, media_type="application/json")
 
 
-def _status_of(exc: HalldyllError) -> int:
+def status_of(exc: HalldyllError) -> int:
+    """The HTTP status a product error answers with (:data:`STATUS`, by class; 500 else)."""
     for cls in type(exc).__mro__:
         if cls in STATUS:
             return STATUS[cls]
@@ -165,7 +166,7 @@ def _status_of(exc: HalldyllError) -> int:
 
 @api.exception_handler(HalldyllError)
 async def _halldyll_error(request: Request, exc: HalldyllError) -> Response:
-    status = _status_of(exc)
+    status = status_of(exc)
     headers = {"Retry-After": str(exc.fields.get("retry_after", 5))} if status == 503 else {}
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
