@@ -652,7 +652,7 @@ class MemoryEngine:
 
         Raises:
             InvalidInput: empty, over STORE_BATCH_MAX, or a bad memory; the error's ``field``
-                starts with ``memories[i]`` and its ``index`` is ``i``. Nothing is stored.
+                starts with ``memories.i`` and its ``index`` is ``i``. Nothing is stored.
             NotFound: no such user, or memory ``i`` names an unknown model (``index``).
         """
         return await self.components.ingestion.store_many(user_id, memories, request_id=request_id)

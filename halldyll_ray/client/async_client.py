@@ -311,9 +311,8 @@ class AsyncHalldyllClient:
             an earlier one of the batch, comes back reinforced with that fact's id).
 
         Raises:
-            InvalidInput: a bad memory (``field`` names it: ``memories.3...`` or
-                ``memories[3]...``), an empty batch or one over STORE_BATCH_MAX; nothing
-                is stored.
+            InvalidInput: a bad memory (``field`` names it: ``memories.3...``), an empty
+                batch or one over STORE_BATCH_MAX; nothing is stored.
         """
         return await self._send(Endpoints.store_memories(memories, user_id=user_id))
 

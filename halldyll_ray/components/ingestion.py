@@ -89,7 +89,7 @@ class Appended:
 @dataclass(frozen=True)
 class _Prepared:
     """A validated memory of a store: its model scope, its chunks, and the prefix of the
-    fields its errors name (``""`` for a single store, ``"memories[i]."`` in a batch)."""
+    fields its errors name (``""`` for a single store, ``"memories.i."`` in a batch)."""
 
     memory: Memory
     model_id: UUID | None
@@ -103,7 +103,7 @@ def _messages(memory: Memory) -> list[Message]:
 
 def _at_index(exc: HalldyllError, index: int) -> HalldyllError:
     """``exc`` raised for item ``index`` of a batch: its message and field name the item."""
-    where = f"memories[{index}]"
+    where = f"memories.{index}"
     fields = {**exc.fields, "index": index}
     if isinstance(exc, InvalidInput):
         fields["field"] = f"{where}.{exc.field}" if exc.field else where
@@ -229,7 +229,7 @@ class Ingestion:
 
         Raises:
             InvalidInput: not a list, empty, more than STORE_BATCH_MAX memories, or a bad
-                memory: ``field`` starts with ``memories[i]`` and ``index`` is ``i``. Nothing
+                memory: ``field`` starts with ``memories.i`` and ``index`` is ``i``. Nothing
                 is stored.
             NotFound: no such user, or memory ``i`` names an unknown model (``index``).
         """
@@ -254,7 +254,7 @@ class Ingestion:
     ) -> _Prepared:
         """Validate ``memory`` (item ``index`` of a batch, or a single store's with None),
         resolve its model (once per batch: ``models``), detect a transcription's language
-        and chunk it. A batch's errors name the item (``memories[i]``, ``index``)."""
+        and chunk it. A batch's errors name the item (``memories.i``, ``index``)."""
         try:
             if not isinstance(memory, Conversation | Fact | Image | Transcription | Summary):
                 memory = validation.validate(MEMORY, memory, "memory")
@@ -267,7 +267,7 @@ class Ingestion:
         if isinstance(memory, Transcription) and memory.language is None:
             language = await asyncio.to_thread(detect_language, memory.text)
             memory = memory.model_copy(update={"language": language})
-        prefix = "" if index is None else f"memories[{index}]."
+        prefix = "" if index is None else f"memories.{index}."
         return _Prepared(memory, models[memory.model], self.chunker.of(memory), prefix)
 
     async def _write_all(

@@ -301,7 +301,7 @@ class Ingress(EngineOwner):
     ) -> Any:
         """Store up to STORE_BATCH_MAX memories of any types, all or nothing: 201 with
         ``{"memories": [...]}`` in the order sent, or an error whose ``field`` names the
-        item (``memories.3...`` for a bad body, ``memories[3]...`` from the engine)."""
+        item (``memories.3...``, as FastAPI names a bad body's fields)."""
         stored = await downstream(
             self._ingestor.store_memories.remote(
                 await self._principal(request),

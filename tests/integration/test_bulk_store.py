@@ -172,23 +172,23 @@ async def test_one_bad_memory_stores_nothing_and_is_named_by_its_index(
     bad = [*_batch("x"), {"type": "fact", "statement": "Ada rides", "confidence": 2}]
     with pytest.raises(InvalidInput) as refused:
         await engine.store_memories(ada.id, bad)
-    assert refused.value.field == "memories[5].fact.confidence"
+    assert refused.value.field == "memories.5.fact.confidence"
     assert refused.value.fields["index"] == 5
-    assert "memories[5]" in str(refused.value)
+    assert "memories.5" in str(refused.value)
 
     with pytest.raises(InvalidInput) as refused:
         await engine.store_memories(ada.id, [{"type": "photo", "prompt": "x"}])
-    assert refused.value.field == "memories[0].type"
+    assert refused.value.field == "memories.0.type"
 
     with pytest.raises(NotFound) as unknown:
         await engine.store_memories(ada.id, [*_batch("y")[:2], Fact(statement="x", model="nope")])
-    assert unknown.value.fields["index"] == 2 and "memories[2]" in str(unknown.value)
+    assert unknown.value.fields["index"] == 2 and "memories.2" in str(unknown.value)
 
     with pytest.raises(InvalidInput) as refused:
         await engine.store_memories(
             ada.id, [*_batch("z")[:3], Summary(text="about nothing", covers=[uuid.uuid4()])]
         )
-    assert refused.value.field == "memories[3].covers"
+    assert refused.value.field == "memories.3.covers"
 
     # Refused by the database in the chunk insert, after the memories and messages were
     # written in the transaction: everything rolls back.

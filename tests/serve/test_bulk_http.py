@@ -85,7 +85,7 @@ async def test_a_bad_batch_is_refused_whole_and_names_the_item(
         "/v1/users/me/memories/batch", headers=bearer(key), json={"memories": unknown_model}
     )
     assert r.status_code == 404, r.text
-    assert r.json()["error"]["message"].startswith("memories[4]: ")
+    assert r.json()["error"]["message"].startswith("memories.4: ")
 
     too_many = [{"type": "fact", "statement": f"fact {i}"} for i in range(501)]
     r = await http.post(
