@@ -29,6 +29,8 @@ LOOPBACK = {"127.0.0.1", "::1"}
 START_TIMEOUT_S = 240
 #: The launcher's own bound: 40 s for serve run, 10 s more, then cleanup.
 STOP_TIMEOUT_S = 90
+#: How long after /readyz every listener may take to appear (HAProxy reloads its configuration).
+LISTEN_TIMEOUT_S = 60
 
 
 def _ready(url: str) -> bool:
@@ -111,6 +113,10 @@ def launch(tmp_path: Path) -> Iterator[dict[str, object]]:
         for pid in [proc.pid, *started]:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        # Reap the launcher here, so a failed case leaves no running Popen for the next case's
+        # garbage collection to warn about (pytest turns that warning into a failure).
+        if proc.poll() is None:
+            proc.wait(timeout=30)
         postmaster = _postmaster(data_dir)
         if postmaster and _alive(postmaster):
             os.kill(postmaster, signal.SIGKILL)
@@ -165,22 +171,29 @@ def test_serve_sh_stops_whole_on_each_signal(
     assert isinstance(ports, dict)
     _wait_ready(launch)
 
-    tree = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
     postmaster = _postmaster(data_dir)
     assert postmaster is not None and _alive(postmaster)
-    haproxy = {p for p in tree if _name(p) == "haproxy"}
-    assert haproxy, "HAProxy is not running"
     started = launch["started"]
     assert isinstance(started, list)
-    started.extend(sorted(tree))
 
     # Every listener of the application is on loopback: HAProxy (HTTP, stats, metrics), the
     # fallback proxy, the ingress replica's own HTTP server (30000-31000), PostgreSQL (none).
-    listeners = _listeners(tree | {postmaster})
+    # HAProxy can still be loading its full configuration (a reload starts a new process) when
+    # /readyz first answers: look again until every port of ours has its listener.
     ours = {int(port) for port in ports.values()}
-    serve_ports = [
-        (ip, port) for ip, port, _ in listeners if port in ours or 30000 <= port <= 31000
-    ]
+    deadline = time.monotonic() + LISTEN_TIMEOUT_S
+    while True:
+        tree = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+        started.extend(sorted(tree - set(started)))
+        listeners = _listeners(tree | {postmaster})
+        serve_ports = [
+            (ip, port) for ip, port, _ in listeners if port in ours or 30000 <= port <= 31000
+        ]
+        if {port for _, port in serve_ports} >= ours or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    haproxy = {p for p in tree if _name(p) == "haproxy"}
+    assert haproxy, "HAProxy is not running"
     assert {port for _, port in serve_ports} >= ours, listeners
     assert all(ip in LOOPBACK for ip, _ in serve_ports), serve_ports
     assert not [x for x in listeners if x[2] in haproxy and x[0] not in LOOPBACK], listeners
@@ -198,7 +211,7 @@ def test_serve_sh_stops_whole_on_each_signal(
     console = log.read_text(errors="replace")
     assert "skipping fork() handlers" not in console and "SIGSEGV" not in console
 
-    left = [pid for pid in tree | {postmaster} if _alive(pid)]
+    left = [pid for pid in {*started, postmaster} if _alive(pid)]
     assert not left, [(pid, psutil.Process(pid).cmdline()[:3]) for pid in left]
     # Our own ports are free; an ingress replica's port (30000-31000, shared with any other Serve
     # app on this machine) has no listener on loopback any more.
