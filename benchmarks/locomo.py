@@ -286,7 +286,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         server = EmbeddedPostgres(Path(tmp), database="locomo")
         try:
             url = await server.start_async()
-            await apply_migrations(url, embedding_dimension=384)
+            # the dimension of the configured model (EMBEDDING_MODEL / EMBEDDING_DIMENSION),
+            # so that another encoder is measured the same way
+            dimension = Settings.from_env(database_url=url, redis_url=None).embedding_dimension
+            await apply_migrations(url, embedding_dimension=dimension)
             base_url = None
             if args.via == "http":
                 # the served application on the same database (sibling script's Serve start),
