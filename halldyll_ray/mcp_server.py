@@ -33,9 +33,10 @@ from typing import Annotated, Any, Literal, NotRequired, TypeVar
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.types import ToolAnnotations
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from typing_extensions import TypedDict  # pydantic reads typing.TypedDict only on 3.12+
 
+from halldyll_ray import validation
 from halldyll_ray.client import AsyncHalldyllClient
 from halldyll_ray.errors import HalldyllError, InvalidInput
 from halldyll_ray.models import MAX_SEARCH_LIMIT
@@ -173,6 +174,24 @@ def describe(exc: HalldyllError) -> str:
 
 
 # --------------------------------------------------------------------------- the server
+class _Server(MCPServer[Any]):
+    """The SDK's server, with argument errors read as the HTTP API's 422: a call whose
+    arguments fail the tool's schema is a tool error ``invalid_input: <field>: <message>
+    (field: <field>)`` (:func:`describe`), not pydantic's report, which repeats the rejected
+    value (an argument can hold a secret) and names the SDK's internal model."""
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
+    ) -> Any:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ValidationError):
+                raise ToolError(describe(validation.first_error(cause.errors()))) from None
+            raise
+
+
 def build_mcp_server(clients: ClientSource, *, name: str = "halldyll-ray") -> MCPServer[Any]:
     """The MCP server with every tool and resource, over ``clients``.
 
@@ -189,7 +208,7 @@ def build_mcp_server(clients: ClientSource, *, name: str = "halldyll-ray") -> MC
 
     # WARNING: the SDK configures the root logger when nothing has yet (a bare process);
     # at INFO it would log each in-process API call of the Ingress.
-    server: MCPServer[Any] = MCPServer(
+    server: MCPServer[Any] = _Server(
         name, version=__version__, instructions=INSTRUCTIONS, log_level="WARNING"
     )
 

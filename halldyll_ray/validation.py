@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import UUID
@@ -29,6 +29,19 @@ _T = TypeVar("_T")
 USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,185}\.[^@\s]{2,63}")
 SESSION_ID = re.compile(SESSION_ID_PATTERN.removeprefix("^").removesuffix("$"))
+
+
+def first_error(errors: Sequence[Any], *, skip: Iterable[str] = ()) -> InvalidInput:
+    """A request's first validation error (pydantic's ``errors()``) as InvalidInput:
+    ``"<field>: <message>"`` on the field, its location dotted without the parts in ``skip``
+    (FastAPI's ``body``). Never the rejected value: pydantic's own text repeats it, and an
+    argument can hold a secret. The HTTP API's 422 and the MCP tools' argument errors both
+    read this way."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    left_out = set(skip)
+    field = ".".join(str(part) for part in first["loc"] if part not in left_out)
+    message = str(first["msg"])
+    return InvalidInput(f"{field}: {message}" if field else message, field=field)
 
 
 def validate(adapter: TypeAdapter[_T], data: Any, what: str) -> _T:

@@ -34,6 +34,7 @@ from ray.serve.exceptions import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from halldyll_ray import validation
 from halldyll_ray.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -417,10 +418,9 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    field = ".".join(str(p) for p in first["loc"] if p != "body")
+    error = validation.first_error(exc.errors(), skip=("body",))
     return error_response(
-        422, "invalid_input", f"{field}: {first['msg']}", request.state.request_id, field=field
+        422, "invalid_input", error.message, request.state.request_id, field=error.field
     )
 
 

@@ -61,6 +61,48 @@ async def test_an_unreachable_api_is_a_tool_error_without_the_key() -> None:
     assert "hr_secret_never_shown" not in block.text
 
 
+@pytest.mark.parametrize(
+    ("tool", "arguments", "expected"),
+    [
+        ("store_fact", {}, "invalid_input: statement: Field required (field: statement)"),
+        (
+            "search_memories",
+            {"query": "tea", "limit": "hr_secret_in_a_bad_value"},
+            "invalid_input: limit: Input should be a valid integer, unable to parse string as "
+            "an integer (field: limit)",
+        ),
+        (
+            "search_memories",
+            {"query": "tea", "limit": 0},
+            "invalid_input: limit: Input should be greater than or equal to 1 (field: limit)",
+        ),
+        (
+            "search_memories",
+            {"query": "tea", "mode": "fuzzy"},
+            "invalid_input: mode: Input should be 'hybrid', 'semantic' or 'fulltext' (field: mode)",
+        ),
+        (
+            "store_conversation",
+            {"messages": [{"role": "robot", "content": "hi"}]},
+            "invalid_input: messages.0.role:",
+        ),
+        ("get_memory", {"memory_id": 5}, "invalid_input: memory_id: Input should be a valid"),
+    ],
+)
+async def test_bad_arguments_read_as_the_apis_invalid_input(
+    tool: str, arguments: dict[str, Any], expected: str
+) -> None:
+    # The API is unreachable: a call that got as far as the API would say "unavailable".
+    async with Client(build_mcp_server(_unreachable())) as client:
+        result = await client.call_tool(tool, arguments)
+    assert result.is_error
+    block = result.content[0]
+    assert isinstance(block, TextContent)
+    assert block.text.startswith(expected), block.text
+    assert "hr_secret" not in block.text and "input_value" not in block.text
+    assert "Arguments" not in block.text  # the SDK's internal model name
+
+
 def test_the_stdio_command_needs_a_key(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
