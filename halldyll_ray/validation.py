@@ -38,10 +38,18 @@ def first_error(errors: Sequence[Any], *, skip: Iterable[str] = ()) -> InvalidIn
     argument can hold a secret. The HTTP API's 422 and the MCP tools' argument errors both
     read this way."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    left_out = set(skip)
-    field = ".".join(str(part) for part in first["loc"] if part not in left_out)
+    loc = list(first["loc"])
     message = str(first["msg"])
-    return InvalidInput(f"{field}: {message}" if field else message, field=field)
+    if first.get("type") == "json_invalid":
+        # FastAPI puts the character offset of a JSON syntax error where a field would be.
+        at = loc.pop() if loc and isinstance(loc[-1], int) else None
+        detail = (first.get("ctx") or {}).get("error")
+        message = "not valid JSON" + (f": {detail}" if detail else "")
+        message += "" if at is None else f" at character {at}"
+    left_out = set(skip)
+    # A part in skip names the field only when nothing follows it (the body as a whole).
+    field = ".".join(str(p) for p in loc if p not in left_out) or ".".join(map(str, loc[:1]))
+    return InvalidInput(f"{field}: {message}" if field else message, field=field or None)
 
 
 def validate(adapter: TypeAdapter[_T], data: Any, what: str) -> _T:

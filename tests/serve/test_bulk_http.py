@@ -153,3 +153,27 @@ async def test_clients_and_the_handle_api_store_batches(
         await ingress.handle_store_memories.remote(bea_key, ada["id"], BATCH[1:2])
     assert isinstance(denied.value, PermissionDenied) or "may not" in str(denied.value)
     assert await _count(http, key) == 5
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "message"),
+    [
+        ("/v1/users/me/memories/batch", b'{"memories": ', "body: not valid JSON: Expecting value"),
+        ("/v1/users/me/memories", b'{"type": "fact",}', "body: not valid JSON: Expecting property"),
+        ("/v1/users/me/search", b"tea", "body: not valid JSON: Expecting value at character 0"),
+        ("/v1/users/me/memories", b"", "body: Field required"),
+        ("/v1/users/me/search", b"[1, 2]", "body: Input should be a valid dictionary"),
+    ],
+)
+async def test_a_body_that_is_not_the_routes_json_is_a_422_on_the_body(
+    http: httpx.AsyncClient, admin_key: str, route: str, body: bytes, message: str
+) -> None:
+    _, key = await _user_with_key(http, admin_key)
+    await http.post("/v1/users/me/memories", headers=bearer(key), json=BATCH[1])
+    headers = {**bearer(key), "Content-Type": "application/json"}
+    r = await http.post(route, headers=headers, content=body)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    # the body is at fault, never a character offset posing as a field
+    assert error["field"] == "body" and error["message"].startswith(message), error
+    assert await _count(http, key) == 1
