@@ -92,6 +92,10 @@ def main() -> int:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask)
             return out.last_hidden_state
 
+    # The reference, before the export: tracing leaves the module changed for later calls.
+    tokens = AutoTokenizer.from_pretrained(source)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**tokens).last_hidden_state.numpy()
     fp32, int8 = args.out / "fp32", args.out / "int8"
     for folder in (fp32, int8):
         folder.mkdir(exist_ok=True)
@@ -108,14 +112,13 @@ def main() -> int:
         opset_version=17,
         dynamo=False,
     )
-    quantize_dynamic(str(fp32 / "model.onnx"), str(int8 / "model.onnx"), QuantType.QInt8)
+    quantize_dynamic(
+        str(fp32 / "model.onnx"), str(int8 / "model.onnx"), weight_type=QuantType.QInt8
+    )
 
     # The export against PyTorch, pooled as sentence-transformers pools this model.
     import onnxruntime as ort
 
-    tokens = AutoTokenizer.from_pretrained(source)(TEXTS, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(**tokens).last_hidden_state.numpy()
     session = ort.InferenceSession(str(fp32 / "model.onnx"), providers=["CPUExecutionProvider"])
     exported = session.run(None, {k: v.numpy() for k, v in tokens.items()})[0]
     mask = tokens["attention_mask"].numpy()[..., None]
