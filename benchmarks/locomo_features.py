@@ -8,28 +8,31 @@ fit linear rankers with leave-one-conversation-out cross-validation (issue 16).
     question of categories 1-4 it embeds the query with the engine's encoder and runs the
     shipped ``search_semantic`` and ``search_fulltext`` queries (``storage/sql/search.sql``) with
     ``--fetch`` rows each (the product fetches 100 for a search of limit 10), keeps the best
-    chunk of each part as Search does (:func:`~halldyll_ray.components.search.best_per`), and
-    writes, per candidate part: its rank in each list, its cosine, its BM25 score and coverage,
-    and which turn (dia_id) it is. Per conversation it writes each part's label (speaker and
-    date) and text, for the features computed at fit time. Written to ``--dump`` (gzipped
-    JSON, not committed). The answers are never read; the evidence dia_ids are the labels.
+    chunk of each part as Search does (``best_per``), and writes, per candidate part: its row
+    in each list, its best chunk there, its cosine, its BM25 score and coverage. Per
+    conversation it writes each part's label (speaker and date), chunks and turn (dia_id),
+    for the features computed at fit time. Written to ``--dump`` (gzipped JSON, about 10 MB,
+    not committed). The answers are never read; the evidence dia_ids are the labels.
 
 ``fit``
-    Reads the dump and computes per candidate only what a search could compute at search time
-    from its two lists, its query and the candidates' labels and texts (:func:`features`).
-    Candidate pools: the parts among the first ``P`` rows of either list (P = 100 is the
-    product's pool; a part's BM25 coverage counts only when it is in the full-text list's first
-    P, as in the product). Rankers: today's (``in_context(fuse(...))`` at weight 0.4, neighbour
-    0.2, memory 0.3), a pointwise logistic regression and a listwise softmax (ListNet) linear
-    model, each with a second stage that adds the first stage's neighbour and memory-best scores
-    (the learned version of ``in_context``). Evaluation: leave one conversation out (fit on 5 of
-    the 6, rank the 6th), evidence recall@5/@10 per category as ``benchmarks/locomo.py``
-    computes it. Writes ``benchmarks/results/locomo_features.{json,md}``.
+    Reads the dump and rebuilds, for a pool of ``P`` rows a list (P = 100 is the product's
+    for 10 results), the two lists Search would have, then per candidate the product's own
+    features (``rank_features`` in ``halldyll_ray/components/search.py``: what a search has at
+    hand) and 15 more tried here (:data:`EXTRA`). Rankers: the one before (``in_context(fuse(
+    ...))`` at weight 0.4, neighbour 0.2, memory 0.3), a pointwise logistic regression and a
+    listwise softmax (ListNet) linear model over three feature sets, each also with a second
+    stage that adds the first stage's best score among the part's neighbours and in its
+    memory (the learned version of ``in_context``). Evaluation: leave one conversation out
+    (fit on 5 of the 6, rank the 6th), evidence recall@5/@10 per category as
+    ``benchmarks/locomo.py`` computes it. Then the shipped model (logistic, product features,
+    two stages, pool 100) is fitted on all 6 conversations and its coefficients printed as
+    ``RANK_STAGE1`` / ``RANK_STAGE2`` for ``search.py``. Writes
+    ``benchmarks/results/locomo_features.{json,md}``; about 12 minutes on 2 cores.
 
-Run from the repository root (the dump stores the split once: about 5 minutes on 2 cores)::
+Run from the repository root (the dump stores the split once: about 2 minutes on 2 cores)::
 
     flock /tmp/halldyll-ray.lock .venv/bin/python benchmarks/locomo_features.py dump
-    .venv/bin/python benchmarks/locomo_features.py fit [--pools 100 200 400]
+    .venv/bin/python benchmarks/locomo_features.py fit [--pools 100 200]
 """
 
 from __future__ import annotations

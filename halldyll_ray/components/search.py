@@ -258,19 +258,26 @@ def speaker_of(label: str | None) -> tuple[str, ...]:
 def _neighbour_and_memory(hits: Sequence[Hit], scores: np.ndarray) -> np.ndarray:
     """Per hit: the best score of the part before and after it among ``hits`` (0 if neither
     is), and the best score of any part of its memory; ``len(hits) x 2``."""
+    values: list[float] = scores.tolist()
     index = {hit.key: i for i, hit in enumerate(hits)}
     best: dict[UUID, float] = {}
-    for hit, value in zip(hits, scores, strict=True):
-        best[hit.memory_id] = max(best.get(hit.memory_id, float(value)), float(value))
-    out = np.zeros((len(hits), 2))
-    for i, hit in enumerate(hits):
+    for hit, value in zip(hits, values, strict=True):
+        best[hit.memory_id] = max(best.get(hit.memory_id, value), value)
+    out = []
+    for hit in hits:
         memory_id, part, position = hit.key
-        for key in ((memory_id, part, position - 1), (memory_id, part, position + 1)):
-            j = index.get(key)
-            if j is not None:
-                out[i, 0] = max(out[i, 0], float(scores[j]))
-        out[i, 1] = best[memory_id]
-    return out
+        before = index.get((memory_id, part, position - 1))
+        after = index.get((memory_id, part, position + 1))
+        out.append(
+            (
+                max(
+                    0.0 if before is None else values[before],
+                    0.0 if after is None else values[after],
+                ),
+                best[memory_id],
+            )
+        )
+    return np.array(out, dtype=np.float64).reshape(len(hits), 2)
 
 
 def rank_features(
@@ -292,15 +299,26 @@ def rank_features(
       speaker but not this one.
     """
     query_words = set(_words(query))
-    speakers = [speaker_of(hit.label) for hit, _, _ in found]
-    named = {s for s in speakers if s and all(w in query_words for w in s)}
-    x = np.zeros((len(found), len(RANK_FEATURES)))
-    for i, (hit, cos, cov) in enumerate(found):
-        x[i, 0] = cos
-        x[i, 1] = cov
-        x[i, 4] = math.log1p(len(hit.text) if hit.part == "message" else UNMEASURED_LENGTH)
-        x[i, 5] = float(speakers[i] in named)
-        x[i, 6] = float(bool(named) and bool(speakers[i]) and speakers[i] not in named)
+    of_label: dict[str | None, tuple[str, ...]] = {}  # a session's messages share a label
+    speakers = []
+    for hit, _, _ in found:
+        if hit.label not in of_label:
+            of_label[hit.label] = speaker_of(hit.label)
+        speakers.append(of_label[hit.label])
+    named = {s for s in set(speakers) if s and all(w in query_words for w in s)}
+    rows = [
+        (
+            cos,
+            cov,
+            0.0,
+            0.0,
+            math.log1p(len(hit.text) if hit.part == "message" else UNMEASURED_LENGTH),
+            float(speaker in named),
+            float(bool(named) and bool(speaker) and speaker not in named),
+        )
+        for (hit, cos, cov), speaker in zip(found, speakers, strict=True)
+    ]
+    x = np.array(rows, dtype=np.float64).reshape(len(found), len(RANK_FEATURES))
     fused = weight * x[:, 0] + (1.0 - weight) * x[:, 1]
     x[:, 2:4] = _neighbour_and_memory([hit for hit, _, _ in found], fused)
     return x
