@@ -255,33 +255,49 @@ def speaker_of(label: str | None) -> tuple[str, ...]:
     return tuple(_words(" ".join(words)))
 
 
-def _neighbour_and_memory(hits: Sequence[Hit], scores: np.ndarray) -> np.ndarray:
-    """Per hit: the best score of the part before and after it among ``hits`` (0 if neither
-    is), and the best score of any part of its memory; ``len(hits) x 2``."""
-    values: list[float] = scores.tolist()
+@dataclass(frozen=True)
+class _Layout:
+    """Where each candidate sits (:func:`_layout`): the positions, in the candidate list, of
+    the part before and after it (-1: not a candidate) and the number of its memory."""
+
+    before: np.ndarray
+    after: np.ndarray
+    memory: np.ndarray
+    memories: int
+
+    def context(self, scores: np.ndarray) -> np.ndarray:
+        """Per candidate: the best of ``scores`` (>= 0) of the parts before and after it (0
+        if neither is a candidate) and of any part of its memory; ``len(scores) x 2``."""
+        padded = np.r_[scores, 0.0]  # position -1 reads the 0 at the end
+        best = np.full(self.memories, -np.inf)
+        np.maximum.at(best, self.memory, scores)
+        return np.column_stack(
+            (np.maximum(padded[self.before], padded[self.after]), best[self.memory])
+        )
+
+
+def _layout(hits: Sequence[Hit]) -> _Layout:
     index = {hit.key: i for i, hit in enumerate(hits)}
-    best: dict[UUID, float] = {}
-    for hit, value in zip(hits, values, strict=True):
-        best[hit.memory_id] = max(best.get(hit.memory_id, value), value)
-    out = []
+    numbers: dict[UUID, int] = {}
+    before, after, memory = [], [], []
     for hit in hits:
         memory_id, part, position = hit.key
-        before = index.get((memory_id, part, position - 1))
-        after = index.get((memory_id, part, position + 1))
-        out.append(
-            (
-                max(
-                    0.0 if before is None else values[before],
-                    0.0 if after is None else values[after],
-                ),
-                best[memory_id],
-            )
-        )
-    return np.array(out, dtype=np.float64).reshape(len(hits), 2)
+        before.append(index.get((memory_id, part, position - 1), -1))
+        after.append(index.get((memory_id, part, position + 1), -1))
+        memory.append(numbers.setdefault(memory_id, len(numbers)))
+    return _Layout(
+        np.array(before, dtype=np.intp),
+        np.array(after, dtype=np.intp),
+        np.array(memory, dtype=np.intp),
+        len(numbers),
+    )
 
 
 def rank_features(
-    query: str, found: Sequence[tuple[Hit, float, float]], weight: float
+    query: str,
+    found: Sequence[tuple[Hit, float, float]],
+    weight: float,
+    layout: _Layout | None = None,
 ) -> np.ndarray:
     """The :data:`RANK_FEATURES` of each candidate of :func:`signals` (``len(found) x 7``,
     float64), from what a search has at hand: both lists, the query, the parts' labels.
@@ -320,15 +336,18 @@ def rank_features(
     ]
     x = np.array(rows, dtype=np.float64).reshape(len(found), len(RANK_FEATURES))
     fused = weight * x[:, 0] + (1.0 - weight) * x[:, 1]
-    x[:, 2:4] = _neighbour_and_memory([hit for hit, _, _ in found], fused)
+    x[:, 2:4] = (layout or _layout([hit for hit, _, _ in found])).context(fused)
     return x
 
 
-def learned_scores(hits: Sequence[Hit], x: np.ndarray) -> np.ndarray:
+def learned_scores(hits: Sequence[Hit], x: np.ndarray, layout: _Layout | None = None) -> np.ndarray:
     """:func:`learned_rank`'s score of each hit from its :func:`rank_features` row ``x``:
-    the probability (0-1) the fitted model gives the part of holding what the query asks."""
+    the probability (0-1) the fitted model gives the part of holding what the query asks.
+    ``layout``: :func:`_layout` of ``hits``, if already made."""
+    if not len(hits):
+        return np.zeros(0)
     stage1 = x @ np.asarray(RANK_STAGE1[:-1]) + RANK_STAGE1[-1]
-    context = _neighbour_and_memory(hits, stage1 - stage1.min() if len(stage1) else stage1)
+    context = (layout or _layout(hits)).context(stage1 - stage1.min())
     w2 = np.asarray(RANK_STAGE2)
     n = len(RANK_FEATURES)
     logit = x @ w2[:n] + context @ w2[n : n + 2] + w2[-1]
@@ -359,7 +378,9 @@ def learned_rank(
     """
     found = signals(semantic, text)
     hits = [hit for hit, _, _ in found]
-    return _ranked(hits, learned_scores(hits, rank_features(query, found, weight)))
+    layout = _layout(hits)
+    x = rank_features(query, found, weight, layout)
+    return _ranked(hits, learned_scores(hits, x, layout))
 
 
 @dataclass(frozen=True)

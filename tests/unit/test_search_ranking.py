@@ -140,3 +140,4 @@ def test_learned_rank_prefers_the_named_speaker_the_longer_turn_and_the_context(
     lone = Hit(FACT, "message", 7, words, 0.3, 0.3, 0.3, "Melanie 8 May 2023")
     scores = {h.key: s for h, s in learned_rank("support group?", [], [*pair, lone], 0.4)}
     assert scores[(TALK, "message", 30)] > scores[(FACT, "message", 7)]
+    assert learned_rank("support group?", [], [], 0.4) == []
