@@ -122,17 +122,18 @@ class Settings(BaseSettings):
     search_mode: Literal["semantic", "hybrid", "fulltext"] = Field(
         default="hybrid",
         description="Default search mode. hybrid: the vector and BM25 full-text lists "
-        "combined (0.4 x cosine + 0.6 x BM25 coverage, then neighbours and memory); on the "
-        "LoCoMo development split it finds more evidence turns than either alone "
-        "(benchmarks/results/locomo.md).",
+        "ranked together by a learned model (cosine, BM25 coverage, neighbours and memory, "
+        "length, speaker named); on the LoCoMo development split it finds more evidence turns "
+        "than either alone (benchmarks/results/locomo.md).",
     )
     hybrid_semantic_weight: float = Field(
         default=0.4,
         ge=0.0,
         le=1.0,
-        description="Hybrid ranking: weight of the cosine similarity; the BM25 share of the "
-        "query's weight gets the rest. 0.4 was best on the LoCoMo development split (flat "
-        "from 0.3 to 0.45).",
+        description="Hybrid ranking: weight of the cosine similarity in the fused score of a "
+        "part's neighbours and memory, two features of the learned ranking (fitted at 0.4); "
+        "the BM25 share of the query's weight gets the rest. 0.4 was best on the LoCoMo "
+        "development split before the learned ranking (flat from 0.3 to 0.45).",
     )
     similarity_threshold: float = Field(default=DEFAULT_SIMILARITY_THRESHOLD, ge=-1.0, le=1.0)
     hnsw_ef_search: int = Field(

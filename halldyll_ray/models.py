@@ -541,7 +541,11 @@ class MatchedPart(_Record):
 
 class SearchResult(_Record):
     memory: StoredMemory
-    score: float = Field(description="Ranking score (cosine similarity, or fused score).")
+    score: float = Field(
+        description="Ranking score: the cosine similarity (semantic), the BM25 score "
+        "(full-text), or the hybrid ranking's probability (0-1) that the part holds what the "
+        "query asks."
+    )
     similarity: float | None = Field(description="Cosine similarity of the best part, if known.")
     source: Literal["semantic", "fulltext", "hybrid"]
     matched: MatchedPart

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -110,6 +112,8 @@ class Hit:
     #: Full-text hits: the share of the query's BM25 weight this chunk holds (about 0-1;
     #: 1 for a chunk of average length holding every word of the query once).
     coverage: float = 0.0
+    #: The chunk's label (a message's speaker and date, ``"Caroline 8 May 2023"``), if any.
+    label: str | None = None
 
     @property
     def key(self) -> tuple[UUID, str, int]:
@@ -130,19 +134,11 @@ def best_per(hits: Sequence[Hit], group: SearchGroup) -> list[Hit]:
     return best
 
 
-def fuse(semantic: Sequence[Hit], text: Sequence[Hit], weight: float) -> list[tuple[Hit, float]]:
-    """Hybrid ranking: a convex combination of the two signals of each part,
-    ``weight * cosine + (1 - weight) * coverage`` (both lists of distinct parts, best first).
-
-    A convex combination of normalised scores, not reciprocal rank fusion: Bruch, Gai and
-    Ingber ("An Analysis of Fusion Functions for Hybrid Retrieval", ACM TOIS 2023) find it
-    better and less sensitive to its one parameter; on the LoCoMo development split
-    (``benchmarks/locomo.py``, conversations stored per session) recall@10 is 0.68 at weight
-    0.4 (flat from 0.3 to 0.45) against 0.62 for RRF with k = 60. The BM25 score is divided by
-    the query's own weight (:attr:`Hit.coverage`), so a chunk that holds only the query's
-    common words scores low even when nothing better matched. A part found by one list only
-    has the other signal's value as known (each full-text hit carries its cosine) or 0.
-    """
+def signals(semantic: Sequence[Hit], text: Sequence[Hit]) -> list[tuple[Hit, float, float]]:
+    """Each part found by either list once, as (hit, cosine, BM25 coverage), in the order
+    first seen (the semantic list, then the full-text one; both lists of distinct parts, best
+    first). The hit is the semantic list's when both found the part. A part found by one list
+    only has the other signal's value as known (each full-text hit carries its cosine) or 0."""
     cosine: dict[tuple[UUID, str, int], float] = {}
     coverage: dict[tuple[UUID, str, int], float] = {}
     first: dict[tuple[UUID, str, int], Hit] = {}
@@ -154,12 +150,34 @@ def fuse(semantic: Sequence[Hit], text: Sequence[Hit], weight: float) -> list[tu
         coverage.setdefault(hit.key, hit.coverage)
         if hit.similarity is not None:
             cosine.setdefault(hit.key, hit.similarity)
-    scores = {
-        key: weight * cosine.get(key, 0.0) + (1.0 - weight) * coverage.get(key, 0.0)
-        for key in first
-    }
-    order = sorted(scores, key=lambda k: (-scores[k], str(k[0]), k[1], k[2]))
-    return [(first[k], scores[k]) for k in order]
+    return [(hit, cosine.get(key, 0.0), coverage.get(key, 0.0)) for key, hit in first.items()]
+
+
+def _ranked(hits: Sequence[Hit], scores: Iterable[float]) -> list[tuple[Hit, float]]:
+    """(hit, score) best first; ties in a fixed order (memory id, part, index)."""
+    pairs = list(zip(hits, (float(s) for s in scores), strict=True))
+    pairs.sort(key=lambda p: (-p[1], str(p[0].memory_id), p[0].part, p[0].part_index))
+    return pairs
+
+
+def fuse(semantic: Sequence[Hit], text: Sequence[Hit], weight: float) -> list[tuple[Hit, float]]:
+    """A convex combination of the two signals of each part,
+    ``weight * cosine + (1 - weight) * coverage`` (:func:`signals`), best first.
+
+    A convex combination of normalised scores, not reciprocal rank fusion: Bruch, Gai and
+    Ingber ("An Analysis of Fusion Functions for Hybrid Retrieval", ACM TOIS 2023) find it
+    better and less sensitive to its one parameter; on the LoCoMo development split
+    (``benchmarks/locomo.py``, conversations stored per session) recall@10 is 0.68 at weight
+    0.4 (flat from 0.3 to 0.45) against 0.62 for RRF with k = 60. The BM25 score is divided by
+    the query's own weight (:attr:`Hit.coverage`), so a chunk that holds only the query's
+    common words scores low even when nothing better matched. It is one feature of the hybrid
+    ranking (:func:`learned_rank`), and with :func:`in_context` was the ranking itself before.
+    """
+    found = signals(semantic, text)
+    return _ranked(
+        [hit for hit, _, _ in found],
+        [weight * cos + (1.0 - weight) * cov for _, cos, cov in found],
+    )
 
 
 def in_context(
@@ -176,7 +194,8 @@ def in_context(
     A memory of one part (a fact) is scaled by ``1 + memory_weight``: its rank among other
     one-part memories does not move. On the LoCoMo development split (``benchmarks/locomo.py``,
     conversations stored per session) hybrid recall@10 goes from 0.68 to 0.73; the two
-    weights were tuned there (0.72-0.74 for neighbour 0.1-0.3, memory 0.3-0.7).
+    weights were tuned there (0.72-0.74 for neighbour 0.1-0.3, memory 0.3-0.7). The hybrid
+    ranking before :func:`learned_rank`; ``benchmarks/locomo_features.py`` compares with it.
     """
     score = {hit.key: value for hit, value in fused}
     best: dict[UUID, float] = {}
@@ -192,6 +211,176 @@ def in_context(
         out.append((hit, value + neighbour_weight * beside + memory_weight * best[memory_id]))
     out.sort(key=lambda pair: (-pair[1], str(pair[0].memory_id), pair[0].part, pair[0].part_index))
     return out
+
+
+#: The features of a candidate part that :func:`learned_rank` weighs, in column order
+#: (:func:`rank_features` says what each is).
+RANK_FEATURES = (
+    "cosine",
+    "coverage",
+    "neighbour",
+    "memory",
+    "log_length",
+    "speaker_named",
+    "other_named",
+)
+#: First stage of :func:`learned_rank`: a weight per :data:`RANK_FEATURES` column, then the
+#: bias. Fitted by ``benchmarks/locomo_features.py fit`` (which prints these constants).
+RANK_STAGE1 = (1.8868, 7.2927, 1.7618, 2.9612, 0.5132, 0.4366, -0.4981, -9.7958)
+#: Second stage: a weight per :data:`RANK_FEATURES` column, then the weights of the best
+#: first-stage score of the part's neighbours and of its memory, then the bias.
+RANK_STAGE2 = (1.8984, 6.034, 0.9819, 1.458, 0.4892, 0.4635, -0.5302, 0.0913, 0.2733, -10.0957)
+#: The length (characters) :func:`rank_features` gives every part that is not a message: the
+#: length prior was learned on conversation turns only, so other parts (facts, prompts,
+#: summaries) get about the median candidate turn's (108 characters on LoCoMo) and compete on
+#: their other features.
+UNMEASURED_LENGTH = 100
+_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+_POSSESSIVE = re.compile(r"['’]s\b", re.IGNORECASE)
+
+
+def _words(text: str) -> list[str]:
+    """Lower-case words, possessives dropped ("Caroline's" is "caroline")."""
+    return _WORD.findall(_POSSESSIVE.sub("", text).lower())
+
+
+def speaker_of(label: str | None) -> tuple[str, ...]:
+    """The speaker's words of a message label (``"Caroline 8 May 2023"`` -> ``("caroline",)``;
+    :func:`~halldyll_ray.components.base.message_label` writes the date last); () if none."""
+    if not label:
+        return ()
+    words = label.split()
+    if len(words) >= 3 and words[-1].isdigit() and words[-3].isdigit():
+        words = words[:-3]
+    return tuple(_words(" ".join(words)))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each candidate sits (:func:`_layout`): the positions, in the candidate list, of
+    the part before and after it (-1: not a candidate) and the number of its memory."""
+
+    before: np.ndarray
+    after: np.ndarray
+    memory: np.ndarray
+    memories: int
+
+    def context(self, scores: np.ndarray) -> np.ndarray:
+        """Per candidate: the best of ``scores`` (>= 0) of the parts before and after it (0
+        if neither is a candidate) and of any part of its memory; ``len(scores) x 2``."""
+        padded = np.r_[scores, 0.0]  # position -1 reads the 0 at the end
+        best = np.full(self.memories, -np.inf)
+        np.maximum.at(best, self.memory, scores)
+        return np.column_stack(
+            (np.maximum(padded[self.before], padded[self.after]), best[self.memory])
+        )
+
+
+def _layout(hits: Sequence[Hit]) -> _Layout:
+    index = {hit.key: i for i, hit in enumerate(hits)}
+    numbers: dict[UUID, int] = {}
+    before, after, memory = [], [], []
+    for hit in hits:
+        memory_id, part, position = hit.key
+        before.append(index.get((memory_id, part, position - 1), -1))
+        after.append(index.get((memory_id, part, position + 1), -1))
+        memory.append(numbers.setdefault(memory_id, len(numbers)))
+    return _Layout(
+        np.array(before, dtype=np.intp),
+        np.array(after, dtype=np.intp),
+        np.array(memory, dtype=np.intp),
+        len(numbers),
+    )
+
+
+def rank_features(
+    query: str,
+    found: Sequence[tuple[Hit, float, float]],
+    weight: float,
+    layout: _Layout | None = None,
+) -> np.ndarray:
+    """The :data:`RANK_FEATURES` of each candidate of :func:`signals` (``len(found) x 7``,
+    float64), from what a search has at hand: both lists, the query, the parts' labels.
+
+    * ``cosine``, ``coverage``: the part's two signals (0 where unknown);
+    * ``neighbour``, ``memory``: the best fused score (``weight * cosine + (1 - weight) *
+      coverage``, :func:`fuse`) of the part before or after it, and of any part of its
+      memory, among the candidates (as :func:`in_context`);
+    * ``log_length``: ``ln(1 + characters)`` of a message's matched chunk (short turns such
+      as "Thanks!" rarely answer anything; evidence turns are twice as long as the median
+      candidate), of :data:`UNMEASURED_LENGTH` for any other part;
+    * ``speaker_named``: 1 if the query names the part's speaker (every word of the speaker
+      in its label is a word of the query);
+    * ``other_named``: 1 if the part has a speaker and the query names another candidate's
+      speaker but not this one.
+    """
+    query_words = set(_words(query))
+    of_label: dict[str | None, tuple[str, ...]] = {}  # a session's messages share a label
+    speakers = []
+    for hit, _, _ in found:
+        if hit.label not in of_label:
+            of_label[hit.label] = speaker_of(hit.label)
+        speakers.append(of_label[hit.label])
+    named = {s for s in set(speakers) if s and all(w in query_words for w in s)}
+    rows = [
+        (
+            cos,
+            cov,
+            0.0,
+            0.0,
+            math.log1p(len(hit.text) if hit.part == "message" else UNMEASURED_LENGTH),
+            float(speaker in named),
+            float(bool(named) and bool(speaker) and speaker not in named),
+        )
+        for (hit, cos, cov), speaker in zip(found, speakers, strict=True)
+    ]
+    x = np.array(rows, dtype=np.float64).reshape(len(found), len(RANK_FEATURES))
+    fused = weight * x[:, 0] + (1.0 - weight) * x[:, 1]
+    x[:, 2:4] = (layout or _layout([hit for hit, _, _ in found])).context(fused)
+    return x
+
+
+def learned_scores(hits: Sequence[Hit], x: np.ndarray, layout: _Layout | None = None) -> np.ndarray:
+    """:func:`learned_rank`'s score of each hit from its :func:`rank_features` row ``x``:
+    the probability (0-1) the fitted model gives the part of holding what the query asks.
+    ``layout``: :func:`_layout` of ``hits``, if already made."""
+    if not len(hits):
+        return np.zeros(0)
+    stage1 = x @ np.asarray(RANK_STAGE1[:-1]) + RANK_STAGE1[-1]
+    context = (layout or _layout(hits)).context(stage1 - stage1.min())
+    w2 = np.asarray(RANK_STAGE2)
+    n = len(RANK_FEATURES)
+    logit = x @ w2[:n] + context @ w2[n : n + 2] + w2[-1]
+    return np.asarray(1.0 / (1.0 + np.exp(-logit)))
+
+
+def learned_rank(
+    query: str, semantic: Sequence[Hit], text: Sequence[Hit], weight: float
+) -> list[tuple[Hit, float]]:
+    """Hybrid ranking: a two-stage logistic model over :func:`rank_features`, best first
+    (both lists of distinct parts, best first; scores 0-1).
+
+    Stage one weighs each part's features (:data:`RANK_STAGE1`); stage two weighs them again
+    with the best stage-one score (less the lowest among the candidates) of the part's
+    neighbours and of its memory (:data:`RANK_STAGE2`): the learned version of
+    :func:`in_context`. The coefficients were fitted by logistic regression (L2 0.01, features
+    standardized) on the LoCoMo development split (``benchmarks/locomo_features.py fit``:
+    every question's candidates among the first 100 rows of each list, a part labelled 1 if
+    it is one of the question's evidence turns) with ``weight`` 0.4; another weight changes
+    the ``neighbour`` and ``memory`` features only. Leave-one-conversation-out over its 6
+    conversations, against :func:`in_context` over :func:`fuse` on the same candidates
+    (categories 1-4, 883 questions; ``benchmarks/results/locomo_features.md``): recall@5
+    0.648 -> 0.704, recall@10 0.732 -> 0.773 (per category 1 / 2 / 3 / 4 at 10: 0.41 / 0.81
+    / 0.37 / 0.86 -> 0.48 / 0.88 / 0.43 / 0.88). ``log_length``, ``speaker_named`` and
+    ``other_named`` carry the gain (the four score features alone: 0.738); a listwise
+    (ListNet) fit, 15 more features (query-word overlap, month and year in the label, the
+    ranks in each list, ...) or 200 rows a list gained at most 0.009 more.
+    """
+    found = signals(semantic, text)
+    hits = [hit for hit, _, _ in found]
+    layout = _layout(hits)
+    x = rank_features(query, found, weight, layout)
+    return _ranked(hits, learned_scores(hits, x, layout))
 
 
 @dataclass(frozen=True)
@@ -468,6 +657,7 @@ class Search:
                     r["content"],
                     1.0 - float(r["distance"]),
                     1.0 - float(r["distance"]),
+                    label=r["label"],
                 )
                 for r in rows
                 if 1.0 - float(r["distance"]) >= threshold
@@ -497,17 +687,17 @@ class Search:
                     None if r["similarity"] is None else float(r["similarity"]),
                     float(r["rank"]),
                     float(r["rank"]) / ((BM25_K1 + 1) * max(float(r["idf_sum"]), 1e-9)),
+                    r["label"],
                 )
                 for r in rows
             ]
             if mode is SearchMode.HYBRID:
                 source = "hybrid"
-                fused = in_context(
-                    fuse(
-                        best_per(semantic, SearchGroup.PART),
-                        best_per(text_hits, SearchGroup.PART),
-                        weight,
-                    )
+                fused = learned_rank(
+                    query,
+                    best_per(semantic, SearchGroup.PART),
+                    best_per(text_hits, SearchGroup.PART),
+                    weight,
                 )
             else:
                 source = "fulltext"

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import astuple
 from datetime import UTC, datetime
 
 import pytest
 
-from halldyll_ray.components.search import Filters, Hit, best_per, fuse, in_context
+from halldyll_ray.components.search import (
+    RANK_FEATURES,
+    UNMEASURED_LENGTH,
+    Filters,
+    Hit,
+    best_per,
+    fuse,
+    in_context,
+    learned_rank,
+    rank_features,
+    signals,
+    speaker_of,
+)
 from halldyll_ray.models import SearchGroup
 
 TALK = uuid.UUID(int=1)
@@ -66,3 +79,65 @@ def test_search_filters_values_are_their_astuple() -> None:
         until=None,
     )
     assert filters.values() == astuple(filters)
+
+
+def said(index: int, speaker: str, text: str, *, cosine: float, coverage: float) -> Hit:
+    return Hit(TALK, "message", index, text, cosine, cosine, coverage, f"{speaker} 8 May 2023")
+
+
+def test_speaker_of_reads_the_name_before_the_date() -> None:
+    assert speaker_of("Caroline 8 May 2023") == ("caroline",)
+    assert speaker_of("Dr Jo Smith 12 December 2024") == ("dr", "jo", "smith")
+    assert speaker_of("8 May 2023") == ()
+    assert speaker_of(None) == ()
+
+
+def test_rank_features_from_the_lists_query_and_labels() -> None:
+    semantic = [said(4, "Caroline", "I went to the support group.", cosine=0.6, coverage=0.0)]
+    text = [
+        said(4, "Caroline", "I went to the support group.", cosine=0.6, coverage=0.5),
+        said(5, "Melanie", "Nice!", cosine=0.2, coverage=0.1),
+        Hit(FACT, "statement", 0, "x" * 99, 0.1, 0.3, 0.25),
+    ]
+    found = signals(semantic, text)
+    x = rank_features("When did Caroline's support group meet?", found, 0.4)
+    assert x.shape == (3, len(RANK_FEATURES))
+    assert [f"{h.part}{h.part_index}" for h, _, _ in found] == [
+        "message4",
+        "message5",
+        "statement0",
+    ]
+    cosine, coverage, neighbour, memory, log_length, named, other = x.T
+    assert list(cosine) == [0.6, 0.2, 0.1] and list(coverage) == [0.5, 0.1, 0.25]
+    fused = 0.4 * cosine + 0.6 * coverage
+    assert list(neighbour) == pytest.approx([fused[1], fused[0], 0.0])
+    assert list(memory) == pytest.approx([fused[0], fused[0], fused[2]])
+    # a fact's length is not held against it: the prior was learned on messages
+    assert list(log_length) == pytest.approx(
+        [math.log(29), math.log(6), math.log1p(UNMEASURED_LENGTH)]
+    )
+    assert list(named) == [1.0, 0.0, 0.0]  # "Caroline's" names Caroline
+    assert list(other) == [0.0, 1.0, 0.0]  # the fact has no speaker
+    # a query naming nobody: neither flag
+    assert not rank_features("what happened?", found, 0.4)[:, 5:].any()
+
+
+def test_learned_rank_prefers_the_named_speaker_the_longer_turn_and_the_context() -> None:
+    words = "I went to the LGBTQ support group yesterday and it was powerful."
+    text = [
+        said(10, "Melanie", words, cosine=0.5, coverage=0.5),
+        said(20, "Caroline", words, cosine=0.5, coverage=0.5),
+    ]
+    ranked = learned_rank("When did Caroline go to the support group?", [], text, 0.4)
+    assert [h.part_index for h, _ in ranked] == [20, 10]
+    assert all(0.0 < score < 1.0 for _, score in ranked)
+    # the same signals, a two-word turn against a sentence
+    short = [said(1, "Melanie", "Sounds good", cosine=0.5, coverage=0.5), text[0]]
+    assert [h.part_index for h, _ in learned_rank("support group?", [], short, 0.4)] == [10, 1]
+    # equal parts: the one beside a strong part ranks higher
+    strong = said(31, "Melanie", words, cosine=0.9, coverage=0.9)
+    pair = [said(30, "Melanie", words, cosine=0.3, coverage=0.3), strong]
+    lone = Hit(FACT, "message", 7, words, 0.3, 0.3, 0.3, "Melanie 8 May 2023")
+    scores = {h.key: s for h, s in learned_rank("support group?", [], [*pair, lone], 0.4)}
+    assert scores[(TALK, "message", 30)] > scores[(FACT, "message", 7)]
+    assert learned_rank("support group?", [], [], 0.4) == []

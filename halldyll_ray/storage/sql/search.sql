@@ -5,7 +5,7 @@
 -- The inner query lets pgvector's iterative index scan (relaxed order) collect enough rows
 -- that pass the user's filters; the outer query restores exact distance order.
 WITH hits AS MATERIALIZED (
-    SELECT c.memory_id, c.part, c.part_index, c.chunk_index, c.content,
+    SELECT c.memory_id, c.part, c.part_index, c.chunk_index, c.content, c.label,
            c.embedding <=> :vector AS distance
     FROM memory_chunks c
     WHERE c.user_id = :user_id
@@ -81,7 +81,7 @@ ranked AS (
     ORDER BY rank DESC, m.id
     LIMIT :fetch
 )
-SELECT c.memory_id, c.part, c.part_index, c.chunk_index, c.content, r.rank,
+SELECT c.memory_id, c.part, c.part_index, c.chunk_index, c.content, c.label, r.rank,
        w.idf_sum,
        CASE WHEN :vector::vector IS NULL THEN NULL ELSE 1 - (c.embedding <=> :vector) END
            AS similarity

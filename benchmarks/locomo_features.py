@@ -1,0 +1,752 @@
+"""Learned hybrid ranking on LoCoMo: dump every question's candidates with their features, then
+fit linear rankers with leave-one-conversation-out cross-validation (issue 16).
+
+``dump``
+    Stores the development split (``../shared/bench/locomo/locomo-dev.json``) as
+    ``benchmarks/locomo.py --layouts session`` does (one Conversation per session, ``name`` =
+    the speaker, ``created_at`` = the session's date), through the public engine API. For every
+    question of categories 1-4 it embeds the query with the engine's encoder and runs the
+    shipped ``search_semantic`` and ``search_fulltext`` queries (``storage/sql/search.sql``) with
+    ``--fetch`` rows each (the product fetches 100 for a search of limit 10), keeps the best
+    chunk of each part as Search does (``best_per``), and writes, per candidate part: its row
+    in each list, its best chunk there, its cosine, its BM25 score and coverage. Per
+    conversation it writes each part's label (speaker and date), chunks and turn (dia_id),
+    for the features computed at fit time. Written to ``--dump`` (gzipped JSON, about 10 MB,
+    not committed). The answers are never read; the evidence dia_ids are the labels.
+
+``fit``
+    Reads the dump and rebuilds, for a pool of ``P`` rows a list (P = 100 is the product's
+    for 10 results), the two lists Search would have, then per candidate the product's own
+    features (``rank_features`` in ``halldyll_ray/components/search.py``: what a search has at
+    hand) and 15 more tried here (:data:`EXTRA`). Rankers: the one before (``in_context(fuse(
+    ...))`` at weight 0.4, neighbour 0.2, memory 0.3), a pointwise logistic regression and a
+    listwise softmax (ListNet) linear model over three feature sets, each also with a second
+    stage that adds the first stage's best score among the part's neighbours and in its
+    memory (the learned version of ``in_context``). Evaluation: leave one conversation out
+    (fit on 5 of the 6, rank the 6th), evidence recall@5/@10 per category as
+    ``benchmarks/locomo.py`` computes it. Then the shipped model (logistic, product features,
+    two stages, pool 100) is fitted on all 6 conversations and its coefficients printed as
+    ``RANK_STAGE1`` / ``RANK_STAGE2`` for ``search.py``. Writes
+    ``benchmarks/results/locomo_features.{json,md}``; about 12 minutes on 2 cores.
+
+Run from the repository root (the dump stores the split once: about 2 minutes on 2 cores)::
+
+    flock /tmp/halldyll-ray.lock .venv/bin/python benchmarks/locomo_features.py dump
+    .venv/bin/python benchmarks/locomo_features.py fit [--pools 100 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import re
+import statistics
+import sys
+import tempfile
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from locomo import DATA, RESULTS, _memories, write_results
+
+from halldyll_ray.components import search as ranking
+
+DUMP = Path(tempfile.gettempdir()) / "locomo-features.json.gz"
+
+
+# --------------------------------------------------------------------------------------- dump
+
+
+async def _dump(args: argparse.Namespace) -> None:
+    from halldyll_ray import MemoryEngine, Settings
+    from halldyll_ray.components.embeddings import model_of
+    from halldyll_ray.components.search import BM25_K1, Filters
+    from halldyll_ray.storage.embedded import EmbeddedPostgres
+    from halldyll_ray.storage.migrate import apply_migrations
+    from halldyll_ray.storage.sql import bind
+
+    samples = json.loads(DATA.read_text())
+    filters = Filters(None, None, True, None, None, None, None)
+    out: dict[str, Any] = {"fetch": args.fetch, "conversations": []}
+    with tempfile.TemporaryDirectory(prefix="hr-locomo-features-") as tmp:
+        server = EmbeddedPostgres(Path(tmp), database="locomo")
+        try:
+            url = await server.start_async()
+            await apply_migrations(url, embedding_dimension=384)
+            settings = Settings.from_env(
+                database_url=url, redis_url=None, search_cache_ttl_seconds=0
+            )
+            async with MemoryEngine(settings) as engine:
+                for sample in samples:
+                    user = await engine.create_user(f"feat{uuid.uuid4().hex[:8]}", None, "user")
+                    where: dict[tuple[str, int], str] = {}
+                    for memory, seqs in _memories(sample, "session"):
+                        stored = await engine.store_memory(user.id, memory)
+                        for seq, dia_id in seqs:
+                            where[(str(stored.id), seq)] = dia_id
+                    async with engine.db.scoped(user.id, readonly=True) as conn:
+                        rows = await conn.fetch(
+                            "SELECT memory_id, part, part_index, label, content FROM "
+                            "memory_chunks WHERE user_id = $1 "
+                            "ORDER BY memory_id, part, part_index, chunk_index",
+                            user.id,
+                        )
+                    parts: dict[str, dict[str, Any]] = {}
+                    for r in rows:
+                        key = f"{r['memory_id']}|{r['part']}|{r['part_index']}"
+                        part = parts.setdefault(
+                            key,
+                            {
+                                "label": r["label"],
+                                "chunks": [],
+                                "dia_id": where.get((str(r["memory_id"]), r["part_index"]), "")
+                                if r["part"] == "message"
+                                else "",
+                            },
+                        )
+                        part["chunks"].append(r["content"])
+                    questions = []
+                    for qa in sample["qa"]:
+                        if qa["category"] == 5 or not qa.get("evidence"):
+                            continue
+                        query = qa["question"]
+                        vector = (await engine.embed([query]))[0]
+                        async with engine.db.scoped(user.id, readonly=True) as conn:
+                            sem_rows = await conn.fetch(
+                                *bind(
+                                    "search_semantic",
+                                    user_id=user.id,
+                                    vector=np.asarray(vector),
+                                    embedding_model=model_of(vector),
+                                    fetch=args.fetch,
+                                    **filters.params(),
+                                )
+                            )
+                            text_rows = await conn.fetch(
+                                *bind(
+                                    "search_fulltext",
+                                    user_id=user.id,
+                                    query=query,
+                                    vector=np.asarray(vector),
+                                    embedding_model=model_of(vector),
+                                    fetch=args.fetch,
+                                    **filters.params(),
+                                )
+                            )
+                        # per part, its best chunk's row in each list (rows come best first)
+                        candidates: dict[str, dict[str, Any]] = {}
+                        for i, r in enumerate(sem_rows):
+                            c = candidates.setdefault(
+                                f"{r['memory_id']}|{r['part']}|{r['part_index']}", {}
+                            )
+                            if "sem_row" not in c:
+                                c.update(
+                                    sem_row=i,
+                                    sem_chunk=r["chunk_index"],
+                                    cosine=1.0 - float(r["distance"]),
+                                )
+                        for i, r in enumerate(text_rows):
+                            c = candidates.setdefault(
+                                f"{r['memory_id']}|{r['part']}|{r['part_index']}", {}
+                            )
+                            if "text_row" not in c:
+                                c.update(
+                                    text_row=i,
+                                    text_chunk=r["chunk_index"],
+                                    text_cosine=None
+                                    if r["similarity"] is None
+                                    else float(r["similarity"]),
+                                    bm25=float(r["rank"]),
+                                    coverage=float(r["rank"])
+                                    / ((BM25_K1 + 1) * max(float(r["idf_sum"]), 1e-9)),
+                                )
+                        questions.append(
+                            {
+                                "question": query,
+                                "category": qa["category"],
+                                "evidence": qa["evidence"],
+                                "candidates": candidates,
+                            }
+                        )
+                    out["conversations"].append(
+                        {
+                            "sample_id": sample.get("sample_id"),
+                            "parts": parts,
+                            "questions": questions,
+                        }
+                    )
+                    print(f"{sample.get('sample_id')}: {len(questions)} questions", flush=True)
+        finally:
+            server.stop()
+    with gzip.open(args.dump, "wt") as f:
+        json.dump(out, f)
+    print(f"wrote {args.dump}")
+
+
+# ------------------------------------------------------------------------------------ features
+
+_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*", re.UNICODE)
+_MONTHS = [
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+]
+#: English function words left out of the query-word overlap (the full-text query leaves out
+#: the same kind of word: PostgreSQL's English stop words).
+_STOP = frozenset(
+    [
+        "a",
+        "about",
+        "above",
+        "after",
+        "again",
+        "against",
+        "all",
+        "am",
+        "an",
+        "and",
+        "any",
+        "are",
+        "as",
+        "at",
+        "be",
+        "because",
+        "been",
+        "before",
+        "being",
+        "below",
+        "between",
+        "both",
+        "but",
+        "by",
+        "can",
+        "could",
+        "did",
+        "do",
+        "does",
+        "doing",
+        "down",
+        "during",
+        "each",
+        "few",
+        "for",
+        "from",
+        "further",
+        "had",
+        "has",
+        "have",
+        "having",
+        "he",
+        "her",
+        "here",
+        "hers",
+        "herself",
+        "him",
+        "himself",
+        "his",
+        "how",
+        "i",
+        "if",
+        "in",
+        "into",
+        "is",
+        "it",
+        "its",
+        "itself",
+        "just",
+        "me",
+        "more",
+        "most",
+        "my",
+        "myself",
+        "no",
+        "nor",
+        "not",
+        "now",
+        "of",
+        "off",
+        "on",
+        "once",
+        "only",
+        "or",
+        "other",
+        "our",
+        "ours",
+        "ourselves",
+        "out",
+        "over",
+        "own",
+        "same",
+        "she",
+        "should",
+        "so",
+        "some",
+        "such",
+        "than",
+        "that",
+        "the",
+        "their",
+        "theirs",
+        "them",
+        "themselves",
+        "then",
+        "there",
+        "these",
+        "they",
+        "this",
+        "those",
+        "through",
+        "to",
+        "too",
+        "under",
+        "until",
+        "up",
+        "very",
+        "was",
+        "we",
+        "were",
+        "what",
+        "when",
+        "where",
+        "which",
+        "while",
+        "who",
+        "whom",
+        "why",
+        "will",
+        "with",
+        "would",
+        "you",
+        "your",
+        "yours",
+        "yourself",
+        "yourselves",
+    ]
+)
+
+
+def _words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def _stem(word: str) -> str:
+    """A crude suffix strip, enough to match "painted"/"painting"/"paints" with "paint"."""
+    for suffix in ("ing", "ed", "es", "s"):
+        if len(word) > len(suffix) + 2 and word.endswith(suffix):
+            return word[: -len(suffix)]
+    return word
+
+
+#: The product's features (:data:`~halldyll_ray.components.search.RANK_FEATURES`), then
+#: others tried here that a search could compute as cheaply.
+EXTRA = [
+    "in_sem",
+    "in_text",
+    "rrf_sem",
+    "rrf_text",
+    "nb_cosine",
+    "nb_coverage",
+    "mem_cosine",
+    "mem_coverage",
+    "mem_share",
+    "overlap",
+    "month_match",
+    "year_match",
+    "is_title",
+    "cosine_gap",
+    "coverage_gap",
+]
+FEATURES = [*ranking.RANK_FEATURES, *EXTRA]
+
+
+def _lists(question: dict[str, Any], parts: dict[str, dict[str, Any]], pool: int) -> tuple:
+    """The two lists of distinct parts as Search has them (``best_per``) when each list holds
+    ``pool`` rows: (semantic hits, full-text hits)."""
+    from halldyll_ray.components.search import Hit
+
+    sem, text = [], []
+    for key, c in question["candidates"].items():
+        memory, part, index = key.split("|")
+        p = parts.get(key, {"label": None, "chunks": [""]})
+        if c.get("sem_row", pool) < pool:
+            hit = Hit(
+                uuid.UUID(memory),
+                part,
+                int(index),
+                p["chunks"][c["sem_chunk"]],
+                c["cosine"],
+                c["cosine"],
+                label=p["label"],
+            )
+            sem.append((c["sem_row"], hit))
+        if c.get("text_row", pool) < pool:
+            hit = Hit(
+                uuid.UUID(memory),
+                part,
+                int(index),
+                p["chunks"][c["text_chunk"]],
+                c["text_cosine"],
+                c["bm25"],
+                c["coverage"],
+                p["label"],
+            )
+            text.append((c["text_row"], hit))
+    sem.sort(key=lambda pair: pair[0])
+    text.sort(key=lambda pair: pair[0])
+    return [h for _, h in sem], [h for _, h in text]
+
+
+def features(
+    question: dict[str, Any], parts: dict[str, dict[str, Any]], pool: int
+) -> tuple[list[str], np.ndarray]:
+    """The candidates of one question (parts among the first ``pool`` rows of either list, in
+    :func:`~halldyll_ray.components.search.signals` order) and their features: the product's
+    :func:`~halldyll_ray.components.search.rank_features` (weight 0.4), then :data:`EXTRA`."""
+    sem, text = _lists(question, parts, pool)
+    found = ranking.signals(sem, text)
+    keys = [f"{h.memory_id}|{h.part}|{h.part_index}" for h, _, _ in found]
+    product = ranking.rank_features(question["question"], found, 0.4)
+    if not keys:
+        return keys, np.zeros((0, len(FEATURES)))
+    cosine, coverage = product[:, 0], product[:, 1]
+    sem_rank = {h.key: i for i, h in enumerate(sem)}
+    text_rank = {h.key: i for i, h in enumerate(text)}
+    index = {h.key: i for i, (h, _, _) in enumerate(found)}
+    members: dict[Any, list[int]] = defaultdict(list)
+    for i, (h, _, _) in enumerate(found):
+        members[h.memory_id].append(i)
+    query_words = _words(question["question"])
+    content = {_stem(w) for w in query_words if w not in _STOP}
+    months = {m for m in _MONTHS if m in query_words and m != "may"}
+    years = {w for w in query_words if re.fullmatch(r"(19|20)\d\d", w)}
+    extra = np.zeros((len(keys), len(EXTRA)))
+    for i, (h, _, _) in enumerate(found):
+        label_words = _words(h.label or "")
+        text_words = {_stem(w) for w in _words(h.text)} | {_stem(w) for w in label_words}
+        beside = [
+            index[k]
+            for k in (
+                (h.memory_id, h.part, h.part_index - 1),
+                (h.memory_id, h.part, h.part_index + 1),
+            )
+            if k in index
+        ]
+        rows = members[h.memory_id]
+        extra[i] = [
+            float(h.key in sem_rank),
+            float(h.key in text_rank),
+            60.0 / (60 + sem_rank[h.key]) if h.key in sem_rank else 0.0,
+            60.0 / (60 + text_rank[h.key]) if h.key in text_rank else 0.0,
+            max((cosine[j] for j in beside), default=0.0),
+            max((coverage[j] for j in beside), default=0.0),
+            cosine[rows].max(),
+            coverage[rows].max(),
+            len(rows) / len(keys),
+            len(content & text_words) / max(len(content), 1),
+            float(bool(months) and any(m in label_words for m in months)),
+            float(bool(years) and any(y in label_words for y in years)),
+            float(h.part == "title"),
+            cosine[i] - cosine.max(),
+            coverage[i] - coverage.max(),
+        ]
+    return keys, np.hstack([product, extra])
+
+
+# ------------------------------------------------------------------------------------- rankers
+
+
+def today(x: np.ndarray) -> np.ndarray:
+    """The ranking before the learned one (``in_context(fuse(...))``, weight 0.4, neighbour
+    0.2, memory 0.3) from the feature matrix."""
+    col = {n: i for i, n in enumerate(FEATURES)}
+    fused = 0.4 * x[:, col["cosine"]] + 0.6 * x[:, col["coverage"]]
+    return fused + 0.2 * x[:, col["neighbour"]] + 0.3 * x[:, col["memory"]]
+
+
+class Data:
+    """All questions' candidates at one pool: features, labels, grouping."""
+
+    def __init__(self, dump: dict[str, Any], pool: int) -> None:
+        self.x: list[np.ndarray] = []
+        self.y: list[np.ndarray] = []
+        self.dia: list[list[str]] = []
+        self.evidence: list[set[str]] = []
+        self.category: list[int] = []
+        self.conversation: list[int] = []
+        self.keys: list[list[str]] = []
+        for ci, conv in enumerate(dump["conversations"]):
+            for q in conv["questions"]:
+                keys, x = features(q, conv["parts"], pool)
+                self.keys.append(keys)
+                dia = [conv["parts"].get(k, {}).get("dia_id", "") for k in keys]
+                evidence = set(q["evidence"])
+                self.x.append(x)
+                self.y.append(np.array([float(d in evidence) for d in dia]))
+                self.dia.append(dia)
+                self.evidence.append(evidence)
+                self.category.append(q["category"])
+                self.conversation.append(ci)
+
+
+def recall(data: Data, scores: Sequence[np.ndarray], questions: Sequence[int]) -> dict[str, Any]:
+    """Evidence recall@5/@10 overall and @10 per category, as ``benchmarks/locomo.py``."""
+    per: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for qi, s in zip(questions, scores, strict=True):
+        order = np.lexsort((np.arange(len(s)), -s))
+        dia = [data.dia[qi][j] for j in order[:10]]
+        ev = data.evidence[qi]
+        per[data.category[qi]].append(
+            (len(ev & set(dia[:5])) / len(ev), len(ev & set(dia)) / len(ev))
+        )
+    rows = [r for rs in per.values() for r in rs]
+    return {
+        "recall@5": statistics.fmean(r[0] for r in rows),
+        "recall@10": statistics.fmean(r[1] for r in rows),
+        "cat@10": {c: statistics.fmean(r[1] for r in per[c]) for c in sorted(per)},
+        "n": len(rows),
+    }
+
+
+def _standardize(xs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    allx = np.concatenate(xs)
+    mu = allx.mean(axis=0)
+    sd = allx.std(axis=0)
+    sd[sd < 1e-9] = 1.0
+    return mu, sd
+
+
+def fit_logistic(
+    xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], l2: float = 1e-2, steps: int = 300
+) -> np.ndarray:
+    """Pointwise logistic regression (Newton steps), standardized features; returns weights
+    over the raw features plus a bias (last)."""
+    mu, sd = _standardize(xs)
+    x = (np.concatenate(xs) - mu) / sd
+    y = np.concatenate(ys)
+    x = np.hstack([x, np.ones((len(x), 1))])
+    w = np.zeros(x.shape[1])
+    for _ in range(min(steps, 30)):
+        p = 1 / (1 + np.exp(-(x @ w)))
+        g = x.T @ (p - y) / len(y) + l2 * np.r_[w[:-1], 0]
+        h = (x * (p * (1 - p))[:, None]).T @ x / len(y) + l2 * np.diag(
+            np.r_[np.ones(len(w) - 1), 0]
+        )
+        w -= np.linalg.solve(h, g)
+    raw = w[:-1] / sd
+    return np.r_[raw, w[-1] - (mu * raw).sum()]
+
+
+def fit_listnet(
+    xs: Sequence[np.ndarray],
+    ys: Sequence[np.ndarray],
+    l2: float = 1e-3,
+    steps: int = 400,
+    lr: float = 0.5,
+) -> np.ndarray:
+    """Listwise softmax (ListNet top-1): per question, cross-entropy between the softmax of
+    the scores and the evidence spread evenly; full-batch gradient descent with momentum on
+    standardized features. Questions with no evidence among the candidates are skipped."""
+    mu, sd = _standardize(xs)
+    kept = [(x, y) for x, y in zip(xs, ys, strict=True) if y.sum() > 0]
+    x = (np.concatenate([x for x, _ in kept]) - mu) / sd
+    t = np.concatenate([y / y.sum() for _, y in kept])
+    sizes = np.array([len(y) for _, y in kept])
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    segment = np.repeat(np.arange(len(kept)), sizes)
+    w = np.zeros(len(mu))
+    v = np.zeros_like(w)
+    for _ in range(steps):
+        s = x @ w
+        e = np.exp(s - np.maximum.reduceat(s, starts)[segment])
+        p = e / np.add.reduceat(e, starts)[segment]
+        g = l2 * w + x.T @ (p - t) / len(kept)
+        v = 0.9 * v - lr * g
+        w = w + v
+    raw = w / sd
+    return np.r_[raw, -(mu * raw).sum()]
+
+
+def score(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return x @ w[:-1] + w[-1]
+
+
+def _context(data_keys: list[list[str]], scores: list[np.ndarray]) -> list[np.ndarray]:
+    """Per question: (neighbour max, memory max) of a first-stage score, as in_context."""
+    out = []
+    for keys, s in zip(data_keys, scores, strict=True):
+        s = s - s.min() if len(s) else s  # scores >= 0: a missing neighbour counts 0
+        index = {k: i for i, k in enumerate(keys)}
+        nb = np.zeros(len(keys))
+        mem: dict[str, float] = {}
+        for i, k in enumerate(keys):
+            memory, part, idx = k.split("|")
+            mem[memory] = max(mem.get(memory, 0.0), s[i])
+            for j in (f"{memory}|{part}|{int(idx) - 1}", f"{memory}|{part}|{int(idx) + 1}"):
+                if j in index:
+                    nb[i] = max(nb[i], s[index[j]])
+        out.append(np.c_[nb, [mem[k.split("|")[0]] for k in keys]])
+    return out
+
+
+def cross_validate(
+    data: Data,
+    keys: list[list[str]],
+    columns: list[int],
+    fit: Callable[..., np.ndarray],
+    *,
+    two_stage: bool,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Leave-one-conversation-out scores for every question, and each fold's weights."""
+    scores: list[np.ndarray] = [np.zeros(0)] * len(data.x)
+    weights = []
+    for held in sorted(set(data.conversation)):
+        train = [i for i, c in enumerate(data.conversation) if c != held]
+        test = [i for i, c in enumerate(data.conversation) if c == held]
+        xs = [data.x[i][:, columns] for i in train]
+        ys = [data.y[i] for i in train]
+        w1 = fit(xs, ys)
+        if two_stage:
+            ctx_train = _context([keys[i] for i in train], [score(w1, x) for x in xs])
+            xs2 = [np.c_[x, c] for x, c in zip(xs, ctx_train, strict=True)]
+            w2 = fit(xs2, ys)
+            weights.append(np.r_[w1, w2])
+            for i in test:
+                s1 = score(w1, data.x[i][:, columns])
+                ctx = _context([keys[i]], [s1])[0]
+                scores[i] = score(w2, np.c_[data.x[i][:, columns], ctx])
+        else:
+            weights.append(w1)
+            for i in test:
+                scores[i] = score(w1, data.x[i][:, columns])
+    return scores, weights
+
+
+def _fit(args: argparse.Namespace) -> None:
+    with gzip.open(args.dump, "rt") as f:
+        dump = json.load(f)
+    results: dict[str, Any] = {"fetch": dump["fetch"], "features": FEATURES, "runs": {}}
+    table = [
+        "| pool | ranker | recall@5 | recall@10 | cat 1 / 2 / 3 / 4 @10 |",
+        "| ---: | --- | ---: | ---: | --- |",
+    ]
+    n = len(ranking.RANK_FEATURES)
+    sets = {"base4": [0, 1, 2, 3], "product": list(range(n)), "all": list(range(len(FEATURES)))}
+    final = None
+    for pool in args.pools:
+        data = Data(dump, pool)
+        every = list(range(len(data.x)))
+        ceiling = statistics.fmean(
+            len(data.evidence[i] & set(data.dia[i])) / len(data.evidence[i]) for i in every
+        )
+        runs: dict[str, Any] = {"today": recall(data, [today(x) for x in data.x], every)}
+        for set_name, columns in sets.items():
+            for fit_name, fit in (("logistic", fit_logistic), ("listnet", fit_listnet)):
+                for two in (False, True):
+                    name = f"{fit_name}/{set_name}" + ("/2-stage" if two else "")
+                    scores, _ = cross_validate(data, data.keys, columns, fit, two_stage=two)
+                    runs[name] = recall(data, scores, every)
+                    print(pool, name, {k: runs[name][k] for k in ("recall@5", "recall@10")})
+        for name, r in runs.items():
+            cats = " / ".join(f"{v:.3f}" for v in r["cat@10"].values())
+            table.append(
+                f"| {pool} | {name} | {r['recall@5']:.3f} | {r['recall@10']:.3f} | {cats} |"
+            )
+        table.append(f"| {pool} | (all evidence in the pool) | | {ceiling:.3f} | |")
+        results["runs"][str(pool)] = {"ceiling": ceiling, **runs}
+        if pool == 100:  # the product's pool (a search of limit 10 fetches 100 rows a list)
+            final = _final(data, sets["product"])
+    if final is not None:
+        results["final"] = final
+        table += [
+            "",
+            "Fitted on all 6 conversations (pool 100, logistic, product features, 2 stages), "
+            "for `halldyll_ray/components/search.py`:",
+            "",
+            "```python",
+            f"RANK_STAGE1 = {tuple(final['stage1'])}",
+            f"RANK_STAGE2 = {tuple(final['stage2'])}",
+            "```",
+            "",
+            "In-sample through the product's `learned_scores`: recall@5 "
+            f"{final['in_sample']['recall@5']:.3f}, "
+            f"recall@10 {final['in_sample']['recall@10']:.3f}.",
+        ]
+    write_results(
+        args.out,
+        "locomo_features.py",
+        results,
+        "LoCoMo development split: learned ranking, leave-one-conversation-out",
+        table,
+    )
+
+
+def _final(data: Data, columns: list[int]) -> dict[str, Any]:
+    """The shipped model: both stages fitted on every question, rounded to 4 decimals, and
+    its in-sample recall through the product's own scoring."""
+    xs = [x[:, columns] for x in data.x]
+    w1 = fit_logistic(xs, data.y)
+    ctx = _context(data.keys, [score(w1, x) for x in xs])
+    w2 = fit_logistic([np.c_[x, c] for x, c in zip(xs, ctx, strict=True)], data.y)
+    stage1 = [round(float(v), 4) for v in w1]
+    stage2 = [round(float(v), 4) for v in w2]
+    saved = ranking.RANK_STAGE1, ranking.RANK_STAGE2
+    ranking.RANK_STAGE1, ranking.RANK_STAGE2 = tuple(stage1), tuple(stage2)
+    try:
+        scores = []
+        for keys, x in zip(data.keys, xs, strict=True):
+            hits = [
+                ranking.Hit(
+                    uuid.UUID(k.split("|")[0]), k.split("|")[1], int(k.split("|")[2]), "", None, 0.0
+                )
+                for k in keys
+            ]
+            scores.append(ranking.learned_scores(hits, x) if keys else np.zeros(0))
+    finally:
+        ranking.RANK_STAGE1, ranking.RANK_STAGE2 = saved
+    return {
+        "stage1": stage1,
+        "stage2": stage2,
+        "in_sample": recall(data, scores, list(range(len(data.x)))),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    dump = sub.add_parser("dump", help="store the split and dump every question's candidates")
+    dump.add_argument("--fetch", type=int, default=400, help="rows per list (product: 100)")
+    dump.add_argument("--dump", type=Path, default=DUMP)
+    fit = sub.add_parser("fit", help="fit and cross-validate rankers on the dump")
+    fit.add_argument("--dump", type=Path, default=DUMP)
+    fit.add_argument("--pools", type=int, nargs="+", default=[100, 200])
+    fit.add_argument("--out", type=Path, default=RESULTS / "locomo_features.json")
+    args = parser.parse_args()
+    if not DATA.exists():
+        print(f"{DATA} is missing (the shared development split)", file=sys.stderr)
+        return 2
+    if args.command == "dump":
+        asyncio.run(_dump(args))
+    else:
+        _fit(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
