@@ -249,7 +249,10 @@ class MatchedPart:
 @strawberry.type
 class SearchHit:
     memory: Memory
-    score: float = strawberry.field(description="Ranking score (hybrid: fused).")
+    score: float = strawberry.field(
+        description="Ranking score: cosine similarity (semantic), BM25 score (fulltext), or "
+        "the hybrid ranking's probability (0-1) that the part holds what the query asks."
+    )
     similarity: float | None = strawberry.field(description="Cosine similarity, if known.")
     source: str = strawberry.field(description="semantic, fulltext or hybrid.")
     matched: MatchedPart
