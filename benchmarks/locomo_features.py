@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from locomo import DATA, RESULTS, _memories, write_results
 
 from halldyll_ray.components import search as ranking
+from halldyll_ray.components.base import MONTHS
 
 DUMP = Path(tempfile.gettempdir()) / "locomo-features.json.gz"
 
@@ -144,30 +145,18 @@ async def _dump(args: argparse.Namespace) -> None:
                         # per part, its best chunk's row in each list (rows come best first)
                         candidates: dict[str, dict[str, Any]] = {}
                         for i, r in enumerate(sem_rows):
-                            c = candidates.setdefault(
-                                f"{r['memory_id']}|{r['part']}|{r['part_index']}", {}
+                            _first_row(candidates, r, "sem_row", i).update(
+                                cosine=1.0 - float(r["distance"])
                             )
-                            if "sem_row" not in c:
-                                c.update(
-                                    sem_row=i,
-                                    sem_chunk=r["chunk_index"],
-                                    cosine=1.0 - float(r["distance"]),
-                                )
                         for i, r in enumerate(text_rows):
-                            c = candidates.setdefault(
-                                f"{r['memory_id']}|{r['part']}|{r['part_index']}", {}
+                            _first_row(candidates, r, "text_row", i).update(
+                                text_cosine=None
+                                if r["similarity"] is None
+                                else float(r["similarity"]),
+                                bm25=float(r["rank"]),
+                                coverage=float(r["rank"])
+                                / ((BM25_K1 + 1) * max(float(r["idf_sum"]), 1e-9)),
                             )
-                            if "text_row" not in c:
-                                c.update(
-                                    text_row=i,
-                                    text_chunk=r["chunk_index"],
-                                    text_cosine=None
-                                    if r["similarity"] is None
-                                    else float(r["similarity"]),
-                                    bm25=float(r["rank"]),
-                                    coverage=float(r["rank"])
-                                    / ((BM25_K1 + 1) * max(float(r["idf_sum"]), 1e-9)),
-                                )
                         questions.append(
                             {
                                 "question": query,
@@ -191,23 +180,24 @@ async def _dump(args: argparse.Namespace) -> None:
     print(f"wrote {args.dump}")
 
 
+def _first_row(
+    candidates: dict[str, dict[str, Any]], row: Any, key: str, index: int
+) -> dict[str, Any]:
+    """The candidate of ``row``'s part, with ``key`` (``sem_row``/``text_row``) = ``index``
+    and its chunk, to update with the row's signals; a throwaway dict if the part already has
+    a row in that list (rows come best first: a part's best chunk counts)."""
+    c = candidates.setdefault(f"{row['memory_id']}|{row['part']}|{row['part_index']}", {})
+    if key in c:
+        return {}
+    c[key] = index
+    c[key.replace("_row", "_chunk")] = row["chunk_index"]
+    return c
+
+
 # ------------------------------------------------------------------------------------ features
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*", re.UNICODE)
-_MONTHS = [
-    "january",
-    "february",
-    "march",
-    "april",
-    "may",
-    "june",
-    "july",
-    "august",
-    "september",
-    "october",
-    "november",
-    "december",
-]
+_MONTHS = [month.lower() for month in MONTHS]
 #: English function words left out of the query-word overlap (the full-text query leaves out
 #: the same kind of word: PostgreSQL's English stop words).
 _STOP = frozenset(

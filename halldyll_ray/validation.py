@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import UUID
@@ -37,7 +37,7 @@ def first_error(errors: Sequence[Any], *, skip: Iterable[str] = ()) -> InvalidIn
     (FastAPI's ``body``). Never the rejected value: pydantic's own text repeats it, and an
     argument can hold a secret. The HTTP API's 422 and the MCP tools' argument errors both
     read this way."""
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    first: Mapping[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = list(first["loc"])
     message = str(first["msg"])
     if first.get("type") == "json_invalid":

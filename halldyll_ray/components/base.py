@@ -18,7 +18,8 @@ from halldyll_ray.models import Message, MessageRole, StoredMessage
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
 
-_MONTHS = [
+#: English month names, as message labels write them (whatever the locale).
+MONTHS = [
     "January",
     "February",
     "March",
@@ -63,7 +64,7 @@ def message_label(name: str | None, said_at: datetime) -> str:
     date, e.g. ``"Caroline 8 May 2023"``; English month names, whatever the locale.
     Migration 0007 writes the same for messages stored before it."""
     day = said_at.astimezone(UTC)
-    date = f"{day.day} {_MONTHS[day.month - 1]} {day.year}"
+    date = f"{day.day} {MONTHS[day.month - 1]} {day.year}"
     speaker = (name or "").strip()
     return f"{speaker} {date}" if speaker else date
 
