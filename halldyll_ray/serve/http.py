@@ -418,6 +418,14 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    # Credentials first, as on a well-formed request: a caller without a valid API key gets
+    # the 401 (audited) whatever its input, and never learns how the input is checked.
+    authenticate = getattr(api.state, "authenticate", None)
+    if authenticate is not None:
+        try:
+            await authenticate(request)
+        except AuthenticationFailed as failed:
+            return await _halldyll_error(request, failed)
     error = validation.first_error(exc.errors(), skip=("body",))
     return error_response(
         422, "invalid_input", error.message, request.state.request_id, field=error.field

@@ -133,6 +133,8 @@ class Ingress(EngineOwner):
         api.state.metrics = RouteMetrics()
         # GraphQL's subscriptions follow the change feed through this replica's engine.
         api.state.ingress = self
+        # A request refused for its input is refused for its credentials first (http.py).
+        api.state.authenticate = self._principal
 
     # ----------------------------------------------------------------------- helpers
     async def _principal(self, request: Request) -> Principal:

@@ -419,3 +419,28 @@ async def test_every_list_has_one_shape(
         body = r.json()
         assert isinstance(body, dict) and body["items"], (path, body)
         assert ("next_cursor" in body) == (path in paged), path
+
+
+async def test_credentials_are_checked_before_the_input(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """A request without a valid key is a 401 whatever its input: bad bodies, bad path and
+    query parameters, on any route; the same request with a valid key is the 422."""
+    _, key = await _user_with_key(http, admin_key)
+    bad = [
+        ("POST", "/v1/users/me/memories/batch", {"memories": [{"type": "transcription"}]}),
+        ("POST", "/v1/users/me/memories", {"type": "fact", "statement": "x", "confidence": 3}),
+        ("POST", "/v1/users/me/search", {"query": "x", "mode": "psychic"}),
+        ("POST", "/v1/users/nobody/search", {"query": "x"}),
+        ("GET", "/v1/users/me/memories?limit=-4", None),
+        ("GET", "/v1/users/me/memories/not-a-uuid", None),
+        ("POST", "/v1/users/me/context", []),
+    ]
+    for method, path, body in bad:
+        for headers in ({}, {"Authorization": "Basic YWRhOnB3"}, bearer("hr_" + "z" * 40)):
+            r = await http.request(method, path, json=body, headers=headers)
+            assert r.status_code == 401, (method, path, headers, r.text)
+            assert r.json()["error"]["code"] == "unauthenticated"
+            assert r.headers["www-authenticate"] == "Bearer"
+        valid = await http.request(method, path, json=body, headers=bearer(key))
+        assert valid.status_code == 422, (method, path, valid.text)
