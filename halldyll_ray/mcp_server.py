@@ -436,6 +436,29 @@ def build_mcp_server(clients: ClientSource, *, name: str = "halldyll-ray") -> MC
         )
         return await store(ctx, user_id, summary)
 
+    @server.tool(annotations=writes)
+    async def store_memories(
+        ctx: Context[Any, Any],
+        memories: Annotated[
+            list[dict[str, Any]],
+            Field(
+                min_length=1,
+                description="1 to 500 memories of any types, each as the store_* tools "
+                "take it plus its type, e.g. {'type': 'fact', 'statement': '...'} or "
+                "{'type': 'conversation', 'messages': [{'role': 'user', 'content': '...'}]}.",
+            ),
+        ],
+        user_id: UserId = "me",
+    ) -> dict[str, Any]:
+        """Store many memories in one call (an import, a backlog of notes), all or nothing.
+
+        Faster than one store_* call each. If one memory is bad, nothing is stored and the
+        error names it (field 'memories.3...'). Returns {'memories': [...]} as stored, in
+        the order given.
+        """
+        stored = await call(ctx, lambda c: c.store_memories(memories, user_id=user_id))
+        return {"memories": [_json(memory) for memory in stored]}
+
     # ------------------------------------------------------------------- recall
     @server.tool(annotations=reads)
     async def search_memories(

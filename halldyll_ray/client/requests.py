@@ -18,7 +18,7 @@ from uuid import UUID
 
 import httpx
 from pydantic import BaseModel
-from pydantic_core import to_jsonable_python
+from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from halldyll_ray import __version__
 from halldyll_ray.errors import (
@@ -261,7 +261,11 @@ def _body(value: BaseModel | Mapping[str, Any]) -> Any:
         # warnings=False: an unchecked body may hold what its field type does not (a tuple
         # for a list, a plain string for an enum); it is written as JSON all the same.
         return value.model_dump(mode="json", exclude_none=True, warnings=False)
-    return to_jsonable_python(dict(value))
+    try:
+        # Anything else that is JSON goes as it is: the server says what is wrong with it.
+        return to_jsonable_python(dict(value) if isinstance(value, Mapping) else value)
+    except PydanticSerializationError as exc:
+        raise InvalidInput(f"not JSON: {exc}", field="body") from None
 
 
 def _params(values: Mapping[str, Any]) -> dict[str, str]:
@@ -370,6 +374,8 @@ class Endpoints:
     def store_memories(
         memories: Sequence[MemoryInput], *, user_id: Id
     ) -> Request[list[StoredMemory]]:
+        if isinstance(memories, str | bytes | Mapping) or not isinstance(memories, Sequence):
+            raise InvalidInput("memories must be a list of memories", field="memories")
         body = {"memories": [_body(memory) for memory in memories]}
         path = f"{_memories(user_id)}/batch"
         return Request("POST", path, _many(StoredMemory, "memories"), json=body)

@@ -593,6 +593,19 @@ class Mutation:
         body = memory if isinstance(memory, dict) else {"type": None}
         return Memory.of(await _call(info, lambda c: c.store_memory(body, user_id=str(user_id))))
 
+    @strawberry.mutation(
+        description="Store 1 to STORE_BATCH_MAX (500) memories of any types at once, all or "
+        "nothing: a JSON list of memories as REST's batch takes them. The memories as stored, "
+        "in the order given; a bad one is named by its index (field `memories.3...`) and "
+        "nothing is stored."
+    )
+    async def store_memories(
+        self, info: Info[GraphQLContext, None], memories: JSON, user_id: strawberry.ID = ME
+    ) -> list[Memory]:
+        given: Any = memories  # any JSON: the client and the API say what is wrong with it
+        stored = await _call(info, lambda c: c.store_memories(given, user_id=str(user_id)))
+        return [Memory.of(m) for m in stored]
+
     @strawberry.mutation(description="Change a memory (the fields of REST's PATCH, as JSON).")
     async def update_memory(
         self,

@@ -177,3 +177,67 @@ async def test_a_body_that_is_not_the_routes_json_is_a_422_on_the_body(
     # the body is at fault, never a character offset posing as a field
     assert error["field"] == "body" and error["message"].startswith(message), error
     assert await _count(http, key) == 1
+
+
+async def test_graphql_and_mcp_store_batches_all_or_nothing(
+    ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
+) -> None:
+    from mcp.types import TextContent
+    from support import graphql, mcp_result, mcp_session
+
+    _, key = await _user_with_key(http, admin_key)
+    mutation = "mutation($m: JSON!) { storeMemories(memories: $m) { id type text } }"
+    stored = await graphql(http, key, mutation, m=BATCH)
+    assert "errors" not in stored, stored
+    memories = stored["data"]["storeMemories"]
+    assert [m["type"] for m in memories] == ["CONVERSATION", "FACT", "IMAGE", "SUMMARY"]
+    assert memories[1]["text"] == "Ada is learning to play the oboe"
+    assert await _count(http, key) == 4
+
+    # A bad item, a batch that is not a list, an empty one: refused, nothing stored.
+    for given, field in [
+        ([BATCH[1], {"type": "fact", "statement": ""}], "memories.1"),
+        ([BATCH[1], "a fact"], "memories.1"),
+        ({"type": "fact", "statement": "one"}, "memories"),
+        ([], "memories"),
+    ]:
+        refused = await graphql(http, key, mutation, m=given)
+        error = refused["errors"][0]["extensions"]
+        assert error["code"] == "invalid_input", refused
+        assert str(error["field"]).startswith(field), refused
+    assert await _count(http, key) == 4
+
+    async with mcp_session(ray_serve["url"], key) as mcp:
+        result = mcp_result(
+            await mcp.call_tool(
+                "store_memories",
+                {"memories": [{"type": "fact", "statement": "Ada sails a red boat"}, BATCH[2]]},
+            )
+        )
+        assert [m["type"] for m in result["memories"]] == ["fact", "image"]
+        for bad in ([BATCH[1], {"type": "fact"}], []):
+            refused = await mcp.call_tool("store_memories", {"memories": bad})
+            assert refused.is_error, refused
+            block = refused.content[0]
+            assert isinstance(block, TextContent) and "invalid_input: memories" in block.text
+    assert await _count(http, key) == 6
+
+
+async def test_the_client_refuses_a_batch_that_is_not_a_list_of_json(
+    ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
+) -> None:
+    _, key = await _user_with_key(http, admin_key)
+    async with AsyncHalldyllClient(ray_serve["url"], key, timeout=60) as client:
+        for given in ({"type": "fact", "statement": "x"}, "facts", None):
+            with pytest.raises(InvalidInput) as refused:
+                await client.store_memories(given)  # type: ignore[arg-type]
+            assert refused.value.field == "memories"
+        with pytest.raises(InvalidInput) as item:
+            await client.store_memories([BATCH[1], 42])  # type: ignore[list-item]
+        assert item.value.field is not None and item.value.field.startswith("memories.1")
+        with pytest.raises(InvalidInput) as opaque:
+            await client.store_memory(object())  # type: ignore[arg-type]
+        assert opaque.value.field == "body"
+        with pytest.raises(InvalidInput):
+            await client.store_memory("a fact")  # type: ignore[arg-type]
+    assert await _count(http, key) == 0

@@ -29,6 +29,7 @@ TOOLS = {
     "store_image",
     "store_transcription",
     "store_summary",
+    "store_memories",
     "search_memories",
     "build_context",
     "prepare_context",

@@ -41,7 +41,7 @@ def test_an_api_error_reads_as_code_message_field_and_request_id() -> None:
 async def test_every_argument_is_described_for_the_model() -> None:
     async with Client(build_mcp_server(_unreachable())) as client:
         tools = (await client.list_tools()).tools
-    assert len(tools) == 16
+    assert len(tools) == 17
     for tool in tools:
         properties = tool.input_schema["properties"]
         undescribed = [name for name, spec in properties.items() if not spec.get("description")]
