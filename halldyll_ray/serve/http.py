@@ -15,7 +15,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from ray.serve.exceptions import (
     ReplicaUnavailableError,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from halldyll_ray import validation
 from halldyll_ray.errors import (
@@ -244,6 +245,62 @@ def _body_limit(scope: Any) -> int:
     return int(api.state.max_body_bytes)
 
 
+#: Paths a route names with a literal segment where another route of the same shape has a
+#: parameter (``.../memories/batch`` against ``.../memories/{memory_id}``): each literal
+#: route's path pattern and methods (:func:`reserve_literal_segments`).
+_LITERAL: list[tuple[re.Pattern[str], frozenset[str]]] = []
+
+
+def reserve_literal_segments(routes: Sequence[Any]) -> None:
+    """Give each path a route names literally to that route, whatever the method.
+
+    Starlette takes the first route whose path and method match, so ``PATCH
+    /v1/users/me/memories/batch`` reached ``PATCH .../memories/{memory_id}`` with
+    ``memory_id`` "batch" and answered 422 (not a UUID), where the path is the batch route's
+    and the method is not one it serves: 405 with ``Allow: POST`` (RFC 9110 §15.5.6). For
+    every pair of routes of the same number of segments where one has a literal segment in
+    place of the other's parameter, and is otherwise the same, the literal route's path is
+    reserved: another method there gets the 405 from the request middleware.
+    """
+    _LITERAL.clear()
+    shapes = [
+        (route, route.path.strip("/").split("/"))
+        for route in routes
+        if getattr(route, "methods", None) and isinstance(getattr(route, "path", None), str)
+    ]
+    methods: dict[str, set[str]] = collections.defaultdict(set)
+    for literal, mine in shapes:
+        for _, theirs in shapes:
+            if len(mine) == len(theirs) and _shadows(mine, theirs):
+                methods[literal.path] |= set(literal.methods)
+    for path, allowed in methods.items():
+        _LITERAL.append((compile_path(path)[0], frozenset(allowed)))
+
+
+def _shadows(mine: list[str], theirs: list[str]) -> bool:
+    """``mine`` has a literal segment where ``theirs`` has a parameter, and is otherwise the
+    same (parameters against parameters, equal literals)."""
+    literal_against_parameter = False
+    for a, b in zip(mine, theirs, strict=True):
+        a_param, b_param = a.startswith("{"), b.startswith("{")
+        if a_param != b_param:
+            if a_param:
+                return False
+            literal_against_parameter = True
+        elif not a_param and a != b:
+            return False
+    return literal_against_parameter
+
+
+def _not_served_here(scope: Any) -> str | None:
+    """The ``Allow`` header's value when the request's path is reserved by a literal route
+    that does not serve its method; None otherwise."""
+    for regex, allowed in _LITERAL:
+        if scope["method"] not in allowed and regex.match(scope["path"]):
+            return ", ".join(sorted(allowed))
+    return None
+
+
 class _RequestContext:
     """Request id, body limit, metrics and the request log, as plain ASGI middleware.
 
@@ -274,6 +331,18 @@ class _RequestContext:
             )
             await refusal(scope, receive, send)
             self._record(scope, request_id, 400, time.perf_counter())
+            return
+        allow = _not_served_here(scope) if _LITERAL else None
+        if allow is not None:
+            refusal = error_response(
+                405,
+                "method_not_allowed",
+                "Method Not Allowed",
+                request_id,
+                headers={"Allow": allow},
+            )
+            await refusal(scope, receive, send)
+            self._record(scope, request_id, 405, time.perf_counter())
             return
         limit = _body_limit(scope)
         for name, value in scope.get("headers") or ():

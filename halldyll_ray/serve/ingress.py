@@ -67,6 +67,7 @@ from halldyll_ray.serve.http import (
     api,
     downstream,
     json_response,
+    reserve_literal_segments,
 )
 from halldyll_ray.serve.mcp_http import mount_mcp
 from halldyll_ray.serve.settings import SettingsOverrides
@@ -790,6 +791,7 @@ def _hot_routes_first(app: Any, hot: tuple[tuple[str, str], ...]) -> None:
 
 
 _hot_routes_first(api, HOT_ROUTES)
+reserve_literal_segments(api.router.routes)
 # serve.ingress rewrites the FastAPI routes into class-based views on the app object it is
 # given; that must happen at import, in every process (driver and replicas), so it cannot be
 # applied late in the builder like the other deployments' decorators.

@@ -444,3 +444,25 @@ async def test_credentials_are_checked_before_the_input(
             assert r.headers["www-authenticate"] == "Bearer"
         valid = await http.request(method, path, json=body, headers=bearer(key))
         assert valid.status_code == 422, (method, path, valid.text)
+
+
+async def test_a_path_named_literally_belongs_to_its_route(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """``.../memories/batch`` is the batch route's path: another method there is a 405 with
+    ``Allow: POST`` (as for any route), not ``.../memories/{memory_id}`` with "batch"."""
+    _, key = await _user_with_key(http, admin_key)
+    usual = await http.put("/v1/users/me/search", headers=bearer(key), json={"query": "x"})
+    assert usual.status_code == 405
+    for method in ("GET", "PATCH", "DELETE", "PUT"):
+        r = await http.request(
+            method, "/v1/users/me/memories/batch", headers=bearer(key), json={"tags": ["x"]}
+        )
+        assert r.status_code == 405, (method, r.text)
+        assert r.headers["allow"] == "POST"
+        assert r.json()["error"]["code"] == usual.json()["error"]["code"] == "method_not_allowed"
+    # The parameter route still answers for a memory id, and for "batches".
+    missing = await http.get(f"/v1/users/me/memories/{uuid.uuid4()}", headers=bearer(key))
+    assert missing.status_code == 404
+    near = await http.get("/v1/users/me/memories/batches", headers=bearer(key))
+    assert near.status_code == 422 and near.json()["error"]["field"] == "path.memory_id"
