@@ -158,7 +158,9 @@ class MemoryReader:
 
     async def history(self, user_id: UUID | str, memory_id: UUID | str) -> list[StoredMemory]:
         """Every version of a fact, oldest first: the statements it replaced and the ones that
-        replaced it (``superseded_by`` links), closed or open, ``memory_id``'s among them.
+        replaced it (``superseded_by`` links), closed or open, ``memory_id``'s among them. The
+        order is the links' (each version before the one that replaced it), so the last is
+        the one that holds now even when a turn learned late replaced a newer statement.
 
         Raises:
             NotFound: no such memory of the user (or it expired). InvalidInput: it is not a

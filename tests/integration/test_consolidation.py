@@ -356,6 +356,33 @@ async def test_bad_input_and_deleted_turns(engine: MemoryEngine) -> None:
     assert model.calls == [] and await _fact_rows(engine, user.id) == []
 
 
+async def test_history_follows_the_links_when_a_late_turn_replaces_a_newer_fact(
+    engine: MemoryEngine,
+) -> None:
+    """Turns learned out of order (jobs run in any order): the older turn's fact replaces the
+    newer one and begins before it; the history still ends with the fact that holds now."""
+    user = await engine.create_user("lin", None, "user")
+    model = ScriptedMemoryModel(facts=_facts("The user lives in Rome"))
+    _, [rome] = await _learn(engine, user.id, "I live in Rome.", model)
+    milan = await _turn(engine, user.id, "I moved to Milan.")
+    turin = await _turn(engine, user.id, "I moved to Turin.")
+    model.decide = act_on_closest(Action.UPDATE)
+    learned = []
+    for turn, city in ((turin, "Turin"), (milan, "Milan")):  # the later turn first
+        model.facts = _facts(f"The user lives in {city}")
+        [change] = await _consolidation(engine, model).learn_from_turn(
+            user.id, turn.conversation_id, turn.message_seqs, job_id=city, model_id=None
+        )
+        assert change.action is Action.UPDATE
+        learned.append(change.fact_id)
+    chain = await engine.fact_history(user.id, rome.fact_id)
+    assert [m.id for m in chain] == [rome.fact_id, *learned]
+    assert [m.valid_to is None for m in chain] == [False, False, True]
+    assert chain[2].valid_from is not None and chain[1].valid_from is not None
+    assert chain[2].valid_from < chain[1].valid_from  # time alone would put it second
+    assert await engine.fact_history(user.id, learned[1]) == chain
+
+
 async def test_history_reads(engine: MemoryEngine) -> None:
     user = await engine.create_user("ivy", None, "user")
     other = await engine.create_user("jon", None, "user")

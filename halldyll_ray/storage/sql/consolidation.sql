@@ -64,8 +64,10 @@ ON CONFLICT DO NOTHING;
 
 -- name: fact_history
 -- Every version of a fact: from it forward to the statement that holds now (or the last one
--- closed), then back from there to everything that statement replaced, oldest first. Steps
--- are bounded, so even links written by hand into a cycle end.
+-- closed), then back from there to everything that statement replaced, in the order of the
+-- links (each version before the one that replaced it; versions the same number of links
+-- back, by when they began). Not by time alone: a turn learned late can replace a fact that
+-- began after it. Steps are bounded, so even links written by hand into a cycle end.
 WITH RECURSIVE forward AS (
     SELECT m.id, m.superseded_by, 0 AS step
     FROM memories m
@@ -84,7 +86,7 @@ backward AS (
     WHERE m.user_id = $2 AND b.step < 1000
 )
 SELECT m.* FROM memories m
-WHERE m.user_id = $2 AND m.id IN (SELECT id FROM backward)
-  AND (m.expires_at IS NULL OR m.expires_at > now())
-ORDER BY coalesce(m.valid_from, m.created_at), m.created_at, m.id
+JOIN (SELECT id, max(step) AS step FROM backward GROUP BY id) b ON b.id = m.id
+WHERE m.user_id = $2 AND (m.expires_at IS NULL OR m.expires_at > now())
+ORDER BY b.step DESC, coalesce(m.valid_from, m.created_at), m.created_at, m.id
 LIMIT 1000;
