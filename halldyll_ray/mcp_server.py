@@ -10,12 +10,14 @@ matrix, validation, error mapping and audit rows as REST; no rule lives here. Tw
   desktop clients that launch a command; its client talks to ``--url`` over the network.
 
 Tools (names as the LLM sees them): ``store_fact``, ``store_conversation``, ``store_image``,
-``store_transcription``, ``store_summary``, ``search_memories``, ``build_context``,
-``prepare_context``, ``record_turn``, ``get_memory``, ``list_memories``, ``update_memory``,
-``delete_memory``, ``list_models``. One store tool per memory type rather than one tool over
-a discriminated union: a flat schema with the type's own fields is what LLM clients fill in
-reliably (several reject or garble a top-level ``oneOf``), and the tool's name already says
-which kind of memory it keeps. Resource templates: a user's recent memories and a session's
+``store_transcription``, ``store_summary``, ``store_memories``, ``search_memories``,
+``build_context``, ``prepare_context``, ``record_turn``, ``get_memory``, ``list_memories``,
+``update_memory``, ``delete_memory``, ``list_models``, ``fact_history``, ``list_jobs``. One
+store tool per memory type rather than one tool over a discriminated union: a flat schema
+with the type's own fields is what LLM clients fill in reliably (several reject or garble a
+top-level ``oneOf``), and the tool's name already says which kind of memory it keeps. The
+bulk tool, ``store_memories``, takes each memory's JSON with its ``type``, as REST's batch
+does. Resource templates: a user's recent memories and a session's
 transcript.
 
 Every tool takes ``user_id`` (``"me"`` by default): a Service or Admin key names the user it
