@@ -8,7 +8,9 @@ the model, which decides (:class:`~halldyll_ray.llm.protocol.Action`):
 - ``add``: a new fact, valid from the turn's time;
 - ``reinforce``: the target's confidence rises (the rule of a repeated store, migration 0004);
 - ``update``: the target is closed (``valid_to``, ``superseded_by``) and the new statement
-  stored: the old one stays readable in the fact's history;
+  stored: the old one stays readable in the fact's history. Jobs run in any order: a turn
+  older than the target began (a later turn was learned first) puts its statement into the
+  target's past instead, closed where the next version began, and the target stays open;
 - ``contradict``: the target's confidence falls (migration 0012's mirror of reinforcement),
   and it is closed once below FACT_CONTRADICTION_FLOOR;
 - ``ignore``: nothing.
@@ -89,6 +91,13 @@ class Change(BaseModel):
     reason: str = Field(default="", description="The model's reason, as it gave it.")
     replayed: bool = Field(
         default=False, description="Made by an earlier run for this turn; nothing new written."
+    )
+    backdated: bool = Field(
+        default=False,
+        description=(
+            "An update from a turn older than its target began: the statement was stored as a "
+            "closed version before the target in its history, and the target stays open."
+        ),
     )
 
 
@@ -335,7 +344,7 @@ class Consolidation:
             elif decision.action is Action.UPDATE:
                 assert target is not None
                 change = await self._update(
-                    conn, turn, candidate, scope, statement, chunks, vectors, target["id"]
+                    conn, turn, candidate, scope, statement, chunks, vectors, target
                 )
             else:
                 assert target is not None
@@ -484,16 +493,85 @@ class Consolidation:
         statement: str,
         chunks: list[Chunk],
         vectors: np.ndarray,
+        target: Any,
+    ) -> Change:
+        """Replace ``target`` (its locked row) with the statement; a turn older than the
+        target's start puts the statement into the target's past instead (:meth:`_backdate`).
+        """
+        if turn.at < (target["valid_from"] or target["created_at"]):
+            return await self._backdate(
+                conn, turn, candidate, scope, statement, chunks, vectors, target["id"]
+            )
+        row = await self._store(conn, turn, candidate, scope, statement, chunks, vectors)
+        await self._close(conn, turn, target["id"], superseded_by=row["id"])
+        return Change(
+            action=Action.UPDATE,
+            statement=candidate.statement,
+            fact_id=row["id"],
+            target=target["id"],
+            closed=True,
+            confidence=round(float(row["confidence"]), 6),
+        )
+
+    async def _backdate(
+        self,
+        conn: asyncpg.Connection,
+        turn: _Turn,
+        candidate: FactCandidate,
+        scope: UUID | None,
+        statement: str,
+        chunks: list[Chunk],
+        vectors: np.ndarray,
         target: UUID,
     ) -> Change:
-        row = await self._store(conn, turn, candidate, scope, statement, chunks, vectors)
-        await self._close(conn, turn, target, superseded_by=row["id"])
+        """An update from a turn older than the fact it replaces: jobs run in any order, so a
+        turn can be learned after a later turn already replaced the fact it speaks of. What
+        the older turn said held from its time until the next version began; it goes into the
+        history at that point (after the last version that began by the turn's time), closed,
+        and the fact that holds now stays open.
+        """
+        versions = await conn.fetch(q("fact_predecessors"), target, turn.user_id)
+        by_successor: dict[UUID, Any] = {}
+        for version in versions:  # the latest-starting one, if links were ever merged
+            if version["superseded_by"] is not None:
+                by_successor.setdefault(version["superseded_by"], version)
+        successor, before = versions[0], None
+        while (previous := by_successor.get(successor["id"])) is not None:
+            if previous["began"] <= turn.at:
+                before = previous
+                break
+            successor = previous
+        values = self._fact_row(turn, candidate, scope, statement)
+        if before is not None and before["fact_key"] == values["fact_key"]:
+            # The version in force at the turn's time says the same: nothing to add.
+            return Change(action=Action.IGNORE, statement=candidate.statement, backdated=True)
+        del values["ttl"], values["promote_at"]
+        row = await conn.fetchrow(
+            *bind(
+                "insert_past_fact",
+                **values,
+                valid_to=successor["began"],
+                superseded_by=successor["id"],
+            )
+        )
+        await insert_chunks(conn, row, chunks, vectors)
+        if before is not None:
+            relinked = await conn.fetchrow(
+                *bind(
+                    "relink_past_fact",
+                    id=before["id"],
+                    user_id=turn.user_id,
+                    at=turn.at,
+                    superseded_by=row["id"],
+                )
+            )
+            await conn.execute(q("close_chunks"), before["id"], turn.user_id, relinked["valid_to"])
         return Change(
             action=Action.UPDATE,
             statement=candidate.statement,
             fact_id=row["id"],
             target=target,
-            closed=True,
+            backdated=True,
             confidence=round(float(row["confidence"]), 6),
         )
 

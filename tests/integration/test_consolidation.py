@@ -356,31 +356,89 @@ async def test_bad_input_and_deleted_turns(engine: MemoryEngine) -> None:
     assert model.calls == [] and await _fact_rows(engine, user.id) == []
 
 
-async def test_history_follows_the_links_when_a_late_turn_replaces_a_newer_fact(
+async def _learn_turn(
+    engine: MemoryEngine, user_id: UUID, turn: Any, model: ScriptedMemoryModel, job: str
+) -> Any:
+    [change] = await _consolidation(engine, model).learn_from_turn(
+        user_id, turn.conversation_id, turn.message_seqs, job_id=job, model_id=None
+    )
+    return change
+
+
+async def test_a_turn_learned_late_goes_into_the_past_of_the_fact_that_holds(
     engine: MemoryEngine,
 ) -> None:
-    """Turns learned out of order (jobs run in any order): the older turn's fact replaces the
-    newer one and begins before it; the history still ends with the fact that holds now."""
+    """Turns learned out of order (jobs run in any order): Turin's turn, the later one, is
+    learned first and replaces Rome; Milan's turn, said before Turin's, is learned next. What
+    holds now is still Turin; Milan goes between Rome and Turin in the history."""
     user = await engine.create_user("lin", None, "user")
     model = ScriptedMemoryModel(facts=_facts("The user lives in Rome"))
     _, [rome] = await _learn(engine, user.id, "I live in Rome.", model)
     milan = await _turn(engine, user.id, "I moved to Milan.")
     turin = await _turn(engine, user.id, "I moved to Turin.")
     model.decide = act_on_closest(Action.UPDATE)
-    learned = []
-    for turn, city in ((turin, "Turin"), (milan, "Milan")):  # the later turn first
-        model.facts = _facts(f"The user lives in {city}")
-        [change] = await _consolidation(engine, model).learn_from_turn(
-            user.id, turn.conversation_id, turn.message_seqs, job_id=city, model_id=None
-        )
-        assert change.action is Action.UPDATE
-        learned.append(change.fact_id)
+    model.facts = _facts("The user lives in Turin")
+    moved = await _learn_turn(engine, user.id, turin, model, "Turin")
+    assert moved.action is Action.UPDATE and moved.closed and not moved.backdated
+    model.facts = _facts("The user lives in Milan")
+    late = await _learn_turn(engine, user.id, milan, model, "Milan")
+    # Shown the fact that holds (Turin), the model updated it; Turin stays open.
+    assert late.action is Action.UPDATE and late.target == moved.fact_id
+    assert late.backdated and not late.closed
+
     chain = await engine.fact_history(user.id, rome.fact_id)
-    assert [m.id for m in chain] == [rome.fact_id, *learned]
+    assert [m.id for m in chain] == [rome.fact_id, late.fact_id, moved.fact_id]
+    assert [m.memory.statement for m in chain][-1] == "The user lives in Turin"
     assert [m.valid_to is None for m in chain] == [False, False, True]
-    assert chain[2].valid_from is not None and chain[1].valid_from is not None
-    assert chain[2].valid_from < chain[1].valid_from  # time alone would put it second
-    assert await engine.fact_history(user.id, learned[1]) == chain
+    assert [m.superseded_by for m in chain] == [late.fact_id, moved.fact_id, None]
+    # Each version ends when the next began, and they began in the turns' order.
+    assert chain[0].valid_to == chain[1].valid_from and chain[1].valid_to == chain[2].valid_from
+    assert chain[0].valid_from < chain[1].valid_from < chain[2].valid_from  # type: ignore[operator]
+    assert await engine.fact_history(user.id, late.fact_id) == chain
+    # Only the fact that holds is found.
+    open_facts = (await engine.list_memories(user.id, types=["fact"])).items
+    assert [f.id for f in open_facts] == [moved.fact_id]
+    hits = await engine.search(user.id, "The user lives in Milan", 10)
+    assert late.fact_id not in {h.memory.id for h in hits}
+    assert moved.fact_id in {h.memory.id for h in hits}
+
+
+async def test_a_turn_older_than_every_version_begins_the_history(engine: MemoryEngine) -> None:
+    user = await engine.create_user("noa", None, "user")
+    paris = await _turn(engine, user.id, "I live in Paris.")
+    model = ScriptedMemoryModel(facts=_facts("The user lives in Rome"))
+    _, [rome] = await _learn(engine, user.id, "I live in Rome.", model)
+    model.decide = act_on_closest(Action.UPDATE)
+    model.facts = _facts("The user lives in Turin")
+    _, [turin] = await _learn(engine, user.id, "I moved to Turin.", model)
+    model.facts = _facts("The user lives in Paris")
+    late = await _learn_turn(engine, user.id, paris, model, "Paris")
+    assert late.backdated and late.target == turin.fact_id
+    chain = await engine.fact_history(user.id, turin.fact_id)
+    assert [m.id for m in chain] == [late.fact_id, rome.fact_id, turin.fact_id]
+    assert chain[0].valid_to == chain[1].valid_from and chain[0].superseded_by == rome.fact_id
+    assert [m.valid_to is None for m in chain] == [False, False, True]
+
+
+async def test_a_late_turn_that_repeats_the_version_of_its_time_adds_nothing(
+    engine: MemoryEngine,
+) -> None:
+    user = await engine.create_user("oli", None, "user")
+    model = ScriptedMemoryModel(facts=_facts("The user lives in Rome"))
+    _, [rome] = await _learn(engine, user.id, "I live in Rome.", model)
+    still = await _turn(engine, user.id, "I still live in Rome.")
+    model.decide = act_on_closest(Action.UPDATE)
+    model.facts = _facts("The user lives in Turin")
+    _, [turin] = await _learn(engine, user.id, "I moved to Turin.", model)
+    before = await _fact_rows(engine, user.id)
+    model.facts = _facts("The user lives in Rome")
+    late = await _learn_turn(engine, user.id, still, model, "still")
+    assert late.action is Action.IGNORE and late.backdated and late.fact_id is None
+    assert await _fact_rows(engine, user.id) == before
+    assert [m.id for m in await engine.fact_history(user.id, rome.fact_id)] == [
+        rome.fact_id,
+        turin.fact_id,
+    ]
 
 
 async def test_history_reads(engine: MemoryEngine) -> None:

@@ -41,6 +41,44 @@ UPDATE memories SET
 WHERE id = :id AND user_id = :user_id AND type = 'fact' AND valid_to IS NULL
 RETURNING *;
 
+-- name: fact_predecessors
+-- The versions a fact replaced, back from it by their superseded_by links (each with when it
+-- began and what replaced it), to place a statement learned late between two of them.
+WITH RECURSIVE backward AS (
+    SELECT m.id, 0 AS step
+    FROM memories m
+    WHERE m.id = $1 AND m.user_id = $2 AND m.type = 'fact'
+    UNION ALL
+    SELECT m.id, b.step + 1
+    FROM memories m JOIN backward b ON m.superseded_by = b.id
+    WHERE m.user_id = $2 AND m.type = 'fact' AND b.step < 1000
+)
+SELECT m.id, m.superseded_by, m.fact_key, coalesce(m.valid_from, m.created_at) AS began
+FROM memories m
+JOIN (SELECT id, min(step) AS step FROM backward GROUP BY id) b ON b.id = m.id
+WHERE m.user_id = $2
+ORDER BY b.step, began DESC, m.id;
+
+-- name: insert_past_fact
+-- A statement that held before a newer version began: stored closed at :valid_to (when that
+-- version began), replaced by it. Closed facts never conflict (migration 0012).
+INSERT INTO memories (id, user_id, model_id, session_id, type, content, payload, tags,
+                      metadata, importance, fact_key, confidence, fact_kind, expires_at,
+                      valid_from, valid_to, superseded_by)
+VALUES (:id, :user_id, :model_id, :session_id, 'fact', :content, :payload::jsonb, :tags,
+        :metadata::jsonb, :importance, :fact_key, :confidence, :fact_kind, :expires_at,
+        :valid_from, greatest(:valid_to::timestamptz, :valid_from::timestamptz), :superseded_by)
+RETURNING *, false AS reinforced;
+
+-- name: relink_past_fact
+-- A closed version now replaced by a statement learned late: it ends when that one began.
+UPDATE memories SET
+    valid_to = greatest(:at::timestamptz, coalesce(valid_from, created_at)),
+    superseded_by = :superseded_by,
+    updated_at = now()
+WHERE id = :id AND user_id = :user_id AND type = 'fact' AND valid_to IS NOT NULL
+RETURNING *;
+
 -- name: close_chunks
 UPDATE memory_chunks SET valid_to = $3 WHERE memory_id = $1 AND user_id = $2;
 
