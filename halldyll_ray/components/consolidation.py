@@ -11,6 +11,7 @@ the model, which decides (:class:`~halldyll_ray.llm.protocol.Action`):
   stored: the old one stays readable in the fact's history. Jobs run in any order: a turn
   older than the target began (a later turn was learned first) puts its statement into the
   target's past instead, closed where the next version began, and the target stays open;
+  a contradiction from such a turn changes nothing (``ignore``);
 - ``contradict``: the target's confidence falls (migration 0012's mirror of reinforcement),
   and it is closed once below FACT_CONTRADICTION_FLOOR;
 - ``ignore``: nothing.
@@ -96,7 +97,9 @@ class Change(BaseModel):
         default=False,
         description=(
             "An update from a turn older than its target began: the statement was stored as a "
-            "closed version before the target in its history, and the target stays open."
+            "closed version before the target in its history, and the target stays open; "
+            "or a turn older than its target changed nothing (the version of its time said "
+            "the same, or it contradicted a fact that began after it)."
         ),
     )
 
@@ -348,7 +351,17 @@ class Consolidation:
                 )
             else:
                 assert target is not None
-                change = await self._contradict(conn, turn, candidate, target["id"])
+                if turn.at < (target["valid_from"] or target["created_at"]):
+                    # Said before the target began (a later turn was learned first): no
+                    # evidence against what holds since.
+                    change = Change(
+                        action=Action.IGNORE,
+                        statement=candidate.statement,
+                        target=target["id"],
+                        backdated=True,
+                    )
+                else:
+                    change = await self._contradict(conn, turn, candidate, target["id"])
             change = change.model_copy(update={"reason": decision.reason})
             await conn.execute(
                 *bind(

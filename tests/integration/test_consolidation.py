@@ -441,6 +441,29 @@ async def test_a_late_turn_that_repeats_the_version_of_its_time_adds_nothing(
     ]
 
 
+async def test_a_late_turn_does_not_contradict_a_fact_that_began_after_it(
+    engine: MemoryEngine,
+) -> None:
+    user = await engine.create_user("pia", None, "user")
+    model = ScriptedMemoryModel(facts=_facts("The user lives in Rome"))
+    await _learn(engine, user.id, "I live in Rome.", model)
+    earlier = await _turn(engine, user.id, "I do not live in Turin.")
+    model.decide = act_on_closest(Action.UPDATE)
+    model.facts = _facts("The user lives in Turin")
+    _, [turin] = await _learn(engine, user.id, "I moved to Turin.", model)
+    before = await _fact_rows(engine, user.id)
+    model.decide = act_on_closest(Action.CONTRADICT)
+    model.facts = _facts("The user does not live in Turin", confidence=1.0)
+    late = await _learn_turn(engine, user.id, earlier, model, "earlier")
+    assert late.action is Action.IGNORE and late.backdated and late.target == turin.fact_id
+    assert await _fact_rows(engine, user.id) == before
+    # The same contradiction from a turn after Turin's lowers it.
+    _, [now] = await _learn(engine, user.id, "I do not live in Turin any more.", model)
+    assert now.action is Action.CONTRADICT and not now.backdated
+    assert now.confidence is not None and turin.confidence is not None
+    assert now.confidence < turin.confidence
+
+
 async def test_history_reads(engine: MemoryEngine) -> None:
     user = await engine.create_user("ivy", None, "user")
     other = await engine.create_user("jon", None, "user")
