@@ -508,21 +508,34 @@ class Consolidation:
         vectors: np.ndarray,
         target: Any,
     ) -> Change:
-        """Replace ``target`` (its locked row) with the statement; a turn older than the
-        target's start puts the statement into the target's past instead (:meth:`_backdate`).
+        """Replace ``target`` (its locked row) with the statement.
+
+        Jobs run in any order, so a turn can be learned after a later turn already replaced
+        the fact it speaks of. What such an older turn said held from its time until the next
+        version began: it goes into the history there (after the last version that began by
+        the turn's time, :meth:`_place`), closed, and the fact that holds now stays open.
         """
-        if turn.at < (target["valid_from"] or target["created_at"]):
-            return await self._backdate(
-                conn, turn, candidate, scope, statement, chunks, vectors, target["id"]
-            )
-        row = await self._store(conn, turn, candidate, scope, statement, chunks, vectors)
-        await self._close(conn, turn, target["id"], superseded_by=row["id"])
+        backdated = turn.at < (target["valid_from"] or target["created_at"])
+        if not backdated:
+            row = await self._store(conn, turn, candidate, scope, statement, chunks, vectors)
+            await self._close(conn, turn, target["id"], superseded_by=row["id"])
+        else:
+            row = await self._backdate(conn, turn, candidate, scope, statement, target["id"])
+            if row is None:  # the version in force at the turn's time says the same
+                return Change(
+                    action=Action.IGNORE,
+                    statement=candidate.statement,
+                    target=target["id"],
+                    backdated=True,
+                )
+            await insert_chunks(conn, row, chunks, vectors)
         return Change(
             action=Action.UPDATE,
             statement=candidate.statement,
             fact_id=row["id"],
             target=target["id"],
-            closed=True,
+            closed=not backdated,
+            backdated=backdated,
             confidence=round(float(row["confidence"]), 6),
         )
 
@@ -533,31 +546,15 @@ class Consolidation:
         candidate: FactCandidate,
         scope: UUID | None,
         statement: str,
-        chunks: list[Chunk],
-        vectors: np.ndarray,
         target: UUID,
-    ) -> Change:
-        """An update from a turn older than the fact it replaces: jobs run in any order, so a
-        turn can be learned after a later turn already replaced the fact it speaks of. What
-        the older turn said held from its time until the next version began; it goes into the
-        history at that point (after the last version that began by the turn's time), closed,
-        and the fact that holds now stays open.
-        """
-        versions = await conn.fetch(q("fact_predecessors"), target, turn.user_id)
-        by_successor: dict[UUID, Any] = {}
-        for version in versions:  # the latest-starting one, if links were ever merged
-            if version["superseded_by"] is not None:
-                by_successor.setdefault(version["superseded_by"], version)
-        successor, before = versions[0], None
-        while (previous := by_successor.get(successor["id"])) is not None:
-            if previous["began"] <= turn.at:
-                before = previous
-                break
-            successor = previous
+    ) -> Any:
+        """Write an older turn's statement into ``target``'s history (closed, relinked
+        between the version in force at the turn's time and the next one); None, and nothing
+        written, when the version in force then says the same."""
+        before, successor = await self._place(conn, turn, target)
         values = self._fact_row(turn, candidate, scope, statement)
         if before is not None and before["fact_key"] == values["fact_key"]:
-            # The version in force at the turn's time says the same: nothing to add.
-            return Change(action=Action.IGNORE, statement=candidate.statement, backdated=True)
+            return None
         del values["ttl"], values["promote_at"]
         row = await conn.fetchrow(
             *bind(
@@ -567,7 +564,6 @@ class Consolidation:
                 superseded_by=successor["id"],
             )
         )
-        await insert_chunks(conn, row, chunks, vectors)
         if before is not None:
             relinked = await conn.fetchrow(
                 *bind(
@@ -579,14 +575,28 @@ class Consolidation:
                 )
             )
             await conn.execute(q("close_chunks"), before["id"], turn.user_id, relinked["valid_to"])
-        return Change(
-            action=Action.UPDATE,
-            statement=candidate.statement,
-            fact_id=row["id"],
-            target=target,
-            backdated=True,
-            confidence=round(float(row["confidence"]), 6),
-        )
+        return row
+
+    @staticmethod
+    async def _place(conn: asyncpg.Connection, turn: _Turn, fact_id: UUID) -> tuple[Any, Any]:
+        """Where a statement of a turn older than ``fact_id`` began goes in its history:
+        ``(before, successor)``, the version in force at the turn's time (None when the turn
+        is older than every version) and the one after it (``fact_id`` itself or an older
+        version), each with ``id``, ``fact_key`` and ``began``."""
+        versions = await conn.fetch(q("fact_predecessors"), fact_id, turn.user_id)
+        by_successor: dict[UUID, Any] = {}
+        for version in versions:  # the latest-starting one, if links were ever merged
+            if version["superseded_by"] is not None:
+                by_successor.setdefault(version["superseded_by"], version)
+        successor = versions[0]
+        for _ in versions:  # bounded: links written by hand into a cycle end too
+            previous = by_successor.get(successor["id"])
+            if previous is None:
+                break
+            if previous["began"] <= turn.at:
+                return previous, successor
+            successor = previous
+        return None, successor
 
     async def _contradict(
         self, conn: asyncpg.Connection, turn: _Turn, candidate: FactCandidate, target: UUID
