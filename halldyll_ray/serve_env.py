@@ -25,6 +25,13 @@ benchmarks (a test checks that they agree).
     here (``tests/serve/test_outage.py``). With 1, each record is written as it happens; the
     latency of a no-op route and of a hop did not change measurably
     (``benchmarks/serve_overhead.py``, 1,000 requests each).
+``RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH=268435456``
+    The largest message (256 MiB) a replica's gRPC server and its callers' channels take
+    between deployments; gRPC's default, which Ray keeps, is 4 MiB. Requests within the
+    API's limits cross that: the vectors of a 10,000-segment transcription (15 MB from
+    Embedding), a conversation grown by appends, a page of 200 memories with 16 KB of
+    metadata each. At 4 MiB they were 500s (``RESOURCE_EXHAUSTED``). The API's limits keep
+    every call under 256 MiB except the read of a conversation grown past that by appends.
 
 Measured on the 2-vCPU development machine (``benchmarks/serve_overhead.py``, a trivial
 app, p50): a no-op route costs 10.5 ms through Serve's defaults and 2.1 ms with the first
@@ -45,6 +52,7 @@ SERVE_ENVIRONMENT: Mapping[str, str] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "268435456",
 }
 
 

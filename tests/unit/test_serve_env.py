@@ -22,6 +22,7 @@ def test_apply_sets_missing_variables_and_keeps_given_ones() -> None:
         "RAY_SERVE_THROUGHPUT_OPTIMIZED",
         "RAY_SERVE_ENABLE_HA_PROXY",
         "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE",
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH",
     }
 
 
@@ -30,6 +31,7 @@ def test_without_an_haproxy_binary_haproxy_stays_off() -> None:
     assert apply(env, haproxy=False) == {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "268435456",
     }
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in env
     assert apply(env, haproxy=True)["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
@@ -40,6 +42,7 @@ def test_exports_for_a_shell_that_starts_ray() -> None:
         "export RAY_SERVE_THROUGHPUT_OPTIMIZED=1\n"
         "export RAY_SERVE_ENABLE_HA_PROXY=0\n"
         "export RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1\n"
+        "export RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH=268435456\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
     shell = subprocess.run(
