@@ -998,7 +998,8 @@ class MemoryEngine:
 
         Args:
             query: What the next prompt is about; defaults to the last messages' text.
-            messages: The current conversation's recent turns (rendered as such).
+            messages: The current conversation's recent turns (rendered as such), at most
+                1,000 (InvalidInput, field ``messages``, beyond).
             model, include_shared: Model scope of the memories drawn.
             session_id: Adds the session's rolling summary.
             max_tokens: Budget (MAX_CONTEXT_TOKENS), counted with the model's tokenizer.

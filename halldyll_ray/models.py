@@ -189,8 +189,21 @@ ModelRef = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_
 NonBlank = StringConstraints(strip_whitespace=True, min_length=1)
 
 
+def in_utc_range(value: datetime) -> datetime:
+    """Refuse a time that has no UTC form (0001-01-01T00:00+01:00 is in year 0): every time is
+    stored and labelled in UTC, and the conversion raised OverflowError (a 500) there."""
+    if value.tzinfo is not None:
+        try:
+            value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError(
+                "is out of range: a time must fall in the years 1 to 9999 in UTC"
+            ) from None
+    return value
+
+
 def _as_utc(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return in_utc_range(value) if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")

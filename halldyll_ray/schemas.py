@@ -19,6 +19,7 @@ from typing import Annotated, Any, Generic, TypeVar
 from uuid import UUID
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -29,6 +30,7 @@ from pydantic import (
 
 from halldyll_ray.errors import InvalidInput
 from halldyll_ray.models import (
+    MAX_MESSAGES_PER_CALL,
     MAX_QUERY_CHARS,
     MAX_SEARCH_LIMIT,
     Memory,
@@ -45,6 +47,7 @@ from halldyll_ray.models import (
     StrictFloat,
     StrictInt,
     Tags,
+    in_utc_range,
     iso_time_only,
 )
 
@@ -81,7 +84,7 @@ MAX_CONTEXT_TOKENS = 1_000_000
 
 
 #: A time in a request: ISO 8601 only; naive means UTC (the engine's rule).
-IsoDateTime = Annotated[datetime, BeforeValidator(iso_time_only)]
+IsoDateTime = Annotated[datetime, BeforeValidator(iso_time_only), AfterValidator(in_utc_range)]
 
 
 #: An AI model's name or id: 1-200 characters, not blank.
@@ -207,7 +210,7 @@ class ContextRequest(_Request):
     """``POST /v1/users/{user_id}/context``."""
 
     query: str | None = Field(default=None, max_length=MAX_QUERY_CHARS)
-    messages: list[Message] | None = None
+    messages: list[Message] | None = Field(default=None, max_length=MAX_MESSAGES_PER_CALL)
     model: ModelName | None = None
     include_shared: StrictBool = True
     session_id: SessionId | None = None

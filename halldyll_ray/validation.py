@@ -22,7 +22,14 @@ from uuid import UUID
 from pydantic import TypeAdapter, ValidationError
 
 from halldyll_ray.errors import InvalidInput
-from halldyll_ray.models import SESSION_ID_PATTERN, MemoryType, Role, check_metadata, check_text
+from halldyll_ray.models import (
+    SESSION_ID_PATTERN,
+    MemoryType,
+    Role,
+    check_metadata,
+    check_text,
+    in_utc_range,
+)
 
 _T = TypeVar("_T")
 
@@ -172,11 +179,16 @@ def session_id(value: str | None) -> str | None:
 
 
 def timestamp(value: datetime | None, field: str) -> datetime | None:
-    """An aware datetime; a naive one is taken as UTC."""
+    """An aware datetime; a naive one is taken as UTC. InvalidInput for one with no UTC form
+    (years 1 to 9999, :func:`halldyll_ray.models.in_utc_range`)."""
     if value is None:
         return None
     if not isinstance(value, datetime):
         raise InvalidInput(f"{field} must be a datetime", field=field)
+    try:
+        in_utc_range(value)
+    except ValueError as exc:
+        raise InvalidInput(f"{field} {exc}", field=field) from None
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
@@ -193,7 +205,7 @@ def decode_cursor(cursor: str | None) -> tuple[datetime | None, UUID | None]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         stamp, row_id = raw.split("|")
-        return datetime.fromisoformat(stamp), UUID(row_id)
+        return in_utc_range(datetime.fromisoformat(stamp)), UUID(row_id)
     except (ValueError, UnicodeDecodeError, TypeError):
         raise InvalidInput("cursor is not one this API returned", field="cursor") from None
 

@@ -19,6 +19,7 @@ from halldyll_ray.config import Settings
 from halldyll_ray.embedding import TextEncoder
 from halldyll_ray.errors import InvalidInput
 from halldyll_ray.models import (
+    MAX_MESSAGES_PER_CALL,
     MAX_QUERY_CHARS,
     MAX_SEARCH_LIMIT,
     Context,
@@ -118,6 +119,10 @@ class ContextBuilder:
     ) -> Context:
         """See :meth:`halldyll_ray.engine.MemoryEngine.build_context`."""
         user_id = validation.parse_uuid(user_id, "user_id")
+        if messages is not None and len(messages) > MAX_MESSAGES_PER_CALL:
+            raise InvalidInput(
+                f"give at most {MAX_MESSAGES_PER_CALL} recent messages", field="messages"
+            )
         recent = (
             [] if messages is None else validation.validate(MESSAGES, list(messages), "messages")
         )

@@ -184,3 +184,12 @@ async def test_a_turn_can_name_its_speakers(engine: MemoryEngine) -> None:
     for name, seq in (("Caroline", 0), ("Mel", 1)):
         hits = await engine.search(user.id, name, 5, mode="fulltext", types=["conversation"])
         assert [(h.memory.id, h.matched.index) for h in hits] == [(record.conversation_id, seq)]
+
+
+async def test_recent_messages_are_bounded(engine: MemoryEngine, ada) -> None:
+    messages = [{"role": "user", "content": "tea"}] * 1001
+    with pytest.raises(InvalidInput) as refused:
+        await engine.build_context(ada.id, messages=messages)
+    assert refused.value.field == "messages"
+    context = await engine.build_context(ada.id, messages=messages[:1000])
+    assert context.text

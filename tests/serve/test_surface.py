@@ -234,6 +234,49 @@ async def test_schema_invalid_values_are_422(
     assert r.json()["error"]["code"] == "invalid_input"
 
 
+def _said_at(stamp: str) -> dict[str, Any]:
+    return {
+        "type": "conversation",
+        "messages": [{"role": "user", "content": "x", "created_at": stamp}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "field"),
+    [
+        # Times with no UTC form (year 0, year 10000 in UTC): OverflowError, a 500, before.
+        ("POST", "/v1/users/me/memories", _said_at("0001-01-01T00:00:00+01:00"), "created_at"),
+        ("POST", "/v1/users/me/memories", _said_at("9999-12-31T23:59:59-14:00"), "created_at"),
+        (
+            "POST",
+            "/v1/users/me/memories/batch",
+            {"memories": [_said_at("0001-01-01T00:30:00+00:31")]},
+            "created_at",
+        ),
+        ("GET", "/v1/users/me/memories?since=0001-01-01T00:00:00%2B01:00", None, "since"),
+        ("POST", "/v1/users/me/search", {"query": "x", "until": "9999-12-31T23:00-02:00"}, "until"),
+        ("POST", "/v1/users/me/keys", {"expires_at": "9999-12-31T23:59:59-01:00"}, "expires_at"),
+        # A list with no bound: 30,000 recent messages crossed the 4 MiB hop to Context.
+        (
+            "POST",
+            "/v1/users/me/context",
+            {"messages": [{"role": "user", "content": "w"}] * 1001},
+            "messages",
+        ),
+    ],
+)
+async def test_out_of_range_inputs_are_422_naming_the_field_and_store_nothing(
+    http: httpx.AsyncClient, admin_key: str, method: str, path: str, body: Any, field: str
+) -> None:
+    _, key = await _user_with_key(http, admin_key)
+    r = await http.request(method, path, json=body, headers=bearer(key))
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_input" and field in (error.get("field") or ""), error
+    listed = await http.get("/v1/users/me/memories", headers=bearer(key))
+    assert listed.status_code == 200 and listed.json()["items"] == []
+
+
 # ------------------------------------------------------------------ stalled bodies
 async def test_a_body_that_stops_arriving_gets_408(
     ray_serve: dict[str, Any], admin_key: str

@@ -143,3 +143,42 @@ async def test_a_deployment_method_takes_its_request_as_pydantic_validates_it() 
     with pytest.raises(InvalidInput, match=r"^fact\.confidence:"):
         await Ingestor(embedder=None).store_memory(principal, loose, user_id=None, request_id=None)
     assert searcher._engine is None  # rejected before the engine (and the database) is touched
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-14:00", "0001-01-01T00:29:59+00:30"],
+)
+def test_a_time_with_no_utc_form_is_invalid_everywhere_a_time_enters(stamp: str) -> None:
+    """Year 0 or year 10000 once in UTC: OverflowError (a 500) where it was converted."""
+    from datetime import datetime
+
+    from pydantic import ValidationError
+
+    from halldyll_ray import validation
+    from halldyll_ray.models import Message
+    from halldyll_ray.schemas import ApiKeyCreate
+
+    with pytest.raises(ValidationError, match="years 1 to 9999"):
+        Message(role="user", content="x", created_at=stamp)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="years 1 to 9999"):
+        SearchRequest.model_validate({"query": "x", "since": stamp})
+    with pytest.raises(ValidationError, match="years 1 to 9999"):
+        ApiKeyCreate.model_validate({"expires_at": stamp})
+    with pytest.raises(InvalidInput) as given:
+        validation.timestamp(datetime.fromisoformat(stamp), "until")
+    assert given.value.field == "until"
+    cursor = validation.encode_cursor(datetime.fromisoformat(stamp), uuid.uuid4())
+    with pytest.raises(InvalidInput) as paged:
+        validation.decode_cursor(cursor)
+    assert paged.value.field == "cursor"
+    # The last representable times on either side still are times.
+    for edge in ("0001-01-01T00:00:00+00:00", "9999-12-31T23:59:59+00:00"):
+        assert Message(role="user", content="x", created_at=edge).created_at  # type: ignore[arg-type]
+
+
+def test_recent_messages_for_a_context_are_bounded() -> None:
+    message = {"role": "user", "content": "w"}
+    assert len(ContextRequest.model_validate({"messages": [message] * 1000}).messages or []) == 1000
+    with pytest.raises(ValueError, match="1000"):
+        ContextRequest.model_validate({"messages": [message] * 1001})
