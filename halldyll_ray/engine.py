@@ -1065,7 +1065,9 @@ class MemoryEngine:
             idempotency_key: 1-128 printable ASCII characters. A retry with the key of a
                 turn already stored (say after a 503 that may or may not have been applied)
                 writes nothing and returns that turn's conversation and message numbers with
-                ``replayed=True``.
+                ``replayed=True``. The key names one request: sent with other messages,
+                names or another session it is InvalidInput (``field`` ``idempotency_key``)
+                and nothing is written.
             user_name, assistant_name: Who spoke (at most 200 characters each): stored as
                 the messages' ``name`` and indexed with them, so a search that names them
                 finds their turns (as for any message with a ``name``).

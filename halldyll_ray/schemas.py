@@ -243,7 +243,9 @@ class TurnRequest(_Request):
         pattern=r"^[!-~]{1,128}$",
         description="Send the same key when you retry a turn (say after a 503): it is stored "
         "once, and the retry gets the first attempt's record back with replayed=true. The "
-        "Idempotency-Key header does the same.",
+        "Idempotency-Key header does the same. A key names one request: sent again with "
+        "other messages, names or another session, or a header and body key that differ, "
+        "it is a 422 and nothing is written.",
     )
 
 

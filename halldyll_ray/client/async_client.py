@@ -628,7 +628,8 @@ class AsyncHalldyllClient:
             user_id: Whose session.
             model: The registered model that answered.
             idempotency_key: Send the same key when retrying a turn after a 503: it is
-                stored once (the record says ``replayed``).
+                stored once (the record says ``replayed``). The same key with another turn
+                is InvalidInput.
             user_name: Who wrote the user message; assistant_name: who answered. Stored as
                 the messages' names and indexed, so a search naming them finds the turn.
         """

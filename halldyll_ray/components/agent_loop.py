@@ -22,7 +22,7 @@ from halldyll_ray import validation
 from halldyll_ray.components.audit import write_audit
 from halldyll_ray.components.base import lock_user
 from halldyll_ray.components.embeddings import Embeddings
-from halldyll_ray.components.ingestion import Ingestion
+from halldyll_ray.components.ingestion import Appended, Ingestion
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.components.summaries import EMPTY_SUMMARY, write_session_summary
 from halldyll_ray.config import Settings
@@ -52,6 +52,17 @@ def _message(
         reason = exc.message.rpartition(": ")[2]
         culprit = name_field if exc.fields.get("field") == "name" else field
         raise InvalidInput(f"{culprit}: {reason}", field=culprit) from None
+
+
+def _replayed(earlier: Appended) -> TurnRecord:
+    """The record of a turn an earlier call with the same idempotency key stored."""
+    return TurnRecord(
+        conversation_id=earlier.conversation_id,
+        message_seqs=[m.seq for m in earlier.messages],
+        summary_id=None,
+        fact_ids=[],
+        replayed=True,
+    )
 
 
 class AgentLoop:
@@ -105,6 +116,10 @@ class AgentLoop:
         ]
         key = validation.idempotency_key(idempotency_key)
         model_id = await self.registry.resolve(model)
+        if key is not None:  # a repeated turn creates nothing, not even the session's log
+            earlier = await self.ingestion.replay(user_id, key, turn, session_id=session)
+            if earlier is not None:
+                return _replayed(earlier)
         conversation_id = await self._session_log(user_id, session, model_id)
         # With background learning, the append queues the turn's jobs in its transaction.
         options: dict[str, Any] = {
@@ -121,13 +136,7 @@ class AgentLoop:
             conversation_id = await self._session_log(user_id, session, model_id)
             appended = await self.ingestion.append(user_id, conversation_id, turn, **options)
         if appended.replayed:
-            return TurnRecord(
-                conversation_id=appended.conversation_id,
-                message_seqs=[m.seq for m in appended.messages],
-                summary_id=None,
-                fact_ids=[],
-                replayed=True,
-            )
+            return _replayed(appended)
         stored = appended.messages
         if self.ingestion.learning is not None:
             return TurnRecord(

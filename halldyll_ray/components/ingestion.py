@@ -165,6 +165,43 @@ class Chunker:
         return chunks
 
 
+async def _replay(
+    conn: asyncpg.Connection,
+    user_id: UUID,
+    key: str,
+    messages: Sequence[Message],
+    *,
+    conversation_id: UUID | None = None,
+    session_id: str | None = None,
+) -> Appended | None:
+    """What the request that first sent idempotency ``key`` stored (None for a new key).
+
+    The key names one request (the IETF draft "The Idempotency-Key HTTP Header Field" asks
+    a server to refuse its reuse with another payload): a call with other messages (role,
+    name, text) or for another conversation or session gets InvalidInput (``field``
+    ``idempotency_key``), never the other request's answer as if it were its own.
+    """
+    earlier = await conn.fetchrow(q("turn_request"), user_id, key)
+    if earlier is None:
+        return None
+    rows = await conn.fetch(
+        q("messages_at"), earlier["conversation_id"], user_id, earlier["message_seqs"]
+    )
+    stored = [StoredMessage(**dict(r)) for r in rows]
+    same = (
+        (conversation_id is None or conversation_id == earlier["conversation_id"])
+        and (session_id is None or session_id == earlier["session_id"])
+        and [(m.role, m.name, m.content) for m in stored]
+        == [(m.role, m.name, m.content) for m in messages]
+    )
+    if not same:
+        raise InvalidInput(
+            "this idempotency_key was sent with another request: use a new key for a new request",
+            field="idempotency_key",
+        )
+    return Appended(earlier["conversation_id"], stored, replayed=True)
+
+
 class Ingestion:
     """Store, append to, update and delete a user's memories.
 
@@ -519,19 +556,11 @@ class Ingestion:
             # The user's row first, then the conversation's (storage/sql/users.sql).
             await lock_user(conn, user_id)
             if key is not None:
-                earlier = await conn.fetchrow(q("turn_request"), user_id, key)
+                earlier = await _replay(
+                    conn, user_id, key, checked, conversation_id=conversation_id
+                )
                 if earlier is not None:
-                    rows = await conn.fetch(
-                        q("messages_at"),
-                        earlier["conversation_id"],
-                        user_id,
-                        earlier["message_seqs"],
-                    )
-                    return Appended(
-                        earlier["conversation_id"],
-                        [StoredMessage(**dict(r)) for r in rows],
-                        replayed=True,
-                    )
+                    return earlier
             reserved = await conn.fetchrow(
                 q("reserve_messages"), conversation_id, user_id, len(checked)
             )
@@ -585,6 +614,15 @@ class Ingestion:
                 details={"messages": len(stored)},
             )
         return Appended(conversation_id, stored, replayed=False, job_ids=job_ids)
+
+    async def replay(
+        self, user_id: UUID, key: str, messages: Sequence[Message], *, session_id: str
+    ) -> Appended | None:
+        """The earlier answer to a turn of ``session_id`` with idempotency ``key`` (None when
+        the key is new), read before the session's log is looked up, so that a repeated key
+        creates nothing. InvalidInput as :meth:`append`."""
+        async with self.db.scoped(user_id) as conn:
+            return await _replay(conn, user_id, key, messages, session_id=session_id)
 
     async def _message_vectors(
         self, messages: Sequence[Message]

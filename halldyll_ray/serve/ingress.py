@@ -535,6 +535,11 @@ class Ingress(EngineOwner):
     ) -> Any:
         if idempotency_key is not None and body.idempotency_key is None:
             body = body.model_copy(update={"idempotency_key": idempotency_key})
+        elif idempotency_key is not None and idempotency_key != body.idempotency_key:
+            raise InvalidInput(
+                "the Idempotency-Key header and the body's idempotency_key differ: send one",
+                field="idempotency_key",
+            )
         turn = await downstream(
             self._ingestor.record_turn.remote(
                 await self._principal(request),

@@ -116,6 +116,31 @@ async def test_a_turn_retried_with_its_idempotency_key_is_stored_once(
     assert err.value.field == "idempotency_key"
 
 
+async def test_an_idempotency_key_names_one_request(engine: MemoryEngine) -> None:
+    """A key sent again with another request is refused (the IETF Idempotency-Key draft),
+    not answered with the first request's record; the refusal creates nothing."""
+    user = await engine.create_user("keyholder", None, "user")
+    first = await engine.record_turn(user.id, "s1", "I live in Paris", "ok", idempotency_key="k1")
+    before = (await engine.list_memories(user.id)).items
+    other_requests = [
+        ("s1", "I live in Berlin", "ok", {}),  # another user message
+        ("s1", "I live in Paris", "different", {}),  # another reply
+        ("s1", "I live in Paris", "ok", {"user_name": "Ada"}),  # another speaker
+        ("s2", "I live in Paris", "ok", {}),  # the same turn in another session
+    ]
+    for session, said, reply, names in other_requests:
+        with pytest.raises(InvalidInput) as refused:
+            await engine.record_turn(user.id, session, said, reply, idempotency_key="k1", **names)
+        assert refused.value.field == "idempotency_key"
+    # Nothing new: no message, and no empty log for session s2.
+    after = (await engine.list_memories(user.id)).items
+    assert [m.id for m in after] == [m.id for m in before]
+    log = await engine.get_memory(user.id, first.conversation_id)
+    assert [m.content for m in log.messages] == ["I live in Paris", "ok"]
+    again = await engine.record_turn(user.id, "s1", "I live in Paris", "ok", idempotency_key="k1")
+    assert again.replayed and again.message_seqs == first.message_seqs
+
+
 async def test_concurrent_rotations_leave_one_live_key(
     engine: MemoryEngine, second: MemoryEngine
 ) -> None:

@@ -332,6 +332,14 @@ async def test_a_retried_turn_is_stored_once_over_http(
     assert [m.content for m in log.messages] == ["hello", "hi there", "more", "sure"]
     bad = await http.post(path, json=body, headers={**bearer(key), "Idempotency-Key": "a b"})
     assert bad.status_code == 422
+    # The key names one request: another body with it, or two different keys, are refused.
+    reused = await http.post(path, json={**body, "user_message": "bye"}, headers=headers)
+    assert reused.status_code == 422, reused.text
+    assert reused.json()["error"]["field"] == "idempotency_key"
+    both = await http.post(path, json={**body, "idempotency_key": "turn-0003"}, headers=headers)
+    assert both.status_code == 422 and both.json()["error"]["field"] == "idempotency_key"
+    log_after = await http.get(f"/v1/users/me/memories/{one.conversation_id}", headers=bearer(key))
+    assert len(log_after.json()["messages"]) == 4
 
 
 @pytest.mark.parametrize("depth", [200, 2_000, 20_000])

@@ -40,7 +40,12 @@ ON CONFLICT (user_id, session_id, session_role) WHERE session_role IS NOT NULL D
 RETURNING *;
 
 -- name: turn_request
-SELECT conversation_id, message_seqs FROM turn_requests WHERE user_id = $1 AND idempotency_key = $2;
+-- The request an idempotency key of the user named: its conversation, the session that
+-- conversation logs (NULL once deleted, or for a conversation of no session) and its messages.
+SELECT t.conversation_id, t.message_seqs, m.session_id
+FROM turn_requests t
+LEFT JOIN memories m ON m.id = t.conversation_id AND m.user_id = t.user_id
+WHERE t.user_id = $1 AND t.idempotency_key = $2;
 
 -- name: insert_turn_request
 INSERT INTO turn_requests (user_id, idempotency_key, conversation_id, message_seqs)
