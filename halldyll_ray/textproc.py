@@ -150,6 +150,24 @@ def _number(low: str) -> str | None:
     return None
 
 
+#: A word longer than this is read as an identifier (a token, a password, a hash): the encoder
+#: splits it into pieces that say little, or reads it as [UNK] past 100 characters, so two
+#: statements that differ only in it embed almost alike.
+MAX_WORD_CHARS = 20
+#: Statements of more words than this are not merged on similarity alone unless they hold the
+#: same words: the encoder sees 128 word pieces of a fact (CHUNK_TOKENS), so a difference
+#: further on does not move the vector the merge compares.
+MAX_MERGE_WORDS = 60
+
+
+def _identifier(word: str) -> bool:
+    """A token, code or password rather than a word: long, or with capitals after a lowercase
+    letter ("aBcD", "iPhone" too: a product name is a particular as well)."""
+    if len(word) > MAX_WORD_CHARS:
+        return True
+    return any(c.isupper() for c in word[1:]) and any(c.islower() for c in word)
+
+
 @dataclass(frozen=True)
 class _Particulars:
     """What pins down which fact a statement is (:func:`same_particulars`)."""
@@ -157,6 +175,7 @@ class _Particulars:
     values: frozenset[str]  # numbers as digits, calendar words, "not" for any negation
     names: frozenset[str]  # capitalised words, the first one too (folded)
     words: frozenset[str]  # every word (folded), to find a name written elsewhere
+    length: int  # words in the statement
 
 
 def _particulars(statement: str) -> _Particulars:
@@ -180,10 +199,12 @@ def _particulars(statement: str) -> _Particulars:
             values.add(low)
         elif low in _NEGATIONS or low.endswith("n't"):
             values.add("not")
-        elif word[:1].isupper() and not word.isupper() and low not in _PRONOUN_I:
-            names.add(low)
+        elif _identifier(word):
+            values.add(low)
+        elif word[:1].isupper() and low not in _PRONOUN_I and (len(word) > 1 or word != "A"):
+            names.add(low)  # "Ada", and acronyms: "NASA" is not "IBM"
     return _Particulars(
-        frozenset(values), frozenset(names), frozenset(t.casefold() for t in tokens)
+        frozenset(values), frozenset(names), frozenset(t.casefold() for t in tokens), len(tokens)
     )
 
 
@@ -191,8 +212,12 @@ def same_particulars(a: str, b: str) -> bool:
     """Whether two similar statements agree on their particulars: the same numbers (in
     digits or words: "40" is "forty", "5th" is "fifth"), calendar words and negations, and
     no name in one that the other lacks. A capitalised word counts as a name wherever it
-    stands; a name that the other statement has in any case or place (a sentence-initial
-    "Every", "Ada" moved to the end) is not a difference.
+    stands (acronyms too); a name that the other statement has in any case or place (a
+    sentence-initial "Every", "Ada" moved to the end) is not a difference. Identifiers (words
+    over MAX_WORD_CHARS characters, or with capitals inside: tokens, passwords, "iPhone") must
+    be the same, and statements over MAX_MERGE_WORDS words must hold the same
+    words: the encoder cannot tell such statements apart (a GitHub token for another, one
+    150-letter word for another), so similarity alone would merge them.
 
     Sentence embeddings place statements that differ only in such a word very close: with
     all-MiniLM-L6-v2, "The user is 30 years old" and "... 31 years old" have a cosine of
@@ -203,6 +228,8 @@ def same_particulars(a: str, b: str) -> bool:
     if normalize_statement(a) == normalize_statement(b):
         return True
     first, second = _particulars(a), _particulars(b)
+    if max(first.length, second.length) > MAX_MERGE_WORDS and first.words != second.words:
+        return False
     return (
         first.values == second.values
         and first.names <= second.words

@@ -16,6 +16,30 @@ async def _fact_rows(engine: MemoryEngine, user_id) -> int:
     )
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (
+            "My github token is ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZaBcDeFgHiJ",
+            "My github token is ghp_zYxWvUtSrQpOnMlKjIhGfEdCbAzYxWvUtSrQ",
+        ),
+        ("The wifi password is " + "qwerty" * 20, "The wifi password is " + "azerty" * 20),
+        ("q" * 150, "a\uffffb\ufffe"),
+    ],
+)
+async def test_statements_the_encoder_cannot_tell_apart_stay_two_facts(
+    engine: MemoryEngine, first: str, second: str
+) -> None:
+    """Nearly the same vector (similarity over FACT_MERGE_SIMILARITY), different facts: the
+    second used to reinforce the first and was stored nowhere."""
+    user = await engine.create_user("tok", None, "user")
+    a = await engine.store_memory(user.id, Fact(statement=first))
+    b = await engine.store_memory(user.id, Fact(statement=second))
+    assert a.id != b.id and b.reinforcement_count == 0
+    stored = {m.memory.statement for m in (await engine.list_memories(user.id)).items}
+    assert stored == {first, second}
+
+
 async def test_same_fact_reinforces(engine: MemoryEngine) -> None:
     user = await engine.create_user("ada", None, "user")
     first = await engine.store_memory(user.id, Fact(statement="Ada likes jazz", confidence=0.5))

@@ -25,6 +25,20 @@ from halldyll_ray.textproc import same_particulars
         ("Ada is 20", "Ada is thirty"),
         ("The party is on the 5th", "The party is on the sixth"),
         ("The user lives in Paris", "The user lives in Paris, France"),
+        # What the encoder cannot read: tokens, passwords, one long word for another.
+        (
+            "My github token is ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZaBcDeFgHiJ",
+            "My github token is ghp_zYxWvUtSrQpOnMlKjIhGfEdCbAzYxWvUtSrQ",
+        ),
+        ("The wifi password is " + "ab" * 60, "The wifi password is " + "cd" * 60),
+        ("q" * 150, "a\uffffb\ufffe"),
+        ("a\uffffb\ufffe", "y" * 2000),
+        ("Ada works at NASA", "Ada works at IBM"),  # acronyms are names
+        # A difference past what the encoder sees of a long statement.
+        (
+            " ".join(["Ada keeps a list of plants"] * 12) + " and apples",
+            " ".join(["Ada keeps a list of plants"] * 12) + " and pears",
+        ),
     ],
 )
 def test_statements_that_differ_in_a_particular_are_different(a: str, b: str) -> None:
@@ -49,6 +63,12 @@ def test_statements_that_differ_in_a_particular_are_different(a: str, b: str) ->
         ("Ada's birthday is on the 5th", "Ada's birthday is on the fifth"),
         ("Ada is twenty", "Ada is 20"),
         ("Ada turns forty-one", "Ada turns 41"),
+        ("My token is ghp_aBcD", "my token is ghp_aBcD"),  # the same token
+        ("Ada works at NASA", "At NASA works Ada"),
+        (
+            " ".join(["Ada keeps a list of plants"] * 12),
+            " ".join(["ada keeps a list of plants"] * 12) + ".",
+        ),
         ("", ""),
     ],
 )
