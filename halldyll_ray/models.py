@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
@@ -186,7 +187,27 @@ Tags = Annotated[list[str], Field(max_length=MAX_TAGS), AfterValidator(_check_ta
 Metadata = Annotated[dict[str, Any], AfterValidator(check_metadata)]
 SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
 ModelRef = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
-NonBlank = StringConstraints(strip_whitespace=True, min_length=1)
+
+
+def visible(text: str) -> bool:
+    """Whether ``text`` holds a character one can see: not only spaces (Unicode Z*) and
+    control, format or unassigned code points (C*: zero-width spaces and joiners, direction
+    marks, U+FFFF). Python's ``str.strip`` keeps U+200B, so a statement of zero-width spaces
+    passed a blank check and was stored, shown and searched as an empty fact."""
+    return any(unicodedata.category(c)[0] not in "ZC" for c in text)
+
+
+def _visible(value: str) -> str:
+    if not visible(value):
+        raise ValueError("must hold a visible character, not only spaces or invisible ones")
+    return value
+
+
+#: Text that must say something: stripped of whitespace, not empty, and with a character one
+#: can see (:func:`visible`).
+VisibleText = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1), AfterValidator(_visible)
+]
 
 
 def in_utc_range(value: datetime) -> datetime:
@@ -263,7 +284,7 @@ class Message(_Input):
     """One message of a conversation."""
 
     role: MessageRole
-    content: Annotated[str, NonBlank, StringConstraints(max_length=MAX_MESSAGE_CHARS)]
+    content: Annotated[VisibleText, StringConstraints(max_length=MAX_MESSAGE_CHARS)]
     created_at: UtcDateTime | None = Field(
         default=None, description="Defaults to the store time; a naive time means UTC."
     )
@@ -302,7 +323,7 @@ class Conversation(_MemoryBase):
 
 class Fact(_MemoryBase):
     type: Literal[MemoryType.FACT] = MemoryType.FACT
-    statement: Annotated[str, NonBlank, StringConstraints(max_length=MAX_FACT_CHARS)]
+    statement: Annotated[VisibleText, StringConstraints(max_length=MAX_FACT_CHARS)]
     confidence: StrictFloat = Field(default=0.7, ge=0.0, le=1.0)
     source: Annotated[str, StringConstraints(max_length=500)] | None = None
     kind: FactKind = FactKind.PERMANENT
@@ -317,7 +338,7 @@ class Image(_MemoryBase):
     """Metadata and parameters of a generated image; found by its prompt."""
 
     type: Literal[MemoryType.IMAGE] = MemoryType.IMAGE
-    prompt: Annotated[str, NonBlank, StringConstraints(max_length=MAX_PROMPT_CHARS)]
+    prompt: Annotated[VisibleText, StringConstraints(max_length=MAX_PROMPT_CHARS)]
     negative_prompt: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)] | None = None
     generator: Annotated[str, StringConstraints(max_length=200)] | None = Field(
         default=None, description="Image model that made it, e.g. RealVisXL_V5.0."
@@ -336,7 +357,7 @@ class Image(_MemoryBase):
 class Segment(_Input):
     start: StrictFloat = Field(ge=0.0, le=1e7)
     end: StrictFloat = Field(ge=0.0, le=1e7)
-    text: Annotated[str, NonBlank, StringConstraints(max_length=MAX_MESSAGE_CHARS)]
+    text: Annotated[VisibleText, StringConstraints(max_length=MAX_MESSAGE_CHARS)]
     speaker: Annotated[str, StringConstraints(max_length=200)] | None = None
 
     @model_validator(mode="after")
@@ -378,7 +399,7 @@ class Transcription(_MemoryBase):
 
 class Summary(_MemoryBase):
     type: Literal[MemoryType.SUMMARY] = MemoryType.SUMMARY
-    text: Annotated[str, NonBlank, StringConstraints(max_length=MAX_TEXT_CHARS)]
+    text: Annotated[VisibleText, StringConstraints(max_length=MAX_TEXT_CHARS)]
     covers: list[UUID] = Field(
         default_factory=list,
         max_length=MAX_SUMMARY_COVERS,
@@ -398,10 +419,10 @@ class MemoryUpdate(_Input):
     metadata: Metadata | None = None
     importance: StrictFloat | None = Field(default=None, ge=0.0, le=1.0)
     title: Annotated[str, StringConstraints(max_length=MAX_TITLE_CHARS)] | None = None
-    statement: Annotated[str, NonBlank, StringConstraints(max_length=MAX_FACT_CHARS)] | None = None
+    statement: Annotated[VisibleText, StringConstraints(max_length=MAX_FACT_CHARS)] | None = None
     confidence: StrictFloat | None = Field(default=None, ge=0.0, le=1.0)
     kind: FactKind | None = None
-    text: Annotated[str, NonBlank, StringConstraints(max_length=MAX_TEXT_CHARS)] | None = None
+    text: Annotated[VisibleText, StringConstraints(max_length=MAX_TEXT_CHARS)] | None = None
 
 
 # --- stored records ---------------------------------------------------------------------------

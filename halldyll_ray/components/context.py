@@ -34,6 +34,7 @@ from halldyll_ray.models import (
     StoredMemory,
     Summary,
     Transcription,
+    visible,
 )
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
@@ -128,7 +129,7 @@ class ContextBuilder:
         )
         if query is None:
             query = " ".join(m.content for m in recent[-3:]) if recent else ""
-        if not validation.text(query, "query").strip():
+        if not visible(validation.text(query, "query")):
             raise InvalidInput("give a query or recent messages", field="query")
         return await self.assemble(
             user_id,
@@ -159,7 +160,7 @@ class ContextBuilder:
         """See :meth:`halldyll_ray.engine.MemoryEngine.prepare_context`."""
         user_id = validation.parse_uuid(user_id, "user_id")
         session_id = validation.session_id(session_id) or ""
-        if not validation.text(user_message, "user_message").strip():
+        if not visible(validation.text(user_message, "user_message")):
             raise InvalidInput("user_message must be a non-empty string", field="user_message")
         if not 0 <= recent_turns <= 100:
             raise InvalidInput("recent_turns must be between 0 and 100", field="recent_turns")

@@ -31,6 +31,7 @@ from halldyll_ray.models import (
     SearchGroup,
     SearchMode,
     SearchResult,
+    visible,
 )
 from halldyll_ray.storage.cache import TieredCache
 from halldyll_ray.storage.database import Database
@@ -494,7 +495,7 @@ class Search:
         """The search's arguments, checked, and its result cache key (which holds the user's
         memory version, so a write makes every older answer unreachable)."""
         user_id = validation.parse_uuid(user_id, "user_id")
-        if not validation.text(query, "query").strip():
+        if not visible(validation.text(query, "query")):
             raise InvalidInput("query must be a non-empty string", field="query")
         if len(query) > MAX_QUERY_CHARS:
             raise InvalidInput(f"query is longer than {MAX_QUERY_CHARS} characters", field="query")

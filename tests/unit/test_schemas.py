@@ -182,3 +182,29 @@ def test_recent_messages_for_a_context_are_bounded() -> None:
     assert len(ContextRequest.model_validate({"messages": [message] * 1000}).messages or []) == 1000
     with pytest.raises(ValueError, match="1000"):
         ContextRequest.model_validate({"messages": [message] * 1001})
+
+
+@pytest.mark.parametrize(
+    ("text", "seen"),
+    [
+        ("\u200b\u200b", False),  # zero-width spaces (Cf)
+        ("\u200e\ufeff\u2060", False),  # a direction mark, a BOM, a word joiner
+        ("\u3000 \t\n", False),  # ideographic and other spaces
+        ("\uffff", False),  # a noncharacter (Cn)
+        ("a\u200b", True),
+        ("\u05d0", True),  # Hebrew alef
+        ("🙂", True),
+        ("\u0301", True),  # a combining accent is a mark one sees
+    ],
+)
+def test_visible_text(text: str, seen: bool) -> None:
+    from pydantic import ValidationError
+
+    from halldyll_ray.models import Fact, visible
+
+    assert visible(text) is seen
+    if seen:
+        assert Fact(statement=text).statement
+    else:
+        with pytest.raises(ValidationError):  # blank once stripped, or nothing visible
+            Fact(statement=text)
