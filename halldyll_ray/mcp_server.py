@@ -35,7 +35,7 @@ from typing import Annotated, Any, Literal, NotRequired, TypeVar
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.types import ToolAnnotations
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, with_config
 from typing_extensions import TypedDict  # pydantic reads typing.TypedDict only on 3.12+
 
 from halldyll_ray import validation
@@ -136,14 +136,18 @@ ModelKindName = Literal[
 ]
 
 
+@with_config(ConfigDict(extra="forbid"))  # a misspelt key is an error, not dropped
 class MessageArg(TypedDict):
-    """One message of a conversation."""
+    """One message of a conversation: who said what, and when (``created_at``, ISO 8601;
+    the time of the store when absent)."""
 
     role: Literal["user", "assistant", "system", "tool"]
     content: str
     name: NotRequired[str]
+    created_at: NotRequired[str]
 
 
+@with_config(ConfigDict(extra="forbid"))
 class SegmentArg(TypedDict):
     """One timed segment of a transcription, in seconds from the start."""
 
@@ -291,7 +295,10 @@ def build_mcp_server(clients: ClientSource, *, name: str = "halldyll-ray") -> MC
         ctx: Context[Any, Any],
         messages: Annotated[
             list[MessageArg],
-            Field(description="The messages in order, each {role, content, name?}."),
+            Field(
+                description="The messages in order, each {role, content, name?, "
+                "created_at?} (created_at: when it was said, ISO 8601)."
+            ),
         ],
         title: Annotated[str | None, Field(description="A short title.")] = None,
         tags: Tags = None,

@@ -9,6 +9,7 @@ clients only differ in how they send a :class:`Request`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -215,6 +216,19 @@ class Request(Generic[T]):
     parse: Callable[[httpx.Response], T]
     json: Any = None
     params: dict[str, str] | None = None
+
+    def content(self) -> tuple[bytes | None, dict[str, str]]:
+        """The body as UTF-8 JSON, and its headers. InvalidInput (``field`` ``body``) for what
+        JSON cannot carry: NaN or an infinity (the API refuses them), or a lone UTF-16
+        surrogate (no UTF-8 form); httpx raised a bare ValueError or UnicodeEncodeError."""
+        if self.json is None:
+            return None, {}
+        try:
+            text = json.dumps(self.json, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+            return text.encode("utf-8"), {"Content-Type": "application/json"}
+        except (ValueError, UnicodeEncodeError) as exc:
+            reason = "a lone UTF-16 surrogate" if isinstance(exc, UnicodeEncodeError) else exc
+            raise InvalidInput(f"the body is not JSON: {reason}", field="body") from None
 
     def finish(self, response: httpx.Response) -> T:
         try:

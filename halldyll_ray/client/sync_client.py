@@ -99,9 +99,14 @@ class HalldyllClient:
         self._http.close()
 
     def _send(self, request: Request[T]) -> T:
+        content, headers = request.content()
         try:
             response = self._http.request(
-                request.method, request.path, json=request.json, params=request.params
+                request.method,
+                request.path,
+                content=content,
+                headers=headers,
+                params=request.params,
             )
         except httpx.TransportError as exc:
             raise unavailable(request, exc) from exc

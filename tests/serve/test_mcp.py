@@ -257,6 +257,28 @@ async def test_every_tool_over_streamable_http(
     assert targets("memory.delete") == [image["id"]]
 
 
+async def test_a_message_keeps_its_time_and_a_bad_argument_is_an_invalid_input(
+    ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
+) -> None:
+    _, key = await _user_with_key(http, admin_key)
+    said = {"role": "user", "content": "We met in Lisbon", "name": "Caroline"}
+    async with _mcp(ray_serve["url"], key) as mcp:
+        dated = _ok(
+            await mcp.call_tool(
+                "store_conversation",
+                {"messages": [{**said, "created_at": "2023-05-08T13:56:00Z"}]},
+            )
+        )
+        assert dated["messages"][0]["created_at"].startswith("2023-05-08T13:56:00")
+        assert dated["messages"][0]["name"] == "Caroline"
+        # A key the tool does not know is refused, not dropped; so is a bad time.
+        for message in ({**said, "bogus": 1}, {**said, "created_at": "yesterday"}):
+            refused = _error(await mcp.call_tool("store_conversation", {"messages": [message]}))
+            assert "invalid_input" in refused and "messages" in refused, refused
+    r = await http.get("/v1/users/me/memories", headers=bearer(key))
+    assert [m["id"] for m in r.json()["items"]] == [dated["id"]]
+
+
 async def test_a_permission_denial_is_a_tool_error_and_audited(
     ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
 ) -> None:

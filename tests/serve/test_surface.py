@@ -215,6 +215,17 @@ async def test_the_docs_page_loads_its_assets_from_the_service(http: httpx.Async
         ("POST", "/v1/users/me/search", {"query": "pizza \udc97"}),
         ("PATCH", f"/v1/users/me/memories/{uuid.uuid4()}", {"importance": False}),
         ("PATCH", "/v1/users/me/memories/not-a-uuid", {"importance": 0.5}),
+        # Nothing visible: zero-width spaces, a direction mark, a BOM and spaces.
+        ("POST", "/v1/users/me/memories", {"type": "fact", "statement": "\u200b\u200b"}),
+        ("POST", "/v1/users/me/memories", {"type": "summary", "text": "\u200e \ufeff"}),
+        ("POST", "/v1/users/me/search", {"query": "\u200b"}),
+        ("PATCH", f"/v1/users/me/memories/{uuid.uuid4()}", {"statement": "\u200b"}),
+        ("POST", "/v1/users/me/context", {"query": "\u2060\u3000"}),
+        (
+            "POST",
+            "/v1/users/me/sessions/s1/turns",
+            {"user_message": "\u200d", "assistant_message": "ok"},
+        ),
     ],
 )
 async def test_schema_invalid_values_are_422(

@@ -208,3 +208,22 @@ def test_visible_text(text: str, seen: bool) -> None:
     else:
         with pytest.raises(ValidationError):  # blank once stripped, or nothing visible
             Fact(statement=text)
+
+
+@pytest.mark.parametrize(
+    ("memory", "reason"),
+    [
+        ({"type": "fact", "statement": "x", "metadata": {"a": float("nan")}}, "not JSON"),
+        ({"type": "fact", "statement": "x", "confidence": float("inf")}, "not JSON"),
+        ({"type": "fact", "statement": "x\udc97"}, "surrogate"),
+    ],
+)
+def test_the_client_refuses_a_body_json_cannot_carry(memory: dict[str, Any], reason: str) -> None:
+    """InvalidInput before anything is sent, not httpx's bare ValueError or
+    UnicodeEncodeError (the MCP server's tools call this client)."""
+    sent: list[httpx.Request] = []
+    transport = httpx.MockTransport(lambda request: sent.append(request) or httpx.Response(500))
+    client = HalldyllClient("http://halldyll.invalid", "key", transport=transport)
+    with client, pytest.raises(InvalidInput, match=reason) as refused:
+        client.store_memory(memory)
+    assert refused.value.field == "body" and sent == []
