@@ -47,6 +47,7 @@ from halldyll_ray.models import (
     UtcDateTime,
     check_json_value,
 )
+from halldyll_ray.textproc import article
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -158,13 +159,13 @@ class ExportedMemory(_Line):
                 self.messages = list(memory.messages)
                 self.memory = memory.model_copy(update={"messages": []})
         elif self.messages:
-            raise ValueError(f"a {memory.type.value} has no messages")
+            raise ValueError(f"{article(memory.type.value)} has no messages")
         if self.sources and not isinstance(memory, Fact):
-            raise ValueError(f"a {memory.type.value} has no sources")
+            raise ValueError(f"{article(memory.type.value)} has no sources")
         if not isinstance(memory, Fact) and (
             self.valid_from is not None or self.valid_to is not None
         ):
-            raise ValueError(f"a {memory.type.value} has no validity (valid_from, valid_to)")
+            raise ValueError(f"{article(memory.type.value)} has no validity (valid_from, valid_to)")
         if self.superseded_by is not None and self.valid_to is None:
             raise ValueError("superseded_by names what replaced a closed fact: give valid_to")
         if (
@@ -174,11 +175,11 @@ class ExportedMemory(_Line):
         ):
             raise ValueError("valid_to is before valid_from")
         if self.period is not None and not isinstance(memory, Summary):
-            raise ValueError(f"a {memory.type.value} has no period")
+            raise ValueError(f"{article(memory.type.value)} has no period")
         if (self.span_start is not None or self.span_end is not None) and not isinstance(
             memory, Summary
         ):
-            raise ValueError(f"a {memory.type.value} has no span")
+            raise ValueError(f"{article(memory.type.value)} has no span")
         return self
 
 

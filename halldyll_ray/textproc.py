@@ -150,6 +150,11 @@ def _number(low: str) -> str | None:
     return None
 
 
+def article(word: str) -> str:
+    """``word`` with its indefinite article: "a fact", "an image", "an update"."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
 #: A word longer than this is read as an identifier (a token, a password, a hash): the encoder
 #: splits it into pieces that say little, or reads it as [UNK] past 100 characters, so two
 #: statements that differ only in it embed almost alike.

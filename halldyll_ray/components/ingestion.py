@@ -57,7 +57,7 @@ from halldyll_ray.models import (
 )
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
-from halldyll_ray.textproc import CHUNK_TOKENS, token_windows
+from halldyll_ray.textproc import CHUNK_TOKENS, article, token_windows
 from halldyll_ray.textproc import fact_key as make_fact_key
 
 if TYPE_CHECKING:
@@ -662,7 +662,9 @@ class Ingestion:
         allowed = _UPDATABLE[kind]
         for name in ("title", "statement", "confidence", "kind", "text"):
             if getattr(update, name) is not None and name not in allowed:
-                raise InvalidInput(f"a {kind.value} has no field {name!r} to update", field=name)
+                raise InvalidInput(
+                    f"{article(kind.value)} has no field {name!r} to update", field=name
+                )
         new_content: str | None = None
         payload: dict[str, Any] | None = None
         new_key: str | None = None

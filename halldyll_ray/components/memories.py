@@ -31,7 +31,7 @@ from halldyll_ray.models import (
 )
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
-from halldyll_ray.textproc import same_particulars
+from halldyll_ray.textproc import article, same_particulars
 
 MEMORY: TypeAdapter[Memory] = TypeAdapter(Memory)
 TAGS: TypeAdapter[list[str]] = TypeAdapter(Tags)
@@ -175,7 +175,7 @@ class MemoryReader:
                 await require_user(self.db, user_id)
                 raise NotFound(f"memory {memory_id} not found")
             raise InvalidInput(
-                f"memory {memory_id} is a {row['type']}: only facts have a history",
+                f"memory {memory_id} is {article(row['type'])}: only facts have a history",
                 field="memory_id",
             )
         return [to_record(row) for row in rows]

@@ -43,6 +43,14 @@ class ModelRegistry:
         if not 1 <= len(validation.text(name, "name").strip()) <= 200:
             raise InvalidInput("model name must be 1-200 characters", field="name")
         try:
+            uuid.UUID(name.strip())
+        except ValueError:
+            pass
+        else:  # a reference that parses as an id is read as one: the name could never be used
+            raise InvalidInput(
+                "a model name must not be a UUID (models are found by id)", field="name"
+            )
+        try:
             kind = ModelKind(kind)
         except ValueError:
             allowed = ", ".join(k.value for k in ModelKind)

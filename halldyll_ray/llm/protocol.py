@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from halldyll_ray.errors import HalldyllError, Unavailable
 from halldyll_ray.models import MAX_FACT_CHARS, FactKind
+from halldyll_ray.textproc import article
 
 
 class LLMUnavailable(Unavailable):
@@ -89,14 +90,16 @@ def checked(decision: Decision, neighbours: Sequence[Neighbour]) -> Decision:
     needs_target = decision.action in (Action.REINFORCE, Action.UPDATE, Action.CONTRADICT)
     if needs_target:
         if decision.target is None:
-            raise LLMOutputInvalid(f"a {decision.action.value} decision must name its target")
+            raise LLMOutputInvalid(
+                f"{article(decision.action.value)} decision must name its target"
+            )
         if decision.target not in {n.id for n in neighbours}:
             raise LLMOutputInvalid(
                 f"the {decision.action.value} target is not one of the facts shown",
                 target=str(decision.target),
             )
     elif decision.target is not None:
-        raise LLMOutputInvalid(f"a {decision.action.value} decision takes no target")
+        raise LLMOutputInvalid(f"{article(decision.action.value)} decision takes no target")
     return decision
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -247,6 +248,13 @@ async def test_model_registry(engine: MemoryEngine) -> None:
     with pytest.raises(InvalidInput) as err:
         await engine.register_model("X", "toaster")
     assert err.value.field == "kind"
+    # A name that reads as an id (another model's, or any) could never be reached by name.
+    qwen = (await engine.list_models(kind="llm"))[0]
+    for name in (str(qwen.id), f" {uuid.uuid4()} "):
+        with pytest.raises(InvalidInput, match="UUID") as err:
+            await engine.register_model(name, "llm")
+        assert err.value.field == "name"
+    assert len(await engine.list_models()) == 5
     user = await engine.create_user("carol", None, "user")
     await engine.store_memory(user.id, Fact(statement="uses face id", model="InsightFace"))
     with pytest.raises(Conflict):

@@ -106,3 +106,15 @@ def test_extractive_summary_keeps_order_and_drops_repeats() -> None:
     assert positions == sorted(positions)
     assert extractive_summary([Line("user", "ok")]) == ""
     assert len(extractive_summary(lines * 50, max_chars=200)) <= 200
+
+
+def test_article() -> None:
+    from halldyll_ray.textproc import article
+
+    assert [article(w) for w in ("image", "fact", "update", "summary", "add")] == [
+        "an image",
+        "a fact",
+        "an update",
+        "a summary",
+        "an add",
+    ]
