@@ -64,6 +64,10 @@ EXPORT_BATCH = 200
 IMPORT_BATCH = 128
 
 
+class _IdTaken(Exception):
+    """The id a line asked to keep belongs to a memory that is not the user's."""
+
+
 @dataclass
 class _Line:
     """A valid memory line, ready to write."""
@@ -226,13 +230,16 @@ class Transfer:
         report = ImportReport(atomic=atomic)
         # Closed facts whose successor may come later in the file: (id here, exported id).
         links: list[tuple[UUID, UUID]] = []
+        seen: set[UUID] = set()  # the file's memory ids so far: each may appear once
         if atomic:
             async with self.db.scoped(user_id) as conn:
                 await lock_user(conn, user_id)
                 async for batch in _batches(lines):
                     ready = await self._prepare(user_id, batch, report, conn)
                     if not report.error_count:
-                        await self._write(conn, user_id, ready, report, keep_ids, request_id, links)
+                        await self._write(
+                            conn, user_id, ready, report, keep_ids, request_id, links, seen
+                        )
                 if not report.error_count:
                     await _link_successors(conn, user_id, links)
                 if report.error_count:
@@ -251,7 +258,9 @@ class Transfer:
             if ready:
                 async with self.db.scoped(user_id) as conn:
                     await lock_user(conn, user_id)
-                    await self._write(conn, user_id, ready, report, keep_ids, request_id, links)
+                    await self._write(
+                        conn, user_id, ready, report, keep_ids, request_id, links, seen
+                    )
         if links:
             async with self.db.scoped(user_id) as conn:
                 await lock_user(conn, user_id)
@@ -333,9 +342,13 @@ class Transfer:
         keep_ids: bool,
         request_id: str | None,
         links: list[tuple[UUID, UUID]],
+        seen: set[UUID],
     ) -> None:
         """Write prepared lines under the user's lock (taken by the caller); the closed facts
-        whose successor is to be linked once every line is in go to ``links``."""
+        whose successor is to be linked once every line is in go to ``links``. A memory id
+        the file already had (``seen``) is a problem of its line, not a silent "unchanged";
+        an id that is taken by a memory not the user's gets a new one, as for another user's
+        file (saying "taken" would tell the caller that someone has it)."""
         sources = [line.record.id for line in lines]
         mapped = {
             r["source_id"]: r["memory_id"]
@@ -352,6 +365,10 @@ class Transfer:
         new_targets: list[UUID] = []
         for line in lines:
             source = line.record.id
+            if source in seen:
+                report.problem(line.number, f"memory id {source} is in the file twice", "id")
+                continue
+            seen.add(source)
             if source in mapped:
                 report.unchanged += 1
                 continue
@@ -362,9 +379,14 @@ class Transfer:
                 continue
             try:
                 async with conn.transaction():  # a savepoint: a refused line costs itself only
-                    target, merged = await self._write_line(
-                        conn, user_id, line, source if keep_ids else uuid.uuid4(), mapped
-                    )
+                    try:
+                        target, merged = await self._write_line(
+                            conn, user_id, line, source if keep_ids else uuid.uuid4(), mapped
+                        )
+                    except _IdTaken:  # nothing was written: the insert did nothing
+                        target, merged = await self._write_line(
+                            conn, user_id, line, uuid.uuid4(), mapped
+                        )
             except HalldyllError as exc:
                 report.problem(line.number, exc.message, exc.fields.get("field"))
                 continue
@@ -470,7 +492,7 @@ class Transfer:
                 )
                 if existing is not None:
                     return await self._reinforce(conn, user_id, existing, fact, record), True
-            raise InvalidInput(f"memory id {memory_id} is taken", field="id")
+            raise _IdTaken
         if isinstance(memory, Conversation) and record.messages:
             await insert_messages(conn, memory_id, 0, record.messages)
         await insert_chunks(conn, row, line.chunks, vectors)

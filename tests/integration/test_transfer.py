@@ -254,6 +254,26 @@ async def test_bad_lines_are_reported_by_number_and_the_good_ones_imported(
     assert [m.content for m in stored.messages] == ["Yo"]
 
 
+async def test_an_id_is_kept_once_per_file_and_never_says_whose_it_is(
+    engine: MemoryEngine,
+) -> None:
+    owner = await _user(engine, "owner")
+    theirs = await engine.store_memory(owner, Fact(statement="Eve keeps a diary"))
+    user = await _user(engine, "restorer")
+    first = _line("Finn grows tomatoes")
+    twice = {**_line("Finn grows peppers"), "id": first["id"]}  # the same id again
+    borrowed = {**_line("Finn reads maps"), "id": str(theirs.id)}  # another user's memory id
+    # A restore (the header names this user) keeps ids, except one that is not the user's.
+    report = await engine.import_memories(user, [_ndjson([_header(user), first, twice, borrowed])])
+    assert [(e.line, e.field) for e in report.errors] == [(3, "id")]
+    assert "twice" in report.errors[0].message and report.created == {"fact": 2}
+    facts = {f.text: f.id for f in (await engine.list_memories(user, types=["fact"])).items}
+    assert facts["Finn grows tomatoes"] == uuid.UUID(first["id"])
+    assert facts["Finn reads maps"] != theirs.id and "Finn grows peppers" not in facts
+    kept = await engine.get_memory(owner, theirs.id)
+    assert kept.memory.statement == "Eve keeps a diary"  # type: ignore[union-attr]
+
+
 async def test_atomic_import_refuses_the_whole_file_for_one_bad_line(engine: MemoryEngine) -> None:
     user = await _user(engine, "atomic")
     await engine.store_memory(user, Fact(statement="Dan keeps bees"))
