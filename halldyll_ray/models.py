@@ -397,13 +397,19 @@ class Transcription(_MemoryBase):
         return self
 
 
+def _once_each(ids: list[UUID]) -> list[UUID]:
+    """The ids in their order, each once: a summary covers a memory or it does not."""
+    return list(dict.fromkeys(ids))
+
+
 class Summary(_MemoryBase):
     type: Literal[MemoryType.SUMMARY] = MemoryType.SUMMARY
     text: Annotated[VisibleText, StringConstraints(max_length=MAX_TEXT_CHARS)]
-    covers: list[UUID] = Field(
+    covers: Annotated[list[UUID], AfterValidator(_once_each)] = Field(
         default_factory=list,
         max_length=MAX_SUMMARY_COVERS,
-        description="Ids of the memories this summary covers (all the same user's).",
+        description="Ids of the memories this summary covers (all the same user's; an id "
+        "given twice is kept once).",
     )
 
 

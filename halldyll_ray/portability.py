@@ -180,6 +180,18 @@ class ExportedMemory(_Line):
             memory, Summary
         ):
             raise ValueError(f"{article(memory.type.value)} has no span")
+        if (
+            self.span_start is not None
+            and self.span_end is not None
+            and self.span_end < self.span_start
+        ):
+            raise ValueError("span_end is before span_start")
+        if self.session_role is not None and memory.session_id is None:
+            raise ValueError("session_role belongs to a memory of a session: give session_id")
+        if self.session_role == "log" and not isinstance(memory, Conversation):
+            raise ValueError("a session's log is a conversation")
+        if self.session_role == "summary" and not isinstance(memory, Summary):
+            raise ValueError("a session's rolling summary is a summary")
         return self
 
 

@@ -68,3 +68,37 @@ def test_a_header_of_another_version_or_format_is_refused() -> None:
         with pytest.raises(InvalidInput) as caught:
             parse_header(1, line)
         assert caught.value.field == field
+
+
+def _summary_line(**extra: object) -> bytes:
+    import json
+
+    record = {
+        "id": "00000000-0000-4000-8000-000000000001",
+        "memory": {"type": "summary", "text": "What happened"},
+        "created_at": "2024-03-01T00:00:00Z",
+        "updated_at": "2024-03-01T00:00:00Z",
+        **extra,
+    }
+    return json.dumps(record).encode()
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (
+            {"span_start": "2024-03-02T00:00:00Z", "span_end": "2024-03-01T00:00:00Z"},
+            "span_end is before span_start",
+        ),
+        ({"session_role": "summary"}, "give session_id"),
+        (
+            {"session_role": "log", "memory": {"type": "summary", "text": "x", "session_id": "s1"}},
+            "a session's log is a conversation",
+        ),
+    ],
+)
+def test_an_inconsistent_line_is_refused(extra: dict[str, object], reason: str) -> None:
+    with pytest.raises(InvalidInput, match=reason):
+        parse_memory_line(3, _summary_line(**extra))
+    # The same line without the inconsistency is taken.
+    assert parse_memory_line(3, _summary_line()).memory.type.value == "summary"

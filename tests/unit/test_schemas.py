@@ -227,3 +227,11 @@ def test_the_client_refuses_a_body_json_cannot_carry(memory: dict[str, Any], rea
     with client, pytest.raises(InvalidInput, match=reason) as refused:
         client.store_memory(memory)
     assert refused.value.field == "body" and sent == []
+
+
+def test_a_summary_covers_each_memory_once() -> None:
+    from halldyll_ray.models import Summary
+
+    first, second = uuid.uuid4(), uuid.uuid4()
+    summary = Summary(text="x", covers=[first, second, first, second, first])
+    assert summary.covers == [first, second]
