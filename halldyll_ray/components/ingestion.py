@@ -738,7 +738,8 @@ class Ingestion:
     async def delete(
         self, user_id: UUID | str, memory_id: UUID | str, *, request_id: str | None = None
     ) -> None:
-        """Delete one memory of the user (its messages and chunks go with it)."""
+        """Delete one memory of the user (its messages and chunks go with it, and its id
+        leaves the ``covers`` of the user's summaries)."""
         user_id = validation.parse_uuid(user_id, "user_id")
         memory_id = validation.parse_uuid(memory_id, "memory_id")
         async with self.db.scoped(user_id) as conn:
@@ -746,6 +747,7 @@ class Ingestion:
             row = await conn.fetchrow(q("delete_memory"), memory_id, user_id)
             if row is None:
                 raise NotFound(f"memory {memory_id} not found")
+            await conn.execute(q("uncover_memory"), str(memory_id), user_id)
             await write_audit(
                 conn, "memory.delete", row["type"], [memory_id], user_id, request_id=request_id
             )

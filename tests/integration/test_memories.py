@@ -142,6 +142,16 @@ async def test_summary_covers_only_own_memories(engine: MemoryEngine, user) -> N
     with pytest.raises(InvalidInput) as err:
         await engine.store_memory(user.id, Summary(text="sneaky", covers=[bobs.id]))
     assert err.value.field == "covers"
+    # A deleted memory leaves every summary's covers, the others keep their order.
+    first = await engine.store_memory(user.id, Fact(statement="Ada tunes pianos"))
+    last = await engine.store_memory(user.id, Fact(statement="Ada sings alto"))
+    wide = await engine.store_memory(
+        user.id, Summary(text="Ada and music.", covers=[first.id, fact.id, last.id])
+    )
+    await engine.delete_memory(user.id, fact.id)
+    assert (await engine.get_memory(user.id, summary.id)).memory.covers == []
+    assert (await engine.get_memory(user.id, wide.id)).memory.covers == [first.id, last.id]
+    assert (await engine.get_memory(other.id, bobs.id)).memory.statement == "Bob plays drums"
 
 
 async def test_long_text_is_chunked(engine: MemoryEngine, user) -> None:

@@ -143,6 +143,18 @@ DELETE FROM memory_chunks WHERE memory_id = $1 AND user_id = $2 AND part = $3;
 -- name: delete_memory
 DELETE FROM memories WHERE id = $1 AND user_id = $2 RETURNING id, type;
 
+-- name: uncover_memory
+-- A deleted memory leaves the covers of the user's summaries (their payload's "covers": ids
+-- as text), so no summary names a memory that is gone.
+UPDATE memories SET
+    payload = jsonb_set(payload, '{covers}', (
+        SELECT coalesce(jsonb_agg(c ORDER BY n), '[]'::jsonb)
+        FROM jsonb_array_elements(payload -> 'covers') WITH ORDINALITY AS e(c, n)
+        WHERE c <> to_jsonb($1::text)
+    )),
+    updated_at = now()
+WHERE user_id = $2 AND type = 'summary' AND payload -> 'covers' ? $1::text;
+
 -- name: insert_chunks
 -- Any number of chunks of any of the user's memories in one statement: parallel arrays
 -- unnested row by row (a bulk store writes its whole batch so). COPY would be faster still
