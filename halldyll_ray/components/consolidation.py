@@ -120,6 +120,11 @@ class _Turn:
     job: str | None
     request_id: str | None
 
+    def predates(self, fact: Any) -> bool:
+        """Whether the turn was said before ``fact`` (a memories row) began holding: a later
+        turn was learned first (jobs run in any order)."""
+        return bool(self.at < (fact["valid_from"] or fact["created_at"]))
+
 
 def _seqs(values: Sequence[int]) -> list[int]:
     if isinstance(values, str | bytes) or not isinstance(values, Sequence):
@@ -351,7 +356,7 @@ class Consolidation:
                 )
             else:
                 assert target is not None
-                if turn.at < (target["valid_from"] or target["created_at"]):
+                if turn.predates(target):
                     # Said before the target began (a later turn was learned first): no
                     # evidence against what holds since.
                     change = Change(
@@ -515,7 +520,7 @@ class Consolidation:
         version began: it goes into the history there (after the last version that began by
         the turn's time, :meth:`_place`), closed, and the fact that holds now stays open.
         """
-        backdated = turn.at < (target["valid_from"] or target["created_at"])
+        backdated = turn.predates(target)
         if not backdated:
             row = await self._store(conn, turn, candidate, scope, statement, chunks, vectors)
             await self._close(conn, turn, target["id"], superseded_by=row["id"])
