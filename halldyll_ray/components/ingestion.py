@@ -747,7 +747,7 @@ class Ingestion:
             row = await conn.fetchrow(q("delete_memory"), memory_id, user_id)
             if row is None:
                 raise NotFound(f"memory {memory_id} not found")
-            await conn.execute(q("uncover_memory"), str(memory_id), user_id)
+            await conn.execute(q("uncover_memory"), [str(memory_id)], user_id)
             await write_audit(
                 conn, "memory.delete", row["type"], [memory_id], user_id, request_id=request_id
             )

@@ -31,12 +31,20 @@ class Operations:
         self.settings = settings
 
     async def purge_expired(self) -> int:
-        """Delete ephemeral facts past their expiry; return how many went."""
+        """Delete ephemeral facts past their expiry; return how many went.
+
+        Their ids leave the ``covers`` of their users' summaries, as a deleted memory's do.
+        """
         async with self.db.scoped(admin=True) as conn:
             owners = [row["user_id"] for row in await conn.fetch(q("expired_owners"))]
             for owner in owners:  # user rows first, in one order: see storage/sql/users.sql
                 await conn.execute(q("bump_version"), owner)
             rows = await conn.fetch(q("purge_expired"), owners) if owners else []
+            gone: dict[UUID, list[str]] = {}
+            for row in rows:
+                gone.setdefault(row["user_id"], []).append(str(row["id"]))
+            for owner, ids in gone.items():  # as delete_memory: summaries stop naming them
+                await conn.execute(q("uncover_memory"), ids, owner)
             if rows:
                 await write_audit(
                     conn,

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from support import make_settings
 
-from halldyll_ray import Fact, FactKind, MemoryEngine
+from halldyll_ray import Fact, FactKind, MemoryEngine, Summary
 
 
 async def _fact_rows(engine: MemoryEngine, user_id) -> int:
@@ -169,7 +169,12 @@ async def test_ephemeral_facts_expire_and_purge(database_url: str, redis_url: st
         assert fleeting.id not in {h.memory.id for h in hits}
         page = await engine.list_memories(user.id)
         assert [m.id for m in page.items] == [lasting.id]
+        summary = await engine.store_memory(
+            user.id, Summary(text="Ada's day.", covers=[fleeting.id, lasting.id])
+        )
         assert await engine.purge_expired() == 1
+        # The purged fact leaves the summary's covers, as a deleted memory does.
+        assert (await engine.get_memory(user.id, summary.id)).memory.covers == [lasting.id]
         assert await engine.purge_expired() == 0
         assert await _fact_rows(engine, user.id) == 1
 

@@ -144,16 +144,16 @@ DELETE FROM memory_chunks WHERE memory_id = $1 AND user_id = $2 AND part = $3;
 DELETE FROM memories WHERE id = $1 AND user_id = $2 RETURNING id, type;
 
 -- name: uncover_memory
--- A deleted memory leaves the covers of the user's summaries (their payload's "covers": ids
--- as text), so no summary names a memory that is gone.
+-- Deleted memories leave the covers of the user's summaries (their payload's "covers": ids as
+-- text), so no summary names a memory that is gone. $1: the ids gone, as text; $2: the user.
 UPDATE memories SET
     payload = jsonb_set(payload, '{covers}', (
         SELECT coalesce(jsonb_agg(c ORDER BY n), '[]'::jsonb)
         FROM jsonb_array_elements(payload -> 'covers') WITH ORDINALITY AS e(c, n)
-        WHERE c <> to_jsonb($1::text)
+        WHERE NOT (c #>> '{}' = ANY($1::text[]))
     )),
     updated_at = now()
-WHERE user_id = $2 AND type = 'summary' AND payload -> 'covers' ? $1::text;
+WHERE user_id = $2 AND type = 'summary' AND payload -> 'covers' ?| $1::text[];
 
 -- name: insert_chunks
 -- Any number of chunks of any of the user's memories in one statement: parallel arrays
