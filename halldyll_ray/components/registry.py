@@ -78,6 +78,8 @@ class ModelRegistry:
         """A registered model by id or name; read on ``conn`` when given (a caller inside a
         transaction must not wait for a second pooled connection)."""
         fetchrow = self.db.fetchrow if conn is None else conn.fetchrow
+        if not isinstance(ref, UUID):
+            ref = validation.text(ref, "model")  # a name with NUL never reaches SQL as one
         row = None
         if isinstance(ref, UUID) or validation.looks_like_uuid(ref):
             row = await fetchrow(q("get_model_by_id"), validation.parse_uuid(ref, "model"))

@@ -82,7 +82,8 @@ class Users:
         return User(**dict(row))
 
     async def get_by_username(self, username: str) -> User:
-        row = await self.db.fetchrow(q("get_user_by_name"), str(username)[:64])
+        # Not cut to 64 characters: a longer name named another user (its first 64).
+        row = await self.db.fetchrow(q("get_user_by_name"), validation.username(username))
         if row is None:
             raise NotFound(f"user {username!r} not found")
         return User(**dict(row))

@@ -274,3 +274,14 @@ async def test_model_registry(engine: MemoryEngine) -> None:
         await engine.get_model("InstantID")
     with pytest.raises(NotFound):
         await engine.store_memory(user.id, Fact(statement="x", model="NoSuchModel"))
+    # A model reference with what no text column holds is the caller's error, named as such
+    # (it reached SQL and came back as a field-less "not valid text").
+    for ref in ("\x00", "Insight\x00Face", "\ud800"):
+        for call in (engine.get_model, engine.delete_model):
+            with pytest.raises(InvalidInput) as err:
+                await call(ref)
+            assert err.value.field == "model"
+        with pytest.raises(InvalidInput) as err:
+            await engine.search(user.id, "face id", model=ref)
+        assert err.value.field == "model"
+    assert len(await engine.list_models()) == 4

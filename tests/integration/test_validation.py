@@ -85,6 +85,15 @@ async def test_bad_users_and_ids(engine: MemoryEngine) -> None:
 async def test_user_lifecycle(engine: MemoryEngine) -> None:
     user = await engine.create_user("ada", None, "viewer")
     assert (await engine.get_user_by_username("ADA")).id == user.id
+    # A name no user can have is refused as such: with NUL it reached SQL as field-less
+    # "not valid text", and a name over 64 characters was cut and found its first 64.
+    longest = await engine.create_user("a" * 64, None, "user")
+    assert (await engine.get_user_by_username("a" * 64)).id == longest.id
+    for name in ("a" * 65, "ada\x00", "\ud800", "ada lovelace", ""):
+        with pytest.raises(InvalidInput) as err:
+            await engine.get_user_by_username(name)
+        assert err.value.field == "username"
+    await engine.delete_user(longest.id)
     updated = await engine.update_user(user.id, role="user", disabled=True, email="a@b.io")
     assert (updated.role.value, updated.disabled, updated.email) == ("user", True, "a@b.io")
     cleared = await engine.update_user(user.id, clear_email=True, disabled=False)
