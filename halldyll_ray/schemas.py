@@ -87,7 +87,8 @@ MAX_CONTEXT_TOKENS = 1_000_000
 IsoDateTime = Annotated[datetime, BeforeValidator(iso_time_only), AfterValidator(in_utc_range)]
 
 
-#: An AI model's name or id: 1-200 characters, not blank.
+#: An AI model's name or id: 1-200 characters, not blank (registering one, the engine also
+#: refuses control, format and unassigned characters; so does it in an email).
 ModelName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"\S")]
 EmailText = Annotated[str, Field(pattern=r"^[^@\s]{1,64}@[^@\s]{1,185}\.[^@\s]{2,63}$")]
 

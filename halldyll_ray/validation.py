@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -118,9 +119,16 @@ def username(value: object) -> str:
 
 
 def email(value: object) -> str | None:
+    """An address as given, or InvalidInput: one ``@``, a dot in the domain, no spaces, and no
+    control, format or unassigned character (a right-to-left override or a zero-width space
+    makes an address read as another one)."""
     if value is None:
         return None
-    if not isinstance(value, str) or not EMAIL.fullmatch(text(value, "email")):
+    if (
+        not isinstance(value, str)
+        or not EMAIL.fullmatch(text(value, "email"))
+        or any(unicodedata.category(c)[0] == "C" for c in value)
+    ):
         raise InvalidInput("email is not a valid address", field="email")
     return value
 

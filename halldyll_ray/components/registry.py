@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,13 @@ class ModelRegistry:
         """Add an AI model to the registry. Raises Conflict if the name exists."""
         if not 1 <= len(validation.text(name, "name").strip()) <= 200:
             raise InvalidInput("model name must be 1-200 characters", field="name")
+        if any(unicodedata.category(c)[0] == "C" for c in name.strip()):
+            # A line break forges log lines; a direction override or a zero-width space makes
+            # a name read as another model's.
+            raise InvalidInput(
+                "a model name must not hold control, format or unassigned characters",
+                field="name",
+            )
         try:
             uuid.UUID(name.strip())
         except ValueError:

@@ -53,6 +53,12 @@ async def test_bad_users_and_ids(engine: MemoryEngine) -> None:
         ({"username": "has space"}, "username"),
         ({"username": "x" * 65}, "username"),
         ({"username": "ok", "email": "not-an-email"}, "email"),
+        # Addresses that read as another one: a right-to-left override, a zero-width space,
+        # a soft hyphen, a control character.
+        ({"username": "ok", "email": "ada@\u202emoc.elpmaxe"}, "email"),
+        ({"username": "ok", "email": "ada\u200b@example.com"}, "email"),
+        ({"username": "ok", "email": "ad\u00ada@example.com"}, "email"),
+        ({"username": "ok", "email": "ada\x07@example.com"}, "email"),
         ({"username": "ok", "role": "superuser"}, "role"),
         ({"username": "ok", "metadata": {"x": "y" * 20_000}}, "metadata"),
     ]:
@@ -63,6 +69,14 @@ async def test_bad_users_and_ids(engine: MemoryEngine) -> None:
         await engine.create_user("ADA", None, "user")
     with pytest.raises(Conflict):
         await engine.create_user("other", "Ada@Example.com", "user")
+    with pytest.raises(InvalidInput) as err:  # an update is checked as a creation is
+        await engine.update_user(user.id, email="ada@\u202emoc.elpmaxe")
+    assert err.value.field == "email"
+    assert (await engine.get_user(user.id)).email == "ada@example.com"
+    # Letters of any script are fine.
+    intl = await engine.create_user("jose", "josé@exämple.com", "user")
+    assert intl.email == "josé@exämple.com"
+    await engine.delete_user(intl.id)
     with pytest.raises(InvalidInput) as err:
         await engine.get_memory(user.id, "12345")
     assert err.value.field == "memory_id"
