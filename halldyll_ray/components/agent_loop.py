@@ -120,7 +120,7 @@ class AgentLoop:
             earlier = await self.ingestion.replay(user_id, key, turn, session_id=session)
             if earlier is not None:
                 return _replayed(earlier)
-        conversation_id = await self._session_log(user_id, session, model_id)
+        conversation_id, created = await self._session_log(user_id, session, model_id)
         # With background learning, the append queues the turn's jobs in its transaction.
         options: dict[str, Any] = {
             "request_id": request_id,
@@ -129,12 +129,19 @@ class AgentLoop:
             "session_turn": True,
         }
         try:
-            appended = await self.ingestion.append(user_id, conversation_id, turn, **options)
-        except NotFound:
-            # The cached log was deleted meanwhile: forget it and start a new one.
-            await self.cache.delete(self._session_key(user_id, session))
-            conversation_id = await self._session_log(user_id, session, model_id)
-            appended = await self.ingestion.append(user_id, conversation_id, turn, **options)
+            try:
+                appended = await self.ingestion.append(user_id, conversation_id, turn, **options)
+            except NotFound:
+                # The cached log was deleted meanwhile: forget it and start a new one.
+                await self.cache.delete(self._session_key(user_id, session))
+                conversation_id, created = await self._session_log(user_id, session, model_id)
+                appended = await self.ingestion.append(user_id, conversation_id, turn, **options)
+        except InvalidInput as exc:
+            # The key's first use won a race with this one after the check above (another
+            # session's turn): the log this call created is still empty and goes again.
+            if created and exc.field == "idempotency_key":
+                await self._drop_empty_log(user_id, session, conversation_id, request_id)
+            raise
         if appended.replayed:
             return _replayed(appended)
         stored = appended.messages
@@ -178,12 +185,15 @@ class AgentLoop:
     def _session_key(user_id: UUID, session_id: str) -> str:
         return TieredCache.user_key("session", user_id, session_id)
 
-    async def _session_log(self, user_id: UUID, session_id: str, model_id: UUID | None) -> UUID:
-        """The id of the session's conversation log, created on first use (session state)."""
+    async def _session_log(
+        self, user_id: UUID, session_id: str, model_id: UUID | None
+    ) -> tuple[UUID, bool]:
+        """The id of the session's conversation log, created on first use (session state),
+        and whether this call created it."""
         key = self._session_key(user_id, session_id)
         cached = await self.cache.get(key, kind="session")
         if cached is not None:
-            return UUID(cached.decode())
+            return UUID(cached.decode()), False
         async with self.db.scoped(user_id) as conn:
             await lock_user(conn, user_id)
             row = await conn.fetchrow(
@@ -196,13 +206,33 @@ class AgentLoop:
                     title=f"Session {session_id}",
                 )
             )
+            created = row is not None
             if row is None:
                 row = await conn.fetchrow(q("session_memory"), user_id, session_id, "log")
             else:
                 await write_audit(conn, "memory.store", "conversation", [row["id"]], user_id)
         conversation_id: UUID = row["id"]
         await self.cache.set(key, str(conversation_id).encode(), ttl=SESSION_STATE_TTL_S)
-        return conversation_id
+        return conversation_id, created
+
+    async def _drop_empty_log(
+        self, user_id: UUID, session_id: str, conversation_id: UUID, request_id: str | None
+    ) -> None:
+        """Delete a session log that holds no message (one a refused turn created)."""
+        await self.cache.delete(self._session_key(user_id, session_id))
+        async with self.db.scoped(user_id) as conn:
+            await lock_user(conn, user_id)
+            gone = await conn.fetchval(q("delete_empty_log"), conversation_id, user_id)
+            if gone is not None:
+                await write_audit(
+                    conn,
+                    "memory.delete",
+                    "conversation",
+                    [conversation_id],
+                    user_id,
+                    request_id=request_id,
+                    details={"reason": "empty session log of a refused turn"},
+                )
 
     async def refresh_summary(
         self,

@@ -141,6 +141,35 @@ async def test_an_idempotency_key_names_one_request(engine: MemoryEngine) -> Non
     assert again.replayed and again.message_seqs == first.message_seqs
 
 
+async def test_one_key_on_two_new_sessions_at_once_leaves_one_log(
+    engine: MemoryEngine, second: MemoryEngine
+) -> None:
+    """Two first uses of one key at once, each on a new session: one turn is stored, the
+    other refused, and the refused one leaves no empty session log behind (both pass the
+    key's check before either is stored, so each creates its session's log)."""
+    user = await engine.create_user("racer", None, "user")
+    for attempt in range(3):
+        key = f"race-{attempt}"
+        results = await asyncio.gather(
+            engine.record_turn(user.id, f"a{attempt}", "I live in Oslo", "ok", idempotency_key=key),
+            second.record_turn(user.id, f"b{attempt}", "I live in Oslo", "ok", idempotency_key=key),
+            return_exceptions=True,
+        )
+        stored = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, InvalidInput)]
+        assert len(stored) == 1 and len(refused) == 1, results
+        assert refused[0].field == "idempotency_key"
+    logs = (await engine.list_memories(user.id, types=["conversation"])).items
+    assert len(logs) == 3
+    for log in logs:
+        assert len((await engine.get_memory(user.id, log.id)).messages) == 2
+    # The refused session is new again: a turn there starts a log of its own.
+    loser = next(s for s in ("a0", "b0") if s not in {log.session_id for log in logs})
+    turn = await engine.record_turn(user.id, loser, "hello", "hi")
+    assert turn.conversation_id not in {log.id for log in logs}
+    assert len((await engine.get_memory(user.id, turn.conversation_id)).messages) == 2
+
+
 async def test_concurrent_rotations_leave_one_live_key(
     engine: MemoryEngine, second: MemoryEngine
 ) -> None:

@@ -39,6 +39,13 @@ VALUES (:id, :user_id, :model_id, :session_id, 'conversation', :title, '{}'::jso
 ON CONFLICT (user_id, session_id, session_role) WHERE session_role IS NOT NULL DO NOTHING
 RETURNING *;
 
+-- name: delete_empty_log
+-- A session log with no message (a turn refused after creating it); one with messages stays.
+DELETE FROM memories m
+WHERE m.id = $1 AND m.user_id = $2 AND m.session_role = 'log'
+  AND NOT EXISTS (SELECT 1 FROM conversation_messages c WHERE c.memory_id = m.id)
+RETURNING m.id;
+
 -- name: turn_request
 -- The request an idempotency key of the user named: its conversation, the session that
 -- conversation logs (NULL once deleted, or for a conversation of no session) and its messages.
