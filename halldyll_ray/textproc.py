@@ -16,9 +16,18 @@ _SPACE = re.compile(r"\s+")
 _TRAILING = re.compile(r"[\s.!?;:,]+$")
 
 
+def _fold_word(match: re.Match[str]) -> str:
+    word = match.group()
+    return word if _identifier(word) else word.casefold()
+
+
 def normalize_statement(statement: str) -> str:
-    """Case-, width- and whitespace-folded statement without trailing punctuation."""
-    text = unicodedata.normalize("NFKC", statement).casefold()
+    """Case-, width- and whitespace-folded statement without trailing punctuation.
+
+    Identifiers (:func:`_identifier`: tokens, passwords, "iPhone") keep their case: "my
+    password is HelloWorld2024" and "... helloworld2024" are two facts, not one said twice.
+    """
+    text = _TOKEN.sub(_fold_word, unicodedata.normalize("NFKC", statement))
     text = _SPACE.sub(" ", text).strip()
     return _TRAILING.sub("", text)
 
@@ -190,6 +199,10 @@ def _particulars(statement: str) -> _Particulars:
     names: set[str] = set()
     pending_tens: int | None = None  # "twenty" waiting for a "one" of "twenty-one"
     for word in tokens:
+        if _identifier(word):  # before numbers: "HelloWorld2024" holds digits too
+            values.add(word)  # case and all: "aBcD" is not "AbCd"
+            pending_tens = None
+            continue
         low = word.casefold()
         number = _number(low)
         if pending_tens is not None:
@@ -204,8 +217,6 @@ def _particulars(statement: str) -> _Particulars:
             values.add(low)
         elif low in _NEGATIONS or low.endswith("n't"):
             values.add("not")
-        elif _identifier(word):
-            values.add(low)
         elif word[:1].isupper() and low not in _PRONOUN_I and (len(word) > 1 or word != "A"):
             names.add(low)  # "Ada", and acronyms: "NASA" is not "IBM"
     return _Particulars(
@@ -220,7 +231,7 @@ def same_particulars(a: str, b: str) -> bool:
     stands (acronyms too); a name that the other statement has in any case or place (a
     sentence-initial "Every", "Ada" moved to the end) is not a difference. Identifiers (words
     over MAX_WORD_CHARS characters, or with capitals inside: tokens, passwords, "iPhone") must
-    be the same, and statements over MAX_MERGE_WORDS words must hold the same
+    be the same, letter case included, and statements over MAX_MERGE_WORDS words must hold the same
     words: the encoder cannot tell such statements apart (a GitHub token for another, one
     150-letter word for another), so similarity alone would merge them.
 

@@ -25,6 +25,10 @@ async def _fact_rows(engine: MemoryEngine, user_id) -> int:
         ),
         ("The wifi password is " + "qwerty" * 20, "The wifi password is " + "azerty" * 20),
         ("q" * 150, "a\uffffb\ufffe"),
+        # Secrets that differ only in letter case are different secrets.
+        ("My wifi password is HelloWorld2024", "My wifi password is helloworld2024"),
+        ("My api key is sk-aBcDeFgHiJkL", "My api key is sk-AbCdEfGhIjKl"),
+        ("The vault code is " + "QWERTY" * 4, "The vault code is " + "qwerty" * 4),
     ],
 )
 async def test_statements_the_encoder_cannot_tell_apart_stay_two_facts(

@@ -34,6 +34,10 @@ from halldyll_ray.textproc import same_particulars
         ("q" * 150, "a\uffffb\ufffe"),
         ("a\uffffb\ufffe", "y" * 2000),
         ("Ada works at NASA", "Ada works at IBM"),  # acronyms are names
+        # An identifier's letter case is part of it.
+        ("My wifi password is HelloWorld2024", "My wifi password is helloworld2024"),
+        ("My token is ghp_aBcDeF", "My token is ghp_AbCdEf"),
+        ("The code is " + "ABCD" * 6, "The code is " + "abcd" * 6),
         # A difference past what the encoder sees of a long statement.
         (
             " ".join(["Ada keeps a list of plants"] * 12) + " and apples",

@@ -21,6 +21,11 @@ def test_fact_key_ignores_form_only() -> None:
     assert fact_key("Ada likes jazz") == fact_key("Ａｄａ likes jazz.")  # full-width folded
     assert fact_key("Ada likes jazz") != fact_key("Ada likes blues")
     assert normalize_statement("Hello,  World?!") == "hello, world"
+    # Identifiers keep their case (a password, a token), words do not (ADA for emphasis).
+    assert normalize_statement("My password is HelloWorld2024!") == "my password is HelloWorld2024"
+    assert fact_key("My token is aBcDeF") != fact_key("My token is AbCdEf")
+    assert fact_key("My token is aBcDeF") == fact_key("MY TOKEN IS  aBcDeF.")
+    assert fact_key("code " + "Q" * 21) != fact_key("code " + "q" * 21)
 
 
 def _word_offsets(text: str) -> list[tuple[int, int]]:
