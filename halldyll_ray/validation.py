@@ -118,17 +118,33 @@ def username(value: object) -> str:
     return value
 
 
+def plain(value: str) -> bool:
+    """Whether ``value`` holds no control, format or unassigned character (Unicode C*): none
+    of what makes a name read as another one (a right-to-left override, a zero-width space, a
+    soft hyphen) or forges a log line (a line break)."""
+    return not any(unicodedata.category(c)[0] == "C" for c in value)
+
+
+def label(value: object, field: str, *, max_chars: int) -> str:
+    """A name people read (an API key's, a model's version) as given, or InvalidInput: text
+    of at most ``max_chars`` characters that is :func:`plain`."""
+    if len(text(value, field)) > max_chars:
+        raise InvalidInput(f"{field} must be at most {max_chars} characters", field=field)
+    assert isinstance(value, str)
+    if not plain(value):
+        raise InvalidInput(
+            f"{field} must not hold control, format or unassigned characters", field=field
+        )
+    return value
+
+
 def email(value: object) -> str | None:
-    """An address as given, or InvalidInput: one ``@``, a dot in the domain, no spaces, and no
-    control, format or unassigned character (a right-to-left override or a zero-width space
-    makes an address read as another one)."""
+    """An address as given, or InvalidInput: one ``@``, a dot in the domain, no spaces, and
+    :func:`plain` (a right-to-left override or a zero-width space makes an address read as
+    another one)."""
     if value is None:
         return None
-    if (
-        not isinstance(value, str)
-        or not EMAIL.fullmatch(text(value, "email"))
-        or any(unicodedata.category(c)[0] == "C" for c in value)
-    ):
+    if not isinstance(value, str) or not EMAIL.fullmatch(text(value, "email")) or not plain(value):
         raise InvalidInput("email is not a valid address", field="email")
     return value
 

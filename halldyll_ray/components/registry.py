@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import unicodedata
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -43,13 +42,7 @@ class ModelRegistry:
         """Add an AI model to the registry. Raises Conflict if the name exists."""
         if not 1 <= len(validation.text(name, "name").strip()) <= 200:
             raise InvalidInput("model name must be 1-200 characters", field="name")
-        if any(unicodedata.category(c)[0] == "C" for c in name.strip()):
-            # A line break forges log lines; a direction override or a zero-width space makes
-            # a name read as another model's.
-            raise InvalidInput(
-                "a model name must not hold control, format or unassigned characters",
-                field="name",
-            )
+        validation.label(name.strip(), "name", max_chars=200)
         try:
             uuid.UUID(name.strip())
         except ValueError:
@@ -63,8 +56,8 @@ class ModelRegistry:
         except ValueError:
             allowed = ", ".join(k.value for k in ModelKind)
             raise InvalidInput(f"kind must be one of: {allowed}", field="kind") from None
-        if version is not None and len(validation.text(version, "version")) > 100:
-            raise InvalidInput("version must be at most 100 characters", field="version")
+        if version is not None:
+            validation.label(version, "version", max_chars=100)
         try:
             async with self.db.scoped() as conn:
                 row = await conn.fetchrow(

@@ -281,6 +281,12 @@ async def test_api_key_lifecycle(world: World) -> None:
     assert all(rotated.key not in str(r) for r in denied)  # the key is never logged
     with pytest.raises(InvalidInput):
         await engine.create_api_key(ada.id, expires_at=datetime.now(UTC) - timedelta(days=1))
+    keys_before = len(await engine.list_api_keys(ada.id))
+    for name in ("phone\nrevoked=true", "\u202eenohp", "pho\u200bne", "x" * 101):
+        with pytest.raises(InvalidInput) as err:
+            await engine.create_api_key(ada.id, name=name)
+        assert err.value.field == "name"
+    assert len(await engine.list_api_keys(ada.id)) == keys_before
 
 
 async def test_users_manage_only_their_own_keys(world: World) -> None:

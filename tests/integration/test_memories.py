@@ -269,6 +269,9 @@ async def test_model_registry(engine: MemoryEngine) -> None:
         with pytest.raises(InvalidInput) as err:
             await engine.register_model(name, "llm")
         assert err.value.field == "name"
+        with pytest.raises(InvalidInput) as err:
+            await engine.register_model("gpt-4o", "llm", version=name)
+        assert err.value.field == "version"
     assert len(await engine.list_models()) == 5
     user = await engine.create_user("carol", None, "user")
     await engine.store_memory(user.id, Fact(statement="uses face id", model="InsightFace"))
