@@ -189,6 +189,23 @@ SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
 ModelRef = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
 
 
+#: Format characters (Unicode Cf) that scripts and emoji need: the zero-width non-joiner and
+#: joiner (Persian and Indic spelling, "👨‍💻") and the tag characters of flags ("🏴󠁧󠁢󠁳󠁣󠁴󠁿").
+_NEEDED_FORMAT = re.compile("[\u200c\u200d\U000e0020-\U000e007f]")
+
+
+def plain(value: str) -> bool:
+    """Whether ``value`` holds no control, unassigned or surrogate character and no format
+    character but the joiners and tags scripts and emoji need (:data:`_NEEDED_FORMAT`): none of
+    what makes a name read as another one (a right-to-left override, a zero-width space, a
+    soft hyphen) or forges a log line (a line break)."""
+    return not any(
+        unicodedata.category(c) in ("Cc", "Cn", "Cs")
+        or (unicodedata.category(c) == "Cf" and not _NEEDED_FORMAT.match(c))
+        for c in value
+    )
+
+
 def visible(text: str) -> bool:
     """Whether ``text`` holds a character one can see: not only spaces (Unicode Z*) and
     control, format or unassigned code points (C*: zero-width spaces and joiners, direction
@@ -200,6 +217,12 @@ def visible(text: str) -> bool:
 def _visible(value: str) -> str:
     if not visible(value):
         raise ValueError("must hold a visible character, not only spaces or invisible ones")
+    return value
+
+
+def _plain(value: str) -> str:
+    if not plain(value):
+        raise ValueError("must not hold control, unassigned or invisible format characters")
     return value
 
 
@@ -288,8 +311,9 @@ class Message(_Input):
     created_at: UtcDateTime | None = Field(
         default=None, description="Defaults to the store time; a naive time means UTC."
     )
-    name: Annotated[str, StringConstraints(max_length=200)] | None = Field(
-        default=None, description="Speaker or tool name."
+    name: Annotated[str, StringConstraints(max_length=200), AfterValidator(_plain)] | None = Field(
+        default=None,
+        description="Speaker or tool name (no control, unassigned or invisible format character).",
     )
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import re
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -30,6 +29,7 @@ from halldyll_ray.models import (
     check_metadata,
     check_text,
     in_utc_range,
+    plain,
 )
 
 _T = TypeVar("_T")
@@ -118,13 +118,6 @@ def username(value: object) -> str:
     return value
 
 
-def plain(value: str) -> bool:
-    """Whether ``value`` holds no control, format or unassigned character (Unicode C*): none
-    of what makes a name read as another one (a right-to-left override, a zero-width space, a
-    soft hyphen) or forges a log line (a line break)."""
-    return not any(unicodedata.category(c)[0] == "C" for c in value)
-
-
 def label(value: object, field: str, *, max_chars: int) -> str:
     """A name people read (an API key's, a model's version) as given, or InvalidInput: text
     of at most ``max_chars`` characters that is :func:`plain`."""
@@ -133,7 +126,8 @@ def label(value: object, field: str, *, max_chars: int) -> str:
     assert isinstance(value, str)
     if not plain(value):
         raise InvalidInput(
-            f"{field} must not hold control, format or unassigned characters", field=field
+            f"{field} must not hold control, unassigned or invisible format characters",
+            field=field,
         )
     return value
 

@@ -287,6 +287,13 @@ async def test_api_key_lifecycle(world: World) -> None:
             await engine.create_api_key(ada.id, name=name)
         assert err.value.field == "name"
     assert len(await engine.list_api_keys(ada.id)) == keys_before
+    # Joiners that emoji and scripts need are part of a name.
+    for name in (
+        "\U0001f468\u200d\U0001f4bb laptop",
+        "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f",
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+    ):
+        assert (await engine.create_api_key(ada.id, name=name)).api_key.name == name
 
 
 async def test_users_manage_only_their_own_keys(world: World) -> None:
