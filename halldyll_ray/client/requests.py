@@ -18,7 +18,7 @@ from urllib.parse import quote
 from uuid import UUID
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from halldyll_ray import __version__
@@ -236,18 +236,28 @@ class Request(Generic[T]):
         except HalldyllError:
             raise
         except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not the expected shape
+            # Only the kind of mismatch: pydantic's text would repeat the response's values.
+            what = (
+                "not JSON"
+                if isinstance(exc, ValueError) and not isinstance(exc, ValidationError)
+                else f"not the expected shape ({type(exc).__name__})"
+            )
             raise HalldyllError(
-                f"unexpected response to {self.method} {self.path}: {exc}",
+                f"unexpected response to {self.method} {self.path}: {what}",
                 request_id=response.headers.get("x-request-id"),
                 status_code=response.status_code,
             ) from exc
 
 
 def _seg(value: Id, field: str) -> str:
-    """A path segment: percent-encoded, never empty (an empty one would change the route)."""
+    """A path segment: percent-encoded; never empty, ``.`` or ``..``, which would change the
+    route (an empty segment is dropped; a dot segment is removed by URL normalisation, so a
+    memory id of ``..`` addressed the user itself: DELETE erased the user)."""
     text = str(value)
     if not text:
         raise InvalidInput(f"{field} must not be empty", field=field)
+    if text in (".", ".."):
+        raise InvalidInput(f"{field} must not be {text!r}", field=field)
     return quote(text, safe="")
 
 
@@ -495,18 +505,39 @@ class Endpoints:
         return Request("GET", "/v1/audit", _audit, params=params)
 
 
+def api_key_header(api_key: object) -> str:
+    """``Bearer <key>`` for an API key as read from a file or the environment (surrounding
+    whitespace, such as the newline ``read_text()`` keeps, is dropped), or InvalidInput
+    (field ``api_key``) that never repeats the key: httpx's error for a bad header value
+    quoted the whole header."""
+    key = api_key.strip() if isinstance(api_key, str) else ""
+    if not key or not all("!" <= c <= "~" for c in key):
+        raise InvalidInput(
+            "api_key is not an API key: one is printable ASCII without spaces", field="api_key"
+        )
+    return f"Bearer {key}"
+
+
 def client_options(base_url: str, api_key: str, timeout: float) -> dict[str, Any]:
     return {
         "base_url": base_url,
         "timeout": timeout,
         "headers": {
-            "Authorization": f"Bearer {api_key}",
+            "Authorization": api_key_header(api_key),
             "User-Agent": f"halldyll-ray-client/{__version__}",
             "Accept": "application/json",
         },
     }
 
 
-def unavailable(request: Request[Any], exc: httpx.TransportError) -> Unavailable:
+def unavailable(request: Request[Any], exc: httpx.TransportError) -> HalldyllError:
+    """The error for a request that got no answer. A request httpx would not send (a header
+    value it refuses) is the caller's InvalidInput, and its text is not repeated: it can
+    quote a header whole."""
+    if isinstance(exc, httpx.LocalProtocolError):
+        return InvalidInput(
+            f"{request.method} {request.path} was not sent: a header value is not valid "
+            "(printable ASCII, no line breaks)"
+        )
     kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
     return Unavailable(f"{request.method} {request.path} {kind}: {exc!r}")

@@ -43,6 +43,8 @@ class ModelRegistry:
         if not 1 <= len(validation.text(name, "name").strip()) <= 200:
             raise InvalidInput("model name must be 1-200 characters", field="name")
         validation.label(name.strip(), "name", max_chars=200)
+        if name.strip() in (".", ".."):  # a URL path segment normalisation removes
+            raise InvalidInput("a model name must not be '.' or '..'", field="name")
         try:
             uuid.UUID(name.strip())
         except ValueError:

@@ -265,6 +265,10 @@ async def test_model_registry(engine: MemoryEngine) -> None:
             await engine.register_model(name, "llm")
         assert err.value.field == "name"
     assert len(await engine.list_models()) == 5
+    for name in ("..", " . "):  # unreachable by URL: normalisation removes the segment
+        with pytest.raises(InvalidInput) as err:
+            await engine.register_model(name, "llm")
+        assert err.value.field == "name"
     for name in ("gpt\u200b-4o", "line\nbreak", "\u202eo4-tpg", "tab\there"):
         with pytest.raises(InvalidInput) as err:
             await engine.register_model(name, "llm")

@@ -288,6 +288,38 @@ def _sync_scenario(url: str, admin_key: str) -> None:
     _assert_error(auth.value, 401)
 
 
+async def test_dot_segments_never_reach_another_route(
+    ray_serve: dict[str, Any], admin_key: str
+) -> None:
+    """An id of ``.`` or ``..`` would be removed by URL normalisation: a memory id of ``..``
+    addressed ``/v1/users/<id>``, and an Admin's delete_memory erased the user."""
+    url = ray_serve["url"]
+    async with AsyncHalldyllClient(url, admin_key, timeout=60) as admin:
+        victim = await admin.create_user(_name("vic"))
+        for dots in (".", ".."):
+            calls = [
+                admin.delete_memory(dots, user_id=victim.id),
+                admin.update_memory(dots, {"tags": ["x"]}, user_id=victim.id),
+                admin.get_memory(dots, user_id=victim.id),
+                admin.delete_user(dots),
+                admin.get_model(dots),
+            ]
+            for call in calls:
+                with pytest.raises(InvalidInput) as refused:
+                    await call
+                assert refused.value.field in {"memory_id", "user_id", "model"}
+        assert (await admin.get_user(victim.id)).role.value == "user"
+        # A key as read from a file, newline and all, works; one with a line break inside is
+        # refused without being repeated.
+        async with AsyncHalldyllClient(url, admin_key + "\n", timeout=60) as padded:
+            assert (await padded.me()).role.value == "admin"
+    broken = admin_key[:10] + "\n" + admin_key[10:]
+    with pytest.raises(InvalidInput) as refused:
+        AsyncHalldyllClient(url, broken)
+    assert refused.value.field == "api_key"
+    assert admin_key[10:] not in str(refused.value) and admin_key[:10] not in str(refused.value)
+
+
 async def test_sync_client(ray_serve: dict[str, Any], admin_key: str) -> None:
     # The test's event loop is running: the blocking client goes to a thread.
     await asyncio.to_thread(_sync_scenario, ray_serve["url"], admin_key)
