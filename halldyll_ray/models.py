@@ -233,21 +233,32 @@ VisibleText = Annotated[
 ]
 
 
+#: The first and last instants Python can hold. asyncpg writes them as PostgreSQL's -infinity
+#: and infinity and reads those back without a time zone: a memory stored at either broke
+#: every later read that compared or converted its time (500s on search and context).
+_FIRST_INSTANT = datetime.min.replace(tzinfo=UTC)
+_LAST_INSTANT = datetime.max.replace(tzinfo=UTC)
+
+
 def in_utc_range(value: datetime) -> datetime:
-    """Refuse a time that has no UTC form (0001-01-01T00:00+01:00 is in year 0): every time is
-    stored and labelled in UTC, and the conversion raised OverflowError (a 500) there."""
-    if value.tzinfo is not None:
-        try:
-            value.astimezone(UTC)
-        except OverflowError:
-            raise ValueError(
-                "is out of range: a time must fall in the years 1 to 9999 in UTC"
-            ) from None
+    """Refuse a time that has no UTC form (0001-01-01T00:00+01:00 is in year 0: the conversion
+    raised OverflowError, a 500) or whose UTC form is the first or last instant of year 1 to
+    9999 (:data:`_FIRST_INSTANT`, stored as an infinity). A naive time is UTC."""
+    try:
+        utc = value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or not _FIRST_INSTANT < utc < _LAST_INSTANT:
+        raise ValueError(
+            "is out of range: a time must fall after 0001-01-01T00:00:00Z and before "
+            "9999-12-31T23:59:59.999999Z"
+        )
     return value
 
 
 def _as_utc(value: datetime) -> datetime:
-    return in_utc_range(value) if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    in_utc_range(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")

@@ -80,7 +80,13 @@ def _storable_text(value: str) -> str:
     return value
 
 
-Period = Annotated[str, StringConstraints(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$")]
+#: A month, YYYY-MM, of the years 1 to 9999 (there is no year 0).
+Period = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^([1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])-(0[1-9]|1[0-2])$"
+    ),
+]
 Source = Annotated[str, StringConstraints(max_length=500), AfterValidator(_storable_text)]
 
 
@@ -166,6 +172,8 @@ class ExportedMemory(_Line):
             self.valid_from is not None or self.valid_to is not None
         ):
             raise ValueError(f"{article(memory.type.value)} has no validity (valid_from, valid_to)")
+        if self.updated_at < self.created_at:
+            raise ValueError("updated_at is before created_at")
         if self.superseded_by is not None and self.valid_to is None:
             raise ValueError("superseded_by names what replaced a closed fact: give valid_to")
         if (
@@ -296,9 +304,10 @@ def parse_header(number: int, line: bytes) -> ExportHeader:
             f'line {number} is not a halldyll export header ({{"format": "{EXPORT_FORMAT}", ...}})',
             field="format",
         )
-    if data.get("version") != EXPORT_VERSION:
+    version = data.get("version")
+    if type(version) is not int or version != EXPORT_VERSION:  # true and 1.0 equal 1 too
         raise InvalidInput(
-            f"export format version {data.get('version')!r} is not supported "
+            f"export format version {version!r} is not supported "
             f"(this service reads version {EXPORT_VERSION})",
             field="version",
         )

@@ -198,7 +198,7 @@ def session_id(value: str | None) -> str | None:
 
 def timestamp(value: datetime | None, field: str) -> datetime | None:
     """An aware datetime; a naive one is taken as UTC. InvalidInput for one with no UTC form
-    (years 1 to 9999, :func:`halldyll_ray.models.in_utc_range`)."""
+    (or one PostgreSQL stores as an infinity: :func:`halldyll_ray.models.in_utc_range`)."""
     if value is None:
         return None
     if not isinstance(value, datetime):

@@ -233,6 +233,14 @@ async def test_bad_lines_are_reported_by_number_and_the_good_ones_imported(
         + b"\xff\xfe\n"
         + _ndjson([messages_on_a_fact, nul_source, unix_time, talk])
     )
+    # Times that contradict themselves or that PostgreSQL stores as an infinity.
+    edits_before_creation = _line("Cleo sews", updated_at="2020-01-01T00:00:00Z")
+    at_the_end_of_time = _line("Cleo naps", expires_at="9999-12-31T23:59:59.999999Z")
+    at_the_start_of_time = _line("Cleo hums", created_at="0001-01-01T00:00:00Z")
+    year_zero = _line("unused")
+    year_zero["memory"] = {"type": "summary", "text": "A month of Cleo"}
+    year_zero["period"] = "0000-01"
+    file += _ndjson([edits_before_creation, at_the_end_of_time, at_the_start_of_time, year_zero])
     report = await engine.import_memories(user, [file])
     assert report.created == {"fact": 1, "conversation": 1} and report.expired == 1
     assert [(e.line, e.field) for e in report.errors] == [
@@ -245,8 +253,12 @@ async def test_bad_lines_are_reported_by_number_and_the_good_ones_imported(
         (11, "memory (line 11)"),
         (12, "sources.0"),
         (13, "created_at"),
+        (15, "memory (line 15)"),
+        (16, "expires_at"),
+        (17, "created_at"),
+        (18, "period"),
     ]
-    assert report.lines == 12 and report.error_count == 9
+    assert report.lines == 16 and report.error_count == 13
     facts = (await engine.list_memories(user, types=["fact"])).items
     assert [f.text for f in facts] == ["Cleo runs on Sundays"]
     talks = (await engine.list_memories(user, types=["conversation"])).items
@@ -298,6 +310,8 @@ async def test_atomic_import_refuses_the_whole_file_for_one_bad_line(engine: Mem
         (b"", "format"),
         (b"[1, 2]\n", "format"),
         (b'{"format": "halldyll-export", "version": 2}\n', "version"),
+        (b'{"format": "halldyll-export", "version": true}\n', "version"),  # true == 1
+        (b'{"format": "halldyll-export", "version": 1.0}\n', "version"),
         (b'{"format": "other"}\n', "format"),
     ],
 )

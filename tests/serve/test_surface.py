@@ -267,6 +267,10 @@ def _said_at(stamp: str) -> dict[str, Any]:
         ("GET", "/v1/users/me/memories?since=0001-01-01T00:00:00%2B01:00", None, "since"),
         ("POST", "/v1/users/me/search", {"query": "x", "until": "9999-12-31T23:00-02:00"}, "until"),
         ("POST", "/v1/users/me/keys", {"expires_at": "9999-12-31T23:59:59-01:00"}, "expires_at"),
+        # The first and last instants: PostgreSQL's infinities, read back without a zone
+        # (every later context or authentication with them was a 500).
+        ("POST", "/v1/users/me/memories", _said_at("0001-01-01T00:00:00Z"), "created_at"),
+        ("POST", "/v1/users/me/keys", {"expires_at": "9999-12-31T23:59:59.999999Z"}, "expires_at"),
         # A list with no bound: 30,000 recent messages crossed the 4 MiB hop to Context.
         (
             "POST",
