@@ -281,12 +281,14 @@ class MemoryEngine:
                 :func:`halldyll_ray.serve.llm_handle.serve_memory_model`).
         """
         settings = self.settings
+        # The heuristic model merges as a store does, unknown words included.
+        unknown = None if self._encoder is None else self._encoder.unknown_spans
         if settings.llm_provider == "serve" and not self._run_jobs:
             # Only job workers call the model; this engine queues jobs and never runs them.
-            return HeuristicMemoryModel.from_settings(settings)
+            return HeuristicMemoryModel.from_settings(settings, unknown)
         model = memory_model_from_settings(settings)
         if model is None:
-            return HeuristicMemoryModel.from_settings(settings)
+            return HeuristicMemoryModel.from_settings(settings, unknown)
         self._owned_llm = model  # its HTTP client is closed with the engine
         return model
 

@@ -206,12 +206,18 @@ def plain(value: str) -> bool:
     )
 
 
+#: Letters and symbols that draw nothing: the Hangul fillers (U+115F, U+1160, U+3164, U+FFA0)
+#: and the blank Braille pattern (U+2800), which Unicode classes as a letter or a symbol.
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
 def visible(text: str) -> bool:
-    """Whether ``text`` holds a character one can see: not only spaces (Unicode Z*) and
-    control, format or unassigned code points (C*: zero-width spaces and joiners, direction
-    marks, U+FFFF). Python's ``str.strip`` keeps U+200B, so a statement of zero-width spaces
-    passed a blank check and was stored, shown and searched as an empty fact."""
-    return any(unicodedata.category(c)[0] not in "ZC" for c in text)
+    """Whether ``text`` holds a character one can see: not only spaces (Unicode Z*), control,
+    format or unassigned code points (C*: zero-width spaces and joiners, direction marks,
+    U+FFFF), combining marks with nothing to combine with (M*) and blank glyphs
+    (:data:`_BLANK_GLYPHS`). Python's ``str.strip`` keeps U+200B, so a statement of zero-width
+    spaces passed a blank check and was stored, shown and searched as an empty fact."""
+    return any(unicodedata.category(c)[0] not in "ZCM" and c not in _BLANK_GLYPHS for c in text)
 
 
 def _visible(value: str) -> str:

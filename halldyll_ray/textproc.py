@@ -9,7 +9,7 @@ import hashlib
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 _SPACE = re.compile(r"\s+")
@@ -224,7 +224,9 @@ def _particulars(statement: str) -> _Particulars:
     )
 
 
-def same_particulars(a: str, b: str) -> bool:
+def same_particulars(
+    a: str, b: str, unknown_spans: Callable[[str], Sequence[str]] | None = None
+) -> bool:
     """Whether two similar statements agree on their particulars: the same numbers (in
     digits or words: "40" is "forty", "5th" is "fifth"), calendar words and negations, and
     no name in one that the other lacks. A capitalised word counts as a name wherever it
@@ -233,7 +235,10 @@ def same_particulars(a: str, b: str) -> bool:
     over MAX_WORD_CHARS characters, or with capitals inside: tokens, passwords, "iPhone") must
     be the same, letter case included, and statements over MAX_MERGE_WORDS words must hold the same
     words: the encoder cannot tell such statements apart (a GitHub token for another, one
-    150-letter word for another), so similarity alone would merge them.
+    150-letter word for another), so similarity alone would merge them. With
+    ``unknown_spans`` (the encoder's, :class:`~halldyll_ray.embedding.encoder.TextEncoder`),
+    what the encoder reads as its unknown token must be the same too: to all-MiniLM-L6-v2
+    every emoji and every Thai or Amharic word is ``[UNK]``, so "🍕" and "🍔" embed alike.
 
     Sentence embeddings place statements that differ only in such a word very close: with
     all-MiniLM-L6-v2, "The user is 30 years old" and "... 31 years old" have a cosine of
@@ -243,6 +248,8 @@ def same_particulars(a: str, b: str) -> bool:
     """
     if normalize_statement(a) == normalize_statement(b):
         return True
+    if unknown_spans is not None and sorted(unknown_spans(a)) != sorted(unknown_spans(b)):
+        return False
     first, second = _particulars(a), _particulars(b)
     if max(first.length, second.length) > MAX_MERGE_WORDS and first.words != second.words:
         return False

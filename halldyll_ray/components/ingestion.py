@@ -468,7 +468,9 @@ class Ingestion:
                 embedding_model=model_of(vectors),
             )
         )
-        if near is not None and near_duplicate(near, fact.statement, self.settings):
+        if near is not None and near_duplicate(
+            near, fact.statement, self.settings, self.chunker.encoder
+        ):
             row = await conn.fetchrow(
                 *bind(
                     "reinforce_fact",

@@ -18,6 +18,7 @@ from halldyll_ray import validation
 from halldyll_ray.components.base import require_user
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.config import Settings
+from halldyll_ray.embedding.encoder import TextEncoder
 from halldyll_ray.errors import InvalidInput, NotFound
 from halldyll_ray.models import (
     STORED,
@@ -112,13 +113,13 @@ def to_record(row: Any, *, messages: Sequence[StoredMessage] = ()) -> StoredMemo
     )
 
 
-def near_duplicate(near: Any, statement: str, settings: Settings) -> bool:
+def near_duplicate(near: Any, statement: str, settings: Settings, encoder: TextEncoder) -> bool:
     """Whether ``statement`` says the same as its nearest stored fact (a ``nearest_fact``
     row: ``content``, ``similarity``) and so reinforces it: a cosine similarity of at least
-    FACT_MERGE_SIMILARITY and the same numbers, dates, negations and names
-    (:func:`halldyll_ray.textproc.same_particulars`)."""
+    FACT_MERGE_SIMILARITY and the same numbers, dates, negations, names and words ``encoder``
+    cannot read (:func:`halldyll_ray.textproc.same_particulars`)."""
     return near["similarity"] >= settings.fact_merge_similarity and same_particulars(
-        near["content"], statement
+        near["content"], statement, encoder.unknown_spans
     )
 
 

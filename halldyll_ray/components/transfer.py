@@ -517,7 +517,9 @@ class Transfer:
                     embedding_model=model_of(vectors),
                 )
             )
-            if near is not None and near_duplicate(near, fact.statement, self.settings):
+            if near is not None and near_duplicate(
+                near, fact.statement, self.settings, self.chunker.encoder
+            ):
                 existing = near["memory_id"]
         if existing is None:
             return None

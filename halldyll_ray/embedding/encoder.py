@@ -85,6 +85,11 @@ class TextEncoder(Protocol):
         """(start, end) character offsets in ``text`` of each token, special tokens excluded."""
         ...
 
+    def unknown_spans(self, text: str) -> list[str]:
+        """The parts of ``text`` the model reads as its unknown token, in order: what it
+        cannot tell apart (an emoji from another, a word of a script outside its vocabulary)."""
+        ...
+
 
 def default_model_files() -> tuple[Path, Path]:
     """Locate the packaged default model and its tokenizer.
@@ -286,6 +291,8 @@ class OnnxEncoder:
         self._session = session
         self._embed_tokenizer = embed_tokenizer
         self._count_tokenizer = count_tokenizer
+        # WordPiece's unknown token ("[UNK]"); a model without one (BPE) has no unknown words.
+        self._unknown_token: str | None = getattr(count_tokenizer.model, "unk_token", None)
         self._pad_id = pad_id
         self._inputs = {i.name: _ONNX_INT_TYPES[i.type] for i in session.get_inputs()}
         self._output = _pick_output(session)
@@ -516,6 +523,16 @@ class OnnxEncoder:
         [CLS]/[SEP]; what chunking by tokens cuts on (:func:`halldyll_ray.textproc.token_windows`).
         """
         return list(self._count_tokenizer.encode(text, add_special_tokens=False).offsets)
+
+    def unknown_spans(self, text: str) -> list[str]:
+        """The words of ``text`` WordPiece reads as ``[UNK]`` (all-MiniLM-L6-v2: emoji, Thai,
+        Amharic, Khmer ...), in order."""
+        encoding = self._count_tokenizer.encode(text, add_special_tokens=False)
+        return [
+            text[start:end]
+            for token, (start, end) in zip(encoding.tokens, encoding.offsets, strict=True)
+            if token == self._unknown_token
+        ]
 
     def truncate_to_tokens(self, text: str, max_tokens: int) -> str:
         """Cut ``text`` to its longest prefix that ends on a token boundary and fits the limit.

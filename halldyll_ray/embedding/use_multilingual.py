@@ -320,6 +320,18 @@ class UseMultilingualEncoder:
         mapping = self._pieces.encode(text, return_type="offset_mapping")
         return [(int(start), int(end)) for start, end in mapping["offsets"]]
 
+    def unknown_spans(self, text: str) -> list[str]:
+        """The parts of ``text`` SentencePiece reads as its unknown piece, in order."""
+        if not text:
+            return []
+        ids = self._pieces.encode(text)
+        unknown = self._pieces.unk_id()
+        return [
+            text[start:end].strip()
+            for piece, (start, end) in zip(ids, self.token_offsets(text), strict=True)
+            if piece == unknown
+        ]
+
     def truncate_to_tokens(self, text: str, max_tokens: int) -> str:
         """Cut ``text`` to its longest token-boundary prefix of at most ``max_tokens`` tokens.
 

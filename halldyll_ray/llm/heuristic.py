@@ -11,7 +11,7 @@ Messages are read as the jobs render them: a message's text may start with its r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from halldyll_ray.config import Settings
 from halldyll_ray.llm.protocol import (
@@ -71,18 +71,29 @@ class HeuristicMemoryModel:
     Args:
         merge_similarity: Cosine similarity at or above which a candidate reinforces its
             nearest stored fact (FACT_MERGE_SIMILARITY, the store's own merge rule).
+        unknown_spans: The encoder's ``unknown_spans`` (:class:`~halldyll_ray.embedding.
+            encoder.TextEncoder`): what it reads as unknown must be the same for a merge, as
+            in a store.
     """
 
     name = "heuristic"
 
-    def __init__(self, *, merge_similarity: float = 0.92) -> None:
+    def __init__(
+        self,
+        *,
+        merge_similarity: float = 0.92,
+        unknown_spans: Callable[[str], Sequence[str]] | None = None,
+    ) -> None:
         if not 0.0 < merge_similarity <= 1.0:
             raise ValueError("merge_similarity must be in (0, 1]")
         self.merge_similarity = merge_similarity
+        self.unknown_spans = unknown_spans
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> HeuristicMemoryModel:
-        return cls(merge_similarity=settings.fact_merge_similarity)
+    def from_settings(
+        cls, settings: Settings, unknown_spans: Callable[[str], Sequence[str]] | None = None
+    ) -> HeuristicMemoryModel:
+        return cls(merge_similarity=settings.fact_merge_similarity, unknown_spans=unknown_spans)
 
     async def extract_facts(
         self, messages: Sequence[DatedText], *, speaker: str | None = None
@@ -126,7 +137,7 @@ class HeuristicMemoryModel:
         if (
             nearest is not None
             and nearest.similarity >= self.merge_similarity
-            and same_particulars(nearest.statement, fact.statement)
+            and same_particulars(nearest.statement, fact.statement, self.unknown_spans)
         ):
             return checked(
                 Decision(

@@ -29,6 +29,14 @@ async def _fact_rows(engine: MemoryEngine, user_id) -> int:
         ("My wifi password is HelloWorld2024", "My wifi password is helloworld2024"),
         ("My api key is sk-aBcDeFgHiJkL", "My api key is sk-AbCdEfGhIjKl"),
         ("The vault code is " + "QWERTY" * 4, "The vault code is " + "qwerty" * 4),
+        # What MiniLM reads as [UNK] (every emoji, Thai, Amharic): the same vector for all.
+        ("\U0001f355", "\U0001f354"),
+        ("My allergy: \U0001f95c", "My allergy: \U0001f990"),
+        (
+            "\u0e09\u0e31\u0e19\u0e0a\u0e2d\u0e1a\u0e01\u0e32\u0e41\u0e1f",
+            "\u0e09\u0e31\u0e19\u0e41\u0e1e\u0e49\u0e16\u0e31\u0e48\u0e27",
+        ),
+        ("\u1230\u120b\u121d \u1290\u12cd", "\u12f0\u1205\u1293 \u1290\u12cd"),
     ],
 )
 async def test_statements_the_encoder_cannot_tell_apart_stay_two_facts(
@@ -42,6 +50,14 @@ async def test_statements_the_encoder_cannot_tell_apart_stay_two_facts(
     assert a.id != b.id and b.reinforcement_count == 0
     stored = {m.memory.statement for m in (await engine.list_memories(user.id)).items}
     assert stored == {first, second}
+
+
+async def test_the_same_unknown_words_still_reinforce(engine: MemoryEngine) -> None:
+    """Words the encoder cannot read are compared as they are: the same ones merge."""
+    user = await engine.create_user("emoji", None, "user")
+    first = await engine.store_memory(user.id, Fact(statement="My allergy: \U0001f95c"))
+    again = await engine.store_memory(user.id, Fact(statement="my allergy \U0001f95c!"))
+    assert again.id == first.id and again.reinforcement_count == 1
 
 
 async def test_same_fact_reinforces(engine: MemoryEngine) -> None:

@@ -81,6 +81,22 @@ async def test_consolidate_reinforces_the_nearest_close_enough_fact_else_adds() 
         checked(decision, [close])
 
 
+async def test_consolidate_compares_what_the_encoder_cannot_read() -> None:
+    """As a store does: words the encoder reads as unknown are particulars."""
+
+    def unknown(text: str) -> list[str]:  # what all-MiniLM-L6-v2 does to emoji
+        return [c for c in text if ord(c) > 0xFFFF]
+
+    reading = HeuristicMemoryModel(merge_similarity=0.92, unknown_spans=unknown)
+    pizza = _near("I love \U0001f355", 1.0)
+    burger = FactCandidate(statement="I love \U0001f354")
+    assert (await reading.consolidate(burger, [pizza])).action is Action.ADD
+    again = FactCandidate(statement="I really love \U0001f355")
+    assert (await reading.consolidate(again, [pizza])).target == pizza.id
+    # Without the encoder's view the two read alike and merge.
+    assert (await MODEL.consolidate(burger, [pizza])).target == pizza.id
+
+
 async def test_summaries_are_the_inline_extractive_summary() -> None:
     conversation = [
         ("user", "I am planning a trip to Japan next spring with my sister."),

@@ -204,7 +204,11 @@ def test_recent_messages_for_a_context_are_bounded() -> None:
         ("a\u200b", True),
         ("\u05d0", True),  # Hebrew alef
         ("🙂", True),
-        ("\u0301", True),  # a combining accent is a mark one sees
+        ("\u0301\u0301", False),  # combining accents on nothing
+        ("e\u0301", True),
+        ("\u3164\u115f \u2800\uffa0", False),  # Hangul fillers, the blank Braille pattern
+        ("\u3164a", True),
+        ("\u0e01\u0e31", True),  # Thai: a consonant and its vowel mark
     ],
 )
 def test_visible_text(text: str, seen: bool) -> None:
