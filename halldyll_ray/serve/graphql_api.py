@@ -733,6 +733,14 @@ class _GraphQL(GraphQL[GraphQLContext, None]):
             response = error_response(exc.status_code, code, exc.reason, request_id_of(scope) or "")
         await response(scope, receive, send)
 
+    def decode_json(self, data: str | bytes) -> object:
+        """The body's JSON; 400 for JSON nested deeper than the parser recurses (it was a
+        RecursionError, a 500), as the REST routes answer."""
+        try:
+            return super().decode_json(data)
+        except RecursionError:
+            raise HTTPException(400, "the JSON body is nested too deeply") from None
+
     async def get_context(self, request: Any, response: Any) -> GraphQLContext:
         return GraphQLContext(self.loopback, request)
 

@@ -208,7 +208,13 @@ async def test_a_request_that_is_not_graphql_gets_the_api_error_shape(
     http: httpx.AsyncClient, admin_key: str
 ) -> None:
     _, key = await user_with_key(http, admin_key)
-    for body in (b"{not json", b"{}", b'[{"query": "{ me { id } }"}]'):
+    deep = (
+        b'{"query": "mutation($m: JSON!) { storeMemory(memory: $m) { id } }", "variables": {"m": '
+        + b'{"a": ' * 5000
+        + b"1"
+        + b"}" * 5002
+    )
+    for body in (b"{not json", b"{}", b'[{"query": "{ me { id } }"}]', deep):
         response = await http.post(
             GQL, content=body, headers={**bearer(key), "content-type": "application/json"}
         )
