@@ -156,7 +156,10 @@ class AgentLoop:
         turns = (stored[-1].seq + 1) // 2
         summary_id = None
         if turns % self.settings.session_summary_every_n_turns == 0:
-            summary_id = await self.refresh_summary(user_id, session, conversation_id, model_id)
+            try:
+                summary_id = await self.refresh_summary(user_id, session, conversation_id, model_id)
+            except NotFound:  # the log was deleted after this turn was stored: no summary
+                await self.cache.delete(self._session_key(user_id, session))
         fact_ids: list[UUID] = []
         if extract_facts:
             for statement in extract_candidate_facts(user_message):

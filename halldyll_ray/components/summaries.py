@@ -68,7 +68,14 @@ async def write_session_summary(
 
     The caller holds the user's row lock (:func:`~halldyll_ray.components.base.lock_user`)
     and audits. ``span``: the times of the first and last message summarised.
+
+    Raises:
+        NotFound: the conversation was deleted since its messages were read (the caller reads
+            them before taking the lock): a summary would cover a memory that is gone and
+            repeat what it said.
     """
+    if await conn.fetchval(q("count_owned"), user_id, [conversation_id]) != 1:
+        raise NotFound(f"conversation {conversation_id} not found")
     row = await conn.fetchrow(
         *bind(
             "upsert_session_summary",

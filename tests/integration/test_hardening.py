@@ -170,6 +170,26 @@ async def test_one_key_on_two_new_sessions_at_once_leaves_one_log(
     assert len((await engine.get_memory(user.id, turn.conversation_id)).messages) == 2
 
 
+async def test_a_session_summary_is_not_written_for_a_log_deleted_meanwhile(
+    engine: MemoryEngine,
+) -> None:
+    """The summary reads the log's messages before it takes the user's lock; a delete of the
+    log in between left a summary covering the deleted id and repeating its text. The
+    write, under the lock, finds the log gone: NotFound, nothing written."""
+    user = await engine.create_user("summarised", None, "user")
+    turn = await engine.record_turn(user.id, "s1", "I keep bees in Oslo", "Lovely")
+    await engine.delete_memory(user.id, turn.conversation_id)
+    loop = engine.components.agent_loop
+    with pytest.raises(NotFound):
+        await loop.refresh_summary(user.id, "s1", turn.conversation_id, None)
+    with pytest.raises(NotFound):
+        await engine.components.learning.summaries.refresh_session(
+            user.id, "s1", turn.conversation_id, None, job_id=None
+        )
+    left = (await engine.list_memories(user.id)).items
+    assert all(m.type.value != "summary" for m in left), left
+
+
 async def test_concurrent_rotations_leave_one_live_key(
     engine: MemoryEngine, second: MemoryEngine
 ) -> None:
