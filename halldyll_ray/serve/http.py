@@ -368,14 +368,14 @@ class _RequestContext:
                     message = await receive()
             except TimeoutError:
                 answered = 408
-                await self._timed_out(request_id)(scope, receive, send)
+                await self._timed_out(request_id, scope)(scope, receive, send)
                 return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 body_done = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     answered = 413
-                    await self._too_large(request_id, limit)(scope, receive, send)
+                    await self._too_large(request_id, limit, scope)(scope, receive, send)
                     return {"type": "http.disconnect"}
             return message
 
@@ -425,19 +425,37 @@ class _RequestContext:
             )
 
     @staticmethod
-    def _timed_out(request_id: str) -> Response:
+    def _streamed_import(scope: Any) -> str:
+        """What a body cut short has left of an import that streams: a non-atomic import
+        stores each batch of lines as it reads them. ``scope`` None: nothing was read."""
+        if scope is None:
+            return ""
+        atomic = b"atomic=true" in scope.get("query_string", b"").lower()
+        if scope.get("method") != "POST" or not scope["path"].endswith("/import") or atomic:
+            return ""
+        return (
+            "; lines read before it stopped may have been imported: send the whole file "
+            "again (an import skips what it already holds)"
+        )
+
+    @classmethod
+    def _timed_out(cls, request_id: str, scope: Any) -> Response:
         return error_response(
             408,
             "request_timeout",
-            f"the request body did not arrive within {api.state.body_timeout_s:g} s",
+            f"the request body did not arrive within {api.state.body_timeout_s:g} s"
+            + cls._streamed_import(scope),
             request_id,
             headers={"Connection": "close"},
         )
 
-    @staticmethod
-    def _too_large(request_id: str, limit: int) -> Response:
+    @classmethod
+    def _too_large(cls, request_id: str, limit: int, scope: Any = None) -> Response:
         return error_response(
-            413, "payload_too_large", f"request body is over {limit} bytes", request_id
+            413,
+            "payload_too_large",
+            f"request body is over {limit} bytes" + cls._streamed_import(scope),
+            request_id,
         )
 
 

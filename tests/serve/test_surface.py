@@ -293,14 +293,23 @@ async def test_out_of_range_inputs_are_422_naming_the_field_and_store_nothing(
 
 
 # ------------------------------------------------------------------ stalled bodies
+@pytest.mark.parametrize(
+    ("path", "partial"),
+    [
+        ("/v1/users/me/search", False),
+        # A streamed import may have stored lines before the body stopped: the answer says so.
+        ("/v1/users/me/import", True),
+        ("/v1/users/me/import?atomic=true", False),  # all or nothing: nothing stored
+    ],
+)
 async def test_a_body_that_stops_arriving_gets_408(
-    ray_serve: dict[str, Any], admin_key: str
+    ray_serve: dict[str, Any], admin_key: str, path: str, partial: bool
 ) -> None:
     url = urlsplit(ray_serve["url"])
     reader, writer = await asyncio.open_connection(url.hostname, url.port)
     try:
         head = (
-            "POST /v1/users/me/search HTTP/1.1\r\n"
+            f"POST {path} HTTP/1.1\r\n"
             f"Host: {url.netloc}\r\n"
             f"Authorization: Bearer {admin_key}\r\n"
             "Content-Type: application/json\r\n"
@@ -321,6 +330,7 @@ async def test_a_body_that_stops_arriving_gets_408(
     status_line, _, rest = answer.decode(errors="replace").partition("\r\n")
     assert " 408 " in status_line, answer[:300]
     assert '"request_timeout"' in rest
+    assert ("send the whole file again" in rest) is partial, rest
     assert waited < 20  # the app's body_timeout_s (2 s in these tests), not minutes
 
 
