@@ -140,6 +140,15 @@ def email(value: object) -> str | None:
         return None
     if not isinstance(value, str) or not EMAIL.fullmatch(text(value, "email")) or not plain(value):
         raise InvalidInput("email is not a valid address", field="email")
+    local, _, domain = value.rpartition("@")
+    labels = domain.split(".")
+    if (
+        ".." in local
+        or local.startswith(".")
+        or local.endswith(".")
+        or any(not label or label.startswith("-") or label.endswith("-") for label in labels)
+    ):  # RFC 5321: dots separate atoms and labels; a label neither starts nor ends with "-"
+        raise InvalidInput("email is not a valid address", field="email")
     return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -39,14 +40,17 @@ class ModelRegistry:
         version: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> AIModel:
-        """Add an AI model to the registry. Raises Conflict if the name exists."""
+        """Add an AI model to the registry. Raises Conflict if the name exists, in any
+        letter case or Unicode form (the name is stored NFC-normalised: "Café" typed with a
+        combining accent is the same name)."""
         if not 1 <= len(validation.text(name, "name").strip()) <= 200:
             raise InvalidInput("model name must be 1-200 characters", field="name")
-        validation.label(name.strip(), "name", max_chars=200)
-        if name.strip() in (".", ".."):  # a URL path segment normalisation removes
+        name = unicodedata.normalize("NFC", name.strip())
+        validation.label(name, "name", max_chars=200)
+        if name in (".", ".."):  # a URL path segment normalisation removes
             raise InvalidInput("a model name must not be '.' or '..'", field="name")
         try:
-            uuid.UUID(name.strip())
+            uuid.UUID(name)
         except ValueError:
             pass
         else:  # a reference that parses as an id is read as one: the name could never be used
@@ -62,11 +66,13 @@ class ModelRegistry:
             validation.label(version, "version", max_chars=100)
         try:
             async with self.db.scoped() as conn:
+                if await conn.fetchrow(q("get_model_by_name"), name) is not None:
+                    raise Conflict("exists")  # in another form (stored before NFC)
                 row = await conn.fetchrow(
                     *bind(
                         "insert_model",
                         id=uuid.uuid4(),
-                        name=name.strip(),
+                        name=name,
                         kind=kind.value,
                         version=version,
                         metadata=validation.metadata(metadata),

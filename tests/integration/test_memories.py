@@ -265,6 +265,13 @@ async def test_model_registry(engine: MemoryEngine) -> None:
             await engine.register_model(name, "llm")
         assert err.value.field == "name"
     assert len(await engine.list_models()) == 5
+    # One name in any Unicode form: "Café" with a combining accent is "Café".
+    cafe = await engine.register_model("Cafe\u0301-LLM", "llm")
+    assert cafe.name == "Caf\u00e9-LLM"
+    with pytest.raises(Conflict):
+        await engine.register_model("CAF\u00c9-llm", "llm")
+    assert (await engine.get_model("cafe\u0301-llm")).id == cafe.id
+    await engine.delete_model(cafe.id)
     for name in ("..", " . "):  # unreachable by URL: normalisation removes the segment
         with pytest.raises(InvalidInput) as err:
             await engine.register_model(name, "llm")

@@ -73,6 +73,10 @@ async def test_bad_users_and_ids(engine: MemoryEngine) -> None:
         ({"username": "ok", "email": "ada\u200b@example.com"}, "email"),
         ({"username": "ok", "email": "ad\u00ada@example.com"}, "email"),
         ({"username": "ok", "email": "ada\x07@example.com"}, "email"),
+        ({"username": "ok", "email": "ada@example..com"}, "email"),
+        ({"username": "ok", "email": "ada..l@example.com"}, "email"),
+        ({"username": "ok", "email": ".ada@example.com"}, "email"),
+        ({"username": "ok", "email": "ada@-example.com"}, "email"),
         ({"username": "ok", "role": "superuser"}, "role"),
         ({"username": "ok", "metadata": {"x": "y" * 20_000}}, "metadata"),
     ]:

@@ -9,8 +9,10 @@ RETURNING id, name, kind, version, metadata, created_at;
 SELECT id, name, kind, version, metadata, created_at FROM ai_models WHERE id = $1;
 
 -- name: get_model_by_name
+-- In any letter case and Unicode form: names are stored NFC (registry.register), but one
+-- registered before may be in another form.
 SELECT id, name, kind, version, metadata, created_at FROM ai_models
-WHERE lower(name) = lower($1);
+WHERE lower(normalize(name, NFC)) = lower(normalize($1, NFC));
 
 -- name: list_models
 SELECT id, name, kind, version, metadata, created_at FROM ai_models
