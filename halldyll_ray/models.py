@@ -399,7 +399,7 @@ class Segment(_Input):
     start: StrictFloat = Field(ge=0.0, le=1e7)
     end: StrictFloat = Field(ge=0.0, le=1e7)
     text: Annotated[VisibleText, StringConstraints(max_length=MAX_MESSAGE_CHARS)]
-    speaker: Annotated[str, StringConstraints(max_length=200)] | None = None
+    speaker: Annotated[str, StringConstraints(max_length=200), AfterValidator(_plain)] | None = None
 
     @model_validator(mode="after")
     def _ordered(self) -> Segment:
@@ -431,6 +431,10 @@ class Transcription(_MemoryBase):
 
     @model_validator(mode="after")
     def _has_text(self) -> Transcription:
+        if self.duration_seconds is not None and any(
+            segment.end > self.duration_seconds for segment in self.segments
+        ):
+            raise ValueError("a segment ends after the recording (duration_seconds)")
         if not self.text.strip():
             if not self.segments:
                 raise ValueError("a transcription needs text or segments")

@@ -660,6 +660,8 @@ class Ingestion:
         if current is None or expired(current["expires_at"]):
             await require_user(self.db, user_id)
             raise NotFound(f"memory {memory_id} not found")
+        if not update.model_dump(exclude_none=True):
+            return to_record(current)  # nothing to change: nothing written, updated_at kept
         kind = MemoryType(current["type"])
         allowed = _UPDATABLE[kind]
         for name in ("title", "statement", "confidence", "kind", "text"):

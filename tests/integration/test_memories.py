@@ -225,6 +225,12 @@ async def test_update_and_delete(engine: MemoryEngine, user) -> None:
     with pytest.raises(InvalidInput) as err:
         await engine.update_memory(user.id, fact.id, {"title": "nope"})
     assert err.value.field == "title"
+    # An update that names nothing to change changes nothing, updated_at included.
+    audited = len(await engine.list_audit(operation="memory.update"))
+    assert audited >= 1  # the update above
+    unchanged = await engine.update_memory(user.id, fact.id, {})
+    assert unchanged.updated_at == updated.updated_at and unchanged.tags == ["home"]
+    assert len(await engine.list_audit(operation="memory.update")) == audited
 
     await engine.delete_memory(user.id, fact.id)
     with pytest.raises(NotFound):

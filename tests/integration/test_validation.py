@@ -43,6 +43,21 @@ async def _counts(engine: MemoryEngine) -> tuple[int, int, int, int]:
             "conversation.messages.0.name",
         ),
         ({"type": "image", "prompt": "x", "steps": 0}, "image.steps"),
+        (
+            {
+                "type": "transcription",
+                "duration_seconds": 10.0,
+                "segments": [{"start": 8.0, "end": 12.5, "text": "past the end"}],
+            },
+            "transcription",
+        ),
+        (
+            {
+                "type": "transcription",
+                "segments": [{"start": 0.0, "end": 1.0, "text": "hi", "speaker": "Ada\nBob"}],
+            },
+            "transcription.segments.0.speaker",
+        ),
         ({"type": "transcription", "text": "x", "language": "klingon"}, "transcription.language"),
         ({"type": "summary", "text": "x", "covers": ["nope"]}, "summary.covers.0"),
         ({"type": "fact", "statement": "x", "tags": ["a b c !"]}, "fact.tags"),
