@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -301,6 +302,21 @@ def _not_served_here(scope: Any) -> str | None:
     return None
 
 
+def _repeated_parameter(scope: Any) -> str | None:
+    """The first query parameter the request gives twice (``?types=fact&types=image``), or
+    None. Every parameter of this API takes one value, and Starlette keeps the last of
+    several: the others were dropped without a word."""
+    query = scope.get("query_string") or b""
+    if b"&" not in query:
+        return None
+    seen: set[str] = set()
+    for name, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if name in seen:
+            return name[:100]
+        seen.add(name)
+    return None
+
+
 class _RequestContext:
     """Request id, body limit, metrics and the request log, as plain ASGI middleware.
 
@@ -331,6 +347,19 @@ class _RequestContext:
             )
             await refusal(scope, receive, send)
             self._record(scope, request_id, 400, time.perf_counter())
+            return
+        repeated = _repeated_parameter(scope)
+        if repeated is not None:
+            refusal = error_response(
+                422,
+                "invalid_input",
+                f"query parameter {repeated!r} is given more than once (every parameter takes "
+                "one value; a list is comma-separated)",
+                request_id,
+                field=repeated,
+            )
+            await refusal(scope, receive, send)
+            self._record(scope, request_id, 422, time.perf_counter())
             return
         allow = _not_served_here(scope) if _LITERAL else None
         if allow is not None:

@@ -292,6 +292,24 @@ async def test_out_of_range_inputs_are_422_naming_the_field_and_store_nothing(
     assert listed.status_code == 200 and listed.json()["items"] == []
 
 
+async def test_a_query_parameter_given_twice_is_422_naming_it(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """Starlette keeps the last of repeated parameters: ?types=fact&types=image listed
+    images only, ?limit=1&limit=3 three items. Every parameter takes one value."""
+    _, key = await _user_with_key(http, admin_key)
+    for query, name in (
+        ("types=fact&types=image", "types"),
+        ("limit=1&limit=3", "limit"),
+        ("limit=1&typ%65s=fact&types=image", "types"),  # the name as the server reads it
+    ):
+        r = await http.get(f"/v1/users/me/memories?{query}", headers=bearer(key))
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["field"] == name
+    ok = await http.get("/v1/users/me/memories?types=fact,image&limit=3", headers=bearer(key))
+    assert ok.status_code == 200
+
+
 # ------------------------------------------------------------------ stalled bodies
 @pytest.mark.parametrize(
     ("path", "partial"),
