@@ -238,6 +238,10 @@ VisibleText = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1), AfterValidator(_visible)
 ]
 
+#: A speaker's name (a message's, a transcription segment's): what people read beside what was
+#: said, so visible (a blank name is no name: leave it out) and :func:`plain`.
+SpeakerName = Annotated[VisibleText, StringConstraints(max_length=200), AfterValidator(_plain)]
+
 
 #: The first and last instants Python can hold. asyncpg writes them as PostgreSQL's -infinity
 #: and infinity and reads those back without a time zone: a memory stored at either broke
@@ -328,9 +332,10 @@ class Message(_Input):
     created_at: UtcDateTime | None = Field(
         default=None, description="Defaults to the store time; a naive time means UTC."
     )
-    name: Annotated[str, StringConstraints(max_length=200), AfterValidator(_plain)] | None = Field(
+    name: SpeakerName | None = Field(
         default=None,
-        description="Speaker or tool name (no control, unassigned or invisible format character).",
+        description="Speaker or tool name: visible text, no control, unassigned or invisible "
+        "format character.",
     )
 
 
@@ -399,7 +404,7 @@ class Segment(_Input):
     start: StrictFloat = Field(ge=0.0, le=1e7)
     end: StrictFloat = Field(ge=0.0, le=1e7)
     text: Annotated[VisibleText, StringConstraints(max_length=MAX_MESSAGE_CHARS)]
-    speaker: Annotated[str, StringConstraints(max_length=200), AfterValidator(_plain)] | None = None
+    speaker: SpeakerName | None = None
 
     @model_validator(mode="after")
     def _ordered(self) -> Segment:

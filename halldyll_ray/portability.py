@@ -152,6 +152,24 @@ class ExportedMemory(_Line):
         default=None, description="A summary: the time of the last thing it covers."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_names_are_none(cls, data: Any) -> Any:
+        """An export written before a speaker's name had to be visible may hold blank names
+        ("" or spaces): they were no name, and are read as none."""
+        if not isinstance(data, dict):
+            return data
+        memory = data.get("memory")
+        groups = [(data.get("messages"), "name")]
+        if isinstance(memory, dict):
+            groups += [(memory.get("messages"), "name"), (memory.get("segments"), "speaker")]
+        for items, key in groups:
+            for item in items if isinstance(items, list) else ():
+                value = item.get(key) if isinstance(item, dict) else None
+                if isinstance(value, str) and not value.strip():
+                    item[key] = None
+        return data
+
     @model_validator(mode="after")
     def _parts_of_their_type(self) -> ExportedMemory:
         memory = self.memory

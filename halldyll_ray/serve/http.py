@@ -306,7 +306,7 @@ def _repeated_parameter(scope: Any) -> str | None:
     """The first query parameter the request gives twice (``?types=fact&types=image``), or
     None. Every parameter of this API takes one value, and Starlette keeps the last of
     several: the others were dropped without a word."""
-    query = scope.get("query_string") or b""
+    query: bytes = scope.get("query_string") or b""
     if b"&" not in query:
         return None
     seen: set[str] = set()

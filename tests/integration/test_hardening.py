@@ -170,6 +170,22 @@ async def test_one_key_on_two_new_sessions_at_once_leaves_one_log(
     assert len((await engine.get_memory(user.id, turn.conversation_id)).messages) == 2
 
 
+async def test_blank_speaker_names_are_refused_naming_the_argument(engine: MemoryEngine) -> None:
+    user = await engine.create_user("blank", None, "user")
+    for names, field in (
+        ({"user_name": ""}, "user_name"),
+        ({"assistant_name": "   "}, "assistant_name"),
+        ({"user_name": "\u3164"}, "user_name"),
+    ):
+        with pytest.raises(InvalidInput) as refused:
+            await engine.record_turn(user.id, "s1", "hello", "hi", **names)
+        assert refused.value.field == field
+    assert (await engine.list_memories(user.id)).items == []
+    kept = await engine.record_turn(user.id, "s1", "hello", "hi", user_name=" Ada ")
+    log = await engine.get_memory(user.id, kept.conversation_id)
+    assert [m.name for m in log.messages] == ["Ada", None]
+
+
 async def test_a_session_summary_is_not_written_for_a_log_deleted_meanwhile(
     engine: MemoryEngine,
 ) -> None:

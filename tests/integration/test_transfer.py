@@ -220,9 +220,13 @@ async def test_bad_lines_are_reported_by_number_and_the_good_ones_imported(
     messages_on_a_fact = _line("Cleo knits", messages=[{"role": "user", "content": "hi"}])
     nul_source = _line("Cleo bakes", sources=["chat\u0000 1"])
     unix_time = _line("Cleo rows", created_at=1700000000)  # ISO 8601 only (a naive one is UTC)
-    # A conversation as a client stores it (messages inside the memory) is taken as well.
+    # A conversation as a client stores it (messages inside the memory) is taken as well; a
+    # blank speaker name (an export from before names had to be visible) is no name.
     talk = _line("unused")
-    talk["memory"] = {"type": "conversation", "messages": [{"role": "user", "content": "Yo"}]}
+    talk["memory"] = {
+        "type": "conversation",
+        "messages": [{"role": "user", "content": "Yo", "name": "  "}],
+    }
     file = (
         _ndjson([_header(), good])
         + b"{not json\n\n"
@@ -263,7 +267,7 @@ async def test_bad_lines_are_reported_by_number_and_the_good_ones_imported(
     assert [f.text for f in facts] == ["Cleo runs on Sundays"]
     talks = (await engine.list_memories(user, types=["conversation"])).items
     stored = await engine.get_memory(user, talks[0].id)
-    assert [m.content for m in stored.messages] == ["Yo"]
+    assert [(m.content, m.name) for m in stored.messages] == [("Yo", None)]
 
 
 async def test_an_id_is_kept_once_per_file_and_never_says_whose_it_is(

@@ -28,6 +28,10 @@ async def _counts(engine: MemoryEngine) -> tuple[int, int, int, int]:
             {"type": "conversation", "messages": [{"role": "bot", "content": "x"}]},
             "conversation.messages.0.role",
         ),
+        (  # a blank name is no name: it is left out, not stored as spaces
+            {"type": "conversation", "messages": [{"role": "user", "content": "x", "name": " "}]},
+            "conversation.messages.0.name",
+        ),
         (  # a speaker's name that forges a line of the context it is shown in
             {
                 "type": "conversation",
