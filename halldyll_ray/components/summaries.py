@@ -307,9 +307,9 @@ class Summaries:
                 and all(m["updated_at"] <= current["updated_at"] for m in members)
             ):
                 continue  # up to date: nothing to ask the model
-            written.append(
-                await self._write_period(user_id, scope, month, members, job_id, request_id)
-            )
+            period = await self._write_period(user_id, scope, month, members, job_id, request_id)
+            if period is not None:
+                written.append(period)
         for month, period in periods.items():
             if month not in months:
                 await self._drop_period(user_id, period["id"], month, job_id, request_id)
@@ -339,7 +339,9 @@ class Summaries:
         members: Sequence[Any],
         job_id: UUID | int | str | None,
         request_id: str | None,
-    ) -> UUID:
+    ) -> UUID | None:
+        """Roll ``members`` (a month's session summaries) up into its period summary; None
+        when one of them was deleted meanwhile (nothing written)."""
         text = await self._roll(
             [
                 DatedText(text=m["content"], start=m["span_start"], end=m["span_end"])
@@ -353,6 +355,12 @@ class Summaries:
         covers = [str(m["id"]) for m in members]
         async with self.db.scoped(user_id) as conn:
             await lock_user(conn, user_id)
+            if await conn.fetchval(q("count_owned"), user_id, [m["id"] for m in members]) != len(
+                members
+            ):
+                # A session summary went while the model wrote (read before the lock): the
+                # period would cover a memory that is gone. The next run rolls the month up.
+                return None
             row = await conn.fetchrow(
                 *bind(
                     "upsert_period_summary",

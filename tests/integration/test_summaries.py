@@ -179,6 +179,33 @@ async def test_roll_up_covers_quiet_months_and_is_idempotent(engine: MemoryEngin
         await engine.get_memory(user.id, written[2])
 
 
+async def test_a_period_is_not_written_over_a_session_summary_deleted_meanwhile(
+    engine: MemoryEngine,
+) -> None:
+    """The month's session summaries are read before the model writes (seconds for an LLM)
+    and before the lock: one deleted meanwhile would be covered by the period, its text
+    repeated. Nothing is written for that month; the next run rolls it up without it."""
+    user = await engine.create_user("racy", None, "user")
+    made = [
+        await _session(engine, _summaries(engine, ScriptedMemoryModel()), user.id, s, d, t)
+        for s, d, t in _months(1)
+    ]
+
+    class DeletesWhileWriting(ScriptedMemoryModel):
+        async def roll_up(self, summaries: Any, *, max_words: int) -> str:
+            if self.count("roll_up") == 0:
+                await engine.delete_memory(user.id, made[0])
+            return await super().roll_up(summaries, max_words=max_words)
+
+    summaries = _summaries(engine, DeletesWhileWriting())
+    assert await summaries.roll_up(user.id, job_id="r1", model_id=None) == []
+    kinds = (await engine.list_memories(user.id, types=["summary"], limit=100)).items
+    assert all(m.period is None for m in kinds) and len(kinds) == 2
+    [period_id] = await summaries.roll_up(user.id, job_id="r2", model_id=None)
+    period = await engine.get_memory(user.id, period_id)
+    assert set(period.memory.covers) == set(made[1:])
+
+
 async def test_quiet_session_logs_are_summarised_before_the_roll_up(engine: MemoryEngine) -> None:
     user = await engine.create_user("cy", None, "user")
     day = datetime(2024, 5, 2, 9, tzinfo=UTC)
