@@ -249,15 +249,19 @@ class Request(Generic[T]):
             ) from exc
 
 
-def _seg(value: Id, field: str) -> str:
-    """A path segment: percent-encoded; never empty, ``.`` or ``..``, which would change the
-    route (an empty segment is dropped; a dot segment is removed by URL normalisation, so a
-    memory id of ``..`` addressed the user itself: DELETE erased the user)."""
+def _seg(value: Id, field: str, *, slashes: bool = False) -> str:
+    """One path segment, percent-encoded; never what would change the route: empty (dropped),
+    ``.`` or ``..`` (removed by URL normalisation: a memory id of ``..`` addressed the user
+    itself, and DELETE erased the user), None, or a ``/`` (the server decodes ``%2F`` before
+    routing: a memory id ``<id>/history`` read the history route). ``slashes``: the segment is
+    a model's name, which a route takes whole (``/v1/models/{ref:path}``)."""
+    if value is None:
+        raise InvalidInput(f"{field} is required", field=field)
     text = str(value)
     if not text:
         raise InvalidInput(f"{field} must not be empty", field=field)
-    if text in (".", ".."):
-        raise InvalidInput(f"{field} must not be {text!r}", field=field)
+    if text in (".", "..") or (not slashes and "/" in text):
+        raise InvalidInput(f"{field} must not be '.', '..' or hold a '/'", field=field)
     return quote(text, safe="")
 
 
@@ -308,9 +312,13 @@ def _params(values: Mapping[str, Any]) -> dict[str, str]:
     return params
 
 
-def _memories(user_id: Id, memory_id: Id | None = None) -> str:
-    path = f"{_user(user_id)}/memories"
-    return path if memory_id is None else f"{path}/{_seg(memory_id, 'memory_id')}"
+def _memories(user_id: Id) -> str:
+    return f"{_user(user_id)}/memories"
+
+
+def _memory(user_id: Id, memory_id: Id) -> str:
+    """One memory's path (a None id is InvalidInput, not the list's path)."""
+    return f"{_memories(user_id)}/{_seg(memory_id, 'memory_id')}"
 
 
 def _session(user_id: Id, session_id: str) -> str:
@@ -384,11 +392,11 @@ class Endpoints:
 
     @staticmethod
     def get_model(ref: Id) -> Request[AIModel]:
-        return Request("GET", f"/v1/models/{_seg(ref, 'model')}", _one(AIModel))
+        return Request("GET", f"/v1/models/{_seg(ref, 'model', slashes=True)}", _one(AIModel))
 
     @staticmethod
     def delete_model(ref: Id) -> Request[None]:
-        return Request("DELETE", f"/v1/models/{_seg(ref, 'model')}", _nothing)
+        return Request("DELETE", f"/v1/models/{_seg(ref, 'model', slashes=True)}", _nothing)
 
     @staticmethod
     def store_memory(memory: MemoryInput, *, user_id: Id) -> Request[StoredMemory]:
@@ -416,11 +424,11 @@ class Endpoints:
 
     @staticmethod
     def get_memory(memory_id: Id, *, user_id: Id) -> Request[StoredMemory]:
-        return Request("GET", _memories(user_id, memory_id), _one(StoredMemory))
+        return Request("GET", _memory(user_id, memory_id), _one(StoredMemory))
 
     @staticmethod
     def fact_history(memory_id: Id, *, user_id: Id) -> Request[list[StoredMemory]]:
-        return Request("GET", f"{_memories(user_id, memory_id)}/history", _many(StoredMemory))
+        return Request("GET", f"{_memory(user_id, memory_id)}/history", _many(StoredMemory))
 
     @staticmethod
     def list_memories(request: ListMemoriesRequest, *, user_id: Id) -> Request[Page[StoredMemory]]:
@@ -432,18 +440,18 @@ class Endpoints:
     def update_memory(
         memory_id: Id, *, update: MemoryUpdate | Mapping[str, Any], user_id: Id
     ) -> Request[StoredMemory]:
-        path = _memories(user_id, memory_id)
+        path = _memory(user_id, memory_id)
         return Request("PATCH", path, _one(StoredMemory), json=_body(update))
 
     @staticmethod
     def delete_memory(memory_id: Id, *, user_id: Id) -> Request[None]:
-        return Request("DELETE", _memories(user_id, memory_id), _nothing)
+        return Request("DELETE", _memory(user_id, memory_id), _nothing)
 
     @staticmethod
     def append_messages(
         conversation_id: Id, *, request: AppendMessagesRequest, user_id: Id
     ) -> Request[list[StoredMessage]]:
-        path = f"{_memories(user_id, conversation_id)}/messages"
+        path = f"{_memory(user_id, conversation_id)}/messages"
         return Request("POST", path, _many(StoredMessage), json=_body(request))
 
     @staticmethod

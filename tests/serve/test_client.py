@@ -309,6 +309,15 @@ async def test_dot_segments_never_reach_another_route(
                     await call
                 assert refused.value.field in {"memory_id", "user_id", "model"}
         assert (await admin.get_user(victim.id)).role.value == "user"
+        # A '/' in an id reached another route once the server decoded %2F (a memory id
+        # "<id>/history" read the history); None built the list's path.
+        fact = await admin.store_memory({"type": "fact", "statement": "x"}, user_id=victim.id)
+        for bad in (f"{fact.id}/history", f"{fact.id}/messages", None):
+            with pytest.raises(InvalidInput) as refused:
+                await admin.get_memory(bad, user_id=victim.id)  # type: ignore[arg-type]
+            assert refused.value.field == "memory_id"
+        with pytest.raises(InvalidInput):
+            await admin.get_user(f"{victim.id}/keys")
         # A key as read from a file, newline and all, works; one with a line break inside is
         # refused without being repeated.
         async with AsyncHalldyllClient(url, admin_key + "\n", timeout=60) as padded:
