@@ -26,7 +26,7 @@ from halldyll_ray.components.ingestion import Appended, Ingestion
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.components.summaries import EMPTY_SUMMARY, write_session_summary
 from halldyll_ray.config import Settings
-from halldyll_ray.errors import InvalidInput, NotFound
+from halldyll_ray.errors import Conflict, InvalidInput, NotFound
 from halldyll_ray.models import Fact, FactKind, Message, MessageRole, TurnRecord
 from halldyll_ray.storage.cache import TieredCache
 from halldyll_ray.storage.database import Database
@@ -192,11 +192,19 @@ class AgentLoop:
         self, user_id: UUID, session_id: str, model_id: UUID | None
     ) -> tuple[UUID, bool]:
         """The id of the session's conversation log, created on first use (session state),
-        and whether this call created it."""
+        and whether this call created it.
+
+        Raises:
+            Conflict: the session's log belongs to another AI model (or to none, for a turn
+                of a model): a session is one model's, and a turn of another model was filed
+                in it, found by that model's searches and summarised with its memories.
+        """
         key = self._session_key(user_id, session_id)
         cached = await self.cache.get(key, kind="session")
-        if cached is not None:
-            return UUID(cached.decode()), False
+        if cached is not None and b"|" in cached:  # "<log id>|<model id or nothing>"
+            log_id, _, owner = cached.decode().partition("|")
+            self._same_model(session_id, UUID(owner) if owner else None, model_id)
+            return UUID(log_id), False
         async with self.db.scoped(user_id) as conn:
             await lock_user(conn, user_id)
             row = await conn.fetchrow(
@@ -215,8 +223,21 @@ class AgentLoop:
             else:
                 await write_audit(conn, "memory.store", "conversation", [row["id"]], user_id)
         conversation_id: UUID = row["id"]
-        await self.cache.set(key, str(conversation_id).encode(), ttl=SESSION_STATE_TTL_S)
+        owner = row["model_id"]
+        state = f"{conversation_id}|{'' if owner is None else owner}"
+        await self.cache.set(key, state.encode(), ttl=SESSION_STATE_TTL_S)
+        self._same_model(session_id, owner, model_id)
         return conversation_id, created
+
+    @staticmethod
+    def _same_model(session_id: str, owner: UUID | None, model_id: UUID | None) -> None:
+        if owner != model_id:
+            whose = "no AI model (shared)" if owner is None else f"AI model {owner}"
+            raise Conflict(
+                f"session {session_id!r} is the session of {whose}: a session belongs to one "
+                "AI model; record this model's turns in a session of its own",
+                field="model",
+            )
 
     async def _drop_empty_log(
         self, user_id: UUID, session_id: str, conversation_id: UUID, request_id: str | None

@@ -186,6 +186,33 @@ async def test_blank_speaker_names_are_refused_naming_the_argument(engine: Memor
     assert [m.name for m in log.messages] == ["Ada", None]
 
 
+async def test_a_session_belongs_to_one_ai_model(
+    engine: MemoryEngine, second: MemoryEngine
+) -> None:
+    """A turn of model B in model A's session was appended to A's log: B's searches missed it,
+    A's found it. It is a Conflict naming the model, through the cached session state and
+    through another engine (replica) that reads it from the database."""
+    user = await engine.create_user("models", None, "user")
+    for name in ("mA", "mB"):
+        try:
+            await engine.register_model(name, "llm")
+        except Conflict:
+            pass
+    first = await engine.record_turn(user.id, "mix-1", "hello", "hi", model="mA")
+    for loop, model in ((engine, "mB"), (second, "mB"), (engine, None), (second, None)):
+        with pytest.raises(Conflict) as refused:
+            await loop.record_turn(user.id, "mix-1", "orchid-77 is B's secret", "ok", model=model)
+        assert refused.value.fields.get("field") == "model"
+    log = await engine.get_memory(user.id, first.conversation_id)
+    assert [m.content for m in log.messages] == ["hello", "hi"]
+    again = await second.record_turn(user.id, "mix-1", "still A", "ok", model="mA")
+    assert again.conversation_id == first.conversation_id
+    shared = await engine.record_turn(user.id, "mix-2", "shared", "ok")
+    with pytest.raises(Conflict):
+        await second.record_turn(user.id, "mix-2", "B here", "ok", model="mB")
+    assert shared.conversation_id
+
+
 async def test_a_session_summary_is_not_written_for_a_log_deleted_meanwhile(
     engine: MemoryEngine,
 ) -> None:
