@@ -319,6 +319,9 @@ class ContextBuilder:
         turns = await self._turns_around(user_id, hits)
         now = datetime.now(UTC)
         candidates = []
+        # A summary is not shown with a memory it covers (a fact, another summary), but the
+        # matched turns of a conversation it summarises stay: the turn is what answers.
+        conversations = {h.memory.id for h in hits if h.memory.type is MemoryType.CONVERSATION}
         for hit in hits:
             stored = hit.memory
             if stored.id == exclude_memory or (
@@ -332,8 +335,8 @@ class ContextBuilder:
             else:
                 section, salience = ctx.MEMORIES, stored.importance
                 text = describe(stored, hit.matched, turns.get((stored.id, hit.matched.index)))
-                if isinstance(payload, Summary) and stored.period is not None:
-                    covers = frozenset(payload.covers)
+                if isinstance(payload, Summary):
+                    covers = frozenset(payload.covers) - conversations
             candidates.append(
                 ctx.Candidate(
                     section=section,

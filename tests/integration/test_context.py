@@ -16,6 +16,7 @@ from halldyll_ray import (
     InvalidInput,
     MemoryEngine,
     Message,
+    Summary,
 )
 
 
@@ -184,6 +185,23 @@ async def test_a_turn_can_name_its_speakers(engine: MemoryEngine) -> None:
     for name, seq in (("Caroline", 0), ("Mel", 1)):
         hits = await engine.search(user.id, name, 5, mode="fulltext", types=["conversation"])
         assert [(h.memory.id, h.matched.index) for h in hits] == [(record.conversation_id, seq)]
+
+
+async def test_a_summary_is_not_shown_with_a_memory_it_covers(engine: MemoryEngine) -> None:
+    """A user's own summaries: one covering a fact, one covering that summary. Only period
+    summaries were checked, so all three came into one context."""
+    user = await engine.create_user("carol", None, "user")
+    fact = await engine.store_memory(user.id, Fact(statement="Carol's cat is named Pixel"))
+    inner = await engine.store_memory(
+        user.id, Summary(text="Carol's cat is named Pixel, a grey tabby.", covers=[fact.id])
+    )
+    outer = await engine.store_memory(
+        user.id, Summary(text="About Carol's cat Pixel and its name.", covers=[inner.id])
+    )
+    context = await engine.build_context(user.id, "What is the name of Carol's cat?")
+    shown = set(context.sources)
+    assert shown & {fact.id, inner.id, outer.id}, context.text
+    assert not {fact.id, inner.id} <= shown and not {inner.id, outer.id} <= shown, context.text
 
 
 async def test_recent_messages_are_bounded(engine: MemoryEngine, ada) -> None:
