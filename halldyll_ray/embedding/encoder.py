@@ -293,6 +293,11 @@ class OnnxEncoder:
         self._count_tokenizer = count_tokenizer
         # WordPiece's unknown token ("[UNK]"); a model without one (BPE) has no unknown words.
         self._unknown_token: str | None = getattr(count_tokenizer.model, "unk_token", None)
+        self._unknown_id: int | None = (
+            None
+            if self._unknown_token is None
+            else count_tokenizer.token_to_id(self._unknown_token)
+        )
         self._pad_id = pad_id
         self._inputs = {i.name: _ONNX_INT_TYPES[i.type] for i in session.get_inputs()}
         self._output = _pick_output(session)
@@ -491,8 +496,24 @@ class OnnxEncoder:
             out[rows] = self._run([encodings[i] for i in rows])
         return out
 
+    def _budget(self, encoding: Encoding) -> int:
+        """Tokens an encoding costs in a prompt budget: one per WordPiece token, but one per
+        character for an ``[UNK]``, which stands for any run WordPiece cannot split (a word
+        over 100 characters, emoji, Thai ...): an LLM's tokenizer spends at least a token a
+        character on those, and a 30,000-letter word counted 1 let a context of "16 tokens"
+        carry 30,000 characters."""
+        ids = encoding.ids
+        if self._unknown_id is None or self._unknown_id not in ids:
+            return len(ids)
+        return sum(
+            max(1, end - start) if token == self._unknown_id else 1
+            for token, (start, end) in zip(ids, encoding.offsets, strict=True)
+        )
+
     def count_tokens(self, text: str) -> int:
-        """Count WordPiece tokens, without truncation and without [CLS]/[SEP].
+        """Count tokens as a prompt budget does, without truncation and without [CLS]/[SEP]:
+        WordPiece tokens, an ``[UNK]`` costing one per character it stands for
+        (:meth:`_budget`).
 
         Args:
             text: Any text.
@@ -500,7 +521,7 @@ class OnnxEncoder:
         Returns:
             The number of tokens the text costs in a prompt budget.
         """
-        return len(self._count_tokenizer.encode(text, add_special_tokens=False).ids)
+        return self._budget(self._count_tokenizer.encode(text, add_special_tokens=False))
 
     def count_tokens_batch(self, texts: Sequence[str]) -> list[int]:
         """Count tokens for many texts at once (tokenised in parallel); see :meth:`count_tokens`.
@@ -516,7 +537,7 @@ class OnnxEncoder:
         if not texts:
             return []
         encodings = self._count_tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return [len(e.ids) for e in encodings]
+        return [self._budget(e) for e in encodings]
 
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         """(start, end) character offsets of each WordPiece token of ``text``, without
@@ -552,19 +573,26 @@ class OnnxEncoder:
         """
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-        offsets = self._count_tokenizer.encode(text, add_special_tokens=False).offsets
-        if len(offsets) <= max_tokens:
+        encoding = self._count_tokenizer.encode(text, add_special_tokens=False)
+        if self._budget(encoding) <= max_tokens:
             return text
-        keep = max_tokens
-        while keep > 0:
-            # Offsets are in characters of the original text, so slicing is exact even after
-            # normalisation (lower-casing, accent stripping). WordPiece re-tokenises a prefix cut
-            # on a boundary to the same pieces; the check guards odd normalisers anyway.
-            prefix = text[: offsets[keep - 1][1]]
-            if self.count_tokens(prefix) <= max_tokens:
-                return prefix
-            keep -= 1
-        return ""
+        # Offsets are in characters of the original text, so slicing is exact even after
+        # normalisation (lower-casing, accent stripping). The cut falls after the last token
+        # that fits, or inside an [UNK] run (one token a character) when that is what is left.
+        cut, used = 0, 0
+        for token, (start, end) in zip(encoding.ids, encoding.offsets, strict=True):
+            cost = max(1, end - start) if token == self._unknown_id else 1
+            if used + cost > max_tokens:
+                if token == self._unknown_id and max_tokens > used:
+                    cut = start + (max_tokens - used)
+                break
+            used, cut = used + cost, end
+        prefix = text[:cut]
+        # WordPiece re-tokenises a prefix cut on a boundary to the same pieces, and a cut run
+        # to no more pieces than characters; the check guards odd normalisers anyway.
+        while prefix and self.count_tokens(prefix) > max_tokens:
+            prefix = prefix[:-1]
+        return prefix
 
     def _run(self, batch: Sequence[Encoding]) -> npt.NDArray[np.float32]:
         """Run one padded batch through the model and pool it into unit vectors."""

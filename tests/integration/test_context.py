@@ -65,6 +65,26 @@ async def test_context_never_exceeds_budget(engine: MemoryEngine, ada, budget: i
     assert engine.encoder.count_tokens(context.text) == context.token_count
 
 
+@pytest.mark.parametrize(
+    "said",
+    ["x" * 30_000, "\U0001f600" * 1000, "\u0e1b\u0e25\u0e32" * 3000, "see " + "y" * 1900],
+)
+async def test_what_the_tokenizer_cannot_split_is_counted_by_its_characters(
+    engine: MemoryEngine, said: str
+) -> None:
+    """WordPiece reads a word over 100 characters, an emoji or a Thai run as one [UNK]: a
+    context of 16 "tokens" carried 30,000 characters. Each character of an [UNK] now costs a
+    token, so the budget bounds what an LLM receives."""
+    user = await engine.create_user("budget", None, "user")
+    await engine.store_memory(user.id, Fact(statement=said[:2000]))
+    context = await engine.build_context(
+        user.id, "what was said?", messages=[Message(role="user", content=said)], max_tokens=40
+    )
+    assert context.token_count <= 40
+    assert engine.encoder.count_tokens(context.text) == context.token_count
+    assert len(context.text) < 40 * 8, len(context.text)
+
+
 async def test_context_is_deterministic(engine: MemoryEngine, ada) -> None:
     first = await engine.build_context(ada.id, "what does Ada eat?", max_tokens=300)
     second = await engine.build_context(ada.id, "what does Ada eat?", max_tokens=300)

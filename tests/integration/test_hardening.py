@@ -8,6 +8,7 @@ nothing stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -194,10 +195,8 @@ async def test_a_session_belongs_to_one_ai_model(
     through another engine (replica) that reads it from the database."""
     user = await engine.create_user("models", None, "user")
     for name in ("mA", "mB"):
-        try:
+        with contextlib.suppress(Conflict):
             await engine.register_model(name, "llm")
-        except Conflict:
-            pass
     first = await engine.record_turn(user.id, "mix-1", "hello", "hi", model="mA")
     for loop, model in ((engine, "mB"), (second, "mB"), (engine, None), (second, None)):
         with pytest.raises(Conflict) as refused:
