@@ -246,15 +246,30 @@ def _client(args: argparse.Namespace) -> Any:
     return HalldyllClient(args.url, _api_key(args), timeout=args.timeout)
 
 
+def _key_text(text: str) -> str:
+    """A key as written in a file or a variable: without surrounding whitespace (a file's
+    CRLF) nor a leading UTF-8 byte order mark (Windows editors write one)."""
+    return text.strip().removeprefix("\ufeff").strip()
+
+
 def _api_key(args: argparse.Namespace) -> str:
     """The key of ``--key`` (where the command has it), ``--key-file`` or HALLDYLL_API_KEY."""
     if getattr(args, "key", None):
-        key = str(args.key).strip()
+        key = _key_text(str(args.key))
     elif args.key_file:
-        with open(args.key_file, encoding="utf-8") as file:
-            key = file.read().strip()
+        with open(args.key_file, "rb") as file:
+            data = file.read()
+        try:
+            key = _key_text(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            # Not the bytes: they may be the key, or most of it.
+            raise ConfigurationError(
+                f"the key file {args.key_file} is not UTF-8 text: it should hold the API key "
+                "alone, as printed when it was created",
+                setting="--key-file",
+            ) from None
     else:
-        key = os.environ.get("HALLDYLL_API_KEY", "").strip()
+        key = _key_text(os.environ.get("HALLDYLL_API_KEY", ""))
     if not key:
         raise ConfigurationError(
             "no API key: pass --key-file PATH or set HALLDYLL_API_KEY", setting="HALLDYLL_API_KEY"
@@ -397,6 +412,45 @@ COMMANDS = {
 }
 
 
+#: The most days a command takes (a key's life, an audit row's age): 100 years. A date
+#: further away is past what a datetime holds (OverflowError).
+MAX_DAYS = 36500
+
+
+def _days(text: str) -> int:
+    """An argparse type: a whole number of days, 1 to :data:`MAX_DAYS`."""
+    try:
+        days = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of days: {text!r}") from None
+    if not 1 <= days <= MAX_DAYS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_DAYS} days, not {days}")
+    return days
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite positive number of seconds (the client's own check)."""
+    from halldyll_ray.client.requests import check_timeout
+
+    try:
+        return check_timeout(float(text))
+    except (ValueError, HalldyllError):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite positive number of seconds, not {text!r}"
+        ) from None
+
+
+def _url(text: str) -> str:
+    """An argparse type: an http(s) URL httpx can use (the client's own check)."""
+    from halldyll_ray.client.requests import check_base_url
+
+    try:
+        check_base_url(text)
+    except HalldyllError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="halldyll", description="halldyll-ray memory system: operations and checks."
@@ -413,14 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
     key = sub.add_parser("create-key", help="create another API key for a user; print it once")
     key.add_argument("username")
     key.add_argument("--name", default="")
-    key.add_argument("--expires-days", type=int)
+    key.add_argument("--expires-days", type=_days, help=f"1 to {MAX_DAYS}; default: never")
     sub.add_parser(
         "purge-expired",
         help="delete ephemeral facts past their expiry and change feed events past "
         "EVENTS_RETENTION_HOURS",
     )
     audit = sub.add_parser("purge-audit", help="delete audit rows past AUDIT_RETENTION_DAYS")
-    audit.add_argument("--older-than-days", type=int)
+    audit.add_argument("--older-than-days", type=_days, help="default: AUDIT_RETENTION_DAYS")
     index = sub.add_parser(
         "index-users", help="partial HNSW indexes for very large users (run periodically)"
     )
@@ -446,17 +500,19 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
         cmd.add_argument(
             "--url",
+            type=_url,
             default=os.environ.get("HALLDYLL_URL", "http://127.0.0.1:8000"),
             help="the service (default: HALLDYLL_URL or http://127.0.0.1:8000)",
         )
         cmd.add_argument("--key-file", help="a file holding the API key (else HALLDYLL_API_KEY)")
         cmd.add_argument("--user", default="me", help="whose memories (default: the key's user)")
-        cmd.add_argument("--timeout", type=float, default=60.0, help="seconds per network step")
+        cmd.add_argument("--timeout", type=_seconds, default=60.0, help="seconds per network step")
     mcp = sub.add_parser(
         "mcp", help="an MCP server over stdio for desktop clients, calling the HTTP API"
     )
     mcp.add_argument(
         "--url",
+        type=_url,
         default=os.environ.get("HALLDYLL_URL", "http://127.0.0.1:8000"),
         help="the service (default: HALLDYLL_URL or http://127.0.0.1:8000)",
     )
@@ -464,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--key", help="the API key (better: --key-file or HALLDYLL_API_KEY, out of the ps list)"
     )
     mcp.add_argument("--key-file", help="a file holding the API key")
-    mcp.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP call")
+    mcp.add_argument("--timeout", type=_seconds, default=60.0, help="seconds per HTTP call")
     reembed = sub.add_parser(
         "reembed",
         help="embed every stored memory again with the configured model, then switch "

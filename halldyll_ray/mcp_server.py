@@ -30,10 +30,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Annotated, Any, Literal, NotRequired, TypeVar
+from typing import Annotated, Any, Literal, NotRequired, TypeVar, cast
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
+from mcp.server.mcpserver.tools import Tool
+from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, with_config
 from typing_extensions import TypedDict  # pydantic reads typing.TypedDict only on 3.12+
@@ -180,11 +182,41 @@ def describe(exc: HalldyllError) -> str:
 
 
 # --------------------------------------------------------------------------- the server
+def _forbid_unknown_arguments(tool: Tool) -> None:
+    """Make ``tool`` refuse an argument it does not have, as the API's bodies do (422): the
+    SDK's arguments model ignores unknown keys, so a misspelt optional argument
+    (``confidance``) was dropped and the call succeeded without it. The published input
+    schema says so too (``additionalProperties: false``)."""
+    model = tool.fn_metadata.arg_model
+    if model.model_config.get("extra") == "forbid":
+        return
+    strict = cast(
+        type[ArgModelBase],
+        type(
+            model.__name__,
+            (model,),
+            {"model_config": ConfigDict(extra="forbid"), "__module__": model.__module__},
+        ),
+    )
+    tool.fn_metadata.arg_model = strict
+    tool.parameters = strict.model_json_schema(by_alias=True)
+
+
 class _Server(MCPServer[Any]):
-    """The SDK's server, with argument errors read as the HTTP API's 422: a call whose
-    arguments fail the tool's schema is a tool error ``invalid_input: <field>: <message>
-    (field: <field>)`` (:func:`describe`), not pydantic's report, which repeats the rejected
-    value (an argument can hold a secret) and names the SDK's internal model."""
+    """The SDK's server, with arguments checked as the HTTP API checks a body: an argument
+    the tool does not have is refused (:func:`_forbid_unknown_arguments`, applied to every
+    tool as it is added), and a call whose arguments fail the tool's schema is a tool error
+    ``invalid_input: <field>: <message> (field: <field>)`` (:func:`describe`), not pydantic's
+    report, which repeats the rejected value (an argument can hold a secret) and names the
+    SDK's internal model."""
+
+    def add_tool(
+        self, fn: Callable[..., Any], name: str | None = None, *args: Any, **kwargs: Any
+    ) -> None:
+        super().add_tool(fn, name, *args, **kwargs)
+        tool = self._tool_manager.get_tool(name or fn.__name__)
+        if tool is not None:
+            _forbid_unknown_arguments(tool)
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None

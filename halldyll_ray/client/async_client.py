@@ -18,6 +18,7 @@ import httpx
 
 from halldyll_ray.client.requests import (
     NDJSON,
+    SEND_ERRORS,
     UPLOAD_CHUNK_BYTES,
     Endpoints,
     Id,
@@ -91,6 +92,10 @@ class AsyncHalldyllClient:
         api_key: The API key sent as ``Authorization: Bearer``.
         timeout: Seconds to wait for each request (connect, read, write, pool).
         transport: An httpx transport to send requests through (tests, proxies, retries).
+
+    Raises:
+        InvalidInput: ``base_url`` is not an http(s) URL, ``api_key`` not an API key, or
+            ``timeout`` not a finite positive number of seconds (``field`` names which).
     """
 
     def __init__(
@@ -130,7 +135,7 @@ class AsyncHalldyllClient:
                 headers=headers,
                 params=request.params,
             )
-        except httpx.TransportError as exc:
+        except SEND_ERRORS as exc:
             raise unavailable(request, exc) from exc
         return request.finish(response)
 
@@ -340,7 +345,7 @@ class AsyncHalldyllClient:
                     request.finish(response)
                 async for piece in response.aiter_bytes():
                     yield piece
-        except httpx.TransportError as exc:
+        except SEND_ERRORS as exc:
             raise unavailable(request, exc) from exc
 
     async def import_memories(
@@ -387,7 +392,7 @@ class AsyncHalldyllClient:
                 headers={"Content-Type": NDJSON},
                 timeout=httpx.Timeout(timeout.connect, read=None, write=timeout.write),
             )
-        except httpx.TransportError as exc:
+        except SEND_ERRORS as exc:
             raise unavailable(request, exc) from exc
         return request.finish(response)
 

@@ -10,6 +10,8 @@ clients only differ in how they send a :class:`Request`.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -94,6 +96,11 @@ _ERRORS: dict[str, type[HalldyllError]] = {
     )
 }
 _ERRORS["payload_too_large"] = InvalidInput
+#: What an error message shows instead of a secret.
+REDACTED = "[redacted]"
+_BEARER = re.compile(r"(?i)(bearer\s+)\S+")
+#: How much of a request's path an error message repeats (an id can be any length).
+_PATH_SHOWN = 200
 # For error responses that do not carry the error shape (a proxy's 502, an unknown route).
 _BY_STATUS: dict[int, type[HalldyllError]] = {
     400: InvalidInput,
@@ -109,9 +116,36 @@ _BY_STATUS: dict[int, type[HalldyllError]] = {
 }
 
 
+# --------------------------------------------------------------------------- secrets
+def redact(text: str, *secrets: str | None) -> str:
+    """``text`` without ``secrets`` (the API key) nor any ``Bearer <token>``: what a client
+    puts in an error message can come from elsewhere (a proxy's error page that reflects the
+    request's headers), and an error message is printed and logged."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return _BEARER.sub(lambda match: match.group(1) + REDACTED, text)
+
+
+def _key_of(request: httpx.Request | None) -> str | None:
+    """The API key a request carried (its ``Authorization: Bearer`` header), if any."""
+    if request is None:
+        return None
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return (key.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def _request_of(thing: httpx.Response | httpx.HTTPError) -> httpx.Request | None:
+    try:
+        return thing.request
+    except RuntimeError:  # a response or error made without a request (tests, a transport)
+        return None
+
+
 # --------------------------------------------------------------------------- responses
 def _error_from(response: httpx.Response) -> HalldyllError:
-    """The typed exception for an error response."""
+    """The typed exception for an error response; nothing of it repeats the API key."""
+    key = _key_of(_request_of(response))
     status = response.status_code
     request_id = response.headers.get("x-request-id")
     code = message = field = None
@@ -138,6 +172,9 @@ def _error_from(response: httpx.Response) -> HalldyllError:
             cls = Unavailable
     if not isinstance(message, str) or not message:
         message = f"HTTP {status}: {response.text[:500] or response.reason_phrase}"
+    message = redact(message, key)
+    if isinstance(request_id, str):
+        request_id = redact(request_id, key)
     fields: dict[str, Any] = {"request_id": request_id, "status_code": status}
     if isinstance(field, str) and field:
         fields["field"] = field  # as the engine's InvalidInput has it
@@ -226,8 +263,12 @@ class Request(Generic[T]):
         try:
             text = json.dumps(self.json, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
             return text.encode("utf-8"), {"Content-Type": "application/json"}
-        except (ValueError, UnicodeEncodeError) as exc:
-            reason = "a lone UTF-16 surrogate" if isinstance(exc, UnicodeEncodeError) else exc
+        except (ValueError, UnicodeEncodeError, RecursionError) as exc:
+            reason: object = exc
+            if isinstance(exc, UnicodeEncodeError):
+                reason = "a lone UTF-16 surrogate"
+            elif isinstance(exc, RecursionError):
+                reason = "nested too deep"
             raise InvalidInput(f"the body is not JSON: {reason}", field="body") from None
 
     def finish(self, response: httpx.Response) -> T:
@@ -262,7 +303,16 @@ def _seg(value: Id, field: str, *, slashes: bool = False) -> str:
         raise InvalidInput(f"{field} must not be empty", field=field)
     if text in (".", "..") or (not slashes and "/" in text):
         raise InvalidInput(f"{field} must not be '.', '..' or hold a '/'", field=field)
-    return quote(text, safe="")
+    return quote(_utf8(text, field), safe="")
+
+
+def _utf8(text: str, field: str) -> bytes:
+    """``text`` as UTF-8, or InvalidInput naming ``field`` for a lone UTF-16 surrogate (it
+    has no UTF-8 form; the URL could not be written)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{field} holds a lone UTF-16 surrogate", field=field) from None
 
 
 def _user(user_id: Id) -> str:
@@ -285,15 +335,20 @@ def unchecked(schema: type[M], /, **values: Any) -> M:
 
 def _body(value: BaseModel | Mapping[str, Any]) -> Any:
     """The JSON body: unset options (None) are left out, so the server's defaults apply."""
-    if isinstance(value, BaseModel):
-        # warnings=False: an unchecked body may hold what its field type does not (a tuple
-        # for a list, a plain string for an enum); it is written as JSON all the same.
-        return value.model_dump(mode="json", exclude_none=True, warnings=False)
     try:
+        if isinstance(value, BaseModel):
+            # warnings=False: an unchecked body may hold what its field type does not (a
+            # tuple for a list, a plain string for an enum); it is written as JSON all the same.
+            return value.model_dump(mode="json", exclude_none=True, warnings=False)
         # Anything else that is JSON goes as it is: the server says what is wrong with it.
         return to_jsonable_python(dict(value) if isinstance(value, Mapping) else value)
     except PydanticSerializationError as exc:
-        raise InvalidInput(f"not JSON: {exc}", field="body") from None
+        raise InvalidInput(f"the body is not JSON: {exc}", field="body") from None
+    except (ValueError, RecursionError) as exc:
+        # pydantic-core's own limit ("Maximum serialization depth exceeded") is a bare
+        # ValueError; its text names no value.
+        reason = "nested too deep" if isinstance(exc, RecursionError) else exc
+        raise InvalidInput(f"the body is not JSON: {reason}", field="body") from None
 
 
 def _params(values: Mapping[str, Any]) -> dict[str, str]:
@@ -309,6 +364,8 @@ def _params(values: Mapping[str, Any]) -> dict[str, str]:
             params[name] = ",".join(str(v) for v in value)  # the server splits on commas
         else:
             params[name] = str(value)
+        if name in params:
+            _utf8(params[name], name)
     return params
 
 
@@ -515,10 +572,11 @@ class Endpoints:
 
 def api_key_header(api_key: object) -> str:
     """``Bearer <key>`` for an API key as read from a file or the environment (surrounding
-    whitespace, such as the newline ``read_text()`` keeps, is dropped), or InvalidInput
+    whitespace, such as the newline ``read_text()`` keeps, and a leading UTF-8 byte order
+    mark, which Windows editors write, are dropped), or InvalidInput
     (field ``api_key``) that never repeats the key: httpx's error for a bad header value
     quoted the whole header."""
-    key = api_key.strip() if isinstance(api_key, str) else ""
+    key = api_key.strip().removeprefix("\ufeff").strip() if isinstance(api_key, str) else ""
     if not key or not all("!" <= c <= "~" for c in key):
         raise InvalidInput(
             "api_key is not an API key: one is printable ASCII without spaces", field="api_key"
@@ -526,10 +584,42 @@ def api_key_header(api_key: object) -> str:
     return f"Bearer {key}"
 
 
+def check_timeout(timeout: object) -> float:
+    """``timeout`` as seconds, or InvalidInput (field ``timeout``) unless it is a finite
+    positive number: httpx took -1, NaN or an infinity and failed at the first request with a
+    bare ValueError or OverflowError."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise InvalidInput("timeout must be a number of seconds", field="timeout")
+    seconds = float(timeout) if math.isfinite(timeout) else math.nan
+    if not seconds > 0:
+        raise InvalidInput("timeout must be a finite positive number of seconds", field="timeout")
+    return seconds
+
+
+def check_base_url(base_url: object) -> httpx.URL:
+    """``base_url`` parsed, or InvalidInput (field ``base_url``) for what is not an http(s)
+    URL with a host (httpx raised InvalidURL at once, or failed each request)."""
+    shown = "base_url must be an http:// or https:// URL, e.g. http://127.0.0.1:8000"
+    if not isinstance(base_url, str | httpx.URL):
+        raise InvalidInput(shown, field="base_url")
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        # Its reason ("Invalid port"), not the URL: it can hold user:password.
+        reason = str(exc).partition(":")[0] if isinstance(exc, httpx.InvalidURL) else ""
+        raise InvalidInput(f"{shown}{f' ({reason})' if reason else ''}", field="base_url") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise InvalidInput(shown, field="base_url")
+    if url.port is not None and not 0 < url.port < 65536:
+        raise InvalidInput(f"{shown} (a port is 1 to 65535)", field="base_url")
+    return url
+
+
 def client_options(base_url: str, api_key: str, timeout: float) -> dict[str, Any]:
+    """The httpx client's options; InvalidInput for a bad ``base_url``, key or timeout."""
     return {
-        "base_url": base_url,
-        "timeout": timeout,
+        "base_url": check_base_url(base_url),
+        "timeout": check_timeout(timeout),
         "headers": {
             "Authorization": api_key_header(api_key),
             "User-Agent": f"halldyll-ray-client/{__version__}",
@@ -538,14 +628,46 @@ def client_options(base_url: str, api_key: str, timeout: float) -> dict[str, Any
     }
 
 
-def unavailable(request: Request[Any], exc: httpx.TransportError) -> HalldyllError:
-    """The error for a request that got no answer. A request httpx would not send (a header
-    value it refuses) is the caller's InvalidInput, and its text is not repeated: it can
-    quote a header whole."""
+#: What httpx raises for a request it would not send or whose answer it could not read:
+#: every exception of it a client call can meet (TransportError is only one kind).
+SEND_ERRORS: tuple[type[Exception], ...] = (
+    httpx.HTTPError,
+    httpx.InvalidURL,
+    httpx.StreamError,
+    httpx.CookieConflict,
+)
+
+
+def _named(request: Request[Any]) -> str:
+    """``METHOD /path`` of a request for a message, the path cut short (an id of 100,000
+    characters would be repeated whole)."""
+    path = request.path
+    if len(path) > _PATH_SHOWN:
+        path = f"{path[:_PATH_SHOWN]}... ({len(request.path)} characters)"
+    return f"{request.method} {path}"
+
+
+def unavailable(request: Request[Any], exc: Exception) -> HalldyllError:
+    """The typed error for one of :data:`SEND_ERRORS`.
+
+    A request httpx would not send is the caller's InvalidInput: a header value it refuses
+    (its text is not repeated: it can quote a header whole), or a URL it cannot write (over
+    65,536 characters, say). An answer that could not be read is a HalldyllError; no answer
+    at all (refused, reset, timed out) is Unavailable. The text never repeats the API key.
+    """
+    named = _named(request)
     if isinstance(exc, httpx.LocalProtocolError):
         return InvalidInput(
-            f"{request.method} {request.path} was not sent: a header value is not valid "
-            "(printable ASCII, no line breaks)"
+            f"{named} was not sent: a header value is not valid (printable ASCII, no line breaks)"
         )
-    kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
-    return Unavailable(f"{request.method} {request.path} {kind}: {exc!r}")
+    if isinstance(exc, httpx.InvalidURL):
+        # The reason ("URL too long", "Invalid port"), not the URL it goes on to quote.
+        reason = str(exc).partition(":")[0] or "not a valid URL"
+        return InvalidInput(f"{named} was not sent: {reason}", field="url")
+    key = _key_of(_request_of(exc)) if isinstance(exc, httpx.HTTPError) else None
+    if isinstance(exc, httpx.TransportError):
+        kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
+        return Unavailable(redact(f"{named} {kind}: {exc!r}", key))
+    if isinstance(exc, httpx.DecodingError):
+        return HalldyllError(f"{named}: the response could not be decoded ({exc!r})")
+    return HalldyllError(redact(f"{named} failed: {type(exc).__name__}: {exc}", key))

@@ -13,6 +13,7 @@ import httpx
 
 from halldyll_ray.client.requests import (
     NDJSON,
+    SEND_ERRORS,
     UPLOAD_CHUNK_BYTES,
     Endpoints,
     Id,
@@ -71,6 +72,10 @@ class HalldyllClient:
         api_key: The API key sent as ``Authorization: Bearer``.
         timeout: Seconds to wait for each request.
         transport: An httpx transport to send requests through.
+
+    Raises:
+        InvalidInput: ``base_url`` is not an http(s) URL, ``api_key`` not an API key, or
+            ``timeout`` not a finite positive number of seconds (``field`` names which).
     """
 
     def __init__(
@@ -108,7 +113,7 @@ class HalldyllClient:
                 headers=headers,
                 params=request.params,
             )
-        except httpx.TransportError as exc:
+        except SEND_ERRORS as exc:
             raise unavailable(request, exc) from exc
         return request.finish(response)
 
@@ -228,7 +233,7 @@ class HalldyllClient:
                     response.read()
                     request.finish(response)
                 yield from response.iter_bytes()
-        except httpx.TransportError as exc:
+        except SEND_ERRORS as exc:
             raise unavailable(request, exc) from exc
 
     def import_memories(
@@ -245,7 +250,7 @@ class HalldyllClient:
                 with Path(data).open("rb") as file:
                     return self._upload(request, iter(lambda: file.read(UPLOAD_CHUNK_BYTES), b""))
             return self._upload(request, data)
-        except httpx.TransportError as exc:
+        except SEND_ERRORS as exc:
             raise unavailable(request, exc) from exc
 
     def _upload(self, request: Request[T], content: bytes | Iterable[bytes]) -> T:

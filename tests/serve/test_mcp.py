@@ -279,6 +279,27 @@ async def test_a_message_keeps_its_time_and_a_bad_argument_is_an_invalid_input(
     assert [m["id"] for m in r.json()["items"]] == [dated["id"]]
 
 
+async def test_an_unknown_argument_or_a_url_too_long_is_an_invalid_input(
+    ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
+) -> None:
+    _, key = await _user_with_key(http, admin_key)
+    async with _mcp(ray_serve["url"], key) as mcp:
+        misspelt = {"statement": "Ada drinks tea", "confidance": 0.99, "tagz": ["x"]}
+        refused = _error(await mcp.call_tool("store_fact", misspelt))
+        assert refused.startswith("invalid_input: confidance: Extra inputs"), refused
+        refused = _error(await mcp.call_tool("list_models", {"bogus": 1}))
+        assert "(field: bogus)" in refused, refused
+        # The tool's client refuses what httpx cannot write as a URL (over 65,536 characters).
+        too_long = _error(await mcp.call_tool("get_memory", {"memory_id": "x" * 100_000}))
+        assert "invalid_input: GET /v1/users/me/memories/" in too_long, too_long[:300]
+        assert "(field: url)" in too_long and len(too_long) < 500
+        listed = _error(await mcp.call_tool("list_memories", {"tags": ["a" * 70_000]}))
+        assert "invalid_input" in listed and "too long" in listed, listed[:300]
+        assert _ok(await mcp.call_tool("list_models", {}))["items"] is not None
+    r = await http.get("/v1/users/me/memories", headers=bearer(key))
+    assert r.json()["items"] == []  # the misspelt fact was not stored without its options
+
+
 async def test_a_permission_denial_is_a_tool_error_and_audited(
     ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
 ) -> None:

@@ -87,6 +87,16 @@ async def test_an_unreachable_api_is_a_tool_error_without_the_key() -> None:
             "invalid_input: messages.0.role:",
         ),
         ("get_memory", {"memory_id": 5}, "invalid_input: memory_id: Input should be a valid"),
+        (
+            "store_fact",
+            {"statement": "Ada drinks tea", "confidance": 0.99, "tagz": ["x"]},
+            "invalid_input: confidance: Extra inputs are not permitted (field: confidance)",
+        ),
+        (
+            "list_models",
+            {"bogus": "hr_secret_in_an_unknown_argument"},
+            "invalid_input: bogus: Extra inputs are not permitted (field: bogus)",
+        ),
     ],
 )
 async def test_bad_arguments_read_as_the_apis_invalid_input(
@@ -110,3 +120,49 @@ def test_the_stdio_command_needs_a_key(
     monkeypatch.delenv("HALLDYLL_API_KEY", raising=False)
     assert cli.main(["mcp", "--url", "http://127.0.0.1:8000"]) == 1
     assert "error: no API key" in capsys.readouterr().err
+
+
+async def test_every_tool_refuses_an_argument_it_does_not_have() -> None:
+    async with Client(build_mcp_server(_unreachable())) as client:
+        tools = (await client.list_tools()).tools
+        for tool in tools:
+            assert tool.input_schema.get("additionalProperties") is False, tool.name
+            if tool.input_schema.get("required"):
+                continue
+            result = await client.call_tool(tool.name, {"zz_unknown": "hr_secret"})
+            assert result.is_error, tool.name
+            block = result.content[0]
+            assert isinstance(block, TextContent)
+            assert block.text == (
+                "invalid_input: zz_unknown: Extra inputs are not permitted (field: zz_unknown)"
+            ), block.text
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments"),
+    [
+        ("get_memory", {"memory_id": "x" * 100_000}),
+        ("list_memories", {"tags": ["a" * 70_000]}),
+    ],
+)
+async def test_a_url_too_long_is_a_tool_error_naming_the_request(
+    tool: str, arguments: dict[str, Any]
+) -> None:
+    async with Client(build_mcp_server(_unreachable())) as client:
+        result = await client.call_tool(tool, arguments)
+    assert result.is_error
+    block = result.content[0]
+    assert isinstance(block, TextContent)
+    assert "invalid_input: GET /v1/users/me/memories" in block.text, block.text[:300]
+    assert "too long (field: url)" in block.text and len(block.text) < 500
+
+
+def test_the_stdio_command_refuses_a_bad_timeout_as_usage(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HALLDYLL_API_KEY", "hr_x")
+    for timeout in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["mcp", "--timeout", timeout])
+        assert exited.value.code == 2
+        assert "argument --timeout" in capsys.readouterr().err

@@ -1,0 +1,204 @@
+"""The Python clients raise only typed errors, never repeat the API key, and the CLI turns a
+bad argument into a usage error (no service: httpx.MockTransport stands in for it)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from halldyll_ray import cli
+from halldyll_ray.client import AsyncHalldyllClient, HalldyllClient
+from halldyll_ray.errors import HalldyllError, InvalidInput, Unavailable
+
+KEY = "hr_secret_key_0123456789"
+
+
+def _never(request: httpx.Request) -> httpx.Response:
+    raise AssertionError(f"{request.method} {request.url} was sent")
+
+
+def _sync(handler: Callable[[httpx.Request], httpx.Response] = _never) -> HalldyllClient:
+    return HalldyllClient("http://svc", KEY, transport=httpx.MockTransport(handler))
+
+
+def _async(handler: Callable[[httpx.Request], httpx.Response] = _never) -> AsyncHalldyllClient:
+    return AsyncHalldyllClient("http://svc", KEY, transport=httpx.MockTransport(handler))
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+# --------------------------------------------------------------------------- requests not sent
+@pytest.mark.parametrize(
+    ("call", "field", "named"),
+    [
+        (lambda c: c.get_memory("x" * 100_000), "url", "GET /v1/users/me/memories/xxx"),
+        (lambda c: c.list_memories(tags=["a" * 70_000]), "url", "GET /v1/users/me/memories"),
+        (lambda c: c.get_memory("\ud800"), "memory_id", "memory_id"),
+        (lambda c: c.list_memories(tags=["\ud800"]), "tags", "tags"),
+        (
+            lambda c: c.store_memory({"type": "fact", "statement": "x", "metadata": _nested(300)}),
+            "body",
+            "the body is not JSON",
+        ),
+        (
+            lambda c: c.store_memories([{"type": "fact", "statement": "x", "a": _nested(300)}]),
+            "body",
+            "the body is not JSON",
+        ),
+    ],
+)
+async def test_a_request_that_cannot_be_written_is_invalid_input(
+    call: Callable[[Any], Any], field: str, named: str
+) -> None:
+    with _sync() as sync, pytest.raises(InvalidInput) as raised:
+        call(sync)
+    async with _async() as client:
+        with pytest.raises(InvalidInput) as raised_async:
+            await call(client)
+    for exc in (raised.value, raised_async.value):
+        assert exc.field == field and exc.message.startswith(named), exc.message
+        assert len(exc.message) < 400  # a 100,000-character id is not repeated whole
+
+
+def test_the_export_and_import_streams_raise_typed_errors_too(tmp_path: Path) -> None:
+    with _sync() as client:
+        with pytest.raises(InvalidInput, match="URL"):
+            b"".join(client.export_memories(user_id="u" * 70_000))
+        with pytest.raises(InvalidInput, match="URL"):
+            client.import_memories(b"{}\n", user_id="u" * 70_000)
+
+
+# --------------------------------------------------------------------------- constructor
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"base_url": "http://[::1"}, "base_url"),
+        ({"base_url": "http://127.0.0.1:99999999"}, "base_url"),
+        ({"base_url": ""}, "base_url"),
+        ({"base_url": "ftp://svc"}, "base_url"),
+        ({"base_url": "127.0.0.1:8000"}, "base_url"),
+        ({"timeout": -1}, "timeout"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": math.nan}, "timeout"),
+        ({"timeout": math.inf}, "timeout"),
+        ({"timeout": True}, "timeout"),
+        ({"timeout": "5"}, "timeout"),
+        ({"api_key": "hr bad"}, "api_key"),
+    ],
+)
+def test_a_client_with_a_bad_option_is_invalid_input(options: dict[str, Any], field: str) -> None:
+    arguments: dict[str, Any] = {"base_url": "http://svc", "api_key": KEY, **options}
+    for cls in (HalldyllClient, AsyncHalldyllClient):
+        with pytest.raises(InvalidInput) as raised:
+            cls(**arguments)
+        assert raised.value.field == field, cls
+
+
+def test_a_key_read_with_a_byte_order_mark_is_the_key() -> None:
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, json={"status": "ok"})
+
+    transport = httpx.MockTransport(handler)
+    with HalldyllClient("http://svc", f"\ufeff{KEY}\r\n", transport=transport) as client:
+        client.healthz()
+    assert sent[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+# --------------------------------------------------------------------------- secrets
+def _reflecting(request: httpx.Request) -> httpx.Response:
+    """A proxy whose error pages repeat the request's headers (and the key on its own)."""
+    headers = "\n".join(f"{name}: {value}" for name, value in request.headers.items())
+    if request.url.path == "/v1/me":
+        return httpx.Response(502, text=f"Bad Gateway\n{headers}\nkey={KEY}")
+    if request.url.path == "/healthz":
+        raise httpx.ConnectError(f"proxy refused: Authorization: Bearer {KEY}", request=request)
+    body = {"error": {"code": "invalid_input", "message": f"bad key {KEY}, Bearer other_tok"}}
+    return httpx.Response(422, json=body)
+
+
+async def test_error_messages_never_repeat_the_key() -> None:
+    errors: list[HalldyllError] = []
+    with _sync(_reflecting) as sync:
+        for call in (sync.me, sync.healthz, sync.list_models):
+            with pytest.raises(HalldyllError) as raised:
+                call()
+            errors.append(raised.value)
+    async with _async(_reflecting) as client:
+        with pytest.raises(Unavailable) as gateway:
+            await client.me()
+        errors.append(gateway.value)
+    for exc in errors:
+        assert KEY not in exc.message and KEY not in str(exc), exc.message
+        assert "other_tok" not in exc.message and "[redacted]" in exc.message, exc.message
+    assert "authorization: bearer [redacted]" in errors[0].message.lower()
+
+
+async def test_an_answer_httpx_cannot_decode_is_a_typed_error() -> None:
+    def broken(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"not gzip", headers={"Content-Encoding": "gzip"})
+
+    with _sync(broken) as sync, pytest.raises(HalldyllError, match="GET /healthz"):
+        sync.healthz()
+    async with _async(broken) as client:
+        with pytest.raises(HalldyllError, match="GET /healthz"):
+            await client.healthz()
+
+
+# --------------------------------------------------------------------------- the command line
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["export", "--url", "http://[::1"],
+        ["export", "--timeout", "-1"],
+        ["import", "x.ndjson", "--timeout", "nan"],
+        ["mcp", "--timeout", "inf"],
+        ["mcp", "--url", "not a url"],
+        ["create-key", "ada", "--expires-days", "3000000"],
+        ["create-key", "ada", "--expires-days", "0"],
+        ["purge-audit", "--older-than-days", "3000000"],
+    ],
+)
+def test_a_bad_argument_is_a_usage_error(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HALLDYLL_API_KEY", KEY)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument" in err and "Traceback" not in err
+
+
+def test_a_key_file_that_is_not_utf8_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_bytes(b"hr_bad\xff\xfe")
+    assert cli.main(["export", "--key-file", str(key_file)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the key file") and "not UTF-8" in err
+    assert "hr_bad" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_key_is_read_without_its_byte_order_mark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_bytes(f"\ufeff{KEY}\r\n".encode())
+    assert cli._api_key(argparse.Namespace(key=None, key_file=str(key_file))) == KEY
+    monkeypatch.setenv("HALLDYLL_API_KEY", f"\ufeff {KEY}\n")
+    assert cli._api_key(argparse.Namespace(key=None, key_file=None)) == KEY
