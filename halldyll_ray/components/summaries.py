@@ -192,9 +192,12 @@ class Summaries:
             )
         texts = [
             DatedText(
-                text=f"{r['name'] or r['role']}: {r['content']}",
+                text=f"{r['role']} ({r['name']}): {r['content']}"
+                if r["name"]
+                else f"{r['role']}: {r['content']}",
                 start=r["created_at"],
                 end=r["created_at"],
+                role=r["role"],
             )
             for r in rows
         ]

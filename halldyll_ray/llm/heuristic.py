@@ -11,6 +11,7 @@ Messages are read as the jobs render them: a message's text may start with its r
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 from halldyll_ray.config import Settings
@@ -40,12 +41,19 @@ PER_MESSAGE = 5
 _ROLES = tuple(role.value for role in MessageRole)
 
 
+#: A rendered message: ``"<role>: <content>"``, or ``"<role> (<name>): <content>"`` for a
+#: named speaker (summaries.py renders both).
+_RENDERED = re.compile(r"(?P<role>[a-z]+)(?: \((?P<name>[^)\n]*)\))?: (?P<content>.*)", re.DOTALL)
+
+
 def as_line(text: str) -> Line:
-    """A rendered message ``"<role>: <content>"`` as the summariser's Line; a text without a
-    known role prefix is a user's line (what a summary most needs to keep)."""
-    role, sep, content = text.partition(": ")
-    if sep and role in _ROLES:
-        return Line(role, content)
+    """A rendered message as the summariser's Line (the speaker's name left out, as the
+    inline summary leaves it); a text without a known role prefix is a user's line (what a
+    summary most needs to keep). A named assistant's turn was read as the user's when the
+    name stood where the role does."""
+    match = _RENDERED.fullmatch(text)
+    if match is not None and match["role"] in _ROLES:
+        return Line(match["role"], match["content"])
     return Line(MessageRole.USER.value, text)
 
 

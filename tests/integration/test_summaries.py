@@ -206,6 +206,31 @@ async def test_a_period_is_not_written_over_a_session_summary_deleted_meanwhile(
     assert set(period.memory.covers) == set(made[1:])
 
 
+async def test_a_named_assistant_stays_the_assistant_in_its_session_summary(
+    engine: MemoryEngine,
+) -> None:
+    """Messages went to the model as "<name or role>: text": the no-LLM summariser read
+    "Halbot: Tea it is" as a line of the user's."""
+    from halldyll_ray.llm.heuristic import HeuristicMemoryModel
+
+    user = await engine.create_user("named", None, "user")
+    turn = await engine.record_turn(
+        user.id,
+        "tea",
+        "I prefer tea over coffee in the morning",
+        "Tea it is, I will remember your morning tea",
+        user_name="Carol",
+        assistant_name="Halbot",
+    )
+    summaries = _summaries(engine, HeuristicMemoryModel())
+    summary_id = await summaries.refresh_session(
+        user.id, "tea", turn.conversation_id, None, job_id="named"
+    )
+    text = (await engine.get_memory(user.id, summary_id)).memory.text
+    assert "user: Halbot" not in text and "user: Carol" not in text, text
+    assert "assistant: Tea it is" in text and "user: I prefer tea" in text, text
+
+
 async def test_quiet_session_logs_are_summarised_before_the_roll_up(engine: MemoryEngine) -> None:
     user = await engine.create_user("cy", None, "user")
     day = datetime(2024, 5, 2, 9, tzinfo=UTC)

@@ -125,5 +125,9 @@ async def test_roll_up_keeps_the_central_lines_of_the_summaries() -> None:
 def test_rendered_lines() -> None:
     assert as_line("assistant: fine") == Line("assistant", "fine")
     assert as_line("Note: not a role") == Line("user", "Note: not a role")
+    # A named speaker keeps the role: "Halbot: Tea it is" was read as the user's line.
+    assert as_line("assistant (Halbot): Tea it is") == Line("assistant", "Tea it is")
+    assert as_line("user (Carol): I prefer tea") == Line("user", "I prefer tea")
+    assert as_line("user (Carol): a\nb: c") == Line("user", "a\nb: c")
     with pytest.raises(ValueError):
         HeuristicMemoryModel(merge_similarity=0)
