@@ -329,6 +329,13 @@ async def cmd_import(args: argparse.Namespace) -> int:
         if report.error_count:
             print(f"error: {report.error_count} line(s) were not imported", file=sys.stderr)
             return 1
+        if report.missing:
+            print(
+                f"error: the file ends {report.missing} memory line(s) short of its header "
+                "(cut short?)",
+                file=sys.stderr,
+            )
+            return 1
         return 0
 
     return await asyncio.to_thread(run)

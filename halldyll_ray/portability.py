@@ -245,6 +245,11 @@ class ImportReport(BaseModel):
     errors: list[ImportProblem] = Field(
         default_factory=list, description=f"The first {MAX_REPORTED_PROBLEMS} problems."
     )
+    missing: int = Field(
+        default=0,
+        description="Memory lines the header announces that the file does not hold: a file "
+        "cut short (an atomic import of one is refused).",
+    )
     atomic: bool = False
     committed: bool = Field(
         default=True, description="False when an atomic import was refused: nothing stored."

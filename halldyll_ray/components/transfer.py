@@ -79,6 +79,12 @@ class _Line:
     vectors: np.ndarray | None = None
 
 
+def _missing(header: ExportHeader, report: ImportReport) -> int:
+    """Memory lines the header announced that the file did not hold (0 for a header without
+    counts: a file written by hand)."""
+    return max(0, sum(header.memories.values()) - report.lines)
+
+
 class Transfer:
     """Export a user's memories as NDJSON lines; import such lines."""
 
@@ -242,6 +248,14 @@ class Transfer:
                         )
                 if not report.error_count:
                     await _link_successors(conn, user_id, links)
+                report.missing = _missing(header, report)
+                if report.missing and not report.error_count:
+                    report.problem(
+                        report.lines + 1,
+                        f"the file ends {report.missing} memory line(s) short of what its header "
+                        "announces: it was cut short",
+                        "memories",
+                    )
                 if report.error_count:
                     report.committed = False
                     report.created, report.merged, report.unchanged = {}, 0, 0
@@ -269,6 +283,7 @@ class Transfer:
             # An empty file for a missing user would otherwise pass without a word.
             async with self.db.scoped(user_id) as conn:
                 await lock_user(conn, user_id)
+        report.missing = _missing(header, report)
         return report
 
     async def _prepare(

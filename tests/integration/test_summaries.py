@@ -178,6 +178,19 @@ async def test_roll_up_covers_quiet_months_and_is_idempotent(engine: MemoryEngin
     with pytest.raises(NotFound):
         await engine.get_memory(user.id, written[2])
 
+    # February's period was rewritten to cover a session summary newer than itself: an export
+    # (summaries after what they cover) brings all its covers back into another user.
+    file = b"".join([line async for line in engine.export_memories(user.id)])
+    twin = await engine.create_user("bea-twin", None, "user")
+    report = await engine.import_memories(twin.id, [file])
+    assert report.error_count == 0 and report.missing == 0
+    periods = [
+        m
+        for m in (await engine.list_memories(twin.id, types=["summary"], limit=100)).items
+        if m.period == "2024-02"
+    ]
+    assert len(periods) == 1 and len(periods[0].memory.covers) == 4
+
 
 async def test_a_period_is_not_written_over_a_session_summary_deleted_meanwhile(
     engine: MemoryEngine,

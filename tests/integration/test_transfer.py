@@ -329,6 +329,25 @@ async def test_a_file_without_a_valid_header_is_refused_and_changes_nothing(
     assert (await engine.list_memories(user)).items == []
 
 
+async def test_a_file_cut_short_of_its_header_is_reported_and_refused_when_atomic(
+    engine: MemoryEngine,
+) -> None:
+    user = await _user(engine, "cut")
+    header = {**_header(), "memories": {"fact": 3}}
+    file = _ndjson([header, _line("Dora sails")])
+    with pytest.raises(InvalidInput) as caught:
+        await engine.import_memories(user, [file], atomic=True)
+    assert caught.value.field == "memories"
+    assert caught.value.fields["report"]["missing"] == 2
+    assert (await engine.list_memories(user)).items == []
+    report = await engine.import_memories(user, [file])
+    assert report.missing == 2 and report.created == {"fact": 1} and report.error_count == 0
+    whole = await engine.import_memories(
+        user, [_ndjson([header, *(_line(f"Dora {n}") for n in "abc")])]
+    )
+    assert whole.missing == 0
+
+
 async def test_export_and_import_of_a_missing_user_are_not_found(engine: MemoryEngine) -> None:
     with pytest.raises(NotFound):
         await _export(engine, uuid.uuid4())

@@ -7,10 +7,12 @@ WHERE user_id = $1 AND (expires_at IS NULL OR expires_at > now())
 GROUP BY type;
 
 -- name: export_memories
--- Summaries last: an import meets the memories a summary covers before the summary.
+-- Summaries last, period summaries after the session summaries they cover: an import meets
+-- the memories a summary covers before the summary (a period summary is rewritten in place,
+-- so it can be older than a session summary it covers).
 SELECT * FROM memories
 WHERE user_id = $1 AND (expires_at IS NULL OR expires_at > now())
-ORDER BY type = 'summary', created_at, id;
+ORDER BY type = 'summary', period IS NOT NULL, created_at, id;
 
 -- name: export_messages
 SELECT cm.memory_id, cm.role, cm.name, cm.content, cm.created_at
