@@ -204,6 +204,51 @@ async def test_subscriptions_follow_the_change_feed_over_websocket(
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
 
 
+async def test_nested_covers_are_bounded_per_request(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """Nested covers multiply (50 a summary, 7 levels, 10 aliases): one query read memories
+    for seconds and slowed every other user. A request reads at most MAX_COVER_READS covered
+    memories, each once."""
+    from halldyll_ray.serve.graphql_api import MAX_COVER_READS, MAX_COVERS
+
+    _, key = await user_with_key(http, admin_key)
+    groups = MAX_COVER_READS // MAX_COVERS + 1  # one more group of facts than the reads allow
+    facts = [{"type": "fact", "statement": f"fact number {n} of many"} for n in range(groups * 50)]
+    stored = await http.post(
+        "/v1/users/me/memories/batch", json={"memories": facts}, headers=bearer(key)
+    )
+    assert stored.status_code == 201, stored.text
+    ids = [m["id"] for m in stored.json()["memories"]]
+    middle = []
+    for g in range(groups):
+        part = {"type": "summary", "text": f"group {g}", "covers": ids[g * 50 : (g + 1) * 50]}
+        made = await http.post("/v1/users/me/memories", json=part, headers=bearer(key))
+        middle.append(made.json()["id"])
+    top = await http.post(
+        "/v1/users/me/memories",
+        json={"type": "summary", "text": "all groups", "covers": middle},
+        headers=bearer(key),
+    )
+    top_id = top.json()["id"]
+    one = await _gql(http, key, "query($id: ID!) { memory(id: $id) { covers { id } } }", id=top_id)
+    assert len(one["data"]["memory"]["covers"]) == groups
+    # The same summaries asked for twice (aliases) are read once: still within the bound.
+    twice = await _gql(
+        http,
+        key,
+        "query($id: ID!) { a: memory(id: $id) { covers { id } } "
+        "b: memory(id: $id) { covers { id } } }",
+        id=top_id,
+    )
+    assert "errors" not in twice, twice
+    deep = await _gql(
+        http, key, "query($id: ID!) { memory(id: $id) { covers { covers { id } } } }", id=top_id
+    )
+    assert deep["errors"][0]["extensions"]["code"] == "invalid_input", deep
+    assert str(MAX_COVER_READS) in deep["errors"][0]["message"]
+
+
 async def test_a_request_that_is_not_graphql_gets_the_api_error_shape(
     http: httpx.AsyncClient, admin_key: str
 ) -> None:
