@@ -198,7 +198,8 @@ class EventFeed:
         connect_timeout_s: How long :meth:`subscribe` waits for the LISTEN connection before
             it raises Unavailable.
         max_subscribers: Subscriptions this process serves at once (EVENTS_MAX_STREAMS);
-            past it :meth:`subscribe` raises Unavailable. Under Ray Serve each SSE stream
+            past it, or past a quarter of it for one user's changes (:meth:`max_per_user`),
+            :meth:`subscribe` raises Unavailable. Under Ray Serve each SSE stream
             holds one of the Ingress replica's ``max_ongoing_requests`` for as long as it is
             open: without this bound, that many streams would leave the replica no slot for
             any other request (measured: with 32 streams open, ``GET /v1/me`` waited past
@@ -228,6 +229,11 @@ class EventFeed:
         self._listener: asyncio.Task[None] | None = None
         self._connection: asyncpg.Connection | None = None
         self._reconnects = 0
+
+    def max_per_user(self) -> int:
+        """Streams of one user's changes this process serves at once: a quarter of
+        ``max_subscribers`` (at least one), so that one user cannot hold them all."""
+        return max(1, self.max_subscribers // 4)
 
     # ------------------------------------------------------------------ subscribing
     async def subscribe(
@@ -263,6 +269,14 @@ class EventFeed:
             raise Unavailable(
                 f"this replica already serves {self.max_subscribers} change feed streams "
                 "(EVENTS_MAX_STREAMS); retry later",
+                retry_after=5,
+            )
+        per_user = self.max_per_user()
+        if len(self._subscribers.get(user_id, ())) >= per_user:
+            # One user's streams held every slot: the others got only 503s.
+            raise Unavailable(
+                f"this replica already serves {per_user} change feed streams of this user (a "
+                "quarter of EVENTS_MAX_STREAMS): close one, or retry later",
                 retry_after=5,
             )
         subscription = Subscription(self, user_id, position=0, pending=[], rechecks=[])

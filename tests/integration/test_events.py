@@ -336,15 +336,15 @@ async def test_who_may_follow_whom(engine: MemoryEngine) -> None:
 
 
 async def test_a_process_serves_at_most_max_subscribers(engine: MemoryEngine) -> None:
-    user = await _user(engine)
+    user, other, third_user = [await _user(engine) for _ in range(3)]
     feed = engine.components.events
     assert feed.max_subscribers == 16  # EVENTS_MAX_STREAMS
     feed.max_subscribers = 2
     try:
         first = await engine.subscribe_events(user)
-        second = await engine.subscribe_events(user)
+        second = await engine.subscribe_events(other)
         with pytest.raises(Unavailable) as full:
-            await engine.subscribe_events(user)
+            await engine.subscribe_events(third_user)
         assert full.value.fields["retry_after"] == 5
         assert feed.subscribers() == 2
         await first.aclose()
@@ -354,6 +354,24 @@ async def test_a_process_serves_at_most_max_subscribers(engine: MemoryEngine) ->
         await second.aclose()
     finally:
         feed.max_subscribers = 16
+    assert feed.subscribers() == 0
+
+
+async def test_one_user_holds_at_most_a_quarter_of_the_streams(engine: MemoryEngine) -> None:
+    """One user's 16 streams left every other user only 503s."""
+    user, other = await _user(engine), await _user(engine)
+    feed = engine.components.events
+    assert feed.max_per_user() == 4
+    held = [await engine.subscribe_events(user) for _ in range(4)]
+    try:
+        with pytest.raises(Unavailable) as full:
+            await engine.subscribe_events(user)
+        assert "of this user" in full.value.message
+        async with await engine.subscribe_events(other):
+            assert feed.subscribers() == 5
+    finally:
+        for subscription in held:
+            await subscription.aclose()
     assert feed.subscribers() == 0
 
 

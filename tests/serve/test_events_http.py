@@ -211,13 +211,18 @@ async def test_a_revoked_key_loses_its_stream_with_an_error_event(
 async def test_past_events_max_streams_a_replica_answers_503_and_keeps_serving_the_api(
     http: httpx.AsyncClient, admin_key: str, ray_serve: dict[str, Any]
 ) -> None:
-    _, key = await user_with_key(http, admin_key)
     limit = int(ray_serve["settings"]["EVENTS_MAX_STREAMS"])
+    keys = [(await user_with_key(http, admin_key))[1] for _ in range(limit + 1)]
+    key = keys[0]
     async with contextlib.AsyncExitStack() as stack:
-        for _ in range(limit):
-            await stack.enter_async_context(stream(http, key))
-        assert await _subscribers(http) == limit
+        # One user holds at most a quarter of the streams (one of these 4).
+        await stack.enter_async_context(stream(http, key))
         r = await http.get(EVENTS.format("me"), headers=bearer(key))
+        assert r.status_code == 503 and "of this user" in r.json()["error"]["message"]
+        for other in keys[1:limit]:
+            await stack.enter_async_context(stream(http, other))
+        assert await _subscribers(http) == limit
+        r = await http.get(EVENTS.format("me"), headers=bearer(keys[limit]))
         assert r.status_code == 503 and r.headers["retry-after"] == "5"
         assert "EVENTS_MAX_STREAMS" in r.json()["error"]["message"]
         r = await http.get("/v1/me", headers=bearer(key))  # the REST API still answers
