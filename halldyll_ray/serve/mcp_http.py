@@ -37,6 +37,7 @@ deployment gives it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -123,7 +124,50 @@ class McpEndpoint:
         if checked.status_code != 200:
             await relay(checked)(scope, receive, send)
             return
-        await manager.handle_request(scope, receive, send)
+        await manager.handle_request(scope, receive, _without_rejected_values(send))
+
+
+#: What a 400 for a message that is not JSON-RPC 2.0 says instead of the SDK's text.
+_NOT_JSON_RPC = (
+    "Validation error: the request is not a valid JSON-RPC 2.0 message (check jsonrpc, id, "
+    "method and params)"
+)
+
+
+def _without_rejected_values(send: Send) -> Send:
+    """``send`` with the SDK's 400 for a malformed message made to say what was wrong without
+    what was sent: its text is pydantic's report, which repeats the rejected values (a tool's
+    arguments can hold a secret). Other answers pass unchanged."""
+    start: dict[str, Any] | None = None
+    body = b""
+
+    async def guarded(message: dict[str, Any]) -> None:
+        nonlocal start, body
+        if message["type"] == "http.response.start" and message["status"] == 400:
+            start = message
+            return
+        if start is None or message["type"] != "http.response.body":
+            await send(message)
+            return
+        body += message.get("body", b"")
+        if message.get("more_body", False):
+            return
+        try:
+            answer = json.loads(body)
+            error = answer["error"]
+            if str(error["message"]).startswith("Validation error"):
+                error["message"] = _NOT_JSON_RPC
+                body = json.dumps(answer).encode()
+        except (ValueError, KeyError, TypeError):
+            pass
+        headers = [
+            (name, str(len(body)).encode() if name.lower() == b"content-length" else value)
+            for name, value in start.get("headers", [])
+        ]
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return guarded  # type: ignore[return-value]
 
 
 def mount_mcp(app: FastAPI, *, path: str = MCP_PATH) -> McpEndpoint:

@@ -414,6 +414,24 @@ async def test_mcp_is_stateless_json(
         assert r.json()["error"]["code"] == "method_not_allowed"
 
 
+async def test_a_message_that_is_not_json_rpc_is_refused_without_its_values(
+    ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """The SDK's 400 was pydantic's report of the message, which repeats its values."""
+    _, key = await _user_with_key(http, admin_key)
+    headers = {**bearer(key), "Accept": "application/json, text/event-stream"}
+    params = {"name": "store_fact", "arguments": {"statement": "hunter2-SECRET"}}
+    for envelope in (
+        {"jsonrpc": "1.0", "id": 1, "method": "tools/call", "params": params},
+        {"jsonrpc": "2.0", "id": {"x": "hunter2-SECRET"}, "method": "tools/call", "params": params},
+    ):
+        r = await http.post("/mcp", json=envelope, headers=headers)
+        assert "hunter2-SECRET" not in r.text, r.text
+        assert r.status_code in (400, 202), r.text
+    listed = await http.get("/v1/users/me/memories", headers=bearer(key))
+    assert listed.json()["items"] == []
+
+
 # --------------------------------------------------------------------------- stdio
 async def test_the_stdio_server_speaks_to_the_http_api(
     ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
