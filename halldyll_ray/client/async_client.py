@@ -26,6 +26,7 @@ from halldyll_ray.client.requests import (
     Request,
     T,
     client_options,
+    export_head,
     unavailable,
     unchecked,
 )
@@ -343,8 +344,18 @@ class AsyncHalldyllClient:
                 if not response.is_success:
                     await response.aread()
                     request.finish(response)
+                head, started = b"", False
                 async for piece in response.aiter_bytes():
-                    yield piece
+                    if started:
+                        yield piece
+                        continue
+                    head += piece
+                    if export_head(request, head, done=False):
+                        started = True
+                        yield head
+                if not started:
+                    export_head(request, head, done=True)
+                    yield head
         except SEND_ERRORS as exc:
             raise unavailable(request, exc) from exc
 

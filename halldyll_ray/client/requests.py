@@ -57,7 +57,7 @@ from halldyll_ray.models import (
     TurnRecord,
     User,
 )
-from halldyll_ray.portability import ImportReport
+from halldyll_ray.portability import ImportReport, parse_header
 from halldyll_ray.schemas import (
     ApiKeyCreate,
     AppendMessagesRequest,
@@ -613,6 +613,26 @@ def check_base_url(base_url: object) -> httpx.URL:
     if url.port is not None and not 0 < url.port < 65536:
         raise InvalidInput(f"{shown} (a port is 1 to 65535)", field="base_url")
     return url
+
+
+#: How much of an export's start the client reads to find its header line.
+_EXPORT_HEAD_BYTES = 1 << 16
+
+
+def export_head(request: Request[Any], head: bytes, *, done: bool) -> bool:
+    """Whether ``head`` (an export's first bytes) holds its whole first line, which must be a
+    halldyll export header; ``done``: the body ended. HalldyllError otherwise: a proxy's or
+    another server's 200 page was written as the export file."""
+    if b"\n" not in head and len(head) < _EXPORT_HEAD_BYTES and not done:
+        return False
+    try:
+        parse_header(1, head.split(b"\n", 1)[0])
+    except InvalidInput:
+        raise HalldyllError(
+            f"{request.method} {request.path} answered with something that is not a halldyll "
+            "export (its first line is not an export header): is the URL the service's?"
+        ) from None
+    return True
 
 
 def client_options(base_url: str, api_key: str, timeout: float) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from halldyll_ray.client.requests import (
     Request,
     T,
     client_options,
+    export_head,
     unavailable,
     unchecked,
 )
@@ -232,7 +233,18 @@ class HalldyllClient:
                 if not response.is_success:
                     response.read()
                     request.finish(response)
-                yield from response.iter_bytes()
+                head, started = b"", False
+                for piece in response.iter_bytes():
+                    if started:
+                        yield piece
+                        continue
+                    head += piece
+                    if export_head(request, head, done=False):
+                        started = True
+                        yield head
+                if not started:
+                    export_head(request, head, done=True)
+                    yield head
         except SEND_ERRORS as exc:
             raise unavailable(request, exc) from exc
 

@@ -202,3 +202,27 @@ def test_a_key_is_read_without_its_byte_order_mark(
     assert cli._api_key(argparse.Namespace(key=None, key_file=str(key_file))) == KEY
     monkeypatch.setenv("HALLDYLL_API_KEY", f"\ufeff {KEY}\n")
     assert cli._api_key(argparse.Namespace(key=None, key_file=None)) == KEY
+
+
+async def test_an_export_that_is_not_a_halldyll_export_is_an_error() -> None:
+    """A proxy's or another server's 200 page was written as the export file."""
+    header = (
+        b'{"format": "halldyll-export", "version": 1, "user": {"id": '
+        b'"00000000-0000-0000-0000-000000000001", "username": "ada"}, '
+        b'"exported_at": "2026-11-30T00:00:00Z"}\n'
+    )
+
+    def answering(body: bytes) -> Callable[[httpx.Request], httpx.Response]:
+        return lambda request: httpx.Response(200, content=body)
+
+    for body in (b"<html><body>Welcome to nginx!</body></html>\n", b"", b"{}\n"):
+        with _sync(answering(body)) as client, pytest.raises(HalldyllError, match="export"):
+            b"".join(client.export_memories())
+        async with _async(answering(body)) as aclient:
+            with pytest.raises(HalldyllError, match="export"):
+                _ = [piece async for piece in aclient.export_memories()]
+    good = header + b'{"id": "x"}\n'
+    with _sync(answering(good)) as client:
+        assert b"".join(client.export_memories()) == good
+    async with _async(answering(good)) as aclient:
+        assert b"".join([piece async for piece in aclient.export_memories()]) == good
