@@ -302,6 +302,21 @@ def _not_served_here(scope: Any) -> str | None:
     return None
 
 
+#: Request headers that carry one value: given twice, the first one was read without a word.
+_ONE_VALUE_HEADERS = {b"idempotency-key": "Idempotency-Key", b"last-event-id": "Last-Event-ID"}
+
+
+def _repeated_header(scope: Any) -> str | None:
+    """The first of :data:`_ONE_VALUE_HEADERS` the request gives twice, or None."""
+    seen: set[bytes] = set()
+    for name, _ in scope.get("headers") or ():
+        if name in _ONE_VALUE_HEADERS:
+            if name in seen:
+                return _ONE_VALUE_HEADERS[name]
+            seen.add(name)
+    return None
+
+
 def _repeated_parameter(scope: Any) -> str | None:
     """The first query parameter the request gives twice (``?types=fact&types=image``), or
     None. Every parameter of this API takes one value, and Starlette keeps the last of
@@ -349,14 +364,16 @@ class _RequestContext:
             self._record(scope, request_id, 400, time.perf_counter())
             return
         repeated = _repeated_parameter(scope)
-        if repeated is not None:
-            refusal = error_response(
-                422,
-                "invalid_input",
+        header = None if repeated is not None else _repeated_header(scope)
+        if repeated is not None or header is not None:
+            message = (
                 f"query parameter {repeated!r} is given more than once (every parameter takes "
-                "one value; a list is comma-separated)",
-                request_id,
-                field=repeated,
+                "one value; a list is comma-separated)"
+                if repeated is not None
+                else f"header {header} is given more than once (it takes one value)"
+            )
+            refusal = error_response(
+                422, "invalid_input", message, request_id, field=repeated or header
             )
             await refusal(scope, receive, send)
             self._record(scope, request_id, 422, time.perf_counter())

@@ -308,6 +308,24 @@ async def test_a_query_parameter_given_twice_is_422_naming_it(
         assert r.json()["error"]["field"] == name
     ok = await http.get("/v1/users/me/memories?types=fact,image&limit=3", headers=bearer(key))
     assert ok.status_code == 200
+    # A one-value header given twice: the first was read without a word.
+    auth = ("Authorization", f"Bearer {key}")
+    for path, method, header, body in (
+        ("/v1/users/me/events", "GET", "Last-Event-ID", None),  # values 1 and 2 below
+        (
+            "/v1/users/me/sessions/s1/turns",
+            "POST",
+            "Idempotency-Key",
+            {"user_message": "a", "assistant_message": "b"},
+        ),
+    ):
+        r = await http.request(
+            method, path, json=body, headers=[auth, (header, "1"), (header, "2")]
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["field"] == header
+    listed = await http.get("/v1/users/me/memories", headers=bearer(key))
+    assert listed.json()["items"] == []
 
 
 # ------------------------------------------------------------------ stalled bodies
