@@ -21,12 +21,12 @@ from halldyll_ray.client.requests import (
     SEND_ERRORS,
     UPLOAD_CHUNK_BYTES,
     Endpoints,
+    ExportStart,
     Id,
     MemoryInput,
     Request,
     T,
     client_options,
-    export_head,
     unavailable,
     unchecked,
 )
@@ -344,18 +344,12 @@ class AsyncHalldyllClient:
                 if not response.is_success:
                     await response.aread()
                     request.finish(response)
-                head, started = b"", False
+                start = ExportStart(request)
                 async for piece in response.aiter_bytes():
-                    if started:
-                        yield piece
-                        continue
-                    head += piece
-                    if export_head(request, head, done=False):
-                        started = True
-                        yield head
-                if not started:
-                    export_head(request, head, done=True)
-                    yield head
+                    if passed := start.feed(piece):
+                        yield passed
+                if rest := start.end():
+                    yield rest
         except SEND_ERRORS as exc:
             raise unavailable(request, exc) from exc
 

@@ -635,6 +635,32 @@ def export_head(request: Request[Any], head: bytes, *, done: bool) -> bool:
     return True
 
 
+class ExportStart:
+    """An export's first bytes, held until its first line is whole and checked
+    (:func:`export_head`); both clients pass their pieces through it."""
+
+    def __init__(self, request: Request[Any]) -> None:
+        self.request = request
+        self.head = b""
+        self.started = False
+
+    def feed(self, piece: bytes) -> bytes:
+        """What to pass on for ``piece``: nothing until the first line is checked."""
+        if self.started:
+            return piece
+        self.head += piece
+        self.started = export_head(self.request, self.head, done=False)
+        return self.head if self.started else b""
+
+    def end(self) -> bytes:
+        """What is left to pass on when the body ended (a file of one short line)."""
+        if self.started:
+            return b""
+        export_head(self.request, self.head, done=True)
+        self.started = True
+        return self.head
+
+
 def client_options(base_url: str, api_key: str, timeout: float) -> dict[str, Any]:
     """The httpx client's options; InvalidInput for a bad ``base_url``, key or timeout."""
     return {
