@@ -149,3 +149,9 @@ def test_settings_select_the_model_and_its_dimension(tmp_path: Path) -> None:
     for source in default_model_files():
         shutil.copy(source, model / ("model.onnx" if source.suffix == ".onnx" else source.name))
     assert isinstance(load_encoder("minilm", model, dimension=384), OnnxEncoder)
+
+
+def test_unknown_spans_are_what_sentencepiece_cannot_read(use: UseMultilingualEncoder) -> None:
+    """The near-duplicate merge compares them (textproc.same_particulars)."""
+    assert use.unknown_spans("My allergy: \U0001f95c") == ["\U0001f95c"]
+    assert use.unknown_spans("Ada likes jazz") == [] == use.unknown_spans("")
