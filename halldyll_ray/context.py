@@ -27,6 +27,11 @@ CURRENT = "Current message"
 SECTION_ORDER = (SUMMARY, HISTORY, FACTS, MEMORIES, RECENT, CURRENT)
 _REFERENCED = frozenset({SUMMARY, HISTORY, FACTS, MEMORIES})
 
+#: What every line of an item after its first starts with: only the renderer's own lines
+#: (a ``## `` section header, an item's ``[n] `` number or ``role: ``) start at the line's
+#: beginning, so a memory's text cannot open a section or cite a source of its own.
+CONTINUATION = "    "
+
 #: Largest share of the budget each bounded section may take; relevant facts and memories
 #: share what is left after the sections before them in priority order.
 SUMMARY_SHARE = 0.25
@@ -217,13 +222,14 @@ def assemble(
     covered: set[UUID] = set()
 
     def render_line(candidate: Candidate) -> str:
+        text = fence(candidate.text)
         if candidate.section in _REFERENCED and candidate.memory_id is not None:
             if candidate.memory_id in references:
                 number = references.index(candidate.memory_id) + 1
             else:
                 number = len(references) + 1
-            return f"[{number}] {candidate.text}"
-        return candidate.text
+            return f"[{number}] {text}"
+        return text
 
     def take(candidate: Candidate, limit: int, *, truncatable: bool) -> bool:
         section = candidate.section
@@ -301,6 +307,22 @@ def assemble(
         sources=list(references),
         sections=sections,
     )
+
+
+def fence(text: str) -> str:
+    """``text`` as the lines of one context item: every line after the first indented by
+    :data:`CONTINUATION` (blank lines stay empty), every line break (``\\r\\n``, ``\\r``,
+    U+2028 ... as :meth:`str.splitlines` reads them) written as ``\\n``.
+
+    A message, fact or summary is the user's text and may hold ``## Relevant facts`` or
+    ``[1] ...`` on a line of its own; unfenced, it would read as a section or a cited source
+    of the context. Fenced, it stays inside its item: at the start of a line of the block
+    there is only what :func:`assemble` writes.
+    """
+    lines = text.splitlines()
+    if len(lines) <= 1 and (not lines or lines[0] == text):
+        return text
+    return "\n".join([lines[0], *(CONTINUATION + line if line else "" for line in lines[1:])])
 
 
 def _render(
