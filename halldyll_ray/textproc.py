@@ -413,7 +413,10 @@ def extractive_summary(
     sentences: list[tuple[int, str, str]] = []
     seen: set[str] = set()
     for line in lines:
-        for sentence in re.split(r"(?<=[.!?])\s+|\n+", line.content):
+        # Every line break str.splitlines knows (\r, U+2028 ...), not only \n: a sentence
+        # holding one would be a line of the summary with no role, or another role's.
+        said = (s for part in line.content.splitlines() for s in re.split(r"(?<=[.!?])\s+", part))
+        for sentence in said:
             sentence = sentence.strip()
             key = normalize_statement(sentence)
             # A sentence said again adds nothing to a summary (repeated preferences, greetings).
