@@ -32,7 +32,8 @@ Run from the repository root (about 5 minutes on 2 cores per layout, embedded Po
 Redis)::
 
     .venv/bin/python benchmarks/locomo.py [--layouts session turn] \
-        [--modes semantic hybrid fulltext] [--group part|memory] [--via inprocess|http]
+        [--modes semantic hybrid fulltext] [--group part|memory] [--via inprocess|http] \
+        [--data locomo10.json] [--samples conv-47 conv-48]
 """
 
 from __future__ import annotations
@@ -281,7 +282,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from halldyll_ray.storage.embedded import EmbeddedPostgres
     from halldyll_ray.storage.migrate import apply_migrations
 
-    samples = json.loads(DATA.read_text())
+    samples = json.loads(args.data.read_text())
+    if args.samples:
+        samples = [s for s in samples if s.get("sample_id") in args.samples]
     with tempfile.TemporaryDirectory(prefix="hr-locomo-") as tmp:
         server = EmbeddedPostgres(Path(tmp), database="locomo")
         try:
@@ -367,13 +370,26 @@ def main() -> int:
         "and recall@depth: the most a reranker of that many first-stage candidates could "
         "reach (0: skip; at most 100)",
     )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DATA,
+        help="a LoCoMo JSON file (a list of samples, as locomo10.json): the development split "
+        "by default; the held-out conversations are measured the same way with their file",
+    )
+    parser.add_argument(
+        "--samples", nargs="+", default=None, help="only these sample_ids (e.g. conv-47)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "locomo.json")
     args = parser.parse_args()
     if not 0 <= args.depth <= 100:
         parser.error("--depth must be between 0 and 100")
-    if not DATA.exists():
-        print(f"{DATA} is missing (the shared development split)", file=sys.stderr)
+    if not args.data.exists():
+        print(f"{args.data} is missing (the shared development split)", file=sys.stderr)
         return 2
+    found = {s.get("sample_id") for s in json.loads(args.data.read_text())}
+    if args.samples and not set(args.samples) <= found:
+        parser.error(f"--samples: not in {args.data}: {sorted(set(args.samples) - found)}")
     results = asyncio.run(run(args))
     rows = []
     for name, r in results.items():
