@@ -412,6 +412,12 @@ class AuthorizedEngine:
         await self._check(Operation.MAINTENANCE, "embedding.reembed_status")
         return await self._run(self.engine.reembed_status)
 
+    async def health(self) -> dict[str, Any]:
+        """The engine's full health report (:meth:`MemoryEngine.health`: versions, the model,
+        counters; Admins: ``maintenance``)."""
+        await self._check(Operation.MAINTENANCE, "service.health")
+        return await self._run(self.engine.health)
+
     async def check_service_stats(self) -> None:
         """Allow reading the service's own request metrics (``GET /v1/stats``): Admins only
         (``maintenance``); anyone else gets PermissionDenied, audited as ``service.stats``."""

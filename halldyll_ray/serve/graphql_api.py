@@ -10,7 +10,9 @@ One more door into the same rooms:
   key gets the REST API's 401, not a GraphQL error. A WebSocket brings its key in the
   ``Authorization`` header of the handshake or in the ``connection_init`` payload
   (``{"Authorization": "Bearer <key>"}``, what browser clients can send); without a valid
-  one the socket is closed with 4403.
+  one the socket is closed with 4403 (``graphql-transport-ws`` and the legacy ``graphql-ws``).
+- **One operation.** A document of several operations needs ``operationName``, and a
+  subscription needs the WebSocket: otherwise 400 over HTTP, and nothing runs.
 - **Subscriptions** (``memoryEvents``) ride the change feed (``GET /v1/users/{id}/events``):
   the same permission check (``memory.read``, audited), rechecked every 30 s with the key,
   and ``after`` resumes as ``Last-Event-ID`` does.
@@ -25,28 +27,39 @@ a unit test keeps it current).
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Annotated, Any, TypeVar, cast
 
 import strawberry
 from cross_web import HTTPException
 from fastapi import FastAPI
-from graphql import GraphQLError
+from graphql import GraphQLError, OperationDefinitionNode
 from starlette.requests import HTTPConnection, Request
 from starlette.types import Receive, Scope, Send
 from strawberry.asgi import GraphQL
-from strawberry.exceptions import ConnectionRejectionError
-from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
+from strawberry.exceptions import ConnectionRejectionError, MissingQueryError
+from strawberry.extensions import (
+    MaxAliasesLimiter,
+    MaxTokensLimiter,
+    QueryDepthLimiter,
+    SchemaExtension,
+)
 from strawberry.scalars import JSON
-from strawberry.types import Info
+from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
+from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
+from strawberry.subscriptions.protocols.graphql_ws.types import ConnectionInitMessage
+from strawberry.types import ExecutionContext, Info
+from strawberry.types.graphql import OperationType
 
 from halldyll_ray import models as hm
 from halldyll_ray import requestctx
 from halldyll_ray.client import AsyncHalldyllClient
 from halldyll_ray.errors import AuthenticationFailed, HalldyllError
 from halldyll_ray.serve import http
-from halldyll_ray.serve.http import error_response
+from halldyll_ray.serve.http import error_response, status_of
 from halldyll_ray.serve.loopback import (
     Loopback,
     authorization_of,
@@ -72,6 +85,7 @@ MAX_ALIASES = 10
 MAX_TOKENS = 2000
 
 _T = TypeVar("_T")
+log = logging.getLogger(__name__)
 #: A user argument's default: the caller.
 ME = strawberry.ID("me")
 
@@ -84,12 +98,14 @@ MemoryEventKind = strawberry.enum(hm.MemoryEventKind, name="MemoryEventKind")
 # --------------------------------------------------------------------------- context
 class GraphQLContext:
     """Per request (or WebSocket): the loopback and the caller's ``Authorization`` header;
-    ``connection_params`` is what a WebSocket's ``connection_init`` carried."""
+    ``connection_params`` is what a WebSocket's ``connection_init`` carried, ``websocket``
+    whether the operations come over one."""
 
     def __init__(self, loopback: Loopback, connection: HTTPConnection) -> None:
         self.loopback = loopback
         self.connection_params: dict[str, Any] | None = None
         self.authorization = connection.headers.get("authorization", "")
+        self.websocket = connection.scope["type"] == "websocket"
         self.request_id = request_id_of(connection.scope)
         #: What ``covers`` read in this request, by memory id (a memory covered twice is
         #: read once), and how many reads are left of :data:`MAX_COVER_READS`.
@@ -403,7 +419,7 @@ def _graphql_error(exc: HalldyllError) -> GraphQLError:
     for name in ("status_code", "field", "request_id", "report"):
         if exc.fields.get(name) is not None:
             extensions[name] = exc.fields[name]
-    return GraphQLError(exc.message, extensions=extensions)
+    return GraphQLError(exc.message, extensions=extensions, original_error=exc)
 
 
 async def _call(
@@ -677,7 +693,10 @@ class Subscription:
         # the app, while the replica's Ingress registers itself on the module's object.
         ingress = getattr(http.api.state, "ingress", None)
         if ingress is None:
-            raise GraphQLError("the change feed is not running", extensions={"code": "unavailable"})
+            raise GraphQLError(
+                "the change feed is not running",
+                extensions={"code": "unavailable", "status_code": 503},
+            )
         try:
             key = context.api_key
             engine = await ingress.engine()
@@ -720,11 +739,114 @@ def _feed_item(item: hm.MemoryEvent | hm.EventsResync) -> MemoryEvent | EventsRe
     )
 
 
-schema = strawberry.Schema(
+class _OperationNameRequired(CannotGetOperationTypeError):
+    """A document of several operations, none named by the request (400 over HTTP, as an
+    ``operationName`` that names none of them)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(None)
+        self.count = count
+
+    def as_http_error_reason(self) -> str:
+        return f"the document holds {self.count} operations: name the one to run in operationName"
+
+
+class _SubscriptionNeedsWebSocket(InvalidOperationTypeError):
+    """A subscription sent over HTTP (400)."""
+
+    def __init__(self) -> None:
+        super().__init__(OperationType.SUBSCRIPTION)
+
+    def as_http_error_reason(self, method: str = "POST") -> str:
+        return (
+            f"subscriptions need the WebSocket transport: open a WebSocket to {GRAPHQL_PATH} "
+            f"(subprotocol graphql-transport-ws) and subscribe there, not over {method}"
+        )
+
+
+class _OperationChecks(SchemaExtension):
+    """Refuses, before anything runs, two requests strawberry would run:
+
+    - several operations without ``operationName``: strawberry ran the first one (a mutation
+      too), where the spec's GetOperation requires the name;
+    - a subscription that does not come over a WebSocket: over POST it ran as a query and
+      failed with a server error.
+
+    Over HTTP both answer 400 (strawberry maps these exceptions); over a WebSocket, an error
+    message for the operation.
+    """
+
+    def on_operation(self) -> Iterator[None]:
+        # Before parsing, ``operation_name`` is the request's; after, strawberry answers the
+        # first operation's name for a request that named none.
+        self.named = self.execution_context.operation_name is not None
+        yield
+
+    def on_validate(self) -> Iterator[None]:
+        execution = self.execution_context
+        document = execution.graphql_document
+        operations = [] if document is None else document.definitions
+        count = sum(isinstance(d, OperationDefinitionNode) for d in operations)
+        if count > 1 and not self.named:
+            raise _OperationNameRequired(count)
+        context = execution.context
+        websocket = isinstance(context, GraphQLContext) and context.websocket
+        if execution.operation_type is OperationType.SUBSCRIPTION and not websocket:
+            raise _SubscriptionNeedsWebSocket
+        yield
+
+
+#: What a request got wrong (over a WebSocket strawberry turns the last three into errors)
+#: or the API refused, as the cause of a GraphQL error.
+_REQUEST_ERRORS = (
+    GraphQLError,
+    HalldyllError,
+    MissingQueryError,
+    CannotGetOperationTypeError,
+    InvalidOperationTypeError,
+)
+
+
+class _Schema(strawberry.Schema):
+    """The schema, logging its errors by who caused them."""
+
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        """One line per error the request caused or the API answered (a bad document, a
+        REST refusal a resolver relays), without a traceback: INFO, or WARNING for a 5xx
+        (the REST route logs its own 500s with their traceback). Anything else a resolver
+        raised is logged at ERROR with its traceback. (Strawberry logs every error at ERROR,
+        with the traceback of whatever lies behind it: a 404 took a dozen lines.)"""
+        for error in errors:
+            cause = error.original_error
+            while isinstance(cause, GraphQLError) and cause.original_error is not None:
+                cause = cause.original_error
+            if cause is not None and not isinstance(cause, _REQUEST_ERRORS):
+                log.error("GraphQL error: %s", error.message, exc_info=cause)
+                continue
+            extensions = error.extensions or {}
+            status = extensions.get("status_code")
+            if status is None and isinstance(cause, HalldyllError):
+                status = status_of(cause)
+            level = logging.WARNING if isinstance(status, int) and status >= 500 else logging.INFO
+            path = ".".join(str(p) for p in error.path or ())
+            log.log(
+                level,
+                "GraphQL request refused (%s %s)%s: %s",
+                status or 400,
+                extensions.get("code", "invalid_document"),
+                f" at {path}" if path else "",
+                error.message,
+            )
+
+
+schema = _Schema(
     query=Query,
     mutation=Mutation,
     subscription=Subscription,
     extensions=[
+        _OperationChecks,
         lambda: QueryDepthLimiter(max_depth=MAX_DEPTH),
         lambda: MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
@@ -732,8 +854,30 @@ schema = strawberry.Schema(
 )
 
 
+class _GraphQLWSHandler(BaseGraphQLWSHandler[GraphQLContext, None]):
+    """The legacy ``graphql-ws`` subprotocol, refusing a connection as
+    ``graphql-transport-ws`` does: ``connection_error``, then close with 4403 (strawberry's
+    own closes with 1011, a server error)."""
+
+    async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
+        payload = message.get("payload")
+        self.context.connection_params = payload if isinstance(payload, dict) else None
+        try:
+            await self.view.on_ws_connect(self.context)
+        except ConnectionRejectionError as exc:
+            await self.send_message({"type": "connection_error", "payload": exc.payload})
+            await self.websocket.close(code=4403, reason="Forbidden")
+            return
+        await self.send_message({"type": "connection_ack"})
+        self.connection_acknowledged = True
+        if self.keep_alive:
+            self.keep_alive_task = asyncio.create_task(self.handle_keep_alive())
+
+
 class _GraphQL(GraphQL[GraphQLContext, None]):
     """Strawberry's ASGI app with this service's context and WebSocket check."""
+
+    graphql_ws_handler_class = _GraphQLWSHandler
 
     def __init__(self, loopback: Loopback) -> None:
         super().__init__(schema, graphql_ide=None, allow_queries_via_get=False)

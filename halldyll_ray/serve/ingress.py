@@ -166,16 +166,31 @@ class Ingress(EngineOwner):
 
     @api.get("/readyz", tags=["health"])
     async def readyz(self) -> Response:
-        """Readiness per dependency: PostgreSQL, Redis, the model (503 only without PostgreSQL)."""
+        """Readiness per dependency: PostgreSQL, Redis, the model (503 only without PostgreSQL).
+
+        It answers without a key (probes), so it says only whether each dependency is ``ok``
+        (and its ``error``): versions and counters are ``GET /v1/admin/health``'s."""
         try:
             report = await (await self.engine()).health()
         except HalldyllError as exc:
             report = {"ok": False, "database": {"ok": False, "error": exc.message}}
+        public: dict[str, Any] = {"ok": report["ok"]}
+        for name in ("database", "redis", "model"):
+            if name in report:
+                public[name] = {k: v for k, v in report[name].items() if k in ("ok", "error")}
         return JSONResponse(
-            report,
+            public,
             status_code=200 if report["ok"] else 503,
             headers={} if report["ok"] else {"Retry-After": "5"},
         )
+
+    @api.get("/v1/admin/health", tags=["maintenance"])
+    async def admin_health(self, request: Request) -> Any:
+        """The readiness report in full (Admins): ``/readyz``'s, plus PostgreSQL's server
+        ``version``, Redis ``configured``, the model's ``id`` and ``dimension``, and this
+        Ingress replica's change feed (``events``: listening, subscribers, reconnects) and
+        background jobs (``jobs``: extraction mode, workers, counts)."""
+        return json_response(await (await self._api(request)).health())
 
     # ----------------------------------------------------------------------- users and keys
     @api.get("/v1/me", tags=["users"])

@@ -65,7 +65,7 @@ async def test_store_and_search_across_nodes(
     assert found.status_code == 200, found.text
     results = found.json()["results"]
     assert results and results[0]["memory"]["id"] == stored.json()["id"]
-    ready = (await http.get("/readyz")).json()
+    ready = (await http.get("/v1/admin/health", headers=bearer(admin_key))).json()
     assert ready["database"]["ok"] and ready["model"]["dimension"] == 384
 
 

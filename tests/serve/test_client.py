@@ -54,7 +54,7 @@ async def test_async_client_round_trip(ray_serve: dict[str, Any], admin_key: str
     async with AsyncHalldyllClient(url, admin_key, timeout=60) as admin:
         assert (await admin.healthz()) == {"status": "ok"}
         ready = await admin.readyz()
-        assert ready["ok"] and ready["model"]["dimension"] == 384
+        assert ready["ok"] and ready["model"] == {"ok": True}
         assert (await admin.me()).role is Role.ADMIN
 
         user = await admin.create_user(_name("ada"), "ada@example.com")

@@ -64,14 +64,14 @@ async def stream(
         yield SSE(response)
 
 
-async def _subscribers(http: httpx.AsyncClient) -> int:
-    report = (await http.get("/readyz")).json()
+async def _subscribers(http: httpx.AsyncClient, admin_key: str) -> int:
+    report = (await http.get("/v1/admin/health", headers=bearer(admin_key))).json()
     return int(report["events"]["subscribers"])
 
 
-async def _until_no_subscribers(http: httpx.AsyncClient) -> None:
+async def _until_no_subscribers(http: httpx.AsyncClient, admin_key: str) -> None:
     for _ in range(100):
-        if await _subscribers(http) == 0:
+        if await _subscribers(http, admin_key) == 0:
             return
         await asyncio.sleep(0.1)
     raise AssertionError("the Ingress still serves a subscription after the client left")
@@ -105,7 +105,7 @@ async def test_the_stream_carries_writes_made_through_the_rest_api(
         # Idle, the stream sends keep-alive comments (EVENTS_KEEPALIVE_SECONDS=1 here).
         assert (await events.comment(within=5)).startswith(": ping")
     # The client left: the Ingress's subscription ends with the request.
-    await _until_no_subscribers(http)
+    await _until_no_subscribers(http, admin_key)
 
 
 async def test_a_dropped_connection_resumes_with_last_event_id(
@@ -123,7 +123,7 @@ async def test_a_dropped_connection_resumes_with_last_event_id(
         first = await store("first")
         seen = await events.next()
         assert seen["data"]["memory_id"] == first
-    await _until_no_subscribers(http)
+    await _until_no_subscribers(http, admin_key)
     meanwhile = [await store(text) for text in ("second", "third")]
     async with stream(http, key, **{"Last-Event-ID": seen["id"]}) as events:
         replayed = [await events.next(), await events.next()]
@@ -185,7 +185,7 @@ async def test_who_may_follow_and_bad_requests(http: httpx.AsyncClient, admin_ke
     assert r.status_code == 404
     r = await http.get(EVENTS.format("nobody"), headers=bearer(admin_key))
     assert r.status_code == 422
-    await _until_no_subscribers(http)
+    await _until_no_subscribers(http, admin_key)
 
 
 async def test_a_revoked_key_loses_its_stream_with_an_error_event(
@@ -205,7 +205,7 @@ async def test_a_revoked_key_loses_its_stream_with_an_error_event(
         except EOFError:
             extra = None
         assert extra is None
-    await _until_no_subscribers(http)
+    await _until_no_subscribers(http, admin_key)
 
 
 async def test_past_events_max_streams_a_replica_answers_503_and_keeps_serving_the_api(
@@ -221,12 +221,12 @@ async def test_past_events_max_streams_a_replica_answers_503_and_keeps_serving_t
         assert r.status_code == 503 and "of this user" in r.json()["error"]["message"]
         for other in keys[1:limit]:
             await stack.enter_async_context(stream(http, other))
-        assert await _subscribers(http) == limit
+        assert await _subscribers(http, admin_key) == limit
         r = await http.get(EVENTS.format("me"), headers=bearer(keys[limit]))
         assert r.status_code == 503 and r.headers["retry-after"] == "5"
         assert "EVENTS_MAX_STREAMS" in r.json()["error"]["message"]
         r = await http.get("/v1/me", headers=bearer(key))  # the REST API still answers
         assert r.status_code == 200
-    await _until_no_subscribers(http)
+    await _until_no_subscribers(http, admin_key)
     async with stream(http, key):
         pass

@@ -127,9 +127,54 @@ async def test_without_a_valid_key_graphql_answers_401_like_rest(
     assert (await http.get(GQL)).status_code in (401, 405)  # no IDE, no GET queries
 
 
-async def _ws(url: str, headers: dict[str, str] | None = None) -> Any:
+async def test_a_document_of_several_operations_runs_only_the_one_it_names(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """The spec's GetOperation: several operations and no operationName is an error, and
+    nothing runs (strawberry ran the first one, here a mutation)."""
+    _, key = await user_with_key(http, admin_key)
+    document = (
+        "mutation Store($m: JSON!) { storeMemory(memory: $m) { id } } query Who { me { id } }"
+    )
+    fact = {"type": "fact", "statement": "Noor plays the oud"}
+    for name in (None, "Nobody"):
+        response = await http.post(
+            GQL,
+            json={"query": document, "variables": {"m": fact}, "operationName": name},
+            headers=bearer(key),
+        )
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "invalid_input" and error["request_id"], error
+        assert ("operationName" if name is None else name) in error["message"]
+    listed = await http.get("/v1/users/me/memories", headers=bearer(key))
+    assert listed.json()["items"] == []  # the mutation did not run
+    named = await http.post(
+        GQL,
+        json={"query": document, "variables": {"m": fact}, "operationName": "Store"},
+        headers=bearer(key),
+    )
+    assert named.status_code == 200 and named.json()["data"]["storeMemory"]["id"], named.text
+    listed = await http.get("/v1/users/me/memories", headers=bearer(key))
+    assert [m["id"] for m in listed.json()["items"]] == [named.json()["data"]["storeMemory"]["id"]]
+
+
+async def test_a_subscription_over_post_is_sent_to_the_websocket(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    _, key = await user_with_key(http, admin_key)
+    document = "subscription { memoryEvents { ... on MemoryEvent { id } } }"
+    response = await http.post(GQL, json={"query": document}, headers=bearer(key))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_input" and "WebSocket" in error["message"], error
+
+
+async def _ws(
+    url: str, headers: dict[str, str] | None = None, subprotocol: str = "graphql-transport-ws"
+) -> Any:
     ws_url = url.replace("http://", "ws://") + GQL
-    return connect(ws_url, subprotocols=["graphql-transport-ws"], additional_headers=headers or {})  # type: ignore[list-item]
+    return connect(ws_url, subprotocols=[subprotocol], additional_headers=headers or {})  # type: ignore[list-item]
 
 
 async def test_subscriptions_follow_the_change_feed_over_websocket(
@@ -195,13 +240,21 @@ async def test_subscriptions_follow_the_change_feed_over_websocket(
         assert errors[0]["extensions"]["code"] == "permission_denied"
     assert user["id"] != other["id"]
 
-    # No key, or a bad one: the socket is closed before any subscription.
-    for payload in ({}, bearer("hk_not-a-real-key")):
-        async with await _ws(ray_serve["url"]) as ws:
-            await ws.send(json.dumps({"type": "connection_init", "payload": payload}))
-            with pytest.raises(ConnectionClosed) as closed:
-                await asyncio.wait_for(ws.recv(), 30)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+    # No key, or a bad one: the socket is closed with 4403 before any subscription, over
+    # the legacy graphql-ws subprotocol too (after its connection_error message).
+    for subprotocol in ("graphql-transport-ws", "graphql-ws"):
+        for payload in ({}, bearer("hk_not-a-real-key")):
+            async with await _ws(ray_serve["url"], subprotocol=subprotocol) as ws:
+                await ws.send(json.dumps({"type": "connection_init", "payload": payload}))
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                        assert message["type"] == "connection_error", message
+                assert closed.value.rcvd is not None, subprotocol
+                assert closed.value.rcvd.code == 4403, (subprotocol, closed.value.rcvd)
+        async with await _ws(ray_serve["url"], subprotocol=subprotocol) as ws:
+            await ws.send(json.dumps({"type": "connection_init", "payload": bearer(key)}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "connection_ack"
 
 
 async def test_nested_covers_are_bounded_per_request(

@@ -17,14 +17,30 @@ from support import user_with_key as _user_with_key
 from halldyll_ray.models import SearchResult
 
 
-async def test_health(http: httpx.AsyncClient) -> None:
+async def test_health(http: httpx.AsyncClient, admin_key: str) -> None:
     assert (await http.get("/healthz")).json() == {"status": "ok"}
     # Serve's own health route (KubeRay's probe), answered by HAProxy in front of the app.
     assert (await http.get("/-/healthz")).status_code == 200
+    # Readiness answers anyone: each dependency's status, no versions, no counters.
     ready = await http.get("/readyz")
     assert ready.status_code == 200
-    body = ready.json()
-    assert body["database"]["ok"] and body["redis"]["ok"] and body["model"]["dimension"] == 384
+    assert ready.json() == {
+        "ok": True,
+        "database": {"ok": True},
+        "redis": {"ok": True},
+        "model": {"ok": True},
+    }
+    # The full report is an Admin's: PostgreSQL's version, the model, this replica's counters.
+    full = await http.get("/v1/admin/health", headers=bearer(admin_key))
+    assert full.status_code == 200, full.text
+    body = full.json()
+    assert body["ok"] and body["database"]["ok"] and body["database"]["version"]
+    assert body["redis"] == {"ok": True, "configured": True}
+    assert body["model"]["dimension"] == 384 and body["events"]["reconnects"] >= 0
+    _, key = await _user_with_key(http, admin_key)
+    denied = await http.get("/v1/admin/health", headers=bearer(key))
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "permission_denied"
+    assert (await http.get("/v1/admin/health")).status_code == 401
     assert (await http.get("/openapi.json")).json()["info"]["title"] == "halldyll-ray"
 
 

@@ -1,0 +1,132 @@
+"""GraphQL requests the spec refuses are refused before anything runs, and the log says what
+a client got wrong in one line, keeping tracebacks for the server's own failures.
+
+The GraphQL app runs in process over a stand-in for the REST API it calls (the Loopback's
+target): the stand-in counts the calls, so a resolver that ran shows."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import pytest_asyncio
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.requests import Request
+
+from halldyll_ray.serve.graphql_api import GraphQLContext, _GraphQL, schema
+from halldyll_ray.serve.loopback import Loopback
+
+AUTH = {"authorization": "Bearer hk_test"}
+
+
+def _rest(calls: list[str]) -> FastAPI:
+    """What the resolvers call: ``GET /v1/me`` refuses (403), a delete is counted."""
+    app = FastAPI()
+
+    @app.get("/v1/me")
+    async def me(request: Request) -> JSONResponse:
+        calls.append("me")
+        error = {"code": "permission_denied", "message": "not you", "request_id": "r-1"}
+        return JSONResponse({"error": error}, status_code=403)
+
+    @app.delete("/v1/users/me/memories/{memory_id}")
+    async def delete(memory_id: str) -> JSONResponse:
+        calls.append(f"delete {memory_id}")
+        return JSONResponse({"id": memory_id})
+
+    return app
+
+
+@pytest_asyncio.fixture
+async def graphql(calls: list[str]) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=_GraphQL(Loopback(_rest(calls))))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+@pytest.fixture
+def calls() -> list[str]:
+    return []
+
+
+async def test_several_operations_without_an_operation_name_run_none(
+    graphql: httpx.AsyncClient, calls: list[str]
+) -> None:
+    document = 'mutation Forget { deleteMemory(id: "m-1") } query Who { me { id } }'
+    answer = await graphql.post("/graphql", json={"query": document}, headers=AUTH)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "invalid_input" and "operationName" in error["message"]
+    # A name that no operation has: refused too.
+    named = {"query": document, "operationName": "Remember"}
+    answer = await graphql.post("/graphql", json=named, headers=AUTH)
+    assert answer.status_code == 400 and "Remember" in answer.json()["error"]["message"]
+    assert calls == []  # the mutation never ran
+    # Named, the operation runs.
+    named = {"query": document, "operationName": "Forget"}
+    answer = await graphql.post("/graphql", json=named, headers=AUTH)
+    assert answer.json() == {"data": {"deleteMemory": True}}
+    assert calls == ["delete m-1"]
+
+
+async def test_a_subscription_over_post_is_told_to_use_the_websocket(
+    graphql: httpx.AsyncClient, calls: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    document = "subscription { memoryEvents { ... on MemoryEvent { id } } }"
+    answer = await graphql.post("/graphql", json={"query": document}, headers=AUTH)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "invalid_input" and "WebSocket" in error["message"]
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+async def test_a_refused_call_logs_one_line_and_a_crash_its_traceback(
+    calls: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    scope = {"type": "http", "headers": [(b"authorization", AUTH["authorization"].encode())]}
+    context = GraphQLContext(Loopback(_rest(calls)), Request(scope))
+    refused = await schema.execute("{ me { id } }", context_value=context)
+    assert refused.errors and refused.errors[0].extensions["code"] == "permission_denied"
+    assert calls == ["me"]
+    logged = [r for r in caplog.records if r.name.startswith(("strawberry", "halldyll_ray"))]
+    assert len(logged) == 1, [r.getMessage() for r in logged]
+    assert logged[0].levelno == logging.INFO and logged[0].exc_info is None
+    assert "\n" not in logged[0].getMessage() and "not you" in logged[0].getMessage()
+
+    # A resolver that fails unexpectedly (no context to call with): ERROR, with the traceback.
+    caplog.clear()
+    crashed = await schema.execute("{ me { id } }")
+    assert crashed.errors
+    logged = [r for r in caplog.records if r.name.startswith(("strawberry", "halldyll_ray"))]
+    assert len(logged) == 1 and logged[0].levelno == logging.ERROR
+    assert logged[0].exc_info and isinstance(logged[0].exc_info[1], AttributeError)
+
+    # A document the schema refuses: one line, no traceback.
+    caplog.clear()
+    invalid = await schema.execute("{ me { nonsense } }", context_value=context)
+    assert invalid.errors
+    logged = [r for r in caplog.records if r.name.startswith(("strawberry", "halldyll_ray"))]
+    assert len(logged) == 1 and logged[0].levelno == logging.INFO
+    assert logged[0].exc_info is None and "\n" not in logged[0].getMessage()
+
+
+async def test_over_a_websocket_the_same_refusals_are_error_messages(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # What a WebSocket's handlers call: the refusals come back as the operation's errors.
+    caplog.set_level(logging.INFO)
+    for document, operation_name, words in (
+        ("subscription A { memoryEvents { __typename } } query B { __typename }", None, "2"),
+        ("subscription A { memoryEvents { __typename } }", "C", '"C"'),
+    ):
+        results = await schema.stream(document, operation_name=operation_name)
+        first = await anext(aiter(results))
+        assert first.errors and words in first.errors[0].message, first.errors
+    logged = [r for r in caplog.records if r.name.startswith(("strawberry", "halldyll_ray"))]
+    assert len(logged) == 2 and all(r.levelno == logging.INFO for r in logged)
+    assert not [r for r in logged if r.exc_info]
