@@ -42,6 +42,7 @@ from starlette.types import Receive, Scope, Send
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError, MissingQueryError
 from strawberry.extensions import (
+    MaskErrors,
     MaxAliasesLimiter,
     MaxTokensLimiter,
     QueryDepthLimiter,
@@ -807,6 +808,35 @@ _REQUEST_ERRORS = (
 )
 
 
+def _unexpected(error: GraphQLError) -> BaseException | None:
+    """What lies behind ``error`` when it is neither the request's fault nor an answer of
+    the API (a resolver's bug, a broken connection); None otherwise."""
+    cause = error.original_error
+    while isinstance(cause, GraphQLError) and cause.original_error is not None:
+        cause = cause.original_error
+    if cause is not None and not isinstance(cause, _REQUEST_ERRORS):
+        return cause
+    return None
+
+
+class _MaskUnexpected(MaskErrors):
+    """The client gets ``internal error`` (code ``internal_error``, as REST's 500) for an
+    error nobody meant to send: its own message could name internals ("'NoneType' object
+    has no attribute 'client'"). The log keeps it with its traceback
+    (:meth:`_Schema.process_errors` runs first)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            should_mask_error=lambda error: _unexpected(error) is not None,
+            error_message="internal error",
+        )
+
+    def anonymise_error(self, error: GraphQLError) -> GraphQLError:
+        masked = super().anonymise_error(error)
+        masked.extensions = {"code": "internal_error", "status_code": 500}
+        return masked
+
+
 class _Schema(strawberry.Schema):
     """The schema, logging its errors by who caused them."""
 
@@ -819,12 +849,13 @@ class _Schema(strawberry.Schema):
         raised is logged at ERROR with its traceback. (Strawberry logs every error at ERROR,
         with the traceback of whatever lies behind it: a 404 took a dozen lines.)"""
         for error in errors:
+            unexpected = _unexpected(error)
+            if unexpected is not None:
+                log.error("GraphQL error: %s", error.message, exc_info=unexpected)
+                continue
             cause = error.original_error
             while isinstance(cause, GraphQLError) and cause.original_error is not None:
                 cause = cause.original_error
-            if cause is not None and not isinstance(cause, _REQUEST_ERRORS):
-                log.error("GraphQL error: %s", error.message, exc_info=cause)
-                continue
             extensions = error.extensions or {}
             status = extensions.get("status_code")
             if status is None and isinstance(cause, HalldyllError):
@@ -846,6 +877,7 @@ schema = _Schema(
     mutation=Mutation,
     subscription=Subscription,
     extensions=[
+        _MaskUnexpected,
         _OperationChecks,
         lambda: QueryDepthLimiter(max_depth=MAX_DEPTH),
         lambda: MaxAliasesLimiter(max_alias_count=MAX_ALIASES),

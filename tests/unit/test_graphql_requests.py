@@ -105,6 +105,11 @@ async def test_a_refused_call_logs_one_line_and_a_crash_its_traceback(
     logged = [r for r in caplog.records if r.name.startswith(("strawberry", "halldyll_ray"))]
     assert len(logged) == 1 and logged[0].levelno == logging.ERROR
     assert logged[0].exc_info and isinstance(logged[0].exc_info[1], AttributeError)
+    # The client is told no more than REST's 500 tells: the message named internals.
+    assert [(e.message, e.extensions) for e in crashed.errors] == [
+        ("internal error", {"code": "internal_error", "status_code": 500})
+    ]
+    assert "NoneType" not in str(crashed.errors) and "NoneType" in logged[0].getMessage()
 
     # A document the schema refuses: one line, no traceback.
     caplog.clear()
