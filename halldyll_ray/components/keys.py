@@ -123,10 +123,13 @@ class ApiKeys:
         return ApiKey(**dict(row))
 
     async def rotate(self, key_id: UUID | str) -> NewApiKey:
-        """A new key for the same user and name, replacing (and revoking) the old one.
+        """A new key for the same user, name and expiry, replacing (and revoking) the old one.
 
-        One transaction with the old key's row locked: of two concurrent rotations one
-        replaces the key and the other gets Conflict, so no two live keys come of one.
+        Rotation replaces the secret, not the key's lifetime: the new key expires when the old
+        one would have, and a revoked or expired key cannot be rotated (Conflict), so no key
+        outlives the expiry it was given. One transaction with the old key's row locked: of two
+        concurrent rotations one replaces the key and the other gets Conflict, so no two live
+        keys come of one.
         """
         key_id = validation.parse_uuid(key_id, "key_id")
         secret = await self._key_secret()
@@ -136,7 +139,10 @@ class ApiKeys:
                 raise NotFound(f"API key {key_id} not found")
             if old["revoked_at"] is not None:
                 raise Conflict("a revoked key cannot be rotated; create a new one")
-            new = await self._insert(conn, secret, old["user_id"], old["name"], None, key_id)
+            expires_at = old["expires_at"]
+            if expires_at is not None and expires_at <= datetime.now(UTC):
+                raise Conflict("an expired key cannot be rotated; create a new one")
+            new = await self._insert(conn, secret, old["user_id"], old["name"], expires_at, key_id)
             await conn.fetchrow(q("revoke_api_key"), key_id)
             await write_audit(conn, "key.revoke", "api_key", [key_id], old["user_id"])
         return new

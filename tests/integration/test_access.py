@@ -10,6 +10,7 @@ import pytest
 
 from halldyll_ray import (
     AuthenticationFailed,
+    Conflict,
     Fact,
     InvalidInput,
     MemoryEngine,
@@ -294,6 +295,31 @@ async def test_api_key_lifecycle(world: World) -> None:
         "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
     ):
         assert (await engine.create_api_key(ada.id, name=name)).api_key.name == name
+
+
+async def test_rotation_keeps_the_key_s_expiry_and_refuses_an_expired_key(world: World) -> None:
+    """Rotation replaces the secret, not the lifetime: a key given an expiry never becomes one
+    without, by rotating it before or after it expired."""
+    engine = world.engine
+    ada = world.users["ada"]
+    expires = datetime.now(UTC) + timedelta(days=90)
+    key = await engine.create_api_key(ada.id, name="laptop", expires_at=expires)
+    rotated = await engine.rotate_api_key(key.api_key.id)
+    assert rotated.api_key.expires_at == key.api_key.expires_at
+    assert rotated.api_key.name == "laptop"
+    stored = next(k for k in await engine.list_api_keys(ada.id) if k.id == rotated.api_key.id)
+    assert stored.expires_at == key.api_key.expires_at
+
+    short = await engine.create_api_key(
+        ada.id, name="short", expires_at=datetime.now(UTC) + timedelta(seconds=1)
+    )
+    await engine.db.fetchval("SELECT pg_sleep(1.1)")
+    keys_before = await engine.list_api_keys(ada.id)
+    with pytest.raises(Conflict, match="expired"):
+        await engine.rotate_api_key(short.api_key.id)
+    assert await engine.list_api_keys(ada.id) == keys_before  # nothing issued or revoked
+    with pytest.raises(AuthenticationFailed):
+        await engine.authenticate(short.key)
 
 
 async def test_users_manage_only_their_own_keys(world: World) -> None:

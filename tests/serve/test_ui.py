@@ -528,6 +528,43 @@ async def test_a_viewer_is_refused_admin_and_cannot_edit(
     await page.locator("#plots-service").get_by_text("Permission denied").wait_for()
 
 
+async def test_an_address_cannot_send_an_action_to_another_route(
+    page: Any, admin_key: str, http: httpx.AsyncClient
+) -> None:
+    """A value from the location hash goes into a request path encoded, and a path with a dot
+    segment is never sent: a link made to move "Create key" onto another route (here: rotate,
+    so revoke, a user's key) reaches nothing."""
+    victim, key = await user_with_key(http, admin_key)
+    key_id = (await http.get(f"/v1/users/{victim['id']}/keys", headers=bearer(admin_key))).json()[
+        "items"
+    ][0]["id"]
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(f"{r.method} {r.url}"))
+    await sign_in(page, admin_key)
+    await page.goto(f"/ui/#/admin/keys/..%2Fkeys%2F{key_id}%2Frotate%3F")
+    await page.get_by_label("Key name").fill("laptop")
+    await page.get_by_role("button", name="Create key").click()
+    refusal = page.locator("[role=status] .denied")
+    await refusal.wait_for()
+    assert "not a valid address" in await refusal.inner_text()
+    assert not [r for r in sent if "/rotate" in r], sent
+    assert (await http.get("/v1/me", headers=bearer(key))).status_code == 200  # not revoked
+    keys = (await http.get(f"/v1/users/{victim['id']}/keys", headers=bearer(admin_key))).json()
+    assert [k["id"] for k in keys["items"]] == [key_id]
+    # A dot segment in a memory's address: refused in the page, nothing sent.
+    sent.clear()
+    await page.goto("/ui/#/memories/me/..")
+    await page.locator(".denied").filter(has_text="not a valid address").wait_for()
+    assert not [r for r in sent if r.endswith("/v1/users/me/")], sent
+    # An encoded slash or a backslash (the server reads %2F as "/", URLs read "\\" as "/").
+    for address in (f"{key_id}%2Fhistory", f"{key_id}%5Chistory", "%2E%2E"):
+        sent.clear()
+        await page.goto("/ui/#/memories/me/x")
+        await page.goto(f"/ui/#/memories/me/{address}")
+        await page.locator(".denied").filter(has_text="not a valid address").wait_for()
+        assert not [r for r in sent if "history" in r or r.endswith("/v1/users/me/")], sent
+
+
 # ------------------------------------------------------------------ keyboard and labels
 async def test_keyboard_only_use_and_labelled_controls(
     page: Any, admin_key: str, seeded: dict[str, Any]

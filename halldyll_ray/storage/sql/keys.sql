@@ -33,4 +33,4 @@ RETURNING id, user_id, prefix, name, created_at, expires_at, revoked_at, last_us
 
 -- name: lock_api_key
 -- Rotation locks the old key's row, so two concurrent rotations cannot both replace it.
-SELECT id, user_id, name, revoked_at FROM api_keys WHERE id = $1 FOR UPDATE;
+SELECT id, user_id, name, expires_at, revoked_at FROM api_keys WHERE id = $1 FOR UPDATE;

@@ -21,11 +21,23 @@ export const session = {
   clear: () => sessionStorage.removeItem(KEY),
 };
 
+// A "." or ".." segment (also percent-encoded: URLs read %2e as a dot), a "?" or "#", a
+// backslash (URLs read it as "/") or an encoded slash (the server reads %2F as "/") in a
+// path: a value from the location hash would move the request to another route or query
+// (#/admin/keys/..%2Fkeys%2F<id>%2Frotate%3F made "Create key" rotate that key). No user
+// name, memory id or session id this dashboard puts in a path holds any of these.
+const UNSAFE_PATH = /[?#\\]|%2f|%5c|(?:^|\/)(?:\.|%2e){1,2}(?:\/|$)/i;
+
 /**
- * Call the API. `query`: an object of query parameters (empty values are left out);
- * `body`: sent as JSON. Returns the parsed JSON (null for 204). Throws ApiError.
+ * Call the API. `path`: the route, each value in it encoded (userPath, encodeURIComponent);
+ * `query`: an object of query parameters (empty values are left out); `body`: sent as JSON.
+ * Returns the parsed JSON (null for 204). Throws ApiError, without sending anything for a
+ * path that would reach another route than the one it names.
  */
 export async function call(method, path, { query, body } = {}) {
+  if (UNSAFE_PATH.test(path)) {
+    throw new ApiError(0, "invalid_path", `not a valid address in this dashboard: ${path}`, null);
+  }
   const url = new URL(path, window.location.origin);
   for (const [name, value] of Object.entries(query || {})) {
     if (value !== undefined && value !== null && value !== "") url.searchParams.set(name, value);

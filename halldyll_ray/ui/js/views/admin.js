@@ -1,7 +1,7 @@
 // Admin: users and roles, API keys (a new key shown once), viewer grants, AI models and the
 // audit log. Every action is an API call; what the role may not do comes back as a denial.
 
-import { del, get, patch, post } from "../api.js";
+import { del, get, patch, post, userPath } from "../api.js";
 import { failure, field, fill, h, values, when } from "../dom.js";
 import { forgetModels } from "./common.js";
 
@@ -82,7 +82,7 @@ async function keys(root, me, params) {
     h("code", { "aria-label": "new API key" }, created.key),
     h("p.meta", `name ${created.name} · prefix ${created.prefix}`)));
   async function refresh() {
-    const found = await get(`/v1/users/${owner}/keys`);
+    const found = await get(`${userPath(owner)}/keys`);
     fill(list, table(["name", "prefix", "created", "expires", "last used", "revoked", ""], found.items.map((k) => {
       const rotate = h("button", { type: "button", disabled: Boolean(k.revoked_at) }, "Rotate");
       const revoke = h("button.danger", { type: "button", disabled: Boolean(k.revoked_at) }, "Revoke");
@@ -105,7 +105,7 @@ async function keys(root, me, params) {
     attempt(status, async () => {
       const body = { name: v.name };
       if (v.expires_at) body.expires_at = new Date(v.expires_at).toISOString();
-      showOnce(await post(`/v1/users/${owner}/keys`, body), "The new key");
+      showOnce(await post(`${userPath(owner)}/keys`, body), "The new key");
       form.reset();
       await refresh();
     });
