@@ -232,15 +232,43 @@ def _plain(value: str) -> str:
     return value
 
 
-#: Text that must say something: stripped of whitespace, not empty, and with a character one
-#: can see (:func:`visible`).
-VisibleText = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1), AfterValidator(_visible)
+# Text that must say something: stripped of whitespace, not empty, with a character one can
+# see (:func:`visible`), and within its bound. Each states the bound in the one
+# StringConstraints that strips it: a max_length in a second one came after the visibility
+# check, where pydantic can no longer tell a string from a list ("Value should have at most
+# 2000 items after validation").
+#: A message's content, a transcription segment's text.
+MessageText = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_MESSAGE_CHARS),
+    AfterValidator(_visible),
 ]
-
+#: A fact's statement.
+FactText = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_FACT_CHARS),
+    AfterValidator(_visible),
+]
+#: An image's prompt.
+PromptText = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS),
+    AfterValidator(_visible),
+]
+#: A summary's text.
+LongText = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT_CHARS),
+    AfterValidator(_visible),
+]
 #: A speaker's name (a message's, a transcription segment's): what people read beside what was
 #: said, so visible (a blank name is no name: leave it out) and :func:`plain`.
-SpeakerName = Annotated[VisibleText, StringConstraints(max_length=200), AfterValidator(_plain)]
+SpeakerName = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    AfterValidator(_visible),
+    AfterValidator(_plain),
+]
 
 
 #: The first and last instants Python can hold. asyncpg writes them as PostgreSQL's -infinity
@@ -328,7 +356,7 @@ class Message(_Input):
     """One message of a conversation."""
 
     role: MessageRole
-    content: Annotated[VisibleText, StringConstraints(max_length=MAX_MESSAGE_CHARS)]
+    content: MessageText
     created_at: UtcDateTime | None = Field(
         default=None, description="Defaults to the store time; a naive time means UTC."
     )
@@ -369,7 +397,7 @@ class Conversation(_MemoryBase):
 
 class Fact(_MemoryBase):
     type: Literal[MemoryType.FACT] = MemoryType.FACT
-    statement: Annotated[VisibleText, StringConstraints(max_length=MAX_FACT_CHARS)]
+    statement: FactText
     confidence: StrictFloat = Field(default=0.7, ge=0.0, le=1.0)
     source: Annotated[str, StringConstraints(max_length=500)] | None = None
     kind: FactKind = FactKind.PERMANENT
@@ -384,7 +412,7 @@ class Image(_MemoryBase):
     """Metadata and parameters of a generated image; found by its prompt."""
 
     type: Literal[MemoryType.IMAGE] = MemoryType.IMAGE
-    prompt: Annotated[VisibleText, StringConstraints(max_length=MAX_PROMPT_CHARS)]
+    prompt: PromptText
     negative_prompt: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)] | None = None
     generator: Annotated[str, StringConstraints(max_length=200)] | None = Field(
         default=None, description="Image model that made it, e.g. RealVisXL_V5.0."
@@ -403,7 +431,7 @@ class Image(_MemoryBase):
 class Segment(_Input):
     start: StrictFloat = Field(ge=0.0, le=1e7)
     end: StrictFloat = Field(ge=0.0, le=1e7)
-    text: Annotated[VisibleText, StringConstraints(max_length=MAX_MESSAGE_CHARS)]
+    text: MessageText
     speaker: SpeakerName | None = None
 
     @model_validator(mode="after")
@@ -454,7 +482,7 @@ def _once_each(ids: list[UUID]) -> list[UUID]:
 
 class Summary(_MemoryBase):
     type: Literal[MemoryType.SUMMARY] = MemoryType.SUMMARY
-    text: Annotated[VisibleText, StringConstraints(max_length=MAX_TEXT_CHARS)]
+    text: LongText
     covers: Annotated[list[UUID], AfterValidator(_once_each)] = Field(
         default_factory=list,
         max_length=MAX_SUMMARY_COVERS,
@@ -475,10 +503,10 @@ class MemoryUpdate(_Input):
     metadata: Metadata | None = None
     importance: StrictFloat | None = Field(default=None, ge=0.0, le=1.0)
     title: Annotated[str, StringConstraints(max_length=MAX_TITLE_CHARS)] | None = None
-    statement: Annotated[VisibleText, StringConstraints(max_length=MAX_FACT_CHARS)] | None = None
+    statement: FactText | None = None
     confidence: StrictFloat | None = Field(default=None, ge=0.0, le=1.0)
     kind: FactKind | None = None
-    text: Annotated[VisibleText, StringConstraints(max_length=MAX_TEXT_CHARS)] | None = None
+    text: LongText | None = None
 
 
 # --- stored records ---------------------------------------------------------------------------

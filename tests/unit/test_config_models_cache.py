@@ -164,3 +164,30 @@ def test_a_bad_secret_is_named_but_never_echoed(name: str, value: str) -> None:
 def test_a_bad_ordinary_setting_shows_its_value() -> None:
     with pytest.raises(ConfigurationError, match=r"SEARCH_TOP_K: .*\(got 'many'\)"):
         Settings.from_env(search_top_k="many")
+
+
+def test_a_text_too_long_is_told_in_characters() -> None:
+    """Every memory model's text fields, a value over any bound: the error counts characters.
+    A bound stated after the visibility check read "at most 2000 items after validation"."""
+    from pydantic import BaseModel
+
+    from halldyll_ray import models
+
+    checked = 0
+    for cls in vars(models).values():
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            continue
+        for name in cls.model_fields:
+            try:
+                cls.model_validate({name: "a" * 300_000})
+            except ValidationError as exc:
+                for error in exc.errors():
+                    if error["loc"] == (name,) and error["type"].endswith("too_long"):
+                        checked += 1
+                        assert error["type"] == "string_too_long", (cls.__name__, name, error)
+                        assert "characters" in error["msg"], (cls.__name__, name, error["msg"])
+    assert checked >= 10  # statement, content, prompt, text, name, title, ...
+    with pytest.raises(ValidationError) as refused:
+        Fact(statement=" " + "a" * 2001)
+    assert refused.value.errors()[0]["msg"] == "String should have at most 2000 characters"
+    assert Fact(statement=" " + "a" * 1999 + " ").statement == "a" * 1999  # stripped first
