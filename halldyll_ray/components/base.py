@@ -76,6 +76,17 @@ async def lock_user(conn: asyncpg.Connection, user_id: UUID) -> None:
         raise NotFound(f"user {user_id} not found")
 
 
+async def forget(conn: asyncpg.Connection, user_id: UUID, ids: Sequence[UUID]) -> None:
+    """What stays of memories ``ids`` of the user once they are deleted, in the transaction
+    that deleted them: nothing that names them or repeats their words. Their ids leave the
+    ``covers`` of the user's summaries, and the statements and reasons of the job results
+    that came of them (a deleted conversation's extraction, a change to a deleted fact)
+    become null (``storage/sql/jobs.sql``: forget_in_jobs)."""
+    gone = [str(i) for i in ids]
+    await conn.execute(q("uncover_memory"), gone, user_id)
+    await conn.execute(q("forget_in_jobs"), gone, user_id)
+
+
 async def require_user(db: Database, user_id: UUID) -> None:
     """NotFound("user ... not found") unless the user exists: the one answer every path gives
     for a missing or deleted user. Called on the miss path only (no cost on a hit)."""

@@ -13,6 +13,7 @@ from uuid import UUID
 import asyncpg
 
 from halldyll_ray.components.audit import write_audit
+from halldyll_ray.components.base import forget
 from halldyll_ray.config import Settings
 from halldyll_ray.errors import InvalidInput, Unavailable
 from halldyll_ray.storage.database import Database, connect, register_codecs
@@ -33,18 +34,19 @@ class Operations:
     async def purge_expired(self) -> int:
         """Delete ephemeral facts past their expiry; return how many went.
 
-        Their ids leave the ``covers`` of their users' summaries, as a deleted memory's do.
+        What stays of them is what stays of a deleted memory
+        (:func:`~halldyll_ray.components.base.forget`).
         """
         async with self.db.scoped(admin=True) as conn:
             owners = [row["user_id"] for row in await conn.fetch(q("expired_owners"))]
             for owner in owners:  # user rows first, in one order: see storage/sql/users.sql
                 await conn.execute(q("bump_version"), owner)
             rows = await conn.fetch(q("purge_expired"), owners) if owners else []
-            gone: dict[UUID, list[str]] = {}
+            gone: dict[UUID, list[UUID]] = {}
             for row in rows:
-                gone.setdefault(row["user_id"], []).append(str(row["id"]))
-            for owner, ids in gone.items():  # as delete_memory: summaries stop naming them
-                await conn.execute(q("uncover_memory"), ids, owner)
+                gone.setdefault(row["user_id"], []).append(row["id"])
+            for owner, ids in gone.items():  # as delete_memory: nothing names them or says them
+                await forget(conn, owner, ids)
             if rows:
                 await write_audit(
                     conn,

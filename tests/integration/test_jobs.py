@@ -656,3 +656,53 @@ async def test_a_long_conversation_is_learned_from_in_windows(background: Memory
     facts = (await background.list_memories(user.id, types=["fact"], limit=100)).items
     learned = " ".join(f.memory.statement for f in facts)
     assert all(h in learned for h in hobbies), learned
+
+
+async def test_a_deleted_memory_s_words_leave_the_job_results(background: MemoryEngine) -> None:
+    """A job's result listed the statements a turn taught: deleting the fact, or the turn's
+    conversation, left them readable in GET .../jobs until the retention purge."""
+    user = await background.create_user("forgetful", None, "user")
+    other = await background.create_user("bystander", None, "user")
+    records = {}
+    for who, session in ((user, "s1"), (user, "s2"), (other, "s1")):
+        records[(who.id, session)] = await background.record_turn(
+            who.id, session, f"My name is Ada and I live in Lyon ({session}).", "Nice!"
+        )
+        await _settled(background, who.id, records[(who.id, session)].job_ids)
+
+    async def changes(who: uuid.UUID, session: str) -> list[dict[str, Any]]:
+        job = await background.get_job(who, records[(who, session)].job_ids[0])
+        assert job.kind == "extract" and job.result is not None
+        return list(job.result["changes"])
+
+    first = await changes(user.id, "s1")
+    assert first and all(c["statement"] for c in first)
+    lyon = next(c for c in first if "Lyon" in c["statement"])
+    # The fact goes: its changes keep their action and ids, not its words.
+    await background.delete_memory(user.id, lyon["fact_id"])
+    after = await changes(user.id, "s1")
+    assert [(c["action"], c["fact_id"]) for c in after] == [
+        (c["action"], c["fact_id"]) for c in first
+    ]
+    for before, now in zip(first, after, strict=True):
+        gone = lyon["fact_id"] in (before["fact_id"], before.get("target"))
+        assert (now["statement"], now["reason"]) == (
+            (None, None) if gone else (before["statement"], before["reason"])
+        )
+    second = await changes(user.id, "s2")
+    assert any(c["statement"] for c in second if c["fact_id"] != lyon["fact_id"])
+    # The conversation goes: every change its extraction made loses its words.
+    await background.delete_memory(user.id, records[(user.id, "s2")].conversation_id)
+    assert all(c["statement"] is None for c in await changes(user.id, "s2"))
+    # Another user's results are theirs, until their fact expires and is purged.
+    theirs = await changes(other.id, "s1")
+    assert all(c["statement"] for c in theirs)
+    async with background.components.memories.db.scoped(admin=True) as conn:
+        expired = await conn.fetchval(
+            "UPDATE memories SET expires_at = now() - interval '1 second' WHERE id = $1 "
+            "RETURNING id",
+            uuid.UUID(theirs[0]["fact_id"]),
+        )
+    assert expired is not None and await background.purge_expired() == 1
+    purged = await changes(other.id, "s1")
+    assert purged[0]["statement"] is None and purged[0]["fact_id"] == theirs[0]["fact_id"]

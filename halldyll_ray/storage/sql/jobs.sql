@@ -117,3 +117,24 @@ WHERE id = $1 AND user_id = $2;
 -- Finished (done or failed) jobs older than $1.
 WITH gone AS (DELETE FROM memory_jobs WHERE finished_at < $1 RETURNING id)
 SELECT count(*) FROM gone;
+
+-- name: forget_in_jobs
+-- A deleted memory's words leave the results of the user's jobs: each change of a fact
+-- extraction that came of a deleted conversation (the job's payload conversation_id), or that
+-- wrote, reinforced or closed a deleted fact (fact_id, target), keeps its action, ids and
+-- numbers, and its statement and reason become null. $1: the ids gone, as text; $2: the user.
+UPDATE memory_jobs SET result = jsonb_set(result, '{changes}', (
+    SELECT coalesce(jsonb_agg(
+        CASE WHEN payload ->> 'conversation_id' = ANY($1::text[])
+                  OR c ->> 'fact_id' = ANY($1::text[])
+                  OR c ->> 'target' = ANY($1::text[])
+             THEN c || '{"statement": null, "reason": null}'::jsonb
+             ELSE c END
+        ORDER BY n), '[]'::jsonb)
+    FROM jsonb_array_elements(result -> 'changes') WITH ORDINALITY AS e(c, n)
+))
+WHERE user_id = $2
+  AND jsonb_typeof(result -> 'changes') = 'array'
+  AND (payload ->> 'conversation_id' = ANY($1::text[])
+       OR EXISTS (SELECT 1 FROM jsonb_array_elements(result -> 'changes') AS c
+                  WHERE c ->> 'fact_id' = ANY($1::text[]) OR c ->> 'target' = ANY($1::text[])));
