@@ -11,9 +11,12 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+import asyncpg
+
 from halldyll_ray import context as ctx
 from halldyll_ray import validation
 from halldyll_ray.components.ingestion import MESSAGES
+from halldyll_ray.components.registry import Scope
 from halldyll_ray.components.search import Search
 from halldyll_ray.config import Settings
 from halldyll_ray.embedding import TextEncoder
@@ -131,6 +134,7 @@ class ContextBuilder:
             query = " ".join(m.content for m in recent[-3:]) if recent else ""
         if not visible(validation.text(query, "query")):
             raise InvalidInput("give a query or recent messages", field="query")
+        scope = await self.search.registry.scope(model, include_shared)
         return await self.assemble(
             user_id,
             query[:MAX_QUERY_CHARS],
@@ -139,8 +143,7 @@ class ContextBuilder:
                 for m in recent
             ],
             current=None,
-            model=model,
-            include_shared=include_shared,
+            scope=scope,
             session_id=session_id,
             max_tokens=max_tokens,
             limit=limit,
@@ -165,9 +168,8 @@ class ContextBuilder:
         if not 0 <= recent_turns <= 100:
             raise InvalidInput("recent_turns must be between 0 and 100", field="recent_turns")
         recent: list[ctx.Candidate] = []
-        log_row = await self.db.fetchrow(
-            q("session_memory"), user_id, session_id, "log", user_id=user_id
-        )
+        scope = await self.search.registry.scope(model, include_shared)
+        log_row = await self._session_row(user_id, session_id, role="log", scope=scope)
         if log_row is not None and recent_turns:
             rows = await self.db.fetch(
                 q("recent_messages"), log_row["id"], user_id, recent_turns * 2, user_id=user_id
@@ -181,12 +183,29 @@ class ContextBuilder:
             user_message[:MAX_QUERY_CHARS],
             recent=recent,
             current=ctx.Candidate(ctx.CURRENT, f"user: {user_message}", type="message"),
-            model=model,
-            include_shared=include_shared,
+            scope=scope,
             session_id=session_id,
             max_tokens=max_tokens,
             limit=30,
             exclude_memory=None if log_row is None else log_row["id"],
+        )
+
+    async def _session_row(
+        self, user_id: UUID, session_id: str, *, role: str, scope: Scope
+    ) -> asyncpg.Record | None:
+        """The session's log or summary row, or None; None too when the session is outside
+        the context's model scope (a session is one AI model's, or shared: another model's
+        context must not show its turns or its summary, as its searches do not)."""
+        return await self.db.fetchrow(
+            *bind(
+                "session_memory_in_scope",
+                user_id=user_id,
+                session_id=session_id,
+                session_role=role,
+                model_id=scope.model_id,
+                include_shared=scope.include_shared,
+            ),
+            user_id=user_id,
         )
 
     async def _turns_around(
@@ -232,8 +251,7 @@ class ContextBuilder:
         user_id: UUID,
         *,
         session_id: str | None,
-        model: UUID | str | None,
-        include_shared: bool,
+        scope: Scope,
         current_summary: UUID | None,
         budget: int,
     ) -> list[ctx.HistoryUnit]:
@@ -244,7 +262,6 @@ class ContextBuilder:
         rows_wanted = min(HISTORY_ROWS, int(budget * share) // HISTORY_LINE_TOKENS)
         if rows_wanted < 1:
             return []
-        scope = await self.search.registry.scope(model, include_shared)
         rows = await self.db.fetch(
             *bind(
                 "history_summaries",
@@ -291,8 +308,7 @@ class ContextBuilder:
         *,
         recent: list[ctx.Candidate],
         current: ctx.Candidate | None,
-        model: UUID | str | None,
-        include_shared: bool,
+        scope: Scope,
         session_id: str | None,
         max_tokens: int | None,
         limit: int,
@@ -305,16 +321,14 @@ class ContextBuilder:
         session_id = validation.session_id(session_id)
         summary_row = None
         if session_id is not None:
-            summary_row = await self.db.fetchrow(
-                q("session_memory"), user_id, session_id, "summary", user_id=user_id
-            )
+            summary_row = await self._session_row(user_id, session_id, role="summary", scope=scope)
         hits = await self.search.search(
             user_id,
             query,
             min(limit, MAX_SEARCH_LIMIT),
             mode=SearchMode.HYBRID,
-            model=model,
-            include_shared=include_shared,
+            model=scope.model_id,
+            include_shared=scope.include_shared,
         )
         turns = await self._turns_around(user_id, hits)
         now = datetime.now(UTC)
@@ -364,8 +378,7 @@ class ContextBuilder:
         history = await self._history(
             user_id,
             session_id=session_id,
-            model=model,
-            include_shared=include_shared,
+            scope=scope,
             current_summary=None if summary_row is None else summary_row["id"],
             budget=budget,
         )

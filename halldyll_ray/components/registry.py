@@ -42,7 +42,8 @@ class ModelRegistry:
     ) -> AIModel:
         """Add an AI model to the registry. Raises Conflict if the name exists, in any
         letter case or Unicode form (the name is stored NFC-normalised: "Café" typed with a
-        combining accent is the same name)."""
+        combining accent is the same name; and compared NFKC-normalised: "ＱＷＥＮ" in
+        full-width letters is "Qwen", a name that could not be told apart when read)."""
         if not 1 <= len(validation.text(name, "name").strip()) <= 200:
             raise InvalidInput("model name must be 1-200 characters", field="name")
         name = unicodedata.normalize("NFC", name.strip())
@@ -67,7 +68,7 @@ class ModelRegistry:
         try:
             async with self.db.scoped() as conn:
                 if await conn.fetchrow(q("get_model_by_name"), name) is not None:
-                    raise Conflict("exists")  # in another form (stored before NFC)
+                    raise Conflict("exists")  # in another case or Unicode form
                 row = await conn.fetchrow(
                     *bind(
                         "insert_model",
@@ -98,13 +99,18 @@ class ModelRegistry:
             raise NotFound(f"AI model {ref!s} is not registered", field="model")
         return AIModel(**dict(row))
 
-    async def find(self, *, kind: ModelKind | str | None = None) -> list[AIModel]:
+    async def find(
+        self, *, kind: ModelKind | str | None = None, conn: asyncpg.Connection | None = None
+    ) -> list[AIModel]:
+        """The registered models (of ``kind``), read on ``conn`` when given (an export reads
+        them in its snapshot)."""
+        fetch = self.db.fetch if conn is None else conn.fetch
         if kind is not None:
             try:
                 kind = ModelKind(kind)
             except ValueError:
                 raise InvalidInput(f"unknown model kind {kind!r}", field="kind") from None
-        rows = await self.db.fetch(q("list_models"), None if kind is None else kind.value)
+        rows = await fetch(q("list_models"), None if kind is None else kind.value)
         return [AIModel(**dict(row)) for row in rows]
 
     async def delete(self, ref: UUID | str) -> None:

@@ -112,7 +112,6 @@ class Transfer:
         through a server-side cursor; the export holds one pooled connection while it streams.
         """
         user_id = validation.parse_uuid(user_id, "user_id")
-        models = {m.id: m.name for m in await self.registry.find()}
         # Audited before anything leaves, in its own transaction: holding the snapshot's
         # connection while waiting for a second one would deadlock a pool that every
         # connection of is held by an export.
@@ -133,6 +132,9 @@ class Transfer:
             if user is None:  # erased in between
                 raise NotFound(f"user {user_id} not found")
             counts = await conn.fetch(q("export_counts"), user_id)
+            # The models' names from the same snapshot as the memories: read before it, a
+            # model registered and used in between was exported as no model (shared).
+            models = {m.id: m.name for m in await self.registry.find(conn=conn)}
             header = ExportHeader(
                 user=ExportedUser(id=user_id, username=user["username"]),
                 exported_at=datetime.now(UTC),

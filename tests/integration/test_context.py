@@ -264,3 +264,55 @@ async def test_stored_text_cannot_open_a_section_or_cite_a_source(engine: Memory
         for item in section.items:
             rest = item.text.split("\n")[1:]
             assert all(line == "" or line.startswith("    ") for line in rest), item.text
+
+
+async def test_a_session_of_one_model_stays_out_of_another_models_context(
+    database_url: str, redis_url: str, encoder
+) -> None:
+    """A session is one AI model's (or shared): its recent turns and summary used to come
+    into any context naming its session id, whatever the model, so model B's prompt showed
+    model A's conversation even with include_shared=False."""
+    settings = make_settings(database_url, redis_url, session_summary_every_n_turns=2)
+    async with MemoryEngine(settings, encoder=encoder) as engine:
+        user = await engine.create_user("ada", None, "user")
+        for name in ("model-a", "model-b"):
+            await engine.register_model(name, "llm")
+        for _ in range(2):  # two turns: a session summary too
+            await engine.record_turn(
+                user.id, "s-a", "The vault code is orchid-77.", "Noted.", model="model-a"
+            )
+            await engine.record_turn(user.id, "s-shared", "The shed is painted teal.", "Nice.")
+
+        def shown(context) -> set[str]:
+            session = ("Recent turns", "Session summary")
+            return {s.name for s in context.sections if s.name in session}
+
+        own = await engine.prepare_context(user.id, "s-a", "What is the code?", model="model-a")
+        assert shown(own) == {"Recent turns", "Session summary"} and "orchid-77" in own.text
+        for include_shared in (True, False):
+            other = await engine.prepare_context(
+                user.id,
+                "s-a",
+                "What is the code?",
+                model="model-b",
+                include_shared=include_shared,
+            )
+            assert shown(other) == set() and "orchid-77" not in other.text
+            built = await engine.build_context(
+                user.id,
+                "What is the code?",
+                model="model-b",
+                include_shared=include_shared,
+                session_id="s-a",
+            )
+            assert "orchid-77" not in built.text
+        # A shared session is in every model's scope that includes the shared memories.
+        shared = await engine.prepare_context(user.id, "s-shared", "Colour?", model="model-b")
+        assert shown(shared) == {"Recent turns", "Session summary"} and "teal" in shared.text
+        alone = await engine.prepare_context(
+            user.id, "s-shared", "Colour?", model="model-b", include_shared=False
+        )
+        assert shown(alone) == set() and "teal" not in alone.text
+        # Without a model, every session of the user is in scope, as in a search.
+        unscoped = await engine.prepare_context(user.id, "s-a", "What is the code?")
+        assert shown(unscoped) == {"Recent turns", "Session summary"}

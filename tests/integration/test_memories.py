@@ -278,6 +278,17 @@ async def test_model_registry(engine: MemoryEngine) -> None:
         await engine.register_model("CAF\u00c9-llm", "llm")
     assert (await engine.get_model("cafe\u0301-llm")).id == cafe.id
     await engine.delete_model(cafe.id)
+    # Compatibility forms too: full-width letters and a ligature read as the same name; they
+    # used to register a second model, a scope of its own under a name one cannot tell apart.
+    for name in ("ＱＷＥＮ２.５-14B-Instruct", "ＲｅａｌＶｉｓＸＬ_V5.0"):
+        with pytest.raises(Conflict):
+            await engine.register_model(name, "llm")
+    assert (await engine.get_model("ｑｗｅｎ2.5-14b-instruct")).name == "Qwen2.5-14B-Instruct"
+    fish = await engine.register_model("\ufb01sh-LLM", "llm")  # "ﬁ", one character
+    with pytest.raises(Conflict):
+        await engine.register_model("FISH-llm", "llm")
+    assert (await engine.get_model("fish-llm")).id == fish.id
+    await engine.delete_model(fish.id)
     for name in ("..", " . "):  # unreachable by URL: normalisation removes the segment
         with pytest.raises(InvalidInput) as err:
             await engine.register_model(name, "llm")

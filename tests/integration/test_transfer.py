@@ -368,6 +368,29 @@ async def test_expired_facts_are_not_exported(engine: MemoryEngine) -> None:
     assert exported[0]["memories"] == {} and len(exported) == 1
 
 
+async def test_a_model_registered_as_the_export_starts_keeps_its_memories_scoped(
+    engine: MemoryEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export read the models' names before its snapshot: a model registered and used
+    in between (here, while the export's audit row is written) was exported as no model,
+    and the file brought the memory back shared by all of the user's models."""
+    from halldyll_ray.components import transfer
+
+    user = await _user(engine, "race")
+    name = f"late-{uuid.uuid4().hex[:6]}"
+    audit = transfer.write_audit
+
+    async def audit_then_register(conn: Any, operation: str, *args: Any, **kw: Any) -> None:
+        await audit(conn, operation, *args, **kw)
+        if operation == "memory.export":  # committed by other connections meanwhile
+            await engine.register_model(name, "llm")
+            await engine.store_memory(user, Fact(statement="Only the late model knows", model=name))
+
+    monkeypatch.setattr(transfer, "write_audit", audit_then_register)
+    exported = await _export(engine, user)
+    assert [line["memory"]["model"] for line in exported[1:]] == [name]
+
+
 async def test_more_concurrent_exports_than_pooled_connections_all_finish(
     settings: Any, encoder: Any
 ) -> None:

@@ -33,6 +33,15 @@ SELECT * FROM (
 -- name: session_memory
 SELECT * FROM memories WHERE user_id = $1 AND session_id = $2 AND session_role = $3;
 
+-- name: session_memory_in_scope
+-- The same row for a context, only when the session is in its model scope (the filter of
+-- search.sql): a session is one AI model's or shared, and another model's context must not
+-- show its recent turns or its summary.
+SELECT * FROM memories
+WHERE user_id = :user_id AND session_id = :session_id AND session_role = :session_role
+  AND (:model_id::uuid IS NULL OR model_id = :model_id
+       OR (:include_shared AND model_id IS NULL));
+
 -- name: create_session_log
 INSERT INTO memories (id, user_id, model_id, session_id, type, content, payload, session_role)
 VALUES (:id, :user_id, :model_id, :session_id, 'conversation', :title, '{}'::jsonb, 'log')
