@@ -137,6 +137,19 @@ class Users:
             await write_audit(
                 conn, "user.update", "user", [user_id], user_id, details=_changes(old, row)
             )
+            if old["role"] == Role.VIEWER.value and row["role"] != Role.VIEWER.value:
+                # Grants are a Viewer's: they go with the role, so that becoming a Viewer
+                # again reads nobody's memories until granted anew.
+                owners = [r["owner_id"] for r in await conn.fetch(q("drop_viewer_grants"), user_id)]
+                if owners:
+                    await write_audit(
+                        conn,
+                        "grant.revoke",
+                        "user",
+                        owners,
+                        user_id,
+                        details={"reason": f"role changed to {row['role']}"},
+                    )
         return User(**dict(row))
 
     async def delete(self, user_id: UUID | str) -> ErasureReceipt:
@@ -211,10 +224,20 @@ class Users:
             raise InvalidInput("read grants are for users with the viewer role", field="viewer_id")
         await self.get(owner_id)
         async with self.db.scoped() as conn:
-            await conn.execute(
+            # Checked again with the Viewer's row locked: a role changed meanwhile
+            # (update() drops a former Viewer's grants) must not be granted after all.
+            locked = await conn.fetchrow(q("lock_user_for_update"), viewer_id)
+            if locked is None:
+                raise NotFound(f"user {viewer_id} not found")
+            if locked["role"] != Role.VIEWER.value:
+                raise InvalidInput(
+                    "read grants are for users with the viewer role", field="viewer_id"
+                )
+            added = await conn.fetchval(
                 q("grant_viewer"), viewer_id, owner_id, requestctx.current().actor_id
             )
-            await write_audit(conn, "grant.create", "user", [owner_id], viewer_id)
+            if added is not None:  # given again: nothing changed, nothing to audit
+                await write_audit(conn, "grant.create", "user", [owner_id], viewer_id)
 
     async def revoke_viewer_grant(self, viewer_id: UUID | str, owner_id: UUID | str) -> None:
         viewer_id = validation.parse_uuid(viewer_id, "viewer_id")

@@ -360,3 +360,34 @@ def test_readme_shows_the_matrix_in_code() -> None:
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert permission_table() in readme
+
+
+async def test_a_viewer_s_grants_go_with_the_viewer_role(world: World) -> None:
+    """A Viewer turned User kept its grants: turned Viewer again, it read the owner's memories
+    with no new grant. A grant given twice wrote two audit rows for one change."""
+    engine, eve, bob = world.engine, world.users["eve"], world.users["bob"]
+
+    async def grant_rows() -> list[dict[str, Any]]:
+        return [
+            r
+            for r in await engine.list_audit(user_id=eve.id, limit=100)
+            if r["operation"].startswith("grant.")
+        ]
+
+    before = await grant_rows()
+    await engine.grant_viewer(eve.id, bob.id)  # given again: nothing changes
+    assert await grant_rows() == before
+    assert await engine.viewer_grants(eve.id) == [bob.id]
+    await engine.update_user(eve.id, role="user")
+    assert await engine.viewer_grants(eve.id) == []
+    revoked = (await grant_rows())[0]
+    assert revoked["operation"] == "grant.revoke" and revoked["target_ids"] == [str(bob.id)]
+    await engine.update_user(eve.id, role="viewer")
+    assert await engine.viewer_grants(eve.id) == []
+    with pytest.raises(PermissionDenied):
+        await (await world.api("eve")).list_memories(bob.id)
+    # A role change that keeps the Viewer role keeps its grants.
+    await engine.grant_viewer(eve.id, bob.id)
+    await engine.update_user(eve.id, role="viewer", disabled=False)
+    assert await engine.viewer_grants(eve.id) == [bob.id]
+    assert (await (await world.api("eve")).list_memories(bob.id)).items

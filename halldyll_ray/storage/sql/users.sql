@@ -76,8 +76,14 @@ UPDATE users SET memory_version = memory_version + 1 WHERE id = $1 RETURNING mem
 SELECT id, role, disabled FROM users WHERE id = ANY($1::uuid[]);
 
 -- name: grant_viewer
+-- The viewer_id when the grant is new (a grant given again adds nothing, and no audit row).
 INSERT INTO viewer_grants (viewer_id, owner_id, granted_by) VALUES ($1, $2, $3)
-ON CONFLICT (viewer_id, owner_id) DO NOTHING;
+ON CONFLICT (viewer_id, owner_id) DO NOTHING
+RETURNING viewer_id;
+
+-- name: drop_viewer_grants
+-- A user who is no longer a Viewer keeps no read grant (becoming one again grants nothing).
+DELETE FROM viewer_grants WHERE viewer_id = $1 RETURNING owner_id;
 
 -- name: revoke_viewer_grant
 DELETE FROM viewer_grants WHERE viewer_id = $1 AND owner_id = $2 RETURNING viewer_id;
