@@ -808,15 +808,19 @@ _REQUEST_ERRORS = (
 )
 
 
-def _unexpected(error: GraphQLError) -> BaseException | None:
-    """What lies behind ``error`` when it is neither the request's fault nor an answer of
-    the API (a resolver's bug, a broken connection); None otherwise."""
+def _cause(error: GraphQLError) -> BaseException | None:
+    """What lies behind ``error``, through the GraphQL errors that wrap it (None: nothing)."""
     cause = error.original_error
     while isinstance(cause, GraphQLError) and cause.original_error is not None:
         cause = cause.original_error
-    if cause is not None and not isinstance(cause, _REQUEST_ERRORS):
-        return cause
-    return None
+    return cause
+
+
+def _unexpected(error: GraphQLError) -> BaseException | None:
+    """What lies behind ``error`` when it is neither the request's fault nor an answer of
+    the API (a resolver's bug, a broken connection); None otherwise."""
+    cause = _cause(error)
+    return cause if cause is not None and not isinstance(cause, _REQUEST_ERRORS) else None
 
 
 class _MaskUnexpected(MaskErrors):
@@ -849,13 +853,10 @@ class _Schema(strawberry.Schema):
         raised is logged at ERROR with its traceback. (Strawberry logs every error at ERROR,
         with the traceback of whatever lies behind it: a 404 took a dozen lines.)"""
         for error in errors:
-            unexpected = _unexpected(error)
-            if unexpected is not None:
-                log.error("GraphQL error: %s", error.message, exc_info=unexpected)
+            cause = _cause(error)
+            if cause is not None and not isinstance(cause, _REQUEST_ERRORS):
+                log.error("GraphQL error: %s", error.message, exc_info=cause)
                 continue
-            cause = error.original_error
-            while isinstance(cause, GraphQLError) and cause.original_error is not None:
-                cause = cause.original_error
             extensions = error.extensions or {}
             status = extensions.get("status_code")
             if status is None and isinstance(cause, HalldyllError):
