@@ -42,6 +42,7 @@ from typing_extensions import TypedDict  # pydantic reads typing.TypedDict only 
 
 from halldyll_ray import validation
 from halldyll_ray.client import AsyncHalldyllClient
+from halldyll_ray.context import fence
 from halldyll_ray.errors import HalldyllError, InvalidInput
 from halldyll_ray.models import MAX_SEARCH_LIMIT
 from halldyll_ray.schemas import MAX_CONTEXT_TOKENS, MIN_CONTEXT_TOKENS
@@ -817,7 +818,8 @@ def build_mcp_server(clients: ClientSource, *, name: str = "halldyll-ray") -> MC
     @server.resource(
         "halldyll://users/{user_id}/sessions/{session_id}/transcript",
         name="session_transcript",
-        description="The conversation recorded in a chat session, one message per line.",
+        description="The conversation recorded in a chat session, one message per line (its own "
+        "line breaks indented by four spaces).",
         mime_type="text/plain",
     )
     async def session_transcript(user_id: str, session_id: str, ctx: Context[Any, Any]) -> str:
@@ -830,7 +832,11 @@ def build_mcp_server(clients: ClientSource, *, name: str = "halldyll-ray") -> MC
                 memory = await client.get_memory(item.id, user_id=user_id)
                 for message in memory.messages:
                     who = f"{message.role} ({message.name})" if message.name else message.role
-                    lines.append(f"[{message.created_at.isoformat()}] {who}: {message.content}")
+                    # A message's own line breaks (\n, U+2028 ...) indent what follows them, as
+                    # in a context: a line of it cannot pass for another timed message.
+                    lines.append(
+                        fence(f"[{message.created_at.isoformat()}] {who}: {message.content}")
+                    )
             return lines
 
         lines = await read(ctx, transcript)

@@ -295,8 +295,10 @@ def in_utc_range(value: datetime) -> datetime:
 
 
 def _as_utc(value: datetime) -> datetime:
+    """``value`` in UTC (a naive time is UTC): the form PostgreSQL gives back, so that what a
+    store answers is what every later read shows ("+14:00" came back once, "Z" ever after)."""
     in_utc_range(value)
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -450,6 +452,17 @@ class Transcription(_MemoryBase):
         default=None, description="ISO 639-1 code; detected from the text when not given."
     )
     audio_uri: Annotated[str, StringConstraints(max_length=MAX_URI_CHARS)] | None = None
+
+    @field_validator("text")
+    @classmethod
+    def _blank_is_no_text(cls, value: str, info: ValidationInfo) -> str:
+        # Text with nothing one can see (zero-width spaces, a Hangul filler) is no text, as for
+        # every text that must say something: it was stored, embedded and ranked first. A row
+        # stored before this rule is read as it is (STORED). A field validator, not the model
+        # check below, which pydantic runs again on an instance a StoredMemory is built with.
+        if info.context is STORED or visible(value):
+            return value
+        return ""
 
     @field_validator("language")
     @classmethod

@@ -63,6 +63,11 @@ async def _counts(engine: MemoryEngine) -> tuple[int, int, int, int]:
             "transcription.segments.0.speaker",
         ),
         ({"type": "transcription", "text": "x", "language": "klingon"}, "transcription.language"),
+        # A transcription's text with nothing to see, and no segments: it was stored, embedded
+        # and ranked above every real memory of a semantic search.
+        ({"type": "transcription", "text": "\u200b\u200b"}, "transcription"),
+        ({"type": "transcription", "text": "\u0301"}, "transcription"),
+        ({"type": "transcription", "text": " \u3164 "}, "transcription"),
         ({"type": "summary", "text": "x", "covers": ["nope"]}, "summary.covers.0"),
         ({"type": "fact", "statement": "x", "tags": ["a b c !"]}, "fact.tags"),
         ({"type": "fact", "statement": "x", "importance": -1}, "fact.importance"),
@@ -76,6 +81,54 @@ async def test_bad_memories(engine: MemoryEngine, memory: dict, field: str) -> N
         await engine.store_memory(user.id, memory)
     assert err.value.field == field
     assert await _counts(engine) == before
+
+
+async def test_invisible_transcription_text_gives_way_to_segments(engine: MemoryEngine) -> None:
+    user = await engine.create_user("ada", None, "user")
+    stored = await engine.store_memory(
+        user.id,
+        {
+            "type": "transcription",
+            "text": "\u200b",
+            "segments": [{"start": 0.0, "end": 1.0, "text": "Budget review on Monday."}],
+        },
+    )
+    assert stored.memory.text == "Budget review on Monday."  # type: ignore[union-attr]
+    read = await engine.get_memory(user.id, stored.id)
+    assert read.memory.text == "Budget review on Monday."  # type: ignore[union-attr]
+    # A row stored before the check (blank text, no segments) is still read as it is.
+    old = await engine.store_memory(user.id, {"type": "transcription", "text": "kept"})
+    async with engine.db.scoped(admin=True) as conn:
+        await conn.execute(
+            "UPDATE memories SET content = $1, payload = payload - 'segments' WHERE id = $2",
+            "\u200b",
+            old.id,
+        )
+    assert (await engine.get_memory(user.id, old.id)).memory.text == "\u200b"  # type: ignore[union-attr]
+    assert [m.id for m in (await engine.list_memories(user.id)).items] == [old.id, stored.id]
+
+
+async def test_a_time_with_an_offset_is_answered_as_every_read_shows_it(
+    engine: MemoryEngine,
+) -> None:
+    user = await engine.create_user("ada", None, "user")
+    stored = await engine.store_memory(
+        user.id,
+        {
+            "type": "conversation",
+            "messages": [
+                {"role": "user", "content": "east", "created_at": "2024-01-01T00:00:00+14:00"},
+                {"role": "user", "content": "west", "created_at": "2024-01-01T00:00:00-12:00"},
+            ],
+        },
+    )
+    read = await engine.get_memory(user.id, stored.id)
+    assert [m.created_at for m in stored.messages] == [m.created_at for m in read.messages]
+    assert (
+        [m.created_at.isoformat() for m in stored.messages]
+        == [m.created_at.isoformat() for m in read.messages]
+        == ["2023-12-31T10:00:00+00:00", "2024-01-01T12:00:00+00:00"]
+    )
 
 
 async def test_bad_users_and_ids(engine: MemoryEngine) -> None:
