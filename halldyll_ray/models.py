@@ -644,6 +644,12 @@ class StoredMemory(_Record):
         description="A period summary: the calendar month (YYYY-MM, UTC) whose sessions it "
         "rolls up; its `covers` are their session summaries.",
     )
+    sources: list[str] = Field(
+        default_factory=list,
+        description="A fact: the `source` of every store that stated it, oldest first (its "
+        "reinforcements' too); empty for other types. Also shown as `metadata.sources` when "
+        "the fact's own metadata has no `sources` key (the form before this field).",
+    )
     memory: Memory
     messages: list[StoredMessage] = Field(
         default_factory=list, description="A conversation's messages, in order."

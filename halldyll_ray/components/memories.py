@@ -88,8 +88,9 @@ def to_record(row: Any, *, messages: Sequence[StoredMessage] = ()) -> StoredMemo
         data["messages"] = []
     payload = MEMORY.validate_python(data, context=STORED)
     metadata = dict(row["metadata"])
-    if sources and kind is MemoryType.FACT:
-        metadata = {**metadata, "sources": sources}
+    facts_sources = list(sources or []) if kind is MemoryType.FACT else []
+    if facts_sources and "sources" not in metadata:  # the caller's own key is theirs
+        metadata["sources"] = facts_sources
     return StoredMemory(
         id=row["id"],
         user_id=row["user_id"],
@@ -108,6 +109,7 @@ def to_record(row: Any, *, messages: Sequence[StoredMessage] = ()) -> StoredMemo
         valid_to=row["valid_to"],
         superseded_by=row["superseded_by"],
         period=row["period"],
+        sources=facts_sources,
         memory=payload,
         messages=list(messages),
     )

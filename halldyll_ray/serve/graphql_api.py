@@ -169,6 +169,9 @@ class Memory:
     superseded_by: strawberry.ID | None = strawberry.field(
         description="The fact that replaced this one."
     )
+    sources: list[str] = strawberry.field(
+        description="A fact: the source of every store that stated it, oldest first."
+    )
     text: str = strawberry.field(description="The main text: statement, prompt, transcript...")
     body: JSON = strawberry.field(description="The typed memory, as stored (JSON).")
     messages: list[Message] = strawberry.field(description="A conversation's messages.")
@@ -226,6 +229,7 @@ class Memory:
             valid_from=m.valid_from,
             valid_to=m.valid_to,
             superseded_by=None if m.superseded_by is None else strawberry.ID(str(m.superseded_by)),
+            sources=m.sources,
             text=m.text,
             body=_json(m.memory.model_dump(mode="json")),
             messages=[Message.of(x) for x in m.messages],

@@ -77,6 +77,31 @@ async def test_same_fact_reinforces(engine: MemoryEngine) -> None:
     assert [h.memory.id for h in hits] == [first.id]
 
 
+async def test_a_facts_sources_do_not_hide_its_own_metadata(engine: MemoryEngine) -> None:
+    """The sources of a fact's stores are the record's ``sources``; ``metadata.sources`` shows
+    them only where the caller's metadata has no key of that name (it was overwritten on every
+    read, and the caller's value shown nowhere but the export)."""
+    user = await engine.create_user("src", None, "user")
+    own = {"sources": "my own field", "n": 1}
+    first = await engine.store_memory(
+        user.id, Fact(statement="Ada sings alto", source="chat-1", metadata=own)
+    )
+    again = await engine.store_memory(user.id, Fact(statement="Ada sings alto", source="chat-2"))
+    assert again.id == first.id and first.sources == ["chat-1"]
+    for read in (
+        again,
+        await engine.get_memory(user.id, first.id),
+        (await engine.list_memories(user.id)).items[0],
+        (await engine.search(user.id, "alto singer"))[0].memory,
+    ):
+        assert read.sources == ["chat-1", "chat-2"]
+        assert read.metadata["sources"] == "my own field" and read.metadata["n"] == 1
+        assert read.model_dump(mode="json")["sources"] == ["chat-1", "chat-2"]
+    plain = await engine.store_memory(user.id, Fact(statement="Ada owns a cello", source="s"))
+    assert plain.sources == ["s"] and plain.metadata == {"sources": ["s"]}  # as before
+    assert (await engine.store_memory(user.id, Summary(text="A summary."))).sources == []
+
+
 async def test_fact_scope_is_part_of_identity(engine: MemoryEngine) -> None:
     user = await engine.create_user("ada", None, "user")
     await engine.register_model("Qwen2.5-14B-Instruct", "llm")
