@@ -56,8 +56,24 @@ def first_error(errors: Sequence[Any], *, skip: Iterable[str] = ()) -> InvalidIn
         message += "" if at is None else f" at character {at}"
     left_out = set(skip)
     # A part in skip names the field only when nothing follows it (the body as a whole).
-    field = ".".join(str(p) for p in loc if p not in left_out) or ".".join(map(str, loc[:1]))
+    field = error_field({**first, "loc": [p for p in loc if p not in left_out]}) or ".".join(
+        map(str, loc[:1])
+    )
     return InvalidInput(f"{field}: {message}" if field else message, field=field or None)
+
+
+def error_field(error: Mapping[str, Any]) -> str:
+    """The dotted field of one pydantic error: its location, plus ``type`` for a memory
+    whose type tag is missing or unknown, plus the field a model-level check of every raw
+    value names in its context (``unstorable_value``: a NUL in ``fact.statement`` is
+    reported on the model, ``fact``). The one mapping for :func:`first_error` (HTTP, MCP)
+    and :func:`validate` (Python)."""
+    loc = [str(part) for part in error["loc"]]
+    if error.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        loc.append("type")
+    elif error.get("type") == "unstorable_value":
+        loc.append(str((error.get("ctx") or {}).get("field") or ""))
+    return ".".join(part for part in loc if part)
 
 
 def validate(adapter: TypeAdapter[_T], data: Any, what: str) -> _T:
@@ -66,14 +82,8 @@ def validate(adapter: TypeAdapter[_T], data: Any, what: str) -> _T:
         return adapter.validate_python(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
         message = first["msg"]
-        if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            field = "type"
-        elif first["type"] == "unstorable_value":
-            # The model-level check of every raw value names its field in the context.
-            field = ".".join(p for p in (field, str(first["ctx"]["field"])) if p)
-        field = field or what
+        field = error_field(first) or what
         raise InvalidInput(f"invalid {what}: {field}: {message}", field=field) from None
 
 

@@ -58,3 +58,42 @@ def test_the_rejected_value_is_never_repeated() -> None:
 def test_no_error_at_all_still_reads() -> None:
     found = first_error([])
     assert found.message == "invalid request" and found.field is None
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"type": "fact", "statement": "a\x00b"}, "fact.statement"),  # a model-level check
+        (
+            {"type": "conversation", "messages": [{"role": "user", "content": "x\x00"}]},
+            "conversation.messages.0.content",
+        ),
+        ({"type": "fact", "statement": "x", "metadata": {"k": "\ud800"}}, "fact.metadata"),
+        ({"statement": "no type"}, "type"),
+        ({"type": "recipe", "statement": "x"}, "type"),
+    ],
+)
+def test_the_python_and_the_http_mapping_name_the_same_field(
+    body: dict[str, Any], field: str
+) -> None:
+    """A NUL in a fact's statement read ``fact`` over HTTP and ``fact.statement`` in Python,
+    a missing type tag ``body`` and ``type``: the two mappings of pydantic's errors named
+    fields apart."""
+    from pydantic import BaseModel, ValidationError
+
+    from halldyll_ray.components.memories import MEMORY
+    from halldyll_ray.errors import InvalidInput
+    from halldyll_ray.models import Memory
+    from halldyll_ray.validation import validate
+
+    class Request(BaseModel):  # a request body holding a memory, as the HTTP API's
+        memory: Memory
+
+    with pytest.raises(InvalidInput) as in_python:
+        validate(MEMORY, body, "memory")
+    with pytest.raises(ValidationError) as in_request:
+        Request.model_validate({"memory": body})
+    as_http = [{**e, "loc": ("body", *e["loc"])} for e in in_request.value.errors()]
+    assert in_python.value.field == field
+    assert first_error(as_http, skip=("body",)).field == f"memory.{field}"
+    assert first_error(in_request.value.errors()).field == f"memory.{field}"  # MCP's form
