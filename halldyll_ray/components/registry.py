@@ -67,6 +67,7 @@ class ModelRegistry:
             validation.label(version, "version", max_chars=100)
         try:
             async with self.db.scoped() as conn:
+                await conn.execute(q("lock_model_names"))
                 if await conn.fetchrow(q("get_model_by_name"), name) is not None:
                     raise Conflict("exists")  # in another case or Unicode form
                 row = await conn.fetchrow(

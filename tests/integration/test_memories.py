@@ -321,3 +321,27 @@ async def test_model_registry(engine: MemoryEngine) -> None:
             await engine.search(user.id, "face id", model=ref)
         assert err.value.field == "model"
     assert len(await engine.list_models()) == 4
+
+
+async def test_two_forms_of_one_model_name_registered_at_once_are_one_model(
+    engine: MemoryEngine,
+) -> None:
+    """Registering "Qwen" and "ＱＷＥＮ" (full-width) at the same instant: each looked for the
+    other before either had inserted, and the unique index (lower(name)) could not tell them
+    apart, so both were registered: two scopes under one name. One wins, the other is a
+    Conflict, every time."""
+    import asyncio
+    import unicodedata
+
+    for i in range(8):
+        plain = f"Qwen-race-{i}"
+        wide = "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in plain)
+        results = await asyncio.gather(
+            engine.register_model(plain, "llm"),
+            engine.register_model(wide, "llm"),
+            return_exceptions=True,
+        )
+        assert sorted(type(r).__name__ for r in results) == ["AIModel", "Conflict"], results
+    names = [unicodedata.normalize("NFKC", m.name) for m in await engine.list_models()]
+    races = [n for n in names if n.startswith("Qwen-race-")]
+    assert len(races) == 8

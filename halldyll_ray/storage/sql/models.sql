@@ -8,6 +8,13 @@ RETURNING id, name, kind, version, metadata, created_at;
 -- name: get_model_by_id
 SELECT id, name, kind, version, metadata, created_at FROM ai_models WHERE id = $1;
 
+-- name: lock_model_names
+-- Registrations one at a time (a transaction-level advisory lock, released at its end): two
+-- forms of one name registered at the same instant ("Qwen", "ＱＷＥＮ") each looked for the
+-- other before either had inserted, and the unique index, on lower(name), cannot tell them
+-- apart. Registering is rare; nothing else takes this lock.
+SELECT pg_advisory_xact_lock(hashtext('halldyll_ray.ai_models.name'));
+
 -- name: get_model_by_name
 -- In any letter case and Unicode form, compatibility forms included (NFKC: "ＱＷＥＮ" with
 -- full-width letters, or a ligature, names the model "Qwen"; registry.register refuses such
