@@ -191,6 +191,11 @@ class AuthorizedEngine:
                 )
             return target
         if reach is Reach.GRANTED and target in await self.engine.viewer_grants(me.user_id):
+            state = states.get(target)
+            if state is None or state[1]:  # as a Service may not act for a disabled user
+                raise await self._deny(
+                    action, target, "a disabled user's memories are read by Admins only"
+                )
             return target
         raise await self._deny(action, target, f"{role.value}s reach only {reach.value} data")
 

@@ -224,6 +224,14 @@ async def test_disabled_users_and_changed_roles_take_effect_at_once(world: World
     svc = await world.api("svc")
     with pytest.raises(PermissionDenied):  # a service may not act for a disabled user
         await svc.search(world.users["ada"].id, "secret")
+    # nor may a Viewer read one it was granted (it did, until the owner was enabled again)
+    bob, eve_api = world.users["bob"], await world.api("eve")
+    assert (await eve_api.get_memory(bob.id, world.memory_of["bob"].id)).id
+    await engine.update_user(bob.id, disabled=True)
+    with pytest.raises(PermissionDenied, match="disabled"):
+        await eve_api.search(bob.id, "secret")
+    await engine.update_user(bob.id, disabled=False)
+    assert await eve_api.search(bob.id, "secret")
     await engine.update_user(world.users["bob"].id, role="viewer")
     bob_api = await world.api("bob")
     with pytest.raises(PermissionDenied):
