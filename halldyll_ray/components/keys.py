@@ -113,28 +113,35 @@ class ApiKeys:
         return [ApiKey(**dict(row)) for row in rows]
 
     async def revoke(self, key_id: UUID | str) -> ApiKey:
-        """Revoke a key at once; revoking twice keeps the first revocation time."""
+        """Revoke a key at once; revoking twice keeps the first revocation time, and only the
+        first is audited (the others change nothing), concurrent ones too."""
         key_id = validation.parse_uuid(key_id, "key_id")
         async with self.db.scoped() as conn:
             row = await conn.fetchrow(q("revoke_api_key"), key_id)
             if row is None:
                 raise NotFound(f"API key {key_id} not found")
-            await write_audit(conn, "key.revoke", "api_key", [key_id], row["user_id"])
-        return ApiKey(**dict(row))
+            if row["revoked_now"]:
+                await write_audit(conn, "key.revoke", "api_key", [key_id], row["user_id"])
+        key = dict(row)
+        del key["revoked_now"]
+        return ApiKey(**key)
 
     async def rotate(self, key_id: UUID | str) -> NewApiKey:
         """A new key for the same user, name and expiry, replacing (and revoking) the old one.
 
         Rotation replaces the secret, not the key's lifetime: the new key expires when the old
         one would have, and a revoked or expired key cannot be rotated (Conflict), so no key
-        outlives the expiry it was given. One transaction with the old key's row locked: of two
-        concurrent rotations one replaces the key and the other gets Conflict, so no two live
-        keys come of one.
+        outlives the expiry it was given. One transaction with the user's row, then the old
+        key's row locked (the lock order of ``storage/sql/users.sql``): of two concurrent
+        rotations one replaces the key and the other gets Conflict, so no two live keys come
+        of one, and an erasure of the user at the same time goes first or waits.
         """
         key_id = validation.parse_uuid(key_id, "key_id")
         secret = await self._key_secret()
         async with self.db.scoped() as conn:
-            old = await conn.fetchrow(q("lock_api_key"), key_id)
+            # The user's row first, then the key's (storage/sql/keys.sql: lock_key_owner).
+            owner = await conn.fetchval(q("lock_key_owner"), key_id)
+            old = None if owner is None else await conn.fetchrow(q("lock_api_key"), key_id)
             if old is None:
                 raise NotFound(f"API key {key_id} not found")
             if old["revoked_at"] is not None:

@@ -225,11 +225,15 @@ class Users:
         await self.get(owner_id)
         async with self.db.scoped() as conn:
             # Checked again with the Viewer's row locked: a role changed meanwhile
-            # (update() drops a former Viewer's grants) must not be granted after all.
-            locked = await conn.fetchrow(q("lock_user_for_update"), viewer_id)
-            if locked is None:
-                raise NotFound(f"user {viewer_id} not found")
-            if locked["role"] != Role.VIEWER.value:
+            # (update() drops a former Viewer's grants) must not be granted after all. The
+            # owner's row is locked with it, both in the order of their ids, so that grants
+            # given both ways at once take turns instead of deadlocking.
+            rows = await conn.fetch(q("lock_grant_users"), [viewer_id, owner_id])
+            roles = {row["id"]: row["role"] for row in rows}
+            for user_id in (viewer_id, owner_id):
+                if user_id not in roles:
+                    raise NotFound(f"user {user_id} not found")
+            if roles[viewer_id] != Role.VIEWER.value:
                 raise InvalidInput(
                     "read grants are for users with the viewer role", field="viewer_id"
                 )

@@ -84,9 +84,13 @@ def translate_errors() -> Iterator[None]:
             "or move them first"
         ) from exc
     except asyncpg.ForeignKeyViolationError as exc:
+        # The writing side: a row names one that is gone. The deleting side of the only key
+        # onto ai_models is ON DELETE RESTRICT, the branch above: a memory naming a model
+        # that another request deleted after this one resolved its name is the model's
+        # NotFound, as the same request sent a moment later is, not that delete's Conflict.
         if exc.constraint_name and "model" in exc.constraint_name:
-            raise Conflict(
-                "the AI model is still referenced by memories; delete or move them first"
+            raise NotFound(
+                "the AI model is not registered (it was deleted meanwhile)", field="model"
             ) from exc
         raise NotFound("a row it refers to does not exist", field=_field(exc)) from exc
     except (asyncpg.CheckViolationError, asyncpg.NotNullViolationError) as exc:

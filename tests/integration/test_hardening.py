@@ -247,6 +247,68 @@ async def test_concurrent_rotations_leave_one_live_key(
     assert len(live) == 1 and live[0].name == "k"
 
 
+async def test_a_rotation_during_an_erasure_of_its_user_waits_instead_of_deadlocking(
+    engine: MemoryEngine,
+) -> None:
+    """An erasure locks the user's row, then deletes their keys. A rotation locked the old
+    key's row, then the user's (the new key's foreign key): the two deadlocked, and one of
+    them answered 503. The rotation now takes the user's row first: it waits for the
+    erasure and finds the key gone; the erasure goes through."""
+    from halldyll_ray.storage.sql import q
+
+    user = await engine.create_user("rotated-away", None, "user")
+    key = await engine.create_api_key(user.id, name="k")
+    async with engine.db.scoped(user.id) as conn:  # the erasure's first two steps
+        assert await conn.fetchrow(q("lock_user_for_update"), user.id) is not None
+        rotation = asyncio.create_task(engine.rotate_api_key(key.api_key.id))
+        await asyncio.sleep(0.5)  # the rotation is waiting on a lock now
+        assert not rotation.done()
+        assert await conn.fetchval(q("delete_user"), user.id) == user.id
+    with pytest.raises(NotFound):
+        await rotation
+    with pytest.raises(NotFound):
+        await engine.get_user(user.id)
+
+
+async def test_a_key_revoked_many_times_at_once_is_audited_once(
+    engine: MemoryEngine, second: MemoryEngine
+) -> None:
+    """Revoking a revoked key keeps its first time and changes nothing; it wrote a
+    ``key.revoke`` row each time, so five revocations at once read as five mutations."""
+    user = await engine.create_user("revoked", None, "user")
+    key = await engine.create_api_key(user.id, name="k")
+    revoked = await asyncio.gather(
+        *((engine, second)[i % 2].revoke_api_key(key.api_key.id) for i in range(5))
+    )
+    assert len({k.revoked_at for k in revoked}) == 1 and revoked[0].revoked_at is not None
+    again = await engine.revoke_api_key(key.api_key.id)
+    assert again.revoked_at == revoked[0].revoked_at
+    rows = await engine.list_audit(user_id=user.id, operation="key.revoke")
+    assert len(rows) == 1
+
+
+async def test_grants_given_both_ways_at_once_do_not_deadlock(
+    engine: MemoryEngine, second: MemoryEngine
+) -> None:
+    """Two Viewers granted each other's memories at once: each grant locked its Viewer's row,
+    then the owner's (the grant's foreign key), the other way round, and PostgreSQL aborted
+    one (a 503). Both rows are now locked in the order of their ids."""
+    for attempt in range(20):  # a race: it deadlocked in about half the rounds
+        one = await engine.create_user(f"v1-{attempt}-{uuid.uuid4().hex[:6]}", None, "viewer")
+        two = await engine.create_user(f"v2-{attempt}-{uuid.uuid4().hex[:6]}", None, "viewer")
+        results = await asyncio.gather(
+            engine.grant_viewer(one.id, two.id),
+            second.grant_viewer(two.id, one.id),
+            return_exceptions=True,
+        )
+        assert results == [None, None]
+        assert await engine.viewer_grants(one.id) == [two.id]
+        assert await engine.viewer_grants(two.id) == [one.id]
+    gone = uuid.uuid4()
+    with pytest.raises(NotFound):
+        await engine.grant_viewer(one.id, gone)
+
+
 async def test_a_model_registered_again_elsewhere_is_not_served_from_a_stale_id(
     engine: MemoryEngine, second: MemoryEngine
 ) -> None:
@@ -265,6 +327,47 @@ async def test_a_model_registered_again_elsewhere_is_not_served_from_a_stale_id(
     hits_a = await engine.search(user.id, "jasmine tea", model="m-x", include_shared=False)
     hits_b = await second.search(user.id, "jasmine tea", model="m-x", include_shared=False)
     assert [h.memory.id for h in hits_a] == [h.memory.id for h in hits_b] == [stored.id]
+
+
+async def test_a_model_deleted_while_a_memory_of_it_is_stored_is_not_found(
+    engine: MemoryEngine, second: MemoryEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store, a batch or a turn names a model that another replica deletes after the name
+    was resolved: the insert's foreign key refused it, and that answered Conflict "the AI
+    model is still referenced by memories; delete or move them first", the message of the
+    other side (a model deleted while memories use it). It is NotFound on the model, as the
+    same request sent a moment later is, and nothing is stored."""
+    user = await engine.create_user("late", None, "user")
+    registry = engine.components.models
+    resolve = registry.resolve
+
+    async def resolve_then_lose(ref, **kwargs):  # the other replica deletes it meanwhile
+        found = await resolve(ref, **kwargs)
+        if ref is not None:
+            await second.delete_model(found)
+        return found
+
+    writes = {
+        "store": lambda name: engine.store_memory(
+            user.id, Fact(statement="Ada likes green tea", model=name)
+        ),
+        "batch": lambda name: engine.store_memories(
+            user.id, [Fact(statement="Ada likes black tea", model=name)]
+        ),
+        "turn": lambda name: engine.record_turn(user.id, f"s-{name}", "hi", "ok", model=name),
+    }
+    for what, write in writes.items():
+        name = f"gone-{what}"
+        await engine.register_model(name, "llm")
+        monkeypatch.setattr(registry, "resolve", resolve_then_lose)
+        with pytest.raises(NotFound) as refused:
+            await write(name)
+        monkeypatch.setattr(registry, "resolve", resolve)
+        assert refused.value.fields.get("field") == "model", (what, refused.value)
+        with pytest.raises(NotFound) as later:
+            await write(name)
+        assert later.value.fields.get("field") == "model"
+    assert (await engine.list_memories(user.id)).items == []
 
 
 async def test_transient_database_errors_are_unavailable_with_a_retry_hint(

@@ -3,7 +3,9 @@
 -- Lock order of every write path (STYLE 18): the user's row first (bump_version, which also
 -- invalidates the user's cached searches), then the memory row, then its messages and
 -- chunks. A transaction that takes a memory row before its user's row can deadlock with one
--- that follows this order.
+-- that follows this order. So can any other row taken before the user's: an API key's
+-- (rotation, keys.sql: lock_key_owner) comes after it. Two users' rows (a grant's Viewer and
+-- owner) are taken in the order of their ids (lock_grant_users).
 
 -- name: insert_user
 INSERT INTO users (id, username, email, role, metadata)
@@ -74,6 +76,12 @@ UPDATE users SET memory_version = memory_version + 1 WHERE id = $1 RETURNING mem
 
 -- name: users_state
 SELECT id, role, disabled FROM users WHERE id = ANY($1::uuid[]);
+
+-- name: lock_grant_users
+-- A grant's Viewer and owner, both rows locked in the order of their ids: grants given both
+-- ways at once (V1 reads V2, V2 reads V1) each locked its Viewer's row, then the owner's
+-- (the grant's foreign key) and deadlocked. ORDER BY sorts before the rows are locked.
+SELECT id, role FROM users WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE;
 
 -- name: grant_viewer
 -- The viewer_id when the grant is new (a grant given again adds nothing, and no audit row).
