@@ -28,7 +28,13 @@ import numpy as np
 
 from halldyll_ray import validation
 from halldyll_ray.components.audit import write_audit
-from halldyll_ray.components.base import Chunk, insert_chunks, insert_messages, lock_user
+from halldyll_ray.components.base import (
+    Chunk,
+    insert_chunks,
+    insert_messages,
+    lock_user,
+    require_user,
+)
 from halldyll_ray.components.embeddings import Embeddings, model_of
 from halldyll_ray.components.ingestion import Chunker
 from halldyll_ray.components.memories import near_duplicate, split, to_record
@@ -235,6 +241,9 @@ class Transfer:
                 "the import is empty: it needs an export header line", field="format"
             )
         keep_ids = header.user.id == user_id
+        # A missing user is a NotFound before any line is read: a file of bad lines only
+        # (nothing to write, so no transaction locked the user) was a 200 "committed".
+        await require_user(self.db, user_id)
         report = ImportReport(atomic=atomic)
         # Closed facts whose successor may come later in the file: (id here, exported id).
         links: list[tuple[UUID, UUID]] = []
@@ -281,10 +290,6 @@ class Transfer:
             async with self.db.scoped(user_id) as conn:
                 await lock_user(conn, user_id)
                 await _link_successors(conn, user_id, links)
-        if report.lines == 0:
-            # An empty file for a missing user would otherwise pass without a word.
-            async with self.db.scoped(user_id) as conn:
-                await lock_user(conn, user_id)
         report.missing = _missing(header, report)
         return report
 

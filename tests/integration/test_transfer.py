@@ -353,6 +353,11 @@ async def test_export_and_import_of_a_missing_user_are_not_found(engine: MemoryE
         await _export(engine, uuid.uuid4())
     with pytest.raises(NotFound):
         await engine.import_memories(uuid.uuid4(), [_ndjson([_header()])])
+    # Bad lines only: nothing to write locked the user, and the import said 200 "committed".
+    bad = _ndjson([_header(), {"memory": {"type": "fact"}}]) + b"not json\n"
+    for atomic in (False, True):
+        with pytest.raises(NotFound):
+            await engine.import_memories(uuid.uuid4(), [bad], atomic=atomic)
 
 
 async def test_expired_facts_are_not_exported(engine: MemoryEngine) -> None:
