@@ -435,6 +435,18 @@ def _days(text: str) -> int:
     return days
 
 
+def _key_name(text: str) -> str:
+    """An argparse type: an API key's name, by the engine's own rule. ``create-user`` made the
+    user and then failed on its key's name: a user left without a key, and the same command
+    run again with a good name refused ("already exists")."""
+    from halldyll_ray import validation
+
+    try:
+        return validation.key_name(text)
+    except HalldyllError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
 def _seconds(text: str) -> float:
     """An argparse type: a finite positive number of seconds (the client's own check)."""
     from halldyll_ray.client.requests import check_timeout
@@ -470,10 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("username")
     create.add_argument("--email")
     create.add_argument("--role", default="user", choices=["admin", "user", "service", "viewer"])
-    create.add_argument("--key-name", default="initial", help="name of the first API key")
+    create.add_argument(
+        "--key-name", type=_key_name, default="initial", help="name of the first API key"
+    )
     key = sub.add_parser("create-key", help="create another API key for a user; print it once")
     key.add_argument("username")
-    key.add_argument("--name", default="")
+    key.add_argument("--name", type=_key_name, default="")
     key.add_argument("--expires-days", type=_days, help=f"1 to {MAX_DAYS}; default: never")
     sub.add_parser(
         "purge-expired",

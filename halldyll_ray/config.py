@@ -22,6 +22,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from halldyll_ray.errors import ConfigurationError
+from halldyll_ray.models import MAX_SEARCH_LIMIT
 
 #: Cosine similarity below which a semantic hit is dropped, calibrated for all-MiniLM-L6-v2.
 #: ``benchmarks/calibrate_threshold.py``: on 83 hand-labelled paraphrase pairs the matching
@@ -118,7 +119,13 @@ class Settings(BaseSettings):
         "chunk in a background task of this process (false: leave it to `halldyll reembed`; "
         "either way the process follows the switch).",
     )
-    search_top_k: int = Field(default=10, ge=1, le=1000)
+    search_top_k: int = Field(
+        default=10,
+        ge=1,
+        le=MAX_SEARCH_LIMIT,
+        description="Results of a search that names no limit: at most 100, the most any "
+        "search returns (a larger value would refuse every such search).",
+    )
     search_mode: Literal["semantic", "hybrid", "fulltext"] = Field(
         default="hybrid",
         description="Default search mode. hybrid: the vector and BM25 full-text lists "

@@ -46,8 +46,16 @@ MAX_URI_CHARS = 2_048
 MAX_QUERY_CHARS = 4_000
 MAX_SEARCH_LIMIT = 100
 MAX_JSON_DEPTH = 32
+MAX_KEY_NAME_CHARS = 100
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
 TAG_PATTERN = re.compile(r"[\w][\w .:/+#@-]{0,63}")
+#: An id as every surface takes it (REST paths and bodies, Python, GraphQL, MCP, LangGraph):
+#: 8-4-4-4-12 hex digits, either case. Python's ``UUID()`` alone also took braces, ``urn:uuid:``,
+#: 32 digits without hyphens, and whatever ``int(_, 16)`` does (a ``+``, an ``_`` between
+#: digits, full-width digits): ``"0f8fa_5bd9cb..."`` read another memory than the one meant.
+UUID_PATTERN = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_UUID_TEXT = re.compile(UUID_PATTERN)
+UUID_FORM = "8-4-4-4-12 hex digits"
 
 
 class Role(StrEnum):
@@ -488,6 +496,28 @@ class Transcription(_MemoryBase):
         return self
 
 
+def uuid_of(value: object) -> UUID:
+    """``value`` as a UUID: a UUID, or its text in the one form ids are written
+    (:data:`UUID_PATTERN`); ValueError otherwise."""
+    if isinstance(value, UUID):
+        return value
+    if isinstance(value, str) and _UUID_TEXT.fullmatch(value):
+        return UUID(value)
+    raise ValueError(f"not a UUID of {UUID_FORM}")
+
+
+def _id_text(value: Any) -> Any:
+    if isinstance(value, str) and not _UUID_TEXT.fullmatch(value):
+        raise PydanticCustomError(
+            "uuid_parsing", "Input should be a UUID of {form}", {"form": UUID_FORM}
+        )
+    return value
+
+
+#: A UUID a caller gives (a path, query or body field): text only in :data:`UUID_PATTERN`.
+Id = Annotated[UUID, BeforeValidator(_id_text)]
+
+
 def _once_each(ids: list[UUID]) -> list[UUID]:
     """The ids in their order, each once: a summary covers a memory or it does not."""
     return list(dict.fromkeys(ids))
@@ -496,7 +526,7 @@ def _once_each(ids: list[UUID]) -> list[UUID]:
 class Summary(_MemoryBase):
     type: Literal[MemoryType.SUMMARY] = MemoryType.SUMMARY
     text: LongText
-    covers: Annotated[list[UUID], AfterValidator(_once_each)] = Field(
+    covers: Annotated[list[Id], AfterValidator(_once_each)] = Field(
         default_factory=list,
         max_length=MAX_SUMMARY_COVERS,
         description="Ids of the memories this summary covers (all the same user's; an id "

@@ -30,9 +30,11 @@ from pydantic import (
 
 from halldyll_ray.errors import InvalidInput
 from halldyll_ray.models import (
+    MAX_KEY_NAME_CHARS,
     MAX_MESSAGES_PER_CALL,
     MAX_QUERY_CHARS,
     MAX_SEARCH_LIMIT,
+    Id,
     Memory,
     MemoryType,
     Message,
@@ -119,7 +121,7 @@ class UserUpdate(_Request):
 class ApiKeyCreate(_Request):
     """``POST /v1/users/{user_id}/keys``."""
 
-    name: str = Field(default="", max_length=100)
+    name: str = Field(default="", max_length=MAX_KEY_NAME_CHARS)
     expires_at: IsoDateTime | None = None
 
 
@@ -253,7 +255,7 @@ class TurnRequest(_Request):
 class GrantCreate(_Request):
     """``POST /v1/users/{viewer_id}/grants``: let a Viewer read another user's memories."""
 
-    owner_id: UUID
+    owner_id: Id
 
 
 class Grant(BaseModel):

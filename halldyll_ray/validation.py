@@ -23,13 +23,16 @@ from pydantic import TypeAdapter, ValidationError
 
 from halldyll_ray.errors import InvalidInput
 from halldyll_ray.models import (
+    MAX_KEY_NAME_CHARS,
     SESSION_ID_PATTERN,
+    UUID_FORM,
     MemoryType,
     Role,
     check_metadata,
     check_text,
     in_utc_range,
     plain,
+    uuid_of,
 )
 
 _T = TypeVar("_T")
@@ -88,14 +91,13 @@ def validate(adapter: TypeAdapter[_T], data: Any, what: str) -> _T:
 
 
 def parse_uuid(value: UUID | str, field: str) -> UUID:
-    """A UUID from a UUID or its text form; InvalidInput naming ``field`` otherwise."""
-    if isinstance(value, UUID):
-        return value
+    """A UUID from a UUID or its text (:data:`~halldyll_ray.models.UUID_PATTERN`, the one
+    form every surface takes); InvalidInput naming ``field`` otherwise."""
     try:
-        return UUID(str(value))
-    except (ValueError, TypeError, AttributeError):
+        return uuid_of(value)
+    except ValueError:
         raise InvalidInput(
-            f"{field} must be a UUID, got {str(value)[:60]!r}", field=field
+            f"{field} must be a UUID of {UUID_FORM}, got {str(value)[:60]!r}", field=field
         ) from None
 
 
@@ -112,7 +114,7 @@ def text(value: object, field: str) -> str:
 
 def looks_like_uuid(value: object) -> bool:
     try:
-        UUID(str(value))
+        uuid_of(value)
     except ValueError:
         return False
     return True
@@ -140,6 +142,14 @@ def label(value: object, field: str, *, max_chars: int) -> str:
             field=field,
         )
     return value
+
+
+def key_name(value: object) -> str:
+    """An API key's name as given (``""`` for none), or InvalidInput: a :func:`label` of at
+    most MAX_KEY_NAME_CHARS characters. The engine checks it when it makes a key; the CLI's
+    ``create-user`` checks it before it makes the user, so a bad ``--key-name`` leaves no
+    user without its key behind."""
+    return label(value, "name", max_chars=MAX_KEY_NAME_CHARS)
 
 
 def email(value: object) -> str | None:

@@ -62,7 +62,7 @@ class ApiKeys:
     ) -> NewApiKey:
         """Create a key for a user. The returned ``key`` is shown this once and never stored."""
         user_id = validation.parse_uuid(user_id, "user_id")
-        validation.label(name, "name", max_chars=100)
+        validation.key_name(name)
         expires_at = validation.timestamp(expires_at, "expires_at")
         if expires_at is not None and expires_at <= datetime.now(UTC):
             raise InvalidInput("expires_at must be in the future", field="expires_at")

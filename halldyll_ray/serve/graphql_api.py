@@ -630,7 +630,7 @@ class Mutation:
     async def store_memory(
         self, info: Info[GraphQLContext, None], memory: JSON, user_id: strawberry.ID = ME
     ) -> Memory:
-        body = memory if isinstance(memory, dict) else {"type": None}
+        body: Any = memory  # any JSON, sent as given: REST says what is wrong with it
         return Memory.of(await _call(info, lambda c: c.store_memory(body, user_id=str(user_id))))
 
     @strawberry.mutation(
@@ -654,7 +654,8 @@ class Mutation:
         update: JSON,
         user_id: strawberry.ID = ME,
     ) -> Memory:
-        body = update if isinstance(update, dict) else {"": update}
+        body: Any = update  # any JSON, sent as given (REST's "body: Input should be a valid
+        # dictionary"); it was wrapped in {"": update}: "Extra inputs are not permitted"
         return Memory.of(
             await _call(info, lambda c: c.update_memory(str(id), body, user_id=str(user_id)))
         )
@@ -674,7 +675,9 @@ class Mutation:
         messages: JSON,
         user_id: strawberry.ID = ME,
     ) -> list[Message]:
-        given: list[Any] = messages if isinstance(messages, list) else [messages]
+        # Any JSON, sent as given: one message object is no list, refused as REST refuses it
+        # (it was wrapped in a list and appended).
+        given: Any = messages
         stored = await _call(
             info, lambda c: c.append_messages(str(id), given, user_id=str(user_id))
         )

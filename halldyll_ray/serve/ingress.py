@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from halldyll_ray import requestctx, tracing
+from halldyll_ray import requestctx, tracing, validation
 from halldyll_ray.components.events import Subscription
 from halldyll_ray.components.jobs import KIND as JOB_KIND
 from halldyll_ray.errors import (
@@ -26,8 +26,10 @@ from halldyll_ray.errors import (
 )
 from halldyll_ray.models import (
     SESSION_ID_PATTERN,
+    UUID_PATTERN,
     Context,
     EventsResync,
+    Id,
     JobStatus,
     Memory,
     MemoryUpdate,
@@ -80,10 +82,14 @@ JOB_KIND_PATTERN = f"^{JOB_KIND.pattern}$"
 UserRef = Annotated[
     str,
     Path(
-        pattern=r"^(me|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$",
+        pattern=f"^(me|{UUID_PATTERN})$",
         description="A user's id (UUID), or `me` for the caller.",
     ),
 ]
+#: Any other id in a path (a memory's, a key's, a job's, an owner's): the one form ids take
+#: everywhere (models.UUID_PATTERN); pydantic's UUID alone also took braces, ``urn:uuid:`` and
+#: 32 digits without hyphens, which a user id in the same path did not.
+IdRef = Annotated[Id, Path()]
 #: A session in a path (the engine's rule, validation.SESSION_ID).
 SessionRef = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="The session's id.")]
 
@@ -156,7 +162,7 @@ class Ingress(EngineOwner):
 
     @staticmethod
     def _user(user_id: str) -> UUID | None:
-        return None if user_id == "me" else _parse_uuid(user_id, "user_id")
+        return None if user_id == "me" else validation.parse_uuid(user_id, "user_id")
 
     # ----------------------------------------------------------------------- health
     @api.get("/healthz", tags=["health"])
@@ -244,12 +250,12 @@ class Ingress(EngineOwner):
         return json_response(Items(items=list(await api_.list_api_keys(self._user(user_id)))))
 
     @api.post("/v1/keys/{key_id}/rotate", status_code=201, tags=["keys"])
-    async def rotate_key(self, request: Request, key_id: UUID) -> Any:
+    async def rotate_key(self, request: Request, key_id: IdRef) -> Any:
         new = await (await self._api(request)).rotate_api_key(key_id)
         return json_response({"key": new.key, **new.api_key.model_dump()}, 201)
 
     @api.delete("/v1/keys/{key_id}", tags=["keys"])
-    async def revoke_key(self, request: Request, key_id: UUID) -> Any:
+    async def revoke_key(self, request: Request, key_id: IdRef) -> Any:
         key = await (await self._api(request)).revoke_api_key(key_id)
         return json_response(key)
 
@@ -273,7 +279,7 @@ class Ingress(EngineOwner):
         )
 
     @api.delete("/v1/users/{user_id}/grants/{owner_id}", status_code=204, tags=["users"])
-    async def revoke_grant(self, request: Request, user_id: UserRef, owner_id: UUID) -> Response:
+    async def revoke_grant(self, request: Request, user_id: UserRef, owner_id: IdRef) -> Response:
         api_ = await self._api(request)
         await api_.revoke_viewer_grant(self._user(user_id) or api_.principal.user_id, owner_id)
         return Response(status_code=204)
@@ -368,7 +374,7 @@ class Ingress(EngineOwner):
         return json_response(page)
 
     @api.get("/v1/users/{user_id}/memories/{memory_id}", tags=["memories"])
-    async def get_memory(self, request: Request, user_id: UserRef, memory_id: UUID) -> Any:
+    async def get_memory(self, request: Request, user_id: UserRef, memory_id: IdRef) -> Any:
         memory = await downstream(
             self._searcher.get_memory.remote(
                 await self._principal(request),
@@ -380,7 +386,7 @@ class Ingress(EngineOwner):
         return json_response(memory)
 
     @api.get("/v1/users/{user_id}/memories/{memory_id}/history", tags=["memories"])
-    async def fact_history(self, request: Request, user_id: UserRef, memory_id: UUID) -> Any:
+    async def fact_history(self, request: Request, user_id: UserRef, memory_id: IdRef) -> Any:
         """Every version of a fact, oldest first: the statements it replaced and those that
         replaced it (`valid_from`, `valid_to`, `superseded_by`). 422 for a memory that is not
         a fact."""
@@ -396,7 +402,7 @@ class Ingress(EngineOwner):
 
     @api.patch("/v1/users/{user_id}/memories/{memory_id}", tags=["memories"])
     async def update_memory(
-        self, request: Request, user_id: UserRef, memory_id: UUID, body: MemoryUpdate
+        self, request: Request, user_id: UserRef, memory_id: IdRef, body: MemoryUpdate
     ) -> Any:
         memory = await downstream(
             self._ingestor.update_memory.remote(
@@ -410,7 +416,7 @@ class Ingress(EngineOwner):
         return json_response(memory)
 
     @api.delete("/v1/users/{user_id}/memories/{memory_id}", status_code=204, tags=["memories"])
-    async def delete_memory(self, request: Request, user_id: UserRef, memory_id: UUID) -> Response:
+    async def delete_memory(self, request: Request, user_id: UserRef, memory_id: IdRef) -> Response:
         await downstream(
             self._ingestor.delete_memory.remote(
                 await self._principal(request),
@@ -425,7 +431,7 @@ class Ingress(EngineOwner):
         "/v1/users/{user_id}/memories/{memory_id}/messages", status_code=201, tags=["memories"]
     )
     async def append_messages(
-        self, request: Request, user_id: UserRef, memory_id: UUID, body: AppendMessagesRequest
+        self, request: Request, user_id: UserRef, memory_id: IdRef, body: AppendMessagesRequest
     ) -> Any:
         stored = await downstream(
             self._ingestor.append_messages.remote(
@@ -585,7 +591,7 @@ class Ingress(EngineOwner):
         return json_response(page)
 
     @api.get("/v1/users/{user_id}/jobs/{job_id}", tags=["jobs"])
-    async def get_job(self, request: Request, user_id: UserRef, job_id: UUID) -> Any:
+    async def get_job(self, request: Request, user_id: UserRef, job_id: IdRef) -> Any:
         """One background job of the user (a ``job_ids`` entry of a recorded turn)."""
         job = await (await self._api(request)).get_job(self._user(user_id), job_id)
         return json_response(job)
@@ -595,7 +601,7 @@ class Ingress(EngineOwner):
     async def audit(
         self,
         request: Request,
-        user_id: UUID | None = None,
+        user_id: Id | None = None,
         operation: str | None = None,
         outcome: Literal["ok", "denied", "error"] | None = None,
         before_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
@@ -758,16 +764,7 @@ async def _event_stream(subscription: Subscription) -> AsyncIterator[ServerSentE
 
 def _handle_user(user_id: UUID | str | None) -> UUID | None:
     """The handle API's ``user_id``: a UUID, its text, or None for the caller."""
-    if user_id is None or isinstance(user_id, UUID):
-        return user_id
-    return _parse_uuid(str(user_id), "user_id")
-
-
-def _parse_uuid(value: str, field: str) -> UUID:
-    try:
-        return UUID(value)
-    except ValueError:
-        raise InvalidInput(f"{field} must be a UUID", field=field) from None
+    return None if user_id is None else validation.parse_uuid(user_id, "user_id")
 
 
 # GraphQL at /graphql: its queries and mutations call the routes above, in process.

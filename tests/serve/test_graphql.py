@@ -319,3 +319,61 @@ async def test_a_request_that_is_not_graphql_gets_the_api_error_shape(
         assert response.status_code == 400, (body, response.text)
         error = response.json()["error"]
         assert error["code"] == "invalid_input" and error["message"] and error["request_id"]
+
+
+async def test_a_mutation_sends_its_json_argument_as_given(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """A mutation's JSON argument reaches REST as given: one message object is no list (it
+    was wrapped in one and appended; REST refuses it), and a PATCH that is no object is
+    refused as REST refuses it (it was wrapped in {"": ...}: "Extra inputs are not
+    permitted"). Nothing changes."""
+    _, key = await user_with_key(http, admin_key)
+    talk = await _gql(
+        http,
+        key,
+        "mutation($m: JSON!) { storeMemory(memory: $m) { id } }",
+        m={"type": "conversation", "messages": [{"role": "user", "content": "hello"}]},
+    )
+    conversation = talk["data"]["storeMemory"]["id"]
+    one = {"role": "user", "content": "one object, not a list"}
+    rest = await http.post(
+        f"/v1/users/me/memories/{conversation}/messages",
+        json={"messages": one},
+        headers=bearer(key),
+    )
+    assert rest.status_code == 422 and rest.json()["error"]["field"] == "messages", rest.text
+    appended = await _gql(
+        http,
+        key,
+        "mutation($id: ID!, $m: JSON!) { appendMessages(id: $id, messages: $m) { seq } }",
+        id=conversation,
+        m=one,
+    )
+    assert appended["data"] is None
+    error = appended["errors"][0]
+    assert error["extensions"]["status_code"] == 422, error
+    assert error["extensions"]["field"] == "messages", error
+    for update in ([1], "tags", 3):
+        patched = await _gql(
+            http,
+            key,
+            "mutation($id: ID!, $u: JSON!) { updateMemory(id: $id, update: $u) { id } }",
+            id=conversation,
+            u=update,
+        )
+        assert patched["data"] is None
+        error = patched["errors"][0]
+        assert error["extensions"]["field"] == "body", error
+        assert "valid dictionary" in error["message"], error
+    for memory in ("a fact", [{"type": "fact", "statement": "in a list"}]):
+        stored = await _gql(
+            http, key, "mutation($m: JSON!) { storeMemory(memory: $m) { id } }", m=memory
+        )
+        assert stored["data"] is None
+        error = stored["errors"][0]
+        assert error["extensions"]["field"] == "body", error
+    r = await http.get(f"/v1/users/me/memories/{conversation}", headers=bearer(key))
+    assert [m["content"] for m in r.json()["messages"]] == ["hello"]
+    r = await http.get("/v1/users/me/memories", headers=bearer(key))
+    assert [m["id"] for m in r.json()["items"]] == [conversation]
