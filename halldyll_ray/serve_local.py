@@ -95,6 +95,8 @@ class LocalPorts:
         def port(name: str, default: int | None = None) -> int:
             value = environ.get(name)
             if value:
+                if not value.strip().isdigit() or not 1 <= int(value) <= 65535:
+                    raise ValueError(f"{name}={value!r} is not a TCP port (1 to 65535)")
                 return int(value)
             return default if default is not None else free_port()
 
@@ -121,6 +123,15 @@ def _ephemeral_low() -> int:
         return int(_EPHEMERAL_RANGE_FILE.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768  # Linux's default; macOS uses 49152 and above
+
+
+def answering(port: int) -> bool:
+    """Whether something already accepts connections on 127.0.0.1:``port`` (another service,
+    or an earlier run still up): the application would not get the port, and its readiness
+    check would have asked that other service."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((LOOPBACK, port)) == 0
 
 
 def _bindable(port: int) -> bool:
@@ -396,6 +407,17 @@ def stop_embedded_postgres(data_dir: Path, database: str) -> None:
         print(f"stopped the embedded PostgreSQL in {server.pgdata}", flush=True)
 
 
+def _given_ports(environ: Mapping[str, str], ports: LocalPorts) -> list[tuple[str, int]]:
+    """The ports other than HTTP that ``environ`` names (the rest were picked free)."""
+    named = {
+        "RAY_SERVE_HAPROXY_STATS_PORT": ports.haproxy_stats,
+        "RAY_SERVE_HAPROXY_METRICS_PORT": ports.haproxy_metrics,
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": ports.fallback_http,
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": ports.fallback_grpc,
+    }
+    return [(name, port) for name, port in named.items() if environ.get(name)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import yaml
 
@@ -411,9 +433,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     config = yaml.safe_load(config_path.read_text())
     environ = dict(os.environ)
-    ports = LocalPorts.choose(
-        environ, http_default=int((config.get("http_options") or {}).get("port", 8000))
-    )
+    try:
+        ports = LocalPorts.choose(
+            environ, http_default=int((config.get("http_options") or {}).get("port", 8000))
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for name, taken in (("HALLDYLL_HTTP_PORT", ports.http), *_given_ports(environ, ports)):
+        if answering(taken):
+            print(
+                f"error: 127.0.0.1:{taken} already answers (another service, or an earlier run "
+                f"still up): stop it, or choose another port with {name}",
+                file=sys.stderr,
+            )
+            return 2
     # Private (0700) and short: Ray adds a 56-character node id under it, and HAProxy takes a
     # log socket path of at most 97 bytes (/tmp/hr-xxxxxxxx/<node id>/metrics.sock: 86).
     run_dir = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp" if os.name == "posix" else None))

@@ -139,3 +139,34 @@ def test_the_ready_line_names_the_key_file_never_the_key(tmp_path: Path) -> None
     assert "hr_secret" not in line
     assert "create-key" in ready_line("http://127.0.0.1:8000", key_file=tmp_path / "missing")
     assert "DATABASE_URL is set" in ready_line("http://127.0.0.1:8000", key_file=None)
+
+
+@pytest.mark.parametrize("variable", ["HALLDYLL_HTTP_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"])
+def test_a_port_another_service_answers_on_stops_the_launcher_at_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str
+) -> None:
+    """With the HTTP port taken by another service, the launcher started anyway, and its
+    readiness check asked that service: "halldyll-ray is ready" for someone else's server.
+    Now nothing starts: exit 2, naming the port and the variable that moves it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other:
+        other.bind(("127.0.0.1", free_port()))
+        other.listen()
+        taken = other.getsockname()[1]
+        monkeypatch.setenv(variable, str(taken))
+        if variable != "HALLDYLL_HTTP_PORT":
+            monkeypatch.setenv("HALLDYLL_HTTP_PORT", str(free_port()))
+        started: list[object] = []
+        monkeypatch.setattr(serve_local, "Supervisor", lambda *a, **k: started.append(a))
+        assert serve_local.main([str(ROOT / "serve_config.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{taken} already answers" in err and variable in err
+    assert started == []
+
+
+@pytest.mark.parametrize("value", ["http", "0", "70000", "-1"])
+def test_a_port_that_is_no_port_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    monkeypatch.setenv("HALLDYLL_HTTP_PORT", value)
+    assert serve_local.main([str(ROOT / "serve_config.yaml")]) == 2
+    assert "HALLDYLL_HTTP_PORT" in capsys.readouterr().err
