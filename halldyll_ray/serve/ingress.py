@@ -763,8 +763,11 @@ async def _event_stream(subscription: Subscription) -> AsyncIterator[ServerSentE
 
 
 def _handle_user(user_id: UUID | str | None) -> UUID | None:
-    """The handle API's ``user_id``: a UUID, its text, or None for the caller."""
-    return None if user_id is None else validation.parse_uuid(user_id, "user_id")
+    """The handle API's ``user_id``: a UUID, its text, or None or ``"me"`` for the caller (as
+    the HTTP API, the Python client, GraphQL and MCP take it)."""
+    if user_id is None or user_id == "me":
+        return None
+    return validation.parse_uuid(user_id, "user_id")
 
 
 # GraphQL at /graphql: its queries and mutations call the routes above, in process.

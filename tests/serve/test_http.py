@@ -246,6 +246,17 @@ async def test_handle_api_and_batching(
     assert hits[0].memory.id == stored.id
     context = await ingress.handle_build_context.remote(svc_key, user["id"], "bicycle")
     assert stored.id in context.sources
+    # "me" is the caller, as on every other surface (it was an InvalidInput on user_id)
+    _, own_key = await _user_with_key(http, admin_key)
+    mine = await ingress.handle_store_memory.remote(
+        own_key, "me", {"type": "fact", "statement": "keeps bees"}
+    )
+    assert [h.memory.id for h in await ingress.handle_search.remote(own_key, "me", "bees")] == [
+        mine.id
+    ]
+    assert [h.memory.id for h in await ingress.handle_search.remote(own_key, None, "bees")] == [
+        mine.id
+    ]
 
     embedding = serve.get_deployment_handle("Embedding", app_name="halldyll")
     stats = await embedding.stats.remote()
