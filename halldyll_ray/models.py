@@ -279,6 +279,16 @@ SpeakerName = Annotated[
 ]
 
 
+def _title(value: str) -> str:
+    return value if visible(value) else ""
+
+
+#: A conversation's title: optional, so one with nothing visible in it (blanks, zero-width
+#: spaces, a Hangul filler) is no title, "", rather than a refusal; it was indexed as a part of
+#: its own that says nothing.
+Title = Annotated[str, StringConstraints(max_length=MAX_TITLE_CHARS), AfterValidator(_title)]
+
+
 #: The first and last instants Python can hold. asyncpg writes them as PostgreSQL's -infinity
 #: and infinity and reads those back without a time zone: a memory stored at either broke
 #: every later read that compared or converted its time (500s on search and context).
@@ -401,7 +411,7 @@ class _MemoryBase(_Input):
 
 class Conversation(_MemoryBase):
     type: Literal[MemoryType.CONVERSATION] = MemoryType.CONVERSATION
-    title: Annotated[str, StringConstraints(max_length=MAX_TITLE_CHARS)] | None = None
+    title: Title | None = None
     messages: list[Message] = Field(default_factory=list, max_length=MAX_MESSAGES_PER_CALL)
 
 
@@ -545,7 +555,7 @@ class MemoryUpdate(_Input):
     tags: Tags | None = None
     metadata: Metadata | None = None
     importance: StrictFloat | None = Field(default=None, ge=0.0, le=1.0)
-    title: Annotated[str, StringConstraints(max_length=MAX_TITLE_CHARS)] | None = None
+    title: Title | None = None
     statement: FactText | None = None
     confidence: StrictFloat | None = Field(default=None, ge=0.0, le=1.0)
     kind: FactKind | None = None

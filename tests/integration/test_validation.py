@@ -108,6 +108,30 @@ async def test_invisible_transcription_text_gives_way_to_segments(engine: Memory
     assert [m.id for m in (await engine.list_memories(user.id)).items] == [old.id, stored.id]
 
 
+async def test_a_title_with_nothing_visible_is_no_title(engine: MemoryEngine) -> None:
+    """A conversation titled with zero-width spaces (or a Hangul filler, or blanks) had that
+    title indexed as a part of its own that says nothing; stored, or set by an update."""
+    user = await engine.create_user("ada", None, "user")
+    message = {"role": "user", "content": "The ferry leaves at nine"}
+    titled = []
+    for title in ("\u200b\u200b", "\u3164", "   ", "\u2028"):
+        stored = await engine.store_memory(
+            user.id, {"type": "conversation", "title": title, "messages": [message]}
+        )
+        assert stored.memory.title is None  # type: ignore[union-attr]
+        titled.append(stored.id)
+    kept = await engine.store_memory(
+        user.id, {"type": "conversation", "title": "Ferry times", "messages": [message]}
+    )
+    updated = await engine.update_memory(user.id, kept.id, {"title": "\u200b"})
+    assert not updated.memory.title  # type: ignore[union-attr]
+    async with engine.db.scoped(user.id, readonly=True) as conn:
+        parts = await conn.fetch(
+            "SELECT DISTINCT part FROM memory_chunks WHERE user_id = $1", user.id
+        )
+    assert {r["part"] for r in parts} == {"message"}
+
+
 async def test_a_time_with_an_offset_is_answered_as_every_read_shows_it(
     engine: MemoryEngine,
 ) -> None:
