@@ -13,7 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 _SPACE = re.compile(r"\s+")
-_TRAILING = re.compile(r"[\s.!?;:,]+$")
+# What a statement's end sheds once _SPACE made every space one " ". str.rstrip, not a
+# pattern anchored at "$": that tried the end from every character of a run of dots, which
+# cost 3 s for a 32,000-character sentence.
+_TRAILING = " .!?;:,"
 
 
 def _fold_word(match: re.Match[str]) -> str:
@@ -29,7 +32,7 @@ def normalize_statement(statement: str) -> str:
     """
     text = _TOKEN.sub(_fold_word, unicodedata.normalize("NFKC", statement))
     text = _SPACE.sub(" ", text).strip()
-    return _TRAILING.sub("", text)
+    return text.rstrip(_TRAILING)
 
 
 def fact_key(statement: str) -> str:
@@ -346,7 +349,9 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
 ]
 # "My name is Ada and I live in Lyon": split where a new first-person clause starts, but keep
 # "I like rice and beans" whole.
-_NEW_SUBJECT = re.compile(r"\s*(?:,|;|\band\b|\bbut\b)\s*(?=(?:i|i'm|my)\b)", re.I)
+# A separator starts where a run of spaces starts (the look-behind): a try from inside the run
+# scanned the rest of it again, so a message of 32,000 spaces cost 34 s.
+_NEW_SUBJECT = re.compile(r"(?<!\s)\s*(?:,|;|\band\b|\bbut\b)\s*(?=(?:i|i'm|my)\b)", re.I)
 _HEDGES = re.compile(r"\b(if|maybe|perhaps|might|would|could|wonder|whether)\b", re.I)
 
 

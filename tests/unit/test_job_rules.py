@@ -39,6 +39,12 @@ def test_the_kept_error_names_our_errors_and_masks_secrets() -> None:
     for secret in ("s3cret", "abc.def", "sk-proj-1234567890", "hr_ABCDEFGHabcdefgh_rest"):
         assert secret not in text
     assert len(describe_error(RuntimeError("x" * 5000))) == 1000
+    # A long scheme-like run is read once (it was read again from each of its letters: hours
+    # for this size); a secret behind it is still masked.
+    run = "a." * 500_000
+    masked = describe_error(RuntimeError(f"{run} {run}x://user:pw@host"))
+    assert masked.startswith("RuntimeError: a.a.") and len(masked) == 1000
+    assert "pw@" not in describe_error(RuntimeError(f"{run[:800]}http://user:pw@host"))
     assert describe_error(asyncio.CancelledError()) == "CancelledError"
 
 

@@ -134,3 +134,27 @@ def test_article() -> None:
         "a summary",
         "an add",
     ]
+
+
+# Inputs far over the API's limits on purpose: each of these cost time quadratic in its length
+# (a pattern retried from every character of a run), hours at this size, and is linear now.
+# Nothing here is timed: the old code simply did not return.
+_LONG = 1_000_000
+
+
+def test_a_long_run_of_punctuation_is_shed_in_one_pass() -> None:
+    assert normalize_statement("a" + "." * _LONG + "b") == "a" + "." * _LONG + "b"
+    assert normalize_statement("ada likes tea" + " .!?;:," * (_LONG // 7)) == "ada likes tea"
+    # The end sheds every kind of space, folded to " " first.
+    assert normalize_statement("tea\u00a0.\u2028!\x1c") == "tea"
+
+
+def test_a_long_run_of_spaces_in_a_message_is_read_in_one_pass() -> None:
+    assert extract_candidate_facts("a" + " " * _LONG + "b") == []
+    message = "My name is Ada" + " " * _LONG + "and I live in Lyon."
+    assert extract_candidate_facts(message) == [
+        "The user's name is Ada",
+        "The user lives in Lyon",
+    ]
+    said = [Line("user", "I drink green tea every morning."), Line("user", "a" + "." * _LONG + "b")]
+    assert extractive_summary(said) == "user: I drink green tea every morning."
