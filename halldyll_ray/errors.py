@@ -7,7 +7,55 @@ fields are passed to ``__init__`` through ``args``) because errors cross Ray act
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+#: What a message shows instead of a secret.
+REDACTED = "[redacted]"
+# Credentials that a text can carry: the password (or token) of a URL's userinfo
+# (postgresql://u:PASS@host, redis://:PASS@host, https://TOKEN@host), a bearer token (not a
+# placeholder such as ``Bearer <API key>``), the secret part of one of our API keys (its
+# public ``hr_<16 characters>`` prefix stays) and OpenAI-style keys.
+_CREDENTIALS = re.compile(
+    r"(?P<url>(?<![A-Za-z0-9+.-])[a-z][a-z0-9+.-]*://(?:[^\s/:@\"']*:)?)[^\s/\"']*@"
+    r"|(?P<bearer>\b(?i:bearer)\s+)(?!<)[^\s\"']+"
+    r"|(?P<key>\bhr_[A-Za-z0-9]{16}_)[A-Za-z0-9_-]+"
+    r"|\bsk-[A-Za-z0-9_-]{8,}"
+)
+#: Secrets this process holds and sends to others (LLM_API_KEY): hidden wherever they appear,
+#: with or without a scheme before them (a server may echo the key it was sent).
+_KNOWN: frozenset[str] = frozenset()
+#: Shorter values are not secrets worth a search (and would hide ordinary words).
+_MIN_KNOWN = 8
+
+
+def register_secret(value: str | None) -> None:
+    """Hide ``value`` from every text :func:`redact` sees (every product error message) from
+    now on, in this process: for a secret sent to a third party, which may echo it."""
+    global _KNOWN
+    if value and len(value) >= _MIN_KNOWN:
+        _KNOWN = _KNOWN | {value}  # replaced, never changed: a reader in a thread is safe
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """``text`` without credentials: ``secrets``, the values given to
+    :func:`register_secret`, URL passwords, bearer tokens, API keys (see ``_CREDENTIALS``).
+
+    The one redaction of the product: every :class:`HalldyllError`'s message passes through
+    it (the text of a third party, an LLM server's error page or a driver's exception, ends
+    up in job rows, audit rows, HTTP answers and logs), and so do the texts kept or logged
+    outside one (span attributes, the request log). Idempotent.
+    """
+    for secret in (*secrets, *_KNOWN):
+        if secret and secret in text:
+            text = text.replace(secret, REDACTED)
+    return _CREDENTIALS.sub(_hide, text)
+
+
+def _hide(match: re.Match[str]) -> str:
+    if match["url"]:
+        return match["url"] + REDACTED + "@"
+    return (match["bearer"] or match["key"] or "") + REDACTED
 
 
 class HalldyllError(Exception):
@@ -21,6 +69,9 @@ class HalldyllError(Exception):
     code = "error"
 
     def __init__(self, message: str, **fields: Any) -> None:
+        # Messages quote what they were given (a driver's text, an LLM server's error body,
+        # the caller's input): no credential in them goes further (see :func:`redact`).
+        message = redact(message)
         super().__init__(message)
         self.message = message
         self.fields = fields

@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import traceback
 from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar, cast
@@ -50,7 +51,7 @@ from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 from halldyll_ray import requestctx
-from halldyll_ray.errors import ConfigurationError
+from halldyll_ray.errors import ConfigurationError, redact
 
 REQUEST_ID = "halldyll.request_id"
 """The span attribute (and baggage entry) that holds the request id."""
@@ -124,6 +125,7 @@ def configure(component: str, *, processors: Sequence[Any] | None = None) -> boo
     provider = TracerProvider(resource=resource)  # its sampler: OTEL_TRACES_SAMPLER
     provider.sampler = _InRequestsOnly(provider.sampler)  # before the first tracer takes it
     provider.add_span_processor(_RequestIdProcessor())
+    provider.add_span_processor(_NoCredentials())
     for processor in span_processors:
         provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
@@ -186,6 +188,9 @@ def instrument_fastapi(app: Any) -> None:
         tracer_provider=trace.get_tracer_provider(),
         excluded_urls=os.environ.get("OTEL_PYTHON_FASTAPI_EXCLUDED_URLS", _HEALTH_ROUTES),
         exclude_spans=["receive", "send"],
+        # The instrumentation sets the request's attributes again after the span started
+        # (past _NoCredentials.on_start), the captured headers too, then calls this.
+        server_request_hook=lambda span, scope: _mask(span),
     )
 
 
@@ -348,7 +353,11 @@ class _TracedResponse:
 
 
 def _fail(span: Span, exc: BaseException) -> None:
-    span.record_exception(exc)
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    span.record_exception(
+        exc,
+        attributes={"exception.message": redact(str(exc)), "exception.stacktrace": redact(text)},
+    )
     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
 
 
@@ -362,6 +371,30 @@ class _RequestIdProcessor(SpanProcessor):
         )
         if request_id:
             span.set_attribute(REQUEST_ID, str(request_id))
+
+
+class _NoCredentials(SpanProcessor):
+    """Masks credentials (:func:`~halldyll_ray.errors.redact`) in a span's name and
+    attributes as it starts: the HTTP instrumentation's ``url.path`` and ``url.query`` (or
+    ``http.target``) quote the request's URL, where a client may have put its API key
+    (``?api_key=hr_...``), and every exporter (a collector, the console) would keep it."""
+
+    def on_start(self, span: Any, parent_context: Context | None = None) -> None:
+        _mask(span)
+
+
+def _mask(span: Any) -> None:
+    """Credentials out of ``span``'s name and string attributes (a recording span)."""
+    if not span.is_recording():
+        return
+    name = redact(span.name)
+    if name != span.name:
+        span.update_name(name)
+    for key, value in list((span.attributes or {}).items()):
+        if isinstance(value, str):
+            clean = redact(value)
+            if clean != value:
+                span.set_attribute(key, clean)
 
 
 class _InRequestsOnly(Sampler):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +33,7 @@ from halldyll_ray.errors import (
     NotFound,
     PermissionDenied,
     Unavailable,
+    redact,
 )
 from halldyll_ray.models import (
     AIModel,
@@ -96,9 +96,6 @@ _ERRORS: dict[str, type[HalldyllError]] = {
     )
 }
 _ERRORS["payload_too_large"] = InvalidInput
-#: What an error message shows instead of a secret.
-REDACTED = "[redacted]"
-_BEARER = re.compile(r"(?i)(bearer\s+)\S+")
 #: How much of a request's path an error message repeats (an id can be any length).
 _PATH_SHOWN = 200
 # For error responses that do not carry the error shape (a proxy's 502, an unknown route).
@@ -117,16 +114,6 @@ _BY_STATUS: dict[int, type[HalldyllError]] = {
 
 
 # --------------------------------------------------------------------------- secrets
-def redact(text: str, *secrets: str | None) -> str:
-    """``text`` without ``secrets`` (the API key) nor any ``Bearer <token>``: what a client
-    puts in an error message can come from elsewhere (a proxy's error page that reflects the
-    request's headers), and an error message is printed and logged."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
-    return _BEARER.sub(lambda match: match.group(1) + REDACTED, text)
-
-
 def _key_of(request: httpx.Request | None) -> str | None:
     """The API key a request carried (its ``Authorization: Bearer`` header), if any."""
     if request is None:

@@ -59,6 +59,7 @@ from halldyll_ray.errors import (
     InvalidInput,
     NotFound,
     PermissionDenied,
+    redact,
 )
 from halldyll_ray.models import Job, JobStatus, Page
 from halldyll_ray.storage.database import Database
@@ -82,15 +83,6 @@ ERROR_CHARS = 1000
 #: Most jobs one status page lists.
 MAX_PAGE = 500
 
-# Credentials that a third-party exception's text may carry: URL userinfo, bearer tokens,
-# OpenAI-style keys and our own API keys. A scheme is read from the start of its run (the
-# look-behind): from every letter of "a.a.a..." (an LLM error quoting a prompt) the rest of the
-# run was read again, 0.8 s for 40,000 characters.
-_SECRETS = re.compile(
-    r"(?P<url>(?<![a-z0-9+.-])[a-z][a-z0-9+.-]*://)[^\s/@]+@|(?i:bearer)\s+\S+|\bsk-[A-Za-z0-9_-]{8,}|"
-    r"\bhr_[A-Za-z0-9]{16}_\S+"
-)
-
 
 def retry_delay(attempt: int, base_s: float, *, rand: Callable[[], float] = random.random) -> float:
     """Seconds before the try after try number ``attempt`` (1 = the first) failed.
@@ -104,17 +96,17 @@ def retry_delay(attempt: int, base_s: float, *, rand: Callable[[], float] = rand
 
 
 def describe_error(exc: BaseException) -> str:
-    """The ``last_error`` of a failed try: our errors' code and message (they never hold a
-    secret), another exception's type and its text with credentials masked; at most
-    :data:`ERROR_CHARS` characters."""
+    """The ``last_error`` of a failed try (also in the job's audit row and log lines): our
+    errors' code and message, another exception's type and its text, with credentials masked
+    (:func:`~halldyll_ray.errors.redact`); at most :data:`ERROR_CHARS` characters."""
     if isinstance(exc, HalldyllError):
         text = f"{exc.code}: {exc.message}"
     elif isinstance(exc, TimeoutError) and not str(exc):
         text = "timeout: the try took longer than JOBS_TIMEOUT_SECONDS"
     else:
-        detail = _SECRETS.sub(lambda m: (m["url"] or "") + "***", str(exc))
+        detail = str(exc)
         text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    return text[:ERROR_CHARS]
+    return redact(text)[:ERROR_CHARS]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import openai
 from pydantic import SecretStr
 
-from halldyll_ray.errors import ConfigurationError
+from halldyll_ray.errors import ConfigurationError, register_secret
 from halldyll_ray.llm.protocol import LLMOutputInvalid, LLMUnavailable, Usage
 
 log = logging.getLogger(__name__)
@@ -88,10 +88,15 @@ class OpenAITransport:
         max_retries: int = 2,
     ) -> None:
         self.base_url = base_url
+        key = api_key.get_secret_value() if api_key is not None else None
+        # The server's error text ends up in our messages (job rows, audit rows, logs), and a
+        # server or proxy may quote the key it was sent ("Received API Key = ..."): hidden
+        # there, as every credential (errors.redact).
+        register_secret(key)
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
             # The SDK insists on a key; local servers ignore this placeholder.
-            api_key=api_key.get_secret_value() if api_key is not None else "unused",
+            api_key=key if key is not None else "unused",
             timeout=timeout_s,
             max_retries=max_retries,
         )

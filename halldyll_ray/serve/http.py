@@ -47,6 +47,7 @@ from halldyll_ray.errors import (
     NotFound,
     PermissionDenied,
     Unavailable,
+    redact,
 )
 from halldyll_ray.schemas import ErrorBody
 from halldyll_ray.tracing import current_trace_id, request_scope
@@ -464,7 +465,7 @@ class _RequestContext:
                 extra={
                     "request_id": request_id,
                     "method": scope["method"],
-                    "path": scope["path"],
+                    "path": redact(scope["path"]),  # an API key put in the URL stays out
                     "status": status,
                     "ms": round(elapsed_ms, 2),
                 },

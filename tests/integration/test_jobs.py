@@ -346,7 +346,9 @@ async def test_retries_back_off_then_a_poison_job_fails_with_its_error_kept(
     assert (slow.status, slow.attempts, slow.result) == (JobStatus.DONE, 2, {"ok": True})
     assert slow.last_error is not None and slow.last_error.startswith("timeout")
     leaked = jobs["leaky"].last_error
-    assert leaked is not None and leaked.startswith("RuntimeError: POST https://***llm.example")
+    assert leaked is not None and leaked.startswith(
+        "RuntimeError: POST https://bot:[redacted]@llm.example"
+    )
     assert "hunter2" not in leaked and "sk-abc" not in leaked
     failures = await engine.list_audit(operation="job.fail", limit=10)
     assert {r["target_ids"][0] for r in failures} == {

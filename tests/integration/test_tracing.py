@@ -219,3 +219,66 @@ async def test_the_request_metrics_name_the_trace_of_each_windows_slowest_reques
     server = [s for s in exported.get_finished_spans() if s.kind is trace.SpanKind.SERVER]
     assert slowest["request_id"] == "exemplar-1"
     assert slowest["trace_id"] == format(server[0].context.trace_id, "032x")
+
+
+async def test_an_api_key_in_the_url_is_in_no_span_nor_request_log_line(
+    exported: InMemorySpanExporter,
+) -> None:
+    # A client that puts its key in the URL (a path segment, ?api_key=): the FastAPI
+    # instrumentation quotes the URL in its attributes (url.path and url.query, or
+    # http.target and http.url), the request log the path.
+    import httpx
+    from fastapi import FastAPI
+    from fastapi.responses import PlainTextResponse
+
+    from halldyll_ray.keys import generate_key
+    from halldyll_ray.serve import http as served
+
+    prefix, key = generate_key()
+    secret = key.removeprefix(prefix + "_")
+    app = FastAPI()
+
+    @app.get("/v1/users/{user_id}/memories")
+    async def memories(user_id: str) -> PlainTextResponse:
+        return PlainTextResponse("no key", status_code=401)
+
+    tracing.instrument_fastapi(app)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("halldyll_ray.http")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        transport = httpx.ASGITransport(app=served._RequestContext(app))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            answer = await client.get(f"/v1/users/{key}/memories", params={"api_key": key})
+        assert answer.status_code == 401
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    spans = exported.get_finished_spans()
+    server = [s for s in spans if s.kind is trace.SpanKind.SERVER]
+    assert server and f"api_key={prefix}_[redacted]" in repr(dict(server[0].attributes or {}))
+    for span in spans:
+        assert secret not in repr(dict(span.attributes or {})), span.name
+        assert secret not in span.name
+    (line,) = [r for r in records if r.getMessage() == "request"]
+    assert line.path == f"/v1/users/{prefix}_[redacted]/memories"  # type: ignore[attr-defined]
+
+
+def test_a_failed_handle_call_records_its_error_without_credentials(
+    exported: InMemorySpanExporter,
+) -> None:
+    tracer = trace.get_tracer("test")
+    with tracer.start_as_current_span("call") as span:
+        try:
+            raise RuntimeError("connect to redis://:hunter2-redis@cache:6379/0 failed")
+        except RuntimeError as exc:
+            tracing._fail(span, exc)
+    (finished,) = [s for s in exported.get_finished_spans() if s.name == "call"]
+    (event,) = finished.events
+    assert event.name == "exception"
+    assert "redis://:[redacted]@cache" in str(event.attributes["exception.message"])
+    assert "hunter2-redis" not in repr(dict(event.attributes or {}))

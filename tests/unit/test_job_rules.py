@@ -35,9 +35,17 @@ def test_the_kept_error_names_our_errors_and_masks_secrets() -> None:
             "key sk-proj-1234567890 hr_ABCDEFGHabcdefgh_rest"
         )
     )
-    assert text.startswith("ConnectionError: postgresql://***db:5432/x")
+    assert text.startswith("ConnectionError: postgresql://app:[redacted]@db:5432/x")
     for secret in ("s3cret", "abc.def", "sk-proj-1234567890", "hr_ABCDEFGHabcdefgh_rest"):
         assert secret not in text
+    # Our own errors quote third parties too (an LLM server's error body): masked as well.
+    text = describe_error(
+        LLMUnavailable("the LLM endpoint kept failing (500): bad credentials: Bearer tok-123")
+    )
+    assert (
+        text
+        == "unavailable: the LLM endpoint kept failing (500): bad credentials: Bearer [redacted]"
+    )
     assert len(describe_error(RuntimeError("x" * 5000))) == 1000
     # A long scheme-like run is read once (it was read again from each of its letters: hours
     # for this size); a secret behind it is still masked.

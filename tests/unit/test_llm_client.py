@@ -7,12 +7,17 @@ comes from the recordings (tests/data/llm_recordings), never written by hand.
 from __future__ import annotations
 
 import asyncio
+import json
 import pickle
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from llm_replay import recording
+from pydantic import SecretStr
 
+from halldyll_ray.components.jobs import describe_error
 from halldyll_ray.config import Settings
 from halldyll_ray.errors import ConfigurationError
 from halldyll_ray.llm.client import (
@@ -87,6 +92,59 @@ def test_the_api_key_is_never_in_an_error_message() -> None:
     assert secret not in str(caught.value) and secret not in repr(caught.value.to_dict())
     settings = Settings.from_env(**OPENAI, llm_api_key=secret)
     assert secret not in repr(settings) and secret not in str(settings.model_dump())
+
+
+class _EchoingEndpoint(ThreadingHTTPServer):
+    """A chat endpoint that refuses every call and quotes the key it was sent, as some
+    proxies do ("Received API Key = ..."): with ``Bearer`` on /401 paths, bare otherwise."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                sent = self.headers.get("authorization", "")
+                refused = "refuse" in self.path
+                quoted = sent if refused else sent.removeprefix("Bearer ")
+                body = json.dumps({"error": {"message": f"Received API Key = {quoted}"}})
+                self.send_response(401 if refused else 500)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+async def test_an_endpoint_quoting_the_key_does_not_put_it_in_an_error() -> None:
+    # The error's text is a job's last_error, its audit row and a log line.
+    secret = "llm-key-" + "7f3a9c1e5b2d"
+    server = _EchoingEndpoint()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    root = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for path, error in (("/refuse/v1", LLMRequestRefused), ("/v1", LLMUnavailable)):
+            door = OpenAITransport(root + path, api_key=SecretStr(secret), max_retries=0)
+            with pytest.raises(error) as caught:
+                await door.complete({"model": "m", "messages": []})
+            await door.aclose()
+            assert "Received API Key = " in caught.value.message
+            assert secret not in caught.value.message and secret not in str(caught.value)
+            assert secret not in describe_error(caught.value)
+            assert secret not in repr(pickle.loads(pickle.dumps(caught.value)).to_dict())
+    finally:
+        server.shutdown()
+        server.server_close()
+    # An endpoint that cannot be reached: its URL's password is not in the message.
+    door = OpenAITransport("http://bot:url-pass-91b2@127.0.0.1:9/v1", max_retries=0)
+    with pytest.raises(LLMUnavailable) as caught:
+        await door.complete({"model": "m", "messages": []})
+    await door.aclose()
+    assert "http://bot:[redacted]@127.0.0.1:9/v1" in caught.value.message
+    assert "url-pass-91b2" not in str(caught.value)
 
 
 def test_the_settings_build_the_openai_door() -> None:
