@@ -561,6 +561,18 @@ def recall(data: Data, scores: Sequence[np.ndarray], questions: Sequence[int]) -
     }
 
 
+def recall_table(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown rows of rankers' :func:`recall` results, header first."""
+    rows = [
+        "| ranker | recall@5 | recall@10 | cat 1 / 2 / 3 / 4 @10 |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    for name, r in runs.items():
+        cats = " / ".join(f"{v:.3f}" for v in r["cat@10"].values())
+        rows.append(f"| {name} | {r['recall@5']:.3f} | {r['recall@10']:.3f} | {cats} |")
+    return rows
+
+
 def _standardize(xs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     allx = np.concatenate(xs)
     mu = allx.mean(axis=0)
@@ -1039,12 +1051,8 @@ def _explore(args: argparse.Namespace) -> None:
         "reorders the shipped model's CV logits; the feature variants add a third logistic "
         "stage over the shipped model's 9 inputs plus the features named.",
         "",
-        "| ranker | recall@5 | recall@10 | cat 1 / 2 / 3 / 4 @10 |",
-        "| --- | ---: | ---: | --- |",
+        *recall_table(runs),
     ]
-    for name, r in runs.items():
-        cats = " / ".join(f"{v:.3f}" for v in r["cat@10"].values())
-        table.append(f"| {name} | {r['recall@5']:.3f} | {r['recall@10']:.3f} | {cats} |")
     write_results(
         args.out,
         "locomo_features.py",

@@ -335,13 +335,9 @@ def main() -> int:
         "Development split stored per session, categories 1-4; rankers: leave one "
         "conversation out, pool 100 rows a list.",
         "",
-        "| ranker | recall@5 | recall@10 | cat 1 / 2 / 3 / 4 @10 |",
-        "| --- | ---: | ---: | --- |",
+        *lf.recall_table(runs),
     ]
-    for name, r in runs.items():
-        cats = " / ".join(f"{v:.3f}" for v in r["cat@10"].values())
-        table.append(f"| {name} | {r['recall@5']:.3f} | {r['recall@10']:.3f} | {cats} |")
-        print(table[-1], flush=True)
+    print("\n".join(table[2:]), flush=True)
     write_results(
         args.out,
         "locomo_signals.py",
