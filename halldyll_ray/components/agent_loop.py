@@ -283,7 +283,7 @@ class AgentLoop:
         span = (rows[0]["created_at"], rows[-1]["created_at"]) if rows else (None, None)
         async with self.db.scoped(user_id) as conn:
             await lock_user(conn, user_id)
-            row = await write_session_summary(
+            row, written = await write_session_summary(
                 conn,
                 user_id=user_id,
                 session_id=session_id,
@@ -293,7 +293,9 @@ class AgentLoop:
                 chunks=chunks,
                 vectors=vectors,
                 span=span,
+                through_seq=rows[-1]["seq"] if rows else -1,
             )
-            await write_audit(conn, "summary.refresh", "summary", [row["id"]], user_id)
+            if written:
+                await write_audit(conn, "summary.refresh", "summary", [row["id"]], user_id)
         summary_id: UUID = row["id"]
         return summary_id

@@ -38,6 +38,11 @@ MEMORY: TypeAdapter[Memory] = TypeAdapter(Memory)
 TAGS: TypeAdapter[list[str]] = TypeAdapter(Tags)
 # Payload fields kept in columns rather than in the jsonb payload.
 _COMMON = {"type", "tags", "metadata", "importance", "session_id", "model"}
+#: Keys of a row's jsonb payload that are the service's bookkeeping, not the memory's own
+#: fields: a session summary's ``through_seq`` (the last message it summarised, see
+#: :func:`halldyll_ray.components.summaries.write_session_summary`). A fact's ``sources``
+#: are shown as ``StoredMemory.sources``.
+BOOKKEEPING = ("through_seq",)
 #: A page of memories. Parametrized at module level, so that pydantic registers the class
 #: here, where pickle finds it by name: a page crosses the hop from Search to the Ingress,
 #: which pickles (``serve.deployments.pickled``); one parametrized inside a method does not
@@ -68,6 +73,8 @@ def to_record(row: Any, *, messages: Sequence[StoredMessage] = ()) -> StoredMemo
     kind = MemoryType(row["type"])
     data = dict(row["payload"])
     sources = data.pop("sources", None)
+    for key in BOOKKEEPING:
+        data.pop(key, None)
     data.update(
         type=kind.value,
         tags=list(row["tags"]),

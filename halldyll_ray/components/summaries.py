@@ -63,11 +63,17 @@ async def write_session_summary(
     chunks: Sequence[Chunk],
     vectors: np.ndarray,
     span: tuple[datetime | None, datetime | None],
-) -> Any:
-    """Write (or rewrite) a session's summary row and its chunks; return the row.
+    through_seq: int,
+) -> tuple[Any, bool]:
+    """Write (or rewrite) a session's summary row and its chunks; return the row, and
+    whether this call wrote it.
 
     The caller holds the user's row lock (:func:`~halldyll_ray.components.base.lock_user`)
-    and audits. ``span``: the times of the first and last message summarised.
+    and audits what it wrote. ``span``: the times of the first and last message summarised;
+    ``through_seq``: the ``seq`` of the last one (-1: none). Writers read the messages
+    before the lock and a model takes seconds, so two refreshes of one session can finish
+    in either order: a summary already there that covers the same conversation through a
+    later message is kept (and returned, with False), not overwritten by an older reading.
 
     Raises:
         NotFound: the conversation was deleted since its messages were read (the caller reads
@@ -84,15 +90,17 @@ async def write_session_summary(
             model_id=model_id,
             session_id=session_id,
             content=text,
-            payload={"covers": [str(conversation_id)]},
+            payload={"covers": [str(conversation_id)], "through_seq": through_seq},
             importance=SUMMARY_IMPORTANCE,
             span_start=span[0],
             span_end=span[1],
         )
     )
+    if row is None:  # a later reading of the same conversation is there: kept
+        return await conn.fetchrow(q("session_memory"), user_id, session_id, "summary"), False
     await conn.execute(q("delete_chunks_of_part"), row["id"], user_id, "text")
     await insert_chunks(conn, row, chunks, vectors)
-    return row
+    return row, True
 
 
 def month_of(at: datetime) -> str:
@@ -212,15 +220,15 @@ class Summaries:
             )
         text = EMPTY_SUMMARY
         if texts:
-            written = await self.model.summarize(
+            said = await self.model.summarize(
                 texts, max_words=self.settings.session_summary_max_words
             )
-            text = written.strip() or EMPTY_SUMMARY
+            text = said.strip() or EMPTY_SUMMARY
         chunks = self.chunker.part("text", 0, text)
         vectors = await self.embeddings.embed([c.indexed for c in chunks])
         async with self.db.scoped(user_id) as conn:
             await lock_user(conn, user_id)
-            row = await write_session_summary(
+            row, written = await write_session_summary(
                 conn,
                 user_id=user_id,
                 session_id=session,
@@ -230,21 +238,23 @@ class Summaries:
                 chunks=chunks,
                 vectors=vectors,
                 span=(first_at, rows[-1]["created_at"] if rows else None),
+                through_seq=rows[-1]["seq"] if rows else -1,
             )
-            await write_audit(
-                conn,
-                "summary.refresh",
-                "summary",
-                [row["id"]],
-                user_id,
-                request_id=request_id,
-                details={
-                    "job_id": None if job_id is None else str(job_id),
-                    "conversation_id": str(conversation_id),
-                    "messages": len(rows),
-                    "model": self.model.name,
-                },
-            )
+            if written:
+                await write_audit(
+                    conn,
+                    "summary.refresh",
+                    "summary",
+                    [row["id"]],
+                    user_id,
+                    request_id=request_id,
+                    details={
+                        "job_id": None if job_id is None else str(job_id),
+                        "conversation_id": str(conversation_id),
+                        "messages": len(rows),
+                        "model": self.model.name,
+                    },
+                )
         summary_id: UUID = row["id"]
         return summary_id
 

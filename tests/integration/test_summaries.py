@@ -219,6 +219,45 @@ async def test_a_period_is_not_written_over_a_session_summary_deleted_meanwhile(
     assert set(period.memory.covers) == set(made[1:])
 
 
+async def test_a_slow_summary_does_not_overwrite_a_later_one(engine: MemoryEngine) -> None:
+    """Two refreshes of one session read its messages before the lock and finish in either
+    order (a model takes seconds): the one that read fewer messages and finishes last keeps
+    the later summary, writes nothing and is not audited; it answers the summary's id."""
+    user = await engine.create_user("slowpoke", None, "user")
+    first = await engine.record_turn(user.id, "s1", "I like tea.", "Noted.", extract_facts=False)
+    conversation = first.conversation_id
+
+    class AppendsWhileWriting(ScriptedMemoryModel):
+        async def summarize(self, messages: Any, *, max_words: int) -> str:
+            if self.count("summarize") == 0:  # the next turn and its summary, meanwhile
+                await engine.record_turn(user.id, "s1", "I like jazz.", "Ok.", extract_facts=False)
+                await _summaries(engine, ScriptedMemoryModel()).refresh_session(
+                    user.id, "s1", conversation, None, job_id="later"
+                )
+            return await super().summarize(messages, max_words=max_words)
+
+    slow = AppendsWhileWriting()
+    summary_id = await _summaries(engine, slow).refresh_session(
+        user.id, "s1", conversation, None, job_id="earlier"
+    )
+    [(read, _)] = [args for name, args in slow.calls if name == "summarize"]
+    assert len(read) == 2  # it read the first turn only
+    summary = await engine.get_memory(user.id, summary_id)
+    assert "I like jazz" in summary.memory.text and "through_seq" not in summary.memory.text
+    audited = await engine.list_audit(user_id=user.id, operation="summary.refresh")
+    assert [row["details"].get("job_id") for row in audited] == ["later"]
+    # The same reading again (nothing new) still rewrites it: a model's summary replaces the
+    # agent loop's of the same messages.
+    again = await _summaries(engine, ScriptedMemoryModel()).refresh_session(
+        user.id, "s1", conversation, None, job_id="same"
+    )
+    assert again == summary_id
+    audited = await engine.list_audit(user_id=user.id, operation="summary.refresh")
+    assert sorted(row["details"].get("job_id") for row in audited) == ["later", "same"]
+    [stored] = (await engine.list_memories(user.id, types=["summary"])).items
+    assert stored.id == summary_id and stored.memory.covers == [conversation]
+
+
 async def test_a_named_assistant_stays_the_assistant_in_its_session_summary(
     engine: MemoryEngine,
 ) -> None:

@@ -2,7 +2,9 @@
 -- migration 0012). Writers lock the user's row first (users.sql).
 
 -- name: upsert_session_summary
--- A session's one rolling summary (session_role 'summary'), written or rewritten.
+-- A session's one rolling summary (session_role 'summary'), written or rewritten; no row
+-- when the summary there covers the same conversation through a later message (through_seq:
+-- the last message's seq), so a slow writer that read fewer messages does not overwrite it.
 INSERT INTO memories AS m (id, user_id, model_id, session_id, type, content, payload, importance,
                            session_role, span_start, span_end)
 VALUES (:id, :user_id, :model_id, :session_id, 'summary', :content, :payload::jsonb, :importance,
@@ -14,6 +16,9 @@ DO UPDATE SET
     span_start = excluded.span_start,
     span_end = excluded.span_end,
     updated_at = now()
+WHERE m.payload -> 'covers' IS DISTINCT FROM excluded.payload -> 'covers'
+   OR COALESCE((m.payload ->> 'through_seq')::bigint, -1)
+      <= COALESCE((excluded.payload ->> 'through_seq')::bigint, -1)
 RETURNING *;
 
 -- name: upsert_period_summary
