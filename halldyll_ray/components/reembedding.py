@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 REEMBED_LOCK_KEY = 0x7265656D626564
 #: The HNSW parameters of every vector index of memory_chunks (as in migration 0001).
 _HNSW = "USING hnsw ({column} vector_cosine_ops) WITH (m = 16, ef_construction = 64)"
+#: Seconds the job waits when every chunk of its batch was held by a writer (see
+#: ``reembed_lock``), before it reads the batch again.
+_HELD_PAUSE_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,9 @@ class ReembedStatus(BaseModel):
     """Where the installation stands with its embedding model.
 
     ``state``: ``idle`` (no re-embedding has run or is needed), ``embedding`` (chunks are
-    being embedded with the target model: ``done`` of about ``total``, ``remaining`` left),
+    being embedded with the target model: ``done`` chunks stored by the job, ``remaining``
+    left, ``total`` = done + remaining; where ``remaining`` cannot be counted (a role that
+    row-level security limits) ``total`` is the count when the job started, or done if more),
     ``indexing`` (building the new HNSW index), ``complete`` (the last job switched
     ``active_model`` to its target). ``active_model`` is the model whose vectors searches
     read now.
@@ -186,7 +191,9 @@ async def read_status(conn: asyncpg.Connection) -> ReembedStatus:
         active_dimension=dimension,
         target_model=job["target_model"],
         target_dimension=job["target_dimension"],
-        total=job["total"],
+        # What the job stored and what is left now: chunks written or deleted since it
+        # started move the count it started from.
+        total=job["total"] if remaining is None else job["done"] + remaining,
         done=job["done"],
         remaining=remaining,
         started_at=job["started_at"],
@@ -418,16 +425,22 @@ class Reembedding:
             return 0
         vectors = await self._embed(rows)
         async with conn.transaction():
-            await self._store(conn, rows, vectors)
-            await conn.execute(q("reembed_progress"), len(rows), state)
+            stored = await self._store(conn, rows, vectors)
+            await conn.execute(q("reembed_progress"), stored, state)
+        if not stored:  # every row of the batch is held by a writer: let it finish
+            await asyncio.sleep(_HELD_PAUSE_S)
         return len(rows)
 
     @staticmethod
-    async def _store(conn: asyncpg.Connection, rows: list[Any], vectors: np.ndarray) -> None:
+    async def _store(conn: asyncpg.Connection, rows: list[Any], vectors: np.ndarray) -> int:
+        """Store the vectors of the batch's chunks that are still pending and not held by
+        another transaction (``reembed_lock``); return how many were stored."""
+        at = {r["id"]: i for i, r in enumerate(rows)}
+        locked = await conn.fetch(q("reembed_lock"), list(at))
         await conn.executemany(
-            q("reembed_store"),
-            [(r["id"], np.asarray(vectors[i])) for i, r in enumerate(rows)],
+            q("reembed_store"), [(r["id"], np.asarray(vectors[at[r["id"]]])) for r in locked]
         )
+        return len(locked)
 
     async def _build_index(self, conn: asyncpg.Connection) -> None:
         await conn.execute(q("reembed_progress"), 0, "indexing")
@@ -447,9 +460,9 @@ class Reembedding:
             rows = await conn.fetch(q("reembed_pending"), self.batch_size + 1)
             if len(rows) > self.batch_size:
                 raise _TooManyPending
-            if rows:
-                await self._store(conn, rows, await self._embed(rows))
-                await conn.execute(q("reembed_progress"), len(rows), "indexing")
+            if rows:  # nobody else holds a row under this lock: all are stored
+                stored = await self._store(conn, rows, await self._embed(rows))
+                await conn.execute(q("reembed_progress"), stored, "indexing")
             await conn.execute("DROP INDEX IF EXISTS memory_chunks_pending")
             # Drops the old vectors, their index and any per-user index built on them.
             await conn.execute("ALTER TABLE memory_chunks DROP COLUMN embedding")

@@ -573,3 +573,68 @@ async def test_an_erasure_after_the_switch_removes_the_old_models_cached_vectors
     finally:
         await engine.close()
         await redis.aclose()
+
+
+async def test_the_job_skips_chunks_a_writer_holds_and_counts_only_what_it_stored(
+    database_url: str, redis_url: str, encoder: OnnxEncoder, tmp_path: Path
+) -> None:
+    """A chunk row another transaction holds (a delete of its memory, say) is skipped, not
+    waited for: the job holds the rows of its batch while it writes and would otherwise
+    wait with them held. Chunks deleted between a batch's read and its write are not
+    counted as done, and ``total`` is what was stored plus what is left."""
+    old = MemoryEngine(make_settings(database_url, redis_url), encoder=encoder)
+    await old.initialize()
+    user = await old.create_user(f"ada{uuid.uuid4().hex[:6]}", None, "user")
+    await _store_corpus(old, user.id, 10)  # 12 chunks: 10 facts, 2 messages
+    first = await _chunks(database_url)
+    assert len(first) == 12
+    settings = make_settings(
+        database_url,
+        redis_url,
+        embedding_model_path=str(tiny_model(tmp_path / "tiny")),
+        embedding_dimension=TINY_DIM,
+        reembed_in_background=False,
+        reembed_batch_size=4,
+    )
+    new = MemoryEngine(settings)
+    await new.initialize()
+    holder = await asyncpg.connect(database_url)
+    try:
+        status = await new.reembed(max_batches=1)  # the job's column and index are made
+        assert (status.done, status.remaining, status.total) == (4, 8, 12)
+        # A writer holds the next chunk's row: the next batch stores the other three, at
+        # once (the job's lock_timeout is 10 s: waiting would show as seconds or an error).
+        held = first[4]["id"]
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM memory_chunks WHERE id = $1 FOR UPDATE", held)
+            status = await asyncio.wait_for(new.reembed(max_batches=1), timeout=5)
+        assert (status.done, status.remaining, status.total) == (7, 5, 12)
+        pending = await holder.fetch(
+            "SELECT id FROM memory_chunks WHERE embedding_next IS NULL ORDER BY id"
+        )
+        assert pending[0]["id"] == held and len(pending) == 5
+
+        # Two memories of the next batch are deleted while it is being embedded.
+        reembedding = new.components.reembedding
+        assert reembedding is not None
+        embed = reembedding._embed
+        doomed = [r["memory_id"] for r in first if r["id"] in {pending[1]["id"], pending[2]["id"]}]
+
+        async def embed_while_deleting(rows: list[asyncpg.Record]) -> np.ndarray:
+            vectors = await embed(rows)
+            for memory_id in doomed:
+                await old.delete_memory(user.id, memory_id)
+            return vectors
+
+        reembedding._embed = embed_while_deleting  # type: ignore[method-assign]
+        status = await new.reembed(max_batches=1)
+        assert (status.done, status.remaining, status.total) == (9, 1, 10)
+        reembedding._embed = embed  # type: ignore[method-assign]
+
+        final = await new.reembed()
+        assert final.state == "complete" and final.remaining == 0
+        assert final.done == final.total == 10 == len(await _chunks(database_url))
+    finally:
+        await holder.close()
+        await new.close()
+        await old.close()

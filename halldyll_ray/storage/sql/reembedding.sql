@@ -39,6 +39,14 @@ SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1);
 -- memory_chunks_pending holds exactly these).
 SELECT id, content, label FROM memory_chunks WHERE embedding_next IS NULL ORDER BY id LIMIT $1;
 
+-- name: reembed_lock
+-- The chunks of a batch still pending, locked for their new vectors. A row another
+-- transaction holds (a delete or rewrite of its memory) is skipped, not waited for: it is
+-- gone or still pending afterwards, and the job never waits while holding rows a writer may
+-- want next (no lock cycle with a writer, whatever order that writer locks chunks in).
+SELECT id FROM memory_chunks WHERE id = ANY($1::bigint[]) AND embedding_next IS NULL
+ORDER BY id FOR UPDATE SKIP LOCKED;
+
 -- name: reembed_store
 UPDATE memory_chunks SET embedding_next = $2 WHERE id = $1 AND embedding_next IS NULL;
 
