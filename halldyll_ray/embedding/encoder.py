@@ -25,6 +25,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
+from halldyll_ray.embedding.budget import read_whole, token_costs
 from halldyll_ray.errors import ConfigurationError
 
 __all__ = ["OnnxEncoder", "TextEncoder", "default_model_files", "plan_batches"]
@@ -298,6 +299,8 @@ class OnnxEncoder:
             if self._unknown_token is None
             else count_tokenizer.token_to_id(self._unknown_token)
         )
+        # WordPiece's mark of a piece inside a word ("##"), not part of what the piece reads.
+        self._subword_prefix: str = getattr(count_tokenizer.model, "continuing_subword_prefix", "")
         self._pad_id = pad_id
         self._inputs = {i.name: _ONNX_INT_TYPES[i.type] for i in session.get_inputs()}
         self._output = _pick_output(session)
@@ -496,19 +499,26 @@ class OnnxEncoder:
             out[rows] = self._run([encodings[i] for i in rows])
         return out
 
-    def _budget(self, encoding: Encoding) -> int:
-        """Tokens an encoding costs in a prompt budget: one per WordPiece token, but one per
-        character for an ``[UNK]``, which stands for any run WordPiece cannot split (a word
-        over 100 characters, emoji, Thai ...): an LLM's tokenizer spends at least a token a
-        character on those, and a 30,000-letter word counted 1 let a context of "16 tokens"
-        carry 30,000 characters."""
-        ids = encoding.ids
-        if self._unknown_id is None or self._unknown_id not in ids:
-            return len(ids)
-        return sum(
-            max(1, end - start) if token == self._unknown_id else 1
-            for token, (start, end) in zip(ids, encoding.offsets, strict=True)
+    def _units(self, text: str, encoding: Encoding) -> list[tuple[int, int]]:
+        """(end, cost) of each token of ``text`` in a prompt budget, what stands before it
+        included (:func:`halldyll_ray.embedding.budget.token_costs`)."""
+        return token_costs(
+            text,
+            encoding.ids,
+            encoding.tokens,
+            encoding.offsets,
+            unknown_id=self._unknown_id,
+            subword_prefix=self._subword_prefix,
         )
+
+    def _budget(self, text: str, encoding: Encoding) -> int:
+        """Tokens ``text`` (tokenised as ``encoding``) costs in a prompt budget: one per
+        WordPiece token, one per character of an ``[UNK]`` and per character the normaliser
+        dropped (:mod:`halldyll_ray.embedding.budget`)."""
+        ids = encoding.ids
+        if (self._unknown_id is None or self._unknown_id not in ids) and read_whole(text):
+            return len(ids)
+        return sum(cost for _, cost in self._units(text, encoding))
 
     def count_tokens(self, text: str) -> int:
         """Count tokens as a prompt budget does, without truncation and without [CLS]/[SEP]:
@@ -521,7 +531,7 @@ class OnnxEncoder:
         Returns:
             The number of tokens the text costs in a prompt budget.
         """
-        return self._budget(self._count_tokenizer.encode(text, add_special_tokens=False))
+        return self._budget(text, self._count_tokenizer.encode(text, add_special_tokens=False))
 
     def count_tokens_batch(self, texts: Sequence[str]) -> list[int]:
         """Count tokens for many texts at once (tokenised in parallel); see :meth:`count_tokens`.
@@ -537,7 +547,7 @@ class OnnxEncoder:
         if not texts:
             return []
         encodings = self._count_tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return [self._budget(e) for e in encodings]
+        return [self._budget(t, e) for t, e in zip(texts, encodings, strict=True)]
 
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         """(start, end) character offsets of each WordPiece token of ``text``, without
@@ -574,19 +584,24 @@ class OnnxEncoder:
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         encoding = self._count_tokenizer.encode(text, add_special_tokens=False)
-        if self._budget(encoding) <= max_tokens:
+        if self._budget(text, encoding) <= max_tokens:
             return text
         # Offsets are in characters of the original text, so slicing is exact even after
-        # normalisation (lower-casing, accent stripping). The cut falls after the last token
+        # normalisation (lower-casing, accent stripping). The cut falls after the last unit
         # that fits, or inside an [UNK] run (one token a character) when that is what is left.
         cut, used = 0, 0
-        for token, (start, end) in zip(encoding.ids, encoding.offsets, strict=True):
-            cost = max(1, end - start) if token == self._unknown_id else 1
+        for (token, (start, end)), (unit_end, cost) in zip(
+            zip(encoding.ids, encoding.offsets, strict=True),
+            self._units(text, encoding),
+            strict=False,  # a last unit, after the last token, is never needed here
+        ):
             if used + cost > max_tokens:
-                if token == self._unknown_id and max_tokens > used:
-                    cut = start + (max_tokens - used)
+                if token == self._unknown_id:  # part of the run: a token a character
+                    room = max_tokens - used - (cost - max(1, end - start))
+                    if room > 0:
+                        cut = start + room
                 break
-            used, cut = used + cost, end
+            used, cut = used + cost, unit_end
         prefix = text[:cut]
         # WordPiece re-tokenises a prefix cut on a boundary to the same pieces, and a cut run
         # to no more pieces than characters; the check guards odd normalisers anyway.

@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from halldyll_ray.embedding.budget import read_whole, token_costs
 from halldyll_ray.errors import ConfigurationError
 
 __all__ = [
@@ -300,17 +301,35 @@ class UseMultilingualEncoder:
         return result
 
     # ------------------------------------------------------------------ tokens
+    def _units(self, text: str) -> list[tuple[int, int]]:
+        """(end, cost) of each token of ``text`` in a prompt budget, what stands before it
+        included (:func:`halldyll_ray.embedding.budget.token_costs`)."""
+        if not text:
+            return []
+        mapping = self._pieces.encode(text, return_type="offset_mapping")
+        return token_costs(
+            text,
+            mapping["ids"],
+            mapping["pieces"],
+            [(int(start), int(end)) for start, end in mapping["offsets"]],
+            unknown_id=self._pieces.unk_id(),
+        )
+
     def count_tokens(self, text: str) -> int:
-        """Count SentencePiece tokens, without truncation and without ``<s>``/``</s>``."""
-        return len(self._pieces.encode(text))
+        """Count tokens as a prompt budget does, without ``<s>``/``</s>``: SentencePiece
+        tokens, one per character of an ``<unk>`` and per character the normaliser dropped
+        (:mod:`halldyll_ray.embedding.budget`)."""
+        if read_whole(text):
+            ids = self._pieces.encode(text)
+            if self._pieces.unk_id() not in ids:
+                return len(ids)
+        return sum(cost for _, cost in self._units(text))
 
     def count_tokens_batch(self, texts: Sequence[str]) -> list[int]:
         """:meth:`count_tokens` for many texts, in input order."""
         if isinstance(texts, str):
             raise TypeError("count_tokens_batch() takes a sequence of strings, not a string")
-        if not texts:
-            return []
-        return [len(ids) for ids in self._pieces.encode(list(texts))]
+        return [self.count_tokens(text) for text in texts]
 
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         """(start, end) character offsets in ``text`` of each SentencePiece token (a token's
@@ -340,18 +359,20 @@ class UseMultilingualEncoder:
         """
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-        offsets = self.token_offsets(text)
-        if len(offsets) <= max_tokens:
+        if self.count_tokens(text) <= max_tokens:
             return text
-        keep = max_tokens
-        while keep > 0:
-            # A prefix can tokenise differently at its end (a longer piece no longer
-            # fits); the check keeps the promise.
-            prefix = text[: offsets[keep - 1][1]]
-            if self.count_tokens(prefix) <= max_tokens:
-                return prefix
-            keep -= 1
-        return ""
+        cut, used = 0, 0
+        for end, cost in self._units(text):
+            if used + cost > max_tokens:
+                break
+            used, cut = used + cost, end
+        # A prefix can tokenise differently at its end (a longer piece no longer fits); the
+        # check keeps the promise.
+        prefix = text[:cut]
+        while prefix and self.count_tokens(prefix) > max_tokens:
+            units = self._units(prefix)  # one unit less
+            prefix = prefix[: units[-2][0] if len(units) > 1 else 0]
+        return prefix
 
 
 def _installed_version() -> str:

@@ -67,14 +67,26 @@ async def test_context_never_exceeds_budget(engine: MemoryEngine, ada, budget: i
 
 @pytest.mark.parametrize(
     "said",
-    ["x" * 30_000, "\U0001f600" * 1000, "\u0e1b\u0e25\u0e32" * 3000, "see " + "y" * 1900],
+    [
+        "x" * 30_000,
+        "\U0001f600" * 1000,
+        "\u0e1b\u0e25\u0e32" * 3000,
+        "see " + "y" * 1900,
+        # What the tokenizer reads as nothing: combining marks, zero-width characters, and
+        # a run of spaces (each counted 0 before: "1 token" carried all of it).
+        "a" + "\u0301" * 30_000,
+        "see " + "\u200b" * 30_000,
+        "see" + " " * 30_000 + "it",
+    ],
 )
 async def test_what_the_tokenizer_cannot_split_is_counted_by_its_characters(
     engine: MemoryEngine, said: str
 ) -> None:
-    """WordPiece reads a word over 100 characters, an emoji or a Thai run as one [UNK]: a
-    context of 16 "tokens" carried 30,000 characters. Each character of an [UNK] now costs a
-    token, so the budget bounds what an LLM receives."""
+    """WordPiece reads a word over 100 characters, an emoji or a Thai run as one [UNK], and
+    combining marks, zero-width characters and runs of spaces as nothing: a context of 16
+    "tokens" carried 30,000 characters. Each character of an [UNK] or that the tokenizer
+    drops now costs a token (whitespace a token per 8 after the first), so the budget bounds
+    what an LLM receives."""
     user = await engine.create_user("budget", None, "user")
     await engine.store_memory(user.id, Fact(statement=said[:2000]))
     context = await engine.build_context(

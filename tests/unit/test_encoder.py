@@ -227,6 +227,32 @@ def test_count_tokens_excludes_special_tokens_and_truncation(encoder: OnnxEncode
 
 
 @pytest.mark.parametrize(
+    ("text", "tokens"),
+    [
+        ("a" + "\u0301" * 199_999, 200_000),  # combining marks the normaliser strips
+        ("cafe\u0301", 2),  # "café" spelt with a combining accent: one more than "café"
+        ("caf\u00e9", 1),
+        ("hello" + "\u200b" * 30 + "world", 32),  # zero-width spaces: a token each
+        ("x\x00\x01\x02y", 5),  # control characters inside a word
+        ("\u00ad" * 40, 40),  # soft hyphens only
+        ("a" + " " * 9 + "b", 2),  # up to 9 whitespace characters in a row are free
+        ("a" + " " * 10 + "b", 3),
+        ("a" + " " * 50 + "b", 8),  # then a token per 8
+        ("def f():\n    return 1\n", 7),  # code's indentation costs nothing
+    ],
+)
+def test_what_the_tokenizer_drops_costs_tokens(
+    encoder: OnnxEncoder, text: str, tokens: int
+) -> None:
+    """WordPiece's normaliser drops combining marks, format and control characters, and
+    whitespace separates tokens: counted as nothing, "a" and 199,999 combining accents was
+    one token of a prompt budget. Each costs a token now, whitespace past a run of 9 a
+    token per 8."""
+    assert encoder.count_tokens(text) == tokens
+    assert encoder.count_tokens_batch([text, "hello"]) == [tokens, 1]
+
+
+@pytest.mark.parametrize(
     "text",
     [
         "The quick brown fox jumps over the lazy dog.",
@@ -234,6 +260,9 @@ def test_count_tokens_excludes_special_tokens_and_truncation(encoder: OnnxEncode
         "Je voudrais réserver une table 🙂 pour deux personnes, s'il vous plaît!",
         "我明天要去北京参加一个关于人工智能的会议。",
         "SELECT id FROM memories WHERE user_id = $1;",
+        "a" + "\u0301" * 50 + " b" + "\u0301" * 3 + "c",
+        "x\u200by\u200bz\x00 " * 10,
+        "indented:\n" + " " * 40 + "deep" + "\t" * 30 + "end",
     ],
 )
 @pytest.mark.parametrize("limit", [0, 1, 3, 7, 1000])
@@ -245,8 +274,9 @@ def test_truncate_to_tokens(encoder: OnnxEncoder, text: str, limit: int) -> None
     if encoder.count_tokens(text) <= limit:
         assert cut == text
     else:
-        # Longest prefix: one more token would not fit.
-        assert encoder.count_tokens(cut) == limit
+        # Longest prefix: up to the next token's end would not fit.
+        ends = [end for _, end in encoder.token_offsets(text) if end > len(cut)]
+        assert encoder.count_tokens(text[: ends[0]]) > limit
 
 
 def test_truncate_rejects_negative_limit(encoder: OnnxEncoder) -> None:

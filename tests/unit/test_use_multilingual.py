@@ -85,6 +85,27 @@ def test_tokens_are_the_models_sentencepiece_pieces(use: UseMultilingualEncoder)
     assert len(windows) > 1 and all(use.count_tokens(w) <= 64 for w in windows)
 
 
+@pytest.mark.parametrize(
+    ("text", "at_least"),
+    [
+        ("hello" + "\u200b" * 300 + "world", 300),  # read as one space: 3 pieces
+        ("x" + "\x00\x01\x02" * 100 + "y", 300),  # one <unk> for the run
+        ("a" + " " * 50 + "b", 7),  # 2 pieces
+    ],
+)
+def test_what_sentencepiece_drops_or_merges_costs_tokens(
+    use: UseMultilingualEncoder, text: str, at_least: int
+) -> None:
+    """The prompt budget's rule is the MiniLM encoder's (halldyll_ray.embedding.budget): a
+    character the tokenizer does not read, or reads as one <unk> with others, costs a token,
+    whitespace a token per 8 past a run of 9."""
+    assert use.count_tokens(text) >= at_least
+    assert use.count_tokens_batch([text]) == [use.count_tokens(text)]
+    for limit in (1, 3, 50):
+        cut = use.truncate_to_tokens(text, limit)
+        assert text.startswith(cut) and use.count_tokens(cut) <= limit
+
+
 def test_texts_are_cut_to_max_seq_length() -> None:
     short = UseMultilingualEncoder.load(max_seq_length=10)
     assert short.model_id.endswith(":10")
