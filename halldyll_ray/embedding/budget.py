@@ -88,14 +88,17 @@ def token_costs(
     units: list[tuple[int, int]] = []
     done = 0
     for token, piece, (start, end) in zip(ids, pieces, offsets, strict=True):
-        cost = unread_cost(text[done:start], 0) if start > done else 0
+        cost = 1
+        if start > done and (start - done > 1 or text[done] not in " \n"):  # one: a word break
+            cost += unread_cost(text[done:start], 0)
         if token == unknown_id:
-            cost += max(1, end - start)
+            cost += max(1, end - start) - 1
         else:
             read = len(piece)
             if subword_prefix and piece.startswith(subword_prefix):
                 read -= len(subword_prefix)
-            cost += 1 + unread_cost(text[start:end], read)
+            if end - start > read:
+                cost += unread_cost(text[start:end], read)
         done = max(done, end)
         units.append((done, cost))
     if done < len(text):
