@@ -40,9 +40,10 @@ TAGS: TypeAdapter[list[str]] = TypeAdapter(Tags)
 _COMMON = {"type", "tags", "metadata", "importance", "session_id", "model"}
 #: Keys of a row's jsonb payload that are the service's bookkeeping, not the memory's own
 #: fields: a session summary's ``through_seq`` (the last message it summarised, see
-#: :func:`halldyll_ray.components.summaries.write_session_summary`). A fact's ``sources``
-#: are shown as ``StoredMemory.sources``.
-BOOKKEEPING = ("through_seq",)
+#: :func:`halldyll_ray.components.summaries.write_session_summary`) and a period summary's
+#: ``reading`` (of its sessions' summaries, see :func:`halldyll_ray.components.summaries.
+#: reading`). A fact's ``sources`` are shown as ``StoredMemory.sources``.
+BOOKKEEPING = ("through_seq", "reading")
 #: A page of memories. Parametrized at module level, so that pydantic registers the class
 #: here, where pickle finds it by name: a page crosses the hop from Search to the Ingress,
 #: which pickles (``serve.deployments.pickled``); one parametrized inside a method does not

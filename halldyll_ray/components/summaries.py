@@ -18,6 +18,7 @@ session (its sessions deleted, or active again) is deleted.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -101,6 +102,15 @@ async def write_session_summary(
     await conn.execute(q("delete_chunks_of_part"), row["id"], user_id, "text")
     await insert_chunks(conn, row, chunks, vectors)
     return row, True
+
+
+def reading(members: Sequence[Any]) -> str:
+    """A fingerprint of a month's session summaries as read (``quiet_session_summaries``
+    rows): which ones, and each one's ``updated_at``. A period summary keeps the one it was
+    written from; it is up to date while its month's summaries read the same, and a roll-up
+    whose reading differs from the month's under the user's lock writes nothing."""
+    said = "|".join(sorted(f"{m['id']}@{m['updated_at'].isoformat()}" for m in members))
+    return hashlib.sha256(said.encode()).hexdigest()
 
 
 def month_of(at: datetime) -> str:
@@ -314,13 +324,16 @@ class Summaries:
         for month in sorted(months):
             members = months[month]
             current = periods.get(month)
-            if (
-                current is not None
-                and {str(m["id"]) for m in members} == set(current["covers"] or [])
+            if current is not None and (
+                current["reading"] == reading(members)
+                if current["reading"] is not None  # written before readings were kept
+                else {str(m["id"]) for m in members} == set(current["covers"] or [])
                 and all(m["updated_at"] <= current["updated_at"] for m in members)
             ):
                 continue  # up to date: nothing to ask the model
-            period = await self._write_period(user_id, scope, month, members, job_id, request_id)
+            period = await self._write_period(
+                user_id, scope, month, members, cutoff, job_id, request_id
+            )
             if period is not None:
                 written.append(period)
         for month, period in periods.items():
@@ -350,11 +363,13 @@ class Summaries:
         scope: UUID | None,
         month: str,
         members: Sequence[Any],
+        cutoff: datetime,
         job_id: UUID | int | str | None,
         request_id: str | None,
     ) -> UUID | None:
-        """Roll ``members`` (a month's session summaries) up into its period summary; None
-        when one of them was deleted meanwhile (nothing written)."""
+        """Roll ``members`` (a month's session summaries, quiet before ``cutoff``) up into
+        its period summary; None when the month's summaries changed meanwhile (nothing
+        written)."""
         text = await self._roll(
             [
                 DatedText(text=m["content"], start=m["span_start"], end=m["span_end"])
@@ -366,13 +381,17 @@ class Summaries:
         start = min(m["span_start"] for m in members)
         end = max(m["span_end"] for m in members)
         covers = [str(m["id"]) for m in members]
+        read = reading(members)
         async with self.db.scoped(user_id) as conn:
             await lock_user(conn, user_id)
-            if await conn.fetchval(q("count_owned"), user_id, [m["id"] for m in members]) != len(
-                members
-            ):
-                # A session summary went while the model wrote (read before the lock): the
-                # period would cover a memory that is gone. The next run rolls the month up.
+            now = await conn.fetch(
+                *bind("quiet_session_summaries", user_id=user_id, model_id=scope, cutoff=cutoff)
+            )
+            if reading([m for m in now if month_of(m["span_start"]) == month]) != read:
+                # The month's session summaries changed while the model wrote (they were read
+                # before the lock): one deleted (the period would cover a memory that is
+                # gone), rewritten, or another one quiet, and a concurrent roll-up may have
+                # written the newer reading already. The next run rolls the month up.
                 return None
             row = await conn.fetchrow(
                 *bind(
@@ -381,7 +400,7 @@ class Summaries:
                     user_id=user_id,
                     model_id=scope,
                     content=text,
-                    payload={"covers": covers},
+                    payload={"covers": covers, "reading": read},
                     metadata={"period": month, "sessions": len(covers)},
                     importance=SUMMARY_IMPORTANCE,
                     period=month,

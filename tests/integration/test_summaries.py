@@ -258,6 +258,38 @@ async def test_a_slow_summary_does_not_overwrite_a_later_one(engine: MemoryEngin
     assert stored.id == summary_id and stored.memory.covers == [conversation]
 
 
+async def test_a_slow_roll_up_does_not_write_over_a_newer_reading(engine: MemoryEngine) -> None:
+    """Two roll-ups of one user run at once (a summary job per session): the slow one read
+    the month's session summaries before one was rewritten and the other roll-up wrote the
+    month from the new text. It writes nothing (its reading is not the month's under the
+    lock), and the month stays up to date: a third run asks the model nothing."""
+    user = await engine.create_user("rolly", None, "user")
+    made = [
+        await _session(engine, _summaries(engine, ScriptedMemoryModel()), user.id, s, d, t)
+        for s, d, t in _months(1)
+    ]
+
+    class RewritesWhileRolling(ScriptedMemoryModel):
+        async def roll_up(self, summaries: Any, *, max_words: int) -> str:
+            if self.count("roll_up") == 0:
+                await engine.update_memory(user.id, made[0], {"text": "Sailing was cancelled."})
+                newer = _summaries(engine, ScriptedMemoryModel())
+                assert len(await newer.roll_up(user.id, job_id="newer", model_id=None)) == 1
+            return await super().roll_up(summaries, max_words=max_words)
+
+    slow = RewritesWhileRolling()
+    assert await _summaries(engine, slow).roll_up(user.id, job_id="older", model_id=None) == []
+    assert slow.count("roll_up") == 1
+    kept = (await engine.list_memories(user.id, types=["summary"], limit=100)).items
+    [period] = [m for m in kept if m.period is not None]
+    assert "Sailing was cancelled" in period.memory.text
+    rollups = await engine.list_audit(user_id=user.id, operation="summary.rollup")
+    assert [row["details"]["job_id"] for row in rollups] == ["newer"]
+    third = ScriptedMemoryModel()
+    assert await _summaries(engine, third).roll_up(user.id, job_id="third", model_id=None) == []
+    assert third.count("roll_up") == 0
+
+
 async def test_a_named_assistant_stays_the_assistant_in_its_session_summary(
     engine: MemoryEngine,
 ) -> None:

@@ -72,7 +72,7 @@ WHERE user_id = :user_id AND type = 'summary' AND session_role = 'summary'
 ORDER BY coalesce(span_start, created_at), id;
 
 -- name: period_summaries
-SELECT id, period, payload -> 'covers' AS covers, updated_at
+SELECT id, period, payload -> 'covers' AS covers, payload ->> 'reading' AS reading, updated_at
 FROM memories
 WHERE user_id = $1 AND period IS NOT NULL AND model_id IS NOT DISTINCT FROM $2
 ORDER BY period;
