@@ -12,6 +12,7 @@ import asyncpg
 import numpy as np
 from pgvector import Vector
 
+from halldyll_ray.components.audit import write_audit
 from halldyll_ray.components.embeddings import model_of
 from halldyll_ray.errors import NotFound
 from halldyll_ray.models import Message, MessageRole, StoredMessage
@@ -76,15 +77,45 @@ async def lock_user(conn: asyncpg.Connection, user_id: UUID) -> None:
         raise NotFound(f"user {user_id} not found")
 
 
-async def forget(conn: asyncpg.Connection, user_id: UUID, ids: Sequence[UUID]) -> None:
+async def forget(
+    conn: asyncpg.Connection,
+    user_id: UUID,
+    ids: Sequence[UUID],
+    *,
+    request_id: str | None = None,
+) -> list[UUID]:
     """What stays of memories ``ids`` of the user once they are deleted, in the transaction
-    that deleted them: nothing that names them or repeats their words. Their ids leave the
-    ``covers`` of the user's summaries, and the statements and reasons of the job results
-    that came of them (a deleted conversation's extraction, a change to a deleted fact)
-    become null (``storage/sql/jobs.sql``: forget_in_jobs)."""
+    that deleted them: nothing that names them or repeats their words.
+
+    The service's own summaries of them (a session's summary of a deleted conversation, and
+    a month's period summary over that one) repeat their words: they are deleted too
+    (audited, ``memory.delete``), and the next summary job or roll-up writes them again from
+    what is left. Their ids, and the deleted memories', leave the ``covers`` of the user's
+    other summaries (those the user wrote), and the statements and reasons of the job
+    results that came of them (a deleted conversation's extraction, a change to a deleted
+    fact) become null (``storage/sql/jobs.sql``: forget_in_jobs).
+
+    Returns:
+        The ids of the summaries deleted with them.
+    """
     gone = [str(i) for i in ids]
+    derived: list[UUID] = [
+        r["id"] for r in await conn.fetch(q("delete_derived_summaries"), gone, user_id)
+    ]
+    if derived:
+        await write_audit(
+            conn,
+            "memory.delete",
+            "summary",
+            derived,
+            user_id,
+            request_id=request_id,
+            details={"reason": "summarised deleted memories", "of": gone},
+        )
+        gone += [str(i) for i in derived]
     await conn.execute(q("uncover_memory"), gone, user_id)
     await conn.execute(q("forget_in_jobs"), gone, user_id)
+    return derived
 
 
 async def require_user(db: Database, user_id: UUID) -> None:

@@ -743,9 +743,9 @@ class Ingestion:
     async def delete(
         self, user_id: UUID | str, memory_id: UUID | str, *, request_id: str | None = None
     ) -> None:
-        """Delete one memory of the user: its messages and chunks go with it, its id leaves
-        the ``covers`` of the user's summaries, and the job results that came of it lose its
-        words (:func:`~halldyll_ray.components.base.forget`)."""
+        """Delete one memory of the user: its messages and chunks go with it, the service's
+        summaries of it too, its id leaves the ``covers`` of the user's summaries, and the job
+        results that came of it lose its words (:func:`~halldyll_ray.components.base.forget`)."""
         user_id = validation.parse_uuid(user_id, "user_id")
         memory_id = validation.parse_uuid(memory_id, "memory_id")
         async with self.db.scoped(user_id) as conn:
@@ -753,7 +753,7 @@ class Ingestion:
             row = await conn.fetchrow(q("delete_memory"), memory_id, user_id)
             if row is None:
                 raise NotFound(f"memory {memory_id} not found")
-            await forget(conn, user_id, [memory_id])
+            await forget(conn, user_id, [memory_id], request_id=request_id)
             await write_audit(
                 conn, "memory.delete", row["type"], [memory_id], user_id, request_id=request_id
             )

@@ -290,6 +290,39 @@ async def test_a_slow_roll_up_does_not_write_over_a_newer_reading(engine: Memory
     assert third.count("roll_up") == 0
 
 
+async def test_deleting_a_conversation_deletes_the_summaries_that_repeat_it(
+    engine: MemoryEngine,
+) -> None:
+    """A session summary and the month's period summary over it repeat a conversation's
+    words: deleting the conversation deletes both (audited), keeps the other sessions'
+    summaries and a summary the user wrote (its covers lose the id), and the next roll-up
+    writes the month from what is left."""
+    user = await engine.create_user("forgetful", None, "user")
+    summaries = _summaries(engine, ScriptedMemoryModel())
+    made = [await _session(engine, summaries, user.id, s, d, t) for s, d, t in _months(1)]
+    [period_id] = await summaries.roll_up(user.id, job_id="r1", model_id=None)
+    conversation = (await engine.get_memory(user.id, made[0])).memory.covers[0]
+    own = await engine.store_memory(
+        user.id, {"type": "summary", "text": "My notes on sailing.", "covers": [str(conversation)]}
+    )
+    await engine.delete_memory(user.id, conversation)
+    left = {m.id for m in (await engine.list_memories(user.id, types=["summary"])).items}
+    assert left == {made[1], made[2], own.id}
+    assert (await engine.get_memory(user.id, own.id)).memory.covers == []
+    [row] = [
+        r
+        for r in await engine.list_audit(user_id=user.id, operation="memory.delete")
+        if r["target_type"] == "summary"
+    ]
+    assert set(row["target_ids"]) == {str(made[0]), str(period_id)}
+    hits = await engine.search(user.id, "sailing", mode="fulltext", types=["summary"])
+    assert [h.memory.id for h in hits] == [own.id]
+    [again] = await summaries.roll_up(user.id, job_id="r2", model_id=None)
+    period = await engine.get_memory(user.id, again)
+    assert set(period.memory.covers) == {made[1], made[2]}
+    assert "sailing" not in period.memory.text
+
+
 async def test_a_named_assistant_stays_the_assistant_in_its_session_summary(
     engine: MemoryEngine,
 ) -> None:

@@ -143,6 +143,20 @@ DELETE FROM memory_chunks WHERE memory_id = $1 AND user_id = $2 AND part = $3;
 -- name: delete_memory
 DELETE FROM memories WHERE id = $1 AND user_id = $2 RETURNING id, type;
 
+-- name: delete_derived_summaries
+-- The service's own summaries that repeat the words of memories $1 (ids as text) of user
+-- $2: a session's summary (session_role 'summary') or a month's (period) that covers one of
+-- them, and the period summaries that cover one of those. Deleted; their ids returned.
+WITH RECURSIVE doomed(id) AS (
+    SELECT id FROM memories
+    WHERE user_id = $2 AND type = 'summary' AND (session_role = 'summary' OR period IS NOT NULL)
+      AND payload -> 'covers' ?| $1::text[]
+    UNION
+    SELECT m.id FROM memories m JOIN doomed d ON m.payload -> 'covers' ? d.id::text
+    WHERE m.user_id = $2 AND m.type = 'summary' AND m.period IS NOT NULL
+)
+DELETE FROM memories WHERE user_id = $2 AND id IN (SELECT id FROM doomed) RETURNING id;
+
 -- name: uncover_memory
 -- Deleted memories leave the covers of the user's summaries (their payload's "covers": ids as
 -- text), so no summary names a memory that is gone. $1: the ids gone, as text; $2: the user.
