@@ -91,9 +91,11 @@ async def forget(
     a month's period summary over that one) repeat their words: they are deleted too
     (audited, ``memory.delete``), and the next summary job or roll-up writes them again from
     what is left. Their ids, and the deleted memories', leave the ``covers`` of the user's
-    other summaries (those the user wrote), and the statements and reasons of the job
-    results that came of them (a deleted conversation's extraction, a change to a deleted
-    fact) become null (``storage/sql/jobs.sql``: forget_in_jobs).
+    other summaries (those the user wrote) and the ``sources`` of the facts learned from a
+    deleted conversation (``conversation:<id>``: the facts stay, without it), and the
+    statements and reasons of the job results that came of them (a deleted conversation's
+    extraction, a change to a deleted fact) become null (``storage/sql/jobs.sql``:
+    forget_in_jobs).
 
     Returns:
         The ids of the summaries deleted with them.
@@ -114,6 +116,7 @@ async def forget(
         )
         gone += [str(i) for i in derived]
     await conn.execute(q("uncover_memory"), gone, user_id)
+    await conn.execute(q("unsource_memory"), [f"conversation:{i}" for i in gone], user_id)
     await conn.execute(q("forget_in_jobs"), gone, user_id)
     return derived
 

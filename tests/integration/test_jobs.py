@@ -693,9 +693,18 @@ async def test_a_deleted_memory_s_words_leave_the_job_results(background: Memory
         )
     second = await changes(user.id, "s2")
     assert any(c["statement"] for c in second if c["fact_id"] != lyon["fact_id"])
-    # The conversation goes: every change its extraction made loses its words.
-    await background.delete_memory(user.id, records[(user.id, "s2")].conversation_id)
+    # The conversation goes: every change its extraction made loses its words, and the
+    # facts it taught (they stay) no longer name it as their source.
+    s2 = records[(user.id, "s2")].conversation_id
+    taught = {c["fact_id"] for c in second if c["fact_id"] != lyon["fact_id"]}
+    named = [(await background.get_memory(user.id, f)).sources for f in taught]
+    assert all(f"conversation:{s2}" in sources for sources in named)
+    await background.delete_memory(user.id, s2)
     assert all(c["statement"] is None for c in await changes(user.id, "s2"))
+    for fact_id in taught:
+        fact = await background.get_memory(user.id, fact_id)
+        assert f"conversation:{s2}" not in fact.sources
+        assert fact.memory.source != f"conversation:{s2}"
     # Another user's results are theirs, until their fact expires and is purged.
     theirs = await changes(other.id, "s1")
     assert all(c["statement"] for c in theirs)

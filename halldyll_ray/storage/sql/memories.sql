@@ -143,6 +143,22 @@ DELETE FROM memory_chunks WHERE memory_id = $1 AND user_id = $2 AND part = $3;
 -- name: delete_memory
 DELETE FROM memories WHERE id = $1 AND user_id = $2 RETURNING id, type;
 
+-- name: unsource_memory
+-- Deleted conversations leave the provenance of the facts learned from them: $1 are their
+-- sources as the service writes them ("conversation:<id>"), $2 the user. Each goes from the
+-- fact's "sources" (and from its "source", which becomes null).
+UPDATE memories SET
+    payload = jsonb_set(payload, '{sources}', (
+        SELECT coalesce(jsonb_agg(s ORDER BY n), '[]'::jsonb)
+        FROM jsonb_array_elements(coalesce(payload -> 'sources', '[]'::jsonb))
+             WITH ORDINALITY AS e(s, n)
+        WHERE NOT (s #>> '{}' = ANY($1::text[]))
+    )) || CASE WHEN payload ->> 'source' = ANY($1::text[]) THEN '{"source": null}'::jsonb
+               ELSE '{}'::jsonb END,
+    updated_at = now()
+WHERE user_id = $2 AND type = 'fact'
+  AND (payload -> 'sources' ?| $1::text[] OR payload ->> 'source' = ANY($1::text[]));
+
 -- name: delete_derived_summaries
 -- The service's own summaries that repeat the words of memories $1 (ids as text) of user
 -- $2: a session's summary (session_role 'summary') or a month's (period) that covers one of
