@@ -331,7 +331,8 @@ class Settings(BaseSettings):
         ge=0.1,
         le=3600,
         description="Seconds between checks, on an open change feed stream, that its API key, "
-        "permission and user still hold.",
+        "permission and user still hold; also how long one send to a client that reads "
+        "nothing may wait before the stream ends.",
     )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     llm_provider: Literal["none", "openai", "serve"] = Field(

@@ -278,9 +278,13 @@ async def numbered_lines(
     number = 0
     overlong = False
     async for chunk in chunks:
+        # Only the new chunk can hold the next line's end: searching the whole buffer again
+        # for each chunk was quadratic (a 48 MB line in 4 KB chunks: 6.5 s of one core).
+        searched = len(buffer)
         buffer += chunk.encode("utf-8") if isinstance(chunk, str) else chunk
         while True:
-            end = buffer.find(b"\n")
+            end = buffer.find(b"\n", searched)
+            searched = 0
             if end < 0:
                 break
             number += 1

@@ -4,7 +4,8 @@ Export streams from a server-side cursor in one REPEATABLE READ, read-only trans
 header's counts and the lines agree, and memory stays flat however many memories the user has
 (:data:`EXPORT_BATCH` rows and their messages at a time).
 
-Import reads lines as they arrive and works in batches of :data:`IMPORT_BATCH` lines: each
+Import reads lines as they arrive and works in batches of :data:`IMPORT_BATCH` lines (at
+most :data:`IMPORT_BATCH_BYTES` of them, so a file of long lines is not held whole): each
 batch is validated, embedded in one call (the encoder's full batches), then written under the
 user's lock, each line in its own savepoint so a line the database refuses costs that line
 only. Re-importing a file changes nothing: what each exported id became is kept in
@@ -68,6 +69,9 @@ from halldyll_ray.textproc import fact_key as make_fact_key
 EXPORT_BATCH = 200
 #: Lines an import validates, embeds and writes together.
 IMPORT_BATCH = 128
+#: Bytes of lines a batch holds at most (a single longer line is a batch of its own): 128
+#: lines of up to MAX_LINE_BYTES each held a whole 1 GiB body, then its parsed models.
+IMPORT_BATCH_BYTES = 8 * 1024 * 1024
 
 
 class _IdTaken(Exception):
@@ -605,11 +609,18 @@ def _expiry(record: ExportedMemory, ttl_days: float | None = None) -> datetime |
 async def _batches(
     lines: AsyncIterator[tuple[int, bytes]],
 ) -> AsyncIterator[list[tuple[int, bytes]]]:
+    """The lines in batches of at most :data:`IMPORT_BATCH` lines and, but for a batch of
+    one line, :data:`IMPORT_BATCH_BYTES` bytes."""
     batch: list[tuple[int, bytes]] = []
+    size = 0
     async for item in lines:
+        if batch and size + len(item[1]) > IMPORT_BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
         batch.append(item)
+        size += len(item[1])
         if len(batch) == IMPORT_BATCH:
             yield batch
-            batch = []
+            batch, size = [], 0
     if batch:
         yield batch

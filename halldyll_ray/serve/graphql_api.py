@@ -16,8 +16,9 @@ One more door into the same rooms:
 - **Subscriptions** (``memoryEvents``) ride the change feed (``GET /v1/users/{id}/events``):
   the same permission check (``memory.read``, audited), rechecked every 30 s with the key,
   and ``after`` resumes as ``Last-Event-ID`` does.
-- **Limits.** Depth (:data:`MAX_DEPTH`), aliases (:data:`MAX_ALIASES`) and tokens
-  (:data:`MAX_TOKENS`) are checked before execution, and every list is bounded by the REST
+- **Limits.** Depth (:data:`MAX_DEPTH`), aliases (:data:`MAX_ALIASES`), tokens
+  (:data:`MAX_TOKENS`) and fields with fragments written out (:data:`MAX_SELECTIONS`) are
+  checked before execution, and every list is bounded by the REST
   limits it calls (500 memories a page, 100 search results): a deep or wide query gets an
   error naming the limit, not a slow server. No GraphQL IDE is served (it loads from a CDN).
 
@@ -36,7 +37,16 @@ from typing import Annotated, Any, TypeVar, cast
 import strawberry
 from cross_web import HTTPException
 from fastapi import FastAPI
-from graphql import GraphQLError, OperationDefinitionNode
+from graphql import (
+    DocumentNode,
+    FieldNode,
+    FragmentDefinitionNode,
+    FragmentSpreadNode,
+    GraphQLError,
+    InlineFragmentNode,
+    OperationDefinitionNode,
+    SelectionSetNode,
+)
 from starlette.requests import HTTPConnection, Request
 from starlette.types import Receive, Scope, Send
 from strawberry.asgi import GraphQL
@@ -84,6 +94,10 @@ MAX_COVER_READS = 200
 MAX_ALIASES = 10
 #: Most tokens in one document.
 MAX_TOKENS = 2000
+#: Most fields in one document with every fragment spread written out in full. A fragment
+#: that spreads another twice, twenty deep, is 2**20 fields in under 200 tokens: the depth and
+#: alias limits walked each of them (a replica's event loop held for 12.8 s, validating).
+MAX_SELECTIONS = MAX_TOKENS
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
@@ -772,13 +786,57 @@ class _SubscriptionNeedsWebSocket(InvalidOperationTypeError):
         )
 
 
+def expanded_selections(document: DocumentNode, limit: int = MAX_SELECTIONS) -> int:
+    """How many fields ``document``'s operations select with every fragment spread written out
+    in full, counted in time linear in the document (each fragment once); stops counting past
+    ``limit``. A spread of an unknown fragment, or one in a cycle, counts nothing (validation
+    refuses both)."""
+    fragments = {
+        d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)
+    }
+    sizes: dict[str, int] = {}
+    counting: set[str] = set()
+
+    def size(selection_set: SelectionSetNode | None) -> int:
+        total = 0
+        for selection in () if selection_set is None else selection_set.selections:
+            if isinstance(selection, FieldNode):
+                total += 1 + size(selection.selection_set)
+            elif isinstance(selection, InlineFragmentNode):
+                total += size(selection.selection_set)
+            elif isinstance(selection, FragmentSpreadNode):
+                total += fragment(selection.name.value)
+            if total > limit:
+                break
+        return min(total, limit + 1)
+
+    def fragment(name: str) -> int:
+        if name not in sizes:
+            definition = fragments.get(name)
+            if definition is None or name in counting:
+                return 0
+            counting.add(name)
+            sizes[name] = size(definition.selection_set)
+            counting.discard(name)
+        return sizes[name]
+
+    total = 0
+    for definition in document.definitions:
+        if isinstance(definition, OperationDefinitionNode):
+            total = min(total + size(definition.selection_set), limit + 1)
+    return total
+
+
 class _OperationChecks(SchemaExtension):
     """Refuses, before anything runs, two requests strawberry would run:
 
     - several operations without ``operationName``: strawberry ran the first one (a mutation
       too), where the spec's GetOperation requires the name;
     - a subscription that does not come over a WebSocket: over POST it ran as a query and
-      failed with a server error.
+      failed with a server error;
+
+    and answers a document too large with its fragments written out
+    (:data:`MAX_SELECTIONS`) with a GraphQL error, without validating it.
 
     Over HTTP both answer 400 (strawberry maps these exceptions); over a WebSocket, an error
     message for the operation.
@@ -801,6 +859,20 @@ class _OperationChecks(SchemaExtension):
         websocket = isinstance(context, GraphQLContext) and context.websocket
         if execution.operation_type is OperationType.SUBSCRIPTION and not websocket:
             raise _SubscriptionNeedsWebSocket
+        try:
+            selections = 0 if document is None else expanded_selections(document)
+        except RecursionError:  # fragments spreading fragments, hundreds deep
+            selections = MAX_SELECTIONS + 1
+        if selections > MAX_SELECTIONS:
+            # Set before validation runs, validation is skipped: the depth and alias limits
+            # walk every spread of every fragment again, in time exponential in the document.
+            execution.pre_execution_errors = [
+                GraphQLError(
+                    f"the document selects more than {MAX_SELECTIONS} fields with its "
+                    "fragments written out: spread each fragment fewer times",
+                    extensions={"code": "invalid_input", "status_code": 400},
+                )
+            ]
         yield
 
 

@@ -8,6 +8,7 @@ Search, Ingestion and Context deployments; users, keys, models and audit are ser
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -16,10 +17,13 @@ from fastapi import Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Receive, Scope, Send
 
 from halldyll_ray import requestctx, tracing, validation
 from halldyll_ray.components.events import Subscription
 from halldyll_ray.components.jobs import KIND as JOB_KIND
+from halldyll_ray.config import Settings
 from halldyll_ray.errors import (
     HalldyllError,
     InvalidInput,
@@ -75,6 +79,7 @@ from halldyll_ray.serve.mcp_http import mount_mcp
 from halldyll_ray.serve.settings import SettingsOverrides
 from halldyll_ray.serve.ui import mount_ui
 
+log = logging.getLogger(__name__)
 NDJSON = "application/x-ndjson"
 JOB_KIND_PATTERN = f"^{JOB_KIND.pattern}$"
 
@@ -653,6 +658,11 @@ class Ingress(EngineOwner):
         expired) and ``data`` (JSON: id, user_id, memory_id, memory_type, kind, at; never
         content). ``event: resync`` when ``Last-Event-ID`` is older than EVENTS_RETENTION_HOURS
         or not this database's; ``event: error`` before the server ends a stream.
+
+        A reader that falls behind holds back only what fits in the connection's buffers:
+        the stream reads the next events from the database once those went out. A send
+        that waits longer than EVENTS_RECHECK_SECONDS (the client reads nothing) ends the
+        stream; reconnect with ``Last-Event-ID`` to get every later event.
         """
         api_ = await self._api(request)
         engine = await self.engine()
@@ -665,11 +675,7 @@ class Ingress(EngineOwner):
         subscription = await api_.subscribe_events(
             self._user(user_id), after=last_event_id, rechecks=[key_still_valid]
         )
-        return EventSourceResponse(
-            _event_stream(subscription),
-            ping=engine.settings.events_keepalive_seconds,
-            headers={"Cache-Control": "no-store"},
-        )
+        return event_stream_response(subscription, engine.settings)
 
     # ----------------------------------------------------------------------- handle API
     # For co-located Ray apps: the caller's API key instead of an HTTP header, the same
@@ -738,6 +744,36 @@ class Ingress(EngineOwner):
                 principal, request, user_id=_handle_user(user_id), request_id=None
             )
         )
+
+
+def event_stream_response(subscription: Subscription, settings: Settings) -> EventSourceResponse:
+    """The change feed's SSE response for ``subscription``: a keep-alive every
+    EVENTS_KEEPALIVE_SECONDS, and a send that waits EVENTS_RECHECK_SECONDS (the client reads
+    nothing) ends the stream, releasing the subscription. A reader that took nothing held
+    its stream slot for as long as the load balancer's client timeout (HAProxy's: an hour),
+    and a blocked send left the subscription's rechecks (key, permission, user) unrun."""
+    return _FeedResponse(
+        _event_stream(subscription),
+        ping=settings.events_keepalive_seconds,
+        send_timeout=settings.events_recheck_seconds,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+class _FeedResponse(EventSourceResponse):
+    """The change feed's response: a send that times out (``send_timeout``: the client
+    stopped reading) ends the stream in one log line, without a traceback; the subscription
+    is released as on a disconnect, and the server closes the connection."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            log.info(
+                "change feed: the client read nothing for %g s, stream closed (it resumes "
+                "with Last-Event-ID)",
+                self.send_timeout,
+            )
 
 
 async def _event_stream(subscription: Subscription) -> AsyncIterator[ServerSentEvent]:

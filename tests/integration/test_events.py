@@ -405,3 +405,39 @@ async def test_halldyll_purge_expired_also_purges_old_events(
     async with engine.db.scoped(user) as conn:
         left = await conn.fetch("SELECT memory_id FROM memory_events")
     assert [r["memory_id"] for r in left] == [kept.id]
+
+
+async def test_a_stream_whose_client_reads_nothing_ends_and_frees_its_slot(
+    engine: MemoryEngine,
+) -> None:
+    """The SSE response over a real subscription, with a client whose window is full: every
+    send waits for good. The send waited for as long as the load balancer's client timeout
+    (an hour, HAProxy's), holding the stream's slot, with the rechecks unrun; once a send
+    has waited EVENTS_RECHECK_SECONDS the stream now ends, quietly, and its subscription is
+    released (the client resumes with Last-Event-ID)."""
+    from halldyll_ray.serve.ingress import event_stream_response
+
+    user = await _user(engine)
+    feed = engine.components.events
+    subscription = await engine.subscribe_events(user, after=0)
+    assert feed.subscribers() == 1
+    settings = engine.settings.model_copy(
+        update={"events_recheck_seconds": 0.5, "events_keepalive_seconds": 0.2}
+    )
+    response = event_stream_response(subscription, settings)
+    sent: list[dict[str, object]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            await asyncio.Event().wait()  # the client reads nothing: no send completes
+
+    async def receive() -> dict[str, object]:
+        await asyncio.Event().wait()  # nor does it hang up
+        raise AssertionError
+
+    await engine.store_memory(user, Fact(statement="Gus reads nothing"))
+    scope = {"type": "http", "method": "GET", "path": "/v1/users/me/events", "headers": []}
+    await asyncio.wait_for(response(scope, receive, send), 10)  # type: ignore[arg-type]
+    assert [m["type"] for m in sent][:2] == ["http.response.start", "http.response.body"]
+    assert feed.subscribers() == 0

@@ -434,3 +434,47 @@ async def test_more_concurrent_atomic_imports_than_pooled_connections_all_finish
         )
         assert all(r.committed and r.error_count == 0 for r in reports)
         assert sum(r.unchanged for r in reports) == 3  # users[0] got the file twice
+
+
+async def test_a_long_line_sent_in_small_chunks_is_read_in_linear_time(
+    engine: MemoryEngine,
+) -> None:
+    """A 32 MB line (under MAX_LINE_BYTES) arriving in 1 KB chunks: each chunk searched the
+    whole line read so far for its end again, 512 GB scanned (9 s of a core, the replica's
+    event loop held). Only the new chunk is searched now; the line is reported, the next one
+    imported."""
+    user = await _user(engine, "chunks")
+    padded = json.dumps(_line("Dana sails")).encode()
+    filler = b"{" + b'"x": "' + b"y" * (32 * 1024 * 1024) + b'"}'
+
+    async def chunks() -> Any:
+        yield _ndjson([_header()])
+        for start in range(0, len(filler), 1024):
+            yield filler[start : start + 1024]
+        yield b"\n" + padded + b"\n"
+
+    started = asyncio.get_running_loop().time()
+    report = await engine.import_memories(user, chunks())
+    elapsed = asyncio.get_running_loop().time() - started
+    assert report.lines == 2 and report.created == {"fact": 1}, report
+    assert [e.line for e in report.errors] == [2]
+    assert elapsed < 3.0, elapsed
+
+
+async def test_an_import_batch_holds_a_bounded_number_of_bytes(engine: MemoryEngine) -> None:
+    """Twelve lines of 1 MiB each (valid facts, padded with JSON whitespace): a batch took
+    128 lines whatever their size, so a 1 GiB file of 8 MiB lines was held whole, then its
+    parsed models. A batch now ends at IMPORT_BATCH_BYTES: two batches here, one
+    ``memory.import`` audit row each, and every line imported."""
+    from halldyll_ray.components.transfer import IMPORT_BATCH_BYTES
+
+    user = await _user(engine, "bytes")
+    pad = b" " * (1024 * 1024)
+    lines = [
+        json.dumps(_line(f"Eli owns {n} bicycles")).encode()[:-1] + pad + b"}\n" for n in range(12)
+    ]
+    assert sum(len(x) for x in lines) > IMPORT_BATCH_BYTES
+    report = await engine.import_memories(user, [_ndjson([_header()]), *lines])
+    assert report.created == {"fact": 12} and not report.errors, report
+    rows = await engine.list_audit(user_id=user, operation="memory.import")
+    assert len(rows) == 2, rows

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -230,3 +231,42 @@ async def test_past_events_max_streams_a_replica_answers_503_and_keeps_serving_t
     await _until_no_subscribers(http, admin_key)
     async with stream(http, key):
         pass
+
+
+async def test_a_reader_that_stops_reading_never_holds_up_writers(
+    http: httpx.AsyncClient, admin_key: str, ray_serve: dict[str, Any]
+) -> None:
+    """A client that opens the stream and then reads nothing (a 4 KB receive window), while
+    its user's memories change by the thousand: the writes go on at their own pace (the
+    events wait in the table, the stream reads ahead at most one batch), and when the
+    client hangs up with events still unsent, its subscription is released. (A send that
+    cannot go out for EVENTS_RECHECK_SECONDS ends the stream: tests/integration/
+    test_events.py; here the kernel's buffers take megabytes first.)"""
+    user, key = await user_with_key(http, admin_key)
+    url = httpx.URL(ray_serve["url"])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (url.host, url.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    writer.write(
+        f"GET /v1/users/{user['id']}/events HTTP/1.1\r\nHost: {url.host}\r\n"
+        f"Authorization: Bearer {key}\r\nAccept: text/event-stream\r\n\r\n".encode()
+    )
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 20)).startswith(b"HTTP/1.1 200")
+    try:
+        for batch in range(3):
+            summaries = [{"type": "summary", "text": f"s{batch}-{n}"} for n in range(500)]
+            started = asyncio.get_running_loop().time()
+            r = await http.post(
+                f"/v1/users/{user['id']}/memories/batch",
+                json={"memories": summaries},
+                headers=bearer(key),
+            )
+            assert r.status_code == 201, r.text
+            assert asyncio.get_running_loop().time() - started < 30
+        assert await _subscribers(http, admin_key) == 1
+    finally:
+        writer.close()
+    await _until_no_subscribers(http, admin_key)

@@ -377,3 +377,23 @@ async def test_a_mutation_sends_its_json_argument_as_given(
     assert [m["content"] for m in r.json()["messages"]] == ["hello"]
     r = await http.get("/v1/users/me/memories", headers=bearer(key))
     assert [m["id"] for m in r.json()["items"]] == [conversation]
+
+
+async def test_fragments_that_multiply_are_refused_without_holding_the_replica(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """196 tokens of fragments, each spreading the next twice, 20 deep: the depth and alias
+    limits walked 2**20 spreads, 12.8 s of the Ingress's event loop. Refused at once, by the
+    document's size with its fragments written out (MAX_SELECTIONS)."""
+    _, key = await user_with_key(http, admin_key)
+    lines = ["query Q { me { id ...F0 } }"]
+    lines += [f"fragment F{n} on User {{ id ...F{n + 1} ...F{n + 1} }}" for n in range(20)]
+    lines.append("fragment F20 on User { id }")
+    started = asyncio.get_running_loop().time()
+    answer = await http.post(GQL, json={"query": "\n".join(lines)}, headers=bearer(key))
+    elapsed = asyncio.get_running_loop().time() - started
+    body = answer.json()
+    assert "data" not in body or body["data"] is None, body
+    assert body["errors"][0]["extensions"]["code"] == "invalid_input", body
+    assert "fragments written out" in body["errors"][0]["message"]
+    assert elapsed < 5, elapsed

@@ -7,6 +7,7 @@ target): the stand-in counts the calls, so a resolver that ran shows."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -135,3 +136,38 @@ async def test_over_a_websocket_the_same_refusals_are_error_messages(
     logged = [r for r in caplog.records if r.name.startswith(("strawberry", "halldyll_ray"))]
     assert len(logged) == 2 and all(r.levelno == logging.INFO for r in logged)
     assert not [r for r in logged if r.exc_info]
+
+
+def _fragment_bomb(levels: int) -> str:
+    """A document of a few hundred tokens whose fragments, written out, select 2**levels
+    fields: each fragment spreads the next one twice."""
+    lines = ["query Q { me { id ...F0 } }"]
+    lines += [f"fragment F{n} on User {{ id ...F{n + 1} ...F{n + 1} }}" for n in range(levels)]
+    lines.append(f"fragment F{levels} on User {{ id }}")
+    return "\n".join(lines)
+
+
+async def test_fragments_that_multiply_are_refused_before_validation(
+    graphql: httpx.AsyncClient, calls: list[str]
+) -> None:
+    """Fragments spreading fragments twice, 20 deep (196 tokens, one alias-free field each):
+    the depth and alias limits walked all 2**20 spreads and held the event loop 12.8 s. The
+    document is refused, by its size with its fragments written out, before validation and
+    before any resolver runs."""
+    from graphql import get_introspection_query
+
+    started = time.perf_counter()
+    answer = await graphql.post("/graphql", json={"query": _fragment_bomb(20)}, headers=AUTH)
+    elapsed = time.perf_counter() - started
+    errors = answer.json().get("errors")
+    assert errors and [e["extensions"]["code"] for e in errors] == ["invalid_input"], answer.text
+    assert "2000 fields" in errors[0]["message"]
+    assert elapsed < 1.0, elapsed
+    assert calls == []  # nothing ran
+    # Fragments used as meant (the tools' introspection query: fragments spread many times
+    # over) still pass, and so does a small bomb.
+    introspection = await schema.execute(get_introspection_query())
+    assert introspection.errors is None
+    answer = await graphql.post("/graphql", json={"query": _fragment_bomb(4)}, headers=AUTH)
+    assert answer.json()["errors"][0]["extensions"]["code"] == "permission_denied"
+    assert calls == ["me"]
