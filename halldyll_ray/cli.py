@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from halldyll_ray.config import Settings
-from halldyll_ray.errors import ConfigurationError, HalldyllError
+from halldyll_ray.errors import ConfigurationError, HalldyllError, quoted
 
 
 def _settings() -> Settings:
@@ -429,7 +429,7 @@ def _days(text: str) -> int:
     try:
         days = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of days: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a whole number of days: {quoted(text)}") from None
     if not 1 <= days <= MAX_DAYS:
         raise argparse.ArgumentTypeError(f"must be 1 to {MAX_DAYS} days, not {days}")
     return days
@@ -455,7 +455,7 @@ def _seconds(text: str) -> float:
         return check_timeout(float(text))
     except (ValueError, HalldyllError):
         raise argparse.ArgumentTypeError(
-            f"must be a finite positive number of seconds, not {text!r}"
+            f"must be a finite positive number of seconds, not {quoted(text)}"
         ) from None
 
 

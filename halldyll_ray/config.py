@@ -7,6 +7,7 @@ environment; ``Settings.from_env()`` does the same but turns pydantic's validati
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -21,14 +22,20 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from halldyll_ray.errors import ConfigurationError
+from halldyll_ray.errors import ConfigurationError, HalldyllError, quoted
 from halldyll_ray.models import MAX_SEARCH_LIMIT
+from halldyll_ray.urls import check_postgres_url, check_redis_url
+from halldyll_ray.validation import error_message
 
 #: Cosine similarity below which a semantic hit is dropped, calibrated for all-MiniLM-L6-v2.
 #: ``benchmarks/calibrate_threshold.py``: on 83 hand-labelled paraphrase pairs the matching
 #: pair scores a median 0.45 (5th percentile 0.24) and non-matching pairs a median 0.05 (95th
 #: percentile 0.22); 0.20 is the highest 0.05 step keeping >= 95 % of matches (97.6 %).
 DEFAULT_SIMILARITY_THRESHOLD = 0.20
+
+
+#: A bearer token as an HTTP header carries it: visible ASCII, no spaces.
+_TOKEN = re.compile(r"[!-~]+")
 
 
 def _default_data_dir() -> Path:
@@ -152,6 +159,7 @@ class Settings(BaseSettings):
     large_user_index_rows: int = Field(
         default=10_000,
         ge=1,
+        le=1_000_000_000,
         description="Users with at least this many searchable rows get a partial HNSW index "
         "of their own (`halldyll index-users`).",
     )
@@ -288,6 +296,16 @@ class Settings(BaseSettings):
         "bypass row-level security. Empty: keep the login role (which must then be such a role).",
     )
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _check_data_dir(cls, value: object) -> object:
+        # Empty is unset, as for every other setting (Path("") is the current folder).
+        if value == "":
+            return _default_data_dir()
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must be a folder path, not blanks (unset it for the default)")
+        return value
+
     @field_validator("db_role", mode="before")
     @classmethod
     def _empty_role(cls, value: object) -> object:
@@ -395,10 +413,32 @@ class Settings(BaseSettings):
         "chat-completions request body (a dict) and returning the response body.",
     )
 
-    @field_validator("llm_base_url", "llm_model", "llm_serve_app", mode="before")
+    @field_validator("llm_base_url", "llm_model", "llm_serve_app", "llm_api_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("llm_base_url")
+    @classmethod
+    def _check_llm_base_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            # The check of the HTTP client that will call it: a port past 65535, a '[' without
+            # its ']' failed each LLM call instead of the start.
+            from halldyll_ray.client.requests import check_base_url
+
+            try:
+                check_base_url(value)
+            except HalldyllError as exc:
+                raise ValueError(exc.message.removeprefix("base_url ")) from None
+        return value
+
+    @field_validator("llm_api_key")
+    @classmethod
+    def _check_llm_api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # Sent in an HTTP header: a line break or a non-ASCII letter failed each call.
+        if value is not None and not _TOKEN.fullmatch(value.get_secret_value()):
+            raise ValueError("must be the key alone: printable ASCII without spaces")
+        return value
 
     @field_validator("llm_provider", "llm_structured_output", mode="before")
     @classmethod
@@ -469,13 +509,10 @@ class Settings(BaseSettings):
     def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value():
             return None
-        url = value.get_secret_value()
-        if not url.startswith(("postgresql://", "postgres://")):
-            raise ValueError(
-                "must start with postgresql:// (for example "
-                "postgresql://app:secret@db.example:5432/halldyll); unset it to use the "
-                "embedded PostgreSQL"
-            )
+        try:
+            check_postgres_url(value.get_secret_value())
+        except ValueError as exc:
+            raise ValueError(f"{exc}; unset it to use the embedded PostgreSQL") from None
         return value
 
     @field_validator("redis_url")
@@ -483,11 +520,10 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value():
             return None
-        if not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(
-                "must start with redis://, rediss:// or unix:// (for example "
-                "redis://localhost:6379/0); unset it to cache in-process only"
-            )
+        try:
+            check_redis_url(value.get_secret_value())
+        except ValueError as exc:
+            raise ValueError(f"{exc}; unset it to cache in-process only") from None
         return value
 
     @field_validator("embedding_model_path")
@@ -503,9 +539,13 @@ class Settings(BaseSettings):
                 "EMBEDDING_MODEL_PATH to use the packaged one, or EMBEDDING_MODEL to use "
                 "your own file"
             )
-        if not value.exists():
+        try:
+            exists = value.exists()
+        except OSError:  # a name too long for the file system, say
+            exists = False
+        if not exists:
             raise ValueError(
-                f"{value} does not exist; point it at a folder holding model.onnx and "
+                f"{quoted(str(value))} does not exist; point it at a folder holding model.onnx and "
                 "tokenizer.json, or unset it to use the packaged all-MiniLM-L6-v2"
             )
         return value
@@ -532,8 +572,9 @@ class Settings(BaseSettings):
                     or name in _SECRET_FIELDS
                     or any(word in name for word in ("SECRET", "PASSWORD", "TOKEN", "KEY", "_URL"))
                 )
-                shown = "" if secret else f" (got {str(value)[:80]!r})"
-                lines.append(f"{name}: {error['msg']}{shown}")
+                shown = "" if secret else f" (got {quoted(value)})"
+                message = error_message(error).removeprefix("Value error, ")
+                lines.append(f"{name}: {message}{shown}")
             raise ConfigurationError(
                 "invalid configuration:\n  " + "\n  ".join(lines), variables=len(lines)
             ) from None

@@ -52,6 +52,48 @@ def redact(text: str, *secrets: str | None) -> str:
     return _CREDENTIALS.sub(_hide, text)
 
 
+#: Characters of a caller's value that an error message repeats: enough to recognise it,
+#: never the whole of an input whose size the caller chose.
+QUOTE_CHARS = 40
+
+
+def clip(text: str, limit: int = QUOTE_CHARS) -> str:
+    """``text`` cut to its first ``limit`` characters, with an ellipsis after a cut."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def field_path(field: str) -> str:
+    """A dotted field path with each part :func:`clip`-ped: a part can be a key the caller
+    chose (an argument or a field that does not exist, a query parameter's name)."""
+    return ".".join(clip(part) for part in field.split("."))
+
+
+def quoted(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``value`` as an error message shows it: the ``repr`` of its first ``limit``
+    characters, with an ellipsis after it when there was more. The one way a message built
+    from user input echoes that input."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + "…"
+
+
+# What a library's message quotes of a caller's input: a name ('...' or "...", no spaces),
+# any long run without a space; and the most of such a message said at all.
+_LONG_QUOTE = re.compile(rf"(['\"])([^'\"\s]{{{QUOTE_CHARS + 1},}})\1")
+_LONG_WORD = re.compile(rf"\S{{{2 * QUOTE_CHARS + 1},}}")
+MESSAGE_CHARS = 1000
+
+
+def bound_quotes(text: str) -> str:
+    """A library's message (graphql-core's, strawberry's) with what it quotes of the
+    caller's input cut as :func:`quoted` cuts it, and the whole at most
+    :data:`MESSAGE_CHARS`: such a message repeats a field, an enum value or an operation
+    name whole ("Cannot query field '<10,000 characters>' on type 'Query'")."""
+    text = _LONG_QUOTE.sub(lambda m: m[1] + m[2][:QUOTE_CHARS] + m[1] + "…", text)
+    return clip(_LONG_WORD.sub(lambda m: clip(m[0]), text), MESSAGE_CHARS)
+
+
 def _hide(match: re.Match[str]) -> str:
     if match["url"]:
         return match["url"] + REDACTED + "@"
@@ -103,6 +145,7 @@ class InvalidInput(HalldyllError):
     code = "invalid_input"
 
     def __init__(self, message: str, *, field: str | None = None, **fields: Any) -> None:
+        field = None if field is None else field_path(field)
         super().__init__(message, field=field, **fields)
         self.field = field
 

@@ -21,7 +21,7 @@ import re
 import threading
 from typing import TYPE_CHECKING, Protocol
 
-from halldyll_ray.errors import InvalidInput
+from halldyll_ray.errors import InvalidInput, quoted
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -165,7 +165,7 @@ def normalize_language_code(code: str) -> str:
     if match is None:
         raise InvalidInput(
             f"language must be a two-letter ISO 639-1 code, optionally with a two-letter "
-            f"region (for example 'en' or 'en-US'); got {code!r}",
+            f"region (for example 'en' or 'en-US'); got {quoted(code)}",
             field="language",
         )
     language, region = match.groups()

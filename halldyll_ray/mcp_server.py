@@ -30,21 +30,34 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Annotated, Any, Literal, NotRequired, TypeVar, cast
+from types import UnionType
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    NotRequired,
+    TypeVar,
+    Union,
+    cast,
+    get_args,
+    get_origin,
+)
 
+import annotated_types
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.types import ToolAnnotations
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, with_config
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, with_config
+from pydantic.fields import FieldInfo
 from typing_extensions import TypedDict  # pydantic reads typing.TypedDict only on 3.12+
 
-from halldyll_ray import validation
+from halldyll_ray import models, schemas, validation
 from halldyll_ray.client import AsyncHalldyllClient
 from halldyll_ray.context import fence
 from halldyll_ray.errors import HalldyllError, InvalidInput
-from halldyll_ray.models import MAX_SEARCH_LIMIT
+from halldyll_ray.models import MAX_PAGE_SIZE, MAX_SEARCH_LIMIT
 from halldyll_ray.schemas import MAX_CONTEXT_TOKENS, MIN_CONTEXT_TOKENS
 
 #: How a tool gets its client for one call: given the MCP request context, an async context
@@ -72,7 +85,8 @@ UserId = Annotated[
     ),
 ]
 MemoryId = Annotated[str, Field(description="The memory's id (UUID), as returned when stored.")]
-PageSize = Annotated[int, Field(ge=1, le=500, description="Page size.")]
+#: REST's limit query parameter of the list routes (their bounds: test_mcp_bounds).
+PageSize = Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE, description="Page size.")]
 Cursor = Annotated[str | None, Field(description="next_cursor of the previous page, to read on.")]
 SessionId = Annotated[
     str,
@@ -183,20 +197,160 @@ def describe(exc: HalldyllError) -> str:
 
 
 # --------------------------------------------------------------------------- the server
-def _forbid_unknown_arguments(tool: Tool) -> None:
-    """Make ``tool`` refuse an argument it does not have, as the API's bodies do (422): the
-    SDK's arguments model ignores unknown keys, so a misspelt optional argument
-    (``confidance``) was dropped and the call succeeded without it. The published input
-    schema says so too (``additionalProperties: false``)."""
+_STORED = ("tags", "importance", "session_id", "metadata")
+#: Each tool argument that is a field of a REST request body: (model, field). The argument
+#: takes that field's type and bounds (:func:`_rest_argument`), so the tool's published input
+#: schema states the bounds the API enforces, from the one place they are written. Arguments
+#: not here have none of their own to agree with (ids, cursors, enumerations the tool spells
+#: as a Literal, times the server parses).
+REST_ARGUMENTS: dict[str, dict[str, tuple[type[BaseModel], str]]] = {
+    "store_fact": {
+        name: (models.Fact, name)
+        for name in ("statement", "confidence", "source", "model", *_STORED)
+    },
+    "store_conversation": {
+        name: (models.Conversation, name) for name in ("messages", "title", "model", *_STORED)
+    },
+    "store_image": {
+        **{
+            name: (models.Image, name)
+            for name in (
+                "prompt",
+                "negative_prompt",
+                "generator",
+                "seed",
+                "steps",
+                "guidance_scale",
+                "scheduler",
+                "uri",
+                "sha256",
+                "model",
+                *_STORED,
+            )
+        },
+        "width": (models.ImageSize, "width"),
+        "height": (models.ImageSize, "height"),
+    },
+    "store_transcription": {
+        name: (models.Transcription, name)
+        for name in (
+            "text",
+            "segments",
+            "language",
+            "duration_seconds",
+            "audio_uri",
+            "model",
+            *_STORED,
+        )
+    },
+    "store_summary": {
+        name: (models.Summary, name) for name in ("text", "covers", "model", *_STORED)
+    },
+    "store_memories": {"memories": (schemas.StoreMemoriesRequest, "memories")},
+    "search_memories": {
+        name: (schemas.SearchRequest, name)
+        for name in ("query", "limit", "threshold", "tags", "session_id", "model")
+    },
+    "build_context": {
+        name: (schemas.ContextRequest, name)
+        for name in ("query", "messages", "session_id", "model", "max_tokens")
+    },
+    "prepare_context": {
+        **{
+            name: (schemas.PrepareContextRequest, name)
+            for name in ("user_message", "recent_turns", "model", "max_tokens")
+        },
+        "session_id": (schemas.SearchRequest, "session_id"),
+    },
+    "record_turn": {
+        **{
+            name: (schemas.TurnRequest, name)
+            for name in (
+                "user_message",
+                "assistant_message",
+                "model",
+                "idempotency_key",
+                "user_name",
+                "assistant_name",
+            )
+        },
+        "session_id": (schemas.SearchRequest, "session_id"),
+    },
+    "update_memory": {
+        name: (models.MemoryUpdate, name)
+        for name in (
+            "tags",
+            "metadata",
+            "importance",
+            "title",
+            "statement",
+            "confidence",
+            "text",
+        )
+    },
+}
+#: The bounds of a list of objects (messages, segments, memories): the tool keeps its own
+#: item type (a TypedDict the LLM reads flat), with the list's bounds of REST's field.
+_COUNT_BOUNDS = (annotated_types.MinLen, annotated_types.MaxLen)
+
+
+def _without_none(annotation: Any) -> Any:
+    """``annotation`` less its ``None`` (``X | None`` is ``X``)."""
+    args = [arg for arg in get_args(annotation) if arg is not type(None)]
+    if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _rest_argument(argument: FieldInfo, rest: FieldInfo) -> tuple[Any, FieldInfo]:
+    """The argument with the type and bounds of REST's field ``rest``, keeping its own
+    default and description: optional where the tool has a default, required where not."""
+    own = _without_none(argument.annotation)
+    if get_origin(own) is list and get_args(own)[0] is not str:
+        bounds = [m for m in rest.metadata if isinstance(m, _COUNT_BOUNDS)]
+        kind: Any = Annotated[(own, *bounds)] if bounds else own
+    else:
+        base = _without_none(rest.annotation)
+        kind = Annotated[(base, *rest.metadata)] if rest.metadata else base
+    if not argument.is_required() and argument.default is None:
+        kind = kind | None
+    field = Field(description=argument.description)
+    if not argument.is_required():
+        field = Field(default=argument.default, description=argument.description)
+    return kind, field
+
+
+def _strict_arguments(tool: Tool) -> None:
+    """Check ``tool``'s arguments as the API checks a body.
+
+    Each argument of :data:`REST_ARGUMENTS` takes the bounds of its REST field, so the
+    published input schema advertises what the API enforces and a value past them is
+    refused before any call. And an argument the tool does not have is refused, as the
+    API's bodies do (422): the SDK's arguments model ignores unknown keys, so a misspelt
+    optional argument (``confidance``) was dropped and the call succeeded without it. The
+    published input schema says so too (``additionalProperties: false``)."""
     model = tool.fn_metadata.arg_model
     if model.model_config.get("extra") == "forbid":
         return
+    overrides: dict[str, Any] = {}
+    for name, (rest_model, rest_name) in REST_ARGUMENTS.get(tool.name, {}).items():
+        overrides[name] = _rest_argument(
+            model.model_fields[name], rest_model.model_fields[rest_name]
+        )
     strict = cast(
         type[ArgModelBase],
-        type(
+        create_model(
             model.__name__,
-            (model,),
-            {"model_config": ConfigDict(extra="forbid"), "__module__": model.__module__},
+            __base__=cast(
+                type[ArgModelBase],
+                type(
+                    model.__name__,
+                    (model,),
+                    {"model_config": ConfigDict(extra="forbid"), "__module__": model.__module__},
+                ),
+            ),
+            __module__=model.__module__,
+            **overrides,
         ),
     )
     tool.fn_metadata.arg_model = strict
@@ -205,8 +359,8 @@ def _forbid_unknown_arguments(tool: Tool) -> None:
 
 class _Server(MCPServer[Any]):
     """The SDK's server, with arguments checked as the HTTP API checks a body: an argument
-    the tool does not have is refused (:func:`_forbid_unknown_arguments`, applied to every
-    tool as it is added), and a call whose arguments fail the tool's schema is a tool error
+    the tool does not have is refused (:func:`_strict_arguments`, applied to every tool as
+    it is added), and a call whose arguments fail the tool's schema is a tool error
     ``invalid_input: <field>: <message> (field: <field>)`` (:func:`describe`), not pydantic's
     report, which repeats the rejected value (an argument can hold a secret) and names the
     SDK's internal model."""
@@ -217,7 +371,7 @@ class _Server(MCPServer[Any]):
         super().add_tool(fn, name, *args, **kwargs)
         tool = self._tool_manager.get_tool(name or fn.__name__)
         if tool is not None:
-            _forbid_unknown_arguments(tool)
+            _strict_arguments(tool)
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None

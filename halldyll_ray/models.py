@@ -29,6 +29,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from halldyll_ray.errors import quoted
+
 # --- limits -----------------------------------------------------------------------------------
 MAX_TAGS = 32
 MAX_TAG_LENGTH = 64
@@ -45,6 +47,9 @@ MAX_SUMMARY_COVERS = 1_000
 MAX_URI_CHARS = 2_048
 MAX_QUERY_CHARS = 4_000
 MAX_SEARCH_LIMIT = 100
+#: Most rows one page of a list (memories, jobs) holds: REST's limit, the MCP tools' and the
+#: components' own check.
+MAX_PAGE_SIZE = 500
 MAX_JSON_DEPTH = 32
 MAX_KEY_NAME_CHARS = 100
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
@@ -132,7 +137,7 @@ def _check_tags(tags: list[str]) -> list[str]:
         tag = tag.strip()
         if not TAG_PATTERN.fullmatch(tag):
             raise ValueError(
-                f"tag {tag[:80]!r} is not allowed: 1-{MAX_TAG_LENGTH} characters, starting with a "
+                f"tag {quoted(tag)} is not allowed: 1-{MAX_TAG_LENGTH} characters, starting with a "
                 "letter, digit or underscore"
             )
         seen.setdefault(tag, None)

@@ -36,7 +36,7 @@ from pydantic import (
 )
 
 from halldyll_ray import validation
-from halldyll_ray.errors import InvalidInput
+from halldyll_ray.errors import InvalidInput, quoted
 from halldyll_ray.models import (
     MAX_MESSAGES_PER_CONVERSATION,
     Conversation,
@@ -334,7 +334,7 @@ def parse_header(number: int, line: bytes) -> ExportHeader:
     version = data.get("version")
     if type(version) is not int or version != EXPORT_VERSION:  # true and 1.0 equal 1 too
         raise InvalidInput(
-            f"export format version {version!r} is not supported "
+            f"export format version {quoted(version)} is not supported "
             f"(this service reads version {EXPORT_VERSION})",
             field="version",
         )

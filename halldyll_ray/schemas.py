@@ -28,6 +28,7 @@ from pydantic import (
     ValidationError,
 )
 
+from halldyll_ray import validation
 from halldyll_ray.errors import InvalidInput
 from halldyll_ray.models import (
     MAX_KEY_NAME_CHARS,
@@ -302,10 +303,11 @@ def invalid_input(exc: ValidationError) -> InvalidInput:
     the product's exceptions, which the Ingress maps and which pickles with its fields."""
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    field = ".".join(str(part) for part in first["loc"])
+    field = validation.error_location(first["loc"])
+    message = validation.error_message(first)
     if not field:
-        return InvalidInput(str(first["msg"]))
-    return InvalidInput(f"{field}: {first['msg']}", field=field)
+        return InvalidInput(message)
+    return InvalidInput(f"{field}: {message}", field=field)
 
 
 def parse(model: type[M], value: object) -> M:

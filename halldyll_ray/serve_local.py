@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from halldyll_ray import serve_env
+from halldyll_ray.errors import quoted
 
 LOOPBACK = "127.0.0.1"
 #: How long ``serve run`` gets to stop by itself after SIGINT (its replicas drain for 1 s).
@@ -96,7 +97,7 @@ class LocalPorts:
             value = environ.get(name)
             if value:
                 if not value.strip().isdigit() or not 1 <= int(value) <= 65535:
-                    raise ValueError(f"{name}={value!r} is not a TCP port (1 to 65535)")
+                    raise ValueError(f"{name}={quoted(value)} is not a TCP port (1 to 65535)")
                 return int(value)
             return default if default is not None else free_port()
 

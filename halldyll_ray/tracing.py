@@ -51,7 +51,7 @@ from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 from halldyll_ray import requestctx
-from halldyll_ray.errors import ConfigurationError, redact
+from halldyll_ray.errors import ConfigurationError, quoted, redact
 
 REQUEST_ID = "halldyll.request_id"
 """The span attribute (and baggage entry) that holds the request id."""
@@ -160,14 +160,15 @@ def _exporting_processors() -> list[Any]:
             )
             if protocol.strip() != "http/protobuf":
                 raise ConfigurationError(
-                    f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: only http/protobuf is supported"
+                    f"OTEL_EXPORTER_OTLP_PROTOCOL={quoted(protocol)}: only http/protobuf is "
+                    "supported"
                 )
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             processors.append(BatchSpanProcessor(OTLPSpanExporter()))
         else:
             raise ConfigurationError(
-                f"OTEL_TRACES_EXPORTER={name!r}: use otlp, console or none",
+                f"OTEL_TRACES_EXPORTER={quoted(name)}: use otlp, console or none",
                 field="OTEL_TRACES_EXPORTER",
             )
     return processors

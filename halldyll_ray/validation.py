@@ -21,7 +21,7 @@ from uuid import UUID
 
 from pydantic import TypeAdapter, ValidationError
 
-from halldyll_ray.errors import InvalidInput
+from halldyll_ray.errors import QUOTE_CHARS, InvalidInput, clip, quoted
 from halldyll_ray.models import (
     MAX_KEY_NAME_CHARS,
     SESSION_ID_PATTERN,
@@ -50,7 +50,7 @@ def first_error(errors: Sequence[Any], *, skip: Iterable[str] = ()) -> InvalidIn
     read this way."""
     first: Mapping[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = list(first["loc"])
-    message = str(first["msg"])
+    message = error_message(first)
     if first.get("type") == "json_invalid":
         # FastAPI puts the character offset of a JSON syntax error where a field would be.
         at = loc.pop() if loc and isinstance(loc[-1], int) else None
@@ -59,10 +59,30 @@ def first_error(errors: Sequence[Any], *, skip: Iterable[str] = ()) -> InvalidIn
         message += "" if at is None else f" at character {at}"
     left_out = set(skip)
     # A part in skip names the field only when nothing follows it (the body as a whole).
-    field = error_field({**first, "loc": [p for p in loc if p not in left_out]}) or ".".join(
-        map(str, loc[:1])
+    field = error_field({**first, "loc": [p for p in loc if p not in left_out]}) or (
+        error_location(loc[:1])
     )
     return InvalidInput(f"{field}: {message}" if field else message, field=field or None)
+
+
+def error_message(error: Mapping[str, Any]) -> str:
+    """pydantic's message of one error, with the caller's text it repeats (the input, or a
+    value of its context such as a union's tag: ``Input tag '<tag>' found ...``) cut as
+    :func:`~halldyll_ray.errors.quoted` cuts it. The one wording of every surface's
+    validation error (:func:`first_error`, :func:`validate`, the request models' parse)."""
+    message = str(error["msg"])
+    # The context's other values (expected tags, a pattern) are ours: said in full.
+    for value in (error.get("input"), (error.get("ctx") or {}).get("tag")):
+        if isinstance(value, str) and len(value) > QUOTE_CHARS and value in message:
+            message = message.replace(repr(value), quoted(value))
+            message = message.replace(value, clip(value))
+    return message
+
+
+def error_location(loc: Iterable[Any]) -> str:
+    """A pydantic error's location, dotted, each part cut as :func:`error_message` cuts a
+    value: a part can be a key the caller chose (an argument or field it does not have)."""
+    return ".".join(clip(text) for text in (str(part) for part in loc) if text)
 
 
 def error_field(error: Mapping[str, Any]) -> str:
@@ -76,7 +96,7 @@ def error_field(error: Mapping[str, Any]) -> str:
         loc.append("type")
     elif error.get("type") == "unstorable_value":
         loc.append(str((error.get("ctx") or {}).get("field") or ""))
-    return ".".join(part for part in loc if part)
+    return error_location(loc)
 
 
 def validate(adapter: TypeAdapter[_T], data: Any, what: str) -> _T:
@@ -85,7 +105,7 @@ def validate(adapter: TypeAdapter[_T], data: Any, what: str) -> _T:
         return adapter.validate_python(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        message = first["msg"]
+        message = error_message(first)
         field = error_field(first) or what
         raise InvalidInput(f"invalid {what}: {field}: {message}", field=field) from None
 
@@ -97,7 +117,7 @@ def parse_uuid(value: UUID | str, field: str) -> UUID:
         return uuid_of(value)
     except ValueError:
         raise InvalidInput(
-            f"{field} must be a UUID of {UUID_FORM}, got {str(value)[:60]!r}", field=field
+            f"{field} must be a UUID of {UUID_FORM}, got {quoted(value)}", field=field
         ) from None
 
 

@@ -26,7 +26,7 @@ from halldyll_ray.components.ingestion import Appended, Ingestion
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.components.summaries import EMPTY_SUMMARY, write_session_summary
 from halldyll_ray.config import Settings
-from halldyll_ray.errors import Conflict, InvalidInput, NotFound
+from halldyll_ray.errors import Conflict, InvalidInput, NotFound, quoted
 from halldyll_ray.models import Fact, FactKind, Message, MessageRole, TurnRecord
 from halldyll_ray.storage.cache import TieredCache
 from halldyll_ray.storage.database import Database
@@ -234,7 +234,7 @@ class AgentLoop:
         if owner != model_id:
             whose = "no AI model (shared)" if owner is None else f"AI model {owner}"
             raise Conflict(
-                f"session {session_id!r} is the session of {whose}: a session belongs to one "
+                f"session {quoted(session_id)} is the session of {whose}: a session belongs to one "
                 "AI model; record this model's turns in a session of its own",
                 field="model",
             )

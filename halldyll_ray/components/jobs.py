@@ -61,7 +61,7 @@ from halldyll_ray.errors import (
     PermissionDenied,
     redact,
 )
-from halldyll_ray.models import Job, JobStatus, Page
+from halldyll_ray.models import MAX_PAGE_SIZE, Job, JobStatus, Page
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.listen import Listener
 from halldyll_ray.storage.sql import bind, q
@@ -81,7 +81,7 @@ MAX_RETRY_DELAY_S = 600.0
 #: Characters of an error kept on the job row.
 ERROR_CHARS = 1000
 #: Most jobs one status page lists.
-MAX_PAGE = 500
+MAX_PAGE = MAX_PAGE_SIZE
 
 
 def retry_delay(attempt: int, base_s: float, *, rand: Callable[[], float] = random.random) -> float:

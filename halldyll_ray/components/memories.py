@@ -21,6 +21,7 @@ from halldyll_ray.config import Settings
 from halldyll_ray.embedding.encoder import TextEncoder
 from halldyll_ray.errors import InvalidInput, NotFound
 from halldyll_ray.models import (
+    MAX_PAGE_SIZE,
     STORED,
     Fact,
     Memory,
@@ -207,7 +208,7 @@ class MemoryReader:
     ) -> Page[StoredMemory]:
         """The user's memories, newest first, with cursor pagination and filters."""
         user_id = validation.parse_uuid(user_id, "user_id")
-        limit = validation.limit(limit, 500)
+        limit = validation.limit(limit, MAX_PAGE_SIZE)
         scope = await self.registry.scope(model, include_shared)
         after_at, after_id = validation.decode_cursor(cursor)
         rows = await self.db.fetch(

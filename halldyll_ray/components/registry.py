@@ -12,7 +12,7 @@ import asyncpg
 
 from halldyll_ray import validation
 from halldyll_ray.components.audit import write_audit
-from halldyll_ray.errors import Conflict, InvalidInput, NotFound
+from halldyll_ray.errors import Conflict, InvalidInput, NotFound, quoted
 from halldyll_ray.models import AIModel, ModelKind
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
@@ -82,7 +82,7 @@ class ModelRegistry:
                 )
                 await write_audit(conn, "model.register", "ai_model", [row["id"]], None)
         except Conflict:
-            raise Conflict(f"an AI model named {name!r} is already registered") from None
+            raise Conflict(f"an AI model named {quoted(name)} is already registered") from None
         return AIModel(**dict(row))
 
     async def get(self, ref: UUID | str, *, conn: asyncpg.Connection | None = None) -> AIModel:
@@ -97,7 +97,8 @@ class ModelRegistry:
         if row is None and isinstance(ref, str):
             row = await fetchrow(q("get_model_by_name"), ref.strip())
         if row is None:
-            raise NotFound(f"AI model {ref!s} is not registered", field="model")
+            named = ref if isinstance(ref, UUID) else quoted(ref)
+            raise NotFound(f"AI model {named} is not registered", field="model")
         return AIModel(**dict(row))
 
     async def find(
@@ -110,7 +111,7 @@ class ModelRegistry:
             try:
                 kind = ModelKind(kind)
             except ValueError:
-                raise InvalidInput(f"unknown model kind {kind!r}", field="kind") from None
+                raise InvalidInput(f"unknown model kind {quoted(kind)}", field="kind") from None
         rows = await fetch(q("list_models"), None if kind is None else kind.value)
         return [AIModel(**dict(row)) for row in rows]
 

@@ -13,7 +13,7 @@ from halldyll_ray import requestctx, validation
 from halldyll_ray.components.audit import write_audit
 from halldyll_ray.components.base import require_user
 from halldyll_ray.components.embeddings import Embeddings
-from halldyll_ray.errors import Conflict, InvalidInput, NotFound, Unavailable
+from halldyll_ray.errors import Conflict, InvalidInput, NotFound, Unavailable, quoted
 from halldyll_ray.models import ErasureReceipt, Page, Role, User
 from halldyll_ray.storage.cache import TieredCache
 from halldyll_ray.storage.database import Database
@@ -72,7 +72,9 @@ class Users:
                 )
                 await write_audit(conn, "user.create", "user", [row["id"]], row["id"])
         except Conflict:
-            raise Conflict(f"a user named {username!r} or with that email already exists") from None
+            raise Conflict(
+                f"a user named {quoted(username)} or with that email already exists"
+            ) from None
         return User(**dict(row))
 
     async def get(self, user_id: UUID | str) -> User:
@@ -85,7 +87,7 @@ class Users:
         # Not cut to 64 characters: a longer name named another user (its first 64).
         row = await self.db.fetchrow(q("get_user_by_name"), validation.username(username))
         if row is None:
-            raise NotFound(f"user {username!r} not found")
+            raise NotFound(f"user {quoted(username)} not found")
         return User(**dict(row))
 
     async def page(self, *, limit: int = 100, cursor: str | None = None) -> Page[User]:

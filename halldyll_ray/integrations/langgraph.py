@@ -101,7 +101,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from halldyll_ray.client import AsyncHalldyllClient, HalldyllClient
-from halldyll_ray.errors import HalldyllError, InvalidInput, NotFound, Unavailable
+from halldyll_ray.errors import HalldyllError, InvalidInput, NotFound, Unavailable, quoted
 from halldyll_ray.models import (
     MAX_METADATA_BYTES,
     MAX_SEARCH_LIMIT,
@@ -165,11 +165,12 @@ def _check_labels(labels: Sequence[Any]) -> None:
     for label in labels:
         if not isinstance(label, str):
             raise InvalidNamespaceError(
-                f"namespace labels must be strings, got {type(label).__name__} in {labels}"
+                f"namespace labels must be strings, got {type(label).__name__} in {quoted(labels)}"
             )
         if not label or "." in label or "\x00" in label:
             raise InvalidNamespaceError(
-                f"namespace label {label!r} in {labels} is empty or holds a period or NUL"
+                f"namespace label {quoted(label)} in {quoted(labels)} is empty or holds a "
+                "period or NUL"
             )
 
 
@@ -272,7 +273,7 @@ def check_filter(filter: Mapping[str, Any] | None) -> None:
             for name, child in node.items():
                 if isinstance(name, str) and name.startswith("$") and name not in _OPERATORS:
                     raise InvalidInput(
-                        f"unsupported filter operator {name!r}: use "
+                        f"unsupported filter operator {quoted(name)}: use "
                         + ", ".join(sorted(_OPERATORS)),
                         field="filter",
                     )
@@ -353,7 +354,7 @@ def _does_match(condition: MatchCondition, namespace: tuple[str, ...]) -> bool:
         pairs = zip(reversed(namespace), reversed(path), strict=False)
     else:
         raise InvalidInput(
-            f"match_type must be 'prefix' or 'suffix', not {condition.match_type!r}",
+            f"match_type must be 'prefix' or 'suffix', not {quoted(condition.match_type)}",
             field="match_conditions",
         )
     return all(want == "*" or label == want for label, want in pairs)
@@ -663,7 +664,7 @@ class HalldyllStore(BaseStore):
                 stale, updated = stale[1:], True
                 break
             else:
-                raise Unavailable(f"item {key!r} kept changing under concurrent puts; retry")
+                raise Unavailable(f"item {quoted(key)} kept changing under concurrent puts; retry")
             if not updated:
                 memory: dict[str, Any] = {
                     "type": MemoryType.SUMMARY.value,

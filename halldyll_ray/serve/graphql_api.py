@@ -68,7 +68,7 @@ from strawberry.types.graphql import OperationType
 from halldyll_ray import models as hm
 from halldyll_ray import requestctx
 from halldyll_ray.client import AsyncHalldyllClient
-from halldyll_ray.errors import AuthenticationFailed, HalldyllError
+from halldyll_ray.errors import AuthenticationFailed, HalldyllError, bound_quotes
 from halldyll_ray.serve import http
 from halldyll_ray.serve.http import error_response, status_of
 from halldyll_ray.serve.loopback import (
@@ -919,6 +919,26 @@ class _MaskUnexpected(MaskErrors):
         masked.extensions = {"code": "internal_error", "status_code": 500}
         return masked
 
+    def _process_errors(self, errors: list[GraphQLError]) -> list[GraphQLError]:
+        # Every error the client gets, its message bounded: graphql-core's own (a bad
+        # document, a variable's value) quote the caller's names and values whole.
+        return [_bounded(error) for error in super()._process_errors(errors)]
+
+
+def _bounded(error: GraphQLError) -> GraphQLError:
+    message = bound_quotes(error.message)
+    if message == error.message:
+        return error
+    return GraphQLError(
+        message,
+        nodes=error.nodes,
+        source=error.source,
+        positions=error.positions,
+        path=error.path,
+        original_error=error.original_error,
+        extensions=error.extensions,
+    )
+
 
 class _Schema(strawberry.Schema):
     """The schema, logging its errors by who caused them."""
@@ -1005,7 +1025,8 @@ class _GraphQL(GraphQL[GraphQLContext, None]):
             # A request that is not GraphQL at all (malformed JSON, no query, a batch): the
             # API's error shape rather than strawberry's plain text.
             code = "invalid_input" if exc.status_code in (400, 422) else "http_error"
-            response = error_response(exc.status_code, code, exc.reason, request_id_of(scope) or "")
+            reason = bound_quotes(exc.reason)  # strawberry's: an operation's name, whole
+            response = error_response(exc.status_code, code, reason, request_id_of(scope) or "")
         await response(scope, receive, send)
 
     def decode_json(self, data: str | bytes) -> object:

@@ -47,6 +47,8 @@ from halldyll_ray.errors import (
     NotFound,
     PermissionDenied,
     Unavailable,
+    field_path,
+    quoted,
     redact,
 )
 from halldyll_ray.schemas import ErrorBody
@@ -368,13 +370,17 @@ class _RequestContext:
         header = None if repeated is not None else _repeated_header(scope)
         if repeated is not None or header is not None:
             message = (
-                f"query parameter {repeated!r} is given more than once (every parameter takes "
-                "one value; a list is comma-separated)"
+                f"query parameter {quoted(repeated)} is given more than once (every parameter "
+                "takes one value; a list is comma-separated)"
                 if repeated is not None
                 else f"header {header} is given more than once (it takes one value)"
             )
             refusal = error_response(
-                422, "invalid_input", message, request_id, field=repeated or header
+                422,
+                "invalid_input",
+                message,
+                request_id,
+                field=field_path(repeated) if repeated is not None else header,
             )
             await refusal(scope, receive, send)
             self._record(scope, request_id, 422, time.perf_counter())

@@ -29,6 +29,7 @@ from halldyll_ray.errors import (
     InvalidInput,
 )
 from halldyll_ray.models import (
+    MAX_PAGE_SIZE,
     SESSION_ID_PATTERN,
     UUID_PATTERN,
     Context,
@@ -353,7 +354,7 @@ class Ingress(EngineOwner):
         tags: str | None = None,
         since: IsoDateTime | None = None,
         until: IsoDateTime | None = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 50,
         cursor: str | None = None,
     ) -> Any:
         # Query parameters, read by FastAPI; lists come comma-separated.
@@ -585,7 +586,7 @@ class Ingress(EngineOwner):
         user_id: UserRef,
         status: JobStatus | None = None,
         kind: Annotated[str | None, Query(pattern=JOB_KIND_PATTERN)] = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 50,
         cursor: str | None = None,
     ) -> Any:
         """The user's background jobs (fact extraction, session summaries), newest first:

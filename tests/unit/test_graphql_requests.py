@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -171,3 +172,33 @@ async def test_fragments_that_multiply_are_refused_before_validation(
     answer = await graphql.post("/graphql", json={"query": _fragment_bomb(4)}, headers=AUTH)
     assert answer.json()["errors"][0]["extensions"]["code"] == "permission_denied"
     assert calls == ["me"]
+
+
+BIG = "Z" * 10_000
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"query": "query { " + BIG + " }"},
+        {"query": "query { me { " + BIG + " } }"},
+        {"query": "query { memories(types: [" + BIG + "]) { items { id } } }"},
+        {
+            "query": 'query Q($m: SearchMode) { search(query: "x", mode: $m) { score } }',
+            "variables": {"m": BIG},
+        },
+        {
+            "query": 'query Q($m: SearchMode) { search(query: "x", mode: $m) { score } }',
+            "variables": {"m": "Z " * 5_000},
+        },
+        {"query": "query A { me { id } } query B { me { id } }", "operationName": BIG},
+    ],
+)
+async def test_a_huge_name_or_value_is_quoted_short(
+    graphql: httpx.AsyncClient, body: dict[str, Any]
+) -> None:
+    """graphql-core's and strawberry's messages repeated a field, an enum value or an
+    operation name whole; they quote its first 40 characters now."""
+    answer = await graphql.post("/graphql", json=body, headers=AUTH)
+    assert "Z" * 41 not in answer.text and "Z " * 600 not in answer.text
+    assert len(answer.text) < 1500, answer.text[:300]

@@ -145,6 +145,13 @@ def test_bad_paths_are_refused_before_any_request() -> None:
             store.batch([PutOp(("a.b",), "k", {"v": 1})])
         with pytest.raises(InvalidNamespaceError):
             store.batch([PutOp((), "k", {"v": 1})])
+        # A huge label is quoted short, as every error quotes what it was given.
+        with pytest.raises(InvalidNamespaceError) as huge:
+            store.batch([PutOp(("Z" * 10_000 + ".",), "k", {"v": 1})])
+        assert "Z" * 41 not in str(huge.value) and len(str(huge.value)) < 300
+        with pytest.raises(InvalidInput) as operator:
+            store.search(("a",), filter={"$" + "Z" * 10_000: 1})
+        assert "Z" * 41 not in operator.value.message
         # As LangGraph's stores: the empty namespace holds nothing, and reads say so.
         assert store.get((), "k") is None
         store.delete((), "k")

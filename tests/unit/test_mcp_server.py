@@ -68,8 +68,8 @@ async def test_an_unreachable_api_is_a_tool_error_without_the_key() -> None:
         (
             "search_memories",
             {"query": "tea", "limit": "hr_secret_in_a_bad_value"},
-            "invalid_input: limit: Input should be a valid integer, unable to parse string as "
-            "an integer (field: limit)",
+            # REST's StrictInt, as the API says it for a body's string
+            "invalid_input: limit: Input should be a valid integer (field: limit)",
         ),
         (
             "search_memories",
@@ -166,3 +166,22 @@ def test_the_stdio_command_refuses_a_bad_timeout_as_usage(
             cli.main(["mcp", "--timeout", timeout])
         assert exited.value.code == 2
         assert "argument --timeout" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"statement": "x", "Z" * 10_000: 1},  # an argument the tool does not have
+        {"statement": "x", "tags": ["Z" * 10_000]},
+        {"statement": "x", "source": "Z" * 10_000},
+        {"statement": "x", "metadata": {"Z" * 10_000: ["Z" * 10_000]}, "importance": "Z" * 10_000},
+    ],
+)
+async def test_a_huge_argument_is_quoted_short_in_the_tool_error(arguments: dict[str, Any]) -> None:
+    async with Client(build_mcp_server(_unreachable())) as client:
+        result = await client.call_tool("store_fact", arguments)
+    assert result.is_error
+    block = result.content[0]
+    assert isinstance(block, TextContent)
+    assert block.text.startswith("invalid_input: "), block.text[:300]
+    assert "Z" * 41 not in block.text and len(block.text) < 400, block.text[:300]
