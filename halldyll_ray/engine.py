@@ -433,7 +433,7 @@ class MemoryEngine:
             search=search,
             context=ContextBuilder(db, search, encoder, settings),
             agent_loop=agent_loop,
-            operations=Operations(db, dsn, settings),
+            operations=Operations(db, dsn, settings, embeddings),
             transfer=Transfer(db, embeddings, models, settings),
             events=EventFeed(
                 db,

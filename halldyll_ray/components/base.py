@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,11 +14,13 @@ import numpy as np
 from pgvector import Vector
 
 from halldyll_ray.components.audit import write_audit
-from halldyll_ray.components.embeddings import model_of
+from halldyll_ray.components.embeddings import Embeddings, model_of
 from halldyll_ray.errors import NotFound
 from halldyll_ray.models import Message, MessageRole, StoredMessage
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
+
+_log = logging.getLogger(__name__)
 
 #: English month names, as message labels write them (whatever the locale).
 MONTHS = [
@@ -34,6 +37,9 @@ MONTHS = [
     "November",
     "December",
 ]
+#: How the service names a conversation as the source of a fact learned from it
+#: (``conversation:<id>``): :func:`forget` removes it, an import re-points it.
+CONVERSATION_SOURCE = "conversation:"
 
 
 @dataclass(frozen=True)
@@ -72,9 +78,48 @@ def message_label(name: str | None, said_at: datetime) -> str:
 
 async def lock_user(conn: asyncpg.Connection, user_id: UUID) -> None:
     """Lock the user's row (first in the lock order of ``storage/sql/users.sql``) and bump
-    their memory version, which invalidates their cached searches. NotFound if absent."""
-    if await conn.fetchval(q("bump_version"), user_id) is None:
+    their memory version, which invalidates their cached searches. NotFound if absent.
+
+    Every write of the user's memories starts here, so this is where a fact past its expiry
+    that ``purge_expired`` has not reached yet goes: deleted (an ``expired`` event, audited as
+    ``memory.purge_expired``) and forgotten (:func:`forget`), as the purge would. Otherwise
+    the dead row still held its key: the same statement stored again reinforced it (its old
+    confidence, count and sources came back), a PATCH read before the lock could bring it
+    back, and a PATCH to its statement was refused as a duplicate of a fact nobody sees.
+    (Their cached embeddings stay until they expire, within a week: there is no cache at
+    hand here, unlike in ``purge_expired`` and a deletion.)
+    """
+    row = await conn.fetchrow(q("lock_writer"), user_id)
+    if row is None:
         raise NotFound(f"user {user_id} not found")
+    if row["expired"]:
+        ids = [r["id"] for r in await conn.fetch(q("purge_expired"), [user_id])]
+        if ids:
+            await forget(conn, user_id, ids)
+            await write_audit(
+                conn,
+                "memory.purge_expired",
+                "fact",
+                ids,
+                user_id,
+                details={"count": len(ids)},
+            )
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What :func:`forget` deleted with memories: the service's summaries of them, and the
+    texts those summaries' chunks were embedded from (for :func:`drop_cached`)."""
+
+    summaries: list[UUID]
+    texts: list[str]
+
+
+async def chunk_texts(conn: asyncpg.Connection, user_id: UUID, ids: Sequence[UUID]) -> list[str]:
+    """The texts the chunks of memories ``ids`` were embedded from (:attr:`Chunk.indexed`):
+    read before the memories are deleted, so that :func:`drop_cached` can remove their
+    cached embeddings once the deletion committed."""
+    return [r["indexed"] for r in await conn.fetch(q("chunk_texts"), list(ids), user_id)]
 
 
 async def forget(
@@ -83,7 +128,7 @@ async def forget(
     ids: Sequence[UUID],
     *,
     request_id: str | None = None,
-) -> list[UUID]:
+) -> Forgotten:
     """What stays of memories ``ids`` of the user once they are deleted, in the transaction
     that deleted them: nothing that names them or repeats their words.
 
@@ -95,15 +140,19 @@ async def forget(
     deleted conversation (``conversation:<id>``: the facts stay, without it), and the
     statements and reasons of the job results that came of them (a deleted conversation's
     extraction, a change to a deleted fact) become null (``storage/sql/jobs.sql``:
-    forget_in_jobs).
+    forget_in_jobs), as do those of what consolidation keeps of each statement it learned to
+    replay a retried job (forget_in_learnings).
+
+    The cache is not the database's: the caller reads the deleted memories' texts first
+    (:func:`chunk_texts`) and, after the commit, hands them with :attr:`Forgotten.texts` to
+    :func:`drop_cached`.
 
     Returns:
-        The ids of the summaries deleted with them.
+        The summaries deleted with them, and their chunks' texts.
     """
     gone = [str(i) for i in ids]
-    derived: list[UUID] = [
-        r["id"] for r in await conn.fetch(q("delete_derived_summaries"), gone, user_id)
-    ]
+    rows = await conn.fetch(q("delete_derived_summaries"), gone, user_id)
+    derived: list[UUID] = [r["id"] for r in rows]
     if derived:
         await write_audit(
             conn,
@@ -116,9 +165,34 @@ async def forget(
         )
         gone += [str(i) for i in derived]
     await conn.execute(q("uncover_memory"), gone, user_id)
-    await conn.execute(q("unsource_memory"), [f"conversation:{i}" for i in gone], user_id)
+    await conn.execute(q("unsource_memory"), [f"{CONVERSATION_SOURCE}{i}" for i in gone], user_id)
     await conn.execute(q("forget_in_jobs"), gone, user_id)
-    return derived
+    await conn.execute(q("forget_in_learnings"), gone, user_id)
+    return Forgotten(derived, [text for r in rows for text in r["texts"]])
+
+
+async def drop_cached(embeddings: Embeddings, texts: Sequence[str]) -> None:
+    """After a deletion committed: remove the cached embeddings of the deleted memories'
+    texts (``texts``, from :func:`chunk_texts` and :attr:`Forgotten.texts`), under the
+    current model and every retired one, from this process's LRU and from Redis, as an
+    erasure does for all of a user's texts; a vector of a text says much of its words.
+    (The key is the text's hash and model, shared by every user: another user's identical
+    text is embedded again on its next use, nothing more.) Best effort: the deletion has
+    committed; a Redis failure is logged and those entries expire within a week."""
+    keys = embeddings.erasure_keys(list(dict.fromkeys(texts)))
+    if not keys:
+        return
+    cache = embeddings.cache
+    for key in keys:
+        cache.local.delete(key)
+    if cache.remote is None:
+        return
+    try:
+        await cache.remote.delete_many(keys)
+    except Exception:
+        _log.warning(
+            "could not remove %d cached embeddings of deleted memories from Redis", len(keys)
+        )
 
 
 async def require_user(db: Database, user_id: UUID) -> None:

@@ -84,12 +84,19 @@ class Change(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     action: Action
-    statement: str = Field(description="The fact as the model found it in the turn.")
+    statement: str | None = Field(
+        description=(
+            "The fact as the model found it in the turn; null once the fact it wrote or acted "
+            "on is deleted (:func:`~halldyll_ray.components.base.forget`)."
+        )
+    )
     fact_id: UUID | None = None
     target: UUID | None = None
     closed: bool = False
     confidence: float | None = None
-    reason: str = Field(default="", description="The model's reason, as it gave it.")
+    reason: str | None = Field(
+        default="", description="The model's reason, as it gave it (null as ``statement``)."
+    )
     replayed: bool = Field(
         default=False, description="Made by an earlier run for this turn; nothing new written."
     )

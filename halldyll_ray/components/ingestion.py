@@ -24,6 +24,8 @@ from halldyll_ray import validation
 from halldyll_ray.components.audit import write_audit
 from halldyll_ray.components.base import (
     Chunk,
+    chunk_texts,
+    drop_cached,
     forget,
     insert_chunk_rows,
     insert_chunks,
@@ -745,18 +747,22 @@ class Ingestion:
     ) -> None:
         """Delete one memory of the user: its messages and chunks go with it, the service's
         summaries of it too, its id leaves the ``covers`` of the user's summaries, and the job
-        results that came of it lose its words (:func:`~halldyll_ray.components.base.forget`)."""
+        results that came of it lose its words (:func:`~halldyll_ray.components.base.forget`);
+        once committed, the cached embeddings of its texts go too
+        (:func:`~halldyll_ray.components.base.drop_cached`)."""
         user_id = validation.parse_uuid(user_id, "user_id")
         memory_id = validation.parse_uuid(memory_id, "memory_id")
         async with self.db.scoped(user_id) as conn:
             await lock_user(conn, user_id)
+            texts = await chunk_texts(conn, user_id, [memory_id])
             row = await conn.fetchrow(q("delete_memory"), memory_id, user_id)
             if row is None:
                 raise NotFound(f"memory {memory_id} not found")
-            await forget(conn, user_id, [memory_id], request_id=request_id)
+            forgotten = await forget(conn, user_id, [memory_id], request_id=request_id)
             await write_audit(
                 conn, "memory.delete", row["type"], [memory_id], user_id, request_id=request_id
             )
+        await drop_cached(self.embeddings, texts + forgotten.texts)
 
     @staticmethod
     async def _check_owned(

@@ -13,7 +13,8 @@ from uuid import UUID
 import asyncpg
 
 from halldyll_ray.components.audit import write_audit
-from halldyll_ray.components.base import forget
+from halldyll_ray.components.base import drop_cached, forget
+from halldyll_ray.components.embeddings import Embeddings
 from halldyll_ray.config import Settings
 from halldyll_ray.errors import InvalidInput, Unavailable
 from halldyll_ray.storage.database import Database, connect, register_codecs
@@ -26,27 +27,37 @@ USER_INDEX_PREFIX = "memory_chunks_user_hnsw_"
 class Operations:
     """Maintenance tasks an Admin or a scheduled job runs."""
 
-    def __init__(self, db: Database, dsn: str, settings: Settings) -> None:
+    def __init__(
+        self, db: Database, dsn: str, settings: Settings, embeddings: Embeddings | None = None
+    ) -> None:
         self.db = db
         self.dsn = dsn
         self.settings = settings
+        #: Whose cache holds the embeddings of purged facts' texts (dropped after a purge).
+        self.embeddings = embeddings
 
     async def purge_expired(self) -> int:
         """Delete ephemeral facts past their expiry; return how many went.
 
         What stays of them is what stays of a deleted memory
-        (:func:`~halldyll_ray.components.base.forget`).
+        (:func:`~halldyll_ray.components.base.forget`); once committed, the cached embeddings
+        of their texts go too (:func:`~halldyll_ray.components.base.drop_cached`).
         """
         async with self.db.scoped(admin=True) as conn:
             owners = [row["user_id"] for row in await conn.fetch(q("expired_owners"))]
             for owner in owners:  # user rows first, in one order: see storage/sql/users.sql
                 await conn.execute(q("bump_version"), owner)
+            texts = (
+                [r["indexed"] for r in await conn.fetch(q("expired_texts"), owners)]
+                if owners
+                else []
+            )
             rows = await conn.fetch(q("purge_expired"), owners) if owners else []
             gone: dict[UUID, list[UUID]] = {}
             for row in rows:
                 gone.setdefault(row["user_id"], []).append(row["id"])
             for owner, ids in gone.items():  # as delete_memory: nothing names them or says them
-                await forget(conn, owner, ids)
+                texts += (await forget(conn, owner, ids)).texts
             if rows:
                 await write_audit(
                     conn,
@@ -56,6 +67,8 @@ class Operations:
                     None,
                     details={"count": len(rows)},
                 )
+        if self.embeddings is not None:
+            await drop_cached(self.embeddings, texts)
         return len(rows)
 
     async def ensure_user_indexes(self, *, min_rows: int | None = None) -> dict[str, list[UUID]]:

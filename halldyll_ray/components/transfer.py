@@ -30,6 +30,7 @@ import numpy as np
 from halldyll_ray import validation
 from halldyll_ray.components.audit import write_audit
 from halldyll_ray.components.base import (
+    CONVERSATION_SOURCE,
     Chunk,
     insert_chunks,
     insert_messages,
@@ -251,6 +252,8 @@ class Transfer:
         report = ImportReport(atomic=atomic)
         # Closed facts whose successor may come later in the file: (id here, exported id).
         links: list[tuple[UUID, UUID]] = []
+        # Facts written that name a conversation as a source, to re-point once all are in.
+        sourced: list[UUID] = []
         seen: set[UUID] = set()  # the file's memory ids so far: each may appear once
         if atomic:
             async with self.db.scoped(user_id) as conn:
@@ -259,10 +262,19 @@ class Transfer:
                     ready = await self._prepare(user_id, batch, report, conn)
                     if not report.error_count:
                         await self._write(
-                            conn, user_id, ready, report, keep_ids, request_id, links, seen
+                            conn,
+                            user_id,
+                            ready,
+                            report,
+                            keep_ids,
+                            request_id,
+                            links,
+                            seen,
+                            sourced,
                         )
                 if not report.error_count:
                     await _link_successors(conn, user_id, links)
+                    await _repoint_sources(conn, user_id, sourced)
                 report.missing = _missing(header, report)
                 if report.missing and not report.error_count:
                     report.problem(
@@ -288,12 +300,13 @@ class Transfer:
                 async with self.db.scoped(user_id) as conn:
                     await lock_user(conn, user_id)
                     await self._write(
-                        conn, user_id, ready, report, keep_ids, request_id, links, seen
+                        conn, user_id, ready, report, keep_ids, request_id, links, seen, sourced
                     )
-        if links:
+        if links or sourced:
             async with self.db.scoped(user_id) as conn:
                 await lock_user(conn, user_id)
                 await _link_successors(conn, user_id, links)
+                await _repoint_sources(conn, user_id, sourced)
         report.missing = _missing(header, report)
         return report
 
@@ -369,9 +382,11 @@ class Transfer:
         request_id: str | None,
         links: list[tuple[UUID, UUID]],
         seen: set[UUID],
+        sourced: list[UUID],
     ) -> None:
         """Write prepared lines under the user's lock (taken by the caller); the closed facts
-        whose successor is to be linked once every line is in go to ``links``. A memory id
+        whose successor is to be linked once every line is in go to ``links``, the facts that
+        name a conversation as a source (written or merged into) to ``sourced``. A memory id
         the file already had (``seen``) is a problem of its line, not a silent "unchanged";
         an id that is taken by a memory not the user's gets a new one, as for another user's
         file (saying "taken" would tell the caller that someone has it)."""
@@ -419,6 +434,8 @@ class Transfer:
             mapped[source] = target
             if line.record.superseded_by is not None and not merged:
                 links.append((target, line.record.superseded_by))
+            if _conversation_sources(line.record):
+                sourced.append(target)
             written.append(target)
             new_sources.append(source)
             new_targets.append(target)
@@ -593,6 +610,65 @@ async def _link_successors(
         successor = here.get(source, source if source in owned else None)
         if successor is not None and successor != fact_id:
             await conn.execute(q("link_successor"), fact_id, user_id, successor)
+
+
+def _conversation_sources(record: ExportedMemory) -> list[UUID]:
+    """The memories a fact line names as its sources (``conversation:<id>``, as the service
+    writes the source of a fact learned from a conversation)."""
+    memory = record.memory
+    if not isinstance(memory, Fact):
+        return []
+    named = [*record.sources, *([memory.source] if memory.source else [])]
+    return [i for i in map(_source_id, named) if i is not None]
+
+
+def _source_id(source: str | None) -> UUID | None:
+    """The memory id in a source ``conversation:<id>``; None for any other source."""
+    if not source or not source.startswith(CONVERSATION_SOURCE):
+        return None
+    try:
+        return UUID(source.removeprefix(CONVERSATION_SOURCE))
+    except ValueError:
+        return None
+
+
+async def _repoint_sources(conn: asyncpg.Connection, user_id: UUID, facts: Sequence[UUID]) -> None:
+    """Re-point the conversation sources of imported facts, as a summary's covers are: each
+    ``conversation:<exported id>`` names what that memory became here (imported, or kept
+    under its id); one the user has no memory of is dropped (a file that does not hold
+    it), so that no fact names another user's memory or one that is gone."""
+    if not facts:
+        return
+    rows = await conn.fetch(q("fact_sources"), user_id, list(dict.fromkeys(facts)))
+    named = {
+        i
+        for row in rows
+        for i in map(_source_id, [*(row["sources"] or []), row["source"]])
+        if i is not None
+    }
+    here = {
+        r["source_id"]: r["memory_id"]
+        for r in await conn.fetch(q("imported_sources"), user_id, list(named))
+    }
+    owned = {r["id"] for r in await conn.fetch(q("owned_ids"), user_id, list(named))}
+
+    def moved(source: str | None) -> str | None:
+        memory_id = _source_id(source)
+        if memory_id is None:
+            return source
+        now = here.get(memory_id, memory_id if memory_id in owned else None)
+        return None if now is None else f"{CONVERSATION_SOURCE}{now}"
+
+    for row in rows:
+        before = list(row["sources"] or [])
+        after = [m for m in map(moved, before) if m is not None]
+        source = moved(row["source"])
+        if after != before or source != row["source"]:
+            await conn.execute(
+                *bind(
+                    "set_fact_sources", id=row["id"], user_id=user_id, sources=after, source=source
+                )
+            )
 
 
 def _expiry(record: ExportedMemory, ttl_days: float | None = None) -> datetime | None:

@@ -151,3 +151,53 @@ async def test_an_erasure_that_cannot_reach_redis_deletes_nothing(
         own_redis.start()
         receipt = await e.delete_user(user.id)
         assert receipt.memories == {"fact": 1}
+
+
+async def test_a_deleted_memory_s_cached_embeddings_go_with_it(
+    engine: MemoryEngine, redis_url: str
+) -> None:
+    """An erasure removes the cached embeddings of the user's texts; deleting one memory (or
+    the purge of an expired fact) left those of its texts in Redis for a week: a vector of a
+    text says much of its words, and its key (a hash of the text) confirms a guess."""
+    user = await engine.create_user(f"cached{uuid.uuid4().hex[:6]}", None, "user")
+    said = f"My locker code is {uuid.uuid4().hex[:8]}"
+    brief = f"Ada waits at gate {uuid.uuid4().hex[:4]}"
+    talk = await engine.store_memory(
+        user.id, Conversation(title="Locker", messages=[Message(role="user", content=said)])
+    )
+    fact = await engine.store_memory(user.id, Fact(statement=brief, kind="ephemeral"))
+    keep = await engine.store_memory(user.id, Fact(statement="Ada keeps bees"))
+    texts = [
+        r["indexed"]
+        for r in await engine.db.fetch(
+            "SELECT CASE WHEN label IS NULL THEN content ELSE label || ': ' || content END "
+            "AS indexed, memory_id FROM memory_chunks WHERE user_id = $1",
+            user.id,
+            admin=True,
+        )
+    ]
+    assert any(said in t for t in texts) and "Ada keeps bees" in texts
+    embeddings = engine.components.embeddings
+    redis = aioredis.Redis.from_url(redis_url)
+    prefix = engine.settings.redis_key_prefix + ":"
+
+    async def cached(*of: str) -> int:
+        return int(await redis.exists(*[prefix + k for k in embeddings.cache_keys(list(of))]))
+
+    try:
+        talk_texts = [t for t in texts if said in t or t == "Locker"]
+        assert await cached(*talk_texts) == len(talk_texts)
+        await engine.delete_memory(user.id, talk.id)
+        assert await cached(*talk_texts) == 0
+        assert await cached(brief) == 1
+        async with engine.db.scoped(admin=True) as conn:
+            await conn.execute(
+                "UPDATE memories SET expires_at = now() - interval '1 second' WHERE id = $1",
+                fact.id,
+            )
+        assert await engine.purge_expired() == 1
+        assert await cached(brief) == 0
+        assert await cached("Ada keeps bees") == 1  # the user's other texts stay cached
+        assert (await engine.get_memory(user.id, keep.id)).memory.statement == "Ada keeps bees"
+    finally:
+        await redis.aclose()

@@ -8,6 +8,7 @@ import pytest
 from support import make_settings
 
 from halldyll_ray import Fact, FactKind, MemoryEngine, Summary
+from halldyll_ray.errors import InvalidInput, NotFound
 
 
 async def _fact_rows(engine: MemoryEngine, user_id) -> int:
@@ -199,29 +200,34 @@ async def test_ephemeral_facts_expire_and_purge(database_url: str, redis_url: st
     settings = make_settings(database_url, redis_url, ephemeral_fact_ttl_days=1.5 / 86_400)
     async with MemoryEngine(settings, encoder=encoder) as engine:
         user = await engine.create_user("ada", None, "user")
+        lasting = await engine.store_memory(user.id, Fact(statement="Ada was born in Oslo"))
         fleeting = await engine.store_memory(
             user.id,
             Fact(
                 statement="Ada is in a meeting right now", kind=FactKind.EPHEMERAL, confidence=0.3
             ),
         )
-        lasting = await engine.store_memory(user.id, Fact(statement="Ada was born in Oslo"))
+        summary = await engine.store_memory(
+            user.id, Summary(text="Ada's day.", covers=[fleeting.id, lasting.id])
+        )
         assert fleeting.expires_at is not None and lasting.expires_at is None
-        hits = await engine.search(user.id, "is Ada busy in a meeting?", threshold=0.0)
-        assert fleeting.id in {h.memory.id for h in hits}
         await asyncio.sleep(1.7)
         hits = await engine.search(user.id, "is Ada busy in a meeting?", threshold=0.0)
         assert fleeting.id not in {h.memory.id for h in hits}
         page = await engine.list_memories(user.id)
-        assert [m.id for m in page.items] == [lasting.id]
-        summary = await engine.store_memory(
-            user.id, Summary(text="Ada's day.", covers=[fleeting.id, lasting.id])
-        )
+        assert [m.id for m in page.items] == [summary.id, lasting.id]
         assert await engine.purge_expired() == 1
         # The purged fact leaves the summary's covers, as a deleted memory does.
         assert (await engine.get_memory(user.id, summary.id)).memory.covers == [lasting.id]
         assert await engine.purge_expired() == 0
         assert await _fact_rows(engine, user.id) == 1
+        # An expired fact is no memory to cover, even before the purge comes by.
+        gone = await engine.store_memory(
+            user.id, Fact(statement="Ada is on a train", kind=FactKind.EPHEMERAL)
+        )
+        await asyncio.sleep(1.7)
+        with pytest.raises(InvalidInput):
+            await engine.store_memory(user.id, Summary(text="Ada's trip.", covers=[gone.id]))
 
 
 async def test_reinforcement_extends_and_promotes(
@@ -244,3 +250,82 @@ async def test_reinforcement_extends_and_promotes(
         assert confidences == sorted(confidences)
         assert current.memory.confidence >= 0.6
         assert current.expires_at is None
+
+
+async def _expire(engine: MemoryEngine, fact_id) -> None:
+    """Move a fact's expiry into the past, as time does before the purge comes by."""
+    async with engine.db.scoped(admin=True) as conn:
+        assert await conn.fetchval(
+            "UPDATE memories SET expires_at = now() - interval '1 second' WHERE id = $1 "
+            "RETURNING id",
+            fact_id,
+        )
+
+
+async def test_an_expired_fact_said_again_is_a_new_fact(engine: MemoryEngine) -> None:
+    """A fact past its expiry but not purged yet still held its key: storing the same
+    statement reinforced the dead row (its old confidence, count and sources came back,
+    promoted to permanent), and a PATCH to that statement was refused as a duplicate of a
+    fact the user could not see. Now a write under the user's lock purges their expired
+    facts first, as ``purge_expired`` would (an ``expired`` event, forgotten everywhere)."""
+    user = await engine.create_user("ada", None, "user")
+    fact = Fact(
+        statement="Ada is in a meeting right now",
+        kind=FactKind.EPHEMERAL,
+        confidence=0.5,
+        source="chat 1",
+    )
+    old = await engine.store_memory(user.id, fact)
+    await engine.store_memory(user.id, fact)
+    summary = await engine.store_memory(user.id, Summary(text="Ada's day.", covers=[old.id]))
+    await _expire(engine, old.id)
+    again = await engine.store_memory(user.id, fact.model_copy(update={"source": "chat 2"}))
+    assert again.id != old.id
+    assert again.reinforcement_count == 0 and again.memory.confidence == 0.5
+    assert again.memory.kind is FactKind.EPHEMERAL and again.sources == ["chat 2"]
+    assert await _fact_rows(engine, user.id) == 1
+    assert (await engine.get_memory(user.id, summary.id)).memory.covers == []
+    kinds = await engine.db.fetch(
+        "SELECT kind FROM memory_events WHERE memory_id = $1 ORDER BY id", old.id, admin=True
+    )
+    # (the "updated" is _expire's)
+    assert [r["kind"] for r in kinds] == ["created", "reinforced", "updated", "expired"]
+    # A PATCH to the statement of a fact that expired is no conflict either.
+    other = await engine.store_memory(user.id, Fact(statement="Ada was born in Oslo"))
+    await _expire(engine, again.id)
+    changed = await engine.update_memory(
+        user.id, other.id, {"statement": "Ada is in a meeting right now"}
+    )
+    assert changed.memory.statement == "Ada is in a meeting right now"
+    assert await _fact_rows(engine, user.id) == 1
+    assert await engine.purge_expired() == 0
+
+
+async def test_a_fact_that_expires_before_its_patch_is_gone(engine: MemoryEngine) -> None:
+    """The PATCH read the fact before taking the user's lock: one that expired in between
+    was written (made permanent: brought back to life) instead of NotFound."""
+    user = await engine.create_user("ada", None, "user")
+    fact = await engine.store_memory(
+        user.id, Fact(statement="Ada is on a train", kind=FactKind.EPHEMERAL, confidence=0.4)
+    )
+    ingestion = engine.components.ingestion
+    original = ingestion.embeddings.embed
+
+    async def embed_then_expire(texts):  # between the read and the lock
+        vectors = await original(texts)
+        await _expire(engine, fact.id)
+        return vectors
+
+    ingestion.embeddings.embed = embed_then_expire
+    try:
+        with pytest.raises(NotFound):
+            await engine.update_memory(
+                user.id, fact.id, {"statement": "Ada is on a plane", "kind": "permanent"}
+            )
+    finally:
+        ingestion.embeddings.embed = original
+    with pytest.raises(NotFound):
+        await engine.get_memory(user.id, fact.id)
+    # Unchanged (the refused PATCH wrote nothing), still expired, and purged as such.
+    assert await engine.purge_expired() == 1
+    assert await _fact_rows(engine, user.id) == 0

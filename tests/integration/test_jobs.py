@@ -5,6 +5,7 @@ and background learning from turns end to end with the heuristic model."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -717,3 +718,64 @@ async def test_a_deleted_memory_s_words_leave_the_job_results(background: Memory
     assert expired is not None and await background.purge_expired() == 1
     purged = await changes(other.id, "s1")
     assert purged[0]["statement"] is None and purged[0]["fact_id"] == theirs[0]["fact_id"]
+
+
+async def test_a_deleted_fact_s_words_leave_the_learning_records(background: MemoryEngine) -> None:
+    """Consolidation keeps what it did with each statement of a turn (``fact_learnings``, so
+    that a retried job replays it): deleting the fact it wrote left its statement and the
+    model's reason there, readable in the database and handed back by a replay."""
+    user = await background.create_user("unlearn", None, "user")
+    record = await background.record_turn(
+        user.id, "s1", "My name is Ada and I live in Lyon.", "Nice!"
+    )
+    await _settled(background, user.id, record.job_ids)
+    job = await background.get_job(user.id, record.job_ids[0])
+    assert job.result is not None
+    lyon = next(c for c in job.result["changes"] if c["statement"] and "Lyon" in c["statement"])
+    await background.delete_memory(user.id, lyon["fact_id"])
+    rows = await background.db.fetch(
+        "SELECT change FROM fact_learnings WHERE user_id = $1", user.id, admin=True
+    )
+    assert rows
+    for row in rows:
+        change = row["change"]
+        if lyon["fact_id"] in (change.get("fact_id"), change.get("target")):
+            assert (change["statement"], change["reason"]) == (None, None), change
+            assert change["action"] == lyon["action"]
+        else:
+            assert change["statement"]
+    assert not any("Lyon" in str(row["change"]) for row in rows)
+
+
+async def test_a_fact_deleted_while_its_job_runs_leaves_no_words_in_the_result(
+    background: MemoryEngine,
+) -> None:
+    """The job's result is written when the job ends, after the facts it learned committed:
+    a fact deleted in between (the deletion found no result to clear yet) had its statement
+    kept in the result. The end of a job now takes its user's row, as a deletion does, and
+    clears what names a memory that is gone."""
+    user = await background.create_user("racer", None, "user")
+    consolidation = background.components.learning.consolidation
+    original = consolidation.learn_from_turn
+
+    async def learn_then_delete_for(user_id: uuid.UUID, *args: Any, **kwargs: Any) -> Any:
+        changes = await original(user_id, *args, **kwargs)
+        for change in changes:
+            if change.fact_id is not None and "Lyon" in (change.statement or ""):
+                await background.delete_memory(user_id, change.fact_id)
+        return changes
+
+    consolidation.learn_from_turn = learn_then_delete_for  # type: ignore[method-assign]
+    try:
+        record = await background.record_turn(
+            user.id, "s1", "My name is Ada and I live in Lyon.", "Nice!"
+        )
+        await _settled(background, user.id, record.job_ids)
+    finally:
+        consolidation.learn_from_turn = original  # type: ignore[method-assign]
+    job = await background.get_job(user.id, record.job_ids[0])
+    assert job.result is not None and job.result["changes"]
+    assert "Lyon" not in json.dumps(job.result), job.result
+    gone = [c for c in job.result["changes"] if c["statement"] is None]
+    assert gone and all(c["reason"] is None for c in gone)
+    assert any(c["statement"] for c in job.result["changes"])  # what stays keeps its words

@@ -478,3 +478,59 @@ async def test_an_import_batch_holds_a_bounded_number_of_bytes(engine: MemoryEng
     assert report.created == {"fact": 12} and not report.errors, report
     rows = await engine.list_audit(user_id=user, operation="memory.import")
     assert len(rows) == 2, rows
+
+
+async def test_facts_sources_follow_their_conversations_into_another_user(
+    engine: MemoryEngine,
+) -> None:
+    """A fact learned from a conversation names it as a source (``conversation:<id>``):
+    imported into another user, the conversation got a new id and the fact still named the
+    source user's conversation, which the target's deletion of its copy did not remove. Now
+    sources are re-pointed as covers are (also to a conversation later in the file than the
+    fact), and one that names a memory the file does not hold is dropped."""
+    source, target = await _user(engine, "src"), await _user(engine, "dst")
+    first = await engine.store_memory(
+        source, Conversation(messages=[Message(role="user", content="I moved to Porto.")])
+    )
+    porto = await engine.store_memory(
+        source, Fact(statement="Ana lives in Porto", source=f"conversation:{first.id}")
+    )
+    tea = await engine.store_memory(source, Fact(statement="Ana drinks green tea", source="chat"))
+    later = await engine.store_memory(
+        source, Conversation(messages=[Message(role="user", content="Green tea, always.")])
+    )
+    await engine.store_memory(
+        source, Fact(statement="Ana drinks green tea", source=f"conversation:{later.id}")
+    )
+    stray = f"conversation:{uuid.uuid4()}"
+    await engine.store_memory(source, Fact(statement="Ana has a cat", source=stray))
+    exported = await _export(engine, source)
+    order = [line["id"] for line in exported[1:]]
+    assert order.index(str(tea.id)) < order.index(str(later.id))  # the fact comes first
+
+    report = await engine.import_memories(target, [_ndjson(exported)])
+    assert report.error_count == 0
+    mine = {line["id"]: line for line in (await _export(engine, target))[1:]}
+    copies = {
+        line["memory"].get("statement") or line["messages"][0]["content"]: line
+        for line in mine.values()
+    }
+    first_here = copies["I moved to Porto."]["id"]
+    later_here = copies["Green tea, always."]["id"]
+    assert copies["Ana lives in Porto"]["sources"] == [f"conversation:{first_here}"]
+    assert copies["Ana lives in Porto"]["memory"]["source"] == f"conversation:{first_here}"
+    assert copies["Ana drinks green tea"]["sources"] == ["chat", f"conversation:{later_here}"]
+    assert copies["Ana has a cat"]["sources"] == []
+    assert copies["Ana has a cat"]["memory"]["source"] is None
+    assert not any(str(source_id) in json.dumps(mine) for source_id in (first.id, later.id))
+
+    # The target's deletion of its copy now leaves its fact's sources, as for a stored one.
+    await engine.delete_memory(target, first_here)
+    porto_here = await engine.get_memory(target, copies["Ana lives in Porto"]["id"])
+    assert porto_here.sources == []
+    # A second import changes nothing; a restore into the source keeps its own ids.
+    again = await engine.import_memories(target, [_ndjson(exported)])
+    assert again.created == {"conversation": 1} and again.merged == 0  # the deleted one
+    restored = await engine.import_memories(source, [_ndjson(exported)])
+    assert restored.created == {} and restored.unchanged == len(exported) - 1
+    assert (await engine.get_memory(source, porto.id)).sources == [f"conversation:{first.id}"]

@@ -51,6 +51,35 @@ SET status = 'done', result = :result::jsonb, finished_at = now(),
 WHERE id = :id AND status = 'running' AND locked_by = :worker AND attempts = :attempt
 RETURNING id;
 
+-- name: share_job_owner
+-- A job's end takes its user's row first (the lock order of users.sql), FOR SHARE: a
+-- deletion of the user's memories (which takes it FOR NO KEY UPDATE, base.lock_user) ends
+-- before, and forget_gone_in_job then sees the memory gone, or begins after, and then
+-- finds the result written (forget_in_jobs). Jobs of one user still end side by side.
+SELECT 1 FROM users WHERE id = $1 FOR SHARE;
+
+-- name: forget_gone_in_job
+-- forget_in_jobs for a result just written (job $1): each change that came of a
+-- conversation, or names a fact (fact_id, target), that the user no longer has keeps its
+-- action, ids and numbers, and its statement and reason become null.
+UPDATE memory_jobs j SET result = jsonb_set(j.result, '{changes}', (
+    SELECT coalesce(jsonb_agg(
+        CASE WHEN (j.payload ? 'conversation_id' AND NOT EXISTS (
+                       SELECT 1 FROM memories m WHERE m.user_id = j.user_id
+                         AND m.id = (j.payload ->> 'conversation_id')::uuid))
+                  OR (c ->> 'fact_id' IS NOT NULL AND NOT EXISTS (
+                       SELECT 1 FROM memories m WHERE m.user_id = j.user_id
+                         AND m.id = (c ->> 'fact_id')::uuid))
+                  OR (c ->> 'target' IS NOT NULL AND NOT EXISTS (
+                       SELECT 1 FROM memories m WHERE m.user_id = j.user_id
+                         AND m.id = (c ->> 'target')::uuid))
+             THEN c || '{"statement": null, "reason": null}'::jsonb
+             ELSE c END
+        ORDER BY n), '[]'::jsonb)
+    FROM jsonb_array_elements(j.result -> 'changes') WITH ORDINALITY AS e(c, n)
+))
+WHERE j.id = $1 AND jsonb_typeof(j.result -> 'changes') = 'array';
+
 -- name: fail_job
 -- :retry_in_s NULL: the job is failed for good (poisoned); else queued again after it.
 UPDATE memory_jobs
@@ -138,3 +167,22 @@ WHERE user_id = $2
   AND (payload ->> 'conversation_id' = ANY($1::text[])
        OR EXISTS (SELECT 1 FROM jsonb_array_elements(result -> 'changes') AS c
                   WHERE c ->> 'fact_id' = ANY($1::text[]) OR c ->> 'target' = ANY($1::text[])));
+
+-- name: forget_in_learnings
+-- The same for what consolidation keeps of each statement it learned (fact_learnings, which
+-- a retried job replays): a change that wrote, reinforced or closed a deleted fact (fact_id,
+-- target) keeps its action, ids and numbers, and its statement and reason become null. The
+-- application role may not UPDATE the table: the rows are deleted and written again, in
+-- this statement. (A deleted conversation's rows go with it: foreign key.) $1: the ids gone,
+-- as text; $2: the user.
+WITH gone AS (
+    DELETE FROM fact_learnings
+    WHERE user_id = $2 AND (change ->> 'fact_id' = ANY($1::text[])
+                            OR change ->> 'target' = ANY($1::text[]))
+    RETURNING *
+)
+INSERT INTO fact_learnings (user_id, conversation_id, seqs, model_id, statement_key, change,
+                            learned_at)
+SELECT user_id, conversation_id, seqs, model_id, statement_key,
+       change || '{"statement": null, "reason": null}'::jsonb, learned_at
+FROM gone;

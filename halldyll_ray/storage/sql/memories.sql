@@ -162,7 +162,8 @@ WHERE user_id = $2 AND type = 'fact'
 -- name: delete_derived_summaries
 -- The service's own summaries that repeat the words of memories $1 (ids as text) of user
 -- $2: a session's summary (session_role 'summary') or a month's (period) that covers one of
--- them, and the period summaries that cover one of those. Deleted; their ids returned.
+-- them, and the period summaries that cover one of those. Deleted; their ids returned, each
+-- with the texts its chunks were embedded from (as chunk_texts: their cached embeddings go).
 WITH RECURSIVE doomed(id) AS (
     SELECT id FROM memories
     WHERE user_id = $2 AND type = 'summary' AND (session_role = 'summary' OR period IS NOT NULL)
@@ -170,8 +171,23 @@ WITH RECURSIVE doomed(id) AS (
     UNION
     SELECT m.id FROM memories m JOIN doomed d ON m.payload -> 'covers' ? d.id::text
     WHERE m.user_id = $2 AND m.type = 'summary' AND m.period IS NOT NULL
+), texts AS (
+    SELECT c.memory_id,
+           CASE WHEN c.label IS NULL THEN c.content ELSE c.label || ': ' || c.content END
+               AS indexed
+    FROM memory_chunks c
+    WHERE c.user_id = $2 AND c.memory_id IN (SELECT id FROM doomed)
+), gone AS (
+    DELETE FROM memories WHERE user_id = $2 AND id IN (SELECT id FROM doomed) RETURNING id
 )
-DELETE FROM memories WHERE user_id = $2 AND id IN (SELECT id FROM doomed) RETURNING id;
+SELECT g.id, ARRAY(SELECT t.indexed FROM texts t WHERE t.memory_id = g.id) AS texts
+FROM gone g;
+
+-- name: chunk_texts
+-- The texts the chunks of memories $1 of user $2 were embedded from (Chunk.indexed), read
+-- before they are deleted: their cached embeddings go with them (base.drop_cached).
+SELECT CASE WHEN label IS NULL THEN content ELSE label || ': ' || content END AS indexed
+FROM memory_chunks WHERE user_id = $2 AND memory_id = ANY($1::uuid[]);
 
 -- name: uncover_memory
 -- Deleted memories leave the covers of the user's summaries (their payload's "covers": ids as

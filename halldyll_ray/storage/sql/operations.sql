@@ -7,6 +7,13 @@ SELECT DISTINCT user_id FROM memories
 WHERE expires_at IS NOT NULL AND expires_at <= now()
 ORDER BY user_id;
 
+-- name: expired_texts
+-- The texts the chunks of the expired memories of users $1 were embedded from, read (after
+-- their rows are locked) before purge_expired deletes them: their cached embeddings go too.
+SELECT CASE WHEN c.label IS NULL THEN c.content ELSE c.label || ': ' || c.content END AS indexed
+FROM memory_chunks c JOIN memories m ON m.id = c.memory_id
+WHERE m.user_id = ANY($1::uuid[]) AND m.expires_at IS NOT NULL AND m.expires_at <= now();
+
 -- name: purge_expired
 DELETE FROM memories
 WHERE user_id = ANY($1::uuid[]) AND expires_at IS NOT NULL AND expires_at <= now()

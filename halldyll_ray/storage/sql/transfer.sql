@@ -65,3 +65,14 @@ SELECT EXISTS (SELECT 1 FROM memories
 UPDATE memories SET superseded_by = $3
 WHERE id = $1 AND user_id = $2 AND type = 'fact' AND valid_to IS NOT NULL
   AND superseded_by IS NULL;
+
+-- name: fact_sources
+SELECT id, payload -> 'sources' AS sources, payload ->> 'source' AS source
+FROM memories WHERE user_id = $1 AND type = 'fact' AND id = ANY($2::uuid[]);
+
+-- name: set_fact_sources
+-- An imported fact's sources re-pointed at the user's memories (both as the payload holds
+-- them: the list, and the latest, which may be null).
+UPDATE memories
+SET payload = payload || jsonb_build_object('sources', :sources::jsonb, 'source', :source::text)
+WHERE id = :id AND user_id = :user_id AND type = 'fact';

@@ -74,6 +74,17 @@ SELECT memory_version, disabled FROM users WHERE id = $1;
 -- Locks the user's row (first in the lock order) and invalidates the user's cached searches.
 UPDATE users SET memory_version = memory_version + 1 WHERE id = $1 RETURNING memory_version;
 
+-- name: lock_writer
+-- bump_version for a write of the user's memories (base.lock_user), which also says whether
+-- the user has facts past their expiry that the purge has not deleted yet: the writer
+-- deletes them first (operations.sql: purge_expired), so that no write finds a dead fact
+-- (reinforces it, brings it back with a PATCH, or is refused as its duplicate).
+UPDATE users SET memory_version = memory_version + 1 WHERE id = $1
+RETURNING memory_version,
+          EXISTS (SELECT 1 FROM memories
+                  WHERE user_id = $1 AND expires_at IS NOT NULL AND expires_at <= now())
+              AS expired;
+
 -- name: users_state
 SELECT id, role, disabled FROM users WHERE id = ANY($1::uuid[]);
 
