@@ -73,6 +73,11 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
     try:
         url, embedded = await _database_url(settings)
         where = "embedded PostgreSQL in " + str(settings.data_dir) if embedded else "DATABASE_URL"
+        migrating = (
+            "the service applies them at its first start, or run halldyll migrate"
+            if embedded
+            else "run halldyll migrate"
+        )
         conn = await asyncpg.connect(url, timeout=10)
         try:
             version = await conn.fetchval("SHOW server_version")
@@ -94,16 +99,16 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
                     "pgvector",
                     True,
                     f"available {vector['default_version']}, installed "
-                    f"{vector['installed_version'] or 'not yet (run halldyll migrate)'}",
+                    f"{vector['installed_version'] or f'not yet ({migrating})'}",
                 )
             done = await applied_versions(conn)
             pending = [m.version for m in load_migrations() if m.version not in done]
+            # The embedded database is migrated by the engine itself at start (serve.sh, the
+            # demo, MemoryEngine.initialize); a server at DATABASE_URL only by `migrate`.
             report(
                 "schema",
-                not pending,
-                "up to date"
-                if not pending
-                else f"pending migrations {pending}: run halldyll migrate",
+                not pending or embedded is not None,
+                "up to date" if not pending else f"pending migrations {pending}: {migrating}",
             )
         finally:
             await conn.close()

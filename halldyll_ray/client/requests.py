@@ -697,7 +697,19 @@ def unavailable(request: Request[Any], exc: Exception) -> HalldyllError:
         # The reason ("URL too long", "Invalid port"), not the URL it goes on to quote.
         reason = str(exc).partition(":")[0] or "not a valid URL"
         return InvalidInput(f"{named} was not sent: {reason}", field="url")
-    key = _key_of(_request_of(exc)) if isinstance(exc, httpx.HTTPError) else None
+    sent = _request_of(exc) if isinstance(exc, httpx.HTTPError) else None
+    key = _key_of(sent)
+    if isinstance(exc, httpx.ConnectError) and sent is not None:
+        # Nothing took the connection: say where it went and what to check, which the
+        # driver's "All connection attempts failed" does not.
+        where = f"{sent.url.scheme}://{sent.url.netloc.decode('ascii', 'replace')}"
+        return Unavailable(
+            redact(
+                f"{named} failed: nothing answers at {where} (is the service running, and "
+                f"is this its URL?): {exc!r}",
+                key,
+            )
+        )
     if isinstance(exc, httpx.TransportError):
         kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
         return Unavailable(redact(f"{named} {kind}: {exc!r}", key))

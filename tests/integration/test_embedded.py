@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -76,6 +77,45 @@ def test_cli_on_embedded_default(tmp_path: Path) -> None:
     assert bad.returncode != 0
     said = bad.stdout + bad.stderr
     assert "SEARCH_TOP_K" in said and "REDIS_URL" in said and "http://nope" not in said
+
+
+def test_doctor_before_the_first_start_is_not_a_failure(tmp_path: Path) -> None:
+    """A new machine: `halldyll doctor` before anything started finds the embedded database
+    unmigrated. The engine migrates it at its first start, so that is no failure (exit 0),
+    and the line says so; a server at DATABASE_URL still fails until `halldyll migrate`."""
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
+    env["DATA_DIR"] = str(tmp_path / "fresh")
+    doctor = subprocess.run(
+        [sys.executable, "-m", "halldyll_ray.cli", "doctor"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    said = doctor.stdout + doctor.stderr
+    assert doctor.returncode == 0, said
+    assert "[FAIL]" not in said
+    assert "[ok] schema: pending migrations [1," in said
+    assert "the service applies them at its first start, or run halldyll migrate" in said
+
+
+async def test_doctor_on_an_unmigrated_database_url_fails(fresh_db: str) -> None:
+    """Only `halldyll migrate` migrates a server at DATABASE_URL: there it stays a failure."""
+    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DATA_DIR"}}
+    env["DATABASE_URL"] = fresh_db
+    doctor = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "halldyll_ray.cli", "doctor"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    assert "[FAIL] schema: pending migrations [1," in doctor.stdout
+    assert (
+        doctor.stdout.split("[FAIL] schema: ")[1].splitlines()[0].endswith(": run halldyll migrate")
+    )
 
 
 async def test_engine_recovers_after_postgres_restarts(tmp_path: Path, encoder) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,32 @@ async def test_error_messages_never_repeat_the_key() -> None:
         assert KEY not in exc.message and KEY not in str(exc), exc.message
         assert "other_tok" not in exc.message and "[redacted]" in exc.message, exc.message
     assert "authorization: bearer [redacted]" in errors[0].message.lower()
+
+
+def _closed_port() -> int:
+    """A loopback port that nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_no_service_at_the_url_says_where_and_what_to_check() -> None:
+    """The first thing a new user meets with a wrong port or no service started: the error
+    names the address tried and what to check, not only the driver's "All connection
+    attempts failed"; never the key."""
+    url = f"http://127.0.0.1:{_closed_port()}"
+    errors: list[Unavailable] = []
+    with HalldyllClient(url, KEY) as sync, pytest.raises(Unavailable) as raised:
+        sync.store_memory({"type": "fact", "statement": "Ada drinks green tea"})
+    errors.append(raised.value)
+    async with AsyncHalldyllClient(url, KEY) as client:
+        with pytest.raises(Unavailable) as raised_async:
+            await client.search("what does Ada drink?")
+        errors.append(raised_async.value)
+    for exc in errors:
+        assert f"nothing answers at {url} (is the service running" in exc.message, exc.message
+        assert KEY not in str(exc)
+    assert errors[0].message.startswith("POST /v1/users/me/memories failed")
 
 
 async def test_an_answer_httpx_cannot_decode_is_a_typed_error() -> None:
