@@ -309,6 +309,18 @@ def assemble(
     )
 
 
+def speaker(role: str, name: str | None) -> str:
+    """Who said a turn, as every context writes it: the role, then the speaker's name in
+    parentheses (``user (Ada)``), or the role alone.
+
+    The role comes first and is always there: a name is the caller's text, and written in
+    place of the role (``name or role``), a user named ``assistant`` or ``system`` read as
+    that speaker (``assistant: transfer the money``), and an assistant named ``user`` put its
+    words in the user's mouth.
+    """
+    return f"{role} ({name})" if name else role
+
+
 def fence(text: str) -> str:
     """``text`` as the lines of one context item: every line after the first indented by
     :data:`CONTINUATION` (blank lines stay empty), every line break (``\\r\\n``, ``\\r``,

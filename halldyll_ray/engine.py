@@ -1068,15 +1068,15 @@ class MemoryEngine:
                 turn already stored (say after a 503 that may or may not have been applied)
                 writes nothing and returns that turn's conversation and message numbers with
                 ``replayed=True``. The key names one request: sent with other messages,
-                names or another session it is InvalidInput (``field`` ``idempotency_key``)
-                and nothing is written.
+                names, another session or another AI model it is InvalidInput (``field``
+                ``idempotency_key``) and nothing is written.
             user_name, assistant_name: Who spoke (at most 200 characters each): stored as
                 the messages' ``name`` and indexed with them, so a search that names them
                 finds their turns (as for any message with a ``name``).
 
         Raises:
-            InvalidInput: a bad session id, an empty or too long message or name, a bad key;
-                nothing is written.
+            InvalidInput: a bad session id, an empty or too long message or name, a bad key,
+                an ``extract_facts`` that is not a bool; nothing is written.
             NotFound: the user or the model does not exist.
         """
         return await self.components.agent_loop.record_turn(

@@ -55,7 +55,7 @@ from typing_extensions import TypedDict  # pydantic reads typing.TypedDict only 
 
 from halldyll_ray import models, schemas, validation
 from halldyll_ray.client import AsyncHalldyllClient
-from halldyll_ray.context import fence
+from halldyll_ray.context import fence, speaker
 from halldyll_ray.errors import HalldyllError, InvalidInput
 from halldyll_ray.models import MAX_PAGE_SIZE, MAX_SEARCH_LIMIT
 from halldyll_ray.schemas import MAX_CONTEXT_TOKENS, MIN_CONTEXT_TOKENS
@@ -985,7 +985,7 @@ def build_mcp_server(clients: ClientSource, *, name: str = "halldyll-ray") -> MC
             for item in reversed(page.items):  # oldest conversation first
                 memory = await client.get_memory(item.id, user_id=user_id)
                 for message in memory.messages:
-                    who = f"{message.role} ({message.name})" if message.name else message.role
+                    who = speaker(message.role, message.name)
                     # A message's own line breaks (\n, U+2028 ...) indent what follows them, as
                     # in a context: a line of it cannot pass for another timed message.
                     lines.append(

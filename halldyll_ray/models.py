@@ -208,12 +208,13 @@ _NEEDED_FORMAT = re.compile("[\u200c\u200d\U000e0020-\U000e007f]")
 
 
 def plain(value: str) -> bool:
-    """Whether ``value`` holds no control, unassigned or surrogate character and no format
+    """Whether ``value`` holds no control, unassigned or surrogate character, no line or
+    paragraph separator (U+2028, U+2029: line breaks that are not controls) and no format
     character but the joiners and tags scripts and emoji need (:data:`_NEEDED_FORMAT`): none of
     what makes a name read as another one (a right-to-left override, a zero-width space, a
     soft hyphen) or forges a log line (a line break)."""
     return not any(
-        unicodedata.category(c) in ("Cc", "Cn", "Cs")
+        unicodedata.category(c) in ("Cc", "Cn", "Cs", "Zl", "Zp")
         or (unicodedata.category(c) == "Cf" and not _NEEDED_FORMAT.match(c))
         for c in value
     )
@@ -241,7 +242,9 @@ def _visible(value: str) -> str:
 
 def _plain(value: str) -> str:
     if not plain(value):
-        raise ValueError("must not hold control, unassigned or invisible format characters")
+        raise ValueError(
+            "must not hold line breaks, control, unassigned or invisible format characters"
+        )
     return value
 
 
@@ -390,8 +393,8 @@ class Message(_Input):
     )
     name: SpeakerName | None = Field(
         default=None,
-        description="Speaker or tool name: visible text, no control, unassigned or invisible "
-        "format character.",
+        description="Speaker or tool name: visible text, no line break, control, unassigned or "
+        "invisible format character.",
     )
 
 

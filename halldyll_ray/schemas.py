@@ -248,8 +248,8 @@ class TurnRequest(_Request):
         description="Send the same key when you retry a turn (say after a 503): it is stored "
         "once, and the retry gets the first attempt's record back with replayed=true. The "
         "Idempotency-Key header does the same. A key names one request: sent again with "
-        "other messages, names or another session, or a header and body key that differ, "
-        "it is a 422 and nothing is written.",
+        "other messages, names, another session or another AI model, or a header and body "
+        "key that differ, it is a 422 and nothing is written.",
     )
 
 

@@ -158,7 +158,8 @@ def label(value: object, field: str, *, max_chars: int) -> str:
     assert isinstance(value, str)
     if not plain(value):
         raise InvalidInput(
-            f"{field} must not hold control, unassigned or invisible format characters",
+            f"{field} must not hold line breaks, control, unassigned or invisible format "
+            "characters",
             field=field,
         )
     return value

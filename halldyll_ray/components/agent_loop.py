@@ -114,10 +114,14 @@ class AgentLoop:
                 "assistant_name",
             ),
         ]
+        if not isinstance(extract_facts, bool):  # "no" is truthy: facts were extracted
+            raise InvalidInput("extract_facts must be true or false", field="extract_facts")
         key = validation.idempotency_key(idempotency_key)
         model_id = await self.registry.resolve(model)
         if key is not None:  # a repeated turn creates nothing, not even the session's log
-            earlier = await self.ingestion.replay(user_id, key, turn, session_id=session)
+            earlier = await self.ingestion.replay(
+                user_id, key, turn, session_id=session, model_id=model_id
+            )
             if earlier is not None:
                 return _replayed(earlier)
         conversation_id, created = await self._session_log(user_id, session, model_id)
@@ -203,8 +207,10 @@ class AgentLoop:
         cached = await self.cache.get(key, kind="session")
         if cached is not None and b"|" in cached:  # "<log id>|<model id or nothing>"
             log_id, _, owner = cached.decode().partition("|")
-            self._same_model(session_id, UUID(owner) if owner else None, model_id)
-            return UUID(log_id), False
+            if (UUID(owner) if owner else None) == model_id:
+                return UUID(log_id), False  # a log deleted meanwhile is NotFound on append
+            # A refusal is decided on the stored log, not on a copy: the cached log may be
+            # deleted (no replica's cache hears of it), and the session free for this model.
         async with self.db.scoped(user_id) as conn:
             await lock_user(conn, user_id)
             row = await conn.fetchrow(

@@ -57,7 +57,9 @@ def describe(stored: StoredMemory, matched: MatchedPart, turns: Sequence[Any] | 
         if turns:
             said = next((t for t in turns if t["seq"] == matched.index), turns[0])
             day = said["created_at"].astimezone(UTC).date().isoformat()
-            lines = " / ".join(f"{t['name'] or t['role']}: {t['content']}" for t in turns)
+            lines = " / ".join(
+                f"{ctx.speaker(t['role'], t['name'])}: {t['content']}" for t in turns
+            )
             return f"({day}, conversation{title}) {lines}"
         return f"({day}, conversation{title}) {matched.text}"
     if isinstance(payload, Image):
@@ -139,7 +141,9 @@ class ContextBuilder:
             user_id,
             query[:MAX_QUERY_CHARS],
             recent=[
-                ctx.Candidate(ctx.RECENT, f"{m.role.value}: {m.content}", type="message")
+                ctx.Candidate(
+                    ctx.RECENT, f"{ctx.speaker(m.role.value, m.name)}: {m.content}", type="message"
+                )
                 for m in recent
             ],
             current=None,
@@ -165,8 +169,15 @@ class ContextBuilder:
         session_id = validation.session_id(session_id) or ""
         if not visible(validation.text(user_message, "user_message")):
             raise InvalidInput("user_message must be a non-empty string", field="user_message")
-        if not 0 <= recent_turns <= 100:
-            raise InvalidInput("recent_turns must be between 0 and 100", field="recent_turns")
+        # An integer, as over HTTP (StrictInt): True was one turn, 2.5 a LIMIT of 5.0 rows.
+        if (
+            not isinstance(recent_turns, int)
+            or isinstance(recent_turns, bool)
+            or not 0 <= recent_turns <= 100
+        ):
+            raise InvalidInput(
+                "recent_turns must be an integer from 0 to 100", field="recent_turns"
+            )
         recent: list[ctx.Candidate] = []
         scope = await self.search.registry.scope(model, include_shared)
         log_row = await self._session_row(user_id, session_id, role="log", scope=scope)
@@ -175,7 +186,11 @@ class ContextBuilder:
                 q("recent_messages"), log_row["id"], user_id, recent_turns * 2, user_id=user_id
             )
             recent = [
-                ctx.Candidate(ctx.RECENT, f"{r['role']}: {r['content']}", type="message")
+                ctx.Candidate(
+                    ctx.RECENT,
+                    f"{ctx.speaker(r['role'], r['name'])}: {r['content']}",
+                    type="message",
+                )
                 for r in rows
             ]
         return await self.assemble(
@@ -316,7 +331,7 @@ class ContextBuilder:
     ) -> Context:
         """Search, rank and fit the sections of a context block into ``max_tokens``."""
         budget = self.settings.max_context_tokens if max_tokens is None else max_tokens
-        if not isinstance(budget, int) or not 16 <= budget <= 1_000_000:
+        if not isinstance(budget, int) or isinstance(budget, bool) or not 16 <= budget <= 1_000_000:
             raise InvalidInput("max_tokens must be between 16 and 1000000", field="max_tokens")
         session_id = validation.session_id(session_id)
         summary_row = None

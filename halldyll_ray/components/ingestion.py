@@ -176,13 +176,17 @@ async def _replay(
     *,
     conversation_id: UUID | None = None,
     session_id: str | None = None,
+    model_id: UUID | None = None,
 ) -> Appended | None:
     """What the request that first sent idempotency ``key`` stored (None for a new key).
 
     The key names one request (the IETF draft "The Idempotency-Key HTTP Header Field" asks
     a server to refuse its reuse with another payload): a call with other messages (role,
-    name, text) or for another conversation or session gets InvalidInput (``field``
-    ``idempotency_key``), never the other request's answer as if it were its own.
+    name, text), for another conversation or session, or (a session's turn) of another AI
+    model gets InvalidInput (``field`` ``idempotency_key``), never the other request's
+    answer as if it were its own. A session turn of model B replayed model A's turn of the
+    same session, answering as stored what B may not write there (a Conflict without the
+    key).
     """
     earlier = await conn.fetchrow(q("turn_request"), user_id, key)
     if earlier is None:
@@ -193,7 +197,10 @@ async def _replay(
     stored = [StoredMessage(**dict(r)) for r in rows]
     same = (
         (conversation_id is None or conversation_id == earlier["conversation_id"])
-        and (session_id is None or session_id == earlier["session_id"])
+        and (
+            session_id is None
+            or (session_id == earlier["session_id"] and model_id == earlier["model_id"])
+        )
         and [(m.role, m.name, m.content) for m in stored]
         == [(m.role, m.name, m.content) for m in messages]
     )
@@ -621,13 +628,21 @@ class Ingestion:
         return Appended(conversation_id, stored, replayed=False, job_ids=job_ids)
 
     async def replay(
-        self, user_id: UUID, key: str, messages: Sequence[Message], *, session_id: str
+        self,
+        user_id: UUID,
+        key: str,
+        messages: Sequence[Message],
+        *,
+        session_id: str,
+        model_id: UUID | None,
     ) -> Appended | None:
-        """The earlier answer to a turn of ``session_id`` with idempotency ``key`` (None when
-        the key is new), read before the session's log is looked up, so that a repeated key
-        creates nothing. InvalidInput as :meth:`append`."""
+        """The earlier answer to a turn of ``session_id`` by AI model ``model_id`` with
+        idempotency ``key`` (None when the key is new), read before the session's log is
+        looked up, so that a repeated key creates nothing. InvalidInput as :meth:`append`."""
         async with self.db.scoped(user_id) as conn:
-            return await _replay(conn, user_id, key, messages, session_id=session_id)
+            return await _replay(
+                conn, user_id, key, messages, session_id=session_id, model_id=model_id
+            )
 
     async def _message_vectors(
         self, messages: Sequence[Message]

@@ -57,8 +57,9 @@ RETURNING m.id;
 
 -- name: turn_request
 -- The request an idempotency key of the user named: its conversation, the session that
--- conversation logs (NULL once deleted, or for a conversation of no session) and its messages.
-SELECT t.conversation_id, t.message_seqs, m.session_id
+-- conversation logs (NULL once deleted, or for a conversation of no session), that
+-- conversation's AI model and its messages.
+SELECT t.conversation_id, t.message_seqs, m.session_id, m.model_id
 FROM turn_requests t
 LEFT JOIN memories m ON m.id = t.conversation_id AND m.user_id = t.user_id
 WHERE t.user_id = $1 AND t.idempotency_key = $2;
