@@ -44,10 +44,10 @@ SESSION_ID = re.compile(SESSION_ID_PATTERN.removeprefix("^").removesuffix("$"))
 
 def first_error(errors: Sequence[Any], *, skip: Iterable[str] = ()) -> InvalidInput:
     """A request's first validation error (pydantic's ``errors()``) as InvalidInput:
-    ``"<field>: <message>"`` on the field, its location dotted without the parts in ``skip``
-    (FastAPI's ``body``). Never the rejected value: pydantic's own text repeats it, and an
-    argument can hold a secret. The HTTP API's 422 and the MCP tools' argument errors both
-    read this way."""
+    ``"<field>: <message>"`` on the field, its location dotted without its first part when
+    that is in ``skip`` (FastAPI's ``body``, ``query``). Never the rejected value: pydantic's
+    own text repeats it, and an argument can hold a secret. The HTTP API's 422 and the MCP
+    tools' argument errors both read this way."""
     first: Mapping[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = list(first["loc"])
     message = error_message(first)
@@ -57,11 +57,12 @@ def first_error(errors: Sequence[Any], *, skip: Iterable[str] = ()) -> InvalidIn
         detail = (first.get("ctx") or {}).get("error")
         message = "not valid JSON" + (f": {detail}" if detail else "")
         message += "" if at is None else f" at character {at}"
-    left_out = set(skip)
-    # A part in skip names the field only when nothing follows it (the body as a whole).
-    field = error_field({**first, "loc": [p for p in loc if p not in left_out]}) or (
-        error_location(loc[:1])
-    )
+    # The location a request's value came from (FastAPI's "body", "query") when it is in
+    # ``skip``: the field is named as every other surface names it ("limit", not
+    # "query.limit"). Only the first part: a field can be called "query" (a search's body).
+    # The location names the field only when nothing follows it (the body as a whole).
+    named = loc[1:] if loc and loc[0] in set(skip) else loc
+    field = error_field({**first, "loc": named}) or (error_location(loc[:1]))
     return InvalidInput(f"{field}: {message}" if field else message, field=field or None)
 
 
@@ -221,14 +222,21 @@ def limit(value: int, maximum: int) -> int:
     return value
 
 
+def filter_list(values: object, field: str) -> list[Any]:
+    """The items of a list filter (``types``, ``tags``) as the HTTP API takes them: a list,
+    tuple or set. A lone string is InvalidInput, as it is a 422 in a body: ``tags="pets"``
+    was read as the tags p, e, t and s, and ``types="fact"`` found what the API refused."""
+    if isinstance(values, str | bytes) or not isinstance(values, list | tuple | set | frozenset):
+        raise InvalidInput(f"{field} must be a list", field=field)
+    return list(values)
+
+
 def memory_types(values: Iterable[MemoryType | str] | None) -> list[str] | None:
     """Sorted distinct memory type names, or None for "all types"."""
     if values is None:
         return None
-    if isinstance(values, str):
-        values = [values]
     try:
-        names = sorted({MemoryType(t).value for t in values})
+        names = sorted({MemoryType(t).value for t in filter_list(values, "types")})
     except ValueError:
         allowed = ", ".join(t.value for t in MemoryType)
         raise InvalidInput(f"types must be among: {allowed}", field="types") from None
@@ -260,6 +268,26 @@ def timestamp(value: datetime | None, field: str) -> datetime | None:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+def time_range(
+    since: datetime | None, until: datetime | None
+) -> tuple[datetime | None, datetime | None]:
+    """A filter's window ``[since, until)`` as :func:`timestamp` checks each end, or
+    InvalidInput naming ``until`` when it falls before ``since``: a window no memory can be in
+    is the caller's mistake (swapped ends), not an empty answer."""
+    start, end = timestamp(since, "since"), timestamp(until, "until")
+    if start is not None and end is not None and end < start:
+        raise InvalidInput("until must not be before since", field="until")
+    return start, end
+
+
+def flag(value: object, field: str) -> bool:
+    """A yes/no option: a bool, as every other surface takes it (a string such as "no" is
+    truthy in Python and reached SQL as a type error)."""
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{field} must be true or false", field=field)
+    return value
+
+
 def encode_cursor(created_at: datetime, row_id: UUID) -> str:
     """An opaque page cursor: the last row's (created_at, id)."""
     raw = f"{created_at.isoformat()}|{row_id}".encode()
@@ -273,7 +301,10 @@ def decode_cursor(cursor: str | None) -> tuple[datetime | None, UUID | None]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         stamp, row_id = raw.split("|")
-        return in_utc_range(datetime.fromisoformat(stamp)), UUID(row_id)
+        at = in_utc_range(datetime.fromisoformat(stamp))
+        # A time without a zone is UTC, as everywhere (asyncpg reads a naive one in the
+        # server's own zone): a cursor ours never lacks one, an edited one may.
+        return (at if at.tzinfo is not None else at.replace(tzinfo=UTC)), UUID(row_id)
     except (ValueError, UnicodeDecodeError, TypeError):
         raise InvalidInput("cursor is not one this API returned", field="cursor") from None
 

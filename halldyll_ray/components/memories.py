@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from halldyll_ray import validation
 from halldyll_ray.components.base import require_user
@@ -140,7 +140,19 @@ def expired(expires_at: datetime | None) -> bool:
 
 
 def tags_filter(tags: Sequence[str] | None) -> list[str] | None:
-    return None if tags is None else validation.validate(TAGS, list(tags), "tags")
+    """The tags a filter asks for, checked as a stored memory's are, or InvalidInput naming
+    the field as the HTTP API's 422 does (``tags.3`` for the fourth); a list
+    (:func:`~halldyll_ray.validation.filter_list`)."""
+    if tags is None:
+        return None
+    try:
+        return TAGS.validate_python(validation.filter_list(tags, "tags"))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = validation.error_location(["tags", *first["loc"]])
+        raise InvalidInput(
+            f"invalid tags: {field}: {validation.error_message(first)}", field=field
+        ) from None
 
 
 class MemoryReader:
@@ -211,6 +223,7 @@ class MemoryReader:
         limit = validation.limit(limit, MAX_PAGE_SIZE)
         scope = await self.registry.scope(model, include_shared)
         after_at, after_id = validation.decode_cursor(cursor)
+        since, until = validation.time_range(since, until)
         rows = await self.db.fetch(
             *bind(
                 "list_memories",
@@ -220,8 +233,8 @@ class MemoryReader:
                 include_shared=scope.include_shared,
                 session_id=validation.session_id(session_id),
                 tags=tags_filter(tags),
-                since=validation.timestamp(since, "since"),
-                until=validation.timestamp(until, "until"),
+                since=since,
+                until=until,
                 after_at=after_at,
                 after_id=after_id,
                 limit=limit + 1,

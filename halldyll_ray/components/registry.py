@@ -17,6 +17,9 @@ from halldyll_ray.models import AIModel, ModelKind
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
 
+#: The longest model name (:meth:`ModelRegistry.register`) or reference a caller may give.
+MAX_MODEL_REF_CHARS = 200
+
 
 @dataclass(frozen=True)
 class Scope:
@@ -91,6 +94,12 @@ class ModelRegistry:
         fetchrow = self.db.fetchrow if conn is None else conn.fetchrow
         if not isinstance(ref, UUID):
             ref = validation.text(ref, "model")  # a name with NUL never reaches SQL as one
+            if not ref.strip() or len(ref) > MAX_MODEL_REF_CHARS:
+                # what the HTTP API refuses with 422 (schemas.ModelName): no name is blank
+                # or longer than a registered one can be
+                raise InvalidInput(
+                    f"model must be 1-{MAX_MODEL_REF_CHARS} characters, not blank", field="model"
+                )
         row = None
         if isinstance(ref, UUID) or validation.looks_like_uuid(ref):
             row = await fetchrow(q("get_model_by_id"), validation.parse_uuid(ref, "model"))
@@ -136,4 +145,5 @@ class ModelRegistry:
         return (await self.get(ref, conn=conn)).id
 
     async def scope(self, model: UUID | str | None, include_shared: bool) -> Scope:
+        include_shared = validation.flag(include_shared, "include_shared")
         return Scope(await self.resolve(model), include_shared)

@@ -511,17 +511,22 @@ class Search:
         except ValueError:
             raise InvalidInput("group must be part or memory", field="group") from None
         threshold = self.settings.similarity_threshold if threshold is None else threshold
-        if not isinstance(threshold, int | float) or not -1.0 <= threshold <= 1.0:
+        if (
+            not isinstance(threshold, int | float)
+            or isinstance(threshold, bool)
+            or not -1.0 <= threshold <= 1.0
+        ):
             raise InvalidInput("threshold must be between -1 and 1", field="threshold")
         scope = await self.registry.scope(model, include_shared)
+        since, until = validation.time_range(since, until)
         filters = Filters(
             types=validation.memory_types(types),
             model_id=scope.model_id,
             include_shared=scope.include_shared,
             session_id=validation.session_id(session_id),
             tags=tags_filter(tags),
-            since=validation.timestamp(since, "since"),
-            until=validation.timestamp(until, "until"),
+            since=since,
+            until=until,
         )
         state = await self.db.fetchrow(q("user_state"), user_id)
         if state is None:

@@ -566,7 +566,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
             await authenticate(request)
         except AuthenticationFailed as failed:
             return await _halldyll_error(request, failed)
-    error = validation.first_error(exc.errors(), skip=("body",))
+    # A query parameter's field is its name, as the engine, the client and MCP name it.
+    error = validation.first_error(exc.errors(), skip=("body", "query"))
     return error_response(
         422, "invalid_input", error.message, request.state.request_id, field=error.field
     )

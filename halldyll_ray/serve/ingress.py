@@ -359,11 +359,11 @@ class Ingress(EngineOwner):
     ) -> Any:
         # Query parameters, read by FastAPI; lists come comma-separated.
         query = ListMemoriesRequest(
-            types=None if types is None else types.split(","),
+            types=comma_list(types),
             model=model,
             include_shared=include_shared,
             session_id=session_id,
-            tags=None if tags is None else tags.split(","),
+            tags=comma_list(tags),
             since=since,
             until=until,
             limit=limit,
@@ -797,6 +797,16 @@ async def _event_stream(subscription: Subscription) -> AsyncIterator[ServerSentE
         )
     finally:
         await subscription.aclose()
+
+
+def comma_list(value: str | None) -> list[str] | None:
+    """A list query parameter, comma-separated (the client joins a list so:
+    ``client.requests._params``): absent is None, empty is the empty list (what ``[]`` is
+    everywhere else: no filter), not the one empty name ``[""]``, a 422 for ``tags=[]``
+    through the client, GraphQL and MCP that the engine and the search body answered."""
+    if value is None:
+        return None
+    return value.split(",") if value else []
 
 
 def _handle_user(user_id: UUID | str | None) -> UUID | None:

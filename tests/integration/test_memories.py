@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -345,3 +347,27 @@ async def test_two_forms_of_one_model_name_registered_at_once_are_one_model(
     names = [unicodedata.normalize("NFKC", m.name) for m in await engine.list_models()]
     races = [n for n in names if n.startswith("Qwen-race-")]
     assert len(races) == 8
+
+
+async def test_an_edited_cursor_without_a_zone_is_utc_not_the_servers_zone(
+    engine: MemoryEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cursor is (created_at, id); one whose time has no zone (edited by hand) was read in
+    the server's own zone (asyncpg's naive datetime), so in New York it skipped five hours of
+    memories. A time without a zone is UTC everywhere, cursors too."""
+    user = await engine.create_user("ada", None, "user")
+    await engine.store_memories(user.id, [Fact(statement=f"fact {i}") for i in range(4)])
+    first = await engine.list_memories(user.id, limit=2)
+    last = first.items[-1]
+    raw = f"{last.created_at.astimezone(UTC).replace(tzinfo=None).isoformat()}|{last.id}"
+    naive = base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        ours = await engine.list_memories(user.id, limit=2, cursor=first.next_cursor)
+        edited = await engine.list_memories(user.id, limit=2, cursor=naive)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert len(ours.items) == 2
+    assert [m.id for m in edited.items] == [m.id for m in ours.items]

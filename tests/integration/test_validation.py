@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -242,3 +244,63 @@ async def test_user_lifecycle(engine: MemoryEngine) -> None:
         "user.update",
         "user.create",
     ]
+
+
+_DAY = datetime(2025, 1, 2, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("filters", "field"),
+    [
+        # the window's ends swapped: an empty answer said nothing was wrong
+        ({"since": _DAY, "until": _DAY - timedelta(days=1)}, "until"),
+        ({"since": _DAY, "until": (_DAY - timedelta(seconds=1)).replace(tzinfo=None)}, "until"),
+        # a string is truthy: it reached SQL and came back with no field
+        ({"include_shared": "no"}, "include_shared"),
+        ({"include_shared": None}, "include_shared"),
+        # a lone string was read as its characters ("p", "e", "t", "s"): nothing matched
+        ({"tags": "pets"}, "tags"),
+        ({"tags": 5}, "tags"),
+        # a lone type was taken as a list of one, where the HTTP API refuses it; an int
+        # was a TypeError
+        ({"types": "fact"}, "types"),
+        ({"types": 5}, "types"),
+        # named as the HTTP API names it, not "0"
+        ({"tags": ["pets", 1]}, "tags.1"),
+        # what the HTTP API refuses with 422 was a NotFound (404) here
+        ({"model": ""}, "model"),
+        ({"model": "   "}, "model"),
+        ({"model": "m" * 201}, "model"),
+    ],
+)
+async def test_search_and_list_refuse_bad_filters_as_http_does(
+    engine: MemoryEngine, filters: dict[str, Any], field: str
+) -> None:
+    """The filters search and list share: the same typed error naming the same field as the
+    HTTP API's 422 (schemas.SearchRequest), and nothing stored changes."""
+    user = await engine.create_user("ada", None, "user")
+    await engine.store_memory(user.id, Fact(statement="Ada's bike is red", tags=["pets"]))
+    before = await _counts(engine)
+    with pytest.raises(InvalidInput) as err:
+        await engine.search(user.id, "bike", **filters)
+    assert err.value.field == field
+    with pytest.raises(InvalidInput) as err:
+        await engine.search_json(user.id, "bike", **filters)
+    assert err.value.field == field
+    with pytest.raises(InvalidInput) as err:
+        await engine.list_memories(user.id, **filters)
+    assert err.value.field == field
+    assert await _counts(engine) == before
+
+
+async def test_a_search_threshold_is_a_number_not_a_bool(engine: MemoryEngine) -> None:
+    """True is an int in Python; the HTTP API (StrictFloat) refuses it, so does the engine."""
+    user = await engine.create_user("ada", None, "user")
+    await engine.store_memory(user.id, Fact(statement="Ada's bike is red"))
+    for threshold in (True, False):
+        with pytest.raises(InvalidInput) as err:
+            await engine.search(user.id, "bike", threshold=threshold)
+        assert err.value.field == "threshold"
+    await engine.search(user.id, "bike", threshold=1)  # an int is a number
+    # an empty window's edge is fine: since == until finds nothing, without an error
+    assert await engine.search(user.id, "bike", since=_DAY, until=_DAY) == []

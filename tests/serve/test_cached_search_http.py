@@ -6,6 +6,8 @@ from __future__ import annotations
 import httpx
 from support import bearer, user_with_key
 
+from halldyll_ray.client.requests import _params
+
 
 async def _search_audits(http: httpx.AsyncClient, admin_key: str, user_id: str) -> int:
     rows = (
@@ -67,3 +69,95 @@ async def test_a_cached_search_is_checked_audited_and_fresh(
     # Bad input is refused the same way whether or not an answer is cached.
     bad = await http.post(path, headers=bearer(owner_key), json={**query, "mode": "psychic"})
     assert bad.status_code == 422
+
+
+async def test_swapped_time_window_is_a_422_on_every_read_path(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """since after until: 422 on ``until`` from the search (a miss, and again, when the Ingress
+    would answer from the result cache) and from the listing, as from the engine; an empty
+    answer said nothing was wrong."""
+    owner, owner_key = await user_with_key(http, admin_key)
+    stored = await http.post(
+        "/v1/users/me/memories",
+        headers=bearer(owner_key),
+        json={"type": "fact", "statement": "Ada rides a red bike"},
+    )
+    assert stored.status_code == 201, stored.text
+    window = {"since": "2025-01-02T00:00:00Z", "until": "2025-01-01T23:00:00-00:30"}
+    path = f"/v1/users/{owner['id']}/search"
+    for _ in range(2):
+        refused = await http.post(
+            path, headers=bearer(owner_key), json={"query": "bike", "mode": "fulltext", **window}
+        )
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"]["field"] == "until"
+    listed = await http.get(
+        f"/v1/users/{owner['id']}/memories", headers=bearer(owner_key), params=window
+    )
+    assert listed.status_code == 422, listed.text
+    assert listed.json()["error"]["field"] == "until"
+    # the same window the right way round is fine, and finds nothing of today
+    found = await http.post(
+        path,
+        headers=bearer(owner_key),
+        json={
+            "query": "bike",
+            "mode": "fulltext",
+            "since": window["until"],
+            "until": window["since"],
+        },
+    )
+    assert found.status_code == 200 and found.json()["results"] == []
+
+
+async def test_an_empty_list_filter_is_no_filter_on_every_surface(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """``tags=[]``/``types=[]``: every memory, from the listing as from the search body and the
+    engine. The client (and GraphQL, MCP through it) sends an empty list as ``tags=``, which
+    the listing read as the one tag "" and refused with 422."""
+    owner, owner_key = await user_with_key(http, admin_key)
+    stored = await http.post(
+        "/v1/users/me/memories",
+        headers=bearer(owner_key),
+        json={"type": "fact", "statement": "Ada rides a red bike", "tags": ["pets"]},
+    )
+    assert stored.status_code == 201, stored.text
+    params = _params({"tags": [], "types": [], "limit": 10})  # as the client sends them
+    assert params["tags"] == params["types"] == ""
+    listed = await http.get(
+        f"/v1/users/{owner['id']}/memories", headers=bearer(owner_key), params=params
+    )
+    assert listed.status_code == 200, listed.text
+    assert [m["id"] for m in listed.json()["items"]] == [stored.json()["id"]]
+    searched = await http.post(
+        f"/v1/users/{owner['id']}/search",
+        headers=bearer(owner_key),
+        json={"query": "bike", "mode": "fulltext", "tags": [], "types": []},
+    )
+    assert [r["memory"]["id"] for r in searched.json()["results"]] == [stored.json()["id"]]
+
+
+async def test_a_bad_query_parameter_is_named_as_every_surface_names_it(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """GET ...?limit=0 answered 422 on ``query.limit``: the engine, MCP, and the search body
+    name the field ``limit`` (and ``since``, ``include_shared``)."""
+    owner, owner_key = await user_with_key(http, admin_key)
+    path = f"/v1/users/{owner['id']}/memories"
+    for params, field in (
+        ({"limit": "0"}, "limit"),
+        ({"limit": "many"}, "limit"),
+        ({"since": "yesterday"}, "since"),
+        ({"include_shared": "perhaps"}, "include_shared"),
+    ):
+        refused = await http.get(path, headers=bearer(owner_key), params=params)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"]["field"] == field, refused.text
+    searched = await http.post(
+        f"/v1/users/{owner['id']}/search",
+        headers=bearer(owner_key),
+        json={"query": "x", "limit": 0},
+    )
+    assert searched.status_code == 422 and searched.json()["error"]["field"] == "limit"

@@ -49,6 +49,17 @@ def test_the_first_error_names_its_field(error: dict[str, Any], message: str, fi
     assert (found.message, found.field) == (message, field)
 
 
+def test_a_query_parameter_is_named_as_the_engine_names_it() -> None:
+    """GET ...?limit=0 said "query.limit" where the engine, MCP and a body say "limit"; a body
+    field called "query" (a search's) is still "query", not the body as a whole."""
+    in_query = {"type": "greater_than_equal", "loc": ("query", "limit"), "msg": "too small"}
+    assert first_error([in_query], skip=("body", "query")).field == "limit"
+    in_body = {"type": "string_too_long", "loc": ("body", "query"), "msg": "too long"}
+    assert first_error([in_body], skip=("body", "query")).field == "query"
+    whole = {"type": "missing", "loc": ("body",), "msg": "Field required"}
+    assert first_error([whole], skip=("body", "query")).field == "body"
+
+
 def test_the_rejected_value_is_never_repeated() -> None:
     error = {"type": "int_parsing", "loc": ("limit",), "msg": "bad", "input": "hr_secret_value"}
     found = first_error([error])
