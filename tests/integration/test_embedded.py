@@ -16,6 +16,17 @@ from pathlib import Path
 from halldyll_ray import Fact, MemoryEngine, Settings
 
 
+def _cli(env: dict[str, str], *args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+    """``halldyll <args>`` in a process of its own, with ``env``."""
+    return subprocess.run(
+        [sys.executable, "-m", "halldyll_ray.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 async def test_engine_on_embedded_postgres_keeps_data(tmp_path: Path, encoder) -> None:
     settings = Settings.from_env(database_url=None, redis_url=None, data_dir=tmp_path / "data")
     async with MemoryEngine(settings, encoder=encoder) as engine:
@@ -36,44 +47,20 @@ def test_cli_on_embedded_default(tmp_path: Path) -> None:
     """`halldyll migrate` and `halldyll doctor` with no DATABASE_URL, in real processes."""
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
     env["DATA_DIR"] = str(tmp_path / "cli-data")
-    migrate = subprocess.run(
-        [sys.executable, "-m", "halldyll_ray.cli", "migrate"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    migrate = _cli(env, "migrate")
     assert migrate.returncode == 0, migrate.stderr
     assert "applied migrations: 0001" in migrate.stdout
-    doctor = subprocess.run(
-        [sys.executable, "-m", "halldyll_ray.cli", "doctor"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    doctor = _cli(env, "doctor")
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     for check in ("settings", "database", "pgvector", "schema", "redis", "model"):
         assert f"[ok] {check}" in doctor.stdout
-    created = subprocess.run(
-        [sys.executable, "-m", "halldyll_ray.cli", "create-user", "root", "--role", "admin"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    created = _cli(env, "create-user", "root", "--role", "admin")
     assert created.returncode == 0, created.stderr
     printed = json.loads(created.stdout)
     assert printed["user"]["role"] == "admin"
     assert re.fullmatch(r"hr_[0-9a-f]{16}_[A-Za-z0-9_-]{43}", printed["api_key"])
     assert "not shown again" in created.stderr
-    bad = subprocess.run(
-        [sys.executable, "-m", "halldyll_ray.cli", "doctor"],
-        env={**env, "SEARCH_TOP_K": "0", "REDIS_URL": "http://nope"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = _cli({**env, "SEARCH_TOP_K": "0", "REDIS_URL": "http://nope"}, "doctor", timeout=60)
     assert bad.returncode != 0
     said = bad.stdout + bad.stderr
     assert "SEARCH_TOP_K" in said and "REDIS_URL" in said and "http://nope" not in said
@@ -85,13 +72,7 @@ def test_doctor_before_the_first_start_is_not_a_failure(tmp_path: Path) -> None:
     and the line says so; a server at DATABASE_URL still fails until `halldyll migrate`."""
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
     env["DATA_DIR"] = str(tmp_path / "fresh")
-    doctor = subprocess.run(
-        [sys.executable, "-m", "halldyll_ray.cli", "doctor"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    doctor = _cli(env, "doctor")
     said = doctor.stdout + doctor.stderr
     assert doctor.returncode == 0, said
     assert "[FAIL]" not in said
@@ -103,14 +84,7 @@ async def test_doctor_on_an_unmigrated_database_url_fails(fresh_db: str) -> None
     """Only `halldyll migrate` migrates a server at DATABASE_URL: there it stays a failure."""
     env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DATA_DIR"}}
     env["DATABASE_URL"] = fresh_db
-    doctor = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "halldyll_ray.cli", "doctor"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    doctor = await asyncio.to_thread(_cli, env, "doctor")
     assert doctor.returncode == 1, doctor.stdout + doctor.stderr
     assert "[FAIL] schema: pending migrations [1," in doctor.stdout
     assert (
@@ -200,13 +174,7 @@ def test_stop_embedded_stops_a_server_whose_users_were_killed(tmp_path: Path) ->
     env["DATA_DIR"] = str(data)
 
     def stop_embedded(*args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "halldyll_ray.cli", "stop-embedded", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = _cli(env, "stop-embedded", *args)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
