@@ -1005,7 +1005,8 @@ class MemoryEngine:
             model, include_shared: Model scope of the memories drawn.
             session_id: Adds the session's rolling summary.
             max_tokens: Budget (MAX_CONTEXT_TOKENS), counted with the model's tokenizer.
-            limit: How many search hits to consider.
+            limit: How many search hits to consider, 1 to 100 (InvalidInput, field
+                ``limit``, otherwise).
         """
         return await self.components.context.build(
             user_id,

@@ -333,6 +333,7 @@ class ContextBuilder:
         budget = self.settings.max_context_tokens if max_tokens is None else max_tokens
         if not isinstance(budget, int) or isinstance(budget, bool) or not 16 <= budget <= 1_000_000:
             raise InvalidInput("max_tokens must be between 16 and 1000000", field="max_tokens")
+        limit = validation.limit(limit, MAX_SEARCH_LIMIT)  # as a search's: 10,000 was cut
         session_id = validation.session_id(session_id)
         summary_row = None
         if session_id is not None:
@@ -340,7 +341,7 @@ class ContextBuilder:
         hits = await self.search.search(
             user_id,
             query,
-            min(limit, MAX_SEARCH_LIMIT),
+            limit,
             mode=SearchMode.HYBRID,
             model=scope.model_id,
             include_shared=scope.include_shared,

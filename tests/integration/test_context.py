@@ -375,3 +375,15 @@ async def test_recent_turns_must_be_an_integer(engine: MemoryEngine, recent_turn
     with pytest.raises(InvalidInput) as refused:
         await engine.prepare_context(user.id, "s1", "hello", recent_turns=recent_turns)
     assert refused.value.field == "recent_turns"
+
+
+@pytest.mark.parametrize("limit", [0, 101, 10_000, True, 2.5, "30"])
+async def test_a_context_limit_is_checked_as_a_search_limit(
+    engine: MemoryEngine, ada, limit: object
+) -> None:
+    """build_context's ``limit`` (search hits to consider) was cut to 100 when larger and
+    reached ``min()`` as whatever it was: it is checked as a search's limit."""
+    with pytest.raises(InvalidInput) as refused:
+        await engine.build_context(ada.id, "food", limit=limit)  # type: ignore[arg-type]
+    assert refused.value.field == "limit"
+    assert (await engine.build_context(ada.id, "food", limit=100)).token_count > 0
