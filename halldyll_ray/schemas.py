@@ -227,6 +227,10 @@ class PrepareContextRequest(_Request):
     user_message: str = Field(min_length=1, max_length=MAX_TURN_CHARS)
     recent_turns: StrictInt = Field(default=6, ge=0, le=100)
     model: ModelName | None = None
+    include_shared: StrictBool = Field(
+        default=True,
+        description="With `model`: also the memories shared by all the user's models.",
+    )
     max_tokens: StrictInt | None = Field(default=None, ge=MIN_CONTEXT_TOKENS, le=MAX_CONTEXT_TOKENS)
 
 

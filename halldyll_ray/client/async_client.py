@@ -596,6 +596,7 @@ class AsyncHalldyllClient:
         user_id: Id = "me",
         recent_turns: int = 6,
         model: str | None = None,
+        include_shared: bool = True,
         max_tokens: int | None = None,
     ) -> Context:
         """Before an LLM call: summary, relevant memories, recent turns and the message.
@@ -605,7 +606,8 @@ class AsyncHalldyllClient:
             user_message: The message about to be sent to the model.
             user_id: Whose session.
             recent_turns: How many past turns to include verbatim.
-            model: This registered model's memories plus the shared ones.
+            model: This registered model's memories...
+            include_shared: ...plus the shared ones.
             max_tokens: Budget (the server's ``MAX_CONTEXT_TOKENS`` when None).
         """
         return await self._send(
@@ -615,6 +617,7 @@ class AsyncHalldyllClient:
                     user_message=user_message,
                     recent_turns=recent_turns,
                     model=model,
+                    include_shared=include_shared,
                     max_tokens=max_tokens,
                 ),
                 session_id=session_id,

@@ -414,6 +414,7 @@ class HalldyllClient:
         user_id: Id = "me",
         recent_turns: int = 6,
         model: str | None = None,
+        include_shared: bool = True,
         max_tokens: int | None = None,
     ) -> Context:
         """Before an LLM call; see :meth:`AsyncHalldyllClient.prepare_context`."""
@@ -424,6 +425,7 @@ class HalldyllClient:
                     user_message=user_message,
                     recent_turns=recent_turns,
                     model=model,
+                    include_shared=include_shared,
                     max_tokens=max_tokens,
                 ),
                 session_id=session_id,

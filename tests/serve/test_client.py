@@ -160,6 +160,16 @@ async def test_async_client_round_trip(ray_serve: dict[str, Any], admin_key: str
         assert turn.message_seqs == [0, 1]
         prepared = await client.prepare_context("chat-1", "Where do I live?")
         assert "Munich" in prepared.text
+        # One model's memories only (the HTTP prepare request had no include_shared): the
+        # shared session's turns are left out, the model's own fact is in.
+        own = await client.prepare_context(
+            "chat-1", "Where do I live, what am I afraid of?", model=llm.name, include_shared=False
+        )
+        assert "heights" in own.text and "Munich" not in own.text
+        both = await client.prepare_context(
+            "chat-1", "Where do I live, what am I afraid of?", model=llm.name
+        )
+        assert "heights" in both.text and "Munich" in both.text
 
         await client.delete_memory(image.id)
         with pytest.raises(NotFound) as caught:
