@@ -131,10 +131,19 @@ class SearchGroup(StrEnum):
     MEMORY = "memory"
 
 
-def _check_tags(tags: list[str]) -> list[str]:
+def _check_tags(tags: list[str], info: ValidationInfo) -> list[str]:
+    """The tags stripped and NFKC-normalised (the form search and fact keys read text in),
+    each once: "café" typed precomposed or as "e" + U+0301 (what macOS file names and some
+    keyboards give) is one tag, and a fullwidth "ＡＢＣ" is "ABC". Without it the decomposed
+    form was refused (a combining mark is not a word character) and a fullwidth tag was kept
+    beside its ASCII twin, filtered apart from it. Tags read back from storage (context
+    STORED) are as they were written: a tag stored before this rule may not match after it
+    ("a½" is "a1⁄2"), and reading it must not fail."""
+    if info.context is STORED:
+        return tags
     seen: dict[str, None] = {}
     for tag in tags:
-        tag = tag.strip()
+        tag = unicodedata.normalize("NFKC", tag).strip()
         if not TAG_PATTERN.fullmatch(tag):
             raise ValueError(
                 f"tag {quoted(tag)} is not allowed: 1-{MAX_TAG_LENGTH} characters, starting with a "
@@ -285,6 +294,20 @@ SpeakerName = Annotated[
     AfterValidator(_visible),
     AfterValidator(_plain),
 ]
+
+
+def _plain_input(value: str, info: ValidationInfo) -> str:
+    # A row stored before a field took this rule is read as it is (context STORED).
+    return value if info.context is STORED else _plain(value)
+
+
+#: Short names a caller gives an image (its generator, its scheduler): :func:`plain`, so
+#: that each holds no line break, control or invisible format character and reads as the one
+#: name it is, as a speaker's name does (:data:`SpeakerName`): a context shows an image
+#: "by {generator}", where "RealVis\\nXL" broke the item's line and a right-to-left override
+#: drew another name.
+GeneratorName = Annotated[str, StringConstraints(max_length=200), AfterValidator(_plain_input)]
+SchedulerName = Annotated[str, StringConstraints(max_length=100), AfterValidator(_plain_input)]
 
 
 def _title(value: str) -> str:
@@ -445,14 +468,14 @@ class Image(_MemoryBase):
     type: Literal[MemoryType.IMAGE] = MemoryType.IMAGE
     prompt: PromptText
     negative_prompt: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)] | None = None
-    generator: Annotated[str, StringConstraints(max_length=200)] | None = Field(
+    generator: GeneratorName | None = Field(
         default=None, description="Image model that made it, e.g. RealVisXL_V5.0."
     )
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
     steps: StrictInt | None = Field(default=None, ge=1, le=10_000)
     guidance_scale: StrictFloat | None = Field(default=None, ge=0.0, le=100.0)
     size: ImageSize | None = None
-    scheduler: Annotated[str, StringConstraints(max_length=100)] | None = None
+    scheduler: SchedulerName | None = None
     controlnet: Metadata | None = Field(default=None, description="ControlNet settings.")
     instantid: Metadata | None = Field(default=None, description="InstantID settings.")
     uri: Annotated[str, StringConstraints(max_length=MAX_URI_CHARS)] | None = None
@@ -503,6 +526,31 @@ class Transcription(_MemoryBase):
             return None if value is None else normalize_language_code(value)
         except InvalidInput as exc:  # let pydantic report it with the field's full path
             raise ValueError(exc.message) from None
+
+    @field_validator("segments")
+    @classmethod
+    def _in_time_order(cls, value: list[Segment], info: ValidationInfo) -> list[Segment]:
+        # Segments are indexed, shown and joined into the text in their order, and a hit's
+        # neighbours are the segments beside it: given out of order, the transcript read
+        # "b a" and a hit's context was another moment's. Overlaps (two speakers at once)
+        # are fine; a start before the previous segment's is not. Rows stored before this
+        # rule are read as they are (STORED).
+        if info.context is STORED:
+            return value
+        for index in range(1, len(value)):
+            if value[index].start < value[index - 1].start:
+                raise PydanticCustomError(
+                    "segment_order",
+                    "segment {index} starts at {start} s, before segment {previous} "
+                    "({previous_start} s): segments must be in order of start time",
+                    {
+                        "index": index,
+                        "start": value[index].start,
+                        "previous": index - 1,
+                        "previous_start": value[index - 1].start,
+                    },
+                )
+        return value
 
     @model_validator(mode="after")
     def _has_text(self) -> Transcription:

@@ -19,18 +19,42 @@ _SPACE = re.compile(r"\s+")
 _TRAILING = " .!?;:,"
 
 
+def fold(word: str) -> str:
+    """``word`` case-folded, with the dotted capital I ("İ", Turkish and Azeri) folded to "i"
+    as "I" is: ``str.casefold`` makes it "i" + U+0307, so "İzmir", "Izmir" and "İZMİR" were
+    three facts (and "Ada lives in İzmir" did not name the "Izmir" of another statement)."""
+    return word.casefold().replace("i\u0307", "i")
+
+
 def _fold_word(match: re.Match[str]) -> str:
     word = match.group()
-    return word if _identifier(word) else word.casefold()
+    return word if _identifier(word) else fold(word)
+
+
+#: Format characters (Unicode Cf) a statement keeps: the zero-width non-joiner and joiner
+#: (Persian and Indic spelling, "👨‍💻") and the tag characters of flags, as
+#: :data:`halldyll_ray.models._NEEDED_FORMAT` keeps them in names.
+_KEPT_FORMAT = re.compile("[\u200c\u200d\U000e0020-\U000e007f]")
+
+
+def _drop_invisible(text: str) -> str:
+    """``text`` without its invisible format characters (direction marks, zero-width spaces,
+    soft hyphens, BOMs): "Ada lives in Lyon" + U+200F (what text copied from right-to-left
+    writing carries) had a key of its own, a second fact where the near-duplicate check did
+    not catch it (a bulk store)."""
+    if text.isascii():
+        return text
+    return "".join(c for c in text if unicodedata.category(c) != "Cf" or _KEPT_FORMAT.match(c))
 
 
 def normalize_statement(statement: str) -> str:
-    """Case-, width- and whitespace-folded statement without trailing punctuation.
+    """Case-, width- and whitespace-folded statement without trailing punctuation or
+    invisible format characters (:func:`_drop_invisible`).
 
     Identifiers (:func:`_identifier`: tokens, passwords, "iPhone") keep their case: "my
     password is HelloWorld2024" and "... helloworld2024" are two facts, not one said twice.
     """
-    text = _TOKEN.sub(_fold_word, unicodedata.normalize("NFKC", statement))
+    text = _TOKEN.sub(_fold_word, unicodedata.normalize("NFKC", _drop_invisible(statement)))
     text = _SPACE.sub(" ", text).strip()
     return text.rstrip(_TRAILING)
 
@@ -182,7 +206,15 @@ def _identifier(word: str) -> bool:
     letter ("aBcD", "iPhone" too: a product name is a particular as well)."""
     if len(word) > MAX_WORD_CHARS:
         return True
-    return any(c.isupper() for c in word[1:]) and any(c.islower() for c in word)
+    return any(c.isupper() for c in word[1:]) and any(_has_capital(c) for c in word)
+
+
+def _has_capital(letter: str) -> bool:
+    """Whether ``letter`` is lowercase with a one-letter capital: "ß" is not (its capital is
+    "SS"), so "STRAßE", German written in capitals, is a word that folds to "strasse" as
+    "STRASSE" and "Straße" do, not an identifier kept apart from them."""
+    upper = letter.upper()
+    return letter.islower() and len(upper) == 1 and upper != letter
 
 
 @dataclass(frozen=True)
@@ -206,7 +238,7 @@ def _particulars(statement: str) -> _Particulars:
             values.add(word)  # case and all: "aBcD" is not "AbCd"
             pending_tens = None
             continue
-        low = word.casefold()
+        low = fold(word)
         number = _number(low)
         if pending_tens is not None:
             if low in _UNITS and 0 < _UNITS[low] < 10:
@@ -223,7 +255,7 @@ def _particulars(statement: str) -> _Particulars:
         elif word[:1].isupper() and low not in _PRONOUN_I and (len(word) > 1 or word != "A"):
             names.add(low)  # "Ada", and acronyms: "NASA" is not "IBM"
     return _Particulars(
-        frozenset(values), frozenset(names), frozenset(t.casefold() for t in tokens), len(tokens)
+        frozenset(values), frozenset(names), frozenset(fold(t) for t in tokens), len(tokens)
     )
 
 

@@ -61,6 +61,54 @@ async def test_the_same_unknown_words_still_reinforce(engine: MemoryEngine) -> N
     assert again.id == first.id and again.reinforcement_count == 1
 
 
+async def test_german_in_capitals_is_the_same_fact_on_every_path(engine: MemoryEngine) -> None:
+    """ "STRAßE" (German in capitals keeps a lowercase "ß", whose capital is "SS") was read as
+    an identifier with a case of its own, like "iPhone": its fact was kept apart from
+    "STRASSE" and "Straße", which case folding makes equal. Store, bulk store and import."""
+    user = await engine.create_user("ada", None, "user")
+    first = await engine.store_memory(user.id, Fact(statement="Ada lives on the STRASSE 5"))
+    again = await engine.store_memory(user.id, Fact(statement="Ada lives on the STRAßE 5"))
+    assert again.id == first.id and again.reinforcement_count == 1
+    (bulk,) = await engine.store_memories(
+        user.id, [{"type": "fact", "statement": "ADA LIVES ON THE STRAßE 5"}]
+    )
+    assert bulk.id == first.id and bulk.reinforcement_count == 2
+    other = await engine.create_user("bob", None, "user")
+    await engine.store_memory(other.id, Fact(statement="Ada lives on the Straße 5."))
+    file = b"".join([line async for line in engine.export_memories(other.id)])
+    report = await engine.import_memories(user.id, [file])
+    assert report.merged == 1 and not report.created
+    assert await _fact_rows(engine, user.id) == 1
+
+
+async def test_the_dotted_capital_i_folds_as_i_does(engine: MemoryEngine) -> None:
+    """ "İ" case-folds to "i" + U+0307: "İzmir", "Izmir" and "İZMİR" were three facts."""
+    user = await engine.create_user("ada", None, "user")
+    first = await engine.store_memory(user.id, Fact(statement="Ada was born in Izmir"))
+    for statement in ("Ada was born in İzmir", "ADA WAS BORN IN İZMİR"):
+        again = await engine.store_memory(user.id, Fact(statement=statement))
+        assert again.id == first.id
+    assert again.reinforcement_count == 2
+    assert await _fact_rows(engine, user.id) == 1
+
+
+async def test_invisible_marks_make_no_second_fact(engine: MemoryEngine) -> None:
+    """A direction mark (text copied from right-to-left writing), a zero-width space or a
+    soft hyphen gave a statement a key of its own: a bulk store kept it as a second fact."""
+    user = await engine.create_user("ada", None, "user")
+    stored = await engine.store_memories(
+        user.id,
+        [
+            {"type": "fact", "statement": "Ada lives on the Straße 5"},
+            {"type": "fact", "statement": "Ada lives on the STRASSE 5\u200f"},
+            {"type": "fact", "statement": "Ada lives on the Stra\u00adße\u200b 5"},
+        ],
+    )
+    assert len({m.id for m in stored}) == 1 and stored[-1].reinforcement_count == 2
+    assert stored[0].memory.statement == "Ada lives on the Straße 5"  # type: ignore[union-attr]
+    assert await _fact_rows(engine, user.id) == 1
+
+
 async def test_same_fact_reinforces(engine: MemoryEngine) -> None:
     user = await engine.create_user("ada", None, "user")
     first = await engine.store_memory(user.id, Fact(statement="Ada likes jazz", confidence=0.5))

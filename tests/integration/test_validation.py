@@ -49,6 +49,11 @@ async def _counts(engine: MemoryEngine) -> tuple[int, int, int, int]:
             "conversation.messages.0.name",
         ),
         ({"type": "image", "prompt": "x", "steps": 0}, "image.steps"),
+        (  # a name shown inline ("image by RealVis"), checked as a speaker's name is
+            {"type": "image", "prompt": "x", "generator": "RealVis\nXL"},
+            "image.generator",
+        ),
+        ({"type": "image", "prompt": "x", "scheduler": "\u202eMPD"}, "image.scheduler"),
         (
             {
                 "type": "transcription",
@@ -65,6 +70,16 @@ async def _counts(engine: MemoryEngine) -> tuple[int, int, int, int]:
             "transcription.segments.0.speaker",
         ),
         ({"type": "transcription", "text": "x", "language": "klingon"}, "transcription.language"),
+        (  # out of order: the transcript read "b a" and a hit's neighbours were elsewhere
+            {
+                "type": "transcription",
+                "segments": [
+                    {"start": 5.0, "end": 6.0, "text": "second"},
+                    {"start": 0.0, "end": 1.0, "text": "first"},
+                ],
+            },
+            "transcription.segments",
+        ),
         # A transcription's text with nothing to see, and no segments: it was stored, embedded
         # and ranked above every real memory of a semantic search.
         ({"type": "transcription", "text": "\u200b\u200b"}, "transcription"),
@@ -83,6 +98,49 @@ async def test_bad_memories(engine: MemoryEngine, memory: dict, field: str) -> N
         await engine.store_memory(user.id, memory)
     assert err.value.field == field
     assert await _counts(engine) == before
+
+
+async def test_overlapping_segments_in_order_are_kept_as_given(engine: MemoryEngine) -> None:
+    """Two speakers at once overlap; segments that start together keep their order."""
+    user = await engine.create_user("ada", None, "user")
+    segments = [
+        {"start": 0.0, "end": 4.0, "text": "We ship on Monday.", "speaker": "Ada"},
+        {"start": 1.0, "end": 2.0, "text": "Agreed.", "speaker": "Bob"},
+        {"start": 1.0, "end": 1.5, "text": "Yes.", "speaker": "Eve"},
+    ]
+    stored = await engine.store_memory(user.id, {"type": "transcription", "segments": segments})
+    read = await engine.get_memory(user.id, stored.id)
+    assert [s.text for s in read.memory.segments] == ["We ship on Monday.", "Agreed.", "Yes."]  # type: ignore[union-attr]
+    assert read.memory.text == "We ship on Monday. Agreed. Yes."  # type: ignore[union-attr]
+
+
+async def test_tags_that_differ_only_in_unicode_form_are_one_tag(engine: MemoryEngine) -> None:
+    """A tag typed decomposed ("e" + U+0301, as macOS and some keyboards give it) was refused
+    while its precomposed twin was taken; a fullwidth tag was kept beside its ASCII twin and
+    filtered apart from it. Tags are NFKC-normalised, as search text and fact keys are, on
+    every path: a store, a bulk store, an update, a filter."""
+    user = await engine.create_user("ada", None, "user")
+    nfc, nfd = "café", "cafe\u0301"
+    stored = await engine.store_memory(
+        user.id, Fact(statement="Ada drinks espresso", tags=[nfd, nfc, "ＶＩＰ", "VIP"])
+    )
+    assert stored.tags == [nfc, "VIP"]
+    assert (await engine.get_memory(user.id, stored.id)).tags == [nfc, "VIP"]
+    (bulk,) = await engine.store_memories(
+        user.id, [{"type": "fact", "statement": "Ada walks to work", "tags": [nfd]}]
+    )
+    assert bulk.tags == [nfc]
+    for tag in (nfc, nfd):
+        found = await engine.list_memories(user.id, tags=[tag])
+        assert {m.id for m in found.items} == {stored.id, bulk.id}
+    updated = await engine.update_memory(user.id, bulk.id, {"tags": ["ＶＩＰ", nfd]})
+    assert updated.tags == ["VIP", nfc]
+    found = await engine.list_memories(user.id, tags=["ＶＩＰ"])
+    assert {m.id for m in found.items} == {stored.id, bulk.id}
+    # A row stored before the rule is read as it was written, even where NFKC would refuse it.
+    async with engine.db.scoped(admin=True) as conn:
+        await conn.execute("UPDATE memories SET tags = $1 WHERE id = $2", ["a½"], stored.id)
+    assert (await engine.get_memory(user.id, stored.id)).tags == ["a½"]
 
 
 async def test_invisible_transcription_text_gives_way_to_segments(engine: MemoryEngine) -> None:

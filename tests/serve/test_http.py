@@ -493,3 +493,41 @@ async def test_a_path_named_literally_belongs_to_its_route(
     assert missing.status_code == 404
     near = await http.get("/v1/users/me/memories/batches", headers=bearer(key))
     assert near.status_code == 422 and near.json()["error"]["field"] == "path.memory_id"
+
+
+async def test_unicode_forms_and_bad_segments_over_http(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """A decomposed or fullwidth tag is its NFC/ASCII twin (it was a 422, or a second tag);
+    segments out of order and a generator with a line break are a 422 naming the field, and
+    nothing is stored."""
+    _, key = await _user_with_key(http, admin_key)
+    h = bearer(key)
+    stored = await http.post(
+        "/v1/users/me/memories",
+        headers=h,
+        json={"type": "fact", "statement": "Ada drinks espresso", "tags": ["cafe\u0301", "ＶＩＰ"]},
+    )
+    assert stored.status_code == 201, stored.text
+    assert stored.json()["tags"] == ["café", "VIP"]
+    listed = await http.get("/v1/users/me/memories", headers=h, params={"tags": "cafe\u0301"})
+    assert [m["id"] for m in listed.json()["items"]] == [stored.json()["id"]]
+    bad = [
+        (
+            {
+                "type": "transcription",
+                "segments": [
+                    {"start": 5.0, "end": 6.0, "text": "second"},
+                    {"start": 0.0, "end": 1.0, "text": "first"},
+                ],
+            },
+            "segments",
+        ),
+        ({"type": "image", "prompt": "a cat", "generator": "Real\nVis"}, "generator"),
+    ]
+    for body, field in bad:
+        answer = await http.post("/v1/users/me/memories", headers=h, json=body)
+        assert answer.status_code == 422, answer.text
+        assert field in answer.json()["error"]["field"], answer.text
+    listed = await http.get("/v1/users/me/memories", headers=h)
+    assert [m["id"] for m in listed.json()["items"]] == [stored.json()["id"]]
