@@ -148,8 +148,19 @@ class AuthorizedEngine:
 
     # ------------------------------------------------------------------ the check
     async def _deny(
-        self, operation: str, target: UUID | None, reason: str, targets: Sequence[UUID] = ()
+        self,
+        operation: str,
+        target: UUID | None,
+        reason: str,
+        targets: Sequence[UUID] = (),
+        *,
+        role: Role | None = None,
     ) -> PermissionDenied:
+        """The audited refusal. ``role``: the caller's role as stored now, when the check read
+        it: the principal's is the one its key authenticated with, which a role changed since
+        (an Admin made a User while its change feed stays open) no longer is, and the audit
+        row and the message must name the role the refusal was decided by."""
+        role = self.principal.role if role is None else role
         with requestctx.acting(self.principal.user_id, self.request_id):
             await self.engine.record_denied(
                 self.principal.user_id,
@@ -158,46 +169,62 @@ class AuthorizedEngine:
                 "user" if target else None,
                 list(targets) or ([target] if target else []),
                 reason=reason,
-                details={"role": self.principal.role.value},
+                details={"role": role.value},
             )
         return PermissionDenied(
-            f"{self.principal.role.value} {self.principal.username!r} may not {operation}"
+            f"{role.value} {self.principal.username!r} may not {operation}"
             + ("" if target is None or target == self.principal.user_id else f" for {target}")
             + f" ({reason})",
             operation=operation,
         )
 
     async def _check(self, op: Operation, action: str, target: UUID | None = None) -> UUID:
-        """Raise PermissionDenied (audited) unless the principal may do ``op`` for ``target``."""
+        """Raise PermissionDenied (audited) unless the principal may do ``op`` for ``target``;
+        AuthenticationFailed (audited) once the principal's API key no longer authenticates
+        (revoked, rotated or expired since it was authenticated): a principal held past its
+        key's end (an open change feed, the Python API, a principal passed to an engine
+        deployment) is refused as a new request with that key is."""
         me = self.principal
         target = me.user_id if target is None else target
-        states = await self.engine.users_state([me.user_id, target])
+        states, key_live = await self.engine.access_state([me.user_id, target], me)
+        if not key_live and me.user_id in states:
+            raise await self.engine.refuse_dead_key(me)
         mine = states.get(me.user_id)
         if mine is None or mine[1]:
-            raise await self._deny(action, target, "the calling user is disabled or deleted")
+            raise await self._deny(
+                action,
+                target,
+                "the calling user is disabled or deleted",
+                role=None if mine is None else mine[0],
+            )
         role = mine[0]  # the role as stored now: a changed role takes effect at once
         reach = PERMISSIONS[role].get(op)
         if reach is None:
-            raise await self._deny(action, target, f"{role.value}s may not {op.value}")
+            raise await self._deny(action, target, f"{role.value}s may not {op.value}", role=role)
         if reach is Reach.ANY or target == me.user_id:
             return target
         if reach is Reach.NAMED:
             state = states.get(target)
             if state is None:
-                raise await self._deny(action, target, "the named user does not exist")
+                raise await self._deny(action, target, "the named user does not exist", role=role)
             if state[1] or state[0] not in (Role.USER, Role.VIEWER):
                 raise await self._deny(
-                    action, target, "services act only for enabled users and viewers"
+                    action, target, "services act only for enabled users and viewers", role=role
                 )
             return target
         if reach is Reach.GRANTED and target in await self.engine.viewer_grants(me.user_id):
             state = states.get(target)
             if state is None or state[1]:  # as a Service may not act for a disabled user
                 raise await self._deny(
-                    action, target, "a disabled user's memories are read by Admins only"
+                    action,
+                    target,
+                    "a disabled user's memories are read by Admins only",
+                    role=role,
                 )
             return target
-        raise await self._deny(action, target, f"{role.value}s reach only {reach.value} data")
+        raise await self._deny(
+            action, target, f"{role.value}s reach only {reach.value} data", role=role
+        )
 
     async def _run(self, call: Callable[[], Awaitable[_T]]) -> _T:
         with requestctx.acting(self.principal.user_id, self.request_id):

@@ -58,6 +58,7 @@ from halldyll_ray.components.users import Users
 from halldyll_ray.config import Settings
 from halldyll_ray.embedding import TextEncoder, load_encoder
 from halldyll_ray.errors import (
+    AuthenticationFailed,
     ConfigurationError,
     HalldyllError,
     InvalidInput,
@@ -1175,6 +1176,32 @@ class MemoryEngine:
     async def users_state(self, user_ids: Sequence[UUID]) -> dict[UUID, tuple[Role, bool]]:
         """(role, disabled) of each existing user among ``user_ids``."""
         return await self.components.users.states(user_ids)
+
+    async def access_state(
+        self, user_ids: Sequence[UUID], principal: Principal
+    ) -> tuple[dict[UUID, tuple[Role, bool]], bool]:
+        """:meth:`users_state`, and whether the principal's API key still authenticates (not
+        revoked, rotated or expired; True for a principal made without a key)."""
+        if principal.key_id is None:
+            return await self.components.users.states(user_ids), True
+        return await self.components.users.states_with_key(
+            user_ids, principal.user_id, principal.key_id
+        )
+
+    async def refuse_dead_key(self, principal: Principal) -> AuthenticationFailed:
+        """Audit (throttled, as :meth:`authenticate`'s refusals) a call made with an
+        authenticated principal whose key was revoked, rotated or expired since; the error
+        to raise (what :meth:`authenticate` now answers that key)."""
+        await self.components.audit.record_denied(
+            principal.user_id,
+            None,
+            "auth",
+            "api_key",
+            [] if principal.key_id is None else [principal.key_id],
+            reason="revoked or expired key",
+            throttle="auth:revoked or expired key",
+        )
+        return AuthenticationFailed("invalid, expired or revoked API key")
 
     # ------------------------------------------------------------------ audit
     async def record_denied(

@@ -214,6 +214,17 @@ class Users:
         rows = await self.db.fetch(q("users_state"), list(dict.fromkeys(user_ids)))
         return {row["id"]: (Role(row["role"]), row["disabled"]) for row in rows}
 
+    async def states_with_key(
+        self, user_ids: Sequence[UUID], caller: UUID, key_id: UUID
+    ) -> tuple[dict[UUID, tuple[Role, bool]], bool]:
+        """:meth:`states`, and whether ``caller``'s API key ``key_id`` is still live (not
+        revoked, not expired, still the caller's), in one query."""
+        rows = await self.db.fetch(
+            q("users_state_with_key"), list(dict.fromkeys(user_ids)), key_id, caller
+        )
+        states = {row["id"]: (Role(row["role"]), row["disabled"]) for row in rows}
+        return states, any(row["key_live"] for row in rows)
+
     # ------------------------------------------------------------------ viewer grants
     async def grant_viewer(self, viewer_id: UUID | str, owner_id: UUID | str) -> None:
         """Let a Viewer read another user's memories."""

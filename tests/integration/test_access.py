@@ -239,6 +239,63 @@ async def test_disabled_users_and_changed_roles_take_effect_at_once(world: World
     assert await bob_api.search(None, "secret") is not None
 
 
+async def test_a_principal_held_past_its_key_is_refused_at_once(world: World) -> None:
+    """Revoking, rotating or the expiry of a key ends what an already-authenticated principal
+    of it may do (an open change feed, the Python API, a principal passed to a deployment)
+    at its next call, as a new request with that key is refused: AuthenticationFailed,
+    audited with the key's id and no secret."""
+    import asyncio
+
+    engine = world.engine
+    ada = world.users["ada"]
+    key_id = (await engine.authenticate(world.keys["ada"])).key_id
+    revoked_api = await world.api("ada")
+    assert await revoked_api.search(None, "secret") is not None
+    await engine.revoke_api_key(key_id)
+    with pytest.raises(AuthenticationFailed):
+        await revoked_api.search(None, "secret")
+    with pytest.raises(AuthenticationFailed):  # a write, and a key operation, as well
+        await revoked_api.store_memory(None, Fact(statement="written with a revoked key"))
+    rows = await engine.list_audit(operation="auth", outcome="denied", limit=100)
+    refused = [r for r in rows if r["actor_id"] == ada.id and str(key_id) in r["target_ids"]]
+    assert refused[0]["details"]["reason"] == "revoked or expired key"
+    assert refused and all(world.keys["ada"] not in str(r) for r in rows)
+
+    rotated_from = await engine.create_api_key(ada.id, name="old")
+    held = engine.authorized(await engine.authenticate(rotated_from.key))
+    new = await engine.rotate_api_key(rotated_from.api_key.id)
+    with pytest.raises(AuthenticationFailed):
+        await held.get_user()
+    assert await engine.authorized(await engine.authenticate(new.key)).get_user()
+
+    expiring = await engine.create_api_key(
+        ada.id, name="brief", expires_at=datetime.now(UTC) + timedelta(seconds=2)
+    )
+    held = engine.authorized(await engine.authenticate(expiring.key))
+    assert await held.search(None, "secret") is not None
+    await asyncio.sleep(2.2)
+    with pytest.raises(AuthenticationFailed):
+        await held.search(None, "secret")
+    # The user is not disabled by any of it: a live key of theirs still acts.
+    assert (await engine.get_user(ada.id)).disabled is False
+    assert await engine.authorized(await engine.authenticate(new.key)).search(None, "secret")
+
+
+async def test_a_refusal_names_the_role_it_was_decided_by(world: World) -> None:
+    """An Admin made a User while its principal is held (an open change feed): the refusal's
+    message and audit row name the role as stored now, which decided it, not the old one."""
+    engine = world.engine
+    root2 = world.users["root2"]
+    root_api = await world.api("root2")
+    assert await root_api.search(world.users["ada"].id, "secret") is not None
+    await engine.update_user(root2.id, role="user")
+    with pytest.raises(PermissionDenied) as denied:
+        await root_api.search(world.users["ada"].id, "secret")
+    assert str(denied.value).startswith("user 'root2' may not"), str(denied.value)
+    row = (await engine.list_audit(user_id=root2.id, outcome="denied", limit=1))[0]
+    assert row["details"]["role"] == "user", row
+
+
 async def test_api_key_lifecycle(world: World) -> None:
     engine = world.engine
     ada = world.users["ada"]

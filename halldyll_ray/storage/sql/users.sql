@@ -88,6 +88,15 @@ RETURNING memory_version,
 -- name: users_state
 SELECT id, role, disabled FROM users WHERE id = ANY($1::uuid[]);
 
+-- name: users_state_with_key
+-- users_state, and whether the caller's API key ($2, of user $3) still authenticates: not
+-- revoked, not expired. One round trip for every check of AuthorizedEngine.
+SELECT id, role, disabled,
+       id = $3 AND EXISTS (SELECT 1 FROM api_keys k
+                           WHERE k.id = $2 AND k.user_id = $3 AND k.revoked_at IS NULL
+                             AND (k.expires_at IS NULL OR k.expires_at > now())) AS key_live
+FROM users WHERE id = ANY($1::uuid[]);
+
 -- name: lock_grant_users
 -- A grant's Viewer and owner, both rows locked in the order of their ids: grants given both
 -- ways at once (V1 reads V2, V2 reads V1) each locked its Viewer's row, then the owner's
