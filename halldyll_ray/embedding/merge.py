@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from halldyll_ray.errors import Unavailable
+
 Vectors = npt.NDArray[np.float32]
 
 
@@ -90,10 +92,18 @@ class _Merger(ABC):
                         future.set_result(vectors[start : start + len(texts)])
                     start += len(texts)
                 group = []
-        except BaseException as exc:  # the loop is shutting down: nobody is left waiting
+        except BaseException:  # the loop is shutting down (the replica stops): a retry works
+            # Unavailable, not a RuntimeError: what waited here answers 503 with Retry-After
+            # and the caller's retry reaches a replica that runs (a bare error was a 500 when
+            # a node went away with its replica under load, tests/cluster).
             for _, future in [*group, *self._pending]:
                 if not future.done():
-                    future.set_exception(RuntimeError(f"encoder stopped: {exc!r}"))
+                    future.set_exception(
+                        Unavailable(
+                            "the embedding model stopped (its replica is shutting down); retry",
+                            retry_after=1,
+                        )
+                    )
             self._pending.clear()
             raise
         finally:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from halldyll_ray.embedding import MergingCaller, MergingEncoder
+from halldyll_ray.errors import Unavailable
 
 
 class GatedModel:
@@ -129,6 +130,26 @@ async def test_a_caller_that_gives_up_is_not_encoded() -> None:
     assert model.calls == [["a"], ["kept"]]
     with pytest.raises(asyncio.CancelledError):
         await gone
+
+
+async def test_requests_waiting_when_the_worker_stops_are_unavailable() -> None:
+    """A replica shutting down cancels the merger's worker with requests queued: they get
+    Unavailable (a 503 with Retry-After; their retry reaches a running replica), not a
+    RuntimeError that the API answered 500."""
+    model = GatedModel()
+    merger = MergingEncoder(model, max_texts=8)
+    model.gate.clear()
+    first = asyncio.create_task(merger.encode(["a"]))
+    await _until(model.entered)
+    queued = asyncio.create_task(merger.encode(["b"]))
+    await asyncio.sleep(0.02)
+    [worker] = [w for w in merger._workers if w is not None]
+    worker.cancel()
+    for waiting in (first, queued):
+        with pytest.raises(Unavailable) as stopped:
+            await waiting
+        assert stopped.value.fields["retry_after"] == 1
+    model.gate.set()
 
 
 def test_max_texts_must_be_positive() -> None:
