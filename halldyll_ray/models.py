@@ -30,6 +30,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from halldyll_ray.errors import quoted
+from halldyll_ray.textproc import NEEDED_FORMAT
 
 # --- limits -----------------------------------------------------------------------------------
 MAX_TAGS = 32
@@ -211,20 +212,15 @@ SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
 ModelRef = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
 
 
-#: Format characters (Unicode Cf) that scripts and emoji need: the zero-width non-joiner and
-#: joiner (Persian and Indic spelling, "👨‍💻") and the tag characters of flags ("🏴󠁧󠁢󠁳󠁣󠁴󠁿").
-_NEEDED_FORMAT = re.compile("[\u200c\u200d\U000e0020-\U000e007f]")
-
-
 def plain(value: str) -> bool:
     """Whether ``value`` holds no control, unassigned or surrogate character, no line or
     paragraph separator (U+2028, U+2029: line breaks that are not controls) and no format
-    character but the joiners and tags scripts and emoji need (:data:`_NEEDED_FORMAT`): none of
+    character but the joiners and tags scripts and emoji need (:data:`NEEDED_FORMAT`): none of
     what makes a name read as another one (a right-to-left override, a zero-width space, a
     soft hyphen) or forges a log line (a line break)."""
     return not any(
         unicodedata.category(c) in ("Cc", "Cn", "Cs", "Zl", "Zp")
-        or (unicodedata.category(c) == "Cf" and not _NEEDED_FORMAT.match(c))
+        or (unicodedata.category(c) == "Cf" and not NEEDED_FORMAT.match(c))
         for c in value
     )
 

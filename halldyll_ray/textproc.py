@@ -31,10 +31,10 @@ def _fold_word(match: re.Match[str]) -> str:
     return word if _identifier(word) else fold(word)
 
 
-#: Format characters (Unicode Cf) a statement keeps: the zero-width non-joiner and joiner
-#: (Persian and Indic spelling, "👨‍💻") and the tag characters of flags, as
-#: :data:`halldyll_ray.models._NEEDED_FORMAT` keeps them in names.
-_KEPT_FORMAT = re.compile("[\u200c\u200d\U000e0020-\U000e007f]")
+#: Format characters (Unicode Cf) that scripts and emoji need: the zero-width non-joiner and
+#: joiner (Persian and Indic spelling, "👨‍💻") and the tag characters of flags ("🏴󠁧󠁢󠁳󠁣󠁴󠁿").
+#: A statement keeps them, and names may hold them (:func:`halldyll_ray.models.plain`).
+NEEDED_FORMAT = re.compile("[\u200c\u200d\U000e0020-\U000e007f]")
 
 
 def _drop_invisible(text: str) -> str:
@@ -44,7 +44,7 @@ def _drop_invisible(text: str) -> str:
     not catch it (a bulk store)."""
     if text.isascii():
         return text
-    return "".join(c for c in text if unicodedata.category(c) != "Cf" or _KEPT_FORMAT.match(c))
+    return "".join(c for c in text if unicodedata.category(c) != "Cf" or NEEDED_FORMAT.match(c))
 
 
 def normalize_statement(statement: str) -> str:
