@@ -186,20 +186,24 @@ def test_serve_sh_stops_whole_on_each_signal(
     # Every listener of the application is on loopback: HAProxy (HTTP, stats, metrics), the
     # fallback proxy, the ingress replica's own HTTP server (30000-31000), PostgreSQL (none).
     # HAProxy can still be loading its full configuration (a reload starts a new process) when
-    # /readyz first answers: look again until every port of ours has its listener.
+    # /readyz first answers: look again until every port of ours has its listener. A graceful
+    # reload starts a new HAProxy (-sf) and the old one exits, so the processes are named in the
+    # same look as they are listed, and the look is repeated until it sees HAProxy too.
     ours = {int(port) for port in ports.values()}
     deadline = time.monotonic() + LISTEN_TIMEOUT_S
     while True:
-        tree = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+        names = {p.pid: _name(p.pid) for p in psutil.Process(proc.pid).children(recursive=True)}
+        tree = set(names)
         started.extend(sorted(tree - set(started)))
         listeners = _listeners(tree | {postmaster})
         serve_ports = [
             (ip, port) for ip, port, _ in listeners if port in ours or 30000 <= port <= 31000
         ]
-        if {port for _, port in serve_ports} >= ours or time.monotonic() > deadline:
+        haproxy = {pid for pid, name in names.items() if name == "haproxy"}
+        complete = {port for _, port in serve_ports} >= ours and haproxy
+        if complete or time.monotonic() > deadline:
             break
         time.sleep(1)
-    haproxy = {p for p in tree if _name(p) == "haproxy"}
     # What Ray's HAProxy manager said (a failed reload, a restarted actor) is in the console.
     assert haproxy, f"HAProxy is not running: {_console_tail(launch)}"
     assert {port for _, port in serve_ports} >= ours, (listeners, _console_tail(launch))
