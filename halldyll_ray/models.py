@@ -132,6 +132,23 @@ class SearchGroup(StrEnum):
     MEMORY = "memory"
 
 
+def _is_mark(char: str) -> bool:
+    return unicodedata.category(char).startswith("M")
+
+
+def tag_allowed(tag: str) -> bool:
+    """Whether ``tag`` (NFKC, stripped) is 1-MAX_TAG_LENGTH characters matching
+    :data:`TAG_PATTERN`, where a combining mark may follow any character but the first.
+
+    Marks that no precomposed letter holds are how many scripts spell their words: Thai
+    vowels and tone marks ("ข้าว"), Devanagari vowel signs ("हिंदी"), Arabic harakat, Hebrew
+    points. ``\\w`` takes none of them, so a tag in Hindi or Thai was refused while one in
+    Chinese or French was kept."""
+    if not tag or len(tag) > MAX_TAG_LENGTH or _is_mark(tag[0]):
+        return False
+    return TAG_PATTERN.fullmatch("".join(c for c in tag if not _is_mark(c))) is not None
+
+
 def _check_tags(tags: list[str], info: ValidationInfo) -> list[str]:
     """The tags stripped and NFKC-normalised (the form search and fact keys read text in),
     each once: "café" typed precomposed or as "e" + U+0301 (what macOS file names and some
@@ -139,13 +156,14 @@ def _check_tags(tags: list[str], info: ValidationInfo) -> list[str]:
     form was refused (a combining mark is not a word character) and a fullwidth tag was kept
     beside its ASCII twin, filtered apart from it. Tags read back from storage (context
     STORED) are as they were written: a tag stored before this rule may not match after it
-    ("a½" is "a1⁄2"), and reading it must not fail."""
+    ("a½" is "a1⁄2"), and reading it must not fail. A combining mark NFKC does not compose
+    (Thai, Devanagari) is kept (:func:`tag_allowed`)."""
     if info.context is STORED:
         return tags
     seen: dict[str, None] = {}
     for tag in tags:
         tag = unicodedata.normalize("NFKC", tag).strip()
-        if not TAG_PATTERN.fullmatch(tag):
+        if not tag_allowed(tag):
             raise ValueError(
                 f"tag {quoted(tag)} is not allowed: 1-{MAX_TAG_LENGTH} characters, starting with a "
                 "letter, digit or underscore"

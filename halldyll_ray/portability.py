@@ -265,12 +265,19 @@ _HEADER: TypeAdapter[ExportHeader] = TypeAdapter(ExportHeader)
 _MEMORY_LINE: TypeAdapter[ExportedMemory] = TypeAdapter(ExportedMemory)
 
 
+_BOM = "\ufeff".encode()
+
+
 async def numbered_lines(
     chunks: AsyncIterable[bytes | str], *, max_line_bytes: int = MAX_LINE_BYTES
 ) -> AsyncIterator[tuple[int, bytes]]:
     """Split a stream of byte (or str) chunks into ``(line number, line)``, 1-based.
 
     Lines end with ``\\n`` (``\\r\\n`` too); blank lines keep their number but are skipped.
+    A UTF-8 byte order mark opening the file is not part of its first line: editors on
+    Windows (Notepad, Excel's "UTF-8" CSV/text) write one when they save, and RFC 8259 lets
+    a JSON reader ignore it. The first line was "not JSON" (Python's parser refuses a BOM),
+    so an export opened and saved again could not be imported.
     A line longer than ``max_line_bytes`` comes out as ``b""`` followed by nothing of it:
     the caller reports it (its content is dropped as it arrives, so memory stays bounded).
     """
@@ -289,6 +296,8 @@ async def numbered_lines(
                 break
             number += 1
             line = bytes(buffer[:end]).rstrip(b"\r")
+            if number == 1:
+                line = line.removeprefix(_BOM)
             del buffer[: end + 1]
             if overlong:
                 overlong = False
@@ -301,7 +310,8 @@ async def numbered_lines(
     if overlong:
         yield number + 1, b""
     elif buffer.strip():
-        yield number + 1, bytes(buffer).rstrip(b"\r")
+        line = bytes(buffer).rstrip(b"\r")
+        yield number + 1, line.removeprefix(_BOM) if number == 0 else line
 
 
 def _json(number: int, line: bytes) -> Any:

@@ -552,8 +552,22 @@ class OnnxEncoder:
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         """(start, end) character offsets of each WordPiece token of ``text``, without
         [CLS]/[SEP]; what chunking by tokens cuts on (:func:`halldyll_ray.textproc.token_windows`).
+
+        An ``[UNK]`` is one unit a character, as a prompt budget counts it
+        (:meth:`count_tokens`): WordPiece reads a whole word it cannot spell as one
+        ``[UNK]``, and a word of a script written without spaces (Thai, Khmer, Lao) or a run
+        of 101+ letters is a whole sentence or text. As one token, a 7,000-character Thai
+        transcript was one chunk, costing 7,000 tokens: no context budget could hold it, and
+        the search reported all of it as the matched part.
         """
-        return list(self._count_tokenizer.encode(text, add_special_tokens=False).offsets)
+        encoding = self._count_tokenizer.encode(text, add_special_tokens=False)
+        offsets: list[tuple[int, int]] = []
+        for token, (start, end) in zip(encoding.ids, encoding.offsets, strict=True):
+            if token == self._unknown_id and end - start > 1:
+                offsets.extend((i, i + 1) for i in range(start, end))
+            else:
+                offsets.append((start, end))
+        return offsets
 
     def unknown_spans(self, text: str) -> list[str]:
         """The words of ``text`` WordPiece reads as ``[UNK]`` (all-MiniLM-L6-v2: emoji, Thai,

@@ -627,6 +627,31 @@ async def test_words_of_scripts_without_spaces_are_found(engine: MemoryEngine, m
 
 
 @pytest.mark.parametrize(
+    ("wanted", "other", "query"),
+    [
+        ("ฉันชอบกินข้าวผัดกุ้งที่ร้านริมแม่น้ำ", "วันนี้ฝนตกหนักมากที่กรุงเทพ", "ข้าวผัด"),  # Thai
+        ("ຂ້ອຍມັກກິນເຂົ້າໜຽວ", "ມື້ນີ້ຝົນຕົກໜັກ", "ເຂົ້າໜຽວ"),  # Lao
+        ("ខ្ញុំចូលចិត្តញ៉ាំបាយ", "ថ្ងៃនេះភ្លៀងធ្លាក់ខ្លាំង", "បាយ"),  # Khmer
+        ("ကျွန်တော်ထမင်းစားချင်တယ်", "ဒီနေ့မိုးအရမ်းရွာတယ်", "ထမင်း"),  # Burmese
+    ],
+)
+@pytest.mark.parametrize("mode", ["fulltext", "hybrid"])
+async def test_words_of_southeast_asian_scripts_without_spaces_are_found(
+    engine: MemoryEngine, mode: str, wanted: str, other: str, query: str
+) -> None:
+    """Thai, Lao, Khmer and Burmese put no space between words, as Chinese does, but a word
+    is several letters and marks: a sentence was one lexeme and a word in it was found by no
+    mode (the embedding missed it as well). Inspired by meilisearch/meilisearch#864 ("the
+    middle words won't be found with query 'eating' or 'rice'")."""
+    user = await engine.create_user(f"th{uuid.uuid4().hex[:8]}", None, "user")
+    fact = await engine.store_memory(user.id, Fact(statement=wanted))
+    await engine.store_memory(user.id, Fact(statement=other))
+    await engine.store_memory(user.id, Fact(statement="We talked about the weather all day"))
+    hits = await engine.search(user.id, query, mode=mode)
+    assert hits and hits[0].memory.id == fact.id
+
+
+@pytest.mark.parametrize(
     ("stored", "query"),
     [
         ("Ｃａｆé déjà vu at the ﬁsh market", "cafe deja vu fish"),
@@ -644,6 +669,63 @@ async def test_other_forms_of_the_same_words_match_in_full_text(
     for mode in ("fulltext", "hybrid"):
         hits = await engine.search(user.id, query, mode=mode)
         assert hits and hits[0].memory.id == wanted.id, mode
+
+
+@pytest.mark.parametrize(
+    ("stored", "query"),
+    [
+        ("I moved to Lon\u200bdon last spring", "London"),  # zero-width space (web copy)
+        ("The super\u00adcalifragilistic song", "supercalifragilistic"),  # soft hyphen
+        ("The pass\u2060word is under the mat", "password"),  # word joiner
+        ("Order \u202eevil\u202c number 42 shipped", "evil"),  # right-to-left override
+        ("\ufeffGrandmother baked plum cake", "grandmother"),  # BOM opening a pasted text
+        ("We met at \u2067Lyon\u2069 station", "Lyon"),  # bidi isolate
+        ("שָׁלוֹם to everyone at the meeting", "שלום"),  # Hebrew points
+        ("ذَهَبَ الوَلَدُ إِلَى المَدْرَسَةِ", "المدرسة"),  # Arabic harakat
+        ("ذهب الولد إلى المدرسة", "المَدْرَسَةِ"),  # ... and the other way round
+        ("The kitten is called Mi\u200dmi", "Mimi"),  # a joiner where none belongs
+    ],
+)
+async def test_invisible_characters_and_vowel_points_do_not_hide_a_word(
+    engine: MemoryEngine, stored: str, query: str
+) -> None:
+    """Inspired by contao/core#8389 (soft hyphens) and dotnet/docfx#2112 (zero-width spaces
+    in copied text): a format character inside or around a word (what text copied from the
+    web or a right-to-left document carries) made the word another lexeme, and Hebrew and
+    Arabic words written with their optional vowel points did not match the same words
+    written without."""
+    user = await engine.create_user(f"cf{uuid.uuid4().hex[:8]}", None, "user")
+    wanted = await engine.store_memory(user.id, Fact(statement=stored))
+    await engine.store_memory(user.id, Fact(statement="Something else entirely about boats"))
+    hits = await engine.search(user.id, query, mode="fulltext")
+    assert [h.memory.id for h in hits] == [wanted.id]
+
+
+async def test_an_export_saved_with_a_byte_order_mark_imports(engine: MemoryEngine) -> None:
+    """Inspired by cityjson/cjio#21 ("Unexpected UTF-8 BOM"): an export opened and saved
+    again by a Windows editor starts with a UTF-8 BOM, which made its header line "not
+    JSON" and the whole file unimportable."""
+    owner = await engine.create_user(f"bo{uuid.uuid4().hex[:8]}", None, "user")
+    fact = await engine.store_memory(owner.id, Fact(statement="Ada keeps bees in Lyon"))
+    exported = b"".join([chunk async for chunk in engine.export_memories(owner.id)])
+    for saved in (
+        b"\xef\xbb\xbf" + exported,
+        b"\xef\xbb\xbf" + exported.replace(b"\n", b"\r\n"),
+        ["\ufeff" + exported.decode()],
+        [b"\xef", b"\xbb", b"\xbf" + exported],  # the mark cut across chunks
+    ):
+        other = await engine.create_user(f"bi{uuid.uuid4().hex[:8]}", None, "user")
+        chunks = [saved] if isinstance(saved, bytes) else saved
+        report = await engine.import_memories(other.id, chunks, atomic=True)
+        assert report.error_count == 0 and report.created == {"fact": 1}, report
+        page = await engine.list_memories(other.id)
+        assert [m.memory.statement for m in page.items] == [fact.memory.statement]
+    # A mark anywhere but the file's start is still the line's content: refused, by line.
+    other = await engine.create_user(f"bx{uuid.uuid4().hex[:8]}", None, "user")
+    header, rest = exported.split(b"\n", 1)
+    report = await engine.import_memories(other.id, [header + b"\n\xef\xbb\xbf" + rest])
+    assert report.error_count == 1 and report.errors[0].line == 2
+    assert (await engine.list_memories(other.id)).items == []
 
 
 async def test_every_part_of_a_long_text_is_findable(engine: MemoryEngine) -> None:
@@ -667,6 +749,34 @@ async def test_every_part_of_a_long_text_is_findable(engine: MemoryEngine) -> No
         "SELECT count(*) FROM memory_chunks WHERE memory_id = $1", stored.id, user_id=user.id
     )
     assert chunks >= 4
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ฉันชอบกินข้าวผัดกุ้งที่ร้านริมแม่น้ำ" * 120,  # Thai, no spaces
+        "ខ្ញុំចូលចិត្តញ៉ាំបាយនៅផ្ទះជាមួយគ្រួសារ" * 120,  # Khmer, no spaces
+    ],
+)
+async def test_a_long_text_of_unspaced_unknown_words_is_cut_to_the_budget(
+    engine: MemoryEngine, text: str
+) -> None:
+    """Inspired by huggingface/transformers#17551 and tensorflow/text#73 (a word WordPiece
+    cannot spell, or one past 100 characters, is one [UNK] however long): a Thai transcript
+    was one chunk costing thousands of budget tokens, so build_context could never include
+    it and a search matched all of it."""
+    user = await engine.create_user(f"lt{uuid.uuid4().hex[:8]}", None, "user")
+    stored = await engine.store_memory(user.id, Transcription(text=text))
+    rows = await engine.db.fetch(
+        "SELECT content FROM memory_chunks WHERE memory_id = $1", stored.id, user_id=user.id
+    )
+    assert len(rows) >= 10
+    assert max(engine.encoder.count_tokens(r["content"]) for r in rows) <= 128
+    word = text[20:26]
+    hits = await engine.search(user.id, word, mode="fulltext")
+    assert hits and hits[0].memory.id == stored.id and len(hits[0].matched.text) <= 128
+    context = await engine.build_context(user.id, query=word, max_tokens=300)
+    assert context.sources == [stored.id] and context.token_count <= 300
 
 
 async def test_an_idempotency_key_names_one_models_turn(

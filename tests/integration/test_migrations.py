@@ -206,3 +206,39 @@ async def test_messages_stored_before_0007_get_their_speaker_and_date_label(fres
         assert [(r["named"], r["dated"]) for r in rows] == [(True, True), (False, True)]
     finally:
         await conn.close()
+
+
+async def test_chunks_stored_before_0014_are_found_through_invisible_characters(
+    fresh_db: str,
+) -> None:
+    before = [m for m in load_migrations() if m.version < 14]
+    await apply_migrations(fresh_db, embedding_dimension=384, migrations=before)
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        user = await conn.fetchval(
+            "INSERT INTO users (id, username, role) VALUES (gen_random_uuid(), 'old', 'user')"
+            " RETURNING id"
+        )
+        memory = await conn.fetchval(
+            "INSERT INTO memories (id, user_id, type, content)"
+            " VALUES (gen_random_uuid(), $1, 'conversation', 'old') RETURNING id",
+            user,
+        )
+        zero = "[" + ",".join(["0"] * 384) + "]"
+        await conn.execute(
+            "INSERT INTO memory_chunks (memory_id, user_id, type, part, part_index, content,"
+            " embedding) VALUES ($1, $2, 'conversation', 'message', 0, $3, $4::vector)",
+            memory,
+            user,
+            "I moved to Lon\u200bdon, \u05e9\u05b8\u05c1\u05dc\u05d5\u05b9\u05dd",
+            zero,
+        )
+        query = (
+            "SELECT tsv @@ plainto_tsquery('simple', halldyll_search_text($1)) FROM memory_chunks"
+        )
+        words = ("london", "\u05e9\u05dc\u05d5\u05dd")
+        assert [await conn.fetchval(query, word) for word in words] == [False, False]
+        await apply_migrations(fresh_db, embedding_dimension=384)
+        assert [await conn.fetchval(query, word) for word in words] == [True, True]
+    finally:
+        await conn.close()

@@ -87,6 +87,9 @@ async def _counts(engine: MemoryEngine) -> tuple[int, int, int, int]:
         ({"type": "transcription", "text": " \u3164 "}, "transcription"),
         ({"type": "summary", "text": "x", "covers": ["nope"]}, "summary.covers.0"),
         ({"type": "fact", "statement": "x", "tags": ["a b c !"]}, "fact.tags"),
+        # A tag may hold combining marks, but not start with one, nor pass 64 characters.
+        ({"type": "fact", "statement": "x", "tags": ["\u0e49\u0e32"]}, "fact.tags"),
+        ({"type": "fact", "statement": "x", "tags": ["\u0939\u093f" * 33]}, "fact.tags"),
         ({"type": "fact", "statement": "x", "importance": -1}, "fact.importance"),
     ],
 )
@@ -98,6 +101,27 @@ async def test_bad_memories(engine: MemoryEngine, memory: dict, field: str) -> N
         await engine.store_memory(user.id, memory)
     assert err.value.field == field
     assert await _counts(engine) == before
+
+
+@pytest.mark.parametrize(
+    "tag",
+    ["ข้าว", "हिंदी", "தமிழ்", "שָׁלוֹם", "مَدْرَسَة", "ភាសាខ្មែរ", "ကော်ဖီ"],
+)
+async def test_tags_spelled_with_combining_marks_are_kept(engine: MemoryEngine, tag: str) -> None:
+    """Thai, Devanagari, Tamil, Khmer and Burmese spell words with combining marks that no
+    precomposed letter holds (and Hebrew and Arabic write vowel points with them): ``\\w``
+    takes none, so a tag in Hindi or Thai was refused ("not allowed") while one in Chinese or
+    French was kept. Inspired by PCRE2Project/pcre2#885 and mrabarnett/mrab-regex#451 (Unicode's
+    ``\\w`` takes marks; Python's ``re`` does not). Kept as written, and found by the list
+    and search filters."""
+    user = await engine.create_user(f"tg{uuid.uuid4().hex[:8]}", None, "user")
+    stored = await engine.store_memory(user.id, Fact(statement="Ada drinks espresso", tags=[tag]))
+    assert stored.tags == [tag]
+    await engine.store_memory(user.id, Fact(statement="Ada drinks tea", tags=["other"]))
+    found = await engine.list_memories(user.id, tags=[tag])
+    assert [m.id for m in found.items] == [stored.id]
+    hits = await engine.search(user.id, "what does Ada drink", tags=[tag])
+    assert [h.memory.id for h in hits] == [stored.id]
 
 
 async def test_overlapping_segments_in_order_are_kept_as_given(engine: MemoryEngine) -> None:

@@ -279,6 +279,23 @@ def test_truncate_to_tokens(encoder: OnnxEncoder, text: str, limit: int) -> None
         assert encoder.count_tokens(text[: ends[0]]) > limit
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ฉันชอบกินข้าวผัดกุ้งที่ร้านริมแม่น้ำ" * 5,  # Thai: one [UNK] "word" of 180 letters
+        "x" * 500 + " y",  # a word longer than WordPiece spells (100 characters)
+        "ខ្ញុំចូលចិត្តញ៉ាំបាយ and some English 🙂🙂🙂",
+    ],
+)
+def test_chunking_units_are_the_budgets_tokens(encoder: OnnxEncoder, text: str) -> None:
+    """An [UNK] costs one token a character in a prompt budget; as one chunking unit, a long
+    unspaced run was one chunk no budget could hold (huggingface/transformers#17551)."""
+    offsets = encoder.token_offsets(text)
+    assert len(offsets) == encoder.count_tokens(text)
+    assert all(text[start:end].strip() for start, end in offsets)
+    assert offsets == sorted(offsets) and offsets[-1][1] == len(text.rstrip())
+
+
 def test_truncate_rejects_negative_limit(encoder: OnnxEncoder) -> None:
     with pytest.raises(ValueError):
         encoder.truncate_to_tokens("text", -1)
