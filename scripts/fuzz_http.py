@@ -6,13 +6,14 @@ Starts everything on this machine, on free loopback ports, and stops it all at t
 - an Admin user and its API key.
 
 Then it runs ``schemathesis run <url>/openapi.json --checks all`` (less positive data
-acceptance: see the comment below) with that key for
+acceptance: see the comment below; ``<url>/graphql`` with ``--graphql``, its schema read by
+introspection, and GraphQL's errors judged by ``scripts/fuzz_hooks.py``) with that key for
 ``--max-time`` seconds and exits with schemathesis's status (0: no failure). Extra arguments
 after ``--`` go to schemathesis.
 
 Usage (about ``--max-time`` + 60 s)::
 
-    .venv/bin/python scripts/fuzz_http.py [--max-time 180] [-- --phases fuzzing]
+    .venv/bin/python scripts/fuzz_http.py [--max-time 180] [--graphql] [-- --phases fuzzing]
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ async def _admin_key(database_url: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-time", type=int, default=180, help="schemathesis time budget (s)")
+    parser.add_argument(
+        "--graphql", action="store_true", help="fuzz POST /graphql instead of the REST routes"
+    )
     parser.add_argument("extra", nargs="*", help="after --: more schemathesis options")
     args = parser.parse_args()
 
@@ -69,8 +73,11 @@ def main() -> int:
             base = f"http://127.0.0.1:{port}"
             command = [
                 str(Path(sys.executable).with_name("schemathesis")),
+                # Check settings the command line cannot give (see the file's comments).
+                "--config-file",
+                str(ROOT / "scripts" / "schemathesis.toml"),
                 "run",
-                f"{base}/openapi.json",
+                f"{base}/graphql" if args.graphql else f"{base}/openapi.json",
                 "--checks",
                 "all",
                 # Positive data acceptance expects every schema-valid request to succeed, but
@@ -78,7 +85,9 @@ def main() -> int:
                 # returned, expires_at must be in the future, grants are for Viewers, a
                 # context needs a query or messages. Those answer 422 by design.
                 "--exclude-checks",
-                "positive_data_acceptance",
+                # GraphQL's own server-error check takes the API's refusals (lowercase REST
+                # codes, not Apollo's) for server errors: fuzz_hooks.py judges them instead.
+                "positive_data_acceptance" + (",not_a_server_error" if args.graphql else ""),
                 "--header",
                 f"Authorization: Bearer {key}",
                 "--max-time",
@@ -90,11 +99,17 @@ def main() -> int:
                 "--report-dir",
                 str(ROOT / "benchmarks" / "results" / "schemathesis"),
                 # The run's own Admin must stay one: deleting, disabling or demoting itself
-                # ("me") would turn the rest of the run into 401s.
-                "--exclude-name",
-                "DELETE /v1/users/{user_id}",
-                "--exclude-name",
-                "PATCH /v1/users/{user_id}",
+                # ("me") would turn the rest of the run into 401s. (GraphQL has neither.)
+                *(
+                    []
+                    if args.graphql
+                    else [
+                        "--exclude-name",
+                        "DELETE /v1/users/{user_id}",
+                        "--exclude-name",
+                        "PATCH /v1/users/{user_id}",
+                    ]
+                ),
                 *args.extra,
             ]
             shown = [

@@ -431,13 +431,20 @@ def _id(value: object) -> strawberry.ID | None:
     return None if value is None else strawberry.ID(str(value))
 
 
-def _graphql_error(exc: HalldyllError) -> GraphQLError:
+def _graphql_error(exc: HalldyllError, request_id: str | None) -> GraphQLError:
     """The API's error as a GraphQL error: the message, and in ``extensions`` the code, the
-    HTTP status REST answered, the field at fault and the request id."""
-    extensions: dict[str, Any] = {"code": exc.code}
+    HTTP status REST answered, the field at fault and the request id.
+
+    An error refused before any route ran (the client's own checks of an id it puts in a
+    path: ``id: ""``, ``userId: "a/b"``) carries neither status nor request id: it gets the
+    status REST answers for its kind and ``request_id``, the GraphQL request's id, as every
+    other error of that request does."""
+    extensions: dict[str, Any] = {"code": exc.code, "status_code": status_of(exc)}
     for name in ("status_code", "field", "request_id", "report"):
         if exc.fields.get(name) is not None:
             extensions[name] = exc.fields[name]
+    if "request_id" not in extensions and request_id:
+        extensions["request_id"] = request_id
     return GraphQLError(exc.message, extensions=extensions, original_error=exc)
 
 
@@ -448,7 +455,7 @@ async def _call(
         async with info.context.client() as client:
             return await fn(client)
     except HalldyllError as exc:
-        raise _graphql_error(exc) from None
+        raise _graphql_error(exc, info.context.request_id) from None
 
 
 def _types(types: list[hm.MemoryType] | None) -> list[str] | None:
@@ -735,13 +742,13 @@ class Subscription:
                 target, after=None if after is None else str(after), rechecks=[key_still_valid]
             )
         except HalldyllError as exc:
-            raise _graphql_error(exc) from None
+            raise _graphql_error(exc, context.request_id) from None
         async with subscription:
             try:
                 async for item in subscription:
                     yield _feed_item(item)
             except HalldyllError as exc:
-                raise _graphql_error(exc) from None
+                raise _graphql_error(exc, context.request_id) from None
 
 
 def _feed_item(item: hm.MemoryEvent | hm.EventsResync) -> MemoryEvent | EventsResync:

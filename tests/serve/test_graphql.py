@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import Any
 
 import httpx
@@ -319,6 +320,35 @@ async def test_a_request_that_is_not_graphql_gets_the_api_error_shape(
         assert response.status_code == 400, (body, response.text)
         error = response.json()["error"]
         assert error["code"] == "invalid_input" and error["message"] and error["request_id"]
+
+
+async def test_every_refusal_carries_its_status_and_the_request_id(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """An id the client refuses before any route runs (empty, '.', holding a '/') came back
+    with only code and field: no status_code nor request_id, which every other refusal
+    (a malformed UUID the route refused, an unknown model) carries."""
+    _, key = await user_with_key(http, admin_key)
+    cases = (
+        ('mutation { deleteMemory(id: "") }', "invalid_input", 422, "memory_id"),
+        ('mutation { deleteMemory(id: "a/b") }', "invalid_input", 422, "memory_id"),
+        ('{ memory(id: "..") { id } }', "invalid_input", 422, "memory_id"),
+        ('{ job(id: "x", userId: "") { id } }', "invalid_input", 422, "user_id"),
+        ('{ context(query: "tea", userId: "a/b") { text } }', "invalid_input", 422, "user_id"),
+        # Refused by the route: these carried both already.
+        ('mutation { deleteMemory(id: "utf-8") }', "invalid_input", 422, "path.memory_id"),
+        ('{ context(query: "tea", model: "nope") { text } }', "not_found", 404, None),
+    )
+    for query, code, status, field in cases:
+        rid = f"gql-{uuid.uuid4().hex[:12]}"
+        response = await http.post(
+            GQL, json={"query": query}, headers={**bearer(key), "X-Request-ID": rid}
+        )
+        assert response.status_code == 200, response.text
+        (error,) = response.json()["errors"]
+        extensions = error["extensions"]
+        assert extensions["code"] == code and extensions["status_code"] == status, (query, error)
+        assert extensions.get("field") == field and extensions["request_id"] == rid, (query, error)
 
 
 async def test_a_mutation_sends_its_json_argument_as_given(
