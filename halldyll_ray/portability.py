@@ -322,7 +322,7 @@ def _json(number: int, line: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"line {number} is not UTF-8: {exc.reason}", field="line") from None
     try:
-        return json.loads(text)
+        return validation.json_loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"line {number} is not JSON: {exc}", field="line") from None
     except RecursionError:

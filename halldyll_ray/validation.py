@@ -13,6 +13,8 @@ stored row is read back.
 from __future__ import annotations
 
 import base64
+import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -42,6 +44,41 @@ EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,185}\.[^@\s]{2,63}")
 SESSION_ID = re.compile(SESSION_ID_PATTERN.removeprefix("^").removesuffix("$"))
 
 
+#: A JSON string (skipped) or a constant Python's parser takes that JSON has not.
+_NON_STANDARD = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|(-?Infinity|NaN)')
+
+
+class _Constant(Exception):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _Constant(name)
+
+
+def json_loads(data: str | bytes) -> Any:
+    """:func:`json.loads` for what a client sends (REST bodies, GraphQL requests, import
+    lines), refusing ``NaN``, ``Infinity`` and ``-Infinity``.
+
+    RFC 8259 (section 6) has no such numbers, but Python's parser takes them: a
+    ``"confidence": NaN`` was refused as "less than or equal to 1", and a number field
+    without bounds took the value as given. They are now what they are, a JSON syntax error
+    at their position.
+
+    Raises:
+        json.JSONDecodeError: not JSON, or one of those constants (its ``pos`` is where).
+        RecursionError: nested deeper than the parser recurses.
+    """
+    try:
+        return json.loads(data, parse_constant=_refuse_constant)
+    except _Constant as exc:
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        at = next((m.start(1) for m in _NON_STANDARD.finditer(text) if m.group(1)), 0)
+        message = f"{exc.name} is not a JSON number (RFC 8259)"
+        raise json.JSONDecodeError(message, text, at) from None
+
+
 def first_error(errors: Sequence[Any], *, skip: Iterable[str] = ()) -> InvalidInput:
     """A request's first validation error (pydantic's ``errors()``) as InvalidInput:
     ``"<field>: <message>"`` on the field, its location dotted without its first part when
@@ -66,12 +103,21 @@ def first_error(errors: Sequence[Any], *, skip: Iterable[str] = ()) -> InvalidIn
     return InvalidInput(f"{field}: {message}" if field else message, field=field or None)
 
 
+#: pydantic's error types of a number's bounds (``ge``, ``gt``, ``le``, ``lt``).
+_BOUNDS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal"})
+
+
 def error_message(error: Mapping[str, Any]) -> str:
     """pydantic's message of one error, with the caller's text it repeats (the input, or a
     value of its context such as a union's tag: ``Input tag '<tag>' found ...``) cut as
     :func:`~halldyll_ray.errors.quoted` cuts it. The one wording of every surface's
     validation error (:func:`first_error`, :func:`validate`, the request models' parse)."""
     message = str(error["msg"])
+    value = error.get("input")
+    if isinstance(value, float) and not math.isfinite(value) and error.get("type") in _BOUNDS:
+        # NaN compares false with everything: pydantic said "less than or equal to 1" of it.
+        # The words of pydantic's own check of a field that refuses NaN (allow_inf_nan).
+        return "Input should be a finite number"
     # The context's other values (expected tags, a pattern) are ours: said in full.
     for value in (error.get("input"), (error.get("ctx") or {}).get("tag")):
         if isinstance(value, str) and len(value) > QUOTE_CHARS and value in message:

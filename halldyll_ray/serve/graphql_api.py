@@ -29,6 +29,7 @@ a unit test keeps it current).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from datetime import datetime
@@ -66,7 +67,7 @@ from strawberry.types import ExecutionContext, Info
 from strawberry.types.graphql import OperationType
 
 from halldyll_ray import models as hm
-from halldyll_ray import requestctx
+from halldyll_ray import requestctx, validation
 from halldyll_ray.client import AsyncHalldyllClient
 from halldyll_ray.errors import AuthenticationFailed, HalldyllError, bound_quotes
 from halldyll_ray.serve import http
@@ -1037,10 +1038,13 @@ class _GraphQL(GraphQL[GraphQLContext, None]):
         await response(scope, receive, send)
 
     def decode_json(self, data: str | bytes) -> object:
-        """The body's JSON; 400 for JSON nested deeper than the parser recurses (it was a
+        """The body's JSON (:func:`~halldyll_ray.validation.json_loads`: no NaN or
+        Infinity); 400 for JSON nested deeper than the parser recurses (it was a
         RecursionError, a 500), as the REST routes answer."""
         try:
-            return super().decode_json(data)
+            return validation.json_loads(data)
+        except json.JSONDecodeError as exc:  # strawberry's text does not say what or where
+            raise HTTPException(400, f"not valid JSON: {exc}") from None
         except RecursionError:
             raise HTTPException(400, "the JSON body is nested too deeply") from None
 

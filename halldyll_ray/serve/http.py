@@ -15,7 +15,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
@@ -24,6 +24,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from pydantic import TypeAdapter
 from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
@@ -99,6 +100,32 @@ api = FastAPIOffline(
     "`Authorization: Bearer <API key>` (the Authorize button).",
     responses=ERROR_RESPONSES,
 )
+
+
+class _ClientJSONRequest(Request):
+    """A request whose JSON body is read by :func:`validation.json_loads`: ``NaN`` and
+    ``Infinity`` are a 422 "not valid JSON" at their position, as on every other surface."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = validation.json_loads(await self.body())
+        return self._json
+
+
+class _ClientJSONRoute(APIRoute):
+    """The API's routes, each handed a :class:`_ClientJSONRequest` (FastAPI's documented way
+    to change how a route reads its request: a custom ``APIRoute.get_route_handler``)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def read_as_client_json(request: Request) -> Response:
+            return await handler(_ClientJSONRequest(request.scope, request.receive))
+
+        return read_as_client_json
+
+
+api.router.route_class = _ClientJSONRoute
 api.state.max_body_bytes = DEFAULT_MAX_BODY_BYTES
 api.state.max_import_bytes = DEFAULT_MAX_IMPORT_BYTES
 api.state.body_timeout_s = BODY_TIMEOUT_S

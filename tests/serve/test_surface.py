@@ -245,6 +245,47 @@ async def test_schema_invalid_values_are_422(
     assert r.json()["error"]["code"] == "invalid_input"
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "name"),
+    [
+        ("/v1/users/me/memories", '{"type": "fact", "statement": "nan", "confidence": NaN}', "NaN"),
+        (
+            "/v1/users/me/memories",
+            '{"type": "fact", "statement": "i", "importance": -Infinity}',
+            "-Infinity",
+        ),
+        ("/v1/users/me/search", '{"query": "NaN", "threshold": Infinity}', "Infinity"),
+        (
+            "/v1/users/me/memories",
+            '{"type": "image", "prompt": "a cat", "guidance_scale": NaN}',
+            "NaN",
+        ),
+    ],
+)
+async def test_nan_and_infinity_are_not_json_and_store_nothing(
+    http: httpx.AsyncClient, admin_key: str, path: str, body: str, name: str
+) -> None:
+    """RFC 8259 has no NaN or Infinity; Python's parser took them, and a NaN confidence was
+    refused as "less than or equal to 1". Now a 422 naming what and where, nothing stored;
+    GraphQL's body the same (a 400, as every body that is not JSON there)."""
+    headers = {**bearer(admin_key), "content-type": "application/json"}
+    before = (await http.get("/v1/users/me/memories?limit=100", headers=headers)).json()
+    r = await http.post(path, content=body.encode(), headers=headers)
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]["message"]
+    assert f"{name} is not a JSON number" in message, message
+    assert f"at character {body.index(name)}" in message
+    after = (await http.get("/v1/users/me/memories?limit=100", headers=headers)).json()
+    assert after == before
+    query = "mutation($m: JSON!) { storeMemory(memory: $m) { id } }"
+    graphql = '{"query": "' + query + '", "variables": {"m": ' + body + "}}"
+    r = await http.post("/graphql", content=graphql.encode(), headers=headers)
+    assert r.status_code == 400, r.text
+    assert f"{name} is not a JSON number" in r.json()["error"]["message"]
+    after = (await http.get("/v1/users/me/memories?limit=100", headers=headers)).json()
+    assert after == before
+
+
 def _said_at(stamp: str) -> dict[str, Any]:
     return {
         "type": "conversation",

@@ -1,12 +1,14 @@
-"""validation.first_error: how a request's first validation error reads (HTTP 422 and MCP)."""
+"""validation.first_error: how a request's first validation error reads (HTTP 422 and MCP);
+validation.json_loads: the JSON parser of what clients send."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
-from halldyll_ray.validation import first_error
+from halldyll_ray.validation import first_error, json_loads
 
 
 @pytest.mark.parametrize(
@@ -108,3 +110,54 @@ def test_the_python_and_the_http_mapping_name_the_same_field(
     assert in_python.value.field == field
     assert first_error(as_http, skip=("body",)).field == f"memory.{field}"
     assert first_error(in_request.value.errors()).field == f"memory.{field}"  # MCP's form
+
+
+# ------------------------------------------------------------------ json_loads
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ('{"query": "x", "threshold": NaN}', "NaN"),
+        ('{"statement": "NaN and Infinity", "confidence": Infinity}', "Infinity"),
+        ('[1, "\\"NaN", -Infinity]', "-Infinity"),
+        ('{"a": {"b": [0.5, NaN]}}', "NaN"),
+    ],
+)
+def test_json_loads_refuses_the_constants_json_has_not_at_their_position(
+    text: str, name: str
+) -> None:
+    with pytest.raises(json.JSONDecodeError) as caught:
+        json_loads(text)
+    assert caught.value.msg == f"{name} is not a JSON number (RFC 8259)"
+    assert text[caught.value.pos :].startswith(name)
+    with pytest.raises(json.JSONDecodeError):
+        json_loads(text.encode())
+    assert json.loads(text) is not None  # what the standard library's parser takes
+
+
+def test_json_loads_reads_json_as_the_standard_library_does() -> None:
+    text = '{"s": "NaN Infinity -Infinity \\" NaN", "n": [1e308, -0.0, 12345678901234567890]}'
+    assert json_loads(text) == json.loads(text) == json_loads(text.encode())
+    with pytest.raises(json.JSONDecodeError):
+        json_loads("{'a': 1}")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_number_that_is_not_finite_is_named_so_not_out_of_bounds(value: float) -> None:
+    """A NaN passed to a bounded field (a handle or MCP argument: their JSON parsers take
+    NaN) read "less than or equal to 1": NaN compares false with every bound."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from halldyll_ray.models import Fact
+    from halldyll_ray.schemas import SearchRequest
+
+    with pytest.raises(ValidationError) as caught:
+        TypeAdapter(SearchRequest).validate_python({"query": "x", "threshold": value})
+    error = first_error(caught.value.errors())
+    assert error.field == "threshold"
+    assert error.message == "threshold: Input should be a finite number"
+    # The same words as a field that refuses NaN itself.
+    with pytest.raises(ValidationError) as caught:
+        TypeAdapter(Fact).validate_python({"statement": "x", "confidence": value})
+    assert (
+        first_error(caught.value.errors()).message == "confidence: Input should be a finite number"
+    )

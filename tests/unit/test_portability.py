@@ -56,6 +56,18 @@ def test_a_bad_memory_line_names_its_number_and_field(line: bytes, field: str) -
     assert "7" in caught.value.message
 
 
+def test_a_line_with_nan_or_infinity_is_not_json() -> None:
+    line = (
+        b'{"id": "00000000-0000-4000-8000-000000000000", "memory": {"type": "fact", '
+        b'"statement": "NaN", "confidence": NaN}}'
+    )
+    with pytest.raises(InvalidInput) as caught:
+        parse_memory_line(7, line)
+    assert caught.value.field == "line"
+    assert "line 7 is not JSON: NaN is not a JSON number" in caught.value.message
+    assert f"char {line.index(b'NaN}')}" in caught.value.message
+
+
 def test_a_header_of_another_version_or_format_is_refused() -> None:
     ok = b'{"format": "halldyll-export", "version": 1, "user": {"id": '
     ok += b'"00000000-0000-4000-8000-000000000000", "username": "a"}, "exported_at": "2026-01-01"}'
