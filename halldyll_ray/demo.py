@@ -19,6 +19,7 @@ from halldyll_ray.models import (
     Message,
     MessageRole,
     ModelKind,
+    SearchResult,
     Segment,
     Summary,
     Transcription,
@@ -27,6 +28,14 @@ from halldyll_ray.models import (
 
 def _line(title: str) -> None:
     print(f"\n=== {title} " + "=" * max(0, 70 - len(title)))
+
+
+def _scores(hit: SearchResult) -> str:
+    """A hit's score and cosine. Two decimals printed a right hybrid answer as ``score=0.00``:
+    the fused score of a small store is a few thousandths (see README "Search"), so it gets
+    three significant digits, and the cosine, the number a reader can judge, comes beside it."""
+    similarity = "" if hit.similarity is None else f" similarity={hit.similarity:.2f}"
+    return f"score={hit.score:.3g}{similarity}"
 
 
 async def run_demo(settings: Settings) -> None:
@@ -140,7 +149,7 @@ async def run_demo(settings: Settings) -> None:
             took = (time.perf_counter() - started) * 1000
             best = hits[0] if hits else None
             shown = (
-                f"{best.memory.type.value} score={best.score:.2f} "
+                f"{best.memory.type.value} {_scores(best)} "
                 f"[{best.matched.part} {best.matched.index}] {best.matched.text[:50]!r}"
                 if best
                 else "nothing"

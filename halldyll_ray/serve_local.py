@@ -43,7 +43,8 @@ whichever signal came (INT, TERM or HUP):
 SIGKILL if the actor that started it dies, as Ray's own processes do.
 
 **Ready.** Once ``GET /readyz`` answers 200, one line says the URL and where the Admin API
-key file is (never the key).
+key file is (never the key). **Stopped.** The last line says the launcher is done and where the
+data stay.
 """
 
 from __future__ import annotations
@@ -267,21 +268,50 @@ def write_haproxy_wrapper(run_dir: Path, *, binary: str, ports: LocalPorts) -> P
     return path
 
 
+def halldyll_command(data_dir: Path | None) -> str:
+    """The ``halldyll`` command as one can type it to reach this service's database: this
+    environment's own (``.venv/bin`` is seldom on the PATH), with its ``DATA_DIR`` (without it
+    the command opens the default folder's database, another one, and makes a key there)."""
+    installed = Path(sys.executable).with_name("halldyll")
+    command = shlex.quote(str(installed)) if installed.exists() else "halldyll"
+    if data_dir is None:
+        return command
+    return f"DATA_DIR={shlex.quote(str(data_dir))} {command}"
+
+
 def ready_line(url: str, *, key_file: Path | None) -> str:
     """What the console says once the app answers: the URL and where the key is, not the key."""
     if key_file is None:
-        where = "DATABASE_URL is set: create an Admin with `halldyll create-user NAME --role admin`"
+        where = (
+            "DATABASE_URL is set: create an Admin with the same DATABASE_URL and "
+            f"`{halldyll_command(None)} create-user NAME --role admin`"
+        )
     elif key_file.exists():
         where = f"the Admin API key is in {key_file}"
     else:
         where = (
             f"no Admin API key file at {key_file} (an Admin existed before): "
-            "`halldyll create-key admin` makes a new key"
+            f"`{halldyll_command(key_file.parent)} create-key admin` makes a new key"
         )
     return (
         f"halldyll-ray is ready at {url} (API docs: {url}/docs, dashboard: {url}/ui); "
         f"{where}. Ctrl-C stops it."
     )
+
+
+def stopped_line(status: int, *, data_dir: Path | None) -> str:
+    """The console's last line: the launcher is done (Ray's own lines before it can read like a
+    failure: ``Task ServeController.graceful_shutdown failed ... killed by `ray.kill` `` is its
+    normal shutdown), and where the data stay."""
+    if status == 0:
+        done = "halldyll-ray stopped"
+    else:
+        done = (
+            f"halldyll-ray exited: serve run ended with status {status} (its output above says why)"
+        )
+    if data_dir is None:
+        return f"{done}."
+    return f"{done}; the data stay in {data_dir}, where the next start finds them."
 
 
 def is_ready(url: str) -> bool:
@@ -470,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = Supervisor(command, env=environ, url=url).run(on_ready=announce)
         if embedded:
             stop_embedded_postgres(settings.data_dir, settings.embedded_database)
+        print(stopped_line(status, data_dir=settings.data_dir if embedded else None), flush=True)
         return status
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

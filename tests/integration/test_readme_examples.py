@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from halldyll_ray.config import Settings
+from halldyll_ray.demo import run_demo
 
 ROOT = Path(__file__).parents[2]
 
@@ -40,3 +46,22 @@ async def test_the_python_api_example_runs_twice(database_url: str) -> None:
         )
         assert done.returncode == 0, (run, done.stderr[-2000:])
         assert done.stdout.startswith("Ada drinks green tea every morning "), done.stdout
+
+
+async def test_the_demo_shows_scores_a_reader_can_read(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`scripts/demo.sh` (the README's quick start) printed each paraphrased search's right
+    answer as `score=0.00` or `score=0.01`: the hybrid score of a small store is a few
+    thousandths. Now each line shows the score to three significant digits and the cosine."""
+    await run_demo(settings)
+    out = capsys.readouterr().out
+    searches = out[out.index("=== search") : out.index("=== agent loop")].splitlines()[1:]
+    hits = [line for line in searches if " -> " in line]
+    assert len(hits) == 4 and not [line for line in hits if "-> nothing" in line]
+    for line in hits:
+        shown = re.search(r"score=(\S+)", line).group(1)  # type: ignore[union-attr]
+        similarity = float(re.search(r"similarity=(\S+)", line).group(1))  # type: ignore[union-attr]
+        # At least two significant digits ("0.00" and "0.01" had none and one).
+        assert float(shown) > 0 and len(shown.replace(".", "").lstrip("0")) >= 2, line
+        assert 0.2 < similarity <= 1, line

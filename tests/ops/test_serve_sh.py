@@ -222,6 +222,11 @@ def test_serve_sh_stops_whole_on_each_signal(
     assert isinstance(log, Path)
     console = log.read_text(errors="replace")
     assert "skipping fork() handlers" not in console and "SIGSEGV" not in console
+    # The launcher's last word: stopped, and where the data stay (Ray's shutdown lines before
+    # it can read like a failure). Among the last lines: a Ray process that ends after the
+    # launcher may still write to the same console.
+    stopped = f"halldyll-ray stopped; the data stay in {data_dir}, where the next start finds them."
+    assert stopped in console.splitlines()[-5:], _console_tail(launch)
 
     left = [pid for pid in {*started, postmaster} if _alive(pid)]
     assert not left, [(pid, psutil.Process(pid).cmdline()[:3]) for pid in left]

@@ -144,8 +144,7 @@ async def test_atomic_import_over_http_is_422_with_the_report_and_stores_nothing
         # The bulk is metadata, which is not embedded: 600 long statements took 20-40 s of
         # encoding on two cores, near the client's timeout when the machine is busy.
         big = "".join(
-            json.dumps(line(f"Ivy note {n}", note="lorem ipsum " * 300)) + "\n"
-            for n in range(60)
+            json.dumps(line(f"Ivy note {n}", note="lorem ipsum " * 300)) + "\n" for n in range(60)
         )
         assert len(big) > 200_000
         response = await raw.post(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from halldyll_ray.serve_local import (
     local_config,
     local_environment,
     ready_line,
+    stopped_line,
     write_haproxy_wrapper,
 )
 
@@ -139,6 +141,30 @@ def test_the_ready_line_names_the_key_file_never_the_key(tmp_path: Path) -> None
     assert "hr_secret" not in line
     assert "create-key" in ready_line("http://127.0.0.1:8000", key_file=tmp_path / "missing")
     assert "DATABASE_URL is set" in ready_line("http://127.0.0.1:8000", key_file=None)
+
+
+def test_the_ready_line_s_key_command_reaches_the_service_s_database(tmp_path: Path) -> None:
+    """The hint for a lost key file said `halldyll create-key admin`: typed as written, in a
+    shell without the launcher's DATA_DIR and with .venv/bin off the PATH, it finds no command,
+    or makes a key in the default folder's database, which the service refuses (401). Now the
+    command names DATA_DIR and this environment's `halldyll`."""
+    data_dir = tmp_path / "my data"
+    line = ready_line("http://127.0.0.1:8000", key_file=data_dir / "admin_api_key")
+    installed = Path(sys.executable).with_name("halldyll")
+    assert installed.exists()
+    assert f"`DATA_DIR='{data_dir}' {installed} create-key admin`" in line
+    hint = ready_line("http://127.0.0.1:8000", key_file=None)
+    assert f"`{installed} create-user NAME --role admin`" in hint and "DATA_DIR" not in hint
+
+
+def test_the_last_line_says_the_launcher_stopped_and_where_the_data_stay(tmp_path: Path) -> None:
+    """After Ctrl-C the console ended on Ray's `Task ServeController.graceful_shutdown failed
+    ... killed by ray.kill` (its normal shutdown), which reads like a failure."""
+    line = stopped_line(0, data_dir=tmp_path)
+    assert line.startswith("halldyll-ray stopped") and str(tmp_path) in line
+    assert stopped_line(0, data_dir=None) == "halldyll-ray stopped."
+    failed = stopped_line(1, data_dir=tmp_path)
+    assert "stopped" not in failed and "status 1" in failed and str(tmp_path) in failed
 
 
 @pytest.mark.parametrize("variable", ["HALLDYLL_HTTP_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"])
