@@ -58,6 +58,9 @@ class Candidate:
     #: A period summary's session summaries: a context never shows a summary together with
     #: one it covers (whichever comes first keeps its place).
     covers: frozenset[UUID] = frozenset()
+    #: What to show when ``text`` does not fit (a matched turn without the long turns beside
+    #: it, or only its matched part): "" for none.
+    shorter: str = ""
 
 
 @dataclass(frozen=True)
@@ -221,8 +224,8 @@ def assemble(
     shown: set[UUID] = set()
     covered: set[UUID] = set()
 
-    def render_line(candidate: Candidate) -> str:
-        text = fence(candidate.text)
+    def render_line(candidate: Candidate, said: str | None = None) -> str:
+        text = fence(candidate.text if said is None else said)
         if candidate.section in _REFERENCED and candidate.memory_id is not None:
             if candidate.memory_id in references:
                 number = references.index(candidate.memory_id) + 1
@@ -242,6 +245,9 @@ def assemble(
         header = 0 if chosen[section] else header_cost[section]
         line = render_line(candidate)
         cost = count_tokens(line)
+        if header + cost > limit and candidate.shorter:
+            line = render_line(candidate, candidate.shorter)
+            cost = count_tokens(line)
         if header + cost > limit:
             if not truncatable or limit - header < 4:
                 return False

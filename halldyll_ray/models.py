@@ -45,6 +45,8 @@ MAX_PROMPT_CHARS = 4_000
 MAX_TEXT_CHARS = 200_000
 MAX_SEGMENTS = 10_000
 MAX_SUMMARY_COVERS = 1_000
+#: Sources a fact keeps (the newest): each reinforcement adds its own.
+MAX_FACT_SOURCES = 10_000
 MAX_URI_CHARS = 2_048
 MAX_QUERY_CHARS = 4_000
 MAX_SEARCH_LIMIT = 100
@@ -567,15 +569,24 @@ class Transcription(_MemoryBase):
         return value
 
     @model_validator(mode="after")
-    def _has_text(self) -> Transcription:
+    def _has_text(self, info: ValidationInfo) -> Transcription:
         if self.duration_seconds is not None and any(
             segment.end > self.duration_seconds for segment in self.segments
         ):
             raise ValueError("a segment ends after the recording (duration_seconds)")
+        joined = " ".join(segment.text.strip() for segment in self.segments)
+        # The segments are the transcript: together they are held to the text's limit. A
+        # text joined from 10 segments of 30,000 characters was stored past MAX_TEXT_CHARS,
+        # and then every read of it (get, list, search, export) failed on that limit.
+        if len(joined) > MAX_TEXT_CHARS and info.context is not STORED:
+            raise ValueError(
+                f"the segments hold {len(joined)} characters of text together; a "
+                f"transcription holds at most {MAX_TEXT_CHARS}"
+            )
         if not self.text.strip():
             if not self.segments:
                 raise ValueError("a transcription needs text or segments")
-            self.text = " ".join(segment.text.strip() for segment in self.segments)
+            self.text = joined
         return self
 
 

@@ -38,6 +38,7 @@ from pydantic import (
 from halldyll_ray import validation
 from halldyll_ray.errors import InvalidInput, quoted
 from halldyll_ray.models import (
+    MAX_FACT_SOURCES,
     MAX_MESSAGES_PER_CONVERSATION,
     Conversation,
     Fact,
@@ -122,7 +123,9 @@ class ExportedMemory(_Line):
     sources: list[
         Annotated[str, StringConstraints(max_length=500), AfterValidator(_storable_text)]
     ] = Field(
-        default_factory=list, max_length=10_000, description="A fact's sources, oldest first."
+        default_factory=list,
+        max_length=MAX_FACT_SOURCES,
+        description="A fact's sources, oldest first.",
     )
     created_at: UtcDateTime
     updated_at: UtcDateTime

@@ -56,7 +56,7 @@ from halldyll_ray.llm.protocol import (
     Neighbour,
     checked,
 )
-from halldyll_ray.models import MAX_MESSAGES_PER_CALL, Fact, FactKind
+from halldyll_ray.models import MAX_FACT_SOURCES, MAX_MESSAGES_PER_CALL, MAX_TAGS, Fact, FactKind
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
 from halldyll_ray.textproc import fact_key
@@ -453,7 +453,12 @@ class Consolidation:
     ) -> Any:
         """Insert a new open fact; an open fact with the same key is reinforced instead."""
         row = await conn.fetchrow(
-            *bind("upsert_fact", **self._fact_row(turn, candidate, scope, statement))
+            *bind(
+                "upsert_fact",
+                **self._fact_row(turn, candidate, scope, statement),
+                max_tags=MAX_TAGS,
+                max_sources=MAX_FACT_SOURCES,
+            )
         )
         if not row["reinforced"]:
             await insert_chunks(conn, row, chunks, vectors)
@@ -498,6 +503,8 @@ class Consolidation:
                 ttl=timedelta(days=self.settings.ephemeral_fact_ttl_days),
                 promote_at=self.settings.fact_promotion_confidence,
                 tags=[],
+                max_tags=MAX_TAGS,
+                max_sources=MAX_FACT_SOURCES,
                 sources=[f"conversation:{turn.conversation_id}"],
             )
         )

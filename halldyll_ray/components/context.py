@@ -43,12 +43,17 @@ from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
 
 
-def describe(stored: StoredMemory, matched: MatchedPart, turns: Sequence[Any] | None = None) -> str:
-    """One line for a non-fact memory in a context block.
+def describe(
+    stored: StoredMemory, matched: MatchedPart, turns: Sequence[Any] | None = None
+) -> tuple[str, str]:
+    """One line for a non-fact memory in a context block, and a shorter one to show when
+    that one does not fit ("" when there is none).
 
     ``turns``: for a matched message, the conversation's rows around it (the one before, the
     message, the one after; ``turns_around``), written as ``speaker: text`` in order, the
-    date being the message's own.
+    date being the message's own. The shorter line is the matched part of the message alone:
+    with long turns beside it (or a long message), the whole line passed any budget, and the
+    turn that answered was left out of the context.
     """
     day = stored.created_at.date().isoformat()
     payload = stored.memory
@@ -60,19 +65,25 @@ def describe(stored: StoredMemory, matched: MatchedPart, turns: Sequence[Any] | 
             lines = " / ".join(
                 f"{ctx.speaker(t['role'], t['name'])}: {t['content']}" for t in turns
             )
-            return f"({day}, conversation{title}) {lines}"
-        return f"({day}, conversation{title}) {matched.text}"
+            alone = f"{ctx.speaker(said['role'], said['name'])}: {matched.text}"
+            return (
+                f"({day}, conversation{title}) {lines}",
+                f"({day}, conversation{title}) {alone}",
+            )
+        return f"({day}, conversation{title}) {matched.text}", ""
     if isinstance(payload, Image):
         made = f" by {payload.generator}" if payload.generator else ""
-        return f"({day}, image{made}) prompt: {payload.prompt}"
+        return f"({day}, image{made}) prompt: {payload.prompt}", ""
     if isinstance(payload, Transcription):
         lang = f", {payload.language}" if payload.language else ""
-        return f"({day}, transcription{lang}) {matched.text}"
+        return f"({day}, transcription{lang}) {matched.text}", ""
     if isinstance(payload, Summary):
         if stored.period is not None:
-            return f"({stored.period}, summary of {len(payload.covers)} sessions) {payload.text}"
-        return f"({day}, summary) {payload.text}"
-    return f"({day}) {matched.text}"
+            label = f"({stored.period}, summary of {len(payload.covers)} sessions)"
+        else:
+            label = f"({day}, summary)"
+        return f"{label} {payload.text}", f"{label} {matched.text}"
+    return f"({day}) {matched.text}", ""
 
 
 #: Summaries of each kind (session, period) the history section chooses from at most: the
@@ -360,11 +371,14 @@ class ContextBuilder:
                 continue  # already in the recent turns / the summary section
             payload = stored.memory
             covers: frozenset[UUID] = frozenset()
+            shorter = ""
             if isinstance(payload, Fact):
                 section, salience, text = ctx.FACTS, payload.confidence, payload.statement
             else:
                 section, salience = ctx.MEMORIES, stored.importance
-                text = describe(stored, hit.matched, turns.get((stored.id, hit.matched.index)))
+                text, shorter = describe(
+                    stored, hit.matched, turns.get((stored.id, hit.matched.index))
+                )
                 if isinstance(payload, Summary):
                     covers = frozenset(payload.covers) - conversations
             candidates.append(
@@ -378,6 +392,7 @@ class ContextBuilder:
                     salience=salience,
                     part=f"{hit.matched.part}:{hit.matched.index}",
                     covers=covers,
+                    shorter=shorter,
                 )
             )
         ranked = ctx.rank(

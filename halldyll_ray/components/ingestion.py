@@ -43,8 +43,10 @@ from halldyll_ray.embedding import TextEncoder
 from halldyll_ray.errors import Conflict, HalldyllError, InvalidInput, NotFound
 from halldyll_ray.language import detect_language
 from halldyll_ray.models import (
+    MAX_FACT_SOURCES,
     MAX_MESSAGES_PER_CALL,
     MAX_MESSAGES_PER_CONVERSATION,
+    MAX_TAGS,
     Conversation,
     Fact,
     FactKind,
@@ -491,6 +493,8 @@ class Ingestion:
                     ttl=ttl,
                     promote_at=promote,
                     tags=fact.tags,
+                    max_tags=MAX_TAGS,
+                    max_sources=MAX_FACT_SOURCES,
                     sources=payload["sources"],
                 )
             )
@@ -505,6 +509,8 @@ class Ingestion:
                     content=content,
                     payload=payload,
                     tags=fact.tags,
+                    max_tags=MAX_TAGS,
+                    max_sources=MAX_FACT_SOURCES,
                     metadata=fact.metadata,
                     importance=fact.importance,
                     fact_key=key,

@@ -2,7 +2,8 @@
 
 Export streams from a server-side cursor in one REPEATABLE READ, read-only transaction: the
 header's counts and the lines agree, and memory stays flat however many memories the user has
-(:data:`EXPORT_BATCH` rows and their messages at a time).
+(:data:`EXPORT_BATCH` rows and their messages at a time, fewer once they hold
+:data:`EXPORT_BATCH_BYTES`).
 
 Import reads lines as they arrive and works in batches of :data:`IMPORT_BATCH` lines (at
 most :data:`IMPORT_BATCH_BYTES` of them, so a file of long lines is not held whole): each
@@ -45,6 +46,8 @@ from halldyll_ray.config import Settings
 from halldyll_ray.errors import HalldyllError, InvalidInput, NotFound
 from halldyll_ray.language import detect_language
 from halldyll_ray.models import (
+    MAX_FACT_SOURCES,
+    MAX_TAGS,
     Conversation,
     Fact,
     FactKind,
@@ -68,6 +71,9 @@ from halldyll_ray.textproc import fact_key as make_fact_key
 
 #: Memories read from the export cursor at a time (with their conversations' messages).
 EXPORT_BATCH = 200
+#: Bytes of text (and messages) an export batch stops at: 200 conversations of 1,000 long
+#: messages were held, with their lines, in one batch of gigabytes.
+EXPORT_BATCH_BYTES = 8 * 1024 * 1024
 #: Lines an import validates, embeds and writes together.
 IMPORT_BATCH = 128
 #: Bytes of lines a batch holds at most (a single longer line is a batch of its own): 128
@@ -154,11 +160,13 @@ class Transfer:
             )
             yield header.model_dump_json().encode() + b"\n"
             batch: list[asyncpg.Record] = []
+            held = 0
             async for row in conn.cursor(q("export_memories"), user_id, prefetch=EXPORT_BATCH):
                 batch.append(row)
-                if len(batch) == EXPORT_BATCH:
+                held += row["text_bytes"]
+                if len(batch) == EXPORT_BATCH or held >= EXPORT_BATCH_BYTES:
                     yield await self._export_lines(conn, user_id, batch, models)
-                    batch = []
+                    batch, held = [], 0
             if batch:
                 yield await self._export_lines(conn, user_id, batch, models)
 
@@ -587,6 +595,8 @@ class Transfer:
                 ttl=timedelta(days=self.settings.ephemeral_fact_ttl_days),
                 promote_at=self.settings.fact_promotion_confidence,
                 tags=fact.tags,
+                max_tags=MAX_TAGS,
+                max_sources=MAX_FACT_SOURCES,
                 sources=sources,
             )
         )

@@ -192,6 +192,49 @@ async def test_a_matched_turn_comes_with_the_turns_beside_it(engine: MemoryEngin
         assert sum(text in line for line in lines) <= 1, (text, lines)
 
 
+async def test_a_matched_turn_beside_long_turns_or_long_itself_still_fits(
+    engine: MemoryEngine,
+) -> None:
+    """A matched turn was shown with the whole turns beside it, or none of it: beside two
+    long turns (or a long message, or a long summary, matched in one of its chunks) the line
+    passed the budget, and the context held nothing of what answered the query. It now falls
+    back to the matched part alone, within budget, its source listed."""
+    user = await engine.create_user("long", None, "user")
+    filler = " ".join(f"weather{i} rain" for i in range(500))
+    beside = await engine.store_memory(
+        user.id,
+        Conversation(
+            messages=[
+                Message(role="user", content=filler),
+                Message(role="assistant", content="Your locker code is 4471, Ada."),
+                Message(role="user", content=filler),
+            ]
+        ),
+    )
+    long = "Ada talked a lot. " * 100 + "Her bike lock combination is 9182. " + filler
+    itself = await engine.store_memory(
+        user.id, Conversation(messages=[Message(role="user", content=long)])
+    )
+    summary = await engine.store_memory(
+        user.id, Summary(text=f"{filler} The spare key hides under the blue flowerpot. {filler}")
+    )
+    for query, answer, memory in [
+        ("what is my locker code", "assistant: Your locker code is 4471", beside),
+        ("bike lock combination", "9182", itself),
+        ("where is the spare key hidden", "blue flowerpot", summary),
+    ]:
+        context = await engine.build_context(user.id, query, max_tokens=600)
+        assert answer in context.text, (query, context.text)
+        assert context.token_count <= 600
+        assert context.token_count == engine.encoder.count_tokens(context.text)
+        assert memory.id in context.sources
+        for number in range(1, len(context.sources) + 1):
+            assert f"[{number}] " in context.text
+    # With room for it, the turn still comes with the turns beside it.
+    context = await engine.build_context(user.id, "what is my locker code", max_tokens=20_000)
+    assert f"user: {filler} / assistant: Your locker code is 4471" in context.text
+
+
 async def test_a_turn_can_name_its_speakers(engine: MemoryEngine) -> None:
     user = await engine.create_user("named", None, "user")
     with pytest.raises(InvalidInput) as bad:

@@ -151,6 +151,60 @@ async def test_a_facts_sources_do_not_hide_its_own_metadata(engine: MemoryEngine
     assert (await engine.store_memory(user.id, Summary(text="A summary."))).sources == []
 
 
+@pytest.mark.parametrize(
+    "again", ["Ada likes green tea", "ada LIKES green tea!", "Ada really likes green tea"]
+)
+async def test_a_reinforced_fact_keeps_at_most_max_tags(engine: MemoryEngine, again: str) -> None:
+    """Reinforcing merged the tags without bound: a fact of 32 tags said again with 32 others
+    held 64, and every read of it (the store's answer included) failed on MAX_TAGS. It keeps
+    its own tags and gains new ones while it has room; on every merge path (the same key,
+    a near duplicate)."""
+    from halldyll_ray.models import MAX_TAGS
+
+    user = await engine.create_user("tags", None, "user")
+    own = [f"a{i:02d}" for i in range(MAX_TAGS - 2)]
+    first = await engine.store_memory(
+        user.id, {"type": "fact", "statement": "Ada likes green tea", "tags": own}
+    )
+    new = ["b1", "b0", "b2", "b3", "a00"]
+    merged = await engine.store_memory(user.id, {"type": "fact", "statement": again, "tags": new})
+    assert merged.id == first.id and merged.reinforcement_count == 1
+    assert merged.tags == sorted([*own, "b0", "b1"])
+    assert (await engine.get_memory(user.id, first.id)).tags == merged.tags
+    assert len((await engine.list_memories(user.id)).items[0].tags) == MAX_TAGS
+
+
+async def test_a_reinforced_fact_keeps_its_newest_sources_and_exports_whole(
+    engine: MemoryEngine,
+) -> None:
+    """Each reinforcement appended its sources without bound; a fact said 10,001 times
+    exported a line the import refused (at most MAX_FACT_SOURCES sources). The newest are
+    kept, oldest first, on every merge path."""
+    from halldyll_ray.models import MAX_FACT_SOURCES
+
+    user = await engine.create_user("sources", None, "user")
+    fact = await engine.store_memory(user.id, Fact(statement="Ada sings alto", source="s0"))
+    async with engine.db.scoped(admin=True) as conn:
+        await conn.execute(
+            "UPDATE memories SET payload = jsonb_set(payload, '{sources}', "
+            "to_jsonb(array_fill('old'::text, ARRAY[$2::int]) || '{s0}'::text[])) WHERE id = $1",
+            fact.id,
+            MAX_FACT_SOURCES - 1,
+        )
+    again = await engine.store_memory(user.id, Fact(statement="Ada sings alto", source="s1"))
+    assert again.id == fact.id
+    assert len(again.sources) == MAX_FACT_SOURCES and again.sources[-2:] == ["s0", "s1"]
+    near = await engine.store_memory(user.id, Fact(statement="Ada really sings alto", source="s2"))
+    assert near.id == fact.id and near.sources[-3:] == ["s0", "s1", "s2"]
+    assert len(near.sources) == MAX_FACT_SOURCES
+    exported = b"".join([piece async for piece in engine.export_memories(user.id)])
+    other = await engine.create_user("copy", None, "user")
+    report = await engine.import_memories(other.id, [exported], atomic=True)
+    assert report.error_count == 0 and report.created == {"fact": 1}
+    copy = (await engine.list_memories(other.id)).items[0]
+    assert copy.sources == near.sources
+
+
 async def test_fact_scope_is_part_of_identity(engine: MemoryEngine) -> None:
     user = await engine.create_user("ada", None, "user")
     await engine.register_model("Qwen2.5-14B-Instruct", "llm")

@@ -132,6 +132,30 @@ async def test_transcription_detects_language(engine: MemoryEngine, user) -> Non
     assert hits[0].matched.part == "segment" and hits[0].matched.index == 1
 
 
+@pytest.mark.parametrize("given_text", [None, "A short call about a delivery."])
+async def test_segments_are_held_to_the_text_limit(engine: MemoryEngine, user, given_text) -> None:
+    """Segments joined into a transcription's text were not held to MAX_TEXT_CHARS: ten
+    segments of 30,000 characters were stored, and every read of the memory then failed on
+    that limit. Segments together are the text, so they are held to it with or without one."""
+    from halldyll_ray.models import MAX_MESSAGE_CHARS, MAX_TEXT_CHARS
+
+    per = MAX_MESSAGE_CHARS - 2_000
+    count = MAX_TEXT_CHARS // per + 1
+    over = [{"start": float(i), "end": i + 1.0, "text": "w" * per} for i in range(count)]
+    body = {"type": "transcription", "segments": over}
+    if given_text is not None:
+        body["text"] = given_text
+    with pytest.raises(InvalidInput) as err:
+        await engine.store_memory(user.id, body)
+    assert "at most 200000" in err.value.message
+    assert (await engine.list_memories(user.id)).items == []
+    # Exactly at the limit is a transcription (validated only: embedding it is slow).
+    last = MAX_TEXT_CHARS - (count - 1) * (per + 1)  # count - 1 spaces join count segments
+    at = [*over[:-1], {"start": float(count), "end": count + 1.0, "text": "w" * last}]
+    model = Transcription.model_validate({"segments": at})
+    assert len(model.text) == MAX_TEXT_CHARS
+
+
 async def test_summary_covers_only_own_memories(engine: MemoryEngine, user) -> None:
     fact = await engine.store_memory(user.id, Fact(statement="Ada plays the cello"))
     summary = await engine.store_memory(

@@ -480,6 +480,32 @@ async def test_an_import_batch_holds_a_bounded_number_of_bytes(engine: MemoryEng
     assert len(rows) == 2, rows
 
 
+async def test_an_export_batch_holds_a_bounded_number_of_bytes(
+    engine: MemoryEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export batch took 200 memories whatever their size: 200 conversations of 1,000
+    long messages were held, messages and lines, in one batch of gigabytes. A batch now ends
+    once its memories hold EXPORT_BATCH_BYTES (shrunk here): one conversation a batch, and
+    the file re-imports whole."""
+    from halldyll_ray.components import transfer
+
+    monkeypatch.setattr(transfer, "EXPORT_BATCH_BYTES", 20_000, raising=False)
+    user = await _user(engine, "long")
+    for n in range(3):
+        said = [Message(role="user", content=f"turn {n}.{i} " + "x" * 2_000) for i in range(10)]
+        await engine.store_memory(user, Conversation(title=f"chat {n}", messages=said))
+    await engine.store_memory(user, Fact(statement="Eli keeps long chats"))
+    pieces = [piece async for piece in engine.export_memories(user)]
+    assert [piece.count(b"\n") for piece in pieces] == [1, 1, 1, 1, 1]
+    copy = await _user(engine, "copy")
+    report = await engine.import_memories(copy, pieces, atomic=True)
+    assert report.created == {"conversation": 3, "fact": 1} and not report.errors, report
+    again = await _export(engine, copy)
+    assert [r.get("messages") for r in again[1:]] == [
+        r.get("messages") for r in (await _export(engine, user))[1:]
+    ]
+
+
 async def test_facts_sources_follow_their_conversations_into_another_user(
     engine: MemoryEngine,
 ) -> None:

@@ -53,11 +53,22 @@ DO UPDATE SET
         THEN NULL ELSE now() + :ttl::interval END,
     reinforcement_count = m.reinforcement_count + 1,
     importance = greatest(m.importance, excluded.importance),
-    tags = (SELECT coalesce(array_agg(DISTINCT t ORDER BY t), '{}')
-            FROM unnest(m.tags || excluded.tags) AS t),
-    payload = jsonb_set(m.payload, '{sources}',
-                        coalesce(m.payload -> 'sources', '[]'::jsonb)
-                        || coalesce(excluded.payload -> 'sources', '[]'::jsonb)),
+    -- The fact keeps its tags and gains the new ones while it has room (:max_tags, MAX_TAGS):
+    -- an unbounded union stored 64 tags, and the fact could no longer be read.
+    tags = (SELECT coalesce(array_agg(t ORDER BY t), '{}') FROM (
+                SELECT unnest(m.tags) AS t
+                UNION
+                (SELECT DISTINCT t FROM unnest(excluded.tags) AS t
+                 WHERE t <> ALL(m.tags) ORDER BY t
+                 LIMIT greatest(0, :max_tags - cardinality(m.tags)))) AS kept),
+    -- The newest :max_sources (MAX_FACT_SOURCES) sources, oldest first: appended without
+    -- bound, a fact said 10,001 times exported a line that no import would read.
+    payload = jsonb_set(m.payload, '{sources}', (
+        SELECT coalesce(jsonb_agg(s ORDER BY n), '[]'::jsonb) FROM (
+            SELECT s, n FROM jsonb_array_elements(
+                coalesce(m.payload -> 'sources', '[]'::jsonb)
+                || coalesce(excluded.payload -> 'sources', '[]'::jsonb)) WITH ORDINALITY AS e (s, n)
+            ORDER BY n DESC LIMIT :max_sources) AS kept)),
     updated_at = now()
 RETURNING *, (xmax <> 0) AS reinforced;
 
@@ -74,10 +85,18 @@ UPDATE memories AS m SET
           OR halldyll_reinforced_confidence(m.confidence, :confidence) >= :promote_at
         THEN NULL ELSE now() + :ttl::interval END,
     reinforcement_count = m.reinforcement_count + 1,
-    tags = (SELECT coalesce(array_agg(DISTINCT t ORDER BY t), '{}')
-            FROM unnest(m.tags || :tags::text[]) AS t),
-    payload = jsonb_set(m.payload, '{sources}',
-                        coalesce(m.payload -> 'sources', '[]'::jsonb) || :sources::jsonb),
+    tags = (SELECT coalesce(array_agg(t ORDER BY t), '{}') FROM (
+                SELECT unnest(m.tags) AS t
+                UNION
+                (SELECT DISTINCT t FROM unnest(:tags::text[]) AS t
+                 WHERE t <> ALL(m.tags) ORDER BY t
+                 LIMIT greatest(0, :max_tags - cardinality(m.tags)))) AS kept),
+    payload = jsonb_set(m.payload, '{sources}', (
+        SELECT coalesce(jsonb_agg(s ORDER BY n), '[]'::jsonb) FROM (
+            SELECT s, n FROM jsonb_array_elements(
+                coalesce(m.payload -> 'sources', '[]'::jsonb) || :sources::jsonb)
+                WITH ORDINALITY AS e (s, n)
+            ORDER BY n DESC LIMIT :max_sources) AS kept)),
     updated_at = now()
 WHERE m.id = :id AND m.user_id = :user_id AND m.type = 'fact' AND m.valid_to IS NULL
 RETURNING *, true AS reinforced;

@@ -10,8 +10,16 @@ GROUP BY type;
 -- Summaries last, period summaries after the session summaries they cover: an import meets
 -- the memories a summary covers before the summary (a period summary is rewritten in place,
 -- so it can be older than a session summary it covers).
-SELECT * FROM memories
-WHERE user_id = $1 AND (expires_at IS NULL OR expires_at > now())
+-- text_bytes: about what the row's line holds (its text, payload and messages), so that an
+-- export batch is bounded in bytes as well as in rows.
+SELECT m.*,
+       coalesce(octet_length(m.content), 0) + octet_length(m.payload::text)
+       + CASE WHEN m.type = 'conversation' THEN
+             (SELECT coalesce(sum(octet_length(cm.content)), 0)
+              FROM conversation_messages cm WHERE cm.memory_id = m.id)
+         ELSE 0 END AS text_bytes
+FROM memories m
+WHERE m.user_id = $1 AND (m.expires_at IS NULL OR m.expires_at > now())
 ORDER BY type = 'summary', period IS NOT NULL, created_at, id;
 
 -- name: export_messages
