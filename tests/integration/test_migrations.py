@@ -7,6 +7,7 @@ import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from uuid import UUID
 
 import asyncpg
 import pytest
@@ -156,20 +157,27 @@ async def test_server_without_pgvector_gets_a_clear_error() -> None:
         await engine.initialize()
 
 
+async def _old_conversation(conn: asyncpg.Connection) -> tuple[UUID, UUID]:
+    """A user and a conversation memory written straight into a database migrated only part
+    of the way (what an installation of that time held)."""
+    user = await conn.fetchval(
+        "INSERT INTO users (id, username, role) VALUES (gen_random_uuid(), 'old', 'user')"
+        " RETURNING id"
+    )
+    memory = await conn.fetchval(
+        "INSERT INTO memories (id, user_id, type)"
+        " VALUES (gen_random_uuid(), $1, 'conversation') RETURNING id",
+        user,
+    )
+    return user, memory
+
+
 async def test_messages_stored_before_0007_get_their_speaker_and_date_label(fresh_db: str) -> None:
     before = [m for m in load_migrations() if m.version < 7]
     await apply_migrations(fresh_db, embedding_dimension=384, migrations=before)
     conn = await asyncpg.connect(fresh_db)
     try:
-        user = await conn.fetchval(
-            "INSERT INTO users (id, username, role) VALUES (gen_random_uuid(), 'old', 'user')"
-            " RETURNING id"
-        )
-        memory = await conn.fetchval(
-            "INSERT INTO memories (id, user_id, type)"
-            " VALUES (gen_random_uuid(), $1, 'conversation') RETURNING id",
-            user,
-        )
+        user, memory = await _old_conversation(conn)
         await conn.execute(
             "INSERT INTO conversation_messages (memory_id, seq, role, name, content, created_at)"
             " VALUES ($1, 0, 'user', 'Caroline', 'I went to a support group', $2),"
@@ -215,15 +223,7 @@ async def test_chunks_stored_before_0014_are_found_through_invisible_characters(
     await apply_migrations(fresh_db, embedding_dimension=384, migrations=before)
     conn = await asyncpg.connect(fresh_db)
     try:
-        user = await conn.fetchval(
-            "INSERT INTO users (id, username, role) VALUES (gen_random_uuid(), 'old', 'user')"
-            " RETURNING id"
-        )
-        memory = await conn.fetchval(
-            "INSERT INTO memories (id, user_id, type, content)"
-            " VALUES (gen_random_uuid(), $1, 'conversation', 'old') RETURNING id",
-            user,
-        )
+        user, memory = await _old_conversation(conn)
         zero = "[" + ",".join(["0"] * 384) + "]"
         await conn.execute(
             "INSERT INTO memory_chunks (memory_id, user_id, type, part, part_index, content,"
