@@ -138,6 +138,14 @@ def _is_mark(char: str) -> bool:
     return unicodedata.category(char).startswith("M")
 
 
+#: Zero-width non-joiner and joiner: how Persian and Indic spellings choose a letter's form.
+_JOINERS = frozenset("\u200c\u200d")
+
+
+def _in_word(char: str) -> bool:
+    return char.isalnum() or _is_mark(char)
+
+
 def tag_allowed(tag: str) -> bool:
     """Whether ``tag`` (NFKC, stripped) is 1-MAX_TAG_LENGTH characters matching
     :data:`TAG_PATTERN`, where a combining mark may follow any character but the first.
@@ -145,10 +153,21 @@ def tag_allowed(tag: str) -> bool:
     Marks that no precomposed letter holds are how many scripts spell their words: Thai
     vowels and tone marks ("ข้าว"), Devanagari vowel signs ("हिंदी"), Arabic harakat, Hebrew
     points. ``\\w`` takes none of them, so a tag in Hindi or Thai was refused while one in
-    Chinese or French was kept."""
+    Chinese or French was kept. A zero-width non-joiner or joiner is kept between two
+    characters of a word (Persian "می‌خواهم"), refused anywhere else."""
     if not tag or len(tag) > MAX_TAG_LENGTH or _is_mark(tag[0]):
         return False
-    return TAG_PATTERN.fullmatch("".join(c for c in tag if not _is_mark(c))) is not None
+    kept: list[str] = []
+    for i, char in enumerate(tag):
+        if _is_mark(char):
+            continue
+        if char in _JOINERS:
+            # Inside a word only: Persian "می‌خواهم" (ZWNJ), a Devanagari half form (ZWJ).
+            if 0 < i < len(tag) - 1 and _in_word(tag[i - 1]) and _in_word(tag[i + 1]):
+                continue
+            return False
+        kept.append(char)
+    return TAG_PATTERN.fullmatch("".join(kept)) is not None
 
 
 def _check_tags(tags: list[str], info: ValidationInfo) -> list[str]:

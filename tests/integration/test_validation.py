@@ -90,6 +90,10 @@ async def _counts(engine: MemoryEngine) -> tuple[int, int, int, int]:
         # A tag may hold combining marks, but not start with one, nor pass 64 characters.
         ({"type": "fact", "statement": "x", "tags": ["\u0e49\u0e32"]}, "fact.tags"),
         ({"type": "fact", "statement": "x", "tags": ["\u0939\u093f" * 33]}, "fact.tags"),
+        # A joiner outside a word is no spelling: first, last, or beside a space.
+        ({"type": "fact", "statement": "x", "tags": ["\u200cab"]}, "fact.tags"),
+        ({"type": "fact", "statement": "x", "tags": ["ab\u200d"]}, "fact.tags"),
+        ({"type": "fact", "statement": "x", "tags": ["a \u200cb"]}, "fact.tags"),
         ({"type": "fact", "statement": "x", "importance": -1}, "fact.importance"),
     ],
 )
@@ -105,7 +109,17 @@ async def test_bad_memories(engine: MemoryEngine, memory: dict, field: str) -> N
 
 @pytest.mark.parametrize(
     "tag",
-    ["ข้าว", "हिंदी", "தமிழ்", "שָׁלוֹם", "مَدْرَسَة", "ភាសាខ្មែរ", "ကော်ဖီ"],
+    [
+        "ข้าว",
+        "हिंदी",
+        "தமிழ்",
+        "שָׁלוֹם",
+        "مَدْرَسَة",
+        "ភាសាខ្មែរ",
+        "ကော်ဖီ",
+        "می\u200cخواهم",  # Persian: a zero-width non-joiner inside the word
+        "क्\u200dष",  # Devanagari: a zero-width joiner asks for the half form
+    ],
 )
 async def test_tags_spelled_with_combining_marks_are_kept(engine: MemoryEngine, tag: str) -> None:
     """Thai, Devanagari, Tamil, Khmer and Burmese spell words with combining marks that no
