@@ -16,13 +16,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 from pydantic import TypeAdapter
 
 from halldyll_ray import validation
 from halldyll_ray.components.audit import write_audit
 from halldyll_ray.components.base import lock_user
 from halldyll_ray.components.embeddings import Embeddings
-from halldyll_ray.components.ingestion import Appended, Ingestion
+from halldyll_ray.components.ingestion import Appended, Ingestion, SessionLog
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.components.summaries import EMPTY_SUMMARY, write_session_summary
 from halldyll_ray.config import Settings
@@ -125,21 +126,30 @@ class AgentLoop:
             if earlier is not None:
                 return _replayed(earlier)
         conversation_id, created = await self._session_log(user_id, session, model_id)
+
+        async def reopen(conn: asyncpg.Connection) -> UUID:
+            # The log looked up above was deleted since: the session's next one, found or
+            # created in the append's transaction, under the user's row lock.
+            row, _ = await self._open_log(conn, user_id, session, model_id)
+            log_id: UUID = row["id"]
+            return log_id
+
         # With background learning, the append queues the turn's jobs in its transaction.
-        options: dict[str, Any] = {
-            "request_id": request_id,
-            "idempotency_key": key,
-            "extract": extract_facts,
-            "session_turn": True,
-        }
         try:
-            try:
-                appended = await self.ingestion.append(user_id, conversation_id, turn, **options)
-            except NotFound:
-                # The cached log was deleted meanwhile: forget it and start a new one.
-                await self.cache.delete(self._session_key(user_id, session))
-                conversation_id, created = await self._session_log(user_id, session, model_id)
-                appended = await self.ingestion.append(user_id, conversation_id, turn, **options)
+            appended = await self.ingestion.append(
+                user_id,
+                conversation_id,
+                turn,
+                request_id=request_id,
+                idempotency_key=key,
+                extract=extract_facts,
+                session_turn=True,
+                session=SessionLog(session, model_id, reopen),
+            )
+        except Conflict:
+            # Reopened: the session's new log is another AI model's. The cached log is gone.
+            await self.cache.delete(self._session_key(user_id, session))
+            raise
         except InvalidInput as exc:
             # The key's first use won a race with this one after the check above (another
             # session's turn): the log this call created is still empty and goes again.
@@ -148,6 +158,12 @@ class AgentLoop:
             raise
         if appended.replayed:
             return _replayed(appended)
+        if appended.conversation_id != conversation_id:  # reopened: remember the new log
+            conversation_id = appended.conversation_id
+            state = f"{conversation_id}|{'' if model_id is None else model_id}"
+            await self.cache.set(
+                self._session_key(user_id, session), state.encode(), ttl=SESSION_STATE_TTL_S
+            )
         stored = appended.messages
         if self.ingestion.learning is not None:
             return TurnRecord(
@@ -213,27 +229,47 @@ class AgentLoop:
             # deleted (no replica's cache hears of it), and the session free for this model.
         async with self.db.scoped(user_id) as conn:
             await lock_user(conn, user_id)
-            row = await conn.fetchrow(
-                *bind(
-                    "create_session_log",
-                    id=uuid.uuid4(),
-                    user_id=user_id,
-                    model_id=model_id,
-                    session_id=session_id,
-                    title=f"Session {session_id}",
-                )
-            )
-            created = row is not None
-            if row is None:
-                row = await conn.fetchrow(q("session_memory"), user_id, session_id, "log")
-            else:
-                await write_audit(conn, "memory.store", "conversation", [row["id"]], user_id)
+            row, created = await self._open_log(conn, user_id, session_id, model_id, check=False)
         conversation_id: UUID = row["id"]
         owner = row["model_id"]
         state = f"{conversation_id}|{'' if owner is None else owner}"
         await self.cache.set(key, state.encode(), ttl=SESSION_STATE_TTL_S)
         self._same_model(session_id, owner, model_id)
         return conversation_id, created
+
+    async def _open_log(
+        self,
+        conn: asyncpg.Connection,
+        user_id: UUID,
+        session_id: str,
+        model_id: UUID | None,
+        *,
+        check: bool = True,
+    ) -> tuple[Any, bool]:
+        """The session's log row, created (of AI model ``model_id``, audited) if it has none,
+        in the caller's transaction (the user's row locked), and whether it was created.
+
+        Raises:
+            Conflict: with ``check``, the log belongs to another AI model.
+        """
+        row = await conn.fetchrow(
+            *bind(
+                "create_session_log",
+                id=uuid.uuid4(),
+                user_id=user_id,
+                model_id=model_id,
+                session_id=session_id,
+                title=f"Session {session_id}",
+            )
+        )
+        created = row is not None
+        if row is None:
+            row = await conn.fetchrow(q("session_memory"), user_id, session_id, "log")
+        else:
+            await write_audit(conn, "memory.store", "conversation", [row["id"]], user_id)
+        if check:
+            self._same_model(session_id, row["model_id"], model_id)
+        return row, created
 
     @staticmethod
     def _same_model(session_id: str, owner: UUID | None, model_id: UUID | None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -89,6 +89,24 @@ class Appended:
     replayed: bool
     #: Background jobs the append queued (MEMORY_EXTRACTION=background).
     job_ids: list[UUID] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SessionLog:
+    """The session whose log a turn appends to (``record_turn``).
+
+    Attributes:
+        session_id: The session; an idempotency key's earlier request is compared on it and
+            on ``model_id``, not on the log's id (another call may have opened a new log).
+        model_id: The AI model of the turn (None: shared).
+        reopen: Called with the append's connection (the user's row locked) when the log
+            looked up before the transaction was deleted since: returns the session's log,
+            found or created in that transaction, so that no deletion can come in between.
+    """
+
+    session_id: str
+    model_id: UUID | None
+    reopen: Callable[[asyncpg.Connection], Awaitable[UUID]]
 
 
 @dataclass(frozen=True)
@@ -550,6 +568,7 @@ class Ingestion:
         idempotency_key: str | None = None,
         extract: bool = True,
         session_turn: bool = False,
+        session: SessionLog | None = None,
     ) -> Appended:
         """:meth:`append_messages`, once per ``idempotency_key`` of the user.
 
@@ -560,6 +579,10 @@ class Ingestion:
         With background learning, the append queues its jobs in its transaction
         (``job_ids``): fact extraction unless ``extract`` is False, and for a
         ``session_turn`` (record_turn) the session summary every N turns.
+
+        With ``session`` (record_turn), ``conversation_id`` is the session's log as looked
+        up before; if it was deleted since, the turn goes to the log that ``session.reopen``
+        finds or creates in this transaction (the returned ``conversation_id`` says which).
         """
         user_id = validation.parse_uuid(user_id, "user_id")
         conversation_id = validation.parse_uuid(conversation_id, "conversation_id")
@@ -574,14 +597,30 @@ class Ingestion:
             # The user's row first, then the conversation's (storage/sql/users.sql).
             await lock_user(conn, user_id)
             if key is not None:
-                earlier = await _replay(
-                    conn, user_id, key, checked, conversation_id=conversation_id
+                earlier = await (
+                    _replay(conn, user_id, key, checked, conversation_id=conversation_id)
+                    if session is None
+                    else _replay(
+                        conn,
+                        user_id,
+                        key,
+                        checked,
+                        session_id=session.session_id,
+                        model_id=session.model_id,
+                    )
                 )
                 if earlier is not None:
                     return earlier
             reserved = await conn.fetchrow(
                 q("reserve_messages"), conversation_id, user_id, len(checked)
             )
+            if reserved is None and session is not None:
+                # The session's log was deleted after it was looked up: its next one, in this
+                # transaction (a lookup and an append in two could each lose such a race).
+                conversation_id = await session.reopen(conn)
+                reserved = await conn.fetchrow(
+                    q("reserve_messages"), conversation_id, user_id, len(checked)
+                )
             if reserved is None:
                 raise NotFound(f"conversation {conversation_id} not found")
             if reserved["message_count"] > MAX_MESSAGES_PER_CONVERSATION:

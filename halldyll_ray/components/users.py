@@ -157,15 +157,15 @@ class Users:
     async def delete(self, user_id: UUID | str) -> ErasureReceipt:
         """Erase a user: every row that is theirs, and the cache entries derived from them.
 
-        In one transaction, with the user's row locked first (the lock order of
-        ``storage/sql/users.sql``): count what goes, delete the user (memories, messages,
-        chunks, API keys, grants and turn records cascade), remove from Redis and this
-        process's LRU their cached searches and session state and the cached embeddings of
-        their stored texts, write the ``user.delete`` audit row with the counts, commit. After
-        the commit the cache is swept once more, for an entry a concurrent search wrote
-        meanwhile. What stays, by design: the audit log (append-only; its rows name the user's
-        id, never their texts), and a query's cached embedding (keyed by a hash of the query,
-        not linked to any user; it expires within a week).
+        In one transaction, with the user's row locked first, then their viewer grants in the order
+        of their key (the lock order of ``storage/sql/users.sql``): count what goes, delete the user
+        (memories, messages, chunks, API keys, grants and turn records cascade), remove from Redis
+        and this process's LRU their cached searches and session state and the cached embeddings of
+        their stored texts, write the ``user.delete`` audit row with the counts, commit. After the
+        commit the cache is swept once more, for an entry a concurrent search wrote meanwhile. What
+        stays, by design: the audit log (append-only; its rows name the user's id, never their
+        texts), and a query's cached embedding (keyed by a hash of the query, not linked to any
+        user; it expires within a week).
 
         Returns:
             The receipt: counts by kind, when, by whom, the request id.
@@ -181,6 +181,8 @@ class Users:
         async with self.db.scoped(user_id) as conn:
             if await conn.fetchrow(q("lock_user_for_update"), user_id) is None:
                 raise NotFound(f"user {user_id} not found")
+            # Then the grants the DELETE's cascade takes, in one order for every erasure.
+            await conn.execute(q("lock_erased_grants"), user_id)
             counts = await conn.fetchrow(q("erasure_counts"), user_id)
             texts = [r["indexed"] for r in await conn.fetch(q("erasure_texts"), user_id)]
             await conn.fetchval(q("delete_user"), user_id)

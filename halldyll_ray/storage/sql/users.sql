@@ -5,7 +5,9 @@
 -- chunks. A transaction that takes a memory row before its user's row can deadlock with one
 -- that follows this order. So can any other row taken before the user's: an API key's
 -- (rotation, keys.sql: lock_key_owner) comes after it. Two users' rows (a grant's Viewer and
--- owner) are taken in the order of their ids (lock_grant_users).
+-- owner) are taken in the order of their ids (lock_grant_users). Grant rows, the only rows
+-- that two users share, come after the user's row, several of them in the order of their key
+-- (viewer, owner): lock_erased_grants, drop_viewer_grants.
 
 -- name: insert_user
 INSERT INTO users (id, username, email, role, metadata)
@@ -40,6 +42,17 @@ UPDATE users SET
     updated_at = now()
 WHERE id = :id
 RETURNING id, username, email, role, disabled, metadata, created_at, updated_at;
+
+-- name: lock_erased_grants
+-- The grants an erasure of user $1 (locked by the caller) deletes or changes: theirs as the
+-- Viewer or the owner, and those they gave (granted_by). Locked in the order of their key
+-- before the DELETE: its cascade takes them in the order of the foreign keys (the user's
+-- grants as the Viewer, then as the owner), so erasures of Viewers who read each other's
+-- memories each took one of their two grants first and deadlocked.
+SELECT 1 FROM viewer_grants
+WHERE viewer_id = $1 OR owner_id = $1 OR granted_by = $1
+ORDER BY viewer_id, owner_id
+FOR UPDATE;
 
 -- name: delete_user
 DELETE FROM users WHERE id = $1 RETURNING id;
@@ -111,7 +124,16 @@ RETURNING viewer_id;
 
 -- name: drop_viewer_grants
 -- A user who is no longer a Viewer keeps no read grant (becoming one again grants nothing).
-DELETE FROM viewer_grants WHERE viewer_id = $1 RETURNING owner_id;
+-- The rows are locked in the order of their key first (as lock_erased_grants), not in the
+-- order a scan meets them.
+WITH doomed AS (
+    SELECT viewer_id, owner_id FROM viewer_grants WHERE viewer_id = $1
+    ORDER BY viewer_id, owner_id
+    FOR UPDATE
+)
+DELETE FROM viewer_grants g USING doomed d
+WHERE g.viewer_id = d.viewer_id AND g.owner_id = d.owner_id
+RETURNING g.owner_id;
 
 -- name: revoke_viewer_grant
 DELETE FROM viewer_grants WHERE viewer_id = $1 AND owner_id = $2 RETURNING viewer_id;
