@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
@@ -53,7 +54,7 @@ from halldyll_ray.errors import (
     redact,
 )
 from halldyll_ray.schemas import ErrorBody
-from halldyll_ray.tracing import current_trace_id, request_scope
+from halldyll_ray.tracing import current_trace_id, is_enabled, request_scope
 
 log = logging.getLogger("halldyll_ray.http")
 _T = TypeVar("_T")
@@ -198,7 +199,7 @@ def status_of(exc: HalldyllError) -> int:
 
 
 @api.exception_handler(HalldyllError)
-async def _halldyll_error(request: Request, exc: HalldyllError) -> Response:
+async def halldyll_error_response(request: Request, exc: HalldyllError) -> Response:
     status = status_of(exc)
     headers = {"Retry-After": str(exc.fields.get("retry_after", 5))} if status == 503 else {}
     if status == 401:
@@ -249,7 +250,7 @@ async def downstream(call: Awaitable[_T]) -> _T:
 
 async def _replica_lost(request: Request, exc: Exception) -> Response:
     # Any other call that a dead replica failed (none is expected outside downstream).
-    return await _halldyll_error(request, unavailable(exc))
+    return await halldyll_error_response(request, unavailable(exc))
 
 
 for _cls in _LOST:
@@ -362,6 +363,50 @@ def _repeated_parameter(scope: Any) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class FastLane:
+    """A route's requests answered before FastAPI's routing and dependency solving when they
+    can be; the route answers the others as usual (the same body, and what the lane already
+    learned in ``scope["state"]``).
+
+    A fully cached search spends more of the Ingress's CPU in FastAPI's request cycle (route
+    matching, dependency solving, the layers between middleware and endpoint) than in its
+    own work (``benchmarks/serve_http.py --profile``). A lane must answer exactly as its
+    route would, or decline.
+
+    Attributes:
+        method: The HTTP method it serves.
+        path: The full-path regular expression of its requests.
+        route: The path of the route it stands in front of, as declared
+            (``/v1/users/{user_id}/search``): it names the route in the metrics.
+        answer: ``answer(scope, body, request_id)``: the response, or None to let the route
+            answer. Called only when tracing is off (the route's span stays the route's).
+    """
+
+    method: str
+    path: re.Pattern[str]
+    route: str
+    answer: Callable[[Any, bytes, str], Awaitable[Response | None]]
+
+
+_LANES: list[FastLane] = []
+
+
+def add_fast_lane(lane: FastLane) -> None:
+    """Put ``lane`` in front of its route (once per process; a second for the same route
+    replaces the first)."""
+    _LANES[:] = [other for other in _LANES if other.route != lane.route] + [lane]
+
+
+def _lane_for(scope: Any) -> FastLane | None:
+    if not _LANES or is_enabled():
+        return None
+    for lane in _LANES:
+        if scope["method"] == lane.method and lane.path.fullmatch(scope["path"]):
+            return lane
+    return None
+
+
 class _RequestContext:
     """Request id, body limit, metrics and the request log, as plain ASGI middleware.
 
@@ -466,9 +511,15 @@ class _RequestContext:
             if not answered:
                 await send(message)
 
+        lane = _lane_for(scope)
         try:
             with request_scope(request_id):  # the request id on every span (tracing on)
-                await self.app(scope, limited, guarded_send)
+                app_receive: Any = limited
+                if lane is not None:
+                    app_receive = await self._fast(lane, scope, limited, guarded_send, request_id)
+                    if app_receive is None:
+                        return  # answered (recorded below)
+                await self.app(scope, app_receive, guarded_send)
         except Exception:
             if not answered:
                 raise  # Starlette's outermost error handler answers 500 (recorded below)
@@ -476,9 +527,35 @@ class _RequestContext:
             self._record(scope, request_id, answered or status, started)
 
     @staticmethod
+    async def _fast(lane: FastLane, scope: Any, receive: Any, send: Any, request_id: str) -> Any:
+        """Read the body and offer the request to its fast lane: None when the lane answered
+        it, else the ``receive`` that hands the application the same messages again (a body
+        the limits refused ends in the disconnect they gave, as without a lane)."""
+        messages: list[Any] = []
+        parts: list[bytes] = []
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":  # gone, or refused by the limits
+                break
+            parts.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                response = await lane.answer(scope, b"".join(parts), request_id)
+                if response is not None:
+                    scope["route_path"] = lane.route  # the route's name in the metrics
+                    await response(scope, receive, send)
+                    return None
+                break
+
+        async def replay() -> Any:
+            return messages.pop(0) if messages else await receive()
+
+        return replay
+
+    @staticmethod
     def _record(scope: Any, request_id: str, status: int, started: float) -> None:
         # Serve puts the same id (the client's X-Request-ID, or its own) on the response.
-        route = getattr(scope.get("route"), "path", "unmatched")
+        route = getattr(scope.get("route"), "path", None) or scope.get("route_path", "unmatched")
         elapsed_ms = (time.perf_counter() - started) * 1000
         recorder = getattr(api.state, "metrics", None)
         if recorder is not None:
@@ -592,7 +669,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
         try:
             await authenticate(request)
         except AuthenticationFailed as failed:
-            return await _halldyll_error(request, failed)
+            return await halldyll_error_response(request, failed)
     # A query parameter's field is its name, as the engine, the client and MCP name it.
     error = validation.first_error(exc.errors(), skip=("body", "query"))
     return error_response(

@@ -3,6 +3,8 @@ answer, the same permission checks and audit, and never stale after a write."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 from support import bearer, user_with_key
 
@@ -161,3 +163,94 @@ async def test_a_bad_query_parameter_is_named_as_every_surface_names_it(
         json={"query": "x", "limit": 0},
     )
     assert searched.status_code == 422 and searched.json()["error"]["field"] == "limit"
+
+
+async def _search_requests(http: httpx.AsyncClient, admin_key: str) -> int:
+    """The search requests the Ingress replica counted (``GET /v1/stats``, one replica)."""
+    stats = (await http.get("/v1/stats", headers=bearer(admin_key))).json()
+    route = ("POST", "/v1/users/{user_id}/search")
+    return sum(r["requests"] for r in stats["routes"] if (r["method"], r["route"]) == route)
+
+
+async def test_a_cached_search_answers_every_request_as_the_route_does(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """The Ingress answers a cached search before FastAPI's routing (serve/http.py
+    ``FastLane``): whatever the request, the answer is the route's. Each request below is
+    sent once the answer to its query is cached."""
+    owner, owner_key = await user_with_key(http, admin_key)
+    stored = await http.post(
+        "/v1/users/me/memories",
+        headers=bearer(owner_key),
+        json={"type": "fact", "statement": "Ada keeps bees on the roof"},
+    )
+    assert stored.status_code == 201, stored.text
+    path = f"/v1/users/{owner['id']}/search"
+    query = {"query": "where are the bees", "mode": "fulltext"}
+    first = await http.post(path, headers=bearer(owner_key), json=query)
+    assert first.status_code == 200 and first.json()["results"], first.text
+    body = json.dumps(query).encode()
+
+    async def post(url: str = path, content: bytes = body, **headers: str) -> httpx.Response:
+        headers.setdefault("Content-Type", "application/json")
+        return await http.post(url, content=content, headers=headers)
+
+    auth = bearer(owner_key)["Authorization"]
+    counted = await _search_requests(http, admin_key)
+    # Answered from the cache: the same bytes, through the ways a client may spell it.
+    for same in (
+        await post(Authorization=auth),
+        await post(Authorization=auth, **{"Content-Type": "Application/JSON; charset=utf-8"}),
+        await post(Authorization=auth, **{"Content-Type": "application/vnd.api+json"}),
+        await post(Authorization="bearer  " + owner_key),
+        await post(f"/v1/users/{owner['id'].upper()}/search", Authorization=auth),
+        await post("/v1/users/me/search", Authorization=auth),
+        await post(path + "?unused=1", Authorization=auth),
+    ):
+        assert same.status_code == 200, same.text
+        assert same.content == first.content
+    # The replica's metrics count them under the route, as the answers of the route.
+    assert await _search_requests(http, admin_key) == counted + 7
+
+    # Credentials: 401 with the challenge, whatever the body.
+    _, _, secret = owner_key.rpartition("_")
+    wrong = owner_key[: -len(secret)] + ("A" if secret[0] != "A" else "B") + secret[1:]
+    for refused in (
+        await post(Authorization="Bearer " + wrong),
+        await post(Authorization="Bearer not-a-key"),
+        await post(Authorization="Basic " + owner_key),
+        await post(Authorization="Bearer"),
+        await post(),
+        await post(content=b"[]", Authorization="Bearer " + wrong),
+    ):
+        assert refused.status_code == 401, refused.text
+        assert refused.headers["WWW-Authenticate"] == "Bearer"
+        assert refused.json()["error"]["code"] == "unauthenticated"
+        assert refused.json()["error"]["request_id"] == refused.headers["X-Request-ID"]
+
+    # Input: 422 naming what is wrong, as for a search that is not cached.
+    for content, content_type, field in (
+        (b"[]", "application/json", None),
+        (body.replace(b'"fulltext"', b'"psychic"'), "application/json", "mode"),
+        (body[:-1] + b', "limit": NaN}', "application/json", None),
+        (body[:-1] + b', "limit": 0}', "application/json", "limit"),
+        (body, "text/plain", None),
+        (body, "", "body"),  # no Content-Type: not JSON to FastAPI (strict_content_type)
+        (b"", "application/json", None),
+    ):
+        headers = {"Content-Type": content_type} if content_type else {}
+        bad = await http.post(path, content=content, headers={"Authorization": auth, **headers})
+        assert bad.status_code == 422, (content, bad.text)
+        assert bad.json()["error"]["code"] == "invalid_input"
+        if field is not None:
+            assert bad.json()["error"]["field"] == field
+
+    # Another user's cached answer: 403 without a word of it; a revoked key: 401.
+    other, other_key = await user_with_key(http, admin_key)
+    denied = await post(Authorization=bearer(other_key)["Authorization"])
+    assert denied.status_code == 403 and "bees" not in denied.text
+    keys = await http.get(f"/v1/users/{other['id']}/keys", headers=bearer(admin_key))
+    for key in keys.json()["items"]:
+        await http.delete(f"/v1/keys/{key['id']}", headers=bearer(admin_key))
+    revoked = await post(Authorization=bearer(other_key)["Authorization"])
+    assert revoked.status_code == 401
