@@ -326,10 +326,8 @@ def _json(number: int, line: bytes) -> Any:
         raise InvalidInput(f"line {number} is not UTF-8: {exc.reason}", field="line") from None
     try:
         return validation.json_loads(text)
-    except json.JSONDecodeError as exc:
+    except json.JSONDecodeError as exc:  # nested too deeply, an endless integer, ...
         raise InvalidInput(f"line {number} is not JSON: {exc}", field="line") from None
-    except RecursionError:
-        raise InvalidInput(f"line {number} is nested too deeply", field="line") from None
 
 
 def parse_header(number: int, line: bytes) -> ExportHeader:

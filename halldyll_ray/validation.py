@@ -16,6 +16,7 @@ import base64
 import json
 import math
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -44,38 +45,75 @@ EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,185}\.[^@\s]{2,63}")
 SESSION_ID = re.compile(SESSION_ID_PATTERN.removeprefix("^").removesuffix("$"))
 
 
-#: A JSON string (skipped) or a constant Python's parser takes that JSON has not.
-_NON_STANDARD = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|(-?Infinity|NaN)')
+#: A JSON string (skipped), or a bracket (nesting).
+_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|([\[\]{}])')
 
 
-class _Constant(Exception):
-    def __init__(self, name: str) -> None:
-        self.name = name
+class _Refused(Exception):
+    """A token :func:`json_loads` does not take: ``literal`` as written, and why."""
+
+    def __init__(self, literal: str, reason: str) -> None:
+        self.literal = literal
+        self.reason = reason
 
 
 def _refuse_constant(name: str) -> Any:
-    raise _Constant(name)
+    raise _Refused(name, f"{name} is not a JSON number (RFC 8259)")
+
+
+def _parse_int(literal: str) -> int:
+    digits = len(literal.lstrip("-"))
+    if digits > sys.get_int_max_str_digits() > 0:
+        raise _Refused(literal, f"an integer of {digits} digits is longer than any value here")
+    return int(literal)
+
+
+def _where(text: str, literal: str) -> int:
+    """Where ``literal`` first stands outside a string in the JSON ``text`` (0: not found)."""
+    pattern = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|(' + re.escape(literal) + ")")
+    return next((m.start(1) for m in pattern.finditer(text) if m.group(1)), 0)
+
+
+def _deepest(text: str) -> tuple[int, int]:
+    """The deepest nesting of the JSON ``text`` and where it is first reached."""
+    depth = deepest = at = 0
+    for match in _STRING_OR_BRACKET.finditer(text):
+        bracket = match.group(1)
+        if bracket in ("[", "{"):
+            depth += 1
+            if depth > deepest:
+                deepest, at = depth, match.start(1)
+        elif bracket:
+            depth -= 1
+    return deepest, at
 
 
 def json_loads(data: str | bytes) -> Any:
     """:func:`json.loads` for what a client sends (REST bodies, GraphQL requests, import
-    lines), refusing ``NaN``, ``Infinity`` and ``-Infinity``.
+    lines), where every refusal is a :class:`json.JSONDecodeError` at its position.
 
-    RFC 8259 (section 6) has no such numbers, but Python's parser takes them: a
-    ``"confidence": NaN`` was refused as "less than or equal to 1", and a number field
-    without bounds took the value as given. They are now what they are, a JSON syntax error
-    at their position.
+    Refused besides what is not JSON:
+
+    - ``NaN``, ``Infinity`` and ``-Infinity``: RFC 8259 (section 6) has no such numbers,
+      but Python's parser takes them: a ``"confidence": NaN`` was refused as "less than or
+      equal to 1", and a number field without bounds took the value as given;
+    - an integer of more digits than Python converts (``sys.get_int_max_str_digits()``,
+      4,300 by default; RFC 8259 lets a parser limit the range of numbers): it was a bare
+      ValueError, a 500 where a caller expected only JSONDecodeError;
+    - nesting deeper than the parser recurses (about 1,000 levels): a RecursionError.
 
     Raises:
-        json.JSONDecodeError: not JSON, or one of those constants (its ``pos`` is where).
-        RecursionError: nested deeper than the parser recurses.
+        json.JSONDecodeError: any of these; ``pos`` is where.
     """
     try:
-        return json.loads(data, parse_constant=_refuse_constant)
-    except _Constant as exc:
+        return json.loads(data, parse_constant=_refuse_constant, parse_int=_parse_int)
+    except _Refused as exc:
         text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-        at = next((m.start(1) for m in _NON_STANDARD.finditer(text) if m.group(1)), 0)
-        message = f"{exc.name} is not a JSON number (RFC 8259)"
+        raise json.JSONDecodeError(exc.reason, text, _where(text, exc.literal)) from None
+    except RecursionError:
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        depth, at = _deepest(text)
+        message = f"nested {depth} levels deep, deeper than JSON is read here"
         raise json.JSONDecodeError(message, text, at) from None
 
 

@@ -1039,14 +1039,13 @@ class _GraphQL(GraphQL[GraphQLContext, None]):
 
     def decode_json(self, data: str | bytes) -> object:
         """The body's JSON (:func:`~halldyll_ray.validation.json_loads`: no NaN or
-        Infinity); 400 for JSON nested deeper than the parser recurses (it was a
-        RecursionError, a 500), as the REST routes answer."""
+        Infinity, no integer of thousands of digits, no nesting deeper than the parser
+        recurses: each was a 500 or a value taken as given); 400 "not valid JSON: <what>
+        at <where>" for any of them."""
         try:
             return validation.json_loads(data)
         except json.JSONDecodeError as exc:  # strawberry's text does not say what or where
             raise HTTPException(400, f"not valid JSON: {exc}") from None
-        except RecursionError:
-            raise HTTPException(400, "the JSON body is nested too deeply") from None
 
     async def get_context(self, request: Any, response: Any) -> GraphQLContext:
         return GraphQLContext(self.loopback, request)

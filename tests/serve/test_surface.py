@@ -286,6 +286,52 @@ async def test_nan_and_infinity_are_not_json_and_store_nothing(
     assert after == before
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "reason"),
+    [
+        (
+            "/v1/users/me/memories",
+            '{"type": "fact", "statement": "big", "importance": ' + "9" * 5000 + "}",
+            "an integer of 5000 digits is longer than any value here",
+        ),
+        (
+            "/v1/users/me/search",
+            '{"query": "deep", "filters": ' + "[" * 3000 + "]" * 3000 + "}",
+            "nested 3001 levels deep, deeper than JSON is read here",
+        ),
+    ],
+)
+async def test_json_no_value_here_can_hold_is_refused_by_what_and_where(
+    http: httpx.AsyncClient, admin_key: str, path: str, body: str, reason: str
+) -> None:
+    """An integer of thousands of digits (a bare ValueError out of Python's parser) and JSON
+    nested past the parser's recursion: a 422 "not valid JSON: <what> at character <where>",
+    not FastAPI's "There was an error parsing the body" (nor a 500 through GraphQL), and
+    nothing stored."""
+    headers = {**bearer(admin_key), "content-type": "application/json"}
+    before = (await http.get("/v1/users/me/memories?limit=100", headers=headers)).json()
+    for _ in range(2):  # a search's second request meets the Ingress's cached-search lane
+        r = await http.post(path, content=body.encode(), headers=headers)
+        assert r.status_code == 422, r.text
+        assert f"not valid JSON: {reason} at character" in r.json()["error"]["message"]
+    query = "mutation($m: JSON!) { storeMemory(memory: $m) { id } }"
+    graphql = '{"query": "' + query + '", "variables": {"m": ' + body + "}}"
+    r = await http.post("/graphql", content=graphql.encode(), headers=headers)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert message.startswith("not valid JSON: ") and reason.split()[-1] in message
+    # An import's first line (was a 500 too).
+    r = await http.post(
+        "/v1/users/me/import",
+        content=body.encode() + b"\n",
+        headers={**bearer(admin_key), "content-type": "application/x-ndjson"},
+    )
+    assert r.status_code == 422, r.text
+    assert f"line 1 is not JSON: {reason}" in r.json()["error"]["message"]
+    after = (await http.get("/v1/users/me/memories?limit=100", headers=headers)).json()
+    assert after == before
+
+
 def _said_at(stamp: str) -> dict[str, Any]:
     return {
         "type": "conversation",

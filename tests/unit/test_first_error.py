@@ -161,3 +161,37 @@ def test_a_number_that_is_not_finite_is_named_so_not_out_of_bounds(value: float)
     assert (
         first_error(caught.value.errors()).message == "confidence: Input should be a finite number"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "literal"),
+    [
+        ('{"importance": ' + "9" * 5000 + "}", "9" * 5000),
+        ('{"s": "' + "1" * 5000 + '", "n": [0.5, -' + "2" * 4400 + "]}", "-" + "2" * 4400),
+    ],
+)
+def test_json_loads_refuses_an_integer_longer_than_python_converts(text: str, literal: str) -> None:
+    """An integer of more than 4,300 digits was a bare ValueError out of the standard
+    library's parser (not a JSONDecodeError): a 500 where the callers expected only that."""
+    with pytest.raises(ValueError) as plain:
+        json.loads(text)
+    assert not isinstance(plain.value, json.JSONDecodeError)
+    with pytest.raises(json.JSONDecodeError) as caught:
+        json_loads(text)
+    digits = len(literal.lstrip("-"))
+    assert caught.value.msg == f"an integer of {digits} digits is longer than any value here"
+    assert text[caught.value.pos :].startswith(literal)
+    assert json_loads('{"n": ' + "7" * 4300 + "}") == {"n": int("7" * 4300)}  # the limit
+
+
+@pytest.mark.parametrize("depth", [2_000, 50_000])
+def test_json_loads_refuses_nesting_deeper_than_it_recurses(depth: int) -> None:
+    text = '{"a": [' + '{"b": ' * depth + "1" + "}" * depth + "]}"
+    with pytest.raises(RecursionError):
+        json.loads(text)
+    with pytest.raises(json.JSONDecodeError) as caught:
+        json_loads(text.encode())
+    assert caught.value.msg == f"nested {depth + 2} levels deep, deeper than JSON is read here"
+    assert caught.value.pos == text.rindex("{")  # the deepest object opens there
+    shallow = "[" * 500 + "]" * 500
+    assert json_loads(shallow) == json.loads(shallow)
