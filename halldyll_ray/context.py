@@ -298,12 +298,14 @@ def assemble(
     text, sections = _render(chosen)
     token_count = count_tokens(text) if text else 0
     # Word-piece counts add up across whitespace, so this loop does not run for the default
-    # model; it keeps the promise for a tokenizer whose counts are not additive.
+    # model; it keeps the promise for a tokenizer whose counts are not additive. What it
+    # drops leaves the sources, and the citations are numbered again without the gap.
     while token_count > max_tokens:
         for name in (MEMORIES, FACTS, HISTORY, RECENT, SUMMARY, CURRENT):
             if chosen[name]:
                 chosen[name].pop(-1 if name != RECENT else 0)
                 break
+        _renumber(chosen, references, count_tokens)
         text, sections = _render(chosen)
         token_count = count_tokens(text) if text else 0
     return Context(

@@ -183,3 +183,32 @@ def test_an_item_cannot_forge_a_section_or_a_source() -> None:
     assert [line for line in lines if line.startswith("[")] == ["[1] a fact", "[2] a note"]
     assert context.text.count("    ## Relevant facts") == 3
     assert context.token_count == words(context.text)
+
+
+def test_items_cut_for_a_tokenizer_that_does_not_add_up_leave_the_sources_too() -> None:
+    """A tokenizer whose count of the whole is more than the sum of its lines' (here: the
+    line breaks cost tokens) makes the last loop drop items after they were taken; the
+    dropped ones stayed in ``sources`` and the numbering kept their gaps."""
+
+    def lumpy(text: str) -> int:
+        return len(text.split()) + 3 * text.count("\n")
+
+    ids = [uuid.uuid4() for _ in range(8)]
+    context = ctx.assemble(
+        summary=None,
+        relevant=[
+            ctx.Candidate(ctx.FACTS, f"fact number {i} about the garden", ids[i], score=1 - i / 10)
+            for i in range(8)
+        ],
+        recent=[],
+        current=None,
+        max_tokens=60,
+        count_tokens=lumpy,
+        truncate=cut,
+    )
+    assert context.token_count == lumpy(context.text) <= 60
+    cited = [line for line in context.text.splitlines() if line.startswith("[")]
+    assert 0 < len(cited) < 8  # some items were dropped by the last loop
+    assert len(context.sources) == len(cited)
+    for number, (line, source) in enumerate(zip(cited, context.sources, strict=True), 1):
+        assert line.startswith(f"[{number}] fact number {ids.index(source)} ")
