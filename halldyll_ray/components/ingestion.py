@@ -581,8 +581,10 @@ class Ingestion:
         ``session_turn`` (record_turn) the session summary every N turns.
 
         With ``session`` (record_turn), ``conversation_id`` is the session's log as looked
-        up before; if it was deleted since, the turn goes to the log that ``session.reopen``
-        finds or creates in this transaction (the returned ``conversation_id`` says which).
+        up before; if it was deleted since, or holds MAX_MESSAGES_PER_CONVERSATION messages
+        (then it stays a conversation of the session, no longer its log), the turn goes to
+        the log that ``session.reopen`` finds or creates in this transaction (the returned
+        ``conversation_id`` says which).
         """
         user_id = validation.parse_uuid(user_id, "user_id")
         conversation_id = validation.parse_uuid(conversation_id, "conversation_id")
@@ -623,6 +625,14 @@ class Ingestion:
                 )
             if reserved is None:
                 raise NotFound(f"conversation {conversation_id} not found")
+            if reserved["message_count"] > MAX_MESSAGES_PER_CONVERSATION and session is not None:
+                # A session's log is full: it stays a conversation of the session (found by
+                # its session_id, exported as it is) and the session goes on in a new log.
+                await conn.execute(q("retire_full_log"), conversation_id, user_id, len(checked))
+                conversation_id = await session.reopen(conn)
+                reserved = await conn.fetchrow(
+                    q("reserve_messages"), conversation_id, user_id, len(checked)
+                )
             if reserved["message_count"] > MAX_MESSAGES_PER_CONVERSATION:
                 raise InvalidInput(
                     f"a conversation holds at most {MAX_MESSAGES_PER_CONVERSATION} messages",

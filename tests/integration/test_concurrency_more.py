@@ -175,3 +175,50 @@ async def test_turns_racing_deletions_of_their_session_log_are_all_answered(
             n = i // 2 if i < 16 else i
             assert said == [f"message {n}", f"reply {n}"]
             assert [m.seq for m in log.messages] == list(range(log.message_count))
+
+
+async def test_a_full_session_log_rolls_over_and_the_session_goes_on(
+    engine: MemoryEngine,
+) -> None:
+    """A session's log at MAX_MESSAGES_PER_CONVERSATION refused every further turn (a 422
+    "a conversation holds at most 20000 messages" for a caller who did nothing wrong). The
+    full log now stays a conversation of the session and the turn opens its next log."""
+    from halldyll_ray.models import MAX_MESSAGES_PER_CONVERSATION
+
+    user = await engine.create_user(f"long-{uuid.uuid4().hex[:8]}", None, "user")
+    first = await engine.record_turn(user.id, "long", "the first words", "noted")
+    # Twenty thousand messages are too slow to send: the log's counter says it is full.
+    async with engine.db.scoped(user.id) as conn:
+        await conn.execute(
+            "UPDATE memories SET message_count = $2 WHERE id = $1",
+            first.conversation_id,
+            MAX_MESSAGES_PER_CONVERSATION - 1,
+        )
+    turn = await engine.record_turn(
+        user.id, "long", "a turn past the cap", "still here", idempotency_key="past-cap"
+    )
+    assert turn.conversation_id != first.conversation_id
+    assert turn.message_seqs == [0, 1]
+    again = await engine.record_turn(
+        user.id, "long", "a turn past the cap", "still here", idempotency_key="past-cap"
+    )
+    assert again.conversation_id == turn.conversation_id  # replayed, not stored twice
+    later = await engine.record_turn(user.id, "long", "and one more", "fine")
+    assert later.conversation_id == turn.conversation_id and later.message_seqs == [2, 3]
+
+    old = await engine.get_memory(user.id, first.conversation_id)
+    assert old.session_id == "long"  # still the session's, found by its session_id
+    assert old.message_count == MAX_MESSAGES_PER_CONVERSATION - 1  # the reservation undone
+    assert [m.content for m in old.messages][:2] == ["the first words", "noted"]
+    new = await engine.get_memory(user.id, turn.conversation_id)
+    assert [m.content for m in new.messages] == [
+        "a turn past the cap",
+        "still here",
+        "and one more",
+        "fine",
+    ]
+    logs = await engine.list_memories(user.id, types=["conversation"], session_id="long")
+    assert {m.id for m in logs.items} == {first.conversation_id, turn.conversation_id}
+    # The context's recent turns come from the session's log, the new one.
+    context = await engine.prepare_context(user.id, "long", "what did I say?")
+    assert "and one more" in context.text

@@ -7,6 +7,13 @@ UPDATE memories SET message_count = message_count + $3, updated_at = now()
 WHERE id = $1 AND user_id = $2 AND type = 'conversation'
 RETURNING message_count, model_id, session_id, tags, created_at;
 
+-- name: retire_full_log
+-- A session log that cannot take the $3 messages just reserved in it: the reservation is
+-- given back and the row stops being the session's log (it stays a conversation of the
+-- session, with its session_id), so that create_session_log can open the next one.
+UPDATE memories SET message_count = message_count - $3, session_role = NULL
+WHERE id = $1 AND user_id = $2 AND session_role = 'log';
+
 -- name: insert_messages
 -- Messages of one or more conversations in one statement (parallel arrays, one per column).
 INSERT INTO conversation_messages (memory_id, seq, role, name, content, created_at)
