@@ -652,6 +652,33 @@ async def test_words_of_southeast_asian_scripts_without_spaces_are_found(
 
 
 @pytest.mark.parametrize(
+    ("wanted", "other", "query"),
+    [
+        ("We celebrated 🎉 after the launch", "The launch was delayed again", "🎉"),
+        ("Pizza night 🍕🍕 with the team", "Sushi night 🍣 with the team", "🍕"),
+        ("Thumbs up 👍🏽 from Ada", "Ada said no 👎", "👍"),
+        ("Family photo 👨\u200d👩\u200d👧 at the beach", "Photo of the beach 🏖", "👧"),
+        ("It was ☀️ all week", "It rained ☔ all week", "☀"),
+        ("Remember the ⭐ of the show", "Remember the end of the show", "⭐ show"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["fulltext", "hybrid"])
+async def test_an_emoji_is_a_word_of_full_text_search(
+    engine: MemoryEngine, mode: str, wanted: str, other: str, query: str
+) -> None:
+    """PostgreSQL's parser reads a symbol as a blank and MiniLM reads every emoji as the same
+    [UNK]: a query of "🎉" found nothing in full text, and hybrid search was left with an
+    embedding that cannot tell 🎉 from 🍕. Each symbol is now a word of its own (migration
+    0015), a skin tone and a ZWJ sequence's members words beside it."""
+    user = await engine.create_user(f"em{uuid.uuid4().hex[:8]}", None, "user")
+    fact = await engine.store_memory(user.id, Fact(statement=wanted))
+    await engine.store_memory(user.id, Fact(statement=other))
+    await engine.store_memory(user.id, Fact(statement="We talked about the weather all day"))
+    hits = await engine.search(user.id, query, mode=mode)
+    assert hits and hits[0].memory.id == fact.id
+
+
+@pytest.mark.parametrize(
     ("stored", "query"),
     [
         ("Ｃａｆé déjà vu at the ﬁsh market", "cafe deja vu fish"),

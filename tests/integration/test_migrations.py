@@ -242,3 +242,33 @@ async def test_chunks_stored_before_0014_are_found_through_invisible_characters(
         assert [await conn.fetchval(query, word) for word in words] == [True, True]
     finally:
         await conn.close()
+
+
+async def test_chunks_stored_before_0015_are_found_by_their_emoji(fresh_db: str) -> None:
+    before = [m for m in load_migrations() if m.version < 15]
+    await apply_migrations(fresh_db, embedding_dimension=384, migrations=before)
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        user, memory = await _old_conversation(conn)
+        zero = "[" + ",".join(["0"] * 384) + "]"
+        await conn.execute(
+            "INSERT INTO memory_chunks (memory_id, user_id, type, part, part_index, content,"
+            " embedding) VALUES ($1, $2, 'conversation', 'message', 0, $3, $4::vector)",
+            memory,
+            user,
+            "We celebrated \U0001f389 with \U0001f355",
+            zero,
+        )
+        query = (
+            "SELECT tsv @@ plainto_tsquery('simple', halldyll_search_text($1)) FROM memory_chunks"
+        )
+        assert not await conn.fetchval(query, "\U0001f389")  # no lexeme at all before
+        await apply_migrations(fresh_db, embedding_dimension=384)
+        assert [await conn.fetchval(query, q) for q in ("\U0001f389", "\U0001f355")] == [
+            True,
+            True,
+        ]
+        assert await conn.fetchval(query, "\U0001f363") is False  # another emoji: no match
+        assert await conn.fetchval(query, "celebrated") is True  # the words as before
+    finally:
+        await conn.close()
