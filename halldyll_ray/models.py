@@ -431,7 +431,11 @@ class _Input(BaseModel):
         if info.context is STORED:
             return self
         for key, value in self.__dict__.items():
-            if isinstance(value, str | dict | list | float):
+            if isinstance(value, float) and value == 0.0:
+                # -0.0 (as valid a JSON number as 0.0) is 0.0: it was stored, returned and
+                # exported with its sign ("importance": -0.0).
+                self.__dict__[key] = 0.0
+            elif isinstance(value, str | dict | list | float):
                 try:
                     check_json_value(value)
                 except ValueError as exc:

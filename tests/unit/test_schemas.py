@@ -267,3 +267,28 @@ def test_a_time_that_is_a_long_run_of_digits_is_read_once(since: str) -> None:
     for number in ("1", "-1.5", ".5", "1.", "+2e10", "1700000000"):
         with pytest.raises(InvalidInput, match="ISO 8601"):
             schemas.parse(SearchRequest, {"query": "tea", "since": number})
+
+
+def test_negative_zero_is_zero_in_every_float_of_an_input() -> None:
+    """``-0.0`` (a JSON number, as valid as 0.0) was stored, returned and exported with its
+    sign: ``"importance": -0.0``. One rule for every float field of a stored input (the
+    model check every input runs, ``_Input._storable``)."""
+    import math
+
+    from halldyll_ray.models import Fact, MemoryUpdate, Segment, Transcription
+
+    fact = Fact.model_validate_json('{"statement": "x", "importance": -0.0, "confidence": -0}')
+    segment = Segment.model_validate_json('{"start": -0.0, "end": 1.5, "text": "hi"}')
+    values = [
+        fact.importance,
+        fact.confidence,
+        segment.start,
+        MemoryUpdate.model_validate({"importance": -0.0}).importance,
+        Transcription.model_validate(
+            {"text": "hi", "duration_seconds": -0.0, "segments": []}
+        ).duration_seconds,
+    ]
+    assert values == [0.0] * 5
+    assert all(math.copysign(1.0, v) == 1.0 for v in values)
+    assert '"importance":0.0' in fact.model_dump_json()
+    assert Segment.model_validate({"start": 2.5, "end": 3.0, "text": "a"}).start == 2.5
