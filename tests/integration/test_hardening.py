@@ -626,6 +626,18 @@ async def test_words_of_scripts_without_spaces_are_found(engine: MemoryEngine, m
     assert hits and hits[0].memory.id == jp.id
 
 
+async def _found_first(
+    engine: MemoryEngine, wanted: str, other: str, query: str, mode: str
+) -> None:
+    """``wanted``, stored beside ``other`` and an unrelated fact, is the first hit of ``query``."""
+    user = await engine.create_user(f"ff{uuid.uuid4().hex[:8]}", None, "user")
+    fact = await engine.store_memory(user.id, Fact(statement=wanted))
+    await engine.store_memory(user.id, Fact(statement=other))
+    await engine.store_memory(user.id, Fact(statement="We talked about the weather all day"))
+    hits = await engine.search(user.id, query, mode=mode)
+    assert hits and hits[0].memory.id == fact.id
+
+
 @pytest.mark.parametrize(
     ("wanted", "other", "query"),
     [
@@ -643,12 +655,7 @@ async def test_words_of_southeast_asian_scripts_without_spaces_are_found(
     is several letters and marks: a sentence was one lexeme and a word in it was found by no
     mode (the embedding missed it as well). Inspired by meilisearch/meilisearch#864 ("the
     middle words won't be found with query 'eating' or 'rice'")."""
-    user = await engine.create_user(f"th{uuid.uuid4().hex[:8]}", None, "user")
-    fact = await engine.store_memory(user.id, Fact(statement=wanted))
-    await engine.store_memory(user.id, Fact(statement=other))
-    await engine.store_memory(user.id, Fact(statement="We talked about the weather all day"))
-    hits = await engine.search(user.id, query, mode=mode)
-    assert hits and hits[0].memory.id == fact.id
+    await _found_first(engine, wanted, other, query, mode)
 
 
 @pytest.mark.parametrize(
@@ -670,12 +677,7 @@ async def test_an_emoji_is_a_word_of_full_text_search(
     [UNK]: a query of "🎉" found nothing in full text, and hybrid search was left with an
     embedding that cannot tell 🎉 from 🍕. Each symbol is now a word of its own (migration
     0015), a skin tone and a ZWJ sequence's members words beside it."""
-    user = await engine.create_user(f"em{uuid.uuid4().hex[:8]}", None, "user")
-    fact = await engine.store_memory(user.id, Fact(statement=wanted))
-    await engine.store_memory(user.id, Fact(statement=other))
-    await engine.store_memory(user.id, Fact(statement="We talked about the weather all day"))
-    hits = await engine.search(user.id, query, mode=mode)
-    assert hits and hits[0].memory.id == fact.id
+    await _found_first(engine, wanted, other, query, mode)
 
 
 @pytest.mark.parametrize(

@@ -216,36 +216,28 @@ async def test_messages_stored_before_0007_get_their_speaker_and_date_label(fres
         await conn.close()
 
 
-async def test_chunks_stored_before_0014_are_found_through_invisible_characters(
-    fresh_db: str,
-) -> None:
-    before = [m for m in load_migrations() if m.version < 14]
-    await apply_migrations(fresh_db, embedding_dimension=384, migrations=before)
-    conn = await asyncpg.connect(fresh_db)
-    try:
-        user, memory = await _old_conversation(conn)
-        zero = "[" + ",".join(["0"] * 384) + "]"
-        await conn.execute(
-            "INSERT INTO memory_chunks (memory_id, user_id, type, part, part_index, content,"
-            " embedding) VALUES ($1, $2, 'conversation', 'message', 0, $3, $4::vector)",
-            memory,
-            user,
+_MATCHES = "SELECT tsv @@ plainto_tsquery('simple', halldyll_search_text($1)) FROM memory_chunks"
+
+
+@pytest.mark.parametrize(
+    ("version", "content", "words"),
+    [
+        # 0014: invisible characters and Hebrew points
+        (
+            14,
             "I moved to Lon\u200bdon, \u05e9\u05b8\u05c1\u05dc\u05d5\u05b9\u05dd",
-            zero,
-        )
-        query = (
-            "SELECT tsv @@ plainto_tsquery('simple', halldyll_search_text($1)) FROM memory_chunks"
-        )
-        words = ("london", "\u05e9\u05dc\u05d5\u05dd")
-        assert [await conn.fetchval(query, word) for word in words] == [False, False]
-        await apply_migrations(fresh_db, embedding_dimension=384)
-        assert [await conn.fetchval(query, word) for word in words] == [True, True]
-    finally:
-        await conn.close()
-
-
-async def test_chunks_stored_before_0015_are_found_by_their_emoji(fresh_db: str) -> None:
-    before = [m for m in load_migrations() if m.version < 15]
+            ("london", "\u05e9\u05dc\u05d5\u05dd"),
+        ),
+        # 0015: emoji
+        (15, "We celebrated \U0001f389 with \U0001f355", ("\U0001f389", "\U0001f355")),
+    ],
+)
+async def test_chunks_stored_before_a_search_text_migration_are_found_after_it(
+    fresh_db: str, version: int, content: str, words: tuple[str, ...]
+) -> None:
+    """A migration that changes halldyll_search_text() recomputes the tsvector of the chunks
+    already stored: words their old tsvector missed are found once it has run."""
+    before = [m for m in load_migrations() if m.version < version]
     await apply_migrations(fresh_db, embedding_dimension=384, migrations=before)
     conn = await asyncpg.connect(fresh_db)
     try:
@@ -256,19 +248,12 @@ async def test_chunks_stored_before_0015_are_found_by_their_emoji(fresh_db: str)
             " embedding) VALUES ($1, $2, 'conversation', 'message', 0, $3, $4::vector)",
             memory,
             user,
-            "We celebrated \U0001f389 with \U0001f355",
+            content,
             zero,
         )
-        query = (
-            "SELECT tsv @@ plainto_tsquery('simple', halldyll_search_text($1)) FROM memory_chunks"
-        )
-        assert not await conn.fetchval(query, "\U0001f389")  # no lexeme at all before
+        assert not any([await conn.fetchval(_MATCHES, word) for word in words])
         await apply_migrations(fresh_db, embedding_dimension=384)
-        assert [await conn.fetchval(query, q) for q in ("\U0001f389", "\U0001f355")] == [
-            True,
-            True,
-        ]
-        assert await conn.fetchval(query, "\U0001f363") is False  # another emoji: no match
-        assert await conn.fetchval(query, "celebrated") is True  # the words as before
+        assert [await conn.fetchval(_MATCHES, word) for word in words] == [True] * len(words)
+        assert await conn.fetchval(_MATCHES, "\U0001f363") is False  # another emoji: no match
     finally:
         await conn.close()
