@@ -102,11 +102,19 @@ def json_loads(data: str | bytes) -> Any:
       ValueError, a 500 where a caller expected only JSONDecodeError;
     - nesting deeper than the parser recurses (about 1,000 levels): a RecursionError.
 
+    Bytes that are not text in the encoding :func:`json.loads` detects (UTF-8 unless the
+    first bytes say UTF-16 or UTF-32) are a syntax error too, at the first bad byte: a gzip
+    body sent without its ``Content-Encoding``, or Latin-1 text, was a ``UnicodeDecodeError``
+    that GraphQL answered with a 500.
+
     Raises:
         json.JSONDecodeError: any of these; ``pos`` is where.
     """
     try:
         return json.loads(data, parse_constant=_refuse_constant, parse_int=_parse_int)
+    except UnicodeDecodeError as exc:
+        message = f"the body is not {exc.encoding.upper()} text ({exc.reason})"
+        raise json.JSONDecodeError(message, "", exc.start) from None
     except _Refused as exc:
         text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
         raise json.JSONDecodeError(exc.reason, text, _where(text, exc.literal)) from None

@@ -1040,12 +1040,17 @@ class _GraphQL(GraphQL[GraphQLContext, None]):
     def decode_json(self, data: str | bytes) -> object:
         """The body's JSON (:func:`~halldyll_ray.validation.json_loads`: no NaN or
         Infinity, no integer of thousands of digits, no nesting deeper than the parser
-        recurses: each was a 500 or a value taken as given); 400 "not valid JSON: <what>
-        at <where>" for any of them."""
+        recurses, nothing but UTF-8: each was a 500 or a value taken as given); 400 "not
+        valid JSON: <what> at <where>" for any of them, and 400 for a body that is neither
+        an object nor a batch (a list)."""
         try:
-            return validation.json_loads(data)
+            value = validation.json_loads(data)
         except json.JSONDecodeError as exc:  # strawberry's text does not say what or where
             raise HTTPException(400, f"not valid JSON: {exc}") from None
+        if not isinstance(value, dict | list):  # a list is a batch, which strawberry refuses
+            # strawberry reads the body as an object: a number, a string or null was a 500.
+            raise HTTPException(400, 'the body must be a JSON object: {"query": ...}')
+        return value
 
     async def get_context(self, request: Any, response: Any) -> GraphQLContext:
         return GraphQLContext(self.loopback, request)

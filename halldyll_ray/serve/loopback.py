@@ -81,9 +81,14 @@ class Loopback:
     async def check_key(self, authorization: str, request_id: str | None) -> httpx.Response:
         """The API's answer to ``GET /v1/me`` with this ``Authorization`` header: 200 with the
         caller, or the very refusal (401 body, ``WWW-Authenticate``, audit row) REST gives."""
-        headers = {"authorization": authorization} if authorization else {}
+        # The header's own bytes (authorization_of read them as Latin-1): httpx encodes a
+        # str header as ASCII, so a key with a byte past 0x7F was a UnicodeEncodeError, a 500
+        # where REST answers 401.
+        headers: dict[bytes, bytes] = {}
+        if authorization:
+            headers[b"authorization"] = authorization.encode("latin-1", "replace")
         if request_id:
-            headers["x-request-id"] = request_id
+            headers[b"x-request-id"] = request_id.encode("ascii")
         async with httpx.AsyncClient(transport=self._asgi, base_url=INTERNAL_URL) as http:
             return await http.get("/v1/me", headers=headers)
 

@@ -46,6 +46,7 @@ from fastapi import FastAPI
 from mcp.server.mcpserver import Context
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from halldyll_ray.client import AsyncHalldyllClient
@@ -124,7 +125,62 @@ class McpEndpoint:
         if checked.status_code != 200:
             await relay(checked)(scope, receive, send)
             return
+        if scope.get("method") == "POST":
+            body, receive = await _buffered(receive)
+            refusal = _bad_request_id(body)
+            if refusal is not None:
+                await _json_rpc_error(400, _INVALID_REQUEST, refusal)(scope, receive, send)
+                return
         await manager.handle_request(scope, receive, _without_rejected_values(send))
+
+
+async def _buffered(receive: Receive) -> tuple[bytes, Receive]:
+    """The request's whole body (the Ingress middleware bounds its size and pace), and a
+    ``receive`` that hands it on once, then waits on the connection as before."""
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return body, receive  # the client went away: the SDK sees the same
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            break
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return dict(await receive())
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return body, replay
+
+
+def _bad_request_id(body: bytes) -> str | None:
+    """Why a JSON-RPC request's ``id`` is not one MCP takes, or None.
+
+    MCP requires a string or an integer (never null). The SDK read a request with any other
+    id (``1.5``, ``true``, ``{}``, ``null``) as a notification and answered 202 with no body:
+    the client waited for a reply that never came. A body that is not one JSON object with a
+    ``method`` and an ``id`` is left to the SDK, which answers it."""
+    try:
+        message = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(message, dict) or "method" not in message or "id" not in message:
+        return None
+    value = message["id"]
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return None
+    kind = "null" if value is None else type(value).__name__.replace("dict", "object")
+    return f"a request's id must be a string or an integer (MCP), not {kind}"
+
+
+def _json_rpc_error(status: int, code: int, message: str) -> Response:
+    """A JSON-RPC error object with a null id, as the SDK's own refusals answer."""
+    body = {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}
+    return Response(json.dumps(body), status_code=status, media_type="application/json")
 
 
 #: What a 400 for a message that is not JSON-RPC 2.0 says instead of the SDK's text.
@@ -134,16 +190,25 @@ _NOT_JSON_RPC = (
 )
 
 
+#: JSON-RPC's "Invalid Request" error code, of a refusal the SDK answers in plain text.
+_INVALID_REQUEST = -32600
+
+
 def _without_rejected_values(send: Send) -> Send:
-    """``send`` with the SDK's 400 for a malformed message made to say what was wrong without
-    what was sent: its text is pydantic's report, which repeats the rejected values (a tool's
-    arguments can hold a secret). Other answers pass unchanged."""
+    """``send`` with the SDK's 4xx answers made JSON that says what was wrong without what
+    was sent.
+
+    Its 400 for a malformed message quotes pydantic's report, which repeats the rejected
+    values (a tool's arguments can hold a secret). And its transport checks answer in plain
+    text (``Invalid Content-Type header`` for a POST that is not ``application/json``): such a
+    refusal becomes the JSON-RPC error object its other refusals are (code -32600, ``id``
+    null), with the same words. Other answers pass unchanged."""
     start: dict[str, Any] | None = None
     body = b""
 
     async def guarded(message: dict[str, Any]) -> None:
         nonlocal start, body
-        if message["type"] == "http.response.start" and message["status"] == 400:
+        if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
             start = message
             return
         if start is None or message["type"] != "http.response.body":
@@ -152,17 +217,26 @@ def _without_rejected_values(send: Send) -> Send:
         body += message.get("body", b"")
         if message.get("more_body", False):
             return
+        headers = list(start.get("headers", []))
         try:
             answer = json.loads(body)
-            error = answer["error"]
-            if str(error["message"]).startswith("Validation error"):
-                error["message"] = _NOT_JSON_RPC
-                body = json.dumps(answer).encode()
-        except (ValueError, KeyError, TypeError):
-            pass
+        except ValueError:
+            text = body.decode("utf-8", "replace").strip() or "invalid request"
+            refusal = {"code": _INVALID_REQUEST, "message": text}
+            body = json.dumps({"jsonrpc": "2.0", "id": None, "error": refusal}).encode()
+            headers = [(n, v) for n, v in headers if n.lower() != b"content-type"]
+            headers.append((b"content-type", b"application/json"))
+        else:
+            try:
+                error = answer["error"]
+                if str(error["message"]).startswith("Validation error"):
+                    error["message"] = _NOT_JSON_RPC
+                    body = json.dumps(answer).encode()
+            except (KeyError, TypeError):
+                pass
         headers = [
             (name, str(len(body)).encode() if name.lower() == b"content-length" else value)
-            for name, value in start.get("headers", [])
+            for name, value in headers
         ]
         await send({**start, "headers": headers})
         await send({"type": "http.response.body", "body": body})
