@@ -98,14 +98,17 @@ _ERRORS: dict[str, type[HalldyllError]] = {
 _ERRORS["payload_too_large"] = InvalidInput
 #: How much of a request's path an error message repeats (an id can be any length).
 _PATH_SHOWN = 200
-# For error responses that do not carry the error shape (a proxy's 502, an unknown route).
+# For error responses that do not carry the error shape (a proxy's 502, an unknown route), or
+# whose code is not one of the product's errors.
 _BY_STATUS: dict[int, type[HalldyllError]] = {
     400: InvalidInput,
     401: AuthenticationFailed,
     403: PermissionDenied,
     404: NotFound,
+    408: Unavailable,  # the body did not arrive in time: nothing was applied, send it again
     409: Conflict,
     413: InvalidInput,
+    415: InvalidInput,
     422: InvalidInput,
     502: Unavailable,
     503: Unavailable,
@@ -147,7 +150,9 @@ def _error_from(response: httpx.Response) -> HalldyllError:
         report = error.get("report")
     else:
         report = None
-    cls = _ERRORS.get(code, HalldyllError) if isinstance(code, str) else None
+    # An error code of the product names its class; any other (the HTTP layer's own:
+    # "bad_request", "request_timeout", "unsupported_media_type"...) goes by the status.
+    cls = _ERRORS.get(code) if isinstance(code, str) else None
     if cls is None:
         cls = _BY_STATUS.get(status, HalldyllError)
         if status == 500:

@@ -15,7 +15,7 @@ import pytest
 
 from halldyll_ray import cli
 from halldyll_ray.client import AsyncHalldyllClient, HalldyllClient
-from halldyll_ray.errors import HalldyllError, InvalidInput, Unavailable
+from halldyll_ray.errors import AuthenticationFailed, HalldyllError, InvalidInput, Unavailable
 
 KEY = "hr_secret_key_0123456789"
 
@@ -253,3 +253,34 @@ async def test_an_export_that_is_not_a_halldyll_export_is_an_error() -> None:
         assert b"".join(client.export_memories()) == good
     async with _async(answering(good)) as aclient:
         assert b"".join([piece async for piece in aclient.export_memories()]) == good
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "expected"),
+    [
+        (400, "bad_request", InvalidInput),  # FastAPI's "There was an error parsing the body"
+        (408, "request_timeout", Unavailable),  # the body did not arrive in time
+        (415, "unsupported_media_type", InvalidInput),  # a Content-Encoding
+        (401, "unauthenticated", AuthenticationFailed),
+        (422, "invalid_input", InvalidInput),
+        (503, "unavailable", Unavailable),
+    ],
+)
+async def test_an_error_code_of_the_http_layer_is_typed_by_its_status(
+    status: int, code: str, expected: type[HalldyllError]
+) -> None:
+    """The service answers the HTTP layer's refusals with the error shape and codes of their
+    own ("bad_request", "request_timeout", "unsupported_media_type"): the client raised the
+    bare HalldyllError for them, as if the status said nothing."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        error = {"code": code, "message": "refused", "request_id": "r-1"}
+        return httpx.Response(status, json={"error": error})
+
+    with _sync(answer) as sync, pytest.raises(expected) as raised:
+        sync.me()
+    assert raised.value.fields["request_id"] == "r-1"
+    assert raised.value.fields["status_code"] == status
+    async with _async(answer) as client:
+        with pytest.raises(expected):
+            await client.me()
