@@ -155,7 +155,7 @@ def _error_from(response: httpx.Response) -> HalldyllError:
     cls = _ERRORS.get(code) if isinstance(code, str) else None
     if cls is None:
         cls = _BY_STATUS.get(status, HalldyllError)
-        if status == 500:
+        if status == 500 and not isinstance(code, str):  # no error shape: the proxy's
             # The app answers every error of its own with the error shape (an unexpected one
             # is 500 "internal_error"). A bare 500 comes from the proxy in front of it: Serve's
             # HAProxy config answers its own 502/503/504 with a plain-text 500 error file (no
