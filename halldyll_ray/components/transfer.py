@@ -262,12 +262,14 @@ class Transfer:
         links: list[tuple[UUID, UUID]] = []
         # Facts written that name a conversation as a source, to re-point once all are in.
         sourced: list[UUID] = []
+        # Summaries written with covers, to re-point once all are in: (id here, exported covers).
+        covering: list[tuple[UUID, list[UUID]]] = []
         seen: set[UUID] = set()  # the file's memory ids so far: each may appear once
         if atomic:
             async with self.db.scoped(user_id) as conn:
                 await lock_user(conn, user_id)
                 async for batch in _batches(lines):
-                    ready = await self._prepare(user_id, batch, report, conn)
+                    ready = await self._prepare(user_id, batch, report, seen, conn)
                     if not report.error_count:
                         await self._write(
                             conn,
@@ -277,12 +279,13 @@ class Transfer:
                             keep_ids,
                             request_id,
                             links,
-                            seen,
                             sourced,
+                            covering,
                         )
                 if not report.error_count:
                     await _link_successors(conn, user_id, links)
                     await _repoint_sources(conn, user_id, sourced)
+                    await _repoint_covers(conn, user_id, covering)
                 report.missing = _missing(header, report)
                 if report.missing and not report.error_count:
                     report.problem(
@@ -303,18 +306,19 @@ class Transfer:
                     )
             return report
         async for batch in _batches(lines):
-            ready = await self._prepare(user_id, batch, report)
+            ready = await self._prepare(user_id, batch, report, seen)
             if ready:
                 async with self.db.scoped(user_id) as conn:
                     await lock_user(conn, user_id)
                     await self._write(
-                        conn, user_id, ready, report, keep_ids, request_id, links, seen, sourced
+                        conn, user_id, ready, report, keep_ids, request_id, links, sourced, covering
                     )
-        if links or sourced:
+        if links or sourced or covering:
             async with self.db.scoped(user_id) as conn:
                 await lock_user(conn, user_id)
                 await _link_successors(conn, user_id, links)
                 await _repoint_sources(conn, user_id, sourced)
+                await _repoint_covers(conn, user_id, covering)
         report.missing = _missing(header, report)
         return report
 
@@ -323,18 +327,28 @@ class Transfer:
         user_id: UUID,
         batch: Sequence[tuple[int, bytes]],
         report: ImportReport,
+        seen: set[UUID],
         conn: asyncpg.Connection | None = None,
     ) -> list[_Line]:
         """Validate, resolve models, skip lines imported before, chunk and embed a batch.
 
-        ``conn``: the atomic import's transaction, read on instead of the pool (waiting for a
-        second connection while holding one deadlocks a pool held by such imports)."""
+        ``seen``: the file's memory ids so far. A memory id the file already had is a problem
+        of its line, here, before a line imported before is told apart: checked at the write,
+        it was reported only when both lines fell in one batch of the first import (in two
+        batches, or in a second import of the file, the second line passed as "unchanged",
+        and an atomic import committed the file). ``conn``: the atomic import's transaction,
+        read on instead of the pool (waiting for a second connection while holding one
+        deadlocks a pool held by such imports)."""
         report.lines += len(batch)
         parsed: list[_Line] = []
         now = datetime.now(UTC)
         for number, raw in batch:
             try:
                 record = parse_memory_line(number, raw)
+                if record.id in seen:
+                    report.problem(number, f"memory id {record.id} is in the file twice", "id")
+                    continue
+                seen.add(record.id)
                 memory = record.memory
                 expires = _expiry(record)
                 if expires is not None and expires <= now:
@@ -389,15 +403,15 @@ class Transfer:
         keep_ids: bool,
         request_id: str | None,
         links: list[tuple[UUID, UUID]],
-        seen: set[UUID],
         sourced: list[UUID],
+        covering: list[tuple[UUID, list[UUID]]],
     ) -> None:
         """Write prepared lines under the user's lock (taken by the caller); the closed facts
         whose successor is to be linked once every line is in go to ``links``, the facts that
-        name a conversation as a source (written or merged into) to ``sourced``. A memory id
-        the file already had (``seen``) is a problem of its line, not a silent "unchanged";
-        an id that is taken by a memory not the user's gets a new one, as for another user's
-        file (saying "taken" would tell the caller that someone has it)."""
+        name a conversation as a source (written or merged into) to ``sourced``, the summaries
+        written with covers to ``covering``. An id that is taken by a memory not the user's
+        gets a new one, as for another user's file (saying "taken" would tell the caller that
+        someone has it)."""
         sources = [line.record.id for line in lines]
         mapped = {
             r["source_id"]: r["memory_id"]
@@ -414,10 +428,6 @@ class Transfer:
         new_targets: list[UUID] = []
         for line in lines:
             source = line.record.id
-            if source in seen:
-                report.problem(line.number, f"memory id {source} is in the file twice", "id")
-                continue
-            seen.add(source)
             if source in mapped:
                 report.unchanged += 1
                 continue
@@ -444,6 +454,9 @@ class Transfer:
                 links.append((target, line.record.superseded_by))
             if _conversation_sources(line.record):
                 sourced.append(target)
+            memory = line.record.memory
+            if isinstance(memory, Summary) and memory.covers:
+                covering.append((target, list(memory.covers)))
             written.append(target)
             new_sources.append(source)
             new_targets.append(target)
@@ -620,6 +633,35 @@ async def _link_successors(
         successor = here.get(source, source if source in owned else None)
         if successor is not None and successor != fact_id:
             await conn.execute(q("link_successor"), fact_id, user_id, successor)
+
+
+async def _repoint_covers(
+    conn: asyncpg.Connection, user_id: UUID, summaries: Sequence[tuple[UUID, list[UUID]]]
+) -> None:
+    """Point imported summaries' covers at what each covered memory became here, once every
+    line is in, as successors and conversation sources are: a summary is written with the
+    covers already imported, and one that came before what it covers (a file whose lines
+    were reordered) lost them. Each exported id names what it became (imported, merged, or
+    kept under its id); one the user has no memory of is dropped."""
+    if not summaries:
+        return
+    named = list({c for _, covers in summaries for c in covers})
+    here = {
+        r["source_id"]: r["memory_id"]
+        for r in await conn.fetch(q("imported_sources"), user_id, named)
+    }
+    wanted = list({here.get(c, c) for c in named})
+    owned = {r["id"] for r in await conn.fetch(q("owned_ids"), user_id, wanted)}
+    stored = {
+        r["id"]: r["covers"]
+        for r in await conn.fetch(q("summary_covers"), user_id, [s for s, _ in summaries])
+    }
+    for summary_id, covers in summaries:
+        kept = [str(c) for c in dict.fromkeys(here.get(c, c) for c in covers) if c in owned]
+        if summary_id in stored and kept != (stored[summary_id] or []):
+            await conn.execute(
+                *bind("set_summary_covers", id=summary_id, user_id=user_id, covers=kept)
+            )
 
 
 def _conversation_sources(record: ExportedMemory) -> list[UUID]:

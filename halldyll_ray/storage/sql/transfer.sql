@@ -84,3 +84,12 @@ FROM memories WHERE user_id = $1 AND type = 'fact' AND id = ANY($2::uuid[]);
 UPDATE memories
 SET payload = payload || jsonb_build_object('sources', :sources::jsonb, 'source', :source::text)
 WHERE id = :id AND user_id = :user_id AND type = 'fact';
+
+-- name: summary_covers
+SELECT id, payload -> 'covers' AS covers
+FROM memories WHERE user_id = $1 AND type = 'summary' AND id = ANY($2::uuid[]);
+
+-- name: set_summary_covers
+-- An imported summary's covers re-pointed at the user's memories, once every line is in.
+UPDATE memories SET payload = jsonb_set(payload, '{covers}', :covers::jsonb)
+WHERE id = :id AND user_id = :user_id AND type = 'summary';
