@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -190,3 +192,39 @@ def mcp_result(result: Any) -> dict[str, Any]:
     assert result.structured_content is not None
     assert json.loads(text) == result.structured_content
     return dict(result.structured_content)
+
+
+# --------------------------------------------------------------------------- export files
+async def export_lines(engine: Any, user_id: uuid.UUID) -> list[dict[str, Any]]:
+    """The user's export (``engine.export_memories``) as its JSON lines, each line whole."""
+    lines = [line async for line in engine.export_memories(user_id)]
+    assert all(line.endswith(b"\n") for line in lines)
+    return [json.loads(x) for x in b"".join(lines).splitlines()]
+
+
+def ndjson(records: list[dict[str, Any]]) -> bytes:
+    """An export file of ``records``, one JSON line each."""
+    return b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
+
+
+def export_header(user_id: uuid.UUID | None = None, **extra: Any) -> dict[str, Any]:
+    """An export file's first line (format version 1), of ``user_id`` or a random user."""
+    return {
+        "format": "halldyll-export",
+        "version": 1,
+        "user": {"id": str(user_id or uuid.uuid4()), "username": "someone"},
+        "exported_at": datetime.now(UTC).isoformat(),
+        **extra,
+    }
+
+
+def fact_line(statement: str, **extra: Any) -> dict[str, Any]:
+    """An export file's line of a new fact (a fresh id, stamped now)."""
+    now = datetime.now(UTC).isoformat()
+    return {
+        "id": str(uuid.uuid4()),
+        "memory": {"type": "fact", "statement": statement},
+        "created_at": now,
+        "updated_at": now,
+        **extra,
+    }

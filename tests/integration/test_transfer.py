@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from support import export_header, export_lines, fact_line, ndjson
 
 from halldyll_ray import (
     Conversation,
@@ -23,16 +24,6 @@ from halldyll_ray import (
     Transcription,
 )
 from halldyll_ray.models import ImageSize, Segment
-
-
-async def _export(engine: MemoryEngine, user_id: uuid.UUID) -> list[dict[str, Any]]:
-    lines = [line async for line in engine.export_memories(user_id)]
-    assert all(line.endswith(b"\n") for line in lines)
-    return [json.loads(x) for x in b"".join(lines).splitlines()]
-
-
-def _ndjson(records: list[dict[str, Any]]) -> bytes:
-    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
 
 
 async def _user(engine: MemoryEngine, prefix: str) -> uuid.UUID:
@@ -103,7 +94,7 @@ async def test_export_round_trips_into_another_user_and_reimport_changes_nothing
 ) -> None:
     source, target = await _user(engine, "src"), await _user(engine, "dst")
     ids = await _fill(engine, source)
-    exported = await _export(engine, source)
+    exported = await export_lines(engine, source)
     header, lines = exported[0], exported[1:]
     assert header["format"] == "halldyll-export" and header["version"] == 1
     assert header["user"]["id"] == str(source)
@@ -124,7 +115,7 @@ async def test_export_round_trips_into_another_user_and_reimport_changes_nothing
     assert [m["name"] for m in by_type["conversation"]["messages"]] == ["Ana", None]
     assert by_type["transcription"]["memory"]["segments"][1]["speaker"] == "B"
 
-    file = _ndjson(exported)
+    file = ndjson(exported)
     report = await engine.import_memories(target, [file[:100], file[100:]])
     assert report.created == {
         "conversation": 1,
@@ -135,7 +126,7 @@ async def test_export_round_trips_into_another_user_and_reimport_changes_nothing
     }
     assert (report.lines, report.unchanged, report.error_count) == (5, 0, 0)
 
-    imported = await _export(engine, target)
+    imported = await export_lines(engine, target)
     assert imported[0]["memories"] == header["memories"]
     again = {line["memory"]["type"]: line for line in imported[1:]}
     for kind in by_type:
@@ -154,7 +145,7 @@ async def test_export_round_trips_into_another_user_and_reimport_changes_nothing
 
     second = await engine.import_memories(target, [file])
     assert second.created == {} and second.unchanged == 5 and second.merged == 0
-    assert (await _export(engine, target))[1:] == imported[1:]
+    assert (await export_lines(engine, target))[1:] == imported[1:]
 
 
 async def test_restore_into_the_same_user_keeps_ids_and_brings_back_deleted_memories(
@@ -184,67 +175,47 @@ async def test_a_fact_already_known_is_merged_not_duplicated(engine: MemoryEngin
     assert facts[0].reinforcement_count == 1  # the re-import reinforced nothing
 
 
-def _line(statement: str, **extra: Any) -> dict[str, Any]:
-    now = datetime.now(UTC).isoformat()
-    return {
-        "id": str(uuid.uuid4()),
-        "memory": {"type": "fact", "statement": statement},
-        "created_at": now,
-        "updated_at": now,
-        **extra,
-    }
-
-
-def _header(user_id: uuid.UUID | None = None) -> dict[str, Any]:
-    return {
-        "format": "halldyll-export",
-        "version": 1,
-        "user": {"id": str(user_id or uuid.uuid4()), "username": "someone"},
-        "exported_at": datetime.now(UTC).isoformat(),
-    }
-
-
 async def test_bad_lines_are_reported_by_number_and_the_good_ones_imported(
     engine: MemoryEngine,
 ) -> None:
     user = await _user(engine, "bad")
-    good = _line("Cleo runs on Sundays")
-    bad_value = _line(
+    good = fact_line("Cleo runs on Sundays")
+    bad_value = fact_line(
         "Cleo swims",
     )
     bad_value["memory"]["confidence"] = 7
-    unknown_model = _line("Cleo paints")
+    unknown_model = fact_line("Cleo paints")
     unknown_model["memory"]["model"] = f"no-such-model-{uuid.uuid4().hex[:6]}"
-    expired = _line("Cleo is in Rome this week", expires_at="2020-01-01T00:00:00Z")
+    expired = fact_line("Cleo is in Rome this week", expires_at="2020-01-01T00:00:00Z")
     expired["memory"]["kind"] = "ephemeral"
-    messages_on_a_fact = _line("Cleo knits", messages=[{"role": "user", "content": "hi"}])
-    nul_source = _line("Cleo bakes", sources=["chat\u0000 1"])
-    unix_time = _line("Cleo rows", created_at=1700000000)  # ISO 8601 only (a naive one is UTC)
+    messages_on_a_fact = fact_line("Cleo knits", messages=[{"role": "user", "content": "hi"}])
+    nul_source = fact_line("Cleo bakes", sources=["chat\u0000 1"])
+    unix_time = fact_line("Cleo rows", created_at=1700000000)  # ISO 8601 only (a naive one is UTC)
     # A conversation as a client stores it (messages inside the memory) is taken as well; a
     # blank speaker name (an export from before names had to be visible) is no name.
-    talk = _line("unused")
+    talk = fact_line("unused")
     talk["memory"] = {
         "type": "conversation",
         "messages": [{"role": "user", "content": "Yo", "name": "  "}],
     }
     file = (
-        _ndjson([_header(), good])
+        ndjson([export_header(), good])
         + b"{not json\n\n"
-        + _ndjson([bad_value, unknown_model, expired])
-        + _ndjson([{"id": "x"}])
+        + ndjson([bad_value, unknown_model, expired])
+        + ndjson([{"id": "x"}])
         + b"[" * 100_000
         + b"\n"
         + b"\xff\xfe\n"
-        + _ndjson([messages_on_a_fact, nul_source, unix_time, talk])
+        + ndjson([messages_on_a_fact, nul_source, unix_time, talk])
     )
     # Times that contradict themselves or that PostgreSQL stores as an infinity.
-    edits_before_creation = _line("Cleo sews", updated_at="2020-01-01T00:00:00Z")
-    at_the_end_of_time = _line("Cleo naps", expires_at="9999-12-31T23:59:59.999999Z")
-    at_the_start_of_time = _line("Cleo hums", created_at="0001-01-01T00:00:00Z")
-    year_zero = _line("unused")
+    edits_before_creation = fact_line("Cleo sews", updated_at="2020-01-01T00:00:00Z")
+    at_the_end_of_time = fact_line("Cleo naps", expires_at="9999-12-31T23:59:59.999999Z")
+    at_the_start_of_time = fact_line("Cleo hums", created_at="0001-01-01T00:00:00Z")
+    year_zero = fact_line("unused")
     year_zero["memory"] = {"type": "summary", "text": "A month of Cleo"}
     year_zero["period"] = "0000-01"
-    file += _ndjson([edits_before_creation, at_the_end_of_time, at_the_start_of_time, year_zero])
+    file += ndjson([edits_before_creation, at_the_end_of_time, at_the_start_of_time, year_zero])
     report = await engine.import_memories(user, [file])
     assert report.created == {"fact": 1, "conversation": 1} and report.expired == 1
     assert [(e.line, e.field) for e in report.errors] == [
@@ -276,11 +247,13 @@ async def test_an_id_is_kept_once_per_file_and_never_says_whose_it_is(
     owner = await _user(engine, "owner")
     theirs = await engine.store_memory(owner, Fact(statement="Eve keeps a diary"))
     user = await _user(engine, "restorer")
-    first = _line("Finn grows tomatoes")
-    twice = {**_line("Finn grows peppers"), "id": first["id"]}  # the same id again
-    borrowed = {**_line("Finn reads maps"), "id": str(theirs.id)}  # another user's memory id
+    first = fact_line("Finn grows tomatoes")
+    twice = {**fact_line("Finn grows peppers"), "id": first["id"]}  # the same id again
+    borrowed = {**fact_line("Finn reads maps"), "id": str(theirs.id)}  # another user's memory id
     # A restore (the header names this user) keeps ids, except one that is not the user's.
-    report = await engine.import_memories(user, [_ndjson([_header(user), first, twice, borrowed])])
+    report = await engine.import_memories(
+        user, [ndjson([export_header(user), first, twice, borrowed])]
+    )
     assert [(e.line, e.field) for e in report.errors] == [(3, "id")]
     assert "twice" in report.errors[0].message and report.created == {"fact": 2}
     facts = {f.text: f.id for f in (await engine.list_memories(user, types=["fact"])).items}
@@ -293,16 +266,18 @@ async def test_an_id_is_kept_once_per_file_and_never_says_whose_it_is(
 async def test_atomic_import_refuses_the_whole_file_for_one_bad_line(engine: MemoryEngine) -> None:
     user = await _user(engine, "atomic")
     await engine.store_memory(user, Fact(statement="Dan keeps bees"))
-    before = await _export(engine, user)
-    bad = _line("Dan fixes clocks")
+    before = await export_lines(engine, user)
+    bad = fact_line("Dan fixes clocks")
     bad["memory"]["importance"] = -1
-    lines = [_line(f"Dan owns {n} bicycles") for n in range(200)] + [bad]
+    lines = [fact_line(f"Dan owns {n} bicycles") for n in range(200)] + [bad]
     with pytest.raises(InvalidInput) as caught:
-        await engine.import_memories(user, [_ndjson([_header(), *lines])], atomic=True)
+        await engine.import_memories(user, [ndjson([export_header(), *lines])], atomic=True)
     assert caught.value.fields["report"]["errors"][0]["line"] == 202
     assert caught.value.fields["report"]["committed"] is False
-    assert (await _export(engine, user))[1:] == before[1:]  # nothing changed
-    report = await engine.import_memories(user, [_ndjson([_header(), *lines[:200]])], atomic=True)
+    assert (await export_lines(engine, user))[1:] == before[1:]  # nothing changed
+    report = await engine.import_memories(
+        user, [ndjson([export_header(), *lines[:200]])], atomic=True
+    )
     # Near-equal statements merge as stores do: every line is either new or merged.
     assert report.created["fact"] + report.merged == 200 and report.committed
     assert report.created["fact"] == len((await engine.list_memories(user, limit=500)).items) - 1
@@ -324,7 +299,7 @@ async def test_a_file_without_a_valid_header_is_refused_and_changes_nothing(
 ) -> None:
     user = await _user(engine, "hdr")
     with pytest.raises(InvalidInput) as caught:
-        await engine.import_memories(user, [first + _ndjson([_line("Eve sings")])])
+        await engine.import_memories(user, [first + ndjson([fact_line("Eve sings")])])
     assert caught.value.field == field
     assert (await engine.list_memories(user)).items == []
 
@@ -333,8 +308,8 @@ async def test_a_file_cut_short_of_its_header_is_reported_and_refused_when_atomi
     engine: MemoryEngine,
 ) -> None:
     user = await _user(engine, "cut")
-    header = {**_header(), "memories": {"fact": 3}}
-    file = _ndjson([header, _line("Dora sails")])
+    header = {**export_header(), "memories": {"fact": 3}}
+    file = ndjson([header, fact_line("Dora sails")])
     with pytest.raises(InvalidInput) as caught:
         await engine.import_memories(user, [file], atomic=True)
     assert caught.value.field == "memories"
@@ -343,18 +318,18 @@ async def test_a_file_cut_short_of_its_header_is_reported_and_refused_when_atomi
     report = await engine.import_memories(user, [file])
     assert report.missing == 2 and report.created == {"fact": 1} and report.error_count == 0
     whole = await engine.import_memories(
-        user, [_ndjson([header, *(_line(f"Dora {n}") for n in "abc")])]
+        user, [ndjson([header, *(fact_line(f"Dora {n}") for n in "abc")])]
     )
     assert whole.missing == 0
 
 
 async def test_export_and_import_of_a_missing_user_are_not_found(engine: MemoryEngine) -> None:
     with pytest.raises(NotFound):
-        await _export(engine, uuid.uuid4())
+        await export_lines(engine, uuid.uuid4())
     with pytest.raises(NotFound):
-        await engine.import_memories(uuid.uuid4(), [_ndjson([_header()])])
+        await engine.import_memories(uuid.uuid4(), [ndjson([export_header()])])
     # Bad lines only: nothing to write locked the user, and the import said 200 "committed".
-    bad = _ndjson([_header(), {"memory": {"type": "fact"}}]) + b"not json\n"
+    bad = ndjson([export_header(), {"memory": {"type": "fact"}}]) + b"not json\n"
     for atomic in (False, True):
         with pytest.raises(NotFound):
             await engine.import_memories(uuid.uuid4(), [bad], atomic=atomic)
@@ -369,7 +344,7 @@ async def test_expired_facts_are_not_exported(engine: MemoryEngine) -> None:
             user,
             datetime.now(UTC) - timedelta(minutes=1),
         )
-    exported = await _export(engine, user)
+    exported = await export_lines(engine, user)
     assert exported[0]["memories"] == {} and len(exported) == 1
 
 
@@ -392,7 +367,7 @@ async def test_a_model_registered_as_the_export_starts_keeps_its_memories_scoped
             await engine.store_memory(user, Fact(statement="Only the late model knows", model=name))
 
     monkeypatch.setattr(transfer, "write_audit", audit_then_register)
-    exported = await _export(engine, user)
+    exported = await export_lines(engine, user)
     assert [line["memory"]["model"] for line in exported[1:]] == [name]
 
 
@@ -425,7 +400,7 @@ async def test_more_concurrent_atomic_imports_than_pooled_connections_all_finish
     small = settings.model_copy(update={"db_pool_size": 2})
     async with MemoryEngine(small, encoder=encoder) as engine:
         users = [await _user(engine, "atom") for _ in range(4)]
-        file = _ndjson([_header(), *(_line(f"Lena owns {n} kites") for n in range(3))])
+        file = ndjson([export_header(), *(fact_line(f"Lena owns {n} kites") for n in range(3))])
         reports = await asyncio.wait_for(
             asyncio.gather(
                 *(engine.import_memories(u, [file], atomic=True) for u in [*users, users[0]])
@@ -444,11 +419,11 @@ async def test_a_long_line_sent_in_small_chunks_is_read_in_linear_time(
     event loop held). Only the new chunk is searched now; the line is reported, the next one
     imported."""
     user = await _user(engine, "chunks")
-    padded = json.dumps(_line("Dana sails")).encode()
+    padded = json.dumps(fact_line("Dana sails")).encode()
     filler = b"{" + b'"x": "' + b"y" * (32 * 1024 * 1024) + b'"}'
 
     async def chunks() -> Any:
-        yield _ndjson([_header()])
+        yield ndjson([export_header()])
         for start in range(0, len(filler), 1024):
             yield filler[start : start + 1024]
         yield b"\n" + padded + b"\n"
@@ -471,10 +446,11 @@ async def test_an_import_batch_holds_a_bounded_number_of_bytes(engine: MemoryEng
     user = await _user(engine, "bytes")
     pad = b" " * (1024 * 1024)
     lines = [
-        json.dumps(_line(f"Eli owns {n} bicycles")).encode()[:-1] + pad + b"}\n" for n in range(12)
+        json.dumps(fact_line(f"Eli owns {n} bicycles")).encode()[:-1] + pad + b"}\n"
+        for n in range(12)
     ]
     assert sum(len(x) for x in lines) > IMPORT_BATCH_BYTES
-    report = await engine.import_memories(user, [_ndjson([_header()]), *lines])
+    report = await engine.import_memories(user, [ndjson([export_header()]), *lines])
     assert report.created == {"fact": 12} and not report.errors, report
     rows = await engine.list_audit(user_id=user, operation="memory.import")
     assert len(rows) == 2, rows
@@ -500,9 +476,9 @@ async def test_an_export_batch_holds_a_bounded_number_of_bytes(
     copy = await _user(engine, "copy")
     report = await engine.import_memories(copy, pieces, atomic=True)
     assert report.created == {"conversation": 3, "fact": 1} and not report.errors, report
-    again = await _export(engine, copy)
+    again = await export_lines(engine, copy)
     assert [r.get("messages") for r in again[1:]] == [
-        r.get("messages") for r in (await _export(engine, user))[1:]
+        r.get("messages") for r in (await export_lines(engine, user))[1:]
     ]
 
 
@@ -530,13 +506,13 @@ async def test_facts_sources_follow_their_conversations_into_another_user(
     )
     stray = f"conversation:{uuid.uuid4()}"
     await engine.store_memory(source, Fact(statement="Ana has a cat", source=stray))
-    exported = await _export(engine, source)
+    exported = await export_lines(engine, source)
     order = [line["id"] for line in exported[1:]]
     assert order.index(str(tea.id)) < order.index(str(later.id))  # the fact comes first
 
-    report = await engine.import_memories(target, [_ndjson(exported)])
+    report = await engine.import_memories(target, [ndjson(exported)])
     assert report.error_count == 0
-    mine = {line["id"]: line for line in (await _export(engine, target))[1:]}
+    mine = {line["id"]: line for line in (await export_lines(engine, target))[1:]}
     copies = {
         line["memory"].get("statement") or line["messages"][0]["content"]: line
         for line in mine.values()
@@ -555,8 +531,8 @@ async def test_facts_sources_follow_their_conversations_into_another_user(
     porto_here = await engine.get_memory(target, copies["Ana lives in Porto"]["id"])
     assert porto_here.sources == []
     # A second import changes nothing; a restore into the source keeps its own ids.
-    again = await engine.import_memories(target, [_ndjson(exported)])
+    again = await engine.import_memories(target, [ndjson(exported)])
     assert again.created == {"conversation": 1} and again.merged == 0  # the deleted one
-    restored = await engine.import_memories(source, [_ndjson(exported)])
+    restored = await engine.import_memories(source, [ndjson(exported)])
     assert restored.created == {} and restored.unchanged == len(exported) - 1
     assert (await engine.get_memory(source, porto.id)).sources == [f"conversation:{first.id}"]

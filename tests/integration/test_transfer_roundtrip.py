@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given
 from hypothesis import settings as examples
 from hypothesis import strategies as st
+from support import export_header, export_lines, fact_line, ndjson
 
 from halldyll_ray import (
     Conversation,
@@ -97,15 +98,6 @@ instants = st.datetimes(
     max_value=datetime(9999, 12, 30),
     timezones=st.sampled_from(OFFSETS),
 )
-
-
-async def _export(engine: MemoryEngine, user_id: uuid.UUID) -> list[dict[str, Any]]:
-    data = b"".join([line async for line in engine.export_memories(user_id)])
-    return [json.loads(x) for x in data.splitlines()]
-
-
-def _ndjson(records: list[dict[str, Any]]) -> bytes:
-    return b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
 
 
 async def _imported(settings_: Settings, user_id: uuid.UUID) -> dict[str, str]:
@@ -303,7 +295,7 @@ async def _populate(engine: MemoryEngine, user: uuid.UUID, data: dict[str, Any])
         "user": {"id": str(uuid.uuid4()), "username": "elsewhere"},
         "exported_at": datetime.now(UTC).isoformat(),
     }
-    report = await engine.import_memories(user, [_ndjson([header, *lines])], atomic=True)
+    report = await engine.import_memories(user, [ndjson([header, *lines])], atomic=True)
     assert report.error_count == 0, report
 
 
@@ -311,7 +303,7 @@ async def _round_trip(engine: MemoryEngine, settings_: Settings, data: dict[str,
     source = (await engine.create_user(f"a{uuid.uuid4().hex[:8]}", None, "user")).id
     target = (await engine.create_user(f"b{uuid.uuid4().hex[:8]}", None, "user")).id
     await _populate(engine, source, data)
-    exported = await _export(engine, source)
+    exported = await export_lines(engine, source)
     header, lines = exported[0], exported[1:]
     assert sum(header["memories"].values()) == len(lines)
     types = {line["memory"]["type"] for line in lines}
@@ -319,12 +311,12 @@ async def _round_trip(engine: MemoryEngine, settings_: Settings, data: dict[str,
     roles = {line["session_role"] for line in lines}
     assert "log" in roles if data["turns"] else True
     assert "summary" in roles if data["turns"] >= settings_.session_summary_every_n_turns else True
-    file = _ndjson(exported)
+    file = ndjson(exported)
 
     report = await engine.import_memories(target, [file])
     assert report.error_count == 0 and report.merged == 0, report
     assert sum(report.created.values()) == len(lines), report
-    again = await _export(engine, target)
+    again = await export_lines(engine, target)
     assert again[0]["memories"] == header["memories"]
     assert again[0]["messages"] == header["messages"]
     back = await _imported(settings_, target)
@@ -333,7 +325,7 @@ async def _round_trip(engine: MemoryEngine, settings_: Settings, data: dict[str,
     second = await engine.import_memories(target, [file])
     assert second.created == {} and second.merged == 0 and second.error_count == 0, second
     assert second.unchanged == len(lines)
-    assert (await _export(engine, target))[1:] == again[1:]
+    assert (await export_lines(engine, target))[1:] == again[1:]
 
 
 ROUND_TRIP_DATA = st.fixed_dictionaries(
@@ -401,35 +393,14 @@ async def test_a_reshaped_file_imports_the_same_memories(
     source = (await engine.create_user(f"a{uuid.uuid4().hex[:8]}", None, "user")).id
     target = (await engine.create_user(f"b{uuid.uuid4().hex[:8]}", None, "user")).id
     await _populate(engine, source, FIXED)
-    exported = await _export(engine, source)
-    file = reshape(_ndjson(exported))
+    exported = await export_lines(engine, source)
+    file = reshape(ndjson(exported))
     for atomic in (True, False):  # the second time: nothing changes
         report = await engine.import_memories(target, [file], atomic=atomic)
         assert report.error_count == 0 and report.merged == 0, report
-    again = await _export(engine, target)
+    again = await export_lines(engine, target)
     _same(_canonical(exported[1:], {}), _canonical(again[1:], await _imported(settings, target)))
     assert report.unchanged == len(exported) - 1 and report.created == {}
-
-
-def _header(user_id: uuid.UUID | None = None, **extra: Any) -> dict[str, Any]:
-    return {
-        "format": "halldyll-export",
-        "version": 1,
-        "user": {"id": str(user_id or uuid.uuid4()), "username": "someone"},
-        "exported_at": datetime.now(UTC).isoformat(),
-        **extra,
-    }
-
-
-def _fact(statement: str, **extra: Any) -> dict[str, Any]:
-    now = datetime.now(UTC).isoformat()
-    return {
-        "id": str(uuid.uuid4()),
-        "memory": {"type": "fact", "statement": statement},
-        "created_at": now,
-        "updated_at": now,
-        **extra,
-    }
 
 
 @pytest.mark.parametrize("gap", [1, IMPORT_BATCH + 3], ids=["same-batch", "next-batch"])
@@ -437,9 +408,9 @@ async def test_the_same_memory_twice_in_a_file_is_reported_wherever_it_falls(
     engine: MemoryEngine, gap: int
 ) -> None:
     user = (await engine.create_user(f"d{uuid.uuid4().hex[:8]}", None, "user")).id
-    lines = [_fact(f"Noor has {n} plants") for n in range(gap + 1)]
-    twice = {**_fact("Noor has a cat 🐈"), "id": lines[0]["id"]}
-    file = _ndjson([_header(), *lines, twice])
+    lines = [fact_line(f"Noor has {n} plants") for n in range(gap + 1)]
+    twice = {**fact_line("Noor has a cat 🐈"), "id": lines[0]["id"]}
+    file = ndjson([export_header(), *lines, twice])
     with pytest.raises(InvalidInput) as caught:
         await engine.import_memories(user, [file], atomic=True)
     report = caught.value.fields["report"]
@@ -456,11 +427,11 @@ async def test_an_atomic_import_reports_every_bad_line_and_stores_nothing(
     engine: MemoryEngine,
 ) -> None:
     user = (await engine.create_user(f"e{uuid.uuid4().hex[:8]}", None, "user")).id
-    good = [_fact(f"Omar reads {n} books") for n in range(2 * IMPORT_BATCH)]
-    duplicate = {**_fact("Omar swims"), "id": good[3]["id"]}
-    bad_model = _fact("Omar sings")
+    good = [fact_line(f"Omar reads {n} books") for n in range(2 * IMPORT_BATCH)]
+    duplicate = {**fact_line("Omar swims"), "id": good[3]["id"]}
+    bad_model = fact_line("Omar sings")
     bad_model["memory"]["model"] = f"nope-{uuid.uuid4().hex[:6]}"
-    bad_value = _fact("Omar runs")
+    bad_value = fact_line("Omar runs")
     bad_value["memory"]["confidence"] = 1.5
     body = [
         *good[:10],
@@ -469,7 +440,7 @@ async def test_an_atomic_import_reports_every_bad_line_and_stores_nothing(
         duplicate,
         *good[IMPORT_BATCH + 20 :],
     ]
-    file = _ndjson([_header(), *body]) + b"{cut sh\n" + _ndjson([bad_model])
+    file = ndjson([export_header(), *body]) + b"{cut sh\n" + ndjson([bad_model])
     with pytest.raises(InvalidInput) as caught:
         await engine.import_memories(user, [file], atomic=True)
     report = caught.value.fields["report"]
@@ -486,17 +457,17 @@ async def test_an_atomic_import_reports_every_bad_line_and_stores_nothing(
 async def test_an_export_of_no_memories_round_trips(engine: MemoryEngine) -> None:
     empty = (await engine.create_user(f"z{uuid.uuid4().hex[:8]}", None, "user")).id
     target = (await engine.create_user(f"t{uuid.uuid4().hex[:8]}", None, "user")).id
-    exported = await _export(engine, empty)
+    exported = await export_lines(engine, empty)
     assert len(exported) == 1 and exported[0]["memories"] == {} and exported[0]["messages"] == 0
     for atomic in (True, False):
-        report = await engine.import_memories(target, [_ndjson(exported)], atomic=atomic)
+        report = await engine.import_memories(target, [ndjson(exported)], atomic=atomic)
         assert (report.lines, report.error_count, report.missing, report.committed) == (
             0,
             0,
             0,
             True,
         )
-    assert (await _export(engine, target))[1:] == []
+    assert (await export_lines(engine, target))[1:] == []
 
 
 @pytest.mark.parametrize("cut", [-40, -1], ids=["mid-line", "last-byte"])
@@ -507,7 +478,7 @@ async def test_a_file_cut_mid_line_reports_that_line_and_refuses_atomic(
     target = (await engine.create_user(f"t{uuid.uuid4().hex[:8]}", None, "user")).id
     for n in range(3):
         await engine.store_memory(source, Fact(statement=f"Pia climbed {n} peaks ⛰️ שָׁלוֹם"))
-    data = _ndjson(await _export(engine, source))
+    data = ndjson(await export_lines(engine, source))
     # Cut inside the last line (with -1: only its newline and closing brace are lost; with
     # -40, through a multi-byte character if one is there).
     file = data[: len(data) + cut - 1]
@@ -541,10 +512,10 @@ async def test_memories_at_their_size_limits_round_trip(
     await engine.store_memory(
         source, Summary(text=("مرحبا " * MAX_TEXT_CHARS)[:MAX_TEXT_CHARS], covers=[talk.id])
     )
-    exported = await _export(engine, source)
-    report = await engine.import_memories(target, [_ndjson(exported)], atomic=True)
+    exported = await export_lines(engine, source)
+    report = await engine.import_memories(target, [ndjson(exported)], atomic=True)
     assert report.error_count == 0 and sum(report.created.values()) == 2
-    again = await _export(engine, target)
+    again = await export_lines(engine, target)
     _same(_canonical(exported[1:], {}), _canonical(again[1:], await _imported(settings, target)))
 
 
@@ -553,12 +524,12 @@ async def test_a_restore_after_everything_was_deleted_brings_back_the_same_memor
 ) -> None:
     user = (await engine.create_user(f"r{uuid.uuid4().hex[:8]}", None, "user")).id
     await _populate(engine, user, FIXED)
-    exported = await _export(engine, user)
+    exported = await export_lines(engine, user)
     for line in exported[1:]:
         with contextlib.suppress(NotFound):  # a session's summary goes with its log
             await engine.delete_memory(user, line["id"])
-    assert (await _export(engine, user))[1:] == []
-    file = _reordered(_ndjson(exported))
+    assert (await export_lines(engine, user))[1:] == []
+    file = _reordered(ndjson(exported))
     report = await engine.import_memories(user, [file], atomic=True)
     assert report.error_count == 0 and sum(report.created.values()) == len(exported) - 1
-    _same(_canonical(exported[1:], {}), _canonical((await _export(engine, user))[1:], {}))
+    _same(_canonical(exported[1:], {}), _canonical((await export_lines(engine, user))[1:], {}))
