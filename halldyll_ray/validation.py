@@ -138,6 +138,10 @@ def first_error(errors: Sequence[Any], *, skip: Iterable[str] = ()) -> InvalidIn
         # FastAPI puts the character offset of a JSON syntax error where a field would be.
         at = loc.pop() if loc and isinstance(loc[-1], int) else None
         detail = (first.get("ctx") or {}).get("error")
+        if detail and at is not None:
+            # Python's own text for a raw control character ends in "at" (it expects the
+            # position to follow): "Invalid control character at", not "... at at character".
+            detail = str(detail).removesuffix(" at")
         message = "not valid JSON" + (f": {detail}" if detail else "")
         message += "" if at is None else f" at character {at}"
     # The location a request's value came from (FastAPI's "body", "query") when it is in

@@ -120,7 +120,11 @@ class GraphQLContext:
     def __init__(self, loopback: Loopback, connection: HTTPConnection) -> None:
         self.loopback = loopback
         self.connection_params: dict[str, Any] | None = None
-        self.authorization = connection.headers.get("authorization", "")
+        # Two headers (which a WebSocket's handshake can carry: the HTTP middleware refuses
+        # them on requests) name no caller: the first is not more the caller's than the last.
+        given = connection.headers.getlist("authorization")
+        self.authorization = given[0] if len(given) == 1 else ""
+        self.authorization_repeated = len(given) > 1
         self.websocket = connection.scope["type"] == "websocket"
         self.request_id = request_id_of(connection.scope)
         #: What ``covers`` read in this request, by memory id (a memory covered twice is
@@ -136,6 +140,10 @@ class GraphQLContext:
         if not header and isinstance(given, str):
             header = given
         key = bearer(header)
+        if self.authorization_repeated:
+            raise AuthenticationFailed(
+                "header Authorization is given more than once (it takes one value)"
+            )
         if key is None:
             raise AuthenticationFailed("no API key: send Authorization: Bearer <key>")
         return key

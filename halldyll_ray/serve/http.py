@@ -351,19 +351,30 @@ def _not_served_here(scope: Any) -> str | None:
     return None
 
 
-#: Request headers that carry one value: given twice, the first one was read without a word.
-_ONE_VALUE_HEADERS = {b"idempotency-key": "Idempotency-Key", b"last-event-id": "Last-Event-ID"}
+#: Request headers that carry one value: given twice, the first one was read without a word
+#: (and a proxy that reads the last of two ``Authorization`` headers would disagree with this
+#: service about who the caller is). Their refusal's status: a credential's is a 401, which
+#: comes before any check of the input; the others' is the 422 (400 for the request id, as
+#: for one this service refuses).
+_ONE_VALUE_HEADERS = {
+    b"authorization": ("Authorization", 401),
+    b"x-request-id": ("X-Request-ID", 400),
+    b"idempotency-key": ("Idempotency-Key", 422),
+    b"last-event-id": ("Last-Event-ID", 422),
+}
 
 
-def _repeated_header(scope: Any) -> str | None:
-    """The first of :data:`_ONE_VALUE_HEADERS` the request gives twice, or None."""
+def _repeated_header(scope: Any) -> tuple[str, int] | None:
+    """The name and refusal status of the :data:`_ONE_VALUE_HEADERS` the request gives twice
+    (``Authorization`` first of all), or None."""
     seen: set[bytes] = set()
+    repeated: list[tuple[str, int]] = []
     for name, _ in scope.get("headers") or ():
         if name in _ONE_VALUE_HEADERS:
             if name in seen:
-                return _ONE_VALUE_HEADERS[name]
+                repeated.append(_ONE_VALUE_HEADERS[name])
             seen.add(name)
-    return None
+    return min(repeated, key=lambda header: header[1] != 401, default=None)
 
 
 def _repeated_parameter(scope: Any) -> str | None:
@@ -472,24 +483,32 @@ class _RequestContext:
             await refusal(scope, receive, send)
             self._record(scope, request_id, 400, time.perf_counter())
             return
-        repeated = _repeated_parameter(scope)
-        header = None if repeated is not None else _repeated_header(scope)
+        header = _repeated_header(scope)
+        repeated = None if header and header[1] == 401 else _repeated_parameter(scope)
         if repeated is not None or header is not None:
-            message = (
-                f"query parameter {quoted(repeated)} is given more than once (every parameter "
-                "takes one value; a list is comma-separated)"
-                if repeated is not None
-                else f"header {header} is given more than once (it takes one value)"
-            )
+            field: str | None
+            if repeated is not None:
+                status, code, field = 422, "invalid_input", field_path(repeated)
+                message = (
+                    f"query parameter {quoted(repeated)} is given more than once (every "
+                    "parameter takes one value; a list is comma-separated)"
+                )
+            else:
+                assert header is not None
+                name, status = header
+                code = "unauthenticated" if status == 401 else "invalid_input"
+                field = None if status == 401 else name
+                message = f"header {name} is given more than once (it takes one value)"
             refusal = error_response(
-                422,
-                "invalid_input",
+                status,
+                code,
                 message,
                 request_id,
-                field=field_path(repeated) if repeated is not None else header,
+                field=field,
+                headers={"WWW-Authenticate": "Bearer"} if status == 401 else None,
             )
             await refusal(scope, receive, send)
-            self._record(scope, request_id, 422, time.perf_counter())
+            self._record(scope, request_id, status, time.perf_counter())
             return
         coding = _content_coding(scope)
         if coding is not None:
@@ -801,16 +820,17 @@ class _Tally:
         self.buckets[bisect.bisect_left(_LATENCY_BOUNDS_MS, elapsed_ms)] += 1
 
     def quantile_ms(self, q: float) -> float:
-        """The bucket bound under which a ``q`` share of the requests fell (an upper bound;
-        the largest latency seen for the open last bucket)."""
+        """The bucket bound under which a ``q`` share of the requests fell, or the largest
+        latency seen when that is lower (both are upper bounds of the quantile; a p95 of
+        1,000 ms beside a max of 900 ms read as a contradiction)."""
         if not self.count:
             return 0.0
         wanted, seen = q * self.count, 0
         for i, n in enumerate(self.buckets):
             seen += n
-            if seen >= wanted:
-                return float(_LATENCY_BOUNDS_MS[i]) if i < len(_LATENCY_BOUNDS_MS) else self.max_ms
-        return self.max_ms
+            if seen >= wanted and i < len(_LATENCY_BOUNDS_MS):
+                return round(min(float(_LATENCY_BOUNDS_MS[i]), self.max_ms), 3)
+        return round(self.max_ms, 3)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -863,10 +883,10 @@ class RecentRequests:
     def snapshot(self) -> dict[str, Any]:
         """``{"started_at", "window_minutes", "routes": [{method, route, requests, errors,
         mean_ms, p50_ms, p95_ms, max_ms, slowest}], "minutes": [{"at", ...the same}]}``:
-        times are ISO 8601 UTC, latencies in milliseconds (p50/p95 are bucket bounds), errors
-        are 5xx answers; minutes without a request are absent. ``slowest`` is the window's
-        slowest request, ``{ms, status, request_id, trace_id}`` (``trace_id`` None with
-        tracing off): the exemplar that links a latency to its trace."""
+        times are ISO 8601 UTC, latencies in milliseconds (p50/p95 are bucket bounds, at most
+        max_ms), errors are 5xx answers; minutes without a request are absent. ``slowest`` is
+        the window's slowest request, ``{ms, status, request_id, trace_id}`` (``trace_id``
+        None with tracing off): the exemplar that links a latency to its trace."""
         now_minute = int(self._clock() // 60)
         routes = [
             {"method": method, "route": route, **tally.as_dict()}

@@ -686,8 +686,8 @@ class Ingress(EngineOwner):
         since the replica started, and per minute over the last hour. ``{"started_at",
         "window_minutes", "routes": [{method, route, requests, errors, mean_ms, p50_ms,
         p95_ms, max_ms}], "minutes": [{at, requests, errors, mean_ms, p50_ms, p95_ms,
-        max_ms}]}``; errors are 5xx answers, p50/p95 are latency bucket bounds (ms). The
-        same requests are exported to Prometheus as ``halldyll_http_*``."""
+        max_ms}]}``; errors are 5xx answers, p50/p95 are latency bucket bounds (ms), never
+        above max_ms. The same requests are exported to Prometheus as ``halldyll_http_*``."""
         await (await self._api(request)).check_service_stats()
         return json_response(api.state.metrics.recent.snapshot())
 

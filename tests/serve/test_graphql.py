@@ -258,6 +258,28 @@ async def test_subscriptions_follow_the_change_feed_over_websocket(
             assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "connection_ack"
 
 
+async def test_a_websocket_with_two_authorization_headers_is_refused(
+    ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """The handshake's first of two Authorization headers was the caller (the HTTP
+    middleware, which refuses them on requests, does not see WebSockets): now neither,
+    even with a key in connection_init."""
+    _, key = await user_with_key(http, admin_key)
+    ws_url = ray_serve["url"].replace("http://", "ws://") + GQL
+    headers = [("Authorization", f"Bearer {key}"), ("Authorization", f"Bearer {admin_key}")]
+    async with connect(
+        ws_url,
+        subprotocols=["graphql-transport-ws"],
+        additional_headers=headers,  # type: ignore[list-item]
+    ) as ws:
+        await ws.send(json.dumps({"type": "connection_init", "payload": bearer(key)}))
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                assert message["type"] == "connection_error", message
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+
+
 async def test_nested_covers_are_bounded_per_request(
     http: httpx.AsyncClient, admin_key: str
 ) -> None:

@@ -415,6 +415,58 @@ async def test_a_query_parameter_given_twice_is_422_naming_it(
     assert listed.json()["items"] == []
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/v1/me", None),
+        ("GET", "/v1/users/me/memories?types=fact&types=image", None),  # 401 before the 422
+        ("POST", "/v1/users/me/memories", {"type": "fact", "statement": "Ada likes tea"}),
+        ("POST", "/graphql", {"query": "{ me { id } }"}),
+        ("POST", "/mcp", {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+    ],
+)
+async def test_two_authorization_headers_are_401_whichever_order(
+    http: httpx.AsyncClient, admin_key: str, method: str, path: str, body: Any
+) -> None:
+    """Two Authorization headers named the first as the caller (a proxy reading the last
+    would disagree about who called): neither is taken, on every surface, in either order,
+    even when both carry the same key."""
+    user_id, key = await _user_with_key(http, admin_key)
+    for first, second in ((key, admin_key), (admin_key, key), (key, key)):
+        headers = [
+            ("Authorization", f"Bearer {first}"),
+            ("Authorization", f"Bearer {second}"),
+            ("Accept", "application/json, text/event-stream"),
+        ]
+        r = await http.request(method, path, json=body, headers=headers)
+        assert r.status_code == 401, r.text
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+        error = r.json()["error"]
+        assert error["code"] == "unauthenticated" and "Authorization" in error["message"]
+        assert key not in r.text and admin_key not in r.text
+    listed = await http.get("/v1/users/me/memories", headers=bearer(key))
+    assert listed.status_code == 200 and listed.json()["items"] == [], user_id
+
+
+async def test_two_request_ids_are_400(http: httpx.AsyncClient, admin_key: str) -> None:
+    """The first of two X-Request-ID headers went to the logs and audit rows, while a proxy
+    or client could match the response by the other."""
+    _, key = await _user_with_key(http, admin_key)
+    r = await http.post(
+        "/v1/users/me/memories",
+        json={"type": "fact", "statement": "Ada likes tea"},
+        headers=[
+            ("Authorization", f"Bearer {key}"),
+            ("X-Request-ID", "a1"),
+            ("X-Request-ID", "b2"),
+        ],
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["field"] == "X-Request-ID"
+    listed = await http.get("/v1/users/me/memories", headers=bearer(key))
+    assert listed.json()["items"] == []
+
+
 # ------------------------------------------------------------------ stalled bodies
 @pytest.mark.parametrize(
     ("path", "partial"),

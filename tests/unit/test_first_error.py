@@ -39,6 +39,19 @@ from halldyll_ray.validation import first_error, json_loads
             "body",
         ),
         (
+            # A raw control character in a string: Python's message ends in "at" itself
+            # (json.loads('"\x00"').msg == "Invalid control character at"), which read
+            # "... at at character 36" on the HTTP API.
+            {
+                "type": "json_invalid",
+                "loc": ("body", 36),
+                "msg": "JSON decode error",
+                "ctx": {"error": "Invalid control character at"},
+            },
+            "body: not valid JSON: Invalid control character at character 36",
+            "body",
+        ),
+        (
             {"type": "int_parsing", "loc": ("limit",), "msg": "Input should be a valid integer"},
             "limit: Input should be a valid integer",
             "limit",
