@@ -1068,8 +1068,12 @@ class MemoryEngine:
         Args:
             idempotency_key: 1-128 printable ASCII characters. A retry with the key of a
                 turn already stored (say after a 503 that may or may not have been applied)
-                writes nothing and returns that turn's conversation and message numbers with
-                ``replayed=True``. The key names one request: sent with other messages,
+                writes no message and returns that turn's record (conversation, message
+                numbers, and the facts, summary or jobs its learning made) with
+                ``replayed=True``. Inline learning that the first attempt did not finish (it
+                raised after storing the messages) is done by the retry, once; a retry while
+                another call of the key is learning waits for it (up to 30 s). The key names
+                one request: sent with other messages,
                 names, another session or another AI model it is InvalidInput (``field``
                 ``idempotency_key``) and nothing is written.
             user_name, assistant_name: Who spoke (at most 200 characters each): stored as
@@ -1080,6 +1084,8 @@ class MemoryEngine:
             InvalidInput: a bad session id, an empty or too long message or name, a bad key,
                 an ``extract_facts`` that is not a bool; nothing is written.
             NotFound: the user or the model does not exist.
+            Conflict: a retry whose first attempt is still learning from the turn after
+                30 s (the IETF Idempotency-Key draft's 409 for a request in progress).
         """
         return await self.components.agent_loop.record_turn(
             user_id,

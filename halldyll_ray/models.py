@@ -873,8 +873,8 @@ class TurnRecord(_Record):
     message_seqs: list[int]
     summary_id: UUID | None
     fact_ids: list[UUID]
-    #: True when an earlier call with the same idempotency key stored this turn: nothing was
-    #: written this time (its summary and facts were reported to that call).
+    #: True when an earlier call with the same idempotency key stored this turn: no message
+    #: was written this time, and the ids are what that turn's learning made.
     replayed: bool = False
     job_ids: list[UUID] = Field(
         default_factory=list,

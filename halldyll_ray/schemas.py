@@ -250,7 +250,10 @@ class TurnRequest(_Request):
         default=None,
         pattern=r"^[!-~]{1,128}$",
         description="Send the same key when you retry a turn (say after a 503): it is stored "
-        "once, and the retry gets the first attempt's record back with replayed=true. The "
+        "once, and the retry gets the first attempt's record back (its facts, summary and jobs "
+        "too) with replayed=true; if the first attempt failed after storing the messages, "
+        "the retry extracts the facts it did not, and while it is still running the retry "
+        "waits for it (up to 30 s, then a 409). The "
         "Idempotency-Key header does the same. A key names one request: sent again with "
         "other messages, names, another session or another AI model, or a header and body "
         "key that differ, it is a 422 and nothing is written.",

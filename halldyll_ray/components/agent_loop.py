@@ -11,8 +11,10 @@ MEMORY_EXTRACTION=background, by jobs queued in the turn's transaction
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 from uuid import UUID
 
@@ -55,13 +57,28 @@ def _message(
         raise InvalidInput(f"{culprit}: {reason}", field=culprit) from None
 
 
-def _replayed(earlier: Appended) -> TurnRecord:
-    """The record of a turn an earlier call with the same idempotency key stored."""
+#: Seconds a call's inline learning of a turn (its summary and facts) holds the turn's
+#: idempotency key: a retry within them while it runs is a 409; past them, a retry takes the
+#: learning over (the first attempt's replica died mid-way). Far above the learning's time (an
+#: LLM summary included, whose calls time out at LLM_TIMEOUT_SECONDS), well under a client's
+#: patience.
+TURN_LEARNING_LEASE_S = 120.0
+#: Seconds a retry waits for the learning another call of the same turn is doing, before the
+#: 409 (concurrent retries of a turn get its whole record, facts included).
+TURN_REPLAY_WAIT_S = 30.0
+
+
+def _replayed(
+    earlier: Appended, summary_id: UUID | None = None, fact_ids: Sequence[UUID] = ()
+) -> TurnRecord:
+    """The record of a turn an earlier call with the same idempotency key stored: what that
+    call's learning made, or (``summary_id``, ``fact_ids``) what this one's did in its place."""
     return TurnRecord(
         conversation_id=earlier.conversation_id,
         message_seqs=[m.seq for m in earlier.messages],
-        summary_id=None,
-        fact_ids=[],
+        summary_id=earlier.summary_id if earlier.learned else summary_id,
+        fact_ids=earlier.fact_ids if earlier.learned else list(fact_ids),
+        job_ids=earlier.job_ids,
         replayed=True,
     )
 
@@ -124,7 +141,17 @@ class AgentLoop:
                 user_id, key, turn, session_id=session, model_id=model_id
             )
             if earlier is not None:
-                return _replayed(earlier)
+                return await self._replay(
+                    user_id,
+                    session,
+                    model_id,
+                    key,
+                    earlier,
+                    user_message,
+                    extract_facts,
+                    model,
+                    request_id,
+                )
         conversation_id, created = await self._session_log(user_id, session, model_id)
 
         async def reopen(conn: asyncpg.Connection) -> UUID:
@@ -157,7 +184,18 @@ class AgentLoop:
                 await self._drop_empty_log(user_id, session, conversation_id, request_id)
             raise
         if appended.replayed:
-            return _replayed(appended)
+            assert key is not None  # only a key's earlier request is replayed
+            return await self._replay(
+                user_id,
+                session,
+                model_id,
+                key,
+                appended,
+                user_message,
+                extract_facts,
+                model,
+                request_id,
+            )
         if appended.conversation_id != conversation_id:  # reopened: remember the new log
             conversation_id = appended.conversation_id
             state = f"{conversation_id}|{'' if model_id is None else model_id}"
@@ -173,7 +211,149 @@ class AgentLoop:
                 fact_ids=[],
                 job_ids=appended.job_ids,
             )
-        turns = (stored[-1].seq + 1) // 2
+        summary_id, fact_ids = await self._learn_once(
+            user_id,
+            session,
+            model_id,
+            key,
+            appended,
+            user_message,
+            extract_facts,
+            model,
+            request_id,
+        )
+        return TurnRecord(
+            conversation_id=conversation_id,
+            message_seqs=[m.seq for m in stored],
+            summary_id=summary_id,
+            fact_ids=fact_ids,
+        )
+
+    async def _replay(
+        self,
+        user_id: UUID,
+        session: str,
+        model_id: UUID | None,
+        key: str,
+        earlier: Appended,
+        user_message: str,
+        extract_facts: bool,
+        model: UUID | str | None,
+        request_id: str | None,
+    ) -> TurnRecord:
+        """The answer to a retry of a stored turn: the first attempt's record, with what its
+        inline learning made; or, when that learning did not finish (the first attempt
+        failed after storing the messages), the learning done now, once.
+
+        While another call is learning from the turn, this one waits for it, up to
+        TURN_REPLAY_WAIT_S seconds, and answers with what it made.
+
+        Raises:
+            Conflict: the first attempt (or another retry) is still learning from the turn
+                after that wait (the IETF Idempotency-Key draft's 409 for a request still in
+                progress).
+        """
+        deadline = asyncio.get_running_loop().time() + TURN_REPLAY_WAIT_S
+        pause = 0.02
+        while not earlier.learned:
+            async with self.db.scoped(user_id) as conn:
+                claimed = await conn.fetchval(
+                    q("claim_turn_learning"), user_id, key, TURN_LEARNING_LEASE_S
+                )
+            if claimed is not None:
+                break
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
+            async with self.db.scoped(user_id) as conn:
+                state = await conn.fetchrow(q("turn_learning"), user_id, key)
+            if state is None:  # the turn's conversation was deleted meanwhile
+                return _replayed(earlier)
+            earlier = replace(
+                earlier,
+                fact_ids=list(state["fact_ids"]),
+                summary_id=state["summary_id"],
+                learned=state["learned"],
+            )
+            if not earlier.learned and asyncio.get_running_loop().time() > deadline:
+                raise Conflict(
+                    "the first request with this idempotency_key is still being processed: "
+                    "retry in a few seconds",
+                    field="idempotency_key",
+                )
+        else:
+            return _replayed(earlier)
+        summary_id, fact_ids = await self._learn_once(
+            user_id,
+            session,
+            model_id,
+            key,
+            earlier,
+            user_message,
+            extract_facts,
+            model,
+            request_id,
+        )
+        return _replayed(earlier, summary_id, fact_ids)
+
+    async def _learn_once(
+        self,
+        user_id: UUID,
+        session: str,
+        model_id: UUID | None,
+        key: str | None,
+        appended: Appended,
+        user_message: str,
+        extract_facts: bool,
+        model: UUID | str | None,
+        request_id: str | None,
+    ) -> tuple[UUID | None, list[UUID]]:
+        """:meth:`_learn`, and with an idempotency ``key`` its outcome kept on the key's row
+        (learned, or free for a retry to take over at once when it raised)."""
+        try:
+            summary_id, fact_ids = await self._learn(
+                user_id,
+                session,
+                model_id,
+                appended,
+                user_message,
+                extract_facts,
+                model,
+                request_id,
+            )
+        except BaseException:
+            if key is not None:
+                async with self.db.scoped(user_id) as conn:
+                    await conn.execute(q("release_turn_learning"), user_id, key)
+            raise
+        if key is not None:
+            async with self.db.scoped(user_id) as conn:
+                await conn.execute(
+                    *bind(
+                        "finish_turn_learning",
+                        user_id=user_id,
+                        idempotency_key=key,
+                        fact_ids=fact_ids,
+                        summary_id=summary_id,
+                    )
+                )
+        return summary_id, fact_ids
+
+    async def _learn(
+        self,
+        user_id: UUID,
+        session: str,
+        model_id: UUID | None,
+        appended: Appended,
+        user_message: str,
+        extract_facts: bool,
+        model: UUID | str | None,
+        request_id: str | None,
+    ) -> tuple[UUID | None, list[UUID]]:
+        """Inline learning from a stored turn: the session summary every
+        SESSION_SUMMARY_EVERY_N_TURNS turns, then the candidate facts of the user's message.
+        Returns the summary's id (None when none was due) and the facts' ids."""
+        conversation_id = appended.conversation_id
+        turns = (appended.messages[-1].seq + 1) // 2
         summary_id = None
         if turns % self.settings.session_summary_every_n_turns == 0:
             try:
@@ -197,12 +377,7 @@ class AgentLoop:
                     request_id=request_id,
                 )
                 fact_ids.append(fact.id)
-        return TurnRecord(
-            conversation_id=conversation_id,
-            message_seqs=[m.seq for m in stored],
-            summary_id=summary_id,
-            fact_ids=fact_ids,
-        )
+        return summary_id, fact_ids
 
     @staticmethod
     def _session_key(user_id: UUID, session_id: str) -> str:

@@ -89,6 +89,11 @@ class Appended:
     replayed: bool
     #: Background jobs the append queued (MEMORY_EXTRACTION=background).
     job_ids: list[UUID] = field(default_factory=list)
+    #: Replayed: what the first attempt's learning made (its facts and session summary), and
+    #: whether it finished (False: it failed or is still running; see AgentLoop.record_turn).
+    fact_ids: list[UUID] = field(default_factory=list)
+    summary_id: UUID | None = None
+    learned: bool = True
 
 
 @dataclass(frozen=True)
@@ -229,7 +234,15 @@ async def _replay(
             "this idempotency_key was sent with another request: use a new key for a new request",
             field="idempotency_key",
         )
-    return Appended(earlier["conversation_id"], stored, replayed=True)
+    return Appended(
+        earlier["conversation_id"],
+        stored,
+        replayed=True,
+        job_ids=list(earlier["job_ids"]),
+        fact_ids=list(earlier["fact_ids"]),
+        summary_id=earlier["summary_id"],
+        learned=earlier["learned"],
+    )
 
 
 class Ingestion:
@@ -648,16 +661,6 @@ class Ingestion:
                 "type": "conversation",
             }
             await insert_chunks(conn, row, chunks, vectors)
-            if key is not None:
-                await conn.execute(
-                    *bind(
-                        "insert_turn_request",
-                        user_id=user_id,
-                        idempotency_key=key,
-                        conversation_id=conversation_id,
-                        message_seqs=[m.seq for m in stored],
-                    )
-                )
             job_ids: list[UUID] = []
             if self.learning is not None:
                 job_ids = await self.learning.after_write(
@@ -670,6 +673,20 @@ class Ingestion:
                     request_id=request_id,
                     extract=extract,
                     session_turn=session_turn,
+                )
+            if key is not None:
+                # Inline learning (AgentLoop.record_turn) comes after this transaction and
+                # marks the key's row learned when it is done.
+                await conn.execute(
+                    *bind(
+                        "insert_turn_request",
+                        user_id=user_id,
+                        idempotency_key=key,
+                        conversation_id=conversation_id,
+                        message_seqs=[m.seq for m in stored],
+                        job_ids=job_ids,
+                        learned=self.learning is not None or not session_turn,
+                    )
                 )
             await write_audit(
                 conn,

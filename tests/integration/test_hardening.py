@@ -29,7 +29,9 @@ from halldyll_ray import (
     NotFound,
     Settings,
     Transcription,
+    Unavailable,
 )
+from halldyll_ray.components import agent_loop
 
 
 @pytest.fixture
@@ -115,6 +117,99 @@ async def test_a_turn_retried_with_its_idempotency_key_is_stored_once(
     with pytest.raises(InvalidInput) as err:
         await engine.record_turn(user.id, "s1", "x", "y", idempotency_key="has space")
     assert err.value.field == "idempotency_key"
+
+
+async def test_a_retried_turn_reports_what_the_first_attempt_learned(
+    engine: MemoryEngine, second: MemoryEngine
+) -> None:
+    """A retry got the first attempt's messages back with no facts and no summary
+    (``fact_ids=[]``), although the first attempt's answer named them."""
+    user = await engine.create_user("rememberer", None, "user")
+    said = "I work at Acme. My dog is called Rex."
+    first = await engine.record_turn(user.id, "s1", said, "ok", idempotency_key="t1")
+    assert len(first.fact_ids) == 2 and not first.replayed
+    again = await second.record_turn(user.id, "s1", said, "ok", idempotency_key="t1")
+    assert again.replayed and again.fact_ids == first.fact_ids
+    assert again.summary_id == first.summary_id
+    # A summary turn (every SESSION_SUMMARY_EVERY_N_TURNS turns): its id comes back too.
+    n = engine.settings.session_summary_every_n_turns
+    for i in range(2, n):
+        await engine.record_turn(user.id, "s1", f"turn {i}", "ok")
+    last = await engine.record_turn(user.id, "s1", "I live in Paris", "ok", idempotency_key="t2")
+    assert last.summary_id is not None and last.fact_ids
+    repeat = await second.record_turn(user.id, "s1", "I live in Paris", "ok", idempotency_key="t2")
+    assert (repeat.summary_id, repeat.fact_ids) == (last.summary_id, last.fact_ids)
+    for fact_id in first.fact_ids + last.fact_ids:  # learned once: nothing reinforced
+        assert (await engine.get_memory(user.id, fact_id)).reinforcement_count == 0
+
+
+async def test_a_turn_whose_learning_failed_is_learned_by_its_retry(
+    engine: MemoryEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first attempt stored the messages, then failed storing a fact (a 503 to the
+    client): the retry answered "replayed" and the turn's facts were never extracted."""
+    user = await engine.create_user("unlucky", None, "user")
+    ingestion = engine.components.agent_loop.ingestion
+    store = ingestion.store
+    calls = 0
+
+    async def failing_once(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the second fact of the turn: the first one is stored
+            raise Unavailable("the embedder is unavailable")
+        return await store(*args, **kwargs)
+
+    monkeypatch.setattr(ingestion, "store", failing_once)
+    said = "I work at Acme. My dog is called Rex."
+    with pytest.raises(Unavailable):
+        await engine.record_turn(user.id, "s1", said, "ok", idempotency_key="t1")
+    retried = await engine.record_turn(user.id, "s1", said, "ok", idempotency_key="t1")
+    assert retried.replayed and len(retried.fact_ids) == 2
+    statements = {(await engine.get_memory(user.id, f)).text for f in retried.fact_ids}
+    assert statements == {"The user works at Acme", "The user's dog is called Rex"}
+    log = await engine.get_memory(user.id, retried.conversation_id)
+    assert [m.content for m in log.messages] == [said, "ok"]  # the messages stored once
+    # Learned now: a third call reports the same ids and learns nothing more.
+    third = await engine.record_turn(user.id, "s1", said, "ok", idempotency_key="t1")
+    assert third.fact_ids == retried.fact_ids and calls == 4
+
+
+async def test_a_retry_during_the_first_attempts_learning_waits_for_it(
+    engine: MemoryEngine, second: MemoryEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retries while the first attempt learns get its whole record (concurrent retries of
+    one key all answer alike); past the wait, a 409 rather than a record without facts, and
+    the learning is not done twice."""
+    user = await engine.create_user("impatient", None, "user")
+    ingestion = engine.components.agent_loop.ingestion
+    store = ingestion.store
+    release = asyncio.Event()
+
+    async def slow(*args, **kwargs):
+        await release.wait()
+        return await store(*args, **kwargs)
+
+    monkeypatch.setattr(ingestion, "store", slow)
+    monkeypatch.setattr(agent_loop, "TURN_REPLAY_WAIT_S", 0.3)
+    said = "I live in Paris"
+    first = asyncio.create_task(engine.record_turn(user.id, "s1", said, "ok", idempotency_key="t1"))
+    await asyncio.sleep(0.5)  # the messages are stored; the fact waits
+    with pytest.raises(Conflict) as busy:
+        await second.record_turn(user.id, "s1", said, "ok", idempotency_key="t1")
+    assert busy.value.fields["field"] == "idempotency_key"
+    monkeypatch.setattr(agent_loop, "TURN_REPLAY_WAIT_S", 30.0)
+    waiting = [
+        asyncio.create_task(second.record_turn(user.id, "s1", said, "ok", idempotency_key="t1"))
+        for _ in range(3)
+    ]
+    await asyncio.sleep(0.3)
+    release.set()
+    done = await first
+    retries = await asyncio.gather(*waiting)
+    assert len(done.fact_ids) == 1 and not done.replayed
+    assert all(r.replayed and r.fact_ids == done.fact_ids for r in retries)
+    assert (await engine.get_memory(user.id, done.fact_ids[0])).reinforcement_count == 0
 
 
 async def test_an_idempotency_key_names_one_request(engine: MemoryEngine) -> None:

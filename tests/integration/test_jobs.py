@@ -514,14 +514,17 @@ async def _compare(engine: MemoryEngine, background: MemoryEngine) -> None:
     }
     assert {r["request_id"] for r in stored} == {"turn-0", "turn-1"}
 
-    # A retried turn (same idempotency key) queues nothing more.
+    # A retried turn (same idempotency key) queues nothing more, and reports the first
+    # attempt's jobs (it reported none).
     first = await background.record_turn(
         user.id, "s2", "I work at Acme.", "ok", idempotency_key="k"
     )
+    queued = len((await background.list_jobs(user.id)).items)
     again = await background.record_turn(
         user.id, "s2", "I work at Acme.", "ok", idempotency_key="k"
     )
-    assert len(first.job_ids) == 1 and again.replayed and again.job_ids == []
+    assert len(first.job_ids) == 1 and again.replayed and again.job_ids == first.job_ids
+    assert len((await background.list_jobs(user.id)).items) == queued
     # Without extraction, no extract job (and no summary yet: one turn of two).
     quiet = await background.record_turn(
         user.id, "s3", "I live in Paris.", "ok", extract_facts=False

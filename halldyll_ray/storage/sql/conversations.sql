@@ -66,14 +66,43 @@ RETURNING m.id;
 -- The request an idempotency key of the user named: its conversation, the session that
 -- conversation logs (NULL once deleted, or for a conversation of no session), that
 -- conversation's AI model and its messages.
-SELECT t.conversation_id, t.message_seqs, m.session_id, m.model_id
+SELECT t.conversation_id, t.message_seqs, m.session_id, m.model_id, t.fact_ids, t.summary_id,
+       t.job_ids, t.learned_at IS NOT NULL AS learned
 FROM turn_requests t
 LEFT JOIN memories m ON m.id = t.conversation_id AND m.user_id = t.user_id
 WHERE t.user_id = $1 AND t.idempotency_key = $2;
 
 -- name: insert_turn_request
-INSERT INTO turn_requests (user_id, idempotency_key, conversation_id, message_seqs)
-VALUES (:user_id, :idempotency_key, :conversation_id, :message_seqs);
+-- With background learning the turn's jobs are queued in the same transaction: its learning
+-- is then done as far as the request goes (learned), and its job ids are what a retry reports.
+INSERT INTO turn_requests (user_id, idempotency_key, conversation_id, message_seqs, job_ids,
+                           learned_at, learning_since)
+VALUES (:user_id, :idempotency_key, :conversation_id, :message_seqs, :job_ids,
+        CASE WHEN :learned THEN now() END, now());
+
+-- name: turn_learning
+-- What the learning of a key's turn made, and whether it is done (no row: the turn's
+-- conversation was deleted, and its keys with it).
+SELECT fact_ids, summary_id, learned_at IS NOT NULL AS learned
+FROM turn_requests
+WHERE user_id = $1 AND idempotency_key = $2;
+
+-- name: claim_turn_learning
+-- A retry takes over the learning of a turn whose first attempt did not finish it: when no
+-- call started it within the last $3 seconds (the first attempt failed, or its replica died).
+UPDATE turn_requests SET learning_since = now()
+WHERE user_id = $1 AND idempotency_key = $2 AND learned_at IS NULL
+  AND (learning_since IS NULL OR learning_since < now() - make_interval(secs => $3))
+RETURNING idempotency_key;
+
+-- name: release_turn_learning
+-- The learning failed (an error the caller sees): a retry may take it over at once.
+UPDATE turn_requests SET learning_since = NULL
+WHERE user_id = $1 AND idempotency_key = $2 AND learned_at IS NULL;
+
+-- name: finish_turn_learning
+UPDATE turn_requests SET learned_at = now(), fact_ids = :fact_ids, summary_id = :summary_id
+WHERE user_id = :user_id AND idempotency_key = :idempotency_key;
 
 -- name: messages_at
 SELECT seq, role, name, content, created_at
