@@ -120,11 +120,55 @@ class _ClientJSONRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        # The API's routes refuse a query parameter they do not take, as their bodies refuse
+        # a field they do not have: ``?type=image`` (for ``types``) or ``?Limit=1`` listed
+        # every type, or the default number of items, without a word.
+        # (Read from the route's dependant when a request comes: Serve's class-based views
+        # give the endpoint its final signature, ``self`` a dependency, after this is built.)
+        checked = self.path.startswith("/v1/")
 
         async def read_as_client_json(request: Request) -> Response:
+            if checked and request.scope.get("query_string"):
+                _refuse_unknown_parameters(request, _query_names(self.dependant))
             return await handler(_ClientJSONRequest(request.scope, request.receive))
 
         return read_as_client_json
+
+
+#: :func:`_query_names` by dependant (kept alive here: a route keeps its dependant for life).
+_QUERY_NAMES: dict[int, tuple[Any, frozenset[str]]] = {}
+
+
+def _query_names(dependant: Any) -> frozenset[str]:
+    """The query parameters a route takes: its own and its dependencies', by their names in
+    the URL (aliases)."""
+    found = _QUERY_NAMES.get(id(dependant))
+    if found is not None and found[0] is dependant:
+        return found[1]
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    known = frozenset(names)
+    _QUERY_NAMES[id(dependant)] = (dependant, known)
+    return known
+
+
+def _refuse_unknown_parameters(request: Request, known: frozenset[str]) -> None:
+    """RequestValidationError (a 422 after the credentials' check) for the first query
+    parameter of ``request`` that is not in ``known``."""
+    for name, value in request.query_params.items():
+        if name not in known:
+            takes = ", ".join(sorted(known)) or "none"
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "extra_forbidden",
+                        "loc": ("query", name),
+                        "msg": f"this route takes no such query parameter (it takes: {takes})",
+                        "input": value,
+                    }
+                ]
+            )
 
 
 api.router.route_class = _ClientJSONRoute

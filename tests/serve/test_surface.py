@@ -416,6 +416,37 @@ async def test_a_query_parameter_given_twice_is_422_naming_it(
 
 
 @pytest.mark.parametrize(
+    ("method", "path", "body", "name"),
+    [
+        ("GET", "/v1/users/me/memories?type=image", None, "type"),  # for types
+        ("GET", "/v1/users/me/memories?Limit=1", None, "Limit"),  # names are case-sensitive
+        ("GET", "/v1/me?verbose=1", None, "verbose"),  # a route of no parameter
+        ("POST", "/v1/users/me/search?limit=3", {"query": "tea"}, "limit"),  # a body field
+        (
+            "POST",
+            "/v1/users/me/memories?dry_run=true",
+            {"type": "fact", "statement": "Ada likes tea"},
+            "dry_run",
+        ),
+    ],
+)
+async def test_an_unknown_query_parameter_is_422_naming_it_and_changes_nothing(
+    http: httpx.AsyncClient, admin_key: str, method: str, path: str, body: Any, name: str
+) -> None:
+    """A misspelt parameter was dropped without a word (``?type=image`` listed every type),
+    while a body refuses a field it does not have. Credentials still come first."""
+    _, key = await _user_with_key(http, admin_key)
+    r = await http.request(method, path, json=body, headers=bearer(key))
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["field"] == name and "query parameter" in error["message"], error
+    anonymous = await http.request(method, path, json=body)
+    assert anonymous.status_code == 401, anonymous.text
+    listed = await http.get("/v1/users/me/memories?types=fact&limit=5", headers=bearer(key))
+    assert listed.status_code == 200 and listed.json()["items"] == []
+
+
+@pytest.mark.parametrize(
     ("method", "path", "body"),
     [
         ("GET", "/v1/me", None),
