@@ -361,10 +361,13 @@ class AgentLoop:
             except NotFound:  # the log was deleted after this turn was stored: no summary
                 await self.cache.delete(self._session_key(user_id, session))
         fact_ids: list[UUID] = []
-        if extract_facts:
-            for statement in extract_candidate_facts(user_message):
-                fact = await self.ingestion.store(
-                    user_id,
+        candidates = extract_candidate_facts(user_message) if extract_facts else []
+        if candidates:
+            # Stored only while the log exists (a deletion since the append: nothing learned).
+            learned = await self.ingestion.learn(
+                user_id,
+                conversation_id,
+                [
                     Fact(
                         statement=statement,
                         confidence=CANDIDATE_FACT_CONFIDENCE,
@@ -373,10 +376,12 @@ class AgentLoop:
                         session_id=session,
                         model=None if model is None else str(model),
                         tags=["extracted"],
-                    ),
-                    request_id=request_id,
-                )
-                fact_ids.append(fact.id)
+                    )
+                    for statement in candidates
+                ],
+                request_id=request_id,
+            )
+            fact_ids = [fact.id for fact in learned]
         return summary_id, fact_ids
 
     @staticmethod

@@ -433,7 +433,9 @@ class EventFeed:
             )
         cutoff = datetime.now(UTC) - timedelta(hours=hours)
         async with self.db.scoped(admin=True) as conn:
-            row = await conn.fetchrow(q("purge_events"), cutoff)
+            # Their users' rows first, as an erasure's (storage/sql/events.sql).
+            owners = [r["id"] for r in await conn.fetch(q("lock_event_owners"), cutoff)]
+            row = await conn.fetchrow(q("purge_events"), cutoff, owners)
             if row["purged"]:
                 await write_audit(
                     conn,

@@ -326,6 +326,29 @@ class Ingestion:
         prepared = [await self._prepare(m, i, models) for i, m in enumerate(memories)]
         return await self._write_all(user_id, prepared, request_id=request_id, batch=True)
 
+    async def learn(
+        self,
+        user_id: UUID,
+        conversation_id: UUID,
+        facts: Sequence[Fact],
+        *,
+        request_id: str | None = None,
+    ) -> list[StoredMemory]:
+        """Store ``facts`` learned from the user's conversation ``conversation_id`` (their
+        ``source`` names it), as :meth:`store` stores each, in one transaction; nothing when
+        the conversation is gone (returns []).
+
+        Checked under the user's row lock, which every deletion of the conversation takes
+        first: a turn's candidate facts were stored after its append had committed, each in a
+        transaction of its own, so a deletion of the conversation in between left facts of
+        its words stored after it, naming it as their source (``forget`` had run already).
+        """
+        models: dict[UUID | str | None, UUID | None] = {}
+        prepared = [await self._prepare(fact, None, models) for fact in facts]
+        return await self._write_all(
+            user_id, prepared, request_id=request_id, learned_from=conversation_id
+        )
+
     async def _prepare(
         self,
         memory: Memory | dict[str, Any],
@@ -357,8 +380,10 @@ class Ingestion:
         *,
         request_id: str | None,
         batch: bool = False,
+        learned_from: UUID | None = None,
     ) -> list[StoredMemory]:
-        """Embed the chunks of ``items`` in one call, then write them in one transaction."""
+        """Embed the chunks of ``items`` in one call, then write them in one transaction;
+        with ``learned_from``, only while that conversation of the user exists (:meth:`learn`)."""
         plain = [i for i, item in enumerate(items) if not isinstance(item.memory, Fact)]
         facts = [i for i, item in enumerate(items) if isinstance(item.memory, Fact)]
         # The memories' chunks first, then the facts': one slice of vectors each.
@@ -372,6 +397,10 @@ class Ingestion:
         reinforced: dict[int, UUID] = {}
         async with self.db.scoped(user_id) as conn:
             await lock_user(conn, user_id)
+            if learned_from is not None and (
+                await conn.fetchval(q("lock_learning_source"), learned_from, user_id) is None
+            ):
+                return []  # deleted since the turn: nothing is learned from it
             for item in items:
                 if isinstance(item.memory, Summary) and item.memory.covers:
                     await self._check_owned(

@@ -125,10 +125,14 @@ class ModelRegistry:
         return [AIModel(**dict(row)) for row in rows]
 
     async def delete(self, ref: UUID | str) -> None:
-        """Remove a model from the registry; Conflict while memories are scoped to it."""
+        """Remove a model from the registry; Conflict while memories are scoped to it,
+        NotFound when it is not registered, a deletion at the same time's included (it was
+        looked up, then deleted: each of several deletions at once answered success and
+        wrote a ``model.delete`` audit row)."""
         model = await self.get(ref)
         async with self.db.scoped() as conn:
-            await conn.fetchval(q("delete_model"), model.id)
+            if await conn.fetchval(q("delete_model"), model.id) is None:
+                raise NotFound(f"AI model {quoted(model.name)} is not registered", field="model")
             await write_audit(conn, "model.delete", "ai_model", [model.id], None)
 
     async def resolve(

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import asyncpg
 import pytest
 
 from halldyll_ray import MemoryEngine, NotFound, Settings, User
@@ -222,3 +223,124 @@ async def test_a_full_session_log_rolls_over_and_the_session_goes_on(
     # The context's recent turns come from the session's log, the new one.
     context = await engine.prepare_context(user.id, "long", "what did I say?")
     assert "and one more" in context.text
+
+
+async def test_a_turn_whose_log_is_deleted_before_its_facts_learns_nothing_from_it(
+    engine: MemoryEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inline learning stored a turn's candidate facts after the append had committed, each
+    in a transaction of its own: a deletion of the session's log landing in between (here,
+    while the turn's session summary is written, between the append and the facts) left
+    facts of the deleted conversation's words stored after it, naming it as their source,
+    which forget() had already removed from every fact. The facts are now stored under the
+    user's lock only while the conversation exists."""
+    user = await engine.create_user(f"learner-{uuid.uuid4().hex[:8]}", None, "user")
+    for i in range(engine.settings.session_summary_every_n_turns - 1):
+        await engine.record_turn(user.id, "chat", f"question {i}", "ok", extract_facts=False)
+    loop = engine.components.agent_loop
+    refresh = loop.refresh_summary
+
+    async def deleted_meanwhile(user_id: uuid.UUID, session: str, log: uuid.UUID, *a, **kw):
+        await engine.delete_memory(user_id, log)  # another request, after the append
+        return await refresh(user_id, session, log, *a, **kw)
+
+    monkeypatch.setattr(loop, "refresh_summary", deleted_meanwhile)
+    turn = await engine.record_turn(user.id, "chat", "I live in Lisbon. I like green tea.", "ok")
+    monkeypatch.undo()
+    with pytest.raises(NotFound):
+        await engine.get_memory(user.id, turn.conversation_id)
+    assert turn.fact_ids == []
+    facts = await engine.list_memories(user.id, types=["fact"])
+    assert facts.items == []
+
+    # Undisturbed, the same turn is learned from, and its facts name its log.
+    turn = await engine.record_turn(user.id, "chat", "I live in Lisbon. I like green tea.", "ok")
+    assert len(turn.fact_ids) == 2
+    for fact_id in turn.fact_ids:
+        fact = await engine.get_memory(user.id, fact_id)
+        assert fact.sources == [f"conversation:{turn.conversation_id}"]
+
+
+async def test_a_model_deleted_many_times_at_once_is_deleted_and_audited_once(
+    engine: MemoryEngine, second: MemoryEngine
+) -> None:
+    """A deletion looked the model up, then deleted its row in another statement: every one
+    of several deletions at once found it and answered success (each wrote a
+    ``model.delete`` audit row), where the same call a moment later is NotFound. A deletion
+    that deletes nothing is now NotFound, as a second revocation of a key writes nothing."""
+    for round_ in range(3):
+        name = f"gone-{round_}-{uuid.uuid4().hex[:8]}"
+        model = await engine.register_model(name, "llm")
+        results = await asyncio.gather(
+            *((engine, second)[i % 2].delete_model(name) for i in range(8)),
+            return_exceptions=True,
+        )
+        assert sum(r is None for r in results) == 1
+        assert all(isinstance(r, NotFound) for r in results if r is not None)
+        audit = await engine.list_audit(operation="model.delete")
+        assert sum(str(model.id) in map(str, row["target_ids"]) for row in audit) == 1
+
+
+_OLD_EVENTS = (
+    "INSERT INTO memory_events (user_id, memory_id, memory_type, kind, at) "
+    "SELECT $1, gen_random_uuid(), 'fact', 'created', now() - make_interval(days => $2) "
+    "FROM generate_series(1, $3) RETURNING id"
+)
+_OLD_JOBS = (
+    "INSERT INTO memory_jobs (id, user_id, kind, status, max_attempts, created_at, finished_at) "
+    "SELECT gen_random_uuid(), $1, 'extract', 'done', 1, now() - make_interval(days => $2), "
+    "now() - make_interval(days => $2 - 1) FROM generate_series(1, $3) RETURNING id"
+)
+
+
+@pytest.mark.parametrize(
+    ("rows", "table", "purge"),
+    [
+        # Two events of the user, the one with the higher id the older (its transaction began
+        # first and committed last): the purge walks them by time, the cascade by id.
+        (_OLD_EVENTS, "memory_events", lambda e: e.purge_events(older_than_hours=24)),
+        # Two jobs of the user, the older finished first: the purge walks them by end, the
+        # cascade by the newest created first.
+        (_OLD_JOBS, "memory_jobs", lambda e: e.purge_jobs(older_than_hours=24)),
+    ],
+    ids=["events", "jobs"],
+)
+async def test_a_retention_purge_during_an_erasure_does_not_deadlock(
+    engine: MemoryEngine,
+    second: MemoryEngine,
+    database_url: str,
+    rows: str,
+    table: str,
+    purge: Callable[[MemoryEngine], Awaitable[int]],
+) -> None:
+    """The retention purges deleted every old event (job) in the order of their time, the
+    erasure's cascade deletes the user's in the order of its index (id; newest created
+    first): each took one of two rows of the user first and waited for the other, and
+    PostgreSQL aborted the purge (a 503 for a maintenance command). The purges now skip the
+    rows a deletion holds (they are going anyway, or are purged next time)."""
+    victim = await engine.create_user(f"victim-{uuid.uuid4().hex[:8]}", None, "user")
+    other = await engine.create_user(f"bystander-{uuid.uuid4().hex[:8]}", None, "user")
+    owner = await asyncpg.connect(database_url)  # the tables' owner: ANALYZE
+    try:
+        # Recent rows of someone else: the purge reads the few old ones through its index,
+        # as it does on a server that keeps a few days of them.
+        await owner.execute(rows, other.id, 0, 100_000)
+        first = await owner.fetchval(rows, victim.id, 100, 1)
+        await owner.fetchval(rows, victim.id, 200, 1)
+        await owner.execute(f"ANALYZE {table}")
+        # A third transaction holds the row the erasure takes first, so that the erasure
+        # waits on it and the purge queues behind the erasure with the other row taken.
+        async with owner.transaction():
+            await owner.execute(f"SELECT 1 FROM {table} WHERE id = $1 FOR UPDATE", first)
+            erasure = asyncio.create_task(engine.delete_user(victim.id))
+            await asyncio.sleep(0.5)
+            purged = asyncio.create_task(purge(second))
+            await asyncio.sleep(0.5)
+    finally:
+        await owner.close()
+    results = await asyncio.gather(erasure, purged, return_exceptions=True)
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    left = await engine.db.fetchval(
+        f"SELECT count(*) FROM {table} WHERE user_id = $1", victim.id, admin=True
+    )
+    assert left == 0

@@ -150,17 +150,17 @@ async def test_a_turn_whose_learning_failed_is_learned_by_its_retry(
     client): the retry answered "replayed" and the turn's facts were never extracted."""
     user = await engine.create_user("unlucky", None, "user")
     ingestion = engine.components.agent_loop.ingestion
-    store = ingestion.store
+    learn = ingestion.learn
     calls = 0
 
     async def failing_once(*args, **kwargs):
         nonlocal calls
         calls += 1
-        if calls == 2:  # the second fact of the turn: the first one is stored
+        if calls == 1:
             raise Unavailable("the embedder is unavailable")
-        return await store(*args, **kwargs)
+        return await learn(*args, **kwargs)
 
-    monkeypatch.setattr(ingestion, "store", failing_once)
+    monkeypatch.setattr(ingestion, "learn", failing_once)
     said = "I work at Acme. My dog is called Rex."
     with pytest.raises(Unavailable):
         await engine.record_turn(user.id, "s1", said, "ok", idempotency_key="t1")
@@ -172,7 +172,7 @@ async def test_a_turn_whose_learning_failed_is_learned_by_its_retry(
     assert [m.content for m in log.messages] == [said, "ok"]  # the messages stored once
     # Learned now: a third call reports the same ids and learns nothing more.
     third = await engine.record_turn(user.id, "s1", said, "ok", idempotency_key="t1")
-    assert third.fact_ids == retried.fact_ids and calls == 4
+    assert third.fact_ids == retried.fact_ids and calls == 2
 
 
 async def test_a_retry_during_the_first_attempts_learning_waits_for_it(
@@ -183,14 +183,14 @@ async def test_a_retry_during_the_first_attempts_learning_waits_for_it(
     the learning is not done twice."""
     user = await engine.create_user("impatient", None, "user")
     ingestion = engine.components.agent_loop.ingestion
-    store = ingestion.store
+    learn = ingestion.learn
     release = asyncio.Event()
 
     async def slow(*args, **kwargs):
         await release.wait()
-        return await store(*args, **kwargs)
+        return await learn(*args, **kwargs)
 
-    monkeypatch.setattr(ingestion, "store", slow)
+    monkeypatch.setattr(ingestion, "learn", slow)
     monkeypatch.setattr(agent_loop, "TURN_REPLAY_WAIT_S", 0.3)
     said = "I live in Paris"
     first = asyncio.create_task(engine.record_turn(user.id, "s1", said, "ok", idempotency_key="t1"))

@@ -7,6 +7,12 @@ UPDATE memories SET message_count = message_count + $3, updated_at = now()
 WHERE id = $1 AND user_id = $2 AND type = 'conversation'
 RETURNING message_count, model_id, session_id, tags, created_at;
 
+-- name: lock_learning_source
+-- The conversation that facts about to be stored were learned from, if it still exists:
+-- taken after the user's row (base.lock_user), as every deletion of it takes that row first,
+-- so it is not deleted before the facts that name it (ingestion.Ingestion.learn) commit.
+SELECT id FROM memories WHERE id = $1 AND user_id = $2 AND type = 'conversation' FOR KEY SHARE;
+
 -- name: retire_full_log
 -- A session log that cannot take the $3 messages just reserved in it: the reservation is
 -- given back and the row stops being the session's log (it stays a conversation of the

@@ -19,9 +19,24 @@ SELECT purged_through,
        coalesce((SELECT last_value FROM memory_events_id_seq WHERE is_called), 0) AS issued
 FROM memory_event_horizon;
 
+-- name: lock_event_owners
+-- The users with events older than $1, their rows taken first (the lock order of users.sql),
+-- in the order of their ids, FOR KEY SHARE: an erasure (which takes its user's row FOR
+-- UPDATE) ends before purge_events or begins after it. The erasure's cascade deletes the
+-- user's events in id order while purge_events walks them by time, and a user's ids and times
+-- disagree (a transaction that began first may commit last): each took one of two events
+-- first and waited for the other, a deadlock. Writers (FOR NO KEY UPDATE) are not held up.
+SELECT id FROM users
+WHERE id IN (SELECT DISTINCT user_id FROM memory_events WHERE at < $1)
+ORDER BY id
+FOR KEY SHARE;
+
 -- name: purge_events
--- Delete events older than $1 and raise the horizon past every id deleted, in one statement.
-WITH gone AS (DELETE FROM memory_events WHERE at < $1 RETURNING id)
+-- Delete the events older than $1 of users $2 (lock_event_owners) and raise the horizon past
+-- every id deleted, in one statement.
+WITH gone AS (
+    DELETE FROM memory_events WHERE at < $1 AND user_id = ANY($2::uuid[]) RETURNING id
+)
 UPDATE memory_event_horizon
 SET purged_through = greatest(purged_through, (SELECT max(id) FROM gone))
 RETURNING (SELECT count(*) FROM gone) AS purged, purged_through;

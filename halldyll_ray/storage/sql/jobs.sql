@@ -143,8 +143,16 @@ FROM memory_jobs
 WHERE id = $1 AND user_id = $2;
 
 -- name: purge_jobs
--- Finished (done or failed) jobs older than $1.
-WITH gone AS (DELETE FROM memory_jobs WHERE finished_at < $1 RETURNING id)
+-- Finished (done or failed) jobs older than $1, but those another transaction holds (SKIP
+-- LOCKED): an erasure's cascade deletes its user's jobs newest first and forget_in_jobs
+-- changes several of them, while this walks them by end time, so each took one of two jobs
+-- first and waited for the other (a deadlock). The rows skipped go at the next purge.
+WITH gone AS (
+    DELETE FROM memory_jobs WHERE id IN (
+        SELECT id FROM memory_jobs WHERE finished_at < $1 FOR UPDATE SKIP LOCKED
+    )
+    RETURNING id
+)
 SELECT count(*) FROM gone;
 
 -- name: forget_in_jobs

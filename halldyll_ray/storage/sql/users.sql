@@ -7,7 +7,10 @@
 -- (rotation, keys.sql: lock_key_owner) comes after it. Two users' rows (a grant's Viewer and
 -- owner) are taken in the order of their ids (lock_grant_users). Grant rows, the only rows
 -- that two users share, come after the user's row, several of them in the order of their key
--- (viewer, owner): lock_erased_grants, drop_viewer_grants.
+-- (viewer, owner): lock_erased_grants, drop_viewer_grants. Maintenance that deletes rows of
+-- many users (the retention purges) takes their user rows first as well (events.sql:
+-- lock_event_owners, FOR KEY SHARE), or skips the rows another transaction holds (jobs.sql:
+-- purge_jobs), never waiting on a row an erasure holds while holding one it needs.
 
 -- name: insert_user
 INSERT INTO users (id, username, email, role, metadata)
