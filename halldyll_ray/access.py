@@ -549,7 +549,12 @@ class AuthorizedEngine:
         except NotFound:
             await self._check(Operation.KEY_MANAGE, action)  # a stranger's probe is audited
             raise
-        await self._check(Operation.KEY_MANAGE, action, owner)
+        try:
+            await self._check(Operation.KEY_MANAGE, action, owner)  # the refusal is audited
+        except PermissionDenied:
+            # Another user's key reads as an unknown one: the 403 named its owner's user id,
+            # and told a key id that exists from one that does not.
+            raise NotFound(f"API key {validation.parse_uuid(key_id, 'key_id')} not found") from None
         return owner
 
     async def revoke_api_key(self, key_id: UUID | str) -> ApiKey:

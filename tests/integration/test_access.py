@@ -392,10 +392,20 @@ async def test_users_manage_only_their_own_keys(world: World) -> None:
     mine = await ada_api.create_api_key(name="phone")
     rotated = await ada_api.rotate_api_key(mine.api_key.id)
     bobs = (await world.engine.list_api_keys(world.users["bob"].id))[0]
-    with pytest.raises(PermissionDenied):
-        await ada_api.revoke_api_key(bobs.id)
-    with pytest.raises(NotFound):
-        await ada_api.revoke_api_key("00000000-0000-0000-0000-000000000000")
+    # Another user's key is answered as an unknown one (a PermissionDenied named its owner
+    # and told that the key exists); the refusal is audited as a denial all the same.
+    for act in (ada_api.revoke_api_key, ada_api.rotate_api_key):
+        with pytest.raises(NotFound) as theirs:
+            await act(bobs.id)
+        with pytest.raises(NotFound) as unknown:
+            await act("00000000-0000-0000-0000-000000000000")
+        assert str(world.users["bob"].id) not in theirs.value.message
+        assert theirs.value.message.replace(str(bobs.id), "?") == unknown.value.message.replace(
+            "00000000-0000-0000-0000-000000000000", "?"
+        )
+    denied = await world.engine.list_audit(outcome="denied", limit=10)
+    assert {"key.revoke", "key.rotate"} <= {row["operation"] for row in denied}, denied
+    assert (await world.engine.authenticate(world.keys["bob"])).username == "bob"
     await ada_api.revoke_api_key(rotated.api_key.id)
     assert (await world.engine.authenticate(world.keys["bob"])).username == "bob"
 
