@@ -573,7 +573,7 @@ class Settings(BaseSettings):
                     or any(word in name for word in ("SECRET", "PASSWORD", "TOKEN", "KEY", "_URL"))
                 )
                 shown = "" if secret else f" (got {quoted(value)})"
-                message = error_message(error).removeprefix("Value error, ")
+                message = error_message(error)
                 lines.append(f"{name}: {message}{shown}")
             raise ConfigurationError(
                 "invalid configuration:\n  " + "\n  ".join(lines), variables=len(lines)

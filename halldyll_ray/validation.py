@@ -162,7 +162,8 @@ def error_message(error: Mapping[str, Any]) -> str:
     value of its context such as a union's tag: ``Input tag '<tag>' found ...``) cut as
     :func:`~halldyll_ray.errors.quoted` cuts it. The one wording of every surface's
     validation error (:func:`first_error`, :func:`validate`, the request models' parse)."""
-    message = str(error["msg"])
+    # A check of ours raising ValueError reads as its own words, without pydantic's prefix.
+    message = str(error["msg"]).removeprefix("Value error, ")
     value = error.get("input")
     if isinstance(value, float) and not math.isfinite(value) and error.get("type") in _BOUNDS:
         # NaN compares false with everything: pydantic said "less than or equal to 1" of it.
@@ -204,7 +205,13 @@ def validate(adapter: TypeAdapter[_T], data: Any, what: str) -> _T:
         first = exc.errors()[0]
         message = error_message(first)
         field = error_field(first) or what
-        raise InvalidInput(f"invalid {what}: {field}: {message}", field=field) from None
+        raise InvalidInput(invalid_message(what, field, message), field=field) from None
+
+
+def invalid_message(what: str, field: str, message: str) -> str:
+    """``"invalid <what>: <field>: <message>"``, the field left out when it is ``what``
+    itself (``invalid tags: tags: ...`` said it twice)."""
+    return f"invalid {what}: {message}" if field == what else f"invalid {what}: {field}: {message}"
 
 
 def parse_uuid(value: UUID | str, field: str) -> UUID:

@@ -151,7 +151,8 @@ def tags_filter(tags: Sequence[str] | None) -> list[str] | None:
         first = exc.errors()[0]
         field = validation.error_location(["tags", *first["loc"]])
         raise InvalidInput(
-            f"invalid tags: {field}: {validation.error_message(first)}", field=field
+            validation.invalid_message("tags", field, validation.error_message(first)),
+            field=field,
         ) from None
 
 

@@ -781,10 +781,19 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
             await authenticate(request)
         except AuthenticationFailed as failed:
             return await halldyll_error_response(request, failed)
-    # A query parameter's field is its name, as the engine, the client and MCP name it.
-    error = validation.first_error(exc.errors(), skip=("body", "query"))
+    # A parameter's field is its name, as the engine, the client and MCP name it ("limit",
+    # "user_id", "idempotency-key"; not "query.limit" or "path.user_id").
+    errors = exc.errors()
+    error = validation.first_error(errors, skip=("body", "query", "path", "header"))
+    message = error.message
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if errors and tuple(errors[0].get("loc", ())) == ("body",) and not media.endswith("json"):
+        # FastAPI reads a body of another media type (curl -d sends a form's) as no JSON at
+        # all: "Input should be a valid dictionary" left the caller to guess why.
+        got = quoted(media) if media else "none"
+        message += f" (send it as JSON with Content-Type: application/json; got {got})"
     return error_response(
-        422, "invalid_input", error.message, request.state.request_id, field=error.field
+        422, "invalid_input", message, request.state.request_id, field=error.field
     )
 
 

@@ -492,7 +492,44 @@ async def test_a_path_named_literally_belongs_to_its_route(
     missing = await http.get(f"/v1/users/me/memories/{uuid.uuid4()}", headers=bearer(key))
     assert missing.status_code == 404
     near = await http.get("/v1/users/me/memories/batches", headers=bearer(key))
-    assert near.status_code == 422 and near.json()["error"]["field"] == "path.memory_id"
+    assert near.status_code == 422 and near.json()["error"]["field"] == "memory_id"
+    # A path or header parameter is named as the engine names it, without FastAPI's "path."
+    assert near.json()["error"]["message"].startswith("memory_id: ")
+    header = await http.post(
+        "/v1/users/me/sessions/s1/turns",
+        headers={**bearer(key), "Idempotency-Key": "has space"},
+        json={"user_message": "a", "assistant_message": "b"},
+    )
+    assert header.status_code == 422 and "header." not in header.text, header.text
+
+
+async def test_a_body_not_sent_as_json_says_how_to_send_it(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """``curl -d`` sends a form's media type: the 422 said only "Input should be a valid
+    dictionary", leaving the caller to guess. Nothing is stored."""
+    _, key = await _user_with_key(http, admin_key)
+    body = b'{"type": "fact", "statement": "Ada likes tea"}'
+    for media in ("application/x-www-form-urlencoded", None, "text/plain"):
+        headers = bearer(key) | ({"Content-Type": media} if media else {})
+        r = await http.post("/v1/users/me/memories", content=body, headers=headers)
+        assert r.status_code == 422, r.text
+        message = r.json()["error"]["message"]
+        assert "Content-Type: application/json" in message and (media or "none") in message
+    sent = await http.post(
+        "/v1/users/me/memories",
+        content=body,
+        headers=bearer(key) | {"Content-Type": "application/json"},
+    )
+    assert sent.status_code == 201
+    listed = await http.get("/v1/users/me/memories", headers=bearer(key))
+    assert len(listed.json()["items"]) == 1
+    # A tag that is refused names its field once ("invalid tags: tags: ..." said it twice),
+    # without pydantic's "Value error, ".
+    refused = await http.get("/v1/users/me/memories?tags=%00", headers=bearer(key))
+    assert refused.status_code == 422, refused.text
+    message = refused.json()["error"]["message"]
+    assert "tags: tags" not in message and "Value error" not in message, message
 
 
 async def test_unicode_forms_and_bad_segments_over_http(
