@@ -246,7 +246,14 @@ def check_metadata(value: dict[str, Any]) -> dict[str, Any]:
 
 
 Tags = Annotated[list[str], Field(max_length=MAX_TAGS), AfterValidator(_check_tags)]
-Metadata = Annotated[dict[str, Any], AfterValidator(check_metadata)]
+
+
+def _metadata(value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+    # Read back from storage (STORED): JSON already, and checked when written.
+    return value if info.context is STORED else check_metadata(value)
+
+
+Metadata = Annotated[dict[str, Any], AfterValidator(_metadata)]
 SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
 ModelRef = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
 
@@ -278,14 +285,18 @@ def visible(text: str) -> bool:
     return any(unicodedata.category(c)[0] not in "ZCM" and c not in _BLANK_GLYPHS for c in text)
 
 
-def _visible(value: str) -> str:
-    if not visible(value):
+# Rows read back from storage (context STORED) passed these checks when written, or were
+# written before a rule: read as they are. A segment stored before its text had to be visible
+# failed every read of its transcription (a get, a list, a search hit), and the checks of
+# thousands of segments' texts and speakers were done again on every read.
+def _visible(value: str, info: ValidationInfo) -> str:
+    if info.context is not STORED and not visible(value):
         raise ValueError("must hold a visible character, not only spaces or invisible ones")
     return value
 
 
-def _plain(value: str) -> str:
-    if not plain(value):
+def _plain(value: str, info: ValidationInfo) -> str:
+    if info.context is not STORED and not plain(value):
         raise ValueError(
             "must not hold line breaks, control, unassigned or invisible format characters"
         )
@@ -331,18 +342,13 @@ SpeakerName = Annotated[
 ]
 
 
-def _plain_input(value: str, info: ValidationInfo) -> str:
-    # A row stored before a field took this rule is read as it is (context STORED).
-    return value if info.context is STORED else _plain(value)
-
-
 #: Short names a caller gives an image (its generator, its scheduler): :func:`plain`, so
 #: that each holds no line break, control or invisible format character and reads as the one
 #: name it is, as a speaker's name does (:data:`SpeakerName`): a context shows an image
 #: "by {generator}", where "RealVis\\nXL" broke the item's line and a right-to-left override
 #: drew another name.
-GeneratorName = Annotated[str, StringConstraints(max_length=200), AfterValidator(_plain_input)]
-SchedulerName = Annotated[str, StringConstraints(max_length=100), AfterValidator(_plain_input)]
+GeneratorName = Annotated[str, StringConstraints(max_length=200), AfterValidator(_plain)]
+SchedulerName = Annotated[str, StringConstraints(max_length=100), AfterValidator(_plain)]
 
 
 def _title(value: str) -> str:

@@ -31,6 +31,7 @@ from halldyll_ray.models import (
     SearchGroup,
     SearchMode,
     SearchResult,
+    StoredMemory,
     visible,
 )
 from halldyll_ray.storage.cache import TieredCache
@@ -611,14 +612,19 @@ class Search:
             wanted = list(dict.fromkeys(hit.memory_id for hit, _ in fused[: limit * 2]))
             rows = await conn.fetch(q("get_memories"), user_id, wanted)
         by_id = {row["id"]: row for row in rows if not expired(row["expires_at"])}
+        # One record per memory, however many of its parts are hits: a long transcription's
+        # record (thousands of segments) was built again for each of them.
+        records: dict[UUID, StoredMemory] = {}
         results = []
         for hit, score in fused:
             row = by_id.get(hit.memory_id)
             if row is None:
                 continue
+            if hit.memory_id not in records:
+                records[hit.memory_id] = to_record(row)
             results.append(
                 SearchResult(
-                    memory=to_record(row),
+                    memory=records[hit.memory_id],
                     score=round(score, 6),
                     similarity=None if hit.similarity is None else round(hit.similarity, 6),
                     source=source,  # type: ignore[arg-type]

@@ -206,6 +206,50 @@ async def test_invisible_transcription_text_gives_way_to_segments(engine: Memory
     assert [m.id for m in (await engine.list_memories(user.id)).items] == [old.id, stored.id]
 
 
+async def test_rows_stored_before_a_text_rule_are_read_and_found_as_written(
+    engine: MemoryEngine,
+) -> None:
+    """A segment's text or speaker, an image's generator and metadata read back from storage
+    are not checked again (they were when written, or were written before a rule): a read of
+    a row the rules now refuse must not fail, in a get, a list or a search."""
+    user = await engine.create_user("ada", None, "user")
+    talk = await engine.store_memory(
+        user.id,
+        {
+            "type": "transcription",
+            "text": "Budget review on Monday.",
+            "segments": [
+                {"start": 0.0, "end": 1.0, "text": "Budget review on Monday.", "speaker": "Ana"}
+            ],
+            "metadata": {"room": "B2"},
+        },
+    )
+    picture = await engine.store_memory(
+        user.id, {"type": "image", "prompt": "a red kite over the budget", "generator": "sd"}
+    )
+    async with engine.db.scoped(admin=True) as conn:
+        await conn.execute(
+            "UPDATE memories SET payload = jsonb_set(jsonb_set(payload, '{segments,0,speaker}',"
+            " to_jsonb($1::text)), '{segments,0,text}', to_jsonb($2::text)) WHERE id = $3",
+            "Ana\u2028Bo",  # a line separator: refused in a name since
+            "\u200b",  # nothing visible: refused in a segment since
+            talk.id,
+        )
+        await conn.execute(
+            "UPDATE memories SET payload = jsonb_set(payload, '{generator}', to_jsonb($1::text))"
+            " WHERE id = $2",
+            "sd\u202e",  # a right-to-left override
+            picture.id,
+        )
+    read = await engine.get_memory(user.id, talk.id)
+    segment = read.memory.segments[0]  # type: ignore[union-attr]
+    assert (segment.speaker, segment.text) == ("Ana\u2028Bo", "\u200b")
+    assert (await engine.get_memory(user.id, picture.id)).memory.generator == "sd\u202e"  # type: ignore[union-attr]
+    found = await engine.search(user.id, "budget review", mode="fulltext", limit=10)
+    assert {r.memory.id for r in found} == {talk.id, picture.id}
+    assert {m.id for m in (await engine.list_memories(user.id)).items} == {talk.id, picture.id}
+
+
 async def test_a_title_with_nothing_visible_is_no_title(engine: MemoryEngine) -> None:
     """A conversation titled with zero-width spaces (or a Hangul filler, or blanks) had that
     title indexed as a part of its own that says nothing; stored, or set by an update."""
