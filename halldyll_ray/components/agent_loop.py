@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 from uuid import UUID
 
@@ -83,6 +83,19 @@ def _replayed(
     )
 
 
+@dataclass(frozen=True)
+class _Learning:
+    """What a turn's inline learning needs of its call (``record_turn``'s arguments)."""
+
+    user_id: UUID
+    session: str
+    model_id: UUID | None
+    model: UUID | str | None
+    user_message: str
+    extract_facts: bool
+    request_id: str | None
+
+
 class AgentLoop:
     """Record a turn of a session: messages, rolling summary, candidate facts."""
 
@@ -136,22 +149,15 @@ class AgentLoop:
             raise InvalidInput("extract_facts must be true or false", field="extract_facts")
         key = validation.idempotency_key(idempotency_key)
         model_id = await self.registry.resolve(model)
+        learning = _Learning(
+            user_id, session, model_id, model, user_message, extract_facts, request_id
+        )
         if key is not None:  # a repeated turn creates nothing, not even the session's log
             earlier = await self.ingestion.replay(
                 user_id, key, turn, session_id=session, model_id=model_id
             )
             if earlier is not None:
-                return await self._replay(
-                    user_id,
-                    session,
-                    model_id,
-                    key,
-                    earlier,
-                    user_message,
-                    extract_facts,
-                    model,
-                    request_id,
-                )
+                return await self._replay(learning, key, earlier)
         conversation_id, created = await self._session_log(user_id, session, model_id)
 
         async def reopen(conn: asyncpg.Connection) -> UUID:
@@ -185,17 +191,7 @@ class AgentLoop:
             raise
         if appended.replayed:
             assert key is not None  # only a key's earlier request is replayed
-            return await self._replay(
-                user_id,
-                session,
-                model_id,
-                key,
-                appended,
-                user_message,
-                extract_facts,
-                model,
-                request_id,
-            )
+            return await self._replay(learning, key, appended)
         if appended.conversation_id != conversation_id:  # reopened: remember the new log
             conversation_id = appended.conversation_id
             state = f"{conversation_id}|{'' if model_id is None else model_id}"
@@ -211,17 +207,7 @@ class AgentLoop:
                 fact_ids=[],
                 job_ids=appended.job_ids,
             )
-        summary_id, fact_ids = await self._learn_once(
-            user_id,
-            session,
-            model_id,
-            key,
-            appended,
-            user_message,
-            extract_facts,
-            model,
-            request_id,
-        )
+        summary_id, fact_ids = await self._learn_once(learning, key, appended)
         return TurnRecord(
             conversation_id=conversation_id,
             message_seqs=[m.seq for m in stored],
@@ -229,18 +215,7 @@ class AgentLoop:
             fact_ids=fact_ids,
         )
 
-    async def _replay(
-        self,
-        user_id: UUID,
-        session: str,
-        model_id: UUID | None,
-        key: str,
-        earlier: Appended,
-        user_message: str,
-        extract_facts: bool,
-        model: UUID | str | None,
-        request_id: str | None,
-    ) -> TurnRecord:
+    async def _replay(self, learning: _Learning, key: str, earlier: Appended) -> TurnRecord:
         """The answer to a retry of a stored turn: the first attempt's record, with what its
         inline learning made; or, when that learning did not finish (the first attempt
         failed after storing the messages), the learning done now, once.
@@ -253,6 +228,7 @@ class AgentLoop:
                 after that wait (the IETF Idempotency-Key draft's 409 for a request still in
                 progress).
         """
+        user_id = learning.user_id
         deadline = asyncio.get_running_loop().time() + TURN_REPLAY_WAIT_S
         pause = 0.02
         while not earlier.learned:
@@ -282,44 +258,17 @@ class AgentLoop:
                 )
         else:
             return _replayed(earlier)
-        summary_id, fact_ids = await self._learn_once(
-            user_id,
-            session,
-            model_id,
-            key,
-            earlier,
-            user_message,
-            extract_facts,
-            model,
-            request_id,
-        )
+        summary_id, fact_ids = await self._learn_once(learning, key, earlier)
         return _replayed(earlier, summary_id, fact_ids)
 
     async def _learn_once(
-        self,
-        user_id: UUID,
-        session: str,
-        model_id: UUID | None,
-        key: str | None,
-        appended: Appended,
-        user_message: str,
-        extract_facts: bool,
-        model: UUID | str | None,
-        request_id: str | None,
+        self, learning: _Learning, key: str | None, appended: Appended
     ) -> tuple[UUID | None, list[UUID]]:
         """:meth:`_learn`, and with an idempotency ``key`` its outcome kept on the key's row
         (learned, or free for a retry to take over at once when it raised)."""
+        user_id = learning.user_id
         try:
-            summary_id, fact_ids = await self._learn(
-                user_id,
-                session,
-                model_id,
-                appended,
-                user_message,
-                extract_facts,
-                model,
-                request_id,
-            )
+            summary_id, fact_ids = await self._learn(learning, appended)
         except BaseException:
             if key is not None:
                 async with self.db.scoped(user_id) as conn:
@@ -339,19 +288,13 @@ class AgentLoop:
         return summary_id, fact_ids
 
     async def _learn(
-        self,
-        user_id: UUID,
-        session: str,
-        model_id: UUID | None,
-        appended: Appended,
-        user_message: str,
-        extract_facts: bool,
-        model: UUID | str | None,
-        request_id: str | None,
+        self, learning: _Learning, appended: Appended
     ) -> tuple[UUID | None, list[UUID]]:
         """Inline learning from a stored turn: the session summary every
         SESSION_SUMMARY_EVERY_N_TURNS turns, then the candidate facts of the user's message.
         Returns the summary's id (None when none was due) and the facts' ids."""
+        user_id, session, model_id = learning.user_id, learning.session, learning.model_id
+        model, request_id = learning.model, learning.request_id
         conversation_id = appended.conversation_id
         turns = (appended.messages[-1].seq + 1) // 2
         summary_id = None
@@ -361,7 +304,9 @@ class AgentLoop:
             except NotFound:  # the log was deleted after this turn was stored: no summary
                 await self.cache.delete(self._session_key(user_id, session))
         fact_ids: list[UUID] = []
-        candidates = extract_candidate_facts(user_message) if extract_facts else []
+        candidates = (
+            extract_candidate_facts(learning.user_message) if learning.extract_facts else []
+        )
         if candidates:
             # Stored only while the log exists (a deletion since the append: nothing learned).
             learned = await self.ingestion.learn(
