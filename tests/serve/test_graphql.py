@@ -357,8 +357,8 @@ async def test_every_refusal_carries_its_status_and_the_request_id(
         ('{ memory(id: "..") { id } }', "invalid_input", 422, "memory_id"),
         ('{ job(id: "x", userId: "") { id } }', "invalid_input", 422, "user_id"),
         ('{ context(query: "tea", userId: "a/b") { text } }', "invalid_input", 422, "user_id"),
-        # Refused by the route: these carried both already.
-        ('mutation { deleteMemory(id: "utf-8") }', "invalid_input", 422, "path.memory_id"),
+        # Refused by the route: these carried both already (and name the field alike).
+        ('mutation { deleteMemory(id: "utf-8") }', "invalid_input", 422, "memory_id"),
         ('{ context(query: "tea", model: "nope") { text } }', "not_found", 404, None),
     )
     for query, code, status, field in cases:
