@@ -236,8 +236,9 @@ class AgentLoop:
                 claimed = await conn.fetchval(
                     q("claim_turn_learning"), user_id, key, TURN_LEARNING_LEASE_S
                 )
-            if claimed is not None:
-                break
+            if claimed is not None:  # this call learns in the first attempt's place
+                summary_id, fact_ids = await self._learn_once(learning, key, earlier)
+                return _replayed(earlier, summary_id, fact_ids)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.5)
             async with self.db.scoped(user_id) as conn:
@@ -256,10 +257,7 @@ class AgentLoop:
                     "retry in a few seconds",
                     field="idempotency_key",
                 )
-        else:
-            return _replayed(earlier)
-        summary_id, fact_ids = await self._learn_once(learning, key, earlier)
-        return _replayed(earlier, summary_id, fact_ids)
+        return _replayed(earlier)
 
     async def _learn_once(
         self, learning: _Learning, key: str | None, appended: Appended
