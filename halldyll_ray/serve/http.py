@@ -148,7 +148,9 @@ def _query_names(dependant: Any) -> frozenset[str]:
     names = {field.alias for field in dependant.query_params}
     for sub in dependant.dependencies:
         names |= _query_names(sub)
-    known = frozenset(names)
+    # Serve's class-based views bind the replica through the endpoint's first parameter,
+    # ``self``, which the route's dependant still lists as a query parameter: not the caller's.
+    known = frozenset(names - {"self"})
     _QUERY_NAMES[id(dependant)] = (dependant, known)
     return known
 

@@ -421,6 +421,7 @@ async def test_a_query_parameter_given_twice_is_422_naming_it(
         ("GET", "/v1/users/me/memories?type=image", None, "type"),  # for types
         ("GET", "/v1/users/me/memories?Limit=1", None, "Limit"),  # names are case-sensitive
         ("GET", "/v1/me?verbose=1", None, "verbose"),  # a route of no parameter
+        ("GET", "/v1/users/me/memories?self=1", None, "self"),  # Serve's binding, not a parameter
         ("POST", "/v1/users/me/search?limit=3", {"query": "tea"}, "limit"),  # a body field
         (
             "POST",
@@ -440,6 +441,7 @@ async def test_an_unknown_query_parameter_is_422_naming_it_and_changes_nothing(
     assert r.status_code == 422, r.text
     error = r.json()["error"]
     assert error["field"] == name and "query parameter" in error["message"], error
+    assert "self" not in error["message"].partition("it takes")[2], error
     anonymous = await http.request(method, path, json=body)
     assert anonymous.status_code == 401, anonymous.text
     listed = await http.get("/v1/users/me/memories?types=fact&limit=5", headers=bearer(key))
