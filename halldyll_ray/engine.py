@@ -89,6 +89,7 @@ from halldyll_ray.models import (
     SearchGroup,
     SearchMode,
     SearchResult,
+    SearchView,
     StoredMemory,
     StoredMessage,
     TurnRecord,
@@ -888,6 +889,7 @@ class MemoryEngine:
         until: datetime | None = None,
         threshold: float | None = None,
         group: SearchGroup | str = SearchGroup.PART,
+        view: SearchView | str | None = None,
     ) -> list[SearchResult]:
         """Search the user's memories (SPEC §4.4).
 
@@ -905,6 +907,10 @@ class MemoryEngine:
             group: ``part`` (default): a result per matching part (message, segment ...), so
                 one conversation can answer with several turns; ``memory``: a result per
                 memory, its best part.
+            view: ``full`` (default): each hit's memory as a read by id returns it, without
+                a conversation's messages; ``basic``: without a transcription's text and
+                segments either (:class:`~halldyll_ray.models.SearchView`): what to ask for
+                when long transcriptions may match.
 
         Returns:
             At most ``limit`` results, best first, each with its score, the matched part
@@ -912,7 +918,7 @@ class MemoryEngine:
             memory.
 
         Raises:
-            InvalidInput: a bad query, limit, mode, threshold or filter.
+            InvalidInput: a bad query, limit, mode, threshold, filter, group or view.
             NotFound: the user does not exist.
         """
         return await self.components.search.search(
@@ -929,6 +935,7 @@ class MemoryEngine:
             until=until,
             threshold=threshold,
             group=group,
+            view=view,
         )
 
     async def search_json(
@@ -947,6 +954,7 @@ class MemoryEngine:
         until: datetime | None = None,
         threshold: float | None = None,
         group: SearchGroup | str = SearchGroup.PART,
+        view: SearchView | str | None = None,
     ) -> bytes:
         """:meth:`search`, answered as the JSON of ``SearchResponse`` (``{"results": [...]}``,
         UTF-8): what the HTTP API sends. The results' JSON is written once, and a cached
@@ -967,6 +975,7 @@ class MemoryEngine:
             until=until,
             threshold=threshold,
             group=group,
+            view=view,
         )
 
     async def cached_search_json(

@@ -690,6 +690,15 @@ def build_mcp_server(clients: ClientSource, *, name: str = "halldyll-ray") -> MC
                 "conversation can appear several times); 'memory': one result per memory."
             ),
         ] = "part",
+        view: Annotated[
+            Literal["full", "basic"],
+            Field(
+                description="'full': each result's whole memory (a conversation's messages "
+                "aside); 'basic': without a transcription's text and segments, whose matched "
+                "segment is in 'matched' (ask for it when recordings may match: a long one "
+                "is thousands of segments in every result of it)."
+            ),
+        ] = "full",
         types: Types = None,
         tags: Annotated[
             list[str] | None, Field(description="Only memories with these tags.")
@@ -704,7 +713,7 @@ def build_mcp_server(clients: ClientSource, *, name: str = "halldyll-ray") -> MC
         """Find the stored memories most relevant to a query, best first.
 
         Returns {"results": [{score, similarity, source, matched: {part, index, text},
-        memory}]}: matched.text is the passage that matched, memory the whole memory.
+        memory}]}: matched.text is the passage that matched, memory the memory (see view).
         """
         results = await call(
             ctx,
@@ -722,6 +731,7 @@ def build_mcp_server(clients: ClientSource, *, name: str = "halldyll-ray") -> MC
                 until=until,  # type: ignore[arg-type]
                 threshold=threshold,
                 group=group,
+                view=view,
             ),
         )
         return {"results": [_json(result) for result in results]}

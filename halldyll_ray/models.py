@@ -134,6 +134,22 @@ class SearchGroup(StrEnum):
     MEMORY = "memory"
 
 
+class SearchView(StrEnum):
+    """How much of each hit's memory a search returns (the names of Google's API design
+    guide, AIP-157 "Partial responses": ``BASIC`` and ``FULL``).
+
+    ``full``: the memory's whole record, as a read by id returns it, but a conversation's
+    messages (``message_count`` says how many; the matched one is the hit's ``matched``).
+    ``basic``: the same without the parts of a transcription either: its ``text`` is ``""``
+    and its ``segments`` ``[]`` (the segment that matched is the hit's ``matched``). A
+    transcription holds up to 10,000 segments and 200,000 characters, and every hit of it
+    carried them all: ten hits of a 2,000-segment recording were a 3.2 MB answer.
+    """
+
+    FULL = "full"
+    BASIC = "basic"
+
+
 def _is_mark(char: str) -> bool:
     return unicodedata.category(char).startswith("M")
 
@@ -614,6 +630,9 @@ class Transcription(_MemoryBase):
             )
         if not self.text.strip():
             if not self.segments:
+                if info.context is STORED:
+                    # A search hit in the basic view (SearchView): its parts left out.
+                    return self
                 raise ValueError("a transcription needs text or segments")
             self.text = joined
         return self

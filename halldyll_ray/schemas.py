@@ -44,6 +44,7 @@ from halldyll_ray.models import (
     SearchGroup,
     SearchMode,
     SearchResult,
+    SearchView,
     SessionId,
     StoredMemory,
     StrictBool,
@@ -200,6 +201,12 @@ class SearchRequest(_Request):
         default=SearchGroup.PART,
         description="part: a result per matching message/segment/part (a conversation can "
         "answer with several turns); memory: a result per memory, its best part.",
+    )
+    view: SearchView | None = Field(
+        default=None,
+        description="full (when absent): each hit's memory as GET /memories/{id} returns it, "
+        "without a conversation's messages; basic: without a transcription's text and "
+        "segments either (the hit's matched part holds the segment that matched).",
     )
 
 

@@ -47,6 +47,7 @@ from halldyll_ray.models import (
     SearchGroup,
     SearchMode,
     SearchResult,
+    SearchView,
     StoredMemory,
     StoredMessage,
     TurnRecord,
@@ -510,6 +511,7 @@ class AsyncHalldyllClient:
         until: datetime | None = None,
         threshold: float | None = None,
         group: SearchGroup | str = SearchGroup.PART,
+        view: SearchView | str | None = None,
     ) -> list[SearchResult]:
         """The memories most relevant to a query, best first.
 
@@ -529,6 +531,9 @@ class AsyncHalldyllClient:
             threshold: Minimum cosine similarity (the server's default when None).
             group: ``part``: a result per matching message/segment (several per memory when
                 they earn it); ``memory``: a result per memory.
+            view: ``full``: each hit's memory without a conversation's messages; ``basic``:
+                without a transcription's text and segments either (much smaller answers
+                when long transcriptions match).
         """
         return await self._send(
             Endpoints.search(
@@ -546,6 +551,7 @@ class AsyncHalldyllClient:
                     until=until,
                     threshold=threshold,
                     group=group,
+                    view=view,
                 ),
                 user_id=user_id,
             )

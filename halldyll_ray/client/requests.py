@@ -36,6 +36,7 @@ from halldyll_ray.errors import (
     redact,
 )
 from halldyll_ray.models import (
+    STORED,
     AIModel,
     ApiKey,
     Context,
@@ -191,14 +192,14 @@ def _json(response: httpx.Response) -> Any:
 def _one(model: type[M], key: str | None = None) -> Callable[[httpx.Response], M]:
     def parse(response: httpx.Response) -> M:
         body = _json(response)
-        return model.model_validate(body if key is None else body[key])
+        return model.model_validate(body if key is None else body[key], context=STORED)
 
     return parse
 
 
 def _many(model: type[M], key: str = "items") -> Callable[[httpx.Response], list[M]]:
     def parse(response: httpx.Response) -> list[M]:
-        return [model.model_validate(item) for item in _json(response)[key]]
+        return [model.model_validate(item, context=STORED) for item in _json(response)[key]]
 
     return parse
 
@@ -206,7 +207,7 @@ def _many(model: type[M], key: str = "items") -> Callable[[httpx.Response], list
 def _new_key(response: httpx.Response) -> NewApiKey:
     body = dict(_json(response))
     key = body.pop("key")
-    return NewApiKey(key=key, api_key=ApiKey.model_validate(body))
+    return NewApiKey(key=key, api_key=ApiKey.model_validate(body, context=STORED))
 
 
 def _nothing(response: httpx.Response) -> None:

@@ -42,6 +42,7 @@ from halldyll_ray.models import (
     SearchGroup,
     SearchMode,
     SearchResult,
+    SearchView,
     StoredMemory,
     StoredMessage,
     TurnRecord,
@@ -356,6 +357,7 @@ class HalldyllClient:
         until: datetime | None = None,
         threshold: float | None = None,
         group: SearchGroup | str = SearchGroup.PART,
+        view: SearchView | str | None = None,
     ) -> list[SearchResult]:
         """The most relevant memories; see :meth:`AsyncHalldyllClient.search`."""
         return self._send(
@@ -374,6 +376,7 @@ class HalldyllClient:
                     until=until,
                     threshold=threshold,
                     group=group,
+                    view=view,
                 ),
                 user_id=user_id,
             )

@@ -34,6 +34,7 @@ from halldyll_ray.models import (
     Message,
     SearchMode,
     SearchResult,
+    SearchView,
     StoredMemory,
     Summary,
     Transcription,
@@ -356,6 +357,9 @@ class ContextBuilder:
             mode=SearchMode.HYBRID,
             model=scope.model_id,
             include_shared=scope.include_shared,
+            # A context line shows a transcription's matched segment, never its whole text:
+            # a long recording's thousands of segments were read and checked for each hit.
+            view=SearchView.BASIC,
         )
         turns = await self._turns_around(user_id, hits)
         now = datetime.now(UTC)

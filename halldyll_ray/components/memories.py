@@ -100,7 +100,10 @@ def to_record(row: Any, *, messages: Sequence[StoredMessage] = ()) -> StoredMemo
     facts_sources = list(sources or []) if kind is MemoryType.FACT else []
     if facts_sources and "sources" not in metadata:  # the caller's own key is theirs
         metadata["sources"] = facts_sources
-    return StoredMemory(
+    # Constructed, not validated again: every value is the row's, typed by asyncpg, or was
+    # validated just above (pydantic ran the payload's model checks a second time on an
+    # instance given to StoredMemory: a long transcription's segments were joined twice).
+    return StoredMemory.model_construct(
         id=row["id"],
         user_id=row["user_id"],
         type=kind,

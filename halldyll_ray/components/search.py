@@ -31,6 +31,7 @@ from halldyll_ray.models import (
     SearchGroup,
     SearchMode,
     SearchResult,
+    SearchView,
     StoredMemory,
     visible,
 )
@@ -405,6 +406,7 @@ class _Plan:
     threshold: float
     filters: Filters
     group: SearchGroup
+    view: SearchView
     key: str
 
 
@@ -492,6 +494,7 @@ class Search:
         until: datetime | None = None,
         threshold: float | None = None,
         group: SearchGroup | str = SearchGroup.PART,
+        view: SearchView | str | None = None,
     ) -> _Plan:
         """The search's arguments, checked, and its result cache key (which holds the user's
         memory version, so a write makes every older answer unreachable)."""
@@ -511,6 +514,10 @@ class Search:
             group = SearchGroup(group)
         except ValueError:
             raise InvalidInput("group must be part or memory", field="group") from None
+        try:
+            view = SearchView(SearchView.FULL if view is None else view)
+        except ValueError:
+            raise InvalidInput("view must be full or basic", field="view") from None
         threshold = self.settings.similarity_threshold if threshold is None else threshold
         if (
             not isinstance(threshold, int | float)
@@ -538,6 +545,7 @@ class Search:
                 limit,
                 mode.value,
                 group.value,
+                view.value,
                 float(threshold),
                 self.settings.hybrid_semantic_weight,
                 [str(f) for f in filters.values()],
@@ -551,7 +559,7 @@ class Search:
             self.embeddings.encoder.model_id,
             hashlib.sha256(params.encode()).hexdigest()[:40],
         )
-        return _Plan(user_id, query, limit, mode, float(threshold), filters, group, key)
+        return _Plan(user_id, query, limit, mode, float(threshold), filters, group, view, key)
 
     async def _found(
         self, user_id: UUID | str, query: str, limit: int | None, **options: Any
@@ -571,6 +579,7 @@ class Search:
             plan.threshold,
             plan.filters,
             plan.group,
+            plan.view,
         )
         ttl = self.settings.search_cache_ttl_seconds
         if ttl <= 0:
@@ -588,6 +597,7 @@ class Search:
         threshold: float,
         filters: Filters,
         group: SearchGroup,
+        view: SearchView,
     ) -> list[SearchResult]:
         # 100 candidates per list at least: the hybrid ranking counts their neighbours
         fetch = min(max(limit * 4, 100), 400)
@@ -610,7 +620,8 @@ class Search:
             if not fused:
                 return []
             wanted = list(dict.fromkeys(hit.memory_id for hit, _ in fused[: limit * 2]))
-            rows = await conn.fetch(q("get_memories"), user_id, wanted)
+            heads = "get_memories_basic" if view is SearchView.BASIC else "get_memories"
+            rows = await conn.fetch(q(heads), user_id, wanted)
         by_id = {row["id"]: row for row in rows if not expired(row["expires_at"])}
         # One record per memory, however many of its parts are hits: a long transcription's
         # record (thousands of segments) was built again for each of them.

@@ -107,6 +107,12 @@ ME = strawberry.ID("me")
 
 SearchMode = strawberry.enum(hm.SearchMode, name="SearchMode")
 SearchGroup = strawberry.enum(hm.SearchGroup, name="SearchGroup")
+SearchView = strawberry.enum(
+    hm.SearchView,
+    name="SearchView",
+    description="FULL: each hit's memory without a conversation's messages; BASIC: without a "
+    "transcription's text and segments either.",
+)
 MemoryType = strawberry.enum(hm.MemoryType, name="MemoryType")
 MemoryEventKind = strawberry.enum(hm.MemoryEventKind, name="MemoryEventKind")
 
@@ -594,6 +600,7 @@ class Query:
         until: datetime | None = None,
         threshold: float | None = None,
         group: SearchGroup = hm.SearchGroup.PART,  # type: ignore[valid-type]
+        view: SearchView = hm.SearchView.FULL,  # type: ignore[valid-type]
     ) -> list[SearchHit]:
         hits = await _call(
             info,
@@ -611,6 +618,7 @@ class Query:
                 until=until,
                 threshold=threshold,
                 group=group,
+                view=view,
             ),
         )
         return [

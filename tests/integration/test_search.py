@@ -27,6 +27,7 @@ from halldyll_ray import (
     Summary,
     Transcription,
 )
+from halldyll_ray.models import STORED
 from halldyll_ray.schemas import SearchResponse
 
 CORPUS = [
@@ -532,3 +533,58 @@ async def test_hybrid_reports_the_part_each_signal_found(engine: MemoryEngine, t
     hits = await engine.search(user.id, "camping", 10, mode="hybrid")
     found = {(h.memory.id, h.matched.index): h.matched.text for h in hits}
     assert found[(conversation.id, 5)] == TALK[5][1]
+
+
+async def test_the_basic_view_leaves_a_transcriptions_parts_out_of_its_hits(
+    engine: MemoryEngine,
+):
+    """Every hit of a transcription carried its whole text and every segment (a 2,000-segment
+    recording made ten hits a 3.2 MB answer): ``view="basic"`` leaves them out, keeps the
+    rest of the record and the matched segment, and is cached apart from the full view."""
+    user = await engine.create_user(f"view{uuid.uuid4().hex[:6]}", None, "user")
+    segments = [
+        {"start": float(i), "end": i + 1.0, "text": f"item {i} of the ferry budget", "speaker": "A"}
+        for i in range(40)
+    ]
+    talk = await engine.store_memory(
+        user.id,
+        {
+            "type": "transcription",
+            "segments": segments,
+            "language": "en",
+            "tags": ["meeting"],
+            "metadata": {"room": "B2"},
+        },
+    )
+    fact = await engine.store_memory(user.id, Fact(statement="The ferry budget is 40 euros"))
+    for mode in ("semantic", "hybrid", "fulltext"):
+        full = await engine.search(user.id, "ferry budget item 7", 5, mode=mode)
+        basic = await engine.search(user.id, "ferry budget item 7", 5, mode=mode, view="basic")
+        assert [(h.memory.id, h.matched, h.score) for h in basic] == [
+            (h.memory.id, h.matched, h.score) for h in full
+        ], mode
+        for hit in basic:
+            if hit.memory.id == talk.id:
+                assert hit.memory.memory.text == "" and hit.memory.memory.segments == []  # type: ignore[union-attr]
+                assert hit.memory.memory.language == "en"  # type: ignore[union-attr]
+                assert (hit.memory.tags, hit.memory.metadata) == (["meeting"], {"room": "B2"})
+                assert hit.matched.text == segments[hit.matched.index]["text"]
+            else:
+                assert hit.memory == (await engine.get_memory(user.id, fact.id))
+        whole = [h for h in full if h.memory.id == talk.id]
+        assert whole and len(whole[0].memory.memory.segments) == 40  # type: ignore[union-attr]
+        # Read back from the result cache (validated as stored: no text, no segments).
+        again = await engine.search(user.id, "ferry budget item 7", 5, mode=mode, view="basic")
+        assert again == basic
+    # The HTTP answer's JSON, from the cache for the second call of each view.
+    for _ in range(2):
+        full_json = await engine.search_json(user.id, "ferry budget", 10)
+        basic_json = await engine.search_json(user.id, "ferry budget", 10, view="basic")
+        assert b"item 39 of the ferry budget" in full_json
+        assert b"item 39 of the ferry budget" not in basic_json
+        assert len(basic_json) * 5 < len(full_json)
+        parsed = SearchResponse.model_validate_json(basic_json, context=STORED)
+        assert talk.id in {r.memory.id for r in parsed.results}
+    with pytest.raises(InvalidInput, match="view must be full or basic") as err:
+        await engine.search(user.id, "ferry", view="compact")
+    assert err.value.field == "view"

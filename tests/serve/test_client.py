@@ -9,8 +9,10 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
+from support import graphql, mcp_result, mcp_session
 
 from halldyll_ray.client import AsyncHalldyllClient, HalldyllClient
 from halldyll_ray.errors import (
@@ -445,3 +447,73 @@ def test_bodies_drop_unset_options() -> None:
     with HalldyllClient("http://svc", "k", transport=httpx.MockTransport(handler)) as client:
         assert client.search("hello", user_id=uuid.UUID(int=1)) == []
     assert bodies == [{"query": "hello", "include_shared": True, "group": "part"}]
+
+
+async def test_a_search_in_the_basic_view_leaves_out_a_transcriptions_parts_on_every_surface(
+    ray_serve: dict[str, Any], admin_key: str, http: httpx.AsyncClient, serve_db: str
+) -> None:
+    """``view="basic"`` (REST body, Python clients, GraphQL, MCP): each hit of a transcription
+    without its text and segments, the rest as in the full view; an unknown view is a 422
+    naming ``view``. And the client reads a record as the server sends it: a segment stored
+    before a rule (a speaker with a line separator) failed the client's own validation."""
+    url = ray_serve["url"]
+    async with AsyncHalldyllClient(url, admin_key, timeout=60) as admin:
+        user = await admin.create_user(_name("view"))
+        key = (await admin.create_api_key(user.id)).key
+    segments = [
+        {"start": float(i), "end": i + 1.0, "text": f"item {i} of the ferry budget"}
+        for i in range(30)
+    ]
+    async with AsyncHalldyllClient(url, key, timeout=60) as client:
+        talk = await client.store_memory(
+            {"type": "transcription", "segments": segments, "language": "en"}
+        )
+        full = await client.search("ferry budget item 3", limit=4)
+        basic = await client.search("ferry budget item 3", limit=4, view="basic")
+        assert [(h.memory.id, h.matched) for h in basic] == [(h.memory.id, h.matched) for h in full]
+        assert {h.memory.id for h in basic} == {talk.id}
+        assert all(len(h.memory.memory.segments) == 30 for h in full)  # type: ignore[union-attr]
+        assert all(h.memory.memory.segments == [] for h in basic)  # type: ignore[union-attr]
+        assert all(h.memory.memory.text == "" for h in basic)  # type: ignore[union-attr]
+        with pytest.raises(InvalidInput) as bad:
+            await client.search("ferry", view="compact")
+        assert bad.value.fields["field"] == "view" and bad.value.fields["status_code"] == 422
+        with HalldyllClient(url, key, timeout=60) as sync:
+            hits = sync.search("ferry budget item 3", limit=4, view="basic")
+            assert [h.matched for h in hits] == [h.matched for h in basic]
+
+        conn = await asyncpg.connect(serve_db)
+        try:
+            await conn.execute(
+                "UPDATE memories SET payload = jsonb_set(payload, '{segments,0,speaker}', "
+                "to_jsonb($1::text)) WHERE id = $2",
+                "Ana\u2028Bo",  # refused in a speaker's name since
+                talk.id,
+            )
+        finally:
+            await conn.close()
+        read = await client.get_memory(talk.id)
+        assert read.memory.segments[0].speaker == "Ana\u2028Bo"  # type: ignore[union-attr]
+        listed = await client.list_memories()
+        assert [m.id for m in listed.items] == [talk.id]
+
+    texts = {}
+    for view in ("FULL", "BASIC"):
+        answer = await graphql(
+            http,
+            key,
+            f'{{ search(query: "ferry budget item 3", limit: 2, view: {view}) '
+            "{ matched { index } memory { id text } } }",
+        )
+        assert "errors" not in answer, answer
+        texts[view] = {hit["memory"]["text"] for hit in answer["data"]["search"]}
+    assert texts["BASIC"] == {""} and "item 29 of the ferry budget" in texts["FULL"].pop()
+
+    async with mcp_session(url, key) as mcp:
+        found = mcp_result(
+            await mcp.call_tool(
+                "search_memories", {"query": "ferry budget item 3", "limit": 2, "view": "basic"}
+            )
+        )
+        assert [hit["memory"]["memory"]["segments"] for hit in found["results"]] == [[], []]
+        assert found["results"][0]["matched"]["text"].startswith("item 3")

@@ -119,6 +119,17 @@ SELECT * FROM memories WHERE id = $1 AND user_id = $2;
 -- name: get_memories
 SELECT * FROM memories WHERE user_id = $1 AND id = ANY($2::uuid[]);
 
+-- name: get_memories_basic
+-- get_memories for search hits in the basic view (SearchView): a transcription's text and
+-- segments are not read (its content is not detoasted; its payload loses the segments here,
+-- before it is sent).
+SELECT id, user_id, model_id, session_id, type, tags, metadata, importance, confidence,
+       fact_kind, reinforcement_count, expires_at, message_count, created_at, updated_at,
+       valid_from, valid_to, superseded_by, period,
+       CASE WHEN type = 'transcription' THEN '' ELSE content END AS content,
+       CASE WHEN type = 'transcription' THEN payload - 'segments' ELSE payload END AS payload
+FROM memories WHERE user_id = $1 AND id = ANY($2::uuid[]);
+
 -- name: count_owned
 SELECT count(*) FROM memories WHERE user_id = $1 AND id = ANY($2::uuid[]);
 
