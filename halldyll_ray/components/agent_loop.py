@@ -445,7 +445,6 @@ class AgentLoop:
             text = EMPTY_SUMMARY
         chunks = self.ingestion.chunker.part("text", 0, text)
         vectors = await self.embeddings.embed([c.indexed for c in chunks])
-        span = (rows[0]["created_at"], rows[-1]["created_at"]) if rows else (None, None)
         async with self.db.scoped(user_id) as conn:
             await lock_user(conn, user_id)
             row, written = await write_session_summary(
@@ -457,7 +456,6 @@ class AgentLoop:
                 text=text,
                 chunks=chunks,
                 vectors=vectors,
-                span=span,
                 through_seq=rows[-1]["seq"] if rows else -1,
             )
             if written:

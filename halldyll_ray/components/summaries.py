@@ -63,15 +63,17 @@ async def write_session_summary(
     text: str,
     chunks: Sequence[Chunk],
     vectors: np.ndarray,
-    span: tuple[datetime | None, datetime | None],
     through_seq: int,
 ) -> tuple[Any, bool]:
     """Write (or rewrite) a session's summary row and its chunks; return the row, and
     whether this call wrote it.
 
     The caller holds the user's row lock (:func:`~halldyll_ray.components.base.lock_user`)
-    and audits what it wrote. ``span``: the times of the first and last message summarised;
-    ``through_seq``: the ``seq`` of the last one (-1: none). Writers read the messages
+    and audits what it wrote. ``through_seq``: the ``seq`` of the last message summarised
+    (-1: none); the summary's span is the earliest and the latest time of the messages up to
+    it, read here (a caller dates the messages it stores or imports, in any order: the first
+    and the last one's times were a span that ended before it started, and the user's export
+    no longer imported, "span_end is before span_start"). Writers read the messages
     before the lock and a model takes seconds, so two refreshes of one session can finish
     in either order: a summary already there that covers the same conversation through a
     later message is kept (and returned, with False), not overwritten by an older reading.
@@ -83,6 +85,7 @@ async def write_session_summary(
     """
     if await conn.fetchval(q("count_owned"), user_id, [conversation_id]) != 1:
         raise NotFound(f"conversation {conversation_id} not found")
+    span = await conn.fetchrow(q("message_span"), conversation_id, user_id, through_seq)
     row = await conn.fetchrow(
         *bind(
             "upsert_session_summary",
@@ -93,8 +96,8 @@ async def write_session_summary(
             content=text,
             payload={"covers": [str(conversation_id)], "through_seq": through_seq},
             importance=SUMMARY_IMPORTANCE,
-            span_start=span[0],
-            span_end=span[1],
+            span_start=span["first_at"],
+            span_end=span["last_at"],
         )
     )
     if row is None:  # a later reading of the same conversation is there: kept
@@ -247,7 +250,6 @@ class Summaries:
                 text=text,
                 chunks=chunks,
                 vectors=vectors,
-                span=(first_at, rows[-1]["created_at"] if rows else None),
                 through_seq=rows[-1]["seq"] if rows else -1,
             )
             if written:

@@ -470,6 +470,50 @@ async def test_an_export_of_no_memories_round_trips(engine: MemoryEngine) -> Non
     assert (await export_lines(engine, target))[1:] == []
 
 
+async def test_memories_dated_ahead_still_export_a_file_that_imports_after_writes(
+    engine: MemoryEngine,
+) -> None:
+    """An import keeps a memory's times, ahead of this clock too (year 9999 is a time). The
+    service's own writes on such memories (an update, a reinforcement, appended messages, a
+    session summary of a log whose first message is dated ahead) left an updated_at before
+    its created_at and a summary span ending before it started: the user's next export was a
+    file that no import took."""
+    user = (await engine.create_user(f"f{uuid.uuid4().hex[:8]}", None, "user")).id
+    ahead = "9999-12-30T00:00:00Z"
+    fact = {**fact_line("Ines grows basil"), "created_at": ahead, "updated_at": ahead}
+    note = {
+        "id": str(uuid.uuid4()),
+        "memory": {"type": "summary", "text": "Ines planned a garden"},
+        "created_at": ahead,
+        "updated_at": ahead,
+    }
+    log = {
+        "id": str(uuid.uuid4()),
+        "memory": {"type": "conversation", "session_id": "garden-1"},
+        "messages": [{"role": "user", "content": "Basil needs sun", "created_at": ahead}],
+        "session_role": "log",
+        "created_at": ahead,
+        "updated_at": ahead,
+    }
+    report = await engine.import_memories(user, [ndjson([export_header(user), fact, note, log])])
+    assert report.created == {"fact": 1, "summary": 1, "conversation": 1}, report
+    stored = {m.type.value: m.id for m in (await engine.list_memories(user)).items}
+    await engine.update_memory(user, stored["summary"], {"tags": ["garden"]})
+    await engine.store_memory(user, Fact(statement="Ines grows basil"))  # reinforced
+    for turn in range(engine.settings.session_summary_every_n_turns):
+        await engine.record_turn(user, "garden-1", f"Is basil fine? {turn}", "Yes, water it")
+    exported = await export_lines(engine, user)
+    assert exported[0]["memories"]["summary"] == 2  # the note and the session's summary
+    at = datetime.fromisoformat
+    for line in exported[1:]:
+        assert at(line["updated_at"]) >= at(line["created_at"]), line
+        if line["span_start"] is not None:
+            assert at(line["span_start"]) <= at(line["span_end"]), line
+    other = (await engine.create_user(f"g{uuid.uuid4().hex[:8]}", None, "user")).id
+    report = await engine.import_memories(other, [ndjson(exported)], atomic=True)
+    assert report.error_count == 0 and report.lines == len(exported) - 1, report
+
+
 @pytest.mark.parametrize("cut", [-40, -1], ids=["mid-line", "last-byte"])
 async def test_a_file_cut_mid_line_reports_that_line_and_refuses_atomic(
     engine: MemoryEngine, cut: int

@@ -1,6 +1,7 @@
 -- Facts learned from conversations and their history (halldyll_ray.components.consolidation,
 -- .memories; migration 0012). The lock order is in users.sql: the user's row, then the fact
 -- rows (lock_open_facts), then their chunks.
+-- updated_at is never before created_at (memories.sql says why).
 
 -- name: similar_open_facts
 -- The user's open facts of exactly this model scope closest to a candidate's vector, best
@@ -37,7 +38,7 @@ FOR UPDATE;
 UPDATE memories SET
     valid_to = greatest(:at::timestamptz, coalesce(valid_from, created_at)),
     superseded_by = :superseded_by,
-    updated_at = now()
+    updated_at = greatest(now(), created_at)
 WHERE id = :id AND user_id = :user_id AND type = 'fact' AND valid_to IS NULL
 RETURNING *;
 
@@ -75,7 +76,7 @@ RETURNING *, false AS reinforced;
 UPDATE memories SET
     valid_to = greatest(:at::timestamptz, coalesce(valid_from, created_at)),
     superseded_by = :superseded_by,
-    updated_at = now()
+    updated_at = greatest(now(), created_at)
 WHERE id = :id AND user_id = :user_id AND type = 'fact' AND valid_to IS NOT NULL
 RETURNING *;
 
@@ -86,7 +87,7 @@ UPDATE memory_chunks SET valid_to = $3 WHERE memory_id = $1 AND user_id = $2;
 -- Lower an open fact's confidence by halldyll_contradicted_confidence (migration 0012).
 UPDATE memories SET
     confidence = halldyll_contradicted_confidence(confidence, :evidence),
-    updated_at = now()
+    updated_at = greatest(now(), created_at)
 WHERE id = :id AND user_id = :user_id AND type = 'fact' AND valid_to IS NULL
 RETURNING *;
 

@@ -1,9 +1,10 @@
 -- Conversations, their messages and session state (halldyll_ray.components.ingestion,
 -- .agent_loop). The lock order is in users.sql.
+-- updated_at is never before created_at (memories.sql says why).
 
 -- name: reserve_messages
 -- Locks the conversation row and reserves $3 sequence numbers; returns the new count.
-UPDATE memories SET message_count = message_count + $3, updated_at = now()
+UPDATE memories SET message_count = message_count + $3, updated_at = greatest(now(), created_at)
 WHERE id = $1 AND user_id = $2 AND type = 'conversation'
 RETURNING message_count, model_id, session_id, tags, created_at;
 

@@ -1,5 +1,9 @@
 -- Memories, facts and their chunks (halldyll_ray.components.ingestion, .memories).
 -- Every memory query carries the user id in its WHERE clause. The lock order is in users.sql.
+-- A write sets a memory's updated_at to greatest(now(), created_at), here and in every file:
+-- an import keeps a memory's exported times, which can be ahead of this clock (year 9999 is a
+-- time), and an updated_at before its created_at made the user's next export a file that no
+-- import takes ("updated_at is before created_at").
 
 -- name: insert_memory
 INSERT INTO memories (id, user_id, model_id, session_id, type, content, payload, tags, metadata,
@@ -69,7 +73,7 @@ DO UPDATE SET
                 coalesce(m.payload -> 'sources', '[]'::jsonb)
                 || coalesce(excluded.payload -> 'sources', '[]'::jsonb)) WITH ORDINALITY AS e (s, n)
             ORDER BY n DESC LIMIT :max_sources) AS kept)),
-    updated_at = now()
+    updated_at = greatest(now(), m.created_at)
 RETURNING *, (xmax <> 0) AS reinforced;
 
 -- name: reinforce_fact
@@ -97,7 +101,7 @@ UPDATE memories AS m SET
                 coalesce(m.payload -> 'sources', '[]'::jsonb) || :sources::jsonb)
                 WITH ORDINALITY AS e (s, n)
             ORDER BY n DESC LIMIT :max_sources) AS kept)),
-    updated_at = now()
+    updated_at = greatest(now(), m.created_at)
 WHERE m.id = :id AND m.user_id = :user_id AND m.type = 'fact' AND m.valid_to IS NULL
 RETURNING *, true AS reinforced;
 
@@ -160,7 +164,7 @@ UPDATE memories SET
     fact_kind = coalesce(:fact_kind, fact_kind),
     expires_at = CASE WHEN :set_expiry THEN :expires_at ELSE expires_at END,
     fact_key = coalesce(:fact_key, fact_key),
-    updated_at = now()
+    updated_at = greatest(now(), created_at)
 WHERE id = :id AND user_id = :user_id
 RETURNING *;
 
@@ -185,7 +189,7 @@ UPDATE memories SET
         WHERE NOT (s #>> '{}' = ANY($1::text[]))
     )) || CASE WHEN payload ->> 'source' = ANY($1::text[]) THEN '{"source": null}'::jsonb
                ELSE '{}'::jsonb END,
-    updated_at = now()
+    updated_at = greatest(now(), created_at)
 WHERE user_id = $2 AND type = 'fact'
   AND (payload -> 'sources' ?| $1::text[] OR payload ->> 'source' = ANY($1::text[]));
 
@@ -228,7 +232,7 @@ UPDATE memories SET
         FROM jsonb_array_elements(payload -> 'covers') WITH ORDINALITY AS e(c, n)
         WHERE NOT (c #>> '{}' = ANY($1::text[]))
     )),
-    updated_at = now()
+    updated_at = greatest(now(), created_at)
 WHERE user_id = $2 AND type = 'summary' AND payload -> 'covers' ?| $1::text[];
 
 -- name: insert_chunks

@@ -1,5 +1,6 @@
 -- Session and period summaries (halldyll_ray.components.summaries, .agent_loop, .context;
 -- migration 0012). Writers lock the user's row first (users.sql).
+-- updated_at is never before created_at (memories.sql says why).
 
 -- name: upsert_session_summary
 -- A session's one rolling summary (session_role 'summary'), written or rewritten; no row
@@ -15,7 +16,7 @@ DO UPDATE SET
     payload = excluded.payload,
     span_start = excluded.span_start,
     span_end = excluded.span_end,
-    updated_at = now()
+    updated_at = greatest(now(), m.created_at)
 WHERE m.payload -> 'covers' IS DISTINCT FROM excluded.payload -> 'covers'
    OR COALESCE((m.payload ->> 'through_seq')::bigint, -1)
       <= COALESCE((excluded.payload ->> 'through_seq')::bigint, -1)
@@ -34,8 +35,16 @@ DO UPDATE SET
     metadata = excluded.metadata,
     span_start = excluded.span_start,
     span_end = excluded.span_end,
-    updated_at = now()
+    updated_at = greatest(now(), m.created_at)
 RETURNING *;
+
+-- name: message_span
+-- The earliest and latest times of a conversation's messages through seq $3: a session
+-- summary's span (messages keep the times their caller gave, in any order).
+SELECT min(cm.created_at) AS first_at, max(cm.created_at) AS last_at
+FROM conversation_messages cm
+WHERE cm.memory_id = $1 AND cm.seq <= $3
+  AND EXISTS (SELECT 1 FROM memories m WHERE m.id = $1 AND m.user_id = $2);
 
 -- name: first_message_at
 SELECT cm.created_at FROM conversation_messages cm
