@@ -438,6 +438,22 @@ def _repeated_parameter(scope: Any) -> str | None:
     return None
 
 
+_FLAG: TypeAdapter[bool] = TypeAdapter(bool)
+
+
+def _atomic_import(scope: Any) -> bool:
+    """Whether an import's ``atomic`` query parameter is true as the route reads it
+    (``1``, ``yes``, ``on``... as ``true``): only ``atomic=true`` was, so the 408 or 413 of an
+    ``?atomic=1`` import said its lines might have been imported, when nothing was."""
+    query: bytes = scope.get("query_string") or b""
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    given = [value for name, value in pairs if name == "atomic"]
+    try:
+        return len(given) == 1 and _FLAG.validate_python(given[0])
+    except ValueError:  # not a flag: the route refuses the request (422)
+        return False
+
+
 @dataclass(frozen=True)
 class FastLane:
     """A route's requests answered before FastAPI's routing and dependency solving when they
@@ -700,8 +716,9 @@ class _RequestContext:
         stores each batch of lines as it reads them. ``scope`` None: nothing was read."""
         if scope is None:
             return ""
-        atomic = b"atomic=true" in scope.get("query_string", b"").lower()
-        if scope.get("method") != "POST" or not scope["path"].endswith("/import") or atomic:
+        if scope.get("method") != "POST" or not scope["path"].endswith("/import"):
+            return ""
+        if _atomic_import(scope):
             return ""
         return (
             "; lines read before it stopped may have been imported: send the whole file "
