@@ -103,7 +103,9 @@ class ExportHeader(_Line):
     version: Literal[1] = EXPORT_VERSION
     user: ExportedUser = Field(description="Whose memories these are.")
     exported_at: datetime
-    memories: dict[str, int] = Field(
+    # Counts of none or more: with a negative one ({"fact": 3, "summary": -3}) a file cut
+    # short added up to what it held, and an atomic import committed it.
+    memories: dict[str, Annotated[int, Field(ge=0)]] = Field(
         default_factory=dict, description="How many memory lines follow, by type."
     )
     messages: int = Field(default=0, ge=0, description="Conversation messages in those lines.")

@@ -323,6 +323,22 @@ async def test_a_file_cut_short_of_its_header_is_reported_and_refused_when_atomi
     assert whole.missing == 0
 
 
+async def test_a_negative_count_in_the_header_cannot_hide_a_file_cut_short(
+    engine: MemoryEngine,
+) -> None:
+    """{"fact": 3, "summary": -2} adds up to the one line a cut file holds: the atomic import
+    of that file committed it, as if it were whole."""
+    user = await _user(engine, "neg")
+    header = {**export_header(), "memories": {"fact": 3, "summary": -2}}
+    for atomic in (True, False):
+        with pytest.raises(InvalidInput) as caught:
+            await engine.import_memories(
+                user, [ndjson([header, fact_line("Dora sails")])], atomic=atomic
+            )
+        assert caught.value.field == "memories.summary"
+    assert (await engine.list_memories(user)).items == []
+
+
 async def test_export_and_import_of_a_missing_user_are_not_found(engine: MemoryEngine) -> None:
     with pytest.raises(NotFound):
         await export_lines(engine, uuid.uuid4())
