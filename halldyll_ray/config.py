@@ -133,6 +133,14 @@ class Settings(BaseSettings):
         description="Results of a search that names no limit: at most 100, the most any "
         "search returns (a larger value would refuse every such search).",
     )
+    page_max_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=64 * 1024,
+        le=256 * 1024 * 1024,
+        description="Bytes of memory text (content and payload) one page of a listing holds "
+        "at most: a page ends early, with a next_cursor, past this many (it always holds one "
+        "memory). 500 transcriptions of 200,000 characters made one page of 100 MB.",
+    )
     search_mode: Literal["semantic", "hybrid", "fulltext"] = Field(
         default="hybrid",
         description="Default search mode. hybrid: the vector and BM25 full-text lists "

@@ -430,7 +430,7 @@ class MemoryEngine:
             audit=audit,
             models=models,
             embeddings=embeddings,
-            memories=MemoryReader(db, models),
+            memories=MemoryReader(db, models, page_max_bytes=settings.page_max_bytes),
             ingestion=ingestion,
             search=search,
             context=ContextBuilder(db, search, encoder, settings),

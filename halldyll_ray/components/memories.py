@@ -162,9 +162,12 @@ def tags_filter(tags: Sequence[str] | None) -> list[str] | None:
 class MemoryReader:
     """One memory by id, or a page of a user's memories with filters."""
 
-    def __init__(self, db: Database, registry: ModelRegistry) -> None:
+    def __init__(
+        self, db: Database, registry: ModelRegistry, *, page_max_bytes: int = 8 * 1024 * 1024
+    ) -> None:
         self.db = db
         self.registry = registry
+        self.page_max_bytes = page_max_bytes
 
     async def get(
         self, user_id: UUID | str, memory_id: UUID | str, *, include_messages: bool = True
@@ -222,7 +225,14 @@ class MemoryReader:
         limit: int = 50,
         cursor: str | None = None,
     ) -> Page[StoredMemory]:
-        """The user's memories, newest first, with cursor pagination and filters."""
+        """The user's memories, newest first, with cursor pagination and filters.
+
+        A page holds at most ``limit`` memories, and ends early once its memories' text and
+        payload pass ``page_max_bytes`` (PAGE_MAX_BYTES; the memory that passes it is the
+        page's last, so a page is never empty while memories are left): follow
+        ``next_cursor`` until it is None. The cut is DynamoDB's (a Query page ends at 1 MB):
+        500 long transcriptions were one answer of hundreds of megabytes.
+        """
         user_id = validation.parse_uuid(user_id, "user_id")
         limit = validation.limit(limit, MAX_PAGE_SIZE)
         scope = await self.registry.scope(model, include_shared)
@@ -247,10 +257,16 @@ class MemoryReader:
         )
         if not rows:
             await require_user(self.db, user_id)
-        items = [to_record(row) for row in rows[:limit]]
+        kept, size = 0, 0
+        for row in rows[:limit]:
+            kept += 1
+            size += row["record_bytes"]
+            if size > self.page_max_bytes:
+                break
+        items = [to_record(row) for row in rows[:kept]]
         next_cursor = (
             validation.encode_cursor(items[-1].created_at, items[-1].id)
-            if len(rows) > limit
+            if len(rows) > kept
             else None
         )
         return MemoryPage(items=items, next_cursor=next_cursor)

@@ -8,6 +8,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from support import make_settings
 
 from halldyll_ray import (
     Conversation,
@@ -395,3 +396,43 @@ async def test_an_edited_cursor_without_a_zone_is_utc_not_the_servers_zone(
         time.tzset()
     assert len(ours.items) == 2
     assert [m.id for m in edited.items] == [m.id for m in ours.items]
+
+
+async def test_a_page_of_memories_ends_past_page_max_bytes_and_reads_on(
+    database_url: str, redis_url: str, encoder
+) -> None:
+    """A page held ``limit`` memories whatever their size (500 transcriptions of 200,000
+    characters made one answer of hundreds of megabytes): it ends once its memories pass
+    PAGE_MAX_BYTES, with a cursor that reads on, and holds one memory however big."""
+    settings = make_settings(database_url, redis_url, page_max_bytes=64 * 1024)
+    async with MemoryEngine(settings, encoder=encoder) as engine:
+        user = await engine.create_user(f"pages{uuid.uuid4().hex[:6]}", None, "user")
+        big = [
+            await engine.store_memory(
+                user.id, {"type": "transcription", "text": f"recording {i}. " + "words " * 5_000}
+            )
+            for i in range(3)
+        ]
+        huge = await engine.store_memory(
+            user.id, {"type": "transcription", "text": "long recording. " + "talk " * 20_000}
+        )
+        small = [
+            await engine.store_memory(user.id, {"type": "fact", "statement": f"fact number {i}"})
+            for i in range(5)
+        ]
+        pages, cursor = [], None
+        while True:
+            page = await engine.list_memories(user.id, limit=50, cursor=cursor)
+            pages.append([m.id for m in page.items])
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        # Newest first: the 5 facts, then the 100 KB recording passes 64 KiB and ends the
+        # page; the three 30 KB recordings pass it at the third, the last memory.
+        assert pages == [
+            [m.id for m in reversed(small)] + [huge.id],
+            [big[2].id, big[1].id, big[0].id],
+        ]
+        # Under the budget, the limit is what ends a page, as before.
+        page = await engine.list_memories(user.id, limit=3)
+        assert len(page.items) == 3 and page.next_cursor is not None

@@ -138,7 +138,9 @@ FROM memories WHERE user_id = $1 AND id = ANY($2::uuid[]);
 SELECT count(*) FROM memories WHERE user_id = $1 AND id = ANY($2::uuid[]);
 
 -- name: list_memories
-SELECT * FROM memories
+-- record_bytes: the size of a row's text and payload, what a page's size is counted in
+-- (MemoryReader.page ends a page past PAGE_MAX_BYTES).
+SELECT *, octet_length(content) + octet_length(payload::text) AS record_bytes FROM memories
 WHERE user_id = :user_id
   AND (:types::text[] IS NULL OR type = ANY(:types))
   AND (:model_id::uuid IS NULL OR model_id = :model_id OR (:include_shared AND model_id IS NULL))
