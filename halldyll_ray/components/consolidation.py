@@ -269,9 +269,10 @@ class Consolidation:
             if statement != candidate.statement and decision.action in (Action.ADD, Action.UPDATE):
                 new_chunks = self.chunker.part("statement", 0, statement)
                 new_vectors = await self.embeddings.embed([c.indexed for c in new_chunks])
+            shown = {n.id: n.statement for n in neighbours}
             try:
                 return await self._apply(
-                    turn, candidate, decision, scope, key, statement, new_chunks, new_vectors
+                    turn, candidate, decision, shown, scope, key, statement, new_chunks, new_vectors
                 )
             except _Stale:
                 continue
@@ -313,13 +314,21 @@ class Consolidation:
         turn: _Turn,
         candidate: FactCandidate,
         decision: Decision,
+        shown: dict[UUID, str],
         scope: UUID | None,
         key: str,
         statement: str,
         chunks: list[Chunk],
         vectors: np.ndarray,
     ) -> Change:
-        """Make one decision's change in one transaction (rolled back by _Stale)."""
+        """Make one decision's change in one transaction (rolled back by _Stale).
+
+        ``shown``: the statements of the facts the model decided on, by id. The decision is
+        about its target as it read then: a target closed, deleted or expired since, or whose
+        statement another writer changed (a PATCH while the model decided), is stale, and the
+        candidate goes round again with what the fact says now. Otherwise the turn's evidence
+        about one statement was applied to another (a contradiction of "lives in Rome"
+        closed the user's correction to "lives in Milan")."""
         async with self.db.scoped(turn.user_id) as conn:
             if decision.action is not Action.IGNORE:
                 await lock_user(conn, turn.user_id)
@@ -340,7 +349,7 @@ class Consolidation:
                 target = await conn.fetchrow(
                     q("lock_open_fact"), decision.target, turn.user_id, scope
                 )
-                if target is None:
+                if target is None or target["content"] != shown.get(target["id"]):
                     raise _Stale
             before = None if target is None else float(target["confidence"])
             if decision.action is Action.IGNORE:

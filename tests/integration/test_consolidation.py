@@ -564,3 +564,51 @@ async def test_concurrent_updates_of_one_fact_keep_one_open_and_all_history(
     assert len(rows) == 3 and sum(r["valid_to"] is None for r in rows) == 1
     chain = await engine.fact_history(user.id, rome.fact_id)
     assert len(chain) == 3 and chain[0].id == rome.fact_id and chain[-1].valid_to is None
+
+
+async def test_a_target_rewritten_while_the_model_decides_is_decided_again(
+    engine: MemoryEngine,
+) -> None:
+    """The model decides outside any transaction (seconds, for an LLM): a PATCH of the
+    target's statement in that time was not seen by the write, which checked only that the
+    target was still open. The turn's evidence about Rome contradicted the user's own
+    correction to Milan (lowered it below the floor: closed), or a "reinforce" of Rome raised
+    Milan. A target whose statement is not the one the model was shown now sends the
+    candidate round again, and the model decides on what the fact says now."""
+    user = await engine.create_user("quinn", None, "user")
+    rome = await engine.store_memory(
+        user.id, Fact(statement="The user lives in Rome", confidence=0.3)
+    )
+    corrected = "The user lives in Rome, Georgia"
+    shown: list[list[str]] = []
+
+    def decide(fact: FactCandidate, neighbours: Any) -> Decision:
+        shown.append([n.statement for n in neighbours])
+        if len(shown) == 1:  # the user corrects the fact while the model is deciding
+            task = asyncio.get_running_loop().create_task(
+                engine.update_memory(user.id, rome.id, {"statement": corrected})
+            )
+            pending.append(task)
+        said = {n.statement: n.id for n in neighbours}
+        if "The user lives in Rome" in said:
+            return Decision(action=Action.CONTRADICT, target=said["The user lives in Rome"])
+        return Decision(action=Action.IGNORE, reason="about another Rome")
+
+    pending: list[asyncio.Task[Any]] = []
+
+    class _Model(ScriptedMemoryModel):
+        async def consolidate(self, fact: FactCandidate, neighbours: Any) -> Decision:
+            decision = await super().consolidate(fact, neighbours)
+            if pending:
+                await pending[0]  # the PATCH commits before the decision is written
+            return decision
+
+    model = _Model(
+        facts=_facts("The user does not live in Rome any more", confidence=1.0), decide=decide
+    )
+    _, [change] = await _learn(engine, user.id, "I left Rome.", model)
+    [row] = await _fact_rows(engine, user.id)
+    assert (row["content"], row["valid_to"]) == (corrected, None)
+    assert row["confidence"] == pytest.approx(0.3)
+    assert change.action is Action.IGNORE and change.fact_id is None
+    assert shown == [["The user lives in Rome"], [corrected]]
