@@ -23,7 +23,7 @@ from pydantic import TypeAdapter
 
 from halldyll_ray import validation
 from halldyll_ray.components.audit import write_audit
-from halldyll_ray.components.base import lock_user
+from halldyll_ray.components.base import cache_for_user, lock_user
 from halldyll_ray.components.embeddings import Embeddings
 from halldyll_ray.components.ingestion import Appended, Ingestion, SessionLog
 from halldyll_ray.components.registry import ModelRegistry
@@ -195,9 +195,7 @@ class AgentLoop:
         if appended.conversation_id != conversation_id:  # reopened: remember the new log
             conversation_id = appended.conversation_id
             state = f"{conversation_id}|{'' if model_id is None else model_id}"
-            await self.cache.set(
-                self._session_key(user_id, session), state.encode(), ttl=SESSION_STATE_TTL_S
-            )
+            await self._keep_state(user_id, session, state)
         stored = appended.messages
         if self.ingestion.learning is not None:
             return TurnRecord(
@@ -331,6 +329,15 @@ class AgentLoop:
     def _session_key(user_id: UUID, session_id: str) -> str:
         return TieredCache.user_key("session", user_id, session_id)
 
+    async def _keep_state(self, user_id: UUID, session_id: str, state: str) -> None:
+        """Cache the session's state (``"<log id>|<model id or nothing>"``), written after
+        the transaction that found it: not left behind by an erasure that committed in
+        between (:func:`~halldyll_ray.components.base.cache_for_user`)."""
+        key = self._session_key(user_id, session_id)
+        await cache_for_user(
+            self.db, self.cache, user_id, key, state.encode(), ttl=SESSION_STATE_TTL_S
+        )
+
     async def _session_log(
         self, user_id: UUID, session_id: str, model_id: UUID | None
     ) -> tuple[UUID, bool]:
@@ -355,8 +362,9 @@ class AgentLoop:
             row, created = await self._open_log(conn, user_id, session_id, model_id, check=False)
         conversation_id: UUID = row["id"]
         owner = row["model_id"]
-        state = f"{conversation_id}|{'' if owner is None else owner}"
-        await self.cache.set(key, state.encode(), ttl=SESSION_STATE_TTL_S)
+        await self._keep_state(
+            user_id, session_id, f"{conversation_id}|{'' if owner is None else owner}"
+        )
         self._same_model(session_id, owner, model_id)
         return conversation_id, created
 

@@ -17,6 +17,7 @@ from halldyll_ray.components.audit import write_audit
 from halldyll_ray.components.embeddings import Embeddings, model_of
 from halldyll_ray.errors import NotFound
 from halldyll_ray.models import Message, MessageRole, StoredMessage
+from halldyll_ray.storage.cache import TieredCache
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
 
@@ -193,6 +194,24 @@ async def drop_cached(embeddings: Embeddings, texts: Sequence[str]) -> None:
         _log.warning(
             "could not remove %d cached embeddings of deleted memories from Redis", len(keys)
         )
+
+
+async def cache_for_user(
+    db: Database, cache: TieredCache, user_id: UUID, key: str, value: bytes, *, ttl: float
+) -> None:
+    """Cache ``value`` (derived from the user's data: a search's results, a session's state)
+    under ``key`` (:meth:`~halldyll_ray.storage.cache.TieredCache.user_key`), then check that
+    the user still exists, and remove it again if not.
+
+    The value was read before it is written here, so an erasure can commit in between: its
+    sweep of the user's keys (in its transaction, and once more after the commit) came before
+    this write, and the entry stayed in Redis after the erasure said the user was gone (a
+    search's results, their memories' text, for up to SEARCH_CACHE_TTL_SECONDS). Read after
+    the write, the user's row is there only if the erasure had not committed yet, and then
+    its sweep after the commit removes the entry; otherwise the entry goes here."""
+    await cache.set(key, value, ttl=ttl)
+    if await db.fetchrow(q("user_state"), user_id) is None:
+        await cache.delete(key)
 
 
 async def require_user(db: Database, user_id: UUID) -> None:

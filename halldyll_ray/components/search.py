@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import TypeAdapter
 
 from halldyll_ray import validation
+from halldyll_ray.components.base import cache_for_user
 from halldyll_ray.components.embeddings import Embeddings, model_of
 from halldyll_ray.components.memories import expired, tags_filter, to_record
 from halldyll_ray.components.registry import ModelRegistry
@@ -585,7 +586,7 @@ class Search:
         if ttl <= 0:
             return results, None
         blob = _RESULTS.dump_json(results)
-        await self.cache.set(plan.key, blob, ttl=ttl)
+        await cache_for_user(self.db, self.cache, plan.user_id, plan.key, blob, ttl=ttl)
         return results, blob
 
     async def _search(

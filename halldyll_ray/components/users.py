@@ -162,7 +162,9 @@ class Users:
         (memories, messages, chunks, API keys, grants and turn records cascade), remove from Redis
         and this process's LRU their cached searches and session state and the cached embeddings of
         their stored texts, write the ``user.delete`` audit row with the counts, commit. After the
-        commit the cache is swept once more, for an entry a concurrent search wrote meanwhile. What
+        commit the cache is swept once more, for an entry a concurrent search wrote meanwhile; one
+        written after that sweep is removed by its writer, which checks that the user still
+        exists once it has written (:func:`~halldyll_ray.components.base.cache_for_user`). What
         stays, by design: the audit log (append-only; its rows name the user's id, never their
         texts), and a query's cached embedding (keyed by a hash of the query, not linked to any
         user; it expires within a week).

@@ -201,3 +201,58 @@ async def test_a_deleted_memory_s_cached_embeddings_go_with_it(
         assert (await engine.get_memory(user.id, keep.id)).memory.statement == "Ada keeps bees"
     finally:
         await redis.aclose()
+
+
+async def test_what_a_request_caches_while_its_user_is_erased_does_not_stay(
+    engine: MemoryEngine, redis_url: str
+) -> None:
+    """A search reads its results, then caches them; a turn finds its session's log, then
+    caches its id under the session's name. An erasure that committed in between swept the
+    user's keys before that write (in its transaction and once after), so the search's
+    results, the text of the erased user's memories, stayed in Redis for
+    SEARCH_CACHE_TTL_SECONDS, and the session's state for a day. Each write now checks that
+    its user still exists once it is written."""
+    user = await engine.create_user(f"racing{uuid.uuid4().hex[:6]}", None, "user")
+    await engine.store_memory(user.id, Fact(statement="Ada takes insulin every morning"))
+    search = engine.components.search
+    found = search._search
+
+    async def found_then_erased(*args, **kwargs):  # the search's query ran, then the erasure
+        results = await found(*args, **kwargs)
+        await engine.delete_user(user.id)
+        return results
+
+    redis = aioredis.Redis.from_url(redis_url)
+    prefix = engine.settings.redis_key_prefix + ":"
+    mine = f"{prefix}*:{user.id}:*"
+    try:
+        search._search = found_then_erased  # type: ignore[method-assign]
+        try:
+            hits = await engine.search(user.id, "what does Ada take")
+        finally:
+            search._search = found  # type: ignore[method-assign]
+        assert hits[0].memory.memory.statement == "Ada takes insulin every morning"
+        assert [k async for k in redis.scan_iter(match=mine)] == []
+        assert engine.cache.local.delete_containing(str(user.id)) == 0
+
+        other = await engine.create_user(f"racing{uuid.uuid4().hex[:6]}", None, "user")
+        mine = f"{prefix}*:{other.id}:*"
+        loop = engine.components.agent_loop
+        cache = loop.cache
+        keep = cache.set
+
+        async def erased_then_kept(key: str, value: bytes, *, ttl: float | None) -> None:
+            if key.startswith("session:"):  # the log was found, then the erasure
+                await engine.delete_user(other.id)
+            await keep(key, value, ttl=ttl)
+
+        cache.set = erased_then_kept  # type: ignore[method-assign]
+        try:
+            with pytest.raises(NotFound):
+                await engine.record_turn(other.id, "visit-to-dr-lee", "I take insulin", "Noted.")
+        finally:
+            cache.set = keep  # type: ignore[method-assign]
+        assert [k async for k in redis.scan_iter(match=mine)] == []
+        assert engine.cache.local.delete_containing(str(other.id)) == 0
+    finally:
+        await redis.aclose()
