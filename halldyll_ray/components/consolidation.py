@@ -115,6 +115,10 @@ class _Stale(Exception):
     """The decision's target was changed by another writer since it was shown (rolls back)."""
 
 
+class _Gone(Exception):
+    """The turn's conversation was deleted while the model decided (rolls back)."""
+
+
 @dataclass(frozen=True)
 class _Turn:
     """The turn being learned from, as loaded: ``at`` is its last message's time."""
@@ -196,7 +200,8 @@ class Consolidation:
 
         Returns:
             One :class:`Change` per extracted fact, in the model's order; empty when the
-            conversation or those messages no longer exist (deleted since the turn).
+            conversation or those messages no longer exist (deleted since the turn, or while
+            the model decided: the deletion forgets what was learned from it).
 
         Raises:
             InvalidInput: a bad id or seqs. NotFound: no such user or AI model.
@@ -240,9 +245,13 @@ class Consolidation:
         ]
         speaker = next((r["name"] for r in rows if r["role"] == "user" and r["name"]), None)
         candidates = await self.model.extract_facts(messages, speaker=speaker)
-        return [
-            await self._learn(turn, candidate, scope) for candidate in candidates[:MAX_CANDIDATES]
-        ]
+        try:
+            return [
+                await self._learn(turn, candidate, scope)
+                for candidate in candidates[:MAX_CANDIDATES]
+            ]
+        except _Gone:  # deleted while the model decided: as deleted before (its facts forgotten)
+            return []
 
     async def _learn(self, turn: _Turn, candidate: FactCandidate, scope: UUID | None) -> Change:
         key = fact_key(candidate.statement)
@@ -332,6 +341,13 @@ class Consolidation:
         async with self.db.scoped(turn.user_id) as conn:
             if decision.action is not Action.IGNORE:
                 await lock_user(conn, turn.user_id)
+            # The turn's conversation, held until the commit (a deletion takes the user's row,
+            # then this one). Deleted while the model decided, the learning record's foreign
+            # key failed ("a row it refers to does not exist") and the job with it, where a
+            # turn of a conversation deleted before the job learns nothing (returns []).
+            source = q("lock_learning_source")
+            if await conn.fetchval(source, turn.conversation_id, turn.user_id) is None:
+                raise _Gone
             done = await conn.fetchrow(
                 *bind(
                     "learned_change",

@@ -612,3 +612,31 @@ async def test_a_target_rewritten_while_the_model_decides_is_decided_again(
     assert row["confidence"] == pytest.approx(0.3)
     assert change.action is Action.IGNORE and change.fact_id is None
     assert shown == [["The user lives in Rome"], [corrected]]
+
+
+@pytest.mark.parametrize("action", [Action.ADD, Action.IGNORE])
+async def test_a_conversation_deleted_while_the_model_decides_is_not_found(
+    engine: MemoryEngine, action: Action
+) -> None:
+    """The conversation a turn's facts come from, deleted while the model decides: the write
+    failed on the learning record's foreign key ("a row it refers to does not exist"), and
+    the job with it, where a turn of a conversation deleted before the job learns nothing.
+    Now the conversation is looked up (and held) in the write's transaction: nothing learned,
+    nothing kept, no error."""
+    user = await engine.create_user(f"gone{action.value}", None, "user")
+
+    def decide(fact: FactCandidate, neighbours: Any) -> Decision:
+        return Decision(action=action, reason="scripted")
+
+    class _Model(ScriptedMemoryModel):
+        async def consolidate(self, fact: FactCandidate, neighbours: Any) -> Decision:
+            decision = await super().consolidate(fact, neighbours)
+            await engine.delete_memory(user.id, turn.conversation_id)  # meanwhile
+            return decision
+
+    model = _Model(facts=_facts("The user keeps bees"), decide=decide)
+    turn = await _turn(engine, user.id, "I keep bees.")
+    changes = await _consolidation(engine, model).learn_from_turn(
+        user.id, turn.conversation_id, turn.message_seqs, job_id="job-gone", model_id=None
+    )
+    assert changes == [] and await _fact_rows(engine, user.id) == []
