@@ -269,7 +269,7 @@ class Transfer:
             async with self.db.scoped(user_id) as conn:
                 await lock_user(conn, user_id)
                 async for batch in _batches(lines):
-                    ready = await self._prepare(user_id, batch, report, seen, conn)
+                    ready = await self._prepare(user_id, batch, report, seen, keep_ids, conn)
                     if not report.error_count:
                         await self._write(
                             conn,
@@ -306,7 +306,7 @@ class Transfer:
                     )
             return report
         async for batch in _batches(lines):
-            ready = await self._prepare(user_id, batch, report, seen)
+            ready = await self._prepare(user_id, batch, report, seen, keep_ids)
             if ready:
                 async with self.db.scoped(user_id) as conn:
                     await lock_user(conn, user_id)
@@ -328,9 +328,13 @@ class Transfer:
         batch: Sequence[tuple[int, bytes]],
         report: ImportReport,
         seen: set[UUID],
+        keep_ids: bool,
         conn: asyncpg.Connection | None = None,
     ) -> list[_Line]:
         """Validate, resolve models, skip lines imported before, chunk and embed a batch.
+        With ``keep_ids`` (the user's own file) a line whose memory the user still has under
+        its id is skipped here too, before it is embedded: restoring a file into the user it
+        came from embedded every memory of it, then found each one present and unchanged.
 
         ``seen``: the file's memory ids so far. A memory id the file already had is a problem
         of its line, here, before a line imported before is told apart: checked at the write,
@@ -367,12 +371,15 @@ class Transfer:
         if not parsed:
             return []
         sources = [p.record.id for p in parsed]
-        if conn is None:
-            done = await self.db.fetch(q("imported_sources"), user_id, sources, user_id=user_id)
-        else:
-            done = await conn.fetch(q("imported_sources"), user_id, sources)
-        seen = {r["source_id"] for r in done}
-        fresh = [p for p in parsed if p.record.id not in seen]
+        queries = ["imported_sources", *(["owned_ids"] if keep_ids else [])]
+        known: set[UUID] = set()
+        for query in queries:
+            if conn is None:
+                rows = await self.db.fetch(q(query), user_id, sources, user_id=user_id)
+            else:
+                rows = await conn.fetch(q(query), user_id, sources)
+            known.update(r["source_id"] if query == "imported_sources" else r["id"] for r in rows)
+        fresh = [p for p in parsed if p.record.id not in known]
         report.unchanged += len(parsed) - len(fresh)
         for item in fresh:
             item.chunks = self._chunks(item.record)

@@ -161,6 +161,33 @@ async def test_restore_into_the_same_user_keeps_ids_and_brings_back_deleted_memo
     assert restored.memory.seed == 42  # type: ignore[union-attr]
 
 
+async def test_restoring_a_users_own_file_embeds_only_what_it_lacks(
+    engine: MemoryEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memories the user still has under their ids are unchanged before they are embedded:
+    a restore of a user's own export (the README's export then import) embedded every memory
+    of the file (37 s for 5,800 segments), then found each one present."""
+    user = await _user(engine, "restore")
+    ids = await _fill(engine, user)
+    file = b"".join([line async for line in engine.export_memories(user)])
+    await engine.delete_memory(user, ids["image"])
+    embeddings = engine.components.transfer.embeddings
+    embedded: list[str] = []
+    real = embeddings.embed
+
+    async def counting(texts: list[str], *args: Any, **kwargs: Any) -> Any:
+        embedded.extend(texts)
+        return await real(texts, *args, **kwargs)
+
+    monkeypatch.setattr(embeddings, "embed", counting)
+    report = await engine.import_memories(user, [file])
+    assert report.created == {"image": 1} and report.unchanged == 4
+    assert embedded and all("lighthouse" in text for text in embedded), embedded
+    embedded.clear()
+    again = await engine.import_memories(user, [file], atomic=True)
+    assert again.created == {} and again.unchanged == 5 and embedded == []
+
+
 async def test_a_fact_already_known_is_merged_not_duplicated(engine: MemoryEngine) -> None:
     source, target = await _user(engine, "fsrc"), await _user(engine, "fdst")
     await engine.store_memory(source, Fact(statement="Ben prefers window seats", confidence=0.6))
