@@ -5,6 +5,7 @@ build/ui-screenshots/. Also GET /v1/stats (the request metrics the Plots view dr
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -296,6 +297,41 @@ async def test_memories_show_each_type_as_itself(
     await page.get_by_role("button", name="Apply").click()
     await expect(timeline.locator("article")).to_have_count(1)
     assert await timeline.locator("article").get_attribute("data-memory-id") == seeded["tea"]["id"]
+
+
+async def test_load_more_shows_each_memory_once_however_often_it_is_clicked(
+    page: Any, ray_serve: dict[str, Any], admin_key: str
+) -> None:
+    """A second click on "Load more" while the next page is on its way sent the same cursor
+    again and showed that page twice (pages of long transcriptions, cut by PAGE_MAX_BYTES,
+    take their time)."""
+    async with httpx.AsyncClient(base_url=ray_serve["url"], timeout=60) as http:
+        _, key = await user_with_key(http, admin_key)
+        images = [{"type": "image", "prompt": f"sketch number {i} of a harbour"} for i in range(60)]
+        r = await http.post(
+            "/v1/users/me/memories/batch", json={"memories": images}, headers=bearer(key)
+        )
+        assert r.status_code == 201, r.text
+    cursors: list[str] = []
+
+    async def slow_next_page(route: Any) -> None:
+        if "cursor=" in route.request.url:
+            cursors.append(route.request.url)
+            await asyncio.sleep(1)
+        await route.continue_()
+
+    await page.route(re.compile(r".*/v1/users/me/memories\?.*"), slow_next_page)
+    await sign_in(page, key)
+    timeline = page.locator("#timeline")
+    await expect(timeline.locator("article")).to_have_count(50)
+    more = page.get_by_role("button", name="Load more")
+    await more.click()
+    await more.click()  # the page asked for is still on its way
+    await expect(more).to_be_hidden()  # the last page is in
+    await page.wait_for_timeout(2000)  # what a second request would have added, it has
+    ids = [await a.get_attribute("data-memory-id") for a in await timeline.locator("article").all()]
+    assert (len(ids), len(set(ids)), len(cursors)) == (60, 60, 1)
+    await expect(page.get_by_text("60 memories", exact=True)).to_be_visible()
 
 
 async def test_an_edit_and_a_delete_go_through_the_api(

@@ -39,9 +39,15 @@ export async function render(root, ctx) {
   let user = "me";
 
   let generation = 0; // a newer Apply makes the answers of older requests stale
+  // A page is on its way: "Load more" waits for it (two clicks sent the same cursor twice and
+  // showed its page twice; one during an Apply added the new first page twice).
+  let loading = false;
   async function load(reset) {
+    if (!reset && loading) return;
     const mine = reset ? ++generation : generation;
+    loading = true;
     if (reset) {
+      more.hidden = true;
       const v = values(form);
       user = v.user;
       query = {
@@ -71,6 +77,8 @@ export async function render(root, ctx) {
       more.hidden = true;
       count.textContent = "";
       list.append(failure(err));
+    } finally {
+      if (mine === generation) loading = false;
     }
   }
   form.addEventListener("submit", (event) => { event.preventDefault(); load(true); });
