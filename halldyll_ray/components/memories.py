@@ -228,10 +228,11 @@ class MemoryReader:
         """The user's memories, newest first, with cursor pagination and filters.
 
         A page holds at most ``limit`` memories, and ends early once its memories' text and
-        payload pass ``page_max_bytes`` (PAGE_MAX_BYTES; the memory that passes it is the
-        page's last, so a page is never empty while memories are left): follow
-        ``next_cursor`` until it is None. The cut is DynamoDB's (a Query page ends at 1 MB):
-        500 long transcriptions were one answer of hundreds of megabytes.
+        payload (as stored: a compressed payload counts compressed) pass ``page_max_bytes``
+        (PAGE_MAX_BYTES; the memory that passes it is the page's last, so a page is never
+        empty while memories are left): follow ``next_cursor`` until it is None. The cut is
+        DynamoDB's (a Query page ends at 1 MB): 500 long transcriptions were one answer of
+        hundreds of megabytes. The rows after the cut are read without their text.
         """
         user_id = validation.parse_uuid(user_id, "user_id")
         limit = validation.limit(limit, MAX_PAGE_SIZE)
@@ -252,11 +253,13 @@ class MemoryReader:
                 after_at=after_at,
                 after_id=after_id,
                 limit=limit + 1,
+                max_bytes=self.page_max_bytes,
             ),
             user_id=user_id,
         )
         if not rows:
             await require_user(self.db, user_id)
+        # The rule of list_memories, which sends the rows after the cut without their text.
         kept, size = 0, 0
         for row in rows[:limit]:
             kept += 1

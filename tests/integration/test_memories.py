@@ -24,6 +24,7 @@ from halldyll_ray import (
     Transcription,
 )
 from halldyll_ray.models import ImageSize
+from halldyll_ray.storage.sql import bind
 
 
 @pytest.fixture
@@ -433,6 +434,27 @@ async def test_a_page_of_memories_ends_past_page_max_bytes_and_reads_on(
             [m.id for m in reversed(small)] + [huge.id],
             [big[2].id, big[1].id, big[0].id],
         ]
+        # The rows read after the cut (to know there are more) come without their text.
+        rows = await engine.db.fetch(
+            *bind(
+                "list_memories",
+                user_id=user.id,
+                types=None,
+                model_id=None,
+                include_shared=True,
+                session_id=None,
+                tags=None,
+                since=None,
+                until=None,
+                after_at=None,
+                after_id=None,
+                limit=51,
+                max_bytes=64 * 1024,
+            ),
+            user_id=user.id,
+        )
+        assert [r["content"] is None for r in rows] == [False] * 6 + [True] * 3
+        assert [r["payload"] is None for r in rows] == [False] * 6 + [True] * 3
         # Under the budget, the limit is what ends a page, as before.
         page = await engine.list_memories(user.id, limit=3)
         assert len(page.items) == 3 and page.next_cursor is not None

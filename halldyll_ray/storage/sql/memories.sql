@@ -138,22 +138,40 @@ FROM memories WHERE user_id = $1 AND id = ANY($2::uuid[]);
 SELECT count(*) FROM memories WHERE user_id = $1 AND id = ANY($2::uuid[]);
 
 -- name: list_memories
--- record_bytes: the size of a row's text and payload, what a page's size is counted in
--- (MemoryReader.page ends a page past PAGE_MAX_BYTES).
-SELECT *, octet_length(content) + octet_length(payload::text) AS record_bytes FROM memories
-WHERE user_id = :user_id
-  AND (:types::text[] IS NULL OR type = ANY(:types))
-  AND (:model_id::uuid IS NULL OR model_id = :model_id OR (:include_shared AND model_id IS NULL))
-  AND (:session_id::text IS NULL OR session_id = :session_id)
-  AND (:tags::text[] IS NULL OR tags @> :tags)
-  AND (:since::timestamptz IS NULL OR created_at >= :since)
-  AND (:until::timestamptz IS NULL OR created_at < :until)
-  AND (expires_at IS NULL OR expires_at > now())
-  -- closed facts are read by id or through their history (migration 0012)
-  AND valid_to IS NULL
-  AND (:after_at::timestamptz IS NULL OR (created_at, id) < (:after_at, :after_id::uuid))
-ORDER BY created_at DESC, id DESC
-LIMIT :limit;
+-- A page of the user's memories, newest first, with each row's record_bytes: its text and
+-- payload as stored (a payload TOAST compressed counts compressed). The rows past
+-- :max_bytes (the ones that start after the page's rows add up to more) come without their
+-- content and payload: read to know there are more, never detoasted nor sent
+-- (MemoryReader.page ends the page before them).
+SELECT id, user_id, model_id, session_id, type, tags, metadata, importance, confidence,
+       fact_kind, reinforcement_count, expires_at, message_count, created_at, updated_at,
+       valid_from, valid_to, superseded_by, period, record_bytes,
+       CASE WHEN before_bytes <= :max_bytes THEN content END AS content,
+       CASE WHEN before_bytes <= :max_bytes THEN payload END AS payload
+FROM (
+    SELECT m.*,
+           octet_length(m.content) + pg_column_size(m.payload) AS record_bytes,
+           coalesce(sum(octet_length(m.content) + pg_column_size(m.payload)) OVER (
+               ORDER BY m.created_at DESC, m.id DESC
+               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before_bytes
+    FROM memories m
+    WHERE m.user_id = :user_id
+      AND (:types::text[] IS NULL OR m.type = ANY(:types))
+      AND (:model_id::uuid IS NULL OR m.model_id = :model_id
+           OR (:include_shared AND m.model_id IS NULL))
+      AND (:session_id::text IS NULL OR m.session_id = :session_id)
+      AND (:tags::text[] IS NULL OR m.tags @> :tags)
+      AND (:since::timestamptz IS NULL OR m.created_at >= :since)
+      AND (:until::timestamptz IS NULL OR m.created_at < :until)
+      AND (m.expires_at IS NULL OR m.expires_at > now())
+      -- closed facts are read by id or through their history (migration 0012)
+      AND m.valid_to IS NULL
+      AND (:after_at::timestamptz IS NULL
+           OR (m.created_at, m.id) < (:after_at, :after_id::uuid))
+    ORDER BY m.created_at DESC, m.id DESC
+    LIMIT :limit
+) page
+ORDER BY created_at DESC, id DESC;
 
 -- name: update_memory
 UPDATE memories SET
