@@ -456,3 +456,36 @@ async def test_period_summaries_give_a_long_history_in_a_small_budget(
             cited = set(context.sources)
             for period, covered in covers.items():
                 assert not (period in cited and covered & cited), budget
+
+
+async def test_a_log_dated_ahead_is_summarised_once_by_the_roll_ups(engine: MemoryEngine) -> None:
+    """Whether a quiet session's log needed its summary was read from the log's updated_at
+    (newer than the summary's): a log imported with times ahead of the server's clock (an
+    import keeps them; its updated_at is never set back) was summarised again by every
+    roll-up, one model call a run for ever. What the summary covers is its through_seq."""
+    user = await engine.create_user("ahead", None, "user")
+    day = datetime(2024, 5, 2, 9, tzinfo=UTC)
+    ahead = datetime(2090, 1, 1, tzinfo=UTC)
+    header = ExportHeader(user=ExportedUser(id=uuid.uuid4(), username="old"), exported_at=day)
+    line = ExportedMemory(
+        id=uuid.uuid4(),
+        memory=Conversation(title="Session far-chat", session_id="far-chat"),
+        messages=[
+            Message(role="user", content="We adopted a kitten named Miso.", created_at=day),
+            Message(role="assistant", content="Congratulations!", created_at=day),
+        ],
+        created_at=ahead,
+        updated_at=ahead,
+        session_role="log",
+    )
+    report = await engine.import_memories(
+        user.id, [header.model_dump_json() + "\n", line.model_dump_json() + "\n"]
+    )
+    assert report.created == {"conversation": 1}, report
+    model = ScriptedMemoryModel()
+    summaries = _summaries(engine, model)
+    await summaries.roll_up(user.id, job_id="r1", model_id=None)
+    assert model.count("summarize") == 1
+    await summaries.roll_up(user.id, job_id="r2", model_id=None)
+    await summaries.roll_up(user.id, job_id="r3", model_id=None)
+    assert model.count("summarize") == 1

@@ -54,7 +54,10 @@ ORDER BY cm.seq LIMIT 1;
 
 -- name: unsummarised_quiet_logs
 -- The agent loop's session logs of exactly this model scope whose last message is older than
--- :cutoff and whose summary is missing or older than their last message.
+-- :cutoff and whose summary is missing or does not cover their last message (its
+-- through_seq; -1 for a summary written before through_seq was kept). Not the log's
+-- updated_at against the summary's: a log imported with times ahead of the clock kept a
+-- newer one for ever, and every roll-up summarised it again.
 SELECT l.id, l.session_id
 FROM memories l
 CROSS JOIN LATERAL (
@@ -66,7 +69,8 @@ LEFT JOIN memories s
 WHERE l.user_id = :user_id AND l.session_role = 'log'
   AND l.model_id IS NOT DISTINCT FROM :model_id
   AND last.last_at < :cutoff
-  AND (s.id IS NULL OR s.updated_at < l.updated_at)
+  AND (s.id IS NULL
+       OR coalesce((s.payload ->> 'through_seq')::bigint, -1) < l.message_count - 1)
 ORDER BY last.last_at, l.id;
 
 -- name: quiet_session_summaries
