@@ -895,7 +895,9 @@ def build_mcp_server(clients: ClientSource, *, name: str = "halldyll-ray") -> MC
         user_id: UserId = "me",
     ) -> dict[str, Any]:
         """Browse memories newest first, by filters rather than by relevance (use
-        search_memories to find by meaning). Returns {items, next_cursor}."""
+        search_memories to find by meaning). Returns {items, next_cursor}: a page of long
+        memories can hold fewer than limit with more to read; pass next_cursor until it is
+        null."""
         page = await call(
             ctx,
             lambda c: c.list_memories(
