@@ -706,7 +706,16 @@ class MemoryEngine:
         limit: int = 50,
         cursor: str | None = None,
     ) -> Page[StoredMemory]:
-        """The user's memories, newest first, with cursor pagination and filters."""
+        """The user's memories, newest first, with cursor pagination and filters.
+
+        A page holds at most ``limit`` memories (1 to 500) and ends early once its memories'
+        text and payload pass PAGE_MAX_BYTES (8 MiB; one memory always fits): read on with
+        ``next_cursor`` until it is None (see
+        :meth:`halldyll_ray.components.memories.MemoryReader.page`).
+
+        Raises:
+            InvalidInput: a bad filter, limit or cursor. NotFound: no such user or model.
+        """
         return await self.components.memories.page(
             user_id,
             types=types,

@@ -437,7 +437,8 @@ class AsyncHalldyllClient:
             tags: Only memories with these tags.
             since: Created at or after this time.
             until: Created before this time.
-            limit: Page size.
+            limit: Page size: the most memories a page holds (fewer when the server's
+                PAGE_MAX_BYTES ends it early; read on until ``next_cursor`` is None).
             cursor: ``next_cursor`` of the previous page.
         """
         return await self._send(
