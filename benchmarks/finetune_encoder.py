@@ -130,11 +130,8 @@ def questions(sample: dict[str, Any], known: set[str]) -> list[dict[str, Any]]:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def fetch_weights(out: Path) -> tuple[Path, Path]:

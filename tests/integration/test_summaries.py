@@ -348,26 +348,33 @@ async def test_a_named_assistant_stays_the_assistant_in_its_session_summary(
     assert "assistant: Tea it is" in text and "user: I prefer tea" in text, text
 
 
-async def test_quiet_session_logs_are_summarised_before_the_roll_up(engine: MemoryEngine) -> None:
-    user = await engine.create_user("cy", None, "user")
-    day = datetime(2024, 5, 2, 9, tzinfo=UTC)
-    log_id = uuid.uuid4()
-    header = ExportHeader(user=ExportedUser(id=uuid.uuid4(), username="old"), exported_at=day)
+async def _import_log(
+    engine: MemoryEngine, user_id: Any, session: str, *, said_at: datetime, stored_at: datetime
+) -> None:
+    """Import one session log of two messages said at ``said_at``, the log's own times
+    (created, updated) being ``stored_at``, as an export of an earlier installation holds it."""
+    header = ExportHeader(user=ExportedUser(id=uuid.uuid4(), username="old"), exported_at=said_at)
     line = ExportedMemory(
-        id=log_id,
-        memory=Conversation(title="Session old-chat", session_id="old-chat"),
+        id=uuid.uuid4(),
+        memory=Conversation(title=f"Session {session}", session_id=session),
         messages=[
-            Message(role="user", content="We adopted a kitten named Miso.", created_at=day),
-            Message(role="assistant", content="Congratulations!", created_at=day),
+            Message(role="user", content="We adopted a kitten named Miso.", created_at=said_at),
+            Message(role="assistant", content="Congratulations!", created_at=said_at),
         ],
-        created_at=day,
-        updated_at=day,
+        created_at=stored_at,
+        updated_at=stored_at,
         session_role="log",
     )
     report = await engine.import_memories(
-        user.id, [header.model_dump_json() + "\n", line.model_dump_json() + "\n"]
+        user_id, [header.model_dump_json() + "\n", line.model_dump_json() + "\n"]
     )
-    assert report.created == {"conversation": 1}
+    assert report.created == {"conversation": 1}, report
+
+
+async def test_quiet_session_logs_are_summarised_before_the_roll_up(engine: MemoryEngine) -> None:
+    user = await engine.create_user("cy", None, "user")
+    day = datetime(2024, 5, 2, 9, tzinfo=UTC)
+    await _import_log(engine, user.id, "old-chat", said_at=day, stored_at=day)
     model = ScriptedMemoryModel()
     summaries = _summaries(engine, model)
     [period_id] = await summaries.roll_up(user.id, job_id="r", model_id=None)
@@ -464,24 +471,13 @@ async def test_a_log_dated_ahead_is_summarised_once_by_the_roll_ups(engine: Memo
     import keeps them; its updated_at is never set back) was summarised again by every
     roll-up, one model call a run for ever. What the summary covers is its through_seq."""
     user = await engine.create_user("ahead", None, "user")
-    day = datetime(2024, 5, 2, 9, tzinfo=UTC)
-    ahead = datetime(2090, 1, 1, tzinfo=UTC)
-    header = ExportHeader(user=ExportedUser(id=uuid.uuid4(), username="old"), exported_at=day)
-    line = ExportedMemory(
-        id=uuid.uuid4(),
-        memory=Conversation(title="Session far-chat", session_id="far-chat"),
-        messages=[
-            Message(role="user", content="We adopted a kitten named Miso.", created_at=day),
-            Message(role="assistant", content="Congratulations!", created_at=day),
-        ],
-        created_at=ahead,
-        updated_at=ahead,
-        session_role="log",
+    await _import_log(
+        engine,
+        user.id,
+        "far-chat",
+        said_at=datetime(2024, 5, 2, 9, tzinfo=UTC),
+        stored_at=datetime(2090, 1, 1, tzinfo=UTC),
     )
-    report = await engine.import_memories(
-        user.id, [header.model_dump_json() + "\n", line.model_dump_json() + "\n"]
-    )
-    assert report.created == {"conversation": 1}, report
     model = ScriptedMemoryModel()
     summaries = _summaries(engine, model)
     await summaries.roll_up(user.id, job_id="r1", model_id=None)
