@@ -23,7 +23,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from halldyll_ray.errors import ConfigurationError, HalldyllError, quoted
-from halldyll_ray.models import MAX_SEARCH_LIMIT
+from halldyll_ray.models import MAX_SEARCH_LIMIT, PAGE_MAX_BYTES
 from halldyll_ray.urls import check_postgres_url, check_redis_url
 from halldyll_ray.validation import error_message
 
@@ -134,7 +134,7 @@ class Settings(BaseSettings):
         "search returns (a larger value would refuse every such search).",
     )
     page_max_bytes: int = Field(
-        default=8 * 1024 * 1024,
+        default=PAGE_MAX_BYTES,
         ge=64 * 1024,
         le=256 * 1024 * 1024,
         description="Bytes of memory text (content and payload) one page of a listing holds "

@@ -53,6 +53,8 @@ MAX_SEARCH_LIMIT = 100
 #: Most rows one page of a list (memories, jobs) holds: REST's limit, the MCP tools' and the
 #: components' own check.
 MAX_PAGE_SIZE = 500
+#: Bytes of memory text and payload one page of memories holds by default (PAGE_MAX_BYTES).
+PAGE_MAX_BYTES = 8 * 1024 * 1024
 MAX_JSON_DEPTH = 32
 MAX_KEY_NAME_CHARS = 100
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"

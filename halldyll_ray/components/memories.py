@@ -22,6 +22,7 @@ from halldyll_ray.embedding.encoder import TextEncoder
 from halldyll_ray.errors import InvalidInput, NotFound
 from halldyll_ray.models import (
     MAX_PAGE_SIZE,
+    PAGE_MAX_BYTES,
     STORED,
     Fact,
     Memory,
@@ -163,7 +164,7 @@ class MemoryReader:
     """One memory by id, or a page of a user's memories with filters."""
 
     def __init__(
-        self, db: Database, registry: ModelRegistry, *, page_max_bytes: int = 8 * 1024 * 1024
+        self, db: Database, registry: ModelRegistry, *, page_max_bytes: int = PAGE_MAX_BYTES
     ) -> None:
         self.db = db
         self.registry = registry
