@@ -163,7 +163,7 @@ class Ingress(EngineOwner):
                 "POST",
                 re.compile(f"/v1/users/(me|{UUID_PATTERN.strip('^$')})/search"),
                 "/v1/users/{user_id}/search",
-                self._cached_search,
+                self._search_lane,
             )
         )
 
@@ -171,9 +171,6 @@ class Ingress(EngineOwner):
     async def _principal(self, request: Request) -> Principal:
         """The caller, from ``Authorization: Bearer <API key>``. A missing or non-Bearer header
         and a bad key are audited (throttled), with the request's id."""
-        carried = (request.scope.get("state") or {}).pop("principal", None)  # _cached_search
-        if carried is not None:
-            return carried  # type: ignore[no-any-return]
         engine = await self.engine()
         header = request.headers.get("authorization", "")
         key = _bearer(header)
@@ -183,13 +180,17 @@ class Ingress(EngineOwner):
                 raise await engine.components.keys.refuse_credentials(reason)
             return await engine.authenticate(key)
 
-    async def _cached_search(self, scope: Scope, body: bytes, request_id: str) -> Any:
-        """The fast lane of ``POST /v1/users/{user_id}/search`` (:class:`FastLane`): a search
-        whose answer the result cache holds is answered here, authenticated, checked and
-        audited as the route does it; None leaves the request to the route: a body that is
-        not a valid search (the route's 422 checks the credentials first), no Bearer
-        credential (the route's 401 audits it), and a cache miss (the route goes on from
-        the principal and the cache key found here)."""
+    async def _search_lane(self, scope: Scope, body: bytes, request_id: str) -> Any:
+        """The fast lane of ``POST /v1/users/{user_id}/search`` (:class:`FastLane`): a valid
+        search with a Bearer key is answered here, authenticated, checked and audited as the
+        route does it, from the result cache or, on a miss, by the hop to Search (and the
+        answer kept in the cache), with the route's error mapping. None leaves the request to
+        the route: a body that is not a valid search (the route's 422 checks the credentials
+        first), no Bearer credential (the route's 401 audits it).
+
+        A miss, most of all an uncached query, spent a fifth of the Ingress's CPU in
+        FastAPI's request cycle after the lane had declined it (``benchmarks/serve_http.py
+        --profile``, 2026-12-01): the hop no longer waits for it."""
         headers = dict(scope["headers"])
         kind = headers.get(b"content-type", b"").split(b";")[0].strip()  # none: not JSON
         key = _bearer(headers.get(b"authorization", b"").decode("latin-1"))
@@ -204,15 +205,29 @@ class Ingress(EngineOwner):
         try:
             with requestctx.acting(None, request_id):
                 principal = await engine.authenticate(key)
-            found = await engine.authorized(principal, request_id=request_id).cached_search_json(
-                user, search.query, **search_options(search)
+            content = await self._search_json(
+                engine.authorized(principal, request_id=request_id), user, search, request_id
             )
         except HalldyllError as exc:
             return await halldyll_error_response(Request(scope), exc)
-        if found.answer is None:
-            scope["state"].update(principal=principal, search_miss=found)
-            return None
-        return Response(found.answer, media_type="application/json")
+        return Response(content, media_type="application/json")
+
+    async def _search_json(
+        self, api_: Any, user: UUID | None, search: SearchRequest, request_id: str
+    ) -> bytes:
+        """The search's answer (JSON bytes): the result cache's, or Search's on a miss, which
+        is kept here too (without Redis, Search's cache is its own process's). Raises what
+        the search raises (HalldyllError), Unavailable when Search cannot be reached."""
+        found = await api_.cached_search_json(user, search.query, **search_options(search))
+        if found.answer is not None:
+            return found.answer  # type: ignore[no-any-return]
+        content: bytes = await downstream(
+            self._searcher.search_json.remote(
+                api_.principal, search, user_id=user, request_id=request_id
+            )
+        )
+        (await self.engine()).keep_search_json(found.key, content)
+        return content
 
     async def _api(self, request: Request) -> Any:
         principal = await self._principal(request)
@@ -549,27 +564,14 @@ class Ingress(EngineOwner):
 
     @api.post("/v1/users/{user_id}/search", tags=["search"])
     async def search(self, request: Request, user_id: UserRef, body: SearchRequest) -> Any:
-        # A repeated search is answered here from the result cache, checked and audited as
-        # Search would: the hop to Search was most of a cached search's cost
-        # (benchmarks/serve_http.py). A miss goes to Search, which searches and caches.
-        api_ = await self._api(request)
-        found = (request.scope.get("state") or {}).pop("search_miss", None)  # the fast lane
-        if found is None:
-            found = await api_.cached_search_json(
-                self._user(user_id), body.query, **search_options(body)
-            )
-        content = found.answer
-        if content is None:
-            content = await downstream(
-                self._searcher.search_json.remote(
-                    api_.principal,
-                    body,
-                    user_id=self._user(user_id),
-                    request_id=request.state.request_id,
-                )
-            )
-            # Kept here too: without Redis, Search's cache is its own process's.
-            (await self.engine()).keep_search_json(found.key, content)
+        # Most searches are answered by the fast lane (_search_lane) before FastAPI: this
+        # route answers what the lane leaves to it (tracing on, another Content-Type, a
+        # query string), the same way. A repeated search is answered here from the result
+        # cache, checked and audited as Search would: the hop to Search was most of a cached
+        # search's cost (benchmarks/serve_http.py). A miss goes to Search.
+        content = await self._search_json(
+            await self._api(request), self._user(user_id), body, request.state.request_id
+        )
         return Response(content, media_type="application/json")
 
     @api.post("/v1/users/{user_id}/context", tags=["context"])

@@ -257,3 +257,55 @@ async def test_a_cached_search_answers_every_request_as_the_route_does(
         await http.delete(f"/v1/keys/{key['id']}", headers=bearer(admin_key))
     revoked = await post(Authorization=bearer(other_key)["Authorization"])
     assert revoked.status_code == 401
+
+
+async def test_a_search_miss_answers_as_the_route_does(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """A search whose answer is not cached is sent to Search by the fast lane itself
+    (``Ingress._search_lane``), not after FastAPI's request cycle: its answer, its errors and
+    what it leaves in the result cache are the route's. The route still answers a request
+    the lane leaves to it (here: a Content-Type other than ``application/json``)."""
+    owner, owner_key = await user_with_key(http, admin_key)
+    auth = bearer(owner_key)
+    for statement in ("Ada keeps bees on the roof", "Ada sells the honey at the market"):
+        stored = await http.post(
+            "/v1/users/me/memories", headers=auth, json={"type": "fact", "statement": statement}
+        )
+        assert stored.status_code == 201, stored.text
+    path = f"/v1/users/{owner['id']}/search"
+    body = json.dumps({"query": "what does Ada do with the honey", "mode": "hybrid"}).encode()
+
+    async def forget_cached_answers() -> None:
+        # A write changes the user's data version, so no cached answer is reachable; the
+        # deletion leaves the memories as they were.
+        extra = await http.post(
+            "/v1/users/me/memories", headers=auth, json={"type": "fact", "statement": "x y z"}
+        )
+        gone = await http.delete(f"/v1/users/me/memories/{extra.json()['id']}", headers=auth)
+        assert gone.status_code == 204, gone.text
+
+    route = await http.post(
+        path, content=body, headers={**auth, "Content-Type": "application/vnd.api+json"}
+    )
+    assert route.status_code == 200 and len(route.json()["results"]) == 2, route.text
+    await forget_cached_answers()
+    lane = await http.post(path, content=body, headers={**auth, "Content-Type": "application/json"})
+    assert lane.status_code == 200
+    assert lane.content == route.content
+    # The lane kept Search's answer: the next request is a hit, byte for byte the same.
+    again = await http.post(
+        path, content=body, headers={**auth, "Content-Type": "application/json"}
+    )
+    assert again.content == lane.content
+
+    # A search of a user who does not exist (an Admin's): the route's 404 either way.
+    nobody = "/v1/users/00000000-0000-4000-8000-000000000000/search"
+    answers = [
+        await http.post(
+            nobody, content=body, headers={**bearer(admin_key), "Content-Type": content_type}
+        )
+        for content_type in ("application/json", "application/vnd.api+json")
+    ]
+    assert [a.status_code for a in answers] == [404, 404], [a.text for a in answers]
+    assert answers[0].json()["error"]["code"] == answers[1].json()["error"]["code"]
