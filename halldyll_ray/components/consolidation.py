@@ -46,7 +46,7 @@ from halldyll_ray.components.ingestion import Ingestion
 from halldyll_ray.components.memories import split
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.config import Settings
-from halldyll_ray.errors import InvalidInput, Unavailable
+from halldyll_ray.errors import InvalidInput, NotFound, Unavailable
 from halldyll_ray.llm.protocol import (
     Action,
     DatedText,
@@ -341,6 +341,12 @@ class Consolidation:
         async with self.db.scoped(turn.user_id) as conn:
             if decision.action is not Action.IGNORE:
                 await lock_user(conn, turn.user_id)
+            elif await conn.fetchval(q("share_learner"), turn.user_id) is None:
+                # An "ignore" writes no fact (the user's cached searches stay valid), but its
+                # learning record's foreign key takes the user's row: shared first, in the
+                # lock order of users.sql, not after the conversation (an erasure takes the
+                # user's row, then the conversation: the two deadlocked).
+                raise NotFound(f"user {turn.user_id} not found")
             # The turn's conversation, held until the commit (a deletion takes the user's row,
             # then this one). Deleted while the model decided, the learning record's foreign
             # key failed ("a row it refers to does not exist") and the job with it, where a

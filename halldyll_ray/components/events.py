@@ -424,7 +424,9 @@ class EventFeed:
         """Delete events older than EVENTS_RETENTION_HOURS; return how many went.
 
         A subscriber that later resumes from before the newest deleted event gets an
-        :class:`~halldyll_ray.models.EventsResync` first. Audited (``events.purge``).
+        :class:`~halldyll_ray.models.EventsResync` first. Audited (``events.purge``). The
+        events of a user whose row an erasure or a role change holds are left for the next
+        purge (storage/sql/events.sql: lock_event_owners), not waited for.
         """
         hours = self.retention_hours if older_than_hours is None else older_than_hours
         if isinstance(hours, bool) or not isinstance(hours, int | float) or not hours > 0:

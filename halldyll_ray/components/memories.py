@@ -173,19 +173,25 @@ class MemoryReader:
     async def get(
         self, user_id: UUID | str, memory_id: UUID | str, *, include_messages: bool = True
     ) -> StoredMemory:
-        """One memory of the user (a conversation with its messages). NotFound otherwise."""
+        """One memory of the user (a conversation with its messages). NotFound otherwise.
+
+        The memory and its messages are read from one snapshot: read in two transactions, a
+        conversation read while a turn was appended to it (or while it was deleted) came back
+        with messages that its ``message_count`` did not count (or with none).
+        """
         user_id = validation.parse_uuid(user_id, "user_id")
         memory_id = validation.parse_uuid(memory_id, "memory_id")
-        row = await self.db.fetchrow(q("get_memory"), memory_id, user_id, user_id=user_id)
+        messages: list[StoredMessage] = []
+        async with self.db.scoped(user_id, readonly=True, snapshot=True) as conn:
+            row = await conn.fetchrow(q("get_memory"), memory_id, user_id)
+            if row is not None and include_messages and row["type"] == "conversation":
+                messages = [
+                    StoredMessage(**dict(m))
+                    for m in await conn.fetch(q("get_messages"), memory_id, user_id)
+                ]
         if row is None or expired(row["expires_at"]):
             await require_user(self.db, user_id)
             raise NotFound(f"memory {memory_id} not found")
-        messages: list[StoredMessage] = []
-        if include_messages and row["type"] == "conversation":
-            messages = [
-                StoredMessage(**dict(m))
-                for m in await self.db.fetch(q("get_messages"), memory_id, user_id, user_id=user_id)
-            ]
         return to_record(row, messages=messages)
 
     async def history(self, user_id: UUID | str, memory_id: UUID | str) -> list[StoredMemory]:

@@ -42,11 +42,22 @@ class Operations:
         What stays of them is what stays of a deleted memory
         (:func:`~halldyll_ray.components.base.forget`); once committed, the cached embeddings
         of their texts go too (:func:`~halldyll_ray.components.base.drop_cached`).
+
+        A user whose row another transaction holds (a write in progress) is skipped, not
+        waited for: their expired facts go at their next write, which deletes them first
+        (:func:`~halldyll_ray.components.base.lock_user`), or at the next purge.
         """
         async with self.db.scoped(admin=True) as conn:
-            owners = [row["user_id"] for row in await conn.fetch(q("expired_owners"))]
-            for owner in owners:  # user rows first, in one order: see storage/sql/users.sql
-                await conn.execute(q("bump_version"), owner)
+            expired = [row["user_id"] for row in await conn.fetch(q("expired_owners"))]
+            # Their user rows first (storage/sql/users.sql), but those a transaction holds
+            # are skipped, not waited for: waiting on one busy user (a long atomic import)
+            # while holding the rows of the others held up every write of theirs. A skipped
+            # user's expired facts go at their next write (base.lock_user) or the next purge.
+            owners = (
+                [row["id"] for row in await conn.fetch(q("lock_expired_owners"), expired)]
+                if expired
+                else []
+            )
             texts = (
                 [r["indexed"] for r in await conn.fetch(q("expired_texts"), owners)]
                 if owners

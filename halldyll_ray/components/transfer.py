@@ -43,7 +43,7 @@ from halldyll_ray.components.ingestion import Chunker
 from halldyll_ray.components.memories import near_duplicate, split, to_record
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.config import Settings
-from halldyll_ray.errors import HalldyllError, InvalidInput, NotFound
+from halldyll_ray.errors import HalldyllError, InvalidInput, NotFound, Unavailable
 from halldyll_ray.language import detect_language
 from halldyll_ray.models import (
     MAX_FACT_SOURCES,
@@ -65,7 +65,7 @@ from halldyll_ray.portability import (
     parse_header,
     parse_memory_line,
 )
-from halldyll_ray.storage.database import Database
+from halldyll_ray.storage.database import Database, translate_errors
 from halldyll_ray.storage.sql import bind, q
 from halldyll_ray.textproc import fact_key as make_fact_key
 
@@ -444,17 +444,26 @@ class Transfer:
                 new_targets.append(source)
                 continue
             try:
-                async with conn.transaction():  # a savepoint: a refused line costs itself only
-                    try:
-                        target, merged = await self._write_line(
-                            conn, user_id, line, source if keep_ids else uuid.uuid4(), mapped
-                        )
-                    except _IdTaken:  # nothing was written: the insert did nothing
-                        target, merged = await self._write_line(
-                            conn, user_id, line, uuid.uuid4(), mapped
-                        )
+                # The database's refusal of the line (its model deleted since it was resolved,
+                # before this lock) is the line's problem too, as the same line's with a model
+                # unknown from the start: untranslated, it failed the whole import.
+                with translate_errors():
+                    async with conn.transaction():  # a savepoint: a refused line costs itself
+                        try:
+                            target, merged = await self._write_line(
+                                conn, user_id, line, source if keep_ids else uuid.uuid4(), mapped
+                            )
+                        except _IdTaken:  # nothing was written: the insert did nothing
+                            target, merged = await self._write_line(
+                                conn, user_id, line, uuid.uuid4(), mapped
+                            )
+            except Unavailable:  # the transaction's, not the line's: nothing is written
+                raise
             except HalldyllError as exc:
-                report.problem(line.number, exc.message, exc.fields.get("field"))
+                field = exc.fields.get("field")
+                if isinstance(exc, NotFound) and field == "model":
+                    field = "memory.model"  # as _prepare names an unknown model
+                report.problem(line.number, exc.message, field)
                 continue
             mapped[source] = target
             if line.record.superseded_by is not None and not merged:

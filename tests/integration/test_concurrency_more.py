@@ -1,8 +1,10 @@
 """Concurrency beyond issue 15's parallel turns: rows that several users share, taken in one
-order whoever takes them.
+order whoever takes them; maintenance that must not hold one user's writes behind another's;
+reads and imports that race a write.
 
-Every case asserts that each call went through (no deadlock surfacing as a 503), and what is
-stored afterwards.
+Every case asserts that each call went through (no deadlock surfacing as a 503, no call held
+up), and what is stored or read afterwards. Races are set up in a fixed order (a transaction
+of the test holds the row or table one side waits on), not left to timing.
 """
 
 from __future__ import annotations
@@ -344,3 +346,211 @@ async def test_a_retention_purge_during_an_erasure_does_not_deadlock(
         f"SELECT count(*) FROM {table} WHERE user_id = $1", victim.id, admin=True
     )
     assert left == 0
+
+
+async def test_an_erasure_during_a_learning_that_ignores_its_fact_does_not_deadlock(
+    engine: MemoryEngine, database_url: str
+) -> None:
+    """Consolidation's "ignore" decision writes no fact, so it skipped the user's row lock:
+    it held the turn's conversation (lock_learning_source), then its learning record's
+    foreign key took the user's row. An erasure of the user takes the user's row first, then
+    (its cascade) the conversation: each held what the other waited for, and PostgreSQL
+    aborted one of them (the erasure was a 503, or the job failed). An "ignore" now shares
+    the user's row first (FOR KEY SHARE: other writers go on), as the lock order says.
+
+    Fixed order: the erasure has taken the user's row and waits for a grant an uncommitted
+    transaction holds; the learning takes the conversation and waits for the user's row; the
+    grant is freed and the erasure's cascade reaches the conversation."""
+    from scripted_model import ScriptedMemoryModel
+
+    from halldyll_ray.components.consolidation import Consolidation
+    from halldyll_ray.llm.protocol import Action, Decision, FactCandidate
+
+    for round_ in range(2):
+        user = await engine.create_user(f"ignored-{uuid.uuid4().hex[:8]}", None, "user")
+        [viewer] = await _viewers(engine, 1)
+        await engine.grant_viewer(viewer.id, user.id)
+        turn = await engine.record_turn(user.id, "s", "Hello there", "Hi.", extract_facts=False)
+        model = ScriptedMemoryModel(
+            facts=[FactCandidate(statement="The user says hello", confidence=0.5)],
+            decide=lambda fact, shown: Decision(action=Action.IGNORE, reason="small talk"),
+        )
+        c = engine.components
+        consolidation = Consolidation(
+            engine.db, c.embeddings, c.models, c.ingestion, engine.settings, model
+        )
+        holder = await asyncpg.connect(database_url)
+        try:
+            async with holder.transaction():
+                await holder.execute(
+                    "SELECT 1 FROM viewer_grants WHERE owner_id = $1 FOR UPDATE", user.id
+                )
+                erasure = asyncio.create_task(engine.delete_user(user.id))
+                await asyncio.sleep(0.5)  # the user's row taken, waiting for the grant
+                learning = asyncio.create_task(
+                    consolidation.learn_from_turn(
+                        user.id,
+                        turn.conversation_id,
+                        turn.message_seqs,
+                        job_id=None,
+                        model_id=None,
+                    )
+                )
+                await asyncio.sleep(0.5)  # the conversation taken (old code), or waiting
+                assert not erasure.done()
+        finally:
+            await holder.close()
+        receipt, learned = await asyncio.gather(erasure, learning, return_exceptions=True)
+        assert not isinstance(receipt, BaseException), (round_, receipt)
+        # Erased before the learning wrote: the user is gone, as for a call made after.
+        assert isinstance(learned, NotFound), (round_, learned)
+        with pytest.raises(NotFound):
+            await engine.get_user(user.id)
+
+
+_APPEND_ONE = (
+    "WITH grown AS (UPDATE memories SET message_count = message_count + 1 WHERE id = $1 "
+    "RETURNING message_count) INSERT INTO conversation_messages (memory_id, seq, role, content) "
+    "SELECT $1, message_count - 1, 'user', 'one more' FROM grown"
+)
+
+
+@pytest.mark.parametrize(
+    "change", [_APPEND_ONE, "DELETE FROM memories WHERE id = $1"], ids=["append", "delete"]
+)
+async def test_a_conversation_read_while_it_changes_is_read_whole(
+    engine: MemoryEngine, database_url: str, change: str
+) -> None:
+    """get_memory read the conversation's row, then its messages in another transaction: a
+    turn appended in between came back as messages the row's ``message_count`` did not count
+    (one read in three, under two writers), and a deletion in between as a conversation with
+    no messages at all. Both are now read from one snapshot.
+
+    Fixed order: a writer holds the messages' table (its change not yet committed), so the
+    read waits between the row and the messages; the change commits while it waits."""
+    user = await engine.create_user(f"reader-{uuid.uuid4().hex[:8]}", None, "user")
+    conv = await engine.store_memory(
+        user.id,
+        {"type": "conversation", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    writer = await asyncpg.connect(database_url)  # the tables' owner
+    try:
+        async with writer.transaction():
+            await writer.execute("LOCK TABLE conversation_messages IN ACCESS EXCLUSIVE MODE")
+            await writer.execute(change, conv.id)
+            read = asyncio.create_task(engine.get_memory(user.id, conv.id))
+            await asyncio.sleep(0.5)
+            assert not read.done()
+    finally:
+        await writer.close()
+    got = await read
+    # As it was before the change (the change came after the read began): the row and its
+    # messages agree.
+    assert got.message_count == 1
+    assert [(m.seq, m.content) for m in got.messages] == [(0, "hi")]
+
+
+async def test_the_expiry_purge_does_not_hold_other_users_behind_a_busy_one(
+    engine: MemoryEngine, second: MemoryEngine
+) -> None:
+    """purge_expired locked the rows of every user with expired facts, in the order of
+    their ids, waiting for each: behind one user whose row a long transaction held (an
+    atomic import of a big file), it held the rows of the users before them, and every
+    write of those users waited for that one user's transaction (a store hung for as long as
+    the import ran). The purge now skips the rows other transactions hold; their expired facts
+    go at their next write or at the next purge."""
+    first, then = sorted(
+        [
+            await engine.create_user(f"expiring-{uuid.uuid4().hex[:8]}", None, "user")
+            for _ in range(2)
+        ],
+        key=lambda u: u.id,
+    )
+    for user in (first, then):
+        fact = await engine.store_memory(
+            user.id, {"type": "fact", "statement": "I am in Oslo", "kind": "ephemeral"}
+        )
+        async with engine.db.scoped(admin=True) as conn:
+            await conn.execute(
+                "UPDATE memories SET expires_at = now() - interval '1 second' WHERE id = $1",
+                fact.id,
+            )
+    async with engine.db.scoped(then.id) as busy:  # a long write of the later user
+        await busy.execute(q("lock_writer"), then.id)
+        purge = asyncio.create_task(second.purge_expired())
+        await asyncio.sleep(0.5)
+        # The earlier user writes on, whatever the later one is doing.
+        stored = await asyncio.wait_for(
+            engine.store_memory(first.id, {"type": "fact", "statement": "I like maps"}), 10
+        )
+        assert stored.memory.statement == "I like maps"  # type: ignore[union-attr]
+        assert await asyncio.wait_for(purge, 10) == 1  # the earlier user's expired fact
+    # The busy user's expired fact goes at the next purge.
+    assert await engine.purge_expired() == 1
+    for user in (first, then):
+        facts = await engine.db.fetchval(
+            "SELECT count(*) FROM memories WHERE user_id = $1 AND expires_at <= now()",
+            user.id,
+            admin=True,
+        )
+        assert facts == 0
+
+
+async def test_the_events_purge_does_not_hold_other_users_behind_an_erasure(
+    engine: MemoryEngine, second: MemoryEngine, database_url: str
+) -> None:
+    """The events purge took the rows of every user with old events FOR KEY SHARE, in the
+    order of their ids, waiting for each: behind a user whose erasure was in progress, it
+    held the rows of the users before them, and their erasures and role changes (FOR UPDATE)
+    waited for that other user's erasure. The purge now skips the rows it would wait for."""
+    first, then = sorted(
+        [
+            await engine.create_user(f"eventful-{uuid.uuid4().hex[:8]}", None, "user")
+            for _ in range(2)
+        ],
+        key=lambda u: u.id,
+    )
+    owner = await asyncpg.connect(database_url)  # the tables' owner: old events
+    try:
+        for user in (first, then):
+            await owner.execute(_OLD_EVENTS, user.id, 100, 1)
+        async with owner.transaction():  # the later user's row, as an erasure holds it
+            await owner.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", then.id)
+            purge = asyncio.create_task(second.purge_events(older_than_hours=24))
+            await asyncio.sleep(0.5)
+            changed = await asyncio.wait_for(engine.update_user(first.id, role="viewer"), 10)
+            assert changed.role.value == "viewer"
+            assert await asyncio.wait_for(purge, 10) == 1  # the earlier user's
+    finally:
+        await owner.close()
+    assert await engine.purge_events(older_than_hours=24) == 1  # the later user's, now
+
+
+async def test_a_model_deleted_while_an_import_waits_costs_its_lines_only(
+    engine: MemoryEngine, second: MemoryEngine
+) -> None:
+    """An import resolves each line's AI model before it takes the user's lock; a model
+    deleted in between failed the insert on its foreign key, a driver error that the line's
+    savepoint did not turn into the line's problem: the whole batch was refused (a 404 for
+    the import, the good lines of the batch not written and the rest of the file not read),
+    where a line naming an unknown model is reported and the rest imported. The database's
+    refusal of a line is now that line's problem (the model's NotFound, ``memory.model``)."""
+    from support import export_header, fact_line, ndjson
+
+    user = await engine.create_user(f"importer-{uuid.uuid4().hex[:8]}", None, "user")
+    name = f"leaving-{uuid.uuid4().hex[:8]}"
+    await engine.register_model(name, "llm")
+    scoped = fact_line("Dana rides a bike")
+    scoped["memory"]["model"] = name
+    file = ndjson([export_header(), fact_line("Dana reads maps"), scoped, fact_line("Dana sings")])
+    async with engine.db.scoped(user.id) as busy:  # the user's lock, held by another write
+        await busy.execute(q("lock_writer"), user.id)
+        imported = asyncio.create_task(second.import_memories(user.id, [file]))
+        await asyncio.sleep(1.0)  # the lines resolved and embedded, the import waits
+        assert not imported.done()
+        await second.delete_model(name)  # no memory names it yet
+    report = await imported
+    assert report.created == {"fact": 2}
+    assert [(e.line, e.field) for e in report.errors] == [(3, "memory.model")]
+    facts = await engine.list_memories(user.id, types=["fact"])
+    assert sorted(f.text for f in facts.items) == ["Dana reads maps", "Dana sings"]

@@ -25,6 +25,14 @@ HAVING 1 - min(h.distance) >= :min_similarity
 ORDER BY similarity DESC, m.id
 LIMIT :neighbours;
 
+-- name: share_learner
+-- The user's row, FOR KEY SHARE, for a decision that writes no fact ("ignore"): first in the
+-- lock order of users.sql, before the conversation (lock_learning_source) and the learning
+-- record, whose foreign key takes this row. Taken after the conversation, it deadlocked with
+-- an erasure (the user's row, then its cascade to the conversation). KEY SHARE waits for an
+-- erasure and lets the user's writes (FOR NO KEY UPDATE, base.lock_user) go on.
+SELECT 1 FROM users WHERE id = $1 FOR KEY SHARE;
+
 -- name: lock_open_fact
 -- The fact a decision acts on, still open, unexpired and in the scope it was found in;
 -- locked until the change commits (after the user's row).

@@ -26,10 +26,13 @@ FROM memory_event_horizon;
 -- user's events in id order while purge_events walks them by time, and a user's ids and times
 -- disagree (a transaction that began first may commit last): each took one of two events
 -- first and waited for the other, a deadlock. Writers (FOR NO KEY UPDATE) are not held up.
+-- A row an erasure (or a role change) holds is skipped, not waited for: waiting on it, the
+-- purge held the rows of the users before it, and their erasures and role changes waited in
+-- turn. An erased user's events go with the user; a skipped user's, at the next purge.
 SELECT id FROM users
 WHERE id IN (SELECT DISTINCT user_id FROM memory_events WHERE at < $1)
 ORDER BY id
-FOR KEY SHARE;
+FOR KEY SHARE SKIP LOCKED;
 
 -- name: purge_events
 -- Delete the events older than $1 of users $2 (lock_event_owners) and raise the horizon past

@@ -2,10 +2,20 @@
 
 -- name: expired_owners
 -- Users with expired memories, read without locking: purge_expired locks their rows first
--- (the lock order of users.sql), then deletes.
+-- (the lock order of users.sql, lock_expired_owners), then deletes.
 SELECT DISTINCT user_id FROM memories
 WHERE expires_at IS NOT NULL AND expires_at <= now()
 ORDER BY user_id;
+
+-- name: lock_expired_owners
+-- Users $1 whose rows no other transaction holds, locked and their memory version bumped
+-- (their cached searches go, as users.sql: lock_writer). A row held by a writer is skipped
+-- (SKIP LOCKED), not waited for: the purge waited on one user's long transaction while
+-- holding the rows of the users before it, and every write of those waited for it in turn.
+UPDATE users SET memory_version = memory_version + 1
+WHERE id IN (SELECT id FROM users WHERE id = ANY($1::uuid[])
+             ORDER BY id FOR NO KEY UPDATE SKIP LOCKED)
+RETURNING id;
 
 -- name: expired_texts
 -- The texts the chunks of the expired memories of users $1 were embedded from, read (after

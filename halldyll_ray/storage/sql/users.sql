@@ -1,6 +1,6 @@
 -- Users, roles and viewer grants (halldyll_ray.components.users).
 --
--- Lock order of every write path (STYLE 18): the user's row first (bump_version, which also
+-- Lock order of every write path (STYLE 18): the user's row first (lock_writer, which also
 -- invalidates the user's cached searches), then the memory row, then its messages and
 -- chunks. A transaction that takes a memory row before its user's row can deadlock with one
 -- that follows this order. So can any other row taken before the user's: an API key's
@@ -8,9 +8,12 @@
 -- owner) are taken in the order of their ids (lock_grant_users). Grant rows, the only rows
 -- that two users share, come after the user's row, several of them in the order of their key
 -- (viewer, owner): lock_erased_grants, drop_viewer_grants. Maintenance that deletes rows of
--- many users (the retention purges) takes their user rows first as well (events.sql:
--- lock_event_owners, FOR KEY SHARE), or skips the rows another transaction holds (jobs.sql:
--- purge_jobs), never waiting on a row an erasure holds while holding one it needs.
+-- many users (the expiry and retention purges) takes their user rows first as well, skipping
+-- those another transaction holds (operations.sql: lock_expired_owners, events.sql:
+-- lock_event_owners), or skips the rows themselves (jobs.sql: purge_jobs): it never waits on
+-- one user while holding the rows of others, whose writes would wait for that user in turn.
+-- A transaction that writes no memory but inserts a row naming the user (a learning record
+-- of an "ignore", consolidation.sql: share_learner) shares the user's row first too.
 
 -- name: insert_user
 INSERT INTO users (id, username, email, role, metadata)
@@ -86,14 +89,11 @@ FROM memory_chunks WHERE user_id = $1;
 -- name: user_state
 SELECT memory_version, disabled FROM users WHERE id = $1;
 
--- name: bump_version
--- Locks the user's row (first in the lock order) and invalidates the user's cached searches.
-UPDATE users SET memory_version = memory_version + 1 WHERE id = $1 RETURNING memory_version;
-
 -- name: lock_writer
--- bump_version for a write of the user's memories (base.lock_user), which also says whether
--- the user has facts past their expiry that the purge has not deleted yet: the writer
--- deletes them first (operations.sql: purge_expired), so that no write finds a dead fact
+-- Locks the user's row (first in the lock order) and bumps their memory version, which
+-- invalidates their cached searches, for a write of their memories (base.lock_user). Also
+-- says whether the user has facts past their expiry that the purge has not deleted yet: the
+-- writer deletes them first (operations.sql: purge_expired), so that no write finds a dead fact
 -- (reinforces it, brings it back with a PATCH, or is refused as its duplicate).
 UPDATE users SET memory_version = memory_version + 1 WHERE id = $1
 RETURNING memory_version,
