@@ -144,7 +144,9 @@ class AuthorizedEngine:
     ) -> None:
         self.engine = engine
         self.principal = principal
-        self.request_id = request_id
+        # Checked here, where it enters: every audit row of the calls made through this
+        # object (refusals too) carries it (InvalidInput, field ``request_id``).
+        self.request_id = validation.request_id(request_id)
 
     # ------------------------------------------------------------------ the check
     async def _deny(

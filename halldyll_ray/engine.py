@@ -28,6 +28,7 @@ from uuid import UUID
 
 import numpy as np
 
+from halldyll_ray import validation
 from halldyll_ray.access import AuthorizedEngine
 from halldyll_ray.components.agent_loop import AgentLoop
 from halldyll_ray.components.audit import Audit
@@ -775,14 +776,17 @@ class MemoryEngine:
     ) -> ImportReport:
         """Import an export (:meth:`export_memories`' format) into the user's memories.
 
-        ``lines`` is the file in chunks of any size (bytes or text; an open file works).
+        ``lines`` is the file in chunks of any size (bytes or text; an open file works), or
+        the whole file as one ``bytes`` or ``str``.
         Idempotent: a line imported before is skipped (``unchanged``). Facts merge with
         stored facts as a store does (``merged``). Bad lines are reported by line number and
         the rest is imported; with ``atomic`` any bad line refuses the whole file.
 
         Raises:
             InvalidInput: the first line is not an export header of a supported version; with
-                ``atomic``, a bad line (``fields["report"]``; nothing stored).
+                ``atomic``, a bad line (``fields["report"]``; nothing stored); ``lines`` or
+                one of its chunks that is not bytes or text (field ``lines``); an ``atomic``
+                or ``request_id`` of the wrong kind.
             NotFound: no such user.
         """
         return await self.components.transfer.import_lines(
@@ -1172,9 +1176,12 @@ class MemoryEngine:
         database's vectors are already of the configured model or another process runs it.
 
         Raises:
+            InvalidInput: ``max_batches`` is not a whole number from 1.
             PermissionDenied: the login role does not own ``memory_chunks``.
             Unavailable: PostgreSQL unreachable or the table's lock not had in 10 s.
         """
+        if max_batches is not None:
+            validation.count(max_batches, "max_batches")
         reembedding = self.components.reembedding
         if reembedding is None:
             return await self.reembed_status()
@@ -1271,10 +1278,15 @@ __all__ = ["Components", "MemoryEngine"]
 async def _aiter(
     chunks: AsyncIterable[bytes | str] | Iterable[bytes | str],
 ) -> AsyncIterator[bytes | str]:
-    """An async iterator over ``chunks``, async or not."""
-    if isinstance(chunks, AsyncIterable):
+    """An async iterator over ``chunks``, async or not; a lone ``bytes`` or ``str`` is the
+    whole file (iterating bytes gave ints). InvalidInput (``lines``) for what is neither."""
+    if isinstance(chunks, bytes | bytearray | str):
+        yield chunks
+    elif isinstance(chunks, AsyncIterable):
         async for chunk in chunks:
             yield chunk
-    else:
+    elif isinstance(chunks, Iterable):
         for chunk in chunks:
             yield chunk
+    else:
+        raise InvalidInput("lines must be an iterable of bytes or text chunks", field="lines")

@@ -228,7 +228,8 @@ def check_text(value: str) -> str:
 
 def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
     """Refuse what JSON or PostgreSQL cannot round-trip: nesting deeper than ``max_depth``,
-    NaN and infinities, NUL and lone surrogates in strings and keys (ValueError).
+    NaN and infinities, NUL and lone surrogates in strings and keys, keys that are not
+    strings (ValueError).
 
     Iterative, so a 2,000-level value is refused instead of overflowing Python's stack; and
     bounded, so no later encoder (Redis cache, HTTP response) meets a recursion limit.
@@ -246,8 +247,12 @@ def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
                 raise ValueError(f"JSON values may nest at most {max_depth} levels deep")
             if isinstance(item, dict):
                 for key, child in item.items():
-                    if isinstance(key, str):
-                        check_text(key)
+                    if not isinstance(key, str):
+                        # JSON has string keys only: json.dumps turned 1 into "1" (beside a
+                        # "1" of the same object: one of them was lost) and raised TypeError
+                        # for a tuple or bytes key.
+                        raise ValueError(f"keys must be strings, not {type(key).__name__}")
+                    check_text(key)
                     stack.append((child, depth + 1))
             else:
                 stack.extend((child, depth + 1) for child in item)
@@ -263,7 +268,13 @@ def check_metadata(value: dict[str, Any]) -> dict[str, Any]:
     return json.loads(encoded)  # type: ignore[no-any-return]
 
 
-Tags = Annotated[list[str], Field(max_length=MAX_TAGS), AfterValidator(_check_tags)]
+#: A caller's text: a str, never bytes. Pydantic's lax mode decoded bytes as UTF-8, so in Python
+#: ``{"statement": b"x"}``, a tag ``b"a"`` or a metadata key ``b"k"`` was stored as text,
+#: where every other argument of the API (a query, a name, an id) refuses bytes. JSON has
+#: only strings, so HTTP bodies read as before.
+InputStr = Annotated[str, Strict()]
+
+Tags = Annotated[list[InputStr], Field(max_length=MAX_TAGS), AfterValidator(_check_tags)]
 
 
 def _metadata(value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
@@ -271,9 +282,11 @@ def _metadata(value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
     return value if info.context is STORED else check_metadata(value)
 
 
-Metadata = Annotated[dict[str, Any], AfterValidator(_metadata)]
-SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
-ModelRef = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+Metadata = Annotated[dict[InputStr, Any], AfterValidator(_metadata)]
+SessionId = Annotated[InputStr, StringConstraints(pattern=SESSION_ID_PATTERN)]
+ModelRef = Annotated[
+    InputStr, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)
+]
 
 
 def plain(value: str) -> bool:
@@ -328,32 +341,32 @@ def _plain(value: str, info: ValidationInfo) -> str:
 # 2000 items after validation").
 #: A message's content, a transcription segment's text.
 MessageText = Annotated[
-    str,
+    InputStr,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_MESSAGE_CHARS),
     AfterValidator(_visible),
 ]
 #: A fact's statement.
 FactText = Annotated[
-    str,
+    InputStr,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_FACT_CHARS),
     AfterValidator(_visible),
 ]
 #: An image's prompt.
 PromptText = Annotated[
-    str,
+    InputStr,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS),
     AfterValidator(_visible),
 ]
 #: A summary's text.
 LongText = Annotated[
-    str,
+    InputStr,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT_CHARS),
     AfterValidator(_visible),
 ]
 #: A speaker's name (a message's, a transcription segment's): what people read beside what was
 #: said, so visible (a blank name is no name: leave it out) and :func:`plain`.
 SpeakerName = Annotated[
-    str,
+    InputStr,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
     AfterValidator(_visible),
     AfterValidator(_plain),
@@ -365,8 +378,8 @@ SpeakerName = Annotated[
 #: name it is, as a speaker's name does (:data:`SpeakerName`): a context shows an image
 #: "by {generator}", where "RealVis\\nXL" broke the item's line and a right-to-left override
 #: drew another name.
-GeneratorName = Annotated[str, StringConstraints(max_length=200), AfterValidator(_plain)]
-SchedulerName = Annotated[str, StringConstraints(max_length=100), AfterValidator(_plain)]
+GeneratorName = Annotated[InputStr, StringConstraints(max_length=200), AfterValidator(_plain)]
+SchedulerName = Annotated[InputStr, StringConstraints(max_length=100), AfterValidator(_plain)]
 
 
 def _title(value: str) -> str:
@@ -376,7 +389,7 @@ def _title(value: str) -> str:
 #: A conversation's title: optional, so one with nothing visible in it (blanks, zero-width
 #: spaces, a Hangul filler) is no title, "", rather than a refusal; it was indexed as a part of
 #: its own that says nothing.
-Title = Annotated[str, StringConstraints(max_length=MAX_TITLE_CHARS), AfterValidator(_title)]
+Title = Annotated[InputStr, StringConstraints(max_length=MAX_TITLE_CHARS), AfterValidator(_title)]
 
 
 #: The first and last instants Python can hold. asyncpg writes them as PostgreSQL's -infinity
@@ -516,7 +529,7 @@ class Fact(_MemoryBase):
     type: Literal[MemoryType.FACT] = MemoryType.FACT
     statement: FactText
     confidence: StrictFloat = Field(default=0.7, ge=0.0, le=1.0)
-    source: Annotated[str, StringConstraints(max_length=500)] | None = None
+    source: Annotated[InputStr, StringConstraints(max_length=500)] | None = None
     kind: FactKind = FactKind.PERMANENT
 
 
@@ -530,7 +543,9 @@ class Image(_MemoryBase):
 
     type: Literal[MemoryType.IMAGE] = MemoryType.IMAGE
     prompt: PromptText
-    negative_prompt: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)] | None = None
+    negative_prompt: Annotated[InputStr, StringConstraints(max_length=MAX_PROMPT_CHARS)] | None = (
+        None
+    )
     generator: GeneratorName | None = Field(
         default=None, description="Image model that made it, e.g. RealVisXL_V5.0."
     )
@@ -541,8 +556,8 @@ class Image(_MemoryBase):
     scheduler: SchedulerName | None = None
     controlnet: Metadata | None = Field(default=None, description="ControlNet settings.")
     instantid: Metadata | None = Field(default=None, description="InstantID settings.")
-    uri: Annotated[str, StringConstraints(max_length=MAX_URI_CHARS)] | None = None
-    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
+    uri: Annotated[InputStr, StringConstraints(max_length=MAX_URI_CHARS)] | None = None
+    sha256: Annotated[InputStr, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
 
 
 class Segment(_Input):
@@ -560,13 +575,13 @@ class Segment(_Input):
 
 class Transcription(_MemoryBase):
     type: Literal[MemoryType.TRANSCRIPTION] = MemoryType.TRANSCRIPTION
-    text: Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)] = ""
+    text: Annotated[InputStr, StringConstraints(max_length=MAX_TEXT_CHARS)] = ""
     segments: list[Segment] = Field(default_factory=list, max_length=MAX_SEGMENTS)
     duration_seconds: StrictFloat | None = Field(default=None, ge=0.0, le=1e7)
-    language: str | None = Field(
+    language: InputStr | None = Field(
         default=None, description="ISO 639-1 code; detected from the text when not given."
     )
-    audio_uri: Annotated[str, StringConstraints(max_length=MAX_URI_CHARS)] | None = None
+    audio_uri: Annotated[InputStr, StringConstraints(max_length=MAX_URI_CHARS)] | None = None
 
     @field_validator("text")
     @classmethod

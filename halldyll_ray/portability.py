@@ -293,7 +293,18 @@ async def numbered_lines(
         # Only the new chunk can hold the next line's end: searching the whole buffer again
         # for each chunk was quadratic (a 48 MB line in 4 KB chunks: 6.5 s of one core).
         searched = len(buffer)
-        buffer += chunk.encode("utf-8") if isinstance(chunk, str) else chunk
+        if isinstance(chunk, str):
+            # A lone surrogate (text read with errors="surrogateescape") is kept as the bytes
+            # it stands for, which its line then reports as not UTF-8: encoding it strictly
+            # raised UnicodeEncodeError out of the import.
+            buffer += chunk.encode("utf-8", "surrogatepass")
+        elif isinstance(chunk, bytes | bytearray | memoryview):
+            buffer += chunk
+        else:
+            raise InvalidInput(
+                f"the import's chunks must be bytes or text, not {type(chunk).__name__}",
+                field="lines",
+            )
         while True:
             end = buffer.find(b"\n", searched)
             searched = 0

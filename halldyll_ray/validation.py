@@ -18,11 +18,11 @@ import math
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from halldyll_ray.errors import QUOTE_CHARS, InvalidInput, clip, quoted
 from halldyll_ray.models import (
@@ -197,10 +197,26 @@ def error_field(error: Mapping[str, Any]) -> str:
     return error_location(loc)
 
 
+def _as_data(value: Any) -> Any:
+    """``value`` with each model instance in it (at its top or as an item of a list or tuple)
+    dumped to its fields, for :func:`validate` to check again."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(warnings=False)
+    if isinstance(value, list | tuple) and any(isinstance(v, BaseModel) for v in value):
+        return [v.model_dump(warnings=False) if isinstance(v, BaseModel) else v for v in value]
+    return value
+
+
 def validate(adapter: TypeAdapter[_T], data: Any, what: str) -> _T:
-    """``data`` validated by ``adapter``; the first error becomes InvalidInput on its field."""
+    """``data`` validated by ``adapter``; the first error becomes InvalidInput on its field.
+
+    A model instance given (a ``Fact``, a list of ``Message``) is checked again as every
+    dict is: input models are mutable, and pydantic does not validate an assignment
+    (``fact.statement = "\\x00"``) nor what ``model_construct`` was given, so such an
+    instance reached SQL (a NUL, a NaN), the chunker (a blank statement: IndexError) or
+    ``len`` (a number: TypeError)."""
     try:
-        return adapter.validate_python(data)
+        return adapter.validate_python(_as_data(data))
     except ValidationError as exc:
         first = exc.errors()[0]
         message = error_message(first)
@@ -325,6 +341,47 @@ def limit(value: int, maximum: int) -> int:
     return value
 
 
+def items(values: object, field: str) -> list[Any]:
+    """The items of a collection argument (messages, ids, texts) as a list: a list, tuple,
+    set or any other iterable (a generator), never a string, bytes, a mapping or a model
+    (one message given without its list). InvalidInput naming ``field`` otherwise: ``None``
+    or a number was a bare TypeError, and ``len`` of a generator one too."""
+    if isinstance(values, str | bytes | bytearray | memoryview | Mapping | BaseModel) or not (
+        isinstance(values, Iterable)
+    ):
+        raise InvalidInput(f"{field} must be a list", field=field)
+    return list(values)
+
+
+def count(value: object, field: str, *, minimum: int = 1, maximum: int = 2**63 - 1) -> int:
+    """A whole number from ``minimum`` to ``maximum`` (by default what PostgreSQL's bigint
+    holds), or InvalidInput naming ``field``: never a bool (``True`` was taken as 1), a
+    float or a string."""
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+        raise InvalidInput(
+            f"{field} must be a whole number from {minimum} to {maximum}", field=field
+        )
+    return value
+
+
+def age_cutoff(value: object, field: str, *, unit: str, whole: bool = False) -> datetime:
+    """The time ``value`` ``unit`` (``hours``, ``days``) before now: the bound of a purge of
+    what is older. A positive number (``whole``: an integer), never a bool or NaN, or
+    InvalidInput naming ``field``. An age older than any time (``10**30`` hours,
+    ``float("inf")``) is the first instant: nothing is that old (timedelta's OverflowError
+    was raised instead)."""
+    kinds = int if whole else int | float
+    if (
+        isinstance(value, bool) or not isinstance(value, kinds) or not value > 0  # NaN too
+    ):
+        what = "a positive integer" if whole else "a positive number"
+        raise InvalidInput(f"{field} must be {what}", field=field)
+    try:
+        return datetime.now(UTC) - timedelta(**{unit: value})
+    except OverflowError:
+        return datetime.min.replace(tzinfo=UTC)
+
+
 def filter_list(values: object, field: str) -> list[Any]:
     """The items of a list filter (``types``, ``tags``) as the HTTP API takes them: a list,
     tuple or set. A lone string is InvalidInput, as it is a 422 in a body: ``tags="pets"``
@@ -410,6 +467,25 @@ def decode_cursor(cursor: str | None) -> tuple[datetime | None, UUID | None]:
         return (at if at.tzinfo is not None else at.replace(tzinfo=UTC)), UUID(row_id)
     except (ValueError, UnicodeDecodeError, TypeError):
         raise InvalidInput("cursor is not one this API returned", field="cursor") from None
+
+
+#: A request id: what an HTTP request's X-Request-ID may be (a fresh one replaces any other).
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id(value: object) -> str | None:
+    """A caller's request id as given (None for none), or InvalidInput: 1-128 letters, digits
+    and ``. _ : -`` (:data:`REQUEST_ID`, as the HTTP API takes the header). It is written to
+    audit rows, so it is checked before anything else is: a number or a NUL failed the
+    audit write, after a turn's session log was created."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not REQUEST_ID.fullmatch(value):
+        raise InvalidInput(
+            "request_id must be 1-128 letters, digits, '.', '_', ':' or '-'",
+            field="request_id",
+        )
+    return value
 
 
 IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,128}")

@@ -26,9 +26,12 @@ from halldyll_ray.client.requests import (
     MemoryInput,
     Request,
     T,
+    aupload_pieces,
+    check_open,
     client_options,
     unavailable,
     unchecked,
+    upload_data,
 )
 from halldyll_ray.models import (
     AIModel,
@@ -73,11 +76,6 @@ async def _read_file(path: Path) -> AsyncIterator[bytes]:
     with path.open("rb") as file:
         while piece := await asyncio.to_thread(file.read, UPLOAD_CHUNK_BYTES):
             yield piece
-
-
-async def _async_pieces(pieces: Iterable[bytes]) -> AsyncIterator[bytes]:
-    for piece in pieces:
-        yield piece
 
 
 # --------------------------------------------------------------------------- async client
@@ -129,6 +127,7 @@ class AsyncHalldyllClient:
 
     async def _send(self, request: Request[T]) -> T:
         content, headers = request.content()
+        check_open(self._http, request)
         try:
             response = await self._http.request(
                 request.method,
@@ -340,6 +339,7 @@ class AsyncHalldyllClient:
             failed or stalled (``timeout`` seconds between pieces).
         """
         request = Endpoints.export_memories(user_id)
+        check_open(self._http, request)
         try:
             async with self._http.stream(request.method, request.path) as response:
                 if not response.is_success:
@@ -379,15 +379,15 @@ class AsyncHalldyllClient:
                 limit, or (``atomic``) a bad line. NotFound, PermissionDenied, Unavailable.
         """
         request = Endpoints.import_memories(user_id, atomic=atomic)
+        checked = upload_data(data)
+        check_open(self._http, request)
         content: bytes | AsyncIterable[bytes]
-        if isinstance(data, bytes):
-            content = data
-        elif isinstance(data, PathLike):
-            content = _read_file(Path(data))
-        elif isinstance(data, AsyncIterable):
-            content = data
+        if isinstance(checked, bytes):
+            content = checked
+        elif isinstance(checked, PathLike):
+            content = _read_file(Path(checked))
         else:
-            content = _async_pieces(data)
+            content = aupload_pieces(checked)
         timeout = self._http.timeout
         try:
             response = await self._http.request(

@@ -11,9 +11,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from datetime import datetime
+from os import PathLike
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 from uuid import UUID
@@ -77,6 +86,53 @@ T = TypeVar("T")
 NDJSON = "application/x-ndjson"
 #: Bytes per piece when a client uploads an import file.
 UPLOAD_CHUNK_BYTES = 1 << 20
+
+
+def upload_data(data: object) -> bytes | PathLike[str] | AsyncIterable[Any] | Iterable[Any]:
+    """An import's ``data`` as the clients send it: bytes (a ``bytearray`` or ``memoryview``
+    copied to bytes), a path, or an iterable of pieces (async or not); InvalidInput (field
+    ``data``) for anything else. A ``str`` is neither the file's bytes nor a path (give a
+    ``pathlib.Path``, or the text encoded): iterating it sent single characters, and None or a
+    number was a bare TypeError."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, bytearray | memoryview):
+        return bytes(data)
+    if isinstance(data, PathLike | AsyncIterable) or (
+        isinstance(data, Iterable) and not isinstance(data, str | Mapping)
+    ):
+        return data
+    raise InvalidInput(
+        "data must be the file's bytes, its path (a pathlib.Path) or an iterable of bytes "
+        f"pieces, not {type(data).__name__}",
+        field="data",
+    )
+
+
+def _piece(piece: object) -> bytes:
+    if isinstance(piece, bytes):
+        return piece
+    if isinstance(piece, bytearray | memoryview):
+        return bytes(piece)
+    raise InvalidInput(f"data's pieces must be bytes, not {type(piece).__name__}", field="data")
+
+
+def upload_pieces(pieces: Iterable[Any]) -> Iterator[bytes]:
+    """``pieces`` checked one by one as they are sent (InvalidInput for one not bytes)."""
+    for piece in pieces:
+        yield _piece(piece)
+
+
+async def aupload_pieces(pieces: AsyncIterable[Any] | Iterable[Any]) -> AsyncIterator[bytes]:
+    """:func:`upload_pieces` for the async client, over an async or plain iterable."""
+    if isinstance(pieces, AsyncIterable):
+        async for piece in pieces:
+            yield _piece(piece)
+    else:
+        for piece in pieces:
+            yield _piece(piece)
+
+
 M = TypeVar("M", bound=BaseModel)
 
 #: What :meth:`store_memory` accepts: a typed memory, or its JSON form as a mapping.
@@ -684,6 +740,15 @@ def _named(request: Request[Any]) -> str:
     if len(path) > _PATH_SHOWN:
         path = f"{path[:_PATH_SHOWN]}... ({len(request.path)} characters)"
     return f"{request.method} {path}"
+
+
+def check_open(http: httpx.Client | httpx.AsyncClient, request: Request[Any]) -> None:
+    """HalldyllError when the client was closed (httpx's RuntimeError otherwise). Not
+    Unavailable: no retry sends a request through a closed client; make a new one."""
+    if http.is_closed:
+        raise HalldyllError(
+            f"{_named(request)} was not sent: the client is closed; create a new one"
+        )
 
 
 def unavailable(request: Request[Any], exc: Exception) -> HalldyllError:

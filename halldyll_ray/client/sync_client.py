@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from os import PathLike
 from pathlib import Path
@@ -21,10 +21,14 @@ from halldyll_ray.client.requests import (
     MemoryInput,
     Request,
     T,
+    check_open,
     client_options,
     unavailable,
     unchecked,
+    upload_data,
+    upload_pieces,
 )
+from halldyll_ray.errors import InvalidInput
 from halldyll_ray.models import (
     AIModel,
     ApiKey,
@@ -107,6 +111,7 @@ class HalldyllClient:
 
     def _send(self, request: Request[T]) -> T:
         content, headers = request.content()
+        check_open(self._http, request)
         try:
             response = self._http.request(
                 request.method,
@@ -229,6 +234,7 @@ class HalldyllClient:
     def export_memories(self, *, user_id: Id = "me") -> Iterator[bytes]:
         """The user's export file in pieces; see :meth:`AsyncHalldyllClient.export_memories`."""
         request = Endpoints.export_memories(user_id)
+        check_open(self._http, request)
         try:
             with self._http.stream(request.method, request.path) as response:
                 if not response.is_success:
@@ -252,11 +258,21 @@ class HalldyllClient:
     ) -> ImportReport:
         """Import an export file; see :meth:`AsyncHalldyllClient.import_memories`."""
         request = Endpoints.import_memories(user_id, atomic=atomic)
+        checked = upload_data(data)
+        check_open(self._http, request)
+        if isinstance(checked, AsyncIterable):
+            raise InvalidInput(
+                "data must be bytes, a path or an iterable of bytes pieces: the synchronous "
+                "client cannot read an async iterable",
+                field="data",
+            )
         try:
-            if isinstance(data, PathLike):
-                with Path(data).open("rb") as file:
+            if isinstance(checked, PathLike):
+                with Path(checked).open("rb") as file:
                     return self._upload(request, iter(lambda: file.read(UPLOAD_CHUNK_BYTES), b""))
-            return self._upload(request, data)
+            return self._upload(
+                request, checked if isinstance(checked, bytes) else upload_pieces(checked)
+            )
         except SEND_ERRORS as exc:
             raise unavailable(request, exc) from exc
 

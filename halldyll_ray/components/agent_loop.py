@@ -148,6 +148,7 @@ class AgentLoop:
         if not isinstance(extract_facts, bool):  # "no" is truthy: facts were extracted
             raise InvalidInput("extract_facts must be true or false", field="extract_facts")
         key = validation.idempotency_key(idempotency_key)
+        request_id = validation.request_id(request_id)
         model_id = await self.registry.resolve(model)
         learning = _Learning(
             user_id, session, model_id, model, user_message, extract_facts, request_id

@@ -137,13 +137,12 @@ class ContextBuilder:
     ) -> Context:
         """See :meth:`halldyll_ray.engine.MemoryEngine.build_context`."""
         user_id = validation.parse_uuid(user_id, "user_id")
-        if messages is not None and len(messages) > MAX_MESSAGES_PER_CALL:
+        given = [] if messages is None else validation.items(messages, "messages")
+        if len(given) > MAX_MESSAGES_PER_CALL:
             raise InvalidInput(
                 f"give at most {MAX_MESSAGES_PER_CALL} recent messages", field="messages"
             )
-        recent = (
-            [] if messages is None else validation.validate(MESSAGES, list(messages), "messages")
-        )
+        recent = validation.validate(MESSAGES, given, "messages") if given else []
         if query is None:
             query = " ".join(m.content for m in recent[-3:]) if recent else ""
         if not visible(validation.text(query, "query")):

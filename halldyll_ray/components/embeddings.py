@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
+from halldyll_ray import validation
 from halldyll_ray.embedding import TextEncoder
 from halldyll_ray.errors import Unavailable
 from halldyll_ray.storage.cache import TieredCache
@@ -100,8 +101,16 @@ class Embeddings:
         Unicode forms of the same words (full-width letters, ligatures, composed accents)
         embed the same; the default model's tokenizer does not fold them. The result is a
         :class:`ModelVectors` naming the model that made it.
+
+        Raises:
+            InvalidInput: ``texts`` is not a list of strings (a lone string was embedded
+                character by character), or one holds a NUL or a lone surrogate (field
+                ``texts``).
         """
-        texts = [unicodedata.normalize("NFKC", text) for text in texts]
+        texts = [
+            unicodedata.normalize("NFKC", validation.text(text, "texts"))
+            for text in validation.items(texts, "texts")
+        ]
         # One read of the encoder and remote: a re-embedding that ends during this call
         # swaps both (Reembedding.switch_to), and the vectors must be of one model.
         encoder, remote = self.encoder, self.remote

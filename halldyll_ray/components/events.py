@@ -20,7 +20,6 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -429,11 +428,7 @@ class EventFeed:
         purge (storage/sql/events.sql: lock_event_owners), not waited for.
         """
         hours = self.retention_hours if older_than_hours is None else older_than_hours
-        if isinstance(hours, bool) or not isinstance(hours, int | float) or not hours > 0:
-            raise InvalidInput(
-                "older_than_hours must be a positive number", field="older_than_hours"
-            )
-        cutoff = datetime.now(UTC) - timedelta(hours=hours)
+        cutoff = validation.age_cutoff(hours, "older_than_hours", unit="hours")
         async with self.db.scoped(admin=True) as conn:
             # Their users' rows first, as an erasure's (storage/sql/events.sql).
             owners = [r["id"] for r in await conn.fetch(q("lock_event_owners"), cutoff)]

@@ -283,6 +283,7 @@ class Ingestion:
         instead of adding a row (``reinforcement_count`` tells).
         """
         user_id = validation.parse_uuid(user_id, "user_id")
+        request_id = validation.request_id(request_id)
         prepared = await self._prepare(memory, None, {})
         return (await self._write_all(user_id, [prepared], request_id=request_id))[0]
 
@@ -314,6 +315,7 @@ class Ingestion:
             NotFound: no such user, or memory ``i`` names an unknown model (``index``).
         """
         user_id = validation.parse_uuid(user_id, "user_id")
+        request_id = validation.request_id(request_id)
         if isinstance(memories, str | bytes) or not isinstance(memories, Sequence):
             raise InvalidInput("memories must be a list of memories", field="memories")
         limit = self.settings.store_batch_max
@@ -359,8 +361,7 @@ class Ingestion:
         resolve its model (once per batch: ``models``), detect a transcription's language
         and chunk it. A batch's errors name the item (``memories.i``, ``index``)."""
         try:
-            if not isinstance(memory, Conversation | Fact | Image | Transcription | Summary):
-                memory = validation.validate(MEMORY, memory, "memory")
+            memory = validation.validate(MEMORY, memory, "memory")
             if memory.model not in models:
                 models[memory.model] = await self.registry.resolve(memory.model)
         except HalldyllError as exc:
@@ -630,7 +631,8 @@ class Ingestion:
         """
         user_id = validation.parse_uuid(user_id, "user_id")
         conversation_id = validation.parse_uuid(conversation_id, "conversation_id")
-        checked = validation.validate(MESSAGES, list(messages), "messages")
+        request_id = validation.request_id(request_id)
+        checked = validation.validate(MESSAGES, validation.items(messages, "messages"), "messages")
         if not 1 <= len(checked) <= MAX_MESSAGES_PER_CALL:
             raise InvalidInput(
                 f"send 1 to {MAX_MESSAGES_PER_CALL} messages per call", field="messages"
@@ -773,8 +775,8 @@ class Ingestion:
         confidence or kind, or the text of a summary or transcription (re-embedded)."""
         user_id = validation.parse_uuid(user_id, "user_id")
         memory_id = validation.parse_uuid(memory_id, "memory_id")
-        if not isinstance(update, MemoryUpdate):
-            update = validation.validate(_UPDATE, update, "update")
+        request_id = validation.request_id(request_id)
+        update = validation.validate(_UPDATE, update, "update")
         current = await self.db.fetchrow(q("get_memory"), memory_id, user_id, user_id=user_id)
         if current is None or expired(current["expires_at"]):
             await require_user(self.db, user_id)
@@ -868,6 +870,7 @@ class Ingestion:
         (:func:`~halldyll_ray.components.base.drop_cached`)."""
         user_id = validation.parse_uuid(user_id, "user_id")
         memory_id = validation.parse_uuid(memory_id, "memory_id")
+        request_id = validation.request_id(request_id)
         async with self.db.scoped(user_id) as conn:
             await lock_user(conn, user_id)
             texts = await chunk_texts(conn, user_id, [memory_id])

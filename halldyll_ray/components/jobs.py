@@ -44,7 +44,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -353,11 +352,7 @@ class JobQueue:
         """Delete done and failed jobs finished before JOBS_RETENTION_HOURS; how many went.
         Audited (``jobs.purge``)."""
         hours = self.retention_hours if older_than_hours is None else older_than_hours
-        if isinstance(hours, bool) or not isinstance(hours, int | float) or not hours > 0:
-            raise InvalidInput(
-                "older_than_hours must be a positive number", field="older_than_hours"
-            )
-        cutoff = datetime.now(UTC) - timedelta(hours=hours)
+        cutoff = validation.age_cutoff(hours, "older_than_hours", unit="hours")
         async with self.db.scoped(admin=True) as conn:
             purged = int(await conn.fetchval(q("purge_jobs"), cutoff))
             if purged:
@@ -416,6 +411,7 @@ class JobQueue:
     async def run_pending(self, *, limit: int = 1000) -> int:
         """Run due jobs in the calling task until none is due (or ``limit`` ran); how many
         ran. For scripts and tests; the workers of :meth:`start` do the same continuously."""
+        limit = validation.count(limit, "limit")
         ran = 0
         await self._reap()
         while ran < limit:

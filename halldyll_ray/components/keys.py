@@ -60,9 +60,16 @@ class ApiKeys:
         expires_at: datetime | None = None,
         replaces: UUID | None = None,
     ) -> NewApiKey:
-        """Create a key for a user. The returned ``key`` is shown this once and never stored."""
+        """Create a key for a user. The returned ``key`` is shown this once and never stored.
+
+        Raises:
+            InvalidInput: a bad name or expiry, or ``replaces`` that is not the id of one of
+                the user's keys. NotFound: no such user.
+        """
         user_id = validation.parse_uuid(user_id, "user_id")
         validation.key_name(name)
+        if replaces is not None:
+            replaces = validation.parse_uuid(replaces, "replaces")
         expires_at = validation.timestamp(expires_at, "expires_at")
         if expires_at is not None and expires_at <= datetime.now(UTC):
             raise InvalidInput("expires_at must be in the future", field="expires_at")
@@ -70,6 +77,13 @@ class ApiKeys:
         async with self.db.scoped() as conn:
             if await conn.fetchrow(q("get_user"), user_id) is None:
                 raise NotFound(f"user {user_id} not found")
+            if replaces is not None:
+                # Another user's key (or none) was linked as the one this key replaced.
+                old = await conn.fetchrow(q("get_api_key"), replaces)
+                if old is None or old["user_id"] != user_id:
+                    raise InvalidInput(
+                        "replaces must be the id of one of the user's keys", field="replaces"
+                    )
             return await self._insert(conn, secret, user_id, name, expires_at, replaces)
 
     @staticmethod

@@ -181,6 +181,7 @@ class MemoryReader:
         """
         user_id = validation.parse_uuid(user_id, "user_id")
         memory_id = validation.parse_uuid(memory_id, "memory_id")
+        include_messages = validation.flag(include_messages, "include_messages")
         messages: list[StoredMessage] = []
         async with self.db.scoped(user_id, readonly=True, snapshot=True) as conn:
             row = await conn.fetchrow(q("get_memory"), memory_id, user_id)

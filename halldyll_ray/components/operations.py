@@ -7,16 +7,16 @@ application role of the pool.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import asyncpg
 
+from halldyll_ray import validation
 from halldyll_ray.components.audit import write_audit
 from halldyll_ray.components.base import drop_cached, forget
 from halldyll_ray.components.embeddings import Embeddings
 from halldyll_ray.config import Settings
-from halldyll_ray.errors import InvalidInput, Unavailable
+from halldyll_ray.errors import Unavailable
 from halldyll_ray.storage.database import Database, connect, register_codecs
 from halldyll_ray.storage.sql import q
 
@@ -95,8 +95,8 @@ class Operations:
         Indexes of users that fell under half the threshold (or are gone) are dropped.
         """
         threshold = self.settings.large_user_index_rows if min_rows is None else min_rows
-        if not isinstance(threshold, int) or threshold < 1:
-            raise InvalidInput("min_rows must be a positive integer", field="min_rows")
+        # True is an int: min_rows=True built an index for every user with one row.
+        threshold = validation.count(threshold, "min_rows")
         conn = await connect(self.dsn)
         created: list[UUID] = []
         dropped: list[UUID] = []
@@ -141,11 +141,8 @@ class Operations:
         connection with the login role (the database owner for the embedded default).
         """
         days = self.settings.audit_retention_days if older_than_days is None else older_than_days
-        if not isinstance(days, int) or days < 1:
-            raise InvalidInput(
-                "older_than_days must be a positive integer", field="older_than_days"
-            )
-        cutoff = datetime.now(UTC) - timedelta(days=days)
+        # True is an int: older_than_days=True purged every row older than a day.
+        cutoff = validation.age_cutoff(days, "older_than_days", unit="days", whole=True)
         conn = await connect(self.dsn)
         try:
             await register_codecs(conn)

@@ -129,6 +129,7 @@ class Transfer:
         through a server-side cursor; the export holds one pooled connection while it streams.
         """
         user_id = validation.parse_uuid(user_id, "user_id")
+        request_id = validation.request_id(request_id)
         # Audited before anything leaves, in its own transaction: holding the snapshot's
         # connection while waiting for a second one would deadlock a pool that every
         # connection of is held by an export.
@@ -244,6 +245,8 @@ class Transfer:
             NotFound: The user does not exist.
         """
         user_id = validation.parse_uuid(user_id, "user_id")
+        request_id = validation.request_id(request_id)
+        atomic = validation.flag(atomic, "atomic")
         lines = numbered_lines(chunks)
         header: ExportHeader | None = None
         async for number, line in lines:

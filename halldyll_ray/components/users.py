@@ -119,6 +119,7 @@ class Users:
         email = validation.email(email)
         if disabled is not None and not isinstance(disabled, bool):
             raise InvalidInput("disabled must be true or false", field="disabled")
+        clear_email = validation.flag(clear_email, "clear_email")
         async with self.db.scoped() as conn:
             old = await conn.fetchrow(q("lock_user_for_update"), user_id)
             if old is None:
@@ -214,8 +215,10 @@ class Users:
         return receipt
 
     async def states(self, user_ids: Sequence[UUID]) -> dict[UUID, tuple[Role, bool]]:
-        """(role, disabled) of each existing user among ``user_ids``."""
-        rows = await self.db.fetch(q("users_state"), list(dict.fromkeys(user_ids)))
+        """(role, disabled) of each existing user among ``user_ids``; InvalidInput
+        (``user_ids``) for what is not a list of UUIDs."""
+        ids = [validation.parse_uuid(i, "user_ids") for i in validation.items(user_ids, "user_ids")]
+        rows = await self.db.fetch(q("users_state"), list(dict.fromkeys(ids)))
         return {row["id"]: (Role(row["role"]), row["disabled"]) for row in rows}
 
     async def states_with_key(

@@ -100,6 +100,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "halldyll_ray.integrations.langgraph needs LangGraph: pip install 'halldyll-ray[langgraph]'"
     ) from exc
 
+from halldyll_ray import validation
 from halldyll_ray.client import AsyncHalldyllClient, HalldyllClient
 from halldyll_ray.errors import HalldyllError, InvalidInput, NotFound, Unavailable, quoted
 from halldyll_ray.models import (
@@ -431,8 +432,8 @@ class HalldyllStore(BaseStore):
     with``), as with any httpx client.
 
     Raises:
-        InvalidInput: A label position is negative or used twice, or ``page_size`` is out of
-            range.
+        InvalidInput: A label position is negative or used twice, ``page_size`` is out of
+            range, or ``search_mode`` is not one.
     """
 
     def __init__(
@@ -455,7 +456,11 @@ class HalldyllStore(BaseStore):
             raise InvalidInput("label positions are integers >= 0", field="user_label")
         if len(set(positions)) != len(positions):
             raise InvalidInput("user, model and session labels need distinct positions")
-        if not isinstance(page_size, int) or not 1 <= page_size <= _MAX_PAGE:
+        if (
+            not isinstance(page_size, int)
+            or isinstance(page_size, bool)
+            or not (1 <= page_size <= _MAX_PAGE)
+        ):
             raise InvalidInput(f"page_size must be 1-{_MAX_PAGE}", field="page_size")
         self._user_id = user_id
         self._model = model
@@ -463,7 +468,12 @@ class HalldyllStore(BaseStore):
         self._user_label = user_label
         self._model_label = model_label
         self._session_label = session_label
-        self._search_mode = None if search_mode is None else SearchMode(search_mode)
+        try:
+            self._search_mode = None if search_mode is None else SearchMode(search_mode)
+        except ValueError:
+            raise InvalidInput(
+                "search_mode must be hybrid, semantic or fulltext", field="search_mode"
+            ) from None
         self._page_size = page_size
         self._client = HalldyllClient(base_url, api_key, timeout=timeout)
         self._aclient = AsyncHalldyllClient(base_url, api_key, timeout=timeout)
@@ -689,8 +699,9 @@ class HalldyllStore(BaseStore):
         prefix = tuple(op.namespace_prefix)
         _check_labels(prefix)
         check_filter(op.filter)
-        if op.limit < 0 or op.offset < 0:
-            raise InvalidInput("limit and offset must be >= 0", field="limit")
+        # Whole numbers >= 0 (a bool was taken as 0 or 1, "5" was a TypeError).
+        validation.count(op.limit, "limit", minimum=0)
+        validation.count(op.offset, "offset", minimum=0)
         scope = self._scope(prefix, exact=False, field="namespace_prefix")
         tag = namespace_tag(prefix)
         needed = op.offset + op.limit
@@ -740,8 +751,10 @@ class HalldyllStore(BaseStore):
         conditions = tuple(op.match_conditions or ())
         for condition in conditions:
             _check_labels(condition.path)
-        if op.limit < 0 or op.offset < 0 or (op.max_depth is not None and op.max_depth < 1):
-            raise InvalidInput("limit and offset must be >= 0, max_depth >= 1", field="limit")
+        validation.count(op.limit, "limit", minimum=0)
+        validation.count(op.offset, "offset", minimum=0)
+        if op.max_depth is not None:
+            validation.count(op.max_depth, "max_depth")
         path: tuple[str, ...] = next(
             (tuple(c.path) for c in conditions if c.match_type == "prefix"), ()
         )

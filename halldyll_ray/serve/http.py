@@ -69,7 +69,7 @@ STATUS: dict[type[HalldyllError], int] = {
     MigrationError: 503,
     ConfigurationError: 500,
 }
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_REQUEST_ID = validation.REQUEST_ID
 DEFAULT_MAX_BODY_BYTES = 1_048_576
 #: Largest body of ``POST /v1/users/{id}/import`` (an export file), which streams through the
 #: import in batches rather than being held whole.

@@ -284,3 +284,57 @@ async def test_an_error_code_of_the_http_layer_is_typed_by_its_status(
     async with _async(answer) as client:
         with pytest.raises(expected):
             await client.me()
+
+
+def _report(request: httpx.Request) -> httpx.Response:
+    request.read()
+    return httpx.Response(200, json={"lines": 0})
+
+
+@pytest.mark.parametrize("data", [None, 5, 1.5, True, "export.ndjson", {"a": 1}, object()])
+async def test_an_import_of_what_is_no_file_is_refused_before_sending(data: Any) -> None:
+    # None or a number was a bare TypeError; a str (a path written as text) was sent one
+    # character a piece, and httpx raised TypeError on the first.
+    with pytest.raises(InvalidInput) as caught:
+        _sync().import_memories(data)
+    assert caught.value.field == "data"
+    with pytest.raises(InvalidInput) as caught:
+        await _async().import_memories(data)
+    assert caught.value.field == "data"
+
+
+@pytest.mark.parametrize("pieces", [[b"a", 5], [b"a", "text"], [None]])
+async def test_an_import_piece_that_is_not_bytes_is_refused(pieces: list[Any]) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        _sync(_report).import_memories(iter(pieces))
+    assert caught.value.field == "data"
+    with pytest.raises(InvalidInput) as caught:
+        await _async(_report).import_memories(iter(pieces))
+    assert caught.value.field == "data"
+
+
+async def test_an_import_of_bytes_like_data_is_sent() -> None:
+    for data in (bytearray(b"{}\n"), memoryview(b"{}\n")):
+        assert _sync(_report).import_memories(data).lines == 0
+        assert (await _async(_report).import_memories(data)).lines == 0
+
+
+async def test_a_closed_client_says_so() -> None:
+    # httpx's RuntimeError ("Cannot send a request, as the client has been closed") came out.
+    client = _sync(_report)
+    client.close()
+    for call in (
+        client.me,
+        lambda: client.import_memories(b"x"),
+        lambda: next(client.export_memories()),
+    ):
+        with pytest.raises(HalldyllError, match="the client is closed") as caught:
+            call()
+        assert not isinstance(caught.value, Unavailable)  # no retry can succeed
+    aclient = _async(_report)
+    await aclient.aclose()
+    for acall in (aclient.me, lambda: aclient.import_memories(b"x")):
+        with pytest.raises(HalldyllError, match="the client is closed"):
+            await acall()
+    with pytest.raises(HalldyllError, match="the client is closed"):
+        await anext(aclient.export_memories())

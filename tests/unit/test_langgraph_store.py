@@ -187,11 +187,37 @@ def test_scopes_follow_the_namespace_mapping() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"user_label": -1}, {"user_label": 1, "session_label": 1}, {"page_size": 0}],
+    [
+        {"user_label": -1},
+        {"user_label": 1, "session_label": 1},
+        {"page_size": 0},
+        {"page_size": True},  # taken as a page of 1
+        {"search_mode": "best"},  # a bare ValueError
+        {"search_mode": 5},
+    ],
 )
 def test_bad_options_are_refused(options: dict[str, Any]) -> None:
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as caught:
         _store(**options)
+    if "page_size" in options or "search_mode" in options:
+        assert caught.value.field == next(iter(options))
+
+
+@pytest.mark.parametrize("value", ["5", True, 1.5, -1, 10**30])
+@pytest.mark.parametrize("name", ["limit", "offset"])
+def test_a_page_option_is_a_whole_number(name: str, value: Any) -> None:
+    # "5" was a TypeError, True a page of 1, 1.5 and 10**30 were sent to the service; every
+    # one of them is refused before anything is sent (the store's URL answers nothing).
+    with _store() as store:
+        with pytest.raises(InvalidInput) as caught:
+            store.search(("docs",), **{name: value})
+        assert caught.value.field == name
+        with pytest.raises(InvalidInput) as caught:
+            store.list_namespaces(**{name: value})
+        assert caught.value.field == name
+        with pytest.raises(InvalidInput) as caught:
+            store.list_namespaces(max_depth=value if value != -1 else 0)
+        assert caught.value.field == "max_depth"
 
 
 def test_import_without_langgraph_names_the_extra() -> None:
