@@ -670,7 +670,13 @@ class MemoryEngine:
         *,
         request_id: str | None = None,
     ) -> list[StoredMessage]:
-        """Append messages to a conversation; returns them with their sequence numbers."""
+        """Append messages to a conversation; returns them with their sequence numbers.
+
+        Raises:
+            InvalidInput: ``messages`` is not a list (field ``messages``), holds none or more
+                than 1,000, or a bad message (field ``messages.i...``). Nothing is stored.
+            NotFound: no such user or conversation.
+        """
         return await self.components.ingestion.append_messages(
             user_id, conversation_id, messages, request_id=request_id
         )
@@ -1023,8 +1029,9 @@ class MemoryEngine:
 
         Args:
             query: What the next prompt is about; defaults to the last messages' text.
-            messages: The current conversation's recent turns (rendered as such), at most
-                1,000 (InvalidInput, field ``messages``, beyond).
+            messages: The current conversation's recent turns (rendered as such), a list of
+                at most 1,000 (InvalidInput, field ``messages``, otherwise; a bad message's
+                field is ``messages.i...``).
             model, include_shared: Model scope of the memories drawn.
             session_id: Adds the session's rolling summary.
             max_tokens: Budget (MAX_CONTEXT_TOKENS), counted with the model's tokenizer.

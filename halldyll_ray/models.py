@@ -226,6 +226,14 @@ def check_text(value: str) -> str:
     return value
 
 
+def storable(text: str) -> str:
+    """``text`` with each character no stored text may hold (NUL, a lone UTF-16 surrogate:
+    see :func:`check_text`) replaced by U+FFFD: for a text the service keeps about something
+    that happened (a failed job's error, which can quote a third party's words), where
+    refusing it would lose the record."""
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
 def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
     """Refuse what JSON or PostgreSQL cannot round-trip: nesting deeper than ``max_depth``,
     NaN and infinities, NUL and lone surrogates in strings and keys, keys that are not

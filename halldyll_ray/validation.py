@@ -214,13 +214,20 @@ def validate(adapter: TypeAdapter[_T], data: Any, what: str) -> _T:
     dict is: input models are mutable, and pydantic does not validate an assignment
     (``fact.statement = "\\x00"``) nor what ``model_construct`` was given, so such an
     instance reached SQL (a NUL, a NaN), the chunker (a blank statement: IndexError) or
-    ``len`` (a number: TypeError)."""
+    ``len`` (a number: TypeError).
+
+    An error in an item of a list (``data`` the list argument ``what``) is on
+    ``<what>.<index>...``, as the HTTP API's 422 names it (``messages.0.content``): it was on
+    ``0.content``, which names no argument."""
     try:
         return adapter.validate_python(_as_data(data))
     except ValidationError as exc:
         first = exc.errors()[0]
         message = error_message(first)
-        field = error_field(first) or what
+        field = error_field(first)
+        if first["loc"] and isinstance(first["loc"][0], int):
+            field = f"{what}.{field}"
+        field = field or what
         raise InvalidInput(invalid_message(what, field, message), field=field) from None
 
 
@@ -345,7 +352,11 @@ def items(values: object, field: str) -> list[Any]:
     """The items of a collection argument (messages, ids, texts) as a list: a list, tuple,
     set or any other iterable (a generator), never a string, bytes, a mapping or a model
     (one message given without its list). InvalidInput naming ``field`` otherwise: ``None``
-    or a number was a bare TypeError, and ``len`` of a generator one too."""
+    or a number was a bare TypeError, and ``len`` of a generator one too; a string was read
+    as its characters (five messages refused on field ``0``) and a dict as its keys.
+    MemTensor/MemOS#1274 (a plain string sent as ``messages``, silently skipped) and
+    agentUniverse#3242 (``str`` and ``dict`` message forms crashing a reader) are the same
+    mistake elsewhere."""
     if isinstance(values, str | bytes | bytearray | memoryview | Mapping | BaseModel) or not (
         isinstance(values, Iterable)
     ):

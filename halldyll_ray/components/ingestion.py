@@ -316,8 +316,7 @@ class Ingestion:
         """
         user_id = validation.parse_uuid(user_id, "user_id")
         request_id = validation.request_id(request_id)
-        if isinstance(memories, str | bytes) or not isinstance(memories, Sequence):
-            raise InvalidInput("memories must be a list of memories", field="memories")
+        memories = validation.items(memories, "memories")
         limit = self.settings.store_batch_max
         if not 1 <= len(memories) <= limit:
             raise InvalidInput(

@@ -40,6 +40,7 @@ import os
 import random
 import re
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -60,7 +61,7 @@ from halldyll_ray.errors import (
     PermissionDenied,
     redact,
 )
-from halldyll_ray.models import MAX_PAGE_SIZE, Job, JobStatus, Page
+from halldyll_ray.models import MAX_PAGE_SIZE, Job, JobStatus, Page, check_json_value, storable
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.listen import Listener
 from halldyll_ray.storage.sql import bind, q
@@ -97,7 +98,14 @@ def retry_delay(attempt: int, base_s: float, *, rand: Callable[[], float] = rand
 def describe_error(exc: BaseException) -> str:
     """The ``last_error`` of a failed try (also in the job's audit row and log lines): our
     errors' code and message, another exception's type and its text, with credentials masked
-    (:func:`~halldyll_ray.errors.redact`); at most :data:`ERROR_CHARS` characters."""
+    (:func:`~halldyll_ray.errors.redact`) and what PostgreSQL cannot store (NUL, a lone
+    surrogate) replaced (:func:`~halldyll_ray.models.storable`); at most :data:`ERROR_CHARS`
+    characters.
+
+    An error quoting a model's or a server's words with a NUL or half an emoji could not be
+    recorded: the try stayed ``running`` until its lease ran out, and was taken again to fail
+    the same way, never ``failed`` (kodus-ai/kodus-ai#1683, openclaw/openclaw#27753: an error
+    that cannot be stored loops with no recovery)."""
     if isinstance(exc, HalldyllError):
         text = f"{exc.code}: {exc.message}"
     elif isinstance(exc, TimeoutError) and not str(exc):
@@ -105,7 +113,7 @@ def describe_error(exc: BaseException) -> str:
     else:
         detail = str(exc)
         text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    return redact(text)[:ERROR_CHARS]
+    return storable(redact(text))[:ERROR_CHARS]
 
 
 @dataclass(frozen=True)
@@ -530,8 +538,14 @@ class JobQueue:
                 result = await handler(job)
         if not isinstance(result, dict):
             raise TypeError(f"the {job.kind} handler returned {type(result).__name__}, not dict")
-        # JSON as the row will hold it (UUIDs and times as text); NaN is refused.
+        # JSON as the row will hold it (UUIDs and times as text); NaN is refused, and so is
+        # text PostgreSQL cannot store (the try fails and is recorded, instead of the finish
+        # failing and the job staying taken until its lease runs out, again and again).
         kept: dict[str, Any] = json.loads(json.dumps(result, allow_nan=False, default=str))
+        try:
+            check_json_value(kept, max_depth=sys.getrecursionlimit())
+        except ValueError as exc:
+            raise ValueError(f"the {job.kind} handler's result is not storable: {exc}") from None
         return kept
 
     async def _renew(self, job: Job) -> bool:

@@ -37,7 +37,8 @@ from halldyll_ray.components.ingestion import Ingestion
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.config import Settings
 from halldyll_ray.errors import InvalidInput, NotFound
-from halldyll_ray.llm.protocol import DatedText, MemoryModel
+from halldyll_ray.llm.protocol import DatedText, LLMOutputInvalid, MemoryModel
+from halldyll_ray.models import MAX_TEXT_CHARS, check_text, visible
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
 
@@ -51,6 +52,38 @@ SESSION_SUMMARY_MAX_MESSAGES = 200
 ROLLUP_BATCH = 20
 #: The text of a summary of nothing worth keeping (a session of greetings).
 EMPTY_SUMMARY = "(no content yet)"
+
+
+def summary_text(said: str) -> str:
+    """A model's summary (of a session, or a roll-up) as it is stored: stripped, and
+    :data:`EMPTY_SUMMARY` when nothing in it is visible (blanks, zero-width spaces, a Hangul
+    filler: what :func:`~halldyll_ray.models.visible` refuses in a summary a client stores).
+
+    The model's text was stored as it came, unlike every text a client sends: a NUL was a
+    database error, a lone UTF-16 surrogate (an emoji cut in half) a TypeError of the
+    tokenizer, and a summary of zero-width spaces or of more than MAX_TEXT_CHARS characters
+    was stored, and then broke the user's export (its import refused the line) or every
+    page of ``list_memories`` and the export itself (a stored summary over the bound fails to
+    read back). Seen elsewhere: kodus-ai/kodus-ai#1683 (LLM responses carrying U+0000 and
+    unpaired surrogates lost on insert), openclaw/openclaw#65782 (a split emoji from a model
+    stalling memory indexing for good).
+
+    Raises:
+        LLMOutputInvalid: a NUL or a lone surrogate, or more than MAX_TEXT_CHARS characters
+            (nothing is written; the job fails as for any answer of the wrong shape).
+    """
+    text = said.strip() if isinstance(said, str) else None
+    if text is None:
+        raise LLMOutputInvalid("the model's summary is not text")
+    try:
+        check_text(text)
+    except ValueError as exc:
+        raise LLMOutputInvalid(f"the model's summary is not storable: {exc}") from None
+    if len(text) > MAX_TEXT_CHARS:
+        raise LLMOutputInvalid(
+            f"the model's summary is longer than {MAX_TEXT_CHARS} characters ({len(text)})"
+        )
+    return text if visible(text) else EMPTY_SUMMARY
 
 
 async def write_session_summary(
@@ -236,7 +269,7 @@ class Summaries:
             said = await self.model.summarize(
                 texts, max_words=self.settings.session_summary_max_words
             )
-            text = said.strip() or EMPTY_SUMMARY
+            text = summary_text(said)
         chunks = self.chunker.part("text", 0, text)
         vectors = await self.embeddings.embed([c.indexed for c in chunks])
         async with self.db.scoped(user_id) as conn:
@@ -350,14 +383,13 @@ class Summaries:
             batches = [texts[i : i + ROLLUP_BATCH] for i in range(0, len(texts), ROLLUP_BATCH)]
             texts = [
                 DatedText(
-                    text=(await self.model.roll_up(batch, max_words=words)).strip()
-                    or EMPTY_SUMMARY,
+                    text=summary_text(await self.model.roll_up(batch, max_words=words)),
                     start=batch[0].start,
                     end=batch[-1].end,
                 )
                 for batch in batches
             ]
-        return (await self.model.roll_up(texts, max_words=words)).strip() or EMPTY_SUMMARY
+        return summary_text(await self.model.roll_up(texts, max_words=words))
 
     async def _write_period(
         self,

@@ -18,10 +18,17 @@ from enum import StrEnum
 from typing import Annotated, Protocol
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
 
 from halldyll_ray.errors import HalldyllError, Unavailable
-from halldyll_ray.models import MAX_FACT_CHARS, FactKind
+from halldyll_ray.models import FactKind, FactText, check_text, storable
 from halldyll_ray.textproc import article
 
 
@@ -39,9 +46,24 @@ class _Answer(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-Statement = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_FACT_CHARS)
-]
+#: A fact's statement as a model gives it: what a client's must be (stripped, 1 to
+#: MAX_FACT_CHARS characters, something visible: :data:`~halldyll_ray.models.FactText`) and
+#: storable (no NUL, no lone UTF-16 surrogate). Only the length was checked: a statement of
+#: zero-width spaces or holding a NUL passed here and broke the job that stored it with a
+#: bare pydantic ValidationError instead of LLMOutputInvalid (kodus-ai/kodus-ai#1683: LLM
+#: answers carry U+0000).
+Statement = Annotated[FactText, AfterValidator(check_text)]
+
+
+def _as_storable(value: object) -> object:
+    return storable(value) if isinstance(value, str) else value
+
+
+#: A model's free text kept only as a record (a decision's reason, stored with what the turn
+#: taught): a NUL or a lone surrogate in it is replaced (:func:`~halldyll_ray.models.storable`),
+#: not refused, so that the decision stands. A NUL failed the whole turn's learning with a
+#: database error on the record.
+Reason = Annotated[str, BeforeValidator(_as_storable), StringConstraints(max_length=500)]
 
 
 class FactCandidate(_Answer):
@@ -82,7 +104,7 @@ class Decision(_Answer):
     action: Action
     target: UUID | None = None
     statement: Statement | None = None
-    reason: Annotated[str, StringConstraints(max_length=500)] = ""
+    reason: Reason = ""
 
 
 def checked(decision: Decision, neighbours: Sequence[Neighbour]) -> Decision:

@@ -985,3 +985,59 @@ async def test_extract_facts_must_be_a_boolean(engine: MemoryEngine, extract_fac
         await engine.record_turn(user.id, "s1", "I live in Oslo", "ok", extract_facts=extract_facts)
     assert refused.value.field == "extract_facts"
     assert (await engine.list_memories(user.id)).items == []
+
+
+# ------------------------------------------------------------------ list arguments
+# MemTensor/MemOS#1274 (fixed by #1275): a plain string sent as a memory service's `messages`
+# was silently skipped; agentuniverse-ai/agentUniverse#3242: `str` and `dict` message forms
+# crashed a memory reader. Here a string was read as its characters and a dict as its keys
+# (refused on "0", a field no caller sent), and a number or a generator raised TypeError.
+@pytest.mark.parametrize(
+    "given",
+    [
+        lambda: "hello",
+        lambda: {"role": "user", "content": "hello"},
+        lambda: Message(role="user", content="hello"),
+        lambda: 5,
+        lambda: (m for m in [{"role": "user", "content": "hello"}]),
+    ],
+    ids=["str", "dict", "message", "int", "generator"],
+)
+async def test_messages_not_given_as_a_list_are_refused_naming_the_argument(
+    engine: MemoryEngine, given
+) -> None:
+    user = await engine.create_user(f"m{uuid.uuid4().hex[:8]}", None, "user")
+    talk = await engine.store_memory(
+        user.id, Conversation(messages=[Message(role="user", content="hi")])
+    )
+    calls = (
+        lambda: engine.append_messages(user.id, talk.id, given()),
+        lambda: engine.build_context(user.id, "hi", messages=given()),
+    )
+    for call in calls:
+        with pytest.raises(InvalidInput) as err:
+            await call()
+        assert err.value.field == "messages"
+        assert "must be a list" in err.value.message
+    assert [m.content for m in (await engine.get_memory(user.id, talk.id)).messages] == ["hi"]
+
+
+async def test_a_bad_message_is_named_under_its_argument_as_http_names_it(
+    engine: MemoryEngine,
+) -> None:
+    """The HTTP API's 422 says ``messages.1.content``; the engine said ``1.content``."""
+    user = await engine.create_user(f"m{uuid.uuid4().hex[:8]}", None, "user")
+    talk = await engine.store_memory(
+        user.id, Conversation(messages=[Message(role="user", content="hi")])
+    )
+    bad = [{"role": "user", "content": "fine"}, {"role": "user", "content": " "}]
+    with pytest.raises(InvalidInput) as err:
+        await engine.append_messages(user.id, talk.id, bad)
+    assert err.value.field == "messages.1.content"
+    with pytest.raises(InvalidInput) as err:
+        await engine.build_context(user.id, messages=[{"role": "root", "content": "x"}])
+    assert err.value.field == "messages.0.role"
+    with pytest.raises(InvalidInput) as err:
+        await engine.store_memories(user.id, "fact")  # type: ignore[arg-type]
+    assert err.value.field == "memories"
+    assert [m.content for m in (await engine.get_memory(user.id, talk.id)).messages] == ["hi"]

@@ -358,6 +358,38 @@ async def test_retries_back_off_then_a_poison_job_fails_with_its_error_kept(
     assert all(r["outcome"] == "error" and r["acting_for"] == user.id for r in failures)
 
 
+async def test_a_try_whose_error_or_result_postgresql_cannot_store_is_still_recorded(
+    engine: MemoryEngine, db: Database, database_url: str
+) -> None:
+    """kodus-ai/kodus-ai#1683 (events lost to a U+0000 or an unpaired surrogate in an LLM's
+    words) and openclaw/openclaw#27753 (an error that cannot be stored loops with no
+    recovery): an error quoting such text, or a result holding it, could not be written, so
+    the try stayed ``running`` until its lease ran out and was taken again to fail the same
+    way. Each is now a recorded failed try."""
+    user = await engine.create_user("ada", None, "user")
+    queue = JobQueue(db, database_url, max_attempts=1, timeout_s=5)
+    said = ["Ada\x00 likes tea", "half an emoji \ud83d"]
+
+    async def quoting(job: Job) -> dict[str, Any]:
+        raise RuntimeError(f"the model said {said[job.payload['n']]}")
+
+    async def returning(job: Job) -> dict[str, Any]:
+        return {"said": said[job.payload["n"]]}
+
+    for kind, handler in (("quoting", quoting), ("returning", returning)):
+        queue.register(kind, handler)
+        await _submit(queue, user.id, kind, len(said))
+    await queue.run_pending()
+    jobs = (await engine.list_jobs(user.id)).items
+    assert len(jobs) == 4 and all(j.status is JobStatus.FAILED for j in jobs), jobs
+    errors = sorted(j.last_error or "" for j in jobs)
+    assert errors[:2] == [
+        "RuntimeError: the model said Ada\ufffd likes tea",
+        "RuntimeError: the model said half an emoji \ufffd",
+    ]
+    assert all("returning handler's result is not storable" in e for e in errors[2:])
+
+
 # ------------------------------------------------------------------ status and isolation
 async def test_status_is_the_users_own(engine: MemoryEngine, db: Database, database_url: str):
     ada = await engine.create_user("ada", None, "user")

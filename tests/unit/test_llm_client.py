@@ -227,6 +227,11 @@ def test_facts_take_strings_or_objects_and_drop_repeats() -> None:
         {"facts": [{"statement": "x", "kind": "forever"}]},
         {"facts": [{"statement": "x", "source": "me"}]},
         {"facts": ["   "]},
+        # What no stored fact may say (kodus-ai/kodus-ai#1683: LLM answers carry U+0000): they
+        # passed here and broke the job that stored them with a bare ValidationError.
+        {"facts": ["Ada\u0000 likes tea"]},
+        {"facts": [{"statement": "\u200b\u200b"}]},
+        {"facts": ["\u3164"]},
         {"facts": [3]},
         {"facts": "x"},
         {"facts": [], "more": []},
