@@ -126,9 +126,11 @@ async def test_mutated_and_constructed_models_are_checked_again(engine: MemoryEn
 
     message = Message(role="user", content="hi")
     message.content = ""
-    await _refused(engine, lambda: engine.append_messages(user, conv.id, [message]), "0.content")
     await _refused(
-        engine, lambda: engine.build_context(user, None, messages=[message]), "0.content"
+        engine, lambda: engine.append_messages(user, conv.id, [message]), "messages.0.content"
+    )
+    await _refused(
+        engine, lambda: engine.build_context(user, None, messages=[message]), "messages.0.content"
     )
     assert (await engine.get_memory(user, stored.id)).memory == Fact(statement="Ada likes tea")
 
