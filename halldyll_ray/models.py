@@ -32,6 +32,11 @@ from pydantic_core import PydanticCustomError
 from halldyll_ray.errors import quoted
 from halldyll_ray.textproc import NEEDED_FORMAT
 
+#: The error type of a model-level check that names the field at fault in its context
+#: (``{"field": ..., "reason": ...}``): :func:`halldyll_ray.validation.error_field` reports it
+#: on that field rather than on the model.
+FIELD_CHECK = "field_check"
+
 # --- limits -----------------------------------------------------------------------------------
 MAX_TAGS = 32
 MAX_TAG_LENGTH = 64
@@ -396,8 +401,16 @@ def _title(value: str) -> str:
 
 #: A conversation's title: optional, so one with nothing visible in it (blanks, zero-width
 #: spaces, a Hangul filler) is no title, "", rather than a refusal; it was indexed as a part of
-#: its own that says nothing.
-Title = Annotated[InputStr, StringConstraints(max_length=MAX_TITLE_CHARS), AfterValidator(_title)]
+#: its own that says nothing. Otherwise :func:`plain`, as a speaker's name is: a context shows
+#: it on its conversation's line (``(day, conversation 'title') ...``), where a line or
+#: paragraph separator (U+2028, U+2029), a newline or a right-to-left override was kept and
+#: broke that line or drew another title.
+Title = Annotated[
+    InputStr,
+    StringConstraints(max_length=MAX_TITLE_CHARS),
+    AfterValidator(_title),
+    AfterValidator(_plain),
+]
 
 
 #: The first and last instants Python can hold. asyncpg writes them as PostgreSQL's -infinity

@@ -34,10 +34,12 @@ from pydantic import (
     TypeAdapter,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from halldyll_ray import validation
 from halldyll_ray.errors import InvalidInput, quoted
 from halldyll_ray.models import (
+    FIELD_CHECK,
     MAX_FACT_SOURCES,
     MAX_MESSAGES_PER_CONVERSATION,
     Conversation,
@@ -70,6 +72,13 @@ EXPORT_VERSION: Final = 1
 MAX_LINE_BYTES = 64 * 1024 * 1024
 #: Problems an import report lists; past this only ``error_count`` grows.
 MAX_REPORTED_PROBLEMS = 1_000
+
+
+def _at(field: str, message: str) -> PydanticCustomError:
+    """A line's check across its fields, reported on the one ``field`` at fault
+    (:func:`halldyll_ray.validation.error_field`): raised as a plain ValueError, it was on
+    the whole line (``memory (line 11)``), which names no field of it."""
+    return PydanticCustomError(FIELD_CHECK, "{reason}", {"field": field, "reason": message})
 
 
 class _Line(BaseModel):
@@ -181,48 +190,59 @@ class ExportedMemory(_Line):
         if isinstance(memory, Conversation):
             if memory.messages:
                 if self.messages:
-                    raise ValueError(
-                        "a conversation's messages go in `messages` or `memory.messages`, not both"
+                    raise _at(
+                        "messages",
+                        "a conversation's messages go in `messages` or `memory.messages`, not both",
                     )
                 # A conversation written as a client stores it: its messages move here.
                 self.messages = list(memory.messages)
                 self.memory = memory.model_copy(update={"messages": []})
         elif self.messages:
-            raise ValueError(f"{article(memory.type.value)} has no messages")
+            raise _at("messages", f"{article(memory.type.value)} has no messages")
         if self.sources and not isinstance(memory, Fact):
-            raise ValueError(f"{article(memory.type.value)} has no sources")
+            raise _at("sources", f"{article(memory.type.value)} has no sources")
         if not isinstance(memory, Fact) and (
             self.valid_from is not None or self.valid_to is not None
         ):
-            raise ValueError(f"{article(memory.type.value)} has no validity (valid_from, valid_to)")
+            raise _at(
+                "valid_from" if self.valid_from is not None else "valid_to",
+                f"{article(memory.type.value)} has no validity (valid_from, valid_to)",
+            )
         if self.updated_at < self.created_at:
-            raise ValueError("updated_at is before created_at")
+            raise _at("updated_at", "updated_at is before created_at")
         if self.superseded_by is not None and self.valid_to is None:
-            raise ValueError("superseded_by names what replaced a closed fact: give valid_to")
+            raise _at(
+                "superseded_by", "superseded_by names what replaced a closed fact: give valid_to"
+            )
         if (
             self.valid_to is not None
             and self.valid_from is not None
             and self.valid_to < self.valid_from
         ):
-            raise ValueError("valid_to is before valid_from")
+            raise _at("valid_to", "valid_to is before valid_from")
         if self.period is not None and not isinstance(memory, Summary):
-            raise ValueError(f"{article(memory.type.value)} has no period")
+            raise _at("period", f"{article(memory.type.value)} has no period")
         if (self.span_start is not None or self.span_end is not None) and not isinstance(
             memory, Summary
         ):
-            raise ValueError(f"{article(memory.type.value)} has no span")
+            raise _at(
+                "span_start" if self.span_start is not None else "span_end",
+                f"{article(memory.type.value)} has no span",
+            )
         if (
             self.span_start is not None
             and self.span_end is not None
             and self.span_end < self.span_start
         ):
-            raise ValueError("span_end is before span_start")
+            raise _at("span_end", "span_end is before span_start")
         if self.session_role is not None and memory.session_id is None:
-            raise ValueError("session_role belongs to a memory of a session: give session_id")
+            raise _at(
+                "session_role", "session_role belongs to a memory of a session: give session_id"
+            )
         if self.session_role == "log" and not isinstance(memory, Conversation):
-            raise ValueError("a session's log is a conversation")
+            raise _at("session_role", "a session's log is a conversation")
         if self.session_role == "summary" and not isinstance(memory, Summary):
-            raise ValueError("a session's rolling summary is a summary")
+            raise _at("session_role", "a session's rolling summary is a summary")
         return self
 
 
@@ -373,4 +393,25 @@ def parse_memory_line(number: int, line: bytes) -> ExportedMemory:
             path of the value at fault (``memory.confidence``).
     """
     data = _json(number, line)
+    if not isinstance(data, dict):
+        # Reported on the line, as a line that is not JSON is: pydantic's error of a whole
+        # value has no location, and the fallback named ``memory (line N)``, no field.
+        raise InvalidInput(
+            f'line {number} is not a JSON object (a memory line: {{"id": ..., '
+            f'"memory": {{...}}, ...}}), but {_json_kind(data)}',
+            field="line",
+        )
     return validation.validate(_MEMORY_LINE, data, f"memory (line {number})")
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in words: ``an array``, ``a string``, ``null``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    return "a number"

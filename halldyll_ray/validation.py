@@ -26,6 +26,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from halldyll_ray.errors import QUOTE_CHARS, InvalidInput, clip, quoted
 from halldyll_ray.models import (
+    FIELD_CHECK,
     MAX_KEY_NAME_CHARS,
     SESSION_ID_PATTERN,
     UUID_FORM,
@@ -187,12 +188,13 @@ def error_field(error: Mapping[str, Any]) -> str:
     """The dotted field of one pydantic error: its location, plus ``type`` for a memory
     whose type tag is missing or unknown, plus the field a model-level check of every raw
     value names in its context (``unstorable_value``: a NUL in ``fact.statement`` is
-    reported on the model, ``fact``). The one mapping for :func:`first_error` (HTTP, MCP)
-    and :func:`validate` (Python)."""
+    reported on the model, ``fact``), or that a check across fields names (``FIELD_CHECK``:
+    an export line's ``updated_at`` before its ``created_at``). The one mapping for
+    :func:`first_error` (HTTP, MCP) and :func:`validate` (Python)."""
     loc = [str(part) for part in error["loc"]]
     if error.get("type") in ("union_tag_invalid", "union_tag_not_found"):
         loc.append("type")
-    elif error.get("type") == "unstorable_value":
+    elif error.get("type") in ("unstorable_value", FIELD_CHECK):
         loc.append(str((error.get("ctx") or {}).get("field") or ""))
     return error_location(loc)
 

@@ -383,7 +383,42 @@ class Ingestion:
         learned_from: UUID | None = None,
     ) -> list[StoredMemory]:
         """Embed the chunks of ``items`` in one call, then write them in one transaction;
-        with ``learned_from``, only while that conversation of the user exists (:meth:`learn`)."""
+        with ``learned_from``, only while that conversation of the user exists (:meth:`learn`).
+
+        A model of the batch deleted after it was resolved fails the insert on its foreign key
+        (NotFound on ``model``, nothing written): for a batch, it names the first memory
+        that gave that model (``index``, ``memories.i`` in the message), as a model unknown
+        from the start does. Which one is read after the transaction has ended, from the
+        registry, without a lock: a deleted model's id never comes back, and no lock is taken
+        on a model row in the write path (users.sql's lock order is unchanged)."""
+        try:
+            return await self._write_locked(
+                user_id, items, request_id=request_id, batch=batch, learned_from=learned_from
+            )
+        except NotFound as exc:
+            if not batch or exc.fields.get("field") != "model":
+                raise
+            registered: set[UUID] = set()
+            for index, item in enumerate(items):
+                if item.model_id is None or item.model_id in registered:
+                    continue
+                try:
+                    await self.registry.get(item.model_id)
+                except NotFound:
+                    raise _at_index(exc, index) from exc
+                registered.add(item.model_id)
+            raise
+
+    async def _write_locked(
+        self,
+        user_id: UUID,
+        items: Sequence[_Prepared],
+        *,
+        request_id: str | None,
+        batch: bool,
+        learned_from: UUID | None,
+    ) -> list[StoredMemory]:
+        """:meth:`_write_all`'s embedding and transaction."""
         plain = [i for i, item in enumerate(items) if not isinstance(item.memory, Fact)]
         facts = [i for i, item in enumerate(items) if isinstance(item.memory, Fact)]
         # The memories' chunks first, then the facts': one slice of vectors each.

@@ -43,7 +43,7 @@ from halldyll_ray.components.ingestion import Chunker
 from halldyll_ray.components.memories import near_duplicate, split, to_record
 from halldyll_ray.components.registry import ModelRegistry
 from halldyll_ray.config import Settings
-from halldyll_ray.errors import HalldyllError, InvalidInput, NotFound, Unavailable
+from halldyll_ray.errors import HalldyllError, InvalidInput, NotFound, Unavailable, quoted
 from halldyll_ray.language import detect_language
 from halldyll_ray.models import (
     MAX_FACT_SOURCES,
@@ -67,6 +67,7 @@ from halldyll_ray.portability import (
 )
 from halldyll_ray.storage.database import Database, translate_errors
 from halldyll_ray.storage.sql import bind, q
+from halldyll_ray.textproc import article
 from halldyll_ray.textproc import fact_key as make_fact_key
 
 #: Memories read from the export cursor at a time (with their conversations' messages).
@@ -523,17 +524,7 @@ class Transfer:
             wanted = [mapped.get(c, earlier.get(c, c)) for c in memory.covers]
             owned = {r["id"] for r in await conn.fetch(q("owned_ids"), user_id, wanted)}
             memory = memory.model_copy(update={"covers": [c for c in wanted if c in owned]})
-        role = record.session_role
-        if role is not None and (
-            memory.session_id is None
-            or await conn.fetchval(q("session_role_taken"), user_id, memory.session_id, role)
-        ):
-            role = None  # the session already has its own log or summary here
-        period = record.period
-        if period is not None and await conn.fetchval(
-            q("period_taken"), user_id, line.model_id, period
-        ):
-            period = None  # this scope has its own summary of that month here
+        await _check_unique_roles(conn, user_id, line)
         content, payload = split(memory)
         fact = memory if isinstance(memory, Fact) else None
         if fact is not None:
@@ -556,13 +547,13 @@ class Transfer:
                 fact_kind=None if fact is None else fact.kind.value,
                 reinforcement_count=record.reinforcement_count,
                 expires_at=_expiry(record, self.settings.ephemeral_fact_ttl_days),
-                session_role=role,
+                session_role=record.session_role,
                 message_count=len(record.messages),
                 created_at=record.created_at,
                 updated_at=record.updated_at,
                 valid_from=record.valid_from if fact is not None else None,
                 valid_to=record.valid_to if fact is not None else None,
-                period=period,
+                period=record.period,
                 span_start=record.span_start,
                 span_end=record.span_end,
             )
@@ -634,6 +625,43 @@ class Transfer:
         )
         await conn.execute(q("update_chunk_filters"), fact_id, user_id, row["tags"])
         return fact_id
+
+
+async def _check_unique_roles(conn: asyncpg.Connection, user_id: UUID, line: _Line) -> None:
+    """Refuse a line whose session role or period is held here already (InvalidInput on
+    ``session_role`` or ``period``), as the live paths keep them: one log and one rolling
+    summary per user and session (``record_turn`` appends to the log, a refresh rewrites the
+    summary), one period summary per user, model scope and month (a roll-up rewrites it).
+
+    Held by a memory stored before or by an earlier line of the file: a file that holds two
+    logs of one session (two exports put together) contradicts itself. Such a line was
+    imported stripped of its role or period, without a word: a session's second log became
+    a conversation of its own, and a session's or month's second summary a summary the user
+    wrote, which deleting what it covers no longer deletes (only the service's own
+    summaries are: their words are the covered memories'). Refused, it is reported, nothing
+    is written, and the user decides (without ``session_role`` or ``period`` the line imports
+    as a memory of its own)."""
+    record, memory = line.record, line.record.memory
+    role = record.session_role
+    if role is not None and await conn.fetchval(
+        q("session_role_taken"), user_id, memory.session_id, role
+    ):
+        held = "log" if role == "log" else "rolling summary"
+        raise InvalidInput(
+            f"session {quoted(memory.session_id)} already has its {held} here (stored before, "
+            f"or an earlier line of the file): a session has one; without session_role the "
+            f"line imports as {article(memory.type.value)} of its own",
+            field="session_role",
+        )
+    if record.period is not None and await conn.fetchval(
+        q("period_taken"), user_id, line.model_id, record.period
+    ):
+        raise InvalidInput(
+            f"the summary of {record.period} in this AI model scope is here already (stored "
+            "before, or an earlier line of the file): a scope has one a month; without "
+            "period the line imports as a summary of its own",
+            field="period",
+        )
 
 
 async def _link_successors(

@@ -554,3 +554,32 @@ async def test_a_model_deleted_while_an_import_waits_costs_its_lines_only(
     assert [(e.line, e.field) for e in report.errors] == [(3, "memory.model")]
     facts = await engine.list_memories(user.id, types=["fact"])
     assert sorted(f.text for f in facts.items) == ["Dana reads maps", "Dana sings"]
+
+
+async def test_a_model_deleted_during_a_batch_store_names_the_first_memory_that_gave_it(
+    engine: MemoryEngine, second: MemoryEngine
+) -> None:
+    """A batch's models are resolved before the user's lock; one deleted in between failed
+    the insert on its foreign key, a NotFound without the ``index`` that the same batch's
+    NotFound carries when the model is unknown from the start. It names the first memory
+    that gave the model (here a fact, written after the image that failed), and nothing of
+    the batch is stored."""
+    user = await engine.create_user(f"batcher-{uuid.uuid4().hex[:8]}", None, "user")
+    name = f"leaving-{uuid.uuid4().hex[:8]}"
+    await engine.register_model(name, "llm")
+    batch = [
+        {"type": "fact", "statement": "Ola rows at dawn"},
+        {"type": "fact", "statement": "Ola keeps bees", "model": name},
+        {"type": "image", "prompt": "a hive in a meadow", "model": name},
+    ]
+    async with engine.db.scoped(user.id) as busy:  # the user's lock, held by another write
+        await busy.execute(q("lock_writer"), user.id)
+        stored = asyncio.create_task(second.store_memories(user.id, batch))
+        await asyncio.sleep(1.0)  # the batch resolved and embedded, the store waits
+        assert not stored.done()
+        await second.delete_model(name)  # no memory names it yet
+    with pytest.raises(NotFound) as caught:
+        await stored
+    assert caught.value.fields == {"field": "model", "index": 1}
+    assert caught.value.message.startswith("memories.1: ")
+    assert (await engine.list_memories(user.id)).items == []

@@ -252,10 +252,10 @@ async def test_bad_lines_are_reported_by_number_and_the_good_ones_imported(
         (8, "id"),
         (9, "line"),
         (10, "line"),
-        (11, "memory (line 11)"),
+        (11, "messages"),
         (12, "sources.0"),
         (13, "created_at"),
-        (15, "memory (line 15)"),
+        (15, "updated_at"),
         (16, "expires_at"),
         (17, "created_at"),
         (18, "period"),
@@ -579,3 +579,157 @@ async def test_facts_sources_follow_their_conversations_into_another_user(
     restored = await engine.import_memories(source, [ndjson(exported)])
     assert restored.created == {} and restored.unchanged == len(exported) - 1
     assert (await engine.get_memory(source, porto.id)).sources == [f"conversation:{first.id}"]
+
+
+def _line(memory: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """An export line of ``memory`` (a fresh id, stamped in 2024)."""
+    at = "2024-01-01T00:00:00Z"
+    return {"id": str(uuid.uuid4()), "memory": memory, "created_at": at, "updated_at": at, **extra}
+
+
+def _log(session: str, said: str) -> dict[str, Any]:
+    return _line(
+        {"type": "conversation", "session_id": session},
+        session_role="log",
+        messages=[{"role": "user", "content": said}],
+    )
+
+
+def _session_summary(session: str, text: str) -> dict[str, Any]:
+    return _line({"type": "summary", "text": text, "session_id": session}, session_role="summary")
+
+
+async def test_a_second_log_or_summary_of_a_session_or_month_in_a_file_is_refused(
+    engine: MemoryEngine,
+) -> None:
+    """A session has one log and one rolling summary, a model scope one summary a month, as
+    record_turn and the roll-ups keep them. A file holding two (two exports put together)
+    had its second one imported stripped of its role or period without a word: a second
+    conversation of the session, and summaries that deleting what they cover left behind.
+    The second is reported on its field and not imported; the first is, and nothing else
+    changes (atomic: the whole file is refused)."""
+    user = await _user(engine, "twice")
+    lines = [
+        _log("s-1", "We leave at nine"),
+        _log("s-1", "We leave at ten"),
+        _session_summary("s-1", "Leaving at nine"),
+        _session_summary("s-1", "Leaving at ten"),
+        _line({"type": "summary", "text": "January: trips"}, period="2024-01"),
+        _line({"type": "summary", "text": "January: trains"}, period="2024-01"),
+        _log("s-2", "Another session"),  # another session and month are their own
+        _line({"type": "summary", "text": "February: trips"}, period="2024-02"),
+    ]
+    file = ndjson([export_header(), *lines])
+    with pytest.raises(InvalidInput) as caught:
+        await engine.import_memories(user, [file], atomic=True)
+    assert [(e["line"], e["field"]) for e in caught.value.fields["report"]["errors"]] == [
+        (3, "session_role"),
+        (5, "session_role"),
+        (7, "period"),
+    ]
+    assert (await engine.list_memories(user)).items == []
+    report = await engine.import_memories(user, [file])
+    assert [(e.line, e.field) for e in report.errors] == [
+        (3, "session_role"),
+        (5, "session_role"),
+        (7, "period"),
+    ]
+    assert "already has its log" in report.errors[0].message
+    assert report.created == {"conversation": 2, "summary": 3}, report
+    exported = (await export_lines(engine, user))[1:]
+    texts = {
+        line["memory"].get("text") or line["messages"][0]["content"]: (
+            line["session_role"],
+            line["period"],
+        )
+        for line in exported
+    }
+    assert texts == {
+        "We leave at nine": ("log", None),
+        "Another session": ("log", None),
+        "Leaving at nine": ("summary", None),
+        "January: trips": (None, "2024-01"),
+        "February: trips": (None, "2024-02"),
+    }
+    # Importing the file again changes nothing, and refuses the same lines.
+    again = await engine.import_memories(user, [file])
+    assert again.unchanged == 5 and [e.line for e in again.errors] == [3, 5, 7]
+    assert (await export_lines(engine, user))[1:] == exported
+    # A turn of the session goes on in the one log that was imported.
+    await engine.record_turn(user, "s-1", "At nine then", "Yes")
+    log = next(
+        line
+        for line in exported
+        if line["memory"].get("session_id") == "s-1" and line["session_role"] == "log"
+    )
+    stored = await engine.get_memory(user, log["id"])
+    assert [m.content for m in stored.messages] == ["We leave at nine", "At nine then", "Yes"]
+
+
+async def test_a_log_or_summary_a_session_or_month_already_has_is_refused_and_kept(
+    engine: MemoryEngine,
+) -> None:
+    """A file's log of a session the user already records (record_turn), or summary of a
+    month the user's scope has already, is refused; what is stored does not change."""
+    user = await _user(engine, "held")
+    await engine.record_turn(user, "s-9", "I live in Porto", "Noted")
+    period = {"type": "summary", "text": "March: Porto"}
+    await engine.import_memories(user, [ndjson([export_header(), _line(period, period="2024-03")])])
+    before = await export_lines(engine, user)
+    file = ndjson(
+        [
+            export_header(),
+            _log("s-9", "I live in Braga"),
+            _line({"type": "summary", "text": "March: Braga"}, period="2024-03"),
+        ]
+    )
+    report = await engine.import_memories(user, [file])
+    assert [(e.line, e.field) for e in report.errors] == [(2, "session_role"), (3, "period")]
+    assert report.created == {}
+    assert (await export_lines(engine, user))[1:] == before[1:]
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        (b"[1, 2]", "line"),
+        (b'"a memory"', "line"),
+        (b"42", "line"),
+        (b"null", "line"),
+        (b"true", "line"),
+    ],
+)
+async def test_a_line_that_is_not_a_json_object_is_reported_on_the_line(
+    engine: MemoryEngine, line: bytes, field: str
+) -> None:
+    """A memory line that is JSON but not an object was reported on ``memory (line 2)``,
+    which is no field of the line: it is the line's fault, as a line that is not JSON is."""
+    user = await _user(engine, "notobj")
+    file = ndjson([export_header()]) + line + b"\n" + ndjson([fact_line("Gus sails")])
+    report = await engine.import_memories(user, [file])
+    assert [(e.line, e.field) for e in report.errors] == [(2, field)]
+    assert "not a JSON object" in report.errors[0].message
+    assert report.created == {"fact": 1}
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"sources": ["chat 1"]}, "sources"),
+        ({"valid_from": "2024-01-01T00:00:00Z"}, "valid_from"),
+        ({"period": "2024-01"}, "period"),
+        ({"span_end": "2024-01-01T00:00:00Z"}, "span_end"),
+        ({"session_role": "log"}, "session_role"),
+        ({"updated_at": "2023-01-01T00:00:00Z"}, "updated_at"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "messages"),
+    ],
+)
+async def test_a_check_across_a_lines_fields_names_the_field_at_fault(
+    engine: MemoryEngine, extra: dict[str, Any], field: str
+) -> None:
+    """The checks that read more than one field of a line (what its type has, times in
+    order) named the whole line, ``memory (line 2)``; each names the field at fault."""
+    user = await _user(engine, "across")
+    image = _line({"type": "image", "prompt": "a red boat"}, **extra)
+    report = await engine.import_memories(user, [ndjson([export_header(), image])])
+    assert [(e.line, e.field) for e in report.errors] == [(2, field)]

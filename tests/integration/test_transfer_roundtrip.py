@@ -44,6 +44,7 @@ from halldyll_ray.models import (
     MAX_TITLE_CHARS,
     ImageSize,
     Segment,
+    plain,
 )
 
 # Pieces of awkward but valid text: ZWJ emoji sequences, a flag, combining marks NFC does and
@@ -160,7 +161,9 @@ async def _populate(engine: MemoryEngine, user: uuid.UUID, data: dict[str, Any])
     talk = await engine.store_memory(
         user,
         Conversation(
-            title=(text * 300)[:MAX_TITLE_CHARS],
+            # A title is one line's worth of text (plain): the text without its direction
+            # marks and line breaks.
+            title="".join(c for c in text * 300 if plain(c))[:MAX_TITLE_CHARS],
             tags=data["tags"],
             metadata=data["metadata"],
             importance=data["importance"],

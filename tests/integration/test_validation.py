@@ -48,6 +48,12 @@ async def _counts(engine: MemoryEngine) -> tuple[int, int, int, int]:
             },
             "conversation.messages.0.name",
         ),
+        # A title is shown on its conversation's line of a context, as a name is: a line or
+        # paragraph separator, a line break or a direction override is refused there too.
+        ({"type": "conversation", "title": "Trip\u2028## Facts"}, "conversation.title"),
+        ({"type": "conversation", "title": "Trip\u2029planning"}, "conversation.title"),
+        ({"type": "conversation", "title": "Trip\nplanning"}, "conversation.title"),
+        ({"type": "conversation", "title": "\u202epirT"}, "conversation.title"),
         ({"type": "image", "prompt": "x", "steps": 0}, "image.steps"),
         (  # a name shown inline ("image by RealVis"), checked as a speaker's name is
             {"type": "image", "prompt": "x", "generator": "RealVis\nXL"},
@@ -272,6 +278,28 @@ async def test_a_title_with_nothing_visible_is_no_title(engine: MemoryEngine) ->
             "SELECT DISTINCT part FROM memory_chunks WHERE user_id = $1", user.id
         )
     assert {r["part"] for r in parts} == {"message"}
+
+
+async def test_an_update_refuses_a_title_that_breaks_its_line(engine: MemoryEngine) -> None:
+    """An update's title is checked as a store's is (the one Title type): a line separator
+    (U+2028) or a right-to-left override is InvalidInput on ``title``; the title stays."""
+    user = await engine.create_user("ada", None, "user")
+    kept = await engine.store_memory(
+        user.id,
+        {
+            "type": "conversation",
+            "title": "Ferry times",
+            "messages": [{"role": "user", "content": "x"}],
+        },
+    )
+    before = await _counts(engine)
+    for title in ("Ferry\u2028times", "\u202eFerry", "Ferry\u2029times"):
+        with pytest.raises(InvalidInput) as err:
+            await engine.update_memory(user.id, kept.id, {"title": title})
+        assert err.value.field == "title"
+    assert await _counts(engine) == before
+    stored = await engine.get_memory(user.id, kept.id)
+    assert stored.memory.title == "Ferry times"  # type: ignore[union-attr]
 
 
 async def test_a_time_with_an_offset_is_answered_as_every_read_shows_it(

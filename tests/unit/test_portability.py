@@ -45,7 +45,7 @@ async def test_an_overlong_line_is_dropped_as_it_arrives_and_reported_empty() ->
         (b"\xff", "line"),
         (b"{", "line"),
         (b"[" * 50_000, "line"),
-        (b'"text"', "memory (line 7)"),
+        (b'"text"', "line"),  # JSON, but not an object: the line's fault, as not JSON is
         (b'{"id": "00000000-0000-4000-8000-000000000000"}', "memory"),
     ],
 )
@@ -96,21 +96,24 @@ def _summary_line(**extra: object) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("extra", "reason"),
+    ("extra", "reason", "field"),
     [
         (
             {"span_start": "2024-03-02T00:00:00Z", "span_end": "2024-03-01T00:00:00Z"},
             "span_end is before span_start",
+            "span_end",
         ),
-        ({"session_role": "summary"}, "give session_id"),
+        ({"session_role": "summary"}, "give session_id", "session_role"),
         (
             {"session_role": "log", "memory": {"type": "summary", "text": "x", "session_id": "s1"}},
             "a session's log is a conversation",
+            "session_role",
         ),
     ],
 )
-def test_an_inconsistent_line_is_refused(extra: dict[str, object], reason: str) -> None:
-    with pytest.raises(InvalidInput, match=reason):
+def test_an_inconsistent_line_is_refused(extra: dict[str, object], reason: str, field: str) -> None:
+    with pytest.raises(InvalidInput, match=reason) as caught:
         parse_memory_line(3, _summary_line(**extra))
+    assert caught.value.field == field  # the field at fault, not "memory (line 3)"
     # The same line without the inconsistency is taken.
     assert parse_memory_line(3, _summary_line()).memory.type.value == "summary"
