@@ -304,21 +304,25 @@ class Request(Generic[T]):
     params: dict[str, str] | None = None
 
     def content(self) -> tuple[bytes | None, dict[str, str]]:
-        """The body as UTF-8 JSON, and its headers. InvalidInput (``field`` ``body``) for what
-        JSON cannot carry: NaN or an infinity (the API refuses them), or a lone UTF-16
-        surrogate (no UTF-8 form); httpx raised a bare ValueError or UnicodeEncodeError."""
+        """The body as UTF-8 JSON, and its headers. InvalidInput (``field`` ``body``, as the
+        API answers such a body) for what JSON cannot carry: NaN or an infinity (the API
+        refuses them), or nesting too deep; httpx raised a bare ValueError. A lone UTF-16
+        surrogate (no UTF-8 form) is written as its JSON escape (``\\ud800``), as a raw body
+        would carry it: the server names the field at fault (``query``, ``fact.statement``)
+        in its 422, with its request id, as it does for that raw body."""
         if self.json is None:
             return None, {}
         try:
             text = json.dumps(self.json, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
-            return text.encode("utf-8"), {"Content-Type": "application/json"}
-        except (ValueError, UnicodeEncodeError, RecursionError) as exc:
-            reason: object = exc
-            if isinstance(exc, UnicodeEncodeError):
-                reason = "a lone UTF-16 surrogate"
-            elif isinstance(exc, RecursionError):
-                reason = "nested too deep"
+        except (ValueError, RecursionError) as exc:
+            reason = "nested too deep" if isinstance(exc, RecursionError) else exc
             raise InvalidInput(f"the body is not JSON: {reason}", field="body") from None
+        try:
+            body = text.encode("utf-8")
+        except UnicodeEncodeError:
+            # Every character past ASCII escaped: the same JSON value, lone surrogates included.
+            body = json.dumps(self.json, allow_nan=False, separators=(",", ":")).encode("ascii")
+        return body, {"Content-Type": "application/json"}
 
     def finish(self, response: httpx.Response) -> T:
         try:
@@ -382,15 +386,36 @@ def unchecked(schema: type[M], /, **values: Any) -> M:
     return schema.model_construct(**values)
 
 
+def _jsonable(value: Any) -> Any:
+    """``value`` as the JSON it stands for, each value as it is, not as a field's type would
+    write it: an unchecked body may hold what its field type does not (a tuple for a list, a
+    plain string for an enum), and a field's serializer turned ``limit=True`` into ``1`` and
+    ``threshold=True`` into ``1.0``, which the server took where a raw body's ``true`` is a
+    422 (the request models have no aliases or serializers of their own). A model's unset
+    options (None) are left out. Keys are kept as given: pydantic's own conversion refused a
+    key holding a lone surrogate, which a raw body carries as its escape."""
+    if isinstance(value, BaseModel):
+        fields = type(value).model_fields
+        return {
+            name: _jsonable(item)
+            for name, item in value
+            if item is not None and not (name in fields and fields[name].exclude)
+        }
+    if isinstance(value, Mapping):
+        return {
+            key if isinstance(key, str) else to_jsonable_python(key): _jsonable(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    return to_jsonable_python(value)
+
+
 def _body(value: BaseModel | Mapping[str, Any]) -> Any:
-    """The JSON body: unset options (None) are left out, so the server's defaults apply."""
+    """The JSON body: unset options (None) are left out, so the server's defaults apply.
+    Anything else that is JSON goes as it is: the server says what is wrong with it."""
     try:
-        if isinstance(value, BaseModel):
-            # warnings=False: an unchecked body may hold what its field type does not (a
-            # tuple for a list, a plain string for an enum); it is written as JSON all the same.
-            return value.model_dump(mode="json", exclude_none=True, warnings=False)
-        # Anything else that is JSON goes as it is: the server says what is wrong with it.
-        return to_jsonable_python(dict(value) if isinstance(value, Mapping) else value)
+        return _jsonable(dict(value) if isinstance(value, Mapping) else value)
     except PydanticSerializationError as exc:
         raise InvalidInput(f"the body is not JSON: {exc}", field="body") from None
     except (ValueError, RecursionError) as exc:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Annotated, Any, TypeVar, cast
@@ -39,14 +40,19 @@ import strawberry
 from cross_web import HTTPException
 from fastapi import FastAPI
 from graphql import (
+    ArgumentNode,
     DocumentNode,
     FieldNode,
     FragmentDefinitionNode,
     FragmentSpreadNode,
     GraphQLError,
     InlineFragmentNode,
+    ListValueNode,
+    Node,
     OperationDefinitionNode,
     SelectionSetNode,
+    VariableDefinitionNode,
+    VariableNode,
 )
 from starlette.requests import HTTPConnection, Request
 from starlette.types import Receive, Scope, Send
@@ -69,7 +75,7 @@ from strawberry.types.graphql import OperationType
 from halldyll_ray import models as hm
 from halldyll_ray import requestctx, validation
 from halldyll_ray.client import AsyncHalldyllClient
-from halldyll_ray.errors import AuthenticationFailed, HalldyllError, bound_quotes
+from halldyll_ray.errors import AuthenticationFailed, HalldyllError, bound_quotes, field_path
 from halldyll_ray.serve import http
 from halldyll_ray.serve.http import error_response, status_of
 from halldyll_ray.serve.loopback import (
@@ -946,7 +952,81 @@ class _MaskUnexpected(MaskErrors):
     def _process_errors(self, errors: list[GraphQLError]) -> list[GraphQLError]:
         # Every error the client gets, its message bounded: graphql-core's own (a bad
         # document, a variable's value) quote the caller's names and values whole.
-        return [_bounded(error) for error in super()._process_errors(errors)]
+        document = self.execution_context.graphql_document
+        return [_bounded(_coded(error, document)) for error in super()._process_errors(errors)]
+
+
+#: graphql-core's words for an argument that is required and not given.
+_REQUIRED_ARGUMENT = re.compile(
+    r"argument '(\w+)' of type '[^']*' is required"
+    r"|Argument '[^'(]*\((\w+):\)' of type '[^']*' is required"
+)
+
+
+def _coded(error: GraphQLError, document: DocumentNode | None) -> GraphQLError:
+    """graphql-core's own refusal of a document or a variable (no ``code``: not an answer
+    of the API) with the ``extensions`` of the API's: ``invalid_input``, and for a bad
+    argument (an unknown one, a value of the wrong type or not of its enum, a required one
+    missing, a variable holding such a value) the REST status, 422, and ``field``, the
+    argument as REST names the body field or query parameter (``limit``, ``user_id``,
+    ``types.1``). A ``limit: "5"`` was a GraphQL error without a code or field, where REST
+    answers 422 on ``limit`` and the API's own checks (``limit: 0``) answer that here too.
+    Other document errors (syntax, an unknown field) get the status of a malformed
+    request, 400."""
+    cause = _cause(error)
+    if (error.extensions or {}).get("code") or not isinstance(cause, GraphQLError | None):
+        return error
+    try:
+        argument = _argument_of(error, document)
+    except RecursionError:  # lists in lists, about a thousand deep: about no argument then
+        argument = None
+    if argument is None:
+        error.extensions = {"code": "invalid_input", "status_code": 400}
+    else:
+        # REST's snake_case (``includeShared``: ``include_shared``), cut as REST cuts a
+        # name the caller chose (an unknown argument's).
+        field = field_path(re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", argument).lower())
+        error.extensions = {"code": "invalid_input", "status_code": 422, "field": field}
+    return error
+
+
+def _argument_of(error: GraphQLError, document: DocumentNode | None) -> str | None:
+    """The argument (``name`` or ``name.index`` for an item of a list) an error of
+    graphql-core is about, as the document names it; None when it is about none."""
+    required = _REQUIRED_ARGUMENT.search(error.message)
+    if required:
+        return required.group(1) or required.group(2)
+    node = error.nodes[0] if error.nodes else None
+    if isinstance(node, ArgumentNode):
+        return node.name.value
+    if node is None or document is None:
+        return None
+    for argument in _arguments(document):
+        value = argument.value
+        if value is node:
+            return argument.name.value
+        if isinstance(value, ListValueNode):
+            for index, item in enumerate(value.values):
+                if item is node:
+                    return f"{argument.name.value}.{index}"
+        if (
+            isinstance(node, VariableDefinitionNode)
+            and isinstance(value, VariableNode)
+            and value.name.value == node.variable.name.value
+        ):
+            return argument.name.value
+    return None
+
+
+def _arguments(node: Node) -> Iterator[ArgumentNode]:
+    """Every argument node under ``node``, in document order."""
+    if isinstance(node, ArgumentNode):
+        yield node
+    for key in node.keys:
+        child = getattr(node, key, None)
+        for item in child if isinstance(child, tuple | list) else (child,):
+            if isinstance(item, Node):
+                yield from _arguments(item)
 
 
 def _bounded(error: GraphQLError) -> GraphQLError:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -345,6 +345,10 @@ def _body_limit(scope: Any) -> int:
 #: parameter (``.../memories/batch`` against ``.../memories/{memory_id}``): each literal
 #: route's path pattern and methods (:func:`reserve_literal_segments`).
 _LITERAL: list[tuple[re.Pattern[str], frozenset[str]]] = []
+#: Every route's path pattern and template, for naming the parameter a path segment fills
+#: (:func:`_path_parameter`; kept by :func:`reserve_literal_segments`, which sees the routes
+#: before ``serve.ingress`` moves them under a router of its own).
+_TEMPLATES: list[tuple[re.Pattern[str], str]] = []
 
 
 def reserve_literal_segments(routes: Sequence[Any]) -> None:
@@ -359,6 +363,11 @@ def reserve_literal_segments(routes: Sequence[Any]) -> None:
     reserved: another method there gets the 405 from the request middleware.
     """
     _LITERAL.clear()
+    _TEMPLATES[:] = [
+        (route.path_regex, route.path)
+        for route in routes
+        if isinstance(getattr(route, "path", None), str) and hasattr(route, "path_regex")
+    ]
     shapes = [
         (route, route.path.strip("/").split("/"))
         for route in routes
@@ -435,6 +444,70 @@ def _repeated_parameter(scope: Any) -> str | None:
         if name in seen:
             return name[:100]
         seen.add(name)
+    return None
+
+
+def _not_utf8(raw: bytes) -> str | None:
+    """Why ``raw`` (a path segment or a query parameter's name or value, as sent) is not
+    UTF-8 text once percent-decoded, or None when it is."""
+    try:
+        unquote_to_bytes(raw.replace(b"+", b" ")).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"byte 0x{exc.object[exc.start]:02X}: {exc.reason}"
+    return None
+
+
+def _path_parameter(scope: Any, index: int) -> str:
+    """The name of the parameter that segment ``index`` of the request's path fills in the
+    route whose pattern the path matches (the rest of a ``{ref:path}``'s segments too);
+    ``path`` when no route matches or the segment is a literal one."""
+    path = scope.get("path") or ""
+    for regex, template in _TEMPLATES:
+        if not regex.match(path):
+            continue
+        parts = template.strip("/").split("/")
+        for at, part in enumerate(parts):
+            if part.startswith("{") and (at == index or (at < index and part.endswith(":path}"))):
+                return part[1:-1].partition(":")[0]
+        break
+    return "path"
+
+
+def _url_not_utf8(scope: Any) -> tuple[str, str] | None:
+    """The field (a path parameter's name, a query parameter's name) and the message of the
+    first part of the request's URL that is not UTF-8 once percent-decoded, or None.
+
+    The server decodes such bytes as U+FFFD: ``GET /v1/models/%FF`` was a 404 naming
+    '\ufffd' and ``?cursor=%FF`` a cursor of replacement characters, where a body that is
+    not UTF-8 is a 422 "not UTF-8"."""
+    raw_path: bytes | None = scope.get("raw_path")
+    # Plain ASCII without a percent-escape (most requests) is UTF-8: nothing to decode.
+    if raw_path is not None and (b"%" in raw_path or not raw_path.isascii()):
+        for index, segment in enumerate(raw_path.split(b"?", 1)[0].strip(b"/").split(b"/")):
+            reason = _not_utf8(segment)
+            if reason is not None:
+                field = _path_parameter(scope, index)
+                what = "the path" if field == "path" else f"path parameter {field}"
+                return field, f"{what} is not UTF-8 text once percent-decoded ({reason})"
+    query: bytes = scope.get("query_string") or b""
+    if b"%" not in query and query.isascii():
+        return None
+    for pair in query.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        bad_name = _not_utf8(name)
+        if bad_name is not None:
+            # Named as the caller wrote it, percent-escapes and all.
+            field = field_path(name.decode("latin-1"))
+            return field, (
+                f"query parameter name {quoted(field)} is not UTF-8 text once percent-decoded "
+                f"({bad_name})"
+            )
+        reason = _not_utf8(value)
+        if reason is not None:
+            field = field_path(unquote_to_bytes(name.replace(b"+", b" ")).decode())
+            return field, (
+                f"query parameter {quoted(field)} is not UTF-8 text once percent-decoded ({reason})"
+            )
     return None
 
 
@@ -546,6 +619,14 @@ class _RequestContext:
             self._record(scope, request_id, 400, time.perf_counter())
             return
         header = _repeated_header(scope)
+        not_utf8 = None if header and header[1] == 401 else _url_not_utf8(scope)
+        if not_utf8 is not None:
+            refusal = error_response(
+                422, "invalid_input", not_utf8[1], request_id, field=not_utf8[0]
+            )
+            await refusal(scope, receive, send)
+            self._record(scope, request_id, 422, time.perf_counter())
+            return
         repeated = None if header and header[1] == 401 else _repeated_parameter(scope)
         if repeated is not None or header is not None:
             field: str | None

@@ -48,12 +48,12 @@ def _nested(depth: int) -> dict[str, Any]:
         (lambda c: c.get_memory("\ud800"), "memory_id", "memory_id"),
         (lambda c: c.list_memories(tags=["\ud800"]), "tags", "tags"),
         (
-            lambda c: c.store_memory({"type": "fact", "statement": "x", "metadata": _nested(300)}),
+            lambda c: c.store_memory({"type": "fact", "statement": "x", "metadata": _nested(5000)}),
             "body",
             "the body is not JSON",
         ),
         (
-            lambda c: c.store_memories([{"type": "fact", "statement": "x", "a": _nested(300)}]),
+            lambda c: c.store_memories([{"type": "fact", "statement": "x", "a": _nested(5000)}]),
             "body",
             "the body is not JSON",
         ),

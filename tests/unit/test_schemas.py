@@ -229,18 +229,42 @@ def test_visible_text(text: str, seen: bool) -> None:
     [
         ({"type": "fact", "statement": "x", "metadata": {"a": float("nan")}}, "not JSON"),
         ({"type": "fact", "statement": "x", "confidence": float("inf")}, "not JSON"),
-        ({"type": "fact", "statement": "x\udc97"}, "surrogate"),
     ],
 )
 def test_the_client_refuses_a_body_json_cannot_carry(memory: dict[str, Any], reason: str) -> None:
-    """InvalidInput before anything is sent, not httpx's bare ValueError or
-    UnicodeEncodeError (the MCP server's tools call this client)."""
+    """InvalidInput before anything is sent, not httpx's bare ValueError (the MCP server's
+    tools call this client)."""
     sent: list[httpx.Request] = []
     transport = httpx.MockTransport(lambda request: sent.append(request) or httpx.Response(500))
     client = HalldyllClient("http://halldyll.invalid", "key", transport=transport)
     with client, pytest.raises(InvalidInput, match=reason) as refused:
         client.store_memory(memory)
     assert refused.value.field == "body" and sent == []
+
+
+@pytest.mark.parametrize(
+    "memory",
+    [
+        {"type": "fact", "statement": "x\udc97"},
+        {"type": "fact", "statement": "x", "metadata": {"\ud800": "é"}},
+    ],
+)
+def test_the_client_sends_a_lone_surrogate_as_its_json_escape(memory: dict[str, Any]) -> None:
+    """A lone surrogate has no UTF-8 form: it goes as its JSON escape, as a raw body carries
+    it, so the server names the field at fault (it was the client's own InvalidInput on
+    ``body``, where REST names ``fact.statement``)."""
+    sent: list[httpx.Request] = []
+    refusal = {"error": {"code": "invalid_input", "message": "m", "request_id": "r", "field": "f"}}
+    transport = httpx.MockTransport(
+        lambda request: sent.append(request) or httpx.Response(422, json=refusal)
+    )
+    client = HalldyllClient("http://halldyll.invalid", "key", transport=transport)
+    with client, pytest.raises(InvalidInput) as refused:
+        client.store_memory(memory)
+    assert refused.value.fields["field"] == "f"
+    (request,) = sent
+    assert request.content.isascii()
+    assert json.loads(request.content) == memory
 
 
 def test_a_summary_covers_each_memory_once() -> None:
