@@ -416,15 +416,20 @@ def memory_types(values: Iterable[MemoryType | str] | None) -> list[str] | None:
     return names or None
 
 
-def session_id(value: str | None) -> str | None:
+def _matching(value: object, pattern: re.Pattern[str], field: str, rule: str) -> str | None:
+    """``value`` when it is None or a string that ``pattern`` matches whole; otherwise
+    InvalidInput ``"<field> must be <rule>"`` naming ``field``."""
     if value is None:
         return None
-    if not isinstance(value, str) or not SESSION_ID.fullmatch(value):
-        raise InvalidInput(
-            "session_id must be 1-128 characters of letters, digits and . _ : @ -",
-            field="session_id",
-        )
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise InvalidInput(f"{field} must be {rule}", field=field)
     return value
+
+
+def session_id(value: str | None) -> str | None:
+    return _matching(
+        value, SESSION_ID, "session_id", "1-128 characters of letters, digits and . _ : @ -"
+    )
 
 
 def timestamp(value: datetime | None, field: str) -> datetime | None:
@@ -491,14 +496,7 @@ def request_id(value: object) -> str | None:
     and ``. _ : -`` (:data:`REQUEST_ID`, as the HTTP API takes the header). It is written to
     audit rows, so it is checked before anything else is: a number or a NUL failed the
     audit write, after a turn's session log was created."""
-    if value is None:
-        return None
-    if not isinstance(value, str) or not REQUEST_ID.fullmatch(value):
-        raise InvalidInput(
-            "request_id must be 1-128 letters, digits, '.', '_', ':' or '-'",
-            field="request_id",
-        )
-    return value
+    return _matching(value, REQUEST_ID, "request_id", "1-128 letters, digits, '.', '_', ':' or '-'")
 
 
 IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,128}")
@@ -506,11 +504,9 @@ IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,128}")
 
 def idempotency_key(value: str | None) -> str | None:
     """A client's idempotency key: 1-128 printable ASCII characters without spaces."""
-    if value is None:
-        return None
-    if not isinstance(value, str) or not IDEMPOTENCY_KEY.fullmatch(value):
-        raise InvalidInput(
-            "idempotency_key must be 1-128 printable ASCII characters without spaces",
-            field="idempotency_key",
-        )
-    return value
+    return _matching(
+        value,
+        IDEMPOTENCY_KEY,
+        "idempotency_key",
+        "1-128 printable ASCII characters without spaces",
+    )
