@@ -62,6 +62,14 @@ def _refuse_constant(name: str) -> Any:
     raise _Refused(name, f"{name} is not a JSON number (RFC 8259)")
 
 
+def _parse_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        # 1e999 is a JSON number that Python's parser reads as inf: the Infinity it refuses.
+        raise _Refused(literal, f"{clip(literal)} is too large a number (it reads as Infinity)")
+    return value
+
+
 def _parse_int(literal: str) -> int:
     digits = len(literal.lstrip("-"))
     if digits > sys.get_int_max_str_digits() > 0:
@@ -98,6 +106,8 @@ def json_loads(data: str | bytes) -> Any:
     - ``NaN``, ``Infinity`` and ``-Infinity``: RFC 8259 (section 6) has no such numbers,
       but Python's parser takes them: a ``"confidence": NaN`` was refused as "less than or
       equal to 1", and a number field without bounds took the value as given;
+    - a number too large for a float (``1e999``, ``-1e400``): JSON has it, but Python reads
+      it as ``inf``, the Infinity refused above (RFC 8259 lets a parser limit the range);
     - an integer of more digits than Python converts (``sys.get_int_max_str_digits()``,
       4,300 by default; RFC 8259 lets a parser limit the range of numbers): it was a bare
       ValueError, a 500 where a caller expected only JSONDecodeError;
@@ -112,7 +122,9 @@ def json_loads(data: str | bytes) -> Any:
         json.JSONDecodeError: any of these; ``pos`` is where.
     """
     try:
-        return json.loads(data, parse_constant=_refuse_constant, parse_int=_parse_int)
+        return json.loads(
+            data, parse_constant=_refuse_constant, parse_float=_parse_float, parse_int=_parse_int
+        )
     except UnicodeDecodeError as exc:
         message = f"the body is not {exc.encoding.upper()} text ({exc.reason})"
         raise json.JSONDecodeError(message, "", exc.start) from None

@@ -38,6 +38,7 @@ deployment gives it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -49,9 +50,10 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from halldyll_ray import validation
 from halldyll_ray.client import AsyncHalldyllClient
-from halldyll_ray.errors import AuthenticationFailed
-from halldyll_ray.mcp_server import build_mcp_server
+from halldyll_ray.errors import AuthenticationFailed, InvalidInput
+from halldyll_ray.mcp_server import build_mcp_server, describe
 from halldyll_ray.serve.http import error_response
 from halldyll_ray.serve.loopback import (
     Loopback,
@@ -60,6 +62,7 @@ from halldyll_ray.serve.loopback import (
     relay,
     request_id_of,
 )
+from halldyll_ray.validation import error_location
 
 #: Where the MCP endpoint is served.
 MCP_PATH = "/mcp"
@@ -127,9 +130,9 @@ class McpEndpoint:
             return
         if scope.get("method") == "POST":
             body, receive = await _buffered(receive)
-            refusal = _bad_request_id(body)
-            if refusal is not None:
-                await _json_rpc_error(400, _INVALID_REQUEST, refusal)(scope, receive, send)
+            refused = _refusal(body) if _is_json(scope) else None
+            if refused is not None:
+                await refused(scope, receive, send)
                 return
         await manager.handle_request(scope, receive, _without_rejected_values(send))
 
@@ -157,18 +160,100 @@ async def _buffered(receive: Receive) -> tuple[bytes, Receive]:
     return body, replay
 
 
-def _bad_request_id(body: bytes) -> str | None:
+def _is_json(scope: Scope) -> bool:
+    """Whether the request says its body is JSON (any other the SDK refuses itself, 415)."""
+    for name, value in scope.get("headers") or ():
+        if name == b"content-type":
+            return bool(value.split(b";")[0].strip().lower() == b"application/json")
+    return False
+
+
+def _refusal(body: bytes) -> Response | None:
+    """The answer to a JSON-RPC body the SDK would misread, or None to let the SDK answer.
+
+    The body is read as every other surface reads a client's JSON
+    (:func:`~halldyll_ray.validation.json_loads`):
+
+    - what that refuses (``NaN``, ``Infinity``, ``1e999``, an integer of thousands of
+      digits, nesting past the parser's depth) is a parse error (-32700, HTTP 400) saying
+      what and where, as REST's 422 "not valid JSON" does. The SDK's parser took ``NaN``,
+      ``Infinity`` and ``1e999`` as numbers, handed on to the tools;
+    - a lone UTF-16 surrogate (``"\\ud800"``: JSON, which REST refuses with a 422 naming
+      the field) is a tool error naming the argument, or an invalid-params error naming
+      where it is: the SDK's parser cannot hold one and refused the whole message as a
+      parse error (-32700, HTTP 400), naming no field;
+    - a request whose ``id`` is not one MCP takes is an invalid request
+      (:func:`_bad_request_id`).
+
+    Anything else, valid or not, is the SDK's to answer.
+    """
+    try:
+        message = validation.json_loads(body)
+    except json.JSONDecodeError as exc:
+        return _json_rpc_error(400, _PARSE_ERROR, f"Parse error: {exc.msg} at character {exc.pos}")
+    if not isinstance(message, dict):
+        return None
+    refusal = _bad_request_id(message)
+    if refusal is not None:
+        return _json_rpc_error(400, _INVALID_REQUEST, refusal)
+    found = _lone_surrogate(message)
+    if found is None:
+        return None
+    where, at = found
+    text = f"text contains a lone UTF-16 surrogate at position {at}"
+    request_id = message.get("id")
+    params = message.get("params")
+    if (
+        message.get("method") == "tools/call"
+        and isinstance(params, dict)
+        and isinstance(params.get("arguments"), dict)
+        and where[:2] == ["params", "arguments"]
+        and len(where) > 2
+    ):
+        # As the SDK answers a call whose arguments fail the tool's schema (_Server).
+        field = error_location(where[2:])
+        error = describe(InvalidInput(f"{field}: {text}", field=field))
+        result = {"content": [{"type": "text", "text": error}], "isError": True}
+        answer = {"jsonrpc": "2.0", "id": request_id, "result": result}
+        return Response(json.dumps(answer), media_type="application/json")
+    field = error_location(where)
+    code = _INVALID_PARAMS if where[:1] == ["params"] else _INVALID_REQUEST
+    if "id" not in message:
+        request_id = None
+    error_body = {"code": code, "message": f"{field}: {text}", "data": {"field": field}}
+    answer = {"jsonrpc": "2.0", "id": request_id, "error": error_body}
+    return Response(json.dumps(answer), status_code=400, media_type="application/json")
+
+
+def _lone_surrogate(value: Any) -> tuple[list[str], int] | None:
+    """Where the first lone UTF-16 surrogate of a JSON ``value`` is: the path of the string
+    that holds it (of the object, for a key), and its position in that string."""
+    stack: list[tuple[list[str], Any]] = [([], value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found is not None:
+                return path, found.start()
+        elif isinstance(item, dict):
+            for key in item:
+                found = _SURROGATE.search(key)
+                if found is not None:
+                    return path, found.start()
+            stack.extend(([*path, key], item[key]) for key in reversed(list(item)))
+        elif isinstance(item, list):
+            stack.extend(([*path, str(i)], v) for i, v in reversed(list(enumerate(item))))
+    return None
+
+
+def _bad_request_id(message: dict[str, Any]) -> str | None:
     """Why a JSON-RPC request's ``id`` is not one MCP takes, or None.
 
     MCP requires a string or an integer (never null). The SDK read a request with any other
     id (``1.5``, ``true``, ``{}``, ``null``) as a notification and answered 202 with no body:
-    the client waited for a reply that never came. A body that is not one JSON object with a
-    ``method`` and an ``id`` is left to the SDK, which answers it."""
-    try:
-        message = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(message, dict) or "method" not in message or "id" not in message:
+    the client waited for a reply that never came. A message without a ``method`` and an
+    ``id`` is left to the SDK, which answers it."""
+    if "method" not in message or "id" not in message:
         return None
     value = message["id"]
     if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
@@ -192,6 +277,11 @@ _NOT_JSON_RPC = (
 
 #: JSON-RPC's "Invalid Request" error code, of a refusal the SDK answers in plain text.
 _INVALID_REQUEST = -32600
+#: JSON-RPC's "Parse error" and "Invalid params" codes.
+_PARSE_ERROR = -32700
+_INVALID_PARAMS = -32602
+#: A lone UTF-16 surrogate (what a JSON escape such as ``\ud800`` decodes to).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _without_rejected_values(send: Send) -> Send:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import uuid
 from typing import Any
 
 import httpx
@@ -180,7 +181,7 @@ async def test_an_mcp_request_whose_id_mcp_does_not_take_is_refused(
     Request now. A string or integer id is answered as before."""
     _, key = await _user_with_key(http, admin_key)
     headers = {**bearer(key), "content-type": "application/json", "accept": _MCP_ACCEPT}
-    for raw_id in (b"1.5", b"true", b"{}", b"[1]", b"null", b"NaN"):
+    for raw_id in (b"1.5", b"true", b"{}", b"[1]", b"null"):
         body = b'{"jsonrpc": "2.0", "id": ' + raw_id + b', "method": "tools/list"}'
         r = await http.post("/mcp", content=body, headers=headers)
         assert r.status_code == 400, (raw_id, r.status_code, r.text)
@@ -192,6 +193,159 @@ async def test_an_mcp_request_whose_id_mcp_does_not_take_is_refused(
         r = await http.post("/mcp", content=body.encode(), headers=headers)
         assert r.status_code == 200, r.text
         assert r.json()["id"] == json.loads(good_id) and "tools" in r.json()["result"], r.text
+    # NaN is no JSON at all (RFC 8259): a parse error, as REST's 422 "not valid JSON".
+    body = b'{"jsonrpc": "2.0", "id": NaN, "method": "tools/list"}'
+    r = await http.post("/mcp", content=body, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == -32700, r.text
     # A notification has no id, and is still taken as one.
     body = b'{"jsonrpc": "2.0", "method": "notifications/initialized"}'
     assert (await http.post("/mcp", content=body, headers=headers)).status_code == 202
+
+
+def _mcp_call(name: str, arguments: Any, request_id: int = 5) -> bytes:
+    """A tools/call body as a client writes it: a lone surrogate as its JSON escape."""
+    params = {"name": name, "arguments": arguments}
+    return json.dumps(
+        {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}
+    ).encode()
+
+
+async def test_a_lone_surrogate_in_an_mcp_argument_is_a_tool_error_naming_it(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """A lone UTF-16 surrogate (``"\\ud800"``, a broken emoji escape) is JSON: REST answers
+    a 422 naming the field. The MCP SDK's parser cannot hold one and refused the whole
+    message as a parse error (-32700, HTTP 400) naming nothing. It is a tool error naming
+    the argument now, as for any other argument the tool refuses, and nothing is stored."""
+    _, key = await _user_with_key(http, admin_key)
+    headers = {**bearer(key), "content-type": "application/json", "accept": _MCP_ACCEPT}
+    calls = [
+        ("store_fact", {"statement": "tea\ud800"}, "statement", 3),
+        (
+            "store_fact",
+            {"statement": "tea", "metadata": {"mood": ["ok", "\udfff"]}},
+            "metadata.mood.1",
+            0,
+        ),
+        ("store_fact", {"statement": "tea", "metadata": {"\ud800": 1}}, "metadata", 0),
+        (
+            "store_conversation",
+            {"title": "t", "messages": [{"role": "user", "content": "a\ud83d"}]},
+            "messages.0.content",
+            1,
+        ),
+        ("search_memories", {"query": "\udc97x"}, "query", 0),
+    ]
+    for number, (tool, arguments, field, at) in enumerate(calls):
+        r = await http.post("/mcp", content=_mcp_call(tool, arguments, number), headers=headers)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["id"] == number and answer["result"]["isError"] is True, answer
+        text = answer["result"]["content"][0]["text"]
+        assert text == (
+            f"invalid_input: {field}: text contains a lone UTF-16 surrogate at position {at} "
+            f"(field: {field})"
+        ), text
+    # The same value over REST: its 422 names the field too.
+    body = json.dumps({**_FACT, "statement": "tea\ud800"}).encode()
+    rest = _error(await http.post("/v1/users/me/memories", content=body, headers=headers), 422)
+    assert rest["field"] == "fact.statement", rest
+    # Outside a tool's arguments: JSON-RPC's invalid params, naming where.
+    r = await http.post("/mcp", content=_mcp_call("store_fact\ud800", {}), headers=headers)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == -32602 and error["message"].startswith("params.name: "), error
+    assert await _stored(http, key) == []
+
+
+async def test_a_number_too_large_for_a_float_is_not_json_on_every_surface(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """``1e999`` is a JSON number Python reads as inf: it went on as an Infinity (a metadata
+    value's own check, a bound's "finite number", the MCP SDK's parser took it as given),
+    where the literal ``Infinity`` is refused as not JSON. The same refusal now, at its
+    position, on REST, GraphQL, MCP and the import; nothing stored."""
+    user, key = await _user_with_key(http, admin_key)
+    headers = {**bearer(key), "content-type": "application/json", "accept": _MCP_ACCEPT}
+    for literal in ("1e999", "-1E+400", "1" + "0" * 400 + ".5"):
+        reason = "is too large a number (it reads as Infinity)"
+        for path, body in (
+            ("/v1/users/me/memories", '{"type": "fact", "statement": "x", "importance": N}'),
+            ("/v1/users/me/memories", '{"type": "fact", "statement": "x", "metadata": {"w": N}}'),
+            ("/v1/users/me/search", '{"query": "tea", "threshold": N}'),
+            ("/v1/users/me/context", '{"query": "tea", "max_tokens": N}'),
+        ):
+            content = body.replace("N", literal)
+            error = _error(await http.post(path, content=content.encode(), headers=headers), 422)
+            assert error["code"] == "invalid_input", error
+            assert reason in error["message"], (path, error)
+            assert f"at character {content.index(literal)}" in error["message"], error
+            query = "mutation($m: JSON!) { storeMemory(memory: $m) { id } }"
+            graphql = '{"query": "' + query + '", "variables": {"m": ' + content + "}}"
+            r = await http.post("/graphql", content=graphql.encode(), headers=headers)
+            assert reason in _error(r, 400)["message"], r.text
+        call = (
+            '{"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": '
+            '"store_fact", "arguments": {"statement": "x", "metadata": {"w": N}}}}'
+        ).replace("N", literal)
+        r = await http.post("/mcp", content=call.encode(), headers=headers)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == -32700 and reason in error["message"], error
+        assert f"at character {call.index(literal)}" in error["message"], error
+        exported = json.dumps(
+            {
+                "format": "halldyll-export",
+                "version": 1,
+                "user": {"id": user["id"], "username": "x"},
+                "exported_at": "2026-01-01T00:00:00Z",
+            }
+        )
+        line = (
+            (
+                '{"id": "ID", "memory": {"type": "fact", "statement": "x", "confidence": N}, '
+                '"created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"}'
+            )
+            .replace("ID", str(uuid.uuid4()))
+            .replace("N", literal)
+        )
+        r = await http.post(
+            "/v1/users/me/import",
+            content=(exported + "\n" + line + "\n").encode(),
+            headers={**bearer(key), "content-type": "application/x-ndjson"},
+        )
+        assert r.status_code == 200, r.text
+        (problem,) = r.json()["errors"]
+        assert problem["line"] == 2 and reason in problem["message"], problem
+    assert await _stored(http, key) == []
+
+
+async def test_a_header_we_read_past_ascii_is_a_client_error_naming_it(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """X-Request-ID and Idempotency-Key with bytes past 0x7F: a 4xx naming the header on
+    every surface, never a 500, and nothing stored.
+
+    Only the UTF-8 form of X-Request-ID reaches this service: Ray Serve's proxy decodes that
+    header as UTF-8 itself (``proxy.py``, ``value.decode()``) before any of our code runs,
+    and answers Latin-1 bytes there with its own plain-text 500."""
+    _, key = await _user_with_key(http, admin_key)
+    base = [("authorization", f"Bearer {key}".encode()), ("content-type", b"application/json")]
+    for path, body in (
+        ("/v1/me", None),
+        ("/graphql", b'{"query": "{ me { id } }"}'),
+        ("/mcp", json.dumps(_MCP_LIST).encode()),
+    ):
+        headers = [*base, ("accept", _MCP_ACCEPT.encode()), ("x-request-id", "clé€".encode())]
+        method = "GET" if body is None else "POST"
+        r = await http.request(method, path, content=body, headers=headers)
+        assert _error(r, 400)["field"] == "X-Request-ID", (path, r.text)
+    turn = json.dumps({"user_message": "hi", "assistant_message": "hello"}).encode()
+    for value in ("caf\xe9".encode("latin-1"), "clé€".encode()):
+        r = await http.post(
+            "/v1/users/me/sessions/s1/turns",
+            content=turn,
+            headers=[*base, ("idempotency-key", value)],
+        )
+        assert _error(r, 422)["field"] == "idempotency-key", r.text
+    assert await _stored(http, key) == []

@@ -147,6 +147,29 @@ def test_json_loads_refuses_the_constants_json_has_not_at_their_position(
     assert json.loads(text) is not None  # what the standard library's parser takes
 
 
+@pytest.mark.parametrize(
+    ("text", "literal"),
+    [
+        ('{"query": "x", "limit": 1e999}', "1e999"),
+        ('{"statement": "1e999", "confidence": -1E+400}', "-1E+400"),
+        ('{"metadata": {"w": [0.5, 1.5e308, 2e308]}}', "2e308"),
+        ('{"importance": 1' + "0" * 400 + ".0}", "1" + "0" * 400 + ".0"),
+    ],
+)
+def test_json_loads_refuses_a_number_too_large_for_a_float_at_its_position(
+    text: str, literal: str
+) -> None:
+    """1e999 is a JSON number that Python's parser reads as inf: it went on as the Infinity
+    refused above (a metadata value, a weight), named differently on every surface."""
+    assert "inf" in str(json.loads(text))  # what the standard library's parser reads
+    with pytest.raises(json.JSONDecodeError) as caught:
+        json_loads(text)
+    assert caught.value.msg.endswith("is too large a number (it reads as Infinity)")
+    assert text[caught.value.pos :].startswith(literal)
+    with pytest.raises(json.JSONDecodeError):
+        json_loads(text.encode())
+
+
 def test_json_loads_reads_json_as_the_standard_library_does() -> None:
     text = '{"s": "NaN Infinity -Infinity \\" NaN", "n": [1e308, -0.0, 12345678901234567890]}'
     assert json_loads(text) == json.loads(text) == json_loads(text.encode())

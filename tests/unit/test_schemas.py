@@ -316,3 +316,32 @@ def test_negative_zero_is_zero_in_every_float_of_an_input() -> None:
     assert all(math.copysign(1.0, v) == 1.0 for v in values)
     assert '"importance":0.0' in fact.model_dump_json()
     assert Segment.model_validate({"start": 2.5, "end": 3.0, "text": "a"}).start == 2.5
+
+
+@pytest.mark.parametrize(
+    ("given", "read"),
+    [
+        ("2024-03-01", "2024-03-01T00:00:00+00:00"),
+        ("2024-03-01T10:00", "2024-03-01T10:00:00+00:00"),
+        ("2024-03-01 10:00:00", "2024-03-01T10:00:00+00:00"),
+        ("2024-03-01T10:00+02:00", "2024-03-01T08:00:00+00:00"),
+    ],
+)
+def test_a_date_alone_or_a_time_without_offset_is_read_as_utc(given: str, read: str) -> None:
+    """The README's rule, pinned: a time without a zone is UTC and a date alone is that day's
+    midnight UTC, on every time a caller gives (a message's created_at, since, expires_at);
+    neither is refused, and the server's own zone never applies."""
+    from datetime import datetime
+
+    from halldyll_ray import validation
+    from halldyll_ray.models import Message
+    from halldyll_ray.schemas import ApiKeyCreate
+
+    expected = datetime.fromisoformat(read)
+    message = Message(role="user", content="x", created_at=given)  # type: ignore[arg-type]
+    assert message.created_at == expected and message.created_at.tzinfo is not None
+    search = schemas.parse(SearchRequest, {"query": "tea", "since": given, "until": given})
+    # A search's window is checked where the engine takes it (validation.time_range).
+    assert validation.time_range(search.since, search.until) == (expected, expected)
+    expires_at = ApiKeyCreate.model_validate({"expires_at": given}).expires_at
+    assert validation.timestamp(expires_at, "expires_at") == expected
