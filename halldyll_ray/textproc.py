@@ -47,6 +47,37 @@ def _drop_invisible(text: str) -> str:
     return "".join(c for c in text if unicodedata.category(c) != "Cf" or NEEDED_FORMAT.match(c))
 
 
+#: What halldyll_search_text() (migrations 0014 and 0017) removes before it reads words:
+#: invisible format characters, Hebrew points and cantillation, Arabic harakat and tatweel.
+_UNSEARCHED = re.compile(
+    "[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
+    "\ufff9-\ufffb\U000e0001\U000e0020-\U000e007f"
+    "\u0591-\u05bd\u05bf\u05c1\u05c2\u05c4\u05c5\u05c7"
+    "\u0610-\u061a\u0640\u064b-\u065f\u0670\u06d6-\u06dc\u06df-\u06e4\u06e7\u06e8"
+    "\u06ea-\u06ed]"
+)
+#: The accents unaccent removes from Latin, Greek and Cyrillic letters (their combining
+#: marks once decomposed), not the marks Indic or Thai words are spelled with.
+_ACCENTS = re.compile("[\u0300-\u036f]")
+#: Letters unaccent spells with others, which no decomposition gives (case-folded first).
+_UNACCENTED = str.maketrans(
+    {"æ": "ae", "ð": "d", "ø": "o", "þ": "th", "đ": "d", "ħ": "h", "ı": "i", "ĸ": "q",
+     "ŀ": "l", "ł": "l", "ŋ": "n", "œ": "oe", "ŧ": "t"}
+)  # fmt: skip
+
+
+def search_form(text: str) -> str:
+    """``text`` as full-text search compares it (``halldyll_search_text()`` in SQL, what the
+    index and a query both go through): NFKC, without the characters it removes
+    (:data:`_UNSEARCHED`), case-folded (a final "ς" is a "σ", "ß" is "ss", "İ" is "i") and
+    without accents. The hybrid ranking reads the query's words and each message's speaker in
+    it: with ``str.lower``, "Zoë" typed as "e" + U+0308 (NFD), "Zoe", "ＺＯＥ" or "ZOË" did
+    not name the speaker "Zoë" whom full-text search found for each of them."""
+    text = _UNSEARCHED.sub("", unicodedata.normalize("NFKC", text))
+    text = _ACCENTS.sub("", unicodedata.normalize("NFD", text))
+    return unicodedata.normalize("NFC", text.casefold().translate(_UNACCENTED))
+
+
 def normalize_statement(statement: str) -> str:
     """Case-, width- and whitespace-folded statement without trailing punctuation or
     invisible format characters (:func:`_drop_invisible`).

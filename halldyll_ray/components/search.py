@@ -39,6 +39,7 @@ from halldyll_ray.models import (
 from halldyll_ray.storage.cache import TieredCache
 from halldyll_ray.storage.database import Database
 from halldyll_ray.storage.sql import bind, q
+from halldyll_ray.textproc import search_form
 
 #: BM25's k1, as in ``storage/sql/search.sql``: a chunk holding a query word once, at the
 #: average length, scores idf * (k1 + 1) for it.
@@ -244,8 +245,10 @@ _POSSESSIVE = re.compile(r"['’]s\b", re.IGNORECASE)
 
 
 def _words(text: str) -> list[str]:
-    """Lower-case words, possessives dropped ("Caroline's" is "caroline")."""
-    return _WORD.findall(_POSSESSIVE.sub("", text).lower())
+    """Words as full-text search compares them (:func:`~halldyll_ray.textproc.search_form`:
+    case, width, accents and Unicode form folded), possessives dropped ("Caroline's" is
+    "caroline")."""
+    return _WORD.findall(_POSSESSIVE.sub("", search_form(text)))
 
 
 def speaker_of(label: str | None) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from halldyll_ray import (
@@ -32,6 +33,7 @@ from halldyll_ray import (
     Unavailable,
 )
 from halldyll_ray.components import agent_loop
+from halldyll_ray.textproc import search_form
 
 
 @pytest.fixture
@@ -782,6 +784,12 @@ async def test_an_emoji_is_a_word_of_full_text_search(
         ("cafe deja vu at the fish market", "Café déjà vu ﬁsh"),
         ("Le garçon a mangé une crème brûlée", "creme brulee"),
         ("Die Straße nach München ist gesperrt", "München Straße"),
+        # Greek final sigma: lower() made a capital "Σ" a "σ" wherever it stood, "ς" stayed
+        ("Ο ΜΎΘΟΣ ΤΟΥ ΣΙΣΎΦΟΥ", "μύθος"),
+        ("Ο Νίκος διάβασε", "ΝΊΚΟΣ"),
+        # the same word in NFC and NFD (macOS, some keyboards), either way round
+        ("Ada visited the caf\u00e9 in Paris", "cafe\u0301 Paris"),
+        ("Ada visited the cafe\u0301 in Paris", "caf\u00e9 Paris"),
     ],
 )
 async def test_other_forms_of_the_same_words_match_in_full_text(
@@ -793,6 +801,43 @@ async def test_other_forms_of_the_same_words_match_in_full_text(
     for mode in ("fulltext", "hybrid"):
         hits = await engine.search(user.id, query, mode=mode)
         assert hits and hits[0].memory.id == wanted.id, mode
+
+
+async def test_the_rankings_word_form_is_the_full_text_indexs(database_url: str) -> None:
+    """search_form() (the hybrid ranking's words: the query's, a speaker's) folds a word as
+    halldyll_search_text() and the 'simple' dictionary do for the full-text index."""
+    words = [
+        "Zo\u00eb",  # NFC
+        "Zoe\u0308",  # NFD
+        "ZO\u00cb",
+        "\u0130zmir",  # Turkish dotted capital I
+        "\u0131stanbul",  # ... and dotless small i
+        "\u039d\u038a\u039a\u039f\u03a3",  # Greek capitals
+        "\u03bd\u03af\u03ba\u03bf\u03c2",  # ... and small, with a final sigma
+        "Stra\u00dfe",
+        "STRA\u1e9eE",  # capital sharp s
+        "\uff21\uff22\uff23",  # full-width
+        "\ufb01sh",  # ligature
+        "\u00c6sir",
+        "\u00d8resund",
+        "\u0141\u00f3d\u017a",
+        "\u0152uvre",
+        "Lon\u200bdon",  # zero-width space
+        "\u05e9\u05b8\u05c1\u05dc\u05d5\u05b9\u05dd",  # Hebrew points
+        "\u041c\u041e\u0421\u041a\u0412\u0410",  # Cyrillic capitals
+        "\u01c4emal",  # the DZ-caron digraph
+        "\u0928\u092e\u0938\u094d\u0924\u0947",  # Devanagari signs stay
+    ]
+    conn = await asyncpg.connect(database_url)
+    try:
+        for word in words:
+            indexed = await conn.fetchval(
+                "SELECT tsvector_to_array(to_tsvector('simple', halldyll_search_text($1)))",
+                word,
+            )
+            assert indexed == [search_form(word)], word
+    finally:
+        await conn.close()
 
 
 @pytest.mark.parametrize(

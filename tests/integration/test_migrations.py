@@ -230,6 +230,8 @@ _MATCHES = "SELECT tsv @@ plainto_tsquery('simple', halldyll_search_text($1)) FR
         ),
         # 0015: emoji
         (15, "We celebrated \U0001f389 with \U0001f355", ("\U0001f389", "\U0001f355")),
+        # 0017: a Greek final sigma stored in lower case, the word asked in capitals
+        (17, "Ο νίκος ήρθε", ("ΝΊΚΟΣ",)),
     ],
 )
 async def test_chunks_stored_before_a_search_text_migration_are_found_after_it(

@@ -122,6 +122,30 @@ def test_rank_features_from_the_lists_query_and_labels() -> None:
     assert not rank_features("what happened?", found, 0.4)[:, 5:].any()
 
 
+@pytest.mark.parametrize(
+    ("speaker", "query"),
+    [
+        ("Zo\u00eb", "What did Zoe\u0308 say?"),  # NFC name, NFD query
+        ("Zoe\u0308", "What did Zo\u00eb say?"),  # and the other way round
+        ("Zo\u00eb", "What did ZOE say?"),  # case and accent, as full-text search reads them
+        ("\u0130smail", "What did Ismail say?"),  # Turkish dotted capital I
+        ("\u039d\u03af\u03ba\u03bf\u03c2", "What did \u039d\u038a\u039a\u039f\u03a3 say?"),
+        ("Stra\u00dfe", "What did STRASSE say?"),  # German sharp s
+        ("Zoe", "What did \uff3a\uff4f\uff45 say?"),  # full-width Latin
+        ("Maria", "What did Ma\u200bria say?"),  # a zero-width space in the query
+        ("\u0141ukasz", "What did Lukasz say?"),  # a letter unaccent spells without its stroke
+    ],
+)
+def test_the_query_names_a_speaker_in_any_form_full_text_search_matches(
+    speaker: str, query: str
+) -> None:
+    """The hybrid ranking's speaker features read words as the full-text index does: with
+    str.lower, a speaker full-text search found by the query ("Zoe" for "Zoë", an NFD query
+    for an NFC name) was not named by it, and the ranking depended on the Unicode form."""
+    found = signals([], [said(1, speaker, "I went hiking.", cosine=0.3, coverage=0.3)])
+    assert rank_features(query, found, 0.4)[0, 5] == 1.0  # speaker_named
+
+
 def test_learned_rank_prefers_the_named_speaker_the_longer_turn_and_the_context() -> None:
     words = "I went to the LGBTQ support group yesterday and it was powerful."
     text = [
