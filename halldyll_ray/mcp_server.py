@@ -57,7 +57,7 @@ from halldyll_ray import models, schemas, validation
 from halldyll_ray.client import AsyncHalldyllClient
 from halldyll_ray.context import fence, speaker
 from halldyll_ray.errors import HalldyllError, InvalidInput
-from halldyll_ray.models import MAX_PAGE_SIZE, MAX_SEARCH_LIMIT
+from halldyll_ray.models import MAX_PAGE_SIZE, MAX_SEARCH_LIMIT, StrictBool, StrictInt
 from halldyll_ray.schemas import MAX_CONTEXT_TOKENS, MIN_CONTEXT_TOKENS
 
 #: How a tool gets its client for one call: given the MCP request context, an async context
@@ -86,7 +86,7 @@ UserId = Annotated[
 ]
 MemoryId = Annotated[str, Field(description="The memory's id (UUID), as returned when stored.")]
 #: REST's limit query parameter of the list routes (their bounds: test_mcp_bounds).
-PageSize = Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE, description="Page size.")]
+PageSize = Annotated[StrictInt, Field(ge=1, le=MAX_PAGE_SIZE, description="Page size.")]
 Cursor = Annotated[str | None, Field(description="next_cursor of the previous page, to read on.")]
 SessionId = Annotated[
     str,
@@ -118,7 +118,7 @@ ModelFilter = Annotated[
     Field(description="Only this registered model's memories (name or id), plus shared ones."),
 ]
 IncludeShared = Annotated[
-    bool,
+    StrictBool,
     Field(description="With model: also the memories shared by all models (default true)."),
 ]
 MemorySession = Annotated[

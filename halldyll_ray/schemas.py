@@ -14,6 +14,7 @@ what wraps them on the wire.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 from uuid import UUID
@@ -67,6 +68,8 @@ __all__ = [
     "ListMemoriesRequest",
     "ModelCreate",
     "PrepareContextRequest",
+    "QueryBool",
+    "QueryInt",
     "SearchRequest",
     "SearchResponse",
     "StoreMemoriesRequest",
@@ -89,6 +92,35 @@ MAX_CONTEXT_TOKENS = 1_000_000
 
 #: A time in a request: ISO 8601 only; naive means UTC (the engine's rule).
 IsoDateTime = Annotated[datetime, BeforeValidator(iso_time_only), AfterValidator(in_utc_range)]
+
+
+#: A whole number in a URL's query (``?limit=``): digits, a leading ``-`` at most.
+_QUERY_WHOLE = re.compile(r"-?[0-9]+")
+
+
+def _query_int(value: object) -> object:
+    """Refuse the text pydantic's lax mode reads as an integer but is none: ``10.0``,
+    ``1_0``, ``+5``, `` 5``. The same page size is refused as a number of a body, a Python
+    argument or a GraphQL variable, where ``10.0`` is a float (and ``"10"`` a string)."""
+    if isinstance(value, str) and not _QUERY_WHOLE.fullmatch(value):
+        raise ValueError("Input should be a whole number in digits, e.g. 50")
+    return value
+
+
+def _query_bool(value: object) -> object:
+    """Refuse what pydantic's lax mode reads as a bool beside ``true`` and ``false`` (``1``,
+    ``no``, ``on``, ``Y``): JSON, GraphQL and Python take only those two."""
+    if isinstance(value, str) and value not in ("true", "false"):
+        raise ValueError("Input should be true or false")
+    return value
+
+
+#: An integer of a URL's query is ``-?[0-9]+``, a yes/no option ``true`` or ``false``:
+#: ``Annotated[int, Query(ge=1, le=500), QueryInt]``. The check comes after the Query (an
+#: ``Annotated`` of its own before it would flatten in front of it): FastAPI then writes the
+#: bounds as OpenAPI's ``minimum`` and ``maximum``, not as unknown ``ge`` and ``le``.
+QueryInt = BeforeValidator(_query_int)
+QueryBool = BeforeValidator(_query_bool)
 
 
 #: An AI model's name or id: 1-200 characters, not blank (registering one, the engine also
@@ -145,12 +177,12 @@ class ListMemoriesRequest(_Request):
 
     types: list[str] | None = None
     model: str | None = None
-    include_shared: bool = True
+    include_shared: StrictBool = True
     session_id: str | None = None
     tags: list[str] | None = None
     since: IsoDateTime | None = None
     until: IsoDateTime | None = None
-    limit: int = 50
+    limit: StrictInt = 50
     cursor: str | None = None
 
 

@@ -478,25 +478,48 @@ def flag(value: object, field: str) -> bool:
     return value
 
 
-def encode_cursor(created_at: datetime, row_id: UUID) -> str:
-    """An opaque page cursor: the last row's (created_at, id)."""
-    raw = f"{created_at.isoformat()}|{row_id}".encode()
+#: A cursor as :func:`encode_cursor` writes it: unpadded URL-safe base64, and no longer than
+#: the longest it writes (a listing's name with a user id, a time, an id: under 200).
+_CURSOR = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+def encode_cursor(created_at: datetime, row_id: UUID, *, listing: str) -> str:
+    """An opaque page cursor of ``listing`` (``users``, ``memories/<user id>``,
+    ``jobs/<user id>``): the last row's (created_at, id)."""
+    raw = f"{listing}|{created_at.isoformat()}|{row_id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str | None) -> tuple[datetime | None, UUID | None]:
-    """(created_at, id) of a cursor this API returned; (None, None) for the first page."""
+def decode_cursor(cursor: object, *, listing: str) -> tuple[datetime | None, UUID | None]:
+    """(created_at, id) of a cursor that ``listing`` returned; (None, None) for the first page.
+
+    Only a cursor exactly as :func:`encode_cursor` wrote it for the same listing is taken
+    (README: "a cursor must be one the API returned"); InvalidInput on ``cursor`` otherwise.
+    Before, the position was all a cursor held and base64 dropped what it could not read: a
+    cursor with characters added (``!``, a space, a newline), with its time edited (a date
+    alone, no zone, any offset) or its id in another form (braces, 32 digits), the users
+    list's cursor given to a memory listing, or one user's given to another's, each paged
+    from wherever its time fell instead of being refused."""
     if cursor is None:
         return None, None
     try:
+        if not isinstance(cursor, str) or not _CURSOR.fullmatch(cursor):
+            raise ValueError("not a cursor")
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        stamp, row_id = raw.split("|")
-        at = in_utc_range(datetime.fromisoformat(stamp))
-        # A time without a zone is UTC, as everywhere (asyncpg reads a naive one in the
-        # server's own zone): a cursor ours never lacks one, an edited one may.
-        return (at if at.tzinfo is not None else at.replace(tzinfo=UTC)), UUID(row_id)
-    except (ValueError, UnicodeDecodeError, TypeError):
-        raise InvalidInput("cursor is not one this API returned", field="cursor") from None
+        scope, stamp, row_id = raw.split("|")
+        at, after = in_utc_range(datetime.fromisoformat(stamp)), UUID(row_id)
+        # A time without a zone would be read in the server's own zone (asyncpg): ours
+        # always has one.
+        written = encode_cursor(at, after, listing=listing)
+        if scope != listing or at.tzinfo is None or written != cursor:
+            raise ValueError("not this listing's cursor, or not as written")
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput(
+            "cursor is not one this API returned for this list: pass back the next_cursor "
+            "of the previous page of the same list",
+            field="cursor",
+        ) from None
+    return at, after
 
 
 #: A request id: what an HTTP request's X-Request-ID may be (a fresh one replaces any other).

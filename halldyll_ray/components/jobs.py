@@ -329,7 +329,7 @@ class JobQueue:
         if kind is not None and (not isinstance(kind, str) or not KIND.fullmatch(kind)):
             raise InvalidInput(f"kind must match {KIND.pattern}", field="kind")
         limit = validation.limit(limit, MAX_PAGE)
-        after_at, after_id = validation.decode_cursor(cursor)
+        after_at, after_id = validation.decode_cursor(cursor, listing=f"jobs/{user_id}")
         rows = await self.db.fetch(
             *bind(
                 "list_jobs",
@@ -346,7 +346,7 @@ class JobQueue:
             await require_user(self.db, user_id)
         items = [_job(row) for row in rows[:limit]]
         next_cursor = (
-            validation.encode_cursor(items[-1].created_at, items[-1].id)
+            validation.encode_cursor(items[-1].created_at, items[-1].id, listing=f"jobs/{user_id}")
             if len(rows) > limit
             else None
         )

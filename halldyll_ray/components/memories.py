@@ -245,7 +245,7 @@ class MemoryReader:
         user_id = validation.parse_uuid(user_id, "user_id")
         limit = validation.limit(limit, MAX_PAGE_SIZE)
         scope = await self.registry.scope(model, include_shared)
-        after_at, after_id = validation.decode_cursor(cursor)
+        after_at, after_id = validation.decode_cursor(cursor, listing=f"memories/{user_id}")
         since, until = validation.time_range(since, until)
         rows = await self.db.fetch(
             *bind(
@@ -276,7 +276,9 @@ class MemoryReader:
                 break
         items = [to_record(row) for row in rows[:kept]]
         next_cursor = (
-            validation.encode_cursor(items[-1].created_at, items[-1].id)
+            validation.encode_cursor(
+                items[-1].created_at, items[-1].id, listing=f"memories/{user_id}"
+            )
             if len(rows) > kept
             else None
         )

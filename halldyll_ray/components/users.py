@@ -92,13 +92,13 @@ class Users:
 
     async def page(self, *, limit: int = 100, cursor: str | None = None) -> Page[User]:
         limit = validation.limit(limit, 1000)
-        after_at, after_id = validation.decode_cursor(cursor)
+        after_at, after_id = validation.decode_cursor(cursor, listing="users")
         rows = await self.db.fetch(
             q("list_users"), None if after_id is None else str(after_id), after_at, limit + 1
         )
         users = [User(**dict(row)) for row in rows[:limit]]
         next_cursor = (
-            validation.encode_cursor(users[-1].created_at, users[-1].id)
+            validation.encode_cursor(users[-1].created_at, users[-1].id, listing="users")
             if len(rows) > limit
             else None
         )

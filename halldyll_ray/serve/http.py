@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from fastapi import Request
@@ -53,7 +53,7 @@ from halldyll_ray.errors import (
     quoted,
     redact,
 )
-from halldyll_ray.schemas import ErrorBody
+from halldyll_ray.schemas import ErrorBody, QueryBool
 from halldyll_ray.tracing import current_trace_id, is_enabled, request_scope
 
 log = logging.getLogger("halldyll_ray.http")
@@ -511,13 +511,14 @@ def _url_not_utf8(scope: Any) -> tuple[str, str] | None:
     return None
 
 
-_FLAG: TypeAdapter[bool] = TypeAdapter(bool)
+#: The import route's ``atomic`` as the route reads it (``true`` or ``false``).
+_FLAG: TypeAdapter[bool] = TypeAdapter(Annotated[bool, QueryBool])
 
 
 def _atomic_import(scope: Any) -> bool:
-    """Whether an import's ``atomic`` query parameter is true as the route reads it
-    (``1``, ``yes``, ``on``... as ``true``): only ``atomic=true`` was, so the 408 or 413 of an
-    ``?atomic=1`` import said its lines might have been imported, when nothing was."""
+    """Whether an import's ``atomic`` query parameter is true as the route reads it: only
+    ``true`` (``1`` or ``yes`` is the route's 422, before the body is read). The 408 or 413
+    of an atomic import says that nothing was imported."""
     query: bytes = scope.get("query_string") or b""
     pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
     given = [value for name, value in pairs if name == "atomic"]

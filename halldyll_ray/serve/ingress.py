@@ -55,6 +55,8 @@ from halldyll_ray.schemas import (
     ListMemoriesRequest,
     ModelCreate,
     PrepareContextRequest,
+    QueryBool,
+    QueryInt,
     SearchRequest,
     SearchResponse,
     StoredMemories,
@@ -285,7 +287,7 @@ class Ingress(EngineOwner):
     async def list_users(
         self,
         request: Request,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        limit: Annotated[int, Query(ge=1, le=1000), QueryInt] = 100,
         cursor: str | None = None,
     ) -> Any:
         page = await (await self._api(request)).list_users(limit=limit, cursor=cursor)
@@ -416,12 +418,12 @@ class Ingress(EngineOwner):
         user_id: UserRef,
         types: str | None = None,
         model: str | None = None,
-        include_shared: bool = True,
+        include_shared: Annotated[bool, QueryBool] = True,
         session_id: str | None = None,
         tags: str | None = None,
         since: IsoDateTime | None = None,
         until: IsoDateTime | None = None,
-        limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 50,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE), QueryInt] = 50,
         cursor: str | None = None,
     ) -> Any:
         # Query parameters, read by FastAPI; lists come comma-separated.
@@ -551,7 +553,9 @@ class Ingress(EngineOwner):
         request: Request,
         user_id: UserRef,
         atomic: Annotated[
-            bool, Query(description="All or nothing: one bad line refuses the whole file (422).")
+            bool,
+            Query(description="All or nothing: one bad line refuses the whole file (422)."),
+            QueryBool,
         ] = False,
     ) -> Any:
         """Import an export file (the body, NDJSON, streamed; up to max_import_bytes).
@@ -642,7 +646,7 @@ class Ingress(EngineOwner):
         user_id: UserRef,
         status: JobStatus | None = None,
         kind: Annotated[str | None, Query(pattern=JOB_KIND_PATTERN)] = None,
-        limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 50,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE), QueryInt] = 50,
         cursor: str | None = None,
     ) -> Any:
         """The user's background jobs (fact extraction, session summaries), newest first:
@@ -666,8 +670,8 @@ class Ingress(EngineOwner):
         user_id: Id | None = None,
         operation: str | None = None,
         outcome: Literal["ok", "denied", "error"] | None = None,
-        before_id: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        before_id: Annotated[int | None, Query(ge=1, le=2**63 - 1), QueryInt] = None,
+        limit: Annotated[int, Query(ge=1, le=1000), QueryInt] = 100,
     ) -> Any:
         rows = await (await self._api(request)).list_audit(
             user_id=user_id, operation=operation, outcome=outcome, before_id=before_id, limit=limit

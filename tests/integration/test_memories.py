@@ -375,28 +375,78 @@ async def test_two_forms_of_one_model_name_registered_at_once_are_one_model(
     assert len(races) == 8
 
 
-async def test_an_edited_cursor_without_a_zone_is_utc_not_the_servers_zone(
+async def test_an_edited_cursor_without_a_zone_is_refused_not_read_in_the_servers_zone(
     engine: MemoryEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A cursor is (created_at, id); one whose time has no zone (edited by hand) was read in
-    the server's own zone (asyncpg's naive datetime), so in New York it skipped five hours of
-    memories. A time without a zone is UTC everywhere, cursors too."""
+    """A cursor is (created_at, id) of its list; one whose time has no zone (edited by hand)
+    was read in the server's own zone (asyncpg's naive datetime), so in New York it skipped
+    five hours of memories. A cursor is taken only as the API wrote it: refused."""
     user = await engine.create_user("ada", None, "user")
     await engine.store_memories(user.id, [Fact(statement=f"fact {i}") for i in range(4)])
     first = await engine.list_memories(user.id, limit=2)
     last = first.items[-1]
-    raw = f"{last.created_at.astimezone(UTC).replace(tzinfo=None).isoformat()}|{last.id}"
+    stamp = last.created_at.astimezone(UTC).replace(tzinfo=None).isoformat()
+    raw = f"memories/{user.id}|{stamp}|{last.id}"
     naive = base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
     monkeypatch.setenv("TZ", "America/New_York")
     time.tzset()
     try:
         ours = await engine.list_memories(user.id, limit=2, cursor=first.next_cursor)
-        edited = await engine.list_memories(user.id, limit=2, cursor=naive)
+        with pytest.raises(InvalidInput) as edited:
+            await engine.list_memories(user.id, limit=2, cursor=naive)
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
     assert len(ours.items) == 2
-    assert [m.id for m in edited.items] == [m.id for m in ours.items]
+    assert edited.value.field == "cursor"
+
+
+async def test_a_cursor_pages_only_the_list_that_returned_it(engine: MemoryEngine) -> None:
+    """Another user's cursor, the users list's or the jobs list's was read as a position in
+    this list (paged from wherever its time fell); a cursor with a character added was
+    taken too (base64 dropped it). Each is InvalidInput on ``cursor`` on every list."""
+    ada = await engine.create_user("ada", None, "user")
+    bob = await engine.create_user("bob", None, "user")
+    await engine.create_user("cy", None, "user")
+    for user in (ada, bob):
+        await engine.store_memories(user.id, [Fact(statement=f"fact {i}") for i in range(3)])
+    ada_page = await engine.list_memories(ada.id, limit=1)
+    bob_page = await engine.list_memories(bob.id, limit=1)
+    users_page = await engine.list_users(limit=1)
+    assert ada_page.next_cursor and bob_page.next_cursor and users_page.next_cursor
+    for cursor in (bob_page.next_cursor, users_page.next_cursor, ada_page.next_cursor + "!"):
+        with pytest.raises(InvalidInput) as caught:
+            await engine.list_memories(ada.id, limit=1, cursor=cursor)
+        assert caught.value.field == "cursor"
+    for call in (
+        lambda: engine.list_users(limit=1, cursor=ada_page.next_cursor),
+        lambda: engine.list_jobs(ada.id, limit=1, cursor=ada_page.next_cursor),
+    ):
+        with pytest.raises(InvalidInput) as caught:
+            await call()
+        assert caught.value.field == "cursor"
+    # Its own list's cursor still pages on, as the API promised.
+    rest = await engine.list_memories(ada.id, limit=5, cursor=ada_page.next_cursor)
+    assert len(rest.items) == 2 and rest.next_cursor is None
+
+
+async def test_a_cursor_whose_memory_was_deleted_pages_on_without_gap_or_repeat(
+    engine: MemoryEngine,
+) -> None:
+    """Keyset pages: the cursor names a position, not a row, so the memory it was taken
+    from may go (or others arrive) between pages; the pages still hold each memory that
+    stayed exactly once."""
+    user = await engine.create_user("ada", None, "user")
+    for i in range(6):
+        await engine.store_memory(user.id, Fact(statement=f"fact number {i} about tea"))
+    first = await engine.list_memories(user.id, limit=3)
+    await engine.delete_memory(user.id, first.items[-1].id)
+    await engine.store_memory(user.id, Fact(statement="a fact stored between pages"))
+    rest = await engine.list_memories(user.id, limit=10, cursor=first.next_cursor)
+    seen = [m.id for m in first.items] + [m.id for m in rest.items]
+    assert len(seen) == len(set(seen)) == 6
+    kept = (await engine.list_memories(user.id, limit=10)).items
+    assert {m.id for m in kept} - set(seen) == {kept[0].id}  # only the newer one
 
 
 async def test_a_page_of_memories_ends_past_page_max_bytes_and_reads_on(

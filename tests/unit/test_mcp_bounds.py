@@ -158,3 +158,27 @@ def test_every_bounded_argument_has_its_rest_counterpart() -> None:
                 assert (
                     argument in REST_ARGUMENTS.get(name, {}) or (name, argument) in QUERY_ARGUMENTS
                 ), (name, argument)
+
+
+def test_every_number_or_flag_argument_is_strict_as_rest_bodies_are() -> None:
+    """list_memories and list_jobs took ``limit: true`` as 1, ``"10"`` and ``10.0`` as 10 and
+    ``include_shared: "yes"`` as true (pydantic's lax mode), where REST, Python and GraphQL
+    refuse them: every tool's integer, number and boolean argument takes only its JSON type."""
+    lax = []
+    for name, tool in _tools().items():
+        model = tool.fn_metadata.arg_model
+        for argument, schema in tool.parameters["properties"].items():
+            kind = _flat(schema).get("type")
+            wrong: tuple[Any, ...] = {
+                "integer": ("1", True, 1.0),
+                "number": ("1", True),
+                "boolean": ("true", 1),
+            }.get(kind, ())
+            for value in wrong:
+                try:
+                    model.model_validate({argument: value})
+                except ValidationError as exc:
+                    if any(tuple(e["loc"]) == (argument,) for e in exc.errors()):
+                        continue
+                lax.append((name, argument, value))
+    assert lax == []

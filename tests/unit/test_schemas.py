@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
 
-from halldyll_ray import schemas
+from halldyll_ray import schemas, validation
 from halldyll_ray.client import HalldyllClient
 from halldyll_ray.client.requests import Endpoints as _Endpoints
 from halldyll_ray.errors import InvalidInput
@@ -161,11 +163,8 @@ async def test_a_deployment_method_takes_its_request_as_pydantic_validates_it() 
 def test_a_time_with_no_utc_form_is_invalid_everywhere_a_time_enters(stamp: str) -> None:
     """Year 0 or year 10000 once in UTC: OverflowError (a 500) where it was converted. The
     first and last instants: an infinity in PostgreSQL, a naive time when read (500s)."""
-    from datetime import datetime
-
     from pydantic import ValidationError
 
-    from halldyll_ray import validation
     from halldyll_ray.models import Message
     from halldyll_ray.schemas import ApiKeyCreate
 
@@ -178,9 +177,9 @@ def test_a_time_with_no_utc_form_is_invalid_everywhere_a_time_enters(stamp: str)
     with pytest.raises(InvalidInput) as given:
         validation.timestamp(datetime.fromisoformat(stamp), "until")
     assert given.value.field == "until"
-    cursor = validation.encode_cursor(datetime.fromisoformat(stamp), uuid.uuid4())
+    cursor = validation.encode_cursor(datetime.fromisoformat(stamp), uuid.uuid4(), listing="users")
     with pytest.raises(InvalidInput) as paged:
-        validation.decode_cursor(cursor)
+        validation.decode_cursor(cursor, listing="users")
     assert paged.value.field == "cursor"
     # The last representable times on either side still are times.
     for edge in ("0001-01-01T00:00:00.000001+00:00", "9999-12-31T23:59:59.999998+00:00"):
@@ -345,3 +344,49 @@ def test_a_date_alone_or_a_time_without_offset_is_read_as_utc(given: str, read: 
     assert validation.time_range(search.since, search.until) == (expected, expected)
     expires_at = ApiKeyCreate.model_validate({"expires_at": given}).expires_at
     assert validation.timestamp(expires_at, "expires_at") == expected
+
+
+def _raw_cursor(raw: str) -> str:
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def test_a_cursor_is_taken_only_as_written_for_its_own_list() -> None:
+    """A cursor is the one its list returned, or InvalidInput on ``cursor``: base64 dropped
+    what it could not read (a ``!``, a space, a newline added), and the position was all a
+    cursor held, so an edited time (a date alone, no zone), another form of the id, the
+    users list's cursor in a memory listing or one user's in another's paged from wherever
+    its time fell."""
+    at = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
+    row, owner, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    listing = f"memories/{owner}"
+    cursor = validation.encode_cursor(at, row, listing=listing)
+    assert validation.decode_cursor(cursor, listing=listing) == (at, row)
+    assert validation.decode_cursor(None, listing=listing) == (None, None)
+    stamp = at.isoformat()
+    refused = [
+        cursor + "!!",
+        "!!" + cursor,
+        " " + cursor,
+        cursor + "\n",
+        cursor + "=",
+        cursor[:-3],
+        cursor.upper(),
+        "",
+        "a" * 100_000,
+        validation.encode_cursor(at, row, listing="users"),
+        validation.encode_cursor(at, row, listing=f"jobs/{owner}"),
+        validation.encode_cursor(at, row, listing=f"memories/{other}"),
+        _raw_cursor(f"{stamp}|{row}"),  # the old form: no list named
+        _raw_cursor(f"{listing}|2026-03-01|{row}"),
+        _raw_cursor(f"{listing}|2026-03-01T12:30:15|{row}"),
+        _raw_cursor(f"{listing}|{stamp}|{{{row}}}"),
+        _raw_cursor(f"{listing}|{stamp}|{row.hex}"),
+        _raw_cursor(f"{listing}|{stamp}|{str(row).upper()}"),
+        _raw_cursor(f"{listing}|{stamp}|{row}|x"),
+        base64.urlsafe_b64encode(b"\xff\xfe|x|y").decode(),
+        12,
+    ]
+    for bad in refused:
+        with pytest.raises(InvalidInput) as caught:
+            validation.decode_cursor(bad, listing=listing)
+        assert caught.value.field == "cursor", bad
