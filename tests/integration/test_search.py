@@ -7,6 +7,7 @@ import itertools
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import numpy as np
@@ -524,6 +525,97 @@ async def test_rare_query_words_outweigh_common_ones(engine: MemoryEngine):
     hits = await engine.search(user.id, "coffee Reykjavik", 5, mode="fulltext")
     assert hits[0].memory.id == target.id
     assert all(a.score >= b.score for a, b in itertools.pairwise(hits))
+
+
+async def _bm25_rows(engine: MemoryEngine, user_id: uuid.UUID, query: str) -> list[Any]:
+    """search_fulltext as the product runs it, every match returned (no cut among ties)."""
+    from halldyll_ray.storage.sql import bind
+
+    filters = dict.fromkeys(("types", "model_id", "session_id", "tags", "since", "until"))
+    sql, *args = bind(
+        "search_fulltext",
+        user_id=user_id,
+        query=query,
+        vector=None,
+        embedding_model=None,
+        fetch=10_000,
+        include_shared=True,
+        **filters,
+    )
+    async with engine.db.scoped(user_id, readonly=True) as conn:
+        return list(await conn.fetch(sql, *args))
+
+
+async def _bm25_by_hand(
+    engine: MemoryEngine, user_id: uuid.UUID, query: str
+) -> tuple[dict[tuple[Any, ...], float], float]:
+    """Okapi BM25 (k1 1.2, b 0.75, tf 1) computed here from the chunks' lexemes: each
+    matching chunk's score by its key, and the query's idf sum."""
+    import math
+
+    async with engine.db.scoped(user_id, readonly=True) as conn:
+        terms = {
+            r["lexeme"]
+            for r in await conn.fetch(
+                "SELECT lexeme FROM unnest(tsvector_to_array(halldyll_tsvector($1))) AS lexeme"
+                " WHERE to_tsvector('english'::regconfig, lexeme) <> ''::tsvector",
+                query,
+            )
+        }
+        chunks = await conn.fetch(
+            "SELECT memory_id, part, part_index, chunk_index, tsvector_to_array(tsv) AS words,"
+            " length(tsv) AS len FROM memory_chunks WHERE user_id = $1",
+            user_id,
+        )
+    n = len(chunks)
+    matches = [c for c in chunks if terms & set(c["words"])]
+    df = {t: sum(t in c["words"] for c in matches) for t in terms}
+    idf = {t: math.log(1 + (n - d + 0.5) / (d + 0.5)) for t, d in df.items()}
+    avg = sum(c["len"] for c in matches) / len(matches)
+    scores = {
+        (c["memory_id"], c["part"], c["part_index"], c["chunk_index"]): sum(
+            idf[t] * 2.2 / (1 + 1.2 * (0.25 + 0.75 * c["len"] / avg))
+            for t in terms & set(c["words"])
+        )
+        for c in matches
+    }
+    return scores, sum(idf.values())
+
+
+async def test_a_long_query_is_scored_as_a_short_one(engine: MemoryEngine):
+    """BM25 reads a query of many words (over 64: a pasted page, the 4,000 characters of a
+    message prepare_context searches with) by each chunk's own words instead of each query
+    word against each chunk. Both ways give the scores computed by hand, the same for the
+    same words, and a word no chunk holds weighs in the idf sum only."""
+    user = await engine.create_user(f"bm{uuid.uuid4().hex[:6]}", None, "user")
+    texts = [
+        "Ada keeps bees in three hives behind the barn in Voss",
+        "The honey harvest in August gave forty jars of heather honey",
+        "Mia painted the hives blue and yellow last spring",
+        "Ada sold honey and beeswax candles at the Bergen market",
+        "A storm knocked over one hive; the bees swarmed into an old oak",
+        "Ada's grandmother taught her to smoke the bees before opening a hive",
+        "Κάθε πρωί ο ΝΊΚΟΣ πίνει καφέ στην Αθήνα",
+        "今天我们在京都的花园里看到了很多蜜蜂",
+    ]
+    for text in texts:
+        await engine.store_memory(user.id, Fact(statement=text))
+    short = "bees hives honey Voss"
+    padding = " ".join(f"qx{i}zz" for i in range(80))  # words no chunk holds
+    pasted = " ".join(texts * 2)  # about 80 distinct words, most of them found
+    for query in (short, f"{short} {padding}", pasted, f"{pasted} {padding}", "京都 花园 蜜蜂"):
+        rows = await _bm25_rows(engine, user.id, query)
+        expected, idf_sum = await _bm25_by_hand(engine, user.id, query)
+        got = {(r["memory_id"], r["part"], r["part_index"], r["chunk_index"]): r for r in rows}
+        assert set(got) == set(expected), query
+        for key, score in expected.items():
+            assert got[key]["rank"] == pytest.approx(score, rel=1e-9), query
+            assert got[key]["idf_sum"] == pytest.approx(idf_sum, rel=1e-9), query
+        assert [r["rank"] for r in rows] == sorted((r["rank"] for r in rows), reverse=True)
+    # The words found rank alike however many unfound ones the query carries.
+    plain = {r["memory_id"]: r["rank"] for r in await _bm25_rows(engine, user.id, short)}
+    padded = await _bm25_rows(engine, user.id, f"{short} {padding}")
+    assert {r["memory_id"]: r["rank"] for r in padded} == pytest.approx(plain, rel=1e-9)
 
 
 async def test_hybrid_reports_the_part_each_signal_found(engine: MemoryEngine, talk):

@@ -57,28 +57,54 @@ matches AS MATERIALIZED (
       AND (:until::timestamptz IS NULL OR c.created_at < :until)
       AND c.valid_to IS NULL  -- closed facts (migration 0012) are not searched
 ),
-df AS MATERIALIZED (
-    SELECT t.lexeme, t.tq, count(*)::float8 AS df
-    FROM terms t JOIN matches m ON m.tsv @@ t.tq
-    GROUP BY t.lexeme, t.tq
+-- The query's words as the keys of one jsonb object: a lookup there is a binary search, a
+-- filter the planner cannot turn into a join of its own choosing.
+wordset AS MATERIALIZED (
+    SELECT jsonb_object_agg(lexeme, true) AS words, count(*) AS n FROM terms
 ),
-corpus AS (
+-- Which query words each matching chunk holds, found once for df and rank. A few words: each
+-- word's tsquery against each chunk. Many (a long query: a pasted page; prepare_context
+-- searches with up to 4,000 characters of the user's message, 300-700 English words or
+-- 1,000-2,000 Han characters): each chunk's own lexemes looked up among the query's, so the
+-- cost no longer grows as words x chunks (benchmarks/fulltext_scale.py --long). The counts
+-- are one-time filters: one branch runs.
+pairs AS MATERIALIZED (
+    SELECT m.id, m.len, t.lexeme
+    FROM terms t JOIN matches m ON m.tsv @@ t.tq
+    WHERE (SELECT n FROM wordset) <= 64
+    UNION ALL
+    SELECT m.id, m.len, u.lexeme
+    FROM matches m CROSS JOIN LATERAL unnest(m.tsv) AS u CROSS JOIN wordset w
+    WHERE w.n > 64 AND w.words ? u.lexeme
+),
+df AS MATERIALIZED (
+    SELECT lexeme, count(*)::float8 AS df FROM pairs GROUP BY lexeme
+),
+corpus AS MATERIALIZED (
     SELECT (SELECT count(*) FROM memory_chunks c WHERE c.user_id = :user_id)::float8 AS n,
            (SELECT avg(len) FROM matches) AS avg_len
 ),
--- The weight of every word of the query, found or not: the score of a chunk holding them all.
+-- Each found word's idf, again as a jsonb object read by key (never a join of pairs and df).
+idf AS MATERIALIZED (
+    SELECT jsonb_object_agg(df.lexeme, ln(1 + (corpus.n - df.df + 0.5) / (df.df + 0.5)))
+           AS of, count(*) AS found, sum(ln(1 + (corpus.n - df.df + 0.5) / (df.df + 0.5)))
+           AS found_sum
+    FROM df CROSS JOIN corpus
+),
+-- The weight of every word of the query, found or not: the score of a chunk holding them all
+-- (a word no chunk holds has df 0).
 query_weight AS (
-    SELECT sum(ln(1 + (corpus.n - coalesce(df.df, 0) + 0.5) / (coalesce(df.df, 0) + 0.5)))
-           AS idf_sum
-    FROM terms t LEFT JOIN df ON df.lexeme = t.lexeme CROSS JOIN corpus
+    SELECT coalesce(idf.found_sum, 0)
+           + (wordset.n - idf.found) * ln(1 + (corpus.n + 0.5) / 0.5) AS idf_sum
+    FROM idf CROSS JOIN wordset CROSS JOIN corpus
 ),
 ranked AS (
-    SELECT m.id,
-           sum(ln(1 + (corpus.n - df.df + 0.5) / (df.df + 0.5))
-               * (1.2 + 1) / (1 + 1.2 * (1 - 0.75 + 0.75 * m.len / corpus.avg_len))) AS rank
-    FROM matches m JOIN df ON m.tsv @@ df.tq CROSS JOIN corpus
-    GROUP BY m.id
-    ORDER BY rank DESC, m.id
+    SELECT p.id,
+           sum((idf.of -> p.lexeme)::float8
+               * (1.2 + 1) / (1 + 1.2 * (1 - 0.75 + 0.75 * p.len / corpus.avg_len))) AS rank
+    FROM pairs p CROSS JOIN idf CROSS JOIN corpus
+    GROUP BY p.id
+    ORDER BY rank DESC, p.id
     LIMIT :fetch
 )
 SELECT c.memory_id, c.part, c.part_index, c.chunk_index, c.content, c.label, r.rank,
