@@ -271,17 +271,22 @@ async def test_an_answer_kept_from_another_process_is_served_until_a_write(
 async def test_search_json_drops_a_memory_that_expired_since_it_was_cached(
     database_url: str, redis_url: str, encoder
 ):
-    settings = make_settings(database_url, redis_url, ephemeral_fact_ttl_days=1.5 / 86_400)
+    # A few seconds of life: the first search must come before the expiry on a loaded machine
+    # (1.5 s was not always enough for two stores and a search).
+    settings = make_settings(database_url, redis_url, ephemeral_fact_ttl_days=4 / 86_400)
     async with MemoryEngine(settings, encoder=encoder) as engine:
         user = await engine.create_user("ada", None, "user")
+        lasting = await engine.store_memory(user.id, Fact(statement="Ada meets Bo on Mondays"))
         fleeting = await engine.store_memory(
             user.id, Fact(statement="Ada is in a meeting right now", kind=FactKind.EPHEMERAL)
         )
-        lasting = await engine.store_memory(user.id, Fact(statement="Ada meets Bo on Mondays"))
+        assert fleeting.expires_at is not None
         query = "is Ada in a meeting?"
         before = json.loads(await engine.search_json(user.id, query, threshold=0.0))
+        assert datetime.now(UTC) < fleeting.expires_at, "the first search came too late"
         assert {r["memory"]["id"] for r in before["results"]} == {str(fleeting.id), str(lasting.id)}
-        await asyncio.sleep(1.7)  # the fact expires; the cached answer (no write since) stays
+        # The fact expires; the cached answer (no write since) stays.
+        await asyncio.sleep((fleeting.expires_at - datetime.now(UTC)).total_seconds() + 0.2)
         hits = engine.cache.stats.by_kind["search"][0]
         after = json.loads(await engine.search_json(user.id, query, threshold=0.0))
         assert engine.cache.stats.by_kind["search"][0] == hits + 1
