@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from support import make_settings
@@ -298,8 +300,16 @@ async def test_parallel_reinforcement_from_two_replicas_leaves_one_row(
     assert chunks == 1
 
 
+async def _until_expired(memory: Any) -> None:
+    """Sleep until a stored memory's expires_at has passed."""
+    assert memory.expires_at is not None
+    await asyncio.sleep(max(0.0, (memory.expires_at - datetime.now(UTC)).total_seconds()) + 0.2)
+
+
 async def test_ephemeral_facts_expire_and_purge(database_url: str, redis_url: str, encoder) -> None:
-    settings = make_settings(database_url, redis_url, ephemeral_fact_ttl_days=1.5 / 86_400)
+    # A few seconds of life: the summary must cover the fact before it expires on a loaded
+    # machine (1.5 s could pass in three stores).
+    settings = make_settings(database_url, redis_url, ephemeral_fact_ttl_days=4 / 86_400)
     async with MemoryEngine(settings, encoder=encoder) as engine:
         user = await engine.create_user("ada", None, "user")
         lasting = await engine.store_memory(user.id, Fact(statement="Ada was born in Oslo"))
@@ -313,7 +323,7 @@ async def test_ephemeral_facts_expire_and_purge(database_url: str, redis_url: st
             user.id, Summary(text="Ada's day.", covers=[fleeting.id, lasting.id])
         )
         assert fleeting.expires_at is not None and lasting.expires_at is None
-        await asyncio.sleep(1.7)
+        await _until_expired(fleeting)
         hits = await engine.search(user.id, "is Ada busy in a meeting?", threshold=0.0)
         assert fleeting.id not in {h.memory.id for h in hits}
         page = await engine.list_memories(user.id)
@@ -327,7 +337,7 @@ async def test_ephemeral_facts_expire_and_purge(database_url: str, redis_url: st
         gone = await engine.store_memory(
             user.id, Fact(statement="Ada is on a train", kind=FactKind.EPHEMERAL)
         )
-        await asyncio.sleep(1.7)
+        await _until_expired(gone)
         with pytest.raises(InvalidInput):
             await engine.store_memory(user.id, Summary(text="Ada's trip.", covers=[gone.id]))
 
