@@ -17,6 +17,7 @@ cannot make one user's transaction see another user's rows.
 
 from __future__ import annotations
 
+import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -58,7 +59,7 @@ from halldyll_ray.models import (
     TurnRecord,
     User,
 )
-from halldyll_ray.portability import ImportReport
+from halldyll_ray.portability import ImportReport, file_chunks
 
 if TYPE_CHECKING:  # the engine imports this module to hand out AuthorizedEngine
     from halldyll_ray.engine import MemoryEngine
@@ -183,15 +184,27 @@ class AuthorizedEngine:
     async def _check(self, op: Operation, action: str, target: UUID | None = None) -> UUID:
         """Raise PermissionDenied (audited) unless the principal may do ``op`` for ``target``;
         AuthenticationFailed (audited) once the principal's API key no longer authenticates
-        (revoked, rotated or expired since it was authenticated): a principal held past its
-        key's end (an open change feed, the Python API, a principal passed to an engine
-        deployment) is refused as a new request with that key is."""
+        (revoked, rotated or expired since it was authenticated, or its user disabled or
+        deleted): a principal held past its key's end (an open change feed, the Python API,
+        a principal passed to an engine deployment) is refused as a new request with that key
+        is. A principal made without a key (trusted code) of a disabled or deleted user gets
+        PermissionDenied."""
         me = self.principal
         target = me.user_id if target is None else target
         states, key_live = await self.engine.access_state([me.user_id, target], me)
-        if not key_live and me.user_id in states:
-            raise await self.engine.refuse_dead_key(me)
         mine = states.get(me.user_id)
+        if me.key_id is not None and (not key_live or mine is None or mine[1]):
+            # Revoked, rotated, expired, gone with its deleted user, or its user disabled:
+            # refused as a new request with that key is (401, authenticate's refusal), on
+            # every surface. A held principal (an open change feed, the Python API) of a
+            # disabled or deleted user was a 403 where the same key's next request is a 401.
+            if mine is None:
+                reason = "deleted user"
+            elif mine[1]:
+                reason = "disabled user"
+            else:
+                reason = "revoked or expired key"
+            raise await self.engine.refuse_dead_key(me, reason=reason)
         if mine is None or mine[1]:
             raise await self._deny(
                 action,
@@ -206,12 +219,15 @@ class AuthorizedEngine:
         if reach is Reach.ANY or target == me.user_id:
             return target
         if reach is Reach.NAMED:
+            # One refusal for a user that does not exist and one it may not act for (an
+            # Admin, a Service, a disabled user): two told a Service which ids were accounts.
             state = states.get(target)
-            if state is None:
-                raise await self._deny(action, target, "the named user does not exist", role=role)
-            if state[1] or state[0] not in (Role.USER, Role.VIEWER):
+            if state is None or state[1] or state[0] not in (Role.USER, Role.VIEWER):
                 raise await self._deny(
-                    action, target, "services act only for enabled users and viewers", role=role
+                    action,
+                    target,
+                    "services act only for existing, enabled users and viewers",
+                    role=role,
                 )
             return target
         if reach is Reach.GRANTED and target in await self.engine.viewer_grants(me.user_id):
@@ -227,6 +243,27 @@ class AuthorizedEngine:
         raise await self._deny(
             action, target, f"{role.value}s reach only {reach.value} data", role=role
         )
+
+    async def _rechecked(
+        self, op: Operation, action: str, target: UUID, items: AsyncIterable[_T]
+    ) -> AsyncIterator[_T]:
+        """``items``, with the check of ``op`` for ``target`` made again once
+        EVENTS_RECHECK_SECONDS have passed since the last one, before the next item is
+        handed on: a long import or export, like an open change feed, ends with
+        AuthenticationFailed or PermissionDenied once its key is revoked (or expires) or its
+        rights are taken away, instead of running to its end on the rights it began with."""
+        every = self.engine.settings.events_recheck_seconds
+        checked = time.monotonic()
+        try:
+            async for item in items:
+                if time.monotonic() - checked >= every:
+                    await self._check(op, action, target)
+                    checked = time.monotonic()
+                yield item
+        finally:
+            close = getattr(items, "aclose", None)
+            if close is not None:  # an export's transaction ends with it, however it ends
+                await close()
 
     async def _run(self, call: Callable[[], Awaitable[_T]]) -> _T:
         with requestctx.acting(self.principal.user_id, self.request_id):
@@ -303,8 +340,13 @@ class AuthorizedEngine:
             await self._run(
                 lambda: self.engine.record_read(self.principal.user_id, target, "memory.export", [])
             )
-        return self.engine.export_memories(
-            target, request_id=self.request_id, actor_id=self.principal.user_id
+        return self._rechecked(
+            Operation.MEMORY_READ,
+            "memory.export",
+            target,
+            self.engine.export_memories(
+                target, request_id=self.request_id, actor_id=self.principal.user_id
+            ),
         )
 
     async def import_memories(
@@ -318,7 +360,10 @@ class AuthorizedEngine:
             "memory.import",
             user_id,
             lambda u: self.engine.import_memories(
-                u, lines, atomic=atomic, request_id=self.request_id
+                u,
+                self._rechecked(Operation.MEMORY_WRITE, "memory.import", u, file_chunks(lines)),
+                atomic=atomic,
+                request_id=self.request_id,
             ),
         )
 

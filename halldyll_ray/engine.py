@@ -96,7 +96,7 @@ from halldyll_ray.models import (
     TurnRecord,
     User,
 )
-from halldyll_ray.portability import ImportReport
+from halldyll_ray.portability import ImportReport, file_chunks
 from halldyll_ray.storage.cache import LocalLRU, RedisTier, TieredCache
 from halldyll_ray.storage.database import Database, connect, translate_errors
 from halldyll_ray.storage.embedded import EmbeddedPostgres
@@ -796,7 +796,7 @@ class MemoryEngine:
             NotFound: no such user.
         """
         return await self.components.transfer.import_lines(
-            user_id, _aiter(lines), atomic=atomic, request_id=request_id
+            user_id, file_chunks(lines), atomic=atomic, request_id=request_id
         )
 
     async def purge_expired(self) -> int:
@@ -1102,9 +1102,10 @@ class MemoryEngine:
                 ``replayed=True``. Inline learning that the first attempt did not finish (it
                 raised after storing the messages) is done by the retry, once; a retry while
                 another call of the key is learning waits for it (up to 30 s). The key names
-                one request: sent with other messages,
-                names, another session or another AI model it is InvalidInput (``field``
-                ``idempotency_key``) and nothing is written.
+                one request: sent with other messages, names, another session, another AI
+                model or another ``extract_facts`` it is InvalidInput (``field``
+                ``idempotency_key``) and nothing is written. A key goes with its turn's
+                conversation: once that is deleted, the same request is a new turn.
             user_name, assistant_name: Who spoke (at most 200 characters each): stored as
                 the messages' ``name`` and indexed with them, so a search that names them
                 finds their turns (as for any message with a ``name``).
@@ -1226,18 +1227,21 @@ class MemoryEngine:
             user_ids, principal.user_id, principal.key_id
         )
 
-    async def refuse_dead_key(self, principal: Principal) -> AuthenticationFailed:
+    async def refuse_dead_key(
+        self, principal: Principal, *, reason: str = "revoked or expired key"
+    ) -> AuthenticationFailed:
         """Audit (throttled, as :meth:`authenticate`'s refusals) a call made with an
-        authenticated principal whose key was revoked, rotated or expired since; the error
-        to raise (what :meth:`authenticate` now answers that key)."""
+        authenticated principal whose key was revoked, rotated or expired since, or whose
+        user was disabled or deleted since (``reason``); the error to raise (what
+        :meth:`authenticate` now answers that key)."""
         await self.components.audit.record_denied(
             principal.user_id,
             None,
             "auth",
             "api_key",
             [] if principal.key_id is None else [principal.key_id],
-            reason="revoked or expired key",
-            throttle="auth:revoked or expired key",
+            reason=reason,
+            throttle=f"auth:{reason}",
         )
         return AuthenticationFailed("invalid, expired or revoked API key")
 
@@ -1280,20 +1284,3 @@ class MemoryEngine:
 
 
 __all__ = ["Components", "MemoryEngine"]
-
-
-async def _aiter(
-    chunks: AsyncIterable[bytes | str] | Iterable[bytes | str],
-) -> AsyncIterator[bytes | str]:
-    """An async iterator over ``chunks``, async or not; a lone ``bytes`` or ``str`` is the
-    whole file (iterating bytes gave ints). InvalidInput (``lines``) for what is neither."""
-    if isinstance(chunks, bytes | bytearray | str):
-        yield chunks
-    elif isinstance(chunks, AsyncIterable):
-        async for chunk in chunks:
-            yield chunk
-    elif isinstance(chunks, Iterable):
-        for chunk in chunks:
-            yield chunk
-    else:
-        raise InvalidInput("lines must be an iterable of bytes or text chunks", field="lines")

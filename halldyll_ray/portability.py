@@ -20,7 +20,7 @@ The same models validate an import, line by line: an export of this version alwa
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 from uuid import UUID
@@ -415,3 +415,21 @@ def _json_kind(value: Any) -> str:
     if isinstance(value, str):
         return "a string"
     return "a number"
+
+
+async def file_chunks(
+    chunks: AsyncIterable[bytes | str] | Iterable[bytes | str],
+) -> AsyncIterator[bytes | str]:
+    """An import's file as an async iterator of its chunks, async or not; a lone ``bytes`` or
+    ``str`` is the whole file (iterating bytes gave ints). InvalidInput (``lines``) for what
+    is neither."""
+    if isinstance(chunks, bytes | bytearray | str):
+        yield chunks
+    elif isinstance(chunks, AsyncIterable):
+        async for chunk in chunks:
+            yield chunk
+    elif isinstance(chunks, Iterable):
+        for chunk in chunks:
+            yield chunk
+    else:
+        raise InvalidInput("lines must be an iterable of bytes or text chunks", field="lines")

@@ -776,6 +776,25 @@ def check_open(http: httpx.Client | httpx.AsyncClient, request: Request[Any]) ->
         )
 
 
+#: Transport errors after which the whole request had gone out: the service may have
+#: applied it, and only its answer was lost (a read that timed out, a connection closed
+#: before the answer came).
+_SENT_ERRORS = (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError)
+
+
+def _maybe_applied(request: Request[Any], exc: Exception) -> str:
+    """What a caller must know before sending again a write whose answer was lost: it may
+    have been applied, and only a turn's idempotency key makes a second send harmless (a
+    timed-out store sent again was stored twice, the error saying only "timed out")."""
+    if request.method in ("GET", "HEAD") or not isinstance(exc, _SENT_ERRORS):
+        return ""
+    return (
+        " (it may or may not have been applied: a turn sent again with its idempotency_key"
+        " is stored once; read before sending any other write again, or it may be applied"
+        " twice)"
+    )
+
+
 def unavailable(request: Request[Any], exc: Exception) -> HalldyllError:
     """The typed error for one of :data:`SEND_ERRORS`.
 
@@ -808,7 +827,7 @@ def unavailable(request: Request[Any], exc: Exception) -> HalldyllError:
         )
     if isinstance(exc, httpx.TransportError):
         kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
-        return Unavailable(redact(f"{named} {kind}: {exc!r}", key))
+        return Unavailable(redact(f"{named} {kind}{_maybe_applied(request, exc)}: {exc!r}", key))
     if isinstance(exc, httpx.DecodingError):
         return HalldyllError(f"{named}: the response could not be decoded ({exc!r})")
     return HalldyllError(redact(f"{named} failed: {type(exc).__name__}: {exc}", key))

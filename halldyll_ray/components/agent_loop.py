@@ -155,7 +155,7 @@ class AgentLoop:
         )
         if key is not None:  # a repeated turn creates nothing, not even the session's log
             earlier = await self.ingestion.replay(
-                user_id, key, turn, session_id=session, model_id=model_id
+                user_id, key, turn, session_id=session, model_id=model_id, extract=extract_facts
             )
             if earlier is not None:
                 return await self._replay(learning, key, earlier)

@@ -202,16 +202,18 @@ async def _replay(
     conversation_id: UUID | None = None,
     session_id: str | None = None,
     model_id: UUID | None = None,
+    extract: bool,
 ) -> Appended | None:
     """What the request that first sent idempotency ``key`` stored (None for a new key).
 
     The key names one request (the IETF draft "The Idempotency-Key HTTP Header Field" asks
     a server to refuse its reuse with another payload): a call with other messages (role,
-    name, text), for another conversation or session, or (a session's turn) of another AI
-    model gets InvalidInput (``field`` ``idempotency_key``), never the other request's
-    answer as if it were its own. A session turn of model B replayed model A's turn of the
-    same session, answering as stored what B may not write there (a Conflict without the
-    key).
+    name, text), for another conversation or session, (a session's turn) of another AI
+    model, or that asks otherwise for facts (``extract``; keys stored before migration 0018
+    are not compared on it) gets InvalidInput (``field`` ``idempotency_key``), never the
+    other request's answer as if it were its own. A session turn of model B replayed model
+    A's turn of the same session, answering as stored what B may not write there (a
+    Conflict without the key).
     """
     earlier = await conn.fetchrow(q("turn_request"), user_id, key)
     if earlier is None:
@@ -226,6 +228,7 @@ async def _replay(
             session_id is None
             or (session_id == earlier["session_id"] and model_id == earlier["model_id"])
         )
+        and earlier["extract_facts"] in (None, extract)
         and [(m.role, m.name, m.content) for m in stored]
         == [(m.role, m.name, m.content) for m in messages]
     )
@@ -678,7 +681,14 @@ class Ingestion:
             await lock_user(conn, user_id)
             if key is not None:
                 earlier = await (
-                    _replay(conn, user_id, key, checked, conversation_id=conversation_id)
+                    _replay(
+                        conn,
+                        user_id,
+                        key,
+                        checked,
+                        conversation_id=conversation_id,
+                        extract=extract,
+                    )
                     if session is None
                     else _replay(
                         conn,
@@ -687,6 +697,7 @@ class Ingestion:
                         checked,
                         session_id=session.session_id,
                         model_id=session.model_id,
+                        extract=extract,
                     )
                 )
                 if earlier is not None:
@@ -751,6 +762,7 @@ class Ingestion:
                         message_seqs=[m.seq for m in stored],
                         job_ids=job_ids,
                         learned=self.learning is not None or not session_turn,
+                        extract_facts=extract,
                     )
                 )
             await write_audit(
@@ -772,13 +784,20 @@ class Ingestion:
         *,
         session_id: str,
         model_id: UUID | None,
+        extract: bool,
     ) -> Appended | None:
         """The earlier answer to a turn of ``session_id`` by AI model ``model_id`` with
         idempotency ``key`` (None when the key is new), read before the session's log is
         looked up, so that a repeated key creates nothing. InvalidInput as :meth:`append`."""
         async with self.db.scoped(user_id) as conn:
             return await _replay(
-                conn, user_id, key, messages, session_id=session_id, model_id=model_id
+                conn,
+                user_id,
+                key,
+                messages,
+                session_id=session_id,
+                model_id=model_id,
+                extract=extract,
             )
 
     async def _message_vectors(

@@ -114,8 +114,9 @@ class ApiKeys:
         return NewApiKey(key=key, api_key=ApiKey(**dict(row)))
 
     async def get(self, key_id: UUID | str) -> ApiKey:
-        row = await self.db.fetchrow(q("get_api_key"), validation.parse_uuid(key_id, "key_id"))
-        if row is None:
+        key_id = validation.parse_uuid(key_id, "key_id")
+        row = await self.db.fetchrow(q("get_api_key"), key_id)
+        if row is None:  # the id as parsed: another user's key reads the same (access.py)
             raise NotFound(f"API key {key_id} not found")
         return ApiKey(**dict(row))
 

@@ -130,6 +130,8 @@ class _ClientJSONRoute(APIRoute):
         async def read_as_client_json(request: Request) -> Response:
             if checked and request.scope.get("query_string"):
                 _refuse_unknown_parameters(request, _query_names(self.dependant))
+            if checked and IDEMPOTENCY_KEY in request.headers:
+                _refuse_idempotency_key(self.dependant)
             return await handler(_ClientJSONRequest(request.scope, request.receive))
 
         return read_as_client_json
@@ -171,6 +173,39 @@ def _refuse_unknown_parameters(request: Request, known: frozenset[str]) -> None:
                     }
                 ]
             )
+
+
+#: The request header that names one request, stored once however often it is sent (the IETF
+#: draft "The Idempotency-Key HTTP Header Field"); only the routes that declare it keep it.
+IDEMPOTENCY_KEY = "idempotency-key"
+
+
+def _takes_idempotency_key(dependant: Any) -> bool:
+    """Whether a route (or one of its dependencies) reads the ``Idempotency-Key`` header."""
+    return any(field.alias.lower() == IDEMPOTENCY_KEY for field in dependant.header_params) or any(
+        _takes_idempotency_key(sub) for sub in dependant.dependencies
+    )
+
+
+def _refuse_idempotency_key(dependant: Any) -> None:
+    """RequestValidationError (a 422 after the credentials' check) when a route that does not
+    keep idempotency keys is sent one. It was dropped without a word: a client retrying
+    ``POST /v1/users/me/memories`` with the key of its first attempt, as the header promises
+    it may, stored the memory twice."""
+    if _takes_idempotency_key(dependant):
+        return
+    raise RequestValidationError(
+        [
+            {
+                "type": "extra_forbidden",
+                "loc": ("header", IDEMPOTENCY_KEY),
+                "msg": "this route does not keep idempotency keys, so a retry of it would be "
+                "applied again: send Idempotency-Key only to POST "
+                "/v1/users/{user_id}/sessions/{session_id}/turns",
+                "input": None,
+            }
+        ]
+    )
 
 
 api.router.route_class = _ClientJSONRoute
@@ -295,7 +330,8 @@ def unavailable(exc: Exception) -> Unavailable:
     else:
         message = (
             "a replica of the service stopped while handling the request, which may or may not "
-            "have been applied; retry (a repeated fact only reinforces the stored one)"
+            "have been applied: a read or a turn sent again with its idempotency_key is safe to "
+            "retry; read before sending any other write again, or it may be applied twice"
         )
     return Unavailable(message, retry_after=1)
 

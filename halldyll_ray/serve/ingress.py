@@ -73,6 +73,7 @@ from halldyll_ray.serve.http import (
     BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_IMPORT_BYTES,
+    IDEMPOTENCY_KEY,
     FastLane,
     RouteMetrics,
     add_fast_lane,
@@ -187,8 +188,9 @@ class Ingress(EngineOwner):
         search with a Bearer key is answered here, authenticated, checked and audited as the
         route does it, from the result cache or, on a miss, by the hop to Search (and the
         answer kept in the cache), with the route's error mapping. None leaves the request to
-        the route: a body that is not a valid search (the route's 422 checks the credentials
-        first), no Bearer credential (the route's 401 audits it).
+        the route: a body that is not a valid search, a query string or an Idempotency-Key
+        (the route's 422 checks the credentials first), no Bearer credential (the route's 401
+        audits it).
 
         A miss, most of all an uncached query, spent a fifth of the Ingress's CPU in
         FastAPI's request cycle after the lane had declined it (``benchmarks/serve_http.py
@@ -196,7 +198,12 @@ class Ingress(EngineOwner):
         headers = dict(scope["headers"])
         kind = headers.get(b"content-type", b"").split(b";")[0].strip()  # none: not JSON
         key = _bearer(headers.get(b"authorization", b"").decode("latin-1"))
-        if kind.lower() != b"application/json" or key is None or scope.get("query_string"):
+        if (
+            kind.lower() != b"application/json"
+            or key is None
+            or scope.get("query_string")
+            or IDEMPOTENCY_KEY.encode() in headers  # the route refuses what it does not take
+        ):
             return None
         try:
             search = SearchRequest.model_validate(validation.json_loads(body))

@@ -217,8 +217,8 @@ async def test_disabled_users_and_changed_roles_take_effect_at_once(world: World
     engine = world.engine
     ada_api = await world.api("ada")
     await engine.update_user(world.users["ada"].id, disabled=True)
-    with pytest.raises(PermissionDenied):
-        await ada_api.search(None, "secret")  # an already-authenticated principal
+    with pytest.raises(AuthenticationFailed):  # an already-authenticated principal, refused
+        await ada_api.search(None, "secret")  # as its key's next request is
     with pytest.raises(AuthenticationFailed):
         await engine.authenticate(world.keys["ada"])
     svc = await world.api("svc")
@@ -466,3 +466,138 @@ async def test_a_viewer_s_grants_go_with_the_viewer_role(world: World) -> None:
     await engine.update_user(eve.id, role="viewer", disabled=False)
     assert await engine.viewer_grants(eve.id) == [bob.id]
     assert (await (await world.api("eve")).list_memories(bob.id)).items
+
+
+async def test_a_long_import_or_export_ends_when_its_rights_do(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An import or export in flight is checked again (every EVENTS_RECHECK_SECONDS), as an
+    open change feed is: once its key is revoked or its caller's role lowered, the next part
+    of it is refused, and nothing of the import after the change is stored. Both ran to
+    their end on the rights they began with."""
+    import asyncio
+
+    engine = world.engine
+    quick = engine.settings.model_copy(update={"events_recheck_seconds": 0.1})
+    monkeypatch.setattr(engine, "settings", quick)
+    ada = world.users["ada"]
+    carl = await engine.create_user("carl", None, "user")
+    for statement in ("Carl drinks green tea", "Carl plays chess on Sundays"):
+        await engine.store_memory(carl.id, Fact(statement=statement))
+    lines = b"".join([line async for line in engine.export_memories(carl.id)]).splitlines(True)
+    assert len(lines) == 3
+
+    key = await engine.create_api_key(ada.id, name="import")
+    api = engine.authorized(await engine.authenticate(key.key))
+
+    async def body() -> Any:
+        yield lines[0]
+        yield lines[1]
+        await engine.revoke_api_key(key.api_key.id)  # while the upload is still arriving
+        await asyncio.sleep(0.3)
+        yield lines[2]
+
+    with pytest.raises(AuthenticationFailed):
+        await api.import_memories(None, body())
+    stored = (await engine.list_memories(ada.id, limit=100)).items
+    assert not [m for m in stored if m.text.startswith("Carl")], "imported after revocation"
+
+    # Atomic, with a batch written before the revocation: the transaction stores nothing.
+    monkeypatch.setattr("halldyll_ray.components.transfer.IMPORT_BATCH", 1)
+    key = await engine.create_api_key(ada.id, name="atomic")
+    api = engine.authorized(await engine.authenticate(key.key))
+    with pytest.raises(AuthenticationFailed):
+        await api.import_memories(None, body(), atomic=True)
+    stored = (await engine.list_memories(ada.id, limit=100)).items
+    assert not [m for m in stored if m.text.startswith("Carl")], "imported after revocation"
+
+    # An Admin's export of another user, demoted to User while it streams.
+    root2 = world.users["root2"]
+    exporting = await world.api("root2")
+    parts = await exporting.export_memories(ada.id)
+    assert b'"halldyll-export"' in await anext(parts)
+    await engine.update_user(root2.id, role="user")
+    await asyncio.sleep(0.3)
+    with pytest.raises(PermissionDenied) as denied:
+        await anext(parts)
+    assert str(denied.value).startswith("user 'root2' may not memory.export")
+
+
+async def test_a_deleted_user_s_held_principal_is_refused_as_its_key_is(world: World) -> None:
+    """A principal whose user was disabled, or erased (and its key with it), is refused as
+    that key's next request is: AuthenticationFailed (HTTP 401), audited with the reason
+    authenticate gives, not PermissionDenied (403)."""
+    engine = world.engine
+    ada = world.users["ada"]
+    held_ada = await world.api("ada")
+    await engine.update_user(ada.id, disabled=True)
+    with pytest.raises(AuthenticationFailed):
+        await held_ada.search(None, "secret")
+    row = (await engine.list_audit(user_id=ada.id, operation="auth", limit=1))[0]
+    assert row["details"]["reason"] == "disabled user" and row["outcome"] == "denied", row
+    assert row["target_ids"] == [str(held_ada.principal.key_id)], row
+    with pytest.raises(AuthenticationFailed):
+        await engine.authenticate(world.keys["ada"])
+    # A principal made without a key (trusted code) has no key to refuse: a permission.
+    keyless = engine.authorized(Principal(user_id=ada.id, username="ada", role=Role.USER))
+    with pytest.raises(PermissionDenied, match="disabled"):
+        await keyless.search(None, "secret")
+    await engine.update_user(ada.id, disabled=False)
+    assert await held_ada.search(None, "secret") is not None
+
+    dan = await engine.create_user("dan", None, "user")
+    key = (await engine.create_api_key(dan.id, name="x")).key
+    held = engine.authorized(await engine.authenticate(key))
+    assert (await held.get_user()).id == dan.id
+    await engine.delete_user(dan.id)
+    with pytest.raises(AuthenticationFailed):
+        await engine.authenticate(key)
+    for call in (held.get_user(), held.search(None, "tea"), held.list_api_keys()):
+        with pytest.raises(AuthenticationFailed):
+            await call
+    # The same name made again is another user: the old principal reaches nothing of it.
+    again = await engine.create_user("dan", None, "user")
+    with pytest.raises(AuthenticationFailed):
+        await held.get_user(again.id)
+
+
+async def test_another_user_s_key_id_reads_as_an_unknown_one_in_any_case(world: World) -> None:
+    """The NotFound for another user's key id and for an unknown one say the same, whatever
+    the case the id is written in (an unknown one quoted the id as given, another's in
+    lower case: the message told which existed)."""
+    import uuid
+
+    ada_api = await world.api("ada")
+    bob_key = (await world.engine.list_api_keys(world.users["bob"].id))[0].id
+    unknown = uuid.uuid4()
+    messages = []
+    for key_id in (bob_key, unknown):
+        with pytest.raises(NotFound) as missing:
+            await ada_api.revoke_api_key(str(key_id).upper())
+        messages.append(str(missing.value).replace(str(key_id), "<id>"))
+    assert messages[0] == messages[1] == "API key <id> not found", messages
+
+
+async def test_a_service_s_refusal_does_not_tell_which_ids_are_accounts(world: World) -> None:
+    """A Service refused for an Admin, another Service, a disabled user or an id that names
+    nobody is refused in the same words (they said "the named user does not exist" for the
+    last only: a Service could tell the ids of accounts it may not reach from random ones)."""
+    import uuid
+
+    engine = world.engine
+    svc = await world.api("svc")
+    gone = await engine.create_user("gone", None, "user")
+    await engine.delete_user(gone.id)
+    quiet = await engine.create_user("quiet", None, "user")
+    await engine.update_user(quiet.id, disabled=True)
+    targets = [world.users["admin"].id, world.users["root2"].id, quiet.id, gone.id, uuid.uuid4()]
+    for call in ("search", "get_user"):
+        said = set()
+        for target in targets:
+            with pytest.raises(PermissionDenied) as denied:
+                if call == "search":
+                    await svc.search(target, "tea")
+                else:
+                    await svc.get_user(target)
+            said.add(str(denied.value).replace(str(target), "<id>"))
+        assert len(said) == 1, said

@@ -239,6 +239,45 @@ async def test_an_idempotency_key_names_one_request(engine: MemoryEngine) -> Non
     assert again.replayed and again.message_seqs == first.message_seqs
 
 
+async def test_an_idempotency_key_names_whether_its_turn_asked_for_facts(
+    engine: MemoryEngine,
+) -> None:
+    """record_turn with extract_facts=False, sent again with the same key and
+    extract_facts=True, was answered replayed=True with no facts, as if it were the same
+    request (and the facts asked for were never extracted); the other way round, it was told
+    the facts it did not ask for. Both are another request: InvalidInput, nothing written."""
+    user = await engine.create_user("factkey", None, "user")
+    said = "I live in Paris"
+    quiet = await engine.record_turn(
+        user.id, "s1", said, "ok", idempotency_key="k-quiet", extract_facts=False
+    )
+    learned = await engine.record_turn(user.id, "s2", said, "ok", idempotency_key="k-facts")
+    assert quiet.fact_ids == [] and len(learned.fact_ids) == 1
+    before = (await engine.list_memories(user.id)).items
+    for session, key, extract in (("s1", "k-quiet", True), ("s2", "k-facts", False)):
+        with pytest.raises(InvalidInput) as refused:
+            await engine.record_turn(
+                user.id, session, said, "ok", idempotency_key=key, extract_facts=extract
+            )
+        assert refused.value.field == "idempotency_key"
+    after = (await engine.list_memories(user.id)).items
+    assert [(m.id, m.updated_at) for m in after] == [(m.id, m.updated_at) for m in before]
+    # The same request again is still its replay.
+    again = await engine.record_turn(
+        user.id, "s1", said, "ok", idempotency_key="k-quiet", extract_facts=False
+    )
+    assert again.replayed and again.fact_ids == [] and again.message_seqs == quiet.message_seqs
+    again = await engine.record_turn(user.id, "s2", said, "ok", idempotency_key="k-facts")
+    assert again.replayed and again.fact_ids == learned.fact_ids
+    # A key lives with its turn's conversation (README): once that is deleted, the same
+    # request is a new turn, in the session's next log.
+    await engine.delete_memory(user.id, quiet.conversation_id)
+    anew = await engine.record_turn(
+        user.id, "s1", said, "ok", idempotency_key="k-quiet", extract_facts=False
+    )
+    assert not anew.replayed and anew.conversation_id != quiet.conversation_id
+
+
 async def test_one_key_on_two_new_sessions_at_once_leaves_one_log(
     engine: MemoryEngine, second: MemoryEngine
 ) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from support import bearer, user_with_key
+from support import bearer, export_header, fact_line, ndjson, user_with_key
 from support import mcp_session as _mcp
 from test_events_http import _until_no_subscribers, stream
 from test_graphql import _ws
@@ -238,3 +238,43 @@ async def test_open_streams_end_when_rights_change_and_say_why(
 
     code, message = await ends(r.json()["key"], owner["id"], nothing)
     assert code == "unauthenticated" and r.json()["key"] not in message
+
+
+async def test_an_import_in_flight_and_a_stream_end_as_their_caller_s_key_does(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """An import whose key is revoked while its body still arrives ends with the 401 a new
+    request gets, and stores nothing it read after (it ran to its end and stored all); an
+    open stream whose caller is disabled ends as the key's next request is refused, with
+    ``unauthenticated`` (it said ``permission_denied``, where reconnecting got a 401)."""
+    admin = bearer(admin_key)
+    user, key = await user_with_key(http, admin_key)
+    key_id = (await http.get(f"/v1/users/{user['id']}/keys", headers=admin)).json()["items"][0]
+
+    async def body() -> Any:
+        yield ndjson([export_header(), fact_line("Ada imports a fact about chess")])
+        revoked = await http.delete(f"/v1/keys/{key_id['id']}", headers=admin)
+        assert revoked.status_code == 200, revoked.text
+        await asyncio.sleep(1.5)  # EVENTS_RECHECK_SECONDS is 1 here
+        yield ndjson([fact_line("Ada imports a second fact about chess")])
+
+    r = await http.post(
+        "/v1/users/me/import",
+        headers={**bearer(key), "Content-Type": "application/x-ndjson"},
+        content=body(),
+    )
+    assert r.status_code == 401, r.text
+    assert r.json()["error"]["code"] == "unauthenticated" and key not in r.text
+    stored = await http.get(f"/v1/users/{user['id']}/memories", headers=admin)
+    assert stored.json()["items"] == [], stored.text
+
+    reader, reader_key = await user_with_key(http, admin_key)
+
+    async def disable() -> None:
+        r = await http.patch(f"/v1/users/{reader['id']}", json={"disabled": True}, headers=admin)
+        assert r.status_code == 200
+
+    event = await _sse_end(http, reader_key, "me", disable)
+    assert event["event"] == "error", event
+    assert event["data"]["code"] == "unauthenticated", event
+    assert (await http.get("/v1/me", headers=bearer(reader_key))).status_code == 401

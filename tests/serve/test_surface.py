@@ -575,6 +575,58 @@ async def test_a_retried_turn_is_stored_once_over_http(
     assert len(log_after.json()["messages"]) == 4
 
 
+async def test_a_route_that_keeps_no_idempotency_key_refuses_one(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    """Idempotency-Key on a route other than a session's turns was dropped without a word: a
+    store, a batch or an append retried with its first attempt's key was written twice
+    (201 both times). Now it is a 422 naming the header, after the credentials' check, and
+    nothing is written; the turns route keeps its key, ten concurrent sends storing once."""
+    _, key = await _user_with_key(http, admin_key)
+    keyed = {**bearer(key), "Idempotency-Key": "retry-0001"}
+    image = {"type": "image", "prompt": "a fox in the snow", "generator": "g"}
+    chat = await http.post(
+        "/v1/users/me/memories",
+        json={"type": "conversation", "messages": [{"role": "user", "content": "hello"}]},
+        headers=bearer(key),
+    )
+    assert chat.status_code == 201, chat.text
+    chat_id = chat.json()["id"]
+    writes = [
+        ("/v1/users/me/memories", image),
+        ("/v1/users/me/memories/batch", {"memories": [image]}),
+        (
+            f"/v1/users/me/memories/{chat_id}/messages",
+            {"messages": [{"role": "user", "content": "x"}]},
+        ),
+        ("/v1/users/me/search", {"query": "fox"}),
+    ]
+    for path, body in writes:
+        for _ in range(2):
+            sent = await http.post(path, json=body, headers=keyed)
+            assert sent.status_code == 422, (path, sent.text)
+            error = sent.json()["error"]
+            assert error["field"] == "idempotency-key", error
+            assert "turns" in error["message"], error
+        anonymous = await http.post(path, json=body, headers={"Idempotency-Key": "retry-0001"})
+        assert anonymous.status_code == 401, anonymous.text
+    listed = await http.get("/v1/users/me/memories", headers=bearer(key))
+    assert [m["id"] for m in listed.json()["items"]] == [chat_id]
+    log = await http.get(f"/v1/users/me/memories/{chat_id}", headers=bearer(key))
+    assert len(log.json()["messages"]) == 1
+    # The turns route keeps its key: ten concurrent sends store the turn once.
+    path = "/v1/users/me/sessions/keyed-10/turns"
+    body = {"user_message": "hello there", "assistant_message": "hi"}
+    sent = await asyncio.gather(*(http.post(path, json=body, headers=keyed) for _ in range(10)))
+    assert [r.status_code for r in sent] == [201] * 10, [r.text for r in sent]
+    assert sorted(r.json()["replayed"] for r in sent) == [False] + [True] * 9
+    assert {r.json()["conversation_id"] for r in sent} == {sent[0].json()["conversation_id"]}
+    log = await http.get(
+        f"/v1/users/me/memories/{sent[0].json()['conversation_id']}", headers=bearer(key)
+    )
+    assert [m["content"] for m in log.json()["messages"]] == ["hello there", "hi"]
+
+
 async def test_a_turns_key_names_its_model_and_names_keep_their_role_over_http(
     ray_serve: dict[str, Any], http: httpx.AsyncClient, admin_key: str
 ) -> None:

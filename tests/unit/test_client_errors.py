@@ -174,6 +174,33 @@ async def test_no_service_at_the_url_says_where_and_what_to_check() -> None:
     assert errors[0].message.startswith("POST /v1/users/me/memories failed")
 
 
+async def test_a_write_whose_answer_timed_out_says_it_may_have_been_applied() -> None:
+    """A service that takes the request and never answers: a store that timed out said only
+    "timed out", and a caller sending it again stored it twice. A write's error now says it
+    may have been applied and what is safe to send again; a read's does not."""
+    with socket.socket() as silent:  # listening, never accepting: the request goes out
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        writes: list[Unavailable] = []
+        with HalldyllClient(url, KEY, timeout=0.3) as sync:
+            with pytest.raises(Unavailable) as raised:
+                sync.store_memory({"type": "fact", "statement": "Ada drinks green tea"})
+            writes.append(raised.value)
+            with pytest.raises(Unavailable) as read:
+                sync.get_memory("6f1c1f52-3bde-4d0d-9b3a-6a0e2b8c1d10")
+        async with AsyncHalldyllClient(url, KEY, timeout=0.3) as client:
+            with pytest.raises(Unavailable) as raised_async:
+                await client.record_turn("s1", "hi", "hello", idempotency_key="turn-1")
+            writes.append(raised_async.value)
+    for exc in writes:
+        assert " timed out (it may or may not have been applied: " in exc.message, exc.message
+        assert "idempotency_key" in exc.message and KEY not in str(exc)
+    assert writes[0].message.startswith("POST /v1/users/me/memories timed out")
+    assert read.value.message.startswith("GET /v1/users/me/memories/")
+    assert "timed out" in read.value.message and "applied" not in read.value.message
+
+
 async def test_an_answer_httpx_cannot_decode_is_a_typed_error() -> None:
     def broken(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=b"not gzip", headers={"Content-Encoding": "gzip"})

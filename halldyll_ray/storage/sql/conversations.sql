@@ -74,7 +74,7 @@ RETURNING m.id;
 -- conversation logs (NULL once deleted, or for a conversation of no session), that
 -- conversation's AI model and its messages.
 SELECT t.conversation_id, t.message_seqs, m.session_id, m.model_id, t.fact_ids, t.summary_id,
-       t.job_ids, t.learned_at IS NOT NULL AS learned
+       t.job_ids, t.learned_at IS NOT NULL AS learned, t.extract_facts
 FROM turn_requests t
 LEFT JOIN memories m ON m.id = t.conversation_id AND m.user_id = t.user_id
 WHERE t.user_id = $1 AND t.idempotency_key = $2;
@@ -83,9 +83,9 @@ WHERE t.user_id = $1 AND t.idempotency_key = $2;
 -- With background learning the turn's jobs are queued in the same transaction: its learning
 -- is then done as far as the request goes (learned), and its job ids are what a retry reports.
 INSERT INTO turn_requests (user_id, idempotency_key, conversation_id, message_seqs, job_ids,
-                           learned_at, learning_since)
+                           learned_at, learning_since, extract_facts)
 VALUES (:user_id, :idempotency_key, :conversation_id, :message_seqs, :job_ids,
-        CASE WHEN :learned THEN now() END, now());
+        CASE WHEN :learned THEN now() END, now(), :extract_facts);
 
 -- name: turn_learning
 -- What the learning of a key's turn made, and whether it is done (no row: the turn's
