@@ -21,13 +21,15 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     Strict,
     StringConstraints,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
 
 from halldyll_ray.errors import quoted
 from halldyll_ray.textproc import NEEDED_FORMAT
@@ -213,6 +215,11 @@ def _check_tags(tags: list[str], info: ValidationInfo) -> list[str]:
                 "letter, digit or underscore"
             )
         seen.setdefault(tag, None)
+        if len(seen) > MAX_TAGS:
+            # Counted once each, as they are kept: 33 tags of which two are one ("x", "x";
+            # "café" and its decomposed form) are 32 tags. The count was of the list as sent,
+            # before the duplicates went, and refused it "after validation, not 33".
+            raise ValueError(f"at most {MAX_TAGS} different tags")
     return list(seen)
 
 
@@ -271,13 +278,37 @@ def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
                 stack.extend((child, depth + 1) for child in item)
 
 
+def compact_json(value: Any) -> str:
+    """``value`` as the JSON its size limits count: compact (no space after ``,`` or ``:``),
+    characters as themselves (not ``\\u`` escapes), values JSON cannot hold as strings.
+
+    What a client measures of what it sends (``JSON.stringify``, ``json.dumps(...,
+    separators=(",", ":"))``). Python's default separators (``", "``, ``": "``) added a byte
+    a key and one an item: a metadata object of one key and 16,384 bytes as sent was counted
+    16,385 and refused, one of 1,638 small keys (``"k0000":1``) at the limit was counted
+    19,659."""
+    return json.dumps(
+        value, ensure_ascii=False, default=str, allow_nan=False, separators=(",", ":")
+    )
+
+
+def json_size(value: Any) -> int:
+    """UTF-8 bytes of ``value`` as :func:`compact_json` writes it: what MAX_METADATA_BYTES
+    counts (a 4-byte emoji is 4, whatever its length in characters)."""
+    return len(compact_json(value).encode())
+
+
 def check_metadata(value: dict[str, Any]) -> dict[str, Any]:
     """A metadata object as stored: JSON-safe (see :func:`check_json_value`), at most
-    MAX_METADATA_BYTES of JSON, values that JSON cannot hold turned to strings."""
+    MAX_METADATA_BYTES of compact UTF-8 JSON (:func:`json_size`), values that JSON cannot
+    hold turned to strings."""
     check_json_value(value)
-    encoded = json.dumps(value, ensure_ascii=False, default=str, allow_nan=False)
-    if len(encoded.encode()) > MAX_METADATA_BYTES:
-        raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes of JSON")
+    encoded = compact_json(value)
+    size = len(encoded.encode())
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(
+            f"metadata takes {size} bytes of JSON (compact, UTF-8); at most {MAX_METADATA_BYTES}"
+        )
     return json.loads(encoded)  # type: ignore[no-any-return]
 
 
@@ -287,7 +318,20 @@ def check_metadata(value: dict[str, Any]) -> dict[str, Any]:
 #: only strings, so HTTP bodies read as before.
 InputStr = Annotated[str, Strict()]
 
-Tags = Annotated[list[InputStr], Field(max_length=MAX_TAGS), AfterValidator(_check_tags)]
+
+class _AtMostTags:
+    """The JSON schema's ``maxItems`` of a tag list: what a client that sends each tag once may
+    send (the check itself counts the tags as kept, :func:`_check_tags`). A metadata object, so
+    that every schema built from the type's metadata (the MCP tools') says it too."""
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {**handler(core_schema), "maxItems": MAX_TAGS}
+
+
+#: At most MAX_TAGS tags once the same tags are one (:func:`_check_tags`).
+Tags = Annotated[list[InputStr], AfterValidator(_check_tags), _AtMostTags()]
 
 
 def _metadata(value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:

@@ -303,8 +303,12 @@ async def numbered_lines(
     Windows (Notepad, Excel's "UTF-8" CSV/text) write one when they save, and RFC 8259 lets
     a JSON reader ignore it. The first line was "not JSON" (Python's parser refuses a BOM),
     so an export opened and saved again could not be imported.
-    A line longer than ``max_line_bytes`` comes out as ``b""`` followed by nothing of it:
-    the caller reports it (its content is dropped as it arrives, so memory stays bounded).
+    A line longer than ``max_line_bytes`` (counted without its line end and, on the first
+    line, the byte order mark) comes out as ``b""`` followed by nothing of it: the caller
+    reports it (its content is dropped as it arrives, so memory stays bounded). The count
+    does not depend on how the file is cut into chunks: a line that came whole in one chunk
+    (the whole file as one ``bytes``, what Python callers pass) was read at any length, and
+    one of exactly the limit ending in ``\r\n`` was refused when a chunk ended between them.
     """
     buffer = bytearray()
     number = 0
@@ -335,19 +339,22 @@ async def numbered_lines(
             if number == 1:
                 line = line.removeprefix(_BOM)
             del buffer[: end + 1]
-            if overlong:
+            if overlong or len(line) > max_line_bytes:
                 overlong = False
                 yield number, b""
             elif line.strip():
                 yield number, line
-        if len(buffer) > max_line_bytes:
+        # Room for what the line's count leaves out (a BOM, a "\r" whose "\n" is to come).
+        if len(buffer) > max_line_bytes + len(_BOM) + 1:
             overlong = True
             buffer.clear()
     if overlong:
         yield number + 1, b""
     elif buffer.strip():
         line = bytes(buffer).rstrip(b"\r")
-        yield number + 1, line.removeprefix(_BOM) if number == 0 else line
+        if number == 0:
+            line = line.removeprefix(_BOM)
+        yield number + 1, b"" if len(line) > max_line_bytes else line
 
 
 def _json(number: int, line: bytes) -> Any:

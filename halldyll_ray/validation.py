@@ -77,6 +77,46 @@ def _parse_int(literal: str) -> int:
     return int(literal)
 
 
+class _Duplicate(Exception):
+    """A key given twice in one JSON object."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once (``object_pairs_hook``)."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Duplicate(key)
+            seen.add(key)
+    return value
+
+
+#: A JSON string followed by ":" (a key: group 1), another string, or a brace.
+_KEY_OR_BRACE = re.compile(r'("[^"\\]*(?:\\.[^"\\]*)*")\s*:|"[^"\\]*(?:\\.[^"\\]*)*"|([{}])')
+
+
+def _duplicate_at(text: str) -> int:
+    """Where the JSON ``text`` first gives a key again in the same object (0: not found)."""
+    objects: list[set[str]] = []
+    for match in _KEY_OR_BRACE.finditer(text):
+        if match.group(2) == "{":
+            objects.append(set())
+        elif match.group(2) == "}":
+            if objects:
+                objects.pop()
+        elif match.group(1) and objects:
+            key = json.loads(match.group(1))
+            if key in objects[-1]:
+                return match.start(1)
+            objects[-1].add(key)
+    return 0
+
+
 def _where(text: str, literal: str) -> int:
     """Where ``literal`` first stands outside a string in the JSON ``text`` (0: not found)."""
     pattern = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|(' + re.escape(literal) + ")")
@@ -111,7 +151,11 @@ def json_loads(data: str | bytes) -> Any:
     - an integer of more digits than Python converts (``sys.get_int_max_str_digits()``,
       4,300 by default; RFC 8259 lets a parser limit the range of numbers): it was a bare
       ValueError, a 500 where a caller expected only JSONDecodeError;
-    - nesting deeper than the parser recurses (about 1,000 levels): a RecursionError.
+    - nesting deeper than the parser recurses (about 1,000 levels): a RecursionError;
+    - a key given twice in one object (``{"a": 1, "a": 2}``): RFC 8259 (section 4) leaves
+      what it means to each reader; Python's kept the last, others keep the first or refuse
+      it, so a proxy or a client that checked the first value saw another request than the
+      one stored.
 
     Bytes that are not text in the encoding :func:`json.loads` detects (UTF-8 unless the
     first bytes say UTF-16 or UTF-32) are a syntax error too, at the first bad byte: a gzip
@@ -123,7 +167,11 @@ def json_loads(data: str | bytes) -> Any:
     """
     try:
         return json.loads(
-            data, parse_constant=_refuse_constant, parse_float=_parse_float, parse_int=_parse_int
+            data,
+            object_pairs_hook=_object,
+            parse_constant=_refuse_constant,
+            parse_float=_parse_float,
+            parse_int=_parse_int,
         )
     except UnicodeDecodeError as exc:
         message = f"the body is not {exc.encoding.upper()} text ({exc.reason})"
@@ -131,6 +179,13 @@ def json_loads(data: str | bytes) -> Any:
     except _Refused as exc:
         text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
         raise json.JSONDecodeError(exc.reason, text, _where(text, exc.literal)) from None
+    except _Duplicate as exc:
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        message = (
+            f"the key {quoted(exc.key)} is given twice in one object (each key once: JSON "
+            "readers differ on which one counts)"
+        )
+        raise json.JSONDecodeError(message, text, _duplicate_at(text)) from None
     except RecursionError:
         text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
         depth, at = _deepest(text)

@@ -42,6 +42,9 @@ MONTHS = [
 #: (``conversation:<id>``): :func:`forget` removes it, an import re-points it.
 CONVERSATION_SOURCE = "conversation:"
 
+#: Most chunk rows one ``insert_chunks`` statement writes (:func:`insert_chunk_rows`).
+CHUNK_ROWS_PER_STATEMENT = 1_000
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -252,25 +255,32 @@ async def insert_chunk_rows(
             (SQLSTATE HL001 from ``halldyll_embedding_for_write``); nothing is written.
         NotFound: a memory id is not a memory of the user (a caller's bug).
     """
-    if not chunks:
-        return
-    status = await conn.execute(
-        *bind(
-            "insert_chunks",
-            user_id=user_id,
-            memory_ids=[memory_id for memory_id, _ in chunks],
-            parts=[c.part for _, c in chunks],
-            part_indexes=[c.part_index for _, c in chunks],
-            chunk_indexes=[c.chunk_index for _, c in chunks],
-            contents=[c.text for _, c in chunks],
-            labels=[c.label for _, c in chunks],
-            # Vector objects: a list of arrays would be read as a two-dimensional float array.
-            embeddings=[Vector(np.asarray(vector)) for vector in vectors[: len(chunks)]],
-            embedding_model=model_of(vectors),
+    model = model_of(vectors)
+    # In statements of at most CHUNK_ROWS_PER_STATEMENT rows, all in the caller's transaction:
+    # each row is an HNSW insertion (about 1.5 ms here, more under load), so one statement of
+    # a transcription at its limit (10,000 segments) or of a bulk store of long conversations
+    # passed DB_COMMAND_TIMEOUT_SECONDS and an input within every limit was a 503.
+    for start in range(0, len(chunks), CHUNK_ROWS_PER_STATEMENT):
+        part = chunks[start : start + CHUNK_ROWS_PER_STATEMENT]
+        status = await conn.execute(
+            *bind(
+                "insert_chunks",
+                user_id=user_id,
+                memory_ids=[memory_id for memory_id, _ in part],
+                parts=[c.part for _, c in part],
+                part_indexes=[c.part_index for _, c in part],
+                chunk_indexes=[c.chunk_index for _, c in part],
+                contents=[c.text for _, c in part],
+                labels=[c.label for _, c in part],
+                # Vector objects: a list of arrays would be read as a two-dimensional array.
+                embeddings=[
+                    Vector(np.asarray(vector)) for vector in vectors[start : start + len(part)]
+                ],
+                embedding_model=model,
+            )
         )
-    )
-    if int(status.rsplit(" ", 1)[-1]) != len(chunks):
-        raise NotFound("a chunk names a memory the user does not have")
+        if int(status.rsplit(" ", 1)[-1]) != len(part):
+            raise NotFound("a chunk names a memory the user does not have")
 
 
 async def insert_messages(

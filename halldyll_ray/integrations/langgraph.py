@@ -112,6 +112,7 @@ from halldyll_ray.models import (
     SearchMode,
     StoredMemory,
     check_text,
+    json_size,
 )
 
 __all__ = [
@@ -195,7 +196,7 @@ def _check_item_path(namespace: tuple[str, ...], key: str) -> None:
 
 def _metadata(namespace: tuple[str, ...], key: str) -> dict[str, Any]:
     metadata = {_METADATA_KEY: {"namespace": list(namespace), "key": key}}
-    size = len(json.dumps(metadata, ensure_ascii=False).encode())
+    size = json_size(metadata)
     if size > MAX_METADATA_BYTES:
         raise InvalidInput(
             f"namespace and key take {size} bytes of JSON; at most {MAX_METADATA_BYTES}",

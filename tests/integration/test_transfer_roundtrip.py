@@ -544,8 +544,8 @@ async def test_memories_at_their_size_limits_round_trip(
     source = (await engine.create_user(f"l{uuid.uuid4().hex[:8]}", None, "user")).id
     target = (await engine.create_user(f"m{uuid.uuid4().hex[:8]}", None, "user")).id
     emoji = "👩\u200d👩\u200d👧\u200d👦"  # 7 code points
-    # Metadata of exactly MAX_METADATA_BYTES of JSON, with a unicode key.
-    base = json.dumps({"ключ": ""}, ensure_ascii=False).encode()
+    # Metadata of exactly MAX_METADATA_BYTES of compact JSON, with a unicode key.
+    base = json.dumps({"ключ": ""}, ensure_ascii=False, separators=(",", ":")).encode()
     meta = {"ключ": "x" * (MAX_METADATA_BYTES - len(base))}
     talk = await engine.store_memory(
         source,

@@ -70,7 +70,7 @@ def test_secrets_do_not_print(monkeypatch: pytest.MonkeyPatch) -> None:
         lambda: Fact(statement="x", confidence=1.5),
         lambda: Fact(statement="x" * 2001),
         lambda: Fact(statement="x", kind="forever"),
-        lambda: Fact(statement="x", tags=["ok"] * 40),
+        lambda: Fact(statement="x", tags=[f"ok{i}" for i in range(33)]),
         lambda: Fact(statement="x", tags=["bad tag!"]),
         lambda: Fact(statement="x", metadata={"blob": "x" * 20_000}),
         lambda: Fact(statement="x", session_id="has spaces"),

@@ -231,3 +231,31 @@ def test_json_loads_refuses_nesting_deeper_than_it_recurses(depth: int) -> None:
     assert caught.value.pos == text.rindex("{")  # the deepest object opens there
     shallow = "[" * 500 + "]" * 500
     assert json_loads(shallow) == json.loads(shallow)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "at"),
+    [
+        ('{"type": "fact", "statement": "a", "statement": "b"}', "statement", 35),
+        ('{"metadata": {"a": 1, "a": 2}}', "a", 22),
+        # The same key in two objects is no duplicate; the second object's own twice is.
+        ('[{"a": 1}, {"a": {"b": 1, "b": 2}}]', "b", 26),
+        ('{"\\u0061": 1, "a": 2}', "a", 14),  # one key, written two ways
+    ],
+)
+def test_json_loads_refuses_a_key_given_twice_in_one_object_where_it_is(
+    text: str, key: str, at: int
+) -> None:
+    # Python's parser kept the last value, others keep the first: a proxy that checked
+    # "statement": "a" let "b" be stored. Every surface reads its JSON here (REST, GraphQL,
+    # MCP, import lines).
+    with pytest.raises(json.JSONDecodeError) as caught:
+        json_loads(text)
+    assert caught.value.msg.startswith(f"the key '{key}' is given twice in one object")
+    assert caught.value.pos == at
+    with pytest.raises(json.JSONDecodeError):
+        json_loads(text.encode())
+    assert json_loads('{"a": {"a": 1}, "b": [{"a": 1}, {"a": 2}]}') == {
+        "a": {"a": 1},
+        "b": [{"a": 1}, {"a": 2}],
+    }

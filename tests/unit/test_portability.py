@@ -38,6 +38,22 @@ async def test_an_overlong_line_is_dropped_as_it_arrives_and_reported_empty() ->
     assert await _lines(b"{}\n", long, long, limit=60) == [(1, b"{}"), (2, b"")]
 
 
+async def test_a_line_is_held_to_its_limit_however_the_file_is_cut() -> None:
+    # A line that came whole in one piece (the whole file as one bytes, as Python callers
+    # pass it) was read at any length; one of exactly the limit lost it when a piece ended
+    # between its "\r" and "\n", or when the file opened with a byte order mark.
+    at, over = b"x" * 10, b"x" * 11
+    for pieces in [(over + b"\n{}\n",), (b"{}\n" + over,), (b"x" * 5, b"x" * 6 + b"\n{}\n")]:
+        assert b"" in [line for _, line in await _lines(*pieces, limit=10)], pieces
+    for pieces in [
+        (at + b"\r", b"\n{}\n"),
+        (b"\xef\xbb\xbf" + at, b"\r\n{}\n"),
+        (at + b"\r\n{}\n",),
+        (b"{}\n", at),
+    ]:
+        assert at in [line for _, line in await _lines(*pieces, limit=10)], pieces
+
+
 @pytest.mark.parametrize(
     ("line", "field"),
     [
