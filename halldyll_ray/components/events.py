@@ -55,7 +55,9 @@ def parse_event_id(value: object, field: str = "Last-Event-ID") -> int:
     if isinstance(value, int):
         number = value
     elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
-        number = int(value.strip()) if len(value.strip()) <= 19 else MAX_EVENT_ID + 1
+        # Leading zeros do not count towards the 19 digits of the largest id ("0…01" is 1).
+        digits = value.strip().lstrip("0") or "0"
+        number = int(digits) if len(digits) <= 19 else MAX_EVENT_ID + 1
     else:
         raise InvalidInput(f"{field} must be an event id (a whole number)", field=field)
     if not 0 <= number <= MAX_EVENT_ID:
@@ -102,6 +104,10 @@ class Subscription:
         self.user_id = user_id
         self.position = position
         self._read_to = position
+        #: The horizon (purged_through) this position was checked against: a read that finds
+        #: it raised past the position resyncs.
+        self._vouched = 0
+        self._unread = True  # a notification (or the first read) since the last full read
         self._buffer: deque[FeedItem] = deque(pending)
         self._rechecks = rechecks
         self._wake = asyncio.Event()
@@ -127,13 +133,36 @@ class Subscription:
                 # Cleared before the read: a notification that arrives during it wakes the
                 # next wait at once, so nothing committed after the read is waited past.
                 self._wake.clear()
-                rows = await self._feed.db.fetch(
+                # Whether events of the user may have been committed since the last full
+                # read: notified since, never read yet, a partial page, or no LISTEN.
+                suspect = self._unread or not self._feed.listening
+                self._unread = False
+                found = await self._feed.db.fetch(
                     q("events_after"), self.user_id, self._read_to, BATCH, user_id=self.user_id
                 )
+                purged_through = int(found[0]["purged_through"])
+                if suspect and purged_through > max(self._read_to, self._vouched):
+                    # A purge since the last read deleted events after the position, and
+                    # some of them may be this user's, not read yet (a reader that fell
+                    # behind, a long replay, a purge right after subscribe): they were
+                    # silently missing. Resync, as a resume from that position would, and
+                    # read on after the horizon. A quiet user's stream (nothing committed
+                    # since its last full read) lost nothing: the horizon just moves.
+                    self._buffer.append(
+                        EventsResync(
+                            after=self._read_to, resume_after=purged_through, reason="purged"
+                        )
+                    )
+                    self._read_to = self._vouched = purged_through
+                    continue  # still stale: read the events after the horizon
+                self._vouched = purged_through
+                rows = [row for row in found if row["id"] is not None]
                 self._buffer.extend(_event(row) for row in rows)
                 if rows:
                     self._read_to = rows[-1]["id"]
                 self._stale = len(rows) == BATCH
+                if self._stale:  # the rest, visible now, may be purged before the next read
+                    self._unread = True
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), due - loop.time())
@@ -163,6 +192,7 @@ class Subscription:
             raise
 
     def _notify(self) -> None:
+        self._unread = True
         self._wake.set()
 
     async def aclose(self) -> None:
@@ -286,10 +316,10 @@ class EventFeed:
             await require_user(self.db, user_id)
             pending: list[FeedItem] = []
             async with self.db.scoped(user_id, readonly=True) as conn:
+                horizon = await conn.fetchrow(q("events_horizon"))
                 if start is None:
                     position = int(await conn.fetchval(q("events_head"), user_id))
                 else:
-                    horizon = await conn.fetchrow(q("events_horizon"))
                     position = start
                     if start > horizon["issued"]:
                         position = int(await conn.fetchval(q("events_head"), user_id))
@@ -307,6 +337,7 @@ class EventFeed:
             self._drop(subscription)
             raise
         subscription.position = subscription._read_to = position
+        subscription._vouched = int(horizon["purged_through"])
         subscription._buffer.extend(pending)
         subscription._rechecks = list(rechecks or [])
         return subscription

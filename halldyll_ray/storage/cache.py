@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from uuid import UUID
 
+from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
+
 from halldyll_ray.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -189,6 +191,10 @@ class RedisTier:
             log.debug("redis close: %s", type(exc).__name__)
 
 
+#: Tries of an erasure's Redis deletion before it is Unavailable (:meth:`TieredCache.erase`).
+ERASE_ATTEMPTS = 6
+
+
 @dataclass
 class CacheStats:
     hits_local: int = 0
@@ -269,10 +275,22 @@ class TieredCache:
             self.local.delete(key)
         if self.remote is None:
             return 0
+        remote = self.remote
         try:
-            return await self.remote.delete_user_keys(user_id) + await self.remote.delete_many(
-                list(keys)
-            )
+            # An erasure is rare and must complete: a command past the cache's short socket
+            # timeout (0.25 s, so that an outage costs a hot read little) is tried again, up
+            # to ERASE_ATTEMPTS times over about 3 s (tenacity's backoff), instead of failing
+            # the erasure on one slow reply of a loaded Redis. SCAN and UNLINK repeat safely.
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(ERASE_ATTEMPTS),
+                wait=wait_exponential(multiplier=0.1, max=0.5),
+                reraise=True,
+            ):
+                with attempt:
+                    return await remote.delete_user_keys(user_id) + await remote.delete_many(
+                        list(keys)
+                    )
+            raise AssertionError("unreachable: tenacity reraises the last failure")
         except Exception as exc:
             raise Unavailable(
                 "the cache (Redis) is unreachable: the user's cached entries were not removed",

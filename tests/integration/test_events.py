@@ -257,12 +257,81 @@ async def test_retention_purge_and_resync(engine: MemoryEngine, database_url: st
     assert rows and rows[0]["details"]["count"] == 2
 
 
+async def _age_events(database_url: str, memory_ids: list[uuid.UUID]) -> None:
+    owner = await asyncpg.connect(database_url)  # the table owner may rewrite history
+    try:
+        await owner.execute(
+            "UPDATE memory_events SET at = now() - interval '10 days' WHERE memory_id = ANY($1)",
+            memory_ids,
+        )
+    finally:
+        await owner.close()
+
+
+async def test_a_purge_of_events_not_yet_read_is_a_resync_on_an_open_stream(
+    engine: MemoryEngine, database_url: str
+) -> None:
+    """A purge that deleted events an open stream had not read yet (a reader behind, a long
+    replay, a purge right after subscribing): they were silently missing, the stream going
+    on with the next one. Now the stream says resync, as a resume from its position does."""
+    user = await _user(engine)
+    async with await engine.subscribe_events(user) as feed:
+        seen = (await engine.store_memory(user, Fact(statement="read at once"))).id
+        assert [e.memory_id for e in await _events(feed, 1)] == [seen]
+        position = feed.position
+        # The reader falls behind: two more events, the first purged before it reads on.
+        lost = (await engine.store_memory(user, Fact(statement="purged unread"))).id
+        after = (await engine.store_memory(user, Fact(statement="kept"))).id
+        await _age_events(database_url, [lost])
+        assert await engine.purge_events() >= 1
+        resync = await _next(feed)
+        assert isinstance(resync, EventsResync), resync
+        assert resync.reason == "purged" and resync.after == position
+        assert feed.position == resync.resume_after > position
+        assert [e.memory_id for e in await _events(feed, 1)] == [after]
+    # Right after subscribing, before the first read: the same.
+    async with await engine.subscribe_events(user) as feed:
+        lost = (await engine.store_memory(user, Fact(statement="purged at once"))).id
+        await _age_events(database_url, [lost])
+        assert await engine.purge_events() == 1
+        assert isinstance(await _next(feed), EventsResync)
+
+
+async def test_a_purge_of_other_users_events_leaves_a_quiet_stream_alone(
+    engine: MemoryEngine, database_url: str
+) -> None:
+    """A stream whose user wrote nothing since its last read lost nothing to a purge, even
+    one that deleted later ids (other users' events): no resync, and its next event comes."""
+    quiet, busy = await _user(engine), await _user(engine)
+    await engine.store_memory(quiet, Fact(statement="long ago"))
+    feed = engine.components.events
+    async with await engine.subscribe_events(quiet) as stream:
+        assert await _nothing_within(stream, 0.3)  # its first read: nothing new
+        feed.idle_check_s = 0.2  # read on a quiet stream, and so see the horizon move
+        try:
+            old = [(await engine.store_memory(busy, Fact(statement=t))).id for t in "xy"]
+            await _age_events(database_url, old)
+            assert await engine.purge_events() == 2
+            assert await _nothing_within(stream, 1.0)
+        finally:
+            feed.idle_check_s = 30.0
+        later = await engine.store_memory(quiet, Fact(statement="now"))
+        event = await _next(stream)
+        assert isinstance(event, MemoryEvent) and event.memory_id == later.id
+
+
 async def test_bad_positions_and_unknown_users_are_refused(engine: MemoryEngine) -> None:
     user = await _user(engine)
-    for bad in ("-1", "abc", "1.5", "", "9" * 30, -3, True):
+    for bad in ("-1", "abc", "1.5", "", "9" * 30, "0" * 20 + "9" * 20, -3, True):
         with pytest.raises(InvalidInput) as refused:
             await engine.subscribe_events(user, after=bad)  # type: ignore[arg-type]
         assert refused.value.fields.get("field") == "Last-Event-ID"
+    # Leading zeros are not digits of the id: "0…01" is 1, whatever its length.
+    async with (
+        await engine.subscribe_events(user, after="1") as plain,
+        await engine.subscribe_events(user, after="0" * 30 + "1") as padded,
+    ):
+        assert padded.position == plain.position
     with pytest.raises(NotFound):
         await engine.subscribe_events(uuid.uuid4())
     with pytest.raises(InvalidInput):

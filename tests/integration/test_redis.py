@@ -77,3 +77,29 @@ async def test_without_redis_url_cache_is_in_process(database_url: str, encoder)
         assert await engine.search(user.id, "hobby") == first
         assert engine.cache.stats.by_kind["search"][0] == 1
         assert (await engine.health())["redis"] == {"ok": True, "configured": False}
+
+
+async def test_an_erasure_waits_out_a_stalled_redis(
+    database_url: str, own_redis: RedisServer, encoder
+) -> None:
+    """The cache's commands time out after 0.25 s (an outage costs a hot read little); an
+    erasure's deletion of the user's cached entries is tried again over about 3 s, so a Redis
+    that stalls for a second (CLIENT PAUSE: a fork, a slow disk, a loaded machine) no longer
+    fails the erasure with Unavailable."""
+    import redis
+
+    settings = make_settings(database_url, own_redis.url)
+    async with MemoryEngine(settings, encoder=encoder) as engine:
+        user = await engine.create_user("ada", None, "user")
+        await engine.store_memory(user.id, Fact(statement="Ada drinks oolong tea"))
+        await engine.search(user.id, "favourite drink")  # a cached entry in Redis
+        assert engine.cache.remote is not None
+        pattern = f"{settings.redis_key_prefix}*:{user.id}:*"
+        side = redis.Redis(port=own_redis.port)
+        try:
+            assert side.keys(pattern)
+            side.client_pause(1000)  # every client waits a second for its next reply
+            assert await engine.cache.erase(user.id, []) >= 1
+            assert side.keys(pattern) == []
+        finally:
+            side.close()

@@ -2,11 +2,21 @@
 -- migration 0008, read as the user (row-level security shows only theirs).
 
 -- name: events_after
-SELECT id, user_id, memory_id, memory_type, kind, at
-FROM memory_events
-WHERE user_id = $1 AND id > $2
-ORDER BY id
-LIMIT $3;
+-- The user's events after $2, at most $3, each row with the horizon's purged_through (one
+-- row of NULL events when there are none), in one statement and so one snapshot: a purge that
+-- deleted events after $2 not yet read is seen here, with the rows it left (the reader's
+-- resync), never as events silently missing. The purge deletes and raises the horizon in
+-- one statement (purge_events).
+SELECT h.purged_through, e.id, e.user_id, e.memory_id, e.memory_type, e.kind, e.at
+FROM memory_event_horizon h
+LEFT JOIN LATERAL (
+    SELECT id, user_id, memory_id, memory_type, kind, at
+    FROM memory_events
+    WHERE user_id = $1 AND id > $2
+    ORDER BY id
+    LIMIT $3
+) e ON true
+ORDER BY e.id;
 
 -- name: events_head
 -- The user's latest event (0 without one): a subscriber without Last-Event-ID starts here.
