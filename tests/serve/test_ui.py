@@ -676,3 +676,150 @@ async def test_stats_are_for_admins_and_count_requests(
         headers=bearer(admin_key),
     )
     assert audit.json()["items"], audit.text
+
+
+# ------------------------------------------------------------------ hostile stored text
+HOSTILE = (
+    '<script>window.__x=1</script> <img src=x onerror="window.__x=1"> '
+    '"><svg onload="window.__x=1"> {{7*7}} ${7*7} javascript:window.__x=1'
+)
+#: What stored text must never do to the page: run a script, become elements, a clickable
+#: javascript: link, or widen the page past the screen (an unbroken run of characters).
+HARM = """() => {
+  const found = [];
+  if (window.__x !== undefined) found.push('a stored script ran');
+  const view = document.getElementById('view');
+  const tags = ['script', 'img', 'svg', 'iframe', '[onerror]', '[onload]'];
+  for (const sel of [...tags, 'a[href^="javascript:" i]']) {
+    if (view.querySelector(sel)) found.push(`stored text became ${sel}`);
+  }
+  const page = document.documentElement;
+  if (page.scrollWidth > page.clientWidth + 1) {
+    const wide = [...view.querySelectorAll('*')]
+      .filter((e) => e.getBoundingClientRect().right > page.clientWidth + 1)
+      .map((e) => e.tagName + (e.id ? `#${e.id}` : ''));
+    found.push(`the page is ${page.scrollWidth}px wide: ${wide.slice(-1)}`);
+  }
+  return found;
+}"""
+
+
+async def test_hostile_stored_text_is_shown_as_text_and_fits_the_page(
+    page: Any, ray_serve: dict[str, Any], admin_key: str
+) -> None:
+    """Markup, script, javascript: URLs, template syntax, unbroken 3000-character runs and a
+    10,000-line text, stored through the API, come back in every view as text that wraps: a
+    run of one letter or a 200-character model name in a <select> made the page tens of
+    thousands of pixels wide. A model whose name holds a "/" can be deleted (it was refused
+    as an unsafe path), and a malformed escape in the address (%E0%A4%A) is an answer, not
+    an uncaught URIError that left the previous view on screen."""
+    long = "W" * 3000
+    tag = uuid.uuid4().hex[:6]
+    async with httpx.AsyncClient(base_url=ray_serve["url"], timeout=60) as http:
+        _, key = await user_with_key(http, admin_key, role="admin")
+        auth = bearer(key)
+
+        async def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+            r = await http.post(path, json=body, headers=auth)
+            assert r.status_code == 201, r.text
+            return r.json()
+
+        for name in (f"{HOSTILE[:150]} {tag}", f"org/slash-{tag}", f"{'L' * 190}{tag}"):
+            await post("/v1/models", {"name": name, "kind": "llm", "version": HOSTILE[:100]})
+        await post("/v1/users", {"username": f"x{tag}", "email": f'"><svg/onload=x>{tag}@x.io'})
+        await post("/v1/users/me/keys", {"name": HOSTILE[:100]})
+        stored = {}
+        for name, body in {
+            "conversation": {
+                "type": "conversation",
+                "title": HOSTILE,
+                "session_id": f"s{tag}",
+                "tags": ["javascript:x", "T" * 60],
+                "messages": [
+                    {"role": "user", "name": HOSTILE[:60], "content": f"{HOSTILE} window {long}"},
+                    {"role": "assistant", "name": "N" * 150, "content": "zero\u200bwidth"},
+                ],
+            },
+            "fact": {
+                "type": "fact",
+                "statement": f"{HOSTILE} window {long[:1500]}",
+                "source": "javascript:window.__x=1",
+            },
+            "image": {
+                "type": "image",
+                "prompt": f"{HOSTILE} window {long}",
+                "uri": "javascript:window.__x=1",
+                "generator": HOSTILE[:60],
+                "negative_prompt": HOSTILE,
+                "controlnet": {HOSTILE: HOSTILE + long, "Q" * 1000: 1},
+            },
+            "transcription": {
+                "type": "transcription",
+                "audio_uri": "javascript:window.__x=1",
+                "segments": [
+                    {"start": 0, "end": 1, "speaker": HOSTILE[:60], "text": f"{HOSTILE} {long}"}
+                ],
+            },
+            "summary": {
+                "type": "summary",
+                "text": f"{HOSTILE} window {long}\n"
+                + "\n".join(f"line {i}" for i in range(10_000)),
+            },
+        }.items():
+            stored[name] = await post("/v1/users/me/memories", body)
+        await post(
+            f"/v1/users/me/sessions/s{tag}/turns",
+            {"user_message": f"{HOSTILE} window", "assistant_message": HOSTILE + long},
+        )
+
+    await sign_in(page, key)
+
+    async def harmless(where: str) -> None:
+        await page.wait_for_timeout(300)  # let the last answers render
+        assert await page.evaluate(HARM) == [], where
+
+    await page.locator("#timeline article").first.wait_for()
+    # ... and the conversation the recorded turn went into.
+    await expect(page.locator("#timeline article")).to_have_count(len(stored) + 1)
+    await harmless("memories")
+    for name, memory in stored.items():
+        await page.goto(f"/ui/#/memories/me/{memory['id']}")
+        await page.locator(f'article[data-memory-id="{memory["id"]}"]').wait_for()
+        await harmless(f"memory {name}")
+    # The markup is there as text, word for word.
+    await page.goto(f"/ui/#/memories/me/{stored['fact']['id']}")
+    await page.get_by_text("javascript:window.__x=1", exact=True).wait_for()
+    assert HOSTILE in await page.locator("article.card p").first.inner_text()
+
+    await page.goto("/ui/#/search")
+    await page.get_by_label("Query").fill("window")
+    await page.get_by_role("button", name="Search").click()
+    await page.locator("#results > li").first.wait_for()
+    await harmless("search")
+    await page.goto("/ui/#/context")
+    await page.get_by_label("Session").fill(f"s{tag}")
+    await page.get_by_label("User message").fill("window")
+    await page.get_by_role("button", name="Preview").click()
+    await page.get_by_label("prompt block").wait_for()
+    await harmless("context")
+    for tab in ("users", "keys", "grants", "models", "audit"):
+        await page.goto(f"/ui/#/admin/{tab}")
+        await page.locator("#view section h2").wait_for()
+        await page.locator("#view section table, #view section .notice").first.wait_for()
+        await harmless(f"admin {tab}")
+    await page.goto("/ui/#/plots")
+    await page.get_by_role("table", name="Requests by route").wait_for()
+    await harmless("plots")
+
+    # A model named with a "/" is deleted (by id: its name cannot be a path segment).
+    await page.goto("/ui/#/admin/models")
+    row = page.locator("tr", has_text=f"org/slash-{tag}")
+    await row.get_by_role("button", name="Delete").click()
+    await page.get_by_text(f"Deleted org/slash-{tag}.").wait_for()
+    await expect(row).to_have_count(0)
+
+    # A malformed escape in the address: the view says what the API answered.
+    await page.goto("/ui/#/memories/me/%E0%A4%A")
+    await page.get_by_role("heading", name="Memory").wait_for()
+    await expect(page.locator("#view .denied")).to_contain_text("422 invalid_input")
+    assert await page.evaluate("window.__x") is None

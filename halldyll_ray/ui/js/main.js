@@ -50,9 +50,15 @@ async function signIn(key) {
   return true;
 }
 
+/** A segment of the address decoded; one that is not valid percent-encoding (`%E0%A4%A`)
+ * stays as it is (the API then answers it as an unknown id) instead of throwing. */
+function decoded(part) {
+  try { return decodeURIComponent(part); } catch { return part; }
+}
+
 /** "#/view/a/b" → ["view", "a", "b"]. */
 function currentRoute() {
-  const parts = window.location.hash.replace(/^#\/?/, "").split("/").filter(Boolean).map(decodeURIComponent);
+  const parts = window.location.hash.replace(/^#\/?/, "").split("/").filter(Boolean).map(decoded);
   return parts.length ? parts : ["memories"];
 }
 

@@ -165,12 +165,12 @@ async function models(root) {
     const page = await get("/v1/models");
     fill(list, table(["name", "kind", "version", "registered", ""], page.items.map((m) => {
       const remove = h("button.danger", { type: "button" }, "Delete");
-      const ref = m.name;
+      // By id: a name may hold a "/" or be "..", which no request path can carry safely.
       remove.addEventListener("click", () => attempt(status, async () => {
-        await del(`/v1/models/${encodeURIComponent(ref)}`);
+        await del(`/v1/models/${encodeURIComponent(m.id)}`);
         forgetModels();
         await refresh();
-      }, `Deleted ${ref}.`));
+      }, `Deleted ${m.name}.`));
       return h("tr", h("td", m.name), h("td", m.kind), h("td", m.version || "—"), h("td", when(m.created_at)), h("td", remove));
     })));
   }
