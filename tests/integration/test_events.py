@@ -228,14 +228,7 @@ async def test_retention_purge_and_resync(engine: MemoryEngine, database_url: st
     old = [(await engine.store_memory(user, Fact(statement=t))).id for t in ("a1", "a2")]
     async with engine.db.scoped(user) as conn:
         first_id = await conn.fetchval("SELECT min(id) FROM memory_events")
-    owner = await asyncpg.connect(database_url)  # the table owner may rewrite history
-    try:
-        await owner.execute(
-            "UPDATE memory_events SET at = now() - interval '10 days' WHERE memory_id = ANY($1)",
-            old,
-        )
-    finally:
-        await owner.close()
+    await _age_events(database_url, old)
     new = (await engine.store_memory(user, Fact(statement="b1"))).id
     with pytest.raises(InvalidInput):
         await engine.purge_events(older_than_hours=0)
