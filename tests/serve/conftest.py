@@ -37,8 +37,11 @@ def ray_serve(serve_db: str, redis_url: str) -> Iterator[dict[str, Any]]:
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
     ):
         os.environ.setdefault(name, str(free_port()))
-    # Logical CPUs: six deployments of one replica each on a 2-core machine.
+    # Logical CPUs: six deployments of one replica each on a 2-core machine. A Ray of its own
+    # (address="local"): without it, ray.init() joins the newest cluster `ray start` or
+    # another run's tests/cluster started on this machine, and refuses num_cpus there.
     ray.init(
+        address="local",
         num_cpus=8,
         include_dashboard=False,
         log_to_driver=False,
